@@ -1,0 +1,2 @@
+# Empty dependencies file for nextron.
+# This may be replaced when dependencies are built.

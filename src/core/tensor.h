@@ -1,0 +1,79 @@
+// Tensor: a typed, shaped, contiguous view into a storage buffer (owned or borrowed).
+// Parameters, gradients and optimizer state live in flat buffers; a module's tensors are views into them,
+// so a ZeRO shard or a checkpoint write is a slice of one buffer.
+#pragma once
+
+#include <cstdint>
+#include <initializer_list>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/dtype.h"
+#include "core/error.h"
+
+namespace nextron {
+
+enum class Device { cpu, cuda };
+
+using Shape = std::vector<int64_t>;
+
+int64_t shape_numel(const Shape& s);
+std::string shape_str(const Shape& s);
+
+// A block of memory; CPU storage is 64-byte aligned and zero-initialised.
+class Storage {
+ public:
+  Storage(size_t bytes, Device device);
+  ~Storage();
+  Storage(const Storage&) = delete;
+  Storage& operator=(const Storage&) = delete;
+  void* data() const { return data_; }
+  size_t bytes() const { return bytes_; }
+  Device device() const { return device_; }
+
+ private:
+  void* data_ = nullptr;
+  size_t bytes_ = 0;
+  Device device_;
+};
+
+class Tensor {
+ public:
+  Tensor() = default;
+  // A new zero-filled tensor with its own storage.
+  static Tensor zeros(const Shape& shape, DType dtype = DType::f32, Device device = Device::cpu);
+  // A view of `shape` starting `offset_elems` elements into `base`'s storage (dtypes must match).
+  static Tensor view_of(const Tensor& base, int64_t offset_elems, const Shape& shape);
+
+  const Shape& shape() const { return shape_; }
+  int64_t dim(int i) const { return shape_.at(i < 0 ? shape_.size() + i : i); }
+  int ndim() const { return static_cast<int>(shape_.size()); }
+  int64_t numel() const { return shape_numel(shape_); }
+  DType dtype() const { return dtype_; }
+  Device device() const { return storage_ ? storage_->device() : Device::cpu; }
+  bool defined() const { return storage_ != nullptr; }
+  size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype_); }
+
+  void* raw() const;
+  template <typename T>
+  T* data() const {
+    return static_cast<T*>(raw());
+  }
+  float* f32() const;  // checked accessor for the common case
+
+  // Same storage, new shape with the same element count.
+  Tensor reshape(const Shape& shape) const;
+  // Rows [begin, end) of dim 0.
+  Tensor slice0(int64_t begin, int64_t end) const;
+  void zero_();
+  void copy_from(const Tensor& src);
+
+ private:
+  std::shared_ptr<Storage> storage_;
+  int64_t offset_ = 0;  // in elements
+  Shape shape_;
+  DType dtype_ = DType::f32;
+};
+
+}  // namespace nextron
