@@ -1,0 +1,60 @@
+// nextron-convert: read an HF-format Qwen3-Next checkpoint into nextron's parameter layout and write it back as
+// an HF checkpoint (f32 or bf16, single file or sharded). Exercises exactly the reader and writer that training
+// uses to start from HF weights and to export.
+#include <boost/program_options.hpp>
+#include <cstdio>
+#include <iostream>
+
+#include "checkpoint/hf_checkpoint.h"
+#include "core/error.h"
+#include "model/param_table.h"
+
+namespace po = boost::program_options;
+using namespace nextron;
+
+namespace {
+
+int run(int argc, char** argv) {
+  std::string in, out, dtype;
+  uint64_t max_shard = 0;
+  po::options_description opts("nextron-convert: re-export an HF-format Qwen3-Next checkpoint\n\nOptions");
+  opts.add_options()("help,h", "show this help")("in", po::value(&in)->required(), "input HF checkpoint directory")(
+      "out", po::value(&out)->required(), "output directory (must not exist or be empty)")(
+      "dtype", po::value(&dtype)->default_value("f32"), "stored dtype: f32 or bf16")(
+      "max-shard-bytes", po::value(&max_shard)->default_value(5ull << 30),
+      "largest safetensors shard; bigger checkpoints are split with model.safetensors.index.json");
+  po::variables_map vm;
+  po::store(po::parse_command_line(argc, argv, opts), vm);
+  if (vm.count("help")) {
+    std::cout << opts << "\n";
+    return 0;
+  }
+  po::notify(vm);
+  HfWriteOptions w;
+  NEXTRON_CHECK(dtype == "f32" || dtype == "bf16", "--dtype must be f32 or bf16, got '", dtype, "'");
+  w.dtype = dtype == "bf16" ? DType::bf16 : DType::f32;
+  NEXTRON_CHECK(max_shard > 0, "--max-shard-bytes must be positive");
+  w.max_shard_bytes = max_shard;
+
+  const ModelConfig config = read_hf_config(in);
+  const ParamTable table(config);
+  Tensor params = Tensor::zeros({table.total_numel()});
+  load_hf_weights(in, table, params.f32());
+  save_hf_checkpoint(out, config, table, params.f32(), w);
+  std::printf("wrote %s (%lld parameters, %s)\n", out.c_str(), static_cast<long long>(table.total_numel()),
+              dtype.c_str());
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const po::error& e) {
+    std::fprintf(stderr, "nextron-convert: %s (see --help)\n", e.what());
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "nextron-convert: error: %s\n", e.what());
+  }
+  return 1;
+}

@@ -1,0 +1,139 @@
+// nextron-eval: load an HF-format Qwen3-Next checkpoint, score token sequences, write logits and per-sequence
+// losses as .npy files, print the mean loss. The way to check nextron's numbers against any other tool.
+#include <boost/program_options.hpp>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+#include <vector>
+
+#include "checkpoint/hf_checkpoint.h"
+#include "checkpoint/npy.h"
+#include "core/error.h"
+#include "core/parallel_for.h"
+#include "model/model.h"
+
+namespace po = boost::program_options;
+using namespace nextron;
+
+namespace {
+
+std::vector<std::vector<int64_t>> read_token_file(const std::string& path, int64_t vocab) {
+  std::ifstream f(path);
+  NEXTRON_CHECK(f.good(), "cannot open token file '", path, "'");
+  std::vector<std::vector<int64_t>> seqs;
+  std::string line;
+  for (int64_t lineno = 1; std::getline(f, line); ++lineno) {
+    std::istringstream is(line);
+    std::vector<int64_t> seq;
+    std::string word;
+    while (is >> word) {
+      size_t used = 0;
+      int64_t v = -1;
+      try {
+        v = std::stoll(word, &used);
+      } catch (const std::exception&) {
+        used = 0;
+      }
+      NEXTRON_CHECK(used == word.size(), path, ":", lineno, ": '", word, "' is not an integer token id");
+      NEXTRON_CHECK(v >= 0 && v < vocab, path, ":", lineno, ": token id ", v, " is outside the model's vocabulary [0, ",
+                    vocab, ")");
+      seq.push_back(v);
+    }
+    if (!seq.empty()) seqs.push_back(std::move(seq));
+  }
+  NEXTRON_CHECK(!seqs.empty(), "token file '", path, "' holds no sequences (one sequence per line, ids separated by ",
+                "spaces)");
+  return seqs;
+}
+
+int run(int argc, char** argv) {
+  std::string model_dir, tokens, out;
+  int64_t batch = 8;
+  int threads = 0;
+  bool no_logits = false;
+  po::options_description opts(
+      "nextron-eval: score token sequences with an HF-format Qwen3-Next checkpoint\n\n"
+      "Writes OUT/loss.npy (num_seqs,) f32 mean next-token cross-entropy per sequence, OUT/lengths.npy (num_seqs,)\n"
+      "i64 and OUT/logits.npy (num_seqs, max_len, vocab) f32 (rows past a sequence's end are 0), and prints the\n"
+      "token-weighted mean loss.\n\nOptions");
+  opts.add_options()("help,h", "show this help")(
+      "model", po::value(&model_dir)->required(), "HF checkpoint directory (config.json + safetensors)")(
+      "tokens", po::value(&tokens)->required(), "token file: one sequence per line, whitespace-separated ids")(
+      "out", po::value(&out)->required(), "output directory for the .npy files (created if missing)")(
+      "batch-size", po::value(&batch)->default_value(8), "sequences of equal length scored together")(
+      "threads", po::value(&threads)->default_value(0), "CPU threads (0: all cores)")(
+      "no-logits", po::bool_switch(&no_logits), "skip logits.npy (it is large for big vocabularies)");
+  po::variables_map vm;
+  po::store(po::parse_command_line(argc, argv, opts), vm);
+  if (vm.count("help")) {
+    std::cout << opts << "\n";
+    return 0;
+  }
+  po::notify(vm);
+  NEXTRON_CHECK(batch > 0, "--batch-size must be positive, got ", batch);
+  NEXTRON_CHECK(threads >= 0, "--threads must be >= 0, got ", threads);
+  if (threads > 0) set_cpu_threads(threads);
+
+  const ModelConfig config = read_hf_config(model_dir);
+  Model model(config);
+  load_hf_weights(model_dir, model.table(), model.params().f32());
+  const auto seqs = read_token_file(tokens, config.vocab_size);
+
+  const int64_t n = static_cast<int64_t>(seqs.size()), V = config.vocab_size;
+  int64_t max_len = 0;
+  for (const auto& s : seqs) max_len = std::max<int64_t>(max_len, static_cast<int64_t>(s.size()));
+  std::vector<float> loss(n, 0.0f);
+  std::vector<int64_t> lengths(n);
+  std::vector<float> logits;
+  if (!no_logits) logits.assign(static_cast<size_t>(n * max_len * V), 0.0f);
+  double total = 0;
+  int64_t scored = 0;
+  for (int64_t i = 0; i < n;) {
+    // Consecutive sequences of equal length form one batch.
+    const int64_t S = static_cast<int64_t>(seqs[i].size());
+    int64_t j = i;
+    std::vector<int64_t> ids;
+    while (j < n && j - i < batch && static_cast<int64_t>(seqs[j].size()) == S) {
+      ids.insert(ids.end(), seqs[j].begin(), seqs[j].end());
+      ++j;
+    }
+    const int64_t B = j - i;
+    model.forward(ids.data(), ids.data(), B, S);
+    const auto per_seq = model.per_sequence_loss();
+    for (int64_t b = 0; b < B; ++b) {
+      lengths[i + b] = S;
+      loss[i + b] = static_cast<float>(per_seq[b]);
+      if (S > 1) {
+        total += per_seq[b] * static_cast<double>(S - 1);
+        scored += S - 1;
+      }
+      if (!no_logits)
+        std::copy(model.logits().f32() + b * S * V, model.logits().f32() + (b + 1) * S * V,
+                  logits.begin() + (i + b) * max_len * V);
+    }
+    i = j;
+  }
+  std::filesystem::create_directories(out);
+  write_npy((std::filesystem::path(out) / "loss.npy").string(), loss.data(), {n});
+  write_npy((std::filesystem::path(out) / "lengths.npy").string(), lengths.data(), {n});
+  if (!no_logits) write_npy((std::filesystem::path(out) / "logits.npy").string(), logits.data(), {n, max_len, V});
+  std::printf("sequences %lld  scored tokens %lld  mean loss %.6f  (per-sequence losses in %s/loss.npy)\n",
+              static_cast<long long>(n), static_cast<long long>(scored), scored ? total / scored : NAN, out.c_str());
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const po::error& e) {
+    std::fprintf(stderr, "nextron-eval: %s (see --help)\n", e.what());
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "nextron-eval: error: %s\n", e.what());
+  }
+  return 1;
+}

@@ -1,0 +1,134 @@
+#include "checkpoint/hf_checkpoint.h"
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <set>
+
+#include <nlohmann/json.hpp>
+
+#include "checkpoint/safetensors.h"
+
+namespace nextron {
+
+namespace fs = std::filesystem;
+
+ModelConfig read_hf_config(const std::string& dir) {
+  const fs::path p = fs::path(dir) / "config.json";
+  NEXTRON_CHECK(fs::exists(p), "'", dir, "' is not an HF checkpoint directory: it has no config.json");
+  return ModelConfig::from_file(p.string());
+}
+
+namespace {
+
+// name -> file, for single-file and sharded checkpoints.
+std::map<std::string, std::string> weight_files(const std::string& dir) {
+  std::map<std::string, std::string> files;
+  const fs::path index = fs::path(dir) / "model.safetensors.index.json";
+  const fs::path single = fs::path(dir) / "model.safetensors";
+  if (fs::exists(index)) {
+    std::ifstream f(index);
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(f);
+      for (auto it = j.at("weight_map").begin(); it != j.at("weight_map").end(); ++it)
+        files[it.key()] = (fs::path(dir) / it->get<std::string>()).string();
+    } catch (const nlohmann::json::exception& e) {
+      NEXTRON_CHECK(false, "'", index.string(), "' is not a valid safetensors index: ", e.what());
+    }
+  } else {
+    NEXTRON_CHECK(fs::exists(single), "'", dir,
+                  "' has neither model.safetensors nor model.safetensors.index.json");
+    SafetensorsReader r(single.string());
+    for (const auto& n : r.names()) files[n] = single.string();
+  }
+  return files;
+}
+
+}  // namespace
+
+void load_hf_weights(const std::string& dir, const ParamTable& table, float* params) {
+  const auto files = weight_files(dir);
+  std::map<std::string, std::unique_ptr<SafetensorsReader>> readers;
+  std::set<std::string> expected;
+  for (const ParamSpec& s : table.specs()) {
+    for (const HfPiece& piece : s.hf) {
+      expected.insert(piece.hf_name);
+      auto it = files.find(piece.hf_name);
+      NEXTRON_CHECK(it != files.end(), "HF checkpoint '", dir, "' has no tensor '", piece.hf_name,
+                    "' that config.json implies; the weights and config.json do not belong together");
+      auto& reader = readers[it->second];
+      if (!reader) reader = std::make_unique<SafetensorsReader>(it->second);
+      reader->read_f32(piece.hf_name, params + s.offset + piece.offset, piece.shape);
+    }
+  }
+  for (const auto& [name, file] : files) {
+    if (name.rfind("mtp.", 0) == 0) continue;
+    NEXTRON_CHECK(expected.count(name), "HF checkpoint '", dir, "' has tensor '", name,
+                  "' that the model described by its config.json does not use; the weights and config.json do "
+                  "not belong together");
+  }
+}
+
+void save_hf_checkpoint(const std::string& dir, const ModelConfig& config, const ParamTable& table,
+                        const float* params, const HfWriteOptions& options) {
+  NEXTRON_CHECK(options.dtype == DType::f32 || options.dtype == DType::bf16,
+                "HF export supports f32 and bf16 storage, not ", dtype_name(options.dtype));
+  NEXTRON_CHECK(options.max_shard_bytes > 0, "max shard size must be positive");
+  const fs::path target(dir);
+  NEXTRON_CHECK(!fs::exists(target) || (fs::is_directory(target) && fs::is_empty(target)), "output directory '",
+                dir, "' already exists and is not empty; choose a new directory or remove it");
+  const fs::path tmp = target.string() + ".partial";
+  fs::remove_all(tmp);
+  fs::create_directories(tmp);
+
+  // Split into shards in table order, each at most max_shard_bytes (a single larger tensor gets its own shard).
+  const size_t elem = dtype_size(options.dtype);
+  std::vector<SafetensorsWriter> shards(1);
+  std::vector<std::vector<std::string>> shard_names(1);
+  uint64_t total = 0;
+  for (const ParamSpec& s : table.specs()) {
+    for (const HfPiece& piece : s.hf) {
+      const uint64_t bytes = static_cast<uint64_t>(shape_numel(piece.shape)) * elem;
+      if (shards.back().size() > 0 && shards.back().data_bytes() + bytes > options.max_shard_bytes) {
+        shards.emplace_back();
+        shard_names.emplace_back();
+      }
+      shards.back().add_f32(piece.hf_name, params + s.offset + piece.offset, piece.shape, options.dtype);
+      shard_names.back().push_back(piece.hf_name);
+      total += bytes;
+    }
+  }
+  const std::map<std::string, std::string> meta = {{"format", "pt"}};
+  if (shards.size() == 1) {
+    shards[0].write((tmp / "model.safetensors").string(), meta);
+  } else {
+    nlohmann::ordered_json index;
+    index["metadata"] = {{"total_size", total}};
+    nlohmann::ordered_json map;
+    const size_t n = shards.size();
+    for (size_t i = 0; i < n; ++i) {
+      char name[64];
+      std::snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", i + 1, n);
+      shards[i].write((tmp / name).string(), meta);
+      for (const auto& t : shard_names[i]) map[t] = name;
+    }
+    index["weight_map"] = map;
+    std::ofstream f(tmp / "model.safetensors.index.json");
+    f << index.dump(2) << "\n";
+    NEXTRON_CHECK(f.good(), "writing the safetensors index failed");
+  }
+  nlohmann::json cj = config.to_json();
+  cj["torch_dtype"] = options.dtype == DType::bf16 ? "bfloat16" : "float32";
+  {
+    std::ofstream f(tmp / "config.json");
+    f << cj.dump(2) << "\n";
+    NEXTRON_CHECK(f.good(), "writing config.json failed");
+  }
+  if (fs::exists(target)) fs::remove(target);  // empty directory, checked above
+  fs::rename(tmp, target);
+}
+
+}  // namespace nextron

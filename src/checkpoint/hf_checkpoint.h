@@ -1,0 +1,32 @@
+// HF-format checkpoint directories: config.json plus model.safetensors, or sharded
+// model-0000K-of-0000N.safetensors files with a model.safetensors.index.json weight map.
+// Tensor names and layouts come from the ParamTable's HfPiece entries.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "core/tensor.h"
+#include "model/config.h"
+#include "model/param_table.h"
+
+namespace nextron {
+
+ModelConfig read_hf_config(const std::string& dir);
+
+// Fills `params` (flat, table layout, f32) from the checkpoint in `dir` (f32, bf16 or f16 tensors). Every tensor
+// the table names must be present with its exact shape; tensors the model does not use are an error, except the
+// multi-token-prediction head (mtp.*) of the released checkpoints, which transformers ignores too.
+void load_hf_weights(const std::string& dir, const ParamTable& table, float* params);
+
+struct HfWriteOptions {
+  DType dtype = DType::f32;            // f32 or bf16 storage
+  uint64_t max_shard_bytes = 5ull << 30;  // above this, tensors go to further shards
+};
+
+// Writes config.json and the weights to `dir`, which must not exist or be empty. Everything is written into a
+// temporary sibling directory first and renamed into place, so a failed write never leaves a partial checkpoint.
+void save_hf_checkpoint(const std::string& dir, const ModelConfig& config, const ParamTable& table,
+                        const float* params, const HfWriteOptions& options = {});
+
+}  // namespace nextron

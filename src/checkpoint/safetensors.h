@@ -1,0 +1,61 @@
+// safetensors files: an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
+// then the raw little-endian tensor bytes. Used for HF checkpoints and our golden fixtures.
+#pragma once
+
+#include <cstdint>
+#include <fstream>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace nextron {
+
+struct SafetensorsEntry {
+  std::string dtype;  // "F32", "BF16", "F16", "I64", "I32", "F64"
+  Shape shape;
+  uint64_t begin = 0, end = 0;  // byte offsets into the data section
+};
+
+class SafetensorsReader {
+ public:
+  explicit SafetensorsReader(const std::string& path);
+  const std::string& path() const { return path_; }
+  bool contains(const std::string& name) const { return entries_.count(name) > 0; }
+  const SafetensorsEntry& entry(const std::string& name) const;
+  std::vector<std::string> names() const;
+  // Reads tensor `name` converted to f32 into dst (numel elements); the stored shape must equal `expect`.
+  void read_f32(const std::string& name, float* dst, const Shape& expect) const;
+  // Reads a whole tensor as f32 (floating dtypes) with its stored shape.
+  Tensor read_f32(const std::string& name) const;
+  std::vector<int64_t> read_i64(const std::string& name) const;  // I64 or I32 tensors
+
+ private:
+  std::vector<char> raw(const SafetensorsEntry& e) const;
+  std::string path_;
+  uint64_t data_start_ = 0;
+  std::map<std::string, SafetensorsEntry> entries_;
+};
+
+class SafetensorsWriter {
+ public:
+  // Adds f32 data, stored as "F32" or converted to "BF16".
+  void add_f32(const std::string& name, const float* data, const Shape& shape, DType stored = DType::f32);
+  void add_i64(const std::string& name, const int64_t* data, const Shape& shape);
+  uint64_t data_bytes() const { return bytes_; }
+  size_t size() const { return tensors_.size(); }
+  // Writes `path` atomically (a temporary file renamed into place), tensors in insertion order.
+  void write(const std::string& path, const std::map<std::string, std::string>& metadata = {}) const;
+
+ private:
+  struct Item {
+    std::string name, dtype;
+    Shape shape;
+    std::vector<char> bytes;
+  };
+  std::vector<Item> tensors_;
+  uint64_t bytes_ = 0;
+};
+
+}  // namespace nextron

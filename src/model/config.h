@@ -1,0 +1,70 @@
+// Qwen3-Next model configuration, read from an HF config.json (model_type "qwen3_next").
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace nextron {
+
+enum class MixerType { linear_attention, full_attention };
+enum class MlpType { dense, sparse_moe };
+
+struct ModelConfig {
+  int64_t vocab_size = 0;
+  int64_t hidden_size = 0;        // H
+  int64_t intermediate_size = 0;  // dense MLP width
+  int64_t num_hidden_layers = 0;
+  double rms_norm_eps = 1e-6;
+
+  // Gated full attention.
+  int64_t num_attention_heads = 0;  // NH
+  int64_t num_key_value_heads = 0;  // NKV
+  int64_t head_dim = 0;             // D
+  double rope_theta = 10000.0;
+  double partial_rotary_factor = 0.25;
+  bool attention_bias = false;
+  int64_t max_position_embeddings = 0;
+
+  // Gated DeltaNet.
+  int64_t linear_num_key_heads = 0;    // Hk
+  int64_t linear_num_value_heads = 0;  // Hv
+  int64_t linear_key_head_dim = 0;     // dk
+  int64_t linear_value_head_dim = 0;   // dv
+  int64_t linear_conv_kernel_dim = 4;  // Kc
+
+  // Mixture of experts.
+  int64_t num_experts = 0;          // E (0: every MLP is dense)
+  int64_t num_experts_per_tok = 0;  // K
+  int64_t moe_intermediate_size = 0;
+  int64_t shared_expert_intermediate_size = 0;
+  int64_t decoder_sparse_step = 1;
+  std::vector<int64_t> mlp_only_layers;
+  bool norm_topk_prob = true;
+  double router_aux_loss_coef = 0.001;
+
+  std::vector<MixerType> layer_types;  // one per layer, resolved from layer_types or full_attention_interval
+  int64_t full_attention_interval = 4;
+
+  // Derived sizes.
+  int64_t rotary_dim() const;  // D * partial_rotary_factor
+  int64_t key_dim() const { return linear_num_key_heads * linear_key_head_dim; }
+  int64_t value_dim() const { return linear_num_value_heads * linear_value_head_dim; }
+  int64_t conv_dim() const { return 2 * key_dim() + value_dim(); }
+  MlpType mlp_type(int64_t layer) const;
+  int64_t num_moe_layers() const;
+
+  // Parse an HF config.json object; throws nextron::Error naming the field for any missing, unknown or
+  // unsupported value, or any combination that does not fit (e.g. Hv not a multiple of Hk).
+  static ModelConfig from_json(const nlohmann::json& j);
+  static ModelConfig from_file(const std::string& path);
+  // The HF config.json form (transformers reads it back to the same model).
+  nlohmann::json to_json() const;
+  void validate() const;
+};
+
+const char* mixer_type_name(MixerType t);
+
+}  // namespace nextron
