@@ -51,7 +51,7 @@ from nextron_tools import hf_reference as ref  # noqa: E402  (sets HF_HUB_OFFLIN
 
 import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO_ROOT, "tests", "fixtures")
@@ -349,9 +349,12 @@ def make_case(case: Case, out_root: str) -> dict:
         **ref.versions(),
     }
     golden_path = os.path.join(case_dir, "golden.safetensors")
-    save_file(golden, golden_path, metadata=metadata)
-    with safe_open(golden_path, "pt") as f:  # round-trip sanity
-        check(set(f.keys()) == set(golden), f"{case.name}: golden keys")
+    ref.save_safetensors_deterministic(golden, golden_path, metadata=metadata)
+    with safe_open(golden_path, "pt") as f:  # the reference reader must read back exactly what we wrote
+        check(set(f.keys()) == set(golden) and f.metadata() == metadata, f"{case.name}: golden keys/metadata")
+        for n, t in golden.items():
+            r = f.get_tensor(n)
+            check(r.dtype == t.dtype and torch.equal(r, t), f"{case.name}: golden tensor {n} reads back differently")
 
     files = {fn: os.path.getsize(os.path.join(case_dir, fn)) for fn in sorted(os.listdir(case_dir))}
     return {

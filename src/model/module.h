@@ -19,6 +19,8 @@ class ModuleWeights {
   float* g(const std::string& name) const { return table_->view(grads_, prefix_ + name).f32(); }
   float* w_or_null(const std::string& name) const { return has(name) ? w(name) : nullptr; }
   float* g_or_null(const std::string& name) const { return has(name) ? g(name) : nullptr; }
+  // The weights of a child module, e.g. sub("shared_expert.").
+  ModuleWeights sub(const std::string& prefix) const { return {*table_, params_, grads_, prefix_ + prefix}; }
 
  private:
   const ParamTable* table_;

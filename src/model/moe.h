@@ -36,7 +36,7 @@ class SparseMoe {
   std::unique_ptr<SwiGluMlp> shared_;
   int64_t N_ = 0;
   const float* x_ = nullptr;
-  Tensor logits_, probs_, topw_, shared_out_, shared_gate_;
+  Tensor logits_, probs_, topw_, shared_out_, shared_gate_, shared_gated_;
   std::vector<int32_t> topi_;
   cpu::MoeDispatch dispatch_;
   cpu::MoeExpertsCache<float> cache_;

@@ -19,6 +19,7 @@ Main entry points:
 - ``read_token_file`` / ``write_token_file``: one sequence per line, whitespace-separated ints.
 - ``eval_sequences(model, seqs)``: logits (N, max_len, V) zero-padded, per-sequence mean CE, lengths.
 - ``per_sequence_loss(logits, labels)``: shifted mean CE per row, ignoring -100.
+- ``save_safetensors_deterministic``: a byte-reproducible .safetensors writer.
 - ``checkpoint_tensors(tensors)``: map in-memory parameter names/layouts to checkpoint names/layouts (fused
   experts ``gate_up_proj`` (E, 2I, H) = [gate; up] and ``down_proj`` (E, H, I) become per-expert
   ``experts.E.{gate,up,down}_proj.weight``), the layout ``save_pretrained`` writes.
@@ -27,9 +28,11 @@ Main entry points:
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import re
+import struct
 from collections.abc import Iterable, Sequence
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -180,6 +183,13 @@ def load_hf_model(path: str, dtype: torch.dtype = torch.float32) -> Qwen3NextFor
     problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if problems:
         raise RuntimeError(f"loading {path}: {problems}")
+    # from_pretrained leaves parameters as views into the memory-mapped safetensors data, at whatever alignment the
+    # file's layout gives them, and CPU BLAS picks different kernels (different rounding) for differently aligned
+    # operands: the same weights loaded from two files, or loaded vs built in memory, then differ by ~1e-6.
+    # Fresh allocations (64-byte aligned by torch's CPU allocator) make results depend only on the values.
+    with torch.no_grad():
+        for p in model.parameters():  # each Parameter once, so tied weights stay tied
+            p.data = p.data.clone(memory_format=torch.contiguous_format)
     model.eval()
     return model
 
@@ -214,6 +224,50 @@ def checkpoint_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tens
         else:
             out[name] = t.contiguous().clone()
     return out
+
+
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def save_safetensors_deterministic(tensors: dict[str, torch.Tensor], path: str, metadata: dict | None = None) -> None:
+    """Write a .safetensors file byte-for-byte reproducibly.
+
+    (safetensors' own writer emits ``__metadata__`` in hash-map order, which changes from run to run.) Layout: the
+    JSON header has sorted keys and is space-padded so the data starts 8-byte aligned; tensor data is laid out by
+    decreasing element size, then name, so every tensor is naturally aligned; little-endian, C order.
+    """
+    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    blobs, offset = [], 0
+    for name in order:
+        t = tensors[name].detach().cpu().contiguous()
+        if t.dtype not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"{name}: unsupported dtype {t.dtype}")
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    head += b" " * ((-len(head)) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for b in blobs:
+            f.write(b)
 
 
 # ----------------------------------------------------------------------------------------------------------------
