@@ -194,7 +194,7 @@ def check_sharded_f32(s: Setup, out_dir: str) -> str:
         expect(nbytes <= MAX_SHARD_BYTES or len(names) == 1, f"{shard}: {nbytes} data bytes in {len(names)} tensors")
     bad = [n for n in tensors if dtypes[n] != "F32"]
     expect(not bad, f"not F32: {bad[:5]}")
-    diff = [n for n in tensors if tensors[n].shape != s.ref_tensors[n].shape or not torch.equal(tensors[n], s.ref_tensors[n])]
+    diff = [n for n, t in tensors.items() if t.shape != s.ref_tensors[n].shape or not torch.equal(t, s.ref_tensors[n])]
     expect(not diff, f"values/shapes differ: {diff[:5]}")
     return f"{len(tensors)} tensors in {len(shards)} shards, bit-identical"
 
@@ -287,8 +287,8 @@ def check_eval_values(s: Setup, eval_dir: str) -> str:
     if not np.allclose(loss, s.loss, atol=EVAL_ATOL, rtol=EVAL_RTOL):
         msgs.append(f"loss {loss.tolist()} vs transformers {s.loss.tolist()}")
     expect(not msgs, "; ".join(msgs))
-    return (f"logits max |diff| {float(max(np.abs(logits[i, :n] - s.logits[i, :n]).max() for i, n in enumerate(s.lengths))):.3g}, "
-            f"loss max |diff| {float(np.abs(loss - s.loss).max()):.3g}")
+    worst = max(float(np.abs(logits[i, :n] - s.logits[i, :n]).max()) for i, n in enumerate(s.lengths))
+    return f"logits max |diff| {worst:.3g}, loss max |diff| {float(np.abs(loss - s.loss).max()):.3g}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -298,7 +298,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--convert", required=True, help="path to the nextron-convert binary")
     ap.add_argument("--eval", required=True, help="path to the nextron-eval binary")
-    ap.add_argument("--work", required=True, help="scratch directory (created; only its hf/f32/bf16/eval/tokens.txt are replaced)")
+    ap.add_argument("--work", required=True,
+                    help="scratch directory (created; only its hf/f32/bf16/eval/tokens.txt are replaced)")
     args = ap.parse_args()
 
     ref.quiet_transformers()
@@ -357,7 +358,8 @@ def main() -> int:
         if not os.path.isdir(f32_dir):
             for name in ("eval run", "eval outputs", "eval values"):
                 checks.skip(name, "no f32 export to evaluate")
-        elif checks.run("eval run", run_tool, [evaluate, "--model", f32_dir, "--tokens", s.tokens_path, "--out", eval_dir]):
+        elif checks.run("eval run", run_tool,
+                        [evaluate, "--model", f32_dir, "--tokens", s.tokens_path, "--out", eval_dir]):
             if checks.run("eval outputs", check_eval_outputs, s, eval_dir):
                 checks.run("eval values", check_eval_values, s, eval_dir)
             else:

@@ -134,7 +134,9 @@ def randomize_parameters(model: Qwen3NextForCausalLM, gen: torch.Generator, rout
     hidden = cfg.hidden_size
     if router_std is None:
         router_std = 2.0 / math.sqrt(hidden)
-    zero_centred = re.compile(r"(input_layernorm|post_attention_layernorm|q_norm|k_norm)\.weight$|^model\.norm\.weight$")
+    zero_centred = re.compile(
+        r"(input_layernorm|post_attention_layernorm|q_norm|k_norm)\.weight$|^model\.norm\.weight$"
+    )
     rules = {}
     with torch.no_grad():
         for name, p in model.named_parameters():

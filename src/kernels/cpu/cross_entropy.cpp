@@ -1,0 +1,71 @@
+#include "kernels/cpu/cross_entropy.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "core/error.h"
+
+namespace nextron::cpu {
+
+namespace {
+void check_targets(const int64_t* targets, int64_t N, int64_t V) {
+  for (int64_t n = 0; n < N; ++n)
+    NEXTRON_CHECK(targets[n] == kIgnoreIndex || (targets[n] >= 0 && targets[n] < V), "cross_entropy: target ",
+                  targets[n], " at position ", n, " is outside the vocabulary [0, ", V, ") and is not the ignore index ",
+                  kIgnoreIndex);
+}
+}  // namespace
+
+template <typename T>
+void cross_entropy_forward(double* loss_sum, int64_t* count, T* row_loss, T* lse, const T* logits,
+                           const int64_t* targets, int64_t N, int64_t V) {
+  check_targets(targets, N, V);
+  std::vector<double> loss(N);
+#pragma omp parallel for
+  for (int64_t n = 0; n < N; ++n) {
+    const T* x = logits + n * V;
+    T m = x[0];
+    for (int64_t v = 1; v < V; ++v) m = std::max(m, x[v]);
+    double s = 0;
+    for (int64_t v = 0; v < V; ++v) s += std::exp(x[v] - m);
+    const double l = double(m) + std::log(s);
+    lse[n] = T(l);
+    loss[n] = targets[n] == kIgnoreIndex ? 0.0 : l - double(x[targets[n]]);
+  }
+  double sum = 0;
+  int64_t c = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    sum += loss[n];
+    c += targets[n] != kIgnoreIndex;
+    if (row_loss) row_loss[n] = T(loss[n]);
+  }
+  *loss_sum = sum;
+  *count = c;
+}
+
+template <typename T>
+void cross_entropy_backward(T* dlogits, const T* logits, const T* lse, const int64_t* targets, T scale, int64_t N,
+                            int64_t V) {
+  check_targets(targets, N, V);
+#pragma omp parallel for
+  for (int64_t n = 0; n < N; ++n) {
+    if (targets[n] == kIgnoreIndex) continue;
+    const T* x = logits + n * V;
+    T* dx = dlogits + n * V;
+    const T l = lse[n];
+    for (int64_t v = 0; v < V; ++v) dx[v] += scale * std::exp(x[v] - l);
+    dx[targets[n]] -= scale;
+  }
+}
+
+template void cross_entropy_forward<float>(double*, int64_t*, float*, float*, const float*, const int64_t*, int64_t,
+                                           int64_t);
+template void cross_entropy_forward<double>(double*, int64_t*, double*, double*, const double*, const int64_t*,
+                                            int64_t, int64_t);
+template void cross_entropy_backward<float>(float*, const float*, const float*, const int64_t*, float, int64_t,
+                                            int64_t);
+template void cross_entropy_backward<double>(double*, const double*, const double*, const int64_t*, double, int64_t,
+                                             int64_t);
+
+}  // namespace nextron::cpu
