@@ -12,8 +12,8 @@ namespace {
 void check_targets(const int64_t* targets, int64_t N, int64_t V) {
   for (int64_t n = 0; n < N; ++n)
     NEXTRON_CHECK(targets[n] == kIgnoreIndex || (targets[n] >= 0 && targets[n] < V), "cross_entropy: target ",
-                  targets[n], " at position ", n, " is outside the vocabulary [0, ", V, ") and is not the ignore index ",
-                  kIgnoreIndex);
+                  targets[n], " at position ", n, " is outside the vocabulary [0, ", V,
+                  ") and is not the ignore index ", kIgnoreIndex);
 }
 }  // namespace
 
@@ -61,8 +61,8 @@ void cross_entropy_backward(T* dlogits, const T* logits, const T* lse, const int
 
 template void cross_entropy_forward<float>(double*, int64_t*, float*, float*, const float*, const int64_t*, int64_t,
                                            int64_t);
-template void cross_entropy_forward<double>(double*, int64_t*, double*, double*, const double*, const int64_t*,
-                                            int64_t, int64_t);
+template void cross_entropy_forward<double>(double*, int64_t*, double*, double*, const double*, const int64_t*, int64_t,
+                                            int64_t);
 template void cross_entropy_backward<float>(float*, const float*, const float*, const int64_t*, float, int64_t,
                                             int64_t);
 template void cross_entropy_backward<double>(double*, const double*, const double*, const int64_t*, double, int64_t,

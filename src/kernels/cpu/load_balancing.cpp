@@ -10,8 +10,8 @@ template <typename T>
 void aux_stats_accumulate(T* count_sum, T* prob_sum, const T* probs, const int32_t* indices, int64_t N, int64_t E,
                           int64_t K) {
   for (int64_t s = 0; s < N * K; ++s) {
-    NEXTRON_CHECK(indices[s] >= 0 && indices[s] < E, "aux_stats_accumulate: expert index ", indices[s],
-                  " at slot ", s, " is outside [0, ", E, ")");
+    NEXTRON_CHECK(indices[s] >= 0 && indices[s] < E, "aux_stats_accumulate: expert index ", indices[s], " at slot ", s,
+                  " is outside [0, ", E, ")");
     count_sum[indices[s]] += T(1);
   }
 #pragma omp parallel for
@@ -40,8 +40,7 @@ void aux_loss_backward(T* dprobs, const T* count_sum, T total_rows, T daux, int6
 }
 
 template void aux_stats_accumulate<float>(float*, float*, const float*, const int32_t*, int64_t, int64_t, int64_t);
-template void aux_stats_accumulate<double>(double*, double*, const double*, const int32_t*, int64_t, int64_t,
-                                           int64_t);
+template void aux_stats_accumulate<double>(double*, double*, const double*, const int32_t*, int64_t, int64_t, int64_t);
 template double aux_loss_value<float>(const float*, const float*, double, int64_t);
 template double aux_loss_value<double>(const double*, const double*, double, int64_t);
 template void aux_loss_backward<float>(float*, const float*, float, float, int64_t, int64_t);

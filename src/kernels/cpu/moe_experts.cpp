@@ -121,9 +121,9 @@ void moe_experts_backward(T* dx, T* dweights, T* dw_gate_up, T* dw_down, MoeExpe
   const int64_t S = N * K;
   NEXTRON_ASSERT(int64_t(cache.out.size()) == S * H && int64_t(cache.act.size()) == S * I);
   const T* cx = cache.x.data();
-  T* gu = cache.gate_up.data();   // becomes d gate_up
-  T* act = cache.act.data();      // becomes d act
-  T* out = cache.out.data();      // becomes d out, then the per-slot dx
+  T* gu = cache.gate_up.data();  // becomes d gate_up
+  T* act = cache.act.data();     // becomes d act
+  T* out = cache.out.data();     // becomes d out, then the per-slot dx
   const bool need_gu = dx || dw_gate_up;
 
   // dweights[n,k] += <dy[n], out of slot (n,k)>
@@ -140,9 +140,8 @@ void moe_experts_backward(T* dx, T* dweights, T* dw_gate_up, T* dw_down, MoeExpe
   }
   if (!dw_down && !need_gu) return;
 
-  // d out (slot) = weight * dy[token]
 #pragma omp parallel for
-  for (int64_t s = 0; s < S; ++s) {
+  for (int64_t s = 0; s < S; ++s) {  // d out (slot) = weight * dy[token]
     const int64_t n = dispatch.slot_token[s];
     const T w = weights[n * K + dispatch.slot_k[s]];
     const T* g = dy + n * H;
@@ -157,9 +156,8 @@ void moe_experts_backward(T* dx, T* dweights, T* dw_gate_up, T* dw_down, MoeExpe
   });
   if (!need_gu) return;
 
-  // SwiGLU backward in place: [gate | up] -> [d gate | d up].
 #pragma omp parallel for
-  for (int64_t s = 0; s < S; ++s) {
+  for (int64_t s = 0; s < S; ++s) {  // SwiGLU backward in place: [gate | up] -> [d gate | d up]
     T* g = gu + s * 2 * I;
     T* u = g + I;
     const T* dh = act + s * I;
@@ -190,14 +188,14 @@ void moe_experts_backward(T* dx, T* dweights, T* dw_gate_up, T* dw_down, MoeExpe
 }
 
 template void moe_experts_forward<float>(float*, MoeExpertsCache<float>&, const MoeDispatch&, const float*,
-                                         const float*, const float*, const float*, int64_t, int64_t, int64_t,
-                                         int64_t, int64_t);
+                                         const float*, const float*, const float*, int64_t, int64_t, int64_t, int64_t,
+                                         int64_t);
 template void moe_experts_forward<double>(double*, MoeExpertsCache<double>&, const MoeDispatch&, const double*,
                                           const double*, const double*, const double*, int64_t, int64_t, int64_t,
                                           int64_t, int64_t);
-template void moe_experts_backward<float>(float*, float*, float*, float*, MoeExpertsCache<float>&,
-                                          const MoeDispatch&, const float*, const float*, const float*,
-                                          const float*, int64_t, int64_t, int64_t, int64_t, int64_t);
+template void moe_experts_backward<float>(float*, float*, float*, float*, MoeExpertsCache<float>&, const MoeDispatch&,
+                                          const float*, const float*, const float*, const float*, int64_t, int64_t,
+                                          int64_t, int64_t, int64_t);
 template void moe_experts_backward<double>(double*, double*, double*, double*, MoeExpertsCache<double>&,
                                            const MoeDispatch&, const double*, const double*, const double*,
                                            const double*, int64_t, int64_t, int64_t, int64_t, int64_t);

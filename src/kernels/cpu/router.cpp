@@ -42,8 +42,8 @@ void router_forward(T* probs, int32_t* indices, T* weights, const T* logits, int
 }
 
 template <typename T>
-void router_backward(T* dlogits, const T* dprobs, const T* dweights, const T* probs, const int32_t* indices,
-                     int64_t N, int64_t E, int64_t K, bool norm_topk_prob) {
+void router_backward(T* dlogits, const T* dprobs, const T* dweights, const T* probs, const int32_t* indices, int64_t N,
+                     int64_t E, int64_t K, bool norm_topk_prob) {
   if (!dprobs && !dweights) return;
 #pragma omp parallel
   {
@@ -82,8 +82,8 @@ void router_backward(T* dlogits, const T* dprobs, const T* dweights, const T* pr
 
 template void router_forward<float>(float*, int32_t*, float*, const float*, int64_t, int64_t, int64_t, bool);
 template void router_forward<double>(double*, int32_t*, double*, const double*, int64_t, int64_t, int64_t, bool);
-template void router_backward<float>(float*, const float*, const float*, const float*, const int32_t*, int64_t,
-                                     int64_t, int64_t, bool);
+template void router_backward<float>(float*, const float*, const float*, const float*, const int32_t*, int64_t, int64_t,
+                                     int64_t, bool);
 template void router_backward<double>(double*, const double*, const double*, const double*, const int32_t*, int64_t,
                                       int64_t, int64_t, bool);
 

@@ -19,7 +19,7 @@ void router_forward(T* probs, int32_t* indices, T* weights, const T* logits, int
 // norm_topk_prob). The selection itself is piecewise constant and carries no gradient.
 // probs, indices: from the forward.
 template <typename T>
-void router_backward(T* dlogits, const T* dprobs, const T* dweights, const T* probs, const int32_t* indices,
-                     int64_t N, int64_t E, int64_t K, bool norm_topk_prob);
+void router_backward(T* dlogits, const T* dprobs, const T* dweights, const T* probs, const int32_t* indices, int64_t N,
+                     int64_t E, int64_t K, bool norm_topk_prob);
 
 }  // namespace nextron::cpu
