@@ -1,3 +1,0 @@
-file(REMOVE_RECURSE
-  "libnextron_cuda.a"
-)

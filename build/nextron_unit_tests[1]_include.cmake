@@ -1,5 +1,0 @@
-if(EXISTS "/work/main/build/nextron_unit_tests[1]_tests.cmake")
-  include("/work/main/build/nextron_unit_tests[1]_tests.cmake")
-else()
-  add_test(nextron_unit_tests_NOT_BUILT nextron_unit_tests_NOT_BUILT)
-endif()
