@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
 
 #include "checkpoint/hf_checkpoint.h"
@@ -78,6 +79,8 @@ TEST_P(Golden, ForwardAndBackwardMatchTransformers) {
   model.zero_grad();
   model.backward();
   int checked = 0;
+  double worst = 0;
+  std::string worst_name;
   for (const ParamSpec& spec : model.table().specs()) {
     for (const HfPiece& piece : spec.hf) {
       const std::string name = "grad." + piece.hf_name;
@@ -86,6 +89,10 @@ TEST_P(Golden, ForwardAndBackwardMatchTransformers) {
       ASSERT_EQ(ref.numel(), shape_numel(piece.shape)) << name;
       const Diff d = compare(model.grads().f32() + spec.offset + piece.offset, ref.f32(), ref.numel());
       EXPECT_LE(d.max_err, kTensorTol * d.max_ref + 1e-9) << name << " (max |ref| " << d.max_ref << ")";
+      if (d.max_ref > 0 && d.max_err / d.max_ref > worst) {
+        worst = d.max_err / d.max_ref;
+        worst_name = name;
+      }
       ++checked;
     }
   }
@@ -93,6 +100,8 @@ TEST_P(Golden, ForwardAndBackwardMatchTransformers) {
   int in_fixture = 0;
   for (const auto& n : golden.names()) in_fixture += n.rfind("grad.", 0) == 0;
   EXPECT_EQ(checked, in_fixture);
+  std::printf("%s: logits max err %.3g of max |ref| %.3g; lm_loss %.9f vs %.9f; worst gradient %s at %.3g relative\n",
+              GetParam().c_str(), dl.max_err, dl.max_ref, loss.lm_loss, scalar("lm_loss"), worst_name.c_str(), worst);
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, Golden, ::testing::ValuesIn(fixture_names()),
