@@ -9,37 +9,13 @@
 
 #include "core/error.h"
 #include "core/parallel_for.h"
+#include "model/init.h"
 #include "model/model.h"
 
 namespace po = boost::program_options;
 using namespace nextron;
 
 namespace {
-
-// Small random weights (normal, std 0.02; zero-centred norms at 0; DeltaNet A_log/dt_bias as transformers
-// initialises them) so activations stay in a realistic range.
-void init_random(Model& model, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> normal(0.0f, 0.02f);
-  std::uniform_real_distribution<float> uni(0.01f, 16.0f);
-  for (const ParamSpec& s : model.table().specs()) {
-    float* p = model.params().f32() + s.offset;
-    const bool is_a_log = s.name.find("A_log") != std::string::npos;
-    const bool is_dt = s.name.find("dt_bias") != std::string::npos;
-    const bool is_gated_norm = s.name.find("linear_attn.norm") != std::string::npos;
-    const bool is_norm = s.name.find("norm") != std::string::npos;
-    for (int64_t i = 0; i < s.numel(); ++i) {
-      if (is_a_log)
-        p[i] = std::log(uni(rng));
-      else if (is_dt || is_gated_norm)
-        p[i] = 1.0f;
-      else if (is_norm)
-        p[i] = 0.0f;
-      else
-        p[i] = normal(rng);
-    }
-  }
-}
 
 int run(int argc, char** argv) {
   std::string config_path;
@@ -64,7 +40,7 @@ int run(int argc, char** argv) {
                 "--batch, --seq and --steps must be positive; --warmup and --threads non-negative");
   if (threads > 0) set_cpu_threads(threads);
   Model model(ModelConfig::from_file(config_path));
-  init_random(model, 1234);
+  init_parameters(model.table(), model.params().f32(), 1234);
   std::mt19937_64 rng(7);
   std::uniform_int_distribution<int64_t> tok(0, model.config().vocab_size - 1);
   std::vector<int64_t> ids(batch * seq);

@@ -36,11 +36,15 @@ class Model {
   // ids, labels: (B, S) row-major. Position t of a sequence is scored against labels[t + 1] (transformers'
   // shift); label -100 is ignored. labels == nullptr computes logits only.
   LossValues forward(const int64_t* ids, const int64_t* labels, int64_t B, int64_t S);
+  // The same with targets already aligned: position t is scored against targets[t] (-100 ignored). Training
+  // samples of S + 1 tokens use ids = tokens[0, S), targets = tokens[1, S + 1), so every position is scored.
+  LossValues forward_targets(const int64_t* ids, const int64_t* targets, int64_t B, int64_t S);
   const Tensor& logits() const { return logits_; }  // (B, S, V) of the last forward
   // Mean cross-entropy of each sequence of the last forward (NaN for a sequence with no scored token).
   std::vector<double> per_sequence_loss() const;
-  // Accumulates d(loss)/d(parameter) of the last forward into grads().
-  void backward();
+  // Accumulates loss_scale * d(loss)/d(parameter) of the last forward into grads() (loss_scale = 1 / number of
+  // micro-batches averages the gradient over gradient-accumulation steps).
+  void backward(float loss_scale = 1.0f);
 
  private:
   ModelConfig config_;
@@ -54,6 +58,9 @@ class Model {
   Tensor dlogits_, dfinal_h_, dhidden_a_, dhidden_b_;
   MoeAuxStats aux_;
   LossValues loss_;
+
+  void forward_body(const int64_t* ids, int64_t B, int64_t S);
+  LossValues score();
 };
 
 }  // namespace nextron

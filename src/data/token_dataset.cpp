@@ -1,0 +1,266 @@
+#include "data/token_dataset.h"
+
+#include <hdf5.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <utility>
+#include <vector>
+
+#include "core/error.h"
+
+namespace nextron {
+
+namespace {
+
+constexpr const char* kRemake = "re-create it with tools/preprocess.py";
+
+// An HDF5 identifier closed by its own close function when it goes out of scope.
+class H5Id {
+ public:
+  H5Id() = default;
+  H5Id(hid_t id, herr_t (*close)(hid_t)) : id_(id), close_(close) {}
+  H5Id(H5Id&& o) noexcept : id_(std::exchange(o.id_, H5I_INVALID_HID)), close_(o.close_) {}
+  H5Id& operator=(H5Id&& o) noexcept {
+    std::swap(id_, o.id_);
+    std::swap(close_, o.close_);
+    return *this;
+  }
+  H5Id(const H5Id&) = delete;
+  H5Id& operator=(const H5Id&) = delete;
+  ~H5Id() {
+    if (id_ >= 0 && close_ != nullptr) close_(id_);
+  }
+  hid_t get() const { return id_; }
+  bool valid() const { return id_ >= 0; }
+
+ private:
+  hid_t id_ = H5I_INVALID_HID;
+  herr_t (*close_)(hid_t) = nullptr;
+};
+
+// HDF5 prints its error stack to stderr on every failed call; we report failures as nextron::Error instead, so the
+// printing is switched off while we talk to the library.
+class QuietHdf5 {
+ public:
+  QuietHdf5() {
+    H5Eget_auto2(H5E_DEFAULT, &func_, &data_);
+    H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+  }
+  ~QuietHdf5() { H5Eset_auto2(H5E_DEFAULT, func_, data_); }
+  QuietHdf5(const QuietHdf5&) = delete;
+  QuietHdf5& operator=(const QuietHdf5&) = delete;
+
+ private:
+  H5E_auto2_t func_ = nullptr;
+  void* data_ = nullptr;
+};
+
+std::string describe_type(hid_t type) {
+  const size_t bits = H5Tget_size(type) * 8;
+  switch (H5Tget_class(type)) {
+    case H5T_INTEGER:
+      return (H5Tget_sign(type) == H5T_SGN_NONE ? "uint" : "int") + std::to_string(bits);
+    case H5T_FLOAT:
+      return "float" + std::to_string(bits);
+    case H5T_STRING:
+      return "string";
+    default:
+      return "a non-numeric type";
+  }
+}
+
+H5Id open_attr(hid_t file, const std::string& path, const char* name) {
+  NEXTRON_CHECK(H5Aexists(file, name) > 0, "'", path, "' has no attribute '", name,
+                "': it is not a nextron token dataset or it is damaged; ", kRemake);
+  H5Id attr(H5Aopen(file, name, H5P_DEFAULT), H5Aclose);
+  NEXTRON_CHECK(attr.valid(), "cannot open attribute '", name, "' of '", path, "' (file damaged?); ", kRemake);
+  H5Id space(H5Aget_space(attr.get()), H5Sclose);
+  NEXTRON_CHECK(space.valid() && H5Sget_simple_extent_npoints(space.get()) == 1, "attribute '", name, "' of '", path,
+                "' must be a single value; ", kRemake);
+  return attr;
+}
+
+std::string read_string_attr(hid_t file, const std::string& path, const char* name) {
+  H5Id attr = open_attr(file, path, name);
+  H5Id type(H5Aget_type(attr.get()), H5Tclose);
+  NEXTRON_CHECK(H5Tget_class(type.get()) == H5T_STRING, "attribute '", name, "' of '", path,
+                "' must be a string, found ", describe_type(type.get()), "; ", kRemake);
+  if (H5Tis_variable_str(type.get()) > 0) {  // what h5py writes for a Python str
+    H5Id mem(H5Tcopy(H5T_C_S1), H5Tclose);
+    H5Tset_size(mem.get(), H5T_VARIABLE);
+    H5Tset_cset(mem.get(), H5Tget_cset(type.get()));
+    char* s = nullptr;
+    NEXTRON_CHECK(H5Aread(attr.get(), mem.get(), &s) >= 0, "cannot read attribute '", name, "' of '", path, "'; ",
+                  kRemake);
+    std::string out = s != nullptr ? s : "";
+    H5free_memory(s);
+    return out;
+  }
+  std::vector<char> buf(H5Tget_size(type.get()) + 1, '\0');  // fixed length, NUL- or space-padded
+  NEXTRON_CHECK(H5Aread(attr.get(), type.get(), buf.data()) >= 0, "cannot read attribute '", name, "' of '", path,
+                "'; ", kRemake);
+  std::string out(buf.data());
+  while (!out.empty() && out.back() == ' ') out.pop_back();
+  return out;
+}
+
+int64_t read_int_attr(hid_t file, const std::string& path, const char* name) {
+  H5Id attr = open_attr(file, path, name);
+  H5Id type(H5Aget_type(attr.get()), H5Tclose);
+  NEXTRON_CHECK(H5Tget_class(type.get()) == H5T_INTEGER, "attribute '", name, "' of '", path,
+                "' must be an integer, found ", describe_type(type.get()), "; ", kRemake);
+  int64_t v = 0;
+  NEXTRON_CHECK(H5Aread(attr.get(), H5T_NATIVE_INT64, &v) >= 0, "cannot read attribute '", name, "' of '", path,
+                "' as int64; ", kRemake);
+  return v;
+}
+
+// Opens 1-D integer dataset `name` and returns it with its length.
+std::pair<H5Id, int64_t> open_1d(hid_t file, const std::string& path, const char* name) {
+  NEXTRON_CHECK(H5Lexists(file, name, H5P_DEFAULT) > 0, "'", path, "' has no dataset '", name,
+                "': it is not a nextron token dataset or it is damaged; ", kRemake);
+  H5Id ds(H5Dopen2(file, name, H5P_DEFAULT), H5Dclose);
+  NEXTRON_CHECK(ds.valid(), "'", name, "' in '", path, "' is not a readable dataset; ", kRemake);
+  H5Id space(H5Dget_space(ds.get()), H5Sclose);
+  NEXTRON_CHECK(space.valid() && H5Sget_simple_extent_ndims(space.get()) == 1, "dataset '", name, "' of '", path,
+                "' must be 1-D; ", kRemake);
+  hsize_t n = 0;
+  H5Sget_simple_extent_dims(space.get(), &n, nullptr);
+  return {std::move(ds), static_cast<int64_t>(n)};
+}
+
+// Reads elements [begin, begin + count) of a 1-D integer dataset, converted to int64.
+bool read_range(hid_t ds, int64_t begin, int64_t count, int64_t* out) {
+  if (count == 0) return true;
+  H5Id fspace(H5Dget_space(ds), H5Sclose);
+  if (!fspace.valid()) return false;
+  const hsize_t start = static_cast<hsize_t>(begin), cnt = static_cast<hsize_t>(count);
+  if (H5Sselect_hyperslab(fspace.get(), H5S_SELECT_SET, &start, nullptr, &cnt, nullptr) < 0) return false;
+  H5Id mspace(H5Screate_simple(1, &cnt, nullptr), H5Sclose);
+  if (!mspace.valid()) return false;
+  return H5Dread(ds, H5T_NATIVE_INT64, mspace.get(), fspace.get(), H5P_DEFAULT, out) >= 0;
+}
+
+}  // namespace
+
+struct TokenDataset::File {
+  H5Id file;    // declared first: closed last
+  H5Id tokens;  // the `tokens` dataset
+};
+
+TokenDataset TokenDataset::open(const std::string& path) {
+  QuietHdf5 quiet;
+  std::error_code ec;
+  NEXTRON_CHECK(std::filesystem::exists(path, ec), "token dataset '", path,
+                "' does not exist: check the path, or make it from text with tools/preprocess.py");
+  NEXTRON_CHECK(std::filesystem::is_regular_file(path, ec), "token dataset '", path,
+                "' is not a regular file: pass the .h5 file written by tools/preprocess.py");
+#if H5_VERSION_GE(1, 12, 0)
+  const htri_t is_hdf5 = H5Fis_accessible(path.c_str(), H5P_DEFAULT);
+#else
+  const htri_t is_hdf5 = H5Fis_hdf5(path.c_str());
+#endif
+  NEXTRON_CHECK(is_hdf5 > 0, "token dataset '", path,
+                "' is not an HDF5 file (corrupt, truncated or another format): make it with tools/preprocess.py");
+  TokenDataset d;
+  d.path_ = path;
+  d.file_ = std::make_shared<File>();
+  d.file_->file = H5Id(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), H5Fclose);
+  NEXTRON_CHECK(d.file_->file.valid(), "cannot open token dataset '", path, "' (HDF5 file damaged or truncated?); ",
+                kRemake);
+  const hid_t f = d.file_->file.get();
+
+  const std::string format = read_string_attr(f, path, "format");
+  NEXTRON_CHECK(format == kTokenDatasetFormat, "'", path, "' is not a nextron token dataset: attribute format is '",
+                format, "', expected '", kTokenDatasetFormat, "'; make it with tools/preprocess.py");
+  const int64_t version = read_int_attr(f, path, "format_version");
+  NEXTRON_CHECK(version == kTokenDatasetFormatVersion, "'", path, "' has format_version ", version,
+                " but this nextron reads version ", kTokenDatasetFormatVersion, "; ", kRemake);
+  d.tokenizer_ = read_string_attr(f, path, "tokenizer");
+  d.tokenizer_name_ = read_string_attr(f, path, "tokenizer_name");
+  NEXTRON_CHECK(!d.tokenizer_.empty(), "'", path, "' has an empty tokenizer attribute; ", kRemake);
+  d.vocab_size_ = read_int_attr(f, path, "vocab_size");
+  d.eos_id_ = read_int_attr(f, path, "eos_id");
+  d.num_docs_ = read_int_attr(f, path, "num_docs");
+  d.num_tokens_ = read_int_attr(f, path, "num_tokens");
+  NEXTRON_CHECK(d.vocab_size_ > 0 && d.vocab_size_ <= (int64_t{1} << 32), "'", path, "' has vocab_size ", d.vocab_size_,
+                ", outside [1, 2^32]; ", kRemake);
+  NEXTRON_CHECK(d.eos_id_ >= 0 && d.eos_id_ < d.vocab_size_, "'", path, "' has eos_id ", d.eos_id_,
+                " outside the vocabulary [0, ", d.vocab_size_, "); ", kRemake);
+  NEXTRON_CHECK(d.num_docs_ >= 0 && d.num_tokens_ >= 0, "'", path, "' has negative num_docs (", d.num_docs_,
+                ") or num_tokens (", d.num_tokens_, "); ", kRemake);
+  NEXTRON_CHECK(d.num_tokens_ > 0 && d.num_docs_ > 0, "token dataset '", path,
+                "' is empty (no documents): preprocess some text into it with tools/preprocess.py");
+
+  auto [tokens, num_tokens] = open_1d(f, path, "tokens");
+  {
+    H5Id type(H5Dget_type(tokens.get()), H5Tclose);
+    NEXTRON_CHECK(H5Tget_class(type.get()) == H5T_INTEGER && H5Tget_sign(type.get()) == H5T_SGN_NONE &&
+                      H5Tget_size(type.get()) == 4,
+                  "dataset 'tokens' of '", path, "' must be uint32, found ", describe_type(type.get()), "; ", kRemake);
+  }
+  NEXTRON_CHECK(num_tokens == d.num_tokens_, "'", path, "' is inconsistent: dataset 'tokens' holds ", num_tokens,
+                " tokens but attribute num_tokens says ", d.num_tokens_, "; ", kRemake);
+
+  auto [offsets, num_offsets] = open_1d(f, path, "doc_offsets");
+  {
+    H5Id type(H5Dget_type(offsets.get()), H5Tclose);
+    NEXTRON_CHECK(H5Tget_class(type.get()) == H5T_INTEGER, "dataset 'doc_offsets' of '", path,
+                  "' must be int64, found ", describe_type(type.get()), "; ", kRemake);
+  }
+  NEXTRON_CHECK(num_offsets == d.num_docs_ + 1, "'", path, "' is inconsistent: doc_offsets has ", num_offsets,
+                " entries, expected num_docs + 1 = ", d.num_docs_ + 1, "; ", kRemake);
+  // doc_offsets must run from 0 to num_tokens, strictly increasing (every document holds at least its EOS).
+  // Checked in blocks so a file with very many documents does not need them all in memory.
+  constexpr int64_t kBlock = int64_t{1} << 20;
+  std::vector<int64_t> block;
+  int64_t prev = -1;
+  for (int64_t b = 0; b < num_offsets; b += kBlock) {
+    const int64_t n = std::min(kBlock, num_offsets - b);
+    block.resize(static_cast<size_t>(n));
+    NEXTRON_CHECK(read_range(offsets.get(), b, n, block.data()), "cannot read doc_offsets of '", path,
+                  "' (file truncated or damaged?); ", kRemake);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t v = block[static_cast<size_t>(i)];
+      NEXTRON_CHECK(b + i > 0 || v == 0, "'", path, "' is inconsistent: doc_offsets[0] is ", v, ", expected 0; ",
+                    kRemake);
+      NEXTRON_CHECK(v > prev, "'", path, "' is inconsistent: doc_offsets[", b + i, "] = ", v,
+                    " does not increase past doc_offsets[", b + i - 1, "] = ", prev, "; ", kRemake);
+      prev = v;
+    }
+  }
+  NEXTRON_CHECK(prev == d.num_tokens_, "'", path, "' is inconsistent: doc_offsets ends at ", prev, " but tokens holds ",
+                d.num_tokens_, "; ", kRemake);
+  d.file_->tokens = std::move(tokens);
+
+  int64_t last = -1;
+  NEXTRON_CHECK(read_range(d.file_->tokens.get(), d.num_tokens_ - 1, 1, &last), "cannot read tokens of '", path,
+                "' (file truncated or damaged?); ", kRemake);
+  NEXTRON_CHECK(last == d.eos_id_, "'", path, "' is inconsistent: its last token is ", last, ", not the EOS id ",
+                d.eos_id_, " that ends every document; ", kRemake);
+  return d;
+}
+
+void TokenDataset::read(int64_t begin, int64_t count, int64_t* out) const {
+  NEXTRON_CHECK(file_ != nullptr, "TokenDataset::read on a dataset that was never opened");
+  NEXTRON_CHECK(begin >= 0 && count >= 0 && count <= num_tokens_ - begin, "token range [", begin, ", ", begin + count,
+                ") lies outside '", path_, "' (", num_tokens_, " tokens)");
+  QuietHdf5 quiet;
+  NEXTRON_CHECK(read_range(file_->tokens.get(), begin, count, out), "reading tokens [", begin, ", ", begin + count,
+                ") from '", path_, "' failed (file truncated or damaged?); ", kRemake);
+  for (int64_t i = 0; i < count; ++i) {
+    NEXTRON_CHECK(out[i] >= 0 && out[i] < vocab_size_, "'", path_, "' is corrupt: token id ", out[i], " at position ",
+                  begin + i, " is not below its vocab_size ", vocab_size_, "; ", kRemake);
+  }
+}
+
+void check_vocab(const TokenDataset& dataset, int64_t model_vocab) {
+  NEXTRON_CHECK(dataset.vocab_size() <= model_vocab, "token dataset '", dataset.path(),
+                "' was tokenized with vocab_size ", dataset.vocab_size(), " (tokenizer ", dataset.tokenizer_name(),
+                "), larger than the model's vocab_size ", model_vocab,
+                ": its token ids would index past the embedding; use a model config with vocab_size >= ",
+                dataset.vocab_size(), " or re-tokenize the data with the model's tokenizer (tools/preprocess.py)");
+}
+
+}  // namespace nextron
