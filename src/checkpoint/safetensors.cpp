@@ -64,7 +64,12 @@ SafetensorsReader::SafetensorsReader(const std::string& path) : path_(path) {
   NEXTRON_CHECK(j.is_object(), "'", path, "' has a corrupt safetensors header (not an object)");
   const uint64_t data_size = file_size - data_start_;
   for (auto it = j.begin(); it != j.end(); ++it) {
-    if (it.key() == "__metadata__") continue;
+    if (it.key() == "__metadata__") {
+      NEXTRON_CHECK(it->is_object(), "'", path, "': __metadata__ must be a string map");
+      for (auto m = it->begin(); m != it->end(); ++m)
+        if (m->is_string()) metadata_[m.key()] = m->get<std::string>();
+      continue;
+    }
     try {
       SafetensorsEntry e;
       e.dtype = it->at("dtype").get<std::string>();

@@ -25,6 +25,8 @@ class SafetensorsReader {
   bool contains(const std::string& name) const { return entries_.count(name) > 0; }
   const SafetensorsEntry& entry(const std::string& name) const;
   std::vector<std::string> names() const;
+  // The header's "__metadata__" string map (empty when absent).
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
   // Reads tensor `name` converted to f32 into dst (numel elements); the stored shape must equal `expect`.
   void read_f32(const std::string& name, float* dst, const Shape& expect) const;
   // Reads a whole tensor as f32 (floating dtypes) with its stored shape.
@@ -36,6 +38,7 @@ class SafetensorsReader {
   std::string path_;
   uint64_t data_start_ = 0;
   std::map<std::string, SafetensorsEntry> entries_;
+  std::map<std::string, std::string> metadata_;
 };
 
 class SafetensorsWriter {

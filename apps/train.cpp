@@ -1,0 +1,126 @@
+// nextron-train: pretrain a Qwen3-Next model on one process (CPU backend).
+// Options come from the command line and, optionally, a config file (--config-file, "name = value" lines with
+// the same option names); the command line wins.
+#include <boost/program_options.hpp>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+
+#include "core/error.h"
+#include "train/trainer.h"
+
+namespace po = boost::program_options;
+using namespace nextron;
+
+namespace {
+
+// "path" or "path:weight" (Megatron's blend syntax is "weight path"; a colon form keeps one value per flag).
+DatasetSpec parse_data(const std::string& s) {
+  DatasetSpec d;
+  const auto colon = s.rfind(':');
+  if (colon != std::string::npos && colon + 1 < s.size()) {
+    try {
+      size_t used = 0;
+      d.weight = std::stod(s.substr(colon + 1), &used);
+      NEXTRON_CHECK(used == s.size() - colon - 1, "bad weight");
+      d.path = s.substr(0, colon);
+      return d;
+    } catch (const std::exception&) {
+      // not a weight: the colon belongs to the path
+    }
+  }
+  d.path = s;
+  return d;
+}
+
+int run(int argc, char** argv) {
+  TrainOptions o;
+  std::vector<std::string> data;
+  std::string config_file, decay_style;
+  po::options_description general("General");
+  general.add_options()("help,h", "show this help")("config-file", po::value(&config_file),
+                                                    "read options from this file (name = value per line)");
+  po::options_description model("Model");
+  model.add_options()("model-config", po::value(&o.model_config), "HF config.json: train from random weights")(
+      "init-from", po::value(&o.init_from), "HF checkpoint directory: start from its weights")(
+      "init-seed", po::value(&o.init_seed)->default_value(o.init_seed), "seed of the random initialisation")(
+      "initializer-range", po::value(&o.initializer_range)->default_value(o.initializer_range),
+      "std of the normal initialisation of matrices and embeddings");
+  po::options_description dat("Data");
+  dat.add_options()("data", po::value(&data)->composing(),
+                    "tokenized HDF5 dataset (tools/preprocess.py), optionally PATH:WEIGHT; repeat to blend")(
+      "seq-len", po::value(&o.seq_len)->default_value(o.seq_len), "tokens per training sequence")(
+      "valid-fraction", po::value(&o.valid_fraction)->default_value(o.valid_fraction),
+      "fraction of each dataset's samples held out for validation")(
+      "data-seed", po::value(&o.data_seed)->default_value(o.data_seed), "seed of the sample order");
+  po::options_description batch("Batch and optimizer");
+  batch.add_options()("micro-batch-size", po::value(&o.micro_batch)->default_value(o.micro_batch),
+                      "sequences per forward/backward")(
+      "global-batch-size", po::value(&o.global_batch)->default_value(o.global_batch),
+      "sequences per optimizer step (a multiple of the micro-batch size; the rest is gradient accumulation)")(
+      "train-steps", po::value(&o.train_steps)->default_value(o.train_steps), "optimizer steps in total")(
+      "lr", po::value(&o.lr.lr)->default_value(3e-4), "peak learning rate")(
+      "min-lr", po::value(&o.lr.min_lr)->default_value(3e-5), "learning rate at the end of the decay")(
+      "lr-warmup-steps", po::value(&o.lr.warmup_steps)->default_value(0),
+      "linear warmup from 0 (Megatron convention: step s uses lr * s / warmup)")(
+      "lr-decay-steps", po::value(&o.lr.decay_steps)->default_value(0), "decay length (0: --train-steps)")(
+      "lr-decay-style", po::value(&decay_style)->default_value("cosine"), "cosine, linear or constant")(
+      "weight-decay", po::value(&o.adam.weight_decay)->default_value(0.1), "AdamW decoupled weight decay")(
+      "decay-all", po::bool_switch(&o.adam.decay_all),
+      "also decay norms, biases, A_log and dt_bias (by default they are not decayed)")(
+      "adam-beta1", po::value(&o.adam.beta1)->default_value(0.9), "AdamW beta1")(
+      "adam-beta2", po::value(&o.adam.beta2)->default_value(0.95), "AdamW beta2")(
+      "adam-eps", po::value(&o.adam.eps)->default_value(1e-8), "AdamW epsilon")(
+      "clip-grad", po::value(&o.clip_grad)->default_value(o.clip_grad), "global gradient-norm clip (0: off)");
+  po::options_description ckpt("Checkpoints");
+  ckpt.add_options()("save", po::value(&o.save_dir), "checkpoint directory (also holds metrics.jsonl)")(
+      "save-interval", po::value(&o.save_interval)->default_value(0), "save every N steps (0: only at exit)")(
+      "keep-last", po::value(&o.keep_last)->default_value(o.keep_last), "checkpoints kept")(
+      "resume", po::value(&o.resume)->default_value("auto"),
+      "auto (newest complete checkpoint in --save, if any), none, or a checkpoint directory")(
+      "export-hf", po::value(&o.export_hf), "write the final weights as an HF checkpoint here");
+  po::options_description log("Logging");
+  log.add_options()("log-interval", po::value(&o.log_interval)->default_value(1), "steps between log lines")(
+      "eval-interval", po::value(&o.eval_interval)->default_value(0), "steps between validations (0: none)")(
+      "eval-iters", po::value(&o.eval_iters)->default_value(o.eval_iters), "micro-batches per validation")(
+      "metrics", po::value(&o.metrics_path), "JSON Lines metrics file (default: SAVE/metrics.jsonl)")(
+      "peak-tflops", po::value(&o.peak_tflops)->default_value(0),
+      "peak FLOP/s for MFU, in TFLOP/s (0: measure this CPU's fp32 GEMM rate)")(
+      "threads", po::value(&o.threads)->default_value(0), "CPU threads (0: all cores)")(
+      "no-progress", "no progress bar on the terminal");
+  po::options_description all("nextron-train: pretrain a Qwen3-Next model on one process\n");
+  all.add(general).add(model).add(dat).add(batch).add(ckpt).add(log);
+
+  po::variables_map vm;
+  po::store(po::parse_command_line(argc, argv, all), vm);
+  if (vm.count("help")) {
+    std::cout << all << "\n";
+    return 0;
+  }
+  if (vm.count("config-file")) {
+    const std::string path = vm["config-file"].as<std::string>();
+    std::ifstream f(path);
+    NEXTRON_CHECK(f.good(), "cannot open --config-file '", path, "'");
+    po::store(po::parse_config_file(f, all), vm);  // values already given on the command line win
+  }
+  po::notify(vm);
+  o.lr.style = parse_lr_decay_style(decay_style);
+  o.progress = !vm.count("no-progress");
+  for (const auto& d : data) o.data.push_back(parse_data(d));
+  Trainer trainer(o);
+  trainer.run();
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const po::error& e) {
+    std::fprintf(stderr, "nextron-train: %s (see --help)\n", e.what());
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "nextron-train: error: %s\n", e.what());
+  }
+  return 1;
+}

@@ -1,0 +1,991 @@
+#include "checkpoint/train_checkpoint.h"
+
+#include <fcntl.h>
+#include <hdf5.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cinttypes>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <memory>
+#include <set>
+#include <utility>
+#include <vector>
+
+#include "core/error.h"
+
+namespace nextron {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace {
+
+constexpr const char* kModelFile = "model.h5";
+constexpr const char* kOptimizerFile = "optimizer.h5";
+constexpr const char* kStateFile = "state.json";
+constexpr const char* kManifestFile = "manifest.json";
+constexpr const char* kModelFormat = "nextron-train-model";
+constexpr const char* kOptimizerFormat = "nextron-train-optimizer";
+constexpr const char* kStateFormat = "nextron-train-state";
+constexpr const char* kManifestFormat = "nextron-train-checkpoint";
+constexpr int64_t kSlab = int64_t{1} << 24;  // elements per HDF5 read/write call
+constexpr const char* kUseOlder = "resume from an earlier checkpoint (move this directory away) or start a new run";
+constexpr const char* kDiskFix = "free disk space or choose another --save directory";
+
+// ---------------------------------------------------------------------------------------------------------------
+// XXH64 (seed 0), streaming.
+
+class Xxh64 {
+ public:
+  void update(const unsigned char* p, size_t n) {
+    total_ += n;
+    if (fill_ + n < 32) {
+      std::memcpy(buf_ + fill_, p, n);
+      fill_ += n;
+      return;
+    }
+    if (fill_ > 0) {
+      const size_t take = 32 - fill_;
+      std::memcpy(buf_ + fill_, p, take);
+      consume(buf_);
+      p += take;
+      n -= take;
+      fill_ = 0;
+    }
+    for (; n >= 32; p += 32, n -= 32) consume(p);
+    std::memcpy(buf_, p, n);
+    fill_ = n;
+  }
+
+  uint64_t digest() const {
+    uint64_t h = kP5;
+    if (total_ >= 32) {
+      h = rotl(v_[0], 1) + rotl(v_[1], 7) + rotl(v_[2], 12) + rotl(v_[3], 18);
+      for (uint64_t v : v_) h = (h ^ round(0, v)) * kP1 + kP4;
+    }
+    h += total_;
+    const unsigned char* p = buf_;
+    size_t n = fill_;
+    for (; n >= 8; p += 8, n -= 8) h = rotl(h ^ round(0, load(p, 8)), 27) * kP1 + kP4;
+    if (n >= 4) {
+      h = rotl(h ^ load(p, 4) * kP1, 23) * kP2 + kP3;
+      p += 4;
+      n -= 4;
+    }
+    for (; n > 0; ++p, --n) h = rotl(h ^ *p * kP5, 11) * kP1;
+    h ^= h >> 33;
+    h *= kP2;
+    h ^= h >> 29;
+    h *= kP3;
+    h ^= h >> 32;
+    return h;
+  }
+
+ private:
+  static constexpr uint64_t kP1 = 0x9E3779B185EBCA87ull, kP2 = 0xC2B2AE3D27D4EB4Full, kP3 = 0x165667B19E3779F9ull,
+                            kP4 = 0x85EBCA77C2B2AE63ull, kP5 = 0x27D4EB2F165667C5ull;
+  static uint64_t rotl(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+  static uint64_t round(uint64_t acc, uint64_t lane) { return rotl(acc + lane * kP2, 31) * kP1; }
+  // Little-endian load of `bytes` bytes (compiles to one load on little-endian machines).
+  static uint64_t load(const unsigned char* p, int bytes) {
+    uint64_t v = 0;
+    for (int i = bytes - 1; i >= 0; --i) v = (v << 8) | p[i];
+    return v;
+  }
+  void consume(const unsigned char* p) {
+    for (int i = 0; i < 4; ++i) v_[i] = round(v_[i], load(p + 8 * i, 8));
+  }
+
+  uint64_t v_[4] = {kP1 + kP2, kP2, 0, 0 - kP1};
+  unsigned char buf_[32] = {};
+  size_t fill_ = 0;
+  uint64_t total_ = 0;
+};
+
+std::string hex64(uint64_t v) {
+  char s[17];
+  std::snprintf(s, sizeof s, "%016" PRIx64, v);
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Test hook, warnings, POSIX file helpers.
+
+std::function<void(const std::string&)>& stage_hook() {
+  static std::function<void(const std::string&)> hook;
+  return hook;
+}
+
+void stage_done(const std::string& stage) {
+  if (stage_hook()) stage_hook()(stage);
+}
+
+void warn(const std::string& message) { std::fprintf(stderr, "nextron: warning: %s\n", message.c_str()); }
+
+std::string errno_text() { return std::strerror(errno); }
+
+// A POSIX file descriptor, closed on scope exit.
+class Fd {
+ public:
+  explicit Fd(int fd) : fd_(fd) {}
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+  ~Fd() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  int get() const { return fd_; }
+  // Closes now and reports whether that worked (a delayed write error can surface here).
+  bool close() { return ::close(std::exchange(fd_, -1)) == 0; }
+
+ private:
+  int fd_;
+};
+
+void fsync_path(const fs::path& p, bool directory) {
+  Fd fd(::open(p.c_str(), O_RDONLY | O_CLOEXEC | (directory ? O_DIRECTORY : 0)));
+  NEXTRON_CHECK(fd.get() >= 0, "cannot open '", p.string(), "' to flush it to disk: ", errno_text());
+  NEXTRON_CHECK(::fsync(fd.get()) == 0, "flushing '", p.string(), "' to disk failed: ", errno_text(), "; ", kDiskFix);
+}
+
+// Creates `p` (which must not exist) holding `text`, flushed to disk.
+void write_file_durably(const fs::path& p, const std::string& text) {
+  Fd fd(::open(p.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644));
+  NEXTRON_CHECK(fd.get() >= 0, "cannot create '", p.string(), "': ", errno_text(), "; ", kDiskFix);
+  for (size_t done = 0; done < text.size();) {
+    const ssize_t n = ::write(fd.get(), text.data() + done, text.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    NEXTRON_CHECK(n > 0, "writing '", p.string(), "' failed: ", errno_text(), "; ", kDiskFix);
+    done += static_cast<size_t>(n);
+  }
+  NEXTRON_CHECK(::fsync(fd.get()) == 0, "flushing '", p.string(), "' to disk failed: ", errno_text(), "; ", kDiskFix);
+  NEXTRON_CHECK(fd.close(), "closing '", p.string(), "' failed: ", errno_text(), "; ", kDiskFix);
+}
+
+struct FileDigest {
+  uint64_t bytes = 0;
+  uint64_t hash = 0;
+};
+
+FileDigest digest_file(const fs::path& p) {
+  Fd fd(::open(p.c_str(), O_RDONLY | O_CLOEXEC));
+  NEXTRON_CHECK(fd.get() >= 0, "cannot open '", p.string(), "': ", errno_text());
+  std::vector<unsigned char> buf(size_t{4} << 20);
+  Xxh64 h;
+  FileDigest d;
+  for (;;) {
+    const ssize_t n = ::read(fd.get(), buf.data(), buf.size());
+    if (n < 0 && errno == EINTR) continue;
+    NEXTRON_CHECK(n >= 0, "reading '", p.string(), "' failed: ", errno_text());
+    if (n == 0) break;
+    h.update(buf.data(), static_cast<size_t>(n));
+    d.bytes += static_cast<uint64_t>(n);
+  }
+  d.hash = h.digest();
+  return d;
+}
+
+std::string read_text_file(const fs::path& p) {
+  Fd fd(::open(p.c_str(), O_RDONLY | O_CLOEXEC));
+  NEXTRON_CHECK(fd.get() >= 0, "cannot open '", p.string(), "': ", errno_text());
+  std::string text;
+  char buf[65536];
+  for (;;) {
+    const ssize_t n = ::read(fd.get(), buf, sizeof buf);
+    if (n < 0 && errno == EINTR) continue;
+    NEXTRON_CHECK(n >= 0, "reading '", p.string(), "' failed: ", errno_text());
+    if (n == 0) break;
+    text.append(buf, static_cast<size_t>(n));
+  }
+  return text;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Checkpoint directory names: step_<digits> (complete or not) and step_<digits>.tmp-<pid> (a save in progress).
+
+struct StepDir {
+  int64_t step = 0;
+  bool tmp = false;
+  fs::path path;
+};
+
+std::optional<StepDir> parse_step_dir(const fs::path& p) {
+  const std::string name = p.filename().string();
+  if (name.rfind("step_", 0) != 0) return std::nullopt;
+  size_t i = 5;
+  while (i < name.size() && name[i] >= '0' && name[i] <= '9') ++i;
+  if (i == 5 || i - 5 > 18) return std::nullopt;
+  StepDir d;
+  d.step = std::stoll(name.substr(5, i - 5));
+  d.path = p;
+  const std::string rest = name.substr(i);
+  if (rest.empty()) return d;
+  if (rest.rfind(".tmp-", 0) == 0) {
+    d.tmp = true;
+    return d;
+  }
+  return std::nullopt;  // e.g. step_N.del-<pid>, a checkpoint being deleted
+}
+
+// Every step directory under root, newest step first (at one step, an unfinished save before the checkpoint).
+std::vector<StepDir> list_step_dirs(const fs::path& root) {
+  std::vector<StepDir> dirs;
+  std::error_code ec;
+  for (fs::directory_iterator it(root, ec), end; !ec && it != end; it.increment(ec)) {
+    std::error_code ec2;
+    if (!it->is_directory(ec2)) continue;
+    if (auto d = parse_step_dir(it->path())) dirs.push_back(*d);
+  }
+  std::sort(dirs.begin(), dirs.end(), [](const StepDir& a, const StepDir& b) {
+    if (a.step != b.step) return a.step > b.step;
+    if (a.tmp != b.tmp) return a.tmp;
+    return a.path < b.path;
+  });
+  return dirs;
+}
+
+bool is_optimizer_file(const std::string& name) {
+  return name.size() >= 12 && name.rfind("optimizer", 0) == 0 && name.compare(name.size() - 3, 3, ".h5") == 0;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Manifest.
+
+struct ManifestEntry {
+  std::string name;
+  uint64_t bytes = 0;
+  uint64_t hash = 0;
+};
+
+struct Manifest {
+  int64_t step = 0;
+  std::vector<ManifestEntry> files;
+};
+
+// Parses manifest.json of `dir` and checks its structure (not the files it lists).
+Manifest read_manifest(const fs::path& dir) {
+  const fs::path p = dir / kManifestFile;
+  std::error_code ec;
+  NEXTRON_CHECK(fs::exists(p, ec), "checkpoint '", dir.string(), "' is incomplete: it has no ", kManifestFile,
+                " (its save was interrupted before it finished); ", kUseOlder);
+  Manifest m;
+  try {
+    const json j = json::parse(read_text_file(p));
+    NEXTRON_CHECK(j.at("format").get<std::string>() == kManifestFormat, "checkpoint '", dir.string(),
+                  "': ", kManifestFile, " has format '", j.at("format").get<std::string>(), "', expected '",
+                  kManifestFormat, "'; ", kUseOlder);
+    const int64_t version = j.at("format_version").get<int64_t>();
+    NEXTRON_CHECK(version <= kTrainCheckpointFormatVersion, "checkpoint '", dir.string(),
+                  "' was written by a newer nextron (format version ", version, "; this build reads up to ",
+                  kTrainCheckpointFormatVersion, "); resume it with the nextron that wrote it");
+    NEXTRON_CHECK(j.at("checksum").get<std::string>() == "xxh64", "checkpoint '", dir.string(), "': ", kManifestFile,
+                  " uses checksum '", j.at("checksum").get<std::string>(), "', this build knows xxh64; ", kUseOlder);
+    m.step = j.at("step").get<int64_t>();
+    std::set<std::string> seen;
+    for (const json& f : j.at("files")) {
+      ManifestEntry e;
+      e.name = f.at("name").get<std::string>();
+      e.bytes = f.at("bytes").get<uint64_t>();
+      const std::string hash = f.at("xxh64").get<std::string>();
+      NEXTRON_CHECK(hash.size() == 16 && hash.find_first_not_of("0123456789abcdef") == std::string::npos,
+                    "checkpoint '", dir.string(), "': ", kManifestFile, " has a malformed checksum for '", e.name,
+                    "'; ", kUseOlder);
+      e.hash = std::stoull(hash, nullptr, 16);
+      NEXTRON_CHECK(!e.name.empty() && e.name.find('/') == std::string::npos && e.name != "." && e.name != ".." &&
+                        e.name != kManifestFile && seen.insert(e.name).second,
+                    "checkpoint '", dir.string(), "': ", kManifestFile, " lists a bad file name '", e.name, "'; ",
+                    kUseOlder);
+      m.files.push_back(e);
+    }
+  } catch (const json::exception& e) {
+    NEXTRON_CHECK(false, "checkpoint '", dir.string(), "': ", kManifestFile, " is not a valid manifest (", e.what(),
+                  "); ", kUseOlder);
+  }
+  bool optimizer = false;
+  for (const auto& e : m.files) optimizer = optimizer || is_optimizer_file(e.name);
+  for (const char* required : {kModelFile, kStateFile}) {
+    bool found = false;
+    for (const auto& e : m.files) found = found || e.name == required;
+    NEXTRON_CHECK(found, "checkpoint '", dir.string(), "': ", kManifestFile, " does not list ", required, "; ",
+                  kUseOlder);
+  }
+  NEXTRON_CHECK(optimizer, "checkpoint '", dir.string(), "': ", kManifestFile, " lists no optimizer file; ", kUseOlder);
+  return m;
+}
+
+// Checks that every listed file exists with its size, and with `checksums` also its checksum.
+Manifest check_files(const fs::path& dir, bool checksums) {
+  Manifest m = read_manifest(dir);
+  for (const ManifestEntry& e : m.files) {
+    const fs::path p = dir / e.name;
+    std::error_code ec;
+    const uintmax_t size = fs::file_size(p, ec);
+    NEXTRON_CHECK(!ec, "checkpoint '", dir.string(), "' is incomplete: ", e.name, " is missing (", ec.message(), "); ",
+                  kUseOlder);
+    NEXTRON_CHECK(size == e.bytes, "checkpoint '", dir.string(), "' is damaged: ", e.name, " is ", size,
+                  " bytes, its manifest says ", e.bytes, " (truncated or overwritten); ", kUseOlder);
+    if (checksums) {
+      const FileDigest d = digest_file(p);
+      NEXTRON_CHECK(d.bytes == e.bytes && d.hash == e.hash, "checkpoint '", dir.string(), "' is damaged: the xxh64 ",
+                    "checksum of ", e.name, " is ", hex64(d.hash), ", its manifest says ", hex64(e.hash),
+                    " (the file was modified or corrupted); ", kUseOlder);
+    }
+  }
+  return m;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// HDF5.
+
+// An HDF5 identifier closed by its own close function when it goes out of scope.
+class H5Id {
+ public:
+  H5Id() = default;
+  H5Id(hid_t id, herr_t (*close)(hid_t)) : id_(id), close_(close) {}
+  H5Id(H5Id&& o) noexcept : id_(std::exchange(o.id_, H5I_INVALID_HID)), close_(o.close_) {}
+  H5Id& operator=(H5Id&& o) noexcept {
+    std::swap(id_, o.id_);
+    std::swap(close_, o.close_);
+    return *this;
+  }
+  H5Id(const H5Id&) = delete;
+  H5Id& operator=(const H5Id&) = delete;
+  ~H5Id() {
+    if (id_ >= 0 && close_ != nullptr) close_(id_);
+  }
+  hid_t get() const { return id_; }
+  bool valid() const { return id_ >= 0; }
+  // Closes now and reports whether that worked.
+  bool close() { return close_(std::exchange(id_, H5I_INVALID_HID)) >= 0; }
+
+ private:
+  hid_t id_ = H5I_INVALID_HID;
+  herr_t (*close_)(hid_t) = nullptr;
+};
+
+// Failures become nextron::Errors, so HDF5's own error-stack printing is off while we use the library.
+class QuietHdf5 {
+ public:
+  QuietHdf5() {
+    H5Eget_auto2(H5E_DEFAULT, &func_, &data_);
+    H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+  }
+  ~QuietHdf5() { H5Eset_auto2(H5E_DEFAULT, func_, data_); }
+  QuietHdf5(const QuietHdf5&) = delete;
+  QuietHdf5& operator=(const QuietHdf5&) = delete;
+
+ private:
+  H5E_auto2_t func_ = nullptr;
+  void* data_ = nullptr;
+};
+
+// File access: no HDF5 file locking (the directory protocol already gives each file a single writer, and locking
+// fails on some network file systems).
+H5Id file_access() {
+  H5Id fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
+#if H5_VERSION_GE(1, 10, 7)
+  if (fapl.valid()) H5Pset_file_locking(fapl.get(), false, true);
+#endif
+  return fapl;
+}
+
+H5Id utf8_string_type() {
+  H5Id t(H5Tcopy(H5T_C_S1), H5Tclose);
+  H5Tset_size(t.get(), H5T_VARIABLE);
+  H5Tset_cset(t.get(), H5T_CSET_UTF8);
+  return t;
+}
+
+// Elements [begin, begin + count) of 1-D dataset `ds`, in slabs, from (write) or to (read) `mem`.
+bool transfer_1d(hid_t ds, hid_t mem_type, size_t elem_bytes, int64_t begin, int64_t count, const void* src,
+                 void* dst) {
+  for (int64_t done = 0; done < count; done += kSlab) {
+    const hsize_t start = static_cast<hsize_t>(begin + done);
+    const hsize_t n = static_cast<hsize_t>(std::min(kSlab, count - done));
+    H5Id fspace(H5Dget_space(ds), H5Sclose);
+    H5Id mspace(H5Screate_simple(1, &n, nullptr), H5Sclose);
+    if (!fspace.valid() || !mspace.valid() ||
+        H5Sselect_hyperslab(fspace.get(), H5S_SELECT_SET, &start, nullptr, &n, nullptr) < 0)
+      return false;
+    const size_t at = static_cast<size_t>(done) * elem_bytes;
+    const herr_t r =
+        src != nullptr
+            ? H5Dwrite(ds, mem_type, mspace.get(), fspace.get(), H5P_DEFAULT, static_cast<const char*>(src) + at)
+            : H5Dread(ds, mem_type, mspace.get(), fspace.get(), H5P_DEFAULT, static_cast<char*>(dst) + at);
+    if (r < 0) return false;
+  }
+  return true;
+}
+
+class H5Writer {
+ public:
+  explicit H5Writer(fs::path path) : path_(std::move(path)) {
+    H5Id fapl = file_access();
+    file_ = H5Id(H5Fcreate(path_.c_str(), H5F_ACC_EXCL, H5P_DEFAULT, fapl.get()), H5Fclose);
+    check(file_.valid(), "cannot create the file");
+  }
+
+  void attr_i64(const char* name, int64_t v) { attr(name, H5T_STD_I64LE, H5T_NATIVE_INT64, &v); }
+  void attr_f64(const char* name, double v) { attr(name, H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE, &v); }
+  void attr_str(const char* name, const std::string& v) {
+    H5Id type = utf8_string_type();
+    const char* p = v.c_str();
+    attr(name, type.get(), type.get(), &p);
+  }
+
+  void dataset_f32(const char* name, const float* data, int64_t n) {
+    dataset(name, H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, sizeof(float), data, n);
+  }
+  void dataset_i64(const char* name, const std::vector<int64_t>& v) {
+    dataset(name, H5T_STD_I64LE, H5T_NATIVE_INT64, sizeof(int64_t), v.data(), static_cast<int64_t>(v.size()));
+  }
+  void dataset_strings(const char* name, const std::vector<std::string>& v) {
+    std::vector<const char*> ptrs;
+    for (const auto& s : v) ptrs.push_back(s.c_str());
+    H5Id type = utf8_string_type();
+    dataset(name, type.get(), type.get(), sizeof(const char*), ptrs.data(), static_cast<int64_t>(ptrs.size()));
+  }
+
+  // Closes the file and flushes it to disk.
+  void finish() {
+    check(file_.close(), "closing the file");
+    fsync_path(path_, false);
+  }
+
+ private:
+  void check(bool ok, const char* what) const {
+    NEXTRON_CHECK(ok, "writing '", path_.string(), "' failed (", what, "); ", kDiskFix);
+  }
+  void attr(const char* name, hid_t file_type, hid_t mem_type, const void* v) {
+    H5Id space(H5Screate(H5S_SCALAR), H5Sclose);
+    H5Id a(H5Acreate2(file_.get(), name, file_type, space.get(), H5P_DEFAULT, H5P_DEFAULT), H5Aclose);
+    check(a.valid() && H5Awrite(a.get(), mem_type, v) >= 0, name);
+  }
+  void dataset(const char* name, hid_t file_type, hid_t mem_type, size_t elem_bytes, const void* data, int64_t n) {
+    const hsize_t dims = static_cast<hsize_t>(n);
+    H5Id space(H5Screate_simple(1, &dims, nullptr), H5Sclose);
+    H5Id ds(H5Dcreate2(file_.get(), name, file_type, space.get(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Dclose);
+    check(ds.valid() && transfer_1d(ds.get(), mem_type, elem_bytes, 0, n, data, nullptr), name);
+  }
+
+  QuietHdf5 quiet_;  // declared first: restored last
+  fs::path path_;
+  H5Id file_;
+};
+
+class H5Reader {
+ public:
+  // Opens `path` and checks its format attributes. `dir` names the checkpoint in messages.
+  H5Reader(const fs::path& dir, const std::string& name, const char* format) : dir_(dir.string()), name_(name) {
+    const fs::path path = dir / name;
+    H5Id fapl = file_access();
+    file_ = H5Id(H5Fopen(path.c_str(), H5F_ACC_RDONLY, fapl.get()), H5Fclose);
+    check(file_.valid(), "is not a readable HDF5 file");
+    check(attr_str("format") == format, "is not a ", format, " file");
+    const int64_t version = attr_i64("format_version");
+    NEXTRON_CHECK(version <= kTrainCheckpointFormatVersion, "checkpoint '", dir_, "': ", name_,
+                  " was written by a newer nextron (format version ", version, "; this build reads up to ",
+                  kTrainCheckpointFormatVersion, "); resume it with the nextron that wrote it");
+  }
+
+  const std::string& name() const { return name_; }
+
+  template <typename... Args>
+  void check(bool ok, const Args&... what) const {
+    NEXTRON_CHECK(ok, "checkpoint '", dir_, "': ", name_, " ", what..., " (damaged, or not written by nextron-train); ",
+                  kUseOlder);
+  }
+
+  int64_t attr_i64(const char* name) const {
+    H5Id a = open_attr(name);
+    H5Id type(H5Aget_type(a.get()), H5Tclose);
+    int64_t v = 0;
+    check(H5Tget_class(type.get()) == H5T_INTEGER && H5Aread(a.get(), H5T_NATIVE_INT64, &v) >= 0,
+          "has an unreadable integer attribute '", name, "'");
+    return v;
+  }
+  double attr_f64(const char* name) const {
+    H5Id a = open_attr(name);
+    H5Id type(H5Aget_type(a.get()), H5Tclose);
+    double v = 0;
+    check(H5Tget_class(type.get()) == H5T_FLOAT && H5Aread(a.get(), H5T_NATIVE_DOUBLE, &v) >= 0,
+          "has an unreadable float attribute '", name, "'");
+    return v;
+  }
+  std::string attr_str(const char* name) const {
+    H5Id a = open_attr(name);
+    H5Id type(H5Aget_type(a.get()), H5Tclose);
+    check(H5Tget_class(type.get()) == H5T_STRING && H5Tis_variable_str(type.get()) > 0, "attribute '", name,
+          "' is not a string");
+    H5Id mem = utf8_string_type();
+    char* s = nullptr;
+    check(H5Aread(a.get(), mem.get(), &s) >= 0, "has an unreadable string attribute '", name, "'");
+    std::string out = s != nullptr ? s : "";
+    H5free_memory(s);
+    return out;
+  }
+
+  // Length of 1-D dataset `name`, whose elements must be of class `cls` and `bytes` wide (0: any width).
+  int64_t length(const char* name, H5T_class_t cls, size_t bytes) const {
+    H5Id ds = open_dataset(name);
+    H5Id type(H5Dget_type(ds.get()), H5Tclose);
+    check(H5Tget_class(type.get()) == cls && (bytes == 0 || H5Tget_size(type.get()) == bytes), "dataset '", name,
+          "' has the wrong element type");
+    H5Id space(H5Dget_space(ds.get()), H5Sclose);
+    check(space.valid() && H5Sget_simple_extent_ndims(space.get()) == 1, "dataset '", name, "' is not 1-D");
+    hsize_t n = 0;
+    H5Sget_simple_extent_dims(space.get(), &n, nullptr);
+    return static_cast<int64_t>(n);
+  }
+
+  void read_f32(const char* name, int64_t begin, int64_t count, float* out) const {
+    const int64_t n = length(name, H5T_FLOAT, sizeof(float));
+    check(begin >= 0 && begin + count <= n, "dataset '", name, "' is shorter than its attributes say");
+    H5Id ds = open_dataset(name);
+    check(transfer_1d(ds.get(), H5T_NATIVE_FLOAT, sizeof(float), begin, count, nullptr, out), "dataset '", name,
+          "' cannot be read");
+  }
+  std::vector<int64_t> read_i64(const char* name) const {
+    std::vector<int64_t> v(static_cast<size_t>(length(name, H5T_INTEGER, 0)));
+    H5Id ds = open_dataset(name);
+    check(
+        transfer_1d(ds.get(), H5T_NATIVE_INT64, sizeof(int64_t), 0, static_cast<int64_t>(v.size()), nullptr, v.data()),
+        "dataset '", name, "' cannot be read");
+    return v;
+  }
+  std::vector<std::string> read_strings(const char* name) const {
+    const int64_t n = length(name, H5T_STRING, 0);
+    H5Id ds = open_dataset(name);
+    H5Id type(H5Dget_type(ds.get()), H5Tclose);
+    check(H5Tis_variable_str(type.get()) > 0, "dataset '", name, "' does not hold variable-length strings");
+    std::vector<std::string> out;
+    if (n == 0) return out;
+    std::vector<char*> ptrs(static_cast<size_t>(n), nullptr);
+    H5Id mem = utf8_string_type();
+    check(H5Dread(ds.get(), mem.get(), H5S_ALL, H5S_ALL, H5P_DEFAULT, ptrs.data()) >= 0, "dataset '", name,
+          "' cannot be read");
+    for (char* p : ptrs) out.emplace_back(p != nullptr ? p : "");
+    H5Id space(H5Dget_space(ds.get()), H5Sclose);
+#if H5_VERSION_GE(1, 12, 0)
+    H5Treclaim(mem.get(), space.get(), H5P_DEFAULT, ptrs.data());
+#else
+    H5Dvlen_reclaim(mem.get(), space.get(), H5P_DEFAULT, ptrs.data());
+#endif
+    return out;
+  }
+
+ private:
+  H5Id open_attr(const char* name) const {
+    check(H5Aexists(file_.get(), name) > 0, "has no attribute '", name, "'");
+    H5Id a(H5Aopen(file_.get(), name, H5P_DEFAULT), H5Aclose);
+    check(a.valid(), "has an unreadable attribute '", name, "'");
+    return a;
+  }
+  H5Id open_dataset(const char* name) const {
+    check(H5Lexists(file_.get(), name, H5P_DEFAULT) > 0, "has no dataset '", name, "'");
+    H5Id ds(H5Dopen2(file_.get(), name, H5P_DEFAULT), H5Dclose);
+    check(ds.valid(), "has an unreadable dataset '", name, "'");
+    return ds;
+  }
+
+  QuietHdf5 quiet_;  // declared first: restored last
+  std::string dir_, name_;
+  H5Id file_;
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// The files.
+
+void write_model_file(const fs::path& p, const std::string& config_text, const ParamTable& table, const float* params) {
+  std::vector<std::string> names;
+  std::vector<int64_t> offsets, ndim, dims;
+  for (const ParamSpec& s : table.specs()) {
+    names.push_back(s.name);
+    offsets.push_back(s.offset);
+    ndim.push_back(static_cast<int64_t>(s.shape.size()));
+    dims.insert(dims.end(), s.shape.begin(), s.shape.end());
+  }
+  H5Writer w(p);
+  w.attr_str("format", kModelFormat);
+  w.attr_i64("format_version", kTrainCheckpointFormatVersion);
+  w.attr_str("model_config", config_text);
+  w.attr_i64("total_numel", table.total_numel());
+  w.dataset_strings("param_names", names);
+  w.dataset_i64("param_offsets", offsets);
+  w.dataset_i64("param_ndim", ndim);
+  w.dataset_i64("param_dims", dims);
+  w.dataset_f32("params", params, table.total_numel());
+  w.finish();
+}
+
+void write_optimizer_file(const fs::path& p, int64_t total_numel, const OptimizerShard& o) {
+  H5Writer w(p);
+  w.attr_str("format", kOptimizerFormat);
+  w.attr_i64("format_version", kTrainCheckpointFormatVersion);
+  w.attr_i64("total_numel", total_numel);
+  w.attr_i64("range_begin", o.range.begin);
+  w.attr_i64("range_end", o.range.end);
+  w.attr_i64("steps_taken", o.steps_taken);
+  w.attr_f64("lr", o.hyper.lr);
+  w.attr_f64("beta1", o.hyper.beta1);
+  w.attr_f64("beta2", o.hyper.beta2);
+  w.attr_f64("eps", o.hyper.eps);
+  w.attr_f64("weight_decay", o.hyper.weight_decay);
+  w.attr_i64("decay_all", o.hyper.decay_all ? 1 : 0);
+  w.dataset_f32("exp_avg", o.exp_avg, o.range.size());
+  w.dataset_f32("exp_avg_sq", o.exp_avg_sq, o.range.size());
+  w.finish();
+}
+
+std::string state_text(const TrainState& s) {
+  json j;
+  j["format"] = kStateFormat;
+  j["format_version"] = kTrainCheckpointFormatVersion;
+  j["step"] = s.step;
+  j["data_position"] = s.data_position;
+  j["consumed_tokens"] = s.consumed_tokens;
+  j["rng_state"] = s.rng_state;
+  j["scheduler"] = s.scheduler;
+  j["args"] = s.args;
+  try {
+    return j.dump(2) + "\n";
+  } catch (const json::exception& e) {
+    NEXTRON_CHECK(false, "cannot store the training state as JSON (", e.what(),
+                  "): rng_state and every string in scheduler and args must be UTF-8 text; encode binary state "
+                  "as hex or base64");
+  }
+  return {};
+}
+
+TrainState read_state_file(const fs::path& dir) {
+  TrainState s;
+  try {
+    const json j = json::parse(read_text_file(dir / kStateFile));
+    NEXTRON_CHECK(j.at("format").get<std::string>() == kStateFormat, "checkpoint '", dir.string(), "': ", kStateFile,
+                  " is not a ", kStateFormat, " file; ", kUseOlder);
+    const int64_t version = j.at("format_version").get<int64_t>();
+    NEXTRON_CHECK(version <= kTrainCheckpointFormatVersion, "checkpoint '", dir.string(), "': ", kStateFile,
+                  " was written by a newer nextron (format version ", version, "); resume it with that nextron");
+    s.step = j.at("step").get<int64_t>();
+    s.data_position = j.at("data_position").get<int64_t>();
+    s.consumed_tokens = j.at("consumed_tokens").get<int64_t>();
+    s.rng_state = j.at("rng_state").get<std::string>();
+    s.scheduler = j.at("scheduler");
+    s.args = j.at("args");
+  } catch (const json::exception& e) {
+    NEXTRON_CHECK(false, "checkpoint '", dir.string(), "': ", kStateFile, " is not a valid training state (", e.what(),
+                  "); ", kUseOlder);
+  }
+  return s;
+}
+
+// The first place (dotted path) where the stored and the expected config differ, with both values.
+bool first_difference(const json* stored, const json* expected, const std::string& path, std::string* where,
+                      std::string* was, std::string* is) {
+  if (stored != nullptr && expected != nullptr && stored->is_object() && expected->is_object()) {
+    std::set<std::string> keys;
+    for (auto it = stored->begin(); it != stored->end(); ++it) keys.insert(it.key());
+    for (auto it = expected->begin(); it != expected->end(); ++it) keys.insert(it.key());
+    for (const std::string& k : keys) {
+      const json* a = stored->contains(k) ? &stored->at(k) : nullptr;
+      const json* b = expected->contains(k) ? &expected->at(k) : nullptr;
+      if (first_difference(a, b, path.empty() ? k : path + "." + k, where, was, is)) return true;
+    }
+    return false;
+  }
+  if (stored != nullptr && expected != nullptr && *stored == *expected) return false;
+  *where = path;
+  *was = stored != nullptr ? stored->dump() : "(unset)";
+  *is = expected != nullptr ? expected->dump() : "(unset)";
+  return true;
+}
+
+void check_config(const fs::path& dir, const H5Reader& model, const ModelConfig& expect) {
+  json stored;
+  try {
+    stored = json::parse(model.attr_str("model_config"));
+  } catch (const json::exception& e) {
+    model.check(false, "has a model_config attribute that is not JSON (", e.what(), ")");
+  }
+  const json expected = expect.to_json();
+  std::string where, was, is;
+  NEXTRON_CHECK(!first_difference(&stored, &expected, "", &where, &was, &is), "checkpoint '", dir.string(),
+                "' was trained with ", where, " ", was, ", the model config says ", is,
+                "; resume with the model config it was trained with (the model_config attribute of its model.h5) or "
+                "save the new run to another directory");
+}
+
+void check_table(const fs::path& dir, const H5Reader& model, const ParamTable& table) {
+  const auto names = model.read_strings("param_names");
+  const auto offsets = model.read_i64("param_offsets");
+  const auto ndim = model.read_i64("param_ndim");
+  const auto dims = model.read_i64("param_dims");
+  model.check(offsets.size() == names.size() && ndim.size() == names.size(),
+              "has parameter table datasets of different lengths");
+  const auto& specs = table.specs();
+  const char* fix =
+      "; the checkpoint was written with another parameter layout (another nextron version?): export "
+      "it to HF format with the nextron that wrote it and start from that with --init-from";
+  NEXTRON_CHECK(names.size() == specs.size(), "checkpoint '", dir.string(), "': model.h5 lists ", names.size(),
+                " parameters, the model has ", specs.size(), fix);
+  size_t at = 0;
+  for (size_t i = 0; i < specs.size(); ++i) {
+    model.check(ndim[i] >= 0 && at + static_cast<size_t>(ndim[i]) <= dims.size(),
+                "has a parameter table whose shapes do not add up");
+    const Shape shape(dims.begin() + static_cast<std::ptrdiff_t>(at),
+                      dims.begin() + static_cast<std::ptrdiff_t>(at + static_cast<size_t>(ndim[i])));
+    at += static_cast<size_t>(ndim[i]);
+    const ParamSpec& s = specs[i];
+    NEXTRON_CHECK(names[i] == s.name && shape == s.shape && offsets[i] == s.offset, "checkpoint '", dir.string(),
+                  "': parameter ", i, " of model.h5 is '", names[i], "' ", shape_str(shape), " at offset ", offsets[i],
+                  ", the model's is '", s.name, "' ", shape_str(s.shape), " at offset ", s.offset, fix);
+  }
+  model.check(at == dims.size(), "has a parameter table whose shapes do not add up");
+  model.check(model.attr_i64("total_numel") == table.total_numel() &&
+                  model.length("params", H5T_FLOAT, sizeof(float)) == table.total_numel(),
+              "holds a number of parameters that does not match its parameter table");
+}
+
+// One stored optimizer file, opened and checked.
+struct OptimizerPiece {
+  std::unique_ptr<H5Reader> file;
+  FlatRange range;
+  int64_t steps_taken = 0;
+  AdamWHyper hyper;
+};
+
+OptimizerPiece open_optimizer_file(const fs::path& dir, const std::string& name, int64_t total_numel) {
+  OptimizerPiece p;
+  p.file = std::make_unique<H5Reader>(dir, name, kOptimizerFormat);
+  const H5Reader& f = *p.file;
+  p.range = FlatRange{f.attr_i64("range_begin"), f.attr_i64("range_end")};
+  NEXTRON_CHECK(f.attr_i64("total_numel") == total_numel, "checkpoint '", dir.string(), "': ", name,
+                " holds optimizer state for a model of ", f.attr_i64("total_numel"), " parameters, this one has ",
+                total_numel, "; ", kUseOlder);
+  f.check(0 <= p.range.begin && p.range.begin <= p.range.end && p.range.end <= total_numel &&
+              f.length("exp_avg", H5T_FLOAT, sizeof(float)) == p.range.size() &&
+              f.length("exp_avg_sq", H5T_FLOAT, sizeof(float)) == p.range.size(),
+          "has a range [", p.range.begin, ", ", p.range.end, ") that does not fit its moments");
+  p.steps_taken = f.attr_i64("steps_taken");
+  p.hyper.lr = f.attr_f64("lr");
+  p.hyper.beta1 = f.attr_f64("beta1");
+  p.hyper.beta2 = f.attr_f64("beta2");
+  p.hyper.eps = f.attr_f64("eps");
+  p.hyper.weight_decay = f.attr_f64("weight_decay");
+  p.hyper.decay_all = f.attr_i64("decay_all") != 0;
+  return p;
+}
+
+// Moves a finished checkpoint from `tmp` to `final_dir`, replacing a checkpoint of the same step.
+void install(const fs::path& tmp, const fs::path& final_dir) {
+  if (::rename(tmp.c_str(), final_dir.c_str()) == 0) return;
+  NEXTRON_CHECK(errno == EEXIST || errno == ENOTEMPTY, "renaming '", tmp.string(), "' to '", final_dir.string(),
+                "' failed: ", errno_text());
+  std::error_code ec;
+  if (::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE) == 0) {
+    fs::remove_all(tmp, ec);  // now the old checkpoint of this step
+    return;
+  }
+  // No atomic exchange on this file system: move the old one aside first (a crash in between loses only the old
+  // checkpoint of this step, never an earlier one).
+  const fs::path aside = final_dir.string() + ".del-" + std::to_string(::getpid());
+  fs::remove_all(aside, ec);
+  NEXTRON_CHECK(::rename(final_dir.c_str(), aside.c_str()) == 0, "cannot replace the existing checkpoint '",
+                final_dir.string(), "': ", errno_text());
+  NEXTRON_CHECK(::rename(tmp.c_str(), final_dir.c_str()) == 0, "renaming '", tmp.string(), "' to '", final_dir.string(),
+                "' failed: ", errno_text());
+  fs::remove_all(aside, ec);
+}
+
+// keep_last: deletes complete checkpoints older than `step` beyond the keep_last newest (the one of `step`
+// counts). "Complete" here is the cheap check (manifest, file sizes), not the checksums. Failures are warnings.
+void prune(const fs::path& root, int64_t step, int keep_last) {
+  int kept = 1;
+  for (const StepDir& d : list_step_dirs(root)) {
+    if (d.tmp || d.step >= step) continue;
+    bool complete = true;
+    try {
+      check_files(d.path, /*checksums=*/false);
+    } catch (const Error&) {
+      complete = false;
+    }
+    if (!complete) continue;  // never resumed from; left for inspection
+    if (kept < keep_last) {
+      ++kept;
+      continue;
+    }
+    // Renamed first so that a crash while deleting never leaves a half-deleted step_<N> behind.
+    const fs::path doomed = d.path.string() + ".del-" + std::to_string(::getpid());
+    if (::rename(d.path.c_str(), doomed.c_str()) != 0) {
+      warn("cannot delete old checkpoint '" + d.path.string() + "': " + errno_text());
+      continue;
+    }
+    std::error_code ec;
+    fs::remove_all(doomed, ec);
+    if (ec) warn("cannot delete old checkpoint '" + doomed.string() + "': " + ec.message());
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------------------
+
+uint64_t xxh64(const void* data, size_t size) {
+  Xxh64 h;
+  h.update(static_cast<const unsigned char*>(data), size);
+  return h.digest();
+}
+
+std::string train_checkpoint_dir(const std::string& root, int64_t step) {
+  NEXTRON_CHECK(step >= 0, "checkpoint step must be >= 0, got ", step);
+  char name[32];
+  std::snprintf(name, sizeof name, "step_%08" PRId64, step);
+  return (fs::path(root) / name).string();
+}
+
+std::string save_train_checkpoint(const std::string& root, const ModelConfig& config, const ParamTable& table,
+                                  const float* params, const OptimizerShard& optimizer, const TrainState& state,
+                                  int keep_last) {
+  const int64_t total = table.total_numel();
+  const FlatRange r = optimizer.range;
+  NEXTRON_CHECK(params != nullptr, "save_train_checkpoint: params is null; pass the model's flat parameters");
+  NEXTRON_CHECK(0 <= r.begin && r.begin <= r.end && r.end <= total, "optimizer range [", r.begin, ", ", r.end,
+                ") is not inside the model's ", total, " parameters; pass the range the AdamW instance owns");
+  NEXTRON_CHECK(r.size() == 0 || (optimizer.exp_avg != nullptr && optimizer.exp_avg_sq != nullptr),
+                "save_train_checkpoint: the optimizer moments are null; pass AdamW::exp_avg() and exp_avg_sq()");
+  NEXTRON_CHECK(state.step >= 0 && state.data_position >= 0 && state.consumed_tokens >= 0 && optimizer.steps_taken >= 0,
+                "save_train_checkpoint: step (", state.step, "), data position (", state.data_position,
+                "), consumed tokens (", state.consumed_tokens, ") and steps taken (", optimizer.steps_taken,
+                ") must all be >= 0");
+  NEXTRON_CHECK(keep_last >= 0, "keep_last is ", keep_last, "; use a positive count, or 0 to keep every checkpoint");
+  const std::string state_json = state_text(state);  // before touching the disk: may reject non-UTF-8 strings
+  const std::string config_json = config.to_json().dump();
+
+  const fs::path root_path(root);
+  std::error_code ec;
+  fs::create_directories(root_path, ec);
+  NEXTRON_CHECK(!ec, "cannot create checkpoint directory '", root, "': ", ec.message(), "; ", kDiskFix);
+  const fs::path final_dir = train_checkpoint_dir(root, state.step);
+  const fs::path tmp = final_dir.string() + ".tmp-" + std::to_string(::getpid());
+  fs::remove_all(tmp, ec);  // left by an earlier process with our pid
+  NEXTRON_CHECK(fs::create_directory(tmp, ec) && !ec, "cannot create '", tmp.string(), "': ", ec.message(), "; ",
+                kDiskFix);
+  try {
+    write_model_file(tmp / kModelFile, config_json, table, params);
+    stage_done(kModelFile);
+    write_optimizer_file(tmp / kOptimizerFile, total, optimizer);
+    stage_done(kOptimizerFile);
+    write_file_durably(tmp / kStateFile, state_json);
+    stage_done(kStateFile);
+
+    nlohmann::ordered_json manifest;
+    manifest["format"] = kManifestFormat;
+    manifest["format_version"] = kTrainCheckpointFormatVersion;
+    manifest["step"] = state.step;
+    manifest["checksum"] = "xxh64";
+    manifest["files"] = nlohmann::ordered_json::array();
+    for (const char* name : {kModelFile, kOptimizerFile, kStateFile}) {
+      const FileDigest d = digest_file(tmp / name);
+      manifest["files"].push_back({{"name", name}, {"bytes", d.bytes}, {"xxh64", hex64(d.hash)}});
+    }
+    write_file_durably(tmp / kManifestFile, manifest.dump(2) + "\n");
+    fsync_path(tmp, /*directory=*/true);
+    stage_done(kManifestFile);
+
+    install(tmp, final_dir);
+    fsync_path(root_path, /*directory=*/true);
+  } catch (...) {
+    fs::remove_all(tmp, ec);
+    throw;
+  }
+  stage_done("renamed");
+  if (keep_last > 0) prune(root_path, state.step, keep_last);
+  return final_dir.string();
+}
+
+void verify_train_checkpoint(const std::string& dir) {
+  std::error_code ec;
+  NEXTRON_CHECK(fs::is_directory(dir, ec), "checkpoint directory '", dir,
+                "' does not exist; pass a step_<N> directory written by nextron-train");
+  check_files(dir, /*checksums=*/true);
+}
+
+std::optional<std::string> find_latest_checkpoint(const std::string& root) {
+  std::error_code ec;
+  if (!fs::is_directory(root, ec)) return std::nullopt;
+  for (const StepDir& d : list_step_dirs(root)) {
+    if (d.tmp) {
+      warn("ignoring '" + d.path.string() +
+           "': an unfinished save (in progress, or interrupted; delete it once no run writes to this directory)");
+      continue;
+    }
+    try {
+      check_files(d.path, /*checksums=*/true);
+      return d.path.string();
+    } catch (const Error& e) {
+      warn(std::string("skipping an incomplete or damaged checkpoint: ") + e.what());
+    }
+  }
+  return std::nullopt;
+}
+
+LoadedCheckpoint load_train_checkpoint(const std::string& dir, const ModelConfig& expect_config,
+                                       const ParamTable& table, float* params, FlatRange range, float* exp_avg,
+                                       float* exp_avg_sq) {
+  const int64_t total = table.total_numel();
+  NEXTRON_CHECK(params != nullptr, "load_train_checkpoint: params is null; pass the model's flat parameters");
+  NEXTRON_CHECK(0 <= range.begin && range.begin <= range.end && range.end <= total, "optimizer range [", range.begin,
+                ", ", range.end, ") is not inside the model's ", total,
+                " parameters; pass the range the AdamW instance owns");
+  NEXTRON_CHECK(range.size() == 0 || (exp_avg != nullptr && exp_avg_sq != nullptr),
+                "load_train_checkpoint: the optimizer moments are null; pass AdamW::exp_avg() and exp_avg_sq()");
+  verify_train_checkpoint(dir);
+  const fs::path d(dir);
+  const Manifest manifest = read_manifest(d);
+
+  // Every check first, then the reads.
+  const H5Reader model(d, kModelFile, kModelFormat);
+  check_config(d, model, expect_config);
+  check_table(d, model, table);
+
+  std::vector<OptimizerPiece> pieces;
+  for (const ManifestEntry& e : manifest.files)
+    if (is_optimizer_file(e.name)) pieces.push_back(open_optimizer_file(d, e.name, total));
+  std::sort(pieces.begin(), pieces.end(),
+            [](const OptimizerPiece& a, const OptimizerPiece& b) { return a.range.begin < b.range.begin; });
+  for (const OptimizerPiece& p : pieces)
+    NEXTRON_CHECK(p.steps_taken == pieces[0].steps_taken, "checkpoint '", dir, "': ", p.file->name(), " has taken ",
+                  p.steps_taken, " optimizer steps, ", pieces[0].file->name(), " ", pieces[0].steps_taken,
+                  " (files of different saves mixed); ", kUseOlder);
+  int64_t covered = range.begin;
+  for (const OptimizerPiece& p : pieces)
+    if (p.range.begin <= covered && p.range.end > covered) covered = p.range.end;
+  NEXTRON_CHECK(covered >= range.end, "checkpoint '", dir, "' holds no optimizer state for flat elements [", covered,
+                ", ", range.end, ") of the requested range [", range.begin, ", ", range.end,
+                "); resume with a sharding whose ranges its optimizer files cover");
+
+  LoadedCheckpoint out;
+  out.state = read_state_file(d);
+  NEXTRON_CHECK(out.state.step == manifest.step, "checkpoint '", dir, "': ", kStateFile, " says step ", out.state.step,
+                ", ", kManifestFile, " says ", manifest.step, " (files of different saves mixed); ", kUseOlder);
+  out.steps_taken = pieces[0].steps_taken;
+  out.hyper = pieces[0].hyper;
+
+  model.read_f32("params", 0, total, params);
+  for (const OptimizerPiece& p : pieces) {
+    const int64_t lo = std::max(range.begin, p.range.begin), hi = std::min(range.end, p.range.end);
+    if (lo >= hi) continue;
+    p.file->read_f32("exp_avg", lo - p.range.begin, hi - lo, exp_avg + (lo - range.begin));
+    p.file->read_f32("exp_avg_sq", lo - p.range.begin, hi - lo, exp_avg_sq + (lo - range.begin));
+  }
+  return out;
+}
+
+namespace detail {
+void set_train_checkpoint_hook(std::function<void(const std::string& stage)> hook) { stage_hook() = std::move(hook); }
+}  // namespace detail
+
+}  // namespace nextron

@@ -1,0 +1,58 @@
+// Everything a training run is configured by (nextron-train's options; see apps/train.cpp for the flags).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "data/sampler.h"
+#include "optim/adamw.h"
+#include "optim/lr_schedule.h"
+
+namespace nextron {
+
+struct TrainOptions {
+  // Model: an HF config.json to start from random weights, or an HF checkpoint directory to start from.
+  std::string model_config;
+  std::string init_from;
+  uint64_t init_seed = 1234;
+  double initializer_range = 0.02;
+
+  // Data.
+  std::vector<DatasetSpec> data;
+  int64_t seq_len = 512;
+  double valid_fraction = 0.01;
+  uint64_t data_seed = 1234;
+
+  // Batches and length: global_batch = micro_batch x gradient-accumulation steps (sequences per optimizer step).
+  int64_t micro_batch = 4;
+  int64_t global_batch = 4;
+  int64_t train_steps = 100;
+
+  // Optimizer.
+  AdamWHyper adam;
+  LrScheduleConfig lr;  // lr.decay_steps 0 means train_steps
+  double clip_grad = 1.0;  // 0 disables clipping
+
+  // Checkpoints.
+  std::string save_dir;
+  int64_t save_interval = 0;  // 0: only at exit
+  int keep_last = 3;
+  std::string resume = "auto";  // auto | none | a checkpoint directory
+  std::string export_hf;        // HF directory written at the end of training
+
+  // Logging and evaluation.
+  int64_t log_interval = 1;
+  int64_t eval_interval = 0;  // 0: no periodic validation
+  int64_t eval_iters = 4;     // micro-batches per validation
+  std::string metrics_path;   // default: <save_dir>/metrics.jsonl
+  double peak_tflops = 0;     // MFU denominator; 0: measure the CPU's fp32 GEMM rate at start-up
+  int threads = 0;
+  bool progress = true;
+
+  // Checks every value and combination; throws nextron::Error naming the option and the fix.
+  // need_data: whether --data must be given (false when a caller supplies the samples itself).
+  void validate(bool need_data = true) const;
+};
+
+}  // namespace nextron
