@@ -1,25 +1,37 @@
 #!/usr/bin/env bash
-# Quickstart: build nextron, import a small HF Qwen3-Next checkpoint (made here with transformers, no download),
-# score text from the Python standard library with nextron-eval, and compare with transformers on the same tokens.
+# Quickstart: set up and build nextron, tokenize the Python standard library's sources (already on any Debian
+# machine, no download), train a small Qwen3-Next for a few minutes on the CPU, save checkpoints, export the result
+# to HF format, and check the export with transformers.
+#   STEPS=300 bash tools/quickstart.sh   (fewer steps for a quicker look)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
 BUILD="${NEXTRON_BUILD:-build}"
 PY="${NEXTRON_VENV:-$HOME/.cache/nextron/venv}/bin/python"
 Q="$BUILD/quickstart"
+STEPS="${STEPS:-1500}"
 rm -rf "$Q" && mkdir -p "$Q"
 export HF_HUB_OFFLINE=1
 
-"$PY" tools/make_checkpoint.py --config configs/models/qwen3-next-tiny.json --out "$Q/hf" --seed 0
-# Byte-level tokens of a standard-library source file, 128 tokens a line.
-"$PY" - "$Q/tokens.txt" <<'PYEOF'
-import inspect, json.decoder, sys
-data = open(inspect.getsourcefile(json.decoder), "rb").read()[:16 * 128]
-with open(sys.argv[1], "w") as f:
+STDLIB=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+echo "== tokenizing $STDLIB/*.py (byte-level tokenizer)"
+"$PY" tools/preprocess.py "$STDLIB"/[a-z]*.py --tokenizer byte --out "$Q/stdlib.h5" --progress
+
+echo "== training configs/models/qwen3-next-tiny.json for $STEPS steps"
+"$BUILD/nextron-train" --model-config configs/models/qwen3-next-tiny.json --data "$Q/stdlib.h5" \
+  --seq-len 128 --micro-batch-size 8 --global-batch-size 8 --train-steps "$STEPS" \
+  --lr 2e-3 --min-lr 2e-4 --lr-warmup-steps 30 --eval-interval 250 --eval-iters 8 --log-interval 50 \
+  --save "$Q/run" --save-interval 500 --keep-last 2 --export-hf "$Q/hf"
+
+"$PY" tools/plot_metrics.py --metrics "$Q/run/metrics.jsonl" --out "$Q/run/loss.png"
+echo "== the exported checkpoint in nextron-eval and in transformers"
+"$PY" - "$STDLIB/json/decoder.py" "$Q/tokens.txt" <<'PYEOF'
+import sys
+data = open(sys.argv[1], "rb").read()[:16 * 128]
+with open(sys.argv[2], "w") as f:
     for i in range(0, len(data) - 127, 128):
         f.write(" ".join(str(b) for b in data[i:i + 128]) + "\n")
 PYEOF
-echo "== nextron-eval"
 "$BUILD/nextron-eval" --model "$Q/hf" --tokens "$Q/tokens.txt" --out "$Q/eval"
-echo "== transformers on the same tokens"
 "$PY" tools/hf_eval.py --model "$Q/hf" --tokens "$Q/tokens.txt" --compare "$Q/eval"
+echo "== done: metrics $Q/run/metrics.jsonl, plot $Q/run/loss.png, checkpoints $Q/run, HF export $Q/hf"
