@@ -24,7 +24,12 @@ int run(int argc, char** argv) {
       "max-shard-bytes", po::value(&max_shard)->default_value(5ull << 30),
       "largest safetensors shard; bigger checkpoints are split with model.safetensors.index.json");
   po::variables_map vm;
-  po::store(po::parse_command_line(argc, argv, opts), vm);
+  // No abbreviations: a mistyped option must not silently match a longer one.
+  po::store(po::command_line_parser(argc, argv)
+                .options(opts)
+                .style(po::command_line_style::default_style & ~po::command_line_style::allow_guessing)
+                .run(),
+            vm);
   if (vm.count("help")) {
     std::cout << opts << "\n";
     return 0;

@@ -67,7 +67,12 @@ int run(int argc, char** argv) {
       "threads", po::value(&threads)->default_value(0), "CPU threads (0: all cores)")(
       "no-logits", po::bool_switch(&no_logits), "skip logits.npy (it is large for big vocabularies)");
   po::variables_map vm;
-  po::store(po::parse_command_line(argc, argv, opts), vm);
+  // No abbreviations: a mistyped option must not silently match a longer one.
+  po::store(po::command_line_parser(argc, argv)
+                .options(opts)
+                .style(po::command_line_style::default_style & ~po::command_line_style::allow_guessing)
+                .run(),
+            vm);
   if (vm.count("help")) {
     std::cout << opts << "\n";
     return 0;

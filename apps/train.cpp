@@ -92,7 +92,12 @@ int run(int argc, char** argv) {
   all.add(general).add(model).add(dat).add(batch).add(ckpt).add(log);
 
   po::variables_map vm;
-  po::store(po::parse_command_line(argc, argv, all), vm);
+  // No abbreviations: "--lr-warmup" must not silently mean "--lr-warmup-steps".
+  po::store(po::command_line_parser(argc, argv)
+                .options(all)
+                .style(po::command_line_style::default_style & ~po::command_line_style::allow_guessing)
+                .run(),
+            vm);
   if (vm.count("help")) {
     std::cout << all << "\n";
     return 0;
