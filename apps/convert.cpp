@@ -6,6 +6,7 @@
 #include <iostream>
 
 #include "checkpoint/hf_checkpoint.h"
+#include "cli.h"
 #include "core/error.h"
 #include "model/param_table.h"
 
@@ -24,12 +25,7 @@ int run(int argc, char** argv) {
       "max-shard-bytes", po::value(&max_shard)->default_value(5ull << 30),
       "largest safetensors shard; bigger checkpoints are split with model.safetensors.index.json");
   po::variables_map vm;
-  // No abbreviations: a mistyped option must not silently match a longer one.
-  po::store(po::command_line_parser(argc, argv)
-                .options(opts)
-                .style(po::command_line_style::default_style & ~po::command_line_style::allow_guessing)
-                .run(),
-            vm);
+  cli::parse(argc, argv, opts, vm);
   if (vm.count("help")) {
     std::cout << opts << "\n";
     return 0;
@@ -54,12 +50,5 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  try {
-    return run(argc, argv);
-  } catch (const po::error& e) {
-    std::fprintf(stderr, "nextron-convert: %s (see --help)\n", e.what());
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "nextron-convert: error: %s\n", e.what());
-  }
-  return 1;
+  return nextron::cli::run_main("nextron-convert", [&] { return run(argc, argv); });
 }

@@ -11,6 +11,7 @@
 
 #include "checkpoint/hf_checkpoint.h"
 #include "checkpoint/npy.h"
+#include "cli.h"
 #include "core/error.h"
 #include "core/parallel_for.h"
 #include "model/model.h"
@@ -59,20 +60,15 @@ int run(int argc, char** argv) {
       "Writes OUT/loss.npy (num_seqs,) f32 mean next-token cross-entropy per sequence, OUT/lengths.npy (num_seqs,)\n"
       "i64 and OUT/logits.npy (num_seqs, max_len, vocab) f32 (rows past a sequence's end are 0), and prints the\n"
       "token-weighted mean loss.\n\nOptions");
-  opts.add_options()("help,h", "show this help")(
-      "model", po::value(&model_dir)->required(), "HF checkpoint directory (config.json + safetensors)")(
+  opts.add_options()("help,h", "show this help")("model", po::value(&model_dir)->required(),
+                                                 "HF checkpoint directory (config.json + safetensors)")(
       "tokens", po::value(&tokens)->required(), "token file: one sequence per line, whitespace-separated ids")(
       "out", po::value(&out)->required(), "output directory for the .npy files (created if missing)")(
       "batch-size", po::value(&batch)->default_value(8), "sequences of equal length scored together")(
       "threads", po::value(&threads)->default_value(0), "CPU threads (0: all cores)")(
       "no-logits", po::bool_switch(&no_logits), "skip logits.npy (it is large for big vocabularies)");
   po::variables_map vm;
-  // No abbreviations: a mistyped option must not silently match a longer one.
-  po::store(po::command_line_parser(argc, argv)
-                .options(opts)
-                .style(po::command_line_style::default_style & ~po::command_line_style::allow_guessing)
-                .run(),
-            vm);
+  cli::parse(argc, argv, opts, vm);
   if (vm.count("help")) {
     std::cout << opts << "\n";
     return 0;
@@ -133,12 +129,5 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  try {
-    return run(argc, argv);
-  } catch (const po::error& e) {
-    std::fprintf(stderr, "nextron-eval: %s (see --help)\n", e.what());
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "nextron-eval: error: %s\n", e.what());
-  }
-  return 1;
+  return nextron::cli::run_main("nextron-eval", [&] { return run(argc, argv); });
 }

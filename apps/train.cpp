@@ -6,6 +6,7 @@
 #include <fstream>
 #include <iostream>
 
+#include "cli.h"
 #include "core/error.h"
 #include "train/trainer.h"
 
@@ -92,12 +93,7 @@ int run(int argc, char** argv) {
   all.add(general).add(model).add(dat).add(batch).add(ckpt).add(log);
 
   po::variables_map vm;
-  // No abbreviations: "--lr-warmup" must not silently mean "--lr-warmup-steps".
-  po::store(po::command_line_parser(argc, argv)
-                .options(all)
-                .style(po::command_line_style::default_style & ~po::command_line_style::allow_guessing)
-                .run(),
-            vm);
+  cli::parse(argc, argv, all, vm);
   if (vm.count("help")) {
     std::cout << all << "\n";
     return 0;
@@ -120,12 +116,5 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  try {
-    return run(argc, argv);
-  } catch (const po::error& e) {
-    std::fprintf(stderr, "nextron-train: %s (see --help)\n", e.what());
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "nextron-train: error: %s\n", e.what());
-  }
-  return 1;
+  return nextron::cli::run_main("nextron-train", [&] { return run(argc, argv); });
 }

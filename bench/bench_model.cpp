@@ -7,6 +7,7 @@
 #include <iostream>
 #include <random>
 
+#include "../apps/cli.h"
 #include "core/error.h"
 #include "core/parallel_for.h"
 #include "model/init.h"
@@ -23,19 +24,14 @@ int run(int argc, char** argv) {
   int steps = 5, warmup = 1, threads = 0;
   po::options_description opts("nextron-bench: CPU forward+backward throughput\n\nOptions");
   opts.add_options()("help,h", "show this help")("config", po::value(&config_path)->required(),
-                                                  "HF config.json of a qwen3_next model")(
-      "batch", po::value(&batch)->default_value(1), "sequences per step")(
-      "seq", po::value(&seq)->default_value(256), "tokens per sequence")(
+                                                 "HF config.json of a qwen3_next model")(
+      "batch", po::value(&batch)->default_value(1), "sequences per step")("seq", po::value(&seq)->default_value(256),
+                                                                          "tokens per sequence")(
       "steps", po::value(&steps)->default_value(5), "timed steps")("warmup", po::value(&warmup)->default_value(1),
-                                                                 "untimed steps first")(
+                                                                   "untimed steps first")(
       "threads", po::value(&threads)->default_value(0), "CPU threads (0: all cores)");
   po::variables_map vm;
-  // No abbreviations: a mistyped option must not silently match a longer one.
-  po::store(po::command_line_parser(argc, argv)
-                .options(opts)
-                .style(po::command_line_style::default_style & ~po::command_line_style::allow_guessing)
-                .run(),
-            vm);
+  cli::parse(argc, argv, opts, vm);
   if (vm.count("help")) {
     std::cout << opts << "\n";
     return 0;
@@ -68,12 +64,5 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  try {
-    return run(argc, argv);
-  } catch (const po::error& e) {
-    std::fprintf(stderr, "nextron-bench: %s (see --help)\n", e.what());
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "nextron-bench: error: %s\n", e.what());
-  }
-  return 1;
+  return nextron::cli::run_main("nextron-bench", [&] { return run(argc, argv); });
 }

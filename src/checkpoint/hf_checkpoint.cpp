@@ -5,9 +5,8 @@
 #include <fstream>
 #include <map>
 #include <memory>
-#include <set>
-
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "checkpoint/safetensors.h"
 
@@ -39,8 +38,7 @@ std::map<std::string, std::string> weight_files(const std::string& dir) {
       NEXTRON_CHECK(false, "'", index.string(), "' is not a valid safetensors index: ", e.what());
     }
   } else {
-    NEXTRON_CHECK(fs::exists(single), "'", dir,
-                  "' has neither model.safetensors nor model.safetensors.index.json");
+    NEXTRON_CHECK(fs::exists(single), "'", dir, "' has neither model.safetensors nor model.safetensors.index.json");
     SafetensorsReader r(single.string());
     for (const auto& n : r.names()) files[n] = single.string();
   }
@@ -72,14 +70,14 @@ void load_hf_weights(const std::string& dir, const ParamTable& table, float* par
   }
 }
 
-void save_hf_checkpoint(const std::string& dir, const ModelConfig& config, const ParamTable& table,
-                        const float* params, const HfWriteOptions& options) {
+void save_hf_checkpoint(const std::string& dir, const ModelConfig& config, const ParamTable& table, const float* params,
+                        const HfWriteOptions& options) {
   NEXTRON_CHECK(options.dtype == DType::f32 || options.dtype == DType::bf16,
                 "HF export supports f32 and bf16 storage, not ", dtype_name(options.dtype));
   NEXTRON_CHECK(options.max_shard_bytes > 0, "max shard size must be positive");
   const fs::path target(dir);
-  NEXTRON_CHECK(!fs::exists(target) || (fs::is_directory(target) && fs::is_empty(target)), "output directory '",
-                dir, "' already exists and is not empty; choose a new directory or remove it");
+  NEXTRON_CHECK(!fs::exists(target) || (fs::is_directory(target) && fs::is_empty(target)), "output directory '", dir,
+                "' already exists and is not empty; choose a new directory or remove it");
   const fs::path tmp = target.string() + ".partial";
   fs::remove_all(tmp);
   fs::create_directories(tmp);

@@ -20,13 +20,13 @@ ModelConfig read_hf_config(const std::string& dir);
 void load_hf_weights(const std::string& dir, const ParamTable& table, float* params);
 
 struct HfWriteOptions {
-  DType dtype = DType::f32;            // f32 or bf16 storage
+  DType dtype = DType::f32;               // f32 or bf16 storage
   uint64_t max_shard_bytes = 5ull << 30;  // above this, tensors go to further shards
 };
 
 // Writes config.json and the weights to `dir`, which must not exist or be empty. Everything is written into a
 // temporary sibling directory first and renamed into place, so a failed write never leaves a partial checkpoint.
-void save_hf_checkpoint(const std::string& dir, const ModelConfig& config, const ParamTable& table,
-                        const float* params, const HfWriteOptions& options = {});
+void save_hf_checkpoint(const std::string& dir, const ModelConfig& config, const ParamTable& table, const float* params,
+                        const HfWriteOptions& options = {});
 
 }  // namespace nextron

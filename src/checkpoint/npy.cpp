@@ -5,10 +5,10 @@
 namespace nextron {
 
 namespace {
-void write_npy_bytes(const std::string& path, const char* descr, const void* data, size_t bytes,
-                     const Shape& shape) {
+void write_npy_bytes(const std::string& path, const char* descr, const void* data, size_t bytes, const Shape& shape) {
   std::string dims;
-  for (size_t i = 0; i < shape.size(); ++i) dims += std::to_string(shape[i]) + (shape.size() == 1 || i + 1 < shape.size() ? "," : "");
+  for (size_t i = 0; i < shape.size(); ++i)
+    dims += std::to_string(shape[i]) + (shape.size() == 1 || i + 1 < shape.size() ? "," : "");
   std::string header = std::string("{'descr': '") + descr + "', 'fortran_order': False, 'shape': (" + dims + "), }";
   // magic (6) + version (2) + header length (2) + header, padded with spaces and a newline to 64 bytes.
   while ((10 + header.size() + 1) % 64 != 0) header.push_back(' ');

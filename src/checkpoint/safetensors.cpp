@@ -3,7 +3,6 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
-
 #include <nlohmann/json.hpp>
 
 namespace nextron {
@@ -80,10 +79,10 @@ SafetensorsReader::SafetensorsReader(const std::string& path) : path_(path) {
       e.end = off[1];
       const size_t es = stored_size(e.dtype);
       NEXTRON_CHECK(es != 0, "'", path, "': tensor '", it.key(), "' has unsupported dtype ", e.dtype);
-      NEXTRON_CHECK(e.begin <= e.end && e.end <= data_size &&
-                        e.end - e.begin == static_cast<uint64_t>(shape_numel(e.shape)) * es,
-                    "'", path, "': tensor '", it.key(), "' has data offsets outside the file or a size that ",
-                    "does not match its shape; the file is truncated or corrupt");
+      NEXTRON_CHECK(
+          e.begin <= e.end && e.end <= data_size && e.end - e.begin == static_cast<uint64_t>(shape_numel(e.shape)) * es,
+          "'", path, "': tensor '", it.key(), "' has data offsets outside the file or a size that ",
+          "does not match its shape; the file is truncated or corrupt");
       entries_[it.key()] = e;
     } catch (const nlohmann::json::exception& ex) {
       NEXTRON_CHECK(false, "'", path, "': malformed header entry '", it.key(), "': ", ex.what());

@@ -24,15 +24,14 @@ std::string concat(const Args&... args) {
 }  // namespace nextron
 
 // NEXTRON_CHECK(cond, parts...): throw nextron::Error with the concatenated message when cond is false.
-#define NEXTRON_CHECK(cond, ...)                                        \
-  do {                                                                  \
+#define NEXTRON_CHECK(cond, ...)                                                 \
+  do {                                                                           \
     if (!(cond)) throw ::nextron::Error(::nextron::detail::concat(__VA_ARGS__)); \
   } while (0)
 
 // NEXTRON_ASSERT: internal invariant (a bug in nextron, not in the user's input).
-#define NEXTRON_ASSERT(cond)                                                                        \
-  do {                                                                                              \
-    if (!(cond))                                                                                    \
-      throw ::nextron::Error(::nextron::detail::concat("internal error: ", #cond, " at ", __FILE__, \
-                                                       ":", __LINE__));                             \
+#define NEXTRON_ASSERT(cond)                                                                                         \
+  do {                                                                                                               \
+    if (!(cond))                                                                                                     \
+      throw ::nextron::Error(::nextron::detail::concat("internal error: ", #cond, " at ", __FILE__, ":", __LINE__)); \
   } while (0)

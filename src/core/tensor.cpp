@@ -21,8 +21,7 @@ std::string shape_str(const Shape& s) {
 }
 
 Storage::Storage(size_t bytes, Device device) : bytes_(bytes), device_(device) {
-  NEXTRON_CHECK(device == Device::cpu,
-                "CUDA storage is created by the CUDA backend (src/core/cuda), not by Storage");
+  NEXTRON_CHECK(device == Device::cpu, "CUDA storage is created by the CUDA backend (src/core/cuda), not by Storage");
   size_t padded = ((bytes + 63) / 64) * 64;
   data_ = std::aligned_alloc(64, padded == 0 ? 64 : padded);
   NEXTRON_CHECK(data_ != nullptr, "out of host memory allocating ", bytes, " bytes");

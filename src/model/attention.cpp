@@ -13,7 +13,8 @@ namespace nextron {
 
 using namespace cpu;
 
-GatedAttention::GatedAttention(const ModelConfig& config, ModuleWeights weights) : c_(config), wt_(std::move(weights)) {}
+GatedAttention::GatedAttention(const ModelConfig& config, ModuleWeights weights)
+    : c_(config), wt_(std::move(weights)) {}
 
 void GatedAttention::forward(const float* x, float* y, int64_t B, int64_t S) {
   const int64_t N = B * S, H = c_.hidden_size, NH = c_.num_attention_heads, NKV = c_.num_key_value_heads,

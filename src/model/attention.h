@@ -21,8 +21,8 @@ class GatedAttention {
   int64_t B_ = 0, S_ = 0;
   const float* x_ = nullptr;
   Tensor qg_, q_raw_, gate_, q_rstd_, k_raw_, k_rstd_, q_, k_, v_, o_, lse_, og_;  // saved activations
-  Tensor cos_, sin_;                                                            // RoPE tables (S, rotary_dim)
-  Tensor dog_, do_, dgate_, dq_, dk_, dv_, dqn_, dkn_, dq_raw_, dk_raw_, dqg_;  // backward scratch
+  Tensor cos_, sin_;                                                               // RoPE tables (S, rotary_dim)
+  Tensor dog_, do_, dgate_, dq_, dk_, dv_, dqn_, dkn_, dq_raw_, dk_raw_, dqg_;     // backward scratch
 };
 
 }  // namespace nextron

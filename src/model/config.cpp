@@ -120,9 +120,8 @@ ModelConfig ModelConfig::from_json(const json& j) {
     for (auto it = rp->begin(); it != rp->end(); ++it) {
       const std::string& k = it.key();
       if (k == "rope_type") {
-        NEXTRON_CHECK(it->is_string() && it->get<std::string>() == "default",
-                      "config.json: rope_parameters.rope_type ", it->dump(),
-                      " is not supported (only \"default\" RoPE)");
+        NEXTRON_CHECK(it->is_string() && it->get<std::string>() == "default", "config.json: rope_parameters.rope_type ",
+                      it->dump(), " is not supported (only \"default\" RoPE)");
       } else if (k == "rope_theta") {
         NEXTRON_CHECK(it->is_number(), "config.json: rope_parameters.rope_theta must be a number");
         if (j.contains("rope_theta") && !j["rope_theta"].is_null())
@@ -185,7 +184,7 @@ ModelConfig ModelConfig::from_json(const json& j) {
     check_positive(c.full_attention_interval, "full_attention_interval");
     for (int64_t i = 0; i < c.num_hidden_layers; ++i)
       c.layer_types.push_back((i + 1) % c.full_attention_interval == 0 ? MixerType::full_attention
-                                                                          : MixerType::linear_attention);
+                                                                       : MixerType::linear_attention);
   }
 
   // Settings we check rather than implement.
@@ -221,8 +220,8 @@ void ModelConfig::validate() const {
                 num_attention_heads, ") must be a multiple of num_key_value_heads (", num_key_value_heads, ")");
   NEXTRON_CHECK(partial_rotary_factor > 0 && partial_rotary_factor <= 1,
                 "config.json: partial_rotary_factor must be in (0, 1], got ", partial_rotary_factor);
-  NEXTRON_CHECK(rotary_dim() % 2 == 0 && rotary_dim() > 0, "config.json: head_dim * partial_rotary_factor = ",
-                rotary_dim(), " must be a positive even number");
+  NEXTRON_CHECK(rotary_dim() % 2 == 0 && rotary_dim() > 0,
+                "config.json: head_dim * partial_rotary_factor = ", rotary_dim(), " must be a positive even number");
   NEXTRON_CHECK(rope_theta > 0, "config.json: rope_theta must be positive");
   NEXTRON_CHECK(static_cast<int64_t>(layer_types.size()) == num_hidden_layers,
                 "config.json: layer_types must have num_hidden_layers entries");
@@ -234,8 +233,7 @@ void ModelConfig::validate() const {
     check_positive(linear_value_head_dim, "linear_value_head_dim");
     check_positive(linear_conv_kernel_dim, "linear_conv_kernel_dim");
     NEXTRON_CHECK(linear_num_value_heads % linear_num_key_heads == 0, "config.json: linear_num_value_heads (",
-                  linear_num_value_heads, ") must be a multiple of linear_num_key_heads (", linear_num_key_heads,
-                  ")");
+                  linear_num_value_heads, ") must be a multiple of linear_num_key_heads (", linear_num_key_heads, ")");
   }
   NEXTRON_CHECK(num_experts >= 0, "config.json: num_experts must be >= 0");
   check_positive(decoder_sparse_step, "decoder_sparse_step");

@@ -97,8 +97,7 @@ void GatedDeltaNet::forward(const float* x, float* y, int64_t B, int64_t S) {
 
   float* o = buffer(o_, {N, Hv, dv});
   const GdrShape shape{B, S, Hk, Hv, dk, dv};
-  gated_delta_rule_chunked_forward<float>(o, nullptr, qn, kn, v, g, beta, nullptr, shape,
-                                          1.0f / std::sqrt(float(dk)));
+  gated_delta_rule_chunked_forward<float>(o, nullptr, qn, kn, v, g, beta, nullptr, shape, 1.0f / std::sqrt(float(dk)));
   float* on = buffer(on_, {N, VD});
   rmsnorm_gated_forward(on, buffer(o_rstd_, {N * Hv}), o, z, wt_.w("norm"), N * Hv, dv,
                         static_cast<float>(c_.rms_norm_eps));
@@ -146,8 +145,7 @@ void GatedDeltaNet::backward(const float* dy, float* dx) {
   for (int64_t t = 0; t < N; ++t)
     regroup_row<true>(dqkvz + t * (2 * KD + 2 * VD), dba + t * 2 * Hv, dmixed + t * CD, dz + t * VD, db + t * Hv,
                       da + t * Hv, L);
-  linear_backward<float>(dx, wt_.g("in_proj_qkvz"), nullptr, dqkvz, x_, wt_.w("in_proj_qkvz"), N, H,
-                         2 * KD + 2 * VD);
+  linear_backward<float>(dx, wt_.g("in_proj_qkvz"), nullptr, dqkvz, x_, wt_.w("in_proj_qkvz"), N, H, 2 * KD + 2 * VD);
   linear_backward<float>(dx, wt_.g("in_proj_ba"), nullptr, dba, x_, wt_.w("in_proj_ba"), N, H, 2 * Hv);
 }
 

@@ -30,8 +30,7 @@ void Model::forward_body(const int64_t* ids, int64_t B, int64_t S) {
   hidden_.resize(L + 1);
   embedding_forward(buffer(hidden_[0], {N, H}), table_.view(params_, "embed_tokens").f32(), ids, N, H, V);
   aux_.reset(config_.num_experts);
-  for (int64_t i = 0; i < L; ++i)
-    layers_[i]->forward(hidden_[i].f32(), buffer(hidden_[i + 1], {N, H}), B, S, aux_);
+  for (int64_t i = 0; i < L; ++i) layers_[i]->forward(hidden_[i].f32(), buffer(hidden_[i + 1], {N, H}), B, S, aux_);
   float* fh = buffer(final_h_, {N, H});
   rmsnorm_forward(fh, buffer(final_rstd_, {N}), hidden_[L].f32(), table_.view(params_, "norm").f32(), N, H,
                   config_.rms_norm_eps);

@@ -21,7 +21,8 @@ void MoeAuxStats::reset(int64_t E) {
 
 SparseMoe::SparseMoe(const ModelConfig& config, ModuleWeights weights) : c_(config), wt_(std::move(weights)) {
   if (c_.shared_expert_intermediate_size > 0)
-    shared_ = std::make_unique<SwiGluMlp>(wt_.sub("shared_expert."), c_.hidden_size, c_.shared_expert_intermediate_size);
+    shared_ =
+        std::make_unique<SwiGluMlp>(wt_.sub("shared_expert."), c_.hidden_size, c_.shared_expert_intermediate_size);
 }
 
 void SparseMoe::forward(const float* x, float* y, int64_t N, MoeAuxStats& aux) {
@@ -38,8 +39,8 @@ void SparseMoe::forward(const float* x, float* y, int64_t N, MoeAuxStats& aux) {
   aux.total_rows += static_cast<double>(N);
 
   moe_dispatch_build(dispatch_, topi_.data(), N, K, E);
-  moe_experts_forward(y, cache_, dispatch_, x, topw, wt_.w("experts.gate_up_proj"), wt_.w("experts.down_proj"), N, H,
-                      I, E, K);
+  moe_experts_forward(y, cache_, dispatch_, x, topw, wt_.w("experts.gate_up_proj"), wt_.w("experts.down_proj"), N, H, I,
+                      E, K);
   if (shared_) {
     float* s = buffer(shared_out_, {N, H});
     shared_->forward(x, s, N);

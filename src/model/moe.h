@@ -15,8 +15,8 @@ namespace nextron {
 // Load-balancing statistics summed over every MoE layer of a step (transformers' load_balancing_loss_func
 // concatenates all layers' router outputs). Kept apart from the layers so a parallel run can all-reduce them.
 struct MoeAuxStats {
-  Tensor count_sum;  // (E) top-k assignments per expert
-  Tensor prob_sum;   // (E) summed router probabilities per expert
+  Tensor count_sum;       // (E) top-k assignments per expert
+  Tensor prob_sum;        // (E) summed router probabilities per expert
   double total_rows = 0;  // token rows summed over MoE layers
   void reset(int64_t E);
 };

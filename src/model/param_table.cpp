@@ -7,8 +7,7 @@ std::string layer_prefix(int64_t i) { return "layers." + std::to_string(i) + "."
 std::string hf_layer_prefix(int64_t i) { return "model.layers." + std::to_string(i) + "."; }
 }  // namespace
 
-void ParamTable::add(std::string name, Shape shape, int tp_dim, ParamKind kind, bool decay,
-                     std::vector<HfPiece> hf) {
+void ParamTable::add(std::string name, Shape shape, int tp_dim, ParamKind kind, bool decay, std::vector<HfPiece> hf) {
   ParamSpec s;
   s.name = std::move(name);
   s.shape = std::move(shape);
@@ -25,8 +24,7 @@ void ParamTable::add(std::string name, Shape shape, int tp_dim, ParamKind kind, 
   specs_.push_back(std::move(s));
 }
 
-void ParamTable::add_simple(const std::string& name, const std::string& hf_name, Shape shape, int tp_dim,
-                            bool decay) {
+void ParamTable::add_simple(const std::string& name, const std::string& hf_name, Shape shape, int tp_dim, bool decay) {
   add(name, shape, tp_dim, ParamKind::dense, decay, {HfPiece{hf_name, 0, shape}});
 }
 

@@ -28,9 +28,9 @@ struct HfPiece {
 };
 
 struct ParamSpec {
-  std::string name;    // nextron name, e.g. "layers.3.linear_attn.in_proj_qkvz"
-  Shape shape;         // shape inside nextron (row-major)
-  int tp_dim = -1;     // dimension split by tensor parallelism, -1 when replicated
+  std::string name;  // nextron name, e.g. "layers.3.linear_attn.in_proj_qkvz"
+  Shape shape;       // shape inside nextron (row-major)
+  int tp_dim = -1;   // dimension split by tensor parallelism, -1 when replicated
   ParamKind kind = ParamKind::dense;
   bool weight_decay = true;  // false for norms, biases, A_log and dt_bias
   std::vector<HfPiece> hf;   // how the parameter maps onto HF tensors

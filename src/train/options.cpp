@@ -8,7 +8,8 @@ void TrainOptions::validate(bool need_data) const {
   NEXTRON_CHECK(model_config.empty() != init_from.empty(),
                 "give exactly one of --model-config (train from random weights) and --init-from (start from an HF "
                 "checkpoint)");
-  NEXTRON_CHECK(!need_data || !data.empty(), "no training data: pass --data PATH.h5 (make one with tools/preprocess.py)");
+  NEXTRON_CHECK(!need_data || !data.empty(),
+                "no training data: pass --data PATH.h5 (make one with tools/preprocess.py)");
   for (const auto& d : data)
     NEXTRON_CHECK(d.weight > 0, "--data ", d.path, ": blending weight must be positive, got ", d.weight);
   NEXTRON_CHECK(seq_len > 0, "--seq-len must be positive, got ", seq_len);

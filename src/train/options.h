@@ -31,7 +31,7 @@ struct TrainOptions {
 
   // Optimizer.
   AdamWHyper adam;
-  LrScheduleConfig lr;  // lr.decay_steps 0 means train_steps
+  LrScheduleConfig lr;     // lr.decay_steps 0 means train_steps
   double clip_grad = 1.0;  // 0 disables clipping
 
   // Checkpoints.

@@ -11,8 +11,8 @@
 #include "checkpoint/train_checkpoint.h"
 #include "core/error.h"
 #include "core/metrics.h"
-#include "core/peak_flops.h"
 #include "core/parallel_for.h"
+#include "core/peak_flops.h"
 #include "model/flops.h"
 #include "model/init.h"
 #include "optim/grad_clip.h"
@@ -141,12 +141,9 @@ std::string Trainer::save_checkpoint() {
                   {"min_lr", opt_.lr.min_lr},
                   {"warmup_steps", opt_.lr.warmup_steps},
                   {"decay_steps", opt_.lr.decay_steps}};
-  st.args = {{"seq_len", opt_.seq_len},
-             {"micro_batch", opt_.micro_batch},
-             {"global_batch", opt_.global_batch},
-             {"train_steps", opt_.train_steps},
-             {"data_seed", opt_.data_seed},
-             {"valid_fraction", opt_.valid_fraction},
+  st.args = {{"seq_len", opt_.seq_len},           {"micro_batch", opt_.micro_batch},
+             {"global_batch", opt_.global_batch}, {"train_steps", opt_.train_steps},
+             {"data_seed", opt_.data_seed},       {"valid_fraction", opt_.valid_fraction},
              {"clip_grad", opt_.clip_grad}};
   if (stream_) st.args["data_fingerprint"] = std::to_string(stream_->fingerprint());
   return save_train_checkpoint(opt_.save_dir, model_->config(), model_->table(), model_->params().f32(), shard, st,
@@ -192,12 +189,13 @@ void Trainer::run() {
   }
   std::unique_ptr<MetricsLog> metrics;
   if (!metrics_path.empty()) metrics = std::make_unique<MetricsLog>(metrics_path);
-  std::printf("nextron-train: %lld parameters, %lld layers (%s), %lld steps of %lld x %lld tokens; %.3g training "
-              "FLOPs/token; MFU against %.3g TFLOP/s%s\n",
-              static_cast<long long>(model_->table().total_numel()), static_cast<long long>(c.num_hidden_layers),
-              c.num_moe_layers() ? "MoE" : "dense", static_cast<long long>(opt_.train_steps),
-              static_cast<long long>(opt_.global_batch), static_cast<long long>(opt_.seq_len), flops_per_token,
-              peak / 1e12, opt_.peak_tflops > 0 ? "" : " (measured CPU fp32 GEMM peak)");
+  std::printf(
+      "nextron-train: %lld parameters, %lld layers (%s), %lld steps of %lld x %lld tokens; %.3g training "
+      "FLOPs/token; MFU against %.3g TFLOP/s%s\n",
+      static_cast<long long>(model_->table().total_numel()), static_cast<long long>(c.num_hidden_layers),
+      c.num_moe_layers() ? "MoE" : "dense", static_cast<long long>(opt_.train_steps),
+      static_cast<long long>(opt_.global_batch), static_cast<long long>(opt_.seq_len), flops_per_token, peak / 1e12,
+      opt_.peak_tflops > 0 ? "" : " (measured CPU fp32 GEMM peak)");
   if (step_ > 0) std::printf("continuing at step %lld\n", static_cast<long long>(step_));
   std::fflush(stdout);
 

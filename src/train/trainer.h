@@ -17,9 +17,9 @@
 namespace nextron {
 
 struct StepRecord {
-  int64_t step = 0;  // optimizer steps completed after this one
+  int64_t step = 0;                            // optimizer steps completed after this one
   double loss = 0, lm_loss = 0, aux_loss = 0;  // means over the step's micro-batches
-  double grad_norm = 0;                       // before clipping
+  double grad_norm = 0;                        // before clipping
   double lr = 0;
   int64_t tokens = 0;
   double seconds = 0;
@@ -36,8 +36,8 @@ class Trainer {
   explicit Trainer(const TrainOptions& options, SampleFn source = {});
   ~Trainer();
 
-  StepRecord step();           // one optimizer step
-  double validate();           // mean loss over eval_iters validation micro-batches
+  StepRecord step();              // one optimizer step
+  double validate();              // mean loss over eval_iters validation micro-batches
   std::string save_checkpoint();  // returns the checkpoint directory
   void export_hf(const std::string& dir) const;
   void run();  // the whole loop with logging, validation, checkpoints and export; stops cleanly on SIGINT/SIGTERM

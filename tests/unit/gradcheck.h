@@ -24,8 +24,7 @@ inline std::vector<float> to_float(const std::vector<double>& v) { return {v.beg
 // With double precision and h = 1e-6 the truncation and round-off errors are ~1e-9 relative, so a tolerance
 // of 1e-6 relative to max(1, |g|) catches any real error while never flaking.
 inline void expect_gradient(const std::function<double(const std::vector<double>&)>& f, std::vector<double> x,
-                            const std::vector<double>& grad, const char* what, double h = 1e-6,
-                            double tol = 1e-6) {
+                            const std::vector<double>& grad, const char* what, double h = 1e-6, double tol = 1e-6) {
   ASSERT_EQ(x.size(), grad.size()) << what;
   for (size_t i = 0; i < x.size(); ++i) {
     const double x0 = x[i];

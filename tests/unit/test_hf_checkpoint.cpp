@@ -3,8 +3,8 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
-#include <functional>
 #include <fstream>
+#include <functional>
 
 #include "checkpoint/hf_checkpoint.h"
 #include "checkpoint/safetensors.h"
@@ -91,7 +91,8 @@ TEST(HfCheckpoint, MismatchedConfigIsAClearError) {
     c.mlp_only_layers.push_back(0);
     const ParamTable t(c);
     p.resize(t.total_numel());
-    expect_error([&] { load_hf_weights(kFixture, t, p.data()); }, "has no tensor 'model.layers.0.mlp.gate_proj.weight'");
+    expect_error([&] { load_hf_weights(kFixture, t, p.data()); },
+                 "has no tensor 'model.layers.0.mlp.gate_proj.weight'");
   }
   expect_error([&] { read_hf_config("/nonexistent/dir"); }, "config.json");
 }

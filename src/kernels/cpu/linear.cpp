@@ -29,11 +29,10 @@ void linear_backward(T* dx, T* dw, T* db, const T* dy, const T* x, const T* w, i
 }
 
 template void linear_forward<float>(float*, const float*, const float*, const float*, int64_t, int64_t, int64_t);
-template void linear_forward<double>(double*, const double*, const double*, const double*, int64_t, int64_t,
+template void linear_forward<double>(double*, const double*, const double*, const double*, int64_t, int64_t, int64_t);
+template void linear_backward<float>(float*, float*, float*, const float*, const float*, const float*, int64_t, int64_t,
                                      int64_t);
-template void linear_backward<float>(float*, float*, float*, const float*, const float*, const float*, int64_t,
-                                     int64_t, int64_t);
-template void linear_backward<double>(double*, double*, double*, const double*, const double*, const double*,
-                                      int64_t, int64_t, int64_t);
+template void linear_backward<double>(double*, double*, double*, const double*, const double*, const double*, int64_t,
+                                      int64_t, int64_t);
 
 }  // namespace nextron::cpu
