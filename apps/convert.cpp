@@ -1,11 +1,13 @@
-// nextron-convert: read an HF-format Qwen3-Next checkpoint into nextron's parameter layout and write it back as
-// an HF checkpoint (f32 or bf16, single file or sharded). Exercises exactly the reader and writer that training
-// uses to start from HF weights and to export.
+// nextron-convert: read an HF-format Qwen3-Next checkpoint, or a nextron training checkpoint, into nextron's
+// parameter layout and write it as an HF checkpoint (f32 or bf16, single file or sharded). Exercises exactly the reader
+// and writer that training uses to start from HF weights and to export.
 #include <boost/program_options.hpp>
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
 
 #include "checkpoint/hf_checkpoint.h"
+#include "checkpoint/train_checkpoint.h"
 #include "cli.h"
 #include "core/error.h"
 #include "model/param_table.h"
@@ -18,8 +20,12 @@ namespace {
 int run(int argc, char** argv) {
   std::string in, out, dtype;
   uint64_t max_shard = 0;
-  po::options_description opts("nextron-convert: re-export an HF-format Qwen3-Next checkpoint\n\nOptions");
-  opts.add_options()("help,h", "show this help")("in", po::value(&in)->required(), "input HF checkpoint directory")(
+  po::options_description opts(
+      "nextron-convert: write an HF-format Qwen3-Next checkpoint from an HF checkpoint or a nextron training "
+      "checkpoint\n\nOptions");
+  opts.add_options()("help,h", "show this help")("in", po::value(&in)->required(),
+                                                 "input: an HF checkpoint directory, or a training checkpoint "
+                                                 "(nextron-train's SAVE/step_N directory)")(
       "out", po::value(&out)->required(), "output directory (must not exist or be empty)")(
       "dtype", po::value(&dtype)->default_value("f32"), "stored dtype: f32 or bf16")(
       "max-shard-bytes", po::value(&max_shard)->default_value(5ull << 30),
@@ -37,10 +43,15 @@ int run(int argc, char** argv) {
   NEXTRON_CHECK(max_shard > 0, "--max-shard-bytes must be positive");
   w.max_shard_bytes = max_shard;
 
-  const ModelConfig config = read_hf_config(in);
+  // A training checkpoint (nextron-train --save) holds model.h5; anything else must be an HF directory.
+  const bool training = std::filesystem::exists(std::filesystem::path(in) / "model.h5");
+  const ModelConfig config = training ? read_train_checkpoint_config(in) : read_hf_config(in);
   const ParamTable table(config);
   Tensor params = Tensor::zeros({table.total_numel()});
-  load_hf_weights(in, table, params.f32());
+  if (training)
+    load_train_checkpoint(in, config, table, params.f32(), FlatRange{0, 0}, nullptr, nullptr);
+  else
+    load_hf_weights(in, table, params.f32());
   save_hf_checkpoint(out, config, table, params.f32(), w);
   std::printf("wrote %s (%lld parameters, %s)\n", out.c_str(), static_cast<long long>(table.total_numel()),
               dtype.c_str());

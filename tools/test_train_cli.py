@@ -66,6 +66,13 @@ def main():
     check("checkpoints saved", sorted(d for d in os.listdir(save) if d.startswith("step_")) ==
           ["step_00000002", "step_00000004"], str(os.listdir(save)))
     check("HF export written", os.path.exists(os.path.join(w, "hf", "config.json")))
+    # A training checkpoint converts to HF with nextron-convert, identical to the --export-hf of the same weights.
+    conv = os.path.join(os.path.dirname(args.train), "nextron-convert")
+    r = subprocess.run([conv, "--in", os.path.join(save, "step_00000004"), "--out", os.path.join(w, "hf_from_ckpt")],
+                       capture_output=True, text=True)
+    same = r.returncode == 0 and open(os.path.join(w, "hf", "model.safetensors"), "rb").read() == \
+        open(os.path.join(w, "hf_from_ckpt", "model.safetensors"), "rb").read()
+    check("training checkpoint converts to HF", same, r.stderr[-400:])
     r = run(base + ["--train-steps", "6", "--save", save, "--valid-fraction", "0.1"])
     check("resume continues at step 5", r.returncode == 0 and "continuing at step 4" in r.stdout and
           "step 5/6" in r.stdout and "step 1/6" not in r.stdout, r.stdout[-600:] + r.stderr[-400:])

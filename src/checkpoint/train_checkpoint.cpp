@@ -891,6 +891,17 @@ std::optional<std::string> find_latest_checkpoint(const std::string& root) {
   return std::nullopt;
 }
 
+ModelConfig read_train_checkpoint_config(const std::string& dir) {
+  verify_train_checkpoint(dir);
+  const H5Reader model(fs::path(dir), kModelFile, kModelFormat);
+  try {
+    return ModelConfig::from_json(json::parse(model.attr_str("model_config")));
+  } catch (const json::exception& e) {
+    model.check(false, "has a model_config attribute that is not JSON (", e.what(), ")");
+  }
+  return {};
+}
+
 LoadedCheckpoint load_train_checkpoint(const std::string& dir, const ModelConfig& expect_config,
                                        const ParamTable& table, float* params, FlatRange range, float* exp_avg,
                                        float* exp_avg_sq) {

@@ -88,6 +88,9 @@ LoadedCheckpoint load_train_checkpoint(const std::string& dir, const ModelConfig
                                        const ParamTable& table, float* params, FlatRange range, float* exp_avg,
                                        float* exp_avg_sq);
 
+// The model config a verified checkpoint was trained with (its model.h5's model_config attribute).
+ModelConfig read_train_checkpoint_config(const std::string& dir);
+
 // XXH64 (seed 0) of `size` bytes: the manifest's checksum, the same value as Python's xxhash.xxh64_intdigest.
 uint64_t xxh64(const void* data, size_t size);
 
