@@ -77,6 +77,10 @@ def main():
     check("resume continues at step 5", r.returncode == 0 and "continuing at step 4" in r.stdout and
           "step 5/6" in r.stdout and "step 1/6" not in r.stdout, r.stdout[-600:] + r.stderr[-400:])
 
+    r = run(base + ["--train-steps", "6", "--save", save, "--valid-fraction", "0.1"])
+    check("rerunning a finished run trains nothing", r.returncode == 0 and "nothing to train" in r.stdout and
+          "step_00000006" in os.listdir(save), r.stdout[-300:] + r.stderr[-300:])
+
     # Config file with a command-line override.
     cfg = os.path.join(w, "train.cfg")
     with open(cfg, "w") as f:

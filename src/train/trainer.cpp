@@ -197,6 +197,7 @@ void Trainer::run() {
       static_cast<long long>(opt_.global_batch), static_cast<long long>(opt_.seq_len), flops_per_token, peak / 1e12,
       opt_.peak_tflops > 0 ? "" : " (measured CPU fp32 GEMM peak)");
   if (step_ > 0) std::printf("continuing at step %lld\n", static_cast<long long>(step_));
+  const int64_t first_step = step_;
   std::fflush(stdout);
 
   g_stop_requested = 0;
@@ -247,7 +248,11 @@ void Trainer::run() {
   std::signal(SIGINT, old_int);
   std::signal(SIGTERM, old_term);
   if (g_stop_requested) std::printf("stop requested: saving at step %lld\n", static_cast<long long>(step_));
-  if (!opt_.save_dir.empty()) std::printf("saved %s\n", save_checkpoint().c_str());
+  if (step_ == first_step)
+    std::printf("nothing to train: the checkpoint is already at step %lld of %lld (raise --train-steps to go on)\n",
+                static_cast<long long>(step_), static_cast<long long>(opt_.train_steps));
+  else if (!opt_.save_dir.empty())
+    std::printf("saved %s\n", save_checkpoint().c_str());
   if (!opt_.export_hf.empty() && !g_stop_requested) {
     export_hf(opt_.export_hf);
     std::printf("exported HF checkpoint %s\n", opt_.export_hf.c_str());
