@@ -4,6 +4,8 @@
 #include <cmath>
 #include <vector>
 
+#include "kernels/cpu/row_blocks.h"
+
 namespace nextron::cpu {
 
 namespace {
@@ -43,33 +45,23 @@ void gdn_gates_backward(T* db, T* da, T* dA_log, T* ddt_bias, const T* dbeta, co
     }
   }
   if (!dg || (!da && !dA_log && !ddt_bias)) return;
-  // dA_log, ddt_bias are column sums over rows: partials per fixed row block (deterministic), added in block order.
-  // part[blk] holds [dA_log (Hv) | ddt_bias (Hv)].
-  const int64_t nblk = std::max<int64_t>(1, std::min<int64_t>(N, 64));
-  std::vector<double> part(nblk * 2 * Hv, 0.0);
-#pragma omp parallel for
-  for (int64_t blk = 0; blk < nblk; ++blk) {
-    double* pa = part.data() + blk * 2 * Hv;
+  // dA_log, ddt_bias are column sums over rows, summed deterministically (row_blocks.h); the partial row holds
+  // [dA_log (Hv) | ddt_bias (Hv)].
+  const auto sums = rows_with_column_sums(N, 2 * Hv, [&](int64_t n, double* pa) {
     double* pd = pa + Hv;
-    for (int64_t n = blk * N / nblk; n < (blk + 1) * N / nblk; ++n)
-      for (int64_t h = 0; h < Hv; ++h) {
-        const int64_t i = n * Hv + h;
-        const T A = std::exp(A_log[h]), v = a[i] + dt_bias[h];
-        // g = -A softplus(v): dg/dA_log = g, dg/dv = -A softplus'(v).
-        const T dv = dg[i] * -A * softplus_grad(v);
-        if (da) da[i] += dv;
-        pa[h] += double(dg[i]) * double(-A * softplus(v));
-        pd[h] += double(dv);
-      }
-  }
-  for (int64_t h = 0; h < Hv; ++h) {
-    double sa = 0, sd = 0;
-    for (int64_t blk = 0; blk < nblk; ++blk) {
-      sa += part[blk * 2 * Hv + h];
-      sd += part[blk * 2 * Hv + Hv + h];
+    for (int64_t h = 0; h < Hv; ++h) {
+      const int64_t i = n * Hv + h;
+      const T A = std::exp(A_log[h]), v = a[i] + dt_bias[h];
+      // g = -A softplus(v): dg/dA_log = g, dg/dv = -A softplus'(v).
+      const T dv = dg[i] * -A * softplus_grad(v);
+      if (da) da[i] += dv;
+      pa[h] += double(dg[i]) * double(-A * softplus(v));
+      pd[h] += double(dv);
     }
-    if (dA_log) dA_log[h] += T(sa);
-    if (ddt_bias) ddt_bias[h] += T(sd);
+  });
+  for (int64_t h = 0; h < Hv; ++h) {
+    if (dA_log) dA_log[h] += T(sums[h]);
+    if (ddt_bias) ddt_bias[h] += T(sums[Hv + h]);
   }
 }
 

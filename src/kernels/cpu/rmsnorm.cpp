@@ -4,6 +4,8 @@
 #include <cmath>
 #include <vector>
 
+#include "kernels/cpu/row_blocks.h"
+
 namespace nextron::cpu {
 
 template <typename T>
@@ -23,37 +25,24 @@ void rmsnorm_forward(T* y, T* rstd, const T* x, const T* w, int64_t N, int64_t D
 template <typename T>
 void rmsnorm_backward(T* dx, T* dw, const T* dy, const T* x, const T* w, const T* rstd, int64_t N, int64_t D) {
   if (!dx && !dw) return;
-  // dw is a column sum over rows: each of a fixed number of row blocks (independent of the thread count, so the
-  // result is deterministic) sums into its own partial row, then the partials are added in block order.
-  const int64_t nblk = dw ? std::min<int64_t>(N, 64) : N;
-  std::vector<double> part(dw ? nblk * D : 0, 0.0);
-#pragma omp parallel for
-  for (int64_t blk = 0; blk < nblk; ++blk) {
-    double* pw = dw ? part.data() + blk * D : nullptr;
-    for (int64_t n = blk * N / nblk; n < (blk + 1) * N / nblk; ++n) {
-      const T* xr = x + n * D;
-      const T* gr = dy + n * D;
-      const T r = rstd[n];
-      if (pw)
-        for (int64_t d = 0; d < D; ++d) pw[d] += double(gr[d]) * double(xr[d] * r);
-      if (dx) {
-        // xhat = x r, g = dy (1 + w): dx = r (g - xhat mean(g xhat)).
-        double dot = 0;
-        for (int64_t d = 0; d < D; ++d) dot += double(gr[d] * (T(1) + w[d])) * double(xr[d]);
-        const T c = T(dot * double(r) * double(r) / double(D));
-        T* dxr = dx + n * D;
-        for (int64_t d = 0; d < D; ++d) dxr[d] += r * (gr[d] * (T(1) + w[d]) - xr[d] * c);
-      }
+  // dw is a column sum over rows, summed deterministically (row_blocks.h).
+  const auto dw_sum = rows_with_column_sums(N, dw ? D : 0, [&](int64_t n, double* pw) {
+    const T* xr = x + n * D;
+    const T* gr = dy + n * D;
+    const T r = rstd[n];
+    if (pw)
+      for (int64_t d = 0; d < D; ++d) pw[d] += double(gr[d]) * double(xr[d] * r);
+    if (dx) {
+      // xhat = x r, g = dy (1 + w): dx = r (g - xhat mean(g xhat)).
+      double dot = 0;
+      for (int64_t d = 0; d < D; ++d) dot += double(gr[d] * (T(1) + w[d])) * double(xr[d]);
+      const T c = T(dot * double(r) * double(r) / double(D));
+      T* dxr = dx + n * D;
+      for (int64_t d = 0; d < D; ++d) dxr[d] += r * (gr[d] * (T(1) + w[d]) - xr[d] * c);
     }
-  }
-  if (dw) {
-#pragma omp parallel for
-    for (int64_t d = 0; d < D; ++d) {
-      double s = 0;
-      for (int64_t blk = 0; blk < nblk; ++blk) s += part[blk * D + d];
-      dw[d] += T(s);
-    }
-  }
+  });
+  if (dw)
+    for (int64_t d = 0; d < D; ++d) dw[d] += T(dw_sum[d]);
 }
 
 template void rmsnorm_forward<float>(float*, float*, const float*, const float*, int64_t, int64_t, double);
