@@ -1,4 +1,5 @@
-// nextron-train: pretrain a Qwen3-Next model on one process (CPU backend).
+// nextron-train: pretrain a Qwen3-Next model on one process or as an MPI job (CPU backend):
+//   mpirun -np 8 nextron-train --tensor-model-parallel-size 2 --sequence-parallel ...   (TP 2 x DP 4)
 // Options come from the command line and, optionally, a config file (--config-file, "name = value" lines with
 // the same option names); the command line wins.
 #include <boost/program_options.hpp>
@@ -8,6 +9,7 @@
 
 #include "cli.h"
 #include "core/error.h"
+#include "parallel/mpi_communicator.h"
 #include "train/trainer.h"
 
 namespace po = boost::program_options;
@@ -34,7 +36,7 @@ DatasetSpec parse_data(const std::string& s) {
   return d;
 }
 
-int run(int argc, char** argv) {
+int run(int argc, char** argv, Communicator* world) {
   TrainOptions o;
   std::vector<std::string> data;
   std::string config_file, decay_style;
@@ -80,6 +82,16 @@ int run(int argc, char** argv) {
       "resume", po::value(&o.resume)->default_value("auto"),
       "auto (newest complete checkpoint in --save, if any), none, or a checkpoint directory")(
       "export-hf", po::value(&o.export_hf), "write the final weights as an HF checkpoint here");
+  po::options_description par("Parallelism (start N ranks with mpirun -np N; data parallel = N / (TP*CP*PP))");
+  par.add_options()("tensor-model-parallel-size", po::value(&o.parallel.tp)->default_value(1),
+                    "TP: split heads, DeltaNet key-head groups, MLP channels and vocab over this many ranks")(
+      "sequence-parallel", po::bool_switch(&o.sequence_parallel),
+      "with TP: split the residual stream and norms along the sequence (all-gather / reduce-scatter)")(
+      "pipeline-model-parallel-size", po::value(&o.parallel.pp)->default_value(1), "PP (not implemented yet: 1)")(
+      "context-parallel-size", po::value(&o.parallel.cp)->default_value(1), "CP (not implemented yet: 1)")(
+      "expert-model-parallel-size", po::value(&o.parallel.ep)->default_value(1), "EP (not implemented yet: 1)")(
+      "expert-tensor-parallel-size", po::value(&o.parallel.etp)->default_value(0),
+      "ETP (0: the same as TP; without EP it must equal TP)");
   po::options_description log("Logging");
   log.add_options()("log-interval", po::value(&o.log_interval)->default_value(1), "steps between log lines")(
       "eval-interval", po::value(&o.eval_interval)->default_value(0), "steps between validations (0: none)")(
@@ -90,12 +102,12 @@ int run(int argc, char** argv) {
       "threads", po::value(&o.threads)->default_value(0), "CPU threads (0: all cores)")(
       "no-progress", "no progress bar on the terminal");
   po::options_description all("nextron-train: pretrain a Qwen3-Next model on one process\n");
-  all.add(general).add(model).add(dat).add(batch).add(ckpt).add(log);
+  all.add(general).add(model).add(dat).add(batch).add(par).add(ckpt).add(log);
 
   po::variables_map vm;
   cli::parse(argc, argv, all, vm);
   if (vm.count("help")) {
-    std::cout << all << "\n";
+    if (!world || world->rank() == 0) std::cout << all << "\n";
     return 0;
   }
   if (vm.count("config-file")) {
@@ -108,7 +120,7 @@ int run(int argc, char** argv) {
   o.lr.style = parse_lr_decay_style(decay_style);
   o.progress = !vm.count("no-progress");
   for (const auto& d : data) o.data.push_back(parse_data(d));
-  Trainer trainer(o);
+  Trainer trainer(o, {}, world);
   trainer.run();
   return 0;
 }
@@ -116,5 +128,12 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  return nextron::cli::run_main("nextron-train", [&] { return run(argc, argv); });
+  MpiSession mpi(&argc, &argv);
+  if (mpi.world_size() == 1) return nextron::cli::run_main("nextron-train", [&] { return run(argc, argv, nullptr); });
+  // In a job, an error on any rank ends the whole job (the other ranks may be waiting in a collective): the rank
+  // reports it and aborts. Errors every rank finds at start-up (options, layout) are reported by every rank.
+  auto world = MpiCommunicator::world();
+  const int status = nextron::cli::run_main("nextron-train", [&] { return run(argc, argv, world.get()); });
+  if (status != 0) abort_all("nextron-train failed (the error is above)");
+  return 0;
 }

@@ -1,6 +1,11 @@
 // The Qwen3-Next causal LM on one device: embedding, hybrid decoder layers, final norm, untied lm_head,
 // next-token cross-entropy (shifted inside, as transformers does) and the MoE load-balancing loss.
 // Parameters and gradients live in two flat f32 buffers laid out by the ParamTable.
+//
+// Parallel runs (src/parallel) give the model its communicators through ModelComms: under tensor parallelism the
+// model is one TP rank's slice (table() and the flat buffers are the local shard, see parallel/tp_shard.h), and
+// under data parallelism the loss normaliser (scored tokens) and the MoE load-balancing statistics are summed over
+// the data-parallel group, so loss and gradients equal those of one process running the whole global micro-batch.
 #pragma once
 
 #include <memory>
@@ -11,6 +16,9 @@
 #include "model/decoder.h"
 #include "model/moe.h"
 #include "model/param_table.h"
+#include "parallel/communicator.h"
+#include "parallel/tensor_parallel.h"
+#include "parallel/vocab_parallel.h"
 
 namespace nextron {
 
@@ -21,14 +29,20 @@ struct LossValues {
   int64_t tokens = 0;   // scored (non-ignored) tokens
 };
 
+struct ModelComms {
+  TensorParallel tp;                  // the tensor-parallel group (identity by default)
+  Communicator* data_parallel = nullptr;  // the data-parallel group, nullptr for one replica
+};
+
 class Model {
  public:
-  explicit Model(const ModelConfig& config);
+  explicit Model(const ModelConfig& config, const ModelComms& comms = {});
   Model(const Model&) = delete;
   Model& operator=(const Model&) = delete;
 
-  const ModelConfig& config() const { return config_; }
-  const ParamTable& table() const { return table_; }
+  const ModelConfig& config() const { return config_; }              // the whole model's config
+  const ModelConfig& local_config() const { return local_config_; }  // this TP rank's slice
+  const ParamTable& table() const { return table_; }                 // laid out for local_config()
   Tensor& params() { return params_; }
   Tensor& grads() { return grads_; }
   void zero_grad() { grads_.zero_(); }
@@ -39,7 +53,7 @@ class Model {
   // The same with targets already aligned: position t is scored against targets[t] (-100 ignored). Training
   // samples of S + 1 tokens use ids = tokens[0, S), targets = tokens[1, S + 1), so every position is scored.
   LossValues forward_targets(const int64_t* ids, const int64_t* targets, int64_t B, int64_t S);
-  const Tensor& logits() const { return logits_; }  // (B, S, V) of the last forward
+  const Tensor& logits() const { return logits_; }  // (B, S, V / TP) of the last forward: this rank's vocab columns
   // Mean cross-entropy of each sequence of the last forward (NaN for a sequence with no scored token).
   std::vector<double> per_sequence_loss() const;
   // Accumulates loss_scale * d(loss)/d(parameter) of the last forward into grads() (loss_scale = 1 / number of
@@ -47,20 +61,23 @@ class Model {
   void backward(float loss_scale = 1.0f);
 
  private:
-  ModelConfig config_;
+  ModelConfig config_, local_config_;
+  ModelComms comms_;
   ParamTable table_;
   Tensor params_, grads_;
   std::vector<std::unique_ptr<DecoderLayer>> layers_;
   int64_t B_ = 0, S_ = 0;
   std::vector<int64_t> ids_, targets_;
   std::vector<Tensor> hidden_;  // layer inputs (L + 1 tensors of (N, H))
-  Tensor final_h_, final_rstd_, logits_, row_loss_, lse_;
-  Tensor dlogits_, dfinal_h_, dhidden_a_, dhidden_b_;
+  Tensor embed_region_, final_h_, final_rstd_, final_h_full_, logits_, row_loss_, lse_;
+  const float* final_h_region_ = nullptr;  // lm_head's input (N, H): final_h_ or its all-gather
+  Tensor dlogits_, dfinal_h_, dfinal_h_local_, dhidden_a_, dhidden_b_, dembed_full_, dscratch_;
   MoeAuxStats aux_;
   LossValues loss_;
 
   void forward_body(const int64_t* ids, int64_t B, int64_t S);
   LossValues score();
+  VocabShard vocab_shard() const;
 };
 
 }  // namespace nextron

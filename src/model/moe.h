@@ -9,6 +9,7 @@
 #include "model/config.h"
 #include "model/mlp.h"
 #include "model/module.h"
+#include "parallel/tensor_parallel.h"
 
 namespace nextron {
 
@@ -23,16 +24,22 @@ struct MoeAuxStats {
 
 class SparseMoe {
  public:
-  SparseMoe(const ModelConfig& config, ModuleWeights weights);
+  // Under tensor parallelism (`tp`), each rank holds 1/TP of every expert's and of the shared expert's
+  // intermediate channels (config is the rank's local config) and sees all token rows: the output is a partial sum
+  // over the TP group; the router and the shared-expert gate run whole on every rank.
+  SparseMoe(const ModelConfig& config, ModuleWeights weights, const TensorParallel& tp = {});
   // x: (N, H) kept by the caller until backward; y: (N, H) overwritten; adds this layer's router statistics.
   void forward(const float* x, float* y, int64_t N, MoeAuxStats& aux);
   // d_aux: gradient of the total loss w.r.t. the aux loss value (router_aux_loss_coef for training).
-  // Accumulates into dx (N, H) and the parameter gradients.
-  void backward(const float* dy, float* dx, const MoeAuxStats& aux, float d_aux);
+  // Accumulates into dx (N, H) the gradient through the experts (partial over TP ranks) and into dx_replicated
+  // (N, H) the gradient through the router and the shared-expert gate (the same on every TP rank, so it must be
+  // counted once, not summed over the group); both may be the same buffer on one device.
+  void backward(const float* dy, float* dx, float* dx_replicated, const MoeAuxStats& aux, float d_aux);
 
  private:
   const ModelConfig& c_;
   ModuleWeights wt_;
+  TensorParallel tp_;
   std::unique_ptr<SwiGluMlp> shared_;
   int64_t N_ = 0;
   const float* x_ = nullptr;

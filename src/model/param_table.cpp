@@ -7,7 +7,8 @@ std::string layer_prefix(int64_t i) { return "layers." + std::to_string(i) + "."
 std::string hf_layer_prefix(int64_t i) { return "model.layers." + std::to_string(i) + "."; }
 }  // namespace
 
-void ParamTable::add(std::string name, Shape shape, int tp_dim, ParamKind kind, bool decay, std::vector<HfPiece> hf) {
+ParamSpec& ParamTable::add(std::string name, Shape shape, int tp_dim, ParamKind kind, bool decay,
+                           std::vector<HfPiece> hf) {
   ParamSpec s;
   s.name = std::move(name);
   s.shape = std::move(shape);
@@ -22,10 +23,12 @@ void ParamTable::add(std::string name, Shape shape, int tp_dim, ParamKind kind, 
   NEXTRON_ASSERT(covered == s.numel());
   index_[s.name] = specs_.size();
   specs_.push_back(std::move(s));
+  return specs_.back();
 }
 
-void ParamTable::add_simple(const std::string& name, const std::string& hf_name, Shape shape, int tp_dim, bool decay) {
-  add(name, shape, tp_dim, ParamKind::dense, decay, {HfPiece{hf_name, 0, shape}});
+ParamSpec& ParamTable::add_simple(const std::string& name, const std::string& hf_name, Shape shape, int tp_dim,
+                                  bool decay) {
+  return add(name, shape, tp_dim, ParamKind::dense, decay, {HfPiece{hf_name, 0, shape}});
 }
 
 ParamTable::ParamTable(const ModelConfig& c) {
@@ -33,22 +36,24 @@ ParamTable::ParamTable(const ModelConfig& c) {
   add_simple("embed_tokens", "model.embed_tokens.weight", {c.vocab_size, H}, 0, true);
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
     const std::string p = layer_prefix(i), hp = hf_layer_prefix(i);
-    add_simple(p + "input_layernorm", hp + "input_layernorm.weight", {H}, -1, false);
+    add_simple(p + "input_layernorm", hp + "input_layernorm.weight", {H}, -1, false).tp_grad = TpGradSum::with_sp;
     if (c.layer_types[i] == MixerType::full_attention) {
       const int64_t NH = c.num_attention_heads, NKV = c.num_key_value_heads, D = c.head_dim;
       // q_proj rows are per head [query (D) | gate (D)].
       add_simple(p + "self_attn.q_proj", hp + "self_attn.q_proj.weight", {NH * 2 * D, H}, 0, true);
-      add_simple(p + "self_attn.k_proj", hp + "self_attn.k_proj.weight", {NKV * D, H}, 0, true);
-      add_simple(p + "self_attn.v_proj", hp + "self_attn.v_proj.weight", {NKV * D, H}, 0, true);
+      // KV heads are split over TP, or replicated when there are fewer than TP ranks.
+      add_simple(p + "self_attn.k_proj", hp + "self_attn.k_proj.weight", {NKV * D, H}, 0, true).tp_unit = D;
+      add_simple(p + "self_attn.v_proj", hp + "self_attn.v_proj.weight", {NKV * D, H}, 0, true).tp_unit = D;
       add_simple(p + "self_attn.o_proj", hp + "self_attn.o_proj.weight", {H, NH * D}, 1, true);
       if (c.attention_bias) {
         add_simple(p + "self_attn.q_proj_bias", hp + "self_attn.q_proj.bias", {NH * 2 * D}, 0, false);
-        add_simple(p + "self_attn.k_proj_bias", hp + "self_attn.k_proj.bias", {NKV * D}, 0, false);
-        add_simple(p + "self_attn.v_proj_bias", hp + "self_attn.v_proj.bias", {NKV * D}, 0, false);
-        add_simple(p + "self_attn.o_proj_bias", hp + "self_attn.o_proj.bias", {H}, -1, false);
+        add_simple(p + "self_attn.k_proj_bias", hp + "self_attn.k_proj.bias", {NKV * D}, 0, false).tp_unit = D;
+        add_simple(p + "self_attn.v_proj_bias", hp + "self_attn.v_proj.bias", {NKV * D}, 0, false).tp_unit = D;
+        add_simple(p + "self_attn.o_proj_bias", hp + "self_attn.o_proj.bias", {H}, -1, false).tp_grad =
+            TpGradSum::with_sp;
       }
-      add_simple(p + "self_attn.q_norm", hp + "self_attn.q_norm.weight", {D}, -1, false);
-      add_simple(p + "self_attn.k_norm", hp + "self_attn.k_norm.weight", {D}, -1, false);
+      add_simple(p + "self_attn.q_norm", hp + "self_attn.q_norm.weight", {D}, -1, false).tp_grad = TpGradSum::always;
+      add_simple(p + "self_attn.k_norm", hp + "self_attn.k_norm.weight", {D}, -1, false).tp_grad = TpGradSum::always;
     } else {
       const int64_t Hv = c.linear_num_value_heads, dv = c.linear_value_head_dim;
       // in_proj_qkvz rows are grouped per key head [q | k | v | z]; in_proj_ba per key head [b | a]. Tensor
@@ -56,19 +61,23 @@ ParamTable::ParamTable(const ModelConfig& c) {
       add_simple(p + "linear_attn.in_proj_qkvz", hp + "linear_attn.in_proj_qkvz.weight",
                  {2 * c.key_dim() + 2 * c.value_dim(), H}, 0, true);
       add_simple(p + "linear_attn.in_proj_ba", hp + "linear_attn.in_proj_ba.weight", {2 * Hv, H}, 0, true);
+      // Conv channels are [q of all heads | k of all heads | v of all heads]: each block is split separately.
       add(p + "linear_attn.conv1d", {c.conv_dim(), c.linear_conv_kernel_dim}, 0, ParamKind::dense, true,
-          {HfPiece{hp + "linear_attn.conv1d.weight", 0, {c.conv_dim(), 1, c.linear_conv_kernel_dim}}});
+          {HfPiece{hp + "linear_attn.conv1d.weight", 0, {c.conv_dim(), 1, c.linear_conv_kernel_dim}}})
+          .tp_parts = {c.key_dim(), c.key_dim(), c.value_dim()};
       add_simple(p + "linear_attn.dt_bias", hp + "linear_attn.dt_bias", {Hv}, 0, false);
       add_simple(p + "linear_attn.A_log", hp + "linear_attn.A_log", {Hv}, 0, false);
-      add_simple(p + "linear_attn.norm", hp + "linear_attn.norm.weight", {dv}, -1, false);
+      add_simple(p + "linear_attn.norm", hp + "linear_attn.norm.weight", {dv}, -1, false).tp_grad = TpGradSum::always;
       add_simple(p + "linear_attn.out_proj", hp + "linear_attn.out_proj.weight", {H, c.value_dim()}, 1, true);
     }
-    add_simple(p + "post_attention_layernorm", hp + "post_attention_layernorm.weight", {H}, -1, false);
+    add_simple(p + "post_attention_layernorm", hp + "post_attention_layernorm.weight", {H}, -1, false).tp_grad =
+        TpGradSum::with_sp;
     if (c.mlp_type(i) == MlpType::dense) {
       const int64_t I = c.intermediate_size;
       // [gate_proj; up_proj] packed so one GEMM produces the SwiGLU input.
       add(p + "mlp.gate_up_proj", {2 * I, H}, 0, ParamKind::dense, true,
-          {HfPiece{hp + "mlp.gate_proj.weight", 0, {I, H}}, HfPiece{hp + "mlp.up_proj.weight", I * H, {I, H}}});
+          {HfPiece{hp + "mlp.gate_proj.weight", 0, {I, H}}, HfPiece{hp + "mlp.up_proj.weight", I * H, {I, H}}})
+          .tp_parts = {I, I};
       add_simple(p + "mlp.down_proj", hp + "mlp.down_proj.weight", {H, I}, 1, true);
     } else {
       const int64_t E = c.num_experts, I = c.moe_intermediate_size;
@@ -80,19 +89,20 @@ ParamTable::ParamTable(const ModelConfig& c) {
         gate_up.push_back({ep + "up_proj.weight", e * 2 * I * H + I * H, {I, H}});
         down.push_back({ep + "down_proj.weight", e * H * I, {H, I}});
       }
-      add(p + "mlp.experts.gate_up_proj", {E, 2 * I, H}, 1, ParamKind::expert, true, gate_up);
+      add(p + "mlp.experts.gate_up_proj", {E, 2 * I, H}, 1, ParamKind::expert, true, gate_up).tp_parts = {I, I};
       add(p + "mlp.experts.down_proj", {E, H, I}, 2, ParamKind::expert, true, down);
       if (c.shared_expert_intermediate_size > 0) {
         const int64_t Is = c.shared_expert_intermediate_size;
         add(p + "mlp.shared_expert.gate_up_proj", {2 * Is, H}, 0, ParamKind::dense, true,
             {HfPiece{hp + "mlp.shared_expert.gate_proj.weight", 0, {Is, H}},
-             HfPiece{hp + "mlp.shared_expert.up_proj.weight", Is * H, {Is, H}}});
+             HfPiece{hp + "mlp.shared_expert.up_proj.weight", Is * H, {Is, H}}})
+            .tp_parts = {Is, Is};
         add_simple(p + "mlp.shared_expert.down_proj", hp + "mlp.shared_expert.down_proj.weight", {H, Is}, 1, true);
         add_simple(p + "mlp.shared_expert_gate", hp + "mlp.shared_expert_gate.weight", {1, H}, -1, true);
       }
     }
   }
-  add_simple("norm", "model.norm.weight", {H}, -1, false);
+  add_simple("norm", "model.norm.weight", {H}, -1, false).tp_grad = TpGradSum::with_sp;
   add_simple("lm_head", "lm_head.weight", {c.vocab_size, H}, 0, true);
 }
 

@@ -27,10 +27,26 @@ struct HfPiece {
   Shape shape;         // shape of the HF tensor (its element count is contiguous in the parameter)
 };
 
+// How the gradient of a parameter that tensor parallelism replicates (tp_dim == -1) is completed over the TP
+// group after backward.
+enum class TpGradSum {
+  none,       // every TP rank computes the whole gradient itself (sharded parameters; router and shared-expert gate,
+              // which run on the full token set on every rank)
+  always,     // each rank sees only its heads: per-head norms (q_norm, k_norm, the DeltaNet gated norm)
+  with_sp,    // each rank sees only its sequence shard under sequence parallelism: the residual-stream norms
+};
+
 struct ParamSpec {
   std::string name;  // nextron name, e.g. "layers.3.linear_attn.in_proj_qkvz"
   Shape shape;       // shape inside nextron (row-major)
   int tp_dim = -1;   // dimension split by tensor parallelism, -1 when replicated
+  // Blocks along tp_dim that are split separately (each rank takes its 1/TP of every block), e.g. {I, I} for a packed
+  // [gate; up] projection or {key_dim, key_dim, value_dim} for the DeltaNet conv channels. Empty: one block.
+  std::vector<int64_t> tp_parts;
+  // Rows along tp_dim that stay together (a KV head of head_dim rows). A block of fewer units than TP ranks is
+  // replicated: rank r holds unit r * units / TP, shared by TP / units consecutive ranks.
+  int64_t tp_unit = 1;
+  TpGradSum tp_grad = TpGradSum::none;
   ParamKind kind = ParamKind::dense;
   bool weight_decay = true;  // false for norms, biases, A_log and dt_bias
   std::vector<HfPiece> hf;   // how the parameter maps onto HF tensors
@@ -50,9 +66,9 @@ class ParamTable {
   Tensor view(const Tensor& flat, const std::string& name) const;
 
  private:
-  void add(std::string name, Shape shape, int tp_dim, ParamKind kind, bool decay, std::vector<HfPiece> hf);
+  ParamSpec& add(std::string name, Shape shape, int tp_dim, ParamKind kind, bool decay, std::vector<HfPiece> hf);
   // Adds a parameter that is exactly one HF tensor of the same shape.
-  void add_simple(const std::string& name, const std::string& hf_name, Shape shape, int tp_dim, bool decay);
+  ParamSpec& add_simple(const std::string& name, const std::string& hf_name, Shape shape, int tp_dim, bool decay);
   std::vector<ParamSpec> specs_;
   std::map<std::string, size_t> index_;
   int64_t total_ = 0;

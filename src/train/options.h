@@ -8,6 +8,7 @@
 #include "data/sampler.h"
 #include "optim/adamw.h"
 #include "optim/lr_schedule.h"
+#include "parallel/layout.h"
 
 namespace nextron {
 
@@ -24,7 +25,12 @@ struct TrainOptions {
   double valid_fraction = 0.01;
   uint64_t data_seed = 1234;
 
-  // Batches and length: global_batch = micro_batch x gradient-accumulation steps (sequences per optimizer step).
+  // Parallel layout (mpirun -np world): TP, PP, CP, EP, ETP sizes; DP is derived. etp 0 follows TP.
+  ParallelSizes parallel{1, 1, 1, 1, 0, 0};
+  bool sequence_parallel = false;
+
+  // Batches and length: global_batch = micro_batch x DP x gradient-accumulation steps (sequences per optimizer
+  // step); micro_batch is per data-parallel rank.
   int64_t micro_batch = 4;
   int64_t global_batch = 4;
   int64_t train_steps = 100;

@@ -25,16 +25,39 @@ volatile std::sig_atomic_t g_stop_requested = 0;
 void request_stop(int) { g_stop_requested = 1; }
 }  // namespace
 
-Trainer::Trainer(const TrainOptions& options, SampleFn source) : opt_(options), sample_(std::move(source)) {
+Trainer::Trainer(const TrainOptions& options, SampleFn source, Communicator* world)
+    : opt_(options), sample_(std::move(source)) {
   opt_.validate(/*need_data=*/!sample_);
   if (opt_.threads > 0) set_cpu_threads(opt_.threads);
   const ModelConfig config =
       opt_.init_from.empty() ? ModelConfig::from_file(opt_.model_config) : read_hf_config(opt_.init_from);
-  model_ = std::make_unique<Model>(config);
-  if (opt_.init_from.empty())
-    init_parameters(model_->table(), model_->params().f32(), opt_.init_seed, opt_.initializer_range);
-  else
-    load_hf_weights(opt_.init_from, model_->table(), model_->params().f32());
+  ParallelSizes sizes = opt_.parallel;
+  if (sizes.etp == 0) sizes.etp = sizes.tp;  // Megatron's default: experts follow TP
+  if (world && world->size() > 1) {
+    ctx_ = std::make_unique<ParallelContext>(*world, sizes, opt_.sequence_parallel, config, opt_.seq_len);
+  } else {
+    Layout(sizes, 1, config, opt_.seq_len);  // the same checks (and messages) as a parallel run
+    NEXTRON_CHECK(sizes.tp == 1 && sizes.pp == 1 && sizes.cp == 1 && sizes.ep == 1,
+                  "a parallel layout needs that many MPI ranks: start with mpirun -np <TP*PP*CP*DP>");
+  }
+  const int64_t per_step = opt_.micro_batch * dp_size();
+  NEXTRON_CHECK(opt_.global_batch % per_step == 0, "--global-batch-size (", opt_.global_batch,
+                ") must be a multiple of --micro-batch-size x data-parallel size (", opt_.micro_batch, " x ", dp_size(),
+                " = ", per_step, ")");
+
+  model_ = std::make_unique<Model>(config, ctx_ ? ctx_->model_comms() : ModelComms{});
+  {
+    // Every rank builds the whole model's initial weights (the same on every rank) and keeps its TP slice.
+    std::vector<float> full(ctx_ ? ctx_->shard_map().full_table().total_numel() : 0);
+    float* dst = ctx_ ? full.data() : model_->params().f32();
+    const ParamTable& full_table = ctx_ ? ctx_->shard_map().full_table() : model_->table();
+    if (opt_.init_from.empty())
+      init_parameters(full_table, dst, opt_.init_seed, opt_.initializer_range);
+    else
+      load_hf_weights(opt_.init_from, full_table, dst);
+    if (ctx_) ctx_->shard_map().scatter(full.data(), model_->params().f32());
+  }
+  if (ctx_) tp_sync_ = std::make_unique<TpGradSync>(ctx_->shard_map(), ctx_->model_comms().tp);
 
   if (!sample_) {
     stream_ = std::make_unique<SampleStream>(opt_.data, opt_.seq_len, opt_.valid_fraction, opt_.data_seed);
@@ -44,7 +67,7 @@ Trainer::Trainer(const TrainOptions& options, SampleFn source) : opt_(options), 
 
   if (opt_.lr.decay_steps == 0) opt_.lr.decay_steps = opt_.train_steps;
   schedule_ = std::make_unique<LrSchedule>(opt_.lr);
-  adam_ = std::make_unique<AdamW>(model_->table(), FlatRange{0, model_->table().total_numel()}, opt_.adam);
+  opt_state_ = std::make_unique<DistributedOptimizer>(model_->table(), ctx_ ? &ctx_->dp() : nullptr, opt_.adam);
 
   if (opt_.resume != "none" && !opt_.save_dir.empty()) {
     if (opt_.resume == "auto") {
@@ -61,14 +84,16 @@ Trainer::~Trainer() = default;
 
 StepRecord Trainer::step() {
   const auto t0 = std::chrono::steady_clock::now();
-  const int64_t M = opt_.micro_batch, S = opt_.seq_len, accum = opt_.global_batch / opt_.micro_batch;
+  const int64_t M = opt_.micro_batch, S = opt_.seq_len, D = dp_size(), accum = opt_.global_batch / (M * D);
   rows_.resize(M * (S + 1));
   ids_.resize(M * S);
   targets_.resize(M * S);
   model_->zero_grad();
   StepRecord rec;
   for (int64_t a = 0; a < accum; ++a) {
-    for (int64_t r = 0; r < M; ++r) sample_(position_++, rows_.data() + r * (S + 1));
+    // Global micro-batch a holds samples [position + a M D, +M D); this DP rank reads its M consecutive rows.
+    const int64_t first = position_ + (a * D + dp_rank()) * M;
+    for (int64_t r = 0; r < M; ++r) sample_(first + r, rows_.data() + r * (S + 1));
     for (int64_t r = 0; r < M; ++r)
       for (int64_t t = 0; t < S; ++t) {
         ids_[r * S + t] = rows_[r * (S + 1) + t];
@@ -81,19 +106,25 @@ StepRecord Trainer::step() {
     rec.loss += lv.loss / static_cast<double>(accum);
     rec.lm_loss += lv.lm_loss / static_cast<double>(accum);
     rec.aux_loss += lv.aux_loss / static_cast<double>(accum);
-    rec.tokens += M * S;
+    rec.tokens += M * D * S;
   }
-  const FlatRange all{0, model_->table().total_numel()};
+  position_ += opt_.global_batch;
   float* grads = model_->grads().f32();
-  rec.grad_norm = std::sqrt(grad_sq_sum(grads, all));
+  if (tp_sync_) tp_sync_->run(grads);
+  opt_state_->reduce_scatter_grads(grads);
+  const std::vector<FlatRange> counted =
+      ctx_ ? ctx_->shard_map().owned_ranges() : std::vector<FlatRange>{{0, model_->table().total_numel()}};
+  double sq = opt_state_->shard_sq_sum(grads, counted);
+  if (ctx_) ctx_->world().all_reduce_sum(&sq, 1);
+  rec.grad_norm = std::sqrt(sq);
   NEXTRON_CHECK(std::isfinite(rec.grad_norm), "gradient norm is ", rec.grad_norm, " at step ", step_,
                 "; training diverged (lower --lr or enable --clip-grad)");
   if (opt_.clip_grad > 0) {
     const double c = clip_coefficient(rec.grad_norm, opt_.clip_grad);
-    if (c < 1.0) scale_grads(grads, all, static_cast<float>(c));
+    if (c < 1.0) opt_state_->scale_shard(grads, static_cast<float>(c));
   }
   rec.lr = schedule_->lr_at(step_);
-  adam_->step(model_->params().f32(), grads, rec.lr);
+  opt_state_->step(model_->params().f32(), grads, rec.lr);
   ++step_;
   consumed_tokens_ += rec.tokens;
   rec.step = step_;
@@ -101,16 +132,49 @@ StepRecord Trainer::step() {
   return rec;
 }
 
+std::vector<float> Trainer::full_params() {
+  const float* p = model_->params().f32();
+  if (!ctx_) return std::vector<float>(p, p + model_->table().total_numel());
+  return ctx_->gather_full(p);
+}
+
+std::vector<float> Trainer::full_grads() {
+  std::vector<float> local(model_->grads().f32(), model_->grads().f32() + model_->table().total_numel());
+  opt_state_->all_gather(local.data());
+  if (!ctx_) return local;
+  return ctx_->gather_full(local.data());
+}
+
+void Trainer::on_rank0(const std::function<void()>& body) {
+  std::string error;
+  if (is_logger()) {
+    try {
+      body();
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  }
+  if (!ctx_) {
+    if (!error.empty()) throw Error(error);
+    return;
+  }
+  double failed = error.empty() ? 0 : 1;
+  ctx_->world().all_reduce_sum(&failed, 1);
+  if (failed > 0) throw Error(error.empty() ? "rank 0 failed (its message is in its error output)" : error);
+}
+
 double Trainer::validate() {
   NEXTRON_CHECK(stream_ && stream_->num_valid_samples() > 0,
                 "no validation samples: raise --valid-fraction or use more data");
-  const int64_t M = opt_.micro_batch, S = opt_.seq_len, nvalid = stream_->num_valid_samples();
+  const int64_t M = opt_.micro_batch, S = opt_.seq_len, D = dp_size(), nvalid = stream_->num_valid_samples();
   rows_.resize(M * (S + 1));
   ids_.resize(M * S);
   targets_.resize(M * S);
   double total = 0;
   for (int64_t it = 0; it < opt_.eval_iters; ++it) {
-    for (int64_t r = 0; r < M; ++r) stream_->valid_sample((it * M + r) % nvalid, rows_.data() + r * (S + 1));
+    // Validation micro-batch `it` is M x DP rows; the loss is already the mean over all of them.
+    const int64_t first = (it * D + dp_rank()) * M;
+    for (int64_t r = 0; r < M; ++r) stream_->valid_sample((first + r) % nvalid, rows_.data() + r * (S + 1));
     for (int64_t r = 0; r < M; ++r)
       for (int64_t t = 0; t < S; ++t) {
         ids_[r * S + t] = rows_[r * (S + 1) + t];
@@ -123,12 +187,27 @@ double Trainer::validate() {
 
 std::string Trainer::save_checkpoint() {
   NEXTRON_CHECK(!opt_.save_dir.empty(), "saving a checkpoint needs --save DIR");
+  // The checkpoint holds the whole model and the whole optimizer state in the single-device layout, gathered to
+  // rank 0, so it resumes under any layout (docs/formats.md).
+  const AdamW& adam = opt_state_->adam();
+  const int64_t P = model_->table().total_numel();
+  std::vector<float> m(P, 0.0f), v(P, 0.0f);
+  std::copy_n(adam.exp_avg().f32(), adam.range().size(), m.data() + adam.range().begin);
+  std::copy_n(adam.exp_avg_sq().f32(), adam.range().size(), v.data() + adam.range().begin);
+  opt_state_->all_gather(m.data());
+  opt_state_->all_gather(v.data());
+  const std::vector<float> params = full_params();
+  if (ctx_) {
+    m = ctx_->gather_full(m.data());
+    v = ctx_->gather_full(v.data());
+  }
+  const ParamTable& full_table = ctx_ ? ctx_->shard_map().full_table() : model_->table();
   OptimizerShard shard;
-  shard.range = adam_->range();
-  shard.exp_avg = adam_->exp_avg().f32();
-  shard.exp_avg_sq = adam_->exp_avg_sq().f32();
-  shard.steps_taken = adam_->steps_taken();
-  shard.hyper = adam_->hyper();
+  shard.range = FlatRange{0, full_table.total_numel()};
+  shard.exp_avg = m.data();
+  shard.exp_avg_sq = v.data();
+  shard.steps_taken = adam.steps_taken();
+  shard.hyper = adam.hyper();
   TrainState st;
   st.step = step_;
   st.data_position = position_;
@@ -145,14 +224,38 @@ std::string Trainer::save_checkpoint() {
              {"global_batch", opt_.global_batch}, {"train_steps", opt_.train_steps},
              {"data_seed", opt_.data_seed},       {"valid_fraction", opt_.valid_fraction},
              {"clip_grad", opt_.clip_grad}};
+  if (ctx_) {
+    const ParallelSizes& z = ctx_->layout().sizes();
+    st.args["layout"] = {{"tp", z.tp}, {"pp", z.pp},   {"cp", z.cp},
+                         {"ep", z.ep}, {"etp", z.etp}, {"dp", z.dp}, {"sequence_parallel", opt_.sequence_parallel}};
+  }
   if (stream_) st.args["data_fingerprint"] = std::to_string(stream_->fingerprint());
-  return save_train_checkpoint(opt_.save_dir, model_->config(), model_->table(), model_->params().f32(), shard, st,
-                               opt_.keep_last);
+  std::string dir;
+  on_rank0([&] {
+    dir = save_train_checkpoint(opt_.save_dir, model_->config(), full_table, params.data(), shard, st,
+                                opt_.keep_last);
+  });
+  return dir.empty() ? train_checkpoint_dir(opt_.save_dir, step_) : dir;
 }
 
 void Trainer::resume_from(const std::string& dir) {
-  const LoadedCheckpoint ck = load_train_checkpoint(dir, model_->config(), model_->table(), model_->params().f32(),
-                                                    adam_->range(), adam_->exp_avg().f32(), adam_->exp_avg_sq().f32());
+  // Every rank reads the whole checkpoint (a shared file system) and keeps its TP slice and ZeRO shard.
+  const ParamTable& full_table = ctx_ ? ctx_->shard_map().full_table() : model_->table();
+  const int64_t F = full_table.total_numel();
+  std::vector<float> params(F), m(F), v(F);
+  LoadedCheckpoint ck;
+  std::string error;
+  try {
+    ck = load_train_checkpoint(dir, model_->config(), full_table, params.data(), FlatRange{0, F}, m.data(), v.data());
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  if (ctx_) {
+    double failed = error.empty() ? 0 : 1;
+    ctx_->world().all_reduce_sum(&failed, 1);
+    if (failed > 0 && error.empty()) error = "another rank could not read checkpoint " + dir;
+  }
+  if (!error.empty()) throw Error(error);
   // The sample order must be the one the checkpoint was trained on, or "the next sample" means nothing.
   const auto& a = ck.state.args;
   auto same = [&](const char* key, const nlohmann::json& now) {
@@ -166,47 +269,79 @@ void Trainer::resume_from(const std::string& dir) {
   same("data_seed", opt_.data_seed);
   same("valid_fraction", opt_.valid_fraction);
   if (stream_) same("data_fingerprint", std::to_string(stream_->fingerprint()));
-  adam_->set_steps_taken(ck.steps_taken);
+  AdamW& adam = opt_state_->adam();
+  const FlatRange r = adam.range();
+  if (ctx_) {
+    std::vector<float> local(model_->table().total_numel());
+    ctx_->shard_map().scatter(params.data(), model_->params().f32());
+    ctx_->shard_map().scatter(m.data(), local.data());
+    std::copy_n(local.data() + r.begin, r.size(), adam.exp_avg().f32());
+    ctx_->shard_map().scatter(v.data(), local.data());
+    std::copy_n(local.data() + r.begin, r.size(), adam.exp_avg_sq().f32());
+  } else {
+    std::copy_n(params.data(), F, model_->params().f32());
+    std::copy_n(m.data() + r.begin, r.size(), adam.exp_avg().f32());
+    std::copy_n(v.data() + r.begin, r.size(), adam.exp_avg_sq().f32());
+  }
+  adam.set_steps_taken(ck.steps_taken);
   step_ = ck.state.step;
   position_ = ck.state.data_position;
   consumed_tokens_ = ck.state.consumed_tokens;
-  std::fprintf(stderr, "resumed from %s at step %lld (sample %lld)\n", dir.c_str(), static_cast<long long>(step_),
-               static_cast<long long>(position_));
+  if (is_logger())
+    std::fprintf(stderr, "resumed from %s at step %lld (sample %lld)\n", dir.c_str(), static_cast<long long>(step_),
+                 static_cast<long long>(position_));
 }
 
-void Trainer::export_hf(const std::string& dir) const {
-  save_hf_checkpoint(dir, model_->config(), model_->table(), model_->params().f32());
+void Trainer::export_hf(const std::string& dir) {
+  const std::vector<float> params = full_params();
+  const ParamTable& full_table = ctx_ ? ctx_->shard_map().full_table() : model_->table();
+  on_rank0([&] { save_hf_checkpoint(dir, model_->config(), full_table, params.data()); });
 }
 
 void Trainer::run() {
   const ModelConfig& c = model_->config();
   const double flops_per_token = training_flops_per_token(c, opt_.seq_len);
-  const double peak = opt_.peak_tflops > 0 ? opt_.peak_tflops * 1e12 : measure_cpu_peak_flops(cpu_threads());
-  std::string metrics_path = opt_.metrics_path;
-  if (metrics_path.empty() && !opt_.save_dir.empty()) {
+  const bool log = is_logger();
+  const int world = ctx_ ? ctx_->layout().world_size() : 1;
+  // MFU's denominator: the peak of all ranks (rank 0 measures its own and assumes identical ranks).
+  const double peak = world * (opt_.peak_tflops > 0 ? opt_.peak_tflops * 1e12
+                                                    : (log ? measure_cpu_peak_flops(cpu_threads()) : 1.0));
+  std::string metrics_path = log ? opt_.metrics_path : "";
+  if (log && metrics_path.empty() && !opt_.save_dir.empty()) {
     std::filesystem::create_directories(opt_.save_dir);
     metrics_path = (std::filesystem::path(opt_.save_dir) / "metrics.jsonl").string();
   }
   std::unique_ptr<MetricsLog> metrics;
   if (!metrics_path.empty()) metrics = std::make_unique<MetricsLog>(metrics_path);
-  std::printf(
+  if (log) std::printf(
       "nextron-train: %lld parameters, %lld layers (%s), %lld steps of %lld x %lld tokens; %.3g training "
       "FLOPs/token; MFU against %.3g TFLOP/s%s\n",
-      static_cast<long long>(model_->table().total_numel()), static_cast<long long>(c.num_hidden_layers),
+      static_cast<long long>(ctx_ ? ctx_->shard_map().full_table().total_numel() : model_->table().total_numel()),
+      static_cast<long long>(c.num_hidden_layers),
       c.num_moe_layers() ? "MoE" : "dense", static_cast<long long>(opt_.train_steps),
       static_cast<long long>(opt_.global_batch), static_cast<long long>(opt_.seq_len), flops_per_token, peak / 1e12,
       opt_.peak_tflops > 0 ? "" : " (measured CPU fp32 GEMM peak)");
-  if (step_ > 0) std::printf("continuing at step %lld\n", static_cast<long long>(step_));
+  if (log && ctx_) std::printf("parallel layout: %s%s\n", ctx_->layout().describe().c_str(),
+                               opt_.sequence_parallel ? ", sequence parallel" : "");
+  if (log && step_ > 0) std::printf("continuing at step %lld\n", static_cast<long long>(step_));
   const int64_t first_step = step_;
   std::fflush(stdout);
 
   g_stop_requested = 0;
   auto old_int = std::signal(SIGINT, request_stop);
   auto old_term = std::signal(SIGTERM, request_stop);
+  const bool progress = opt_.progress && log;
   ProgressBar bar(opt_.train_steps, std::cerr, step_);
+  // A signal may reach the ranks at different steps: they agree after every step, so all stop at the same one.
+  auto stop_agreed = [&] {
+    double stop = g_stop_requested ? 1 : 0;
+    if (ctx_) ctx_->world().all_reduce_sum(&stop, 1);
+    return stop > 0;
+  };
+  bool stop = false;
   const auto start = std::chrono::steady_clock::now();
   auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); };
-  while (step_ < opt_.train_steps && !g_stop_requested) {
+  while (step_ < opt_.train_steps && !stop) {
     const StepRecord r = step();
     StepMetrics m;
     m.step = r.step;
@@ -221,9 +356,9 @@ void Trainer::run() {
     m.seconds = elapsed();
     m.tokens = consumed_tokens_;
     if (metrics) metrics->write(m);
-    if (opt_.progress) bar.update(m);
-    if (step_ % opt_.log_interval == 0 || step_ == opt_.train_steps) {
-      if (opt_.progress) bar.clear();
+    if (progress) bar.update(m);
+    if (log && (step_ % opt_.log_interval == 0 || step_ == opt_.train_steps)) {
+      if (progress) bar.clear();
       std::printf("%s\n", format_step_line(m).c_str());
       std::fflush(stdout);
     }
@@ -234,28 +369,32 @@ void Trainer::run() {
       v.seconds = elapsed();
       v.tokens = consumed_tokens_;
       if (metrics) metrics->write(v);
-      if (opt_.progress) bar.clear();
-      std::printf("%s\n", format_valid_line(v).c_str());
+      if (progress) bar.clear();
+      if (log) std::printf("%s\n", format_valid_line(v).c_str());
       std::fflush(stdout);
     }
     if (opt_.save_interval > 0 && step_ % opt_.save_interval == 0 && step_ < opt_.train_steps) {
       const std::string dir = save_checkpoint();
-      if (opt_.progress) bar.clear();
-      std::printf("saved %s\n", dir.c_str());
+      if (progress) bar.clear();
+      if (log) std::printf("saved %s\n", dir.c_str());
     }
+    stop = stop_agreed();
   }
-  if (opt_.progress) bar.finish();
+  if (progress) bar.finish();
   std::signal(SIGINT, old_int);
   std::signal(SIGTERM, old_term);
-  if (g_stop_requested) std::printf("stop requested: saving at step %lld\n", static_cast<long long>(step_));
-  if (step_ == first_step)
-    std::printf("nothing to train: the checkpoint is already at step %lld of %lld (raise --train-steps to go on)\n",
-                static_cast<long long>(step_), static_cast<long long>(opt_.train_steps));
-  else if (!opt_.save_dir.empty())
-    std::printf("saved %s\n", save_checkpoint().c_str());
-  if (!opt_.export_hf.empty() && !g_stop_requested) {
+  if (log && stop) std::printf("stop requested: saving at step %lld\n", static_cast<long long>(step_));
+  if (step_ == first_step) {
+    if (log)
+      std::printf("nothing to train: the checkpoint is already at step %lld of %lld (raise --train-steps to go on)\n",
+                  static_cast<long long>(step_), static_cast<long long>(opt_.train_steps));
+  } else if (!opt_.save_dir.empty()) {
+    const std::string dir = save_checkpoint();
+    if (log) std::printf("saved %s\n", dir.c_str());
+  }
+  if (!opt_.export_hf.empty() && !stop) {
     export_hf(opt_.export_hf);
-    std::printf("exported HF checkpoint %s\n", opt_.export_hf.c_str());
+    if (log) std::printf("exported HF checkpoint %s\n", opt_.export_hf.c_str());
   }
   std::fflush(stdout);
 }

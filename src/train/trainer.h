@@ -1,5 +1,7 @@
-// The single-process training loop: micro-batches with gradient accumulation, global-norm clipping, AdamW with
-// a warmup + decay schedule, periodic validation, metrics, and atomic checkpoints that resume bit-identically.
+// The training loop: micro-batches with gradient accumulation, global-norm clipping, AdamW with a warmup + decay
+// schedule, periodic validation, metrics, and atomic checkpoints that resume bit-identically. On one process, or
+// on every rank of an MPI job with tensor (+ sequence) and ZeRO-1 data parallelism (src/parallel): each DP rank
+// reads its micro_batch rows of every global micro-batch, rank 0 logs and writes checkpoints and exports.
 #pragma once
 
 #include <cstdint>
@@ -12,6 +14,9 @@
 #include "model/model.h"
 #include "optim/adamw.h"
 #include "optim/lr_schedule.h"
+#include "parallel/context.h"
+#include "parallel/distributed_optimizer.h"
+#include "parallel/grad_sync.h"
 #include "train/options.h"
 
 namespace nextron {
@@ -32,29 +37,43 @@ class Trainer {
 
   // Builds the model (random init or HF weights), the data stream and the optimizer, and resumes from a
   // checkpoint when options.resume says so. `source` replaces options.data as the training stream (tests feed
-  // fixed batches that way); validation is then unavailable.
-  explicit Trainer(const TrainOptions& options, SampleFn source = {});
+  // fixed batches that way); validation is then unavailable. `world`: the job's communicator for a parallel run
+  // (collective: every rank constructs its Trainer), nullptr for one process.
+  explicit Trainer(const TrainOptions& options, SampleFn source = {}, Communicator* world = nullptr);
   ~Trainer();
 
   StepRecord step();              // one optimizer step
   double validate();              // mean loss over eval_iters validation micro-batches
   std::string save_checkpoint();  // returns the checkpoint directory
-  void export_hf(const std::string& dir) const;
-  void run();  // the whole loop with logging, validation, checkpoints and export; stops cleanly on SIGINT/SIGTERM
+  void export_hf(const std::string& dir);  // collective; rank 0 writes
+  void run();  // collective; the whole loop with logging, validation, checkpoints and export; stops cleanly on SIGINT/SIGTERM
 
   Model& model() { return *model_; }
+  // Whole-model (single-device layout) parameters and the gradients of the last step as AdamW used them (summed
+  // over DP, clipped), gathered from every rank; collective in a parallel run.
+  std::vector<float> full_params();
+  std::vector<float> full_grads();
+  bool is_logger() const { return !ctx_ || ctx_->rank() == 0; }
+  const ParallelContext* parallel() const { return ctx_.get(); }
+  const DistributedOptimizer& optimizer() const { return *opt_state_; }
   const TrainOptions& options() const { return opt_; }
   int64_t steps_done() const { return step_; }
   int64_t data_position() const { return position_; }
 
  private:
   void resume_from(const std::string& dir);
+  int dp_size() const { return ctx_ ? ctx_->layout().dp() : 1; }
+  int dp_rank() const { return ctx_ ? ctx_->dp_rank() : 0; }
+  // Runs `body` on rank 0 only; every rank learns whether it failed and throws the same error (no rank hangs).
+  void on_rank0(const std::function<void()>& body);
 
   TrainOptions opt_;
+  std::unique_ptr<ParallelContext> ctx_;
   std::unique_ptr<Model> model_;
+  std::unique_ptr<TpGradSync> tp_sync_;
   std::unique_ptr<SampleStream> stream_;
   SampleFn sample_;
-  std::unique_ptr<AdamW> adam_;
+  std::unique_ptr<DistributedOptimizer> opt_state_;
   std::unique_ptr<LrSchedule> schedule_;
   int64_t step_ = 0;
   int64_t position_ = 0;  // next global training sample

@@ -1,0 +1,85 @@
+// NCCL implementation of Communicator for the CUDA backend.
+//
+// Buffers: every pointer passed to an NcclCommunicator is a CUDA device pointer on device() (or managed memory),
+// never a host pointer. Shapes and counts are exactly those of Communicator (elements, not bytes); NCCL counts are
+// size_t, so unlike MpiCommunicator there is no INT_MAX limit. Negative counts are errors.
+//
+// Blocking, like MpiCommunicator: every call enqueues its NCCL work on the communicator's own stream and
+// synchronises that stream before returning, so results are visible to the host and to every stream afterwards.
+// Ordering on entry: the stream is a blocking (non-cudaStreamNonBlocking) stream, so work already queued on the
+// legacy default stream is finished before the collective reads its buffers; data written on any other stream must
+// be synchronised by the caller first (cudaStreamSynchronize / an event) before the call.
+//
+// Point to point: NCCL has no tags, so `tag` is ignored; messages between one pair of ranks match in the order
+// they were issued. A blocking send or recv to oneself can never complete and is rejected: use send_recv, which
+// issues both halves together.
+//
+// Errors: every NCCL and CUDA return code is checked and thrown as nextron::Error naming the call and NCCL's or
+// CUDA's message. Argument errors are thrown before any NCCL call, so with the same bad arguments on every rank no
+// rank is left waiting. A rank that dies mid-collective leaves its peers blocked (NCCL has no timeout here): end
+// the job with abort_all.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <nccl.h>
+
+#include <memory>
+
+#include "parallel/communicator.h"
+#include "parallel/mpi_communicator.h"
+
+namespace nextron {
+
+class NcclCommunicator : public Communicator {
+ public:
+  // Collective over `bootstrap`: one NCCL rank per MPI rank, with the same rank numbers and size. Rank 0 creates
+  // the NCCL unique id, which travels to the others over MPI; then each rank joins with ncclCommInitRank on
+  // `device`. Leaves `device` as the calling thread's current CUDA device (the caller allocates its buffers there).
+  // Each rank must use a different GPU (NCCL refuses two ranks of one communicator on the same device). Bad
+  // devices are agreed on collectively: if any rank cannot use its device, every rank throws.
+  static std::unique_ptr<NcclCommunicator> create(MpiCommunicator& bootstrap, int device);
+  ~NcclCommunicator() override;
+  NcclCommunicator(const NcclCommunicator&) = delete;
+  NcclCommunicator& operator=(const NcclCommunicator&) = delete;
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  int device() const { return device_; }
+  // Owned by this object; valid until it is destroyed.
+  ncclComm_t comm() const { return comm_; }
+  cudaStream_t stream() const { return stream_; }
+
+  void all_reduce_sum(float* buf, int64_t n) override;
+  void all_reduce_sum(double* buf, int64_t n) override;
+  void reduce_scatter_sum(const float* in, float* out, int64_t count) override;
+  void all_gather(const float* in, float* out, int64_t count) override;
+  void all_to_all_v(const float* send, const std::vector<int64_t>& send_counts, float* recv,
+                    const std::vector<int64_t>& recv_counts) override;
+  void send(const float* buf, int64_t n, int peer, int tag) override;
+  void recv(float* buf, int64_t n, int peer, int tag) override;
+  void send_recv(const float* send_buf, int64_t send_n, int dst, float* recv_buf, int64_t recv_n, int src,
+                 int tag) override;
+  void broadcast(float* buf, int64_t n, int root) override;
+  // A one-element all-reduce on a device scratch value, then a stream synchronisation.
+  void barrier() override;
+  // ncclCommSplit (NCCL >= 2.18): ranks ordered by (key, parent rank), as MPI_Comm_split. The new communicator
+  // is on the same device, with its own stream.
+  std::unique_ptr<Communicator> split(int color, int key) override;
+
+ private:
+  // Takes ownership of `comm` (destroyed here even when this constructor throws).
+  NcclCommunicator(ncclComm_t comm, int device);
+  void release() noexcept;
+  void check_peer(int peer, const char* what) const;
+  // Waits for this communicator's stream and reports NCCL errors raised while it ran.
+  void synchronize(const char* what);
+
+  ncclComm_t comm_ = nullptr;
+  cudaStream_t stream_ = nullptr;
+  float* scratch_ = nullptr;  // one device float, zero, for barrier()
+  int device_ = 0;
+  int rank_ = 0;
+  int size_ = 1;
+};
+
+}  // namespace nextron

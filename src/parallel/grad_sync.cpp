@@ -1,0 +1,44 @@
+#include "parallel/grad_sync.h"
+
+#include <algorithm>
+#include <cstring>
+
+namespace nextron {
+
+TpGradSync::TpGradSync(const TpShardMap& map, const TensorParallel& tp) : tp_(tp) {
+  if (!tp.active()) return;
+  const int P = tp.size();
+  const auto& full = map.full_table().specs();
+  const auto& local = map.local_table().specs();
+  for (size_t i = 0; i < full.size(); ++i) {
+    const ParamSpec& f = full[i];
+    const ParamSpec& l = local[i];
+    if (f.tp_dim < 0) {
+      if (f.tp_grad == TpGradSum::always || (f.tp_grad == TpGradSum::with_sp && tp.sequence_parallel())) {
+        items_.push_back({l.offset, l.numel(), total_});
+        total_ += l.numel();
+      }
+      continue;
+    }
+    bool replicated_units = false;
+    const std::vector<int64_t> parts = f.tp_parts.empty() ? std::vector<int64_t>{f.shape[f.tp_dim]} : f.tp_parts;
+    for (int64_t part : parts) replicated_units |= part / f.tp_unit < P;
+    if (!replicated_units) continue;
+    // Each rank writes its copy at the head's place in a full-size slot (zeros elsewhere): after the sum, a head's
+    // place holds the sum over the ranks that hold it.
+    for (const TpRun& r : map.runs())
+      if (r.local_offset >= l.offset && r.local_offset < l.offset + l.numel())
+        items_.push_back({r.local_offset, r.count, total_ + (r.full_offset - f.offset)});
+    total_ += f.numel();
+  }
+}
+
+void TpGradSync::run(float* grads) {
+  if (total_ == 0) return;
+  packed_.assign(total_, 0.0f);
+  for (const Item& it : items_) std::memcpy(packed_.data() + it.packed_offset, grads + it.local_offset, it.count * 4);
+  tp_.sum(packed_.data(), total_);
+  for (const Item& it : items_) std::memcpy(grads + it.local_offset, packed_.data() + it.packed_offset, it.count * 4);
+}
+
+}  // namespace nextron

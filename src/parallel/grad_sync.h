@@ -1,0 +1,33 @@
+// Completing the gradients over the tensor-parallel group after backward (before the data-parallel reduction).
+// Split parameters need nothing; a replicated parameter whose gradient each rank computed from its slice only
+// (per-head norms always; residual-stream norms under sequence parallelism: ParamSpec::tp_grad) is summed over the
+// TP group, and a KV head replicated over several TP ranks is summed over the ranks holding it. One all-reduce.
+#pragma once
+
+#include <vector>
+
+#include "parallel/tensor_parallel.h"
+#include "parallel/tp_shard.h"
+
+namespace nextron {
+
+class TpGradSync {
+ public:
+  TpGradSync(const TpShardMap& map, const TensorParallel& tp);
+  // grads: the local flat gradient buffer (map.local_table() layout).
+  void run(float* grads);
+  // Elements exchanged per call (0 when nothing needs completing).
+  int64_t elements() const { return total_; }
+
+ private:
+  struct Item {
+    int64_t local_offset, count;  // local elements
+    int64_t packed_offset;        // where they go in the packed buffer
+  };
+  TensorParallel tp_;
+  std::vector<Item> items_;
+  int64_t total_ = 0;
+  std::vector<float> packed_;
+};
+
+}  // namespace nextron

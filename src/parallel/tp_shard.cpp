@@ -1,0 +1,109 @@
+#include "parallel/tp_shard.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "core/error.h"
+
+namespace nextron {
+
+ModelConfig tp_local_config(const ModelConfig& c, int tp) {
+  NEXTRON_CHECK(tp >= 1, "tensor-parallel size must be >= 1, got ", tp);
+  ModelConfig l = c;
+  if (tp == 1) return l;
+  auto split = [tp](int64_t v, const char* what) {
+    NEXTRON_CHECK(v % tp == 0, what, " ", v, " is not divisible by TP ", tp);
+    return v / tp;
+  };
+  l.num_attention_heads = split(c.num_attention_heads, "num_attention_heads");
+  l.num_key_value_heads = c.num_key_value_heads >= tp ? split(c.num_key_value_heads, "num_key_value_heads") : 1;
+  l.linear_num_key_heads = split(c.linear_num_key_heads, "linear_num_key_heads");
+  l.linear_num_value_heads = split(c.linear_num_value_heads, "linear_num_value_heads");
+  l.intermediate_size = split(c.intermediate_size, "intermediate_size");
+  l.moe_intermediate_size = split(c.moe_intermediate_size, "moe_intermediate_size");
+  l.shared_expert_intermediate_size = split(c.shared_expert_intermediate_size, "shared_expert_intermediate_size");
+  l.vocab_size = split(c.vocab_size, "vocab_size");
+  return l;
+}
+
+TpShardMap::TpShardMap(const ModelConfig& full_config, int tp_rank, int tp_size)
+    : full_config_(full_config),
+      local_config_(tp_local_config(full_config, tp_size)),
+      rank_(tp_rank),
+      size_(tp_size),
+      full_(full_config_),
+      local_(local_config_) {
+  NEXTRON_CHECK(tp_rank >= 0 && tp_rank < tp_size, "TP rank ", tp_rank, " outside [0, ", tp_size, ")");
+  NEXTRON_ASSERT(full_.specs().size() == local_.specs().size());
+  for (size_t i = 0; i < full_.specs().size(); ++i) {
+    const ParamSpec& f = full_.specs()[i];
+    const ParamSpec& l = local_.specs()[i];
+    NEXTRON_ASSERT(f.name == l.name && f.shape.size() == l.shape.size());
+    if (f.tp_dim < 0 || size_ == 1) {
+      NEXTRON_ASSERT(f.shape == l.shape);
+      runs_.push_back({f.offset, l.offset, f.numel(), f.tp_dim >= 0 || rank_ == 0});
+      continue;
+    }
+    const int d = f.tp_dim;
+    int64_t outer = 1, inner = 1;
+    for (int k = 0; k < d; ++k) outer *= f.shape[k];
+    for (size_t k = d + 1; k < f.shape.size(); ++k) inner *= f.shape[k];
+    const std::vector<int64_t> parts = f.tp_parts.empty() ? std::vector<int64_t>{f.shape[d]} : f.tp_parts;
+    // Per block: where this rank's rows start in the full block, how many, and whether it owns them.
+    struct Piece {
+      int64_t full_start, local_start, rows;
+      bool owner;
+    };
+    std::vector<Piece> pieces;
+    int64_t full_start = 0, local_start = 0;
+    for (int64_t part : parts) {
+      NEXTRON_ASSERT(part % f.tp_unit == 0);
+      const int64_t units = part / f.tp_unit;
+      Piece p{};
+      if (units >= size_) {
+        NEXTRON_CHECK(part % size_ == 0, "parameter ", f.name, ": block of ", part, " rows is not divisible by TP ",
+                      size_);
+        p = {full_start + rank_ * (part / size_), local_start, part / size_, true};
+      } else {
+        NEXTRON_CHECK(size_ % units == 0, "parameter ", f.name, ": ", units, " units cannot be replicated over TP ",
+                      size_);
+        const int64_t per_unit = size_ / units;  // ranks sharing one unit
+        p = {full_start + (rank_ / per_unit) * f.tp_unit, local_start, f.tp_unit, rank_ % per_unit == 0};
+      }
+      pieces.push_back(p);
+      full_start += part;
+      local_start += p.rows;
+    }
+    NEXTRON_ASSERT(local_start == l.shape[d]);
+    for (int64_t o = 0; o < outer; ++o)
+      for (const Piece& p : pieces)
+        runs_.push_back({f.offset + (o * f.shape[d] + p.full_start) * inner,
+                         l.offset + (o * l.shape[d] + p.local_start) * inner, p.rows * inner, p.owner});
+  }
+  int64_t covered = 0;
+  for (const TpRun& r : runs_) {
+    NEXTRON_ASSERT(r.local_offset == covered);
+    covered += r.count;
+    if (!r.owner) continue;
+    if (!owned_.empty() && owned_.back().end == r.local_offset)
+      owned_.back().end += r.count;
+    else
+      owned_.push_back({r.local_offset, r.local_offset + r.count});
+  }
+  NEXTRON_ASSERT(covered == local_.total_numel());
+}
+
+void TpShardMap::scatter(const float* full, float* local) const {
+  for (const TpRun& r : runs_) std::memcpy(local + r.local_offset, full + r.full_offset, r.count * sizeof(float));
+}
+
+void TpShardMap::place_owned(const float* local, float* full) const {
+  for (const TpRun& r : runs_)
+    if (r.owner) std::memcpy(full + r.full_offset, local + r.local_offset, r.count * sizeof(float));
+}
+
+void TpShardMap::place_all(const float* local, float* full) const {
+  for (const TpRun& r : runs_) std::memcpy(full + r.full_offset, local + r.local_offset, r.count * sizeof(float));
+}
+
+}  // namespace nextron

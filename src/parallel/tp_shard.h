@@ -1,0 +1,64 @@
+// Tensor-parallel sharding of the parameters: which elements of the full (single-device) flat layout each TP rank
+// holds in its local flat layout. Derived from the parameter table alone (tp_dim, tp_parts, tp_unit), so the
+// optimizer, checkpoints, the HF converter and the equivalence tests all shard and gather the same way.
+//
+// A TP rank's local model is the single-device model of a smaller config (tp_local_config: heads, DeltaNet key-head
+// groups, intermediate sizes and vocab divided by TP; KV heads divided or, below TP, one per rank), so its local
+// ParamTable has the local shapes in the same order as the full table.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "model/config.h"
+#include "model/param_table.h"
+#include "optim/adamw.h"
+
+namespace nextron {
+
+// The config of one TP rank's slice of the model. tp must divide what Layout checks it divides.
+ModelConfig tp_local_config(const ModelConfig& config, int tp);
+
+// A contiguous run of elements: full flat [full_offset, +count) is local flat [local_offset, +count).
+struct TpRun {
+  int64_t full_offset = 0;
+  int64_t local_offset = 0;
+  int64_t count = 0;
+  // This rank is the one TP rank that stands for these elements when the ranks' copies are combined (replicated
+  // parameters: TP rank 0; replicated KV heads: the first rank holding the head; split parameters: always).
+  bool owner = true;
+};
+
+class TpShardMap {
+ public:
+  TpShardMap(const ModelConfig& full_config, int tp_rank, int tp_size);
+
+  int tp_rank() const { return rank_; }
+  int tp_size() const { return size_; }
+  const ModelConfig& full_config() const { return full_config_; }
+  const ModelConfig& local_config() const { return local_config_; }
+  const ParamTable& full_table() const { return full_; }
+  const ParamTable& local_table() const { return local_; }
+  // Every local element appears in exactly one run; runs are in local order.
+  const std::vector<TpRun>& runs() const { return runs_; }
+
+  // local = this rank's elements of full (full_table().total_numel() -> local_table().total_numel()).
+  void scatter(const float* full, float* local) const;
+  // full[owned elements] = local: with every rank writing into a zero-filled full buffer, the sum over TP ranks is
+  // the full parameter set (each element written by exactly one rank).
+  void place_owned(const float* local, float* full) const;
+  // full[every element this rank holds] = local.
+  void place_all(const float* local, float* full) const;
+  // The local flat ranges this rank owns (sorted, merged): a sum over these on every rank counts each element of the
+  // full model once (the global gradient norm).
+  const std::vector<FlatRange>& owned_ranges() const { return owned_; }
+
+ private:
+  ModelConfig full_config_, local_config_;
+  int rank_, size_;
+  ParamTable full_, local_;
+  std::vector<TpRun> runs_;
+  std::vector<FlatRange> owned_;
+};
+
+}  // namespace nextron
