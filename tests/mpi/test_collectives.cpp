@@ -17,40 +17,11 @@
 #include "model/config.h"
 #include "parallel/layout.h"
 #include "parallel/mpi_communicator.h"
+#include "mpi_fixture.h"
 
 namespace nextron::test {
 
 namespace {
-
-int world_rank() {
-  int r = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &r);
-  return r;
-}
-
-int world_size() {
-  int s = 1;
-  MPI_Comm_size(MPI_COMM_WORLD, &s);
-  return s;
-}
-
-// A test whose failure on any rank fails it on rank 0 too (rank 0 is the one that reports).
-class Mpi : public ::testing::Test {
- protected:
-  void SetUp() override { comm_ = MpiCommunicator::world(); }
-  void TearDown() override {
-    int failed = HasFailure() ? 1 : 0;
-    std::vector<int> all(world_size());
-    MPI_Allgather(&failed, 1, MPI_INT, all.data(), 1, MPI_INT, MPI_COMM_WORLD);
-    if (world_rank() != 0) return;
-    std::string ranks;
-    for (size_t r = 1; r < all.size(); ++r) {
-      if (all[r]) ranks += (ranks.empty() ? "" : ", ") + std::to_string(r);
-    }
-    if (!ranks.empty()) ADD_FAILURE() << "failed on rank(s) " << ranks << " (their messages are above, on stderr)";
-  }
-  std::unique_ptr<MpiCommunicator> comm_;
-};
 
 ModelConfig tiny_moe_config() {
   ModelConfig c;
