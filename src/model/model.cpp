@@ -15,10 +15,7 @@ namespace nextron {
 using namespace cpu;
 
 Model::Model(const ModelConfig& config, const ModelComms& comms)
-    : config_(config),
-      local_config_(tp_local_config(config, comms.tp.size())),
-      comms_(comms),
-      table_(local_config_) {
+    : config_(config), local_config_(tp_local_config(config, comms.tp.size())), comms_(comms), table_(local_config_) {
   config_.validate();
   params_ = Tensor::zeros({table_.total_numel()});
   grads_ = Tensor::zeros({table_.total_numel()});
@@ -72,8 +69,8 @@ void Model::forward_body(const int64_t* ids, int64_t B, int64_t S) {
   rmsnorm_forward(fh, buffer(final_rstd_, {Nl}), hidden_[L].f32(), table_.view(params_, "norm").f32(), Nl, H,
                   config_.rms_norm_eps);
   final_h_region_ = tp.enter_forward(fh, final_h_full_, N, H);
-  linear_forward<float>(buffer(logits_, {B, S, V}), final_h_region_, table_.view(params_, "lm_head").f32(), nullptr,
-                        N, H, V);
+  linear_forward<float>(buffer(logits_, {B, S, V}), final_h_region_, table_.view(params_, "lm_head").f32(), nullptr, N,
+                        H, V);
 }
 
 LossValues Model::score() {
@@ -172,8 +169,7 @@ void Model::backward(float loss_scale) {
   }
   if (tp.active()) {
     const float* d = tp.exit_backward(dcur, dembed_full_, N, H);
-    vocab_parallel_embedding_backward(table_.view(grads_, "embed_tokens").f32(), d, ids_.data(), N, H,
-                                      vocab_shard());
+    vocab_parallel_embedding_backward(table_.view(grads_, "embed_tokens").f32(), d, ids_.data(), N, H, vocab_shard());
   } else {
     embedding_backward(table_.view(grads_, "embed_tokens").f32(), dcur, ids_.data(), N, H, V);
   }

@@ -30,7 +30,7 @@ struct LossValues {
 };
 
 struct ModelComms {
-  TensorParallel tp;                  // the tensor-parallel group (identity by default)
+  TensorParallel tp;                      // the tensor-parallel group (identity by default)
   Communicator* data_parallel = nullptr;  // the data-parallel group, nullptr for one replica
 };
 

@@ -71,8 +71,8 @@ void SparseMoe::backward(const float* dy, float* dx, float* dx_replicated, const
     float* dsg = zeroed(dshared_gate_, {N, 1});
     sigmoid_gate_backward(ds, dsg, dy, shared_out_.f32(), shared_gate_.f32(), N, H, 1);
     tp_.sum(dsg, N);  // the gate multiplies the shared expert's output, of which each rank holds a partial sum
-    linear_backward<float>(dx_replicated, wt_.g("shared_expert_gate"), nullptr, dsg, x_, wt_.w("shared_expert_gate"),
-                           N, H, 1);
+    linear_backward<float>(dx_replicated, wt_.g("shared_expert_gate"), nullptr, dsg, x_, wt_.w("shared_expert_gate"), N,
+                           H, 1);
     shared_->backward(ds, dx);
   }
 }

@@ -30,10 +30,10 @@ struct HfPiece {
 // How the gradient of a parameter that tensor parallelism replicates (tp_dim == -1) is completed over the TP
 // group after backward.
 enum class TpGradSum {
-  none,       // every TP rank computes the whole gradient itself (sharded parameters; router and shared-expert gate,
-              // which run on the full token set on every rank)
-  always,     // each rank sees only its heads: per-head norms (q_norm, k_norm, the DeltaNet gated norm)
-  with_sp,    // each rank sees only its sequence shard under sequence parallelism: the residual-stream norms
+  none,     // every TP rank computes the whole gradient itself (sharded parameters; router and shared-expert gate,
+            // which run on the full token set on every rank)
+  always,   // each rank sees only its heads: per-head norms (q_norm, k_norm, the DeltaNet gated norm)
+  with_sp,  // each rank sees only its sequence shard under sequence parallelism: the residual-stream norms
 };
 
 struct ParamSpec {

@@ -17,8 +17,7 @@ const float* TensorParallel::enter_forward(const float* x_local, Tensor& scratch
   return full;
 }
 
-void TensorParallel::enter_backward(float* dx_region, float* dx_local, Tensor& scratch, int64_t rows,
-                                    int64_t W) const {
+void TensorParallel::enter_backward(float* dx_region, float* dx_local, Tensor& scratch, int64_t rows, int64_t W) const {
   const int64_t n = local_rows(rows) * W;
   const float* summed = dx_region;
   if (sequence_parallel()) {

@@ -28,8 +28,8 @@ void vocab_parallel_embedding_forward(float* out, const float* table_local, cons
   }
 }
 
-void vocab_parallel_embedding_backward(float* dtable_local, const float* dout, const int64_t* ids, int64_t N,
-                                       int64_t H, const VocabShard& shard) {
+void vocab_parallel_embedding_backward(float* dtable_local, const float* dout, const int64_t* ids, int64_t N, int64_t H,
+                                       const VocabShard& shard) {
   // Parallel over column blocks, rows in order: repeated ids accumulate in a fixed order.
   constexpr int64_t kCols = 64;
   const int64_t blocks = (H + kCols - 1) / kCols;

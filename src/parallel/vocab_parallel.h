@@ -22,8 +22,8 @@ struct VocabShard {
 void vocab_parallel_embedding_forward(float* out, const float* table_local, const int64_t* ids, int64_t N, int64_t H,
                                       const VocabShard& shard);
 // Accumulates dtable_local[ids[n] - begin] += dout[n] for the ids this rank holds (deterministic).
-void vocab_parallel_embedding_backward(float* dtable_local, const float* dout, const int64_t* ids, int64_t N,
-                                       int64_t H, const VocabShard& shard);
+void vocab_parallel_embedding_backward(float* dtable_local, const float* dout, const int64_t* ids, int64_t N, int64_t H,
+                                       const VocabShard& shard);
 
 // The cross-entropy of cpu::cross_entropy_forward over logits whose columns are split over the TP group:
 // logits_local (N, V_local) are columns [begin, begin + V_local). lse (N) and row_loss (N, may be nullptr) are

@@ -226,14 +226,18 @@ std::string Trainer::save_checkpoint() {
              {"clip_grad", opt_.clip_grad}};
   if (ctx_) {
     const ParallelSizes& z = ctx_->layout().sizes();
-    st.args["layout"] = {{"tp", z.tp}, {"pp", z.pp},   {"cp", z.cp},
-                         {"ep", z.ep}, {"etp", z.etp}, {"dp", z.dp}, {"sequence_parallel", opt_.sequence_parallel}};
+    st.args["layout"] = {{"tp", z.tp},
+                         {"pp", z.pp},
+                         {"cp", z.cp},
+                         {"ep", z.ep},
+                         {"etp", z.etp},
+                         {"dp", z.dp},
+                         {"sequence_parallel", opt_.sequence_parallel}};
   }
   if (stream_) st.args["data_fingerprint"] = std::to_string(stream_->fingerprint());
   std::string dir;
   on_rank0([&] {
-    dir = save_train_checkpoint(opt_.save_dir, model_->config(), full_table, params.data(), shard, st,
-                                opt_.keep_last);
+    dir = save_train_checkpoint(opt_.save_dir, model_->config(), full_table, params.data(), shard, st, opt_.keep_last);
   });
   return dir.empty() ? train_checkpoint_dir(opt_.save_dir, step_) : dir;
 }
@@ -263,8 +267,8 @@ void Trainer::resume_from(const std::string& dir) {
                   a.contains(key) ? a[key].dump() : "?", " but this run has ", now.dump(),
                   "; resume with the same setting or start a new --save directory");
   };
+  // The micro-batch size and the layout may change: samples are consumed in global order, global_batch per step.
   same("seq_len", opt_.seq_len);
-  same("micro_batch", opt_.micro_batch);
   same("global_batch", opt_.global_batch);
   same("data_seed", opt_.data_seed);
   same("valid_fraction", opt_.valid_fraction);
@@ -304,8 +308,8 @@ void Trainer::run() {
   const bool log = is_logger();
   const int world = ctx_ ? ctx_->layout().world_size() : 1;
   // MFU's denominator: the peak of all ranks (rank 0 measures its own and assumes identical ranks).
-  const double peak = world * (opt_.peak_tflops > 0 ? opt_.peak_tflops * 1e12
-                                                    : (log ? measure_cpu_peak_flops(cpu_threads()) : 1.0));
+  const double peak =
+      world * (opt_.peak_tflops > 0 ? opt_.peak_tflops * 1e12 : (log ? measure_cpu_peak_flops(cpu_threads()) : 1.0));
   std::string metrics_path = log ? opt_.metrics_path : "";
   if (log && metrics_path.empty() && !opt_.save_dir.empty()) {
     std::filesystem::create_directories(opt_.save_dir);
@@ -313,16 +317,18 @@ void Trainer::run() {
   }
   std::unique_ptr<MetricsLog> metrics;
   if (!metrics_path.empty()) metrics = std::make_unique<MetricsLog>(metrics_path);
-  if (log) std::printf(
-      "nextron-train: %lld parameters, %lld layers (%s), %lld steps of %lld x %lld tokens; %.3g training "
-      "FLOPs/token; MFU against %.3g TFLOP/s%s\n",
-      static_cast<long long>(ctx_ ? ctx_->shard_map().full_table().total_numel() : model_->table().total_numel()),
-      static_cast<long long>(c.num_hidden_layers),
-      c.num_moe_layers() ? "MoE" : "dense", static_cast<long long>(opt_.train_steps),
-      static_cast<long long>(opt_.global_batch), static_cast<long long>(opt_.seq_len), flops_per_token, peak / 1e12,
-      opt_.peak_tflops > 0 ? "" : " (measured CPU fp32 GEMM peak)");
-  if (log && ctx_) std::printf("parallel layout: %s%s\n", ctx_->layout().describe().c_str(),
-                               opt_.sequence_parallel ? ", sequence parallel" : "");
+  if (log)
+    std::printf(
+        "nextron-train: %lld parameters, %lld layers (%s), %lld steps of %lld x %lld tokens; %.3g training "
+        "FLOPs/token; MFU against %.3g TFLOP/s%s\n",
+        static_cast<long long>(ctx_ ? ctx_->shard_map().full_table().total_numel() : model_->table().total_numel()),
+        static_cast<long long>(c.num_hidden_layers), c.num_moe_layers() ? "MoE" : "dense",
+        static_cast<long long>(opt_.train_steps), static_cast<long long>(opt_.global_batch),
+        static_cast<long long>(opt_.seq_len), flops_per_token, peak / 1e12,
+        opt_.peak_tflops > 0 ? "" : " (measured CPU fp32 GEMM peak)");
+  if (log && ctx_)
+    std::printf("parallel layout: %s%s\n", ctx_->layout().describe().c_str(),
+                opt_.sequence_parallel ? ", sequence parallel" : "");
   if (log && step_ > 0) std::printf("continuing at step %lld\n", static_cast<long long>(step_));
   const int64_t first_step = step_;
   std::fflush(stdout);

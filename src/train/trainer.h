@@ -42,11 +42,12 @@ class Trainer {
   explicit Trainer(const TrainOptions& options, SampleFn source = {}, Communicator* world = nullptr);
   ~Trainer();
 
-  StepRecord step();              // one optimizer step
-  double validate();              // mean loss over eval_iters validation micro-batches
-  std::string save_checkpoint();  // returns the checkpoint directory
+  StepRecord step();                       // one optimizer step
+  double validate();                       // mean loss over eval_iters validation micro-batches
+  std::string save_checkpoint();           // returns the checkpoint directory
   void export_hf(const std::string& dir);  // collective; rank 0 writes
-  void run();  // collective; the whole loop with logging, validation, checkpoints and export; stops cleanly on SIGINT/SIGTERM
+  void run();  // collective; the whole loop with logging, validation, checkpoints and export; stops cleanly on
+               // SIGINT/SIGTERM
 
   Model& model() { return *model_; }
   // Whole-model (single-device layout) parameters and the gradients of the last step as AdamW used them (summed

@@ -15,9 +15,9 @@
 
 #include "core/error.h"
 #include "model/config.h"
+#include "mpi_fixture.h"
 #include "parallel/layout.h"
 #include "parallel/mpi_communicator.h"
-#include "mpi_fixture.h"
 
 namespace nextron::test {
 

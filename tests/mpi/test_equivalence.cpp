@@ -41,8 +41,8 @@ const char* kConfig = R"({
 
 std::string config_path() {
   static const std::string path = [] {
-    const auto p = std::filesystem::temp_directory_path() /
-                   ("nextron-equivalence-" + std::to_string(::getpid()) + ".json");
+    const auto p =
+        std::filesystem::temp_directory_path() / ("nextron-equivalence-" + std::to_string(::getpid()) + ".json");
     std::ofstream(p) << kConfig;
     return p.string();
   }();
@@ -188,8 +188,7 @@ TEST_F(Mpi, UnimplementedParallelismIsRefused) {
     Trainer t(o, sample, comm_.get());
     ADD_FAILURE() << "PP 2 was accepted";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("pipeline parallelism is not implemented yet"), std::string::npos)
-        << e.what();
+    EXPECT_NE(std::string(e.what()).find("pipeline parallelism is not implemented yet"), std::string::npos) << e.what();
   }
 }
 

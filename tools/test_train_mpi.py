@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""nextron-train as an MPI job (mpirun -np 4): TP 2 x DP 2 with sequence parallelism against one process, rank-0-only
+logging, checkpoints that resume bit-identically at the same layout and also load into another layout, and a bad
+layout that fails on every rank without hanging.
+
+    python tools/test_train_mpi.py --train build/nextron-train --mpiexec mpiexec --work build/train_mpi
+
+Prints "train_mpi: N passed, M failed"; exit code 0 only when all pass.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "models", "qwen3-next-tiny.json")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--train", required=True)
+    ap.add_argument("--mpiexec", default="mpiexec")
+    ap.add_argument("--work", required=True)
+    args = ap.parse_args()
+    w = args.work
+    shutil.rmtree(w, ignore_errors=True)
+    os.makedirs(w)
+    text = os.path.join(w, "corpus.txt")
+    with open(text, "w") as f:
+        f.write(open(os.path.join(REPO, "README.md")).read() * 4)
+    data = os.path.join(w, "data.h5")
+    subprocess.run([sys.executable, os.path.join(REPO, "tools", "preprocess.py"), text, "--tokenizer", "byte",
+                    "--out", data], check=True, capture_output=True)
+    # Global batch 8 of 32 tokens; micro-batch 2 per DP rank (one process: 4 = 2 x DP 2, the same micro-batches).
+    common = ["--model-config", TINY, "--data", data, "--seq-len", "32", "--global-batch-size", "8", "--lr", "1e-3",
+              "--lr-warmup-steps", "2", "--lr-decay-steps", "6", "--no-progress", "--threads", "1", "--peak-tflops", "1",
+              "--valid-fraction", "0.05"]
+    tp2dp2 = common + ["--micro-batch-size", "2", "--tensor-model-parallel-size", "2", "--sequence-parallel"]
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               OMPI_MCA_rmaps_base_oversubscribe="1", OMP_NUM_THREADS="1")
+    passed, failed = 0, 0
+
+    def run(extra, np=4):
+        cmd = [args.train] + extra
+        if np > 1:
+            cmd = [args.mpiexec, "--allow-run-as-root", "--oversubscribe", "-np", str(np)] + cmd
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+    def check(name, cond, detail=""):
+        nonlocal passed, failed
+        if cond:
+            passed += 1
+            print(f"ok   {name}")
+        else:
+            failed += 1
+            print(f"FAIL {name}: {detail}")
+
+    def losses(path):
+        return {r["step"]: r["loss"] for r in map(json.loads, open(path)) if r.get("kind") == "train"}
+
+    # 1. TP 2 x DP 2 + SP, 4 steps saving at 2 and 4, with validation and an HF export.
+    par = os.path.join(w, "par")
+    r = run(tp2dp2 + ["--train-steps", "4", "--save", par, "--save-interval", "2", "--eval-interval", "2",
+                      "--export-hf", os.path.join(w, "hf")])
+    check("TP2 x DP2 + SP job runs", r.returncode == 0, r.stdout[-600:] + r.stderr[-800:])
+    check("only rank 0 logs", r.stdout.count("step 1/4") == 1 and "TP 2" in r.stdout, r.stdout[-600:])
+    saved = sorted(d for d in os.listdir(par) if d.startswith("step_")) if os.path.isdir(par) else []
+    check("checkpoints saved", saved == ["step_00000002", "step_00000004"], str(saved))
+    check("HF export written", os.path.exists(os.path.join(w, "hf", "model.safetensors")))
+
+    # 2. The same training on one process: the same losses (fp32; only summation orders differ).
+    one = os.path.join(w, "one")
+    r = run(common + ["--micro-batch-size", "4", "--train-steps", "4", "--save", one], np=1)
+    check("one-process run", r.returncode == 0, r.stderr[-800:])
+    lp, l1 = losses(os.path.join(par, "metrics.jsonl")), losses(os.path.join(one, "metrics.jsonl"))
+    check("losses equal the one-process run within 1e-5",
+          sorted(lp) == [1, 2, 3, 4] and all(abs(lp[s] - l1[s]) <= 1e-5 * abs(l1[s]) for s in lp), f"{lp} vs {l1}")
+
+    # 3. Resume at the same layout: steps 5-6 bit-identical to an uninterrupted 6-step run.
+    r = run(tp2dp2 + ["--train-steps", "6", "--save", par])
+    check("resume continues at step 5", r.returncode == 0 and "continuing at step 4" in r.stdout and
+          "step 5/6" in r.stdout, r.stdout[-600:] + r.stderr[-600:])
+    full = os.path.join(w, "full")
+    r = run(tp2dp2 + ["--train-steps", "6", "--save", full])
+    lr_, lf = losses(os.path.join(par, "metrics.jsonl")), losses(os.path.join(full, "metrics.jsonl"))
+    check("resumed steps are bit-identical", r.returncode == 0 and lr_.get(5) == lf.get(5) and
+          lr_.get(6) == lf.get(6), f"{lr_} vs {lf}")
+
+    # 4. The checkpoint holds the whole model: it also resumes under another layout (DP 4, micro-batch 1).
+    other = os.path.join(w, "other")
+    shutil.copytree(os.path.join(par, "step_00000004"), os.path.join(other, "step_00000004"))
+    r = run(common + ["--micro-batch-size", "1", "--train-steps", "6", "--save", other])
+    lo = losses(os.path.join(other, "metrics.jsonl")) if r.returncode == 0 else {}
+    check("resumes under DP 4", r.returncode == 0 and "continuing at step 4" in r.stdout and
+          all(abs(lo.get(s, 0) - lf[s]) <= 1e-4 * abs(lf[s]) for s in (5, 6)), f"{lo} vs {lf}; {r.stderr[-600:]}")
+
+    # 5. Bad layouts: every rank finds the problem before any communication and aborts the job (no hang), so at least
+    # the first rank's message is printed (MPI_Abort may kill the others before they print theirs).
+    r = run(common + ["--micro-batch-size", "2", "--tensor-model-parallel-size", "3", "--train-steps", "1"])
+    check("TP 3 fails naming the constraint", r.returncode != 0 and r.stderr.count("num_attention_heads 4 is not divisible by"
+                                                                            " TP 3") >= 1, r.stderr[-800:])
+    r = run(common + ["--micro-batch-size", "8", "--tensor-model-parallel-size", "2", "--train-steps", "1"])
+    check("global batch not divisible by micro x DP", r.returncode != 0 and
+          "must be a multiple of --micro-batch-size x data-parallel size" in r.stderr, r.stderr[-800:])
+    r = run(common + ["--micro-batch-size", "2", "--tensor-model-parallel-size", "2"], np=1)
+    check("a layout larger than the world", r.returncode == 1 and "world size 1 is not divisible" in r.stderr,
+          r.stderr[-600:])
+
+    print(f"train_mpi: {passed} passed, {failed} failed")
+    return 0 if failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
