@@ -1,0 +1,110 @@
+// CountingCommunicator: a Communicator that forwards every call to another one and counts what this rank sends, so
+// tests and benchmarks can check the communication volume of a layout against its analytic formula.
+//
+// The accounting convention (bytes THIS rank sends per call, b = element size, p = group size, n / c = counts in
+// elements as passed to the call). It is the standard bandwidth-optimal (ring) cost, not what the MPI library's
+// internal algorithm actually puts on the wire (that depends on the implementation, the message size and the
+// transport):
+//
+//   all_reduce_sum(buf, n)            2 (p - 1) / p * n * b   (ring: reduce-scatter then all-gather of n / p blocks)
+//   reduce_scatter_sum(in, out, c)    (p - 1) * c * b         (c: the per-rank output count)
+//   all_gather(in, out, c)            (p - 1) * c * b         (c: the per-rank input count)
+//   all_to_all_v(send, counts, ...)   sum over j != rank() of counts[j] * b
+//   broadcast(buf, n, root)           n * b on the root, 0 elsewhere (a pipelined chain / tree: the root pushes its
+//                                     buffer once; forwarding by the other ranks is not counted)
+//   send(buf, n, ...)                 n * b
+//   send_recv(send_buf, send_n, ...)  send_n * b
+//   recv, barrier, split              0 bytes (calls are counted)
+//
+// A group of one rank sends nothing: every call on it counts 0 bytes (its calls are still counted). All-reduce bytes
+// are fractional in general, so bytes are doubles (exact for the counts that occur: integers times 2(p-1)/p).
+//
+// Two tallies: own() counts the calls made on this communicator only (one process group); volume() is shared by a
+// communicator and every communicator split() from it (and their splits), so the world's volume() is everything the
+// rank sent over all its groups.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "parallel/communicator.h"
+
+namespace nextron {
+
+enum class CommOp : int {
+  all_reduce,
+  reduce_scatter,
+  all_gather,
+  all_to_all,
+  send,
+  recv,
+  send_recv,
+  broadcast,
+  barrier,
+  split
+};
+constexpr int kNumCommOps = 10;
+const char* comm_op_name(CommOp op);
+
+// Calls and bytes sent per kind of operation.
+struct CommVolume {
+  std::array<int64_t, kNumCommOps> calls{};
+  std::array<double, kNumCommOps> bytes{};
+
+  void add(CommOp op, double sent_bytes) {
+    ++calls[static_cast<int>(op)];
+    bytes[static_cast<int>(op)] += sent_bytes;
+  }
+  int64_t calls_of(CommOp op) const { return calls[static_cast<int>(op)]; }
+  double bytes_of(CommOp op) const { return bytes[static_cast<int>(op)]; }
+  double total_bytes() const;
+  int64_t total_calls() const;
+  void reset() { *this = CommVolume{}; }
+  // "all_reduce 12 calls 3072 B, all_gather ..." (kinds with no calls left out).
+  std::string describe() const;
+};
+
+class CountingCommunicator : public Communicator {
+ public:
+  // Wraps `inner` (not owned; must outlive this). `volume`: the shared tally to add to (a new one when null).
+  explicit CountingCommunicator(Communicator& inner, std::shared_ptr<CommVolume> volume = nullptr);
+  // Owns `inner` (what split() returns).
+  CountingCommunicator(std::unique_ptr<Communicator> inner, std::shared_ptr<CommVolume> volume);
+
+  // This rank's sends over this communicator and all communicators split from it.
+  const std::shared_ptr<CommVolume>& volume() const { return volume_; }
+  // This rank's sends over this communicator alone.
+  const CommVolume& own() const { return own_; }
+  // Zeroes own() (volume() is reset through the shared CommVolume).
+  void reset_own() { own_.reset(); }
+
+  int rank() const override { return inner_->rank(); }
+  int size() const override { return inner_->size(); }
+
+  void all_reduce_sum(float* buf, int64_t n) override;
+  void all_reduce_sum(double* buf, int64_t n) override;
+  void reduce_scatter_sum(const float* in, float* out, int64_t count) override;
+  void all_gather(const float* in, float* out, int64_t count) override;
+  void all_to_all_v(const float* send, const std::vector<int64_t>& send_counts, float* recv,
+                    const std::vector<int64_t>& recv_counts) override;
+  void send(const float* buf, int64_t n, int peer, int tag) override;
+  void recv(float* buf, int64_t n, int peer, int tag) override;
+  void send_recv(const float* send_buf, int64_t send_n, int dst, float* recv_buf, int64_t recv_n, int src,
+                 int tag) override;
+  void broadcast(float* buf, int64_t n, int root) override;
+  void barrier() override;
+  // The child wraps the inner communicator's split and adds to the same volume().
+  std::unique_ptr<Communicator> split(int color, int key) override;
+
+ private:
+  void count(CommOp op, double sent_bytes);
+
+  std::unique_ptr<Communicator> owned_;
+  Communicator* inner_;
+  std::shared_ptr<CommVolume> volume_;
+  CommVolume own_;
+};
+
+}  // namespace nextron

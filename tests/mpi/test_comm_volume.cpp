@@ -1,0 +1,274 @@
+// Communication volume and optimizer memory of the parallel layouts.
+//
+// 1. Bytes sent per rank per optimizer step, counted by a CountingCommunicator around the world (ring accounting,
+//    see parallel/counting_communicator.h), equal the analytic formula of the layout, derived here from the model's
+//    dimensions and the design of the TP/SP regions, the vocab-parallel loss, the TP gradient sync and ZeRO-1, and
+//    not read back from the code under test (only P_local, the local flat parameter count, comes from the model).
+//
+//    Notation: t = TP, d = DP, w = t d; N = micro_batch * seq_len tokens per micro-batch per DP rank; A accumulation
+//    steps; H hidden; L layers (Lf full-attention, Ll DeltaNet); Lm MoE layers, Ls of them with a shared expert; K
+//    experts per token; E experts; D head_dim; NKV KV heads; dv DeltaNet value head dim. ar(p, n, b) = 2 (p-1)/p n b
+//    (ring all-reduce of n elements of b bytes), ag/rs(p, c, b) = (p-1) c b (c per rank).
+//
+//      TP group, per micro-batch (t > 1):
+//        regions  without SP: 4L+2 all-reduces of N H floats (forward: the embedding exit and 2 exits per layer;
+//                 backward: the lm_head entry and 2 entries per layer)                       (4L+2) ar(t, N H, 4)
+//                 with SP: those become 4L+2 all-gathers + 4L+2 reduce-scatters of N/t H     (8L+4) (t-1) N/t H 4
+//        MoE      dtopw (N K floats) per MoE layer, dsg (N floats) per shared expert     Lm ar(t, N K, 4) + Ls ar(t, N,
+//        4) loss     all-gather of the N row maxima, all-reduce of 2N doubles               (t-1) N 4 + ar(t, 2N, 8)
+//      TP group, per step: the gradient sync, one all-reduce of G floats                            ar(t, G, 4)
+//        G = Lf 2D (q_norm, k_norm) + Ll dv (gated norm) + [SP] (2L+1) H (residual norms)
+//            + [NKV < t] Lf 2 NKV D H (full-size k_proj and v_proj slots)
+//      DP group, per micro-batch (d > 1): loss sums (2 doubles), MoE statistics (2E+1 doubles)
+//                                                                              ar(d, 2, 8) + [Lm > 0] ar(d, 2E+1, 8)
+//      DP group, per step: ZeRO-1 reduce-scatter + all-gather of ceil(P_local/d) floats     2 (d-1) ceil(P_local/d) 4
+//      world, per step: the gradient norm's sum of squares                                          ar(w, 1, 8)
+//
+//    bytes/rank/step = A (TP_mb + DP_mb) + TP_sync + ZeRO + world. Exact (counts times 2(p-1)/p): 1e-9 relative.
+//
+// 2. ZeRO-1 optimizer state per rank (AdamW's two fp32 moments of the rank's shard) is 2 * 4 * shard bytes, the
+//    shard being the ceil(P/d) split of the flat buffer: it falls as 1/DP, within one padding element.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <ostream>
+
+#include "mpi_fixture.h"
+#include "parallel/counting_communicator.h"
+#include "train/trainer.h"
+
+namespace nextron::test {
+
+namespace {
+
+// The tiny Qwen3-Next of the equivalence tests: both mixer types, NKV = 2 (< TP at TP 4), one dense MLP layer, three
+// MoE layers with 8 experts and a shared expert. The constants below are its dimensions, for the formula.
+const char* kConfig = R"({
+  "model_type": "qwen3_next", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 32,
+  "num_hidden_layers": 4, "layer_types": ["linear_attention", "full_attention", "linear_attention", "full_attention"],
+  "mlp_only_layers": [2], "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+  "partial_rotary_factor": 0.25, "rope_theta": 10000, "linear_num_key_heads": 4, "linear_num_value_heads": 8,
+  "linear_key_head_dim": 8, "linear_value_head_dim": 8, "linear_conv_kernel_dim": 4, "num_experts": 8,
+  "num_experts_per_tok": 2, "moe_intermediate_size": 16, "shared_expert_intermediate_size": 16,
+  "decoder_sparse_step": 1, "norm_topk_prob": true, "router_aux_loss_coef": 0.1, "rms_norm_eps": 1e-6,
+  "tie_word_embeddings": false, "hidden_act": "silu", "attention_bias": false
+})";
+constexpr int64_t kVocab = 64, kH = 32, kL = 4, kLfull = 2, kLlin = 2, kLmoe = 3, kLshared = 3, kK = 2, kE = 8,
+                  kHeadDim = 8, kNkv = 2, kDv = 8;
+constexpr int64_t kSeq = 16, kGlobalBatch = 16;
+
+std::string config_path() {
+  static const std::string path = [] {
+    const auto p =
+        std::filesystem::temp_directory_path() / ("nextron-comm-volume-" + std::to_string(::getpid()) + ".json");
+    std::ofstream(p) << kConfig;
+    return p.string();
+  }();
+  return path;
+}
+
+void sample(int64_t index, int64_t* out) {
+  for (int64_t t = 0; t <= kSeq; ++t) out[t] = (index * 7919 + t * 104729 + (index * t) % 13) % kVocab;
+}
+
+// micro_batch 2 up to DP 4 and 1 at DP 8: A = 8, 4, 2, 2 accumulation steps at DP 1, 2, 4, 8.
+int64_t micro_batch(int dp) { return dp <= 4 ? 2 : 1; }
+
+TrainOptions options(int tp, bool sp, int dp) {
+  TrainOptions o;
+  o.model_config = config_path();
+  o.seq_len = kSeq;
+  o.micro_batch = micro_batch(dp);
+  o.global_batch = kGlobalBatch;
+  o.train_steps = 1;
+  o.lr.lr = 1e-3;
+  o.lr.warmup_steps = 1;
+  o.clip_grad = 1.0;
+  o.resume = "none";
+  o.progress = false;
+  o.threads = 1;
+  o.parallel.tp = tp;
+  o.sequence_parallel = sp;
+  return o;
+}
+
+// Ring all-reduce bytes a rank sends for n elements of b bytes over p ranks.
+double ar(int p, double n, double b) { return p > 1 ? 2.0 * (p - 1) / p * n * b : 0.0; }
+// All-gather / reduce-scatter bytes for c elements per rank.
+double ag(int p, double c, double b) { return (p - 1) * c * b; }
+
+struct Expected {
+  double tp_bytes = 0, dp_bytes = 0, world_bytes = 0;
+  int64_t tp_all_reduce = 0, tp_all_gather = 0, tp_reduce_scatter = 0;
+  int64_t dp_all_reduce = 0, dp_all_gather = 0, dp_reduce_scatter = 0;
+  int64_t world_all_reduce = 0;
+  double total() const { return tp_bytes + dp_bytes + world_bytes; }
+};
+
+// The analytic volume of one optimizer step for TP t (with or without SP) x DP d. p_local: the rank's flat
+// parameter count (its TP shard).
+Expected formula(int t, bool sp, int d, int64_t p_local) {
+  const int w = t * d;
+  const double N = static_cast<double>(micro_batch(d) * kSeq), H = kH;
+  const int64_t A = kGlobalBatch / (micro_batch(d) * d), regions = 4 * kL + 2;
+  Expected e;
+  if (t > 1) {
+    const double region_bytes =
+        sp ? 2.0 * static_cast<double>(regions) * ag(t, N / t * H, 4) : static_cast<double>(regions) * ar(t, N * H, 4);
+    const double moe_bytes = kLmoe * ar(t, N * kK, 4) + kLshared * ar(t, N, 4);
+    const double loss_bytes = ag(t, N, 4) + ar(t, 2 * N, 8);
+    const int64_t G = kLfull * 2 * kHeadDim + kLlin * kDv + (sp ? (2 * kL + 1) * kH : 0) +
+                      (kNkv < t ? kLfull * 2 * kNkv * kHeadDim * kH : 0);
+    e.tp_bytes = static_cast<double>(A) * (region_bytes + moe_bytes + loss_bytes) + (G > 0 ? ar(t, G, 4) : 0.0);
+    e.tp_all_reduce = A * ((sp ? 0 : regions) + kLmoe + kLshared + 1) + (G > 0 ? 1 : 0);
+    e.tp_all_gather = A * ((sp ? regions : 0) + 1);
+    e.tp_reduce_scatter = A * (sp ? regions : 0);
+  }
+  if (d > 1) {
+    const int64_t capacity = (p_local + d - 1) / d;
+    e.dp_bytes = static_cast<double>(A) * (ar(d, 2, 8) + (kLmoe > 0 ? ar(d, 2 * kE + 1, 8) : 0.0)) +
+                 2 * ag(d, static_cast<double>(capacity), 4);
+    e.dp_all_reduce = A * (1 + (kLmoe > 0 ? 1 : 0));
+    e.dp_all_gather = 1;
+    e.dp_reduce_scatter = 1;
+  }
+  if (w > 1) {
+    e.world_bytes = ar(w, 1, 8);
+    e.world_all_reduce = 1;
+  }
+  return e;
+}
+
+void expect_bytes(double got, double want, const std::string& what) {
+  EXPECT_NEAR(got, want, 1e-9 * std::max(1.0, std::fabs(want))) << what;
+}
+
+struct LayoutCase {
+  const char* name;
+  int world, tp;
+  bool sp;
+};
+
+// Names the layout in gtest's messages (instead of the struct's bytes).
+void PrintTo(const LayoutCase& c, std::ostream* os) { *os << c.name; }
+
+class CommVolumeLayouts : public Mpi, public ::testing::WithParamInterface<LayoutCase> {};
+
+TEST_P(CommVolumeLayouts, BytesPerStepMatchFormula) {
+  const LayoutCase& c = GetParam();
+  if (c.world != world_size()) GTEST_SKIP() << c.name << " runs at " << c.world << " ranks";
+  const int t = c.tp, d = c.world / c.tp;
+  CountingCommunicator world(*comm_);
+  Trainer trainer(options(t, c.sp, d), sample, &world);
+  // Construction communicates nothing: it only splits the world into the TP and the DP groups.
+  const CommVolume& built = *world.volume();
+  EXPECT_EQ(built.total_bytes(), 0.0) << built.describe();
+  EXPECT_EQ(built.calls_of(CommOp::split), c.world > 1 ? 2 : 0) << built.describe();
+  EXPECT_EQ(built.total_calls(), built.calls_of(CommOp::split)) << built.describe();
+  world.volume()->reset();
+  world.reset_own();
+
+  // The TP and DP groups are the world's splits, so CountingCommunicators too.
+  CountingCommunicator* tp = nullptr;
+  CountingCommunicator* dp = nullptr;
+  if (trainer.parallel()) {
+    tp = dynamic_cast<CountingCommunicator*>(&trainer.parallel()->tp());
+    dp = dynamic_cast<CountingCommunicator*>(&trainer.parallel()->dp());
+    ASSERT_TRUE(tp && dp);
+    ASSERT_EQ(tp->size(), t);
+    ASSERT_EQ(dp->size(), d);
+    EXPECT_EQ(tp->own().total_calls() + dp->own().total_calls(), 0);
+  }
+
+  trainer.step();
+
+  const Expected want = formula(t, c.sp, d, trainer.model().table().total_numel());
+  const double got = world.volume()->total_bytes();
+  expect_bytes(got, want.total(), "bytes sent by this rank in one step: " + world.volume()->describe());
+  const CommVolume none;
+  const CommVolume& tp_v = tp ? tp->own() : none;
+  const CommVolume& dp_v = dp ? dp->own() : none;
+  expect_bytes(tp_v.total_bytes(), want.tp_bytes, "TP group: " + tp_v.describe());
+  expect_bytes(dp_v.total_bytes(), want.dp_bytes, "DP group: " + dp_v.describe());
+  expect_bytes(world.own().total_bytes(), want.world_bytes, "world: " + world.own().describe());
+  EXPECT_EQ(tp_v.calls_of(CommOp::all_reduce), want.tp_all_reduce) << tp_v.describe();
+  EXPECT_EQ(tp_v.calls_of(CommOp::all_gather), want.tp_all_gather) << tp_v.describe();
+  EXPECT_EQ(tp_v.calls_of(CommOp::reduce_scatter), want.tp_reduce_scatter) << tp_v.describe();
+  EXPECT_EQ(tp_v.total_calls(), want.tp_all_reduce + want.tp_all_gather + want.tp_reduce_scatter) << tp_v.describe();
+  EXPECT_EQ(dp_v.calls_of(CommOp::all_reduce), want.dp_all_reduce) << dp_v.describe();
+  EXPECT_EQ(dp_v.calls_of(CommOp::all_gather), want.dp_all_gather) << dp_v.describe();
+  EXPECT_EQ(dp_v.calls_of(CommOp::reduce_scatter), want.dp_reduce_scatter) << dp_v.describe();
+  EXPECT_EQ(dp_v.total_calls(), want.dp_all_reduce + want.dp_all_gather + want.dp_reduce_scatter) << dp_v.describe();
+  EXPECT_EQ(world.own().calls_of(CommOp::all_reduce), want.world_all_reduce) << world.own().describe();
+  EXPECT_EQ(world.own().total_calls(), want.world_all_reduce) << world.own().describe();
+  if (world_rank() == 0)
+    std::printf("%s: rank bytes/step = %.0f (formula %.0f; TP %.0f, DP %.0f, world %.0f)\n", c.name, got, want.total(),
+                want.tp_bytes, want.dp_bytes, want.world_bytes);
+}
+
+INSTANTIATE_TEST_SUITE_P(Layouts, CommVolumeLayouts,
+                         ::testing::Values(LayoutCase{"Single", 1, 1, false}, LayoutCase{"TP2", 2, 2, false},
+                                           LayoutCase{"TP2_SP", 2, 2, true}, LayoutCase{"DP2", 2, 1, false},
+                                           LayoutCase{"TP4", 4, 4, false}, LayoutCase{"TP4_SP", 4, 4, true},
+                                           LayoutCase{"TP2xDP2", 4, 2, false}, LayoutCase{"TP2xDP2_SP", 4, 2, true},
+                                           LayoutCase{"DP4", 4, 1, false}, LayoutCase{"TP2xDP4_SP", 8, 2, true},
+                                           LayoutCase{"TP4xDP2", 8, 4, false}, LayoutCase{"DP8", 8, 1, false}),
+                         [](const auto& param_info) { return std::string(param_info.param.name); });
+
+// ZeRO-1: every DP size that fits the world (TP 1, the first d ranks), the optimizer state of each rank is AdamW's two
+// fp32 moments of its ceil(P/d) shard (the last rank's is shorter), so the largest per-rank state is 8 ceil(P/d)
+// bytes: 1/DP of the whole state plus less than one padding element.
+TEST_F(Mpi, OptimizerStateFallsAsOneOverDp) {
+  const int r = world_rank(), w = world_size();
+  std::vector<std::string> rows;
+  for (int d = 1; d <= w; d *= 2) {
+    std::unique_ptr<Communicator> group = comm_->split(r < d ? 0 : 1, r);
+    long long mine = -1;  // -1: not in the group
+    int64_t P = 0;
+    if (r < d) {
+      Trainer trainer(options(1, false, d), sample, group.get());
+      P = trainer.model().table().total_numel();
+      const int64_t capacity = (P + d - 1) / d;
+      const int64_t shard = std::min(P, (r + 1) * capacity) - std::min(P, r * capacity);
+      mine = trainer.optimizer().state_bytes();
+      EXPECT_EQ(mine, 2 * 4 * shard) << "DP " << d << " rank " << r;
+      // What the rank actually holds: AdamW's two moment buffers.
+      const AdamW& adam = trainer.optimizer().adam();
+      EXPECT_EQ(mine, static_cast<int64_t>(sizeof(float)) * (adam.exp_avg().numel() + adam.exp_avg_sq().numel()))
+          << "DP " << d << " rank " << r;
+    }
+    std::vector<long long> all(w);
+    MPI_Allgather(&mine, 1, MPI_LONG_LONG, all.data(), 1, MPI_LONG_LONG, MPI_COMM_WORLD);
+    long long P0 = P;
+    MPI_Bcast(&P0, 1, MPI_LONG_LONG, 0, MPI_COMM_WORLD);
+    long long sum = 0, largest = 0, smallest = all[0];
+    for (int k = 0; k < d; ++k) {
+      sum += all[k];
+      largest = std::max(largest, all[k]);
+      smallest = std::min(smallest, all[k]);
+    }
+    const double ideal = 8.0 * static_cast<double>(P0) / d;  // the whole state split evenly
+    EXPECT_EQ(sum, 8 * P0) << "DP " << d << ": the shards must cover the flat buffer once";
+    EXPECT_EQ(largest, 8 * ((P0 + d - 1) / d)) << "DP " << d;
+    EXPECT_LT(static_cast<double>(largest) - ideal, 8.0) << "DP " << d << ": more than one padding element over 1/DP";
+    char line[160];
+    std::snprintf(line, sizeof(line),
+                  "  DP %d: optimizer state bytes/rank = %lld (largest; smallest %lld), 1/DP of "
+                  "8 P = %.1f",
+                  d, largest, smallest, ideal);
+    rows.push_back(line);
+  }
+  if (r == 0) {
+    std::printf("ZeRO-1 optimizer state per rank (tiny config, TP 1):\n");
+    for (const auto& l : rows) std::printf("%s\n", l.c_str());
+  }
+}
+
+}  // namespace
+
+}  // namespace nextron::test
