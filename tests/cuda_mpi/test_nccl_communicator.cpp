@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "../mpi/mpi_fixture.h"
 #include "core/cuda/check.h"
 #include "core/cuda/device.h"
 #include "core/error.h"
@@ -27,18 +28,6 @@ namespace {
 std::string g_skip_reason;                 // non-empty: skip everything
 std::unique_ptr<NcclCommunicator> g_nccl;  // the world, over NCCL
 std::string g_create_error;                // why g_nccl is null when nothing is skipped
-
-int world_rank() {
-  int r = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &r);
-  return r;
-}
-
-int world_size() {
-  int s = 1;
-  MPI_Comm_size(MPI_COMM_WORLD, &s);
-  return s;
-}
 
 // A device array of T (RAII), filled from and read back to host vectors.
 template <typename T>
@@ -301,20 +290,6 @@ TEST_F(Nccl, BadArgumentsAreErrorsOnEveryRank) {
 
 namespace {
 
-// On ranks other than 0: print only failed assertions, prefixed with the rank.
-class RankFailurePrinter : public ::testing::EmptyTestEventListener {
- public:
-  explicit RankFailurePrinter(int rank) : rank_(rank) {}
-  void OnTestPartResult(const ::testing::TestPartResult& result) override {
-    if (!result.failed()) return;
-    std::fprintf(stderr, "[rank %d] %s:%d: Failure\n%s\n", rank_, result.file_name() ? result.file_name() : "?",
-                 result.line_number(), result.message());
-  }
-
- private:
-  int rank_;
-};
-
 // Why this job cannot run the tests ("" when it can), the same on every rank. Ranks sharing a node need distinct
 // GPUs, so the node-local rank picks the device and the node must have at least as many GPUs as ranks.
 std::string skip_reason(MPI_Comm node, int* device) {
@@ -340,7 +315,7 @@ int main(int argc, char** argv) {
   if (rank != 0) {
     auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
     delete listeners.Release(listeners.default_result_printer());
-    listeners.Append(new RankFailurePrinter(rank));
+    listeners.Append(new nextron::test::RankFailurePrinter(rank));
   }
 
   MPI_Comm node = MPI_COMM_NULL;

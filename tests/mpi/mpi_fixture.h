@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdio>
 #include <memory>
 #include <string>
 #include <vector>
@@ -40,6 +41,20 @@ class Mpi : public ::testing::Test {
     if (!ranks.empty()) ADD_FAILURE() << "failed on rank(s) " << ranks << " (their messages are above, on stderr)";
   }
   std::unique_ptr<MpiCommunicator> comm_;
+};
+
+// On ranks other than 0: print only failed assertions, prefixed with the rank.
+class RankFailurePrinter : public ::testing::EmptyTestEventListener {
+ public:
+  explicit RankFailurePrinter(int rank) : rank_(rank) {}
+  void OnTestPartResult(const ::testing::TestPartResult& result) override {
+    if (!result.failed()) return;
+    std::fprintf(stderr, "[rank %d] %s:%d: Failure\n%s\n", rank_, result.file_name() ? result.file_name() : "?",
+                 result.line_number(), result.message());
+  }
+
+ private:
+  int rank_;
 };
 
 }  // namespace nextron::test

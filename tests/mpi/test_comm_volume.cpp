@@ -29,52 +29,28 @@
 // 2. ZeRO-1 optimizer state per rank (AdamW's two fp32 moments of the rank's shard) is 2 * 4 * shard bytes, the
 //    shard being the ceil(P/d) split of the flat buffer: it falls as 1/DP, within one padding element.
 #include <gtest/gtest.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <filesystem>
-#include <fstream>
 #include <ostream>
 
 #include "mpi_fixture.h"
 #include "parallel/counting_communicator.h"
+#include "tiny_model.h"
 #include "train/trainer.h"
 
 namespace nextron::test {
 
 namespace {
 
-// The tiny Qwen3-Next of the equivalence tests: both mixer types, NKV = 2 (< TP at TP 4), one dense MLP layer, three
-// MoE layers with 8 experts and a shared expert. The constants below are its dimensions, for the formula.
-const char* kConfig = R"({
-  "model_type": "qwen3_next", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 32,
-  "num_hidden_layers": 4, "layer_types": ["linear_attention", "full_attention", "linear_attention", "full_attention"],
-  "mlp_only_layers": [2], "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
-  "partial_rotary_factor": 0.25, "rope_theta": 10000, "linear_num_key_heads": 4, "linear_num_value_heads": 8,
-  "linear_key_head_dim": 8, "linear_value_head_dim": 8, "linear_conv_kernel_dim": 4, "num_experts": 8,
-  "num_experts_per_tok": 2, "moe_intermediate_size": 16, "shared_expert_intermediate_size": 16,
-  "decoder_sparse_step": 1, "norm_topk_prob": true, "router_aux_loss_coef": 0.1, "rms_norm_eps": 1e-6,
-  "tie_word_embeddings": false, "hidden_act": "silu", "attention_bias": false
-})";
-constexpr int64_t kVocab = 64, kH = 32, kL = 4, kLfull = 2, kLlin = 2, kLmoe = 3, kLshared = 3, kK = 2, kE = 8,
-                  kHeadDim = 8, kNkv = 2, kDv = 8;
+constexpr int64_t kVocab = kTinyVocab, kH = kTinyHidden, kL = kTinyLayers, kLfull = kTinyFullLayers,
+                  kLlin = kTinyLinearLayers, kLmoe = kTinyMoeLayers, kLshared = kTinySharedLayers, kK = kTinyTopK,
+                  kE = kTinyExperts, kHeadDim = kTinyHeadDim, kNkv = kTinyKvHeads, kDv = kTinyValueHeadDim;
 constexpr int64_t kSeq = 16, kGlobalBatch = 16;
 
-std::string config_path() {
-  static const std::string path = [] {
-    const auto p =
-        std::filesystem::temp_directory_path() / ("nextron-comm-volume-" + std::to_string(::getpid()) + ".json");
-    std::ofstream(p) << kConfig;
-    return p.string();
-  }();
-  return path;
-}
-
-void sample(int64_t index, int64_t* out) {
-  for (int64_t t = 0; t <= kSeq; ++t) out[t] = (index * 7919 + t * 104729 + (index * t) % 13) % kVocab;
-}
+std::string config_path() { return tiny_config_path(); }
+void sample(int64_t index, int64_t* out) { tiny_sample(index, out, kSeq); }
 
 // micro_batch 2 up to DP 4 and 1 at DP 8: A = 8, 4, 2, 2 accumulation steps at DP 1, 2, 4, 8.
 int64_t micro_batch(int dp) { return dp <= 4 ? 2 : 1; }

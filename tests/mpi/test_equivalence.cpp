@@ -11,48 +11,23 @@
 // by sqrt(v), so an element whose gradient is near zero can move by up to lr differently; bounded by 1e-5 absolute
 // (lr = 1e-3 times 1e-2) plus 1e-4 of the tensor's largest |value|.
 #include <gtest/gtest.h>
-#include <unistd.h>
 
 #include <cmath>
 #include <cstdlib>
-#include <filesystem>
-#include <fstream>
 
 #include "model/param_table.h"
 #include "mpi_fixture.h"
+#include "tiny_model.h"
 #include "train/trainer.h"
 
 namespace nextron::test {
 
 namespace {
 
-constexpr int64_t kSeq = 16, kVocab = 64, kGlobalBatch = 8, kGlobalMicro = 4, kSteps = 3;
+constexpr int64_t kSeq = 16, kGlobalBatch = 8, kGlobalMicro = 4, kSteps = 3;
 
-const char* kConfig = R"({
-  "model_type": "qwen3_next", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 32,
-  "num_hidden_layers": 4, "layer_types": ["linear_attention", "full_attention", "linear_attention", "full_attention"],
-  "mlp_only_layers": [2], "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
-  "partial_rotary_factor": 0.25, "rope_theta": 10000, "linear_num_key_heads": 4, "linear_num_value_heads": 8,
-  "linear_key_head_dim": 8, "linear_value_head_dim": 8, "linear_conv_kernel_dim": 4, "num_experts": 8,
-  "num_experts_per_tok": 2, "moe_intermediate_size": 16, "shared_expert_intermediate_size": 16,
-  "decoder_sparse_step": 1, "norm_topk_prob": true, "router_aux_loss_coef": 0.1, "rms_norm_eps": 1e-6,
-  "tie_word_embeddings": false, "hidden_act": "silu", "attention_bias": false
-})";
-
-std::string config_path() {
-  static const std::string path = [] {
-    const auto p =
-        std::filesystem::temp_directory_path() / ("nextron-equivalence-" + std::to_string(::getpid()) + ".json");
-    std::ofstream(p) << kConfig;
-    return p.string();
-  }();
-  return path;
-}
-
-// Training sample `index`: kSeq + 1 tokens, a fixed function of the index.
-void sample(int64_t index, int64_t* out) {
-  for (int64_t t = 0; t <= kSeq; ++t) out[t] = (index * 7919 + t * 104729 + (index * t) % 13) % kVocab;
-}
+std::string config_path() { return tiny_config_path(); }
+void sample(int64_t index, int64_t* out) { tiny_sample(index, out, kSeq); }
 
 TrainOptions options(int tp, bool sp, int dp) {
   TrainOptions o;
