@@ -1,0 +1,43 @@
+// Causal GQA attention on the GPU through cuDNN's fused flash attention, built with the cuDNN graph API
+// (cudnn-frontend's SDPA nodes). CPU reference: kernels/cpu/attention.h (same layouts, lse definition and GQA
+// mapping: query head h reads kv head h / (NH / NKV)).
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <tuple>
+
+#include "kernels/cuda/common.h"
+
+namespace nextron::cuda {
+
+struct AttentionShape {
+  int64_t B, S, NH, NKV, D;
+  auto key() const { return std::tie(B, S, NH, NKV, D); }
+  bool operator<(const AttentionShape& o) const { return key() < o.key(); }
+};
+
+// Holds the cuDNN handle and one built forward and backward graph (execution plans) per shape, built on first
+// use and reused: steps of a fixed shape build nothing. Workspace: grown once to the largest plan's need.
+class FusedAttention {
+ public:
+  explicit FusedAttention(cudaStream_t stream);
+  ~FusedAttention();
+  FusedAttention(const FusedAttention&) = delete;
+  FusedAttention& operator=(const FusedAttention&) = delete;
+
+  // q: (B, S, NH, D), k, v: (B, S, NKV, D) bf16; o: (B, S, NH, D) bf16 overwritten; lse: (B, NH, S) fp32
+  // overwritten (natural-log log-sum-exp of each row of scaled scores, as the CPU kernel).
+  void forward(bf16* o, float* lse, const bf16* q, const bf16* k, const bf16* v, const AttentionShape& s, float scale);
+  // OVERWRITES dq (B, S, NH, D), dk, dv (B, S, NKV, D) bf16 (cuDNN writes its gradients; the caller adds them
+  // where it needs accumulation). o and lse from the forward.
+  void backward(bf16* dq, bf16* dk, bf16* dv, const bf16* d_o, const bf16* q, const bf16* k, const bf16* v,
+                const bf16* o, const float* lse, const AttentionShape& s, float scale);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace nextron::cuda

@@ -1,0 +1,33 @@
+// Chunked gated delta rule on the GPU (CPU reference: kernels/cpu/gated_delta_rule.h, same recurrence, layouts and
+// GQA mapping: value head j reads key head j / (Hv / Hk) without materialising repeated q/k).
+//
+// q, k: (B, S, Hk, dk) bf16, already L2-normalised; v: (B, S, Hv, dv) bf16; g (log-decay, <= 0), beta:
+// (B, S, Hv) fp32; o: (B, S, Hv, dv) bf16. States (B, Hv, dk, dv) fp32. Chunks of 64 tokens (the last one may be
+// partial: any S >= 1). Within a chunk, cumulative g, decay factors exp(G_i - G_j) and the state are fp32; the
+// products with bf16 q/k/v accumulate in fp32. Head dims: any dk, dv that are multiples of 16 up to 256
+// (Qwen3-Next: 128); others throw nextron::Error naming the constraint.
+#pragma once
+
+#include "kernels/cpu/gated_delta_rule.h"  // GdrShape
+#include "kernels/cuda/common.h"
+
+namespace nextron::cuda {
+
+using cpu::GdrShape;
+
+// Bytes of device scratch the forward / backward need for shape s (the caller allocates it once and reuses it).
+size_t gated_delta_rule_workspace_bytes(const GdrShape& s);
+
+// Overwrites o and final_state (nullptr to skip). initial_state: nullptr = zero.
+void gated_delta_rule_forward(bf16* o, float* final_state, const bf16* q, const bf16* k, const bf16* v,
+                              const float* g, const float* beta, const float* initial_state, const GdrShape& s,
+                              float scale, void* workspace, cudaStream_t stream);
+// Accumulates dq, dk, dv (bf16), dg, dbeta, d_initial_state (fp32) (each may be nullptr) from d_o (required) and
+// d_final_state (nullptr = zero). Recomputes what it needs from the inputs; deterministic (no atomics whose order
+// varies between runs).
+void gated_delta_rule_backward(bf16* dq, bf16* dk, bf16* dv, float* dg, float* dbeta, float* d_initial_state,
+                               const bf16* d_o, const float* d_final_state, const bf16* q, const bf16* k,
+                               const bf16* v, const float* g, const float* beta, const float* initial_state,
+                               const GdrShape& s, float scale, void* workspace, cudaStream_t stream);
+
+}  // namespace nextron::cuda
