@@ -20,15 +20,40 @@ std::string shape_str(const Shape& s) {
   return os.str();
 }
 
+namespace {
+DeviceMemoryHooks g_hooks;
+int64_t g_device_allocations = 0;
+}  // namespace
+
+void register_device_memory_hooks(const DeviceMemoryHooks& hooks) { g_hooks = hooks; }
+
+const DeviceMemoryHooks& device_memory_hooks() {
+  NEXTRON_CHECK(g_hooks.alloc != nullptr,
+                "CUDA memory requested but the CUDA backend is not initialised: build with nvcc and select "
+                "--device cuda (which initialises it)");
+  return g_hooks;
+}
+
+int64_t device_allocation_count() { return g_device_allocations; }
+
 Storage::Storage(size_t bytes, Device device) : bytes_(bytes), device_(device) {
-  NEXTRON_CHECK(device == Device::cpu, "CUDA storage is created by the CUDA backend (src/core/cuda), not by Storage");
+  if (device == Device::cuda) {
+    data_ = device_memory_hooks().alloc(bytes == 0 ? 64 : bytes);
+    ++g_device_allocations;
+    return;
+  }
   size_t padded = ((bytes + 63) / 64) * 64;
   data_ = std::aligned_alloc(64, padded == 0 ? 64 : padded);
   NEXTRON_CHECK(data_ != nullptr, "out of host memory allocating ", bytes, " bytes");
   std::memset(data_, 0, padded == 0 ? 64 : padded);
 }
 
-Storage::~Storage() { std::free(data_); }
+Storage::~Storage() {
+  if (device_ == Device::cuda)
+    g_hooks.free(data_);
+  else
+    std::free(data_);
+}
 
 Tensor Tensor::zeros(const Shape& shape, DType dtype, Device device) {
   for (int64_t d : shape) NEXTRON_CHECK(d >= 0, "negative dimension in shape ", shape_str(shape));
@@ -76,13 +101,20 @@ Tensor Tensor::slice0(int64_t begin, int64_t end) const {
 }
 
 void Tensor::zero_() {
-  if (defined()) std::memset(raw(), 0, nbytes());
+  if (!defined()) return;
+  if (device() == Device::cuda)
+    device_memory_hooks().memset_zero(raw(), nbytes());
+  else
+    std::memset(raw(), 0, nbytes());
 }
 
 void Tensor::copy_from(const Tensor& src) {
   NEXTRON_CHECK(src.numel() == numel() && src.dtype() == dtype(), "copy_from: size or dtype mismatch ",
                 shape_str(src.shape()), " -> ", shape_str(shape_));
-  std::memcpy(raw(), src.raw(), nbytes());
+  if (device() == Device::cuda || src.device() == Device::cuda)
+    device_memory_hooks().copy(raw(), src.raw(), nbytes());
+  else
+    std::memcpy(raw(), src.raw(), nbytes());
 }
 
 }  // namespace nextron

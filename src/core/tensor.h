@@ -21,7 +21,20 @@ using Shape = std::vector<int64_t>;
 int64_t shape_numel(const Shape& s);
 std::string shape_str(const Shape& s);
 
-// A block of memory; CPU storage is 64-byte aligned and zero-initialised.
+// Device memory management, registered by the CUDA backend (src/core/cuda) so that this core library does not
+// depend on CUDA. copy handles every direction (host/device, device/device).
+struct DeviceMemoryHooks {
+  void* (*alloc)(size_t bytes) = nullptr;  // zero-filled
+  void (*free)(void* ptr) = nullptr;
+  void (*memset_zero)(void* ptr, size_t bytes) = nullptr;
+  void (*copy)(void* dst, const void* src, size_t bytes) = nullptr;
+};
+void register_device_memory_hooks(const DeviceMemoryHooks& hooks);
+const DeviceMemoryHooks& device_memory_hooks();  // throws when no CUDA backend is linked in / initialised
+// Device allocations made so far (the CUDA backend's steady state must not add any: tests/cuda checks it).
+int64_t device_allocation_count();
+
+// A block of memory, zero-initialised; CPU storage is 64-byte aligned.
 class Storage {
  public:
   Storage(size_t bytes, Device device);
@@ -67,6 +80,7 @@ class Tensor {
   // Rows [begin, end) of dim 0.
   Tensor slice0(int64_t begin, int64_t end) const;
   void zero_();
+  // Copies src's elements (same count and dtype) from any device to any device.
   void copy_from(const Tensor& src);
 
  private:

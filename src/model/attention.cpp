@@ -1,91 +1,90 @@
 #include "model/attention.h"
 
 #include <cmath>
-#include <cstring>
-
-#include "kernels/cpu/attention.h"
-#include "kernels/cpu/linear.h"
-#include "kernels/cpu/rmsnorm.h"
-#include "kernels/cpu/rope.h"
-#include "kernels/cpu/sigmoid_gate.h"
 
 namespace nextron {
 
-using namespace cpu;
+GatedAttention::GatedAttention(const ModelConfig& config, ModuleWeights weights, Ops& ops)
+    : c_(config), wt_(std::move(weights)), ops_(ops) {
+  // q_proj's output holds per head [query (D) | gate (D)]: the query columns are gathered into (N, NH, D); the gate
+  // is read in place (row stride 2D per head).
+  const int64_t NH = c_.num_attention_heads, D = c_.head_dim;
+  std::vector<int32_t> q_cols;
+  for (int64_t h = 0; h < NH; ++h)
+    for (int64_t d = 0; d < D; ++d) q_cols.push_back(static_cast<int32_t>(h * 2 * D + d));
+  std::vector<int32_t> gate_cols;
+  for (int32_t c : q_cols) gate_cols.push_back(static_cast<int32_t>(c + D));
+  q_cols_ = ops_.index_table(q_cols);
+  gate_cols_ = ops_.index_table(gate_cols);
+}
 
-GatedAttention::GatedAttention(const ModelConfig& config, ModuleWeights weights)
-    : c_(config), wt_(std::move(weights)) {}
-
-void GatedAttention::forward(const float* x, float* y, int64_t B, int64_t S) {
-  const int64_t N = B * S, H = c_.hidden_size, NH = c_.num_attention_heads, NKV = c_.num_key_value_heads,
-                D = c_.head_dim, R = c_.rotary_dim();
-  const float eps = static_cast<float>(c_.rms_norm_eps);
-  if (S != S_) {
-    rope_tables(buffer(cos_, {S, R}), buffer(sin_, {S, R}), S, R, c_.rope_theta, 0);
-  }
+void GatedAttention::forward(const Tensor& x, Tensor& y, int64_t B, int64_t S) {
+  const int64_t N = B * S, NH = c_.num_attention_heads, NKV = c_.num_key_value_heads, D = c_.head_dim,
+                R = c_.rotary_dim();
+  if (S != S_) ops_.rope_tables(cos_, sin_, S, R, c_.rope_theta);
   B_ = B;
   S_ = S;
   x_ = x;
-  // q_proj output per head: [query (D) | gate (D)].
-  float* qg = buffer(qg_, {N, NH * 2 * D});  // (N, NH, 2D)
-  linear_forward(qg, x, wt_.w("q_proj"), wt_.w_or_null("q_proj_bias"), N, H, NH * 2 * D);
-  float* q_raw = buffer(q_raw_, {N, NH, D});
-  float* gate = buffer(gate_, {N, NH * D});
-  for (int64_t r = 0; r < N * NH; ++r) {
-    std::memcpy(q_raw + r * D, qg + r * 2 * D, D * sizeof(float));
-    std::memcpy(gate + r * D, qg + r * 2 * D + D, D * sizeof(float));
-  }
-  float* k_raw = buffer(k_raw_, {N, NKV, D});
-  float* v = buffer(v_, {N, NKV, D});
-  linear_forward(k_raw, x, wt_.w("k_proj"), wt_.w_or_null("k_proj_bias"), N, H, NKV * D);
-  linear_forward(v, x, wt_.w("v_proj"), wt_.w_or_null("v_proj_bias"), N, H, NKV * D);
+  ParamRef bias;
+  Tensor& qg = ops_.act(qg_, {N, NH * 2 * D});  // per head [query (D) | gate (D)]
+  ops_.linear_forward(qg, x, wt_.p("q_proj"), wt_.p_or_null("q_proj_bias", bias));
+  Tensor& q_raw = ops_.act(q_raw_, {N, NH * D});
+  ops_.gather_cols(q_raw, qg, q_cols_);
+  Tensor& k_raw = ops_.act(k_raw_, {N, NKV * D});
+  Tensor& v = ops_.act(v_, {B, S, NKV, D});
+  ops_.linear_forward(k_raw, x, wt_.p("k_proj"), wt_.p_or_null("k_proj_bias", bias));
+  ops_.linear_forward(v, x, wt_.p("v_proj"), wt_.p_or_null("v_proj_bias", bias));
 
   // Per-head norms, then RoPE on the first R dims of every head.
-  float* q = buffer(q_, {N, NH, D});
-  float* k = buffer(k_, {N, NKV, D});
-  rmsnorm_forward(q, buffer(q_rstd_, {N * NH}), q_raw, wt_.w("q_norm"), N * NH, D, eps);
-  rmsnorm_forward(k, buffer(k_rstd_, {N * NKV}), k_raw, wt_.w("k_norm"), N * NKV, D, eps);
-  rope_forward(q, q, cos_.f32(), sin_.f32(), B, S, NH, D, R);
-  rope_forward(k, k, cos_.f32(), sin_.f32(), B, S, NKV, D, R);
+  Tensor& q = ops_.act(q_, {B, S, NH, D});
+  Tensor& k = ops_.act(k_, {B, S, NKV, D});
+  ops_.rmsnorm_forward(q, ops_.f32(q_rstd_, {N * NH}), q_raw, wt_.p("q_norm"), c_.rms_norm_eps);
+  ops_.rmsnorm_forward(k, ops_.f32(k_rstd_, {N * NKV}), k_raw, wt_.p("k_norm"), c_.rms_norm_eps);
+  ops_.rope_forward(q, q, cos_, sin_, R);
+  ops_.rope_forward(k, k, cos_, sin_, R);
 
-  float* o = buffer(o_, {N, NH, D});
-  attention_forward(o, buffer(lse_, {B, NH, S}), q, k, v, B, S, NH, NKV, D, 1.0f / std::sqrt(float(D)));
-  float* og = buffer(og_, {N, NH * D});
-  sigmoid_gate_forward(og, o, gate, N, NH * D, NH * D);
-  linear_forward(y, og, wt_.w("o_proj"), wt_.w_or_null("o_proj_bias"), N, NH * D, H);
+  Tensor& o = ops_.act(o_, {B, S, NH, D});
+  ops_.attention_forward(o, ops_.f32(lse_, {B, NH, S}), q, k, v, 1.0 / std::sqrt(double(D)));
+  Tensor& og = ops_.act(og_, {N, NH * D});
+  // The gate is the second half of each head's 2D columns of qg: (N * NH, D) rows with stride 2D.
+  Tensor o_rows = o.reshape({N * NH, D});
+  Tensor og_rows = og.reshape({N * NH, D});
+  Tensor gate = Tensor::view_of(qg, D, {N * NH, D});
+  ops_.sigmoid_gate_forward(og_rows, o_rows, gate, D, 2 * D);
+  ops_.linear_forward(y, og, wt_.p("o_proj"), wt_.p_or_null("o_proj_bias", bias));
 }
 
-void GatedAttention::backward(const float* dy, float* dx) {
-  const int64_t B = B_, S = S_, N = B * S, H = c_.hidden_size, NH = c_.num_attention_heads,
-                NKV = c_.num_key_value_heads, D = c_.head_dim, R = c_.rotary_dim();
-  float* dog = zeroed(dog_, {N, NH * D});
-  linear_backward(dog, wt_.g("o_proj"), wt_.g_or_null("o_proj_bias"), dy, og_.f32(), wt_.w("o_proj"), N, NH * D, H);
-  float* d_o = zeroed(do_, {N, NH * D});
-  float* dgate = zeroed(dgate_, {N, NH * D});
-  sigmoid_gate_backward(d_o, dgate, dog, o_.f32(), gate_.f32(), N, NH * D, NH * D);
+void GatedAttention::backward(const Tensor& dy, Tensor& dx) {
+  const int64_t B = B_, S = S_, N = B * S, NH = c_.num_attention_heads, NKV = c_.num_key_value_heads, D = c_.head_dim,
+                R = c_.rotary_dim();
+  ParamRef bias;
+  Tensor& dog = ops_.act_zeroed(dog_, {N, NH * D});
+  ops_.linear_backward(&dog, wt_.p("o_proj"), wt_.p_or_null("o_proj_bias", bias), dy, og_);
+  // dqg holds per head [dquery | dgate]; the gate gradient is written in place into its columns.
+  Tensor& dqg = ops_.act_zeroed(dqg_, {N, NH * 2 * D});
+  Tensor& d_o = ops_.act_zeroed(do_, {B, S, NH, D});
+  Tensor d_o_rows = d_o.reshape({N * NH, D});
+  Tensor dgate = Tensor::view_of(dqg, D, {N * NH, D});
+  Tensor gate = Tensor::view_of(qg_, D, {N * NH, D});
+  ops_.sigmoid_gate_backward(&d_o_rows, &dgate, dog.reshape({N * NH, D}), o_.reshape({N * NH, D}), gate, D, 2 * D);
 
-  float* dq = zeroed(dq_, {N, NH, D});
-  float* dk = zeroed(dk_, {N, NKV, D});
-  float* dv = zeroed(dv_, {N, NKV, D});
-  attention_backward(dq, dk, dv, d_o, q_.f32(), k_.f32(), v_.f32(), o_.f32(), lse_.f32(), B, S, NH, NKV, D,
-                     1.0f / std::sqrt(float(D)));
-  float* dqn = zeroed(dqn_, {N, NH, D});
-  float* dkn = zeroed(dkn_, {N, NKV, D});
-  rope_backward(dqn, dq, cos_.f32(), sin_.f32(), B, S, NH, D, R);
-  rope_backward(dkn, dk, cos_.f32(), sin_.f32(), B, S, NKV, D, R);
-  float* dq_raw = zeroed(dq_raw_, {N, NH, D});
-  float* dk_raw = zeroed(dk_raw_, {N, NKV, D});
-  rmsnorm_backward(dq_raw, wt_.g("q_norm"), dqn, q_raw_.f32(), wt_.w("q_norm"), q_rstd_.f32(), N * NH, D);
-  rmsnorm_backward(dk_raw, wt_.g("k_norm"), dkn, k_raw_.f32(), wt_.w("k_norm"), k_rstd_.f32(), N * NKV, D);
+  Tensor& dq = ops_.act(dq_, {B, S, NH, D});
+  Tensor& dk = ops_.act(dk_, {B, S, NKV, D});
+  Tensor& dv = ops_.act(dv_, {B, S, NKV, D});
+  ops_.attention_backward(dq, dk, dv, d_o, q_, k_, v_, o_, lse_, 1.0 / std::sqrt(double(D)));
+  Tensor& dqn = ops_.act_zeroed(dqn_, {B, S, NH, D});
+  Tensor& dkn = ops_.act_zeroed(dkn_, {B, S, NKV, D});
+  ops_.rope_backward(dqn, dq, cos_, sin_, R);
+  ops_.rope_backward(dkn, dk, cos_, sin_, R);
+  Tensor& dq_raw = ops_.act_zeroed(dq_raw_, {N, NH * D});
+  Tensor& dk_raw = ops_.act_zeroed(dk_raw_, {N, NKV * D});
+  ops_.rmsnorm_backward(&dq_raw, wt_.p("q_norm"), dqn, q_raw_, q_rstd_);
+  ops_.rmsnorm_backward(&dk_raw, wt_.p("k_norm"), dkn, k_raw_, k_rstd_);
 
-  float* dqg = buffer(dqg_, {N, NH * 2 * D});
-  for (int64_t r = 0; r < N * NH; ++r) {
-    std::memcpy(dqg + r * 2 * D, dq_raw + r * D, D * sizeof(float));
-    std::memcpy(dqg + r * 2 * D + D, dgate + r * D, D * sizeof(float));
-  }
-  linear_backward(dx, wt_.g("q_proj"), wt_.g_or_null("q_proj_bias"), dqg, x_, wt_.w("q_proj"), N, H, NH * 2 * D);
-  linear_backward(dx, wt_.g("k_proj"), wt_.g_or_null("k_proj_bias"), dk_raw, x_, wt_.w("k_proj"), N, H, NKV * D);
-  linear_backward(dx, wt_.g("v_proj"), wt_.g_or_null("v_proj_bias"), dv, x_, wt_.w("v_proj"), N, H, NKV * D);
+  ops_.scatter_cols(dqg, dq_raw, q_cols_, /*accumulate=*/false);
+  ops_.linear_backward(&dx, wt_.p("q_proj"), wt_.p_or_null("q_proj_bias", bias), dqg, x_);
+  ops_.linear_backward(&dx, wt_.p("k_proj"), wt_.p_or_null("k_proj_bias", bias), dk_raw, x_);
+  ops_.linear_backward(&dx, wt_.p("v_proj"), wt_.p_or_null("v_proj_bias", bias), dv, x_);
 }
 
 }  // namespace nextron

@@ -1,32 +1,27 @@
 #include "model/mlp.h"
 
-#include "kernels/cpu/linear.h"
-#include "kernels/cpu/swiglu.h"
-
 namespace nextron {
 
-using namespace cpu;
+SwiGluMlp::SwiGluMlp(ModuleWeights weights, int64_t hidden, int64_t intermediate, Ops& ops)
+    : wt_(std::move(weights)), H_(hidden), I_(intermediate), ops_(ops) {}
 
-SwiGluMlp::SwiGluMlp(ModuleWeights weights, int64_t hidden, int64_t intermediate)
-    : wt_(std::move(weights)), H_(hidden), I_(intermediate) {}
-
-void SwiGluMlp::forward(const float* x, float* y, int64_t N) {
-  N_ = N;
+void SwiGluMlp::forward(const Tensor& x, Tensor& y) {
+  const int64_t N = x.numel() / H_;
   x_ = x;
-  float* gu = buffer(gu_, {N, 2 * I_});  // per row [gate (I) | up (I)]
-  linear_forward<float>(gu, x, wt_.w("gate_up_proj"), nullptr, N, H_, 2 * I_);
-  float* h = buffer(h_, {N, I_});
-  swiglu_forward(h, gu, N, I_);
-  linear_forward<float>(y, h, wt_.w("down_proj"), nullptr, N, I_, H_);
+  Tensor& gu = ops_.act(gu_, {N, 2 * I_});  // per row [gate (I) | up (I)]
+  ops_.linear_forward(gu, x, wt_.p("gate_up_proj"), nullptr);
+  Tensor& h = ops_.act(h_, {N, I_});
+  ops_.swiglu_forward(h, gu);
+  ops_.linear_forward(y, h, wt_.p("down_proj"), nullptr);
 }
 
-void SwiGluMlp::backward(const float* dy, float* dx) {
-  const int64_t N = N_;
-  float* dh = zeroed(dh_, {N, I_});
-  linear_backward<float>(dh, wt_.g("down_proj"), nullptr, dy, h_.f32(), wt_.w("down_proj"), N, I_, H_);
-  float* dgu = zeroed(dgu_, {N, 2 * I_});
-  swiglu_backward(dgu, dh, gu_.f32(), N, I_);
-  linear_backward<float>(dx, wt_.g("gate_up_proj"), nullptr, dgu, x_, wt_.w("gate_up_proj"), N, H_, 2 * I_);
+void SwiGluMlp::backward(const Tensor& dy, Tensor& dx) {
+  const int64_t N = x_.numel() / H_;
+  Tensor& dh = ops_.act_zeroed(dh_, {N, I_});
+  ops_.linear_backward(&dh, wt_.p("down_proj"), nullptr, dy, h_);
+  Tensor& dgu = ops_.act_zeroed(dgu_, {N, 2 * I_});
+  ops_.swiglu_backward(dgu, dh, gu_);
+  ops_.linear_backward(&dx, wt_.p("gate_up_proj"), nullptr, dgu, x_);
 }
 
 }  // namespace nextron

@@ -3,24 +3,58 @@
 #include <cmath>
 #include <limits>
 
-#include "kernels/cpu/cross_entropy.h"
-#include "kernels/cpu/embedding.h"
-#include "kernels/cpu/linear.h"
 #include "kernels/cpu/load_balancing.h"
-#include "kernels/cpu/rmsnorm.h"
+#include "kernels/cpu_ops.h"
 #include "parallel/tp_shard.h"
 
 namespace nextron {
 
-using namespace cpu;
+namespace {
 
-Model::Model(const ModelConfig& config, const ModelComms& comms)
-    : config_(config), local_config_(tp_local_config(config, comms.tp.size())), comms_(comms), table_(local_config_) {
+// The host copy of a small f32 device tensor (statistics, per-row losses).
+std::vector<float> to_host(const Ops& ops, const Tensor& t) {
+  std::vector<float> v(t.numel());
+  ops.download(v.data(), t, v.size() * sizeof(float));
+  return v;
+}
+
+}  // namespace
+
+Model::Model(const ModelConfig& config, const ModelComms& comms, std::shared_ptr<Ops> ops)
+    : config_(config),
+      local_config_(tp_local_config(config, comms.tp.size())),
+      comms_(comms),
+      ops_(ops ? std::move(ops) : std::make_shared<CpuOps>()),
+      table_(local_config_) {
   config_.validate();
-  params_ = Tensor::zeros({table_.total_numel()});
-  grads_ = Tensor::zeros({table_.total_numel()});
+  NEXTRON_CHECK(ops_->device() == Device::cpu || !comms_.tp.active(),
+                "tensor parallelism runs on the CPU backend only for now: use --tensor-model-parallel-size 1 with "
+                "--device cuda");
+  ops_->f32(flat_.params, {table_.total_numel()});
+  ops_->f32(flat_.grads, {table_.total_numel()});
+  if (ops_->act_dtype() == DType::f32)
+    flat_.params_act = flat_.params;
+  else
+    ops_->act(flat_.params_act, {table_.total_numel()});
   for (int64_t i = 0; i < config_.num_hidden_layers; ++i)
-    layers_.push_back(std::make_unique<DecoderLayer>(local_config_, i, table_, params_, grads_, comms_.tp));
+    layers_.push_back(std::make_unique<DecoderLayer>(local_config_, i, table_, flat_, *ops_, comms_.tp));
+}
+
+void Model::params_changed() {
+  if (flat_.params_act.raw() != flat_.params.raw()) ops_->cast(flat_.params_act, flat_.params);
+}
+
+Tensor Model::logits() const {
+  if (logits_.device() == Device::cpu && logits_.dtype() == DType::f32) return logits_;
+  Tensor act_host = Tensor::zeros(logits_.shape(), logits_.dtype());
+  act_host.copy_from(logits_);
+  if (act_host.dtype() == DType::f32) return act_host;
+  NEXTRON_ASSERT(act_host.dtype() == DType::bf16);
+  Tensor out = Tensor::zeros(logits_.shape());
+  const uint16_t* src = act_host.data<uint16_t>();
+  float* dst = out.f32();
+  for (int64_t i = 0; i < out.numel(); ++i) dst[i] = bf16_to_f32(src[i]);
+  return out;
 }
 
 VocabShard Model::vocab_shard() const {
@@ -30,6 +64,7 @@ VocabShard Model::vocab_shard() const {
 void Model::forward_body(const int64_t* ids, int64_t B, int64_t S) {
   NEXTRON_CHECK(B > 0 && S > 0, "forward: batch and sequence length must be positive, got B=", B, " S=", S);
   const TensorParallel& tp = comms_.tp;
+  Ops& ops = *ops_;
   const int64_t N = B * S, H = config_.hidden_size, V = local_config_.vocab_size, L = config_.num_hidden_layers;
   NEXTRON_CHECK(!tp.sequence_parallel() || N % tp.size() == 0, "sequence parallelism splits the ", N,
                 " tokens of a micro-batch over TP ", tp.size(), ": choose a sequence length divisible by TP");
@@ -37,52 +72,60 @@ void Model::forward_body(const int64_t* ids, int64_t B, int64_t S) {
   B_ = B;
   S_ = S;
   ids_.assign(ids, ids + N);
+  ops.upload(ops.i64(ids_dev_, {N}), ids, N * sizeof(int64_t));
   hidden_.resize(L + 1);
-  float* h0 = buffer(hidden_[0], {Nl, H});
+  Tensor& h0 = ops.act(hidden_[0], {Nl, H});
+  const ParamRef embed = ModuleWeights(table_, flat_, "").p("embed_tokens");
   if (tp.active()) {
     // Each rank looks up the ids of its vocab rows; the region exit sums (or reduce-scatters) the partial rows.
-    float* e = buffer(embed_region_, {N, H});
-    vocab_parallel_embedding_forward(e, table_.view(params_, "embed_tokens").f32(), ids, N, H, vocab_shard());
+    Tensor& e = ops.act(embed_region_, {N, H});
+    vocab_parallel_embedding_forward(e.f32(), embed.w.f32(), ids, N, H, vocab_shard());
     tp.exit_forward(e, h0, N, H);
   } else {
-    embedding_forward(h0, table_.view(params_, "embed_tokens").f32(), ids, N, H, V);
+    ops.embedding_forward(h0, embed, ids_dev_);
   }
-  aux_.reset(config_.num_experts);
-  for (int64_t i = 0; i < L; ++i) layers_[i]->forward(hidden_[i].f32(), buffer(hidden_[i + 1], {Nl, H}), B, S, aux_);
+  aux_.reset(ops, config_.num_experts);
+  for (int64_t i = 0; i < L; ++i) layers_[i]->forward(hidden_[i], ops.act(hidden_[i + 1], {Nl, H}), B, S, aux_);
   if (comms_.data_parallel && aux_.total_rows > 0) {
     // The load-balancing loss of the global micro-batch: sum the statistics of every data-parallel replica.
     const int64_t E = config_.num_experts;
+    std::vector<float> counts = to_host(ops, aux_.count_sum), probs = to_host(ops, aux_.prob_sum);
     std::vector<double> stats(2 * E + 1);
     for (int64_t e = 0; e < E; ++e) {
-      stats[e] = aux_.count_sum.f32()[e];
-      stats[E + e] = aux_.prob_sum.f32()[e];
+      stats[e] = counts[e];
+      stats[E + e] = probs[e];
     }
     stats[2 * E] = aux_.total_rows;
     comms_.data_parallel->all_reduce_sum(stats.data(), 2 * E + 1);
     for (int64_t e = 0; e < E; ++e) {
-      aux_.count_sum.f32()[e] = static_cast<float>(stats[e]);
-      aux_.prob_sum.f32()[e] = static_cast<float>(stats[E + e]);
+      counts[e] = static_cast<float>(stats[e]);
+      probs[e] = static_cast<float>(stats[E + e]);
     }
+    ops.upload(aux_.count_sum, counts.data(), E * sizeof(float));
+    ops.upload(aux_.prob_sum, probs.data(), E * sizeof(float));
     aux_.total_rows = stats[2 * E];
   }
-  float* fh = buffer(final_h_, {Nl, H});
-  rmsnorm_forward(fh, buffer(final_rstd_, {Nl}), hidden_[L].f32(), table_.view(params_, "norm").f32(), Nl, H,
-                  config_.rms_norm_eps);
+  const ModuleWeights top(table_, flat_, "");
+  Tensor& fh = ops.act(final_h_, {Nl, H});
+  ops.rmsnorm_forward(fh, ops.f32(final_rstd_, {Nl}), hidden_[L], top.p("norm"), config_.rms_norm_eps);
   final_h_region_ = tp.enter_forward(fh, final_h_full_, N, H);
-  linear_forward<float>(buffer(logits_, {B, S, V}), final_h_region_, table_.view(params_, "lm_head").f32(), nullptr, N,
-                        H, V);
+  ops.linear_forward(ops.act(logits_, {B, S, V}), final_h_region_, top.p("lm_head"), nullptr);
 }
 
 LossValues Model::score() {
-  const int64_t N = B_ * S_, V = local_config_.vocab_size;
+  Ops& ops = *ops_;
+  const int64_t N = B_ * S_;
   double sum = 0;
   int64_t count = 0;
-  if (comms_.tp.active())
-    vocab_parallel_cross_entropy_forward(&sum, &count, buffer(row_loss_, {N}), buffer(lse_, {N}), logits_.f32(),
-                                         targets_.data(), N, vocab_shard(), comms_.tp);
-  else
-    cross_entropy_forward(&sum, &count, buffer(row_loss_, {N}), buffer(lse_, {N}), logits_.f32(), targets_.data(), N,
-                          V);
+  ops.f32(row_loss_, {N});
+  ops.f32(lse_, {N});
+  if (comms_.tp.active()) {
+    vocab_parallel_cross_entropy_forward(&sum, &count, row_loss_.f32(), lse_.f32(), logits_.f32(), targets_.data(), N,
+                                         vocab_shard(), comms_.tp);
+  } else {
+    ops.upload(ops.i64(targets_dev_, {N}), targets_.data(), N * sizeof(int64_t));
+    ops.cross_entropy_forward(&sum, &count, row_loss_, lse_, logits_, targets_dev_);
+  }
   if (comms_.data_parallel) {
     // The mean over the global micro-batch's scored tokens (the gradient is then a plain sum over replicas).
     double both[2] = {sum, static_cast<double>(count)};
@@ -93,8 +136,10 @@ LossValues Model::score() {
   loss_ = LossValues{};
   loss_.tokens = count;
   loss_.lm_loss = count > 0 ? sum / static_cast<double>(count) : 0.0;
-  if (aux_.total_rows > 0)
-    loss_.aux_loss = aux_loss_value(aux_.count_sum.f32(), aux_.prob_sum.f32(), aux_.total_rows, config_.num_experts);
+  if (aux_.total_rows > 0) {
+    const std::vector<float> counts = to_host(ops, aux_.count_sum), probs = to_host(ops, aux_.prob_sum);
+    loss_.aux_loss = cpu::aux_loss_value(counts.data(), probs.data(), aux_.total_rows, config_.num_experts);
+  }
   loss_.loss = loss_.lm_loss + config_.router_aux_loss_coef * loss_.aux_loss;
   return loss_;
 }
@@ -120,7 +165,8 @@ LossValues Model::forward_targets(const int64_t* ids, const int64_t* targets, in
 std::vector<double> Model::per_sequence_loss() const {
   std::vector<double> out(B_, std::numeric_limits<double>::quiet_NaN());
   if (targets_.empty()) return out;
-  const float* rl = row_loss_.f32();
+  const std::vector<float> row_loss = to_host(*ops_, row_loss_);
+  const float* rl = row_loss.data();
   for (int64_t b = 0; b < B_; ++b) {
     double s = 0;
     int64_t n = 0;
@@ -137,41 +183,45 @@ std::vector<double> Model::per_sequence_loss() const {
 void Model::backward(float loss_scale) {
   NEXTRON_CHECK(!targets_.empty(), "backward() needs a forward() with labels first");
   const TensorParallel& tp = comms_.tp;
+  Ops& ops = *ops_;
   const int64_t N = B_ * S_, Nl = tp.local_rows(N), H = config_.hidden_size, V = local_config_.vocab_size,
                 L = config_.num_hidden_layers;
-  float* dlogits = zeroed(dlogits_, {N, V});
+  const ModuleWeights top(table_, flat_, "");
+  Tensor& dlogits = ops.act(dlogits_, {N, V});
   if (loss_.tokens > 0) {
-    const float scale = loss_scale / static_cast<float>(loss_.tokens);
-    if (tp.active())
-      vocab_parallel_cross_entropy_backward(dlogits, logits_.f32(), lse_.f32(), targets_.data(), scale, N,
-                                            vocab_shard());
-    else
-      cross_entropy_backward(dlogits, logits_.f32(), lse_.f32(), targets_.data(), scale, N, V);
+    const double scale = loss_scale / static_cast<double>(loss_.tokens);
+    if (tp.active()) {
+      dlogits.zero_();
+      vocab_parallel_cross_entropy_backward(dlogits.f32(), logits_.f32(), lse_.f32(), targets_.data(),
+                                            static_cast<float>(scale), N, vocab_shard());
+    } else {
+      ops.cross_entropy_backward(dlogits, logits_, lse_, targets_dev_, scale);
+    }
+  } else {
+    ops.zero(dlogits);
   }
-  float* dfh = zeroed(dfinal_h_, {N, H});
-  linear_backward<float>(dfh, table_.view(grads_, "lm_head").f32(), nullptr, dlogits, final_h_region_,
-                         table_.view(params_, "lm_head").f32(), N, H, V);
-  const float* dfh_local = dfh;
+  Tensor& dfh = ops.act_zeroed(dfinal_h_, {N, H});
+  ops.linear_backward(&dfh, top.p("lm_head"), nullptr, dlogits, final_h_region_);
+  Tensor* dfh_local = &dfh;
   if (tp.active()) {
-    float* d = zeroed(dfinal_h_local_, {Nl, H});
+    Tensor& d = ops.act_zeroed(dfinal_h_local_, {Nl, H});
     tp.enter_backward(dfh, d, dscratch_, N, H);
-    dfh_local = d;
+    dfh_local = &d;
   }
-  float* dcur = zeroed(dhidden_a_, {Nl, H});
-  rmsnorm_backward(dcur, table_.view(grads_, "norm").f32(), dfh_local, hidden_[L].f32(),
-                   table_.view(params_, "norm").f32(), final_rstd_.f32(), Nl, H);
+  ops.act_zeroed(dhidden_a_, {Nl, H});
+  ops.rmsnorm_backward(&dhidden_a_, top.p("norm"), *dfh_local, hidden_[L], final_rstd_);
   const float d_aux = loss_scale * static_cast<float>(config_.router_aux_loss_coef);
   for (int64_t i = L - 1; i >= 0; --i) {
-    float* dprev = zeroed(dhidden_b_, {Nl, H});
-    layers_[i]->backward(dcur, dprev, aux_, d_aux);
+    ops.act_zeroed(dhidden_b_, {Nl, H});
+    layers_[i]->backward(dhidden_a_, dhidden_b_, aux_, d_aux);
     std::swap(dhidden_a_, dhidden_b_);
-    dcur = dhidden_a_.f32();
   }
+  const ParamRef embed = top.p("embed_tokens");
   if (tp.active()) {
-    const float* d = tp.exit_backward(dcur, dembed_full_, N, H);
-    vocab_parallel_embedding_backward(table_.view(grads_, "embed_tokens").f32(), d, ids_.data(), N, H, vocab_shard());
+    const Tensor& d = tp.exit_backward(dhidden_a_, dembed_full_, N, H);
+    vocab_parallel_embedding_backward(embed.g.f32(), d.f32(), ids_.data(), N, H, vocab_shard());
   } else {
-    embedding_backward(table_.view(grads_, "embed_tokens").f32(), dcur, ids_.data(), N, H, V);
+    ops.embedding_backward(embed, dhidden_a_, ids_dev_);
   }
 }
 

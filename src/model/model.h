@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "core/tensor.h"
+#include "kernels/ops.h"
 #include "model/config.h"
 #include "model/decoder.h"
 #include "model/moe.h"
@@ -36,16 +37,23 @@ struct ModelComms {
 
 class Model {
  public:
-  explicit Model(const ModelConfig& config, const ModelComms& comms = {});
+  // ops: the backend the model runs on (nullptr: the CPU backend). Its parameters, gradients and activations live
+  // on ops->device().
+  explicit Model(const ModelConfig& config, const ModelComms& comms = {}, std::shared_ptr<Ops> ops = nullptr);
   Model(const Model&) = delete;
   Model& operator=(const Model&) = delete;
 
   const ModelConfig& config() const { return config_; }              // the whole model's config
   const ModelConfig& local_config() const { return local_config_; }  // this TP rank's slice
   const ParamTable& table() const { return table_; }                 // laid out for local_config()
-  Tensor& params() { return params_; }
-  Tensor& grads() { return grads_; }
-  void zero_grad() { grads_.zero_(); }
+  Ops& ops() { return *ops_; }
+  // Flat fp32 buffers on the backend's device, laid out by table().
+  Tensor& params() { return flat_.params; }
+  Tensor& grads() { return flat_.grads; }
+  void zero_grad() { flat_.grads.zero_(); }
+  // After params() changed (optimizer step, checkpoint load): refresh the activation-dtype copy the GEMMs read
+  // (the CUDA backend's bf16 shadow; nothing to do on the CPU, where it is params() itself).
+  void params_changed();
 
   // ids, labels: (B, S) row-major. Position t of a sequence is scored against labels[t + 1] (transformers'
   // shift); label -100 is ignored. labels == nullptr computes logits only.
@@ -53,7 +61,9 @@ class Model {
   // The same with targets already aligned: position t is scored against targets[t] (-100 ignored). Training
   // samples of S + 1 tokens use ids = tokens[0, S), targets = tokens[1, S + 1), so every position is scored.
   LossValues forward_targets(const int64_t* ids, const int64_t* targets, int64_t B, int64_t S);
-  const Tensor& logits() const { return logits_; }  // (B, S, V / TP) of the last forward: this rank's vocab columns
+  // (B, S, V / TP) of the last forward, this rank's vocab columns, as f32 on the host (copied from the device once
+  // per call on CUDA).
+  Tensor logits() const;
   // Mean cross-entropy of each sequence of the last forward (NaN for a sequence with no scored token).
   std::vector<double> per_sequence_loss() const;
   // Accumulates loss_scale * d(loss)/d(parameter) of the last forward into grads() (loss_scale = 1 / number of
@@ -63,14 +73,16 @@ class Model {
  private:
   ModelConfig config_, local_config_;
   ModelComms comms_;
+  std::shared_ptr<Ops> ops_;
   ParamTable table_;
-  Tensor params_, grads_;
+  FlatBuffers flat_;
   std::vector<std::unique_ptr<DecoderLayer>> layers_;
   int64_t B_ = 0, S_ = 0;
-  std::vector<int64_t> ids_, targets_;
-  std::vector<Tensor> hidden_;  // layer inputs (L + 1 tensors of (N, H))
+  std::vector<int64_t> ids_, targets_;  // host copies
+  Tensor ids_dev_, targets_dev_;        // (N) i64 on the backend's device
+  std::vector<Tensor> hidden_;          // layer inputs (L + 1 tensors of (N, H))
   Tensor embed_region_, final_h_, final_rstd_, final_h_full_, logits_, row_loss_, lse_;
-  const float* final_h_region_ = nullptr;  // lm_head's input (N, H): final_h_ or its all-gather
+  Tensor final_h_region_;  // lm_head's input (N, H): final_h_ or its all-gather
   Tensor dlogits_, dfinal_h_, dfinal_h_local_, dhidden_a_, dhidden_b_, dembed_full_, dscratch_;
   MoeAuxStats aux_;
   LossValues loss_;

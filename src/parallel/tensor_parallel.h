@@ -12,8 +12,8 @@
 //   gather_from_sequence_region        all-gather       reduce-scatter   region entry with SP
 //   reduce_scatter_to_sequence_region  reduce-scatter   all-gather       region exit with SP
 //
-// enter_* / exit_* pick the pair for the mode. Buffers are (rows, W) row-major; "local" rows are N/TP with SP and N
-// without.
+// enter_* / exit_* pick the pair for the mode. Buffers are (rows, W) row-major f32; "local" rows are N/TP with SP and
+// N without. With one rank every call is the identity and touches no memory, whatever the backend.
 #pragma once
 
 #include <cstdint>
@@ -39,15 +39,15 @@ class TensorParallel {
   Communicator* comm() const { return comm_; }
 
   // Region entry, forward: local rows -> all N rows. Returns x_local itself when no gather is needed, else scratch.
-  const float* enter_forward(const float* x_local, Tensor& scratch, int64_t rows, int64_t W) const;
+  const Tensor& enter_forward(const Tensor& x_local, Tensor& scratch, int64_t rows, int64_t W) const;
   // Region entry, backward: dx_region (N, W) holds this rank's partial gradient (modified: it is reduced in place
   // without SP); the summed gradient of the local rows is ADDED to dx_local.
-  void enter_backward(float* dx_region, float* dx_local, Tensor& scratch, int64_t rows, int64_t W) const;
+  void enter_backward(Tensor& dx_region, Tensor& dx_local, Tensor& scratch, int64_t rows, int64_t W) const;
   // Region exit, forward: y_region (N, W) holds this rank's partial sum (modified); the summed local rows are
-  // written to y_local.
-  void exit_forward(float* y_region, float* y_local, int64_t rows, int64_t W) const;
+  // written to y_local (which may be y_region itself when nothing is split).
+  void exit_forward(Tensor& y_region, Tensor& y_local, int64_t rows, int64_t W) const;
   // Region exit, backward: local rows -> all N rows. Returns dy_local itself when no gather is needed.
-  const float* exit_backward(const float* dy_local, Tensor& scratch, int64_t rows, int64_t W) const;
+  const Tensor& exit_backward(const Tensor& dy_local, Tensor& scratch, int64_t rows, int64_t W) const;
 
   // buf[i] = sum over the TP group of buf[i]: completes a quantity each rank computed from its slice only.
   void sum(float* buf, int64_t n) const;

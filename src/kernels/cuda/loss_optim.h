@@ -2,6 +2,7 @@
 // kernels/cpu/cross_entropy.h, optim/adamw.h, optim/grad_clip.h).
 #pragma once
 
+#include <utility>
 #include <vector>
 
 #include "kernels/cuda/common.h"
@@ -11,7 +12,9 @@ namespace nextron::cuda {
 // Cross-entropy on bf16 logits (N, V) without materialising probabilities: one block per row computes max and
 // sum(exp) online in fp32. targets: (N) int64 in [0, V) or -100 (ignored). Overwrites lse (N) fp32 and row_loss
 // (N) fp32 (0 for ignored rows); a target outside [0, V) that is not -100 sets *bad_target (device int64, may be
-// nullptr) to target's row + 1. The loss sum and count are reduced by the caller (sum_f64 below).
+// nullptr; the caller zeroes it beforehand) to its row + 1 (the largest such row + 1 when there are several:
+// deterministic), and that row is treated as ignored (loss 0, zero gradient). The loss sum and count are reduced
+// by the caller (sum_f64 below).
 void cross_entropy_forward(float* row_loss, float* lse, const bf16* logits, const int64_t* targets, int64_t N,
                            int64_t V, int64_t* bad_target, cudaStream_t stream);
 // dlogits (N, V) bf16: OVERWRITES every row with scale * (softmax - onehot), zero for ignored rows (the logits
@@ -20,23 +23,28 @@ void cross_entropy_forward(float* row_loss, float* lse, const bf16* logits, cons
 void cross_entropy_backward(bf16* dlogits, const bf16* logits, const float* lse, const int64_t* targets, float scale,
                             int64_t N, int64_t V, cudaStream_t stream);
 
-// *out = sum of x[0..n) in double, deterministic (fixed blocking independent of timing). out: device double.
-// scratch: device memory of sum_scratch_bytes(n).
+// *out = sum of x[0..n) in double, deterministic (a fixed grid and element-to-thread assignment, independent of
+// timing and of the device). out: device double. scratch: device memory of sum_scratch_bytes(n) bytes (today a
+// constant 8 KiB whatever n is).
 size_t sum_scratch_bytes(int64_t n);
 void sum_f64(double* out, const float* x, int64_t n, void* scratch, cudaStream_t stream);
 // *out = sum of x[i]^2 over the given ranges (offsets into x), in double, deterministic. For the global gradient
-// norm. ranges: host vector of [begin, end) pairs.
-void sum_squares_f64(double* out, const float* x, const std::vector<std::pair<int64_t, int64_t>>& ranges,
-                     void* scratch, cudaStream_t stream);
+// norm. ranges: host vector of [begin, end) pairs (any order, may be empty). scratch: sum_scratch_bytes(total)
+// bytes, total = the sum of the ranges' sizes.
+void sum_squares_f64(double* out, const float* x, const std::vector<std::pair<int64_t, int64_t>>& ranges, void* scratch,
+                     cudaStream_t stream);
 // x[0..n) *= scale (gradient clipping).
 void scale_inplace(float* x, int64_t n, float scale, cudaStream_t stream);
 
 // One AdamW update of n elements, exactly optim/adamw.h's arithmetic in fp32 (decoupled decay first, then the
-// moments, then the bias-corrected step). decay_mask_ranges: [begin, end) element ranges (relative to `params`)
-// that are decayed, sorted, disjoint (host vector; uploaded by the caller once into device memory `decay_ranges`
-// as int64 pairs, count n_decay_ranges). params_bf16: when not nullptr, also writes bf16(params) (the GEMM shadow).
+// moments, then the bias-corrected step). decay_ranges: device array of n_decay_ranges int64 pairs [begin, end),
+// the decayed element ranges relative to `params`, sorted and disjoint (optim/adamw.h's decay_ranges(), flat ranges
+// clipped to the updated range and shifted by its begin; uploaded once by the caller). params_bf16: when not nullptr,
+// also writes bf16(params) (the GEMM shadow). The hyperparameters are doubles (AdamWHyper's values, as torch's Python
+// floats): the per-step scalars (1 - lr wd, 1 - beta1, the bias corrections) are formed from them in double on the host
+// and rounded to fp32 exactly as optim/adamw.cpp does; fp32 fields would change them (float(1 - 0.9) != 1 - 0.9f).
 struct AdamWStep {
-  float lr, beta1, beta2, eps, weight_decay;
+  double lr, beta1, beta2, eps, weight_decay;
   int64_t step;  // 1-based
 };
 void adamw_step(float* params, const float* grads, float* exp_avg, float* exp_avg_sq, bf16* params_bf16, int64_t n,

@@ -1,0 +1,155 @@
+// Ops: the one interface through which the model runs its math, implemented by the CPU backend (fp32, the
+// reference: kernels/cpu) and the CUDA backend (bf16 activations, fp32 statistics and gradients: kernels/cuda).
+// Model code (src/model) calls these ops on Tensors and never sees the device or the activation dtype, so it reads
+// like the single-device math and runs unchanged on either backend.
+//
+// Dtypes: activations and their gradients have act_dtype() (f32 on the CPU, bf16 on CUDA); statistics saved for a
+// backward (rstd, lse), DeltaNet gates, router probabilities and weights are f32; parameters are read through a
+// ParamRef (fp32 master, its GEMM-operand copy in the activation dtype, fp32 gradient).
+// Gradients: as in the kernels, every *_backward ACCUMULATES (+=) into each gradient it is given (a null Tensor
+// pointer skips it), parameter gradients included. Forwards overwrite their outputs.
+// Shapes are taken from the tensors (row-major; the leading dims are flattened into rows where a comment says N).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace nextron {
+
+// One parameter as the ops see it: views of the same entry in the flat buffers.
+struct ParamRef {
+  Tensor w;      // fp32 master
+  Tensor w_act;  // the same values in the activation dtype (CUDA: the bf16 shadow the GEMMs read; CPU: w)
+  Tensor g;      // fp32 gradient
+};
+
+// Backend-specific state a MoE layer keeps between its forward and backward (dispatch, sorted activations).
+struct MoeExpertsState {
+  virtual ~MoeExpertsState() = default;
+};
+
+class Ops {
+ public:
+  virtual ~Ops() = default;
+  virtual Device device() const = 0;
+  virtual DType act_dtype() const = 0;
+  virtual const char* name() const = 0;
+
+  // --- Buffers: (re)allocated only when the shape or dtype changes, so steps of a fixed shape allocate nothing.
+  Tensor& act(Tensor& t, const Shape& shape) const { return ensure(t, shape, act_dtype()); }
+  Tensor& f32(Tensor& t, const Shape& shape) const { return ensure(t, shape, DType::f32); }
+  Tensor& i32(Tensor& t, const Shape& shape) const { return ensure(t, shape, DType::i32); }
+  Tensor& i64(Tensor& t, const Shape& shape) const { return ensure(t, shape, DType::i64); }
+  // The same, zero-filled (the target of an accumulating backward).
+  Tensor& act_zeroed(Tensor& t, const Shape& shape) const;
+  Tensor& f32_zeroed(Tensor& t, const Shape& shape) const;
+  Tensor& ensure(Tensor& t, const Shape& shape, DType dtype) const;
+  void zero(Tensor& t) const;
+  // Host data into a device tensor of the backend (same dtype and element count) and back.
+  virtual void upload(Tensor& dst, const void* host, size_t bytes) const = 0;
+  virtual void download(void* host, const Tensor& src, size_t bytes) const = 0;
+
+  // --- Glue.
+  // dst = src converted to dst's dtype (same element count; f32 <-> act dtype).
+  virtual void cast(Tensor& dst, const Tensor& src) = 0;
+  // y = a + b (elementwise, same shapes; y may alias a or b).
+  virtual void add(Tensor& y, const Tensor& a, const Tensor& b) = 0;
+  // Column gather / scatter over rows: dst (N, Wd), src (N, Ws); idx: (W) i32 column indices (a device tensor
+  // from index_table). gather: dst[:, j] = src[:, idx[j]] for j < W = Wd. scatter: dst[:, idx[j]] (+)= src[:, j] for
+  // j < W = Ws (idx injective), accumulating when `accumulate`, else overwriting those columns.
+  virtual void gather_cols(Tensor& dst, const Tensor& src, const Tensor& idx) = 0;
+  virtual void scatter_cols(Tensor& dst, const Tensor& src, const Tensor& idx, bool accumulate) = 0;
+  // A constant i32 index table on the backend's device.
+  Tensor index_table(const std::vector<int32_t>& idx) const;
+
+  // --- Matrix products. x: (N, IN), w: (OUT, IN), y: (N, OUT). bias may be nullptr.
+  virtual void linear_forward(Tensor& y, const Tensor& x, const ParamRef& w, const ParamRef* bias) = 0;
+  // y in f32 whatever the activation dtype (the router logits).
+  virtual void linear_forward_f32(Tensor& y, const Tensor& x, const ParamRef& w) = 0;
+  // Accumulates dx (may be nullptr), w.g and bias->g. dy has the dtype of the forward's y.
+  virtual void linear_backward(Tensor* dx, const ParamRef& w, const ParamRef* bias, const Tensor& dy,
+                               const Tensor& x) = 0;
+
+  // --- Norms. Rows: N = x.numel() / D, D = w's size. rstd: (N) f32.
+  virtual void rmsnorm_forward(Tensor& y, Tensor& rstd, const Tensor& x, const ParamRef& w, double eps) = 0;
+  virtual void rmsnorm_backward(Tensor* dx, const ParamRef& w, const Tensor& dy, const Tensor& x,
+                                const Tensor& rstd) = 0;
+  virtual void rmsnorm_gated_forward(Tensor& y, Tensor& rstd, const Tensor& x, const Tensor& z, const ParamRef& w,
+                                     double eps) = 0;
+  virtual void rmsnorm_gated_backward(Tensor* dx, Tensor* dz, const ParamRef& w, const Tensor& dy, const Tensor& x,
+                                      const Tensor& z, const Tensor& rstd) = 0;
+  // Rows of D; eps 1e-6 as HF's l2norm.
+  virtual void l2norm_forward(Tensor& y, const Tensor& x, int64_t D) = 0;
+  virtual void l2norm_backward(Tensor& dx, const Tensor& dy, const Tensor& x, int64_t D) = 0;
+
+  // --- Attention. RoPE tables cos, sin: (S, R) f32 on the device; x: (B, S, NH, D).
+  virtual void rope_tables(Tensor& cos, Tensor& sin, int64_t S, int64_t R, double theta) = 0;
+  virtual void rope_forward(Tensor& y, const Tensor& x, const Tensor& cos, const Tensor& sin, int64_t R) = 0;
+  virtual void rope_backward(Tensor& dx, const Tensor& dy, const Tensor& cos, const Tensor& sin, int64_t R) = 0;
+  // Causal GQA attention; q, o: (B, S, NH, D), k, v: (B, S, NKV, D), lse: (B, NH, S) f32.
+  virtual void attention_forward(Tensor& o, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
+                                 double scale) = 0;
+  // OVERWRITES dq, dk, dv (the fused GPU kernel writes its gradients).
+  virtual void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& d_o, const Tensor& q,
+                                  const Tensor& k, const Tensor& v, const Tensor& o, const Tensor& lse,
+                                  double scale) = 0;
+  // y = x * sigmoid(gate), gate (N, G) with row stride ld_gate (G when dense); x, y: (N, D).
+  virtual void sigmoid_gate_forward(Tensor& y, const Tensor& x, const Tensor& gate, int64_t G, int64_t ld_gate) = 0;
+  virtual void sigmoid_gate_backward(Tensor* dx, Tensor* dgate, const Tensor& dy, const Tensor& x, const Tensor& gate,
+                                     int64_t G, int64_t ld_gate) = 0;
+
+  // --- Gated DeltaNet. x, y: (B, S, C), w: (C, KC).
+  virtual void conv1d_silu_forward(Tensor& y, const Tensor& x, const ParamRef& w) = 0;
+  virtual void conv1d_silu_backward(Tensor& dx, const ParamRef& w, const Tensor& dy, const Tensor& x) = 0;
+  // b, a: (N, Hv) act; beta, g: (N, Hv) f32.
+  virtual void gdn_gates_forward(Tensor& beta, Tensor& g, const Tensor& b, const Tensor& a, const ParamRef& A_log,
+                                 const ParamRef& dt_bias) = 0;
+  virtual void gdn_gates_backward(Tensor& db, Tensor& da, const ParamRef& A_log, const ParamRef& dt_bias,
+                                  const Tensor& dbeta, const Tensor& dg, const Tensor& b, const Tensor& a) = 0;
+  // q, k: (B, S, Hk, dk), v, o: (B, S, Hv, dv) act; g, beta: (B, S, Hv) f32. No initial / final state.
+  virtual void gated_delta_rule_forward(Tensor& o, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                                        const Tensor& beta, double scale) = 0;
+  virtual void gated_delta_rule_backward(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dg, Tensor& dbeta,
+                                         const Tensor& d_o, const Tensor& q, const Tensor& k, const Tensor& v,
+                                         const Tensor& g, const Tensor& beta, double scale) = 0;
+
+  // --- MLP and MoE. gu: (N, 2I) rows [gate | up], h: (N, I).
+  virtual void swiglu_forward(Tensor& h, const Tensor& gu) = 0;
+  virtual void swiglu_backward(Tensor& dgu, const Tensor& dh, const Tensor& gu) = 0;
+  // logits: (N, E) f32 -> probs (N, E), weights (N, K) f32, indices (N, K) i32.
+  virtual void router_forward(Tensor& probs, Tensor& indices, Tensor& weights, const Tensor& logits,
+                              bool norm_topk_prob) = 0;
+  virtual void router_backward(Tensor& dlogits, const Tensor* dprobs, const Tensor* dweights, const Tensor& probs,
+                               const Tensor& indices, bool norm_topk_prob) = 0;
+  // count_sum, prob_sum: (E) f32 accumulated; dprobs (N, E) += daux * E * count_sum / total_rows^2.
+  virtual void aux_stats_accumulate(Tensor& count_sum, Tensor& prob_sum, const Tensor& probs,
+                                    const Tensor& indices) = 0;
+  virtual void aux_loss_backward(Tensor& dprobs, const Tensor& count_sum, double total_rows, double daux) = 0;
+  // Routed SwiGLU experts; x, y: (N, H), weights, indices: (N, K); w_gate_up: (E, 2I, H), w_down: (E, H, I).
+  virtual std::unique_ptr<MoeExpertsState> new_moe_state() = 0;
+  virtual void moe_experts_forward(Tensor& y, MoeExpertsState& state, const Tensor& x, const Tensor& weights,
+                                   const Tensor& indices, const ParamRef& w_gate_up, const ParamRef& w_down) = 0;
+  // Accumulates dx, dweights (f32) and the expert weight gradients.
+  virtual void moe_experts_backward(Tensor& dx, Tensor& dweights, MoeExpertsState& state, const Tensor& dy,
+                                    const ParamRef& w_gate_up, const ParamRef& w_down) = 0;
+
+  // --- Embedding and loss. ids, targets: (N) i64 tensors of the backend's device.
+  virtual void embedding_forward(Tensor& out, const ParamRef& table, const Tensor& ids) = 0;
+  virtual void embedding_backward(const ParamRef& table, const Tensor& dout, const Tensor& ids) = 0;
+  // logits (N, V); overwrites lse, row_loss (N) f32; returns the loss sum (double) and the scored-token count.
+  virtual void cross_entropy_forward(double* loss_sum, int64_t* count, Tensor& row_loss, Tensor& lse,
+                                     const Tensor& logits, const Tensor& targets) = 0;
+  // OVERWRITES dlogits (N, V) with scale * (softmax - onehot), 0 on ignored rows.
+  virtual void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& lse, const Tensor& targets,
+                                      double scale) = 0;
+
+ protected:
+  // Allocation on the backend's device (zero-filled).
+  virtual Tensor allocate(const Shape& shape, DType dtype) const = 0;
+  virtual void fill_zero(Tensor& t) const = 0;
+};
+
+}  // namespace nextron
