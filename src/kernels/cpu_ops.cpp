@@ -18,6 +18,7 @@
 #include "kernels/cpu/router.h"
 #include "kernels/cpu/sigmoid_gate.h"
 #include "kernels/cpu/swiglu.h"
+#include "optim/grad_clip.h"
 
 namespace nextron {
 
@@ -277,6 +278,25 @@ void CpuOps::cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const
   dlogits.zero_();
   cpu::cross_entropy_backward<float>(f(dlogits), f(logits), f(lse), targets.data<int64_t>(), static_cast<float>(scale),
                                      N, V);
+}
+
+double CpuOps::sum_squares(const Tensor& x, const std::vector<FlatRange>& ranges) {
+  double s = 0;
+  for (const FlatRange& r : ranges)
+    if (r.size() > 0) s += grad_sq_sum(f(x) + r.begin, r);
+  return s;
+}
+
+void CpuOps::scale(Tensor& x, FlatRange r, float s) { scale_grads(f(x) + r.begin, r, s); }
+
+void CpuOps::adamw_step(Tensor& params, const Tensor& grads, Tensor& exp_avg, Tensor& exp_avg_sq, Tensor* params_act,
+                        FlatRange range, const std::vector<FlatRange>& decay, const AdamWHyper& h, int64_t step) {
+  nextron::adamw_step(f(params) + range.begin, f(grads) + range.begin, f(exp_avg), f(exp_avg_sq), range, decay, h,
+                      step);
+  // On the CPU the activation-dtype copy is params itself.
+  if (params_act && params_act->raw() != params.raw())
+    Tensor::view_of(*params_act, range.begin, {range.size()})
+        .copy_from(Tensor::view_of(params, range.begin, {range.size()}));
 }
 
 }  // namespace nextron

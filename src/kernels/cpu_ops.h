@@ -76,6 +76,11 @@ class CpuOps final : public Ops {
   void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& lse, const Tensor& targets,
                               double scale) override;
 
+  double sum_squares(const Tensor& x, const std::vector<FlatRange>& ranges) override;
+  void scale(Tensor& x, FlatRange r, float s) override;
+  void adamw_step(Tensor& params, const Tensor& grads, Tensor& exp_avg, Tensor& exp_avg_sq, Tensor* params_act,
+                  FlatRange range, const std::vector<FlatRange>& decay, const AdamWHyper& h, int64_t step) override;
+
  protected:
   Tensor allocate(const Shape& shape, DType dtype) const override { return Tensor::zeros(shape, dtype); }
   void fill_zero(Tensor& t) const override { t.zero_(); }

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "core/tensor.h"
+#include "optim/adamw.h"
 
 namespace nextron {
 
@@ -145,6 +146,17 @@ class Ops {
   // OVERWRITES dlogits (N, V) with scale * (softmax - onehot), 0 on ignored rows.
   virtual void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& lse, const Tensor& targets,
                                       double scale) = 0;
+
+  // --- Optimizer on flat f32 buffers laid out by the parameter table.
+  // Sum of squares of x over the given ranges of flat element indices, in double (deterministic).
+  virtual double sum_squares(const Tensor& x, const std::vector<FlatRange>& ranges) = 0;
+  // x[r] *= s.
+  virtual void scale(Tensor& x, FlatRange r, float s) = 0;
+  // One AdamW update (optim/adamw.h's arithmetic) of flat elements `range`: params and grads are full flat buffers,
+  // exp_avg / exp_avg_sq hold range.size() elements; params_act (may be nullptr) receives the updated range in
+  // the activation dtype (the CUDA backend's bf16 shadow). decay: absolute flat ranges, sorted.
+  virtual void adamw_step(Tensor& params, const Tensor& grads, Tensor& exp_avg, Tensor& exp_avg_sq, Tensor* params_act,
+                          FlatRange range, const std::vector<FlatRange>& decay, const AdamWHyper& h, int64_t step) = 0;
 
  protected:
   // Allocation on the backend's device (zero-filled).

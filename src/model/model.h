@@ -49,6 +49,7 @@ class Model {
   Ops& ops() { return *ops_; }
   // Flat fp32 buffers on the backend's device, laid out by table().
   Tensor& params() { return flat_.params; }
+  Tensor& params_act() { return flat_.params_act; }
   Tensor& grads() { return flat_.grads; }
   void zero_grad() { flat_.grads.zero_(); }
   // After params() changed (optimizer step, checkpoint load): refresh the activation-dtype copy the GEMMs read

@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "kernels/ops.h"
 #include "model/param_table.h"
 
 namespace nextron {
@@ -137,13 +138,29 @@ void adamw_step(float* params, const float* grads, float* exp_avg, float* exp_av
   }
 }
 
-AdamW::AdamW(const ParamTable& table, FlatRange range, const AdamWHyper& h)
-    : hyper_(h), range_(range), decay_(decay_ranges(table, h.decay_all)) {
+AdamW::AdamW(const ParamTable& table, FlatRange range, const AdamWHyper& h, Ops* ops)
+    : hyper_(h), ops_(ops), range_(range), decay_(decay_ranges(table, h.decay_all)) {
   validate(h);
   NEXTRON_CHECK(range.begin >= 0 && range.begin <= range.end && range.end <= table.total_numel(), "AdamW: range [",
                 range.begin, ", ", range.end, ") is outside the parameter table's [0, ", table.total_numel(), ")");
-  exp_avg_ = Tensor::zeros({range.size()});
-  exp_avg_sq_ = Tensor::zeros({range.size()});
+  if (ops_) {
+    ops_->f32_zeroed(exp_avg_, {range.size()});
+    ops_->f32_zeroed(exp_avg_sq_, {range.size()});
+  } else {
+    exp_avg_ = Tensor::zeros({range.size()});
+    exp_avg_sq_ = Tensor::zeros({range.size()});
+  }
+}
+
+void AdamW::step(Tensor& flat_params, const Tensor& flat_grads, double lr, Tensor* params_act) {
+  if (!ops_) {
+    step(flat_params.f32(), flat_grads.f32(), lr);
+    return;
+  }
+  AdamWHyper h = hyper_;
+  h.lr = lr;
+  ops_->adamw_step(flat_params, flat_grads, exp_avg_, exp_avg_sq_, params_act, range_, decay_, h, steps_ + 1);
+  ++steps_;
 }
 
 void AdamW::step(float* flat_params, const float* flat_grads, double lr) {

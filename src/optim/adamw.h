@@ -11,6 +11,7 @@
 namespace nextron {
 
 class ParamTable;
+class Ops;
 
 // Elements [begin, end) of the flat parameter layout.
 struct FlatRange {
@@ -54,9 +55,13 @@ void adamw_step(float* params, const float* grads, float* exp_avg, float* exp_av
 // sized, zero-initialised), the decay ranges and the number of steps taken.
 class AdamW {
  public:
-  AdamW(const ParamTable& table, FlatRange range, const AdamWHyper& h);
-  // Updates params[range] from grads[range] with learning rate `lr`; both point at flat element 0.
+  // ops: where the moments live and the update runs (nullptr: the host, through adamw_step above).
+  AdamW(const ParamTable& table, FlatRange range, const AdamWHyper& h, Ops* ops = nullptr);
+  // Updates params[range] from grads[range] with learning rate `lr`; both point at flat element 0 (host moments).
   void step(float* flat_params, const float* flat_grads, double lr);
+  // The same through the Ops the optimizer was built with, on flat buffers of its device; params_act (may be
+  // nullptr) receives the updated range in the activation dtype.
+  void step(Tensor& flat_params, const Tensor& flat_grads, double lr, Tensor* params_act);
 
   const AdamWHyper& hyper() const { return hyper_; }
   FlatRange range() const { return range_; }
@@ -70,6 +75,7 @@ class AdamW {
 
  private:
   AdamWHyper hyper_;
+  Ops* ops_ = nullptr;
   FlatRange range_;
   std::vector<FlatRange> decay_;
   Tensor exp_avg_, exp_avg_sq_;

@@ -2,12 +2,18 @@
 // local flat layout and keeps AdamW's fp32 moments for that slice only, so optimizer memory per rank falls as 1/DP.
 // A step: reduce-scatter the gradients over DP (each rank receives the sum of its shard), clip with the global norm
 // (partial sums of squares all-reduced over the whole world), AdamW on the shard, all-gather the parameters.
-// With one DP rank (dp == nullptr) the shard is the whole buffer and no communication happens.
+// With one DP rank (no group) the shard is the whole buffer and no communication happens.
+//
+// The buffers live on the Ops backend's device (host for the CPU backend, the GPU for CUDA): the exchanges run on
+// `dp` (MPI over host memory, or NCCL over device memory), the arithmetic through the Ops. Host-side copies for
+// checkpoints go through `dp_host` (MPI), which may be the same communicator.
 #pragma once
 
 #include <cstdint>
 #include <vector>
 
+#include "core/tensor.h"
+#include "kernels/ops.h"
 #include "optim/adamw.h"
 #include "parallel/communicator.h"
 
@@ -15,24 +21,27 @@ namespace nextron {
 
 class DistributedOptimizer {
  public:
-  // table: the rank's local parameter table. dp: the data-parallel group (not owned; nullptr for one replica).
-  DistributedOptimizer(const ParamTable& table, Communicator* dp, const AdamWHyper& h);
+  // table: the rank's local parameter table. dp / dp_host: the data-parallel group for device and host buffers
+  // (not owned; nullptr for one replica). ops: the backend holding parameters and gradients.
+  DistributedOptimizer(const ParamTable& table, Communicator* dp, Communicator* dp_host, const AdamWHyper& h, Ops& ops);
 
   // This rank's slice of the flat layout: [rank * ceil(P / DP), ...) clipped to P.
   FlatRange shard() const { return shard_; }
   int64_t shard_capacity() const { return capacity_; }  // ceil(P / DP): the padded slice every rank exchanges
 
   // grads[shard] = sum over the DP group of grads[shard] (the rest of grads is left as it was).
-  void reduce_scatter_grads(float* grads);
+  void reduce_scatter_grads(Tensor& grads);
   // Sum of squares of grads over shard ∩ `counted` (sorted local ranges; e.g. TpShardMap::owned_ranges, so that a
   // sum over every rank counts each element of the model once). Deterministic for a fixed layout.
-  double shard_sq_sum(const float* grads, const std::vector<FlatRange>& counted) const;
-  void scale_shard(float* grads, float s) const;
-  // AdamW on params[shard] from grads[shard] with learning rate lr, then params all-gathered over DP.
-  void step(float* params, const float* grads, double lr);
-  // buf[every rank's shard] = that rank's buf[shard] (parameters after a step; gradients or moments for
-  // checkpoints and tests).
-  void all_gather(float* buf);
+  double shard_sq_sum(const Tensor& grads, const std::vector<FlatRange>& counted) const;
+  void scale_shard(Tensor& grads, float s) const;
+  // AdamW on params[shard] from grads[shard] with learning rate lr, then params all-gathered over DP; params_act
+  // (may be nullptr) is the activation-dtype copy of params, refreshed for the whole buffer.
+  void step(Tensor& params, const Tensor& grads, double lr, Tensor* params_act);
+  // buf[every rank's shard] = that rank's buf[shard], for a device buffer (parameters after a step) ...
+  void all_gather(Tensor& buf);
+  // ... and for a host buffer of the full flat size (gradients or moments for checkpoints and tests).
+  void all_gather_host(float* buf);
 
   AdamW& adam() { return adam_; }
   const AdamW& adam() const { return adam_; }
@@ -42,10 +51,13 @@ class DistributedOptimizer {
 
  private:
   Communicator* dp_;
+  Communicator* dp_host_;
+  Ops& ops_;
   int64_t total_, capacity_;
   FlatRange shard_;
   AdamW adam_;
-  std::vector<float> padded_, mine_;
+  Tensor padded_, mine_;  // exchange buffers on the device
+  std::vector<float> padded_host_, mine_host_;
 };
 
 }  // namespace nextron

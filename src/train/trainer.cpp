@@ -22,10 +22,35 @@ namespace nextron {
 namespace {
 // Set by SIGINT/SIGTERM: the loop finishes the current step, saves a checkpoint and exits.
 volatile std::sig_atomic_t g_stop_requested = 0;
+
+// Elements [offset, offset + n) of a flat f32 buffer on any device, as a host vector (and back).
+std::vector<float> to_host(const Tensor& flat, int64_t offset, int64_t n) {
+  std::vector<float> out(n);
+  if (n == 0) return out;
+  if (flat.device() == Device::cpu) {
+    std::copy_n(flat.f32() + offset, n, out.data());
+  } else {
+    Tensor host = Tensor::zeros({n});
+    host.copy_from(Tensor::view_of(flat, offset, {n}));
+    std::copy_n(host.f32(), n, out.data());
+  }
+  return out;
+}
+void from_host(Tensor& flat, int64_t offset, const float* src, int64_t n) {
+  if (n == 0) return;
+  if (flat.device() == Device::cpu) {
+    std::copy_n(src, n, flat.f32() + offset);
+    return;
+  }
+  Tensor host = Tensor::zeros({n});
+  std::copy_n(src, n, host.f32());
+  Tensor dst = Tensor::view_of(flat, offset, {n});
+  dst.copy_from(host);
+}
 void request_stop(int) { g_stop_requested = 1; }
 }  // namespace
 
-Trainer::Trainer(const TrainOptions& options, SampleFn source, Communicator* world)
+Trainer::Trainer(const TrainOptions& options, SampleFn source, Communicator* world, TrainBackend backend)
     : opt_(options), sample_(std::move(source)) {
   opt_.validate(/*need_data=*/!sample_);
   if (opt_.threads > 0) set_cpu_threads(opt_.threads);
@@ -45,17 +70,28 @@ Trainer::Trainer(const TrainOptions& options, SampleFn source, Communicator* wor
                 ") must be a multiple of --micro-batch-size x data-parallel size (", opt_.micro_batch, " x ", dp_size(),
                 " = ", per_step, ")");
 
-  model_ = std::make_unique<Model>(config, ctx_ ? ctx_->model_comms() : ModelComms{});
+  model_ = std::make_unique<Model>(config, ctx_ ? ctx_->model_comms() : ModelComms{}, backend.ops);
+  const bool on_device = model_->ops().device() != Device::cpu;
+  if (on_device && ctx_ && dp_size() > 1) {
+    NEXTRON_CHECK(backend.device_comm, "a data-parallel run on a GPU needs a device communicator (NCCL)");
+    dp_device_ = backend.device_comm(ctx_->dp());
+  }
   {
-    // Every rank builds the whole model's initial weights (the same on every rank) and keeps its TP slice.
-    std::vector<float> full(ctx_ ? ctx_->shard_map().full_table().total_numel() : 0);
-    float* dst = ctx_ ? full.data() : model_->params().f32();
+    // Every rank builds the whole model's initial weights (the same on every rank) on the host and keeps its TP
+    // slice, copied to the device when the model lives there.
     const ParamTable& full_table = ctx_ ? ctx_->shard_map().full_table() : model_->table();
+    std::vector<float> full(full_table.total_numel());
     if (opt_.init_from.empty())
-      init_parameters(full_table, dst, opt_.init_seed, opt_.initializer_range);
+      init_parameters(full_table, full.data(), opt_.init_seed, opt_.initializer_range);
     else
-      load_hf_weights(opt_.init_from, full_table, dst);
-    if (ctx_) ctx_->shard_map().scatter(full.data(), model_->params().f32());
+      load_hf_weights(opt_.init_from, full_table, full.data());
+    std::vector<float> local(model_->table().total_numel());
+    if (ctx_)
+      ctx_->shard_map().scatter(full.data(), local.data());
+    else
+      local.swap(full);
+    from_host(model_->params(), 0, local.data(), static_cast<int64_t>(local.size()));
+    model_->params_changed();
   }
   if (ctx_) tp_sync_ = std::make_unique<TpGradSync>(ctx_->shard_map(), ctx_->model_comms().tp);
 
@@ -67,7 +103,9 @@ Trainer::Trainer(const TrainOptions& options, SampleFn source, Communicator* wor
 
   if (opt_.lr.decay_steps == 0) opt_.lr.decay_steps = opt_.train_steps;
   schedule_ = std::make_unique<LrSchedule>(opt_.lr);
-  opt_state_ = std::make_unique<DistributedOptimizer>(model_->table(), ctx_ ? &ctx_->dp() : nullptr, opt_.adam);
+  Communicator* dp_host = ctx_ ? &ctx_->dp() : nullptr;
+  opt_state_ = std::make_unique<DistributedOptimizer>(model_->table(), dp_device_ ? dp_device_.get() : dp_host, dp_host,
+                                                      opt_.adam, model_->ops());
 
   if (opt_.resume != "none" && !opt_.save_dir.empty()) {
     if (opt_.resume == "auto") {
@@ -109,8 +147,8 @@ StepRecord Trainer::step() {
     rec.tokens += M * D * S;
   }
   position_ += opt_.global_batch;
-  float* grads = model_->grads().f32();
-  if (tp_sync_) tp_sync_->run(grads);
+  Tensor& grads = model_->grads();
+  if (tp_sync_) tp_sync_->run(grads.f32());
   opt_state_->reduce_scatter_grads(grads);
   const std::vector<FlatRange> counted =
       ctx_ ? ctx_->shard_map().owned_ranges() : std::vector<FlatRange>{{0, model_->table().total_numel()}};
@@ -124,7 +162,7 @@ StepRecord Trainer::step() {
     if (c < 1.0) opt_state_->scale_shard(grads, static_cast<float>(c));
   }
   rec.lr = schedule_->lr_at(step_);
-  opt_state_->step(model_->params().f32(), grads, rec.lr);
+  opt_state_->step(model_->params(), grads, rec.lr, &model_->params_act());
   ++step_;
   consumed_tokens_ += rec.tokens;
   rec.step = step_;
@@ -133,14 +171,14 @@ StepRecord Trainer::step() {
 }
 
 std::vector<float> Trainer::full_params() {
-  const float* p = model_->params().f32();
-  if (!ctx_) return std::vector<float>(p, p + model_->table().total_numel());
-  return ctx_->gather_full(p);
+  std::vector<float> local = to_host(model_->params(), 0, model_->table().total_numel());
+  if (!ctx_) return local;
+  return ctx_->gather_full(local.data());
 }
 
 std::vector<float> Trainer::full_grads() {
-  std::vector<float> local(model_->grads().f32(), model_->grads().f32() + model_->table().total_numel());
-  opt_state_->all_gather(local.data());
+  std::vector<float> local = to_host(model_->grads(), 0, model_->table().total_numel());
+  opt_state_->all_gather_host(local.data());
   if (!ctx_) return local;
   return ctx_->gather_full(local.data());
 }
@@ -192,10 +230,12 @@ std::string Trainer::save_checkpoint() {
   const AdamW& adam = opt_state_->adam();
   const int64_t P = model_->table().total_numel();
   std::vector<float> m(P, 0.0f), v(P, 0.0f);
-  std::copy_n(adam.exp_avg().f32(), adam.range().size(), m.data() + adam.range().begin);
-  std::copy_n(adam.exp_avg_sq().f32(), adam.range().size(), v.data() + adam.range().begin);
-  opt_state_->all_gather(m.data());
-  opt_state_->all_gather(v.data());
+  const std::vector<float> m_local = to_host(adam.exp_avg(), 0, adam.range().size()),
+                           v_local = to_host(adam.exp_avg_sq(), 0, adam.range().size());
+  std::copy(m_local.begin(), m_local.end(), m.data() + adam.range().begin);
+  std::copy(v_local.begin(), v_local.end(), v.data() + adam.range().begin);
+  opt_state_->all_gather_host(m.data());
+  opt_state_->all_gather_host(v.data());
   const std::vector<float> params = full_params();
   if (ctx_) {
     m = ctx_->gather_full(m.data());
@@ -277,16 +317,18 @@ void Trainer::resume_from(const std::string& dir) {
   const FlatRange r = adam.range();
   if (ctx_) {
     std::vector<float> local(model_->table().total_numel());
-    ctx_->shard_map().scatter(params.data(), model_->params().f32());
+    ctx_->shard_map().scatter(params.data(), local.data());
+    from_host(model_->params(), 0, local.data(), static_cast<int64_t>(local.size()));
     ctx_->shard_map().scatter(m.data(), local.data());
-    std::copy_n(local.data() + r.begin, r.size(), adam.exp_avg().f32());
+    from_host(adam.exp_avg(), 0, local.data() + r.begin, r.size());
     ctx_->shard_map().scatter(v.data(), local.data());
-    std::copy_n(local.data() + r.begin, r.size(), adam.exp_avg_sq().f32());
+    from_host(adam.exp_avg_sq(), 0, local.data() + r.begin, r.size());
   } else {
-    std::copy_n(params.data(), F, model_->params().f32());
-    std::copy_n(m.data() + r.begin, r.size(), adam.exp_avg().f32());
-    std::copy_n(v.data() + r.begin, r.size(), adam.exp_avg_sq().f32());
+    from_host(model_->params(), 0, params.data(), F);
+    from_host(adam.exp_avg(), 0, m.data() + r.begin, r.size());
+    from_host(adam.exp_avg_sq(), 0, v.data() + r.begin, r.size());
   }
+  model_->params_changed();
   adam.set_steps_taken(ck.steps_taken);
   step_ = ck.state.step;
   position_ = ck.state.data_position;

@@ -30,6 +30,13 @@ struct StepRecord {
   double seconds = 0;
 };
 
+// The compute backend of a run (nextron-train --device): the Ops the model runs on, and for a multi-rank run on a
+// device, how to make a device communicator (NCCL) from an MPI one. Empty: the CPU backend over MPI.
+struct TrainBackend {
+  std::shared_ptr<Ops> ops;
+  std::function<std::unique_ptr<Communicator>(Communicator& mpi)> device_comm;
+};
+
 class Trainer {
  public:
   // Training sample `index` of the global stream: seq_len + 1 tokens.
@@ -39,7 +46,8 @@ class Trainer {
   // checkpoint when options.resume says so. `source` replaces options.data as the training stream (tests feed
   // fixed batches that way); validation is then unavailable. `world`: the job's communicator for a parallel run
   // (collective: every rank constructs its Trainer), nullptr for one process.
-  explicit Trainer(const TrainOptions& options, SampleFn source = {}, Communicator* world = nullptr);
+  explicit Trainer(const TrainOptions& options, SampleFn source = {}, Communicator* world = nullptr,
+                   TrainBackend backend = {});
   ~Trainer();
 
   StepRecord step();                       // one optimizer step
@@ -70,6 +78,7 @@ class Trainer {
 
   TrainOptions opt_;
   std::unique_ptr<ParallelContext> ctx_;
+  std::unique_ptr<Communicator> dp_device_;  // the DP group over device memory (NCCL) when on a GPU
   std::unique_ptr<Model> model_;
   std::unique_ptr<TpGradSync> tp_sync_;
   std::unique_ptr<SampleStream> stream_;

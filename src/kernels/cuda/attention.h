@@ -3,6 +3,7 @@
 // mapping: query head h reads kv head h / (NH / NKV)).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -20,6 +21,10 @@ struct AttentionShape {
 
 // Holds the cuDNN handle and one built forward and backward graph (execution plans) per shape, built on first
 // use and reused: steps of a fixed shape build nothing. Workspace: grown once to the largest plan's need.
+// Requirements (cuDNN's): D a multiple of 8 and at most 256, every pointer 16-byte aligned; an unsupported shape
+// throws nextron::Error naming the shape and the GPU. The backward uses cuDNN's deterministic algorithm (bitwise
+// reproducible; on Hopper it keeps a dP workspace of about B * NH * S^2 * 2 bytes) where cuDNN has one for the
+// shape, else its default algorithm (with a one-time note on stderr). Not thread-safe.
 class FusedAttention {
  public:
   explicit FusedAttention(cudaStream_t stream);
@@ -34,6 +39,10 @@ class FusedAttention {
   // where it needs accumulation). o and lse from the forward.
   void backward(bf16* dq, bf16* dk, bf16* dv, const bf16* d_o, const bf16* q, const bf16* k, const bf16* v,
                 const bf16* o, const float* lse, const AttentionShape& s, float scale);
+
+  // Number of cuDNN graphs built so far (one per direction per distinct (shape, scale)); a repeated call of a
+  // shape already seen adds none.
+  size_t graphs_built() const;
 
  private:
   struct Impl;

@@ -4,7 +4,9 @@
 
 #include <cublasLt.h>
 
+#include <array>
 #include <cstdint>
+#include <map>
 
 #include "kernels/cuda/common.h"
 
@@ -43,10 +45,24 @@ class Blas {
             const bf16* B, int64_t ldb, float beta, void* C, cudaDataType_t ct, int64_t ldc);
 
  private:
+  // The cuBLASLt descriptors and chosen algorithm of one problem, cached so a repeated shape makes no heuristic
+  // query. Key: transposes, M, N, K, lda, ldb, ldc, C type, beta != 0, and the pointer alignments of A, B, C.
+  struct Plan {
+    cublasLtMatmulDesc_t desc = nullptr;
+    cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+    cublasLtMatmulAlgo_t algo{};
+    void destroy();
+  };
+  using PlanKey = std::array<int64_t, 13>;
+  const Plan& plan(const PlanKey& key);
+  void build_plan(Plan& p, const PlanKey& key) const;
+  void clear_plans();
+
   cudaStream_t stream_;
   cublasLtHandle_t handle_ = nullptr;
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
+  std::map<PlanKey, Plan> plans_;
 };
 
 }  // namespace nextron::cuda

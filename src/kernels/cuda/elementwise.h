@@ -50,12 +50,14 @@ void swiglu_forward(bf16* h, const bf16* gu, int64_t N, int64_t I, cudaStream_t 
 void swiglu_backward(bf16* dgu, const bf16* dh, const bf16* gu, int64_t N, int64_t I, cudaStream_t stream);
 
 // out[n] = bf16(table[ids[n]]); table: (V, H) fp32 master rows; ids: (N) int64 on the device. An id outside
-// [0, V) sets *bad_id (device int64, may be nullptr) to that id + 1 (0 = all fine) and writes zeros; the caller
-// checks it once per step instead of synchronising here.
+// [0, V) writes zeros and sets *bad_id (device int64, may be nullptr) to a nonzero code unless it is already
+// nonzero: id + 1 for an id >= V, the id itself for a negative id (so -1 does not read as 0 = all fine); the caller
+// zeroes it, checks it once per step instead of synchronising here, and decodes id = code > 0 ? code - 1 : code.
 void embedding_forward(bf16* out, const float* table, const int64_t* ids, int64_t N, int64_t H, int64_t V,
                        int64_t* bad_id, cudaStream_t stream);
 // Accumulates dtable[ids[n]] += dout[n] (fp32, deterministic: rows with the same id summed in token order, no
-// atomics). sorted_rows / row_offsets: scratch of N and V + 1 int64 built here on the device.
+// atomics). sorted_rows / row_offsets: scratch of N and V + 1 int64 built here on the device. Ids outside [0, V)
+// are skipped (the forward reports them).
 void embedding_backward(float* dtable, const bf16* dout, const int64_t* ids, int64_t N, int64_t H, int64_t V,
                         int64_t* scratch_sorted_rows, int64_t* scratch_row_offsets, cudaStream_t stream);
 

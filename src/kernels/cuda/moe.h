@@ -13,12 +13,12 @@ void router_forward(float* probs, int32_t* indices, float* weights, const float*
                     int64_t K, bool norm_topk_prob, cudaStream_t stream);
 // Accumulates dlogits (N, E) fp32 from dprobs (N, E; nullptr = 0) and dweights (N, K; nullptr = 0).
 void router_backward(float* dlogits, const float* dprobs, const float* dweights, const float* probs,
-                     const int32_t* indices, int64_t N, int64_t E, int64_t K, bool norm_topk_prob,
-                     cudaStream_t stream);
+                     const int32_t* indices, int64_t N, int64_t E, int64_t K, bool norm_topk_prob, cudaStream_t stream);
 
 // The (token, k) slots sorted by expert (stable: within an expert, increasing n * K + k), all on the device:
 // expert_offsets (E + 1) int64, slot_token (N K) int32 token of each sorted slot, slot_of (N K) int32 sorted
-// position of slot n * K + k. An index outside [0, E) sets *bad_index (device int32, may be nullptr) to 1.
+// position of slot n * K + k. An index outside [0, E) sets *bad_index (device int32, may be nullptr) to 1 (the
+// outputs are then unspecified). E <= 2048; N K < 2^31.
 void moe_dispatch_build(int64_t* expert_offsets, int32_t* slot_token, int32_t* slot_of, const int32_t* indices,
                         int64_t N, int64_t K, int64_t E, int32_t* bad_index, cudaStream_t stream);
 // xs (N K, H) = x[slot_token[s]] (gather into expert order). Overwrites xs.
@@ -34,9 +34,9 @@ void moe_unpermute(bf16* y, const bf16* ys, const float* weights, const int32_t*
 void moe_unpermute_backward(bf16* dys, float* dweights, const bf16* dy, const bf16* ys, const float* weights,
                             const int32_t* slot_of, int64_t N, int64_t K, int64_t H, cudaStream_t stream);
 
-// Load-balancing statistics of one layer: count_sum (E) += top-k assignments, prob_sum (E) += column sums of
-// probs (fp32, deterministic). The loss value and its backward are formed as in kernels/cpu/load_balancing.h;
-// aux_loss_backward: dprobs (N, E) += daux * E * count_sum[e] / total_rows^2.
+// Load-balancing statistics of one layer: count_sum (E) += top-k assignments (indices outside [0, E) are not
+// counted), prob_sum (E) += column sums of probs (fp32, deterministic). The loss value and its backward are formed
+// as in kernels/cpu/load_balancing.h; aux_loss_backward: dprobs (N, E) += daux * E * count_sum[e] / total_rows^2.
 void aux_stats_accumulate(float* count_sum, float* prob_sum, const float* probs, const int32_t* indices, int64_t N,
                           int64_t E, int64_t K, cudaStream_t stream);
 void aux_loss_backward(float* dprobs, const float* count_sum, float total_rows, float daux, int64_t N, int64_t E,

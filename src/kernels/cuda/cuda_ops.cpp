@@ -1,0 +1,425 @@
+#include "kernels/cuda/cuda_ops.h"
+
+#include <algorithm>
+#include <vector>
+
+#include "core/cuda/check.h"
+#include "core/cuda/device.h"
+#include "kernels/cpu/rope.h"
+#include "kernels/cuda/elementwise.h"
+#include "kernels/cuda/gated_delta_rule.h"
+#include "kernels/cuda/glue.h"
+#include "kernels/cuda/loss_optim.h"
+#include "kernels/cuda/moe.h"
+#include "kernels/cuda/norms.h"
+
+namespace nextron {
+
+using cuda::bf16;
+
+namespace {
+
+// Device memory for core/tensor.h. Allocation and zeroing run on the legacy default stream, which orders itself
+// with the backend's (blocking) stream, so a buffer is never used before it is zeroed.
+void* device_alloc(size_t bytes) {
+  void* p = nullptr;
+  const cudaError_t err = cudaMalloc(&p, bytes);
+  NEXTRON_CHECK(err == cudaSuccess, "out of GPU memory allocating ", bytes, " bytes (", cudaGetErrorString(err),
+                "): reduce the micro-batch size or sequence length, or use more GPUs");
+  NEXTRON_CUDA_CHECK(cudaMemset(p, 0, bytes));
+  return p;
+}
+void device_free(void* p) { cudaFree(p); }
+void device_zero(void* p, size_t bytes) { NEXTRON_CUDA_CHECK(cudaMemset(p, 0, bytes)); }
+void device_copy(void* dst, const void* src, size_t bytes) {
+  NEXTRON_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault));
+}
+
+bf16* bf(const Tensor& t) {
+  NEXTRON_ASSERT(t.dtype() == DType::bf16 && t.device() == Device::cuda);
+  return static_cast<bf16*>(t.raw());
+}
+bf16* bf_or_null(const Tensor* t) { return t ? bf(*t) : nullptr; }
+float* f(const Tensor& t) {
+  NEXTRON_ASSERT(t.dtype() == DType::f32 && t.device() == Device::cuda);
+  return static_cast<float*>(t.raw());
+}
+int32_t* i32p(const Tensor& t) {
+  NEXTRON_ASSERT(t.dtype() == DType::i32);
+  return t.data<int32_t>();
+}
+int64_t* i64p(const Tensor& t) {
+  NEXTRON_ASSERT(t.dtype() == DType::i64);
+  return t.data<int64_t>();
+}
+int64_t rows(const Tensor& t, int64_t width) { return t.numel() / width; }
+
+// The MoE layer's dispatch and expert-ordered activations between its forward and backward.
+struct CudaMoeState final : MoeExpertsState {
+  int64_t N = 0, K = 0, E = 0, H = 0, I = 0;
+  Tensor expert_offsets;            // (E + 1) i64 on the device
+  std::vector<int64_t> offsets;     // the same on the host (the grouped GEMMs take host offsets)
+  Tensor slot_token, slot_of, bad;  // (N K) i32, (N K) i32, (1) i32
+  Tensor weights;                   // (N, K) f32 routing weights of the forward
+  Tensor xs, gu, act, ys;           // (N K, H), (N K, 2I), (N K, I), (N K, H) in expert order
+  Tensor dys, dact, dgu, dxs;       // backward scratch
+};
+
+}  // namespace
+
+CudaOps::CudaOps(int device) : device_(device) {
+  const int count = cuda::device_count();
+  NEXTRON_CHECK(count > 0, "--device cuda: no CUDA device is visible (check the driver and CUDA_VISIBLE_DEVICES)");
+  NEXTRON_CHECK(device >= 0 && device < count, "--device cuda: GPU ", device, " requested but only ", count,
+                " visible: run at most ", count, " ranks per node, one GPU each");
+  NEXTRON_CUDA_CHECK(cudaSetDevice(device));
+  DeviceMemoryHooks hooks;
+  hooks.alloc = device_alloc;
+  hooks.free = device_free;
+  hooks.memset_zero = device_zero;
+  hooks.copy = device_copy;
+  register_device_memory_hooks(hooks);
+  // A blocking stream: it orders itself with the legacy default stream that allocation and zeroing use.
+  NEXTRON_CUDA_CHECK(cudaStreamCreate(&stream_));
+  blas_ = std::make_unique<cuda::Blas>(stream_);
+  attention_ = std::make_unique<cuda::FusedAttention>(stream_);
+  i64(flag_, {2});
+}
+
+CudaOps::~CudaOps() {
+  attention_.reset();
+  blas_.reset();
+  if (stream_) cudaStreamDestroy(stream_);
+}
+
+void CudaOps::synchronize() const { NEXTRON_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+
+Tensor CudaOps::allocate(const Shape& shape, DType dtype) const { return Tensor::zeros(shape, dtype, Device::cuda); }
+
+void CudaOps::fill_zero(Tensor& t) const {
+  if (t.defined() && t.nbytes() > 0) NEXTRON_CUDA_CHECK(cudaMemsetAsync(t.raw(), 0, t.nbytes(), stream_));
+}
+
+Tensor& CudaOps::scratch(Tensor& t, int64_t bytes) const {
+  // Bytes held as f64 words (8-byte aligned, as every workspace user needs at least that).
+  if (!t.defined() || static_cast<int64_t>(t.nbytes()) < bytes)
+    t = allocate({std::max<int64_t>((bytes + 7) / 8, 1)}, DType::f64);
+  return t;
+}
+
+void CudaOps::upload(Tensor& dst, const void* host, size_t bytes) const {
+  NEXTRON_ASSERT(bytes <= dst.nbytes());
+  NEXTRON_CUDA_CHECK(cudaMemcpyAsync(dst.raw(), host, bytes, cudaMemcpyHostToDevice, stream_));
+  synchronize();  // the host buffer may be reused as soon as this returns
+}
+
+void CudaOps::download(void* host, const Tensor& src, size_t bytes) const {
+  NEXTRON_ASSERT(bytes <= src.nbytes());
+  NEXTRON_CUDA_CHECK(cudaMemcpyAsync(host, src.raw(), bytes, cudaMemcpyDeviceToHost, stream_));
+  synchronize();
+}
+
+void CudaOps::cast(Tensor& dst, const Tensor& src) {
+  NEXTRON_ASSERT(dst.numel() == src.numel());
+  if (dst.dtype() == DType::bf16 && src.dtype() == DType::f32)
+    cuda::cast_f32_to_bf16(bf(dst), f(src), src.numel(), stream_);
+  else if (dst.dtype() == DType::f32 && src.dtype() == DType::bf16)
+    cuda::cast_bf16_to_f32(f(dst), bf(src), src.numel(), stream_);
+  else if (dst.raw() != src.raw())
+    NEXTRON_CUDA_CHECK(cudaMemcpyAsync(dst.raw(), src.raw(), src.nbytes(), cudaMemcpyDeviceToDevice, stream_));
+}
+
+void CudaOps::add(Tensor& y, const Tensor& a, const Tensor& b) {
+  NEXTRON_ASSERT(y.numel() == a.numel() && y.numel() == b.numel());
+  if (y.dtype() == DType::bf16)
+    cuda::add(bf(y), bf(a), bf(b), y.numel(), stream_);
+  else
+    cuda::add(f(y), f(a), f(b), y.numel(), stream_);
+}
+
+void CudaOps::gather_cols(Tensor& dst, const Tensor& src, const Tensor& idx) {
+  const int64_t W = idx.numel(), N = dst.dim(0), Ws = src.numel() / N;
+  NEXTRON_ASSERT(dst.numel() == N * W && src.numel() == N * Ws && dst.dtype() == src.dtype());
+  if (dst.dtype() == DType::bf16)
+    cuda::gather_cols(bf(dst), bf(src), i32p(idx), N, W, Ws, stream_);
+  else
+    cuda::gather_cols(f(dst), f(src), i32p(idx), N, W, Ws, stream_);
+}
+
+void CudaOps::scatter_cols(Tensor& dst, const Tensor& src, const Tensor& idx, bool accumulate) {
+  const int64_t W = idx.numel(), N = src.dim(0), Wd = dst.numel() / N;
+  NEXTRON_ASSERT(src.numel() == N * W && dst.numel() == N * Wd && dst.dtype() == src.dtype());
+  if (dst.dtype() == DType::bf16)
+    cuda::scatter_cols(bf(dst), bf(src), i32p(idx), N, W, Wd, accumulate, stream_);
+  else
+    cuda::scatter_cols(f(dst), f(src), i32p(idx), N, W, Wd, accumulate, stream_);
+}
+
+void CudaOps::linear_forward(Tensor& y, const Tensor& x, const ParamRef& w, const ParamRef* bias) {
+  const int64_t OUT = w.w.dim(0), IN = w.w.dim(1);
+  const float* b = bias ? f(bias->w) : nullptr;
+  if (y.dtype() == DType::f32)
+    blas_->linear_forward(f(y), bf(x), bf(w.w_act), b, rows(x, IN), IN, OUT);
+  else
+    blas_->linear_forward(bf(y), bf(x), bf(w.w_act), b, rows(x, IN), IN, OUT);
+}
+
+void CudaOps::linear_forward_f32(Tensor& y, const Tensor& x, const ParamRef& w) {
+  const int64_t OUT = w.w.dim(0), IN = w.w.dim(1);
+  blas_->linear_forward(f(y), bf(x), bf(w.w_act), nullptr, rows(x, IN), IN, OUT);
+}
+
+void CudaOps::linear_backward(Tensor* dx, const ParamRef& w, const ParamRef* bias, const Tensor& dy, const Tensor& x) {
+  const int64_t OUT = w.w.dim(0), IN = w.w.dim(1);
+  const bf16* dyb = nullptr;
+  if (dy.dtype() == DType::f32) {
+    // An fp32 output gradient (the router logits): the GEMM reads bf16 operands.
+    act(dy_bf16_, {dy.numel()});
+    cuda::cast_f32_to_bf16(bf(dy_bf16_), f(dy), dy.numel(), stream_);
+    dyb = bf(dy_bf16_);
+  } else {
+    dyb = bf(dy);
+  }
+  blas_->linear_backward(bf_or_null(dx), f(w.g), bias ? f(bias->g) : nullptr, dyb, bf(x), bf(w.w_act), rows(x, IN), IN,
+                         OUT);
+}
+
+void CudaOps::rmsnorm_forward(Tensor& y, Tensor& rstd, const Tensor& x, const ParamRef& w, double eps) {
+  const int64_t D = w.w.numel();
+  cuda::rmsnorm_forward(bf(y), f(rstd), bf(x), f(w.w), rows(x, D), D, static_cast<float>(eps), stream_);
+}
+
+void CudaOps::rmsnorm_backward(Tensor* dx, const ParamRef& w, const Tensor& dy, const Tensor& x, const Tensor& rstd) {
+  const int64_t D = w.w.numel();
+  cuda::rmsnorm_backward(bf_or_null(dx), f(w.g), bf(dy), bf(x), f(w.w), f(rstd), rows(x, D), D, stream_);
+}
+
+void CudaOps::rmsnorm_gated_forward(Tensor& y, Tensor& rstd, const Tensor& x, const Tensor& z, const ParamRef& w,
+                                    double eps) {
+  const int64_t D = w.w.numel();
+  cuda::rmsnorm_gated_forward(bf(y), f(rstd), bf(x), bf(z), f(w.w), rows(x, D), D, static_cast<float>(eps), stream_);
+}
+
+void CudaOps::rmsnorm_gated_backward(Tensor* dx, Tensor* dz, const ParamRef& w, const Tensor& dy, const Tensor& x,
+                                     const Tensor& z, const Tensor& rstd) {
+  const int64_t D = w.w.numel();
+  cuda::rmsnorm_gated_backward(bf_or_null(dx), bf_or_null(dz), f(w.g), bf(dy), bf(x), bf(z), f(w.w), f(rstd),
+                               rows(x, D), D, stream_);
+}
+
+void CudaOps::l2norm_forward(Tensor& y, const Tensor& x, int64_t D) {
+  cuda::l2norm_forward(bf(y), bf(x), rows(x, D), D, 1e-6f, stream_);
+}
+
+void CudaOps::l2norm_backward(Tensor& dx, const Tensor& dy, const Tensor& x, int64_t D) {
+  cuda::l2norm_backward(bf(dx), bf(dy), bf(x), rows(x, D), D, 1e-6f, stream_);
+}
+
+void CudaOps::rope_tables(Tensor& cos, Tensor& sin, int64_t S, int64_t R, double theta) {
+  // Computed once per sequence length on the host, exactly as the CPU backend (transformers' float32 recipe).
+  std::vector<float> c(S * R), s(S * R);
+  cpu::rope_tables<float>(c.data(), s.data(), S, R, theta, 0);
+  upload(f32(cos, {S, R}), c.data(), c.size() * sizeof(float));
+  upload(f32(sin, {S, R}), s.data(), s.size() * sizeof(float));
+}
+
+void CudaOps::rope_forward(Tensor& y, const Tensor& x, const Tensor& cos, const Tensor& sin, int64_t R) {
+  cuda::rope_forward(bf(y), bf(x), f(cos), f(sin), x.dim(0), x.dim(1), x.dim(2), x.dim(3), R, stream_);
+}
+
+void CudaOps::rope_backward(Tensor& dx, const Tensor& dy, const Tensor& cos, const Tensor& sin, int64_t R) {
+  cuda::rope_backward(bf(dx), bf(dy), f(cos), f(sin), dy.dim(0), dy.dim(1), dy.dim(2), dy.dim(3), R, stream_);
+}
+
+void CudaOps::attention_forward(Tensor& o, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
+                                double scale) {
+  const cuda::AttentionShape s{q.dim(0), q.dim(1), q.dim(2), k.dim(2), q.dim(3)};
+  attention_->forward(bf(o), f(lse), bf(q), bf(k), bf(v), s, static_cast<float>(scale));
+}
+
+void CudaOps::attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& d_o, const Tensor& q,
+                                 const Tensor& k, const Tensor& v, const Tensor& o, const Tensor& lse, double scale) {
+  const cuda::AttentionShape s{q.dim(0), q.dim(1), q.dim(2), k.dim(2), q.dim(3)};
+  attention_->backward(bf(dq), bf(dk), bf(dv), bf(d_o), bf(q), bf(k), bf(v), bf(o), f(lse), s,
+                       static_cast<float>(scale));
+}
+
+void CudaOps::sigmoid_gate_forward(Tensor& y, const Tensor& x, const Tensor& gate, int64_t G, int64_t ld_gate) {
+  const int64_t N = x.dim(0), D = x.numel() / N;
+  cuda::sigmoid_gate_forward(bf(y), bf(x), bf(gate), N, D, G, ld_gate, stream_);
+}
+
+void CudaOps::sigmoid_gate_backward(Tensor* dx, Tensor* dgate, const Tensor& dy, const Tensor& x, const Tensor& gate,
+                                    int64_t G, int64_t ld_gate) {
+  const int64_t N = x.dim(0), D = x.numel() / N;
+  cuda::sigmoid_gate_backward(bf_or_null(dx), bf_or_null(dgate), bf(dy), bf(x), bf(gate), N, D, G, ld_gate, stream_);
+}
+
+void CudaOps::conv1d_silu_forward(Tensor& y, const Tensor& x, const ParamRef& w) {
+  cuda::conv1d_silu_forward(bf(y), bf(x), f(w.w), x.dim(0), x.dim(1), x.dim(2), w.w.dim(-1), stream_);
+}
+
+void CudaOps::conv1d_silu_backward(Tensor& dx, const ParamRef& w, const Tensor& dy, const Tensor& x) {
+  cuda::conv1d_silu_backward(bf(dx), f(w.g), bf(dy), bf(x), f(w.w), x.dim(0), x.dim(1), x.dim(2), w.w.dim(-1), stream_);
+}
+
+void CudaOps::gdn_gates_forward(Tensor& beta, Tensor& g, const Tensor& b, const Tensor& a, const ParamRef& A_log,
+                                const ParamRef& dt_bias) {
+  const int64_t Hv = A_log.w.numel();
+  cuda::gdn_gates_forward(f(beta), f(g), bf(b), bf(a), f(A_log.w), f(dt_bias.w), rows(b, Hv), Hv, stream_);
+}
+
+void CudaOps::gdn_gates_backward(Tensor& db, Tensor& da, const ParamRef& A_log, const ParamRef& dt_bias,
+                                 const Tensor& dbeta, const Tensor& dg, const Tensor& b, const Tensor& a) {
+  const int64_t Hv = A_log.w.numel();
+  cuda::gdn_gates_backward(bf(db), bf(da), f(A_log.g), f(dt_bias.g), f(dbeta), f(dg), bf(b), bf(a), f(A_log.w),
+                           f(dt_bias.w), rows(b, Hv), Hv, stream_);
+}
+
+void CudaOps::gated_delta_rule_forward(Tensor& o, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                                       const Tensor& beta, double scale) {
+  const cuda::GdrShape s{q.dim(0), q.dim(1), q.dim(2), v.dim(2), q.dim(3), v.dim(3)};
+  Tensor& ws = scratch(gdr_workspace_, static_cast<int64_t>(cuda::gated_delta_rule_workspace_bytes(s)));
+  cuda::gated_delta_rule_forward(bf(o), nullptr, bf(q), bf(k), bf(v), f(g), f(beta), nullptr, s,
+                                 static_cast<float>(scale), ws.raw(), stream_);
+}
+
+void CudaOps::gated_delta_rule_backward(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dg, Tensor& dbeta,
+                                        const Tensor& d_o, const Tensor& q, const Tensor& k, const Tensor& v,
+                                        const Tensor& g, const Tensor& beta, double scale) {
+  const cuda::GdrShape s{q.dim(0), q.dim(1), q.dim(2), v.dim(2), q.dim(3), v.dim(3)};
+  Tensor& ws = scratch(gdr_workspace_, static_cast<int64_t>(cuda::gated_delta_rule_workspace_bytes(s)));
+  cuda::gated_delta_rule_backward(bf(dq), bf(dk), bf(dv), f(dg), f(dbeta), nullptr, bf(d_o), nullptr, bf(q), bf(k),
+                                  bf(v), f(g), f(beta), nullptr, s, static_cast<float>(scale), ws.raw(), stream_);
+}
+
+void CudaOps::swiglu_forward(Tensor& h, const Tensor& gu) {
+  const int64_t N = gu.dim(0), I = gu.numel() / N / 2;
+  cuda::swiglu_forward(bf(h), bf(gu), N, I, stream_);
+}
+
+void CudaOps::swiglu_backward(Tensor& dgu, const Tensor& dh, const Tensor& gu) {
+  const int64_t N = gu.dim(0), I = gu.numel() / N / 2;
+  cuda::swiglu_backward(bf(dgu), bf(dh), bf(gu), N, I, stream_);
+}
+
+void CudaOps::router_forward(Tensor& probs, Tensor& indices, Tensor& weights, const Tensor& logits,
+                             bool norm_topk_prob) {
+  cuda::router_forward(f(probs), i32p(indices), f(weights), f(logits), logits.dim(0), logits.dim(1), indices.dim(1),
+                       norm_topk_prob, stream_);
+}
+
+void CudaOps::router_backward(Tensor& dlogits, const Tensor* dprobs, const Tensor* dweights, const Tensor& probs,
+                              const Tensor& indices, bool norm_topk_prob) {
+  cuda::router_backward(f(dlogits), dprobs ? f(*dprobs) : nullptr, dweights ? f(*dweights) : nullptr, f(probs),
+                        i32p(indices), probs.dim(0), probs.dim(1), indices.dim(1), norm_topk_prob, stream_);
+}
+
+void CudaOps::aux_stats_accumulate(Tensor& count_sum, Tensor& prob_sum, const Tensor& probs, const Tensor& indices) {
+  cuda::aux_stats_accumulate(f(count_sum), f(prob_sum), f(probs), i32p(indices), probs.dim(0), probs.dim(1),
+                             indices.dim(1), stream_);
+}
+
+void CudaOps::aux_loss_backward(Tensor& dprobs, const Tensor& count_sum, double total_rows, double daux) {
+  cuda::aux_loss_backward(f(dprobs), f(count_sum), static_cast<float>(total_rows), static_cast<float>(daux),
+                          dprobs.dim(0), dprobs.dim(1), stream_);
+}
+
+std::unique_ptr<MoeExpertsState> CudaOps::new_moe_state() { return std::make_unique<CudaMoeState>(); }
+
+void CudaOps::moe_experts_forward(Tensor& y, MoeExpertsState& state, const Tensor& x, const Tensor& weights,
+                                  const Tensor& indices, const ParamRef& w_gate_up, const ParamRef& w_down) {
+  auto& st = static_cast<CudaMoeState&>(state);
+  st.N = x.dim(0);
+  st.H = x.numel() / st.N;
+  st.K = indices.dim(1);
+  st.E = w_gate_up.w.dim(0);
+  st.I = w_down.w.dim(2);
+  const int64_t N = st.N, K = st.K, E = st.E, H = st.H, I = st.I, NK = N * K;
+  st.weights = weights;
+  i64(st.expert_offsets, {E + 1});
+  i32(st.slot_token, {NK});
+  i32(st.slot_of, {NK});
+  ensure(st.bad, {1}, DType::i32);
+  fill_zero(st.bad);
+  cuda::moe_dispatch_build(i64p(st.expert_offsets), i32p(st.slot_token), i32p(st.slot_of), i32p(indices), N, K, E,
+                           i32p(st.bad), stream_);
+  // The grouped GEMMs take per-expert row offsets on the host: one small copy (and stream sync) per MoE layer.
+  st.offsets.resize(E + 1);
+  download(st.offsets.data(), st.expert_offsets, (E + 1) * sizeof(int64_t));
+  int32_t bad = 0;
+  download(&bad, st.bad, sizeof(int32_t));
+  NEXTRON_CHECK(bad == 0, "MoE router produced an expert index outside [0, ", E, ")");
+  act(st.xs, {NK, H});
+  act(st.gu, {NK, 2 * I});
+  act(st.act, {NK, I});
+  act(st.ys, {NK, H});
+  cuda::moe_permute(bf(st.xs), bf(x), i32p(st.slot_token), NK, H, stream_);
+  blas_->grouped_forward(bf(st.gu), bf(st.xs), bf(w_gate_up.w_act), st.offsets.data(), E, H, 2 * I);
+  cuda::swiglu_forward(bf(st.act), bf(st.gu), NK, I, stream_);
+  blas_->grouped_forward(bf(st.ys), bf(st.act), bf(w_down.w_act), st.offsets.data(), E, I, H);
+  cuda::moe_unpermute(bf(y), bf(st.ys), f(weights), i32p(st.slot_of), N, K, H, stream_);
+}
+
+void CudaOps::moe_experts_backward(Tensor& dx, Tensor& dweights, MoeExpertsState& state, const Tensor& dy,
+                                   const ParamRef& w_gate_up, const ParamRef& w_down) {
+  auto& st = static_cast<CudaMoeState&>(state);
+  const int64_t N = st.N, K = st.K, E = st.E, H = st.H, I = st.I, NK = N * K;
+  act(st.dys, {NK, H});
+  cuda::moe_unpermute_backward(bf(st.dys), f(dweights), bf(dy), bf(st.ys), f(st.weights), i32p(st.slot_of), N, K, H,
+                               stream_);
+  act_zeroed(st.dact, {NK, I});
+  blas_->grouped_backward(bf(st.dact), f(w_down.g), bf(st.dys), bf(st.act), bf(w_down.w_act), st.offsets.data(), E, I,
+                          H);
+  act_zeroed(st.dgu, {NK, 2 * I});
+  cuda::swiglu_backward(bf(st.dgu), bf(st.dact), bf(st.gu), NK, I, stream_);
+  act_zeroed(st.dxs, {NK, H});
+  blas_->grouped_backward(bf(st.dxs), f(w_gate_up.g), bf(st.dgu), bf(st.xs), bf(w_gate_up.w_act), st.offsets.data(), E,
+                          H, 2 * I);
+  cuda::moe_permute_backward(bf(dx), bf(st.dxs), i32p(st.slot_of), N, K, H, stream_);
+}
+
+void CudaOps::embedding_forward(Tensor& out, const ParamRef& table, const Tensor& ids) {
+  const int64_t V = table.w.dim(0), H = table.w.dim(1), N = ids.numel();
+  fill_zero(flag_);
+  cuda::embedding_forward(bf(out), f(table.w), i64p(ids), N, H, V, i64p(flag_), stream_);
+  int64_t code = 0;
+  download(&code, flag_, sizeof(int64_t));
+  NEXTRON_CHECK(code == 0, "token id ", code > 0 ? code - 1 : code, " is outside the vocabulary [0, ", V,
+                "): the data was tokenized for another vocabulary, or the config's vocab_size is wrong");
+}
+
+void CudaOps::embedding_backward(const ParamRef& table, const Tensor& dout, const Tensor& ids) {
+  const int64_t V = table.w.dim(0), H = table.w.dim(1), N = ids.numel();
+  i64(embed_rows_, {std::max<int64_t>(N, 1)});
+  i64(embed_offsets_, {V + 1});
+  cuda::embedding_backward(f(table.g), bf(dout), i64p(ids), N, H, V, i64p(embed_rows_), i64p(embed_offsets_), stream_);
+}
+
+void CudaOps::cross_entropy_forward(double* loss_sum, int64_t* count, Tensor& row_loss, Tensor& lse,
+                                    const Tensor& logits, const Tensor& targets) {
+  const int64_t N = targets.numel(), V = logits.numel() / N;
+  fill_zero(flag_);
+  Tensor bad_target = Tensor::view_of(flag_, 1, {1});
+  cuda::cross_entropy_forward(f(row_loss), f(lse), bf(logits), i64p(targets), N, V, i64p(bad_target), stream_);
+  scratch(sum_scratch_, static_cast<int64_t>(cuda::sum_scratch_bytes(N)));
+  ensure(sum_out_, {1}, DType::f64);
+  cuda::sum_f64(sum_out_.data<double>(), f(row_loss), N, sum_scratch_.raw(), stream_);
+  int64_t bad_row = 0;
+  download(&bad_row, bad_target, sizeof(int64_t));
+  NEXTRON_CHECK(bad_row == 0, "target at token ", bad_row - 1, " is outside the vocabulary [0, ", V,
+                ") and is not -100 (ignored)");
+  download(loss_sum, sum_out_, sizeof(double));
+  std::vector<int64_t> t(N);
+  download(t.data(), targets, N * sizeof(int64_t));
+  *count = std::count_if(t.begin(), t.end(), [](int64_t x) { return x != -100; });
+}
+
+void CudaOps::cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& lse, const Tensor& targets,
+                                     double scale) {
+  const int64_t N = targets.numel(), V = logits.numel() / N;
+  cuda::cross_entropy_backward(bf(dlogits), bf(logits), f(lse), i64p(targets), static_cast<float>(scale), N, V,
+                               stream_);
+}
+
+}  // namespace nextron

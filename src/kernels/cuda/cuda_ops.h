@@ -1,0 +1,117 @@
+// The CUDA backend of Ops (kernels/ops.h): bf16 activations, fp32 master weights / statistics / gradients, on one
+// GPU and one stream. GEMMs through cuBLASLt (Blas), attention through cuDNN (FusedAttention), the rest through
+// our kernels (kernels/cuda/*.cu), each tested against the CPU backend in tests/cuda.
+//
+// Memory: every activation buffer is allocated by the Ops buffer calls, which reallocate only when a shape
+// changes, and every library workspace is allocated once and kept; a step of a fixed shape after the first makes
+// no cudaMalloc (tests/cuda/test_cuda_model.cpp counts them).
+// Synchronisation: the ops enqueue on stream(); the few that return host values (cross_entropy_forward's loss,
+// the MoE dispatch's per-expert row counts) synchronise that stream.
+#pragma once
+
+#include <memory>
+
+#include "kernels/cuda/attention.h"
+#include "kernels/cuda/blas.h"
+#include "kernels/ops.h"
+
+namespace nextron {
+
+class CudaOps final : public Ops {
+ public:
+  // Selects `device` for this thread, creates the stream and the library handles, and registers the device memory
+  // hooks of core/tensor.h. Throws nextron::Error naming the problem when there is no such device.
+  explicit CudaOps(int device);
+  ~CudaOps() override;
+  Device device() const override { return Device::cuda; }
+  DType act_dtype() const override { return DType::bf16; }
+  const char* name() const override { return "cuda"; }
+  cudaStream_t stream() const { return stream_; }
+  int device_index() const { return device_; }
+  void synchronize() const;
+
+  void upload(Tensor& dst, const void* host, size_t bytes) const override;
+  void download(void* host, const Tensor& src, size_t bytes) const override;
+
+  void cast(Tensor& dst, const Tensor& src) override;
+  void add(Tensor& y, const Tensor& a, const Tensor& b) override;
+  void gather_cols(Tensor& dst, const Tensor& src, const Tensor& idx) override;
+  void scatter_cols(Tensor& dst, const Tensor& src, const Tensor& idx, bool accumulate) override;
+
+  void linear_forward(Tensor& y, const Tensor& x, const ParamRef& w, const ParamRef* bias) override;
+  void linear_forward_f32(Tensor& y, const Tensor& x, const ParamRef& w) override;
+  void linear_backward(Tensor* dx, const ParamRef& w, const ParamRef* bias, const Tensor& dy, const Tensor& x) override;
+
+  void rmsnorm_forward(Tensor& y, Tensor& rstd, const Tensor& x, const ParamRef& w, double eps) override;
+  void rmsnorm_backward(Tensor* dx, const ParamRef& w, const Tensor& dy, const Tensor& x, const Tensor& rstd) override;
+  void rmsnorm_gated_forward(Tensor& y, Tensor& rstd, const Tensor& x, const Tensor& z, const ParamRef& w,
+                             double eps) override;
+  void rmsnorm_gated_backward(Tensor* dx, Tensor* dz, const ParamRef& w, const Tensor& dy, const Tensor& x,
+                              const Tensor& z, const Tensor& rstd) override;
+  void l2norm_forward(Tensor& y, const Tensor& x, int64_t D) override;
+  void l2norm_backward(Tensor& dx, const Tensor& dy, const Tensor& x, int64_t D) override;
+
+  void rope_tables(Tensor& cos, Tensor& sin, int64_t S, int64_t R, double theta) override;
+  void rope_forward(Tensor& y, const Tensor& x, const Tensor& cos, const Tensor& sin, int64_t R) override;
+  void rope_backward(Tensor& dx, const Tensor& dy, const Tensor& cos, const Tensor& sin, int64_t R) override;
+  void attention_forward(Tensor& o, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
+                         double scale) override;
+  void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& d_o, const Tensor& q, const Tensor& k,
+                          const Tensor& v, const Tensor& o, const Tensor& lse, double scale) override;
+  void sigmoid_gate_forward(Tensor& y, const Tensor& x, const Tensor& gate, int64_t G, int64_t ld_gate) override;
+  void sigmoid_gate_backward(Tensor* dx, Tensor* dgate, const Tensor& dy, const Tensor& x, const Tensor& gate,
+                             int64_t G, int64_t ld_gate) override;
+
+  void conv1d_silu_forward(Tensor& y, const Tensor& x, const ParamRef& w) override;
+  void conv1d_silu_backward(Tensor& dx, const ParamRef& w, const Tensor& dy, const Tensor& x) override;
+  void gdn_gates_forward(Tensor& beta, Tensor& g, const Tensor& b, const Tensor& a, const ParamRef& A_log,
+                         const ParamRef& dt_bias) override;
+  void gdn_gates_backward(Tensor& db, Tensor& da, const ParamRef& A_log, const ParamRef& dt_bias, const Tensor& dbeta,
+                          const Tensor& dg, const Tensor& b, const Tensor& a) override;
+  void gated_delta_rule_forward(Tensor& o, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                                const Tensor& beta, double scale) override;
+  void gated_delta_rule_backward(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dg, Tensor& dbeta, const Tensor& d_o,
+                                 const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& beta,
+                                 double scale) override;
+
+  void swiglu_forward(Tensor& h, const Tensor& gu) override;
+  void swiglu_backward(Tensor& dgu, const Tensor& dh, const Tensor& gu) override;
+  void router_forward(Tensor& probs, Tensor& indices, Tensor& weights, const Tensor& logits,
+                      bool norm_topk_prob) override;
+  void router_backward(Tensor& dlogits, const Tensor* dprobs, const Tensor* dweights, const Tensor& probs,
+                       const Tensor& indices, bool norm_topk_prob) override;
+  void aux_stats_accumulate(Tensor& count_sum, Tensor& prob_sum, const Tensor& probs, const Tensor& indices) override;
+  void aux_loss_backward(Tensor& dprobs, const Tensor& count_sum, double total_rows, double daux) override;
+  std::unique_ptr<MoeExpertsState> new_moe_state() override;
+  void moe_experts_forward(Tensor& y, MoeExpertsState& state, const Tensor& x, const Tensor& weights,
+                           const Tensor& indices, const ParamRef& w_gate_up, const ParamRef& w_down) override;
+  void moe_experts_backward(Tensor& dx, Tensor& dweights, MoeExpertsState& state, const Tensor& dy,
+                            const ParamRef& w_gate_up, const ParamRef& w_down) override;
+
+  void embedding_forward(Tensor& out, const ParamRef& table, const Tensor& ids) override;
+  void embedding_backward(const ParamRef& table, const Tensor& dout, const Tensor& ids) override;
+  void cross_entropy_forward(double* loss_sum, int64_t* count, Tensor& row_loss, Tensor& lse, const Tensor& logits,
+                             const Tensor& targets) override;
+  void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& lse, const Tensor& targets,
+                              double scale) override;
+
+ protected:
+  Tensor allocate(const Shape& shape, DType dtype) const override;
+  void fill_zero(Tensor& t) const override;
+
+ private:
+  // Scratch reused across calls (grown only when a larger size is asked for).
+  Tensor& scratch(Tensor& t, int64_t bytes) const;
+
+  int device_ = 0;
+  cudaStream_t stream_ = nullptr;
+  std::unique_ptr<cuda::Blas> blas_;
+  std::unique_ptr<cuda::FusedAttention> attention_;
+  Tensor dy_bf16_;                     // f32 output gradients cast for a bf16 GEMM (router logits)
+  Tensor gdr_workspace_;               // gated delta rule
+  Tensor flag_;                        // (2) i64 device error flags: bad id, bad target
+  Tensor embed_rows_, embed_offsets_;  // embedding backward scratch
+  Tensor sum_scratch_, sum_out_;       // loss sum
+};
+
+}  // namespace nextron

@@ -1,0 +1,539 @@
+// Chunked gated delta rule on the GPU: backward (forward, algorithm and workspace: gated_delta_rule_fwd.cu; CPU
+// reference and the derivation: kernels/cpu/gated_delta_rule.cpp, chunk_backward).
+//
+// With dS' the gradient of the state leaving a chunk, Qe = scale e^G .* Q, P = scale (Q K^T) .* decay (causal):
+//   dVn = (dec .* K) dS' + P^T dO,   dS = e^{G_last} dS' + Qe^T dO - W^T dVn   (dS: the entering state),
+//   dQ = scale e^G .* (dO h^T) + dP K,  dK = dec .* (Vn dS'^T) + dP^T Q + (WY terms),  dW = -dVn h^T,
+//   with dP = scale decay .* (dO Vn^T) (causal); then through W = T Kb, U = T Vb, T = (I + M)^-1:
+//   dVb = T^T dVn, dKb = T^T dW, dM = -(dVb U^T + dKb W^T) (strictly lower), dKK = dM .* beta_i decay_ij,
+//   dK += beta e^G .* dKb + (dKK + dKK^T) K, dv += beta .* dVb, dbeta = v.dVb + e^G k.dKb + sum_j dM_ij KK_ij decay_ij.
+// dG (the gradient of the cumulative gates) uses that every decay factor exp(G_i - G_j) pairs with q_i.k_j or
+// k_i.k_j: its share is q_i.dq_i - k_i.dk_i over the q/k gradients of those terms, plus e^{G_last} <h, dS'> and
+// sum_i k_i.dk_i(state) on the last row; dg is the reverse cumulative sum of dG within the chunk.
+// Kernels, in order (the first two are the forward's, recomputing Gc, W, U, h_c and Vn into the workspace):
+//   prepare, state forward (as in the forward, without the final state);
+//   dvlocal     (BH * NC * ceil(dv/64) blocks): dVl = P^T dO (fp32);
+//   state back  (BH * dv / bv blocks, chunks in reverse): carries dS (fp32, dk x bv), writes dH_c = dS' (bf16) and
+//               dVn = dVl + dec .* (K dS'), then dS <- e^{G_last} dS + [Q; W]^T [scale e^G .* dO; -dVn] (one product
+//               with K = 128), finally d_initial_state += dS;
+//   dqk         (BH * NC * ceil(dk/64) blocks, one 64-column tile of dk each, looping over dv in 64-column tiles):
+//               dQ, dK (state and P terms), dW, the dG partial of the tile (fp32 per-value-head partials);
+//   wy          (BH * NC blocks): recomputes T, then dVb, dKb, dM, dKK: adds to dKp, accumulates dv, dbeta, dg;
+//   reduce      (elementwise): dq, dk += the sum over the Hv / Hk value heads of a key head, in head order.
+// No atomics: every output element is written by one thread, partial sums are combined in a fixed order, so two
+// runs give bit-identical gradients.
+#include "kernels/cuda/gated_delta_rule_impl.cuh"
+
+#include <algorithm>
+
+#include "core/error.h"
+
+namespace nextron::cuda {
+
+namespace gdr {
+
+namespace {
+
+int state_tile(int dv) { return dv % 32 == 0 ? 32 : 16; }  // as in the forward state kernel
+
+// ---- dvlocal: dVl = P^T dO ----
+
+struct DvLocalSmem {
+  bf16 *Q, *K, *dO, *P;
+  float *G, *eG, *dec, *stage;
+  size_t bytes;
+  __host__ __device__ DvLocalSmem(uintptr_t base, int dk) {
+    Carve c{base};
+    Q = c.take<bf16>(size_t(kC) * (dk + kPadH));
+    K = c.take<bf16>(size_t(kC) * (dk + kPadH));
+    dO = c.take<bf16>(kC * kLdH);
+    P = c.take<bf16>(kC * kLdH);
+    G = c.take<float>(kC);
+    eG = c.take<float>(kC);
+    dec = c.take<float>(kC);
+    stage = c.take<float>(kWarps * 256);
+    bytes = c.off;
+  }
+};
+
+// One block per (bh, chunk, 64-column tile of dv).
+__global__ void __launch_bounds__(kThreads) dvlocal_kernel(const Params p) {
+  const int nvt = (p.dv + kTile - 1) / kTile;
+  const int vt = int(blockIdx.x % nvt);
+  const int64_t x = blockIdx.x / nvt;
+  const Chunk ch = chunk_of(p, x / p.NC, int(x % p.NC));
+  const int dk = p.dk, dv = p.dv, ldk = dk + kPadH, v0 = vt * kTile, w = dv - v0 < kTile ? dv - v0 : kTile;
+  DvLocalSmem sm(reinterpret_cast<uintptr_t>(dynamic_smem()), dk);
+  load_rows(sm.Q, ldk, p.q + qk_off(p, ch.b, ch.t0, ch.hk), p.Hk * dk, ch.L, kC, dk);
+  load_rows(sm.K, ldk, p.k + qk_off(p, ch.b, ch.t0, ch.hk), p.Hk * dk, ch.L, kC, dk);
+  load_rows(sm.dO, kLdH, p.d_o + v_off(p, ch.b, ch.t0, ch.hv) + v0, p.Hv * dv, ch.L, kC, w);
+  load_gates(p, ch, sm.G, sm.eG, sm.dec, nullptr);
+  __syncthreads();
+  const float scale = p.scale;
+  gemm<RowMajor, ColMajor>(kC, kC, dk, sm.Q, ldk, sm.K, ldk, sm.stage, [&](int i, int j, float s) {
+    sm.P[i * kLdH + j] = to_bf16(j <= i ? scale * s * expf(sm.G[i] - sm.G[j]) : 0.0f);
+  });
+  __syncthreads();
+  float* dVl = p.dVl + (ch.bh * p.S + ch.t0) * dv + v0;
+  gemm<ColMajor, RowMajor>(kC, w, kC, sm.P, kLdH, sm.dO, kLdH, sm.stage, [&](int i, int j, float s) {
+    if (i < ch.L) dVl[int64_t(i) * dv + j] = s;
+  });
+}
+
+// ---- state backward ----
+
+struct StateBackSmem {
+  float *dS, *dVl, *G, *eG, *dec, *stage;
+  bf16 *dSb, *QW, *Kc, *DB;
+  size_t bytes;
+  __host__ __device__ StateBackSmem(uintptr_t base, int dk, int bv) {
+    Carve c{base};
+    dS = c.take<float>(size_t(dk) * (bv + kPadF));
+    dSb = c.take<bf16>(size_t(dk) * (bv + kPadH));
+    QW = c.take<bf16>(size_t(2 * kC) * (dk + kPadH));
+    Kc = c.take<bf16>(size_t(kC) * (dk + kPadH));
+    DB = c.take<bf16>(size_t(2 * kC) * (bv + kPadH));
+    dVl = c.take<float>(size_t(kC) * (bv + kPadF));
+    G = c.take<float>(kC);
+    eG = c.take<float>(kC);
+    dec = c.take<float>(kC);
+    stage = c.take<float>(kWarps * 256);
+    bytes = c.off;
+  }
+};
+
+// One block per (bh, column tile [v0, v0 + bv) of dv), chunks in reverse order.
+__global__ void __launch_bounds__(kThreads) state_backward_kernel(const Params p, int bv) {
+  const int nvt = p.dv / bv;
+  const int64_t bh = blockIdx.x / nvt;
+  const int v0 = int(blockIdx.x % nvt) * bv;
+  const int dk = p.dk, dv = p.dv, ldk = dk + kPadH, lds = bv + kPadF, ldb = bv + kPadH, tid = threadIdx.x;
+  StateBackSmem sm(reinterpret_cast<uintptr_t>(dynamic_smem()), dk, bv);
+  const int64_t sbase = bh * dk * dv + v0;
+  if (p.dht) {
+    load_rows(sm.dS, lds, p.dht + sbase, dv, dk, dk, bv);
+  } else {
+    for (int e = tid; e < dk * bv; e += kThreads) sm.dS[(e / bv) * lds + e % bv] = 0.0f;
+  }
+  __syncthreads();
+  const float scale = p.scale;
+  for (int c = p.NC - 1; c >= 0; --c) {
+    const Chunk ch = chunk_of(p, bh, c);
+    const int64_t row0 = bh * p.S + ch.t0;
+    load_rows(sm.QW, ldk, p.q + qk_off(p, ch.b, ch.t0, ch.hk), p.Hk * dk, ch.L, kC, dk);
+    load_rows(sm.QW + kC * ldk, ldk, p.W + row0 * dk, dk, ch.L, kC, dk);
+    load_rows(sm.Kc, ldk, p.k + qk_off(p, ch.b, ch.t0, ch.hk), p.Hk * dk, ch.L, kC, dk);
+    load_rows(sm.DB, ldb, p.d_o + v_off(p, ch.b, ch.t0, ch.hv) + v0, p.Hv * dv, ch.L, kC, bv);
+    load_rows(sm.dVl, lds, p.dVl + row0 * dv + v0, dv, ch.L, kC, bv);
+    load_gates(p, ch, sm.G, sm.eG, sm.dec, nullptr);
+    bf16* dHc = p.dH + state_off(p, bh, c) + v0;
+    for (int e = tid; e < dk * bv; e += kThreads) {
+      const int i = e / bv, j = e % bv;
+      const bf16 x = to_bf16(sm.dS[i * lds + j]);
+      sm.dSb[i * ldb + j] = x;
+      dHc[int64_t(i) * dv + j] = x;
+    }
+    __syncthreads();
+    // Rows 0..63 of DB: scale e^G .* dO (in place; the product below only writes rows 64..127).
+    for (int e = tid; e < kC * bv; e += kThreads) {
+      bf16& d = sm.DB[(e / bv) * ldb + e % bv];
+      d = to_bf16(scale * sm.eG[e / bv] * to_f32(d));
+    }
+    // dVn = dVl + dec .* (K dS'); rows 64..127 of DB: -dVn
+    bf16* dVn = p.dVn + row0 * dv + v0;
+    gemm<RowMajor, RowMajor>(kC, bv, dk, sm.Kc, ldk, sm.dSb, ldb, sm.stage, [&](int i, int j, float s) {
+      const float d = sm.dVl[i * lds + j] + sm.dec[i] * s;
+      if (i < ch.L) dVn[int64_t(i) * dv + j] = to_bf16(d);
+      sm.DB[(kC + i) * ldb + j] = to_bf16(-d);
+    });
+    __syncthreads();
+    // dS <- e^{G_last} dS + Q^T (scale e^G .* dO) - W^T dVn
+    const float a = sm.eG[ch.L - 1];
+    gemm<ColMajor, RowMajor>(dk, bv, 2 * kC, sm.QW, ldk, sm.DB, ldb, sm.stage,
+                             [&](int i, int j, float s) { sm.dS[i * lds + j] = a * sm.dS[i * lds + j] + s; });
+    __syncthreads();
+  }
+  if (p.grad_h0)
+    for (int e = tid; e < dk * bv; e += kThreads) add_to(p.grad_h0 + sbase + int64_t(e / bv) * dv + e % bv, sm.dS[(e / bv) * lds + e % bv]);
+}
+
+// ---- dqk: dQ, dK (state and P terms), dW, dG partial of one 64-column tile of dk ----
+
+struct DqkSmem {
+  bf16 *Q, *K, *dO, *Vn, *dVn, *H, *dH, *dP;
+  float *AQ, *AK, *AW, *AP, *G, *eG, *dec, *r3, *dGl, *red, *stage;
+  size_t bytes;
+  __host__ __device__ explicit DqkSmem(uintptr_t base) {
+    Carve c{base};
+    Q = c.take<bf16>(kC * kLdH);
+    K = c.take<bf16>(kC * kLdH);
+    dO = c.take<bf16>(kC * kLdH);
+    Vn = c.take<bf16>(kC * kLdH);
+    dVn = c.take<bf16>(kC * kLdH);
+    H = c.take<bf16>(kTile * kLdH);
+    dH = c.take<bf16>(kTile * kLdH);
+    dP = c.take<bf16>(kC * kLdH);
+    AQ = c.take<float>(kC * kLdF);
+    AK = c.take<float>(kC * kLdF);
+    AW = c.take<float>(kC * kLdF);
+    AP = c.take<float>(kC * kLdF);
+    G = c.take<float>(kC);
+    eG = c.take<float>(kC);
+    dec = c.take<float>(kC);
+    r3 = c.take<float>(kC);
+    dGl = c.take<float>(kC + 1);
+    red = c.take<float>(32);
+    stage = c.take<float>(kWarps * 256);
+    bytes = c.off;
+  }
+};
+
+// One block per (bh, chunk, column tile [k0, k0 + bk) of dk).
+__global__ void __launch_bounds__(kThreads) dqk_kernel(const Params p) {
+  const int kt = int(blockIdx.x % p.NK);
+  const int64_t x = blockIdx.x / p.NK;
+  const Chunk ch = chunk_of(p, x / p.NC, int(x % p.NC));
+  const int dk = p.dk, dv = p.dv, k0 = kt * kTile, bk = dk - k0 < kTile ? dk - k0 : kTile, tid = threadIdx.x;
+  const int warp = tid >> 5, lane = tid & 31;
+  DqkSmem sm(reinterpret_cast<uintptr_t>(dynamic_smem()));
+  const int64_t row0 = ch.bh * p.S + ch.t0;
+  load_rows(sm.Q, kLdH, p.q + qk_off(p, ch.b, ch.t0, ch.hk) + k0, p.Hk * dk, ch.L, kC, bk);
+  load_rows(sm.K, kLdH, p.k + qk_off(p, ch.b, ch.t0, ch.hk) + k0, p.Hk * dk, ch.L, kC, bk);
+  load_gates(p, ch, sm.G, sm.eG, sm.dec, nullptr);
+  const bf16* Hc = p.H + state_off(p, ch.bh, ch.c) + int64_t(k0) * dv;
+  const bf16* dHc = p.dH + state_off(p, ch.bh, ch.c) + int64_t(k0) * dv;
+  float hdh = 0.0f;  // this thread's share of <h_c, dS'> over the tile's rows
+  for (int v0 = 0; v0 < dv; v0 += kTile) {
+    const int w = dv - v0 < kTile ? dv - v0 : kTile;
+    load_rows(sm.dO, kLdH, p.d_o + v_off(p, ch.b, ch.t0, ch.hv) + v0, p.Hv * dv, ch.L, kC, w);
+    load_rows(sm.Vn, kLdH, p.Vn + row0 * dv + v0, dv, ch.L, kC, w);
+    load_rows(sm.dVn, kLdH, p.dVn + row0 * dv + v0, dv, ch.L, kC, w);
+    load_rows(sm.H, kLdH, Hc + v0, dv, bk, bk, w);
+    load_rows(sm.dH, kLdH, dHc + v0, dv, bk, bk, w);
+    __syncthreads();
+    const bool first = v0 == 0;
+    auto acc = [first](float* A, int i, int j, float s) { A[i * kLdF + j] = (first ? 0.0f : A[i * kLdF + j]) + s; };
+    // dO Vn^T (64 x 64), dO h^T, Vn dS'^T, dVn h^T (64 x bk), each summed over this column tile of dv
+    gemm<RowMajor, ColMajor>(kC, kC, w, sm.dO, kLdH, sm.Vn, kLdH, sm.stage,
+                             [&](int i, int j, float s) { acc(sm.AP, i, j, s); });
+    gemm<RowMajor, ColMajor>(kC, bk, w, sm.dO, kLdH, sm.H, kLdH, sm.stage,
+                             [&](int i, int j, float s) { acc(sm.AQ, i, j, s); });
+    gemm<RowMajor, ColMajor>(kC, bk, w, sm.Vn, kLdH, sm.dH, kLdH, sm.stage,
+                             [&](int i, int j, float s) { acc(sm.AK, i, j, s); });
+    gemm<RowMajor, ColMajor>(kC, bk, w, sm.dVn, kLdH, sm.H, kLdH, sm.stage,
+                             [&](int i, int j, float s) { acc(sm.AW, i, j, s); });
+    for (int e = tid; e < bk * w; e += kThreads)
+      hdh += to_f32(sm.H[(e / w) * kLdH + e % w]) * to_f32(sm.dH[(e / w) * kLdH + e % w]);
+    __syncthreads();
+  }
+  hdh = block_sum(hdh, sm.red);
+  const float scale = p.scale;
+  // dP = scale decay .* (dO Vn^T) (causal); dQ(inter) = scale e^G .* (dO h^T); dK(state) = dec .* (Vn dS'^T)
+  for (int e = tid; e < kC * kC; e += kThreads) {
+    const int i = e / kC, j = e % kC;
+    sm.dP[i * kLdH + j] = to_bf16(j <= i ? scale * expf(sm.G[i] - sm.G[j]) * sm.AP[i * kLdF + j] : 0.0f);
+  }
+  for (int e = tid; e < kC * bk; e += kThreads) {
+    const int i = e / bk, j = e % bk;
+    sm.AQ[i * kLdF + j] *= scale * sm.eG[i];
+    sm.AK[i * kLdF + j] *= sm.dec[i];
+  }
+  __syncthreads();
+  for (int i = warp; i < kC; i += kWarps) {  // k_i . dK(state)_i: the dG of the state update's decay factors
+    const float s = row_dot(sm.K + i * kLdH, sm.AK + i * kLdF, bk);
+    if (lane == 0) sm.r3[i] = s;
+  }
+  __syncthreads();
+  gemm<RowMajor, RowMajor>(kC, bk, kC, sm.dP, kLdH, sm.K, kLdH, sm.stage,
+                           [&](int i, int j, float s) { sm.AQ[i * kLdF + j] += s; });
+  gemm<ColMajor, RowMajor>(kC, bk, kC, sm.dP, kLdH, sm.Q, kLdH, sm.stage,
+                           [&](int i, int j, float s) { sm.AK[i * kLdF + j] += s; });
+  __syncthreads();
+  for (int i = warp; i < kC; i += kWarps) {
+    const float s = row_dot(sm.Q + i * kLdH, sm.AQ + i * kLdF, bk) - row_dot(sm.K + i * kLdH, sm.AK + i * kLdF, bk);
+    if (lane == 0) sm.dGl[i] = s;
+  }
+  for (int e = tid; e < kC * bk; e += kThreads) {
+    const int i = e / bk, j = e % bk;
+    if (i < ch.L) {
+      const int64_t o = (row0 + i) * dk + k0 + j;
+      p.dQp[o] = sm.AQ[i * kLdF + j];
+      p.dKp[o] = sm.AK[i * kLdF + j];
+      p.dW[o] = to_bf16(-sm.AW[i * kLdF + j]);
+    }
+  }
+  if (tid == 0) {  // the last row's extra terms: e^{G_last} <h, dS'> + sum_i k_i . dK(state)_i
+    float tail = sm.eG[ch.L - 1] * hdh;
+    for (int i = 0; i < ch.L; ++i) tail += sm.r3[i];
+    sm.dGl[kC] = tail;
+  }
+  __syncthreads();
+  if (tid < ch.L) p.dGp[(ch.bh * p.NK + kt) * p.S + ch.t0 + tid] = sm.dGl[tid] + (tid == ch.L - 1 ? sm.dGl[kC] : 0.0f);
+}
+
+// ---- wy: backward through W = T Kb, U = T Vb, T = (I + M)^-1, M ----
+
+struct WySmem {
+  bf16 *K, *Tb, *Xb, *A1, *A2, *A3;
+  float *KK, *M, *T, *Xs, *G, *eG, *dec, *bet, *dGl, *dbl, *rowc, *colc, *stage;
+  size_t bytes;
+  __host__ __device__ WySmem(uintptr_t base, int dk) {
+    Carve c{base};
+    K = c.take<bf16>(size_t(kC) * (dk + kPadH));
+    Tb = c.take<bf16>(kC * kLdH);
+    Xb = c.take<bf16>(kC * kLdH);
+    A1 = c.take<bf16>(kC * kLdH);
+    A2 = c.take<bf16>(kC * kLdH);
+    A3 = c.take<bf16>(kC * kLdH);
+    KK = c.take<float>(kC * kLdF);
+    M = c.take<float>(kC * kLdF);
+    T = c.take<float>(kC * kLdF);
+    Xs = c.take<float>(3 * 256);
+    G = c.take<float>(kC);
+    eG = c.take<float>(kC);
+    dec = c.take<float>(kC);
+    bet = c.take<float>(kC);
+    dGl = c.take<float>(kC);
+    dbl = c.take<float>(kC);
+    rowc = c.take<float>(kC);
+    colc = c.take<float>(kC);
+    stage = c.take<float>(kWarps * 256);
+    bytes = c.off;
+  }
+};
+
+// One block per (bh, chunk). Buffer reuse: M holds M for the inversion, then dM; T holds T, then the fp32 results
+// dVb / dKb of a column tile (X); Tb holds T (bf16), then dKK.
+__global__ void __launch_bounds__(kThreads) wy_kernel(const Params p) {
+  const Chunk ch = chunk_of(p, blockIdx.x / p.NC, int(blockIdx.x % p.NC));
+  const int dk = p.dk, dv = p.dv, ldk = dk + kPadH, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  WySmem sm(reinterpret_cast<uintptr_t>(dynamic_smem()), dk);
+  const int64_t row0 = ch.bh * p.S + ch.t0;
+  load_rows(sm.K, ldk, p.k + qk_off(p, ch.b, ch.t0, ch.hk), p.Hk * dk, ch.L, kC, dk);
+  load_gates(p, ch, sm.G, sm.eG, sm.dec, sm.bet);
+  if (tid < kC) {
+    sm.dGl[tid] = 0.0f;
+    sm.dbl[tid] = 0.0f;
+  }
+  __syncthreads();
+  // Recompute KK = K K^T, M and T exactly as the prepare kernel did.
+  gemm<RowMajor, ColMajor>(kC, kC, dk, sm.K, ldk, sm.K, ldk, sm.stage,
+                           [&](int i, int j, float s) { sm.KK[i * kLdF + j] = s; });
+  __syncthreads();
+  for (int e = tid; e < kC * kC; e += kThreads) {
+    const int i = e / kC, j = e % kC;
+    sm.M[i * kLdF + j] = j < i ? sm.bet[i] * sm.KK[i * kLdF + j] * expf(sm.G[i] - sm.G[j]) : 0.0f;
+  }
+  __syncthreads();
+  invert_unit_lower(sm.T, kLdF, sm.M, kLdF, sm.Xs);
+  for (int e = tid; e < kC * kC; e += kThreads) sm.Tb[(e / kC) * kLdH + e % kC] = to_bf16(sm.T[(e / kC) * kLdF + e % kC]);
+  __syncthreads();
+  float* X = sm.T;
+  bool first = true;  // dM not yet written
+  // dVb = T^T dVn per 64-column tile of dv: dv += beta .* dVb, dbeta += v . dVb, dM -= dVb U^T
+  for (int v0 = 0; v0 < dv; v0 += kTile) {
+    const int w = dv - v0 < kTile ? dv - v0 : kTile;
+    load_rows(sm.A1, kLdH, p.dVn + row0 * dv + v0, dv, ch.L, kC, w);
+    load_rows(sm.A2, kLdH, p.U + row0 * dv + v0, dv, ch.L, kC, w);
+    load_rows(sm.A3, kLdH, p.v + v_off(p, ch.b, ch.t0, ch.hv) + v0, p.Hv * dv, ch.L, kC, w);
+    __syncthreads();
+    gemm<ColMajor, RowMajor>(kC, w, kC, sm.Tb, kLdH, sm.A1, kLdH, sm.stage,
+                             [&](int i, int j, float s) { X[i * kLdF + j] = s; });
+    __syncthreads();
+    for (int i = warp; i < kC; i += kWarps) {
+      const float s = row_dot(sm.A3 + i * kLdH, X + i * kLdF, w);
+      if (lane == 0) sm.dbl[i] += s;
+    }
+    for (int e = tid; e < kC * w; e += kThreads) {
+      const int i = e / w, j = e % w;
+      if (p.grad_v && i < ch.L) add_to(p.grad_v + v_off(p, ch.b, ch.t0 + i, ch.hv) + v0 + j, sm.bet[i] * X[i * kLdF + j]);
+      sm.Xb[i * kLdH + j] = to_bf16(X[i * kLdF + j]);
+    }
+    __syncthreads();
+    gemm<RowMajor, ColMajor>(kC, kC, w, sm.Xb, kLdH, sm.A2, kLdH, sm.stage, [&](int i, int j, float s) {
+      sm.M[i * kLdF + j] = (first ? 0.0f : sm.M[i * kLdF + j]) - s;
+    });
+    first = false;
+    __syncthreads();
+  }
+  // dKb = T^T dW per 64-column tile of dk: dk += beta e^G .* dKb, dbeta and dG += (beta) e^G k . dKb,
+  // dM -= dKb W^T
+  for (int k0 = 0; k0 < dk; k0 += kTile) {
+    const int w = dk - k0 < kTile ? dk - k0 : kTile;
+    load_rows(sm.A1, kLdH, p.dW + row0 * dk + k0, dk, ch.L, kC, w);
+    load_rows(sm.A2, kLdH, p.W + row0 * dk + k0, dk, ch.L, kC, w);
+    __syncthreads();
+    gemm<ColMajor, RowMajor>(kC, w, kC, sm.Tb, kLdH, sm.A1, kLdH, sm.stage,
+                             [&](int i, int j, float s) { X[i * kLdF + j] = s; });
+    __syncthreads();
+    for (int i = warp; i < kC; i += kWarps) {
+      const float s = sm.eG[i] * row_dot(sm.K + i * ldk + k0, X + i * kLdF, w);
+      if (lane == 0) {
+        sm.dbl[i] += s;
+        sm.dGl[i] += sm.bet[i] * s;
+      }
+    }
+    for (int e = tid; e < kC * w; e += kThreads) {
+      const int i = e / w, j = e % w;
+      if (i < ch.L) p.dKp[(row0 + i) * dk + k0 + j] += sm.bet[i] * sm.eG[i] * X[i * kLdF + j];
+      sm.Xb[i * kLdH + j] = to_bf16(X[i * kLdF + j]);
+    }
+    __syncthreads();
+    gemm<RowMajor, ColMajor>(kC, kC, w, sm.Xb, kLdH, sm.A2, kLdH, sm.stage, [&](int i, int j, float s) {
+      sm.M[i * kLdF + j] = (first ? 0.0f : sm.M[i * kLdF + j]) - s;
+    });
+    first = false;
+    __syncthreads();
+  }
+  // Through M_ij = beta_i KK_ij decay_ij (j < i): dG_i += sum_j dM_ij M_ij, dG_j -= the same; dbeta;
+  // dKK = dM .* beta_i decay_ij (into Tb).
+  const float* dM = sm.M;
+  if (tid < kC) {
+    const int i = tid;
+    float rs = 0.0f, db = 0.0f;
+    for (int j = 0; j < i; ++j) {
+      const float kd = sm.KK[i * kLdF + j] * expf(sm.G[i] - sm.G[j]);
+      rs += dM[i * kLdF + j] * sm.bet[i] * kd;
+      db += dM[i * kLdF + j] * kd;
+    }
+    sm.rowc[i] = rs;
+    sm.dbl[i] += db;
+  } else if (tid < 2 * kC) {
+    const int j = tid - kC;
+    float cs = 0.0f;
+    for (int i = j + 1; i < kC; ++i) cs += dM[i * kLdF + j] * sm.bet[i] * sm.KK[i * kLdF + j] * expf(sm.G[i] - sm.G[j]);
+    sm.colc[j] = cs;
+  }
+  for (int e = tid; e < kC * kC; e += kThreads) {
+    const int i = e / kC, j = e % kC;
+    sm.Tb[i * kLdH + j] = to_bf16(j < i ? dM[i * kLdF + j] * sm.bet[i] * expf(sm.G[i] - sm.G[j]) : 0.0f);
+  }
+  __syncthreads();
+  if (tid < kC) sm.dGl[tid] += sm.rowc[tid] - sm.colc[tid];
+  // dK += dKK K + dKK^T K
+  for (int k0 = 0; k0 < dk; k0 += kTile) {
+    const int w = dk - k0 < kTile ? dk - k0 : kTile;
+    float* dKp = p.dKp + row0 * dk + k0;
+    gemm<RowMajor, RowMajor>(kC, w, kC, sm.Tb, kLdH, sm.K + k0, ldk, sm.stage, [&](int i, int j, float s) {
+      if (i < ch.L) dKp[int64_t(i) * dk + j] += s;
+    });
+    __syncthreads();
+    gemm<ColMajor, RowMajor>(kC, w, kC, sm.Tb, kLdH, sm.K + k0, ldk, sm.stage, [&](int i, int j, float s) {
+      if (i < ch.L) dKp[int64_t(i) * dk + j] += s;
+    });
+    __syncthreads();
+  }
+  // dG of the chunk = this kernel's share + the dqk partials (in tile order); dg = reverse cumsum within the chunk.
+  if (tid < ch.L) {
+    float s = sm.dGl[tid];
+    for (int kt = 0; kt < p.NK; ++kt) s += p.dGp[(ch.bh * p.NK + kt) * p.S + ch.t0 + tid];
+    sm.rowc[tid] = s;
+    if (p.grad_beta) add_to(p.grad_beta + gb_off(p, ch.b, ch.t0 + tid, ch.hv), sm.dbl[tid]);
+  }
+  __syncthreads();
+  if (tid == 0 && p.grad_g) {
+    float acc = 0.0f;
+    for (int i = ch.L - 1; i >= 0; --i) {
+      acc += sm.rowc[i];
+      add_to(p.grad_g + gb_off(p, ch.b, ch.t0 + i, ch.hv), acc);
+    }
+  }
+}
+
+// ---- reduce: dq, dk (B, S, Hk, dk) += sum over the value heads of each key head ----
+
+__global__ void __launch_bounds__(kThreads) reduce_qk_kernel(const Params p) {
+  const int64_t total = p.B * p.S * p.Hk * p.dk;
+  for (int64_t idx = blockIdx.x * int64_t(kThreads) + threadIdx.x; idx < total; idx += int64_t(gridDim.x) * kThreads) {
+    const int64_t x = idx % p.dk, rest = idx / p.dk, hk = rest % p.Hk, bt = rest / p.Hk;  // bt = b * S + t
+    const int64_t b = bt / p.S, t = bt % p.S;
+    float sq = 0.0f, sk = 0.0f;
+    for (int rr = 0; rr < p.r; ++rr) {
+      const int64_t o = ((b * p.Hv + hk * p.r + rr) * p.S + t) * p.dk + x;
+      sq += p.dQp[o];
+      sk += p.dKp[o];
+    }
+    if (p.grad_q) add_to(p.grad_q + idx, sq);
+    if (p.grad_k) add_to(p.grad_k + idx, sk);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) add_kernel(float* y, const float* x, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(kThreads) + threadIdx.x; i < n; i += int64_t(gridDim.x) * kThreads) y[i] += x[i];
+}
+
+unsigned elementwise_grid(int64_t n) { return unsigned(std::min<int64_t>(ceil_div(n, kThreads), 65536)); }
+
+}  // namespace
+
+}  // namespace gdr
+
+void gated_delta_rule_backward(bf16* dq, bf16* dk, bf16* dv, float* dg, float* dbeta, float* d_initial_state,
+                               const bf16* d_o, const float* d_final_state, const bf16* q, const bf16* k,
+                               const bf16* v, const float* g, const float* beta, const float* initial_state,
+                               const GdrShape& s, float scale, void* workspace, cudaStream_t stream) {
+  using namespace gdr;
+  Params p{};
+  set_shape(p, s, scale, "gated_delta_rule_backward");
+  if (s.B == 0) return;
+  if (s.S == 0) {  // no tokens: the initial state is the final state
+    const int64_t n = s.B * s.Hv * s.dk * s.dv;
+    if (d_initial_state && d_final_state) {
+      add_kernel<<<elementwise_grid(n), kThreads, 0, stream>>>(d_initial_state, d_final_state, n);
+      NEXTRON_CUDA_LAUNCH_CHECK();
+    }
+    return;
+  }
+  NEXTRON_CHECK(workspace != nullptr, "gated_delta_rule_backward: workspace is null (size it with "
+                                      "gated_delta_rule_workspace_bytes)");
+  NEXTRON_CHECK(d_o != nullptr, "gated_delta_rule_backward: d_o is required");
+  carve_workspace(p, workspace);
+  p.q = q;
+  p.k = k;
+  p.v = v;
+  p.g = g;
+  p.beta = beta;
+  p.h0 = initial_state;
+  p.d_o = d_o;
+  p.dht = d_final_state;
+  p.grad_q = dq;
+  p.grad_k = dk;
+  p.grad_v = dv;
+  p.grad_g = dg;
+  p.grad_beta = dbeta;
+  p.grad_h0 = d_initial_state;
+  // Forward intermediates: Gc, W, U (prepare), h_c and Vn (state forward).
+  launch_prepare(p, stream);
+  launch_state_forward(p, stream);
+  {
+    const size_t bytes = DvLocalSmem(0, p.dk).bytes;
+    allow_smem(reinterpret_cast<const void*>(&dvlocal_kernel), bytes, "gated_delta_rule_backward (dvlocal)");
+    dvlocal_kernel<<<unsigned(p.BH * p.NC * ceil_div(p.dv, kTile)), kThreads, bytes, stream>>>(p);
+    NEXTRON_CUDA_LAUNCH_CHECK();
+  }
+  {
+    const int bv = state_tile(p.dv);
+    const size_t bytes = StateBackSmem(0, p.dk, bv).bytes;
+    allow_smem(reinterpret_cast<const void*>(&state_backward_kernel), bytes, "gated_delta_rule_backward (state)");
+    state_backward_kernel<<<unsigned(p.BH * (p.dv / bv)), kThreads, bytes, stream>>>(p, bv);
+    NEXTRON_CUDA_LAUNCH_CHECK();
+  }
+  {
+    const size_t bytes = DqkSmem(0).bytes;
+    allow_smem(reinterpret_cast<const void*>(&dqk_kernel), bytes, "gated_delta_rule_backward (dqk)");
+    dqk_kernel<<<unsigned(p.BH * p.NC * p.NK), kThreads, bytes, stream>>>(p);
+    NEXTRON_CUDA_LAUNCH_CHECK();
+  }
+  {
+    const size_t bytes = WySmem(0, p.dk).bytes;
+    allow_smem(reinterpret_cast<const void*>(&wy_kernel), bytes, "gated_delta_rule_backward (wy)");
+    wy_kernel<<<unsigned(p.BH * p.NC), kThreads, bytes, stream>>>(p);
+    NEXTRON_CUDA_LAUNCH_CHECK();
+  }
+  if (dq || dk) {
+    reduce_qk_kernel<<<elementwise_grid(p.B * p.S * p.Hk * p.dk), kThreads, 0, stream>>>(p);
+    NEXTRON_CUDA_LAUNCH_CHECK();
+  }
+}
+
+}  // namespace nextron::cuda

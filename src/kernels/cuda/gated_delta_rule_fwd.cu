@@ -1,0 +1,347 @@
+// Chunked gated delta rule on the GPU: forward, shape checks and workspace (the backward is in
+// gated_delta_rule_bwd.cu, the shared device pieces in gated_delta_rule_impl.cuh). CPU reference and math:
+// kernels/cpu/gated_delta_rule.{h,cpp}; this is the same chunked ("UT transform") algorithm with chunks of 64.
+//
+// Per (sequence b, value head hv) with key head hk = hv / (Hv / Hk) (q/k are read in place, never repeated), split
+// the S tokens into NC = ceil(S / 64) chunks; a partial last chunk is padded with zero rows in shared memory. In a
+// chunk with entering state h_c (dk x dv):
+//   G = cumsum(g) (fp32, in token order, so every G_i - G_j with i >= j is <= 0 and exp only sees values <= 0),
+//   M = strictly_lower(diag(beta) K K^T .* exp(G_i - G_j)),  T = (I + M)^-1,
+//   W = T diag(beta e^G) K,  U = T diag(beta) V,  Vn = U - W h_c,
+//   O = scale (e^G .* (Q h_c) + ((Q K^T) .* exp(G_i - G_j), causal incl. diagonal) Vn),
+//   h_{c+1} = e^{G_last} h_c + K^T (e^{G_last - G} .* Vn).
+// Kernels (256 threads each; products on the tensor cores with bf16 operands and fp32 accumulation, everything
+// elementwise, the gates, T and the carried state in fp32):
+//   1. prepare  (grid BH * NC): G, M (one 64 x 64 x dk product), T by blocked forward substitution in fp32 shared
+//      memory, then W and U (bf16) into the workspace.
+//   2. state    (grid BH * dv / bv, bv = 32 or 16): one block carries the fp32 state tile h (dk x bv) through the
+//      chunks in order: writes h_c (bf16, the operand of the output kernel and the backward), Vn = U - W h_c, and
+//      h <- e^{G_last} h + K^T (dec .* Vn); the final state leaves in fp32.
+//   3. output   (grid BH * NC * ceil(dv / 64)): P = scale (Q K^T) .* decay (causal) and Q h_c over dk, then
+//      O = e^G .* (scale Q h_c) + P Vn for a 64-column tile of dv.
+// Shared memory of a block is a few 64-row tiles (at most ~190 KB at dk = dv = 256, ~110 KB at 128).
+//
+// Workspace (gated_delta_rule_workspace_bytes; N = B * Hv * S rows, states = B * Hv * NC * dk * dv): forward
+// Gc 4N + W 2N dk + U 2N dv + Vn 2N dv + H 2 states bytes; the backward adds dVn 2N dv, dH 2 states, dW 2N dk,
+// dVl/dQp 4N max(dk, dv), dKp 4N dk and dGp 4N ceil(dk / 64). At B = 8, S = 4096, Hv = 32, dk = dv = 128 that is
+// 1.3 GB for the forward and 3.4 GB in all.
+#include "kernels/cuda/gated_delta_rule_impl.cuh"
+
+#include <algorithm>
+
+#include "core/error.h"
+
+namespace nextron::cuda {
+
+namespace gdr {
+
+namespace {
+
+// Column tile of dv carried by one block of the state kernels: narrow tiles mean more blocks for the sequential
+// part (at B = 1, Hv = 32, dv = 128: 128 blocks).
+int state_tile(int dv) { return dv % 32 == 0 ? 32 : 16; }
+// Column tile of dv in the output kernel.
+int output_tile(int dv) { return std::min(dv, kTile); }
+
+// ---- 1. prepare ----
+
+struct PrepareSmem {
+  bf16 *K, *V, *Tb;
+  float *M, *T, *X, *G, *eG, *bet, *stage;
+  size_t bytes;
+  __host__ __device__ PrepareSmem(uintptr_t base, int dk, int dv) {
+    Carve c{base};
+    K = c.take<bf16>(size_t(kC) * (dk + kPadH));
+    V = c.take<bf16>(size_t(kC) * (dv + kPadH));
+    Tb = c.take<bf16>(kC * kLdH);
+    M = c.take<float>(kC * kLdF);
+    T = c.take<float>(kC * kLdF);
+    X = c.take<float>(3 * 256);
+    G = c.take<float>(kC);
+    eG = c.take<float>(kC);
+    bet = c.take<float>(kC);
+    stage = c.take<float>(kWarps * 256);
+    bytes = c.off;
+  }
+};
+
+// One block per (bh, chunk): Gc, W, U of the chunk.
+__global__ void __launch_bounds__(kThreads) prepare_kernel(const Params p) {
+  const Chunk ch = chunk_of(p, blockIdx.x / p.NC, int(blockIdx.x % p.NC));
+  const int dk = p.dk, dv = p.dv, ldk = dk + kPadH, ldv = dv + kPadH, tid = threadIdx.x;
+  PrepareSmem sm(reinterpret_cast<uintptr_t>(dynamic_smem()), dk, dv);
+  if (tid < kC) {
+    sm.G[tid] = tid < ch.L ? p.g[gb_off(p, ch.b, ch.t0 + tid, ch.hv)] : 0.0f;
+    sm.bet[tid] = tid < ch.L ? p.beta[gb_off(p, ch.b, ch.t0 + tid, ch.hv)] : 0.0f;
+  }
+  load_rows(sm.K, ldk, p.k + qk_off(p, ch.b, ch.t0, ch.hk), p.Hk * dk, ch.L, kC, dk);
+  load_rows(sm.V, ldv, p.v + v_off(p, ch.b, ch.t0, ch.hv), p.Hv * dv, ch.L, kC, dv);
+  __syncthreads();
+  // Cumulative sum in token order by one thread (padding rows add g = 0).
+  if (tid == 0)
+    for (int i = 1; i < kC; ++i) sm.G[i] += sm.G[i - 1];
+  __syncthreads();
+  if (tid < kC) {
+    sm.eG[tid] = expf(sm.G[tid]);
+    if (tid < ch.L) p.Gc[ch.bh * p.S + ch.t0 + tid] = sm.G[tid];
+  }
+  // M = strictly_lower(diag(beta) K K^T .* exp(G_i - G_j))
+  gemm<RowMajor, ColMajor>(kC, kC, dk, sm.K, ldk, sm.K, ldk, sm.stage, [&](int i, int j, float x) {
+    sm.M[i * kLdF + j] = j < i ? sm.bet[i] * x * expf(sm.G[i] - sm.G[j]) : 0.0f;
+  });
+  __syncthreads();
+  invert_unit_lower(sm.T, kLdF, sm.M, kLdF, sm.X);
+  // bf16 operands: T, diag(beta e^G) K, diag(beta) V (K and V scaled in place; their products are done).
+  for (int e = tid; e < kC * kC; e += kThreads) sm.Tb[(e / kC) * kLdH + e % kC] = to_bf16(sm.T[(e / kC) * kLdF + e % kC]);
+  for (int e = tid; e < kC * dk; e += kThreads) {
+    bf16& x = sm.K[(e / dk) * ldk + e % dk];
+    x = to_bf16(sm.bet[e / dk] * sm.eG[e / dk] * to_f32(x));
+  }
+  for (int e = tid; e < kC * dv; e += kThreads) {
+    bf16& x = sm.V[(e / dv) * ldv + e % dv];
+    x = to_bf16(sm.bet[e / dv] * to_f32(x));
+  }
+  __syncthreads();
+  bf16* W = p.W + (ch.bh * p.S + ch.t0) * dk;
+  bf16* U = p.U + (ch.bh * p.S + ch.t0) * dv;
+  gemm<RowMajor, RowMajor>(kC, dk, kC, sm.Tb, kLdH, sm.K, ldk, sm.stage, [&](int i, int j, float x) {
+    if (i < ch.L) W[int64_t(i) * dk + j] = to_bf16(x);
+  });
+  gemm<RowMajor, RowMajor>(kC, dv, kC, sm.Tb, kLdH, sm.V, ldv, sm.stage, [&](int i, int j, float x) {
+    if (i < ch.L) U[int64_t(i) * dv + j] = to_bf16(x);
+  });
+}
+
+// ---- 2. state (forward) ----
+
+struct StateSmem {
+  float *S, *G, *eG, *dec, *stage;
+  bf16 *Sb, *Wc, *Kc, *Uc, *Vd;
+  size_t bytes;
+  __host__ __device__ StateSmem(uintptr_t base, int dk, int bv) {
+    Carve c{base};
+    S = c.take<float>(size_t(dk) * (bv + kPadF));
+    Sb = c.take<bf16>(size_t(dk) * (bv + kPadH));
+    Wc = c.take<bf16>(size_t(kC) * (dk + kPadH));
+    Kc = c.take<bf16>(size_t(kC) * (dk + kPadH));
+    Uc = c.take<bf16>(size_t(kC) * (bv + kPadH));
+    Vd = c.take<bf16>(size_t(kC) * (bv + kPadH));
+    G = c.take<float>(kC);
+    eG = c.take<float>(kC);
+    dec = c.take<float>(kC);
+    stage = c.take<float>(kWarps * 256);
+    bytes = c.off;
+  }
+};
+
+// One block per (bh, column tile [v0, v0 + bv) of dv), chunks in order: writes H and Vn, and ht when asked.
+__global__ void __launch_bounds__(kThreads) state_forward_kernel(const Params p, int bv) {
+  const int nvt = p.dv / bv;
+  const int64_t bh = blockIdx.x / nvt;
+  const int v0 = int(blockIdx.x % nvt) * bv;
+  const int dk = p.dk, dv = p.dv, ldk = dk + kPadH, lds = bv + kPadF, ldb = bv + kPadH, tid = threadIdx.x;
+  StateSmem sm(reinterpret_cast<uintptr_t>(dynamic_smem()), dk, bv);
+  const int64_t sbase = bh * dk * dv + v0;  // tile origin in h0 / ht
+  if (p.h0) {
+    load_rows(sm.S, lds, p.h0 + sbase, dv, dk, dk, bv);
+  } else {
+    for (int e = tid; e < dk * bv; e += kThreads) sm.S[(e / bv) * lds + e % bv] = 0.0f;
+  }
+  __syncthreads();
+  for (int c = 0; c < p.NC; ++c) {
+    const Chunk ch = chunk_of(p, bh, c);
+    const int64_t row0 = bh * p.S + ch.t0;  // workspace row of the chunk's first token
+    load_rows(sm.Wc, ldk, p.W + row0 * dk, dk, ch.L, kC, dk);
+    load_rows(sm.Kc, ldk, p.k + qk_off(p, ch.b, ch.t0, ch.hk), p.Hk * dk, ch.L, kC, dk);
+    load_rows(sm.Uc, ldb, p.U + row0 * dv + v0, dv, ch.L, kC, bv);
+    load_gates(p, ch, sm.G, sm.eG, sm.dec, nullptr);
+    bf16* Hc = p.H + state_off(p, bh, c) + v0;
+    for (int e = tid; e < dk * bv; e += kThreads) {
+      const int i = e / bv, j = e % bv;
+      const bf16 x = to_bf16(sm.S[i * lds + j]);
+      sm.Sb[i * ldb + j] = x;
+      Hc[int64_t(i) * dv + j] = x;
+    }
+    __syncthreads();
+    // Vn = U - W h_c; Vd = dec .* Vn (zero on padding rows, whose U and W rows are zero too)
+    bf16* Vn = p.Vn + row0 * dv + v0;
+    gemm<RowMajor, RowMajor>(kC, bv, dk, sm.Wc, ldk, sm.Sb, ldb, sm.stage, [&](int i, int j, float x) {
+      const float vn = to_f32(sm.Uc[i * ldb + j]) - x;
+      if (i < ch.L) Vn[int64_t(i) * dv + j] = to_bf16(vn);
+      sm.Vd[i * ldb + j] = to_bf16(vn * sm.dec[i]);
+    });
+    __syncthreads();
+    // h <- e^{G_last} h + K^T Vd
+    const float a = sm.eG[ch.L - 1];
+    gemm<ColMajor, RowMajor>(dk, bv, kC, sm.Kc, ldk, sm.Vd, ldb, sm.stage,
+                             [&](int i, int j, float x) { sm.S[i * lds + j] = a * sm.S[i * lds + j] + x; });
+    __syncthreads();
+  }
+  if (p.ht)
+    for (int e = tid; e < dk * bv; e += kThreads) p.ht[sbase + int64_t(e / bv) * dv + e % bv] = sm.S[(e / bv) * lds + e % bv];
+}
+
+// ---- 3. output ----
+
+struct OutputSmem {
+  bf16 *Q, *K, *Hs, *Vn, *P;
+  float *O, *G, *eG, *dec, *stage;
+  size_t bytes;
+  __host__ __device__ OutputSmem(uintptr_t base, int dk, int bw) {
+    Carve c{base};
+    Q = c.take<bf16>(size_t(kC) * (dk + kPadH));
+    K = c.take<bf16>(size_t(kC) * (dk + kPadH));
+    Hs = c.take<bf16>(size_t(dk) * (bw + kPadH));
+    Vn = c.take<bf16>(size_t(kC) * (bw + kPadH));
+    P = c.take<bf16>(kC * kLdH);
+    O = c.take<float>(size_t(kC) * (bw + kPadF));
+    G = c.take<float>(kC);
+    eG = c.take<float>(kC);
+    dec = c.take<float>(kC);
+    stage = c.take<float>(kWarps * 256);
+    bytes = c.off;
+  }
+};
+
+// One block per (bh, chunk, column tile [v0, v0 + w) of dv).
+__global__ void __launch_bounds__(kThreads) output_kernel(const Params p, int bw) {
+  const int nvt = (p.dv + bw - 1) / bw;
+  const int vt = int(blockIdx.x % nvt);
+  const int64_t x = blockIdx.x / nvt;
+  const Chunk ch = chunk_of(p, x / p.NC, int(x % p.NC));
+  const int dk = p.dk, dv = p.dv, ldk = dk + kPadH, ldh = bw + kPadH, ldo = bw + kPadF;
+  const int v0 = vt * bw, w = dv - v0 < bw ? dv - v0 : bw;
+  OutputSmem sm(reinterpret_cast<uintptr_t>(dynamic_smem()), dk, bw);
+  load_rows(sm.Q, ldk, p.q + qk_off(p, ch.b, ch.t0, ch.hk), p.Hk * dk, ch.L, kC, dk);
+  load_rows(sm.K, ldk, p.k + qk_off(p, ch.b, ch.t0, ch.hk), p.Hk * dk, ch.L, kC, dk);
+  load_rows(sm.Hs, ldh, p.H + state_off(p, ch.bh, ch.c) + v0, dv, dk, dk, w);
+  load_rows(sm.Vn, ldh, p.Vn + (ch.bh * p.S + ch.t0) * dv + v0, dv, ch.L, kC, w);
+  load_gates(p, ch, sm.G, sm.eG, sm.dec, nullptr);
+  __syncthreads();
+  const float scale = p.scale;
+  gemm<RowMajor, ColMajor>(kC, kC, dk, sm.Q, ldk, sm.K, ldk, sm.stage, [&](int i, int j, float s) {
+    sm.P[i * kLdH + j] = to_bf16(j <= i ? scale * s * expf(sm.G[i] - sm.G[j]) : 0.0f);
+  });
+  gemm<RowMajor, RowMajor>(kC, w, dk, sm.Q, ldk, sm.Hs, ldh, sm.stage,
+                           [&](int i, int j, float s) { sm.O[i * ldo + j] = scale * sm.eG[i] * s; });
+  __syncthreads();
+  bf16* o = p.o + v_off(p, ch.b, ch.t0, ch.hv) + v0;
+  const int64_t ldO = p.Hv * dv;
+  gemm<RowMajor, RowMajor>(kC, w, kC, sm.P, kLdH, sm.Vn, ldh, sm.stage, [&](int i, int j, float s) {
+    if (i < ch.L) o[i * ldO + j] = to_bf16(sm.O[i * ldo + j] + s);
+  });
+}
+
+}  // namespace
+
+void allow_smem(const void* kernel, size_t bytes, const char* what) {
+  int dev = 0, optin = 0;
+  NEXTRON_CUDA_CHECK(cudaGetDevice(&dev));
+  NEXTRON_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  NEXTRON_CHECK(bytes <= size_t(optin), what, ": needs ", bytes, " bytes of shared memory per block, the device has ",
+                optin, " (smaller dk / dv)");
+  NEXTRON_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+}
+
+void set_shape(Params& p, const GdrShape& s, float scale, const char* what) {
+  NEXTRON_CHECK(s.B >= 0 && s.S >= 0 && s.Hk > 0 && s.Hv > 0, what, ": bad shape B=", s.B, " S=", s.S, " Hk=", s.Hk,
+                " Hv=", s.Hv);
+  NEXTRON_CHECK(s.Hv % s.Hk == 0, what, ": value heads Hv=", s.Hv, " must be a multiple of key heads Hk=", s.Hk);
+  NEXTRON_CHECK(s.dk >= 16 && s.dk <= kMaxDim && s.dk % 16 == 0 && s.dv >= 16 && s.dv <= kMaxDim && s.dv % 16 == 0,
+                what, ": head dims dk=", s.dk, " dv=", s.dv, " must be multiples of 16 in [16, ", kMaxDim, "]");
+  p.B = s.B;
+  p.S = s.S;
+  p.Hk = s.Hk;
+  p.Hv = s.Hv;
+  p.BH = s.B * s.Hv;
+  p.dk = int(s.dk);
+  p.dv = int(s.dv);
+  p.r = int(s.Hv / s.Hk);
+  p.NC = int(ceil_div(s.S, kC));
+  p.NK = int(ceil_div(s.dk, kTile));
+  p.scale = scale;
+}
+
+size_t carve_workspace(Params& p, void* base) {
+  size_t off = 0;
+  auto take = [&](size_t bytes) {
+    char* ptr = base ? static_cast<char*>(base) + off : nullptr;
+    off += (bytes + 255) / 256 * 256;
+    return static_cast<void*>(ptr);
+  };
+  const size_t N = size_t(p.BH) * size_t(p.S), dk = size_t(p.dk), dv = size_t(p.dv);
+  const size_t states = size_t(p.BH) * size_t(p.NC) * dk * dv;
+  p.Gc = static_cast<float*>(take(4 * N));
+  p.W = static_cast<bf16*>(take(2 * N * dk));
+  p.U = static_cast<bf16*>(take(2 * N * dv));
+  p.Vn = static_cast<bf16*>(take(2 * N * dv));
+  p.H = static_cast<bf16*>(take(2 * states));
+  p.dVn = static_cast<bf16*>(take(2 * N * dv));
+  p.dH = static_cast<bf16*>(take(2 * states));
+  p.dW = static_cast<bf16*>(take(2 * N * dk));
+  float* shared = static_cast<float*>(take(4 * N * std::max(dk, dv)));  // dVl (until the reverse pass) then dQp
+  p.dVl = shared;
+  p.dQp = shared;
+  p.dKp = static_cast<float*>(take(4 * N * dk));
+  p.dGp = static_cast<float*>(take(4 * N * size_t(p.NK)));
+  return off;
+}
+
+void launch_prepare(const Params& p, cudaStream_t stream) {
+  const size_t bytes = PrepareSmem(0, p.dk, p.dv).bytes;
+  allow_smem(reinterpret_cast<const void*>(&prepare_kernel), bytes, "gated_delta_rule (prepare)");
+  prepare_kernel<<<unsigned(p.BH * p.NC), kThreads, bytes, stream>>>(p);
+  NEXTRON_CUDA_LAUNCH_CHECK();
+}
+
+void launch_state_forward(const Params& p, cudaStream_t stream) {
+  const int bv = state_tile(p.dv);
+  const size_t bytes = StateSmem(0, p.dk, bv).bytes;
+  allow_smem(reinterpret_cast<const void*>(&state_forward_kernel), bytes, "gated_delta_rule (state)");
+  state_forward_kernel<<<unsigned(p.BH * (p.dv / bv)), kThreads, bytes, stream>>>(p, bv);
+  NEXTRON_CUDA_LAUNCH_CHECK();
+}
+
+}  // namespace gdr
+
+size_t gated_delta_rule_workspace_bytes(const GdrShape& s) {
+  gdr::Params p{};
+  gdr::set_shape(p, s, 1.0f, "gated_delta_rule_workspace_bytes");
+  return gdr::carve_workspace(p, nullptr);
+}
+
+void gated_delta_rule_forward(bf16* o, float* final_state, const bf16* q, const bf16* k, const bf16* v,
+                              const float* g, const float* beta, const float* initial_state, const GdrShape& s,
+                              float scale, void* workspace, cudaStream_t stream) {
+  gdr::Params p{};
+  gdr::set_shape(p, s, scale, "gated_delta_rule_forward");
+  if (s.B == 0) return;
+  const size_t state_bytes = size_t(s.B * s.Hv * s.dk * s.dv) * sizeof(float);
+  if (s.S == 0) {  // no tokens: the state passes through
+    if (final_state && initial_state)
+      NEXTRON_CUDA_CHECK(cudaMemcpyAsync(final_state, initial_state, state_bytes, cudaMemcpyDeviceToDevice, stream));
+    else if (final_state)
+      NEXTRON_CUDA_CHECK(cudaMemsetAsync(final_state, 0, state_bytes, stream));
+    return;
+  }
+  NEXTRON_CHECK(workspace != nullptr, "gated_delta_rule_forward: workspace is null (size it with "
+                                      "gated_delta_rule_workspace_bytes)");
+  gdr::carve_workspace(p, workspace);
+  p.q = q;
+  p.k = k;
+  p.v = v;
+  p.g = g;
+  p.beta = beta;
+  p.h0 = initial_state;
+  p.o = o;
+  p.ht = final_state;
+  gdr::launch_prepare(p, stream);
+  gdr::launch_state_forward(p, stream);
+  const int bw = gdr::output_tile(p.dv);
+  const size_t bytes = gdr::OutputSmem(0, p.dk, bw).bytes;
+  gdr::allow_smem(reinterpret_cast<const void*>(&gdr::output_kernel), bytes, "gated_delta_rule (output)");
+  gdr::output_kernel<<<unsigned(p.BH * p.NC * ceil_div(p.dv, bw)), gdr::kThreads, bytes, stream>>>(p, bw);
+  NEXTRON_CUDA_LAUNCH_CHECK();
+}
+
+}  // namespace nextron::cuda

@@ -1,0 +1,199 @@
+// CUDA norms (kernels/cuda/norms.h: rmsnorm, rmsnorm_gated, l2norm) against their CPU references (kernels/cpu),
+// run in fp32 on the same bf16-rounded inputs. Forward outputs, saved rstd, in-place forwards, and backwards that
+// accumulate: every gradient is pre-filled with random values of the same magnitude as its delta, so a kernel that
+// overwrote instead of adding would miss by far more than the tolerance. nullptr gradients are checked to skip
+// exactly (the other gradients come out bit-identical).
+//
+// Shapes cover odd sizes (N = 1, 3, 17, 1000; D = 48, 100, not multiples of 32) and the model's row widths: head
+// dims 128 / 256 (q_norm, k_norm, DeltaNet norms) and hidden 2048.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "cuda_test_util.h"
+#include "kernels/cpu/l2norm.h"
+#include "kernels/cpu/rmsnorm.h"
+#include "kernels/cpu/rmsnorm_gated.h"
+#include "kernels/cuda/norms.h"
+
+namespace nextron::test {
+
+namespace {
+
+struct Shape {
+  int64_t N, D;
+};
+const std::vector<Shape> kShapes = {{1, 48}, {3, 100}, {17, 128}, {1000, 48}, {1000, 256}, {17, 2048}, {200, 2048}};
+constexpr float kEps = 1e-6f;
+
+::testing::Message describe(const Shape& s) { return ::testing::Message() << "N=" << s.N << " D=" << s.D; }
+
+}  // namespace
+
+TEST(RmsnormCuda, ForwardMatchesCpuAndRunsInPlace) {
+  NEXTRON_REQUIRE_GPU();
+  for (const Shape& sh : kShapes) {
+    SCOPED_TRACE(describe(sh));
+    const int64_t N = sh.N, D = sh.D;
+    const auto x = random_bf16(N * D, 1, -2.0f, 2.0f);
+    const auto w = random_f32(D, 2, -0.5f, 0.5f);
+    std::vector<float> y_ref(N * D), rstd_ref(N);
+    cpu::rmsnorm_forward<float>(y_ref.data(), rstd_ref.data(), x.data(), w.data(), N, D, kEps);
+
+    DeviceBf16 gx(x), gy(N * D);
+    DeviceArray<float> gw(w), grstd(N);
+    cuda::rmsnorm_forward(gy.get(), grstd.get(), gx.get(), gw.get(), N, D, kEps, nullptr);
+    const auto y = gy.download();
+    EXPECT_TRUE(close_to(y, y_ref, kBf16Rtol));
+    EXPECT_TRUE(close_to(grstd.download(), rstd_ref, kF32Rtol));
+
+    cuda::rmsnorm_forward(gx.get(), grstd.get(), gx.get(), gw.get(), N, D, kEps, nullptr);  // y == x
+    EXPECT_EQ(gx.download(), y);
+  }
+}
+
+TEST(RmsnormCuda, BackwardAccumulatesIntoDxAndDw) {
+  NEXTRON_REQUIRE_GPU();
+  for (const Shape& sh : kShapes) {
+    SCOPED_TRACE(describe(sh));
+    const int64_t N = sh.N, D = sh.D;
+    const auto x = random_bf16(N * D, 3, -2.0f, 2.0f), dy = random_bf16(N * D, 4);
+    const auto w = random_f32(D, 5, -0.5f, 0.5f);
+    const auto dx0 = random_bf16(N * D, 6), dw0 = random_f32(D, 7);
+    std::vector<float> y_ref(N * D), rstd_ref(N), dx_ref = dx0, dw_ref = dw0;
+    cpu::rmsnorm_forward<float>(y_ref.data(), rstd_ref.data(), x.data(), w.data(), N, D, kEps);
+    cpu::rmsnorm_backward<float>(dx_ref.data(), dw_ref.data(), dy.data(), x.data(), w.data(), rstd_ref.data(), N, D);
+
+    DeviceBf16 gx(x), gy(N * D), gdy(dy), gdx(dx0);
+    DeviceArray<float> gw(w), grstd(N), gdw(dw0);
+    cuda::rmsnorm_forward(gy.get(), grstd.get(), gx.get(), gw.get(), N, D, kEps, nullptr);
+    cuda::rmsnorm_backward(gdx.get(), gdw.get(), gdy.get(), gx.get(), gw.get(), grstd.get(), N, D, nullptr);
+    const auto dx = gdx.download();
+    const auto dw = gdw.download();
+    EXPECT_TRUE(close_to(dx, dx_ref, kBf16Rtol));
+    EXPECT_TRUE(close_to(dw, dw_ref, kF32Rtol));
+
+    // nullptr skips that gradient; the other one is unchanged bit for bit.
+    DeviceBf16 gdx_only(dx0);
+    DeviceArray<float> gdw_only(dw0);
+    cuda::rmsnorm_backward(gdx_only.get(), nullptr, gdy.get(), gx.get(), gw.get(), grstd.get(), N, D, nullptr);
+    cuda::rmsnorm_backward(nullptr, gdw_only.get(), gdy.get(), gx.get(), gw.get(), grstd.get(), N, D, nullptr);
+    EXPECT_EQ(gdx_only.download(), dx);
+    EXPECT_EQ(gdw_only.download(), dw);
+  }
+}
+
+TEST(RmsnormGatedCuda, ForwardMatchesCpu) {
+  NEXTRON_REQUIRE_GPU();
+  for (const Shape& sh : kShapes) {
+    SCOPED_TRACE(describe(sh));
+    const int64_t N = sh.N, D = sh.D;
+    const auto x = random_bf16(N * D, 11, -2.0f, 2.0f), z = random_bf16(N * D, 12, -4.0f, 4.0f);
+    const auto w = random_f32(D, 13, 0.5f, 1.5f);
+    std::vector<float> y_ref(N * D), rstd_ref(N);
+    cpu::rmsnorm_gated_forward<float>(y_ref.data(), rstd_ref.data(), x.data(), z.data(), w.data(), N, D, kEps);
+
+    DeviceBf16 gx(x), gz(z), gy(N * D);
+    DeviceArray<float> gw(w), grstd(N);
+    cuda::rmsnorm_gated_forward(gy.get(), grstd.get(), gx.get(), gz.get(), gw.get(), N, D, kEps, nullptr);
+    EXPECT_TRUE(close_to(gy.download(), y_ref, kBf16Rtol));
+    EXPECT_TRUE(close_to(grstd.download(), rstd_ref, kF32Rtol));
+  }
+}
+
+TEST(RmsnormGatedCuda, BackwardAccumulatesIntoDxDzAndDw) {
+  NEXTRON_REQUIRE_GPU();
+  for (const Shape& sh : kShapes) {
+    SCOPED_TRACE(describe(sh));
+    const int64_t N = sh.N, D = sh.D;
+    const auto x = random_bf16(N * D, 14, -2.0f, 2.0f), z = random_bf16(N * D, 15, -4.0f, 4.0f);
+    const auto dy = random_bf16(N * D, 16);
+    const auto w = random_f32(D, 17, 0.5f, 1.5f);
+    const auto dx0 = random_bf16(N * D, 18), dz0 = random_bf16(N * D, 19), dw0 = random_f32(D, 20);
+    std::vector<float> y_ref(N * D), rstd_ref(N), dx_ref = dx0, dz_ref = dz0, dw_ref = dw0;
+    cpu::rmsnorm_gated_forward<float>(y_ref.data(), rstd_ref.data(), x.data(), z.data(), w.data(), N, D, kEps);
+    cpu::rmsnorm_gated_backward<float>(dx_ref.data(), dz_ref.data(), dw_ref.data(), dy.data(), x.data(), z.data(),
+                                       w.data(), rstd_ref.data(), N, D);
+
+    DeviceBf16 gx(x), gz(z), gy(N * D), gdy(dy), gdx(dx0), gdz(dz0);
+    DeviceArray<float> gw(w), grstd(N), gdw(dw0);
+    cuda::rmsnorm_gated_forward(gy.get(), grstd.get(), gx.get(), gz.get(), gw.get(), N, D, kEps, nullptr);
+    cuda::rmsnorm_gated_backward(gdx.get(), gdz.get(), gdw.get(), gdy.get(), gx.get(), gz.get(), gw.get(), grstd.get(),
+                                 N, D, nullptr);
+    const auto dx = gdx.download(), dz = gdz.download();
+    const auto dw = gdw.download();
+    EXPECT_TRUE(close_to(dx, dx_ref, kBf16Rtol));
+    EXPECT_TRUE(close_to(dz, dz_ref, kBf16Rtol));
+    EXPECT_TRUE(close_to(dw, dw_ref, kF32Rtol));
+
+    // Each gradient alone comes out bit-identical to the full call.
+    DeviceBf16 gdx_only(dx0), gdz_only(dz0);
+    DeviceArray<float> gdw_only(dw0);
+    cuda::rmsnorm_gated_backward(gdx_only.get(), nullptr, nullptr, gdy.get(), gx.get(), gz.get(), gw.get(), grstd.get(),
+                                 N, D, nullptr);
+    cuda::rmsnorm_gated_backward(nullptr, gdz_only.get(), nullptr, gdy.get(), gx.get(), gz.get(), gw.get(), grstd.get(),
+                                 N, D, nullptr);
+    cuda::rmsnorm_gated_backward(nullptr, nullptr, gdw_only.get(), gdy.get(), gx.get(), gz.get(), gw.get(), grstd.get(),
+                                 N, D, nullptr);
+    EXPECT_EQ(gdx_only.download(), dx);
+    EXPECT_EQ(gdz_only.download(), dz);
+    EXPECT_EQ(gdw_only.download(), dw);
+  }
+}
+
+TEST(L2normCuda, ForwardMatchesCpuAndRunsInPlace) {
+  NEXTRON_REQUIRE_GPU();
+  for (const Shape& sh : kShapes) {
+    SCOPED_TRACE(describe(sh));
+    const int64_t N = sh.N, D = sh.D;
+    const auto x = random_bf16(N * D, 21, -2.0f, 2.0f);
+    std::vector<float> y_ref(N * D);
+    cpu::l2norm_forward<float>(y_ref.data(), x.data(), N, D, kEps);
+
+    DeviceBf16 gx(x), gy(N * D);
+    cuda::l2norm_forward(gy.get(), gx.get(), N, D, kEps, nullptr);
+    const auto y = gy.download();
+    EXPECT_TRUE(close_to(y, y_ref, kBf16Rtol));
+
+    cuda::l2norm_forward(gx.get(), gx.get(), N, D, kEps, nullptr);  // y == x
+    EXPECT_EQ(gx.download(), y);
+  }
+}
+
+TEST(L2normCuda, BackwardAccumulatesIntoDx) {
+  NEXTRON_REQUIRE_GPU();
+  for (const Shape& sh : kShapes) {
+    SCOPED_TRACE(describe(sh));
+    const int64_t N = sh.N, D = sh.D;
+    const auto x = random_bf16(N * D, 22, -2.0f, 2.0f), dy = random_bf16(N * D, 23);
+    // dx = r dy - r^3 (x . dy) x is about |dy| / |x| = 1 / sqrt(D) per element: pre-fill at that scale so the
+    // accumulation is visible.
+    const float scale = 1.0f / std::sqrt(float(D));
+    const auto dx0 = random_bf16(N * D, 24, -scale, scale);
+    std::vector<float> dx_ref = dx0;
+    cpu::l2norm_backward<float>(dx_ref.data(), dy.data(), x.data(), N, D, kEps);
+
+    DeviceBf16 gx(x), gdy(dy), gdx(dx0);
+    cuda::l2norm_backward(gdx.get(), gdy.get(), gx.get(), N, D, kEps, nullptr);
+    EXPECT_TRUE(close_to(gdx.download(), dx_ref, kBf16Rtol));
+  }
+}
+
+TEST(NormsCuda, EmptyInputsAndNullGradientsLaunchNothing) {
+  NEXTRON_REQUIRE_GPU();
+  EXPECT_NO_THROW(cuda::rmsnorm_forward(nullptr, nullptr, nullptr, nullptr, 0, 128, kEps, nullptr));
+  EXPECT_NO_THROW(cuda::rmsnorm_backward(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 0, 128, nullptr));
+  EXPECT_NO_THROW(cuda::rmsnorm_gated_forward(nullptr, nullptr, nullptr, nullptr, nullptr, 0, 128, kEps, nullptr));
+  EXPECT_NO_THROW(cuda::rmsnorm_gated_backward(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
+                                               0, 128, nullptr));
+  EXPECT_NO_THROW(cuda::l2norm_forward(nullptr, nullptr, 0, 128, kEps, nullptr));
+  EXPECT_NO_THROW(cuda::l2norm_backward(nullptr, nullptr, nullptr, 0, 128, kEps, nullptr));
+  // All gradients nullptr with real rows: nothing to do, nothing read.
+  EXPECT_NO_THROW(cuda::rmsnorm_backward(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 5, 128, nullptr));
+  EXPECT_NO_THROW(cuda::l2norm_backward(nullptr, nullptr, nullptr, 5, 128, kEps, nullptr));
+  NEXTRON_CUDA_CHECK(cudaDeviceSynchronize());
+}
+
+}  // namespace nextron::test
