@@ -1,9 +1,11 @@
-// nextron-train: pretrain a Qwen3-Next model on one process or as an MPI job (CPU backend):
+// nextron-train: pretrain a Qwen3-Next model on one process or as an MPI job, on the CPU backend or on GPUs
+// (--device cuda: one GPU per rank, the node-local rank's GPU):
 //   mpirun -np 8 nextron-train --tensor-model-parallel-size 2 --sequence-parallel ...   (TP 2 x DP 4)
 // Options come from the command line and, optionally, a config file (--config-file, "name = value" lines with
 // the same option names); the command line wins.
 #include <boost/program_options.hpp>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <iostream>
 
@@ -11,6 +13,11 @@
 #include "core/error.h"
 #include "parallel/mpi_communicator.h"
 #include "train/trainer.h"
+#ifdef NEXTRON_HAVE_CUDA
+#include "core/cuda/device.h"
+#include "kernels/cuda/cuda_ops.h"
+#include "parallel/cuda/nccl_communicator.h"
+#endif
 
 namespace po = boost::program_options;
 using namespace nextron;
@@ -34,6 +41,40 @@ DatasetSpec parse_data(const std::string& s) {
   }
   d.path = s;
   return d;
+}
+
+// The rank's index on its node (Open MPI, Slurm), for one GPU per rank; the world rank when neither says.
+int local_rank(Communicator* world) {
+  for (const char* var : {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID"})
+    if (const char* v = std::getenv(var)) return std::atoi(v);
+  return world ? world->rank() : 0;
+}
+
+TrainBackend make_backend(const std::string& device, Communicator* world) {
+  if (device == "cpu") return {};
+#ifdef NEXTRON_HAVE_CUDA
+  const int gpus = cuda::device_count();
+  NEXTRON_CHECK(gpus > 0,
+                "--device cuda: no GPU is visible on this node (check the driver and "
+                "CUDA_VISIBLE_DEVICES), or use --device cpu");
+  const int gpu = local_rank(world);
+  NEXTRON_CHECK(gpu < gpus, "--device cuda: node-local rank ", gpu, " has no GPU of its own (", gpus,
+                " visible): start at most ", gpus, " ranks per node");
+  TrainBackend b;
+  auto ops = std::make_shared<CudaOps>(gpu);
+  b.ops = ops;
+  b.device_comm = [gpu](Communicator& mpi) -> std::unique_ptr<Communicator> {
+    auto* m = dynamic_cast<MpiCommunicator*>(&mpi);
+    NEXTRON_CHECK(m != nullptr, "a device communicator is built from an MPI communicator");
+    return NcclCommunicator::create(*m, gpu);
+  };
+  return b;
+#else
+  (void)world;
+  throw Error(
+      "--device cuda: this nextron-train was built without the CUDA backend (no nvcc at configure time); "
+      "rebuild on a machine with the CUDA toolkit, or use --device cpu");
+#endif
 }
 
 int run(int argc, char** argv, Communicator* world) {
@@ -100,6 +141,8 @@ int run(int argc, char** argv, Communicator* world) {
       "peak-tflops", po::value(&o.peak_tflops)->default_value(0),
       "peak FLOP/s for MFU, in TFLOP/s (0: measure this CPU's fp32 GEMM rate)")(
       "threads", po::value(&o.threads)->default_value(0), "CPU threads (0: all cores)")(
+      "device", po::value(&o.device)->default_value(o.device),
+      "cpu (fp32) or cuda (bf16 on GPUs, one per MPI rank: the node-local rank's GPU)")(
       "no-progress", "no progress bar on the terminal");
   po::options_description all("nextron-train: pretrain a Qwen3-Next model on one process\n");
   all.add(general).add(model).add(dat).add(batch).add(par).add(ckpt).add(log);
@@ -120,7 +163,8 @@ int run(int argc, char** argv, Communicator* world) {
   o.lr.style = parse_lr_decay_style(decay_style);
   o.progress = !vm.count("no-progress");
   for (const auto& d : data) o.data.push_back(parse_data(d));
-  Trainer trainer(o, {}, world);
+  o.validate();
+  Trainer trainer(o, {}, world, make_backend(o.device, world));
   trainer.run();
   return 0;
 }

@@ -70,6 +70,9 @@ Trainer::Trainer(const TrainOptions& options, SampleFn source, Communicator* wor
                 ") must be a multiple of --micro-batch-size x data-parallel size (", opt_.micro_batch, " x ", dp_size(),
                 " = ", per_step, ")");
 
+  const bool cuda_backend = backend.ops && backend.ops->device() == Device::cuda;
+  NEXTRON_CHECK((opt_.device == "cuda") == cuda_backend, "--device ", opt_.device, " but the backend given is ",
+                backend.ops ? backend.ops->name() : "cpu", " (internal: build the TrainBackend from the option)");
   model_ = std::make_unique<Model>(config, ctx_ ? ctx_->model_comms() : ModelComms{}, backend.ops);
   const bool on_device = model_->ops().device() != Device::cpu;
   if (on_device && ctx_ && dp_size() > 1) {

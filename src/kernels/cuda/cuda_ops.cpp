@@ -422,4 +422,43 @@ void CudaOps::cross_entropy_backward(Tensor& dlogits, const Tensor& logits, cons
                                stream_);
 }
 
+double CudaOps::sum_squares(const Tensor& x, const std::vector<FlatRange>& ranges) {
+  std::vector<std::pair<int64_t, int64_t>> pairs;
+  int64_t total = 0;
+  for (const FlatRange& r : ranges) {
+    pairs.emplace_back(r.begin, r.end);
+    total += r.size();
+  }
+  scratch(sum_scratch_, static_cast<int64_t>(cuda::sum_scratch_bytes(total)));
+  ensure(sum_out_, {1}, DType::f64);
+  cuda::sum_squares_f64(sum_out_.data<double>(), f(x), pairs, sum_scratch_.raw(), stream_);
+  double out = 0;
+  download(&out, sum_out_, sizeof(double));
+  return out;
+}
+
+void CudaOps::scale(Tensor& x, FlatRange r, float s) { cuda::scale_inplace(f(x) + r.begin, r.size(), s, stream_); }
+
+void CudaOps::adamw_step(Tensor& params, const Tensor& grads, Tensor& exp_avg, Tensor& exp_avg_sq, Tensor* params_act,
+                         FlatRange range, const std::vector<FlatRange>& decay, const AdamWHyper& h, int64_t step) {
+  // The decayed ranges clipped to the updated range and made relative to it (a few hundred pairs: uploaded per
+  // step into a buffer allocated once).
+  std::vector<int64_t> rel;
+  for (const FlatRange& d : decay) {
+    const int64_t b = std::max(d.begin, range.begin), e = std::min(d.end, range.end);
+    if (b < e) {
+      rel.push_back(b - range.begin);
+      rel.push_back(e - range.begin);
+    }
+  }
+  const int64_t pairs = static_cast<int64_t>(rel.size() / 2);
+  if (!decay_ranges_.defined() || decay_ranges_.numel() < std::max<int64_t>(2 * pairs, 2))
+    decay_ranges_ = allocate({std::max<int64_t>(2 * pairs, 2)}, DType::i64);
+  if (pairs > 0) upload(decay_ranges_, rel.data(), rel.size() * sizeof(int64_t));
+  const cuda::AdamWStep hs{h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, step};
+  bf16* shadow = params_act && params_act->dtype() == DType::bf16 ? bf(*params_act) + range.begin : nullptr;
+  cuda::adamw_step(f(params) + range.begin, f(grads) + range.begin, f(exp_avg), f(exp_avg_sq), shadow, range.size(),
+                   i64p(decay_ranges_), pairs, hs, stream_);
+}
+
 }  // namespace nextron

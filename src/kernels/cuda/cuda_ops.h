@@ -95,6 +95,11 @@ class CudaOps final : public Ops {
   void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& lse, const Tensor& targets,
                               double scale) override;
 
+  double sum_squares(const Tensor& x, const std::vector<FlatRange>& ranges) override;
+  void scale(Tensor& x, FlatRange r, float s) override;
+  void adamw_step(Tensor& params, const Tensor& grads, Tensor& exp_avg, Tensor& exp_avg_sq, Tensor* params_act,
+                  FlatRange range, const std::vector<FlatRange>& decay, const AdamWHyper& h, int64_t step) override;
+
  protected:
   Tensor allocate(const Shape& shape, DType dtype) const override;
   void fill_zero(Tensor& t) const override;
@@ -112,6 +117,7 @@ class CudaOps final : public Ops {
   Tensor flag_;                        // (2) i64 device error flags: bad id, bad target
   Tensor embed_rows_, embed_offsets_;  // embedding backward scratch
   Tensor sum_scratch_, sum_out_;       // loss sum
+  Tensor decay_ranges_;                // AdamW: decayed ranges relative to the updated range (int64 pairs)
 };
 
 }  // namespace nextron

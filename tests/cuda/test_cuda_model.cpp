@@ -1,0 +1,165 @@
+// The whole model on the GPU (CudaOps: bf16 activations, fp32 master weights and gradients) against the HF golden
+// fixtures (tests/fixtures, computed by transformers in fp32), a short training run against the same fp32 golden
+// loss curve as the CPU backend, and the steady-state allocation check (no cudaMalloc after the first step).
+//
+// Tolerances (bf16): every activation is rounded to 8 significant bits (relative 2^-9) after each op, and a layer
+// chains about a dozen such roundings, so over the fixtures' 4-6 layers outputs carry a few 1e-3 relative noise
+// that the backward roughly doubles. We require logits within 3e-2 of their largest magnitude, the losses within
+// 1e-2 relative, every parameter gradient within 1e-1 of its tensor's largest magnitude, and the training losses
+// within 2e-2 relative of the fp32 curve. A convention error (1 + w vs w, a swapped split, a wrong head grouping)
+// moves results by O(1) relative, far outside these bounds.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+
+#include "checkpoint/hf_checkpoint.h"
+#include "checkpoint/safetensors.h"
+#include "cuda_test_util.h"
+#include "kernels/cuda/cuda_ops.h"
+#include "model/model.h"
+#include "train/trainer.h"
+
+namespace nextron::test {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+std::vector<std::string> fixture_names() {
+  std::vector<std::string> names;
+  for (const auto& e : fs::directory_iterator(NEXTRON_FIXTURES_DIR))
+    if (e.is_directory() && fs::exists(e.path() / "golden.safetensors")) names.push_back(e.path().filename());
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+// max |ours - ref| relative to max |ref| over one tensor.
+double relative_error(const float* ours, const float* ref, int64_t n) {
+  double err = 0, scale = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    err = std::max(err, static_cast<double>(std::abs(ours[i] - ref[i])));
+    scale = std::max(scale, static_cast<double>(std::abs(ref[i])));
+  }
+  return scale > 0 ? err / scale : err;
+}
+
+std::vector<float> host_copy(const Tensor& t) {
+  Tensor h = Tensor::zeros(t.shape(), t.dtype());
+  h.copy_from(t);
+  return std::vector<float>(h.f32(), h.f32() + h.numel());
+}
+
+constexpr double kLogitsTol = 3e-2, kLossTol = 1e-2, kGradTol = 1e-1, kCurveTol = 2e-2;
+
+}  // namespace
+
+class CudaModelGolden : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(CudaModelGolden, ForwardAndBackwardMatchTransformersInBf16) {
+  NEXTRON_REQUIRE_GPU();
+  const std::string dir = (fs::path(NEXTRON_FIXTURES_DIR) / GetParam()).string();
+  const ModelConfig config = read_hf_config(dir);
+  Model model(config, {}, std::make_shared<CudaOps>(0));
+  {
+    Tensor host = Tensor::zeros({model.table().total_numel()});
+    load_hf_weights(dir, model.table(), host.f32());
+    model.params().copy_from(host);
+    model.params_changed();
+  }
+  SafetensorsReader golden((fs::path(dir) / "golden.safetensors").string());
+  const auto ids = golden.read_i64("input_ids");
+  const auto labels = golden.read_i64("labels");
+  const Shape id_shape = golden.entry("input_ids").shape;
+  const LossValues loss = model.forward(ids.data(), labels.data(), id_shape[0], id_shape[1]);
+
+  const Tensor ref_logits = golden.read_f32("logits");
+  const Tensor logits = model.logits();
+  ASSERT_EQ(ref_logits.numel(), logits.numel());
+  const double logits_err = relative_error(logits.f32(), ref_logits.f32(), ref_logits.numel());
+  EXPECT_LE(logits_err, kLogitsTol) << "logits";
+  const double ref_loss = golden.read_f32("lm_loss").f32()[0];
+  EXPECT_NEAR(loss.lm_loss, ref_loss, kLossTol * std::abs(ref_loss));
+  const double ref_aux = golden.read_f32("aux_loss").f32()[0];
+  EXPECT_NEAR(loss.aux_loss, ref_aux, kLossTol * std::max(1.0, std::abs(ref_aux)));
+
+  model.zero_grad();
+  model.backward();
+  const std::vector<float> grads = host_copy(model.grads());
+  int checked = 0;
+  double worst = 0;
+  std::string worst_name;
+  for (const ParamSpec& spec : model.table().specs())
+    for (const HfPiece& piece : spec.hf) {
+      const std::string name = "grad." + piece.hf_name;
+      ASSERT_TRUE(golden.contains(name)) << "fixture lacks " << name;
+      const Tensor ref = golden.read_f32(name);
+      const double e = relative_error(grads.data() + spec.offset + piece.offset, ref.f32(), ref.numel());
+      EXPECT_LE(e, kGradTol) << name;
+      if (e > worst) {
+        worst = e;
+        worst_name = name;
+      }
+      ++checked;
+    }
+  EXPECT_GT(checked, 0);
+  std::printf("%s (cuda, bf16): logits %.3g relative; lm_loss %.6f vs %.6f; worst gradient %s at %.3g relative\n",
+              GetParam().c_str(), logits_err, loss.lm_loss, ref_loss, worst_name.c_str(), worst);
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, CudaModelGolden, ::testing::ValuesIn(fixture_names()),
+                         [](const ::testing::TestParamInfo<std::string>& i) { return i.param; });
+
+// The training fixture's run (tests/golden/test_training.cpp does it on the CPU to 2e-5) on the GPU: the loss falls
+// like the fp32 curve, and steps after the first allocate no device memory.
+TEST(CudaTraining, LossFollowsTheFp32CurveAndStepsAllocateNothing) {
+  NEXTRON_REQUIRE_GPU();
+  const std::string curve = std::string(NEXTRON_FIXTURES_DIR) + "/train_curve";
+  SafetensorsReader batches(curve + "/batches.safetensors");
+  SafetensorsReader expected(curve + "/expected.safetensors");
+  const auto st = nlohmann::json::parse(expected.metadata().at("settings"));
+  const auto tokens = batches.read_i64("tokens");
+  const Shape shape = batches.entry("tokens").shape;  // (steps, accum, micro, S + 1)
+  const int64_t steps = shape[0], accum = shape[1], micro = shape[2], S = shape[3] - 1;
+
+  TrainOptions o;
+  o.init_from = curve + "/hf";
+  o.device = "cuda";
+  o.seq_len = S;
+  o.micro_batch = micro;
+  o.global_batch = micro * accum;
+  o.train_steps = steps;
+  o.lr.style = LrDecayStyle::cosine;
+  o.lr.lr = st["lr"];
+  o.lr.min_lr = st["min_lr"];
+  o.lr.warmup_steps = st["warmup"];
+  o.adam.beta1 = st["beta1"];
+  o.adam.beta2 = st["beta2"];
+  o.adam.eps = st["eps"];
+  o.adam.weight_decay = st["weight_decay"];
+  o.clip_grad = st["clip"];
+  o.resume = "none";
+  TrainBackend backend;
+  backend.ops = std::make_shared<CudaOps>(0);
+  Trainer trainer(
+      o,
+      [&](int64_t index, int64_t* out) {
+        std::memcpy(out, tokens.data() + (index % (steps * accum * micro)) * (S + 1), (S + 1) * sizeof(int64_t));
+      },
+      nullptr, backend);
+  const Tensor loss = expected.read_f32("loss");
+  int64_t allocations_after_first = 0;
+  for (int64_t s = 0; s < steps; ++s) {
+    const StepRecord r = trainer.step();
+    EXPECT_NEAR(r.loss, loss.f32()[s], kCurveTol * loss.f32()[s]) << "step " << s;
+    std::printf("step %lld: loss %.6f (fp32 curve %.6f)\n", static_cast<long long>(s), r.loss, loss.f32()[s]);
+    if (s == 0) allocations_after_first = device_allocation_count();
+  }
+  EXPECT_EQ(device_allocation_count(), allocations_after_first) << "a step after the first allocated device memory";
+}
+
+}  // namespace nextron::test
