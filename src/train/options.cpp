@@ -13,6 +13,9 @@ void TrainOptions::validate(bool need_data) const {
   for (const auto& d : data)
     NEXTRON_CHECK(d.weight > 0, "--data ", d.path, ": blending weight must be positive, got ", d.weight);
   NEXTRON_CHECK(device == "cpu" || device == "cuda", "--device must be cpu or cuda, got '", device, "'");
+  NEXTRON_CHECK(device == "cpu" || peak_tflops > 0,
+                "--device cuda needs --peak-tflops (the GPU's bf16 peak in TFLOP/s for MFU, e.g. the measured GEMM "
+                "rate of `nextron-bench-cuda --what gemm`, or the data-sheet value such as 989 for an H100 SXM)");
   NEXTRON_CHECK(seq_len > 0, "--seq-len must be positive, got ", seq_len);
   NEXTRON_CHECK(valid_fraction >= 0 && valid_fraction < 1, "--valid-fraction must be in [0, 1), got ", valid_fraction);
   NEXTRON_CHECK(micro_batch > 0, "--micro-batch-size must be positive, got ", micro_batch);

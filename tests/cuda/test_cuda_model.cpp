@@ -129,6 +129,7 @@ TEST(CudaTraining, LossFollowsTheFp32CurveAndStepsAllocateNothing) {
   TrainOptions o;
   o.init_from = curve + "/hf";
   o.device = "cuda";
+  o.peak_tflops = 989;  // only the MFU denominator
   o.seq_len = S;
   o.micro_batch = micro;
   o.global_batch = micro * accum;

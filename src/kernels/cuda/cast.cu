@@ -10,9 +10,7 @@ namespace nextron::cuda {
 
 namespace {
 
-constexpr int kThreads = 256;
-
-unsigned grid_for(int64_t n) { return unsigned(std::min<int64_t>(ceil_div(n, kThreads), 65536)); }
+constexpr int kThreads = kElementwiseThreads;
 
 __global__ void cast_f32_to_bf16_kernel(bf16* out, const float* in, int64_t n) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
@@ -28,13 +26,13 @@ __global__ void cast_bf16_to_f32_kernel(float* out, const bf16* in, int64_t n) {
 
 void cast_f32_to_bf16(bf16* out, const float* in, int64_t n, cudaStream_t stream) {
   if (n <= 0) return;
-  cast_f32_to_bf16_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, in, n);
+  cast_f32_to_bf16_kernel<<<grid_stride_blocks(n), kThreads, 0, stream>>>(out, in, n);
   NEXTRON_CUDA_LAUNCH_CHECK();
 }
 
 void cast_bf16_to_f32(float* out, const bf16* in, int64_t n, cudaStream_t stream) {
   if (n <= 0) return;
-  cast_bf16_to_f32_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, in, n);
+  cast_bf16_to_f32_kernel<<<grid_stride_blocks(n), kThreads, 0, stream>>>(out, in, n);
   NEXTRON_CUDA_LAUNCH_CHECK();
 }
 

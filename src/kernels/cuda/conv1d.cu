@@ -19,11 +19,9 @@ namespace nextron::cuda {
 
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = kElementwiseThreads;
 constexpr int kColGroups = 32;  // token groups per channel in the dw kernel (block 32 x 32 = 1024 threads)
 constexpr int kMaxTaps = 8;     // dw keeps KC partial sums in registers; the model uses KC = 4
-
-unsigned grid_for(int64_t n) { return unsigned(std::min<int64_t>(ceil_div(n, kThreads), 65536)); }
 
 // pre at token s of one sequence xb (S, C), channel c; wc: the KC taps of channel c. Summed in tap order as the CPU.
 __device__ __forceinline__ float conv_pre(const bf16* xb, const float* wc, int64_t s, int64_t c, int64_t C,
@@ -106,7 +104,7 @@ void conv1d_silu_forward(bf16* y, const bf16* x, const float* w, int64_t B, int6
                          cudaStream_t stream) {
   const int64_t total = B * S * C;
   if (total <= 0) return;
-  conv1d_silu_forward_kernel<<<grid_for(total), kThreads, 0, stream>>>(y, x, w, B, S, C, KC);
+  conv1d_silu_forward_kernel<<<grid_stride_blocks(total), kThreads, 0, stream>>>(y, x, w, B, S, C, KC);
   NEXTRON_CUDA_LAUNCH_CHECK();
 }
 
@@ -115,7 +113,7 @@ void conv1d_silu_backward(bf16* dx, float* dw, const bf16* dy, const bf16* x, co
   const int64_t total = B * S * C;
   if (total <= 0 || KC <= 0) return;
   if (dx) {
-    conv1d_silu_backward_dx_kernel<<<grid_for(total), kThreads, 0, stream>>>(dx, dy, x, w, B, S, C, KC);
+    conv1d_silu_backward_dx_kernel<<<grid_stride_blocks(total), kThreads, 0, stream>>>(dx, dy, x, w, B, S, C, KC);
     NEXTRON_CUDA_LAUNCH_CHECK();
   }
   if (dw) {

@@ -4,6 +4,8 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+
 #include "core/cuda/check.h"
 #include "kernels/cuda/common.h"
 
@@ -15,6 +17,15 @@ __device__ __forceinline__ bf16 to_bf16(float x) { return __float2bfloat16_rn(x)
 // x += delta with the sum formed in fp32 (the accumulate contract of common.h).
 __device__ __forceinline__ void add_to(bf16* x, float delta) { *x = __float2bfloat16_rn(__bfloat162float(*x) + delta); }
 __device__ __forceinline__ void add_to(float* x, float delta) { *x += delta; }
+
+__device__ __forceinline__ float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
+
+// Threads per block of the elementwise grid-stride kernels, and their block count for n elements (capped: each
+// thread loops over the rest).
+inline constexpr int kElementwiseThreads = 256;
+inline unsigned grid_stride_blocks(int64_t n) {
+  return static_cast<unsigned>(std::min<int64_t>(ceil_div(n, kElementwiseThreads), 65536));
+}
 
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

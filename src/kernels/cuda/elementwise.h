@@ -41,8 +41,8 @@ void gdn_gates_backward(bf16* db, bf16* da, float* dA_log, float* ddt_bias, cons
 void sigmoid_gate_forward(bf16* y, const bf16* x, const bf16* gate, int64_t N, int64_t D, int64_t G, int64_t ld_gate,
                           cudaStream_t stream);
 // Accumulates dx (N, D) and dgate (N, G; row stride ld_gate) (each may be nullptr).
-void sigmoid_gate_backward(bf16* dx, bf16* dgate, const bf16* dy, const bf16* x, const bf16* gate, int64_t N,
-                           int64_t D, int64_t G, int64_t ld_gate, cudaStream_t stream);
+void sigmoid_gate_backward(bf16* dx, bf16* dgate, const bf16* dy, const bf16* x, const bf16* gate, int64_t N, int64_t D,
+                           int64_t G, int64_t ld_gate, cudaStream_t stream);
 
 // h = silu(gate) * up; gu: (N, 2I) rows [gate | up] bf16; h: (N, I) bf16, overwritten.
 void swiglu_forward(bf16* h, const bf16* gu, int64_t N, int64_t I, cudaStream_t stream);

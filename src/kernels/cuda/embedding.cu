@@ -27,11 +27,9 @@ namespace nextron::cuda {
 
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = kElementwiseThreads;
 constexpr int kScanThreads = 1024;
 constexpr int kReduceThreads = 256;
-
-unsigned grid_for(int64_t n) { return unsigned(std::min<int64_t>(ceil_div(n, kThreads), 65536)); }
 
 // out: (N, H) bf16; table: (V, H) fp32; ids: (N).
 __global__ void embedding_forward_kernel(bf16* out, const float* table, const int64_t* ids, int64_t N, int64_t H,
@@ -136,7 +134,7 @@ void embedding_forward(bf16* out, const float* table, const int64_t* ids, int64_
                        int64_t* bad_id, cudaStream_t stream) {
   const int64_t total = N * H;
   if (total <= 0) return;
-  embedding_forward_kernel<<<grid_for(total), kThreads, 0, stream>>>(out, table, ids, N, H, V, bad_id);
+  embedding_forward_kernel<<<grid_stride_blocks(total), kThreads, 0, stream>>>(out, table, ids, N, H, V, bad_id);
   NEXTRON_CUDA_LAUNCH_CHECK();
 }
 
@@ -145,7 +143,7 @@ void embedding_backward(float* dtable, const bf16* dout, const int64_t* ids, int
   if (!dtable || N <= 0 || H <= 0 || V <= 0) return;
   int64_t* offsets = scratch_row_offsets;  // (V + 1): counts, then starts, then ends of each id's rows
   NEXTRON_CUDA_CHECK(cudaMemsetAsync(offsets, 0, size_t(V + 1) * sizeof(int64_t), stream));
-  count_ids_kernel<<<grid_for(N), kThreads, 0, stream>>>(offsets, ids, N, V);
+  count_ids_kernel<<<grid_stride_blocks(N), kThreads, 0, stream>>>(offsets, ids, N, V);
   NEXTRON_CUDA_LAUNCH_CHECK();
   exclusive_scan_kernel<<<1, kScanThreads, 0, stream>>>(offsets, V + 1);
   NEXTRON_CUDA_LAUNCH_CHECK();

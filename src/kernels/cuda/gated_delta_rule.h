@@ -19,15 +19,15 @@ using cpu::GdrShape;
 size_t gated_delta_rule_workspace_bytes(const GdrShape& s);
 
 // Overwrites o and final_state (nullptr to skip). initial_state: nullptr = zero.
-void gated_delta_rule_forward(bf16* o, float* final_state, const bf16* q, const bf16* k, const bf16* v,
-                              const float* g, const float* beta, const float* initial_state, const GdrShape& s,
-                              float scale, void* workspace, cudaStream_t stream);
+void gated_delta_rule_forward(bf16* o, float* final_state, const bf16* q, const bf16* k, const bf16* v, const float* g,
+                              const float* beta, const float* initial_state, const GdrShape& s, float scale,
+                              void* workspace, cudaStream_t stream);
 // Accumulates dq, dk, dv (bf16), dg, dbeta, d_initial_state (fp32) (each may be nullptr) from d_o (required) and
 // d_final_state (nullptr = zero). Recomputes what it needs from the inputs; deterministic (no atomics whose order
 // varies between runs).
 void gated_delta_rule_backward(bf16* dq, bf16* dk, bf16* dv, float* dg, float* dbeta, float* d_initial_state,
-                               const bf16* d_o, const float* d_final_state, const bf16* q, const bf16* k,
-                               const bf16* v, const float* g, const float* beta, const float* initial_state,
-                               const GdrShape& s, float scale, void* workspace, cudaStream_t stream);
+                               const bf16* d_o, const float* d_final_state, const bf16* q, const bf16* k, const bf16* v,
+                               const float* g, const float* beta, const float* initial_state, const GdrShape& s,
+                               float scale, void* workspace, cudaStream_t stream);
 
 }  // namespace nextron::cuda

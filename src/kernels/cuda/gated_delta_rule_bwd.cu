@@ -15,26 +15,25 @@
 //   dvlocal     (BH * NC * ceil(dv/64) blocks): dVl = P^T dO (fp32);
 //   state back  (BH * dv / bv blocks, chunks in reverse): carries dS (fp32, dk x bv), writes dH_c = dS' (bf16) and
 //               dVn = dVl + dec .* (K dS'), then dS <- e^{G_last} dS + [Q; W]^T [scale e^G .* dO; -dVn] (one product
-//               with K = 128), finally d_initial_state += dS;
+//               with K = 128), finally d_initial_state += dS; prefetched like the forward state kernel;
 //   dqk         (BH * NC * ceil(dk/64) blocks, one 64-column tile of dk each, looping over dv in 64-column tiles):
-//               dQ, dK (state and P terms), dW, the dG partial of the tile (fp32 per-value-head partials);
-//   wy          (BH * NC blocks): recomputes T, then dVb, dKb, dM, dKK: adds to dKp, accumulates dv, dbeta, dg;
+//               dQ, dK (state and P terms), dW, the dG partial of the tile (fp32 per-value-head partials); its
+//               four 64 x 64 sums over dv stay in registers (wmma accumulator fragments);
+//   wy          (BH * NC blocks): recomputes T, then dVb, dKb, dM (in registers), dKK: adds to dKp, accumulates
+//               dv, dbeta, dg;
 //   reduce      (elementwise): dq, dk += the sum over the Hv / Hk value heads of a key head, in head order.
 // No atomics: every output element is written by one thread, partial sums are combined in a fixed order, so two
 // runs give bit-identical gradients.
-#include "kernels/cuda/gated_delta_rule_impl.cuh"
-
 #include <algorithm>
 
 #include "core/error.h"
+#include "kernels/cuda/gated_delta_rule_impl.cuh"
 
 namespace nextron::cuda {
 
 namespace gdr {
 
 namespace {
-
-int state_tile(int dv) { return dv % 32 == 0 ? 32 : 16; }  // as in the forward state kernel
 
 // ---- dvlocal: dVl = P^T dO ----
 
@@ -84,7 +83,7 @@ __global__ void __launch_bounds__(kThreads) dvlocal_kernel(const Params p) {
 
 struct StateBackSmem {
   float *dS, *dVl, *G, *eG, *dec, *stage;
-  bf16 *dSb, *QW, *Kc, *DB;
+  bf16 *dSb, *QW, *Kc, *dO, *DB;
   size_t bytes;
   __host__ __device__ StateBackSmem(uintptr_t base, int dk, int bv) {
     Carve c{base};
@@ -92,6 +91,7 @@ struct StateBackSmem {
     dSb = c.take<bf16>(size_t(dk) * (bv + kPadH));
     QW = c.take<bf16>(size_t(2 * kC) * (dk + kPadH));
     Kc = c.take<bf16>(size_t(kC) * (dk + kPadH));
+    dO = c.take<bf16>(size_t(kC) * (bv + kPadH));
     DB = c.take<bf16>(size_t(2 * kC) * (bv + kPadH));
     dVl = c.take<float>(size_t(kC) * (bv + kPadF));
     G = c.take<float>(kC);
@@ -102,30 +102,28 @@ struct StateBackSmem {
   }
 };
 
-// One block per (bh, column tile [v0, v0 + bv) of dv), chunks in reverse order.
-__global__ void __launch_bounds__(kThreads) state_backward_kernel(const Params p, int bv) {
+// One block per (bh, column tile [v0, v0 + bv) of dv), chunks in reverse order. Prefetch as in the forward state
+// kernel: K, dVl, dO of chunk c - 1 (read in the first phase) load during the second product of chunk c; Q, W
+// (read by the second product) during the first phase of chunk c - 1.
+__global__ void __launch_bounds__(kThreads, 2) state_backward_kernel(const Params p, int bv) {
   const int nvt = p.dv / bv;
   const int64_t bh = blockIdx.x / nvt;
   const int v0 = int(blockIdx.x % nvt) * bv;
   const int dk = p.dk, dv = p.dv, ldk = dk + kPadH, lds = bv + kPadF, ldb = bv + kPadH, tid = threadIdx.x;
   StateBackSmem sm(reinterpret_cast<uintptr_t>(dynamic_smem()), dk, bv);
   const int64_t sbase = bh * dk * dv + v0;
-  if (p.dht) {
-    load_rows(sm.dS, lds, p.dht + sbase, dv, dk, dk, bv);
-  } else {
-    for (int e = tid; e < dk * bv; e += kThreads) sm.dS[(e / bv) * lds + e % bv] = 0.0f;
-  }
-  __syncthreads();
   const float scale = p.scale;
-  for (int c = p.NC - 1; c >= 0; --c) {
-    const Chunk ch = chunk_of(p, bh, c);
-    const int64_t row0 = bh * p.S + ch.t0;
-    load_rows(sm.QW, ldk, p.q + qk_off(p, ch.b, ch.t0, ch.hk), p.Hk * dk, ch.L, kC, dk);
-    load_rows(sm.QW + kC * ldk, ldk, p.W + row0 * dk, dk, ch.L, kC, dk);
-    load_rows(sm.Kc, ldk, p.k + qk_off(p, ch.b, ch.t0, ch.hk), p.Hk * dk, ch.L, kC, dk);
-    load_rows(sm.DB, ldb, p.d_o + v_off(p, ch.b, ch.t0, ch.hv) + v0, p.Hv * dv, ch.L, kC, bv);
-    load_rows(sm.dVl, lds, p.dVl + row0 * dv + v0, dv, ch.L, kC, bv);
-    load_gates(p, ch, sm.G, sm.eG, sm.dec, nullptr);
+  auto fetch_first = [&](const Chunk& ch) {  // K, dVl, dO
+    load_rows_async(sm.Kc, ldk, p.k + qk_off(p, ch.b, ch.t0, ch.hk), p.Hk * dk, ch.L, kC, dk);
+    load_rows_async(sm.dVl, lds, p.dVl + (bh * p.S + ch.t0) * dv + v0, dv, ch.L, kC, bv);
+    load_rows_async(sm.dO, ldb, p.d_o + v_off(p, ch.b, ch.t0, ch.hv) + v0, p.Hv * dv, ch.L, kC, bv);
+  };
+  auto fetch_second = [&](const Chunk& ch) {  // Q and W, stacked
+    load_rows_async(sm.QW, ldk, p.q + qk_off(p, ch.b, ch.t0, ch.hk), p.Hk * dk, ch.L, kC, dk);
+    load_rows_async(sm.QW + kC * ldk, ldk, p.W + (bh * p.S + ch.t0) * dk, dk, ch.L, kC, dk);
+  };
+  // dS' of chunk c (the gradient of the state leaving it) -> bf16 operand dSb and dH.
+  auto publish = [&](int c) {
     bf16* dHc = p.dH + state_off(p, bh, c) + v0;
     for (int e = tid; e < dk * bv; e += kThreads) {
       const int i = e / bv, j = e % bv;
@@ -133,35 +131,66 @@ __global__ void __launch_bounds__(kThreads) state_backward_kernel(const Params p
       sm.dSb[i * ldb + j] = x;
       dHc[int64_t(i) * dv + j] = x;
     }
+  };
+  {
+    const Chunk last = chunk_of(p, bh, p.NC - 1);
+    fetch_first(last);
+    __pipeline_commit();
+    fetch_second(last);
+    __pipeline_commit();
+    load_gates(p, last, sm.G, sm.eG, sm.dec, nullptr);
+  }
+  if (p.dht) {
+    load_rows(sm.dS, lds, p.dht + sbase, dv, dk, dk, bv);
+  } else {
+    for (int e = tid; e < dk * bv; e += kThreads) sm.dS[(e / bv) * lds + e % bv] = 0.0f;
+  }
+  __syncthreads();
+  publish(p.NC - 1);
+  for (int c = p.NC - 1; c >= 0; --c) {
+    const Chunk ch = chunk_of(p, bh, c);
+    const bool more = c > 0;
+    const Chunk next = chunk_of(p, bh, more ? c - 1 : c);
+    const GateRegs next_gates = fetch_gates(p, next);
+    __pipeline_wait_prior(1);  // K, dVl, dO of chunk c (Q, W may still be in flight)
     __syncthreads();
-    // Rows 0..63 of DB: scale e^G .* dO (in place; the product below only writes rows 64..127).
+    // Rows 0..63 of DB: scale e^G .* dO; rows 64..127: -dVn with dVn = dVl + dec .* (K dS')
     for (int e = tid; e < kC * bv; e += kThreads) {
-      bf16& d = sm.DB[(e / bv) * ldb + e % bv];
-      d = to_bf16(scale * sm.eG[e / bv] * to_f32(d));
+      const int i = e / bv, j = e % bv;
+      sm.DB[i * ldb + j] = to_bf16(scale * sm.eG[i] * to_f32(sm.dO[i * ldb + j]));
     }
-    // dVn = dVl + dec .* (K dS'); rows 64..127 of DB: -dVn
-    bf16* dVn = p.dVn + row0 * dv + v0;
-    gemm<RowMajor, RowMajor>(kC, bv, dk, sm.Kc, ldk, sm.dSb, ldb, sm.stage, [&](int i, int j, float s) {
-      const float d = sm.dVl[i * lds + j] + sm.dec[i] * s;
+    bf16* dVn = p.dVn + (bh * p.S + ch.t0) * dv + v0;
+    gemm<RowMajor, RowMajor>(kC, bv, dk, sm.Kc, ldk, sm.dSb, ldb, sm.stage, [&](int i, int j, float x) {
+      const float d = sm.dVl[i * lds + j] + sm.dec[i] * x;
       if (i < ch.L) dVn[int64_t(i) * dv + j] = to_bf16(d);
       sm.DB[(kC + i) * ldb + j] = to_bf16(-d);
     });
-    __syncthreads();
+    __pipeline_wait_prior(0);  // Q, W
+    __syncthreads();           // K, dVl, dO are free again
+    if (more) fetch_first(next);
+    __pipeline_commit();
     // dS <- e^{G_last} dS + Q^T (scale e^G .* dO) - W^T dVn
     const float a = sm.eG[ch.L - 1];
     gemm<ColMajor, RowMajor>(dk, bv, 2 * kC, sm.QW, ldk, sm.DB, ldb, sm.stage,
-                             [&](int i, int j, float s) { sm.dS[i * lds + j] = a * sm.dS[i * lds + j] + s; });
-    __syncthreads();
+                             [&](int i, int j, float x) { sm.dS[i * lds + j] = a * sm.dS[i * lds + j] + x; });
+    __syncthreads();  // QW, DB, dSb and the gates are free again
+    if (more) {
+      fetch_second(next);
+      publish(c - 1);
+      store_gates(next_gates, next, sm.G, sm.eG, sm.dec);
+    }
+    __pipeline_commit();
   }
   if (p.grad_h0)
-    for (int e = tid; e < dk * bv; e += kThreads) add_to(p.grad_h0 + sbase + int64_t(e / bv) * dv + e % bv, sm.dS[(e / bv) * lds + e % bv]);
+    for (int e = tid; e < dk * bv; e += kThreads)
+      add_to(p.grad_h0 + sbase + int64_t(e / bv) * dv + e % bv, sm.dS[(e / bv) * lds + e % bv]);
 }
 
 // ---- dqk: dQ, dK (state and P terms), dW, dG partial of one 64-column tile of dk ----
 
 struct DqkSmem {
-  bf16 *Q, *K, *dO, *Vn, *dVn, *H, *dH, *dP;
-  float *AQ, *AK, *AW, *AP, *G, *eG, *dec, *r3, *dGl, *red, *stage;
+  bf16 *Q, *K, *dO, *Vn, *dVn, *H, *dH;
+  float *F, *G, *eG, *dec, *r3, *dGl, *red;
   size_t bytes;
   __host__ __device__ explicit DqkSmem(uintptr_t base) {
     Carve c{base};
@@ -172,95 +201,119 @@ struct DqkSmem {
     dVn = c.take<bf16>(kC * kLdH);
     H = c.take<bf16>(kTile * kLdH);
     dH = c.take<bf16>(kTile * kLdH);
-    dP = c.take<bf16>(kC * kLdH);
-    AQ = c.take<float>(kC * kLdF);
-    AK = c.take<float>(kC * kLdF);
-    AW = c.take<float>(kC * kLdF);
-    AP = c.take<float>(kC * kLdF);
+    F = c.take<float>(kC * kLdF);
     G = c.take<float>(kC);
     eG = c.take<float>(kC);
     dec = c.take<float>(kC);
     r3 = c.take<float>(kC);
     dGl = c.take<float>(kC + 1);
     red = c.take<float>(32);
-    stage = c.take<float>(kWarps * 256);
     bytes = c.off;
   }
 };
 
-// One block per (bh, chunk, column tile [k0, k0 + bk) of dk).
-__global__ void __launch_bounds__(kThreads) dqk_kernel(const Params p) {
+// One block per (bh, chunk, column tile [k0, k0 + bk) of dk). The four 64 x 64 sums over dv live in registers
+// (Acc64); F is the fp32 staging tile for their element-wise steps.
+__global__ void __launch_bounds__(kThreads, 2) dqk_kernel(const Params p) {
   const int kt = int(blockIdx.x % p.NK);
   const int64_t x = blockIdx.x / p.NK;
   const Chunk ch = chunk_of(p, x / p.NC, int(x % p.NC));
   const int dk = p.dk, dv = p.dv, k0 = kt * kTile, bk = dk - k0 < kTile ? dk - k0 : kTile, tid = threadIdx.x;
   const int warp = tid >> 5, lane = tid & 31;
   DqkSmem sm(reinterpret_cast<uintptr_t>(dynamic_smem()));
+  float* F = sm.F;
   const int64_t row0 = ch.bh * p.S + ch.t0;
   load_rows(sm.Q, kLdH, p.q + qk_off(p, ch.b, ch.t0, ch.hk) + k0, p.Hk * dk, ch.L, kC, bk);
   load_rows(sm.K, kLdH, p.k + qk_off(p, ch.b, ch.t0, ch.hk) + k0, p.Hk * dk, ch.L, kC, bk);
   load_gates(p, ch, sm.G, sm.eG, sm.dec, nullptr);
   const bf16* Hc = p.H + state_off(p, ch.bh, ch.c) + int64_t(k0) * dv;
   const bf16* dHc = p.dH + state_off(p, ch.bh, ch.c) + int64_t(k0) * dv;
+  // Sums over dv: aP = dO Vn^T (64 x 64), aQ = dO h^T, aK = Vn dS'^T, aW = dVn h^T (64 x bk).
+  Acc64 aP, aQ, aK, aW;
+  acc64_zero(aP);
+  acc64_zero(aQ);
+  acc64_zero(aK);
+  acc64_zero(aW);
   float hdh = 0.0f;  // this thread's share of <h_c, dS'> over the tile's rows
   for (int v0 = 0; v0 < dv; v0 += kTile) {
     const int w = dv - v0 < kTile ? dv - v0 : kTile;
     load_rows(sm.dO, kLdH, p.d_o + v_off(p, ch.b, ch.t0, ch.hv) + v0, p.Hv * dv, ch.L, kC, w);
     load_rows(sm.Vn, kLdH, p.Vn + row0 * dv + v0, dv, ch.L, kC, w);
     load_rows(sm.dVn, kLdH, p.dVn + row0 * dv + v0, dv, ch.L, kC, w);
-    load_rows(sm.H, kLdH, Hc + v0, dv, bk, bk, w);
-    load_rows(sm.dH, kLdH, dHc + v0, dv, bk, bk, w);
+    load_rows(sm.H, kLdH, Hc + v0, dv, bk, kTile, w);
+    load_rows(sm.dH, kLdH, dHc + v0, dv, bk, kTile, w);
     __syncthreads();
-    const bool first = v0 == 0;
-    auto acc = [first](float* A, int i, int j, float s) { A[i * kLdF + j] = (first ? 0.0f : A[i * kLdF + j]) + s; };
-    // dO Vn^T (64 x 64), dO h^T, Vn dS'^T, dVn h^T (64 x bk), each summed over this column tile of dv
-    gemm<RowMajor, ColMajor>(kC, kC, w, sm.dO, kLdH, sm.Vn, kLdH, sm.stage,
-                             [&](int i, int j, float s) { acc(sm.AP, i, j, s); });
-    gemm<RowMajor, ColMajor>(kC, bk, w, sm.dO, kLdH, sm.H, kLdH, sm.stage,
-                             [&](int i, int j, float s) { acc(sm.AQ, i, j, s); });
-    gemm<RowMajor, ColMajor>(kC, bk, w, sm.Vn, kLdH, sm.dH, kLdH, sm.stage,
-                             [&](int i, int j, float s) { acc(sm.AK, i, j, s); });
-    gemm<RowMajor, ColMajor>(kC, bk, w, sm.dVn, kLdH, sm.H, kLdH, sm.stage,
-                             [&](int i, int j, float s) { acc(sm.AW, i, j, s); });
+    acc64_mma<RowMajor, ColMajor>(aP, kC, w, sm.dO, kLdH, sm.Vn, kLdH);
+    acc64_mma<RowMajor, ColMajor>(aQ, bk, w, sm.dO, kLdH, sm.H, kLdH);
+    acc64_mma<RowMajor, ColMajor>(aK, bk, w, sm.Vn, kLdH, sm.dH, kLdH);
+    acc64_mma<RowMajor, ColMajor>(aW, bk, w, sm.dVn, kLdH, sm.H, kLdH);
     for (int e = tid; e < bk * w; e += kThreads)
       hdh += to_f32(sm.H[(e / w) * kLdH + e % w]) * to_f32(sm.dH[(e / w) * kLdH + e % w]);
     __syncthreads();
   }
   hdh = block_sum(hdh, sm.red);
   const float scale = p.scale;
-  // dP = scale decay .* (dO Vn^T) (causal); dQ(inter) = scale e^G .* (dO h^T); dK(state) = dec .* (Vn dS'^T)
+  // dP = scale decay .* (dO Vn^T), causal (bf16, into the dO tile, which is free now)
+  bf16* dP = sm.dO;
+  acc64_store(aP, F, kLdF);
+  __syncthreads();
   for (int e = tid; e < kC * kC; e += kThreads) {
     const int i = e / kC, j = e % kC;
-    sm.dP[i * kLdH + j] = to_bf16(j <= i ? scale * expf(sm.G[i] - sm.G[j]) * sm.AP[i * kLdF + j] : 0.0f);
-  }
-  for (int e = tid; e < kC * bk; e += kThreads) {
-    const int i = e / bk, j = e % bk;
-    sm.AQ[i * kLdF + j] *= scale * sm.eG[i];
-    sm.AK[i * kLdF + j] *= sm.dec[i];
+    dP[i * kLdH + j] = to_bf16(j <= i ? scale * expf(sm.G[i] - sm.G[j]) * F[i * kLdF + j] : 0.0f);
   }
   __syncthreads();
-  for (int i = warp; i < kC; i += kWarps) {  // k_i . dK(state)_i: the dG of the state update's decay factors
-    const float s = row_dot(sm.K + i * kLdH, sm.AK + i * kLdF, bk);
+  // dQ = scale e^G .* (dO h^T) + dP K
+  acc64_store(aQ, F, kLdF);
+  __syncthreads();
+  for (int e = tid; e < kC * kC; e += kThreads) F[(e / kC) * kLdF + e % kC] *= scale * sm.eG[e / kC];
+  __syncthreads();
+  acc64_load(aQ, F, kLdF);
+  acc64_mma<RowMajor, RowMajor>(aQ, bk, kC, dP, kLdH, sm.K, kLdH);
+  __syncthreads();
+  // dK = dec .* (Vn dS'^T) + dP^T Q; r3_i = k_i . dK(state)_i, the dG of the state update's decay factors
+  acc64_store(aK, F, kLdF);
+  __syncthreads();
+  for (int i = warp; i < kC; i += kWarps) {
+    float s = 0.0f;
+    for (int j = lane; j < kC; j += 32) {
+      F[i * kLdF + j] *= sm.dec[i];
+      if (j < bk) s += to_f32(sm.K[i * kLdH + j]) * F[i * kLdF + j];
+    }
+    s = warp_sum(s);
     if (lane == 0) sm.r3[i] = s;
   }
   __syncthreads();
-  gemm<RowMajor, RowMajor>(kC, bk, kC, sm.dP, kLdH, sm.K, kLdH, sm.stage,
-                           [&](int i, int j, float s) { sm.AQ[i * kLdF + j] += s; });
-  gemm<ColMajor, RowMajor>(kC, bk, kC, sm.dP, kLdH, sm.Q, kLdH, sm.stage,
-                           [&](int i, int j, float s) { sm.AK[i * kLdF + j] += s; });
+  acc64_load(aK, F, kLdF);
+  acc64_mma<ColMajor, RowMajor>(aK, bk, kC, dP, kLdH, sm.Q, kLdH);
+  __syncthreads();
+  // Outputs: dQp, dKp, dW = -dVn h^T, and dG_i = q_i . dQ_i - k_i . dK_i (this tile's columns)
+  acc64_store(aQ, F, kLdF);
   __syncthreads();
   for (int i = warp; i < kC; i += kWarps) {
-    const float s = row_dot(sm.Q + i * kLdH, sm.AQ + i * kLdF, bk) - row_dot(sm.K + i * kLdH, sm.AK + i * kLdF, bk);
+    const float s = row_dot(sm.Q + i * kLdH, F + i * kLdF, bk);
     if (lane == 0) sm.dGl[i] = s;
   }
   for (int e = tid; e < kC * bk; e += kThreads) {
     const int i = e / bk, j = e % bk;
-    if (i < ch.L) {
-      const int64_t o = (row0 + i) * dk + k0 + j;
-      p.dQp[o] = sm.AQ[i * kLdF + j];
-      p.dKp[o] = sm.AK[i * kLdF + j];
-      p.dW[o] = to_bf16(-sm.AW[i * kLdF + j]);
-    }
+    if (i < ch.L) p.dQp[(row0 + i) * dk + k0 + j] = F[i * kLdF + j];
+  }
+  __syncthreads();
+  acc64_store(aK, F, kLdF);
+  __syncthreads();
+  for (int i = warp; i < kC; i += kWarps) {
+    const float s = row_dot(sm.K + i * kLdH, F + i * kLdF, bk);
+    if (lane == 0) sm.dGl[i] -= s;
+  }
+  for (int e = tid; e < kC * bk; e += kThreads) {
+    const int i = e / bk, j = e % bk;
+    if (i < ch.L) p.dKp[(row0 + i) * dk + k0 + j] = F[i * kLdF + j];
+  }
+  __syncthreads();
+  acc64_store(aW, F, kLdF);
+  __syncthreads();
+  for (int e = tid; e < kC * bk; e += kThreads) {
+    const int i = e / bk, j = e % bk;
+    if (i < ch.L) p.dW[(row0 + i) * dk + k0 + j] = to_bf16(-F[i * kLdF + j]);
   }
   if (tid == 0) {  // the last row's extra terms: e^{G_last} <h, dS'> + sum_i k_i . dK(state)_i
     float tail = sm.eG[ch.L - 1] * hdh;
@@ -274,14 +327,13 @@ __global__ void __launch_bounds__(kThreads) dqk_kernel(const Params p) {
 // ---- wy: backward through W = T Kb, U = T Vb, T = (I + M)^-1, M ----
 
 struct WySmem {
-  bf16 *K, *Tb, *Xb, *A1, *A2, *A3;
-  float *KK, *M, *T, *Xs, *G, *eG, *dec, *bet, *dGl, *dbl, *rowc, *colc, *stage;
+  bf16 *K, *Tb, *A1, *A2, *A3;
+  float *KK, *M, *T, *Xs, *G, *eG, *dec, *bet, *dGl, *dbl, *rowc, *colc;
   size_t bytes;
   __host__ __device__ WySmem(uintptr_t base, int dk) {
     Carve c{base};
     K = c.take<bf16>(size_t(kC) * (dk + kPadH));
     Tb = c.take<bf16>(kC * kLdH);
-    Xb = c.take<bf16>(kC * kLdH);
     A1 = c.take<bf16>(kC * kLdH);
     A2 = c.take<bf16>(kC * kLdH);
     A3 = c.take<bf16>(kC * kLdH);
@@ -297,14 +349,14 @@ struct WySmem {
     dbl = c.take<float>(kC);
     rowc = c.take<float>(kC);
     colc = c.take<float>(kC);
-    stage = c.take<float>(kWarps * 256);
     bytes = c.off;
   }
 };
 
-// One block per (bh, chunk). Buffer reuse: M holds M for the inversion, then dM; T holds T, then the fp32 results
-// dVb / dKb of a column tile (X); Tb holds T (bf16), then dKK.
-__global__ void __launch_bounds__(kThreads) wy_kernel(const Params p) {
+// One block per (bh, chunk). Products go through register accumulators (Acc64). Buffer reuse: T holds T, then the
+// fp32 product X = T^T (column tile of dVn or dW); A1 holds that tile of dVn / dW, then X in bf16; Tb holds T
+// (bf16), then dKK. dM = -sum (dVb U^T + dKb W^T) stays in registers until the tiles are done, then goes to M.
+__global__ void __launch_bounds__(kThreads, 2) wy_kernel(const Params p) {
   const Chunk ch = chunk_of(p, blockIdx.x / p.NC, int(blockIdx.x % p.NC));
   const int dk = p.dk, dv = p.dv, ldk = dk + kPadH, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   WySmem sm(reinterpret_cast<uintptr_t>(dynamic_smem()), dk);
@@ -317,8 +369,12 @@ __global__ void __launch_bounds__(kThreads) wy_kernel(const Params p) {
   }
   __syncthreads();
   // Recompute KK = K K^T, M and T exactly as the prepare kernel did.
-  gemm<RowMajor, ColMajor>(kC, kC, dk, sm.K, ldk, sm.K, ldk, sm.stage,
-                           [&](int i, int j, float s) { sm.KK[i * kLdF + j] = s; });
+  {
+    Acc64 kk;
+    acc64_zero(kk);
+    acc64_mma<RowMajor, ColMajor>(kk, kC, dk, sm.K, ldk, sm.K, ldk);
+    acc64_store(kk, sm.KK, kLdF);
+  }
   __syncthreads();
   for (int e = tid; e < kC * kC; e += kThreads) {
     const int i = e / kC, j = e % kC;
@@ -326,10 +382,19 @@ __global__ void __launch_bounds__(kThreads) wy_kernel(const Params p) {
   }
   __syncthreads();
   invert_unit_lower(sm.T, kLdF, sm.M, kLdF, sm.Xs);
-  for (int e = tid; e < kC * kC; e += kThreads) sm.Tb[(e / kC) * kLdH + e % kC] = to_bf16(sm.T[(e / kC) * kLdF + e % kC]);
+  for (int e = tid; e < kC * kC; e += kThreads)
+    sm.Tb[(e / kC) * kLdH + e % kC] = to_bf16(sm.T[(e / kC) * kLdF + e % kC]);
   __syncthreads();
   float* X = sm.T;
-  bool first = true;  // dM not yet written
+  Acc64 mdM;  // -dM
+  acc64_zero(mdM);
+  // X = T^T tile, in fp32 shared memory (columns past w come out zero).
+  auto t_transpose_times = [&](const bf16* tile, int w) {
+    Acc64 acc;
+    acc64_zero(acc);
+    acc64_mma<ColMajor, RowMajor>(acc, w, kC, sm.Tb, kLdH, tile, kLdH);
+    acc64_store(acc, X, kLdF);
+  };
   // dVb = T^T dVn per 64-column tile of dv: dv += beta .* dVb, dbeta += v . dVb, dM -= dVb U^T
   for (int v0 = 0; v0 < dv; v0 += kTile) {
     const int w = dv - v0 < kTile ? dv - v0 : kTile;
@@ -337,8 +402,7 @@ __global__ void __launch_bounds__(kThreads) wy_kernel(const Params p) {
     load_rows(sm.A2, kLdH, p.U + row0 * dv + v0, dv, ch.L, kC, w);
     load_rows(sm.A3, kLdH, p.v + v_off(p, ch.b, ch.t0, ch.hv) + v0, p.Hv * dv, ch.L, kC, w);
     __syncthreads();
-    gemm<ColMajor, RowMajor>(kC, w, kC, sm.Tb, kLdH, sm.A1, kLdH, sm.stage,
-                             [&](int i, int j, float s) { X[i * kLdF + j] = s; });
+    t_transpose_times(sm.A1, w);
     __syncthreads();
     for (int i = warp; i < kC; i += kWarps) {
       const float s = row_dot(sm.A3 + i * kLdH, X + i * kLdF, w);
@@ -346,14 +410,12 @@ __global__ void __launch_bounds__(kThreads) wy_kernel(const Params p) {
     }
     for (int e = tid; e < kC * w; e += kThreads) {
       const int i = e / w, j = e % w;
-      if (p.grad_v && i < ch.L) add_to(p.grad_v + v_off(p, ch.b, ch.t0 + i, ch.hv) + v0 + j, sm.bet[i] * X[i * kLdF + j]);
-      sm.Xb[i * kLdH + j] = to_bf16(X[i * kLdF + j]);
+      if (p.grad_v && i < ch.L)
+        add_to(p.grad_v + v_off(p, ch.b, ch.t0 + i, ch.hv) + v0 + j, sm.bet[i] * X[i * kLdF + j]);
+      sm.A1[i * kLdH + j] = to_bf16(X[i * kLdF + j]);
     }
     __syncthreads();
-    gemm<RowMajor, ColMajor>(kC, kC, w, sm.Xb, kLdH, sm.A2, kLdH, sm.stage, [&](int i, int j, float s) {
-      sm.M[i * kLdF + j] = (first ? 0.0f : sm.M[i * kLdF + j]) - s;
-    });
-    first = false;
+    acc64_mma<RowMajor, ColMajor>(mdM, kC, w, sm.A1, kLdH, sm.A2, kLdH);
     __syncthreads();
   }
   // dKb = T^T dW per 64-column tile of dk: dk += beta e^G .* dKb, dbeta and dG += (beta) e^G k . dKb,
@@ -363,8 +425,7 @@ __global__ void __launch_bounds__(kThreads) wy_kernel(const Params p) {
     load_rows(sm.A1, kLdH, p.dW + row0 * dk + k0, dk, ch.L, kC, w);
     load_rows(sm.A2, kLdH, p.W + row0 * dk + k0, dk, ch.L, kC, w);
     __syncthreads();
-    gemm<ColMajor, RowMajor>(kC, w, kC, sm.Tb, kLdH, sm.A1, kLdH, sm.stage,
-                             [&](int i, int j, float s) { X[i * kLdF + j] = s; });
+    t_transpose_times(sm.A1, w);
     __syncthreads();
     for (int i = warp; i < kC; i += kWarps) {
       const float s = sm.eG[i] * row_dot(sm.K + i * ldk + k0, X + i * kLdF, w);
@@ -376,51 +437,54 @@ __global__ void __launch_bounds__(kThreads) wy_kernel(const Params p) {
     for (int e = tid; e < kC * w; e += kThreads) {
       const int i = e / w, j = e % w;
       if (i < ch.L) p.dKp[(row0 + i) * dk + k0 + j] += sm.bet[i] * sm.eG[i] * X[i * kLdF + j];
-      sm.Xb[i * kLdH + j] = to_bf16(X[i * kLdF + j]);
+      sm.A1[i * kLdH + j] = to_bf16(X[i * kLdF + j]);
     }
     __syncthreads();
-    gemm<RowMajor, ColMajor>(kC, kC, w, sm.Xb, kLdH, sm.A2, kLdH, sm.stage, [&](int i, int j, float s) {
-      sm.M[i * kLdF + j] = (first ? 0.0f : sm.M[i * kLdF + j]) - s;
-    });
-    first = false;
+    acc64_mma<RowMajor, ColMajor>(mdM, kC, w, sm.A1, kLdH, sm.A2, kLdH);
     __syncthreads();
   }
+  acc64_store(mdM, sm.M, kLdF);
+  __syncthreads();
   // Through M_ij = beta_i KK_ij decay_ij (j < i): dG_i += sum_j dM_ij M_ij, dG_j -= the same; dbeta;
   // dKK = dM .* beta_i decay_ij (into Tb).
-  const float* dM = sm.M;
+  auto dM = [&](int i, int j) { return -sm.M[i * kLdF + j]; };
   if (tid < kC) {
     const int i = tid;
     float rs = 0.0f, db = 0.0f;
     for (int j = 0; j < i; ++j) {
       const float kd = sm.KK[i * kLdF + j] * expf(sm.G[i] - sm.G[j]);
-      rs += dM[i * kLdF + j] * sm.bet[i] * kd;
-      db += dM[i * kLdF + j] * kd;
+      rs += dM(i, j) * sm.bet[i] * kd;
+      db += dM(i, j) * kd;
     }
     sm.rowc[i] = rs;
     sm.dbl[i] += db;
   } else if (tid < 2 * kC) {
     const int j = tid - kC;
     float cs = 0.0f;
-    for (int i = j + 1; i < kC; ++i) cs += dM[i * kLdF + j] * sm.bet[i] * sm.KK[i * kLdF + j] * expf(sm.G[i] - sm.G[j]);
+    for (int i = j + 1; i < kC; ++i) cs += dM(i, j) * sm.bet[i] * sm.KK[i * kLdF + j] * expf(sm.G[i] - sm.G[j]);
     sm.colc[j] = cs;
   }
   for (int e = tid; e < kC * kC; e += kThreads) {
     const int i = e / kC, j = e % kC;
-    sm.Tb[i * kLdH + j] = to_bf16(j < i ? dM[i * kLdF + j] * sm.bet[i] * expf(sm.G[i] - sm.G[j]) : 0.0f);
+    sm.Tb[i * kLdH + j] = to_bf16(j < i ? dM(i, j) * sm.bet[i] * expf(sm.G[i] - sm.G[j]) : 0.0f);
   }
   __syncthreads();
   if (tid < kC) sm.dGl[tid] += sm.rowc[tid] - sm.colc[tid];
   // dK += dKK K + dKK^T K
   for (int k0 = 0; k0 < dk; k0 += kTile) {
     const int w = dk - k0 < kTile ? dk - k0 : kTile;
-    float* dKp = p.dKp + row0 * dk + k0;
-    gemm<RowMajor, RowMajor>(kC, w, kC, sm.Tb, kLdH, sm.K + k0, ldk, sm.stage, [&](int i, int j, float s) {
-      if (i < ch.L) dKp[int64_t(i) * dk + j] += s;
-    });
+    {
+      Acc64 acc;
+      acc64_zero(acc);
+      acc64_mma<RowMajor, RowMajor>(acc, w, kC, sm.Tb, kLdH, sm.K + k0, ldk);
+      acc64_mma<ColMajor, RowMajor>(acc, w, kC, sm.Tb, kLdH, sm.K + k0, ldk);
+      acc64_store(acc, X, kLdF);
+    }
     __syncthreads();
-    gemm<ColMajor, RowMajor>(kC, w, kC, sm.Tb, kLdH, sm.K + k0, ldk, sm.stage, [&](int i, int j, float s) {
-      if (i < ch.L) dKp[int64_t(i) * dk + j] += s;
-    });
+    for (int e = tid; e < kC * w; e += kThreads) {
+      const int i = e / w, j = e % w;
+      if (i < ch.L) p.dKp[(row0 + i) * dk + k0 + j] += X[i * kLdF + j];
+    }
     __syncthreads();
   }
   // dG of the chunk = this kernel's share + the dqk partials (in tile order); dg = reverse cumsum within the chunk.
@@ -459,7 +523,8 @@ __global__ void __launch_bounds__(kThreads) reduce_qk_kernel(const Params p) {
 }
 
 __global__ void __launch_bounds__(kThreads) add_kernel(float* y, const float* x, int64_t n) {
-  for (int64_t i = blockIdx.x * int64_t(kThreads) + threadIdx.x; i < n; i += int64_t(gridDim.x) * kThreads) y[i] += x[i];
+  for (int64_t i = blockIdx.x * int64_t(kThreads) + threadIdx.x; i < n; i += int64_t(gridDim.x) * kThreads)
+    y[i] += x[i];
 }
 
 unsigned elementwise_grid(int64_t n) { return unsigned(std::min<int64_t>(ceil_div(n, kThreads), 65536)); }
@@ -469,9 +534,9 @@ unsigned elementwise_grid(int64_t n) { return unsigned(std::min<int64_t>(ceil_di
 }  // namespace gdr
 
 void gated_delta_rule_backward(bf16* dq, bf16* dk, bf16* dv, float* dg, float* dbeta, float* d_initial_state,
-                               const bf16* d_o, const float* d_final_state, const bf16* q, const bf16* k,
-                               const bf16* v, const float* g, const float* beta, const float* initial_state,
-                               const GdrShape& s, float scale, void* workspace, cudaStream_t stream) {
+                               const bf16* d_o, const float* d_final_state, const bf16* q, const bf16* k, const bf16* v,
+                               const float* g, const float* beta, const float* initial_state, const GdrShape& s,
+                               float scale, void* workspace, cudaStream_t stream) {
   using namespace gdr;
   Params p{};
   set_shape(p, s, scale, "gated_delta_rule_backward");
@@ -484,8 +549,9 @@ void gated_delta_rule_backward(bf16* dq, bf16* dk, bf16* dv, float* dg, float* d
     }
     return;
   }
-  NEXTRON_CHECK(workspace != nullptr, "gated_delta_rule_backward: workspace is null (size it with "
-                                      "gated_delta_rule_workspace_bytes)");
+  NEXTRON_CHECK(workspace != nullptr,
+                "gated_delta_rule_backward: workspace is null (size it with "
+                "gated_delta_rule_workspace_bytes)");
   NEXTRON_CHECK(d_o != nullptr, "gated_delta_rule_backward: d_o is required");
   carve_workspace(p, workspace);
   p.q = q;

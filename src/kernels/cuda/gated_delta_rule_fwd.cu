@@ -16,20 +16,23 @@
 //      memory, then W and U (bf16) into the workspace.
 //   2. state    (grid BH * dv / bv, bv = 32 or 16): one block carries the fp32 state tile h (dk x bv) through the
 //      chunks in order: writes h_c (bf16, the operand of the output kernel and the backward), Vn = U - W h_c, and
-//      h <- e^{G_last} h + K^T (dec .* Vn); the final state leaves in fp32.
+//      h <- e^{G_last} h + K^T (dec .* Vn); the final state leaves in fp32. The next chunk's tiles are prefetched
+//      with cp.async while the current one is multiplied (this pass is the latency-bound part).
 //   3. output   (grid BH * NC * ceil(dv / 64)): P = scale (Q K^T) .* decay (causal) and Q h_c over dk, then
 //      O = e^G .* (scale Q h_c) + P Vn for a 64-column tile of dv.
-// Shared memory of a block is a few 64-row tiles (at most ~190 KB at dk = dv = 256, ~110 KB at 128).
+// Products are 16x16x16 wmma tiles over shared-memory operands (rows padded by 16 bytes against bank conflicts).
+// Shared memory per block at dk = dv = 128: 62 - 114 KB (two blocks per SM for every kernel but wy's); at 256 up
+// to 192 KB. Tiles are zero-padded past the end of a partial chunk, so all products are 64 rows.
 //
 // Workspace (gated_delta_rule_workspace_bytes; N = B * Hv * S rows, states = B * Hv * NC * dk * dv): forward
 // Gc 4N + W 2N dk + U 2N dv + Vn 2N dv + H 2 states bytes; the backward adds dVn 2N dv, dH 2 states, dW 2N dk,
 // dVl/dQp 4N max(dk, dv), dKp 4N dk and dGp 4N ceil(dk / 64). At B = 8, S = 4096, Hv = 32, dk = dv = 128 that is
-// 1.3 GB for the forward and 3.4 GB in all.
-#include "kernels/cuda/gated_delta_rule_impl.cuh"
-
+// 1.35 GB for the forward and 3.5 GB in all (the forward's part is recomputed by the backward, so nothing has to
+// survive from one call to the other).
 #include <algorithm>
 
 #include "core/error.h"
+#include "kernels/cuda/gated_delta_rule_impl.cuh"
 
 namespace nextron::cuda {
 
@@ -37,9 +40,6 @@ namespace gdr {
 
 namespace {
 
-// Column tile of dv carried by one block of the state kernels: narrow tiles mean more blocks for the sequential
-// part (at B = 1, Hv = 32, dv = 128: 128 blocks).
-int state_tile(int dv) { return dv % 32 == 0 ? 32 : 16; }
 // Column tile of dv in the output kernel.
 int output_tile(int dv) { return std::min(dv, kTile); }
 
@@ -92,7 +92,8 @@ __global__ void __launch_bounds__(kThreads) prepare_kernel(const Params p) {
   __syncthreads();
   invert_unit_lower(sm.T, kLdF, sm.M, kLdF, sm.X);
   // bf16 operands: T, diag(beta e^G) K, diag(beta) V (K and V scaled in place; their products are done).
-  for (int e = tid; e < kC * kC; e += kThreads) sm.Tb[(e / kC) * kLdH + e % kC] = to_bf16(sm.T[(e / kC) * kLdF + e % kC]);
+  for (int e = tid; e < kC * kC; e += kThreads)
+    sm.Tb[(e / kC) * kLdH + e % kC] = to_bf16(sm.T[(e / kC) * kLdF + e % kC]);
   for (int e = tid; e < kC * dk; e += kThreads) {
     bf16& x = sm.K[(e / dk) * ldk + e % dk];
     x = to_bf16(sm.bet[e / dk] * sm.eG[e / dk] * to_f32(x));
@@ -135,26 +136,26 @@ struct StateSmem {
 };
 
 // One block per (bh, column tile [v0, v0 + bv) of dv), chunks in order: writes H and Vn, and ht when asked.
-__global__ void __launch_bounds__(kThreads) state_forward_kernel(const Params p, int bv) {
+// Loads are prefetched with cp.async one phase ahead, staggered so that single buffers suffice: W_{c+1} and U_{c+1}
+// (read by the first product) load during the second product of chunk c, K_{c+1} (read by the second) during the
+// first product of chunk c + 1; the next chunk's gates come through registers.
+__global__ void __launch_bounds__(kThreads, 2) state_forward_kernel(const Params p, int bv) {
   const int nvt = p.dv / bv;
   const int64_t bh = blockIdx.x / nvt;
   const int v0 = int(blockIdx.x % nvt) * bv;
   const int dk = p.dk, dv = p.dv, ldk = dk + kPadH, lds = bv + kPadF, ldb = bv + kPadH, tid = threadIdx.x;
   StateSmem sm(reinterpret_cast<uintptr_t>(dynamic_smem()), dk, bv);
   const int64_t sbase = bh * dk * dv + v0;  // tile origin in h0 / ht
-  if (p.h0) {
-    load_rows(sm.S, lds, p.h0 + sbase, dv, dk, dk, bv);
-  } else {
-    for (int e = tid; e < dk * bv; e += kThreads) sm.S[(e / bv) * lds + e % bv] = 0.0f;
-  }
-  __syncthreads();
-  for (int c = 0; c < p.NC; ++c) {
-    const Chunk ch = chunk_of(p, bh, c);
+  auto fetch_wu = [&](const Chunk& ch) {
     const int64_t row0 = bh * p.S + ch.t0;  // workspace row of the chunk's first token
-    load_rows(sm.Wc, ldk, p.W + row0 * dk, dk, ch.L, kC, dk);
-    load_rows(sm.Kc, ldk, p.k + qk_off(p, ch.b, ch.t0, ch.hk), p.Hk * dk, ch.L, kC, dk);
-    load_rows(sm.Uc, ldb, p.U + row0 * dv + v0, dv, ch.L, kC, bv);
-    load_gates(p, ch, sm.G, sm.eG, sm.dec, nullptr);
+    load_rows_async(sm.Wc, ldk, p.W + row0 * dk, dk, ch.L, kC, dk);
+    load_rows_async(sm.Uc, ldb, p.U + row0 * dv + v0, dv, ch.L, kC, bv);
+  };
+  auto fetch_k = [&](const Chunk& ch) {
+    load_rows_async(sm.Kc, ldk, p.k + qk_off(p, ch.b, ch.t0, ch.hk), p.Hk * dk, ch.L, kC, dk);
+  };
+  // h_c -> bf16 operand Sb and H (the state entering chunk c).
+  auto publish = [&](int c) {
     bf16* Hc = p.H + state_off(p, bh, c) + v0;
     for (int e = tid; e < dk * bv; e += kThreads) {
       const int i = e / bv, j = e % bv;
@@ -162,23 +163,55 @@ __global__ void __launch_bounds__(kThreads) state_forward_kernel(const Params p,
       sm.Sb[i * ldb + j] = x;
       Hc[int64_t(i) * dv + j] = x;
     }
+  };
+  {
+    const Chunk ch0 = chunk_of(p, bh, 0);
+    fetch_wu(ch0);
+    __pipeline_commit();
+    fetch_k(ch0);
+    __pipeline_commit();
+    load_gates(p, ch0, sm.G, sm.eG, sm.dec, nullptr);
+  }
+  if (p.h0) {
+    load_rows(sm.S, lds, p.h0 + sbase, dv, dk, dk, bv);
+  } else {
+    for (int e = tid; e < dk * bv; e += kThreads) sm.S[(e / bv) * lds + e % bv] = 0.0f;
+  }
+  __syncthreads();
+  publish(0);
+  for (int c = 0; c < p.NC; ++c) {
+    const Chunk ch = chunk_of(p, bh, c);
+    const bool more = c + 1 < p.NC;
+    const Chunk next = chunk_of(p, bh, more ? c + 1 : c);
+    const GateRegs next_gates = fetch_gates(p, next);
+    __pipeline_wait_prior(1);  // W_c, U_c (K_c may still be in flight)
     __syncthreads();
     // Vn = U - W h_c; Vd = dec .* Vn (zero on padding rows, whose U and W rows are zero too)
-    bf16* Vn = p.Vn + row0 * dv + v0;
+    bf16* Vn = p.Vn + (bh * p.S + ch.t0) * dv + v0;
     gemm<RowMajor, RowMajor>(kC, bv, dk, sm.Wc, ldk, sm.Sb, ldb, sm.stage, [&](int i, int j, float x) {
       const float vn = to_f32(sm.Uc[i * ldb + j]) - x;
       if (i < ch.L) Vn[int64_t(i) * dv + j] = to_bf16(vn);
       sm.Vd[i * ldb + j] = to_bf16(vn * sm.dec[i]);
     });
-    __syncthreads();
+    __pipeline_wait_prior(0);  // K_c
+    __syncthreads();           // W and U are free again
+    if (more) fetch_wu(next);
+    __pipeline_commit();
     // h <- e^{G_last} h + K^T Vd
     const float a = sm.eG[ch.L - 1];
     gemm<ColMajor, RowMajor>(dk, bv, kC, sm.Kc, ldk, sm.Vd, ldb, sm.stage,
                              [&](int i, int j, float x) { sm.S[i * lds + j] = a * sm.S[i * lds + j] + x; });
-    __syncthreads();
+    __syncthreads();  // K, Vd, Sb and the gates are free again
+    if (more) {
+      fetch_k(next);
+      publish(c + 1);
+      store_gates(next_gates, next, sm.G, sm.eG, sm.dec);
+    }
+    __pipeline_commit();
   }
   if (p.ht)
-    for (int e = tid; e < dk * bv; e += kThreads) p.ht[sbase + int64_t(e / bv) * dv + e % bv] = sm.S[(e / bv) * lds + e % bv];
+    for (int e = tid; e < dk * bv; e += kThreads)
+      p.ht[sbase + int64_t(e / bv) * dv + e % bv] = sm.S[(e / bv) * lds + e % bv];
 }
 
 // ---- 3. output ----
@@ -260,6 +293,9 @@ void set_shape(Params& p, const GdrShape& s, float scale, const char* what) {
   p.NC = int(ceil_div(s.S, kC));
   p.NK = int(ceil_div(s.dk, kTile));
   p.scale = scale;
+  // The largest grid has BH * NC * 4 blocks (4 column tiles of dk or dv); grids are 1-D.
+  NEXTRON_CHECK(p.BH * p.NC * 4 <= int64_t(INT32_MAX), what, ": B * Hv * ceil(S / 64) = ", p.BH * p.NC,
+                " chunks is too many for one launch");
 }
 
 size_t carve_workspace(Params& p, void* base) {
@@ -310,9 +346,9 @@ size_t gated_delta_rule_workspace_bytes(const GdrShape& s) {
   return gdr::carve_workspace(p, nullptr);
 }
 
-void gated_delta_rule_forward(bf16* o, float* final_state, const bf16* q, const bf16* k, const bf16* v,
-                              const float* g, const float* beta, const float* initial_state, const GdrShape& s,
-                              float scale, void* workspace, cudaStream_t stream) {
+void gated_delta_rule_forward(bf16* o, float* final_state, const bf16* q, const bf16* k, const bf16* v, const float* g,
+                              const float* beta, const float* initial_state, const GdrShape& s, float scale,
+                              void* workspace, cudaStream_t stream) {
   gdr::Params p{};
   gdr::set_shape(p, s, scale, "gated_delta_rule_forward");
   if (s.B == 0) return;
@@ -324,8 +360,9 @@ void gated_delta_rule_forward(bf16* o, float* final_state, const bf16* q, const 
       NEXTRON_CUDA_CHECK(cudaMemsetAsync(final_state, 0, state_bytes, stream));
     return;
   }
-  NEXTRON_CHECK(workspace != nullptr, "gated_delta_rule_forward: workspace is null (size it with "
-                                      "gated_delta_rule_workspace_bytes)");
+  NEXTRON_CHECK(workspace != nullptr,
+                "gated_delta_rule_forward: workspace is null (size it with "
+                "gated_delta_rule_workspace_bytes)");
   gdr::carve_workspace(p, workspace);
   p.q = q;
   p.k = k;

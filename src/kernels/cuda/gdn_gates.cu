@@ -15,13 +15,10 @@ namespace nextron::cuda {
 
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = kElementwiseThreads;
 constexpr int kColGroups = 32;            // token groups per head in the column-sum kernel (block 32 x 32)
 constexpr float kSoftplusThreshold = 20;  // torch.nn.functional.softplus default
 
-unsigned grid_for(int64_t n) { return unsigned(std::min<int64_t>(ceil_div(n, kThreads), 65536)); }
-
-__device__ __forceinline__ float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
 __device__ __forceinline__ float softplus(float v) { return v > kSoftplusThreshold ? v : log1pf(expf(v)); }
 // As torch's softplus_backward: exactly 1 above the threshold, else sigmoid(v).
 __device__ __forceinline__ float softplus_grad(float v) { return v > kSoftplusThreshold ? 1.0f : sigmoid(v); }
@@ -93,7 +90,7 @@ void gdn_gates_forward(float* beta, float* g, const bf16* b, const bf16* a, cons
                        int64_t N, int64_t Hv, cudaStream_t stream) {
   const int64_t total = N * Hv;
   if (total <= 0) return;
-  gdn_gates_forward_kernel<<<grid_for(total), kThreads, 0, stream>>>(beta, g, b, a, A_log, dt_bias, N, Hv);
+  gdn_gates_forward_kernel<<<grid_stride_blocks(total), kThreads, 0, stream>>>(beta, g, b, a, A_log, dt_bias, N, Hv);
   NEXTRON_CUDA_LAUNCH_CHECK();
 }
 
@@ -103,8 +100,8 @@ void gdn_gates_backward(bf16* db, bf16* da, float* dA_log, float* ddt_bias, cons
   const int64_t total = N * Hv;
   if (total <= 0) return;
   if ((db && dbeta) || (da && dg)) {
-    gdn_gates_backward_inputs_kernel<<<grid_for(total), kThreads, 0, stream>>>(db, da, dbeta, dg, b, a, A_log, dt_bias,
-                                                                               N, Hv);
+    gdn_gates_backward_inputs_kernel<<<grid_stride_blocks(total), kThreads, 0, stream>>>(db, da, dbeta, dg, b, a, A_log,
+                                                                                         dt_bias, N, Hv);
     NEXTRON_CUDA_LAUNCH_CHECK();
   }
   if (dg && (dA_log || ddt_bias)) {

@@ -7,9 +7,7 @@ namespace nextron::cuda {
 
 namespace {
 
-constexpr int kThreads = 256;
-
-unsigned blocks_for(int64_t n) { return static_cast<unsigned>(std::min<int64_t>(ceil_div(n, kThreads), 65536)); }
+constexpr int kThreads = kElementwiseThreads;
 
 template <typename T>
 __global__ void add_kernel(T* y, const T* a, const T* b, int64_t n) {
@@ -49,20 +47,20 @@ __global__ void scatter_cols_kernel(T* dst, const T* src, const int32_t* idx, in
 
 void add(bf16* y, const bf16* a, const bf16* b, int64_t n, cudaStream_t stream) {
   if (n <= 0) return;
-  add_kernel<<<blocks_for(n), kThreads, 0, stream>>>(y, a, b, n);
+  add_kernel<<<grid_stride_blocks(n), kThreads, 0, stream>>>(y, a, b, n);
   NEXTRON_CUDA_LAUNCH_CHECK();
 }
 
 void add(float* y, const float* a, const float* b, int64_t n, cudaStream_t stream) {
   if (n <= 0) return;
-  add_kernel<<<blocks_for(n), kThreads, 0, stream>>>(y, a, b, n);
+  add_kernel<<<grid_stride_blocks(n), kThreads, 0, stream>>>(y, a, b, n);
   NEXTRON_CUDA_LAUNCH_CHECK();
 }
 
 template <typename T>
 void gather_cols(T* dst, const T* src, const int32_t* idx, int64_t N, int64_t W, int64_t Ws, cudaStream_t stream) {
   if (N * W <= 0) return;
-  gather_cols_kernel<<<blocks_for(N * W), kThreads, 0, stream>>>(dst, src, idx, N, W, Ws);
+  gather_cols_kernel<<<grid_stride_blocks(N * W), kThreads, 0, stream>>>(dst, src, idx, N, W, Ws);
   NEXTRON_CUDA_LAUNCH_CHECK();
 }
 
@@ -70,7 +68,7 @@ template <typename T>
 void scatter_cols(T* dst, const T* src, const int32_t* idx, int64_t N, int64_t W, int64_t Wd, bool accumulate,
                   cudaStream_t stream) {
   if (N * W <= 0) return;
-  scatter_cols_kernel<<<blocks_for(N * W), kThreads, 0, stream>>>(dst, src, idx, N, W, Wd, accumulate);
+  scatter_cols_kernel<<<grid_stride_blocks(N * W), kThreads, 0, stream>>>(dst, src, idx, N, W, Wd, accumulate);
   NEXTRON_CUDA_LAUNCH_CHECK();
 }
 

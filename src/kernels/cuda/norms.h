@@ -12,15 +12,15 @@ void rmsnorm_forward(bf16* y, float* rstd, const bf16* x, const float* w, int64_
                      cudaStream_t stream);
 // Accumulates dx (N, D) bf16 and dw (D) fp32 (each may be nullptr). dw is reduced deterministically (per-block
 // partial sums then a fixed-order sum), never with atomics over rows.
-void rmsnorm_backward(bf16* dx, float* dw, const bf16* dy, const bf16* x, const float* w, const float* rstd,
-                      int64_t N, int64_t D, cudaStream_t stream);
+void rmsnorm_backward(bf16* dx, float* dw, const bf16* dy, const bf16* x, const float* w, const float* rstd, int64_t N,
+                      int64_t D, cudaStream_t stream);
 
 // y = w * (x * rstd) * silu(z). x, z, y: (N, D) bf16; w: (D) fp32; rstd: (N) fp32, overwritten.
 void rmsnorm_gated_forward(bf16* y, float* rstd, const bf16* x, const bf16* z, const float* w, int64_t N, int64_t D,
                            float eps, cudaStream_t stream);
 // Accumulates dx, dz (N, D) bf16, dw (D) fp32 (each may be nullptr), deterministic as rmsnorm_backward.
-void rmsnorm_gated_backward(bf16* dx, bf16* dz, float* dw, const bf16* dy, const bf16* x, const bf16* z,
-                            const float* w, const float* rstd, int64_t N, int64_t D, cudaStream_t stream);
+void rmsnorm_gated_backward(bf16* dx, bf16* dz, float* dw, const bf16* dy, const bf16* x, const bf16* z, const float* w,
+                            const float* rstd, int64_t N, int64_t D, cudaStream_t stream);
 
 // y = x * rsqrt(sum(x^2) + eps) per row. x, y: (N, D) bf16 (y may equal x).
 void l2norm_forward(bf16* y, const bf16* x, int64_t N, int64_t D, float eps, cudaStream_t stream);

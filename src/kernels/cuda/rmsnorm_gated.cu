@@ -16,8 +16,6 @@ namespace {
 constexpr int kRowWarps = 4;    // rows (warps) per block in the row kernels
 constexpr int kColGroups = 32;  // row groups per column in the dw kernel (block 32 x 32 = 1024 threads)
 
-__device__ __forceinline__ float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
-
 // x, z, y: (N, D); rstd: (N). Warp threadIdx.y handles row blockIdx.x * kRowWarps + threadIdx.y.
 __global__ void rmsnorm_gated_forward_kernel(bf16* y, float* rstd, const bf16* x, const bf16* z, const float* w,
                                              int64_t N, int64_t D, float eps) {

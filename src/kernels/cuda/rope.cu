@@ -16,8 +16,7 @@ namespace nextron::cuda {
 
 namespace {
 
-constexpr int kThreads = 256;
-unsigned grid_for(int64_t n) { return unsigned(std::min<int64_t>(ceil_div(n, kThreads), 65536)); }
+constexpr int kThreads = kElementwiseThreads;
 
 // x, y: (rows = B * S * NH, D); row = (b * S + s) * NH + h.
 __global__ void rope_forward_kernel(bf16* y, const bf16* x, const float* cos, const float* sin, int64_t rows, int64_t S,
@@ -77,7 +76,7 @@ void rope_forward(bf16* y, const bf16* x, const float* cos, const float* sin, in
   check_dims(D, rotary_dim);
   const int64_t rows = B * S * NH, total = rows * (rotary_dim / 2 + D - rotary_dim);
   if (total <= 0) return;
-  rope_forward_kernel<<<grid_for(total), kThreads, 0, stream>>>(y, x, cos, sin, rows, S, NH, D, rotary_dim);
+  rope_forward_kernel<<<grid_stride_blocks(total), kThreads, 0, stream>>>(y, x, cos, sin, rows, S, NH, D, rotary_dim);
   NEXTRON_CUDA_LAUNCH_CHECK();
 }
 
@@ -87,7 +86,8 @@ void rope_backward(bf16* dx, const bf16* dy, const float* cos, const float* sin,
   check_dims(D, rotary_dim);
   const int64_t rows = B * S * NH, total = rows * (rotary_dim / 2 + D - rotary_dim);
   if (total <= 0) return;
-  rope_backward_kernel<<<grid_for(total), kThreads, 0, stream>>>(dx, dy, cos, sin, rows, S, NH, D, rotary_dim);
+  rope_backward_kernel<<<grid_stride_blocks(total), kThreads, 0, stream>>>(dx, dy, cos, sin, rows, S, NH, D,
+                                                                           rotary_dim);
   NEXTRON_CUDA_LAUNCH_CHECK();
 }
 

@@ -16,12 +16,8 @@ namespace nextron::cuda {
 
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = kElementwiseThreads;
 constexpr int kGroupWarps = 4;  // groups (warps) per block in the warp-per-group backward
-
-unsigned grid_for(int64_t n) { return unsigned(std::min<int64_t>(ceil_div(n, kThreads), 65536)); }
-
-__device__ __forceinline__ float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
 
 // x, y: (N, D); gate: (N, ld_gate), columns [0, G) used.
 __global__ void sigmoid_gate_forward_kernel(bf16* y, const bf16* x, const bf16* gate, int64_t N, int64_t D, int64_t W,
@@ -83,7 +79,7 @@ void sigmoid_gate_forward(bf16* y, const bf16* x, const bf16* gate, int64_t N, i
                           cudaStream_t stream) {
   check_dims(D, G, ld_gate);
   if (N <= 0 || D <= 0) return;
-  sigmoid_gate_forward_kernel<<<grid_for(N * D), kThreads, 0, stream>>>(y, x, gate, N, D, D / G, ld_gate);
+  sigmoid_gate_forward_kernel<<<grid_stride_blocks(N * D), kThreads, 0, stream>>>(y, x, gate, N, D, D / G, ld_gate);
   NEXTRON_CUDA_LAUNCH_CHECK();
 }
 
@@ -94,8 +90,8 @@ void sigmoid_gate_backward(bf16* dx, bf16* dgate, const bf16* dy, const bf16* x,
   if (N <= 0 || D <= 0) return;
   const int64_t W = D / G;
   if (W < 32) {
-    sigmoid_gate_backward_thread_kernel<<<grid_for(N * G), kThreads, 0, stream>>>(dx, dgate, dy, x, gate, N, D, G, W,
-                                                                                  ld_gate);
+    sigmoid_gate_backward_thread_kernel<<<grid_stride_blocks(N * G), kThreads, 0, stream>>>(dx, dgate, dy, x, gate, N,
+                                                                                            D, G, W, ld_gate);
   } else {
     sigmoid_gate_backward_warp_kernel<<<unsigned(ceil_div(N * G, kGroupWarps)), dim3(32, kGroupWarps), 0, stream>>>(
         dx, dgate, dy, x, gate, N, D, G, W, ld_gate);

@@ -12,9 +12,7 @@ namespace nextron::cuda {
 
 namespace {
 
-constexpr int kThreads = 256;
-
-unsigned grid_for(int64_t n) { return unsigned(std::min<int64_t>(ceil_div(n, kThreads), 65536)); }
+constexpr int kThreads = kElementwiseThreads;
 
 // gu: (N, 2I); h: (N, I).
 __global__ void swiglu_forward_kernel(bf16* h, const bf16* gu, int64_t N, int64_t I) {
@@ -44,14 +42,14 @@ __global__ void swiglu_backward_kernel(bf16* dgu, const bf16* dh, const bf16* gu
 void swiglu_forward(bf16* h, const bf16* gu, int64_t N, int64_t I, cudaStream_t stream) {
   const int64_t total = N * I;
   if (total <= 0) return;
-  swiglu_forward_kernel<<<grid_for(total), kThreads, 0, stream>>>(h, gu, N, I);
+  swiglu_forward_kernel<<<grid_stride_blocks(total), kThreads, 0, stream>>>(h, gu, N, I);
   NEXTRON_CUDA_LAUNCH_CHECK();
 }
 
 void swiglu_backward(bf16* dgu, const bf16* dh, const bf16* gu, int64_t N, int64_t I, cudaStream_t stream) {
   const int64_t total = N * I;
   if (!dgu || total <= 0) return;
-  swiglu_backward_kernel<<<grid_for(total), kThreads, 0, stream>>>(dgu, dh, gu, N, I);
+  swiglu_backward_kernel<<<grid_stride_blocks(total), kThreads, 0, stream>>>(dgu, dh, gu, N, I);
   NEXTRON_CUDA_LAUNCH_CHECK();
 }
 

@@ -1,0 +1,343 @@
+// Private to gated_delta_rule_fwd.cu / gated_delta_rule_bwd.cu: the parameter block shared by all chunked
+// gated-delta-rule kernels, the workspace layout, index helpers, and the three device building blocks the kernels
+// are made of: row loads into shared memory, a warp-tiled bf16 tensor-core product with a per-element epilogue,
+// and the blocked inversion of the unit lower-triangular chunk matrix. The algorithm is described in
+// gated_delta_rule_fwd.cu.
+#pragma once
+
+#include <cuda_pipeline_primitives.h>
+#include <mma.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "kernels/cuda/device_utils.cuh"
+#include "kernels/cuda/gated_delta_rule.h"
+
+namespace nextron::cuda::gdr {
+
+namespace wmma = nvcuda::wmma;
+using RowMajor = wmma::row_major;
+using ColMajor = wmma::col_major;
+
+constexpr int kC = 64;                 // chunk length (tokens)
+constexpr int kTile = 64;              // column tile of dk / dv in the per-chunk backward kernels
+constexpr int kThreads = 256;          // every kernel runs 8 warps
+constexpr int kWarps = kThreads / 32;  //
+constexpr int kPadH = 8;               // bf16 row padding: rows stay 16-byte aligned and smem banks spread
+constexpr int kPadF = 4;               // fp32 row padding, same reason
+constexpr int kLdH = kC + kPadH;       // row stride of a 64-column bf16 tile
+constexpr int kLdF = kC + kPadF;       // row stride of a 64-column fp32 tile
+constexpr int kMaxDim = 256;           // largest dk / dv
+
+// Everything the kernels read and write. Input/output layouts are those of gated_delta_rule.h; the workspace is
+// head-major: row (bh, t) with bh = b * Hv + hv, so the 64 rows of one chunk are contiguous.
+struct Params {
+  const bf16* q;      // (B, S, Hk, dk)
+  const bf16* k;      // (B, S, Hk, dk)
+  const bf16* v;      // (B, S, Hv, dv)
+  const float* g;     // (B, S, Hv)
+  const float* beta;  // (B, S, Hv)
+  const float* h0;    // (B, Hv, dk, dv) or nullptr
+  const bf16* d_o;    // (B, S, Hv, dv), backward
+  const float* dht;   // (B, Hv, dk, dv) or nullptr, backward
+  bf16* o;            // (B, S, Hv, dv), forward
+  float* ht;          // (B, Hv, dk, dv) or nullptr, forward
+  bf16* grad_q;       // gradients (backward, each may be nullptr)
+  bf16* grad_k;       //
+  bf16* grad_v;       //
+  float* grad_g;      //
+  float* grad_beta;   //
+  float* grad_h0;     //
+  float* Gc;          // (BH, S)           cumulative sum of g within each chunk
+  bf16* W;            // (BH, S, dk)       T diag(beta e^G) K per chunk
+  bf16* U;            // (BH, S, dv)       T diag(beta) V per chunk
+  bf16* Vn;           // (BH, S, dv)       new values U - W h_c
+  bf16* H;            // (BH, NC, dk, dv)  state entering each chunk
+  float* dVl;         // (BH, S, dv)       P^T dO, the intra-chunk part of dVn (shares memory with dQp)
+  bf16* dVn;          // (BH, S, dv)       gradient of the new values
+  bf16* dH;           // (BH, NC, dk, dv)  gradient of the state leaving each chunk
+  bf16* dW;           // (BH, S, dk)       gradient of W
+  float* dQp;         // (BH, S, dk)       dq of each value head (summed over the head group at the end)
+  float* dKp;         // (BH, S, dk)       dk of each value head
+  float* dGp;         // (BH, NK, S)       dG partial sums of each 64-column tile of dk
+  int64_t B, S, Hk, Hv, BH;
+  int dk, dv, r, NC, NK;  // r = Hv / Hk, NC = chunks per sequence, NK = 64-column tiles of dk
+  float scale;
+};
+
+// Sets the workspace pointers of p from base (nullptr: only sizes it) and returns the bytes used.
+size_t carve_workspace(Params& p, void* base);
+// Fills the shape fields of p (throws nextron::Error for an unsupported shape).
+void set_shape(Params& p, const GdrShape& s, float scale, const char* what);
+// The two kernels the backward shares with the forward: per-chunk W, U, Gc; and the sequential state pass that
+// writes H and Vn (and ht when p.ht is set).
+void launch_prepare(const Params& p, cudaStream_t stream);
+void launch_state_forward(const Params& p, cudaStream_t stream);
+// Column tile of dv carried by one block of the two state kernels: narrow tiles mean more blocks for the sequential
+// passes (B = 1, Hv = 32, dv = 128: 128 blocks).
+inline int state_tile(int dv) { return dv % 32 == 0 ? 32 : 16; }
+// Makes `bytes` of dynamic shared memory available to `kernel` (throws when the device has less).
+void allow_smem(const void* kernel, size_t bytes, const char* what);
+
+// ---- index helpers ----
+
+__host__ __device__ __forceinline__ int64_t qk_off(const Params& p, int64_t b, int64_t t, int64_t hk) {
+  return ((b * p.S + t) * p.Hk + hk) * p.dk;
+}
+__host__ __device__ __forceinline__ int64_t v_off(const Params& p, int64_t b, int64_t t, int64_t hv) {
+  return ((b * p.S + t) * p.Hv + hv) * p.dv;
+}
+__host__ __device__ __forceinline__ int64_t gb_off(const Params& p, int64_t b, int64_t t, int64_t hv) {
+  return (b * p.S + t) * p.Hv + hv;
+}
+// First element of chunk c's state in H / dH.
+__host__ __device__ __forceinline__ int64_t state_off(const Params& p, int64_t bh, int64_t c) {
+  return (bh * p.NC + c) * p.dk * p.dv;
+}
+
+// One chunk of one (sequence, value head): tokens [t0, t0 + L), L = 64 except possibly for the last chunk.
+struct Chunk {
+  int64_t b, hv, hk, bh, t0;
+  int c, L;
+};
+__device__ __forceinline__ Chunk chunk_of(const Params& p, int64_t bh, int c) {
+  Chunk ch;
+  ch.bh = bh;
+  ch.b = bh / p.Hv;
+  ch.hv = bh % p.Hv;
+  ch.hk = ch.hv / p.r;
+  ch.c = c;
+  ch.t0 = int64_t(c) * kC;
+  ch.L = int(p.S - ch.t0 < kC ? p.S - ch.t0 : kC);
+  return ch;
+}
+
+// ---- shared memory ----
+
+// Bump allocator over the dynamic shared memory, 128-byte aligned pieces. The host runs the same code with base 0
+// to size the launch.
+struct Carve {
+  uintptr_t base;
+  size_t off = 0;
+  template <typename T>
+  __host__ __device__ T* take(size_t n) {
+    T* ptr = reinterpret_cast<T*>(base + off);
+    off += (n * sizeof(T) + 127) / 128 * 128;
+    return ptr;
+  }
+};
+
+__device__ __forceinline__ unsigned char* dynamic_smem() {
+  extern __shared__ __align__(128) unsigned char gdr_smem[];
+  return gdr_smem;
+}
+
+template <typename T>
+__device__ __forceinline__ T zero_value() {
+  if constexpr (std::is_same_v<T, float>)
+    return 0.0f;
+  else
+    return __float2bfloat16_rn(0.0f);
+}
+
+// Copies rows [0, rows) x [0, cols) of a global matrix (row stride lds) into shared memory (row stride ldd) and
+// zero-fills rows [rows, rows_alloc): padding rows past the end of a partial chunk must read as zeros. Uses 16-byte
+// vectors when the source allows (dst rows are always 16-byte aligned), else single elements. All threads take
+// part; no synchronisation.
+template <typename T>
+__device__ void load_rows(T* dst, int ldd, const T* src, int64_t lds, int rows, int rows_alloc, int cols) {
+  constexpr int kVec = 16 / int(sizeof(T));
+  if (reinterpret_cast<uintptr_t>(src) % 16 == 0 && lds % kVec == 0 && cols % kVec == 0) {
+    const int per_row = cols / kVec;
+    for (int e = threadIdx.x; e < rows_alloc * per_row; e += blockDim.x) {
+      const int i = e / per_row, j = (e % per_row) * kVec;
+      uint4 x = make_uint4(0u, 0u, 0u, 0u);
+      if (i < rows) x = *reinterpret_cast<const uint4*>(src + i * lds + j);
+      *reinterpret_cast<uint4*>(dst + i * ldd + j) = x;
+    }
+  } else {
+    for (int e = threadIdx.x; e < rows_alloc * cols; e += blockDim.x) {
+      const int i = e / cols, j = e % cols;
+      dst[i * ldd + j] = i < rows ? src[i * lds + j] : zero_value<T>();
+    }
+  }
+}
+
+// load_rows with asynchronous 16-byte copies (cp.async): they land after the caller's __pipeline_commit() and
+// __pipeline_wait_prior(n) and a block synchronisation; the destination must not be in use meanwhile. Zero rows and
+// the element-wise fallback (unaligned source) are plain stores.
+template <typename T>
+__device__ void load_rows_async(T* dst, int ldd, const T* src, int64_t lds, int rows, int rows_alloc, int cols) {
+  constexpr int kVec = 16 / int(sizeof(T));
+  if (reinterpret_cast<uintptr_t>(src) % 16 == 0 && lds % kVec == 0 && cols % kVec == 0) {
+    const int per_row = cols / kVec;
+    for (int e = threadIdx.x; e < rows_alloc * per_row; e += blockDim.x) {
+      const int i = e / per_row, j = (e % per_row) * kVec;
+      if (i < rows)
+        __pipeline_memcpy_async(dst + i * ldd + j, src + i * lds + j, 16);
+      else
+        *reinterpret_cast<uint4*>(dst + i * ldd + j) = make_uint4(0u, 0u, 0u, 0u);
+    }
+  } else {
+    load_rows(dst, ldd, src, lds, rows, rows_alloc, cols);
+  }
+}
+
+// ---- tensor-core product ----
+
+// Element offset of (row, col) of a matrix stored with the given wmma layout: row-major X[row][col] =
+// ptr[row * ld + col]; col-major is the transpose of a row-major buffer, X[row][col] = ptr[col * ld + row].
+template <typename Layout>
+__device__ __forceinline__ int tile_off(int row, int col, int ld) {
+  return std::is_same_v<Layout, RowMajor> ? row * ld + col : col * ld + row;
+}
+
+// C = A B for A (M x K) and B (K x N) bf16 in shared memory (layouts LA, LB as in tile_off), fp32 accumulation on
+// the tensor cores with 16x16x16 wmma tiles. M, N, K are multiples of 16; operand pointers and tile starts must be
+// 32-byte aligned (rows padded by kPadH keep them so). Each 16x16 tile of C belongs to one warp (tiles warp,
+// warp + 8, ...), is staged through that warp's 256 floats of `stage` (kWarps * 256 floats), and every element is
+// handed once to epi(row, col, value), by one lane. The caller synchronises the block before (operands written)
+// and after (epilogue results read by other threads); all threads must call it.
+template <typename LA, typename LB, typename Epi>
+__device__ void gemm(int M, int N, int K, const bf16* A, int lda, const bf16* B, int ldb, float* stage, Epi&& epi) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int tiles_n = N / 16, tiles = (M / 16) * tiles_n;
+  float* st = stage + warp * 256;
+  for (int t = warp; t < tiles; t += kWarps) {
+    const int tm = (t / tiles_n) * 16, tn = (t % tiles_n) * 16;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fill_fragment(acc, 0.0f);
+    for (int kk = 0; kk < K; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, LA> a;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, LB> b;
+      wmma::load_matrix_sync(a, A + tile_off<LA>(tm, kk, lda), lda);
+      wmma::load_matrix_sync(b, B + tile_off<LB>(kk, tn, ldb), ldb);
+      wmma::mma_sync(acc, a, b, acc);
+    }
+    wmma::store_matrix_sync(st, acc, 16, wmma::mem_row_major);
+    __syncwarp();
+    for (int e = lane; e < 256; e += 32) epi(tm + (e >> 4), tn + (e & 15), st[e]);
+    __syncwarp();
+  }
+}
+
+// A 64 x 64 fp32 product kept in registers across several products (kThreads = 8 warps): warp w owns the 16x16
+// tiles in row block w / 2 and column blocks 2 (w % 2) and 2 (w % 2) + 1. Element-wise work goes through shared
+// memory (acc64_store, then acc64_load to continue accumulating), since the element layout of a wmma fragment is
+// unspecified.
+struct Acc64 {
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> f[2];
+};
+__device__ __forceinline__ void acc64_zero(Acc64& acc) {
+  wmma::fill_fragment(acc.f[0], 0.0f);
+  wmma::fill_fragment(acc.f[1], 0.0f);
+}
+// acc += A (64 x K) B (K x N) for N <= 64 (column tiles at or past N are left alone); layouts as in gemm.
+template <typename LA, typename LB>
+__device__ void acc64_mma(Acc64& acc, int N, int K, const bf16* A, int lda, const bf16* B, int ldb) {
+  const int warp = threadIdx.x >> 5, tm = (warp >> 1) * 16, tn0 = (warp & 1) * 32;
+  for (int kk = 0; kk < K; kk += 16) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, LA> a;
+    wmma::load_matrix_sync(a, A + tile_off<LA>(tm, kk, lda), lda);
+    for (int t = 0; t < 2; ++t) {
+      const int tn = tn0 + 16 * t;
+      if (tn >= N) break;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, LB> b;
+      wmma::load_matrix_sync(b, B + tile_off<LB>(kk, tn, ldb), ldb);
+      wmma::mma_sync(acc.f[t], a, b, acc.f[t]);
+    }
+  }
+}
+// The whole 64 x 64 tile to / from fp32 shared memory (row stride ldc, a multiple of 4).
+__device__ __forceinline__ void acc64_store(const Acc64& acc, float* C, int ldc) {
+  const int warp = threadIdx.x >> 5, tm = (warp >> 1) * 16, tn0 = (warp & 1) * 32;
+  for (int t = 0; t < 2; ++t) wmma::store_matrix_sync(C + tm * ldc + tn0 + 16 * t, acc.f[t], ldc, wmma::mem_row_major);
+}
+__device__ __forceinline__ void acc64_load(Acc64& acc, const float* C, int ldc) {
+  const int warp = threadIdx.x >> 5, tm = (warp >> 1) * 16, tn0 = (warp & 1) * 32;
+  for (int t = 0; t < 2; ++t) wmma::load_matrix_sync(acc.f[t], C + tm * ldc + tn0 + 16 * t, ldc, wmma::mem_row_major);
+}
+
+// ---- chunk pieces ----
+
+// T = (I + M)^-1 for M strictly lower triangular (64 x 64 fp32 in shared memory, row strides ldt, ldm), by blocked
+// forward substitution over 16x16 blocks: each diagonal block is inverted column by column (64 threads, one column
+// each: t_i = [i == c] - sum_{c <= j < i} M_ij t_j), then block row I = 1..3 of T is
+// T_IJ = -T_II sum_{K=J}^{I-1} M_IK T_KJ for J < I (from block (I, J) of (I + M) T = I). X: 768 floats of scratch.
+// Starts and ends with a block synchronisation.
+__device__ inline void invert_unit_lower(float* T, int ldt, const float* M, int ldm, float* X) {
+  const int tid = threadIdx.x;
+  for (int e = tid; e < kC * kC; e += blockDim.x) T[(e / kC) * ldt + e % kC] = 0.0f;
+  __syncthreads();
+  if (tid < kC) {
+    const int d0 = (tid / 16) * 16, c = tid % 16, col = d0 + c;
+    for (int i = c; i < 16; ++i) {
+      float x = i == c ? 1.0f : 0.0f;
+      for (int j = c; j < i; ++j) x -= M[(d0 + i) * ldm + d0 + j] * T[(d0 + j) * ldt + col];
+      T[(d0 + i) * ldt + col] = x;
+    }
+  }
+  __syncthreads();
+  for (int I = 1; I < 4; ++I) {
+    for (int e = tid; e < I * 256; e += blockDim.x) {  // X_J = sum_{K=J}^{I-1} M_IK T_KJ
+      const int J = e / 256, rr = (e / 16) % 16, cc = e % 16;
+      float s = 0.0f;
+      for (int K = J; K < I; ++K)
+        for (int m = 0; m < 16; ++m) s += M[(I * 16 + rr) * ldm + K * 16 + m] * T[(K * 16 + m) * ldt + J * 16 + cc];
+      X[e] = s;
+    }
+    __syncthreads();
+    for (int e = tid; e < I * 256; e += blockDim.x) {  // T_IJ = -T_II X_J
+      const int J = e / 256, rr = (e / 16) % 16, cc = e % 16;
+      float s = 0.0f;
+      for (int m = 0; m < 16; ++m) s += T[(I * 16 + rr) * ldt + I * 16 + m] * X[J * 256 + m * 16 + cc];
+      T[(I * 16 + rr) * ldt + J * 16 + cc] = -s;
+    }
+    __syncthreads();
+  }
+}
+
+// Gates of a chunk from the workspace (written by the prepare kernel), in two steps so that the sequential kernels
+// can load the next chunk's while working on the current one: fetch_gates reads this thread's values into
+// registers, store_gates writes G (cumulative g within the chunk; rows >= L repeat the last value), eG = e^G and
+// dec = e^(G_last - G) (zero on rows >= L). Threads 0..63 hold one row each; no synchronisation.
+struct GateRegs {
+  float g = 0.0f, glast = 0.0f;
+};
+__device__ __forceinline__ GateRegs fetch_gates(const Params& p, const Chunk& ch) {
+  GateRegs r;
+  const int i = threadIdx.x;
+  if (i < kC) {
+    const float* gc = p.Gc + ch.bh * p.S + ch.t0;
+    r.glast = gc[ch.L - 1];
+    r.g = i < ch.L ? gc[i] : r.glast;
+  }
+  return r;
+}
+__device__ __forceinline__ void store_gates(const GateRegs& r, const Chunk& ch, float* G, float* eG, float* dec) {
+  const int i = threadIdx.x;
+  if (i < kC) {
+    G[i] = r.g;
+    eG[i] = expf(r.g);
+    dec[i] = i < ch.L ? expf(r.glast - r.g) : 0.0f;
+  }
+}
+// Both steps at once, plus beta (zero on rows >= L) when bet is not nullptr.
+__device__ __forceinline__ void load_gates(const Params& p, const Chunk& ch, float* G, float* eG, float* dec,
+                                           float* bet) {
+  store_gates(fetch_gates(p, ch), ch, G, eG, dec);
+  const int i = threadIdx.x;
+  if (bet && i < kC) bet[i] = i < ch.L ? p.beta[gb_off(p, ch.b, ch.t0 + i, ch.hv)] : 0.0f;
+}
+
+// Sum over the columns [0, cols) of row `row` of two shared matrices multiplied elementwise, by one warp (every lane
+// gets the result; fixed order, so deterministic).
+template <typename TA, typename TB>
+__device__ __forceinline__ float row_dot(const TA* a, const TB* b, int cols) {
+  float s = 0.0f;
+  for (int j = threadIdx.x & 31; j < cols; j += 32) s += to_f32(a[j]) * to_f32(b[j]);
+  return warp_sum(s);
+}
+
+}  // namespace nextron::cuda::gdr

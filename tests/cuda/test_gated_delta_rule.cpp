@@ -1,0 +1,284 @@
+// The chunked gated delta rule on the GPU (kernels/cuda/gated_delta_rule.h) against the per-token recurrence on
+// the CPU (cpu::gated_delta_rule_recurrent_forward/backward<float>, the ground truth), forward (o, final state) and
+// backward (dq, dk, dv, dg, dbeta, d_initial_state), on the same bf16-rounded inputs: q and k L2-normalised on the
+// host and rounded again, beta in (0, 1), g in [-2, 0) unless a case says otherwise.
+//
+// Sweeps: S = 1, 63, 64, 65, 130, 200 (partial last chunks, one and several chunks), B = 1 and 2, Hv = Hk, 2 Hk and
+// 4 Hk, dk = dv = 16 .. 256 and dk != dv (also widths that are not multiples of 64), with and without the initial
+// state and the final-state gradient, decays from ~1 (g near 0) to ~0 (g strongly negative), and the Qwen3-Next
+// shape (Hk = 16, Hv = 32, dk = dv = 128). Also: gradients accumulate into prefilled buffers, two runs are
+// bit-identical, S = 0 passes the state through, unsupported head dims throw.
+//
+// Tolerances (tensor-scale, close_to: worst |got - want| against the tensor's largest |want|). The kernels round
+// their tensor-core operands to bf16 (W, U, T, h_c, Vn, the decayed P and dP, the state gradients, dVn, dW): run on
+// a CPU emulation of the kernels, the worst errors over these cases were 0.3 - 0.8 % for o, the final state, dq, dk,
+// dv and d_initial_state (one bf16 output rounding plus operand roundings), 1.3 % for dbeta and 3.3 % for dg, and the
+// same kernels with fp32 operands agree with the reference to 1e-5. dg and dbeta are sums over dk * dv products of
+// states and state gradients that cancel (the dg of the last token with a random d_final_state, or under strong
+// decay where dg is 1000 times smaller than the other gradients), so their operand rounding shows more. The limits
+// below leave a factor of 2.5 - 3; indexing or algebra mistakes show up as errors of order 100 %.
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "core/dtype.h"
+#include "core/error.h"
+#include "cuda_test_util.h"
+#include "kernels/cpu/gated_delta_rule.h"
+#include "kernels/cuda/gated_delta_rule.h"
+
+namespace nextron::test {
+
+namespace {
+
+constexpr double kGdrRtol = 2e-2;      // o, final_state, dq, dk, dv, d_initial_state
+constexpr double kGdrBetaRtol = 4e-2;  // dbeta
+constexpr double kGdrGateRtol = 8e-2;  // dg
+
+struct GdrCase {
+  int64_t B, S, Hk, Hv, dk, dv;
+  bool initial_state = true;        // pass initial_state (else nullptr = zero)
+  bool d_final_state = true;        // pass d_final_state (else nullptr = zero)
+  float g_lo = -2.0f, g_hi = 0.0f;  // g uniform in [g_lo, g_hi)
+};
+
+std::string describe(const GdrCase& c) {
+  return "B=" + std::to_string(c.B) + " S=" + std::to_string(c.S) + " Hk=" + std::to_string(c.Hk) +
+         " Hv=" + std::to_string(c.Hv) + " dk=" + std::to_string(c.dk) + " dv=" + std::to_string(c.dv) +
+         (c.initial_state ? " h0" : "") + (c.d_final_state ? " dht" : "") + " g in [" + std::to_string(c.g_lo) + ", " +
+         std::to_string(c.g_hi) + ")";
+}
+
+cpu::GdrShape shape_of(const GdrCase& c) { return {c.B, c.S, c.Hk, c.Hv, c.dk, c.dv}; }
+
+float round_bf16(float x) { return bf16_to_f32(f32_to_bf16(x)); }
+
+// Every row of d values divided by its L2 norm, then rounded to bf16 (the kernels take normalised q and k).
+void l2_normalise_rows(std::vector<float>& x, int64_t d) {
+  for (size_t r = 0; r < x.size() / size_t(d); ++r) {
+    float* row = x.data() + r * size_t(d);
+    double ss = 0;
+    for (int64_t i = 0; i < d; ++i) ss += double(row[i]) * row[i];
+    const float inv = ss > 0 ? float(1.0 / std::sqrt(ss)) : 0.0f;
+    for (int64_t i = 0; i < d; ++i) row[i] = round_bf16(row[i] * inv);
+  }
+}
+
+struct Inputs {
+  std::vector<float> q, k, v, g, beta, h0, d_o, dht;  // h0 / dht empty when the case leaves them out
+};
+
+Inputs make_inputs(const GdrCase& c, uint64_t seed) {
+  const size_t nqk = size_t(c.B * c.S * c.Hk * c.dk), nv = size_t(c.B * c.S * c.Hv * c.dv);
+  const size_t ng = size_t(c.B * c.S * c.Hv), ns = size_t(c.B * c.Hv * c.dk * c.dv);
+  Inputs in;
+  in.q = random_bf16(nqk, seed);  // (B, S, Hk, dk)
+  in.k = random_bf16(nqk, seed + 1);
+  l2_normalise_rows(in.q, c.dk);
+  l2_normalise_rows(in.k, c.dk);
+  in.v = random_bf16(nv, seed + 2);                       // (B, S, Hv, dv)
+  in.g = random_f32(ng, seed + 3, c.g_lo, c.g_hi);        // (B, S, Hv), <= 0
+  in.beta = random_f32(ng, seed + 4, 0.0f, 1.0f);         // (B, S, Hv)
+  if (c.initial_state) in.h0 = random_f32(ns, seed + 5);  // (B, Hv, dk, dv)
+  in.d_o = random_bf16(nv, seed + 6);
+  if (c.d_final_state) in.dht = random_f32(ns, seed + 7);
+  return in;
+}
+
+struct Outputs {
+  std::vector<float> o, ht, dq, dk, dv, dg, dbeta, dh0;
+};
+
+// Gradient buffers start from `prefill` (same sizes as the outputs; empty vectors = zeros).
+Outputs run_cpu(const GdrCase& c, const Inputs& in, float scale, const Outputs& prefill) {
+  const cpu::GdrShape s = shape_of(c);
+  auto or_null = [](const std::vector<float>& x) { return x.empty() ? nullptr : x.data(); };
+  Outputs out;
+  out.o.resize(in.v.size());
+  out.ht.resize(size_t(c.B * c.Hv * c.dk * c.dv));
+  cpu::gated_delta_rule_recurrent_forward<float>(out.o.data(), out.ht.data(), in.q.data(), in.k.data(), in.v.data(),
+                                                 in.g.data(), in.beta.data(), or_null(in.h0), s, scale);
+  auto init = [](const std::vector<float>& pre, size_t n) { return pre.empty() ? std::vector<float>(n, 0.0f) : pre; };
+  out.dq = init(prefill.dq, in.q.size());
+  out.dk = init(prefill.dk, in.k.size());
+  out.dv = init(prefill.dv, in.v.size());
+  out.dg = init(prefill.dg, in.g.size());
+  out.dbeta = init(prefill.dbeta, in.beta.size());
+  out.dh0 = init(prefill.dh0, out.ht.size());
+  cpu::gated_delta_rule_recurrent_backward<float>(
+      out.dq.data(), out.dk.data(), out.dv.data(), out.dg.data(), out.dbeta.data(), out.dh0.data(), in.d_o.data(),
+      or_null(in.dht), in.q.data(), in.k.data(), in.v.data(), in.g.data(), in.beta.data(), or_null(in.h0), s, scale);
+  return out;
+}
+
+Outputs run_gpu(const GdrCase& c, const Inputs& in, float scale, const Outputs& prefill) {
+  const cpu::GdrShape s = shape_of(c);
+  const size_t ns = size_t(c.B * c.Hv * c.dk * c.dv);
+  auto init = [](const std::vector<float>& pre, size_t n) { return pre.empty() ? std::vector<float>(n, 0.0f) : pre; };
+  DeviceBf16 q(in.q), k(in.k), v(in.v), d_o(in.d_o);
+  DeviceArray<float> g(in.g), beta(in.beta), h0(in.h0), dht(in.dht);
+  DeviceBf16 o(in.v.size());
+  DeviceArray<float> ht(ns);
+  DeviceBf16 dq(init(prefill.dq, in.q.size())), dk(init(prefill.dk, in.k.size())), dv(init(prefill.dv, in.v.size()));
+  DeviceArray<float> dg(init(prefill.dg, in.g.size())), dbeta(init(prefill.dbeta, in.beta.size()));
+  DeviceArray<float> dh0(init(prefill.dh0, ns));
+  // The workspace starts as all-ones bytes (NaN as fp32 and bf16): a kernel that reads workspace nobody wrote
+  // poisons its results.
+  const size_t ws_bytes = cuda::gated_delta_rule_workspace_bytes(s);
+  DeviceArray<uint8_t> ws(ws_bytes);
+  NEXTRON_CUDA_CHECK(cudaMemset(ws.get(), 0xff, ws.bytes()));
+  const float* h0p = c.initial_state ? h0.get() : nullptr;
+  cuda::gated_delta_rule_forward(o.get(), ht.get(), q.get(), k.get(), v.get(), g.get(), beta.get(), h0p, s, scale,
+                                 ws.get(), nullptr);
+  NEXTRON_CUDA_CHECK(cudaMemset(ws.get(), 0xff, ws.bytes()));
+  cuda::gated_delta_rule_backward(dq.get(), dk.get(), dv.get(), dg.get(), dbeta.get(), dh0.get(), d_o.get(),
+                                  c.d_final_state ? dht.get() : nullptr, q.get(), k.get(), v.get(), g.get(), beta.get(),
+                                  h0p, s, scale, ws.get(), nullptr);
+  Outputs out;
+  out.o = o.download();
+  out.ht = ht.download();
+  out.dq = dq.download();
+  out.dk = dk.download();
+  out.dv = dv.download();
+  out.dg = dg.download();
+  out.dbeta = dbeta.download();
+  out.dh0 = dh0.download();
+  return out;
+}
+
+void expect_close(const Outputs& got, const Outputs& want) {
+  EXPECT_TRUE(close_to(got.o, want.o, kGdrRtol)) << "o";
+  EXPECT_TRUE(close_to(got.ht, want.ht, kGdrRtol)) << "final_state";
+  EXPECT_TRUE(close_to(got.dq, want.dq, kGdrRtol)) << "dq";
+  EXPECT_TRUE(close_to(got.dk, want.dk, kGdrRtol)) << "dk";
+  EXPECT_TRUE(close_to(got.dv, want.dv, kGdrRtol)) << "dv";
+  EXPECT_TRUE(close_to(got.dg, want.dg, kGdrGateRtol)) << "dg";
+  EXPECT_TRUE(close_to(got.dbeta, want.dbeta, kGdrBetaRtol)) << "dbeta";
+  EXPECT_TRUE(close_to(got.dh0, want.dh0, kGdrRtol)) << "d_initial_state";
+}
+
+void check_case(const GdrCase& c, uint64_t seed) {
+  SCOPED_TRACE(describe(c));
+  const Inputs in = make_inputs(c, seed);
+  const float scale = 1.0f / std::sqrt(float(c.dk));
+  const Outputs want = run_cpu(c, in, scale, {});
+  const Outputs got = run_gpu(c, in, scale, {});
+  expect_close(got, want);
+}
+
+}  // namespace
+
+TEST(GatedDeltaRuleCuda, SequenceLengths) {
+  NEXTRON_REQUIRE_GPU();
+  uint64_t seed = 100;
+  for (int64_t S : {1, 63, 64, 65, 130, 200}) check_case({2, S, 1, 2, 32, 32}, seed++);
+}
+
+TEST(GatedDeltaRuleCuda, HeadGroups) {
+  NEXTRON_REQUIRE_GPU();
+  uint64_t seed = 200;
+  for (int64_t B : {1, 2}) {
+    check_case({B, 130, 2, 2, 32, 32}, seed++);  // Hv = Hk
+    check_case({B, 130, 2, 4, 32, 32}, seed++);  // Hv = 2 Hk
+    check_case({B, 130, 1, 4, 32, 32}, seed++);  // Hv = 4 Hk
+  }
+}
+
+TEST(GatedDeltaRuleCuda, HeadDims) {
+  NEXTRON_REQUIRE_GPU();
+  uint64_t seed = 300;
+  for (int64_t d : {16, 32, 64, 128, 256}) check_case({1, 130, 1, 2, d, d}, seed++);
+  check_case({1, 130, 1, 2, 32, 64}, seed++);
+  check_case({1, 130, 1, 2, 64, 32}, seed++);
+  check_case({1, 100, 1, 2, 48, 80}, seed++);    // tiles narrower than 64 and 32 columns
+  check_case({1, 100, 1, 2, 144, 112}, seed++);  // a full and a partial 64-column tile
+}
+
+TEST(GatedDeltaRuleCuda, StatesAndDecays) {
+  NEXTRON_REQUIRE_GPU();
+  uint64_t seed = 400;
+  for (bool h0 : {false, true})
+    for (bool dht : {false, true}) {
+      GdrCase c{2, 130, 1, 2, 32, 32};
+      c.initial_state = h0;
+      c.d_final_state = dht;
+      check_case(c, seed++);
+    }
+  GdrCase strong{1, 200, 1, 2, 64, 64};  // decays to ~0 within a few tokens, e^G underflows within a chunk
+  strong.g_lo = -20.0f;
+  strong.g_hi = -4.0f;
+  check_case(strong, seed++);
+  GdrCase weak{1, 200, 1, 2, 64, 64};  // almost no decay: the state keeps everything
+  weak.g_lo = -1e-3f;
+  check_case(weak, seed++);
+}
+
+TEST(GatedDeltaRuleCuda, ModelShape) {
+  NEXTRON_REQUIRE_GPU();
+  check_case({2, 200, 16, 32, 128, 128}, 500);
+}
+
+TEST(GatedDeltaRuleCuda, AccumulatesIntoGradients) {
+  NEXTRON_REQUIRE_GPU();
+  const GdrCase c{2, 100, 1, 2, 32, 64};
+  const Inputs in = make_inputs(c, 600);
+  const float scale = 1.0f / std::sqrt(float(c.dk));
+  Outputs pre;
+  pre.dq = random_bf16(in.q.size(), 601);
+  pre.dk = random_bf16(in.k.size(), 602);
+  pre.dv = random_bf16(in.v.size(), 603);
+  pre.dg = random_f32(in.g.size(), 604);
+  pre.dbeta = random_f32(in.beta.size(), 605);
+  pre.dh0 = random_f32(size_t(c.B * c.Hv * c.dk * c.dv), 606);
+  const Outputs want = run_cpu(c, in, scale, pre);  // prefill + the gradient
+  const Outputs got = run_gpu(c, in, scale, pre);
+  expect_close(got, want);
+  // The prefill really is kept: without it the result would be off by about the prefill's magnitude.
+  const Outputs fresh = run_gpu(c, in, scale, {});
+  EXPECT_FALSE(close_to(fresh.dq, want.dq, kGdrRtol));
+  EXPECT_FALSE(close_to(fresh.dg, want.dg, kGdrGateRtol));
+}
+
+TEST(GatedDeltaRuleCuda, Deterministic) {
+  NEXTRON_REQUIRE_GPU();
+  const GdrCase c{2, 200, 2, 4, 64, 64};
+  const Inputs in = make_inputs(c, 700);
+  const float scale = 1.0f / std::sqrt(float(c.dk));
+  const Outputs a = run_gpu(c, in, scale, {});
+  const Outputs b = run_gpu(c, in, scale, {});
+  auto same = [](const std::vector<float>& x, const std::vector<float>& y) {
+    return x.size() == y.size() && std::memcmp(x.data(), y.data(), x.size() * sizeof(float)) == 0;
+  };
+  EXPECT_TRUE(same(a.o, b.o));
+  EXPECT_TRUE(same(a.ht, b.ht));
+  EXPECT_TRUE(same(a.dq, b.dq));
+  EXPECT_TRUE(same(a.dk, b.dk));
+  EXPECT_TRUE(same(a.dv, b.dv));
+  EXPECT_TRUE(same(a.dg, b.dg));
+  EXPECT_TRUE(same(a.dbeta, b.dbeta));
+  EXPECT_TRUE(same(a.dh0, b.dh0));
+}
+
+TEST(GatedDeltaRuleCuda, EmptySequenceAndBadShapes) {
+  NEXTRON_REQUIRE_GPU();
+  // S = 0: final_state = initial_state, d_initial_state += d_final_state.
+  const cpu::GdrShape s{2, 0, 1, 2, 16, 32};
+  const size_t ns = size_t(s.B * s.Hv * s.dk * s.dv);
+  const std::vector<float> h0 = random_f32(ns, 800), dht = random_f32(ns, 801), pre = random_f32(ns, 802);
+  DeviceArray<float> h0_d(h0), dht_d(dht), ht_d(ns), dh0_d(pre);
+  DeviceArray<uint8_t> ws(cuda::gated_delta_rule_workspace_bytes(s));
+  cuda::gated_delta_rule_forward(nullptr, ht_d.get(), nullptr, nullptr, nullptr, nullptr, nullptr, h0_d.get(), s, 0.25f,
+                                 ws.get(), nullptr);
+  EXPECT_EQ(ht_d.download(), h0);
+  cuda::gated_delta_rule_backward(nullptr, nullptr, nullptr, nullptr, nullptr, dh0_d.get(), nullptr, dht_d.get(),
+                                  nullptr, nullptr, nullptr, nullptr, nullptr, h0_d.get(), s, 0.25f, ws.get(), nullptr);
+  std::vector<float> want(ns);
+  for (size_t i = 0; i < ns; ++i) want[i] = pre[i] + dht[i];
+  EXPECT_EQ(dh0_d.download(), want);
+  // Head dims must be multiples of 16 up to 256; Hv a multiple of Hk.
+  EXPECT_THROW(cuda::gated_delta_rule_workspace_bytes({1, 64, 1, 2, 100, 128}), Error);
+  EXPECT_THROW(cuda::gated_delta_rule_workspace_bytes({1, 64, 1, 2, 128, 512}), Error);
+  EXPECT_THROW(cuda::gated_delta_rule_workspace_bytes({1, 64, 2, 3, 128, 128}), Error);
+}
+
+}  // namespace nextron::test
