@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # CPU forward+backward throughput of nextron against transformers + torch, same config, batch and thread count,
-# measured in the same run. Appends a table row per config to docs/benchmarks.md (or prints with --dry-run).
+# measured in the same run. Adds a table row per config to the CPU table of docs/benchmarks.md (after its last row;
+# or prints with --dry-run).
 #   bash bench/run_cpu_bench.sh [--dry-run] [config ...]   (default: tiny and small)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,5 +31,18 @@ print(f"| {cfg.split('/')[-1]} | {batch}x{seq} | {threads} | {o['tokens_per_s']:
 PYEOF
 )
   echo "$row"
-  if [ "$DRY" = 0 ]; then echo "$row" >> docs/benchmarks.md; fi
+  if [ "$DRY" = 0 ]; then
+    # Insert after the last row of the first table (the CPU section's), not at the end of the file.
+    "$PY" - "$row" <<'PYEOF'
+import sys
+row, path = sys.argv[1], "docs/benchmarks.md"
+lines = open(path).read().split("\n")
+start = next(i for i, l in enumerate(lines) if l.startswith("| config |"))
+end = start
+while end + 1 < len(lines) and lines[end + 1].startswith("|"):
+    end += 1
+lines.insert(end + 1, row)
+open(path, "w").write("\n".join(lines))
+PYEOF
+  fi
 done
