@@ -17,6 +17,7 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
+#include "../golden/fixtures.h"
 #include "checkpoint/hf_checkpoint.h"
 #include "checkpoint/safetensors.h"
 #include "cuda_test_util.h"
@@ -29,14 +30,6 @@ namespace nextron::test {
 namespace fs = std::filesystem;
 
 namespace {
-
-std::vector<std::string> fixture_names() {
-  std::vector<std::string> names;
-  for (const auto& e : fs::directory_iterator(NEXTRON_FIXTURES_DIR))
-    if (e.is_directory() && fs::exists(e.path() / "golden.safetensors")) names.push_back(e.path().filename());
-  std::sort(names.begin(), names.end());
-  return names;
-}
 
 // max |ours - ref| relative to max |ref| over one tensor.
 double relative_error(const float* ours, const float* ref, int64_t n) {
@@ -118,43 +111,22 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, CudaModelGolden, ::testing::ValuesIn(fixture_
 // like the fp32 curve, and steps after the first allocate no device memory.
 TEST(CudaTraining, LossFollowsTheFp32CurveAndStepsAllocateNothing) {
   NEXTRON_REQUIRE_GPU();
-  const std::string curve = std::string(NEXTRON_FIXTURES_DIR) + "/train_curve";
-  SafetensorsReader batches(curve + "/batches.safetensors");
-  SafetensorsReader expected(curve + "/expected.safetensors");
-  const auto st = nlohmann::json::parse(expected.metadata().at("settings"));
-  const auto tokens = batches.read_i64("tokens");
-  const Shape shape = batches.entry("tokens").shape;  // (steps, accum, micro, S + 1)
-  const int64_t steps = shape[0], accum = shape[1], micro = shape[2], S = shape[3] - 1;
-
-  TrainOptions o;
-  o.init_from = curve + "/hf";
+  const TrainCurveFixture fx;
+  TrainOptions o = fx.options();
   o.device = "cuda";
   o.peak_tflops = 989;  // only the MFU denominator
-  o.seq_len = S;
-  o.micro_batch = micro;
-  o.global_batch = micro * accum;
-  o.train_steps = steps;
-  o.lr.style = LrDecayStyle::cosine;
-  o.lr.lr = st["lr"];
-  o.lr.min_lr = st["min_lr"];
-  o.lr.warmup_steps = st["warmup"];
-  o.adam.beta1 = st["beta1"];
-  o.adam.beta2 = st["beta2"];
-  o.adam.eps = st["eps"];
-  o.adam.weight_decay = st["weight_decay"];
-  o.clip_grad = st["clip"];
-  o.resume = "none";
   TrainBackend backend;
   backend.ops = std::make_shared<CudaOps>(0);
   Trainer trainer(
       o,
       [&](int64_t index, int64_t* out) {
-        std::memcpy(out, tokens.data() + (index % (steps * accum * micro)) * (S + 1), (S + 1) * sizeof(int64_t));
+        ASSERT_LT(index, fx.steps * fx.accum * fx.micro);
+        fx.sample(index, out);
       },
       nullptr, backend);
-  const Tensor loss = expected.read_f32("loss");
+  const Tensor loss = fx.expected.read_f32("loss");
   int64_t allocations_after_first = 0;
-  for (int64_t s = 0; s < steps; ++s) {
+  for (int64_t s = 0; s < fx.steps; ++s) {
     const StepRecord r = trainer.step();
     EXPECT_NEAR(r.loss, loss.f32()[s], kCurveTol * loss.f32()[s]) << "step " << s;
     std::printf("step %lld: loss %.6f (fp32 curve %.6f)\n", static_cast<long long>(s), r.loss, loss.f32()[s]);

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "../cuda/cuda_test_util.h"
 #include "../mpi/mpi_fixture.h"
 #include "core/cuda/check.h"
 #include "core/cuda/device.h"
@@ -29,30 +30,6 @@ std::string g_skip_reason;                 // non-empty: skip everything
 std::unique_ptr<NcclCommunicator> g_nccl;  // the world, over NCCL
 std::string g_create_error;                // why g_nccl is null when nothing is skipped
 
-// A device array of T (RAII), filled from and read back to host vectors.
-template <typename T>
-class DeviceArray {
- public:
-  explicit DeviceArray(const std::vector<T>& host) : n_(host.size()) {
-    NEXTRON_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&ptr_), bytes()));
-    NEXTRON_CUDA_CHECK(cudaMemcpy(ptr_, host.data(), bytes(), cudaMemcpyHostToDevice));
-  }
-  ~DeviceArray() { cudaFree(ptr_); }
-  DeviceArray(const DeviceArray&) = delete;
-  DeviceArray& operator=(const DeviceArray&) = delete;
-  T* get() { return ptr_; }
-  std::vector<T> to_host() const {
-    std::vector<T> host(n_);
-    NEXTRON_CUDA_CHECK(cudaMemcpy(host.data(), ptr_, bytes(), cudaMemcpyDeviceToHost));
-    return host;
-  }
-
- private:
-  size_t bytes() const { return (n_ > 0 ? n_ : 1) * sizeof(T); }  // never a zero-size allocation
-  T* ptr_ = nullptr;
-  size_t n_ = 0;
-};
-
 // A test whose failure on any rank fails it on rank 0 too (rank 0 is the one that reports).
 class Nccl : public ::testing::Test {
  protected:
@@ -61,22 +38,9 @@ class Nccl : public ::testing::Test {
     ASSERT_NE(g_nccl, nullptr) << "NcclCommunicator::create failed: " << g_create_error;
     comm_ = g_nccl.get();
   }
-  void TearDown() override {
-    int failed = HasFailure() ? 1 : 0;
-    std::vector<int> all(world_size());
-    MPI_Allgather(&failed, 1, MPI_INT, all.data(), 1, MPI_INT, MPI_COMM_WORLD);
-    if (world_rank() != 0) return;
-    std::string ranks;
-    for (size_t r = 1; r < all.size(); ++r) {
-      if (all[r]) ranks += (ranks.empty() ? "" : ", ") + std::to_string(r);
-    }
-    if (!ranks.empty()) ADD_FAILURE() << "failed on rank(s) " << ranks << " (their messages are above, on stderr)";
-  }
+  void TearDown() override { fail_on_rank0_when_another_rank_failed(HasFailure()); }
   NcclCommunicator* comm_ = nullptr;
 };
-
-// Value rank `src` sends to rank `dst` at position `i` of an all-to-all (exact in float for small ids).
-float a2a_value(int src, int dst, int i) { return static_cast<float>(src * 10000 + dst * 100 + i); }
 
 }  // namespace
 
@@ -92,7 +56,7 @@ TEST_F(Nccl, AllReduceSumFloat) {
   for (size_t i = 0; i < host.size(); ++i) host[i] = static_cast<float>(r + static_cast<int>(i));
   DeviceArray<float> buf(host);
   comm_->all_reduce_sum(buf.get(), static_cast<int64_t>(host.size()));
-  const std::vector<float> out = buf.to_host();
+  const std::vector<float> out = buf.download();
   for (size_t i = 0; i < out.size(); ++i) {
     ASSERT_EQ(out[i], static_cast<float>(p * static_cast<int>(i) + p * (p - 1) / 2)) << i;
   }
@@ -104,7 +68,7 @@ TEST_F(Nccl, AllReduceSumDouble) {
   for (size_t i = 0; i < host.size(); ++i) host[i] = (r + 1) + 0.5 * static_cast<double>(i);
   DeviceArray<double> buf(host);
   comm_->all_reduce_sum(buf.get(), static_cast<int64_t>(host.size()));
-  const std::vector<double> out = buf.to_host();
+  const std::vector<double> out = buf.download();
   for (size_t i = 0; i < out.size(); ++i) ASSERT_EQ(out[i], p * (p + 1) / 2.0 + 0.5 * i * p) << i;
 }
 
@@ -127,7 +91,7 @@ TEST_F(Nccl, ReduceScatterSum) {
   }
   DeviceArray<float> d_in(in), d_out(std::vector<float>(count, -1.0f));
   comm_->reduce_scatter_sum(d_in.get(), d_out.get(), count);
-  const std::vector<float> out = d_out.to_host();
+  const std::vector<float> out = d_out.download();
   for (int64_t k = 0; k < count; ++k) {
     ASSERT_EQ(out[k], static_cast<float>(p * (p + 1) / 2 * (r + 1) + p * k)) << k;
   }
@@ -140,7 +104,7 @@ TEST_F(Nccl, AllGather) {
   for (int64_t k = 0; k < count; ++k) in[k] = static_cast<float>(r * 1000 + k);
   DeviceArray<float> d_in(in), d_out(std::vector<float>(p * count, -1.0f));
   comm_->all_gather(d_in.get(), d_out.get(), count);
-  const std::vector<float> out = d_out.to_host();
+  const std::vector<float> out = d_out.download();
   for (int j = 0; j < p; ++j) {
     for (int64_t k = 0; k < count; ++k) ASSERT_EQ(out[j * count + k], static_cast<float>(j * 1000 + k)) << j;
   }
@@ -160,7 +124,7 @@ TEST_F(Nccl, AllToAllVUneven) {
   }
   DeviceArray<float> d_send(send), d_recv(std::vector<float>(total + 1, -1.0f));  // +1: detects overruns
   comm_->all_to_all_v(d_send.get(), send_counts, d_recv.get(), recv_counts);
-  const std::vector<float> recv = d_recv.to_host();
+  const std::vector<float> recv = d_recv.download();
   int64_t at = 0;
   for (int s = 0; s < p; ++s) {
     for (int i = 0; i < s + r + 1; ++i) ASSERT_EQ(recv[at++], a2a_value(s, r, i)) << "from " << s << " index " << i;
@@ -181,7 +145,7 @@ TEST_F(Nccl, AllToAllVWithEmptyPairs) {
   }
   DeviceArray<float> d_send(send), d_recv(std::vector<float>(total + 1, -1.0f));
   comm_->all_to_all_v(d_send.get(), send_counts, d_recv.get(), recv_counts);
-  const std::vector<float> recv = d_recv.to_host();
+  const std::vector<float> recv = d_recv.download();
   int64_t at = 0;
   for (int s = 0; s < p; ++s) {
     for (int i = 0; i < (s + r) % 3; ++i) ASSERT_EQ(recv[at++], a2a_value(s, r, i)) << "from " << s;
@@ -197,7 +161,7 @@ TEST_F(Nccl, BroadcastFromLastRank) {
   }
   DeviceArray<float> buf(host);
   comm_->broadcast(buf.get(), static_cast<int64_t>(host.size()), root);
-  const std::vector<float> out = buf.to_host();
+  const std::vector<float> out = buf.download();
   for (size_t i = 0; i < out.size(); ++i) ASSERT_EQ(out[i], 3.0f * i + 0.5f) << i;
 }
 
@@ -216,7 +180,7 @@ TEST_F(Nccl, SendRecvRing) {
     comm_->recv(in.get(), 64, prev, 7);
     comm_->send(out.get(), 64, next, 7);
   }
-  const std::vector<float> got = in.to_host();
+  const std::vector<float> got = in.download();
   for (int i = 0; i < 64; ++i) ASSERT_EQ(got[i], static_cast<float>(prev * 100 + i)) << i;
 }
 
@@ -228,7 +192,7 @@ TEST_F(Nccl, SendRecvCombinedRing) {
   for (int i = 0; i < 10; ++i) host[i] = static_cast<float>(r * 100 + i);
   DeviceArray<float> out(host), in(std::vector<float>(12, -1.0f));
   comm_->send_recv(out.get(), 10, next, in.get(), 10, prev, 3);
-  const std::vector<float> got = in.to_host();
+  const std::vector<float> got = in.download();
   for (int i = 0; i < 10; ++i) ASSERT_EQ(got[i], static_cast<float>(prev * 100 + i)) << i;
   EXPECT_EQ(got[10], -1.0f);
 }
@@ -250,12 +214,12 @@ TEST_F(Nccl, SplitByParity) {
   sub->all_reduce_sum(v.get(), 1);
   double expect = 0;
   for (int q = r % 2; q < p; q += 2) expect += q;
-  EXPECT_EQ(v.to_host()[0], expect);
+  EXPECT_EQ(v.download()[0], expect);
   // ...and the gather in group order lists them ascending: the key (world rank) orders the group.
   DeviceArray<float> mine(std::vector<float>{static_cast<float>(r)});
   DeviceArray<float> gathered(std::vector<float>(sub_size, -1.0f));
   sub->all_gather(mine.get(), gathered.get(), 1);
-  const std::vector<float> got = gathered.to_host();
+  const std::vector<float> got = gathered.download();
   for (int i = 0; i < sub_size; ++i) EXPECT_EQ(got[i], static_cast<float>(r % 2 + 2 * i)) << i;
 }
 

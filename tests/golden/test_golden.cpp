@@ -16,6 +16,7 @@
 
 #include "checkpoint/hf_checkpoint.h"
 #include "checkpoint/safetensors.h"
+#include "fixtures.h"
 #include "model/model.h"
 
 namespace nextron::test {
@@ -23,14 +24,6 @@ namespace nextron::test {
 namespace fs = std::filesystem;
 
 namespace {
-
-std::vector<std::string> fixture_names() {
-  std::vector<std::string> names;
-  for (const auto& e : fs::directory_iterator(NEXTRON_FIXTURES_DIR))
-    if (e.is_directory() && fs::exists(e.path() / "golden.safetensors")) names.push_back(e.path().filename());
-  std::sort(names.begin(), names.end());
-  return names;
-}
 
 struct Diff {
   double max_err = 0, max_ref = 0;

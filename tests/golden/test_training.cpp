@@ -8,15 +8,12 @@
 #include <nlohmann/json.hpp>
 
 #include "checkpoint/safetensors.h"
+#include "fixtures.h"
 #include "train/trainer.h"
 
 namespace nextron::test {
 
 namespace fs = std::filesystem;
-
-namespace {
-const std::string kCurve = std::string(NEXTRON_FIXTURES_DIR) + "/train_curve";
-}
 
 // Same init (the fixture's HF checkpoint), same batches, same optimizer settings. Both sides compute in fp32 with
 // different summation orders; AdamW's normalised update amplifies relative gradient differences only where
@@ -25,32 +22,13 @@ const std::string kCurve = std::string(NEXTRON_FIXTURES_DIR) + "/train_curve";
 // and 5e-5 of each tensor's largest value on the final weights (observed 4e-6; the fixture keeps every DeltaNet
 // head's decay moderate so no gradient sits at AdamW's eps, see tools/make_train_fixture.py).
 TEST(TrainCurve, MatchesTransformersAndTorchAdamW) {
-  SafetensorsReader batches(kCurve + "/batches.safetensors");
-  SafetensorsReader expected(kCurve + "/expected.safetensors");
+  const TrainCurveFixture fx;
+  const SafetensorsReader& expected = fx.expected;
   const auto st = nlohmann::json::parse(expected.metadata().at("settings"));
-  const auto tokens = batches.read_i64("tokens");
-  const Shape shape = batches.entry("tokens").shape;  // (steps, accum, micro, S + 1)
-  const int64_t steps = shape[0], accum = shape[1], micro = shape[2], S = shape[3] - 1;
-
-  TrainOptions o;
-  o.init_from = kCurve + "/hf";
-  o.seq_len = S;
-  o.micro_batch = micro;
-  o.global_batch = micro * accum;
-  o.train_steps = steps;
-  o.lr.style = LrDecayStyle::cosine;
-  o.lr.lr = st["lr"];
-  o.lr.min_lr = st["min_lr"];
-  o.lr.warmup_steps = st["warmup"];
-  o.adam.beta1 = st["beta1"];
-  o.adam.beta2 = st["beta2"];
-  o.adam.eps = st["eps"];
-  o.adam.weight_decay = st["weight_decay"];
-  o.clip_grad = st["clip"];
-  o.resume = "none";
-  Trainer trainer(o, [&](int64_t index, int64_t* out) {
-    ASSERT_LT(index, steps * accum * micro);
-    std::memcpy(out, tokens.data() + index * (S + 1), (S + 1) * sizeof(int64_t));
+  const int64_t steps = fx.steps;
+  Trainer trainer(fx.options(), [&](int64_t index, int64_t* out) {
+    ASSERT_LT(index, fx.steps * fx.accum * fx.micro);
+    fx.sample(index, out);
   });
   const Tensor loss = expected.read_f32("loss"), gn = expected.read_f32("grad_norm"), lr = expected.read_f32("lr");
   for (int64_t s = 0; s < steps; ++s) {

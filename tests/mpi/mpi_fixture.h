@@ -25,21 +25,28 @@ inline int world_size() {
   return s;
 }
 
-// A test whose failure on any rank fails it on rank 0 too (rank 0 is the one that reports).
+// Collective at the end of every test: rank 0 learns which other ranks failed and fails the test too (rank 0 is the
+// one that reports).
+inline void fail_on_rank0_when_another_rank_failed(bool failed_here) {
+  int failed = failed_here ? 1 : 0;
+  std::vector<int> all(world_size());
+  MPI_Allgather(&failed, 1, MPI_INT, all.data(), 1, MPI_INT, MPI_COMM_WORLD);
+  if (world_rank() != 0) return;
+  std::string ranks;
+  for (size_t r = 1; r < all.size(); ++r) {
+    if (all[r]) ranks += (ranks.empty() ? "" : ", ") + std::to_string(r);
+  }
+  if (!ranks.empty()) ADD_FAILURE() << "failed on rank(s) " << ranks << " (their messages are above, on stderr)";
+}
+
+// Value rank `src` sends to rank `dst` at position `i` of an all-to-all (exact in float for small ids).
+inline float a2a_value(int src, int dst, int i) { return static_cast<float>(src * 10000 + dst * 100 + i); }
+
+// A test whose failure on any rank fails it on rank 0 too.
 class Mpi : public ::testing::Test {
  protected:
   void SetUp() override { comm_ = MpiCommunicator::world(); }
-  void TearDown() override {
-    int failed = HasFailure() ? 1 : 0;
-    std::vector<int> all(world_size());
-    MPI_Allgather(&failed, 1, MPI_INT, all.data(), 1, MPI_INT, MPI_COMM_WORLD);
-    if (world_rank() != 0) return;
-    std::string ranks;
-    for (size_t r = 1; r < all.size(); ++r) {
-      if (all[r]) ranks += (ranks.empty() ? "" : ", ") + std::to_string(r);
-    }
-    if (!ranks.empty()) ADD_FAILURE() << "failed on rank(s) " << ranks << " (their messages are above, on stderr)";
-  }
+  void TearDown() override { fail_on_rank0_when_another_rank_failed(HasFailure()); }
   std::unique_ptr<MpiCommunicator> comm_;
 };
 

@@ -45,9 +45,6 @@ ModelConfig tiny_moe_config() {
   return c;
 }
 
-// Value rank `src` sends to rank `dst` at position `i` of an all-to-all (exact in float for small ids).
-float a2a_value(int src, int dst, int i) { return static_cast<float>(src * 10000 + dst * 100 + i); }
-
 }  // namespace
 
 TEST_F(Mpi, RankAndSizeMatchWorld) {
