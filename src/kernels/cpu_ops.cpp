@@ -266,10 +266,11 @@ void CpuOps::embedding_backward(const ParamRef& table, const Tensor& dout, const
   cpu::embedding_backward<float>(f(table.g), f(dout), ids.data<int64_t>(), ids.numel(), H, V);
 }
 
-void CpuOps::cross_entropy_forward(double* loss_sum, int64_t* count, Tensor& row_loss, Tensor& lse,
-                                   const Tensor& logits, const Tensor& targets) {
+void CpuOps::cross_entropy_forward(double* loss_sum, Tensor& row_loss, Tensor& lse, const Tensor& logits,
+                                   const Tensor& targets) {
   const int64_t N = targets.numel(), V = logits.numel() / N;
-  cpu::cross_entropy_forward<float>(loss_sum, count, f(row_loss), f(lse), f(logits), targets.data<int64_t>(), N, V);
+  int64_t count = 0;
+  cpu::cross_entropy_forward<float>(loss_sum, &count, f(row_loss), f(lse), f(logits), targets.data<int64_t>(), N, V);
 }
 
 void CpuOps::cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& lse, const Tensor& targets,

@@ -71,7 +71,7 @@ class CpuOps final : public Ops {
 
   void embedding_forward(Tensor& out, const ParamRef& table, const Tensor& ids) override;
   void embedding_backward(const ParamRef& table, const Tensor& dout, const Tensor& ids) override;
-  void cross_entropy_forward(double* loss_sum, int64_t* count, Tensor& row_loss, Tensor& lse, const Tensor& logits,
+  void cross_entropy_forward(double* loss_sum, Tensor& row_loss, Tensor& lse, const Tensor& logits,
                              const Tensor& targets) override;
   void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& lse, const Tensor& targets,
                               double scale) override;

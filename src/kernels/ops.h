@@ -140,9 +140,10 @@ class Ops {
   // --- Embedding and loss. ids, targets: (N) i64 tensors of the backend's device.
   virtual void embedding_forward(Tensor& out, const ParamRef& table, const Tensor& ids) = 0;
   virtual void embedding_backward(const ParamRef& table, const Tensor& dout, const Tensor& ids) = 0;
-  // logits (N, V); overwrites lse, row_loss (N) f32; returns the loss sum (double) and the scored-token count.
-  virtual void cross_entropy_forward(double* loss_sum, int64_t* count, Tensor& row_loss, Tensor& lse,
-                                     const Tensor& logits, const Tensor& targets) = 0;
+  // logits (N, V); overwrites lse, row_loss (N) f32; returns the loss sum (double). The scored-token count is the
+  // caller's (it holds the targets on the host).
+  virtual void cross_entropy_forward(double* loss_sum, Tensor& row_loss, Tensor& lse, const Tensor& logits,
+                                     const Tensor& targets) = 0;
   // OVERWRITES dlogits (N, V) with scale * (softmax - onehot), 0 on ignored rows.
   virtual void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& lse, const Tensor& targets,
                                       double scale) = 0;

@@ -1,8 +1,10 @@
 #include "model/model.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
+#include "kernels/cpu/cross_entropy.h"
 #include "kernels/cpu/load_balancing.h"
 #include "kernels/cpu_ops.h"
 #include "parallel/tp_shard.h"
@@ -124,7 +126,8 @@ LossValues Model::score() {
                                          vocab_shard(), comms_.tp);
   } else {
     ops.upload(ops.i64(targets_dev_, {N}), targets_.data(), N * sizeof(int64_t));
-    ops.cross_entropy_forward(&sum, &count, row_loss_, lse_, logits_, targets_dev_);
+    ops.cross_entropy_forward(&sum, row_loss_, lse_, logits_, targets_dev_);
+    count = std::count_if(targets_.begin(), targets_.end(), [](int64_t t) { return t != cpu::kIgnoreIndex; });
   }
   if (comms_.data_parallel) {
     // The mean over the global micro-batch's scored tokens (the gradient is then a plain sum over replicas).

@@ -396,8 +396,8 @@ void CudaOps::embedding_backward(const ParamRef& table, const Tensor& dout, cons
   cuda::embedding_backward(f(table.g), bf(dout), i64p(ids), N, H, V, i64p(embed_rows_), i64p(embed_offsets_), stream_);
 }
 
-void CudaOps::cross_entropy_forward(double* loss_sum, int64_t* count, Tensor& row_loss, Tensor& lse,
-                                    const Tensor& logits, const Tensor& targets) {
+void CudaOps::cross_entropy_forward(double* loss_sum, Tensor& row_loss, Tensor& lse, const Tensor& logits,
+                                    const Tensor& targets) {
   const int64_t N = targets.numel(), V = logits.numel() / N;
   fill_zero(flag_);
   Tensor bad_target = Tensor::view_of(flag_, 1, {1});
@@ -410,9 +410,6 @@ void CudaOps::cross_entropy_forward(double* loss_sum, int64_t* count, Tensor& ro
   NEXTRON_CHECK(bad_row == 0, "target at token ", bad_row - 1, " is outside the vocabulary [0, ", V,
                 ") and is not -100 (ignored)");
   download(loss_sum, sum_out_, sizeof(double));
-  std::vector<int64_t> t(N);
-  download(t.data(), targets, N * sizeof(int64_t));
-  *count = std::count_if(t.begin(), t.end(), [](int64_t x) { return x != -100; });
 }
 
 void CudaOps::cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& lse, const Tensor& targets,
