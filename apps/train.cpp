@@ -63,10 +63,11 @@ TrainBackend make_backend(const std::string& device, Communicator* world) {
   TrainBackend b;
   auto ops = std::make_shared<CudaOps>(gpu);
   b.ops = ops;
-  b.device_comm = [gpu](Communicator& mpi) -> std::unique_ptr<Communicator> {
+  // The NCCL groups share the backend's stream: a collective follows the kernels that wrote its buffers.
+  b.device_comm = [gpu, stream = ops->stream()](Communicator& mpi) -> std::unique_ptr<Communicator> {
     auto* m = dynamic_cast<MpiCommunicator*>(&mpi);
     NEXTRON_CHECK(m != nullptr, "a device communicator is built from an MPI communicator");
-    return NcclCommunicator::create(*m, gpu);
+    return NcclCommunicator::create(*m, gpu, stream);
   };
   return b;
 #else

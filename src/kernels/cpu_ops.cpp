@@ -256,14 +256,14 @@ void CpuOps::moe_experts_backward(Tensor& dx, Tensor& dweights, MoeExpertsState&
                                    f(st.weights), f(w_gate_up.w), f(w_down.w), N, H, I, E, K);
 }
 
-void CpuOps::embedding_forward(Tensor& out, const ParamRef& table, const Tensor& ids) {
-  const int64_t V = table.w.dim(0), H = table.w.dim(1);
-  cpu::embedding_forward<float>(f(out), f(table.w), ids.data<int64_t>(), ids.numel(), H, V);
+void CpuOps::embedding_forward(Tensor& out, const ParamRef& table, const Tensor& ids, const VocabShard& vocab) {
+  NEXTRON_CHECK(table.w.dim(0) == vocab.size, "embedding: table of ", table.w.dim(0), " rows for ", vocab.size, " ids");
+  cpu::embedding_forward<float>(f(out), f(table.w), ids.data<int64_t>(), ids.numel(), table.w.dim(1), vocab);
 }
 
-void CpuOps::embedding_backward(const ParamRef& table, const Tensor& dout, const Tensor& ids) {
-  const int64_t V = table.w.dim(0), H = table.w.dim(1);
-  cpu::embedding_backward<float>(f(table.g), f(dout), ids.data<int64_t>(), ids.numel(), H, V);
+void CpuOps::embedding_backward(const ParamRef& table, const Tensor& dout, const Tensor& ids, const VocabShard& vocab) {
+  NEXTRON_CHECK(table.w.dim(0) == vocab.size, "embedding: table of ", table.w.dim(0), " rows for ", vocab.size, " ids");
+  cpu::embedding_backward<float>(f(table.g), f(dout), ids.data<int64_t>(), ids.numel(), table.w.dim(1), vocab);
 }
 
 void CpuOps::cross_entropy_forward(double* loss_sum, Tensor& row_loss, Tensor& lse, const Tensor& logits,
@@ -273,12 +273,28 @@ void CpuOps::cross_entropy_forward(double* loss_sum, Tensor& row_loss, Tensor& l
   cpu::cross_entropy_forward<float>(loss_sum, &count, f(row_loss), f(lse), f(logits), targets.data<int64_t>(), N, V);
 }
 
+void CpuOps::cross_entropy_partial(Tensor& stats, const Tensor& logits, const Tensor& targets,
+                                   const VocabShard& vocab) {
+  const int64_t N = targets.numel();
+  NEXTRON_ASSERT(logits.numel() == N * vocab.size && stats.numel() == 3 * N);
+  cpu::cross_entropy_partial(f(stats), f(logits), targets.data<int64_t>(), N, vocab);
+}
+
+void CpuOps::cross_entropy_combine(double* loss_sum, Tensor& row_loss, Tensor& lse, const Tensor& stats,
+                                   const Tensor& targets, int64_t vocab_full) {
+  const int64_t N = targets.numel();
+  NEXTRON_ASSERT(N > 0 && stats.numel() % (3 * N) == 0);
+  cpu::cross_entropy_combine(loss_sum, f(row_loss), f(lse), f(stats), stats.numel() / (3 * N), targets.data<int64_t>(),
+                             N, vocab_full);
+}
+
 void CpuOps::cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& lse, const Tensor& targets,
-                                    double scale) {
-  const int64_t N = targets.numel(), V = logits.numel() / N;
+                                    double scale, const VocabShard& vocab) {
+  const int64_t N = targets.numel();
+  NEXTRON_ASSERT(logits.numel() == N * vocab.size);
   dlogits.zero_();
   cpu::cross_entropy_backward<float>(f(dlogits), f(logits), f(lse), targets.data<int64_t>(), static_cast<float>(scale),
-                                     N, V);
+                                     N, vocab);
 }
 
 double CpuOps::sum_squares(const Tensor& x, const std::vector<FlatRange>& ranges) {

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "core/tensor.h"
+#include "kernels/vocab_shard.h"
 #include "optim/adamw.h"
 
 namespace nextron {
@@ -137,17 +138,26 @@ class Ops {
   virtual void moe_experts_backward(Tensor& dx, Tensor& dweights, MoeExpertsState& state, const Tensor& dy,
                                     const ParamRef& w_gate_up, const ParamRef& w_down) = 0;
 
-  // --- Embedding and loss. ids, targets: (N) i64 tensors of the backend's device.
-  virtual void embedding_forward(Tensor& out, const ParamRef& table, const Tensor& ids) = 0;
-  virtual void embedding_backward(const ParamRef& table, const Tensor& dout, const Tensor& ids) = 0;
-  // logits (N, V); overwrites lse, row_loss (N) f32; returns the loss sum (double). The scored-token count is the
-  // caller's (it holds the targets on the host).
+  // --- Embedding and loss. ids, targets: (N) i64 tensors of the backend's device. `vocab`: the ids the table's
+  // rows / the logits' columns hold (VocabShard::whole(V) on one device; a TP rank's slice under tensor
+  // parallelism).
+  // out (N, H) = the table rows of the ids held, zero rows for the others. Ids outside [0, vocab.full) are errors.
+  virtual void embedding_forward(Tensor& out, const ParamRef& table, const Tensor& ids, const VocabShard& vocab) = 0;
+  virtual void embedding_backward(const ParamRef& table, const Tensor& dout, const Tensor& ids,
+                                  const VocabShard& vocab) = 0;
+  // The whole vocabulary: logits (N, V); overwrites lse, row_loss (N) f32; returns the loss sum (double). The
+  // scored-token count is the caller's (it holds the targets on the host).
   virtual void cross_entropy_forward(double* loss_sum, Tensor& row_loss, Tensor& lse, const Tensor& logits,
                                      const Tensor& targets) = 0;
-  // OVERWRITES dlogits (N, V) with scale * (softmax - onehot), 0 on ignored rows.
+  // Vocab-parallel (kernels/cpu/cross_entropy.h): stats (3, N) f32 of this rank's logit columns (N, vocab.size) ...
+  virtual void cross_entropy_partial(Tensor& stats, const Tensor& logits, const Tensor& targets,
+                                     const VocabShard& vocab) = 0;
+  // ... and, from every rank's stats (P, 3, N), lse and row_loss (N) f32 and the loss sum (as the forward above).
+  virtual void cross_entropy_combine(double* loss_sum, Tensor& row_loss, Tensor& lse, const Tensor& stats,
+                                     const Tensor& targets, int64_t vocab_full) = 0;
+  // OVERWRITES dlogits (N, vocab.size) with scale * (softmax - onehot) over the columns held, 0 on ignored rows.
   virtual void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& lse, const Tensor& targets,
-                                      double scale) = 0;
-
+                                      double scale, const VocabShard& vocab) = 0;
   // --- Optimizer on flat f32 buffers laid out by the parameter table.
   // Sum of squares of x over the given ranges of flat element indices, in double (deterministic).
   virtual double sum_squares(const Tensor& x, const std::vector<FlatRange>& ranges) = 0;

@@ -22,7 +22,7 @@ void DecoderLayer::forward(const Tensor& x_in, Tensor& x_out, int64_t B, int64_t
   x_in_ = x_in;
   Tensor& h1 = ops_.act(h1_, {Nl, H});
   ops_.rmsnorm_forward(h1, ops_.f32(rstd1_, {Nl}), x_in, wt_.p("input_layernorm"), c_.rms_norm_eps);
-  h1_region_ = tp_.enter_forward(h1, h1_full_, N, H);
+  h1_region_ = tp_.enter_forward(ops_, h1, h1_full_, N, H);
   Tensor& mix_region = ops_.act(mix_region_, {N, H});
   if (attention_)
     attention_->forward(h1_region_, mix_region, B, S);
@@ -34,7 +34,7 @@ void DecoderLayer::forward(const Tensor& x_in, Tensor& x_out, int64_t B, int64_t
   ops_.add(x_mid, x_in, mix);
   Tensor& h2 = ops_.act(h2_, {Nl, H});
   ops_.rmsnorm_forward(h2, ops_.f32(rstd2_, {Nl}), x_mid, wt_.p("post_attention_layernorm"), c_.rms_norm_eps);
-  h2_region_ = tp_.enter_forward(h2, h2_full_, N, H);
+  h2_region_ = tp_.enter_forward(ops_, h2, h2_full_, N, H);
   Tensor& mlp_region = ops_.act(mlp_region_, {N, H});
   if (moe_)
     moe_->forward(h2_region_, mlp_region, aux);
@@ -49,14 +49,14 @@ const Tensor& DecoderLayer::region_grad_to_local(Tensor& d_region, Tensor& local
   if (!tp_.active()) return d_region;
   const int64_t H = c_.hidden_size;
   Tensor& out = ops_.act_zeroed(local, {tp_.local_rows(N), H});
-  tp_.enter_backward(d_region, out, dscratch_, N, H);
+  tp_.enter_backward(ops_, d_region, out, dscratch_, N, H);
   return out;
 }
 
 void DecoderLayer::backward(const Tensor& dx_out, Tensor& dx_in, const MoeAuxStats& aux, float d_aux) {
   const int64_t N = B_ * S_, Nl = tp_.local_rows(N), H = c_.hidden_size;
   // The residual carries dx_out straight to x_mid; the MLP branch adds through the post-attention norm.
-  const Tensor& dmlp = tp_.exit_backward(dx_out, dregion_full_, N, H);
+  const Tensor& dmlp = tp_.exit_backward(ops_, dx_out, dregion_full_, N, H);
   Tensor& dh2 = ops_.act_zeroed(dh2_, {N, H});
   if (moe_) {
     Tensor& dh2_rep = tp_.active() ? ops_.act_zeroed(dh2_replicated_, {N, H}) : dh2;
@@ -74,7 +74,7 @@ void DecoderLayer::backward(const Tensor& dx_out, Tensor& dx_in, const MoeAuxSta
   Tensor& dx_mid = ops_.act(dx_mid_, {Nl, H});
   dx_mid.copy_from(dx_out);
   ops_.rmsnorm_backward(&dx_mid, wt_.p("post_attention_layernorm"), dh2_local, x_mid_, rstd2_);
-  const Tensor& dmix = tp_.exit_backward(dx_mid, dregion_full_, N, H);
+  const Tensor& dmix = tp_.exit_backward(ops_, dx_mid, dregion_full_, N, H);
   Tensor& dh1 = ops_.act_zeroed(dh1_, {N, H});
   if (attention_)
     attention_->backward(dmix, dh1);

@@ -29,9 +29,6 @@ Model::Model(const ModelConfig& config, const ModelComms& comms, std::shared_ptr
       ops_(ops ? std::move(ops) : std::make_shared<CpuOps>()),
       table_(local_config_) {
   config_.validate();
-  NEXTRON_CHECK(ops_->device() == Device::cpu || !comms_.tp.active(),
-                "tensor parallelism runs on the CPU backend only for now: use --tensor-model-parallel-size 1 with "
-                "--device cuda");
   ops_->f32(flat_.params, {table_.total_numel()});
   ops_->f32(flat_.grads, {table_.total_numel()});
   if (ops_->act_dtype() == DType::f32)
@@ -81,10 +78,10 @@ void Model::forward_body(const int64_t* ids, int64_t B, int64_t S) {
   if (tp.active()) {
     // Each rank looks up the ids of its vocab rows; the region exit sums (or reduce-scatters) the partial rows.
     Tensor& e = ops.act(embed_region_, {N, H});
-    vocab_parallel_embedding_forward(e.f32(), embed.w.f32(), ids, N, H, vocab_shard());
+    ops.embedding_forward(e, embed, ids_dev_, vocab_shard());
     tp.exit_forward(e, h0, N, H);
   } else {
-    ops.embedding_forward(h0, embed, ids_dev_);
+    ops.embedding_forward(h0, embed, ids_dev_, vocab_shard());
   }
   aux_.reset(ops, config_.num_experts);
   for (int64_t i = 0; i < L; ++i) layers_[i]->forward(hidden_[i], ops.act(hidden_[i + 1], {Nl, H}), B, S, aux_);
@@ -110,7 +107,7 @@ void Model::forward_body(const int64_t* ids, int64_t B, int64_t S) {
   const ModuleWeights top(table_, flat_, "");
   Tensor& fh = ops.act(final_h_, {Nl, H});
   ops.rmsnorm_forward(fh, ops.f32(final_rstd_, {Nl}), hidden_[L], top.p("norm"), config_.rms_norm_eps);
-  final_h_region_ = tp.enter_forward(fh, final_h_full_, N, H);
+  final_h_region_ = tp.enter_forward(ops, fh, final_h_full_, N, H);
   ops.linear_forward(ops.act(logits_, {B, S, V}), final_h_region_, top.p("lm_head"), nullptr);
 }
 
@@ -121,14 +118,17 @@ LossValues Model::score() {
   int64_t count = 0;
   ops.f32(row_loss_, {N});
   ops.f32(lse_, {N});
-  if (comms_.tp.active()) {
-    vocab_parallel_cross_entropy_forward(&sum, &count, row_loss_.f32(), lse_.f32(), logits_.f32(), targets_.data(), N,
-                                         vocab_shard(), comms_.tp);
+  ops.upload(ops.i64(targets_dev_, {N}), targets_.data(), N * sizeof(int64_t));
+  const TensorParallel& tp = comms_.tp;
+  if (tp.active()) {
+    // Vocab-parallel: three numbers per row and rank cross the TP group instead of the (N, V) logits.
+    ops.cross_entropy_partial(ops.f32(ce_stats_, {3, N}), logits_, targets_dev_, vocab_shard());
+    tp.all_gather(ce_stats_, ops.f32(ce_stats_all_, {tp.size(), 3, N}));
+    ops.cross_entropy_combine(&sum, row_loss_, lse_, ce_stats_all_, targets_dev_, config_.vocab_size);
   } else {
-    ops.upload(ops.i64(targets_dev_, {N}), targets_.data(), N * sizeof(int64_t));
     ops.cross_entropy_forward(&sum, row_loss_, lse_, logits_, targets_dev_);
-    count = std::count_if(targets_.begin(), targets_.end(), [](int64_t t) { return t != cpu::kIgnoreIndex; });
   }
+  count = std::count_if(targets_.begin(), targets_.end(), [](int64_t t) { return t != cpu::kIgnoreIndex; });
   if (comms_.data_parallel) {
     // The mean over the global micro-batch's scored tokens (the gradient is then a plain sum over replicas).
     double both[2] = {sum, static_cast<double>(count)};
@@ -193,13 +193,7 @@ void Model::backward(float loss_scale) {
   Tensor& dlogits = ops.act(dlogits_, {N, V});
   if (loss_.tokens > 0) {
     const double scale = loss_scale / static_cast<double>(loss_.tokens);
-    if (tp.active()) {
-      dlogits.zero_();
-      vocab_parallel_cross_entropy_backward(dlogits.f32(), logits_.f32(), lse_.f32(), targets_.data(),
-                                            static_cast<float>(scale), N, vocab_shard());
-    } else {
-      ops.cross_entropy_backward(dlogits, logits_, lse_, targets_dev_, scale);
-    }
+    ops.cross_entropy_backward(dlogits, logits_, lse_, targets_dev_, scale, vocab_shard());
   } else {
     ops.zero(dlogits);
   }
@@ -208,7 +202,7 @@ void Model::backward(float loss_scale) {
   Tensor* dfh_local = &dfh;
   if (tp.active()) {
     Tensor& d = ops.act_zeroed(dfinal_h_local_, {Nl, H});
-    tp.enter_backward(dfh, d, dscratch_, N, H);
+    tp.enter_backward(ops, dfh, d, dscratch_, N, H);
     dfh_local = &d;
   }
   ops.act_zeroed(dhidden_a_, {Nl, H});
@@ -220,12 +214,8 @@ void Model::backward(float loss_scale) {
     std::swap(dhidden_a_, dhidden_b_);
   }
   const ParamRef embed = top.p("embed_tokens");
-  if (tp.active()) {
-    const Tensor& d = tp.exit_backward(dhidden_a_, dembed_full_, N, H);
-    vocab_parallel_embedding_backward(embed.g.f32(), d.f32(), ids_.data(), N, H, vocab_shard());
-  } else {
-    ops.embedding_backward(embed, dhidden_a_, ids_dev_);
-  }
+  // Under TP every rank needs the gradient of all N rows for its vocab rows (a gather under SP).
+  ops.embedding_backward(embed, tp.exit_backward(ops, dhidden_a_, dembed_full_, N, H), ids_dev_, vocab_shard());
 }
 
 }  // namespace nextron

@@ -13,13 +13,13 @@
 
 #include "core/tensor.h"
 #include "kernels/ops.h"
+#include "kernels/vocab_shard.h"
 #include "model/config.h"
 #include "model/decoder.h"
 #include "model/moe.h"
 #include "model/param_table.h"
 #include "parallel/communicator.h"
 #include "parallel/tensor_parallel.h"
-#include "parallel/vocab_parallel.h"
 
 namespace nextron {
 
@@ -83,7 +83,8 @@ class Model {
   Tensor ids_dev_, targets_dev_;        // (N) i64 on the backend's device
   std::vector<Tensor> hidden_;          // layer inputs (L + 1 tensors of (N, H))
   Tensor embed_region_, final_h_, final_rstd_, final_h_full_, logits_, row_loss_, lse_;
-  Tensor final_h_region_;  // lm_head's input (N, H): final_h_ or its all-gather
+  Tensor ce_stats_, ce_stats_all_;  // vocab-parallel cross-entropy: (3, N) of this rank, (TP, 3, N) of all
+  Tensor final_h_region_;           // lm_head's input (N, H): final_h_ or its all-gather
   Tensor dlogits_, dfinal_h_, dfinal_h_local_, dhidden_a_, dhidden_b_, dembed_full_, dscratch_;
   MoeAuxStats aux_;
   LossValues loss_;

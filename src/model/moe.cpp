@@ -46,7 +46,7 @@ void SparseMoe::backward(const Tensor& dy, Tensor& dx, Tensor& dx_replicated, co
   const int64_t H = c_.hidden_size, E = c_.num_experts, K = c_.num_experts_per_tok, N = x_.numel() / H;
   Tensor& dtopw = ops_.f32_zeroed(dtopw_, {N, K});
   ops_.moe_experts_backward(dx, dtopw, *experts_, dy, wt_.p("experts.gate_up_proj"), wt_.p("experts.down_proj"));
-  if (tp_.active()) tp_.sum(dtopw.f32(), N * K);  // each rank saw 1/TP of every expert's channels
+  if (tp_.active()) tp_.sum(dtopw);  // each rank saw 1/TP of every expert's channels
   Tensor& dprobs = ops_.f32_zeroed(dprobs_, {N, E});
   ops_.aux_loss_backward(dprobs, aux.count_sum, aux.total_rows, d_aux);
   Tensor& dlogits = ops_.f32_zeroed(dlogits_, {N, E});
@@ -57,7 +57,7 @@ void SparseMoe::backward(const Tensor& dy, Tensor& dx, Tensor& dx_replicated, co
     Tensor& dsg = ops_.act_zeroed(dshared_gate_, {N, 1});
     ops_.sigmoid_gate_backward(&ds, &dsg, dy, shared_out_, shared_gate_, 1, 1);
     // The gate multiplies the shared expert's output, of which each rank holds a partial sum.
-    if (tp_.active()) tp_.sum(dsg.f32(), N);
+    if (tp_.active()) tp_.sum(dsg);
     ops_.linear_backward(&dx_replicated, wt_.p("shared_expert_gate"), nullptr, dsg, x_);
     shared_->backward(ds, dx);
   }

@@ -1,6 +1,6 @@
 // Communicator: the collectives the parallel trainer needs, over one process group.
-// The interface is backend-neutral (MPI today, NCCL with the CUDA backend later); buffers are host pointers for
-// the MPI implementation. Every call is collective over the group unless noted (send/recv/send_recv are
+// The interface is backend-neutral: buffers live where buffer_device() says (host memory for the MPI
+// implementation, the GPU for NCCL's). Every call is collective over the group unless noted (send/recv/send_recv are
 // point-to-point), and every member must make the same calls in the same order.
 // Counts are elements, not bytes. In-place use is allowed where noted.
 #pragma once
@@ -8,6 +8,9 @@
 #include <cstdint>
 #include <memory>
 #include <vector>
+
+#include "core/error.h"
+#include "core/tensor.h"
 
 namespace nextron {
 
@@ -17,6 +20,8 @@ class Communicator {
 
   virtual int rank() const = 0;
   virtual int size() const = 0;
+  // Where the buffers passed to this communicator must live.
+  virtual Device buffer_device() const { return Device::cpu; }
 
   // buf[i] = sum over ranks of buf[i] (in place).
   virtual void all_reduce_sum(float* buf, int64_t n) = 0;
@@ -39,9 +44,28 @@ class Communicator {
   // buf on `root` is copied to every rank.
   virtual void broadcast(float* buf, int64_t n, int root) = 0;
   virtual void barrier() = 0;
+  // bf16 buffers (raw bits): the CUDA backend's activations at the tensor-parallel region boundaries, summed in
+  // bf16 as Megatron does. Same shapes as the f32 calls above. Only the NCCL communicator has them.
+  virtual void all_reduce_sum_bf16(uint16_t* buf, int64_t n) {
+    (void)buf, (void)n;
+    no_bf16();
+  }
+  virtual void reduce_scatter_sum_bf16(const uint16_t* in, uint16_t* out, int64_t count) {
+    (void)in, (void)out, (void)count;
+    no_bf16();
+  }
+  virtual void all_gather_bf16(const uint16_t* in, uint16_t* out, int64_t count) {
+    (void)in, (void)out, (void)count;
+    no_bf16();
+  }
   // Sub-groups: ranks passing the same color form one communicator, ordered by (key, parent rank).
   // color must be >= 0. Collective over this communicator.
   virtual std::unique_ptr<Communicator> split(int color, int key) = 0;
+
+ private:
+  [[noreturn]] static void no_bf16() {
+    throw Error("bf16 collectives need a device communicator (NCCL, with --device cuda); this one moves f32 only");
+  }
 };
 
 }  // namespace nextron

@@ -99,6 +99,22 @@ void CountingCommunicator::all_gather(const float* in, float* out, int64_t count
   inner_->all_gather(in, out, count_per_rank);
 }
 
+void CountingCommunicator::all_reduce_sum_bf16(uint16_t* buf, int64_t n) {
+  count(CommOp::all_reduce, ring_all_reduce_bytes(n, size(), sizeof(uint16_t)));
+  inner_->all_reduce_sum_bf16(buf, n);
+}
+
+void CountingCommunicator::reduce_scatter_sum_bf16(const uint16_t* in, uint16_t* out, int64_t count_per_rank) {
+  count(CommOp::reduce_scatter,
+        static_cast<double>(size() - 1) * static_cast<double>(count_per_rank) * sizeof(uint16_t));
+  inner_->reduce_scatter_sum_bf16(in, out, count_per_rank);
+}
+
+void CountingCommunicator::all_gather_bf16(const uint16_t* in, uint16_t* out, int64_t count_per_rank) {
+  count(CommOp::all_gather, static_cast<double>(size() - 1) * static_cast<double>(count_per_rank) * sizeof(uint16_t));
+  inner_->all_gather_bf16(in, out, count_per_rank);
+}
+
 void CountingCommunicator::all_to_all_v(const float* send_buf, const std::vector<int64_t>& send_counts, float* recv_buf,
                                         const std::vector<int64_t>& recv_counts) {
   double elems = 0;

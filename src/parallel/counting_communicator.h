@@ -82,6 +82,7 @@ class CountingCommunicator : public Communicator {
 
   int rank() const override { return inner_->rank(); }
   int size() const override { return inner_->size(); }
+  Device buffer_device() const override { return inner_->buffer_device(); }
 
   void all_reduce_sum(float* buf, int64_t n) override;
   void all_reduce_sum(double* buf, int64_t n) override;
@@ -95,6 +96,9 @@ class CountingCommunicator : public Communicator {
                  int tag) override;
   void broadcast(float* buf, int64_t n, int root) override;
   void barrier() override;
+  void all_reduce_sum_bf16(uint16_t* buf, int64_t n) override;
+  void reduce_scatter_sum_bf16(const uint16_t* in, uint16_t* out, int64_t count) override;
+  void all_gather_bf16(const uint16_t* in, uint16_t* out, int64_t count) override;
   // The child wraps the inner communicator's split and adds to the same volume().
   std::unique_ptr<Communicator> split(int color, int key) override;
 

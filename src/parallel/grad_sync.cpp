@@ -1,11 +1,8 @@
 #include "parallel/grad_sync.h"
 
-#include <algorithm>
-#include <cstring>
-
 namespace nextron {
 
-TpGradSync::TpGradSync(const TpShardMap& map, const TensorParallel& tp) : tp_(tp) {
+TpGradSync::TpGradSync(const TpShardMap& map, const TensorParallel& tp, Ops& ops) : tp_(tp), ops_(&ops) {
   if (!tp.active()) return;
   const int P = tp.size();
   const auto& full = map.full_table().specs();
@@ -33,12 +30,20 @@ TpGradSync::TpGradSync(const TpShardMap& map, const TensorParallel& tp) : tp_(tp
   }
 }
 
-void TpGradSync::run(float* grads) {
+void TpGradSync::run(Tensor& grads) {
   if (total_ == 0) return;
-  packed_.assign(total_, 0.0f);
-  for (const Item& it : items_) std::memcpy(packed_.data() + it.packed_offset, grads + it.local_offset, it.count * 4);
-  tp_.sum(packed_.data(), total_);
-  for (const Item& it : items_) std::memcpy(grads + it.local_offset, packed_.data() + it.packed_offset, it.count * 4);
+  Tensor& packed = ops_->f32_zeroed(packed_, {total_});
+  auto grad = [&grads](const Item& it) { return Tensor::view_of(grads, it.local_offset, {it.count}); };
+  auto slot = [&packed](const Item& it) { return Tensor::view_of(packed, it.packed_offset, {it.count}); };
+  for (const Item& it : items_) {
+    Tensor dst = slot(it);
+    ops_->cast(dst, grad(it));  // same dtype: a device-side copy on the backend's stream
+  }
+  tp_.sum(packed);
+  for (const Item& it : items_) {
+    Tensor dst = grad(it);
+    ops_->cast(dst, slot(it));
+  }
 }
 
 }  // namespace nextron

@@ -13,9 +13,10 @@ namespace nextron {
 
 class TpGradSync {
  public:
-  TpGradSync(const TpShardMap& map, const TensorParallel& tp);
-  // grads: the local flat gradient buffer (map.local_table() layout).
-  void run(float* grads);
+  // ops: the backend the gradients live on (not owned; must outlive this).
+  TpGradSync(const TpShardMap& map, const TensorParallel& tp, Ops& ops);
+  // grads: the local flat gradient buffer (map.local_table() layout), on the backend's device.
+  void run(Tensor& grads);
   // Elements exchanged per call (0 when nothing needs completing).
   int64_t elements() const { return total_; }
 
@@ -25,9 +26,10 @@ class TpGradSync {
     int64_t packed_offset;        // where they go in the packed buffer
   };
   TensorParallel tp_;
+  Ops* ops_;
   std::vector<Item> items_;
   int64_t total_ = 0;
-  std::vector<float> packed_;
+  Tensor packed_;  // (total_) f32 on the backend's device
 };
 
 }  // namespace nextron

@@ -1,7 +1,5 @@
 #include "parallel/tensor_parallel.h"
 
-#include <cstring>
-
 #include "core/error.h"
 
 namespace nextron {
@@ -10,45 +8,70 @@ TensorParallel::TensorParallel(Communicator* comm, bool sequence_parallel) : com
 
 namespace {
 
-// The region boundaries move activations through the communicator as f32 host buffers (the CPU backend); the
-// CUDA backend runs with TP 1 until its bf16 collectives land (ParallelContext refuses the layout before this).
-float* f32_data(const Tensor& t) {
-  NEXTRON_CHECK(t.device() == Device::cpu && t.dtype() == DType::f32,
-                "tensor parallelism runs on the CPU backend only for now: use --tensor-model-parallel-size 1 with "
-                "--device cuda");
-  return t.f32();
+// The collectives on Tensors: f32 or bf16 buffers that live where the communicator moves data.
+void check_buffer(const Communicator& comm, const Tensor& t) {
+  NEXTRON_CHECK(t.device() == comm.buffer_device(), "tensor parallelism: the TP communicator moves ",
+                comm.buffer_device() == Device::cpu ? "host" : "GPU", " buffers but the model's tensors are on the ",
+                t.device() == Device::cpu ? "host" : "GPU",
+                " (internal: build the TP group over NCCL with --device cuda, over MPI with --device cpu)");
+  NEXTRON_CHECK(t.dtype() == DType::f32 || t.dtype() == DType::bf16, "tensor parallelism: cannot communicate ",
+                dtype_name(t.dtype()), " tensors");
 }
 
-Tensor& host_buffer(Tensor& t, const Shape& shape) {
-  if (!t.defined() || t.shape() != shape || t.dtype() != DType::f32 || t.device() != Device::cpu)
-    t = Tensor::zeros(shape);
-  return t;
+void all_reduce(Communicator& comm, Tensor& t, int64_t n) {
+  check_buffer(comm, t);
+  if (t.dtype() == DType::f32)
+    comm.all_reduce_sum(t.f32(), n);
+  else
+    comm.all_reduce_sum_bf16(t.data<uint16_t>(), n);
+}
+
+void reduce_scatter(Communicator& comm, const Tensor& in, Tensor& out, int64_t count) {
+  check_buffer(comm, in);
+  check_buffer(comm, out);
+  NEXTRON_ASSERT(in.dtype() == out.dtype());
+  if (in.dtype() == DType::f32)
+    comm.reduce_scatter_sum(in.f32(), out.f32(), count);
+  else
+    comm.reduce_scatter_sum_bf16(in.data<uint16_t>(), out.data<uint16_t>(), count);
+}
+
+void gather(Communicator& comm, const Tensor& in, Tensor& out, int64_t count) {
+  check_buffer(comm, in);
+  check_buffer(comm, out);
+  NEXTRON_ASSERT(in.dtype() == out.dtype());
+  if (in.dtype() == DType::f32)
+    comm.all_gather(in.f32(), out.f32(), count);
+  else
+    comm.all_gather_bf16(in.data<uint16_t>(), out.data<uint16_t>(), count);
 }
 
 }  // namespace
 
-const Tensor& TensorParallel::enter_forward(const Tensor& x_local, Tensor& scratch, int64_t rows, int64_t W) const {
+const Tensor& TensorParallel::enter_forward(Ops& ops, const Tensor& x_local, Tensor& scratch, int64_t rows,
+                                            int64_t W) const {
   if (!sequence_parallel()) return x_local;  // copy_to_tensor_region: identity
   NEXTRON_ASSERT(rows % size() == 0);
-  Tensor& full = host_buffer(scratch, {rows, W});
-  comm_->all_gather(f32_data(x_local), full.f32(), local_rows(rows) * W);  // gather_from_sequence_region
+  Tensor& full = ops.ensure(scratch, {rows, W}, x_local.dtype());
+  gather(*comm_, x_local, full, local_rows(rows) * W);  // gather_from_sequence_region
   return full;
 }
 
-void TensorParallel::enter_backward(Tensor& dx_region, Tensor& dx_local, Tensor& scratch, int64_t rows,
+void TensorParallel::enter_backward(Ops& ops, Tensor& dx_region, Tensor& dx_local, Tensor& scratch, int64_t rows,
                                     int64_t W) const {
   if (!active()) return;  // one rank: the caller passes dx_region as its local gradient
   const int64_t n = local_rows(rows) * W;
-  const float* summed = f32_data(dx_region);
+  Tensor summed;
   if (sequence_parallel()) {
-    Tensor& part = host_buffer(scratch, {local_rows(rows), W});
-    comm_->reduce_scatter_sum(f32_data(dx_region), part.f32(), n);  // conjugate of the all-gather
-    summed = part.f32();
+    Tensor& part = ops.ensure(scratch, {local_rows(rows), W}, dx_region.dtype());
+    reduce_scatter(*comm_, dx_region, part, n);  // conjugate of the all-gather
+    summed = part;
   } else {
-    comm_->all_reduce_sum(f32_data(dx_region), n);  // conjugate of the identity
+    all_reduce(*comm_, dx_region, n);  // conjugate of the identity
+    summed = dx_region.reshape({rows, W});
   }
-  float* out = f32_data(dx_local);
-  for (int64_t i = 0; i < n; ++i) out[i] += summed[i];
+  Tensor out = dx_local.reshape({local_rows(rows), W});
+  ops.add(out, out, summed);
 }
 
 void TensorParallel::exit_forward(Tensor& y_region, Tensor& y_local, int64_t rows, int64_t W) const {
@@ -58,25 +81,31 @@ void TensorParallel::exit_forward(Tensor& y_region, Tensor& y_local, int64_t row
   }
   const int64_t n = local_rows(rows) * W;
   if (sequence_parallel()) {
-    comm_->reduce_scatter_sum(f32_data(y_region), f32_data(y_local), n);  // reduce_scatter_to_sequence_region
+    reduce_scatter(*comm_, y_region, y_local, n);  // reduce_scatter_to_sequence_region
     return;
   }
-  comm_->all_reduce_sum(f32_data(y_region), n);  // reduce_from_tensor_region
-  if (y_local.raw() != y_region.raw()) std::memcpy(f32_data(y_local), y_region.f32(), n * sizeof(float));
+  all_reduce(*comm_, y_region, n);  // reduce_from_tensor_region
+  if (y_local.raw() != y_region.raw()) y_local.copy_from(y_region);
 }
 
-const Tensor& TensorParallel::exit_backward(const Tensor& dy_local, Tensor& scratch, int64_t rows, int64_t W) const {
+const Tensor& TensorParallel::exit_backward(Ops& ops, const Tensor& dy_local, Tensor& scratch, int64_t rows,
+                                            int64_t W) const {
   if (!sequence_parallel()) return dy_local;  // conjugate of the all-reduce: identity
-  Tensor& full = host_buffer(scratch, {rows, W});
-  comm_->all_gather(f32_data(dy_local), full.f32(), local_rows(rows) * W);  // conjugate of the reduce-scatter
+  Tensor& full = ops.ensure(scratch, {rows, W}, dy_local.dtype());
+  gather(*comm_, dy_local, full, local_rows(rows) * W);  // conjugate of the reduce-scatter
   return full;
 }
 
-void TensorParallel::sum(float* buf, int64_t n) const {
-  if (active()) comm_->all_reduce_sum(buf, n);
+void TensorParallel::sum(Tensor& t) const {
+  if (active()) all_reduce(*comm_, t, t.numel());
 }
-void TensorParallel::sum(double* buf, int64_t n) const {
-  if (active()) comm_->all_reduce_sum(buf, n);
+
+void TensorParallel::all_gather(const Tensor& in, Tensor& out) const {
+  NEXTRON_ASSERT(out.numel() == size() * in.numel());
+  if (active())
+    gather(*comm_, in, out, in.numel());
+  else
+    out.copy_from(in);
 }
 
 }  // namespace nextron

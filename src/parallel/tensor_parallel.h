@@ -12,13 +12,16 @@
 //   gather_from_sequence_region        all-gather       reduce-scatter   region entry with SP
 //   reduce_scatter_to_sequence_region  reduce-scatter   all-gather       region exit with SP
 //
-// enter_* / exit_* pick the pair for the mode. Buffers are (rows, W) row-major f32; "local" rows are N/TP with SP and
-// N without. With one rank every call is the identity and touches no memory, whatever the backend.
+// enter_* / exit_* pick the pair for the mode. Buffers are (rows, W) row-major Tensors of the backend's activation
+// dtype on its device (f32 host memory on the CPU, bf16 GPU memory with the CUDA backend and an NCCL group);
+// scratch buffers are allocated through the Ops and reused. "local" rows are N/TP with SP and N without. With one
+// rank every call is the identity and touches no memory, whatever the backend.
 #pragma once
 
 #include <cstdint>
 
 #include "core/tensor.h"
+#include "kernels/ops.h"
 #include "parallel/communicator.h"
 
 namespace nextron {
@@ -26,7 +29,7 @@ namespace nextron {
 class TensorParallel {
  public:
   TensorParallel() = default;  // single device
-  // comm: the TP group (not owned; may be nullptr for size 1).
+  // comm: the TP group (not owned; may be nullptr for size 1). Its buffers must live where the model's do.
   TensorParallel(Communicator* comm, bool sequence_parallel);
 
   int size() const { return comm_ ? comm_->size() : 1; }
@@ -39,19 +42,21 @@ class TensorParallel {
   Communicator* comm() const { return comm_; }
 
   // Region entry, forward: local rows -> all N rows. Returns x_local itself when no gather is needed, else scratch.
-  const Tensor& enter_forward(const Tensor& x_local, Tensor& scratch, int64_t rows, int64_t W) const;
+  const Tensor& enter_forward(Ops& ops, const Tensor& x_local, Tensor& scratch, int64_t rows, int64_t W) const;
   // Region entry, backward: dx_region (N, W) holds this rank's partial gradient (modified: it is reduced in place
   // without SP); the summed gradient of the local rows is ADDED to dx_local.
-  void enter_backward(Tensor& dx_region, Tensor& dx_local, Tensor& scratch, int64_t rows, int64_t W) const;
+  void enter_backward(Ops& ops, Tensor& dx_region, Tensor& dx_local, Tensor& scratch, int64_t rows, int64_t W) const;
   // Region exit, forward: y_region (N, W) holds this rank's partial sum (modified); the summed local rows are
   // written to y_local (which may be y_region itself when nothing is split).
   void exit_forward(Tensor& y_region, Tensor& y_local, int64_t rows, int64_t W) const;
   // Region exit, backward: local rows -> all N rows. Returns dy_local itself when no gather is needed.
-  const Tensor& exit_backward(const Tensor& dy_local, Tensor& scratch, int64_t rows, int64_t W) const;
+  const Tensor& exit_backward(Ops& ops, const Tensor& dy_local, Tensor& scratch, int64_t rows, int64_t W) const;
 
-  // buf[i] = sum over the TP group of buf[i]: completes a quantity each rank computed from its slice only.
-  void sum(float* buf, int64_t n) const;
-  void sum(double* buf, int64_t n) const;
+  // t[i] = sum over the TP group of t[i] (f32 or bf16, in place): completes a quantity each rank computed from its
+  // slice only.
+  void sum(Tensor& t) const;
+  // out (size() * in.numel()) = every rank's `in`, in rank order.
+  void all_gather(const Tensor& in, Tensor& out) const;
 
  private:
   Communicator* comm_ = nullptr;

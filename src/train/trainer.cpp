@@ -73,12 +73,18 @@ Trainer::Trainer(const TrainOptions& options, SampleFn source, Communicator* wor
   const bool cuda_backend = backend.ops && backend.ops->device() == Device::cuda;
   NEXTRON_CHECK((opt_.device == "cuda") == cuda_backend, "--device ", opt_.device, " but the backend given is ",
                 backend.ops ? backend.ops->name() : "cpu", " (internal: build the TrainBackend from the option)");
-  model_ = std::make_unique<Model>(config, ctx_ ? ctx_->model_comms() : ModelComms{}, backend.ops);
-  const bool on_device = model_->ops().device() != Device::cpu;
-  if (on_device && ctx_ && dp_size() > 1) {
-    NEXTRON_CHECK(backend.device_comm, "a data-parallel run on a GPU needs a device communicator (NCCL)");
-    dp_device_ = backend.device_comm(ctx_->dp());
+  ModelComms comms = ctx_ ? ctx_->model_comms() : ModelComms{};
+  if (cuda_backend && ctx_) {
+    // Gradients and TP activations live on the GPU: their groups move device memory (NCCL). The model's
+    // data-parallel group stays MPI: it sums host statistics (loss normaliser, MoE load).
+    NEXTRON_CHECK(backend.device_comm, "a parallel run on a GPU needs a device communicator (NCCL)");
+    if (dp_size() > 1) dp_device_ = backend.device_comm(ctx_->dp());
+    if (ctx_->layout().tp() > 1) {
+      tp_device_ = backend.device_comm(ctx_->tp());
+      comms.tp = TensorParallel(tp_device_.get(), ctx_->sequence_parallel());
+    }
   }
+  model_ = std::make_unique<Model>(config, comms, backend.ops);
   {
     // Every rank builds the whole model's initial weights (the same on every rank) on the host and keeps its TP
     // slice, copied to the device when the model lives there.
@@ -96,7 +102,7 @@ Trainer::Trainer(const TrainOptions& options, SampleFn source, Communicator* wor
     from_host(model_->params(), 0, local.data(), static_cast<int64_t>(local.size()));
     model_->params_changed();
   }
-  if (ctx_) tp_sync_ = std::make_unique<TpGradSync>(ctx_->shard_map(), ctx_->model_comms().tp);
+  if (ctx_) tp_sync_ = std::make_unique<TpGradSync>(ctx_->shard_map(), comms.tp, model_->ops());
 
   if (!sample_) {
     stream_ = std::make_unique<SampleStream>(opt_.data, opt_.seq_len, opt_.valid_fraction, opt_.data_seed);
@@ -151,7 +157,7 @@ StepRecord Trainer::step() {
   }
   position_ += opt_.global_batch;
   Tensor& grads = model_->grads();
-  if (tp_sync_) tp_sync_->run(grads.f32());
+  if (tp_sync_) tp_sync_->run(grads);
   opt_state_->reduce_scatter_grads(grads);
   const std::vector<FlatRange> counted =
       ctx_ ? ctx_->shard_map().owned_ranges() : std::vector<FlatRange>{{0, model_->table().total_numel()}};

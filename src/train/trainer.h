@@ -79,6 +79,7 @@ class Trainer {
   TrainOptions opt_;
   std::unique_ptr<ParallelContext> ctx_;
   std::unique_ptr<Communicator> dp_device_;  // the DP group over device memory (NCCL) when on a GPU
+  std::unique_ptr<Communicator> tp_device_;  // the TP group over device memory (NCCL) when on a GPU
   std::unique_ptr<Model> model_;
   std::unique_ptr<TpGradSync> tp_sync_;
   std::unique_ptr<SampleStream> stream_;

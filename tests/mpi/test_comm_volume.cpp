@@ -97,11 +97,11 @@ Expected formula(int t, bool sp, int d, int64_t p_local) {
     const double region_bytes =
         sp ? 2.0 * static_cast<double>(regions) * ag(t, N / t * H, 4) : static_cast<double>(regions) * ar(t, N * H, 4);
     const double moe_bytes = kLmoe * ar(t, N * kK, 4) + kLshared * ar(t, N, 4);
-    const double loss_bytes = ag(t, N, 4) + ar(t, 2 * N, 8);
+    const double loss_bytes = ag(t, 3 * N, 4);  // vocab-parallel cross-entropy: (max, sum exp, target logit)
     const int64_t G = kLfull * 2 * kHeadDim + kLlin * kDv + (sp ? (2 * kL + 1) * kH : 0) +
                       (kNkv < t ? kLfull * 2 * kNkv * kHeadDim * kH : 0);
     e.tp_bytes = static_cast<double>(A) * (region_bytes + moe_bytes + loss_bytes) + (G > 0 ? ar(t, G, 4) : 0.0);
-    e.tp_all_reduce = A * ((sp ? 0 : regions) + kLmoe + kLshared + 1) + (G > 0 ? 1 : 0);
+    e.tp_all_reduce = A * ((sp ? 0 : regions) + kLmoe + kLshared) + (G > 0 ? 1 : 0);
     e.tp_all_gather = A * ((sp ? regions : 0) + 1);
     e.tp_reduce_scatter = A * (sp ? regions : 0);
   }

@@ -69,7 +69,8 @@ struct GroupErrors {
 
 }  // namespace
 
-std::unique_ptr<NcclCommunicator> NcclCommunicator::create(MpiCommunicator& bootstrap, int device) {
+std::unique_ptr<NcclCommunicator> NcclCommunicator::create(MpiCommunicator& bootstrap, int device,
+                                                           cudaStream_t stream) {
   // Local checks first, agreed on over MPI: a rank that cannot use its device must not leave the others blocked in
   // ncclCommInitRank, so either every rank goes on or every rank throws.
   std::string local_error;
@@ -100,17 +101,21 @@ std::unique_ptr<NcclCommunicator> NcclCommunicator::create(MpiCommunicator& boot
 
   ncclComm_t comm = nullptr;
   check_nccl(ncclCommInitRank(&comm, bootstrap.size(), root_msg.id, bootstrap.rank()), "ncclCommInitRank");
-  return std::unique_ptr<NcclCommunicator>(new NcclCommunicator(comm, device));
+  return std::unique_ptr<NcclCommunicator>(new NcclCommunicator(comm, device, stream));
 }
 
-NcclCommunicator::NcclCommunicator(ncclComm_t comm, int device) : comm_(comm), device_(device) {
+NcclCommunicator::NcclCommunicator(ncclComm_t comm, int device, cudaStream_t external_stream)
+    : comm_(comm), stream_(external_stream), device_(device) {
   try {
     NEXTRON_CHECK(comm_ != nullptr, "NcclCommunicator: got a null ncclComm_t");
     DeviceGuard guard(device_);
     check_nccl(ncclCommUserRank(comm_, &rank_), "ncclCommUserRank", comm_);
     check_nccl(ncclCommCount(comm_, &size_), "ncclCommCount", comm_);
-    // Default flags (not cudaStreamNonBlocking): ordered after the legacy default stream's work (see the header).
-    NEXTRON_CUDA_CHECK(cudaStreamCreate(&stream_));
+    if (!stream_) {
+      // Default flags (not cudaStreamNonBlocking): ordered after the legacy default stream's work (see the header).
+      NEXTRON_CUDA_CHECK(cudaStreamCreate(&stream_));
+      owns_stream_ = true;
+    }
     NEXTRON_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&scratch_), sizeof(float)));
     NEXTRON_CUDA_CHECK(cudaMemset(scratch_, 0, sizeof(float)));  // a sum of zeros stays zero, barrier after barrier
   } catch (...) {
@@ -127,7 +132,7 @@ void NcclCommunicator::release() noexcept {
   if (cudaGetDevice(&previous) == cudaSuccess && previous != device_) cudaSetDevice(device_);
   if (comm_) ncclCommDestroy(comm_);  // waits for operations still in flight
   if (scratch_) cudaFree(scratch_);
-  if (stream_) cudaStreamDestroy(stream_);
+  if (stream_ && owns_stream_) cudaStreamDestroy(stream_);
   comm_ = nullptr;
   scratch_ = nullptr;
   stream_ = nullptr;
@@ -149,40 +154,50 @@ void NcclCommunicator::synchronize(const char* what) {
 // Zero counts return before any NCCL call: every rank of a collective passes the same count, so all of them skip,
 // and NCCL is never handed the null pointers that empty buffers often are.
 
-void NcclCommunicator::all_reduce_sum(float* buf, int64_t n) {
+void NcclCommunicator::all_reduce_typed(void* buf, int64_t n, ncclDataType_t type) {
   const size_t c = to_count(n, "all_reduce_sum");
   if (c == 0) return;
   DeviceGuard guard(device_);
-  check_nccl(ncclAllReduce(buf, buf, c, ncclFloat, ncclSum, comm_, stream_), "ncclAllReduce", comm_);
+  check_nccl(ncclAllReduce(buf, buf, c, type, ncclSum, comm_, stream_), "ncclAllReduce", comm_);
   synchronize("ncclAllReduce");
 }
 
-void NcclCommunicator::all_reduce_sum(double* buf, int64_t n) {
-  const size_t c = to_count(n, "all_reduce_sum");
-  if (c == 0) return;
-  DeviceGuard guard(device_);
-  check_nccl(ncclAllReduce(buf, buf, c, ncclDouble, ncclSum, comm_, stream_), "ncclAllReduce", comm_);
-  synchronize("ncclAllReduce");
-}
-
-void NcclCommunicator::reduce_scatter_sum(const float* in, float* out, int64_t count) {
+void NcclCommunicator::reduce_scatter_typed(const void* in, void* out, int64_t count, ncclDataType_t type) {
   const size_t c = to_count(count, "reduce_scatter_sum");
   NEXTRON_CHECK(count <= std::numeric_limits<int64_t>::max() / size_, "reduce_scatter_sum: count ", count,
                 " times the group size ", size_, " overflows int64");
   if (c == 0) return;
   DeviceGuard guard(device_);
-  check_nccl(ncclReduceScatter(in, out, c, ncclFloat, ncclSum, comm_, stream_), "ncclReduceScatter", comm_);
+  check_nccl(ncclReduceScatter(in, out, c, type, ncclSum, comm_, stream_), "ncclReduceScatter", comm_);
   synchronize("ncclReduceScatter");
 }
 
-void NcclCommunicator::all_gather(const float* in, float* out, int64_t count) {
+void NcclCommunicator::all_gather_typed(const void* in, void* out, int64_t count, ncclDataType_t type) {
   const size_t c = to_count(count, "all_gather");
   NEXTRON_CHECK(count <= std::numeric_limits<int64_t>::max() / size_, "all_gather: count ", count,
                 " times the group size ", size_, " overflows int64");
   if (c == 0) return;
   DeviceGuard guard(device_);
-  check_nccl(ncclAllGather(in, out, c, ncclFloat, comm_, stream_), "ncclAllGather", comm_);
+  check_nccl(ncclAllGather(in, out, c, type, comm_, stream_), "ncclAllGather", comm_);
   synchronize("ncclAllGather");
+}
+
+void NcclCommunicator::all_reduce_sum(float* buf, int64_t n) { all_reduce_typed(buf, n, ncclFloat); }
+void NcclCommunicator::all_reduce_sum(double* buf, int64_t n) { all_reduce_typed(buf, n, ncclDouble); }
+void NcclCommunicator::all_reduce_sum_bf16(uint16_t* buf, int64_t n) { all_reduce_typed(buf, n, ncclBfloat16); }
+
+void NcclCommunicator::reduce_scatter_sum(const float* in, float* out, int64_t count) {
+  reduce_scatter_typed(in, out, count, ncclFloat);
+}
+void NcclCommunicator::reduce_scatter_sum_bf16(const uint16_t* in, uint16_t* out, int64_t count) {
+  reduce_scatter_typed(in, out, count, ncclBfloat16);
+}
+
+void NcclCommunicator::all_gather(const float* in, float* out, int64_t count) {
+  all_gather_typed(in, out, count, ncclFloat);
+}
+void NcclCommunicator::all_gather_bf16(const uint16_t* in, uint16_t* out, int64_t count) {
+  all_gather_typed(in, out, count, ncclBfloat16);
 }
 
 void NcclCommunicator::all_to_all_v(const float* send_buf, const std::vector<int64_t>& send_counts, float* recv_buf,
@@ -274,7 +289,7 @@ std::unique_ptr<Communicator> NcclCommunicator::split(int color, int key) {
   ncclComm_t sub = nullptr;
   // config nullptr: the child inherits this communicator's configuration (blocking).
   check_nccl(ncclCommSplit(comm_, color, key, &sub, nullptr), "ncclCommSplit", comm_);
-  return std::unique_ptr<Communicator>(new NcclCommunicator(sub, device_));
+  return std::unique_ptr<Communicator>(new NcclCommunicator(sub, device_, owns_stream_ ? nullptr : stream_));
 }
 
 }  // namespace nextron

@@ -4,11 +4,13 @@
 // never a host pointer. Shapes and counts are exactly those of Communicator (elements, not bytes); NCCL counts are
 // size_t, so unlike MpiCommunicator there is no INT_MAX limit. Negative counts are errors.
 //
-// Blocking, like MpiCommunicator: every call enqueues its NCCL work on the communicator's own stream and
-// synchronises that stream before returning, so results are visible to the host and to every stream afterwards.
-// Ordering on entry: the stream is a blocking (non-cudaStreamNonBlocking) stream, so work already queued on the
-// legacy default stream is finished before the collective reads its buffers; data written on any other stream must
-// be synchronised by the caller first (cudaStreamSynchronize / an event) before the call.
+// Blocking, like MpiCommunicator: every call enqueues its NCCL work on the communicator's stream (the compute
+// backend's, or one of its own) and synchronises that stream before returning, so results are visible to the host
+// and to every stream afterwards. Ordering on entry: work queued earlier on the same stream is finished before the
+// collective reads its buffers (the trainer shares CudaOps' stream, so no extra synchronisation is needed); an own
+// stream is a blocking (non-cudaStreamNonBlocking) one, so work already queued on the legacy default stream is
+// finished first too; data written on any other stream must be synchronised by the caller first
+// (cudaStreamSynchronize / an event) before the call.
 //
 // Point to point: NCCL has no tags, so `tag` is ignored; messages between one pair of ranks match in the order
 // they were issued. A blocking send or recv to oneself can never complete and is rejected: use send_recv, which
@@ -37,7 +39,11 @@ class NcclCommunicator : public Communicator {
   // `device`. Leaves `device` as the calling thread's current CUDA device (the caller allocates its buffers there).
   // Each rank must use a different GPU (NCCL refuses two ranks of one communicator on the same device). Bad
   // devices are agreed on collectively: if any rank cannot use its device, every rank throws.
-  static std::unique_ptr<NcclCommunicator> create(MpiCommunicator& bootstrap, int device);
+  // stream: the stream the collectives are enqueued on (not owned; must outlive this). Pass the compute backend's
+  // stream (CudaOps::stream()) so that a collective is ordered after the kernels that wrote its buffers without a
+  // host synchronisation; nullptr: a stream of its own (the ordering rule above applies).
+  static std::unique_ptr<NcclCommunicator> create(MpiCommunicator& bootstrap, int device,
+                                                  cudaStream_t stream = nullptr);
   ~NcclCommunicator() override;
   NcclCommunicator(const NcclCommunicator&) = delete;
   NcclCommunicator& operator=(const NcclCommunicator&) = delete;
@@ -45,6 +51,7 @@ class NcclCommunicator : public Communicator {
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   int device() const { return device_; }
+  Device buffer_device() const override { return Device::cuda; }
   // Owned by this object; valid until it is destroyed.
   ncclComm_t comm() const { return comm_; }
   cudaStream_t stream() const { return stream_; }
@@ -62,20 +69,28 @@ class NcclCommunicator : public Communicator {
   void broadcast(float* buf, int64_t n, int root) override;
   // A one-element all-reduce on a device scratch value, then a stream synchronisation.
   void barrier() override;
+  void all_reduce_sum_bf16(uint16_t* buf, int64_t n) override;
+  void reduce_scatter_sum_bf16(const uint16_t* in, uint16_t* out, int64_t count) override;
+  void all_gather_bf16(const uint16_t* in, uint16_t* out, int64_t count) override;
   // ncclCommSplit (NCCL >= 2.18): ranks ordered by (key, parent rank), as MPI_Comm_split. The new communicator
-  // is on the same device, with its own stream.
+  // is on the same device and uses the same stream (the caller's, or a new one of its own).
   std::unique_ptr<Communicator> split(int color, int key) override;
 
  private:
-  // Takes ownership of `comm` (destroyed here even when this constructor throws).
-  NcclCommunicator(ncclComm_t comm, int device);
+  // Takes ownership of `comm` (destroyed here even when this constructor throws). external_stream: as create().
+  NcclCommunicator(ncclComm_t comm, int device, cudaStream_t external_stream);
   void release() noexcept;
   void check_peer(int peer, const char* what) const;
   // Waits for this communicator's stream and reports NCCL errors raised while it ran.
   void synchronize(const char* what);
+  // The collectives shared by the f32 and bf16 entry points.
+  void all_reduce_typed(void* buf, int64_t n, ncclDataType_t type);
+  void reduce_scatter_typed(const void* in, void* out, int64_t count, ncclDataType_t type);
+  void all_gather_typed(const void* in, void* out, int64_t count, ncclDataType_t type);
 
   ncclComm_t comm_ = nullptr;
   cudaStream_t stream_ = nullptr;
+  bool owns_stream_ = false;
   float* scratch_ = nullptr;  // one device float, zero, for barrier()
   int device_ = 0;
   int rank_ = 0;
