@@ -166,4 +166,91 @@ TEST(CrossEntropy, OutOfRangeTargetThrows) {
   }
 }
 
+// --- Vocab-parallel pieces: P shards of one vocabulary must reproduce the whole-vocabulary kernels.
+
+namespace {
+
+// Columns [s.begin, s.begin + s.size) of a row-major (N, V) matrix.
+std::vector<float> columns(const std::vector<float>& x, int64_t N, int64_t V, const VocabShard& s) {
+  std::vector<float> out(N * s.size);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t v = 0; v < s.size; ++v) out[n * s.size + v] = x[n * V + s.begin + v];
+  return out;
+}
+
+// Uneven shards on purpose (the kernels take any begin / size): {0..4}, {5..5}, {6..12}.
+std::vector<VocabShard> shards_of_13() { return {{0, 5, 13}, {5, 1, 13}, {6, 7, 13}}; }
+
+}  // namespace
+
+TEST(VocabParallel, EmbeddingShardsSumToTheWholeLookupAndGradient) {
+  const int64_t V = 13, H = 70, N = 9;  // H spans two of the backward's column blocks
+  const std::vector<int64_t> ids = {12, 0, 5, 5, 7, 0, 4, 6, 12};
+  const auto table = to_float(randn(V * H, 11)), dout = to_float(randn(N * H, 12));
+  std::vector<float> whole(N * H), dwhole(V * H, 0.25f);
+  cpu::embedding_forward(whole.data(), table.data(), ids.data(), N, H, V);
+  cpu::embedding_backward(dwhole.data(), dout.data(), ids.data(), N, H, V);
+  std::vector<float> sum(N * H, 0.0f);
+  for (const VocabShard& s : shards_of_13()) {
+    const std::vector<float> rows(table.begin() + s.begin * H, table.begin() + (s.begin + s.size) * H);
+    std::vector<float> out(N * H, 99.0f), drows(s.size * H, 0.25f);
+    cpu::embedding_forward(out.data(), rows.data(), ids.data(), N, H, s);
+    cpu::embedding_backward(drows.data(), dout.data(), ids.data(), N, H, s);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t h = 0; h < H; ++h) {
+        // Ids held: the row itself; the others: exact zeros (the TP sum must not pick up anything else).
+        EXPECT_EQ(out[n * H + h], s.holds(ids[n]) ? whole[n * H + h] : 0.0f);
+        sum[n * H + h] += out[n * H + h];
+      }
+    for (int64_t i = 0; i < s.size * H; ++i) EXPECT_EQ(drows[i], dwhole[s.begin * H + i]) << "shard " << s.begin;
+  }
+  EXPECT_EQ(sum, whole);
+  std::vector<float> out(N * H);
+  const std::vector<int64_t> bad = {3, 13};
+  expect_error_mentioning(
+      [&] { cpu::embedding_forward(out.data(), table.data(), bad.data(), 2, H, shards_of_13()[0]); }, {"13"});
+}
+
+TEST(VocabParallel, CrossEntropyFromShardStatsMatchesTheWholeVocabulary) {
+  const int64_t N = 6, V = 13;
+  // Row 3 has its max in the single-column shard; row 4 is ignored; targets in every shard.
+  const std::vector<int64_t> targets = {0, 5, 12, 7, cpu::kIgnoreIndex, 4};
+  auto logits = to_float(randn(N * V, 13, 3.0));
+  logits[3 * V + 5] = 20.0f;
+  std::vector<float> lse(N), row(N);
+  double sum = 0;
+  int64_t count = 0;
+  cpu::cross_entropy_forward(&sum, &count, row.data(), lse.data(), logits.data(), targets.data(), N, V);
+  const auto shards = shards_of_13();
+  const int64_t P = static_cast<int64_t>(shards.size());
+  std::vector<float> stats(P * 3 * N);
+  for (int64_t r = 0; r < P; ++r)
+    cpu::cross_entropy_partial(stats.data() + r * 3 * N, columns(logits, N, V, shards[r]).data(), targets.data(), N,
+                               shards[r]);
+  std::vector<float> lse_p(N), row_p(N);
+  double sum_p = 0;
+  cpu::cross_entropy_combine(&sum_p, row_p.data(), lse_p.data(), stats.data(), P, targets.data(), N, V);
+  for (int64_t n = 0; n < N; ++n) {
+    EXPECT_NEAR(lse_p[n], lse[n], 2e-6 * std::fabs(lse[n])) << n;
+    EXPECT_NEAR(row_p[n], row[n], 2e-6 * std::max(1.0f, std::fabs(row[n]))) << n;
+  }
+  EXPECT_NEAR(sum_p, sum, 1e-5 * std::fabs(sum));
+
+  // Backward: each shard's columns of the whole-vocabulary gradient.
+  const float scale = 1.0f / static_cast<float>(count);
+  std::vector<float> dwhole(N * V, 0.0f);
+  cpu::cross_entropy_backward(dwhole.data(), logits.data(), lse.data(), targets.data(), scale, N, V);
+  for (const VocabShard& s : shards) {
+    const auto local = columns(logits, N, V, s);
+    std::vector<float> d(N * s.size, 0.0f);
+    cpu::cross_entropy_backward(d.data(), local.data(), lse.data(), targets.data(), scale, N, s);
+    const auto want = columns(dwhole, N, V, s);
+    for (int64_t i = 0; i < N * s.size; ++i) EXPECT_NEAR(d[i], want[i], 1e-7) << "shard " << s.begin << " at " << i;
+  }
+  const std::vector<int64_t> bad = {0, 13, 1, 2, 3, 4};
+  expect_error_mentioning(
+      [&] { cpu::cross_entropy_combine(&sum_p, row_p.data(), lse_p.data(), stats.data(), P, bad.data(), N, V); },
+      {"13"});
+}
+
 }  // namespace nextron::test
