@@ -2,6 +2,9 @@
 // filled on the host, copied to the device, and the results copied back and compared with closed-form values built
 // from the rank ids.
 //
+// The bf16 collectives and the shared-stream mode (a communicator on CudaOps' stream) are what tensor parallelism on
+// the CUDA backend runs on.
+//
 // Without a usable GPU for every rank (no device, or more ranks on a node than it has GPUs: NCCL refuses two ranks
 // on one device) every test is skipped on every rank and the job passes. The decision is agreed on over MPI, so all
 // ranks skip together or none does. Only rank 0 prints GoogleTest's report; other ranks print their failed
@@ -17,7 +20,10 @@
 #include "../mpi/mpi_fixture.h"
 #include "core/cuda/check.h"
 #include "core/cuda/device.h"
+#include "core/dtype.h"
 #include "core/error.h"
+#include "core/tensor.h"
+#include "kernels/cuda/cuda_ops.h"
 #include "parallel/cuda/nccl_communicator.h"
 #include "parallel/mpi_communicator.h"
 
@@ -28,6 +34,7 @@ namespace {
 // Set by main before the tests run, identical on every rank.
 std::string g_skip_reason;                 // non-empty: skip everything
 std::unique_ptr<NcclCommunicator> g_nccl;  // the world, over NCCL
+MpiCommunicator* g_mpi = nullptr;          // the world, over MPI (NCCL's bootstrap)
 std::string g_create_error;                // why g_nccl is null when nothing is skipped
 
 // A test whose failure on any rank fails it on rank 0 too (rank 0 is the one that reports).
@@ -108,6 +115,74 @@ TEST_F(Nccl, AllGather) {
   for (int j = 0; j < p; ++j) {
     for (int64_t k = 0; k < count; ++k) ASSERT_EQ(out[j * count + k], static_cast<float>(j * 1000 + k)) << j;
   }
+}
+
+// bf16 (the TP region boundaries of the CUDA backend): values are small integers, exact in bf16 and in every
+// partial sum, so the results are exact whatever order NCCL sums in.
+std::vector<uint16_t> to_bf16(const std::vector<float>& x) {
+  std::vector<uint16_t> out(x.size());
+  for (size_t i = 0; i < x.size(); ++i) out[i] = f32_to_bf16(x[i]);
+  return out;
+}
+
+TEST_F(Nccl, AllReduceSumBf16) {
+  const int p = comm_->size(), r = comm_->rank();
+  std::vector<float> host(515);
+  for (size_t i = 0; i < host.size(); ++i) host[i] = static_cast<float>(r + static_cast<int>(i % 32));
+  DeviceArray<uint16_t> buf(to_bf16(host));
+  comm_->all_reduce_sum_bf16(buf.get(), static_cast<int64_t>(host.size()));
+  const std::vector<uint16_t> out = buf.download();
+  for (size_t i = 0; i < out.size(); ++i)
+    ASSERT_EQ(bf16_to_f32(out[i]), static_cast<float>(p * static_cast<int>(i % 32) + p * (p - 1) / 2)) << i;
+}
+
+TEST_F(Nccl, ReduceScatterAndAllGatherBf16) {
+  const int p = comm_->size(), r = comm_->rank();
+  const int64_t count = 21;
+  std::vector<float> in(p * count);
+  for (int j = 0; j < p; ++j)
+    for (int64_t k = 0; k < count; ++k) in[j * count + k] = static_cast<float>((r + 1) * (j + 1) + k);
+  DeviceArray<uint16_t> d_in(to_bf16(in)), d_out(std::vector<uint16_t>(count, 0));
+  comm_->reduce_scatter_sum_bf16(d_in.get(), d_out.get(), count);
+  const std::vector<uint16_t> out = d_out.download();
+  for (int64_t k = 0; k < count; ++k)
+    ASSERT_EQ(bf16_to_f32(out[k]), static_cast<float>(p * (p + 1) / 2 * (r + 1) + p * k)) << k;
+
+  std::vector<float> mine(count);
+  for (int64_t k = 0; k < count; ++k) mine[k] = static_cast<float>(r * 50 + k);
+  DeviceArray<uint16_t> g_in(to_bf16(mine)), g_out(std::vector<uint16_t>(p * count, 0));
+  comm_->all_gather_bf16(g_in.get(), g_out.get(), count);
+  const std::vector<uint16_t> all = g_out.download();
+  for (int j = 0; j < p; ++j)
+    for (int64_t k = 0; k < count; ++k) ASSERT_EQ(bf16_to_f32(all[j * count + k]), static_cast<float>(j * 50 + k));
+}
+
+TEST_F(Nccl, SharedStreamOrdersAfterQueuedKernels) {
+  // A communicator on the compute backend's stream: a collective right after an asynchronous kernel must see its
+  // result without any host synchronisation in between (the trainer relies on it).
+  CudaOps ops(comm_->device());
+  auto shared = NcclCommunicator::create(*g_mpi, comm_->device(), ops.stream());
+  ASSERT_EQ(shared->stream(), ops.stream());
+  const int64_t n = 1 << 20;  // large enough that the add is still running when the collective is enqueued
+  Tensor a, b, y;
+  ops.f32(a, {n});
+  ops.f32(b, {n});
+  ops.f32(y, {n});
+  std::vector<float> ha(n), hb(n);
+  for (int64_t i = 0; i < n; ++i) {
+    ha[i] = static_cast<float>(i % 7);
+    hb[i] = static_cast<float>(comm_->rank());
+  }
+  ops.upload(a, ha.data(), n * sizeof(float));
+  ops.upload(b, hb.data(), n * sizeof(float));
+  for (int rep = 0; rep < 8; ++rep) ops.add(y, a, b);  // queued, not waited for
+  shared->all_reduce_sum(y.f32(), n);
+  std::vector<float> out(n);
+  ops.download(out.data(), y, n * sizeof(float));
+  const int p = comm_->size();
+  for (int64_t i = 0; i < n; ++i) ASSERT_EQ(out[i], static_cast<float>(p * (i % 7) + p * (p - 1) / 2)) << i;
+  auto child = shared->split(0, comm_->rank());
+  EXPECT_EQ(dynamic_cast<NcclCommunicator&>(*child).stream(), ops.stream());  // splits keep the caller's stream
 }
 
 TEST_F(Nccl, AllToAllVUneven) {
@@ -248,6 +323,7 @@ TEST_F(Nccl, BadArgumentsAreErrorsOnEveryRank) {
   EXPECT_THROW(comm_->send_recv(nullptr, -1, 0, nullptr, 0, 0, 0), Error);
   EXPECT_THROW(comm_->broadcast(nullptr, 0, -1), Error);
   EXPECT_THROW(comm_->split(-1, 0), Error);
+  EXPECT_THROW(comm_->all_gather_bf16(nullptr, nullptr, -2), Error);
 }
 
 }  // namespace nextron::test
@@ -288,6 +364,7 @@ int main(int argc, char** argv) {
   nextron::test::g_skip_reason = skip_reason(node, &device);
   MPI_Comm_free(&node);
   auto world = nextron::MpiCommunicator::world();
+  nextron::test::g_mpi = world.get();
   if (nextron::test::g_skip_reason.empty()) {
     try {
       nextron::test::g_nccl = nextron::NcclCommunicator::create(*world, device);

@@ -235,6 +235,22 @@ TEST_F(Mpi, BadArgumentsAreErrorsOnEveryRank) {
 
 // Self-test of the harness (run only by the CTest mpi_failure_on_one_rank_fails_job, with
 // --gtest_also_run_disabled_tests): a failure on rank 1 alone must fail the test on rank 0 and the job's status.
+// bf16 buffers are the CUDA backend's (NCCL); MPI moves the CPU backend's f32 and says what to use instead.
+TEST_F(Mpi, Bf16CollectivesAreRefusedWithTheFix) {
+  uint16_t x[2] = {0, 0};
+  for (int which = 0; which < 3; ++which) {
+    try {
+      if (which == 0) comm_->all_reduce_sum_bf16(x, 1);
+      if (which == 1) comm_->all_gather_bf16(x, x, 1);
+      if (which == 2) comm_->reduce_scatter_sum_bf16(x, x, 1);
+      ADD_FAILURE() << "MPI accepted bf16 collective " << which;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("NCCL, with --device cuda"), std::string::npos) << e.what();
+    }
+  }
+  EXPECT_EQ(comm_->buffer_device(), Device::cpu);
+}
+
 TEST_F(Mpi, DISABLED_FailsOnRankOneOnly) { EXPECT_NE(comm_->rank(), 1) << "deliberate failure on rank 1"; }
 
 }  // namespace nextron::test
