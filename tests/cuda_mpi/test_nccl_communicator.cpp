@@ -24,17 +24,19 @@
 #include "core/error.h"
 #include "core/tensor.h"
 #include "kernels/cuda/cuda_ops.h"
+#include "nccl_env.h"
 #include "parallel/cuda/nccl_communicator.h"
 #include "parallel/mpi_communicator.h"
 
 namespace nextron::test {
 
+std::string g_skip_reason;
+int g_device = -1;
+MpiCommunicator* g_mpi = nullptr;
+
 namespace {
 
-// Set by main before the tests run, identical on every rank.
-std::string g_skip_reason;                 // non-empty: skip everything
 std::unique_ptr<NcclCommunicator> g_nccl;  // the world, over NCCL
-MpiCommunicator* g_mpi = nullptr;          // the world, over MPI (NCCL's bootstrap)
 std::string g_create_error;                // why g_nccl is null when nothing is skipped
 
 // A test whose failure on any rank fails it on rank 0 too (rank 0 is the one that reports).
@@ -362,6 +364,7 @@ int main(int argc, char** argv) {
   MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &node);
   int device = -1;
   nextron::test::g_skip_reason = skip_reason(node, &device);
+  nextron::test::g_device = device;
   MPI_Comm_free(&node);
   auto world = nextron::MpiCommunicator::world();
   nextron::test::g_mpi = world.get();
