@@ -1,14 +1,17 @@
 // CUDA elementwise and small fused kernels (kernels/cuda/elementwise.h: casts, rope, conv1d + SiLU, DeltaNet gates,
-// sigmoid gate, SwiGLU, embedding) against their CPU references (kernels/cpu), run in fp32 on the same
-// bf16-rounded inputs. Backwards accumulate: every gradient is pre-filled with random values of the magnitude of its
-// delta (so an overwrite would fail), and nullptr gradients must skip exactly. Shapes include odd sizes (1, 3, 17,
-// 1000; widths 48, 100) and model sizes (head dim 128 / 256 with rotary 64, hidden 2048).
+// sigmoid gate, SwiGLU, embedding of the whole vocabulary and of one vocab-parallel slice) against their CPU
+// references (kernels/cpu), run in fp32 on the same bf16-rounded inputs. Backwards accumulate: every gradient is
+// pre-filled with random values of the magnitude of its delta (so an overwrite would fail), and nullptr gradients
+// must skip exactly. Shapes include odd sizes (1, 3, 17, 1000; widths 48, 100) and model sizes (head dim 128 / 256
+// with rotary 64, hidden 2048).
 #include <gtest/gtest.h>
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "core/error.h"
@@ -20,6 +23,7 @@
 #include "kernels/cpu/sigmoid_gate.h"
 #include "kernels/cpu/swiglu.h"
 #include "kernels/cuda/elementwise.h"
+#include "kernels/vocab_shard.h"
 
 namespace nextron::test {
 
@@ -299,7 +303,7 @@ TEST(EmbeddingCuda, ForwardGathersRoundedRows) {
     DeviceArray<float> gtable(table);
     DeviceArray<int64_t> gids(ids), bad(1);
     DeviceBf16 gout(sh.N * sh.H);
-    cuda::embedding_forward(gout.get(), gtable.get(), gids.get(), sh.N, sh.H, sh.V, bad.get(), nullptr);
+    cuda::embedding_forward(gout.get(), gtable.get(), gids.get(), sh.N, sh.H, sh.V, 0, sh.V, bad.get(), nullptr);
     EXPECT_EQ(gout.download(), want);
     EXPECT_EQ(bad.download()[0], 0);
   }
@@ -315,7 +319,7 @@ TEST(EmbeddingCuda, ForwardFlagsBadIdsAndWritesZeros) {
 
   // An id >= V reads as id + 1; its row is zeros, the others are still gathered.
   DeviceArray<int64_t> ids_high(std::vector<int64_t>{3, V + 2, 1});
-  cuda::embedding_forward(gout.get(), gtable.get(), ids_high.get(), 3, H, V, bad.get(), nullptr);
+  cuda::embedding_forward(gout.get(), gtable.get(), ids_high.get(), 3, H, V, 0, V, bad.get(), nullptr);
   EXPECT_EQ(bad.download()[0], V + 3);
   const auto out = gout.download();
   for (int64_t h = 0; h < H; ++h) {
@@ -326,18 +330,18 @@ TEST(EmbeddingCuda, ForwardFlagsBadIdsAndWritesZeros) {
 
   // A set flag is not overwritten by a later error.
   DeviceArray<int64_t> ids_neg(std::vector<int64_t>{-1, 2, 0});
-  cuda::embedding_forward(gout.get(), gtable.get(), ids_neg.get(), 3, H, V, bad.get(), nullptr);
+  cuda::embedding_forward(gout.get(), gtable.get(), ids_neg.get(), 3, H, V, 0, V, bad.get(), nullptr);
   EXPECT_EQ(bad.download()[0], V + 3);
 
   // Cleared by the caller, a negative id reads as itself (so -1 is not mistaken for 0 = all fine).
   bad.upload({0});
-  cuda::embedding_forward(gout.get(), gtable.get(), ids_neg.get(), 3, H, V, bad.get(), nullptr);
+  cuda::embedding_forward(gout.get(), gtable.get(), ids_neg.get(), 3, H, V, 0, V, bad.get(), nullptr);
   EXPECT_EQ(bad.download()[0], -1);
   const auto out_neg = gout.download();
   for (int64_t h = 0; h < H; ++h) EXPECT_EQ(out_neg[h], 0.0f);
 
   // No flag given: bad rows are still zeros and nothing faults.
-  cuda::embedding_forward(gout.get(), gtable.get(), ids_high.get(), 3, H, V, nullptr, nullptr);
+  cuda::embedding_forward(gout.get(), gtable.get(), ids_high.get(), 3, H, V, 0, V, nullptr, nullptr);
   const auto out_unflagged = gout.download();
   for (int64_t h = 0; h < H; ++h) EXPECT_EQ(out_unflagged[H + h], 0.0f);
 }
@@ -357,7 +361,7 @@ TEST(EmbeddingCuda, BackwardSumsRepeatedIdsInTokenOrderExactly) {
     DeviceArray<float> gdtable(dtable0);
     DeviceArray<int64_t> gids(ids), sorted(sh.N), offsets(sh.V + 1);
     DeviceBf16 gdout(dout);
-    cuda::embedding_backward(gdtable.get(), gdout.get(), gids.get(), sh.N, sh.H, sh.V, sorted.get(), offsets.get(),
+    cuda::embedding_backward(gdtable.get(), gdout.get(), gids.get(), sh.N, sh.H, sh.V, 0, sorted.get(), offsets.get(),
                              nullptr);
     EXPECT_EQ(gdtable.download(), want);
   }
@@ -386,8 +390,120 @@ TEST(EmbeddingCuda, BackwardSkipsBadIds) {
   DeviceArray<float> gdtable(dtable0);
   DeviceArray<int64_t> gids(ids), sorted(N), offsets(V + 1);
   DeviceBf16 gdout(dout);
-  cuda::embedding_backward(gdtable.get(), gdout.get(), gids.get(), N, H, V, sorted.get(), offsets.get(), nullptr);
+  cuda::embedding_backward(gdtable.get(), gdout.get(), gids.get(), N, H, V, 0, sorted.get(), offsets.get(), nullptr);
   EXPECT_EQ(gdtable.download(), want);
+}
+
+// Vocab-parallel embedding: a table holding one slice [begin, begin + V_local) of a vocabulary of V_full ids, at the
+// start, in the middle and at the end of the vocabulary, with odd slice sizes (a single id too).
+namespace {
+struct ShardCase {
+  int64_t N, H, V_full;
+  VocabShard shard;
+};
+std::vector<ShardCase> shard_cases() {
+  std::vector<ShardCase> cases;
+  // Long runs of one id (V_full = 7), mostly distinct ids (V_full = 5001), the model width.
+  for (const auto& [N, H, V] : std::vector<std::array<int64_t, 3>>{{1000, 100, 7}, {17, 48, 5001}, {333, 2048, 50}}) {
+    const int64_t third = V / 3 | 1;                          // odd
+    cases.push_back({N, H, V, {0, third, V}});                // the start
+    cases.push_back({N, H, V, {(V - third) / 2, third, V}});  // the middle
+    cases.push_back({N, H, V, {V - third, third, V}});        // the end
+  }
+  cases.push_back({40, 3, 9, {4, 1, 9}});  // one id held
+  return cases;
+}
+// Half the ids from the shard (repeated ids within it when it is small), the others anywhere in the vocabulary.
+std::vector<int64_t> shard_ids(int64_t N, const VocabShard& s, uint64_t seed) {
+  std::mt19937_64 gen(seed);
+  std::uniform_int_distribution<int64_t> held(s.begin, s.begin + s.size - 1), any(0, s.full - 1);
+  std::vector<int64_t> ids(N);
+  for (int64_t n = 0; n < N; ++n) ids[n] = n % 2 == 0 ? held(gen) : any(gen);
+  return ids;
+}
+std::string describe(const ShardCase& c) {
+  return "N=" + std::to_string(c.N) + " H=" + std::to_string(c.H) + " shard [" + std::to_string(c.shard.begin) + ", " +
+         std::to_string(c.shard.begin + c.shard.size) + ") of " + std::to_string(c.V_full);
+}
+}  // namespace
+
+TEST(EmbeddingCuda, ShardedForwardGathersHeldRowsAndZerosOthers) {
+  NEXTRON_REQUIRE_GPU();
+  uint64_t seed = 90;
+  for (const ShardCase& c : shard_cases()) {
+    SCOPED_TRACE(describe(c));
+    const VocabShard& s = c.shard;
+    const auto table = random_f32(s.size * c.H, seed++);  // (V_local, H)
+    const auto ids = shard_ids(c.N, s, seed++);
+    std::vector<float> want(c.N * c.H);
+    cpu::embedding_forward<float>(want.data(), table.data(), ids.data(), c.N, c.H, s);
+    for (float& v : want) v = round_bf16(v);
+
+    DeviceArray<float> gtable(table);
+    DeviceArray<int64_t> gids(ids), bad(1);
+    DeviceBf16 gout(std::vector<float>(c.N * c.H, 7.0f));  // garbage: every row is written
+    cuda::embedding_forward(gout.get(), gtable.get(), gids.get(), c.N, c.H, s.size, s.begin, s.full, bad.get(),
+                            nullptr);
+    EXPECT_EQ(gout.download(), want);
+    EXPECT_EQ(bad.download()[0], 0);  // ids of other shards are valid
+  }
+}
+
+TEST(EmbeddingCuda, ShardedForwardFlagsIdsOutsideTheWholeVocabulary) {
+  NEXTRON_REQUIRE_GPU();
+  const int64_t H = 48, V_full = 30;
+  const VocabShard s{10, 11, V_full};
+  const auto table = random_f32(s.size * H, 95);
+  DeviceArray<float> gtable(table);
+  DeviceArray<int64_t> bad(1);
+  DeviceBf16 gout(4 * H);
+  // 25 is another shard's (a zero row, no flag); V_full is bad and reads as V_full + 1.
+  DeviceArray<int64_t> ids(std::vector<int64_t>{12, 25, V_full, 20});
+  cuda::embedding_forward(gout.get(), gtable.get(), ids.get(), 4, H, s.size, s.begin, s.full, bad.get(), nullptr);
+  EXPECT_EQ(bad.download()[0], V_full + 1);
+  const auto out = gout.download();
+  for (int64_t h = 0; h < H; ++h) {
+    EXPECT_EQ(out[h], round_bf16(table[2 * H + h]));
+    EXPECT_EQ(out[H + h], 0.0f);
+    EXPECT_EQ(out[2 * H + h], 0.0f);
+    EXPECT_EQ(out[3 * H + h], round_bf16(table[10 * H + h]));
+  }
+  // A negative id reads as itself.
+  bad.upload({0});
+  ids.upload({12, -7, 25, 0});
+  cuda::embedding_forward(gout.get(), gtable.get(), ids.get(), 4, H, s.size, s.begin, s.full, bad.get(), nullptr);
+  EXPECT_EQ(bad.download()[0], -7);
+}
+
+TEST(EmbeddingCuda, ShardedBackwardSumsHeldIdsInTokenOrderExactly) {
+  NEXTRON_REQUIRE_GPU();
+  uint64_t seed = 96;
+  for (const ShardCase& c : shard_cases()) {
+    SCOPED_TRACE(describe(c));
+    const VocabShard& s = c.shard;
+    auto ids = shard_ids(c.N, s, seed++);
+    ids[c.N - 1] = s.full + 3;  // a bad id is skipped like another shard's
+    ids[c.N / 2] = -1;
+    const auto dout = random_bf16(c.N * c.H, seed++);
+    const auto dtable0 = random_f32(s.size * c.H, seed++);
+    // The CPU reference skips the ids it does not hold; it rejects bad ids, so it gets the valid tokens only.
+    std::vector<int64_t> ids_ok;
+    std::vector<float> dout_ok;
+    for (int64_t n = 0; n < c.N; ++n)
+      if (ids[n] >= 0 && ids[n] < s.full) {
+        ids_ok.push_back(ids[n]);
+        dout_ok.insert(dout_ok.end(), dout.begin() + n * c.H, dout.begin() + (n + 1) * c.H);
+      }
+    std::vector<float> want = dtable0;
+    cpu::embedding_backward<float>(want.data(), dout_ok.data(), ids_ok.data(), int64_t(ids_ok.size()), c.H, s);
+
+    DeviceArray<float> gdtable(dtable0);
+    DeviceArray<int64_t> gids(ids), sorted(c.N), offsets(s.size + 1);
+    DeviceBf16 gdout(dout);
+    cuda::embedding_backward(gdtable.get(), gdout.get(), gids.get(), c.N, c.H, s.size, s.begin, sorted.get(),
+                             offsets.get(), nullptr);
+    EXPECT_EQ(gdtable.download(), want);  // the same fp32 additions in the same order: bit-identical
+  }
 }
 
 // ------------------------------------------------------------------------------------------------- empty inputs
@@ -407,8 +523,8 @@ TEST(ElementwiseCuda, EmptyInputsLaunchNothing) {
   EXPECT_NO_THROW(cuda::sigmoid_gate_backward(nullptr, nullptr, nullptr, nullptr, nullptr, 0, 48, 1, 1, nullptr));
   EXPECT_NO_THROW(cuda::swiglu_forward(nullptr, nullptr, 0, 64, nullptr));
   EXPECT_NO_THROW(cuda::swiglu_backward(nullptr, nullptr, nullptr, 0, 64, nullptr));
-  EXPECT_NO_THROW(cuda::embedding_forward(nullptr, nullptr, nullptr, 0, 48, 10, nullptr, nullptr));
-  EXPECT_NO_THROW(cuda::embedding_backward(nullptr, nullptr, nullptr, 0, 48, 10, nullptr, nullptr, nullptr));
+  EXPECT_NO_THROW(cuda::embedding_forward(nullptr, nullptr, nullptr, 0, 48, 10, 0, 10, nullptr, nullptr));
+  EXPECT_NO_THROW(cuda::embedding_backward(nullptr, nullptr, nullptr, 0, 48, 10, 0, nullptr, nullptr, nullptr));
   NEXTRON_CUDA_CHECK(cudaDeviceSynchronize());
 }
 

@@ -1,9 +1,12 @@
 // The loss and optimizer kernels of the CUDA backend (kernels/cuda/loss_optim.h) against their CPU references:
 // fused cross-entropy vs cpu::cross_entropy_forward/backward on bf16-rounded logits (odd and model-sized V,
-// unaligned rows, in place, ignored and bad targets), the deterministic fp64 sums vs host double sums (bit-identical
-// across runs), scale_inplace, and AdamW vs optim/adamw.h over three steps with decay ranges and the bf16 shadow.
+// unaligned rows, in place, ignored and bad targets), vocab-parallel cross-entropy (partial on every slice of one
+// logits matrix, combine, the sliced backward) vs the CPU's whole-vocabulary forward and sliced backward, the
+// deterministic fp64 sums vs host double sums (bit-identical across runs), scale_inplace, and AdamW vs
+// optim/adamw.h over three steps with decay ranges and the bf16 shadow.
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -12,6 +15,7 @@
 #include "cuda_test_util.h"
 #include "kernels/cpu/cross_entropy.h"
 #include "kernels/cuda/loss_optim.h"
+#include "kernels/vocab_shard.h"
 #include "optim/adamw.h"
 #include "optim/grad_clip.h"
 
@@ -24,13 +28,15 @@ namespace {
 // Row-by-row check of the logits gradient: |got - want| <= rtol |want| per element, so that the tiny
 // probabilities of a 151936-wide row are checked too (a tensor-scale tolerance would only see the target column).
 // The target column also gets an absolute 1e-5 |scale|: there scale * (p - 1) cancels when p is near 1, and p
-// carries a relative error of about 1e-5 from the fp32 lse.
+// carries a relative error of about 1e-5 from the fp32 lse. V: the columns of the rows, ids [begin, begin + V).
 ::testing::AssertionResult grad_close(const std::vector<float>& got, const std::vector<float>& want,
-                                      const std::vector<int64_t>& targets, int64_t V, float scale, double rtol) {
+                                      const std::vector<int64_t>& targets, int64_t V, float scale, double rtol,
+                                      int64_t begin = 0) {
   if (got.size() != want.size()) return ::testing::AssertionFailure() << "size " << got.size() << " != " << want.size();
   for (size_t i = 0; i < got.size(); ++i) {
     const int64_t n = static_cast<int64_t>(i) / V, v = static_cast<int64_t>(i) % V;
-    const double tol = rtol * std::fabs(double(want[i])) + (v == targets[n] ? 1e-5 * std::fabs(double(scale)) : 0.0);
+    const double tol =
+        rtol * std::fabs(double(want[i])) + (v + begin == targets[n] ? 1e-5 * std::fabs(double(scale)) : 0.0);
     const double err = std::fabs(double(got[i]) - double(want[i]));
     if (!(err <= tol))
       return ::testing::AssertionFailure() << "row " << n << " column " << v << ": got " << got[i] << ", want "
@@ -96,18 +102,122 @@ void check_cross_entropy(const CeCase& c, uint64_t seed) {
 
   std::vector<float> got_dl;
   if (c.in_place) {
-    cuda::cross_entropy_backward(lg, lg, d_lse.get(), d_targets.get(), scale, N, V, nullptr);
+    cuda::cross_entropy_backward(lg, lg, d_lse.get(), d_targets.get(), scale, N, V, 0, V, nullptr);
     got_dl = d_logits.download();
     got_dl.erase(got_dl.begin(), got_dl.begin() + c.logits_offset);
   } else {
     // Pre-filled with garbage: the backward overwrites every row, ignored rows with zeros.
     DeviceBf16 d_dl(std::vector<float>(NV + c.dlogits_offset, 7.0f));
-    cuda::cross_entropy_backward(d_dl.get() + c.dlogits_offset, lg, d_lse.get(), d_targets.get(), scale, N, V, nullptr);
+    cuda::cross_entropy_backward(d_dl.get() + c.dlogits_offset, lg, d_lse.get(), d_targets.get(), scale, N, V, 0, V,
+                                 nullptr);
     got_dl = d_dl.download();
     got_dl.erase(got_dl.begin(), got_dl.begin() + c.dlogits_offset);
   }
   // One bf16 rounding (at most 2^-8 relative) plus the fp32 differences: one bf16 ulp, 2^-7, per element.
   EXPECT_TRUE(grad_close(got_dl, want_dl, targets, V, scale, 1.0 / 128));
+}
+
+// ---- vocab-parallel cross-entropy ----
+
+struct VpCase {
+  int64_t N, V;               // rows; the whole vocabulary
+  std::vector<int64_t> cuts;  // the first id of every slice after the first (none: one slice, the whole vocabulary)
+  int64_t logits_offset = 0;  // every slice's logits start this many elements into their buffer (unaligned rows)
+};
+
+std::vector<VocabShard> split_vocab(int64_t V, const std::vector<int64_t>& cuts) {
+  std::vector<VocabShard> shards;
+  int64_t begin = 0;
+  for (size_t r = 0; r <= cuts.size(); ++r) {
+    const int64_t end = r < cuts.size() ? cuts[r] : V;
+    shards.push_back({begin, end - begin, V});
+    begin = end;
+  }
+  return shards;
+}
+
+// The columns of slice s of the rows of x (N, V): (N, s.size).
+std::vector<float> slice_columns(const std::vector<float>& x, int64_t N, int64_t V, const VocabShard& s) {
+  std::vector<float> out(static_cast<size_t>(N * s.size));
+  for (int64_t n = 0; n < N; ++n) std::copy_n(x.begin() + n * V + s.begin, s.size, out.begin() + n * s.size);
+  return out;
+}
+
+// Partial on every slice of one bf16 logits matrix (each against cpu::cross_entropy_partial), combine (lse, row
+// losses and their sum against the CPU's whole-vocabulary forward), and each slice's backward from combine's lse
+// (against the CPU's sliced backward from its own lse).
+void check_vocab_parallel(const VpCase& c, uint64_t seed) {
+  const int64_t N = c.N, V = c.V;
+  const std::vector<VocabShard> shards = split_vocab(V, c.cuts);
+  const int64_t P = static_cast<int64_t>(shards.size());
+  std::string cuts;
+  for (int64_t cut : c.cuts) cuts += " " + std::to_string(cut);
+  SCOPED_TRACE("N = " + std::to_string(N) + ", V = " + std::to_string(V) + ", cuts" + cuts + ", logits offset " +
+               std::to_string(c.logits_offset));
+  const std::vector<float> logits = random_bf16(static_cast<size_t>(N * V), seed, -8.0f, 8.0f);  // (N, V)
+  // make_targets' (the vocabulary's first and last ids, every fourth row ignored), then the first and last ids of
+  // every slice on the next rows that are not ignored: targets at each slice's edges, held by one slice only.
+  std::vector<int64_t> targets = make_targets(N, V, seed + 1);
+  int64_t row = 3;
+  for (const VocabShard& s : shards)
+    for (int64_t id : {s.begin, s.begin + s.size - 1}) {
+      if (row < N && targets[row] == cpu::kIgnoreIndex) ++row;
+      if (row < N) targets[row++] = id;
+    }
+
+  double want_sum = 0;
+  int64_t count = 0;
+  std::vector<float> want_row(N), want_lse(N);
+  cpu::cross_entropy_forward<float>(&want_sum, &count, want_row.data(), want_lse.data(), logits.data(), targets.data(),
+                                    N, V);
+  const float scale = count > 0 ? 1.0f / static_cast<float>(count) : 1.0f;
+
+  DeviceArray<int64_t> d_targets(targets), d_bad(1);
+  DeviceArray<float> d_stats(static_cast<size_t>(P * 3 * N)), d_row(N), d_lse(N);
+  std::vector<std::unique_ptr<DeviceBf16>> d_local(P);  // each slice's logits, kept for the backward
+  for (int64_t r = 0; r < P; ++r) {
+    SCOPED_TRACE("slice " + std::to_string(r));
+    const VocabShard& s = shards[r];
+    const std::vector<float> local = slice_columns(logits, N, V, s);
+    std::vector<float> want(3 * N);
+    cpu::cross_entropy_partial(want.data(), local.data(), targets.data(), N, s);
+    std::vector<float> padded(c.logits_offset, 0.0f);
+    padded.insert(padded.end(), local.begin(), local.end());
+    d_local[r] = std::make_unique<DeviceBf16>(padded);
+    cuda::cross_entropy_partial(d_stats.get() + r * 3 * N, d_local[r]->get() + c.logits_offset, d_targets.get(), N,
+                                s.size, s.begin, nullptr);
+    const std::vector<float> all = d_stats.download();
+    const std::vector<float> got(all.begin() + r * 3 * N, all.begin() + (r + 1) * 3 * N);
+    for (int64_t n = 0; n < N; ++n) {
+      // The max and the target's logit are bf16 values picked, not computed: exact. The sum of exp is fp32 (the
+      // CPU sums in double): kF32Rtol relative per row.
+      ASSERT_EQ(got[n], want[n]) << "max of row " << n;
+      ASSERT_NEAR(got[N + n], want[N + n], kF32Rtol * want[N + n]) << "sum of exp of row " << n;
+      ASSERT_EQ(got[2 * N + n], want[2 * N + n]) << "target logit of row " << n << " (target " << targets[n] << ")";
+    }
+  }
+
+  cuda::cross_entropy_combine(d_row.get(), d_lse.get(), d_stats.get(), P, d_targets.get(), N, V, d_bad.get(), nullptr);
+  // As the whole-vocabulary forward: fp32 sums of exp, kF32Rtol of the largest value.
+  EXPECT_TRUE(close_to(d_lse.download(), want_lse, kF32Rtol));
+  EXPECT_TRUE(close_to(d_row.download(), want_row, kF32Rtol));
+  EXPECT_EQ(d_bad.download()[0], 0);
+  DeviceArray<double> d_sum(1);
+  DeviceArray<uint8_t> scratch(cuda::sum_scratch_bytes(N));
+  cuda::sum_f64(d_sum.get(), d_row.get(), N, scratch.get(), nullptr);
+  EXPECT_NEAR(d_sum.download()[0], want_sum, kF32Rtol * (std::fabs(want_sum) + 1.0));
+
+  for (int64_t r = 0; r < P; ++r) {
+    SCOPED_TRACE("backward of slice " + std::to_string(r));
+    const VocabShard& s = shards[r];
+    const std::vector<float> local = slice_columns(logits, N, V, s);
+    std::vector<float> want(local.size(), 0.0f);
+    cpu::cross_entropy_backward<float>(want.data(), local.data(), want_lse.data(), targets.data(), scale, N, s);
+    DeviceBf16 d_dl(std::vector<float>(local.size(), 7.0f));  // garbage: every row is overwritten
+    cuda::cross_entropy_backward(d_dl.get(), d_local[r]->get() + c.logits_offset, d_lse.get(), d_targets.get(), scale,
+                                 N, s.size, s.begin, V, nullptr);
+    EXPECT_TRUE(grad_close(d_dl.download(), want, targets, s.size, scale, 1.0 / 128, s.begin));
+  }
 }
 
 // ---- sums ----
@@ -258,13 +368,76 @@ TEST(CrossEntropyCuda, BadTargetFlagsLargestRowAndIsIgnored) {
   cuda::cross_entropy_forward(d_row.get(), d_lse.get(), d_logits.get(), d_targets.get(), N, V, nullptr, nullptr);
   // The backward writes zero rows for bad and ignored targets (no out-of-range write).
   DeviceBf16 d_dl(std::vector<float>(N * V, 7.0f));
-  cuda::cross_entropy_backward(d_dl.get(), d_logits.get(), d_lse.get(), d_targets.get(), 0.5f, N, V, nullptr);
+  cuda::cross_entropy_backward(d_dl.get(), d_logits.get(), d_lse.get(), d_targets.get(), 0.5f, N, V, 0, V, nullptr);
   const std::vector<float> dl = d_dl.download();
   for (int64_t n : {1, 3, 4})
     for (int64_t v = 0; v < V; ++v) ASSERT_EQ(dl[n * V + v], 0.0f) << "row " << n;
   // N = 0: nothing launched, nothing written.
   cuda::cross_entropy_forward(d_row.get(), d_lse.get(), d_logits.get(), d_targets.get(), 0, V, d_bad.get(), nullptr);
-  cuda::cross_entropy_backward(d_dl.get(), d_logits.get(), d_lse.get(), d_targets.get(), 0.5f, 0, V, nullptr);
+  cuda::cross_entropy_backward(d_dl.get(), d_logits.get(), d_lse.get(), d_targets.get(), 0.5f, 0, V, 0, V, nullptr);
+  NEXTRON_CUDA_CHECK(cudaDeviceSynchronize());
+}
+
+TEST(CrossEntropyCuda, VocabParallelMatchesWholeVocabulary) {
+  NEXTRON_REQUIRE_GPU();
+  uint64_t seed = 1000;
+  // Three slices of odd and even sizes (one of a single id), one slice (the whole vocabulary through partial and
+  // combine), unaligned slice rows, and Qwen3-Next's vocabulary in three.
+  for (const VpCase& c : std::vector<VpCase>{{5, 7, {3, 4}},
+                                             {300, 1001, {333, 667}},
+                                             {17, 1000, {1, 999}},
+                                             {33, 1001, {500, 501}, 1},
+                                             {9, 1001, {}},
+                                             {4, 151936, {50645, 101291}, 3}})
+    check_vocab_parallel(c, seed++);
+}
+
+TEST(CrossEntropyCuda, VocabParallelBadTargetFlaggedByCombine) {
+  NEXTRON_REQUIRE_GPU();
+  const int64_t N = 5, V = 100;
+  const std::vector<VocabShard> shards = split_vocab(V, {41});
+  const std::vector<float> logits = random_bf16(N * V, 1100, -4.0f, 4.0f);
+  const std::vector<int64_t> targets = {3, V, 57, -1, cpu::kIgnoreIndex};  // rows 1 and 3 are bad
+  DeviceArray<int64_t> d_targets(targets), d_bad(1);
+  DeviceArray<float> d_stats(2 * 3 * N), d_row(N), d_lse(N);
+  std::vector<std::unique_ptr<DeviceBf16>> d_local;
+  for (size_t r = 0; r < shards.size(); ++r) {
+    d_local.push_back(std::make_unique<DeviceBf16>(slice_columns(logits, N, V, shards[r])));
+    cuda::cross_entropy_partial(d_stats.get() + r * 3 * N, d_local[r]->get(), d_targets.get(), N, shards[r].size,
+                                shards[r].begin, nullptr);
+  }
+  cuda::cross_entropy_combine(d_row.get(), d_lse.get(), d_stats.get(), 2, d_targets.get(), N, V, d_bad.get(), nullptr);
+  EXPECT_EQ(d_bad.download()[0], 4);  // the largest bad row (3) + 1
+  const std::vector<float> row = d_row.download();
+  EXPECT_EQ(row[1], 0.0f);
+  EXPECT_EQ(row[3], 0.0f);
+  EXPECT_EQ(row[4], 0.0f);
+  EXPECT_GT(row[0], 0.0f);
+  EXPECT_GT(row[2], 0.0f);
+  // Without a flag pointer, or without row losses, a bad target is still harmless.
+  cuda::cross_entropy_combine(d_row.get(), d_lse.get(), d_stats.get(), 2, d_targets.get(), N, V, nullptr, nullptr);
+  cuda::cross_entropy_combine(nullptr, d_lse.get(), d_stats.get(), 2, d_targets.get(), N, V, nullptr, nullptr);
+  // Every slice's backward writes zero rows for bad and ignored targets (no out-of-range write).
+  for (size_t r = 0; r < shards.size(); ++r) {
+    const int64_t W = shards[r].size;
+    DeviceBf16 d_dl(std::vector<float>(N * W, 7.0f));
+    cuda::cross_entropy_backward(d_dl.get(), d_local[r]->get(), d_lse.get(), d_targets.get(), 0.5f, N, W,
+                                 shards[r].begin, V, nullptr);
+    const std::vector<float> dl = d_dl.download();
+    for (int64_t n : {1, 3, 4})
+      for (int64_t v = 0; v < W; ++v) ASSERT_EQ(dl[n * W + v], 0.0f) << "slice " << r << " row " << n;
+  }
+  // Bad arguments throw on the host; N = 0 launches nothing.
+  EXPECT_THROW(cuda::cross_entropy_partial(d_stats.get(), d_local[0]->get(), d_targets.get(), N, 41, -1, nullptr),
+               Error);
+  EXPECT_THROW(
+      cuda::cross_entropy_combine(d_row.get(), d_lse.get(), d_stats.get(), 0, d_targets.get(), N, V, nullptr, nullptr),
+      Error);
+  EXPECT_THROW(cuda::cross_entropy_backward(nullptr, d_local[1]->get(), d_lse.get(), d_targets.get(), 0.5f, N, 59, 42,
+                                            V, nullptr),
+               Error);
+  cuda::cross_entropy_partial(d_stats.get(), d_local[0]->get(), d_targets.get(), 0, 41, 0, nullptr);
+  cuda::cross_entropy_combine(d_row.get(), d_lse.get(), d_stats.get(), 2, d_targets.get(), 0, V, d_bad.get(), nullptr);
   NEXTRON_CUDA_CHECK(cudaDeviceSynchronize());
 }
 

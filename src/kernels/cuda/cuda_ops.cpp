@@ -379,21 +379,26 @@ void CudaOps::moe_experts_backward(Tensor& dx, Tensor& dweights, MoeExpertsState
   cuda::moe_permute_backward(bf(dx), bf(st.dxs), i32p(st.slot_of), N, K, H, stream_);
 }
 
-void CudaOps::embedding_forward(Tensor& out, const ParamRef& table, const Tensor& ids) {
-  const int64_t V = table.w.dim(0), H = table.w.dim(1), N = ids.numel();
+void CudaOps::embedding_forward(Tensor& out, const ParamRef& table, const Tensor& ids, const VocabShard& vocab) {
+  const int64_t H = table.w.dim(1), N = ids.numel();
+  NEXTRON_CHECK(table.w.dim(0) == vocab.size, "embedding: table of ", table.w.dim(0), " rows for ", vocab.size, " ids");
   fill_zero(flag_);
-  cuda::embedding_forward(bf(out), f(table.w), i64p(ids), N, H, V, i64p(flag_), stream_);
+  cuda::embedding_forward(bf(out), f(table.w), i64p(ids), N, H, vocab.size, vocab.begin, vocab.full, i64p(flag_),
+                          stream_);
   int64_t code = 0;
   download(&code, flag_, sizeof(int64_t));
-  NEXTRON_CHECK(code == 0, "token id ", code > 0 ? code - 1 : code, " is outside the vocabulary [0, ", V,
+  NEXTRON_CHECK(code == 0, "token id ", code > 0 ? code - 1 : code, " is outside the vocabulary [0, ", vocab.full,
                 "): the data was tokenized for another vocabulary, or the config's vocab_size is wrong");
 }
 
-void CudaOps::embedding_backward(const ParamRef& table, const Tensor& dout, const Tensor& ids) {
-  const int64_t V = table.w.dim(0), H = table.w.dim(1), N = ids.numel();
+void CudaOps::embedding_backward(const ParamRef& table, const Tensor& dout, const Tensor& ids,
+                                 const VocabShard& vocab) {
+  const int64_t H = table.w.dim(1), N = ids.numel();
+  NEXTRON_CHECK(table.w.dim(0) == vocab.size, "embedding: table of ", table.w.dim(0), " rows for ", vocab.size, " ids");
   i64(embed_rows_, {std::max<int64_t>(N, 1)});
-  i64(embed_offsets_, {V + 1});
-  cuda::embedding_backward(f(table.g), bf(dout), i64p(ids), N, H, V, i64p(embed_rows_), i64p(embed_offsets_), stream_);
+  i64(embed_offsets_, {vocab.size + 1});
+  cuda::embedding_backward(f(table.g), bf(dout), i64p(ids), N, H, vocab.size, vocab.begin, i64p(embed_rows_),
+                           i64p(embed_offsets_), stream_);
 }
 
 void CudaOps::cross_entropy_forward(double* loss_sum, Tensor& row_loss, Tensor& lse, const Tensor& logits,
@@ -412,11 +417,42 @@ void CudaOps::cross_entropy_forward(double* loss_sum, Tensor& row_loss, Tensor& 
   download(loss_sum, sum_out_, sizeof(double));
 }
 
+void CudaOps::cross_entropy_partial(Tensor& stats, const Tensor& logits, const Tensor& targets,
+                                    const VocabShard& vocab) {
+  const int64_t N = targets.numel();
+  NEXTRON_CHECK(logits.numel() == N * vocab.size, "cross_entropy_partial: logits of ", logits.numel(),
+                " elements are not ", N, " rows of ", vocab.size, " columns (the vocabulary slice held)");
+  NEXTRON_ASSERT(stats.numel() == 3 * N);
+  cuda::cross_entropy_partial(f(stats), bf(logits), i64p(targets), N, vocab.size, vocab.begin, stream_);
+}
+
+void CudaOps::cross_entropy_combine(double* loss_sum, Tensor& row_loss, Tensor& lse, const Tensor& stats,
+                                    const Tensor& targets, int64_t vocab_full) {
+  const int64_t N = targets.numel();
+  NEXTRON_ASSERT(N > 0 && stats.numel() % (3 * N) == 0);
+  const int64_t P = stats.numel() / (3 * N);
+  fill_zero(flag_);
+  Tensor bad_target = Tensor::view_of(flag_, 1, {1});
+  cuda::cross_entropy_combine(f(row_loss), f(lse), f(stats), P, i64p(targets), N, vocab_full, i64p(bad_target),
+                              stream_);
+  scratch(sum_scratch_, static_cast<int64_t>(cuda::sum_scratch_bytes(N)));
+  ensure(sum_out_, {1}, DType::f64);
+  cuda::sum_f64(sum_out_.data<double>(), f(row_loss), N, sum_scratch_.raw(), stream_);
+  int64_t bad_row = 0;
+  download(&bad_row, bad_target, sizeof(int64_t));
+  NEXTRON_CHECK(bad_row == 0, "target at token ", bad_row - 1, " is outside the vocabulary [0, ", vocab_full,
+                ") and is not -100 (ignored)");
+  download(loss_sum, sum_out_, sizeof(double));
+}
+
 void CudaOps::cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& lse, const Tensor& targets,
-                                     double scale) {
-  const int64_t N = targets.numel(), V = logits.numel() / N;
-  cuda::cross_entropy_backward(bf(dlogits), bf(logits), f(lse), i64p(targets), static_cast<float>(scale), N, V,
-                               stream_);
+                                     double scale, const VocabShard& vocab) {
+  const int64_t N = targets.numel();
+  NEXTRON_CHECK(logits.numel() == N * vocab.size, "cross_entropy_backward: logits of ", logits.numel(),
+                " elements are not ", N, " rows of ", vocab.size, " columns (the vocabulary slice held)");
+  NEXTRON_ASSERT(dlogits.numel() == logits.numel());
+  cuda::cross_entropy_backward(bf(dlogits), bf(logits), f(lse), i64p(targets), static_cast<float>(scale), N, vocab.size,
+                               vocab.begin, vocab.full, stream_);
 }
 
 double CudaOps::sum_squares(const Tensor& x, const std::vector<FlatRange>& ranges) {

@@ -5,8 +5,8 @@
 // Memory: every activation buffer is allocated by the Ops buffer calls, which reallocate only when a shape
 // changes, and every library workspace is allocated once and kept; a step of a fixed shape after the first makes
 // no cudaMalloc (tests/cuda/test_cuda_model.cpp counts them).
-// Synchronisation: the ops enqueue on stream(); the few that return host values (cross_entropy_forward's loss,
-// the MoE dispatch's per-expert row counts) synchronise that stream.
+// Synchronisation: the ops enqueue on stream(); the few that return host values (cross_entropy_forward's and
+// cross_entropy_combine's loss, the MoE dispatch's per-expert row counts) synchronise that stream.
 #pragma once
 
 #include <memory>
@@ -88,12 +88,17 @@ class CudaOps final : public Ops {
   void moe_experts_backward(Tensor& dx, Tensor& dweights, MoeExpertsState& state, const Tensor& dy,
                             const ParamRef& w_gate_up, const ParamRef& w_down) override;
 
-  void embedding_forward(Tensor& out, const ParamRef& table, const Tensor& ids) override;
-  void embedding_backward(const ParamRef& table, const Tensor& dout, const Tensor& ids) override;
+  void embedding_forward(Tensor& out, const ParamRef& table, const Tensor& ids, const VocabShard& vocab) override;
+  void embedding_backward(const ParamRef& table, const Tensor& dout, const Tensor& ids,
+                          const VocabShard& vocab) override;
   void cross_entropy_forward(double* loss_sum, Tensor& row_loss, Tensor& lse, const Tensor& logits,
                              const Tensor& targets) override;
+  void cross_entropy_partial(Tensor& stats, const Tensor& logits, const Tensor& targets,
+                             const VocabShard& vocab) override;
+  void cross_entropy_combine(double* loss_sum, Tensor& row_loss, Tensor& lse, const Tensor& stats,
+                             const Tensor& targets, int64_t vocab_full) override;
   void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& lse, const Tensor& targets,
-                              double scale) override;
+                              double scale, const VocabShard& vocab) override;
 
   double sum_squares(const Tensor& x, const std::vector<FlatRange>& ranges) override;
   void scale(Tensor& x, FlatRange r, float s) override;

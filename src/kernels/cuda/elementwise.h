@@ -49,16 +49,22 @@ void swiglu_forward(bf16* h, const bf16* gu, int64_t N, int64_t I, cudaStream_t 
 // Accumulates dgu (N, 2I) from dh (N, I).
 void swiglu_backward(bf16* dgu, const bf16* dh, const bf16* gu, int64_t N, int64_t I, cudaStream_t stream);
 
-// out[n] = bf16(table[ids[n]]); table: (V, H) fp32 master rows; ids: (N) int64 on the device. An id outside
-// [0, V) writes zeros and sets *bad_id (device int64, may be nullptr) to a nonzero code unless it is already
-// nonzero: id + 1 for an id >= V, the id itself for a negative id (so -1 does not read as 0 = all fine); the caller
-// zeroes it, checks it once per step instead of synchronising here, and decodes id = code > 0 ? code - 1 : code.
-void embedding_forward(bf16* out, const float* table, const int64_t* ids, int64_t N, int64_t H, int64_t V,
-                       int64_t* bad_id, cudaStream_t stream);
-// Accumulates dtable[ids[n]] += dout[n] (fp32, deterministic: rows with the same id summed in token order, no
-// atomics). sorted_rows / row_offsets: scratch of N and V + 1 int64 built here on the device. Ids outside [0, V)
-// are skipped (the forward reports them).
-void embedding_backward(float* dtable, const bf16* dout, const int64_t* ids, int64_t N, int64_t H, int64_t V,
-                        int64_t* scratch_sorted_rows, int64_t* scratch_row_offsets, cudaStream_t stream);
+// The embedding table holds V_local rows, the ids [vocab_begin, vocab_begin + V_local) of a vocabulary of V_full ids
+// (kernels/vocab_shard.h: begin 0, V_local = V_full for the whole vocabulary; one TP rank's slice otherwise).
+// out (N, H) bf16: out[n] = bf16(table[ids[n] - vocab_begin]) for the ids held, zeros for the other ids (the sum
+// over the ranks is the full lookup). table: (V_local, H) fp32 master rows; ids: (N) int64 on the device. An id
+// outside [0, V_full) writes zeros and sets *bad_id (device int64, may be nullptr) to a nonzero code unless it is
+// already nonzero: id + 1 for an id >= V_full, the id itself for a negative id (so -1 does not read as 0 = all
+// fine); the caller zeroes it, checks it once per step instead of synchronising here, and decodes
+// id = code > 0 ? code - 1 : code.
+void embedding_forward(bf16* out, const float* table, const int64_t* ids, int64_t N, int64_t H, int64_t V_local,
+                       int64_t vocab_begin, int64_t V_full, int64_t* bad_id, cudaStream_t stream);
+// Accumulates dtable[ids[n] - vocab_begin] += dout[n] for the ids held (fp32, deterministic: rows with the same id
+// summed in token order, no atomics). dtable: (V_local, H). sorted_rows / row_offsets: scratch of N and
+// V_local + 1 int64 built here on the device. Ids not held (another rank's, or outside the vocabulary: the forward
+// reports those) are skipped.
+void embedding_backward(float* dtable, const bf16* dout, const int64_t* ids, int64_t N, int64_t H, int64_t V_local,
+                        int64_t vocab_begin, int64_t* scratch_sorted_rows, int64_t* scratch_row_offsets,
+                        cudaStream_t stream);
 
 }  // namespace nextron::cuda

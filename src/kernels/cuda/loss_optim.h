@@ -17,11 +17,31 @@ namespace nextron::cuda {
 // by the caller (sum_f64 below).
 void cross_entropy_forward(float* row_loss, float* lse, const bf16* logits, const int64_t* targets, int64_t N,
                            int64_t V, int64_t* bad_target, cudaStream_t stream);
-// dlogits (N, V) bf16: OVERWRITES every row with scale * (softmax - onehot), zero for ignored rows (the logits
-// gradient is always a fresh buffer; writing instead of accumulating saves a read of N V elements).
-// dlogits may equal logits (in place: the logits are not needed afterwards).
+
+// Vocab-parallel cross-entropy (kernels/cpu/cross_entropy.h, Megatron's): a rank holds the logit columns of ids
+// [vocab_begin, vocab_begin + V_local) of a vocabulary of V_full ids, and the loss is assembled from three numbers
+// per row and rank instead of gathering the (N, V_full) logits.
+// 1. Per rank, over its columns: logits (N, V_local) bf16. Overwrites stats (3, N) fp32: [0] the row max m, [1] the
+//    sum of exp(x - m) (fp32, online as the forward above), [2] fp32 of the target's logit when this rank holds the
+//    target, else 0 (ignored targets, and those of other ranks).
+void cross_entropy_partial(float* stats, const bf16* logits, const int64_t* targets, int64_t N, int64_t V_local,
+                           int64_t vocab_begin, cudaStream_t stream);
+// 2. From the P ranks' stats (P, 3, N) fp32, all-gathered by the caller: lse = M + log(sum_r s_r exp(m_r - M)) with
+//    M the largest m_r, row_loss = lse - sum_r target logit_r (0 on ignored rows), in double like the CPU, rounded
+//    to fp32. One thread per row. Overwrites lse and row_loss (N) (row_loss may be nullptr). A target outside
+//    [0, V_full) that is not -100 sets *bad_target (may be nullptr; zeroed by the caller) to the largest such row
+//    + 1, and that row is treated as ignored, as in cross_entropy_forward.
+void cross_entropy_combine(float* row_loss, float* lse, const float* stats, int64_t P, const int64_t* targets,
+                           int64_t N, int64_t V_full, int64_t* bad_target, cudaStream_t stream);
+
+// dlogits (N, V_local) bf16 of the logit columns [vocab_begin, vocab_begin + V_local) of a vocabulary of V_full ids
+// (the whole vocabulary: vocab_begin 0, V_local = V_full = V). OVERWRITES every row with scale * (softmax - onehot)
+// over those columns, with the -1 only when the target is one of them; rows whose target is outside [0, V_full)
+// (ignored, or bad) are zero (the logits gradient is always a fresh buffer; writing instead of accumulating saves a
+// read of N V_local elements). lse: (N) fp32 of the whole vocabulary (the forward's, or combine's). dlogits may
+// equal logits (in place: the logits are not needed afterwards).
 void cross_entropy_backward(bf16* dlogits, const bf16* logits, const float* lse, const int64_t* targets, float scale,
-                            int64_t N, int64_t V, cudaStream_t stream);
+                            int64_t N, int64_t V_local, int64_t vocab_begin, int64_t V_full, cudaStream_t stream);
 
 // *out = sum of x[0..n) in double, deterministic (a fixed grid and element-to-thread assignment, independent of
 // timing and of the device). out: device double. scratch: device memory of sum_scratch_bytes(n) bytes (today a
