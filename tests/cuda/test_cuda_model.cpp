@@ -135,4 +135,30 @@ TEST(CudaTraining, LossFollowsTheFp32CurveAndStepsAllocateNothing) {
   EXPECT_EQ(device_allocation_count(), allocations_after_first) << "a step after the first allocated device memory";
 }
 
+// The vocab-parallel loss through CudaOps (its kernels are tested in test_loss_optim.cpp): combine turns the
+// device's bad-target flag into an error naming the vocabulary, and otherwise returns the loss sum.
+TEST(CudaOpsLoss, CombineSumsTheLossAndRejectsATargetOutsideTheVocabulary) {
+  NEXTRON_REQUIRE_GPU();
+  CudaOps ops(0);
+  const int64_t N = 3, V = 10;
+  // One rank's stats (1, 3, N): max 0 and sum of exponentials e^1 in every row, so lse = 1; target logits -2, 0, 0.
+  const std::vector<float> stats_host = {0, 0, 0, std::exp(1.0f), std::exp(1.0f), std::exp(1.0f), -2, 0, 0};
+  Tensor stats, targets, row_loss, lse;
+  ops.upload(ops.f32(stats, {1, 3, N}), stats_host.data(), stats_host.size() * sizeof(float));
+  ops.f32(row_loss, {N});
+  ops.f32(lse, {N});
+  const std::vector<int64_t> good = {4, -100, 9}, bad = {4, -100, 10};
+  ops.upload(ops.i64(targets, {N}), good.data(), N * sizeof(int64_t));
+  double sum = 0;
+  ops.cross_entropy_combine(&sum, row_loss, lse, stats, targets, V);
+  EXPECT_NEAR(sum, (1.0 + 2.0) + 0.0 + (1.0 - 0.0), 1e-5);
+  ops.upload(targets, bad.data(), N * sizeof(int64_t));
+  try {
+    ops.cross_entropy_combine(&sum, row_loss, lse, stats, targets, V);
+    ADD_FAILURE() << "target 10 of a 10-id vocabulary was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("outside the vocabulary [0, 10)"), std::string::npos) << e.what();
+  }
+}
+
 }  // namespace nextron::test
