@@ -73,26 +73,6 @@ RunResult train(const TrainOptions& o, Communicator* world, const std::shared_pt
   return r;
 }
 
-// Every parameter tensor's largest |got - want| within abs + rel * its largest |want|; returns the worst ratio.
-double expect_close(const std::vector<float>& got, const std::vector<float>& want, double rel, double abs,
-                    const char* what) {
-  const ParamTable table(ModelConfig::from_file(tiny_config_path()));
-  EXPECT_EQ(got.size(), want.size());
-  if (got.size() != want.size()) return INFINITY;
-  double worst = 0;
-  for (const ParamSpec& s : table.specs()) {
-    double diff = 0, scale = 0;
-    for (int64_t i = s.offset; i < s.offset + s.numel(); ++i) {
-      diff = std::max(diff, std::fabs(double(got[i]) - double(want[i])));
-      scale = std::max(scale, std::fabs(double(want[i])));
-    }
-    EXPECT_LE(diff, abs + rel * scale) << what << " of " << s.name << ": max |diff| " << diff << ", max |ref| "
-                                       << scale;
-    if (scale > 0) worst = std::max(worst, diff / scale);
-  }
-  return worst;
-}
-
 class CudaTensorParallel : public ::testing::TestWithParam<bool> {
  protected:
   void SetUp() override {
@@ -112,8 +92,9 @@ TEST_P(CudaTensorParallel, MatchesOneGpu) {
     loss_rel = std::max(loss_rel, std::fabs(got.loss[s] - want.loss[s]) / std::fabs(want.loss[s]));
     EXPECT_NEAR(got.loss[s], want.loss[s], 1e-2 * std::fabs(want.loss[s])) << "loss of step " << s + 1;
   }
-  const double grad_rel = expect_close(got.first_grads, want.first_grads, 5e-2, 0, "gradient (step 1)");
-  const double weight_rel = expect_close(got.final_params, want.final_params, 1e-2, 2.5e-3, "weights after 2 steps");
+  const double grad_rel = expect_tensors_close(got.first_grads, want.first_grads, 5e-2, 0, "gradient (step 1)");
+  const double weight_rel =
+      expect_tensors_close(got.final_params, want.final_params, 1e-2, 2.5e-3, "weights after 2 steps");
   if (world_rank() == 0)
     std::printf("TP%d%s on GPUs vs one GPU: loss %.1e (relative); worst tensor: gradients %.1e, weights %.1e\n",
                 world_size(), sp ? " + SP" : "", loss_rel, grad_rel, weight_rel);

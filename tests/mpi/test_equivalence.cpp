@@ -74,30 +74,6 @@ const RunResult& reference() {
   return r;
 }
 
-// Largest |a - b| of each parameter tensor against its largest |reference| value; fails with the worst tensor.
-// Returns the worst ratio diff / max|ref| over the tensors (reported in docs/parallel.md).
-double expect_close(const std::vector<float>& got, const std::vector<float>& want, double rel, double abs,
-                    const char* what) {
-  const ParamTable table(ModelConfig::from_file(config_path()));
-  EXPECT_EQ(got.size(), want.size());
-  if (got.size() != want.size()) return INFINITY;
-  double worst = 0;
-  for (const ParamSpec& s : table.specs()) {
-    double diff = 0, scale = 0;
-    for (int64_t i = s.offset; i < s.offset + s.numel(); ++i) {
-      diff = std::max(diff, std::fabs(double(got[i]) - double(want[i])));
-      scale = std::max(scale, std::fabs(double(want[i])));
-    }
-    EXPECT_LE(diff, abs + rel * scale) << what << " of " << s.name << ": max |diff| " << diff << ", max |ref| "
-                                       << scale;
-    if (scale > 0 && diff / scale > worst) {
-      worst = diff / scale;
-      if (std::getenv("NEXTRON_EQUIV_VERBOSE")) std::printf("  %s %s %.2e\n", what, s.name.c_str(), worst);
-    }
-  }
-  return worst;
-}
-
 struct LayoutCase {
   const char* name;
   int world, tp;
@@ -121,8 +97,9 @@ TEST_P(Equivalence, MatchesOneProcess) {
     EXPECT_NEAR(got.loss[s], want.loss[s], 1e-5 * std::fabs(want.loss[s])) << "loss of step " << s + 1;
     EXPECT_NEAR(got.grad_norm[s], want.grad_norm[s], tol * want.grad_norm[s]) << "grad norm of step " << s + 1;
   }
-  const double grad_rel = expect_close(got.first_grads, want.first_grads, 1e-4, 0, "gradient (step 1)");
-  const double weight_rel = expect_close(got.final_params, want.final_params, 1e-4, 1e-5, "weights after 3 steps");
+  const double grad_rel = expect_tensors_close(got.first_grads, want.first_grads, 1e-4, 0, "gradient (step 1)");
+  const double weight_rel =
+      expect_tensors_close(got.final_params, want.final_params, 1e-4, 1e-5, "weights after 3 steps");
   if (world_rank() == 0)
     std::printf("%s: loss %.1e, grad norm %.1e (relative); worst tensor: gradients %.1e, weights %.1e (of max |ref|)\n",
                 c.name, loss_rel, norm_rel, grad_rel, weight_rel);

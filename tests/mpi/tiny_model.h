@@ -3,12 +3,21 @@
 // expert in the three MoE layers, vocab 64. kTiny* are its dimensions, for closed-form formulas.
 #pragma once
 
+#include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <vector>
+
+#include "model/config.h"
+#include "model/param_table.h"
 
 namespace nextron::test {
 
@@ -40,6 +49,31 @@ inline std::string tiny_config_path() {
 // Training sample `index` of seq_len + 1 tokens, a fixed function of the index.
 inline void tiny_sample(int64_t index, int64_t* out, int64_t seq_len) {
   for (int64_t t = 0; t <= seq_len; ++t) out[t] = (index * 7919 + t * 104729 + (index * t) % 13) % kTinyVocab;
+}
+
+// Compares two whole-model flat buffers (the tiny model's single-device layout) tensor by tensor: every tensor's
+// largest |got - want| must be within abs + rel * its largest |want|. Returns the worst ratio diff / max|want| over
+// the tensors (what the docs report); NEXTRON_EQUIV_VERBOSE=1 prints each new worst tensor.
+inline double expect_tensors_close(const std::vector<float>& got, const std::vector<float>& want, double rel,
+                                   double abs, const char* what) {
+  const ParamTable table(ModelConfig::from_file(tiny_config_path()));
+  EXPECT_EQ(got.size(), want.size());
+  if (got.size() != want.size()) return INFINITY;
+  double worst = 0;
+  for (const ParamSpec& s : table.specs()) {
+    double diff = 0, scale = 0;
+    for (int64_t i = s.offset; i < s.offset + s.numel(); ++i) {
+      diff = std::max(diff, std::fabs(double(got[i]) - double(want[i])));
+      scale = std::max(scale, std::fabs(double(want[i])));
+    }
+    EXPECT_LE(diff, abs + rel * scale) << what << " of " << s.name << ": max |diff| " << diff << ", max |ref| "
+                                       << scale;
+    if (scale > 0 && diff / scale > worst) {
+      worst = diff / scale;
+      if (std::getenv("NEXTRON_EQUIV_VERBOSE")) std::printf("  %s %s %.2e\n", what, s.name.c_str(), worst);
+    }
+  }
+  return worst;
 }
 
 }  // namespace nextron::test

@@ -15,6 +15,15 @@ void check_targets(const int64_t* targets, int64_t N, int64_t V) {
                   targets[n], " at position ", n, " is outside the vocabulary [0, ", V,
                   ") and is not the ignore index ", kIgnoreIndex);
 }
+// The row's max m and sum of exp(x - m) (accumulated in double): the stable logsumexp is m + log(s).
+template <typename T>
+void row_max_sumexp(const T* x, int64_t V, T& m, double& s) {
+  m = x[0];
+  for (int64_t v = 1; v < V; ++v) m = std::max(m, x[v]);
+  s = 0;
+  for (int64_t v = 0; v < V; ++v) s += std::exp(x[v] - m);
+}
+
 }  // namespace
 
 template <typename T>
@@ -25,10 +34,9 @@ void cross_entropy_forward(double* loss_sum, int64_t* count, T* row_loss, T* lse
 #pragma omp parallel for
   for (int64_t n = 0; n < N; ++n) {
     const T* x = logits + n * V;
-    T m = x[0];
-    for (int64_t v = 1; v < V; ++v) m = std::max(m, x[v]);
-    double s = 0;
-    for (int64_t v = 0; v < V; ++v) s += std::exp(x[v] - m);
+    T m;
+    double s;
+    row_max_sumexp(x, V, m, s);
     const double l = double(m) + std::log(s);
     lse[n] = T(l);
     loss[n] = targets[n] == kIgnoreIndex ? 0.0 : l - double(x[targets[n]]);
@@ -72,10 +80,9 @@ void cross_entropy_partial(float* stats, const float* logits, const int64_t* tar
 #pragma omp parallel for
   for (int64_t n = 0; n < N; ++n) {
     const float* x = logits + n * V;
-    float m = x[0];
-    for (int64_t v = 1; v < V; ++v) m = std::max(m, x[v]);
-    double s = 0;
-    for (int64_t v = 0; v < V; ++v) s += std::exp(x[v] - m);
+    float m;
+    double s;
+    row_max_sumexp(x, V, m, s);
     stats[n] = m;
     stats[N + n] = static_cast<float>(s);
     stats[2 * N + n] = targets[n] != kIgnoreIndex && vocab.holds(targets[n]) ? x[targets[n] - vocab.begin] : 0.0f;
