@@ -190,8 +190,12 @@ void CudaOps::rmsnorm_forward(Tensor& y, Tensor& rstd, const Tensor& x, const Pa
 }
 
 void CudaOps::rmsnorm_backward(Tensor* dx, const ParamRef& w, const Tensor& dy, const Tensor& x, const Tensor& rstd) {
-  const int64_t D = w.w.numel();
-  cuda::rmsnorm_backward(bf_or_null(dx), f(w.g), bf(dy), bf(x), f(w.w), f(rstd), rows(x, D), D, stream_);
+  const int64_t D = w.w.numel(), N = rows(x, D);
+  // Grow-only (scratch, not f32): the norms of one step alternate widths (2048, 256, 128), and an exact-shape buffer
+  // would be reallocated at every switch.
+  Tensor& ws = scratch(norm_dw_scratch_, cuda::norm_dw_scratch_floats(N, D) * static_cast<int64_t>(sizeof(float)));
+  cuda::rmsnorm_backward(bf_or_null(dx), f(w.g), static_cast<float*>(ws.raw()), bf(dy), bf(x), f(w.w), f(rstd), N, D,
+                         stream_);
 }
 
 void CudaOps::rmsnorm_gated_forward(Tensor& y, Tensor& rstd, const Tensor& x, const Tensor& z, const ParamRef& w,
@@ -202,9 +206,10 @@ void CudaOps::rmsnorm_gated_forward(Tensor& y, Tensor& rstd, const Tensor& x, co
 
 void CudaOps::rmsnorm_gated_backward(Tensor* dx, Tensor* dz, const ParamRef& w, const Tensor& dy, const Tensor& x,
                                      const Tensor& z, const Tensor& rstd) {
-  const int64_t D = w.w.numel();
-  cuda::rmsnorm_gated_backward(bf_or_null(dx), bf_or_null(dz), f(w.g), bf(dy), bf(x), bf(z), f(w.w), f(rstd),
-                               rows(x, D), D, stream_);
+  const int64_t D = w.w.numel(), N = rows(x, D);
+  Tensor& ws = scratch(norm_dw_scratch_, cuda::norm_dw_scratch_floats(N, D) * static_cast<int64_t>(sizeof(float)));
+  cuda::rmsnorm_gated_backward(bf_or_null(dx), bf_or_null(dz), f(w.g), static_cast<float*>(ws.raw()), bf(dy), bf(x),
+                               bf(z), f(w.w), f(rstd), N, D, stream_);
 }
 
 void CudaOps::l2norm_forward(Tensor& y, const Tensor& x, int64_t D) {

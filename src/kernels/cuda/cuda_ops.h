@@ -123,6 +123,7 @@ class CudaOps final : public Ops {
   Tensor embed_rows_, embed_offsets_;  // embedding backward scratch
   Tensor sum_scratch_, sum_out_;       // loss sum
   Tensor decay_ranges_;                // AdamW: decayed ranges relative to the updated range (int64 pairs)
+  Tensor norm_dw_scratch_;             // RMSNorm / gated RMSNorm dw: per-chunk partial column sums
 };
 
 }  // namespace nextron

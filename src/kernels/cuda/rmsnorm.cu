@@ -6,19 +6,17 @@
 // short rows of q_norm / k_norm (D = 256) and the hidden-size rows (D = 2048: 64 elements per lane). Every lane
 // reads and writes the same elements, after the reduction, so y may alias x.
 //
-// dw (D) is a column sum over rows. The API gives no scratch for per-block partials, so it is a second kernel in
-// which each block owns 32 columns and kColGroups row groups (block (32, kColGroups)): thread (c, g) sums column c
-// over rows g, g + kColGroups, ... in order, then the kColGroups partials are added in a fixed order through shared
-// memory. Deterministic, no atomics.
+// dw (D) is a column sum over rows: the deterministic two-stage sum of norm_dw.cuh (per-chunk partials in the
+// caller's dw_scratch, then a fixed-order sum per column), shared with rmsnorm_gated.cu.
 #include "kernels/cuda/device_utils.cuh"
+#include "kernels/cuda/norm_dw.cuh"
 #include "kernels/cuda/norms.h"
 
 namespace nextron::cuda {
 
 namespace {
 
-constexpr int kRowWarps = 4;    // rows (warps) per block in the row kernels
-constexpr int kColGroups = 32;  // row groups per column in the dw kernel (block 32 x 32 = 1024 threads)
+constexpr int kRowWarps = 4;  // rows (warps) per block in the row kernels
 
 // x, y: (N, D); rstd: (N). Block (32, kRowWarps), warp threadIdx.y handles row blockIdx.x * kRowWarps + threadIdx.y.
 __global__ void rmsnorm_forward_kernel(bf16* y, float* rstd, const bf16* x, const float* w, int64_t N, int64_t D,
@@ -55,25 +53,13 @@ __global__ void rmsnorm_backward_dx_kernel(bf16* dx, const bf16* dy, const bf16*
     add_to(dxr + d, r * (to_f32(gr[d]) * (1.0f + w[d]) - to_f32(xr[d]) * c));
 }
 
-// dw[d] += sum_n dy[n, d] x[n, d] rstd[n]. Block (32, kColGroups) owns columns [32 blockIdx.x, 32 blockIdx.x + 32).
-__global__ void __launch_bounds__(32 * kColGroups)
-    rmsnorm_backward_dw_kernel(float* dw, const bf16* dy, const bf16* x, const float* rstd, int64_t N, int64_t D) {
-  __shared__ float part[kColGroups][32];
-  const int64_t d = int64_t(blockIdx.x) * 32 + threadIdx.x;
-  float acc = 0.0f;
-  if (d < D) {
-#pragma unroll 4
-    for (int64_t n = threadIdx.y; n < N; n += kColGroups)
-      acc += to_f32(dy[n * D + d]) * (to_f32(x[n * D + d]) * rstd[n]);
-  }
-  part[threadIdx.y][threadIdx.x] = acc;
-  __syncthreads();
-  if (threadIdx.y == 0 && d < D) {
-    float s = 0.0f;
-    for (int g = 0; g < kColGroups; ++g) s += part[g][threadIdx.x];
-    dw[d] += s;
-  }
-}
+// The summand of dw[d] += sum_n dy[n, d] x[n, d] rstd[n] (dL/d(1 + w) = dy xhat) at row n, flat index i = n D + d.
+struct DwTerm {
+  const bf16* dy;
+  const bf16* x;
+  const float* rstd;
+  __device__ float operator()(int64_t n, int64_t i) const { return to_f32(dy[i]) * (to_f32(x[i]) * rstd[n]); }
+};
 
 }  // namespace
 
@@ -85,18 +71,17 @@ void rmsnorm_forward(bf16* y, float* rstd, const bf16* x, const float* w, int64_
   NEXTRON_CUDA_LAUNCH_CHECK();
 }
 
-void rmsnorm_backward(bf16* dx, float* dw, const bf16* dy, const bf16* x, const float* w, const float* rstd, int64_t N,
-                      int64_t D, cudaStream_t stream) {
+int64_t norm_dw_scratch_floats(int64_t N, int64_t D) { return norm_dw::plan(N, D).chunks * D; }
+
+void rmsnorm_backward(bf16* dx, float* dw, float* dw_scratch, const bf16* dy, const bf16* x, const float* w,
+                      const float* rstd, int64_t N, int64_t D, cudaStream_t stream) {
   if (N <= 0 || D <= 0) return;
   if (dx) {
     rmsnorm_backward_dx_kernel<<<unsigned(ceil_div(N, kRowWarps)), dim3(32, kRowWarps), 0, stream>>>(dx, dy, x, w, rstd,
                                                                                                      N, D);
     NEXTRON_CUDA_LAUNCH_CHECK();
   }
-  if (dw) {
-    rmsnorm_backward_dw_kernel<<<unsigned(ceil_div(D, 32)), dim3(32, kColGroups), 0, stream>>>(dw, dy, x, rstd, N, D);
-    NEXTRON_CUDA_LAUNCH_CHECK();
-  }
+  if (dw) norm_dw::accumulate(dw, dw_scratch, DwTerm{dy, x, rstd}, N, D, stream);
 }
 
 }  // namespace nextron::cuda

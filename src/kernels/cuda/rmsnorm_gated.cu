@@ -3,18 +3,18 @@
 // kernels/cpu/rmsnorm_gated.cpp (same formulas, fp32 row sums here instead of double).
 //
 // Same layout as rmsnorm.cu: one warp per row (block (32, kRowWarps)) with warp_sum reductions for the row
-// kernels (rows are the DeltaNet value heads, D = 128, so there are many short rows), and dw as a deterministic
-// column sum: block (32, kColGroups), thread (c, g) sums column c over rows g, g + kColGroups, ... in order, then the
-// partials are added in a fixed order in shared memory (the API gives no scratch for per-block partials).
+// kernels (rows are the DeltaNet value heads, D = 128, so there are many short rows), and dw as the deterministic
+// two-stage column sum of norm_dw.cuh (per-chunk partials in the caller's dw_scratch, then a fixed-order sum per
+// column): with some 500k rows of 128 columns it is the one reduction here that needs the whole GPU.
 #include "kernels/cuda/device_utils.cuh"
+#include "kernels/cuda/norm_dw.cuh"
 #include "kernels/cuda/norms.h"
 
 namespace nextron::cuda {
 
 namespace {
 
-constexpr int kRowWarps = 4;    // rows (warps) per block in the row kernels
-constexpr int kColGroups = 32;  // row groups per column in the dw kernel (block 32 x 32 = 1024 threads)
+constexpr int kRowWarps = 4;  // rows (warps) per block in the row kernels
 
 // x, z, y: (N, D); rstd: (N). Warp threadIdx.y handles row blockIdx.x * kRowWarps + threadIdx.y.
 __global__ void rmsnorm_gated_forward_kernel(bf16* y, float* rstd, const bf16* x, const bf16* z, const float* w,
@@ -67,29 +67,17 @@ __global__ void rmsnorm_gated_backward_rows_kernel(bf16* dx, bf16* dz, const bf1
   }
 }
 
-// dw[d] += sum_n dy[n, d] xhat[n, d] silu(z[n, d]). Block (32, kColGroups) owns 32 columns.
-__global__ void __launch_bounds__(32 * kColGroups)
-    rmsnorm_gated_backward_dw_kernel(float* dw, const bf16* dy, const bf16* x, const bf16* z, const float* rstd,
-                                     int64_t N, int64_t D) {
-  __shared__ float part[kColGroups][32];
-  const int64_t d = int64_t(blockIdx.x) * 32 + threadIdx.x;
-  float acc = 0.0f;
-  if (d < D) {
-#pragma unroll 4
-    for (int64_t n = threadIdx.y; n < N; n += kColGroups) {
-      const int64_t i = n * D + d;
-      const float zv = to_f32(z[i]);
-      acc += to_f32(dy[i]) * ((to_f32(x[i]) * rstd[n]) * zv * sigmoid(zv));
-    }
+// The summand of dw[d] += sum_n dy[n, d] xhat[n, d] silu(z[n, d]) at row n, flat index i = n D + d.
+struct DwTerm {
+  const bf16* dy;
+  const bf16* x;
+  const bf16* z;
+  const float* rstd;
+  __device__ float operator()(int64_t n, int64_t i) const {
+    const float zv = to_f32(z[i]);
+    return to_f32(dy[i]) * ((to_f32(x[i]) * rstd[n]) * zv * sigmoid(zv));
   }
-  part[threadIdx.y][threadIdx.x] = acc;
-  __syncthreads();
-  if (threadIdx.y == 0 && d < D) {
-    float s = 0.0f;
-    for (int g = 0; g < kColGroups; ++g) s += part[g][threadIdx.x];
-    dw[d] += s;
-  }
-}
+};
 
 }  // namespace
 
@@ -101,19 +89,16 @@ void rmsnorm_gated_forward(bf16* y, float* rstd, const bf16* x, const bf16* z, c
   NEXTRON_CUDA_LAUNCH_CHECK();
 }
 
-void rmsnorm_gated_backward(bf16* dx, bf16* dz, float* dw, const bf16* dy, const bf16* x, const bf16* z, const float* w,
-                            const float* rstd, int64_t N, int64_t D, cudaStream_t stream) {
+void rmsnorm_gated_backward(bf16* dx, bf16* dz, float* dw, float* dw_scratch, const bf16* dy, const bf16* x,
+                            const bf16* z, const float* w, const float* rstd, int64_t N, int64_t D,
+                            cudaStream_t stream) {
   if (N <= 0 || D <= 0) return;
   if (dx || dz) {
     rmsnorm_gated_backward_rows_kernel<<<unsigned(ceil_div(N, kRowWarps)), dim3(32, kRowWarps), 0, stream>>>(
         dx, dz, dy, x, z, w, rstd, N, D);
     NEXTRON_CUDA_LAUNCH_CHECK();
   }
-  if (dw) {
-    rmsnorm_gated_backward_dw_kernel<<<unsigned(ceil_div(D, 32)), dim3(32, kColGroups), 0, stream>>>(dw, dy, x, z, rstd,
-                                                                                                     N, D);
-    NEXTRON_CUDA_LAUNCH_CHECK();
-  }
+  if (dw) norm_dw::accumulate(dw, dw_scratch, DwTerm{dy, x, z, rstd}, N, D, stream);
 }
 
 }  // namespace nextron::cuda
