@@ -406,20 +406,27 @@ void CudaOps::embedding_backward(const ParamRef& table, const Tensor& dout, cons
                            i64p(embed_offsets_), stream_);
 }
 
+double CudaOps::finish_loss(const Tensor& row_loss, const Tensor& bad_target, int64_t vocab) {
+  const int64_t N = row_loss.numel();
+  scratch(sum_scratch_, static_cast<int64_t>(cuda::sum_scratch_bytes(N)));
+  ensure(sum_out_, {1}, DType::f64);
+  cuda::sum_f64(sum_out_.data<double>(), f(row_loss), N, sum_scratch_.raw(), stream_);
+  int64_t bad_row = 0;
+  download(&bad_row, bad_target, sizeof(int64_t));
+  NEXTRON_CHECK(bad_row == 0, "target at token ", bad_row - 1, " is outside the vocabulary [0, ", vocab,
+                ") and is not -100 (ignored)");
+  double sum = 0;
+  download(&sum, sum_out_, sizeof(double));
+  return sum;
+}
+
 void CudaOps::cross_entropy_forward(double* loss_sum, Tensor& row_loss, Tensor& lse, const Tensor& logits,
                                     const Tensor& targets) {
   const int64_t N = targets.numel(), V = logits.numel() / N;
   fill_zero(flag_);
   Tensor bad_target = Tensor::view_of(flag_, 1, {1});
   cuda::cross_entropy_forward(f(row_loss), f(lse), bf(logits), i64p(targets), N, V, i64p(bad_target), stream_);
-  scratch(sum_scratch_, static_cast<int64_t>(cuda::sum_scratch_bytes(N)));
-  ensure(sum_out_, {1}, DType::f64);
-  cuda::sum_f64(sum_out_.data<double>(), f(row_loss), N, sum_scratch_.raw(), stream_);
-  int64_t bad_row = 0;
-  download(&bad_row, bad_target, sizeof(int64_t));
-  NEXTRON_CHECK(bad_row == 0, "target at token ", bad_row - 1, " is outside the vocabulary [0, ", V,
-                ") and is not -100 (ignored)");
-  download(loss_sum, sum_out_, sizeof(double));
+  *loss_sum = finish_loss(row_loss, bad_target, V);
 }
 
 void CudaOps::cross_entropy_partial(Tensor& stats, const Tensor& logits, const Tensor& targets,
@@ -440,14 +447,7 @@ void CudaOps::cross_entropy_combine(double* loss_sum, Tensor& row_loss, Tensor& 
   Tensor bad_target = Tensor::view_of(flag_, 1, {1});
   cuda::cross_entropy_combine(f(row_loss), f(lse), f(stats), P, i64p(targets), N, vocab_full, i64p(bad_target),
                               stream_);
-  scratch(sum_scratch_, static_cast<int64_t>(cuda::sum_scratch_bytes(N)));
-  ensure(sum_out_, {1}, DType::f64);
-  cuda::sum_f64(sum_out_.data<double>(), f(row_loss), N, sum_scratch_.raw(), stream_);
-  int64_t bad_row = 0;
-  download(&bad_row, bad_target, sizeof(int64_t));
-  NEXTRON_CHECK(bad_row == 0, "target at token ", bad_row - 1, " is outside the vocabulary [0, ", vocab_full,
-                ") and is not -100 (ignored)");
-  download(loss_sum, sum_out_, sizeof(double));
+  *loss_sum = finish_loss(row_loss, bad_target, vocab_full);
 }
 
 void CudaOps::cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& lse, const Tensor& targets,

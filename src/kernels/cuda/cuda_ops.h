@@ -110,6 +110,8 @@ class CudaOps final : public Ops {
   void fill_zero(Tensor& t) const override;
 
  private:
+  // The loss sum of row_loss (N) in double, after checking the bad-target flag the loss kernel set (its row + 1).
+  double finish_loss(const Tensor& row_loss, const Tensor& bad_target, int64_t vocab);
   // Scratch reused across calls (grown only when a larger size is asked for).
   Tensor& scratch(Tensor& t, int64_t bytes) const;
 
