@@ -25,6 +25,20 @@ namespace {
 
 // ---- cross-entropy ----
 
+// The forward's per-row outputs against the CPU: lse and the row losses are fp32 sums of exp over V terms
+// (kF32Rtol of the largest, about log V + 8), no bad-target flag, and their fp64 sum (sum_f64).
+void expect_loss_rows(const DeviceArray<float>& d_row, const DeviceArray<float>& d_lse,
+                      const DeviceArray<int64_t>& d_bad, const std::vector<float>& want_row,
+                      const std::vector<float>& want_lse, double want_sum) {
+  EXPECT_TRUE(close_to(d_lse.download(), want_lse, kF32Rtol));
+  EXPECT_TRUE(close_to(d_row.download(), want_row, kF32Rtol));
+  EXPECT_EQ(d_bad.download()[0], 0);
+  DeviceArray<double> d_sum(1);
+  DeviceArray<uint8_t> scratch(cuda::sum_scratch_bytes(static_cast<int64_t>(want_row.size())));
+  cuda::sum_f64(d_sum.get(), d_row.get(), static_cast<int64_t>(want_row.size()), scratch.get(), nullptr);
+  EXPECT_NEAR(d_sum.download()[0], want_sum, kF32Rtol * (std::fabs(want_sum) + 1.0));
+}
+
 // Row-by-row check of the logits gradient: |got - want| <= rtol |want| per element, so that the tiny
 // probabilities of a 151936-wide row are checked too (a tensor-scale tolerance would only see the target column).
 // The target column also gets an absolute 1e-5 |scale|: there scale * (p - 1) cancels when p is near 1, and p
@@ -90,15 +104,7 @@ void check_cross_entropy(const CeCase& c, uint64_t seed) {
   DeviceArray<int64_t> d_targets(targets), d_bad(1);
   DeviceArray<float> d_row(N), d_lse(N);
   cuda::cross_entropy_forward(d_row.get(), d_lse.get(), lg, d_targets.get(), N, V, d_bad.get(), nullptr);
-  // lse and the row losses are fp32 sums of exp over V terms (kF32Rtol of the largest, about log V + 8).
-  EXPECT_TRUE(close_to(d_lse.download(), want_lse, kF32Rtol));
-  EXPECT_TRUE(close_to(d_row.download(), want_row, kF32Rtol));
-  EXPECT_EQ(d_bad.download()[0], 0);
-
-  DeviceArray<double> d_sum(1);
-  DeviceArray<uint8_t> scratch(cuda::sum_scratch_bytes(N));
-  cuda::sum_f64(d_sum.get(), d_row.get(), N, scratch.get(), nullptr);
-  EXPECT_NEAR(d_sum.download()[0], want_sum, kF32Rtol * (std::fabs(want_sum) + 1.0));
+  expect_loss_rows(d_row, d_lse, d_bad, want_row, want_lse, want_sum);
 
   std::vector<float> got_dl;
   if (c.in_place) {
@@ -150,10 +156,11 @@ void check_vocab_parallel(const VpCase& c, uint64_t seed) {
   const int64_t N = c.N, V = c.V;
   const std::vector<VocabShard> shards = split_vocab(V, c.cuts);
   const int64_t P = static_cast<int64_t>(shards.size());
-  std::string cuts;
-  for (int64_t cut : c.cuts) cuts += " " + std::to_string(cut);
-  SCOPED_TRACE("N = " + std::to_string(N) + ", V = " + std::to_string(V) + ", cuts" + cuts + ", logits offset " +
-               std::to_string(c.logits_offset));
+  ::testing::Message trace;
+  trace << "N = " << N << ", V = " << V << ", cuts";
+  for (int64_t cut : c.cuts) trace << " " << cut;
+  trace << ", logits offset " << c.logits_offset;
+  SCOPED_TRACE(trace);
   const std::vector<float> logits = random_bf16(static_cast<size_t>(N * V), seed, -8.0f, 8.0f);  // (N, V)
   // make_targets' (the vocabulary's first and last ids, every fourth row ignored), then the first and last ids of
   // every slice on the next rows that are not ignored: targets at each slice's edges, held by one slice only.
@@ -198,14 +205,7 @@ void check_vocab_parallel(const VpCase& c, uint64_t seed) {
   }
 
   cuda::cross_entropy_combine(d_row.get(), d_lse.get(), d_stats.get(), P, d_targets.get(), N, V, d_bad.get(), nullptr);
-  // As the whole-vocabulary forward: fp32 sums of exp, kF32Rtol of the largest value.
-  EXPECT_TRUE(close_to(d_lse.download(), want_lse, kF32Rtol));
-  EXPECT_TRUE(close_to(d_row.download(), want_row, kF32Rtol));
-  EXPECT_EQ(d_bad.download()[0], 0);
-  DeviceArray<double> d_sum(1);
-  DeviceArray<uint8_t> scratch(cuda::sum_scratch_bytes(N));
-  cuda::sum_f64(d_sum.get(), d_row.get(), N, scratch.get(), nullptr);
-  EXPECT_NEAR(d_sum.download()[0], want_sum, kF32Rtol * (std::fabs(want_sum) + 1.0));
+  expect_loss_rows(d_row, d_lse, d_bad, want_row, want_lse, want_sum);  // as the whole-vocabulary forward
 
   for (int64_t r = 0; r < P; ++r) {
     SCOPED_TRACE("backward of slice " + std::to_string(r));
