@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <exception>
 #include <functional>
+#include <iostream>
 
 namespace nextron::cli {
 
@@ -17,6 +18,19 @@ inline void parse(int argc, char** argv, const boost::program_options::options_d
                 .style(po::command_line_style::default_style & ~po::command_line_style::allow_guessing)
                 .run(),
             vm);
+}
+
+// parse(), then --help: prints the options and returns false (the tool exits 0); otherwise checks the required
+// options and stores the values (po::notify) and returns true.
+inline bool parse_or_help(int argc, char** argv, const boost::program_options::options_description& options,
+                          boost::program_options::variables_map& vm) {
+  parse(argc, argv, options, vm);
+  if (vm.count("help")) {
+    std::cout << options << "\n";
+    return false;
+  }
+  boost::program_options::notify(vm);
+  return true;
 }
 
 // Runs body(); a bad option or any error is one line on stderr naming the tool, and exit code 1.

@@ -4,7 +4,6 @@
 #include <boost/program_options.hpp>
 #include <cstdio>
 #include <filesystem>
-#include <iostream>
 
 #include "checkpoint/hf_checkpoint.h"
 #include "checkpoint/train_checkpoint.h"
@@ -31,12 +30,7 @@ int run(int argc, char** argv) {
       "max-shard-bytes", po::value(&max_shard)->default_value(5ull << 30),
       "largest safetensors shard; bigger checkpoints are split with model.safetensors.index.json");
   po::variables_map vm;
-  cli::parse(argc, argv, opts, vm);
-  if (vm.count("help")) {
-    std::cout << opts << "\n";
-    return 0;
-  }
-  po::notify(vm);
+  if (!cli::parse_or_help(argc, argv, opts, vm)) return 0;
   HfWriteOptions w;
   NEXTRON_CHECK(dtype == "f32" || dtype == "bf16", "--dtype must be f32 or bf16, got '", dtype, "'");
   w.dtype = dtype == "bf16" ? DType::bf16 : DType::f32;

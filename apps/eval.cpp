@@ -5,7 +5,6 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <iostream>
 #include <sstream>
 #include <vector>
 
@@ -68,12 +67,7 @@ int run(int argc, char** argv) {
       "threads", po::value(&threads)->default_value(0), "CPU threads (0: all cores)")(
       "no-logits", po::bool_switch(&no_logits), "skip logits.npy (it is large for big vocabularies)");
   po::variables_map vm;
-  cli::parse(argc, argv, opts, vm);
-  if (vm.count("help")) {
-    std::cout << opts << "\n";
-    return 0;
-  }
-  po::notify(vm);
+  if (!cli::parse_or_help(argc, argv, opts, vm)) return 0;
   NEXTRON_CHECK(batch > 0, "--batch-size must be positive, got ", batch);
   NEXTRON_CHECK(threads >= 0, "--threads must be >= 0, got ", threads);
   if (threads > 0) set_cpu_threads(threads);

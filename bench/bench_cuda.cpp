@@ -17,7 +17,6 @@
 #include <boost/program_options.hpp>
 #include <cmath>
 #include <cstdio>
-#include <iostream>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <random>
@@ -517,12 +516,7 @@ int run(int argc, char** argv) {
       "device", po::value(&o.device)->default_value(o.device), "CUDA device index")(
       "json", po::bool_switch(&o.json_out), "print one JSON object instead of text");
   po::variables_map vm;
-  cli::parse(argc, argv, opts, vm);
-  if (vm.count("help")) {
-    std::cout << opts << "\n";
-    return 0;
-  }
-  po::notify(vm);
+  if (!cli::parse_or_help(argc, argv, opts, vm)) return 0;
   const std::vector<std::string> whats = {"params", "gemm", "gdr", "attention", "layers", "step", "all"};
   NEXTRON_CHECK(std::find(whats.begin(), whats.end(), o.what) != whats.end(), "--what ", o.what,
                 " is not one of params, gemm, gdr, attention, layers, step, all");

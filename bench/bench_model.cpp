@@ -4,7 +4,6 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <iostream>
 #include <random>
 
 #include "../apps/cli.h"
@@ -31,12 +30,7 @@ int run(int argc, char** argv) {
                                                                    "untimed steps first")(
       "threads", po::value(&threads)->default_value(0), "CPU threads (0: all cores)");
   po::variables_map vm;
-  cli::parse(argc, argv, opts, vm);
-  if (vm.count("help")) {
-    std::cout << opts << "\n";
-    return 0;
-  }
-  po::notify(vm);
+  if (!cli::parse_or_help(argc, argv, opts, vm)) return 0;
   NEXTRON_CHECK(batch > 0 && seq > 0 && steps > 0 && warmup >= 0 && threads >= 0,
                 "--batch, --seq and --steps must be positive; --warmup and --threads non-negative");
   if (threads > 0) set_cpu_threads(threads);
