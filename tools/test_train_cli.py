@@ -9,12 +9,10 @@ Prints "train_cli: N passed, M failed"; exit code 0 only when all pass.
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(REPO, "configs", "models", "qwen3-next-tiny.json")
+from train_test_data import REPO, TINY, fresh_byte_dataset
 SMALL_VOCAB = os.path.join(REPO, "tests", "fixtures", "hybrid_moe", "config.json")  # vocab 96 < 257
 
 
@@ -24,14 +22,7 @@ def main():
     ap.add_argument("--work", required=True)
     args = ap.parse_args()
     w = args.work
-    shutil.rmtree(w, ignore_errors=True)
-    os.makedirs(w)
-    text = os.path.join(w, "corpus.txt")
-    with open(text, "w") as f:
-        f.write(open(os.path.join(REPO, "README.md")).read() * 4)
-    data = os.path.join(w, "data.h5")
-    subprocess.run([sys.executable, os.path.join(REPO, "tools", "preprocess.py"), text, "--tokenizer", "byte",
-                    "--out", data], check=True, capture_output=True)
+    data = fresh_byte_dataset(w)
     model_data = ["--model-config", TINY, "--data", data]
     base = model_data + ["--seq-len", "32", "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-3",
                          "--lr-warmup-steps", "2", "--no-progress", "--threads", "2"]

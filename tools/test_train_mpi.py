@@ -14,8 +14,7 @@ import shutil
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(REPO, "configs", "models", "qwen3-next-tiny.json")
+from train_test_data import TINY, fresh_byte_dataset
 
 
 def main():
@@ -25,14 +24,7 @@ def main():
     ap.add_argument("--work", required=True)
     args = ap.parse_args()
     w = args.work
-    shutil.rmtree(w, ignore_errors=True)
-    os.makedirs(w)
-    text = os.path.join(w, "corpus.txt")
-    with open(text, "w") as f:
-        f.write(open(os.path.join(REPO, "README.md")).read() * 4)
-    data = os.path.join(w, "data.h5")
-    subprocess.run([sys.executable, os.path.join(REPO, "tools", "preprocess.py"), text, "--tokenizer", "byte",
-                    "--out", data], check=True, capture_output=True)
+    data = fresh_byte_dataset(w)
     # Global batch 8 of 32 tokens; micro-batch 2 per DP rank (one process: 4 = 2 x DP 2, the same micro-batches).
     common = ["--model-config", TINY, "--data", data, "--seq-len", "32", "--global-batch-size", "8", "--lr", "1e-3",
               "--lr-warmup-steps", "2", "--lr-decay-steps", "6", "--no-progress", "--threads", "1", "--peak-tflops", "1",
