@@ -3,6 +3,7 @@
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 
 #include "core/error.h"
 
@@ -38,10 +39,28 @@ int to_count(int64_t n, const char* what) {
 
 // ---- MpiSession ----
 
+bool launched_by_mpi() {
+  if (const char* force = std::getenv("NEXTRON_MPI")) {
+    const std::string v = force;
+    if (v == "1") return true;
+    if (v == "0") return false;
+    throw Error(detail::concat("NEXTRON_MPI='", v, "': use 1 (always initialise MPI) or 0 (never); unset, MPI is ",
+                               "initialised only under an MPI launcher"));
+  }
+  // Open MPI's mpirun, PMIx launchers (Open MPI 5, srun --mpi=pmix), PMI-1/2 (MPICH's hydra, Intel MPI,
+  // srun --mpi=pmi2).
+  for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "PMI_SIZE", "MPI_LOCALNRANKS"})
+    if (std::getenv(var)) return true;
+  return false;
+}
+
 MpiSession::MpiSession(int* argc, char*** argv) {
   int initialized = 0;
   MPI_Initialized(&initialized);
   if (initialized) return;
+  // A process started without a launcher is a one-rank job: it needs no MPI at all, so it also runs where MPI's
+  // run-time (its plugins, its daemon for singletons) is absent, as on a bare GPU machine (tools/gpu_check.sh).
+  if (!launched_by_mpi()) return;
   int provided = 0;
   check_mpi(MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided), "MPI_Init_thread");
   owns_ = true;
@@ -59,12 +78,14 @@ MpiSession::~MpiSession() {
 
 int MpiSession::world_rank() const {
   int r = 0;
+  if (!mpi_active()) return 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &r);
   return r;
 }
 
 int MpiSession::world_size() const {
   int s = 1;
+  if (!mpi_active()) return 1;
   MPI_Comm_size(MPI_COMM_WORLD, &s);
   return s;
 }

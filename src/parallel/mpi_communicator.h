@@ -17,8 +17,14 @@
 
 namespace nextron {
 
+// Whether this process was started by an MPI launcher (mpirun / mpiexec / srun set their rank variables), or
+// NEXTRON_MPI=1 (always) / 0 (never) says otherwise.
+bool launched_by_mpi();
+
 // RAII MPI_Init_thread(MPI_THREAD_FUNNELED) / MPI_Finalize. Only the main thread makes MPI calls (OpenMP threads
-// never do). If MPI is already initialised, the session neither initialises nor finalises it.
+// never do). If MPI is already initialised, the session neither initialises nor finalises it. A process not
+// started by an MPI launcher (launched_by_mpi() false) is a one-rank job and does not initialise MPI at all:
+// world_size() 1, world_rank() 0.
 class MpiSession {
  public:
   MpiSession(int* argc, char*** argv);

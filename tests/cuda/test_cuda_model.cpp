@@ -55,7 +55,7 @@ class CudaModelGolden : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(CudaModelGolden, ForwardAndBackwardMatchTransformersInBf16) {
   NEXTRON_REQUIRE_GPU();
-  const std::string dir = (fs::path(NEXTRON_FIXTURES_DIR) / GetParam()).string();
+  const std::string dir = (fs::path(fixtures_dir()) / GetParam()).string();
   const ModelConfig config = read_hf_config(dir);
   Model model(config, {}, std::make_shared<CudaOps>(0));
   {

@@ -12,6 +12,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <string>
 #include <vector>
@@ -351,6 +352,7 @@ std::string skip_reason(MPI_Comm node, int* device) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  setenv("NEXTRON_MPI", "1", 0);  // an MPI test: initialise MPI even when started without mpiexec (a singleton)
   nextron::MpiSession session(&argc, &argv);
   const int rank = session.world_rank(), size = session.world_size();
   ::testing::InitGoogleTest(&argc, argv);

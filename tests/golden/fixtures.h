@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <nlohmann/json.hpp>
@@ -14,10 +15,17 @@
 
 namespace nextron::test {
 
+// tests/fixtures of the source tree, or $NEXTRON_FIXTURES_DIR: a test binary run away from its source tree (the GPU
+// bundle of tools/gpu_check.sh) is told where the fixtures are.
+inline std::string fixtures_dir() {
+  const char* env = std::getenv("NEXTRON_FIXTURES_DIR");
+  return env && *env ? env : NEXTRON_FIXTURES_DIR;
+}
+
 // The model fixtures: every directory with a golden.safetensors (HF checkpoint + transformers' outputs).
 inline std::vector<std::string> fixture_names() {
   std::vector<std::string> names;
-  for (const auto& e : std::filesystem::directory_iterator(NEXTRON_FIXTURES_DIR))
+  for (const auto& e : std::filesystem::directory_iterator(fixtures_dir()))
     if (e.is_directory() && std::filesystem::exists(e.path() / "golden.safetensors"))
       names.push_back(e.path().filename());
   std::sort(names.begin(), names.end());
@@ -27,7 +35,7 @@ inline std::vector<std::string> fixture_names() {
 // The training-curve fixture: fixed batches, transformers + torch.optim.AdamW's losses, grad norms, lrs and final
 // weights, and the settings that produced them.
 struct TrainCurveFixture {
-  std::string dir = std::string(NEXTRON_FIXTURES_DIR) + "/train_curve";
+  std::string dir = fixtures_dir() + "/train_curve";
   SafetensorsReader batches{dir + "/batches.safetensors"};
   SafetensorsReader expected{dir + "/expected.safetensors"};
   std::vector<int64_t> tokens = batches.read_i64("tokens");

@@ -45,7 +45,7 @@ constexpr double kLossTol = 1e-5;
 class Golden : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(Golden, ForwardAndBackwardMatchTransformers) {
-  const std::string dir = (fs::path(NEXTRON_FIXTURES_DIR) / GetParam()).string();
+  const std::string dir = (fs::path(fixtures_dir()) / GetParam()).string();
   const ModelConfig config = read_hf_config(dir);
   Model model(config);
   load_hf_weights(dir, model.table(), model.params().f32());

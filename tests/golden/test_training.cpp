@@ -70,7 +70,7 @@ void synthetic_sample(int64_t index, int64_t* out, int64_t S, int64_t V) {
 
 TrainOptions resume_options(const std::string& save_dir) {
   TrainOptions o;
-  o.init_from = std::string(NEXTRON_FIXTURES_DIR) + "/hybrid_moe";
+  o.init_from = fixtures_dir() + "/hybrid_moe";
   o.seq_len = 16;
   o.micro_batch = 2;
   o.global_batch = 4;

@@ -10,6 +10,7 @@
 #include <chrono>
 #include <climits>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <thread>
 
@@ -258,6 +259,7 @@ TEST_F(Mpi, DISABLED_FailsOnRankOneOnly) { EXPECT_NE(comm_->rank(), 1) << "delib
 namespace {}  // namespace
 
 int main(int argc, char** argv) {
+  setenv("NEXTRON_MPI", "1", 0);  // an MPI test: initialise MPI even when started without mpiexec (a singleton)
   nextron::MpiSession session(&argc, &argv);
   const int rank = session.world_rank(), size = session.world_size();
 
