@@ -43,15 +43,17 @@ DatasetSpec parse_data(const std::string& s) {
   return d;
 }
 
+#ifdef NEXTRON_HAVE_CUDA
 // The rank's index on its node (Open MPI, Slurm), for one GPU per rank; the world rank when neither says.
 int local_rank(Communicator* world) {
   for (const char* var : {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID"})
     if (const char* v = std::getenv(var)) return std::atoi(v);
   return world ? world->rank() : 0;
 }
+#endif
 
-TrainBackend make_backend(const std::string& device, Communicator* world) {
-  if (device == "cpu") return {};
+TrainBackend make_backend(const TrainOptions& o, Communicator* world) {
+  if (o.device == "cpu") return {};
 #ifdef NEXTRON_HAVE_CUDA
   const int gpus = cuda::device_count();
   NEXTRON_CHECK(gpus > 0,
@@ -61,7 +63,7 @@ TrainBackend make_backend(const std::string& device, Communicator* world) {
   NEXTRON_CHECK(gpu < gpus, "--device cuda: node-local rank ", gpu, " has no GPU of its own (", gpus,
                 " visible): start at most ", gpus, " ranks per node");
   TrainBackend b;
-  auto ops = std::make_shared<CudaOps>(gpu);
+  auto ops = std::make_shared<CudaOps>(gpu, CudaOpsOptions{.deterministic = o.deterministic});
   b.ops = ops;
   // The NCCL groups share the backend's stream: a collective follows the kernels that wrote its buffers.
   b.device_comm = [gpu, stream = ops->stream()](Communicator& mpi) -> std::unique_ptr<Communicator> {
@@ -144,7 +146,9 @@ int run(int argc, char** argv, Communicator* world) {
       "threads", po::value(&o.threads)->default_value(0), "CPU threads (0: all cores)")(
       "device", po::value(&o.device)->default_value(o.device),
       "cpu (fp32) or cuda (bf16 on GPUs, one per MPI rank: the node-local rank's GPU)")(
-      "no-progress", "no progress bar on the terminal");
+      "deterministic", po::bool_switch(&o.deterministic),
+      "cuda: bitwise reproducible runs (cuDNN's deterministic attention backward, which needs a B x NH x S^2 x 2-byte "
+      "workspace); the CPU backend is always deterministic")("no-progress", "no progress bar on the terminal");
   po::options_description all("nextron-train: pretrain a Qwen3-Next model on one process\n");
   all.add(general).add(model).add(dat).add(batch).add(par).add(ckpt).add(log);
 
@@ -165,7 +169,7 @@ int run(int argc, char** argv, Communicator* world) {
   o.progress = !vm.count("no-progress");
   for (const auto& d : data) o.data.push_back(parse_data(d));
   o.validate();
-  Trainer trainer(o, {}, world, make_backend(o.device, world));
+  Trainer trainer(o, {}, world, make_backend(o, world));
   trainer.run();
   return 0;
 }

@@ -55,6 +55,7 @@ struct TrainOptions {
   double peak_tflops = 0;     // MFU denominator; 0: measure the CPU's fp32 GEMM rate at start-up
   int threads = 0;
   std::string device = "cpu";  // cpu | cuda (the backend is built by the caller: TrainBackend)
+  bool deterministic = false;  // cuda: bitwise reproducible attention backward (the CPU backend always is)
   bool progress = true;
 
   // Checks every value and combination; throws nextron::Error naming the option and the fix.

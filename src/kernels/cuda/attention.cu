@@ -10,9 +10,15 @@
 // h to kv head h / (NH / NKV) natively, in the forward and in the backward (which sums dk / dv over the group).
 // Causal mask: top-left diagonal with right bound 0 (key j visible to query i iff j <= i), as the CPU kernel.
 //
-// Determinism: the backward asks for cuDNN's deterministic algorithm (on Hopper it materialises dP in the
-// workspace instead of accumulating dq with atomics), so dq is bitwise reproducible run to run like every other
-// nextron gradient; where cuDNN has none for a shape it falls back to the default algorithm and says so once.
+// Determinism (opt-in, FusedAttention(stream, {.deterministic_backward = true}), nextron-train --deterministic): by
+// default the backward runs cuDNN's default (fastest) algorithm, whose dq is accumulated with atomics and so not
+// bitwise reproducible run to run. The deterministic algorithm exists on Hopper but materialises dP in the
+// workspace, B x NH x S^2 x 2 bytes (1 GiB at B = 2, NH = 16, S = 4096; ~34 GiB at S = 32k), which is why it is not
+// the default. Where cuDNN has no deterministic engine for a shape, the default one runs and a note says so once.
+// Every graph built is logged once on stderr with the engine cuDNN chose and its workspace.
+//
+// Versions: the runtime cuDNN must be of the major version compiled against (9), and a runtime older than the
+// headers may lack engines the frontend asks for; both are checked when the first FusedAttention is built.
 #include <cudnn.h>
 
 #include "kernels/cuda/attention.h"
@@ -151,6 +157,7 @@ struct FusedAttention::Impl {
   };
 
   cudaStream_t stream = nullptr;
+  AttentionOptions options;
   cudnnHandle_t handle = nullptr;
   std::string device;  // "name, memory, sm_XY", for error messages
   std::map<Key, Plan> forward_plans, backward_plans;
@@ -168,9 +175,9 @@ struct FusedAttention::Impl {
   [[noreturn]] void fail(const char* what, const BuildStatus& st, const AttentionShape& s, float scale,
                          const std::string& extra = "") const {
     if (st.unsupported)
-      throw Error(detail::concat("cuDNN fused attention ", what, " does not support ", describe(s, scale), " on ",
-                                 device, " with cuDNN ", cudnnGetVersion(),
-                                 " (cuDNN needs D a multiple of 8 and at most 256 here): ", st.message, extra));
+      throw AttentionUnsupported(detail::concat(
+          "cuDNN fused attention ", what, " does not support ", describe(s, scale), " on ", device, " with cuDNN ",
+          cudnnGetVersion(), " (cuDNN needs D a multiple of 8 and at most 256 here): ", st.message, extra));
     throw Error(detail::concat("building the cuDNN fused attention ", what, " graph failed for ", describe(s, scale),
                                " on ", device, ": ", st.message, extra));
   }
@@ -194,6 +201,17 @@ struct FusedAttention::Impl {
     workspace_bytes = need;
   }
 
+  // One line per graph built: which engine cuDNN chose, whether the backward is deterministic, its workspace.
+  void log_built(const char* what, fe::graph::Graph& g, const AttentionShape& s, float scale, bool deterministic) {
+    std::string engine;
+    if (g.get_plan_name(engine).is_bad()) engine = "(name unavailable)";
+    int64_t need = 0;
+    if (g.get_workspace_size(need).is_bad()) need = -1;
+    std::cerr << "nextron: cuDNN attention " << what << " " << describe(s, scale) << ": engine " << engine
+              << (std::string(what) == "backward" ? (deterministic ? ", deterministic" : ", non-deterministic") : "")
+              << ", workspace " << (need < 0 ? std::string("?") : detail::concat(need >> 20, " MiB")) << "\n";
+  }
+
   const Plan& forward_plan(const AttentionShape& s, float scale) {
     const Key key{s, scale};
     if (auto it = forward_plans.find(key); it != forward_plans.end()) return it->second;
@@ -212,6 +230,7 @@ struct FusedAttention::Impl {
     lse_layout(*outs[1], s);
     if (BuildStatus st = build_graph(*g, handle); !st.ok) fail("forward", st, s, scale);
     reserve_workspace(*g, s, scale);
+    log_built("forward", *g, s, scale, true);
     ++built;
     return forward_plans.emplace(key, Plan{std::move(g), true}).first->second;
   }
@@ -220,7 +239,11 @@ struct FusedAttention::Impl {
     const Key key{s, scale};
     if (auto it = backward_plans.find(key); it != backward_plans.end()) return it->second;
     std::string deterministic_failure;
-    for (bool deterministic : {true, false}) {
+    // Deterministic first only when asked for; the default algorithm always.
+    std::vector<bool> attempts;
+    if (options.deterministic_backward) attempts.push_back(true);
+    attempts.push_back(false);
+    for (bool deterministic : attempts) {
       auto g = new_graph();
       TensorPtr q = bf16_input(*g, "q", kQ, s, s.NH);
       TensorPtr k = bf16_input(*g, "k", kK, s, s.NKV);
@@ -246,13 +269,16 @@ struct FusedAttention::Impl {
           deterministic_failure = st.message;
           continue;
         }
-        fail("backward", st, s, scale, detail::concat(" (deterministic algorithm: ", deterministic_failure, ")"));
+        fail("backward", st, s, scale,
+             deterministic_failure.empty() ? std::string()
+                                           : detail::concat(" (deterministic algorithm: ", deterministic_failure, ")"));
       }
-      if (!deterministic)
+      if (!deterministic && options.deterministic_backward)
         std::cerr << "nextron: cuDNN has no deterministic attention backward for " << describe(s, scale) << " on "
                   << device << " (" << deterministic_failure
                   << "); using its default algorithm, whose dq is not bitwise reproducible run to run\n";
       reserve_workspace(*g, s, scale);
+      log_built("backward", *g, s, scale, deterministic);
       ++built;
       return backward_plans.emplace(key, Plan{std::move(g), deterministic}).first->second;
     }
@@ -285,8 +311,29 @@ void check_aligned(const void* p, const char* name, const AttentionShape& s, flo
 
 }  // namespace
 
-FusedAttention::FusedAttention(cudaStream_t stream) : impl_(std::make_unique<Impl>()) {
+void check_cudnn_version(size_t runtime, size_t compiled) {
+  NEXTRON_CHECK(runtime / 10000 == compiled / 10000, "cuDNN version mismatch: nextron was compiled against cuDNN ",
+                cudnn_version_string(compiled), " but loaded ", cudnn_version_string(runtime), ": put a cuDNN ",
+                compiled / 10000, ".x library first on the library path (e.g. the lib folder of ",
+                "the pip wheel nvidia-cudnn-cu13 in LD_LIBRARY_PATH), or rebuild nextron against the installed one");
+  if (runtime < compiled)
+    std::cerr << "nextron: warning: cuDNN " << cudnn_version_string(runtime) << " is older than the "
+              << cudnn_version_string(compiled)
+              << " nextron was compiled against: attention engines added since may be missing (an unsupported shape "
+                 "is then reported as such); use cuDNN >= "
+              << cudnn_version_string(compiled) << " to be sure\n";
+}
+
+std::string cudnn_version_string(size_t v) { return detail::concat(v / 10000, ".", (v % 10000) / 100, ".", v % 100); }
+
+FusedAttention::FusedAttention(cudaStream_t stream, AttentionOptions options) : impl_(std::make_unique<Impl>()) {
+  static const bool version_checked = [] {
+    check_cudnn_version(cudnnGetVersion(), CUDNN_VERSION);
+    return true;
+  }();
+  (void)version_checked;
   impl_->stream = stream;
+  impl_->options = options;
   int dev = 0;
   NEXTRON_CUDA_CHECK(cudaGetDevice(&dev));
   impl_->device = device_description(dev);

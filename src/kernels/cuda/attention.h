@@ -7,11 +7,31 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <string>
 #include <tuple>
 
+#include "core/error.h"
 #include "kernels/cuda/common.h"
 
 namespace nextron::cuda {
+
+// Thrown when cuDNN has no engine for a shape on this GPU (as opposed to a bad argument or a cuDNN failure), so
+// callers and tests can tell "not supported here" from a bug.
+class AttentionUnsupported : public Error {
+ public:
+  using Error::Error;
+};
+
+struct AttentionOptions {
+  // cuDNN's deterministic backward (dq bitwise reproducible run to run). Off by default: on Hopper it keeps a dP
+  // workspace of B x NH x S^2 x 2 bytes (1 GiB at B = 2, NH = 16, S = 4096).
+  bool deterministic_backward = false;
+};
+
+// cuDNN's version number (cudnnGetVersion / CUDNN_VERSION, 91900 for 9.19.0) as "9.19.0".
+std::string cudnn_version_string(size_t version);
+// Throws when the runtime cuDNN's major version differs from the compiled one; warns when it is older.
+void check_cudnn_version(size_t runtime, size_t compiled);
 
 struct AttentionShape {
   int64_t B, S, NH, NKV, D;
@@ -22,12 +42,13 @@ struct AttentionShape {
 // Holds the cuDNN handle and one built forward and backward graph (execution plans) per shape, built on first
 // use and reused: steps of a fixed shape build nothing. Workspace: grown once to the largest plan's need.
 // Requirements (cuDNN's): D a multiple of 8 and at most 256, every pointer 16-byte aligned; an unsupported shape
-// throws nextron::Error naming the shape and the GPU. The backward uses cuDNN's deterministic algorithm (bitwise
-// reproducible; on Hopper it keeps a dP workspace of about B * NH * S^2 * 2 bytes) where cuDNN has one for the
-// shape, else its default algorithm (with a one-time note on stderr). Not thread-safe.
+// throws AttentionUnsupported naming the shape and the GPU. The backward uses cuDNN's default algorithm, or with
+// options.deterministic_backward its deterministic one (bitwise reproducible; on Hopper it keeps a dP workspace of
+// about B * NH * S^2 * 2 bytes) where cuDNN has one for the shape, else the default (with a note on stderr). Each
+// graph built is logged once on stderr with its engine and workspace. Not thread-safe.
 class FusedAttention {
  public:
-  explicit FusedAttention(cudaStream_t stream);
+  explicit FusedAttention(cudaStream_t stream, AttentionOptions options = {});
   ~FusedAttention();
   FusedAttention(const FusedAttention&) = delete;
   FusedAttention& operator=(const FusedAttention&) = delete;

@@ -67,7 +67,7 @@ struct CudaMoeState final : MoeExpertsState {
 
 }  // namespace
 
-CudaOps::CudaOps(int device) : device_(device) {
+CudaOps::CudaOps(int device, CudaOpsOptions options) : device_(device) {
   const int count = cuda::device_count();
   NEXTRON_CHECK(count > 0, "--device cuda: no CUDA device is visible (check the driver and CUDA_VISIBLE_DEVICES)");
   NEXTRON_CHECK(device >= 0 && device < count, "--device cuda: GPU ", device, " requested but only ", count,
@@ -82,7 +82,8 @@ CudaOps::CudaOps(int device) : device_(device) {
   // A blocking stream: it orders itself with the legacy default stream that allocation and zeroing use.
   NEXTRON_CUDA_CHECK(cudaStreamCreate(&stream_));
   blas_ = std::make_unique<cuda::Blas>(stream_);
-  attention_ = std::make_unique<cuda::FusedAttention>(stream_);
+  attention_ = std::make_unique<cuda::FusedAttention>(
+      stream_, cuda::AttentionOptions{.deterministic_backward = options.deterministic});
   i64(flag_, {2});
 }
 

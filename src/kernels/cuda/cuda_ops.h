@@ -17,11 +17,17 @@
 
 namespace nextron {
 
+struct CudaOpsOptions {
+  // Bitwise reproducible run to run where a library offers it: cuDNN's deterministic attention backward (a
+  // B x NH x S^2 x 2-byte workspace on Hopper). nextron's own kernels are deterministic either way.
+  bool deterministic = false;
+};
+
 class CudaOps final : public Ops {
  public:
   // Selects `device` for this thread, creates the stream and the library handles, and registers the device memory
   // hooks of core/tensor.h. Throws nextron::Error naming the problem when there is no such device.
-  explicit CudaOps(int device);
+  explicit CudaOps(int device, CudaOpsOptions options = {});
   ~CudaOps() override;
   Device device() const override { return Device::cuda; }
   DType act_dtype() const override { return DType::bf16; }
