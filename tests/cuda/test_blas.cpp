@@ -1,7 +1,10 @@
 // cuBLASLt matrix products (kernels/cuda/blas.h) against the CPU fp32 reference (kernels/cpu/linear.h, blas.h) on
 // bf16-rounded inputs: linear forward (bf16 and fp32 outputs, with and without bias), linear backward accumulating
 // into prefilled dx (bf16), dw and dbias (fp32), the generic gemm with every transpose pair and padded row strides,
-// and the grouped (per-expert) products including experts without rows.
+// and the grouped (per-expert) products including experts without rows. Then the degenerate problems the model
+// produces (the shared-expert gate with OUT = 1, IN = 1, gemm with K = 1 or N = 1 and row strides 1), which must
+// match whether cuBLASLt has an algorithm for them or they take the cublasGemmEx fallback, and the fallback itself,
+// forced on every problem with force_fallback_for_testing.
 //
 // Tolerances (relative to the tensor's max |want|, see close_to):
 //   bf16 outputs: kBf16Rtol (one bf16 rounding is 2^-9 relative; a bias or a beta = 1 accumulate adds one more).
@@ -44,9 +47,117 @@ std::vector<LinearShape> linear_shapes() {
   return shapes;
 }
 
+// The degenerate linear layers of the model: the shared-expert gate (OUT = 1: a matrix-vector product whose weight
+// is one row, output row stride 1) and IN = 1 (an outer product, K = 1 with row strides 1).
+std::vector<LinearShape> degenerate_linear_shapes() {
+  std::vector<LinearShape> shapes;
+  for (int64_t N : {1, 7, 1000}) {
+    for (int64_t IN : {48, 2048}) shapes.push_back({N, IN, 1});
+    for (int64_t OUT : {48, 2048}) shapes.push_back({N, 1, OUT});
+  }
+  return shapes;
+}
+
 std::string describe(const LinearShape& s, bool bias) {
   return "N=" + std::to_string(s.N) + " IN=" + std::to_string(s.IN) + " OUT=" + std::to_string(s.OUT) +
          (bias ? " bias" : " no bias");
+}
+
+// y (N, OUT) = x W^T (+ bias) in bf16 and in fp32 vs the CPU linear.
+void check_linear_forward(cuda::Blas& blas, const LinearShape& s, bool with_bias, uint64_t& seed) {
+  SCOPED_TRACE(describe(s, with_bias));
+  const auto x = random_bf16(s.N * s.IN, seed++);
+  const auto w = random_bf16(s.OUT * s.IN, seed++);
+  const auto b = random_f32(s.OUT, seed++);
+  std::vector<float> want(s.N * s.OUT);
+  cpu::linear_forward<float>(want.data(), x.data(), w.data(), with_bias ? b.data() : nullptr, s.N, s.IN, s.OUT);
+
+  DeviceBf16 dx(x), dw(w), y(s.N * s.OUT);
+  DeviceArray<float> db(b), y32(s.N * s.OUT);
+  const float* bias = with_bias ? db.get() : nullptr;
+  blas.linear_forward(y.get(), dx.get(), dw.get(), bias, s.N, s.IN, s.OUT);
+  EXPECT_TRUE(close_to(y.download(), want, kBf16Rtol)) << "bf16 output";
+  blas.linear_forward(y32.get(), dx.get(), dw.get(), bias, s.N, s.IN, s.OUT);
+  EXPECT_TRUE(close_to(y32.download(), want, f32_rtol(s.IN))) << "fp32 output";
+}
+
+// dx += dy W (bf16), dw += dy^T x and dbias += column sums of dy (fp32) on nonzero prefills vs the CPU linear.
+void check_linear_backward(cuda::Blas& blas, const LinearShape& s, bool with_bias, uint64_t& seed) {
+  SCOPED_TRACE(describe(s, with_bias));
+  const auto x = random_bf16(s.N * s.IN, seed++);
+  const auto w = random_bf16(s.OUT * s.IN, seed++);
+  const auto dy = random_bf16(s.N * s.OUT, seed++);
+  // Nonzero prefills: the backward must add to them (got = prefill + delta).
+  auto want_dx = random_bf16(s.N * s.IN, seed++);
+  auto want_dw = random_f32(s.OUT * s.IN, seed++);
+  auto want_db = random_f32(s.OUT, seed++);
+  DeviceBf16 d_dx(want_dx);
+  DeviceArray<float> d_dw(want_dw), d_db(want_db);
+  cpu::linear_backward<float>(want_dx.data(), want_dw.data(), with_bias ? want_db.data() : nullptr, dy.data(), x.data(),
+                              w.data(), s.N, s.IN, s.OUT);
+
+  DeviceBf16 d_x(x), d_w(w), d_dy(dy);
+  blas.linear_backward(d_dx.get(), d_dw.get(), with_bias ? d_db.get() : nullptr, d_dy.get(), d_x.get(), d_w.get(), s.N,
+                       s.IN, s.OUT);
+  EXPECT_TRUE(close_to(d_dx.download(), want_dx, kBf16Rtol)) << "dx";
+  EXPECT_TRUE(close_to(d_dw.download(), want_dw, f32_rtol(s.N))) << "dw";
+  EXPECT_TRUE(close_to(d_db.download(), want_db, f32_rtol(s.N))) << "dbias";
+}
+
+// One generic problem: row-major C (M, N) = alpha op(A) op(B) + beta C, lda/ldb/ldc the row strides.
+struct GemmCase {
+  bool ta, tb;
+  int64_t M, N, K, lda, ldb, ldc;
+};
+
+std::string describe(const GemmCase& g, float beta, bool f32_out) {
+  return std::string("ta=") + (g.ta ? "T" : "N") + " tb=" + (g.tb ? "T" : "N") + " M=" + std::to_string(g.M) +
+         " N=" + std::to_string(g.N) + " K=" + std::to_string(g.K) + " lda/ldb/ldc=" + std::to_string(g.lda) + "/" +
+         std::to_string(g.ldb) + "/" + std::to_string(g.ldc) + " beta=" + std::to_string(beta) +
+         (f32_out ? " fp32" : " bf16");
+}
+
+// The case with the smallest row strides gemm accepts (1 for a one-column operand) or padded ones.
+GemmCase gemm_case(bool ta, bool tb, int64_t M, int64_t N, int64_t K, bool padded) {
+  const int64_t pad = padded ? 1 : 0;
+  return {ta, tb, M, N, K, (ta ? M : K) + 3 * pad, (tb ? K : N) + 5 * pad, N + 2 * pad};
+}
+
+// The degenerate generic problems: K = 1 (an outer product, one-column A or transposed B with row stride 1), N = 1
+// (a matrix-vector product: B and C of one column, row stride 1, as in the gate's forward), and both.
+std::vector<GemmCase> degenerate_gemms() {
+  std::vector<GemmCase> cases;
+  for (bool ta : {false, true})
+    for (bool tb : {false, true})
+      for (auto [N, K] : {std::pair<int64_t, int64_t>{53, 1}, {1, 29}, {1, 1}})
+        cases.push_back(gemm_case(ta, tb, 37, N, K, false));
+  return cases;
+}
+
+// Runs the problem on the GPU from a nonzero prefill of C (bf16-exact, so the same in either output type; with
+// beta = 0 it must be ignored, and padding past N in each row must stay as it was) and compares it with cpu::gemm.
+// Returns what the GPU computed.
+std::vector<float> check_gemm(cuda::Blas& blas, const GemmCase& g, float beta, bool f32_out, uint64_t& seed) {
+  SCOPED_TRACE(describe(g, beta, f32_out));
+  const int64_t a_rows = g.ta ? g.K : g.M, b_rows = g.tb ? g.N : g.K;
+  const float alpha = 0.5f;
+  const auto A = random_bf16(a_rows * g.lda, seed++);
+  const auto B = random_bf16(b_rows * g.ldb, seed++);
+  auto want = random_bf16(g.M * g.ldc, seed++);
+  DeviceBf16 dA(A), dB(B), dC16(want);
+  DeviceArray<float> dC32(want);
+  cpu::gemm<float>(g.ta, g.tb, g.M, g.N, g.K, alpha, A.data(), B.data(), beta, want.data(), g.lda, g.ldb, g.ldc);
+  std::vector<float> got;
+  if (f32_out) {
+    blas.gemm(g.ta, g.tb, g.M, g.N, g.K, alpha, dA.get(), g.lda, dB.get(), g.ldb, beta, dC32.get(), CUDA_R_32F, g.ldc);
+    got = dC32.download();
+    EXPECT_TRUE(close_to(got, want, f32_rtol(g.K)));
+  } else {
+    blas.gemm(g.ta, g.tb, g.M, g.N, g.K, alpha, dA.get(), g.lda, dB.get(), g.ldb, beta, dC16.get(), CUDA_R_16BF, g.ldc);
+    got = dC16.download();
+    EXPECT_TRUE(close_to(got, want, kBf16Rtol));
+  }
+  return got;
 }
 
 }  // namespace
@@ -56,22 +167,7 @@ TEST(LinearCuda, ForwardMatchesCpu) {
   cuda::Blas blas(nullptr);
   uint64_t seed = 1;
   for (const LinearShape& s : linear_shapes())
-    for (bool with_bias : {false, true}) {
-      SCOPED_TRACE(describe(s, with_bias));
-      const auto x = random_bf16(s.N * s.IN, seed++);
-      const auto w = random_bf16(s.OUT * s.IN, seed++);
-      const auto b = random_f32(s.OUT, seed++);
-      std::vector<float> want(s.N * s.OUT);
-      cpu::linear_forward<float>(want.data(), x.data(), w.data(), with_bias ? b.data() : nullptr, s.N, s.IN, s.OUT);
-
-      DeviceBf16 dx(x), dw(w), y(s.N * s.OUT);
-      DeviceArray<float> db(b), y32(s.N * s.OUT);
-      const float* bias = with_bias ? db.get() : nullptr;
-      blas.linear_forward(y.get(), dx.get(), dw.get(), bias, s.N, s.IN, s.OUT);
-      EXPECT_TRUE(close_to(y.download(), want, kBf16Rtol)) << "bf16 output";
-      blas.linear_forward(y32.get(), dx.get(), dw.get(), bias, s.N, s.IN, s.OUT);
-      EXPECT_TRUE(close_to(y32.download(), want, f32_rtol(s.IN))) << "fp32 output";
-    }
+    for (bool with_bias : {false, true}) check_linear_forward(blas, s, with_bias, seed);
 }
 
 TEST(LinearCuda, BackwardAccumulatesLikeCpu) {
@@ -79,27 +175,7 @@ TEST(LinearCuda, BackwardAccumulatesLikeCpu) {
   cuda::Blas blas(nullptr);
   uint64_t seed = 100;
   for (const LinearShape& s : linear_shapes())
-    for (bool with_bias : {false, true}) {
-      SCOPED_TRACE(describe(s, with_bias));
-      const auto x = random_bf16(s.N * s.IN, seed++);
-      const auto w = random_bf16(s.OUT * s.IN, seed++);
-      const auto dy = random_bf16(s.N * s.OUT, seed++);
-      // Nonzero prefills: the backward must add to them (got = prefill + delta).
-      auto want_dx = random_bf16(s.N * s.IN, seed++);
-      auto want_dw = random_f32(s.OUT * s.IN, seed++);
-      auto want_db = random_f32(s.OUT, seed++);
-      DeviceBf16 d_dx(want_dx);
-      DeviceArray<float> d_dw(want_dw), d_db(want_db);
-      cpu::linear_backward<float>(want_dx.data(), want_dw.data(), with_bias ? want_db.data() : nullptr, dy.data(),
-                                  x.data(), w.data(), s.N, s.IN, s.OUT);
-
-      DeviceBf16 d_x(x), d_w(w), d_dy(dy);
-      blas.linear_backward(d_dx.get(), d_dw.get(), with_bias ? d_db.get() : nullptr, d_dy.get(), d_x.get(), d_w.get(),
-                           s.N, s.IN, s.OUT);
-      EXPECT_TRUE(close_to(d_dx.download(), want_dx, kBf16Rtol)) << "dx";
-      EXPECT_TRUE(close_to(d_dw.download(), want_dw, f32_rtol(s.N))) << "dw";
-      EXPECT_TRUE(close_to(d_db.download(), want_db, f32_rtol(s.N))) << "dbias";
-    }
+    for (bool with_bias : {false, true}) check_linear_backward(blas, s, with_bias, seed);
 }
 
 TEST(LinearCuda, NullGradientsAreSkipped) {
@@ -128,6 +204,7 @@ TEST(LinearCuda, RepeatedCallsAreBitIdentical) {
   blas.linear_backward(nullptr, dw1.get(), nullptr, d_dy.get(), d_x.get(), d_w.get(), N, IN, OUT);
   blas.linear_backward(nullptr, dw2.get(), nullptr, d_dy.get(), d_x.get(), d_w.get(), N, IN, OUT);
   EXPECT_EQ(dw1.download(), dw2.download());
+  EXPECT_EQ(blas.fallback_plans(), 0u) << "cuBLASLt has algorithms for ordinary shapes";
 }
 
 // Row-major C (M, N) = alpha op(A) op(B) + beta C with row strides larger than the rows (padding must stay as it
@@ -135,31 +212,11 @@ TEST(LinearCuda, RepeatedCallsAreBitIdentical) {
 TEST(GemmCuda, TransposesAndStridesMatchCpu) {
   NEXTRON_REQUIRE_GPU();
   cuda::Blas blas(nullptr);
-  const int64_t M = 37, N = 53, K = 29;
   uint64_t seed = 200;
   for (bool ta : {false, true})
     for (bool tb : {false, true})
       for (float beta : {0.0f, 1.5f})
-        for (bool f32_out : {false, true}) {
-          SCOPED_TRACE(std::string("ta=") + (ta ? "T" : "N") + " tb=" + (tb ? "T" : "N") +
-                       " beta=" + std::to_string(beta) + (f32_out ? " fp32" : " bf16"));
-          const int64_t a_rows = ta ? K : M, a_cols = ta ? M : K, b_rows = tb ? N : K, b_cols = tb ? K : N;
-          const int64_t lda = a_cols + 3, ldb = b_cols + 5, ldc = N + 2;
-          const float alpha = 0.5f;
-          const auto A = random_bf16(a_rows * lda, seed++);
-          const auto B = random_bf16(b_rows * ldb, seed++);
-          auto want = random_bf16(M * ldc, seed++);  // bf16-exact, so it is the same in either output type
-          DeviceBf16 dA(A), dB(B), dC16(want);
-          DeviceArray<float> dC32(want);
-          cpu::gemm<float>(ta, tb, M, N, K, alpha, A.data(), B.data(), beta, want.data(), lda, ldb, ldc);
-          if (f32_out) {
-            blas.gemm(ta, tb, M, N, K, alpha, dA.get(), lda, dB.get(), ldb, beta, dC32.get(), CUDA_R_32F, ldc);
-            EXPECT_TRUE(close_to(dC32.download(), want, f32_rtol(K)));
-          } else {
-            blas.gemm(ta, tb, M, N, K, alpha, dA.get(), lda, dB.get(), ldb, beta, dC16.get(), CUDA_R_16BF, ldc);
-            EXPECT_TRUE(close_to(dC16.download(), want, kBf16Rtol));
-          }
-        }
+        for (bool f32_out : {false, true}) check_gemm(blas, gemm_case(ta, tb, 37, 53, 29, true), beta, f32_out, seed);
 }
 
 TEST(GemmCuda, EmptyReductionAndBadType) {
@@ -211,6 +268,74 @@ TEST(GroupedGemmCuda, ForwardBackwardMatchPerExpertCpu) {
     EXPECT_TRUE(close_to(d_dx.download(), want_dx, kBf16Rtol)) << "dx";
     EXPECT_TRUE(close_to(d_dw.download(), want_dw, f32_rtol(64))) << "dw";
   }
+}
+
+// The degenerate problems the model produces, whichever path each takes (cuBLASLt, or cublasGemmEx where its
+// heuristic has no algorithm): the same tolerances as above, since both paths multiply bf16 exactly and sum in fp32.
+// With K = 1 there is no sum at all: alpha a b + beta c is within an fp32 ulp or two, then rounded once to bf16.
+TEST(BlasCuda, DegenerateShapesMatchCpu) {
+  NEXTRON_REQUIRE_GPU();
+  cuda::Blas blas(nullptr);
+  uint64_t seed = 400;
+  for (const LinearShape& s : degenerate_linear_shapes())
+    for (bool with_bias : {false, true}) {
+      check_linear_forward(blas, s, with_bias, seed);
+      check_linear_backward(blas, s, with_bias, seed);
+    }
+  for (const GemmCase& g : degenerate_gemms())
+    for (float beta : {0.0f, 1.0f})
+      for (bool f32_out : {false, true}) check_gemm(blas, g, beta, f32_out, seed);
+  RecordProperty("fallback_plans", std::to_string(blas.fallback_plans()));  // which path this GPU took, for the log
+}
+
+// The cublasGemmEx fallback forced on every problem, so it is checked on any GPU: every transpose pair with padded
+// row strides, both output types, beta 0 and 1, the degenerate problems, and linear layers (forward with bias in
+// both output types, backward); fallback_plans() proves it ran, and a repeated call (the cached plan) is
+// bit-identical.
+TEST(BlasCuda, GemmExFallbackMatchesCpu) {
+  NEXTRON_REQUIRE_GPU();
+  cuda::Blas blas(nullptr);
+  blas.force_fallback_for_testing(true);
+  uint64_t seed = 600;
+  for (bool ta : {false, true})
+    for (bool tb : {false, true})
+      for (float beta : {0.0f, 1.0f})
+        for (bool f32_out : {false, true}) check_gemm(blas, gemm_case(ta, tb, 37, 53, 29, true), beta, f32_out, seed);
+  // 16 distinct problems (transposes, strides, output type, beta != 0; every buffer 256-byte aligned): 16 plans.
+  EXPECT_EQ(blas.fallback_plans(), 16u);
+  for (const GemmCase& g : degenerate_gemms())
+    for (float beta : {0.0f, 1.0f})
+      for (bool f32_out : {false, true}) check_gemm(blas, g, beta, f32_out, seed);
+  for (const LinearShape& s : {LinearShape{7, 48, 100}, LinearShape{128, 256, 512}, LinearShape{1000, 2048, 1}}) {
+    check_linear_forward(blas, s, true, seed);
+    check_linear_backward(blas, s, true, seed);
+  }
+  EXPECT_GT(blas.fallback_plans(), 16u);
+
+  // Repeated calls: the second of each runs the cached fallback plan (no new plan) and gives the same bits.
+  const int64_t N = 128, IN = 256, OUT = 512;
+  const auto x = random_bf16(N * IN, seed++), w = random_bf16(OUT * IN, seed++), dy = random_bf16(N * OUT, seed++);
+  DeviceBf16 d_x(x), d_w(w), d_dy(dy), y1(N * OUT), y2(N * OUT);
+  DeviceArray<float> dw1(OUT * IN), dw2(OUT * IN);
+  blas.linear_forward(y1.get(), d_x.get(), d_w.get(), nullptr, N, IN, OUT);
+  blas.linear_backward(nullptr, dw1.get(), nullptr, d_dy.get(), d_x.get(), d_w.get(), N, IN, OUT);
+  const size_t plans = blas.fallback_plans();
+  blas.linear_forward(y2.get(), d_x.get(), d_w.get(), nullptr, N, IN, OUT);
+  blas.linear_backward(nullptr, dw2.get(), nullptr, d_dy.get(), d_x.get(), d_w.get(), N, IN, OUT);
+  EXPECT_EQ(y1.download(), y2.download());
+  EXPECT_EQ(dw1.download(), dw2.download());
+  EXPECT_EQ(blas.fallback_plans(), plans) << "the repeated calls built new plans";
+  for (const GemmCase& g : {gemm_case(true, false, 37, 53, 29, true), gemm_case(false, false, 37, 1, 29, false)}) {
+    uint64_t seed1 = seed, seed2 = seed;  // the same inputs twice
+    EXPECT_EQ(check_gemm(blas, g, 1.0f, true, seed1), check_gemm(blas, g, 1.0f, true, seed2));
+    EXPECT_EQ(check_gemm(blas, g, 0.0f, false, seed1), check_gemm(blas, g, 0.0f, false, seed2));
+  }
+  EXPECT_EQ(blas.fallback_plans(), plans) << "the repeated calls built new plans";
+
+  // Switched off, a new problem is planned through cuBLASLt again, which has an algorithm for an ordinary shape.
+  blas.force_fallback_for_testing(false);
+  check_gemm(blas, gemm_case(false, true, 64, 96, 128, false), 0.0f, false, seed);
+  EXPECT_EQ(blas.fallback_plans(), plans);
 }
 
 }  // namespace nextron::test

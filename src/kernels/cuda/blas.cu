@@ -11,22 +11,34 @@
 // heuristic. The pointer alignments are part of the key because the heuristic assumes 256-byte aligned operands
 // unless told otherwise, and expert blocks (x + offsets[e] * IN) are often less aligned than that.
 //
+// Fallback: for some problems the heuristic finds no algorithm (found == 0, or the query itself answers
+// CUBLAS_STATUS_NOT_SUPPORTED): degenerate shapes such as the shared-expert gate (OUT = 1, so N = 1 with ldb = ldc
+// = 1) or K = 1, and oddly aligned operands. Training must not stop on a shape the model legitimately produces, so
+// such a plan is marked as a fallback and gemm() issues the same column-major product through classic cuBLAS
+// cublasGemmEx (bf16 A/B, C of the plan's type, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT: same accumulation and
+// alpha/beta semantics). Its handle is created with the first fallback plan, on the same stream and workspace (the
+// two handles never run at once: both enqueue on stream_). Each fallback shape is reported once on stderr; any
+// other heuristic error still throws.
+//
 // The bias is added by a small kernel after the GEMM rather than with CUBLASLT_EPILOGUE_BIAS: cuBLASLt documents
 // the bias type as the output type (bf16 for a bf16 output) and our bias is the fp32 master parameter.
 #include <algorithm>
+#include <climits>
 #include <cstdint>
+#include <iostream>
+#include <string>
 
 #include "core/error.h"
 #include "kernels/cuda/blas.h"
 #include "kernels/cuda/device_utils.cuh"
 
-// A failed cuBLASLt call becomes a nextron::Error naming the call and the status.
-#define NEXTRON_CUBLAS_CHECK(call)                                                                                  \
-  do {                                                                                                              \
-    cublasStatus_t nextron_st_ = (call);                                                                            \
-    if (nextron_st_ != CUBLAS_STATUS_SUCCESS)                                                                       \
-      throw ::nextron::Error(::nextron::detail::concat(                                                             \
-          "cuBLASLt error in ", #call, ": ", cublasLtGetStatusName(nextron_st_), " at ", __FILE__, ":", __LINE__)); \
+// A failed cuBLAS or cuBLASLt call becomes a nextron::Error naming the call and the status.
+#define NEXTRON_CUBLAS_CHECK(call)                                                                                \
+  do {                                                                                                            \
+    cublasStatus_t nextron_st_ = (call);                                                                          \
+    if (nextron_st_ != CUBLAS_STATUS_SUCCESS)                                                                     \
+      throw ::nextron::Error(::nextron::detail::concat(                                                           \
+          "cuBLAS error in ", #call, ": ", cublasLtGetStatusName(nextron_st_), " at ", __FILE__, ":", __LINE__)); \
   } while (0)
 
 namespace nextron::cuda {
@@ -48,6 +60,14 @@ int64_t alignment(const void* p) {
 }
 
 size_t ctype_size(cudaDataType_t ct) { return ct == CUDA_R_32F ? 4 : 2; }
+
+// The problem of a plan key in words (the fallback's log line).
+std::string describe(const std::array<int64_t, 13>& key) {
+  return detail::concat("the bf16 GEMM C (", key[kM], ", ", key[kN], ") = op(A) op(B) with K = ", key[kK],
+                        ", transposes ", key[kTransA], key[kTransB], ", lda/ldb/ldc ", key[kLda], "/", key[kLdb], "/",
+                        key[kLdc], ", output ", cudaDataType_t(key[kCType]) == CUDA_R_32F ? "fp32" : "bf16",
+                        ", alignments ", key[kAlignA], "/", key[kAlignB], "/", key[kAlignC], " bytes");
+}
 
 // y (N, OUT) += bias (OUT), in place after the GEMM (fp32 sum, one rounding for bf16 y).
 template <typename T>
@@ -95,6 +115,7 @@ Blas::Blas(cudaStream_t stream, size_t workspace_bytes) : stream_(stream), works
 
 Blas::~Blas() {
   clear_plans();
+  if (gemm_ex_handle_) cublasDestroy(gemm_ex_handle_);  // before the workspace it may use goes
   if (workspace_) cudaFree(workspace_);
   if (handle_) cublasLtDestroy(handle_);
 }
@@ -119,14 +140,46 @@ const Blas::Plan& Blas::plan(const PlanKey& key) {
   Plan p;  // enters the map only once complete, so a failed query leaves no half-built plan behind
   try {
     build_plan(p, key);
+    if (p.fallback) prepare_fallback(key);
   } catch (...) {
     p.destroy();
     throw;
   }
+  if (p.fallback) ++fallback_plans_;
   return plans_.emplace(key, p).first->second;
 }
 
+// A new fallback plan: checks that cublasGemmEx can take the problem, creates its handle on first need, and
+// reports the shape once (not when forced by a test: cuBLASLt was not asked).
+void Blas::prepare_fallback(const PlanKey& key) {
+  const int64_t largest = *std::max_element(key.begin() + kM, key.begin() + kLdc + 1);  // M, N, K, lda, ldb, ldc
+  NEXTRON_CHECK(largest <= INT_MAX, "cuBLASLt has no algorithm for ", describe(key),
+                ", and the cublasGemmEx fallback takes sizes and strides below 2^31");
+  if (!gemm_ex_handle_) {
+    cublasHandle_t h = nullptr;
+    NEXTRON_CUBLAS_CHECK(cublasCreate(&h));
+    // The workspace is set after the stream: cublasSetStream resets a user workspace to cuBLAS's own pool. Sharing
+    // cuBLASLt's is safe because both handles enqueue on stream_ only, so their kernels never overlap.
+    cublasStatus_t st = cublasSetStream(h, stream_);
+    if (st == CUBLAS_STATUS_SUCCESS && workspace_) st = cublasSetWorkspace(h, workspace_, workspace_bytes_);
+    if (st != CUBLAS_STATUS_SUCCESS) {
+      cublasDestroy(h);
+      NEXTRON_CUBLAS_CHECK(st);
+    }
+    gemm_ex_handle_ = h;
+  }
+  if (force_fallback_) return;
+  const std::string shape = describe(key);
+  if (logged_fallbacks_.size() >= kMaxPlans) logged_fallbacks_.clear();  // bounded like the plans
+  if (logged_fallbacks_.insert(shape).second)
+    std::cerr << "nextron: cuBLASLt has no algorithm for " << shape << "; using cublasGemmEx\n";
+}
+
 void Blas::build_plan(Plan& p, const PlanKey& key) const {
+  if (force_fallback_) {  // test only: exercise cublasGemmEx without asking cuBLASLt
+    p.fallback = true;
+    return;
+  }
   const bool ta = key[kTransA] != 0, tb = key[kTransB] != 0;
   const int64_t M = key[kM], N = key[kN], K = key[kK];
   const auto ct = cudaDataType_t(key[kCType]);
@@ -151,6 +204,7 @@ void Blas::build_plan(Plan& p, const PlanKey& key) const {
   const uint32_t al_a = uint32_t(key[kAlignB]), al_b = uint32_t(key[kAlignA]), al_c = uint32_t(key[kAlignC]);
   cublasLtMatmulHeuristicResult_t result{};
   int found = 0;
+  bool no_algorithm = false;
   cublasStatus_t st =
       cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
   if (st == CUBLAS_STATUS_SUCCESS)
@@ -161,14 +215,20 @@ void Blas::build_plan(Plan& p, const PlanKey& key) const {
     st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c, sizeof(al_c));
   if (st == CUBLAS_STATUS_SUCCESS)
     st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c, sizeof(al_c));
-  if (st == CUBLAS_STATUS_SUCCESS)
+  if (st == CUBLAS_STATUS_SUCCESS) {
     st = cublasLtMatmulAlgoGetHeuristic(handle_, p.desc, p.a, p.b, p.c, p.c, pref, 1, &result, &found);
+    // NOT_SUPPORTED from the query itself (not from the preference setup) is how cuBLASLt turns down some problems
+    // it has no kernel for, like found == 0; both go to the fallback. Any other status is a real error.
+    no_algorithm = st == CUBLAS_STATUS_NOT_SUPPORTED ||
+                   (st == CUBLAS_STATUS_SUCCESS && (found == 0 || result.state != CUBLAS_STATUS_SUCCESS));
+  }
   cublasLtMatmulPreferenceDestroy(pref);
+  if (no_algorithm) {
+    p.destroy();  // the descriptors are of no use to cublasGemmEx
+    p.fallback = true;
+    return;
+  }
   NEXTRON_CUBLAS_CHECK(st);
-  NEXTRON_CHECK(found > 0 && result.state == CUBLAS_STATUS_SUCCESS, "cuBLASLt has no algorithm for the bf16 GEMM C (",
-                M, ", ", N, ") = op(A) op(B) with K = ", K, ", transposes ", ta, tb, ", lda/ldb/ldc ", key[kLda], "/",
-                key[kLdb], "/", key[kLdc], ", output ", ct == CUDA_R_32F ? "fp32" : "bf16", ", alignments ",
-                key[kAlignA], "/", key[kAlignB], "/", key[kAlignC], " bytes");
   p.algo = result.algo;
 }
 
@@ -190,6 +250,21 @@ void Blas::gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, flo
   const PlanKey key = {trans_a,      trans_b,      M,           N, K, lda, ldb, ldc, int64_t(ct), beta != 0.0f,
                        alignment(A), alignment(B), alignment(C)};
   const Plan& p = plan(key);
+  if (p.fallback) {
+    // The column-major product of the cuBLASLt path, C^T (N, M) = op(B)^T op(A)^T: m = N, n = M, k = K, cuBLAS's A
+    // is our B (transa = tb, leading dimension ldb), its B is our A (transb = ta, lda). cuBLAS requires
+    //   lda' >= max(1, transa ? k : m) = max(1, tb ? K : N)   (our ldb),
+    //   ldb' >= max(1, transb ? n : k) = max(1, ta ? M : K)   (our lda),
+    //   ldc' >= max(1, m) = max(1, N)                         (our ldc),
+    // which are the row-stride checks above, with M, N, K >= 1 here. E.g. the gate's forward y (T, 1) = x (T, IN)
+    // w^T has N = 1, tb, ldb = IN = K, ldc = 1 = N; its dw (1, IN) += dy^T x has ta, lda = 1 = M; K = 1 (IN = 1 or
+    // the gate's dx) has lda = 1 = K, or tb and ldb = 1 = K. All valid.
+    const cublasOperation_t op_a = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+    NEXTRON_CUBLAS_CHECK(cublasGemmEx(gemm_ex_handle_, op_a, op_b, int(N), int(M), int(K), &alpha, B, CUDA_R_16BF,
+                                      int(ldb), A, CUDA_R_16BF, int(lda), &beta, C, ct, int(ldc), CUBLAS_COMPUTE_32F,
+                                      CUBLAS_GEMM_DEFAULT));
+    return;
+  }
   // cuBLASLt's A is our B and its B is our A; C and D are the same buffer.
   NEXTRON_CUBLAS_CHECK(cublasLtMatmul(handle_, p.desc, &alpha, B, p.a, A, p.b, &beta, C, p.c, C, p.c, &p.algo,
                                       workspace_, workspace_bytes_, stream_));

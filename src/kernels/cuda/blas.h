@@ -1,18 +1,25 @@
 // Matrix products on the GPU through cuBLASLt: bf16 operands, fp32 accumulation (CPU reference:
 // kernels/cpu/linear.h and moe_experts.h). Weights are (OUT, IN) row-major as in HF, read from the bf16 shadow.
+// Problems cuBLASLt's heuristic has no algorithm for (degenerate ones such as the shared-expert gate, OUT = 1 with
+// row stride 1, or K = 1, and oddly aligned operands) run through classic cuBLAS cublasGemmEx instead, with the same
+// types, accumulation and alpha/beta semantics (logged once per shape on stderr).
 #pragma once
 
 #include <cublasLt.h>
+#include <cublas_v2.h>
 
 #include <array>
 #include <cstdint>
 #include <map>
+#include <set>
+#include <string>
 
 #include "kernels/cuda/common.h"
 
 namespace nextron::cuda {
 
-// One cuBLASLt handle and its workspace (allocated once), bound to a stream. Not thread-safe.
+// One cuBLASLt handle and its workspace (allocated once), bound to a stream, and a classic cuBLAS handle on the same
+// stream and workspace, created with the first fallback plan. Not thread-safe.
 class Blas {
  public:
   explicit Blas(cudaStream_t stream, size_t workspace_bytes = 32u << 20);
@@ -44,25 +51,40 @@ class Blas {
   void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const bf16* A, int64_t lda,
             const bf16* B, int64_t ldb, float beta, void* C, cudaDataType_t ct, int64_t ldc);
 
+  // Plans built so far that run through cublasGemmEx (cuBLASLt had no algorithm, or force_fallback_for_testing was
+  // on). A problem counts again if its plan is rebuilt after the plan cache was flushed.
+  size_t fallback_plans() const { return fallback_plans_; }
+  // TEST ONLY: while on, every NEW plan is a fallback plan (no heuristic query), so the cublasGemmEx path can be
+  // checked on a GPU where cuBLASLt has an algorithm for every shape. Plans already cached keep their path, and forced
+  // plans are not logged. Never set in production: the cuBLASLt path is the tuned one.
+  void force_fallback_for_testing(bool on) { force_fallback_ = on; }
+
  private:
   // The cuBLASLt descriptors and chosen algorithm of one problem, cached so a repeated shape makes no heuristic
   // query. Key: transposes, M, N, K, lda, ldb, ldc, C type, beta != 0, and the pointer alignments of A, B, C.
+  // A fallback plan (cuBLASLt found no algorithm) holds no descriptors: gemm() issues cublasGemmEx from the key.
   struct Plan {
     cublasLtMatmulDesc_t desc = nullptr;
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
     cublasLtMatmulAlgo_t algo{};
+    bool fallback = false;
     void destroy();
   };
   using PlanKey = std::array<int64_t, 13>;
   const Plan& plan(const PlanKey& key);
   void build_plan(Plan& p, const PlanKey& key) const;
+  void prepare_fallback(const PlanKey& key);
   void clear_plans();
 
   cudaStream_t stream_;
   cublasLtHandle_t handle_ = nullptr;
+  cublasHandle_t gemm_ex_handle_ = nullptr;  // created with the first fallback plan
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
   std::map<PlanKey, Plan> plans_;
+  size_t fallback_plans_ = 0;
+  bool force_fallback_ = false;
+  std::set<std::string> logged_fallbacks_;  // shape descriptions already reported on stderr
 };
 
 }  // namespace nextron::cuda
