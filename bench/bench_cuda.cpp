@@ -11,7 +11,10 @@
 // Times are CUDA events on CudaOps' stream around each iteration after --warmup untimed ones; we report the
 // median (and min) of --iters. Inputs are random; the weights follow model/init.h. FLOPs follow model/flops.h
 // (forward + backward = 3 x forward for every component, attention and delta-rule cores included).
+#include <cublasLt.h>
 #include <cuda_runtime.h>
+#include <cudnn.h>
+#include <nccl.h>
 
 #include <algorithm>
 #include <boost/program_options.hpp>
@@ -440,6 +443,38 @@ json bench_step(const std::shared_ptr<CudaOps>& ops, const Options& o, const Mod
 }
 
 // ------------------------------------------------------------------------------------------------------------
+// Versions (--what versions: the GPU check's device query; works without a GPU)
+// ------------------------------------------------------------------------------------------------------------
+
+// CUDA's encoding 13000 -> "13.0"; cuBLAS's 130001 -> "13.0.1"; cuDNN's 91900 -> "9.19.0"; NCCL's 22708 -> "2.27.8".
+std::string cuda_version(int v) { return std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10); }
+std::string cublas_version(size_t v) {
+  return std::to_string(v / 10000) + "." + std::to_string((v % 10000) / 100) + "." + std::to_string(v % 100);
+}
+std::string nccl_version(int v) {
+  return std::to_string(v / 10000) + "." + std::to_string((v % 10000) / 100) + "." + std::to_string(v % 100);
+}
+
+// The libraries this binary was compiled against and the ones the dynamic loader found, and the visible GPUs.
+json library_versions() {
+  json v;
+  int driver = 0, runtime = 0, nccl = 0;
+  v["cuda_driver"] = cudaDriverGetVersion(&driver) == cudaSuccess ? cuda_version(driver) : "none";
+  v["cuda_runtime"] = cudaRuntimeGetVersion(&runtime) == cudaSuccess ? cuda_version(runtime) : "?";
+  v["cuda_compiled"] = cuda_version(CUDART_VERSION);
+  v["cublaslt"] = cublas_version(cublasLtGetVersion());
+  v["cublas_compiled"] = cublas_version(CUBLAS_VERSION);
+  v["cudnn"] = cublas_version(cudnnGetVersion());
+  v["cudnn_compiled"] = cublas_version(CUDNN_VERSION);
+  v["nccl"] = ncclGetVersion(&nccl) == ncclSuccess ? nccl_version(nccl) : "?";
+  v["nccl_compiled"] = nccl_version(NCCL_VERSION_CODE);
+  json gpus = json::array();
+  for (int i = 0; i < cuda::device_count(); ++i) gpus.push_back(cuda::device_description(i));
+  v["gpus"] = gpus;
+  return v;
+}
+
+// ------------------------------------------------------------------------------------------------------------
 // Reporting
 // ------------------------------------------------------------------------------------------------------------
 
@@ -493,9 +528,11 @@ int run(int argc, char** argv) {
       "  --what gemm                         measured bf16 GEMM peak (the MFU denominator)\n"
       "  --what gdr | attention              one kernel, forward and forward+backward\n"
       "  --what layers | step                one decoder layer per type / a full training step of --config\n"
-      "  --what all                          all of the above\n\nOptions");
+      "  --what all                          all of the above\n"
+      "  --what versions                     CUDA, cuBLASLt, cuDNN, NCCL versions (compiled / loaded), "
+      "GPUs\n\nOptions");
   opts.add_options()("help,h", "show this help")("what", po::value(&o.what)->default_value(o.what),
-                                                 "params|gemm|gdr|attention|layers|step|all")(
+                                                 "params|gemm|gdr|attention|layers|step|all|versions")(
       "config", po::value(&o.config_path), "HF config.json of a qwen3_next model (params, layers, step, all)")(
       "batch", po::value(&o.batch)->default_value(o.batch), "sequences (B)")(
       "seq-len", po::value(&o.seq)->default_value(o.seq), "tokens per sequence (S)")(
@@ -517,9 +554,13 @@ int run(int argc, char** argv) {
       "json", po::bool_switch(&o.json_out), "print one JSON object instead of text");
   po::variables_map vm;
   if (!cli::parse_or_help(argc, argv, opts, vm)) return 0;
-  const std::vector<std::string> whats = {"params", "gemm", "gdr", "attention", "layers", "step", "all"};
+  const std::vector<std::string> whats = {"params", "gemm", "gdr", "attention", "layers", "step", "all", "versions"};
   NEXTRON_CHECK(std::find(whats.begin(), whats.end(), o.what) != whats.end(), "--what ", o.what,
-                " is not one of params, gemm, gdr, attention, layers, step, all");
+                " is not one of params, gemm, gdr, attention, layers, step, all, versions");
+  if (o.what == "versions") {
+    std::printf("%s\n", library_versions().dump(o.json_out ? -1 : 2).c_str());
+    return 0;
+  }
   NEXTRON_CHECK(o.batch > 0 && o.seq > 0 && o.iters > 0 && o.warmup >= 0 && o.step_iters > 0 && o.step_warmup >= 0,
                 "--batch, --seq-len, --iters and --step-iters must be positive; --warmup, --step-warmup >= 0");
   NEXTRON_CHECK(o.hk > 0 && o.hv > 0 && o.dk > 0 && o.dv > 0 && o.nh > 0 && o.nkv > 0 && o.head_dim > 0,
@@ -537,6 +578,7 @@ int run(int argc, char** argv) {
     require_gpu(o);
     auto ops = std::make_shared<CudaOps>(o.device);
     out["device"] = cuda::device_description(o.device);
+    out["versions"] = library_versions();
     json gemm;
     if (all || o.what == "gemm") gemm = bench_gemm(*ops, o);
     if (all || o.what == "gdr") out["gdr"] = bench_gdr(*ops, o);

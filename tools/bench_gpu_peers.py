@@ -538,10 +538,12 @@ def main() -> int:
 
     import transformers
 
-    commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    # A copy of the tree without .git (the GPU machine of tools/gpu_check.sh) is told its commit.
+    commit = os.environ.get("NEXTRON_COMMIT") or subprocess.run(
+        ["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     res = {
         "config": os.path.abspath(args.config),
-        "commit": commit.stdout.strip() or "?",
+        "commit": commit or "?",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "gpu": torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu (--smoke-cpu)",
