@@ -2,7 +2,7 @@
 # The GPU check in one command, in two halves (docs/cuda.md, "The GPU check").
 #
 #   bash tools/gpu_check.sh bundle [--build DIR] [--bundle-dir DIR]
-#       Here (no GPU needed): builds Release for sm_90 and packs gpu-bundle/nextron-gpu.tar.xz (at most 60 MiB): the
+#       Here (no GPU needed): builds Release for sm_90 (in build/, tools/setup.sh's, or DIR) and packs gpu-bundle/nextron-gpu.tar.xz (at most 60 MiB): the
 #       test and benchmark binaries with every shared library a bare GPU machine lacks (RUNPATH $ORIGIN) and the
 #       flash-linear-attention wheel for the peer benchmark (the fixtures, configs and tools travel with the tree). CUDA's own libraries (cuBLAS/cuBLASLt, cuDNN, NCCL, NVRTC) and the driver are
 #       taken from the GPU machine (its PyTorch wheels or /usr/local/cuda).
@@ -22,6 +22,7 @@
 #   device 20     GPU and library versions (nextron-bench-cuda --what versions, nvidia-smi)
 #   kernels 120   nextron_cuda_tests without the whole-model tests
 #   golden 45     the whole-model bf16 golden tests and the short training curve (nextron_cuda_tests)
+#                 (a test of these two parts that skips for want of a GPU on the GPU machine fails the part)
 #   sanitizer 75  compute-sanitizer memcheck and racecheck over a small subset of our own kernels
 #   train 60      nextron-train --device cuda, 100 steps of the small model, loss curve vs the CPU reference
 #   bench 160     tools/bench_gpu_peers.py: GEMM peak, delta rule vs fla, attention vs SDPA, layers, 1B step vs HF
@@ -72,13 +73,14 @@ venv_python() {
 # ---------------------------------------------------------------------------------------------------------------
 
 configure_build() {
-  if [ -z "$BUILD" ]; then
-    BUILD="$REPO/build-gpu"
-    if [ ! -f "$BUILD/CMakeCache.txt" ]; then
-      cmake -S "$REPO" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
-        -DNEXTRON_PYTHON="$(venv_python)" >/dev/null
-    fi
+  # The test build of tools/setup.sh (Release, sm_90 by default) unless --build names another.
+  [ -n "$BUILD" ] || BUILD="${NEXTRON_BUILD:-$REPO/build}"
+  if [ ! -f "$BUILD/CMakeCache.txt" ]; then
+    cmake -S "$REPO" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
+      -DNEXTRON_PYTHON="$(venv_python)" >/dev/null
   fi
+  [ -d "$BUILD/CMakeFiles/nextron_cuda.dir" ] ||
+    die "$BUILD has no CUDA backend (configured with -DNEXTRON_CUDA=OFF or without nvcc)"
   [ -f "$BUILD/CMakeCache.txt" ] || die "$BUILD is not a configured build directory"
   grep -q '^CMAKE_BUILD_TYPE:STRING=Release$' "$BUILD/CMakeCache.txt" ||
     die "$BUILD is not a Release build: the GPU check measures speed; configure with -DCMAKE_BUILD_TYPE=Release"
@@ -117,8 +119,14 @@ make_bundle() {
   done
 
   log "flash-linear-attention wheel (${FLA_WHEELS[*]})"
+  local wheels="$HOME/.cache/nextron/wheels"  # downloaded once (pure Python wheels, any platform)
+  mkdir -p "$wheels"
   "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation py --abi none \
-    --platform any -d "$stage/wheels" "${FLA_WHEELS[@]}" || die "downloading ${FLA_WHEELS[*]} from PyPI failed"
+    --platform any -d "$wheels" "${FLA_WHEELS[@]}" || die "downloading ${FLA_WHEELS[*]} from PyPI failed"
+  local w
+  for w in "${FLA_WHEELS[@]}"; do
+    cp "$wheels/$(echo "${w%%==*}" | tr - _)-${w##*==}-"*.whl "$stage/wheels/" || die "no wheel of $w in $wheels"
+  done
 
   commit="$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
   git -C "$REPO" diff --quiet HEAD 2>/dev/null || commit="$commit+dirty"
@@ -261,12 +269,12 @@ run_check() {
   part device 20 0 bash -c "'$B/bin/nextron-bench-cuda' --what versions --json > '$LOGS/versions.json' &&
     cat '$LOGS/versions.json' && (nvidia-smi || true)"
   if [ "$gpus" -gt 0 ]; then
-    part kernels 120 1 "$B/bin/nextron_cuda_tests" --gtest_filter='-CudaModelGolden*:CudaTraining*' \
+    part kernels 120 1 "$B/bin/nextron_cuda_tests" --gtest_filter='-*CudaModelGolden*:CudaTraining*' \
       --gtest_output="json:$LOGS/kernels.json"
   else  # no GPU: the binary still loads, finds its fixtures and skips every GPU test with the reason
     part kernels 120 0 "$B/bin/nextron_cuda_tests" --gtest_output="json:$LOGS/kernels.json"
   fi
-  part golden 45 1 "$B/bin/nextron_cuda_tests" --gtest_filter='CudaModelGolden*:CudaTraining*' \
+  part golden 45 1 "$B/bin/nextron_cuda_tests" --gtest_filter='*CudaModelGolden*:CudaTraining*' \
     --gtest_output="json:$LOGS/golden.json"
   part sanitizer 75 1 bash -c "command -v compute-sanitizer >/dev/null || { echo 'compute-sanitizer not found'; exit 3; }
     compute-sanitizer --tool memcheck --error-exitcode 9 '$B/bin/nextron_cuda_tests' \

@@ -85,6 +85,25 @@ def gtest_counts(path: str) -> dict | None:
     return out
 
 
+def skip_reasons_from_log(path: str) -> dict[str, str]:
+    """test -> the message it skipped with, from gtest's console output (older gtest JSON reports omit it)."""
+    reasons, current, lines = {}, None, []
+    if not os.path.exists(path):
+        return reasons
+    with open(path, errors="replace") as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if line.startswith("[ RUN      ] "):
+                current, lines = line[13:].strip(), []
+            elif line.startswith("[  SKIPPED ] ") and current:
+                text = " ".join(lines)
+                reasons[current] = text.split("Skipped", 1)[-1].strip()[:300]
+                current = None
+            elif current:
+                lines.append(line.strip())
+    return reasons
+
+
 def bench_figures(path: str) -> dict | None:
     """The headline numbers of tools/bench_gpu_peers.py's JSON (the whole file is kept beside the summary)."""
     if not os.path.exists(path):
@@ -134,7 +153,16 @@ def summary(args) -> int:
     for name in ("kernels", "golden"):
         c = gtest_counts(os.path.join(args.logs, f"{name}.json"))
         if c is not None:
+            from_log = skip_reasons_from_log(os.path.join(args.logs, f"{name}.log"))
+            for t in c["skipped"]:
+                c["skipped"][t] = c["skipped"][t] or from_log.get(t, "")
             out[f"{name}_tests"] = c
+            # On the GPU machine a test that skips for want of a GPU means the binary did not see it: not a pass.
+            blind = [t for t, why in c["skipped"].items() if "no CUDA device visible" in why]
+            for r in results:
+                if r["part"] == name and r["status"] == "pass" and blind and args.dry_run != "1":
+                    r["status"] = "fail"
+                    r["reason"] = f"{len(blind)} tests saw no GPU (e.g. {blind[0]}): check the driver / CUDA_VISIBLE_DEVICES"
     loss = os.path.join(args.logs, "train_loss.json")
     if os.path.exists(loss):
         with open(loss) as f:
@@ -149,7 +177,8 @@ def summary(args) -> int:
     ran = [r for r in results if r["status"] != "skipped"]
     lines = []
     for r in results:
-        extra = f"{r['seconds']} s of {r['budget_s']}" if "seconds" in r else r.get("reason", "")
+        extra = f"{r['seconds']} s of {r['budget_s']}" if "seconds" in r else ""
+        extra = f"{extra}  {r['reason']}" if r.get("reason") else extra
         lines.append(f"  {r['part']:<10} {r['status']:<8} {extra}")
     for name in ("kernels", "golden"):
         c = out.get(f"{name}_tests")
