@@ -20,12 +20,13 @@
 #
 # Parts of the run, in order, with their budgets in seconds:
 #   device 20     GPU and library versions (nextron-bench-cuda --what versions, nvidia-smi)
-#   kernels 120   nextron_cuda_tests without the whole-model tests
+#   kernels 110   nextron_cuda_tests without the whole-model tests
 #   golden 45     the whole-model bf16 golden tests and the short training curve (nextron_cuda_tests)
 #                 (a test of these two parts that skips for want of a GPU on the GPU machine fails the part)
-#   sanitizer 75  compute-sanitizer memcheck and racecheck over a small subset of our own kernels
+#   sanitizer 70  compute-sanitizer memcheck and racecheck over a small subset of our own kernels
 #   train 60      nextron-train --device cuda, 100 steps of the small model, loss curve vs the CPU reference
-#   bench 160     tools/bench_gpu_peers.py: GEMM peak, delta rule vs fla, attention vs SDPA, layers, 1B step vs HF
+#   fla_wheel 20  installs the carried fla-core wheel offline
+#   bench 150     tools/bench_gpu_peers.py: GEMM peak, delta rule vs fla, attention vs SDPA, layers, 1B step vs HF
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$REPO"
@@ -269,14 +270,14 @@ run_check() {
   part device 20 0 bash -c "'$B/bin/nextron-bench-cuda' --what versions --json > '$LOGS/versions.json' &&
     cat '$LOGS/versions.json' && (nvidia-smi || true)"
   if [ "$gpus" -gt 0 ]; then
-    part kernels 120 1 "$B/bin/nextron_cuda_tests" --gtest_filter='-*CudaModelGolden*:CudaTraining*' \
+    part kernels 110 1 "$B/bin/nextron_cuda_tests" --gtest_filter='-*CudaModelGolden*:CudaTraining*' \
       --gtest_output="json:$LOGS/kernels.json"
   else  # no GPU: the binary still loads, finds its fixtures and skips every GPU test with the reason
-    part kernels 120 0 "$B/bin/nextron_cuda_tests" --gtest_output="json:$LOGS/kernels.json"
+    part kernels 110 0 "$B/bin/nextron_cuda_tests" --gtest_output="json:$LOGS/kernels.json"
   fi
   part golden 45 1 "$B/bin/nextron_cuda_tests" --gtest_filter='*CudaModelGolden*:CudaTraining*' \
     --gtest_output="json:$LOGS/golden.json"
-  part sanitizer 75 1 bash -c "command -v compute-sanitizer >/dev/null || { echo 'compute-sanitizer not found'; exit 3; }
+  part sanitizer 70 1 bash -c "command -v compute-sanitizer >/dev/null || { echo 'compute-sanitizer not found'; exit 3; }
     compute-sanitizer --tool memcheck --error-exitcode 9 '$B/bin/nextron_cuda_tests' \
       --gtest_filter='RmsnormCuda.*:L2normCuda.*:MoeDispatchCuda.*:EmbeddingCuda.*:CrossEntropyCuda.*:GatedDeltaRuleCuda.HeadGroups' &&
     compute-sanitizer --tool racecheck --error-exitcode 9 '$B/bin/nextron_cuda_tests' \
@@ -293,7 +294,7 @@ run_check() {
         --run '$LOGS/train_cpu3.jsonl' --rtol 1e-4"
   fi
   part fla_wheel 20 0 "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$work/fla-site" "$B"/wheels/*.whl
-  part bench 160 1 "$PY" "$REPO/tools/bench_gpu_peers.py" --bench "$B/bin/nextron-bench-cuda" \
+  part bench 150 1 "$PY" "$REPO/tools/bench_gpu_peers.py" --bench "$B/bin/nextron-bench-cuda" \
     --config "$REPO/configs/models/qwen3-next-1b-real-heads.json" --batch 2 --seq-len 4096 --iters 10 --warmup 3 \
     --step-iters 5 --step-warmup 2 --fla-site "$work/fla-site" --out "$LOGS/bench.json"
   if [ "$gpus" -gt 1 ] && command -v mpirun >/dev/null; then
