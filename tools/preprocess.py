@@ -14,7 +14,7 @@ its vocabulary) or --tokenizer byte (built in, no download: token = UTF-8 byte v
 
 Output: dataset `tokens` (uint32, documents back to back, each followed by EOS), `doc_offsets` (int64,
 num_docs + 1 start offsets) and root attributes format, format_version, tokenizer, tokenizer_name, vocab_size,
-eos_id, num_docs, num_tokens. Empty documents are skipped. The file is written under a temporary name next to
+eos_id, num_docs, num_tokens, metadata_crc32 (HDF5 1.10 file format). Empty documents are skipped. The file is written under a temporary name next to
 --out and renamed into place when complete, so a failed or interrupted run never leaves a partial dataset.
 A progress line goes to stderr when it is a terminal, or always with --progress.
 """
@@ -28,6 +28,7 @@ import json
 import os
 import sys
 import time
+import zlib
 
 import numpy as np
 
@@ -227,6 +228,14 @@ def human(n: int) -> str:
     return str(n)
 
 
+def metadata_crc32(tok, num_docs: int, num_tokens: int, offsets: np.ndarray) -> int:
+    """The metadata checksum TokenDataset::open verifies (docs/formats.md): CRC-32 of the attributes, one per line,
+    then doc_offsets as little-endian int64."""
+    header = (f"{FORMAT}\n{FORMAT_VERSION}\n{tok.identity}\n{tok.name}\n{tok.vocab_size}\n{tok.eos_id}\n"
+              f"{num_docs}\n{num_tokens}\n")
+    return zlib.crc32(offsets.astype("<i8", copy=False).tobytes(), zlib.crc32(header.encode("utf-8")))
+
+
 class TokenSink:
     """Appends documents to a raw uint32 scratch file (so memory stays flat), then writes the HDF5 file."""
 
@@ -247,20 +256,27 @@ class TokenSink:
         import h5py
 
         self.raw.close()
-        with h5py.File(path, "w") as f:
+        # HDF5 1.10's file format: its metadata carries checksums, so a damaged file is refused rather than parsed
+        # (h5py's default, the 1.8-compatible format, has none). Pinned to v110 both ways so that a newer HDF5 in
+        # h5py still writes files nextron's HDF5 1.10 reads.
+        with h5py.File(path, "w", libver=("v110", "v110")) as f:
             ds = f.create_dataset("tokens", shape=(self.num_tokens,), dtype="<u4")  # contiguous: direct reads
             for begin in range(0, self.num_tokens, COPY_BLOCK):
                 n = min(COPY_BLOCK, self.num_tokens - begin)
                 ds[begin:begin + n] = np.fromfile(self.raw_path, dtype="<u4", count=n, offset=4 * begin)
-            f.create_dataset("doc_offsets", data=np.asarray(self.offsets, dtype="<i8"))
-            f.attrs["format"] = FORMAT
+            offsets = np.asarray(self.offsets, dtype="<i8")
+            f.create_dataset("doc_offsets", data=offsets)
+            # Fixed-length strings: variable-length ones live in HDF5's global heap, which has no checksum.
+            for name, value in (("format", FORMAT), ("tokenizer", tok.identity), ("tokenizer_name", tok.name)):
+                raw = value.encode("utf-8")
+                f.attrs.create(name, np.array(raw, dtype=f"S{max(1, len(raw))}"),
+                               dtype=h5py.string_dtype("utf-8", max(1, len(raw))))
             f.attrs["format_version"] = np.int64(FORMAT_VERSION)
-            f.attrs["tokenizer"] = tok.identity
-            f.attrs["tokenizer_name"] = tok.name
             f.attrs["vocab_size"] = np.int64(tok.vocab_size)
             f.attrs["eos_id"] = np.int64(tok.eos_id)
             f.attrs["num_docs"] = np.int64(len(self.offsets) - 1)
             f.attrs["num_tokens"] = np.int64(self.num_tokens)
+            f.attrs["metadata_crc32"] = np.int64(metadata_crc32(tok, len(self.offsets) - 1, self.num_tokens, offsets))
 
     def close(self) -> None:
         if not self.raw.closed:
@@ -279,7 +295,11 @@ def preprocess(args) -> str:
     progress = Progress(total, args.progress or sys.stderr.isatty())
     tmp_base = os.path.join(out_dir, f".{os.path.basename(args.out)}.tmp-{os.getpid()}")
     tmp_h5 = tmp_base + ".h5"
-    sink = TokenSink(tmp_base, tok.eos_id)
+    try:
+        sink = TokenSink(tmp_base, tok.eos_id)
+    except OSError as e:
+        raise PreprocessError(f"cannot write --out '{args.out}': {e.strerror or e} (creating '{e.filename}'); "
+                              "choose a writable location") from None
     done = skipped = 0
     try:
         batch: list[str] = []
@@ -314,8 +334,12 @@ def preprocess(args) -> str:
             names = ", ".join(args.inputs)
             raise PreprocessError(f"no text in {names}: every document was empty ({skipped} skipped); check the "
                                   "inputs (and --json-key for JSON)")
-        sink.write_hdf5(tmp_h5, tok)
-        os.replace(tmp_h5, args.out)
+        try:
+            sink.write_hdf5(tmp_h5, tok)
+            os.replace(tmp_h5, args.out)
+        except OSError as e:  # h5py reports its failures as OSError too
+            raise PreprocessError(f"cannot write --out '{args.out}': {e.strerror or e}; check the space and "
+                                  "permissions there") from None
     finally:
         sink.close()
         for p in (sink.raw_path, tmp_h5):

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import traceback
+import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,6 +91,7 @@ def read_h5(path: str) -> tuple[np.ndarray, np.ndarray, dict]:
         expect(f["doc_offsets"].dtype == np.dtype("<i8"), f"doc_offsets dtype {f['doc_offsets'].dtype}")
         expect(f["tokens"].ndim == 1 and f["doc_offsets"].ndim == 1, "datasets must be 1-D")
         attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+        attrs = {k: (v.decode("utf-8") if isinstance(v, bytes) else v) for k, v in attrs.items()}  # fixed-length
         return f["tokens"][:], f["doc_offsets"][:], attrs
 
 
@@ -104,6 +106,13 @@ def check_file(path: str, docs: list[list[int]], tokenizer: str, name: str, voca
                   "vocab_size": vocab, "eos_id": eos, "num_docs": len(docs), "num_tokens": len(want)}
     for k, v in want_attrs.items():
         expect(attrs.get(k) == v, f"attribute {k} = {attrs.get(k)!r}, expected {v!r}")
+    header = f"nextron-tokens\n1\n{tokenizer}\n{name}\n{vocab}\n{eos}\n{len(docs)}\n{len(want)}\n".encode()
+    crc = zlib.crc32(np.asarray(want_offsets, dtype="<i8").tobytes(), zlib.crc32(header))
+    expect(attrs.get("metadata_crc32") == crc, f"metadata_crc32 = {attrs.get('metadata_crc32')!r}, expected {crc}")
+    with open(path, "rb") as f:
+        superblock = f.read(9)
+    expect(superblock[:8] == b"\x89HDF\r\n\x1a\n" and superblock[8] == 3,
+           f"superblock version {superblock[8]}, expected 3 (HDF5 1.10's format, with metadata checksums)")
     return attrs
 
 
@@ -298,6 +307,14 @@ def t_cli(work: str) -> str:
     p = subprocess.run([py, f"{HERE}/preprocess.py", f"{work}/in/missing.txt", "--out", out, "--tokenizer", "byte"],
                        capture_output=True, text=True, timeout=120)
     expect(p.returncode == 1 and p.stderr.startswith("preprocess: error: "), f"bad input: {p.returncode} {p.stderr}")
+    # An unwritable --out is one error line naming the path, not a traceback.
+    for bad in ["/proc/nextron_x.h5", f"{work}/no_such_folder/x.h5"]:
+        p = subprocess.run([py, f"{HERE}/preprocess.py", src, "--out", bad, "--tokenizer", "byte"],
+                           capture_output=True, text=True, timeout=120)
+        lines = p.stderr.strip().splitlines()
+        expect(p.returncode == 1 and len(lines) == 1 and lines[0].startswith("preprocess: error: ") and
+               os.path.dirname(bad) in lines[0] and "Traceback" not in p.stderr,
+               f"--out {bad}: exit {p.returncode}, stderr {p.stderr!r}")
     return p.stderr.strip()
 
 

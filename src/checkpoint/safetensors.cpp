@@ -53,6 +53,7 @@ SafetensorsReader::SafetensorsReader(const std::string& path) : path_(path) {
                 "' is not a safetensors file (bad header length); the file is truncated or corrupt");
   std::string header(header_len, '\0');
   f.read(header.data(), static_cast<std::streamsize>(header_len));
+  NEXTRON_CHECK(f.good(), "'", path, "': cannot read its safetensors header; the file is truncated or corrupt");
   data_start_ = 8 + header_len;
   nlohmann::json j;
   try {
@@ -79,10 +80,18 @@ SafetensorsReader::SafetensorsReader(const std::string& path) : path_(path) {
       e.end = off[1];
       const size_t es = stored_size(e.dtype);
       NEXTRON_CHECK(es != 0, "'", path, "': tensor '", it.key(), "' has unsupported dtype ", e.dtype);
-      NEXTRON_CHECK(
-          e.begin <= e.end && e.end <= data_size && e.end - e.begin == static_cast<uint64_t>(shape_numel(e.shape)) * es,
-          "'", path, "': tensor '", it.key(), "' has data offsets outside the file or a size that ",
-          "does not match its shape; the file is truncated or corrupt");
+      // The element count is bounded by the data section before it is multiplied out, so a damaged shape can
+      // neither overflow nor make a reader allocate more than the file holds.
+      uint64_t numel = 1;
+      for (const int64_t d : e.shape) {
+        NEXTRON_CHECK(d >= 0 && (d == 0 || numel <= data_size / es / static_cast<uint64_t>(d)), "'", path,
+                      "': tensor '", it.key(), "' has shape ", shape_str(e.shape),
+                      ", larger than the file; the file is truncated or corrupt");
+        numel *= static_cast<uint64_t>(d);
+      }
+      NEXTRON_CHECK(e.begin <= e.end && e.end <= data_size && e.end - e.begin == numel * es, "'", path, "': tensor '",
+                    it.key(), "' has data offsets outside the file or a size that ",
+                    "does not match its shape; the file is truncated or corrupt");
       entries_[it.key()] = e;
     } catch (const nlohmann::json::exception& ex) {
       NEXTRON_CHECK(false, "'", path, "': malformed header entry '", it.key(), "': ", ex.what());

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <hdf5.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -343,20 +344,35 @@ Manifest check_files(const fs::path& dir, bool checksums) {
 
 // File access: no HDF5 file locking (the directory protocol already gives each file a single writer, and locking
 // fails on some network file systems).
+// New files get HDF5 1.10's checksummed metadata (core/hdf5.h).
 H5Id file_access() {
-  H5Id fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
+  H5Id fapl = checksummed_format_access();
 #if H5_VERSION_GE(1, 10, 7)
   if (fapl.valid()) H5Pset_file_locking(fapl.get(), false, true);
 #endif
   return fapl;
 }
 
+// Variable-length UTF-8 strings: how checkpoints before the 1.10 file format stored text (still read).
 H5Id utf8_string_type() {
   H5Id t(H5Tcopy(H5T_C_S1), H5Tclose);
   H5Tset_size(t.get(), H5T_VARIABLE);
   H5Tset_cset(t.get(), H5T_CSET_UTF8);
   return t;
 }
+
+// Fixed-length UTF-8 strings of `bytes` bytes, NUL-padded: how text is written. Variable-length strings live in
+// HDF5's global heap, which has no checksum, and a damaged one can crash the reader.
+H5Id fixed_utf8_type(size_t bytes) {
+  H5Id t(H5Tcopy(H5T_C_S1), H5Tclose);
+  H5Tset_size(t.get(), std::max<size_t>(1, bytes));
+  H5Tset_strpad(t.get(), H5T_STR_NULLPAD);
+  H5Tset_cset(t.get(), H5T_CSET_UTF8);
+  return t;
+}
+
+// The string in a NUL-padded fixed-length field.
+std::string unpad(const char* p, size_t bytes) { return std::string(p, std::find(p, p + bytes, '\0')); }
 
 // Elements [begin, begin + count) of 1-D dataset `ds`, in slabs, from (write) or to (read) `mem`.
 bool transfer_1d(hid_t ds, hid_t mem_type, size_t elem_bytes, int64_t begin, int64_t count, const void* src,
@@ -379,20 +395,23 @@ bool transfer_1d(hid_t ds, hid_t mem_type, size_t elem_bytes, int64_t begin, int
   return true;
 }
 
+// Room reserved for HDF5's own metadata on top of the data a file holds (a few KiB in practice).
+constexpr uint64_t kMetadataSlack = uint64_t{256} << 10;
+
 class H5Writer {
  public:
-  explicit H5Writer(fs::path path) : path_(std::move(path)) {
-    H5Id fapl = file_access();
-    file_ = H5Id(H5Fcreate(path_.c_str(), H5F_ACC_EXCL, H5P_DEFAULT, fapl.get()), H5Fclose);
-    check(file_.valid(), "cannot create the file");
+  // Creates `path` with disk space reserved for `data_bytes` of data (see create_reserved).
+  H5Writer(fs::path path, uint64_t data_bytes) : path_(std::move(path)) {
+    create_reserved(data_bytes + kMetadataSlack);
   }
 
   void attr_i64(const char* name, int64_t v) { attr(name, H5T_STD_I64LE, H5T_NATIVE_INT64, &v); }
   void attr_f64(const char* name, double v) { attr(name, H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE, &v); }
   void attr_str(const char* name, const std::string& v) {
-    H5Id type = utf8_string_type();
-    const char* p = v.c_str();
-    attr(name, type.get(), type.get(), &p);
+    H5Id type = fixed_utf8_type(v.size());
+    std::string padded = v;
+    padded.resize(std::max<size_t>(1, v.size()), '\0');
+    attr(name, type.get(), type.get(), padded.data());
   }
 
   void dataset_f32(const char* name, const float* data, int64_t n) {
@@ -402,15 +421,22 @@ class H5Writer {
     dataset(name, H5T_STD_I64LE, H5T_NATIVE_INT64, sizeof(int64_t), v.data(), static_cast<int64_t>(v.size()));
   }
   void dataset_strings(const char* name, const std::vector<std::string>& v) {
-    std::vector<const char*> ptrs;
-    for (const auto& s : v) ptrs.push_back(s.c_str());
-    H5Id type = utf8_string_type();
-    dataset(name, type.get(), type.get(), sizeof(const char*), ptrs.data(), static_cast<int64_t>(ptrs.size()));
+    size_t width = 1;
+    for (const auto& s : v) width = std::max(width, s.size());
+    std::vector<char> packed(v.size() * width, '\0');
+    for (size_t i = 0; i < v.size(); ++i) std::copy(v[i].begin(), v[i].end(), packed.begin() + i * width);
+    H5Id type = fixed_utf8_type(width);
+    dataset(name, type.get(), type.get(), width, packed.data(), static_cast<int64_t>(v.size()));
   }
 
   // Closes the file and flushes it to disk.
   void finish() {
     check(file_.close(), "closing the file");
+    // Gives back what the reservation held beyond the file's end (best effort: file systems that keep it merely
+    // waste a little space).
+    std::error_code ec;
+    const uintmax_t size = fs::file_size(path_, ec);
+    [[maybe_unused]] const int trimmed = ec ? -1 : ::truncate(path_.c_str(), static_cast<off_t>(size));
     fsync_path(path_, false);
   }
 
@@ -418,6 +444,33 @@ class H5Writer {
   void check(bool ok, const char* what) const {
     NEXTRON_CHECK(ok, "writing '", path_.string(), "' failed (", what, "); ", kDiskFix);
   }
+
+  // HDF5 1.10 cannot recover from a write that fails inside H5Fclose (disk full): the close fails but frees the
+  // file's state and keeps its handle, which HDF5's exit handler closes again, crashing the process at exit. So
+  // running out of space must be found before HDF5 has anything to write: the process's file size limit
+  // (ulimit -f) is checked first, then the file is created (HDF5 writes its 48-byte superblock at once, so a full
+  // disk fails here, cleanly) and disk space for everything it will hold is reserved (fallocate). Should the
+  // reservation fail, closing the still empty file only rewrites that first, already allocated block. File systems
+  // without fallocate skip the reservation, which leaves that crash possible there.
+  void create_reserved(uint64_t reserve_bytes) {
+    rlimit limit{};
+    NEXTRON_CHECK(
+        ::getrlimit(RLIMIT_FSIZE, &limit) != 0 || limit.rlim_cur == RLIM_INFINITY || reserve_bytes <= limit.rlim_cur,
+        "cannot write '", path_.string(), "': it needs about ", reserve_bytes,
+        " bytes but this process may write files of at most ", limit.rlim_cur,
+        " bytes (ulimit -f); raise the limit or ", kDiskFix);
+    H5Id fapl = file_access();
+    check(fapl.valid(), "cannot set up HDF5 file access");
+    file_ = H5Id(H5Fcreate(path_.c_str(), H5F_ACC_EXCL, H5P_DEFAULT, fapl.get()), H5Fclose);
+    check(file_.valid(), "cannot create the file");
+    Fd fd(::open(path_.c_str(), O_WRONLY | O_CLOEXEC));
+    NEXTRON_CHECK(fd.get() >= 0, "cannot open '", path_.string(), "': ", errno_text(), "; ", kDiskFix);
+    if (::fallocate(fd.get(), FALLOC_FL_KEEP_SIZE, 0, static_cast<off_t>(reserve_bytes)) != 0) {
+      NEXTRON_CHECK(errno == EOPNOTSUPP || errno == ENOSYS, "cannot reserve ", reserve_bytes,
+                    " bytes of disk space for '", path_.string(), "': ", errno_text(), "; ", kDiskFix);
+    }
+  }
+
   void attr(const char* name, hid_t file_type, hid_t mem_type, const void* v) {
     H5Id space(H5Screate(H5S_SCALAR), H5Sclose);
     H5Id a(H5Acreate2(file_.get(), name, file_type, space.get(), H5P_DEFAULT, H5P_DEFAULT), H5Aclose);
@@ -440,6 +493,9 @@ class H5Reader {
   // Opens `path` and checks its format attributes. `dir` names the checkpoint in messages.
   H5Reader(const fs::path& dir, const std::string& name, const char* format) : dir_(dir.string()), name_(name) {
     const fs::path path = dir / name;
+    std::error_code ec;
+    file_bytes_ = fs::file_size(path, ec);
+    check(!ec, "cannot be read (", ec.message(), ")");
     H5Id fapl = file_access();
     file_ = H5Id(H5Fopen(path.c_str(), H5F_ACC_RDONLY, fapl.get()), H5Fclose);
     check(file_.valid(), "is not a readable HDF5 file");
@@ -477,8 +533,15 @@ class H5Reader {
   std::string attr_str(const char* name) const {
     H5Id a = open_attr(name);
     H5Id type(H5Aget_type(a.get()), H5Tclose);
-    check(H5Tget_class(type.get()) == H5T_STRING && H5Tis_variable_str(type.get()) > 0, "attribute '", name,
-          "' is not a string");
+    check(H5Tget_class(type.get()) == H5T_STRING, "attribute '", name, "' is not a string");
+    if (H5Tis_variable_str(type.get()) <= 0) {
+      const size_t bytes = H5Tget_size(type.get());
+      check(bytes > 0 && bytes <= file_bytes_, "has a string attribute '", name, "' longer than the file");
+      std::vector<char> buf(bytes);
+      H5Id mem = fixed_utf8_type(bytes);
+      check(H5Aread(a.get(), mem.get(), buf.data()) >= 0, "has an unreadable string attribute '", name, "'");
+      return unpad(buf.data(), bytes);
+    }
     H5Id mem = utf8_string_type();
     char* s = nullptr;
     check(H5Aread(a.get(), mem.get(), &s) >= 0, "has an unreadable string attribute '", name, "'");
@@ -495,8 +558,12 @@ class H5Reader {
           "' has the wrong element type");
     H5Id space(H5Dget_space(ds.get()), H5Sclose);
     check(space.valid() && H5Sget_simple_extent_ndims(space.get()) == 1, "dataset '", name, "' is not 1-D");
+    // Every element takes at least one byte of the file (16 for a variable-length string's reference), so a
+    // damaged extent is caught here, before anyone allocates or loops over it.
     hsize_t n = 0;
-    H5Sget_simple_extent_dims(space.get(), &n, nullptr);
+    const uint64_t elem = H5Tis_variable_str(type.get()) > 0 ? 16 : H5Tget_size(type.get());
+    check(H5Sget_simple_extent_dims(space.get(), &n, nullptr) == 1 && elem > 0 && n <= file_bytes_ / elem, "dataset '",
+          name, "' claims more elements than the file holds");
     return static_cast<int64_t>(n);
   }
 
@@ -519,9 +586,17 @@ class H5Reader {
     const int64_t n = length(name, H5T_STRING, 0);
     H5Id ds = open_dataset(name);
     H5Id type(H5Dget_type(ds.get()), H5Tclose);
-    check(H5Tis_variable_str(type.get()) > 0, "dataset '", name, "' does not hold variable-length strings");
     std::vector<std::string> out;
     if (n == 0) return out;
+    if (H5Tis_variable_str(type.get()) <= 0) {  // n * width <= the file's size: length() checked it
+      const size_t width = H5Tget_size(type.get());
+      std::vector<char> packed(static_cast<size_t>(n) * width);
+      H5Id mem = fixed_utf8_type(width);
+      check(transfer_1d(ds.get(), mem.get(), width, 0, n, nullptr, packed.data()), "dataset '", name,
+            "' cannot be read");
+      for (int64_t i = 0; i < n; ++i) out.push_back(unpad(packed.data() + static_cast<size_t>(i) * width, width));
+      return out;
+    }
     std::vector<char*> ptrs(static_cast<size_t>(n), nullptr);
     H5Id mem = utf8_string_type();
     check(H5Dread(ds.get(), mem.get(), H5S_ALL, H5S_ALL, H5P_DEFAULT, ptrs.data()) >= 0, "dataset '", name,
@@ -552,6 +627,7 @@ class H5Reader {
 
   QuietHdf5 quiet_;  // declared first: restored last
   std::string dir_, name_;
+  uint64_t file_bytes_ = 0;
   H5Id file_;
 };
 
@@ -567,7 +643,10 @@ void write_model_file(const fs::path& p, const std::string& config_text, const P
     ndim.push_back(static_cast<int64_t>(s.shape.size()));
     dims.insert(dims.end(), s.shape.begin(), s.shape.end());
   }
-  H5Writer w(p);
+  uint64_t bytes = 4 * static_cast<uint64_t>(table.total_numel()) + 8 * (offsets.size() + ndim.size() + dims.size()) +
+                   config_text.size();
+  for (const std::string& n : names) bytes += n.size() + 32;  // a variable-length string's reference and heap entry
+  H5Writer w(p, bytes);
   w.attr_str("format", kModelFormat);
   w.attr_i64("format_version", kTrainCheckpointFormatVersion);
   w.attr_str("model_config", config_text);
@@ -581,7 +660,7 @@ void write_model_file(const fs::path& p, const std::string& config_text, const P
 }
 
 void write_optimizer_file(const fs::path& p, int64_t total_numel, const OptimizerShard& o) {
-  H5Writer w(p);
+  H5Writer w(p, 8 * static_cast<uint64_t>(o.range.size()));
   w.attr_str("format", kOptimizerFormat);
   w.attr_i64("format_version", kTrainCheckpointFormatVersion);
   w.attr_i64("total_numel", total_numel);
@@ -869,7 +948,15 @@ void verify_train_checkpoint(const std::string& dir) {
   std::error_code ec;
   NEXTRON_CHECK(fs::is_directory(dir, ec), "checkpoint directory '", dir,
                 "' does not exist; pass a step_<N> directory written by nextron-train");
-  check_files(dir, /*checksums=*/true);
+  const Manifest m = check_files(dir, /*checksums=*/true);
+  // --resume auto and keep-last order checkpoints by their names, the run continues at the manifest's step: a
+  // directory renamed or copied under another step's name would resume somewhere else than it claims.
+  fs::path p(dir);
+  if (!p.has_filename()) p = p.parent_path();
+  if (const auto d = parse_step_dir(p); d && !d->tmp)
+    NEXTRON_CHECK(d->step == m.step, "checkpoint '", dir, "' is named for step ", d->step, " but its ", kManifestFile,
+                  " says step ", m.step, " (renamed or copied under the wrong name); rename it to ",
+                  fs::path(train_checkpoint_dir(".", m.step)).filename().string(), " or ", kUseOlder);
 }
 
 std::optional<std::string> find_latest_checkpoint(const std::string& root) {

@@ -3,6 +3,7 @@
 #include <hdf5.h>
 
 #include <algorithm>
+#include <array>
 #include <filesystem>
 #include <utility>
 #include <vector>
@@ -15,7 +16,47 @@ namespace nextron {
 namespace {
 
 constexpr const char* kRemake = "re-create it with tools/preprocess.py";
+constexpr const char* kChecksumAttr = "metadata_crc32";
+// Longest string attribute read: they hold names and hashes, so anything longer is damage, not data.
+constexpr size_t kMaxStringAttr = size_t{1} << 16;
 
+// CRC-32 as zlib computes it (reflected polynomial 0xEDB88320), so Python's zlib.crc32 gives the same value.
+class Crc32 {
+ public:
+  void update(const void* data, size_t n) {
+    static const auto table = [] {
+      std::array<uint32_t, 256> t{};
+      for (uint32_t i = 0; i < 256; ++i) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; ++k) c = (c & 1) != 0 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+        t[i] = c;
+      }
+      return t;
+    }();
+    const auto* p = static_cast<const unsigned char*>(data);
+    for (size_t i = 0; i < n; ++i) crc_ = table[(crc_ ^ p[i]) & 0xFFu] ^ (crc_ >> 8);
+  }
+  // int64 values as 8 little-endian bytes each.
+  void update_i64(const int64_t* v, size_t n) {
+    for (size_t i = 0; i < n; ++i) {
+      unsigned char b[8];
+      for (int k = 0; k < 8; ++k) b[k] = static_cast<unsigned char>(static_cast<uint64_t>(v[i]) >> (8 * k));
+      update(b, 8);
+    }
+  }
+  uint32_t value() const { return crc_ ^ 0xFFFFFFFFu; }
+
+ private:
+  uint32_t crc_ = 0xFFFFFFFFu;
+};
+
+// The attributes' part of the metadata checksum: one line per value (docs/formats.md).
+std::string checksum_header(const std::string& format, int64_t format_version, const std::string& tokenizer,
+                            const std::string& tokenizer_name, int64_t vocab_size, int64_t eos_id, int64_t num_docs,
+                            int64_t num_tokens) {
+  return detail::concat(format, "\n", format_version, "\n", tokenizer, "\n", tokenizer_name, "\n", vocab_size, "\n",
+                        eos_id, "\n", num_docs, "\n", num_tokens, "\n");
+}
 
 std::string describe_type(hid_t type) {
   const size_t bits = H5Tget_size(type) * 8;
@@ -56,9 +97,14 @@ std::string read_string_attr(hid_t file, const std::string& path, const char* na
                   kRemake);
     std::string out = s != nullptr ? s : "";
     H5free_memory(s);
+    NEXTRON_CHECK(out.size() <= kMaxStringAttr, "attribute '", name, "' of '", path, "' holds ", out.size(),
+                  " bytes, more than a nextron token dataset stores (file damaged?); ", kRemake);
     return out;
   }
-  std::vector<char> buf(H5Tget_size(type.get()) + 1, '\0');  // fixed length, NUL- or space-padded
+  const size_t size = H5Tget_size(type.get());
+  NEXTRON_CHECK(size > 0 && size <= kMaxStringAttr, "attribute '", name, "' of '", path, "' claims ", size,
+                " bytes, more than a nextron token dataset stores (file damaged?); ", kRemake);
+  std::vector<char> buf(size + 1, '\0');  // fixed length, NUL- or space-padded
   NEXTRON_CHECK(H5Aread(attr.get(), type.get(), buf.data()) >= 0, "cannot read attribute '", name, "' of '", path,
                 "'; ", kRemake);
   std::string out(buf.data());
@@ -77,8 +123,9 @@ int64_t read_int_attr(hid_t file, const std::string& path, const char* name) {
   return v;
 }
 
-// Opens 1-D integer dataset `name` and returns it with its length.
-std::pair<H5Id, int64_t> open_1d(hid_t file, const std::string& path, const char* name) {
+// Opens 1-D integer dataset `name` and returns it with its length, which must fit in the file (`file_bytes`) at
+// its element size, so a damaged extent cannot make the caller allocate or loop without bound.
+std::pair<H5Id, int64_t> open_1d(hid_t file, const std::string& path, const char* name, uint64_t file_bytes) {
   NEXTRON_CHECK(H5Lexists(file, name, H5P_DEFAULT) > 0, "'", path, "' has no dataset '", name,
                 "': it is not a nextron token dataset or it is damaged; ", kRemake);
   H5Id ds(H5Dopen2(file, name, H5P_DEFAULT), H5Dclose);
@@ -86,8 +133,12 @@ std::pair<H5Id, int64_t> open_1d(hid_t file, const std::string& path, const char
   H5Id space(H5Dget_space(ds.get()), H5Sclose);
   NEXTRON_CHECK(space.valid() && H5Sget_simple_extent_ndims(space.get()) == 1, "dataset '", name, "' of '", path,
                 "' must be 1-D; ", kRemake);
+  H5Id type(H5Dget_type(ds.get()), H5Tclose);
+  const uint64_t elem_bytes = std::max<size_t>(1, type.valid() ? H5Tget_size(type.get()) : 1);
   hsize_t n = 0;
-  H5Sget_simple_extent_dims(space.get(), &n, nullptr);
+  NEXTRON_CHECK(H5Sget_simple_extent_dims(space.get(), &n, nullptr) == 1 && n <= file_bytes / elem_bytes, "dataset '",
+                name, "' of '", path, "' claims ", n, " elements, more than its ", file_bytes,
+                " bytes can hold (file truncated or damaged?); ", kRemake);
   return {std::move(ds), static_cast<int64_t>(n)};
 }
 
@@ -131,6 +182,15 @@ TokenDataset TokenDataset::open(const std::string& path) {
   NEXTRON_CHECK(d.file_->file.valid(), "cannot open token dataset '", path, "' (HDF5 file damaged or truncated?); ",
                 kRemake);
   const hid_t f = d.file_->file.get();
+  const uint64_t file_bytes = std::filesystem::file_size(path, ec);
+  NEXTRON_CHECK(!ec, "cannot read the size of token dataset '", path, "': ", ec.message());
+
+  // Checked first: files without it come from an older preprocess.py, whose format (HDF5's 1.8-compatible layout,
+  // no metadata checksums) lets damage go unnoticed, so they are refused before anything else of them is parsed.
+  NEXTRON_CHECK(H5Aexists(f, kChecksumAttr) > 0, "token dataset '", path, "' has no ", kChecksumAttr,
+                " attribute: it was written by an older tools/preprocess.py (or is damaged), whose files carry no ",
+                "metadata checksum; re-create it with the current tools/preprocess.py");
+  const int64_t stored_crc = read_int_attr(f, path, kChecksumAttr);
 
   const std::string format = read_string_attr(f, path, "format");
   NEXTRON_CHECK(format == kTokenDatasetFormat, "'", path, "' is not a nextron token dataset: attribute format is '",
@@ -154,7 +214,7 @@ TokenDataset TokenDataset::open(const std::string& path) {
   NEXTRON_CHECK(d.num_tokens_ > 0 && d.num_docs_ > 0, "token dataset '", path,
                 "' is empty (no documents): preprocess some text into it with tools/preprocess.py");
 
-  auto [tokens, num_tokens] = open_1d(f, path, "tokens");
+  auto [tokens, num_tokens] = open_1d(f, path, "tokens", file_bytes);
   {
     H5Id type(H5Dget_type(tokens.get()), H5Tclose);
     NEXTRON_CHECK(H5Tget_class(type.get()) == H5T_INTEGER && H5Tget_sign(type.get()) == H5T_SGN_NONE &&
@@ -164,7 +224,7 @@ TokenDataset TokenDataset::open(const std::string& path) {
   NEXTRON_CHECK(num_tokens == d.num_tokens_, "'", path, "' is inconsistent: dataset 'tokens' holds ", num_tokens,
                 " tokens but attribute num_tokens says ", d.num_tokens_, "; ", kRemake);
 
-  auto [offsets, num_offsets] = open_1d(f, path, "doc_offsets");
+  auto [offsets, num_offsets] = open_1d(f, path, "doc_offsets", file_bytes);
   {
     H5Id type(H5Dget_type(offsets.get()), H5Tclose);
     NEXTRON_CHECK(H5Tget_class(type.get()) == H5T_INTEGER, "dataset 'doc_offsets' of '", path,
@@ -175,6 +235,10 @@ TokenDataset TokenDataset::open(const std::string& path) {
   // doc_offsets must run from 0 to num_tokens, strictly increasing (every document holds at least its EOS).
   // Checked in blocks so a file with very many documents does not need them all in memory.
   constexpr int64_t kBlock = int64_t{1} << 20;
+  Crc32 crc;
+  const std::string header = checksum_header(format, version, d.tokenizer_, d.tokenizer_name_, d.vocab_size_, d.eos_id_,
+                                             d.num_docs_, d.num_tokens_);
+  crc.update(header.data(), header.size());
   std::vector<int64_t> block;
   int64_t prev = -1;
   for (int64_t b = 0; b < num_offsets; b += kBlock) {
@@ -190,9 +254,13 @@ TokenDataset TokenDataset::open(const std::string& path) {
                     " does not increase past doc_offsets[", b + i - 1, "] = ", prev, "; ", kRemake);
       prev = v;
     }
+    crc.update_i64(block.data(), block.size());
   }
   NEXTRON_CHECK(prev == d.num_tokens_, "'", path, "' is inconsistent: doc_offsets ends at ", prev, " but tokens holds ",
                 d.num_tokens_, "; ", kRemake);
+  NEXTRON_CHECK(stored_crc == static_cast<int64_t>(crc.value()), "token dataset '", path, "' is damaged: its ",
+                "metadata (attributes and doc_offsets) has CRC-32 ", crc.value(), " but ", kChecksumAttr, " says ",
+                stored_crc, "; ", kRemake);
   d.file_->tokens = std::move(tokens);
 
   int64_t last = -1;
@@ -214,6 +282,68 @@ void TokenDataset::read(int64_t begin, int64_t count, int64_t* out) const {
     NEXTRON_CHECK(out[i] >= 0 && out[i] < vocab_size_, "'", path_, "' is corrupt: token id ", out[i], " at position ",
                   begin + i, " is not below its vocab_size ", vocab_size_, "; ", kRemake);
   }
+}
+
+uint32_t token_metadata_crc32(const std::string& format, int64_t format_version, const std::string& tokenizer,
+                              const std::string& tokenizer_name, int64_t vocab_size, int64_t eos_id, int64_t num_docs,
+                              int64_t num_tokens, const std::vector<int64_t>& doc_offsets) {
+  Crc32 crc;
+  const std::string header =
+      checksum_header(format, format_version, tokenizer, tokenizer_name, vocab_size, eos_id, num_docs, num_tokens);
+  crc.update(header.data(), header.size());
+  crc.update_i64(doc_offsets.data(), doc_offsets.size());
+  return crc.value();
+}
+
+void write_token_dataset(const std::string& path, const std::vector<uint32_t>& tokens,
+                         const std::vector<int64_t>& doc_offsets, const std::string& tokenizer,
+                         const std::string& tokenizer_name, int64_t vocab_size, int64_t eos_id) {
+  QuietHdf5 quiet;
+  auto check = [&](bool ok, const char* what) {
+    NEXTRON_CHECK(ok, "writing token dataset '", path, "' failed (", what, "); check the directory and free space");
+  };
+  H5Id fapl = checksummed_format_access();
+  check(fapl.valid(), "cannot set up HDF5 file access");
+  H5Id file(H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.get()), H5Fclose);
+  check(file.valid(), "cannot create the file");
+  auto dataset = [&](const char* name, hid_t file_type, hid_t mem_type, const void* data, size_t n) {
+    const hsize_t dims = n;
+    H5Id space(H5Screate_simple(1, &dims, nullptr), H5Sclose);
+    H5Id ds(H5Dcreate2(file.get(), name, file_type, space.get(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Dclose);
+    check(ds.valid() && (n == 0 || H5Dwrite(ds.get(), mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) >= 0), name);
+  };
+  dataset("tokens", H5T_STD_U32LE, H5T_NATIVE_UINT32, tokens.data(), tokens.size());
+  dataset("doc_offsets", H5T_STD_I64LE, H5T_NATIVE_INT64, doc_offsets.data(), doc_offsets.size());
+  auto attr = [&](const char* name, hid_t file_type, hid_t mem_type, const void* v) {
+    H5Id space(H5Screate(H5S_SCALAR), H5Sclose);
+    H5Id a(H5Acreate2(file.get(), name, file_type, space.get(), H5P_DEFAULT, H5P_DEFAULT), H5Aclose);
+    check(a.valid() && H5Awrite(a.get(), mem_type, v) >= 0, name);
+  };
+  // Fixed-length strings, as preprocess.py writes them: variable-length ones live in HDF5's global heap, which has
+  // no checksum.
+  auto str_attr = [&](const char* name, const std::string& v) {
+    H5Id type(H5Tcopy(H5T_C_S1), H5Tclose);
+    H5Tset_size(type.get(), std::max<size_t>(1, v.size()));
+    H5Tset_strpad(type.get(), H5T_STR_NULLPAD);
+    H5Tset_cset(type.get(), H5T_CSET_UTF8);
+    std::string padded = v;
+    padded.resize(std::max<size_t>(1, v.size()), '\0');
+    attr(name, type.get(), type.get(), padded.data());
+  };
+  auto int_attr = [&](const char* name, int64_t v) { attr(name, H5T_STD_I64LE, H5T_NATIVE_INT64, &v); };
+  str_attr("format", kTokenDatasetFormat);
+  int_attr("format_version", kTokenDatasetFormatVersion);
+  str_attr("tokenizer", tokenizer);
+  str_attr("tokenizer_name", tokenizer_name);
+  int_attr("vocab_size", vocab_size);
+  int_attr("eos_id", eos_id);
+  int_attr("num_docs", static_cast<int64_t>(doc_offsets.size()) - 1);
+  int_attr("num_tokens", static_cast<int64_t>(tokens.size()));
+  int_attr(kChecksumAttr,
+           token_metadata_crc32(kTokenDatasetFormat, kTokenDatasetFormatVersion, tokenizer, tokenizer_name, vocab_size,
+                                eos_id, static_cast<int64_t>(doc_offsets.size()) - 1,
+                                static_cast<int64_t>(tokens.size()), doc_offsets));
+  check(file.close(), "closing the file");
 }
 
 void check_vocab(const TokenDataset& dataset, int64_t model_vocab) {

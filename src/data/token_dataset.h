@@ -2,8 +2,9 @@
 // `tokens` (uint32, documents back to back, each followed by the EOS id), `doc_offsets` (int64, num_docs + 1 start
 // offsets into `tokens`) and root attributes naming the format, the tokenizer and the sizes.
 //
-// Opening validates the whole header (format string and version, attributes, dataset types and shapes, doc_offsets
-// against tokens), so a bad file fails at startup with a message naming the file, not in the middle of training.
+// Opening validates the whole header (format string and version, attributes, dataset types and shapes against the
+// file's size, doc_offsets against tokens, the metadata checksum), so a bad file fails at startup with a message
+// naming the file, not in the middle of training.
 // Token ids are checked against vocab_size as they are read.
 //
 // The serial HDF5 library is not thread-safe: use a TokenDataset (and every copy of it, which shares the open
@@ -13,6 +14,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 namespace nextron {
 
@@ -42,6 +44,18 @@ class TokenDataset {
   std::string path_, tokenizer_, tokenizer_name_;
   int64_t num_tokens_ = 0, num_docs_ = 0, vocab_size_ = 0, eos_id_ = 0;
 };
+
+// The metadata checksum stored in attribute `metadata_crc32`: CRC-32 (zlib's) of the attributes and doc_offsets,
+// serialised as docs/formats.md describes.
+uint32_t token_metadata_crc32(const std::string& format, int64_t format_version, const std::string& tokenizer,
+                              const std::string& tokenizer_name, int64_t vocab_size, int64_t eos_id, int64_t num_docs,
+                              int64_t num_tokens, const std::vector<int64_t>& doc_offsets);
+
+// Writes `path` (replacing it) in the format tools/preprocess.py writes, for C++ tools and tests; `doc_offsets` holds
+// num_docs + 1 offsets into `tokens`. Not atomic: write to a temporary name and rename when that matters.
+void write_token_dataset(const std::string& path, const std::vector<uint32_t>& tokens,
+                         const std::vector<int64_t>& doc_offsets, const std::string& tokenizer,
+                         const std::string& tokenizer_name, int64_t vocab_size, int64_t eos_id);
 
 // Throws when the dataset's token ids may not fit the model (vocab_size > model_vocab); the message names both
 // numbers, the file and the fix.

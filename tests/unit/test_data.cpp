@@ -36,6 +36,7 @@ struct H5Spec {
   std::string tokenizer = "byte", tokenizer_name = "byte";
   int64_t vocab = 257, eos = 256;
   int64_t num_docs = -1, num_tokens = -1;  // -1: the true counts
+  int64_t crc = -1;                        // -1: the true metadata checksum
   std::set<std::string> omit;              // attributes or datasets left out
   hid_t token_type = H5T_STD_U32LE;
   bool fixed_strings = false;  // fixed-length string attributes instead of h5py's variable-length ones
@@ -118,6 +119,15 @@ std::string write_h5(const std::string& name, const H5Spec& s) {
   }
   if (keep("num_tokens")) {
     write_int_attr(f, "num_tokens", s.num_tokens >= 0 ? s.num_tokens : static_cast<int64_t>(s.tokens.size()));
+  }
+  if (keep("metadata_crc32")) {  // over the values as written, so each knob is caught by its own check
+    write_int_attr(f, "metadata_crc32",
+                   s.crc >= 0
+                       ? s.crc
+                       : token_metadata_crc32(s.format, s.version, s.tokenizer, s.tokenizer_name, s.vocab, s.eos,
+                                              s.num_docs >= 0 ? s.num_docs : static_cast<int64_t>(s.offsets.size()) - 1,
+                                              s.num_tokens >= 0 ? s.num_tokens : static_cast<int64_t>(s.tokens.size()),
+                                              s.offsets));
   }
   H5Fclose(f);
   return path;
@@ -248,6 +258,12 @@ TEST(TokenDataset, BadFilesAreClearErrors) {
   s = base;
   s.tokens.back() = 5;
   expect_open_error(s, {"EOS"}, "last token not EOS");
+  s = base;
+  s.omit.insert("metadata_crc32");
+  expect_open_error(s, {"metadata_crc32", "older tools/preprocess.py"}, "no metadata checksum (older preprocess.py)");
+  s = base;
+  s.crc = 12345;
+  expect_open_error(s, {"damaged", "metadata_crc32 says 12345", "preprocess.py"}, "metadata checksum mismatch");
   s = H5Spec{};
   s.offsets = {0};
   expect_open_error(s, {"empty"}, "no documents");
