@@ -25,7 +25,8 @@ int run(int argc, char** argv) {
   opts.add_options()("help,h", "show this help")("in", po::value(&in)->required(),
                                                  "input: an HF checkpoint directory, or a training checkpoint "
                                                  "(nextron-train's SAVE/step_N directory)")(
-      "out", po::value(&out)->required(), "output directory (must not exist or be empty)")(
+      "out", po::value(&out)->required(),
+      "output directory; must not exist yet (it is written as OUT.partial and renamed into place)")(
       "dtype", po::value(&dtype)->default_value("f32"), "stored dtype: f32 or bf16")(
       "max-shard-bytes", po::value(&max_shard)->default_value(5ull << 30),
       "largest safetensors shard; bigger checkpoints are split with model.safetensors.index.json");
@@ -36,10 +37,18 @@ int run(int argc, char** argv) {
   w.dtype = dtype == "bf16" ? DType::bf16 : DType::f32;
   NEXTRON_CHECK(max_shard > 0, "--max-shard-bytes must be positive");
   w.max_shard_bytes = max_shard;
+  // Refuse any existing --out, even an empty directory: the checkpoint is built as OUT.partial and renamed over OUT,
+  // which would silently drop a directory the user prepared (its permissions, a symlink to elsewhere, a mount point
+  // the rename cannot replace). Checked before the read, which can take minutes for a large checkpoint.
+  NEXTRON_CHECK(!std::filesystem::exists(out) && !std::filesystem::is_symlink(out), "--out '", out,
+                "' already exists; nextron-convert writes a new directory: give a path that does not exist yet, or "
+                "remove '",
+                out, "' first");
 
   // A training checkpoint (nextron-train --save) holds model.h5; anything else must be an HF directory.
   const bool training = std::filesystem::exists(std::filesystem::path(in) / "model.h5");
   const ModelConfig config = training ? read_train_checkpoint_config(in) : read_hf_config(in);
+  check_fits_in_memory(config, {kWeightsBytesPerParam, "fp32 weights", 0});
   const ParamTable table(config);
   Tensor params = Tensor::zeros({table.total_numel()});
   if (training)

@@ -1,5 +1,6 @@
 // nextron-eval: load an HF-format Qwen3-Next checkpoint, score token sequences, write logits and per-sequence
 // losses as .npy files, print the mean loss. The way to check nextron's numbers against any other tool.
+#include <algorithm>
 #include <boost/program_options.hpp>
 #include <cmath>
 #include <cstdio>
@@ -14,13 +15,20 @@
 #include "core/error.h"
 #include "core/parallel_for.h"
 #include "model/model.h"
+#include "model/param_table.h"
 
 namespace po = boost::program_options;
 using namespace nextron;
 
 namespace {
 
+// One sequence per line, so that loss.npy / lengths.npy / logits.npy row i is line i + 1 of the file. Every line
+// must therefore produce a row that means something: a blank line or a one-token line (no next token to predict, so
+// no loss) is an error naming the line rather than a silently dropped or NaN row.
 std::vector<std::vector<int64_t>> read_token_file(const std::string& path, int64_t vocab) {
+  NEXTRON_CHECK(std::filesystem::exists(path), "token file '", path, "' does not exist");
+  NEXTRON_CHECK(!std::filesystem::is_directory(path), "--tokens '", path,
+                "' is a directory; expected a token file (one sequence per line, whitespace-separated ids)");
   std::ifstream f(path);
   NEXTRON_CHECK(f.good(), "cannot open token file '", path, "'");
   std::vector<std::vector<int64_t>> seqs;
@@ -37,13 +45,20 @@ std::vector<std::vector<int64_t>> read_token_file(const std::string& path, int64
       } catch (const std::exception&) {
         used = 0;
       }
-      NEXTRON_CHECK(used == word.size(), path, ":", lineno, ": '", word, "' is not an integer token id");
-      NEXTRON_CHECK(v >= 0 && v < vocab, path, ":", lineno, ": token id ", v, " is outside the model's vocabulary [0, ",
-                    vocab, ")");
+      NEXTRON_CHECK(used == word.size(), "token file '", path, "' line ", lineno, ": '", word,
+                    "' is not an integer token id");
+      NEXTRON_CHECK(v >= 0 && v < vocab, "token file '", path, "' line ", lineno, ": token id ", v,
+                    " is outside the model's vocabulary [0, ", vocab, ")");
       seq.push_back(v);
     }
-    if (!seq.empty()) seqs.push_back(std::move(seq));
+    NEXTRON_CHECK(!seq.empty(), "token file '", path, "' line ", lineno,
+                  " is blank: every line is one sequence and loss.npy row i belongs to line i + 1, so blank lines "
+                  "are not allowed; remove it");
+    NEXTRON_CHECK(seq.size() >= 2, "token file '", path, "' line ", lineno,
+                  " has 1 token: at least 2 are needed for a next-token loss; extend the sequence or remove the line");
+    seqs.push_back(std::move(seq));
   }
+  NEXTRON_CHECK(!f.bad(), "reading token file '", path, "' failed");
   NEXTRON_CHECK(!seqs.empty(), "token file '", path, "' holds no sequences (one sequence per line, ids separated by ",
                 "spaces)");
   return seqs;
@@ -61,8 +76,10 @@ int run(int argc, char** argv) {
       "token-weighted mean loss.\n\nOptions");
   opts.add_options()("help,h", "show this help")("model", po::value(&model_dir)->required(),
                                                  "HF checkpoint directory (config.json + safetensors)")(
-      "tokens", po::value(&tokens)->required(), "token file: one sequence per line, whitespace-separated ids")(
-      "out", po::value(&out)->required(), "output directory for the .npy files (created if missing)")(
+      "tokens", po::value(&tokens)->required(),
+      "token file: one sequence per line (at least 2 whitespace-separated ids; no blank lines), so that row i of "
+      "every output is line i + 1")("out", po::value(&out)->required(),
+                                    "output directory for the .npy files (created if missing)")(
       "batch-size", po::value(&batch)->default_value(8), "sequences of equal length scored together")(
       "threads", po::value(&threads)->default_value(0), "CPU threads (0: all cores)")(
       "no-logits", po::bool_switch(&no_logits), "skip logits.npy (it is large for big vocabularies)");
@@ -72,10 +89,20 @@ int run(int argc, char** argv) {
   NEXTRON_CHECK(threads >= 0, "--threads must be >= 0, got ", threads);
   if (threads > 0) set_cpu_threads(threads);
 
+  // Bad input is reported before the (possibly long) weight load: the config alone gives the vocabulary size.
   const ModelConfig config = read_hf_config(model_dir);
+  const auto seqs = read_token_file(tokens, config.vocab_size);
+  {
+    int64_t longest = 0;
+    for (const auto& q : seqs) longest = std::max<int64_t>(longest, static_cast<int64_t>(q.size()));
+    check_fits_in_memory(
+        config, {kWeightsBytesPerParam, "fp32 weights",
+                 activation_bytes_lower_bound(config, std::min<int64_t>(batch, int64_t(seqs.size())), longest)});
+  }
+  NEXTRON_CHECK(!std::filesystem::exists(out) || std::filesystem::is_directory(out), "--out '", out,
+                "' exists and is not a directory; give a directory for the .npy files");
   Model model(config);
   load_hf_weights(model_dir, model.table(), model.params().f32());
-  const auto seqs = read_token_file(tokens, config.vocab_size);
 
   const int64_t n = static_cast<int64_t>(seqs.size()), V = config.vocab_size;
   int64_t max_len = 0;

@@ -24,6 +24,15 @@ using namespace nextron;
 
 namespace {
 
+// Exit status of a run stopped by SIGINT/SIGTERM before --train-steps: it saved a checkpoint and skipped
+// --export-hf; distinct from 0 so that a job script or scheduler does not take it for a finished run.
+constexpr int kExitStopped = 3;
+
+constexpr const char* kExitStatusHelp =
+    "Exit status: 0 trained to --train-steps (or nothing was left to train) and exported; 1 an error (nothing is\n"
+    "trained after an error found at start-up); 3 stopped early by SIGINT/SIGTERM: a checkpoint was saved (with\n"
+    "--save) and --export-hf skipped; rerun the same command to continue and finish.\n";
+
 // "path" or "path:weight" (Megatron's blend syntax is "weight path"; a colon form keeps one value per flag).
 DatasetSpec parse_data(const std::string& s) {
   DatasetSpec d;
@@ -124,8 +133,12 @@ int run(int argc, char** argv, Communicator* world) {
       "save-interval", po::value(&o.save_interval)->default_value(0), "save every N steps (0: only at exit)")(
       "keep-last", po::value(&o.keep_last)->default_value(o.keep_last), "checkpoints kept")(
       "resume", po::value(&o.resume)->default_value("auto"),
-      "auto (newest complete checkpoint in --save, if any), none, or a checkpoint directory")(
-      "export-hf", po::value(&o.export_hf), "write the final weights as an HF checkpoint here");
+      "auto (newest complete checkpoint in --save, if any), none (refused when --save already holds checkpoints: "
+      "use a new --save or --overwrite-save), or a checkpoint directory")(
+      "overwrite-save", po::bool_switch(&o.overwrite_save),
+      "start over in --save: delete its checkpoints and its metrics.jsonl at start-up (nothing there is resumed)")(
+      "export-hf", po::value(&o.export_hf),
+      "write the final weights as an HF checkpoint here (a new or empty directory, checked at start-up)");
   po::options_description par("Parallelism (start N ranks with mpirun -np N; data parallel = N / (TP*CP*PP))");
   par.add_options()("tensor-model-parallel-size", po::value(&o.parallel.tp)->default_value(1),
                     "TP: split heads, DeltaNet key-head groups, MLP channels and vocab over this many ranks")(
@@ -155,14 +168,19 @@ int run(int argc, char** argv, Communicator* world) {
   po::variables_map vm;
   cli::parse(argc, argv, all, vm);
   if (vm.count("help")) {
-    if (!world || world->rank() == 0) std::cout << all << "\n";
+    if (!world || world->rank() == 0) std::cout << all << "\n" << kExitStatusHelp;
     return 0;
   }
   if (vm.count("config-file")) {
     const std::string path = vm["config-file"].as<std::string>();
     std::ifstream f(path);
     NEXTRON_CHECK(f.good(), "cannot open --config-file '", path, "'");
-    po::store(po::parse_config_file(f, all), vm);  // values already given on the command line win
+    const po::parsed_options parsed = po::parse_config_file(f, all);
+    for (const auto& opt : parsed.options)
+      NEXTRON_CHECK(opt.string_key != "config-file", "--config-file '", path,
+                    "' sets config-file: config files do not nest; put all options in one file (the command line "
+                    "still overrides it)");
+    po::store(parsed, vm);  // values already given on the command line win
   }
   po::notify(vm);
   o.lr.style = parse_lr_decay_style(decay_style);
@@ -171,7 +189,7 @@ int run(int argc, char** argv, Communicator* world) {
   o.validate();
   Trainer trainer(o, {}, world, make_backend(o, world));
   trainer.run();
-  return 0;
+  return trainer.stopped_early() ? kExitStopped : 0;
 }
 
 }  // namespace
@@ -183,6 +201,7 @@ int main(int argc, char** argv) {
   // reports it and aborts. Errors every rank finds at start-up (options, layout) are reported by every rank.
   auto world = MpiCommunicator::world();
   const int status = nextron::cli::run_main("nextron-train", [&] { return run(argc, argv, world.get()); });
-  if (status != 0) abort_all("nextron-train failed (the error is above)");
-  return 0;
+  // Every rank agrees on a stop (run() does), so a stopped job ends normally with its own status on every rank.
+  if (status != 0 && status != kExitStopped) abort_all("nextron-train failed (the error is above)");
+  return status;
 }

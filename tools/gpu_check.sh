@@ -7,8 +7,8 @@
 #       flash-linear-attention wheel for the peer benchmark (the fixtures, configs and tools travel with the tree). CUDA's own libraries (cuBLAS/cuBLASLt, cuDNN, NCCL, NVRTC) and the driver are
 #       taken from the GPU machine (its PyTorch wheels or /usr/local/cuda).
 #   bash tools/gpu_check.sh reference [--build DIR]
-#       Here: remakes tests/fixtures/gpu_check (the byte-tokenized dataset and the 100-step CPU reference curve of
-#       the training part); commit the result.
+#       Here: remakes the 100-step CPU reference curve of the training part in tests/fixtures/gpu_check (on its
+#       committed byte-tokenized dataset; made from README.md when absent); commit the result.
 #   bash tools/gpu_check.sh run --out DIR [--bundle-dir DIR] [--only PART,...]
 #       There, from the repository root: runs the parts below, each under its own time budget (8 minutes in all),
 #       writes DIR/summary.json, DIR/logs.tar.gz (every log) and DIR/bench.json, and prints a short verdict. A failing
@@ -159,9 +159,11 @@ make_reference() {
   py="$(venv_python)"
   tmp="$(mktemp -d)"
   mkdir -p "$ref"
-  "$py" -c "import sys; sys.path.insert(0, '$REPO/tools'); import train_test_data as t; t.fresh_byte_dataset('$tmp/data')" ||
-    die "making the dataset failed"
-  cp "$tmp/data/data.h5" "$ref/data.h5"
+  if [ ! -f "$ref/data.h5" ]; then  # kept when present: the curve is remade on the same tokens
+    "$py" -c "import sys; sys.path.insert(0, '$REPO/tools'); import train_test_data as t; t.fresh_byte_dataset('$tmp/data')" ||
+      die "making the dataset failed"
+    cp "$tmp/data/data.h5" "$ref/data.h5"
+  fi
   log "CPU reference: 100 steps of the small model (a few minutes)"
   OMP_NUM_THREADS="$(nproc)" "$BUILD/nextron-train" "${TRAIN_ARGS[@]}" --train-steps 100 --data "$ref/data.h5" \
     --device cpu --metrics "$tmp/train_cpu.jsonl" >"$tmp/train_cpu.log" 2>&1 ||

@@ -7,6 +7,7 @@ differences against the .npy files nextron-eval wrote (exit 1 if they exceed --a
 """
 import argparse
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -15,6 +16,36 @@ from nextron_tools import hf_reference as ref  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+
+def read_token_file(path: str, vocab: int) -> list[list[int]]:
+    """nextron-eval's rules, so that row i of both tools' outputs is line i + 1: every line holds at least 2 integer
+    ids inside the vocabulary; anything else is an error naming the line (raised as SystemExit, exit code 1)."""
+    if not os.path.exists(path):
+        sys.exit(f"hf_eval: error: token file '{path}' does not exist")
+    if os.path.isdir(path):
+        sys.exit(f"hf_eval: error: --tokens '{path}' is a directory; expected a token file")
+    seqs = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            where = f"token file '{path}' line {lineno}"
+            seq = []
+            for word in line.split():
+                # Python's int() also takes "1_000" and non-ASCII digits, which nextron-eval (std::stoll) does not.
+                if not re.fullmatch(r"[+-]?[0-9]+", word):
+                    sys.exit(f"hf_eval: error: {where}: '{word}' is not an integer token id")
+                v = int(word)
+                if not 0 <= v < vocab:
+                    sys.exit(f"hf_eval: error: {where}: token id {v} is outside the model's vocabulary [0, {vocab})")
+                seq.append(v)
+            if not seq:
+                sys.exit(f"hf_eval: error: {where} is blank: every line is one sequence; remove it")
+            if len(seq) < 2:
+                sys.exit(f"hf_eval: error: {where} has 1 token: at least 2 are needed for a next-token loss")
+            seqs.append(seq)
+    if not seqs:
+        sys.exit(f"hf_eval: error: token file '{path}' holds no sequences")
+    return seqs
 
 
 def main():
@@ -27,7 +58,7 @@ def main():
     args = ap.parse_args()
     ref.quiet_transformers()
     model = ref.load_hf_model(args.model)
-    seqs = ref.read_token_file(args.tokens)
+    seqs = read_token_file(args.tokens, model.config.vocab_size)
     with torch.no_grad():
         logits, loss, lengths = ref.eval_sequences(model, seqs)
     mean = float(np.sum(loss.astype(np.float64) * (lengths - 1)) / np.sum(lengths - 1))

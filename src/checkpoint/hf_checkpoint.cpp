@@ -15,12 +15,27 @@ namespace nextron {
 namespace fs = std::filesystem;
 
 ModelConfig read_hf_config(const std::string& dir) {
+  // Say which of the three things is wrong: a missing path and a file given for the directory are typos that a bare
+  // "has no config.json" would hide.
+  NEXTRON_CHECK(fs::exists(dir), "HF checkpoint directory '", dir,
+                "' does not exist (expected a directory with config.json and safetensors weights)");
+  NEXTRON_CHECK(fs::is_directory(dir), "'", dir,
+                "' is a file, not an HF checkpoint directory (expected a directory with config.json and safetensors "
+                "weights)");
   const fs::path p = fs::path(dir) / "config.json";
   NEXTRON_CHECK(fs::exists(p), "'", dir, "' is not an HF checkpoint directory: it has no config.json");
   return ModelConfig::from_file(p.string());
 }
 
 namespace {
+
+// A shard named by model.safetensors.index.json must be a file next to the index. A path ("../x", "/x", "sub/x")
+// would let a downloaded checkpoint make us read any file on the machine, and transformers' own writer never emits
+// one, so nothing legitimate is lost by refusing them.
+bool is_plain_file_name(const std::string& name) {
+  return !name.empty() && name != "." && name != ".." && name.find('/') == std::string::npos &&
+         name.find('\\') == std::string::npos && name.find('\0') == std::string::npos;
+}
 
 // name -> file, for single-file and sharded checkpoints.
 std::map<std::string, std::string> weight_files(const std::string& dir) {
@@ -30,12 +45,28 @@ std::map<std::string, std::string> weight_files(const std::string& dir) {
   if (fs::exists(index)) {
     std::ifstream f(index);
     nlohmann::json j;
+    std::map<std::string, std::string> entries;
     try {
       j = nlohmann::json::parse(f);
+      NEXTRON_CHECK(j.at("weight_map").is_object(), "'", index.string(),
+                    "' is not a valid safetensors index: weight_map is not an object");
       for (auto it = j.at("weight_map").begin(); it != j.at("weight_map").end(); ++it)
-        files[it.key()] = (fs::path(dir) / it->get<std::string>()).string();
+        entries[it.key()] = it->get<std::string>();
     } catch (const nlohmann::json::exception& e) {
       NEXTRON_CHECK(false, "'", index.string(), "' is not a valid safetensors index: ", e.what());
+    }
+    std::set<std::string> present;  // shards already checked: released checkpoints map ~10^5 tensors to few files
+    for (const auto& [name, file] : entries) {
+      NEXTRON_CHECK(is_plain_file_name(file), "'", index.string(), "' maps tensor '", name, "' to '", file,
+                    "', which is not a plain file name in the checkpoint directory; an index may only name shard "
+                    "files next to it (e.g. model-00001-of-00002.safetensors), never paths such as '../x' or '/x'");
+      const fs::path shard = fs::path(dir) / file;
+      if (!present.count(file)) {
+        NEXTRON_CHECK(fs::is_regular_file(shard), "'", index.string(), "' maps tensor '", name, "' to '", file,
+                      "', but '", dir, "' has no such file");
+        present.insert(file);
+      }
+      files[name] = shard.string();
     }
   } else {
     NEXTRON_CHECK(fs::exists(single), "'", dir, "' has neither model.safetensors nor model.safetensors.index.json");
@@ -75,7 +106,10 @@ void save_hf_checkpoint(const std::string& dir, const ModelConfig& config, const
   NEXTRON_CHECK(options.dtype == DType::f32 || options.dtype == DType::bf16,
                 "HF export supports f32 and bf16 storage, not ", dtype_name(options.dtype));
   NEXTRON_CHECK(options.max_shard_bytes > 0, "max shard size must be positive");
-  const fs::path target(dir);
+  // "out/" names the directory "out": without dropping the trailing separator the temporary sibling below would be
+  // "out/.partial", i.e. inside the target, and the final rename would fail.
+  fs::path target = fs::path(dir).lexically_normal();
+  if (!target.has_filename() && target.has_parent_path()) target = target.parent_path();
   NEXTRON_CHECK(!fs::exists(target) || (fs::is_directory(target) && fs::is_empty(target)), "output directory '", dir,
                 "' already exists and is not empty; choose a new directory or remove it");
   const fs::path tmp = target.string() + ".partial";

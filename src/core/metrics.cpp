@@ -22,6 +22,12 @@ std::string printf_string(const char* format, Args... args) {
   const int n = std::snprintf(buf, sizeof(buf), format, args...);
   return std::string(buf, static_cast<size_t>(std::clamp(n, 0, static_cast<int>(sizeof(buf)) - 1)));
 }
+
+// `decimals` fixed digits for ordinary values, scientific notation from 1e5 on: a diverging run's gradient norm of
+// 6e37 would otherwise print as 38 digits.
+std::string fixed_or_sci(double v, int decimals) {
+  return printf_string(std::fabs(v) < 1e5 || !std::isfinite(v) ? "%.*f" : "%.*e", decimals, v);
+}
 }  // namespace
 
 nlohmann::json to_json(const StepMetrics& m) {
@@ -59,8 +65,9 @@ std::string format_duration(double seconds) {
 std::string format_step_line(const StepMetrics& m) {
   std::string line =
       printf_string("step %lld/%lld", static_cast<long long>(m.step), static_cast<long long>(m.total_steps));
-  line += printf_string(" | loss %.4f | lm %.4f | aux %.4f", m.loss, m.lm_loss, m.aux_loss);
-  line += printf_string(" | lr %.3e | gnorm %.3f", m.lr, m.grad_norm);
+  line += " | loss " + fixed_or_sci(m.loss, 4) + " | lm " + fixed_or_sci(m.lm_loss, 4) + " | aux " +
+          fixed_or_sci(m.aux_loss, 4);
+  line += printf_string(" | lr %.3e | gnorm ", m.lr) + fixed_or_sci(m.grad_norm, 3);
   line += printf_string(" | tok/s %.0f | mfu %.2f%%", m.tokens_per_s, 100.0 * m.mfu);
   line += printf_string(" | tokens %lld | elapsed ", static_cast<long long>(m.tokens)) + format_duration(m.seconds);
   return line;

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <fstream>
+#include <initializer_list>
+#include <limits>
 #include <set>
 
 #include "core/error.h"
@@ -63,6 +65,41 @@ void check_positive(int64_t v, const char* field) {
   NEXTRON_CHECK(v > 0, "config.json: field '", field, "' must be positive, got ", v);
 }
 
+// lo is 1 for fields every model needs and 0 for those a model may leave unset (dense-only, attention-only).
+void check_range(int64_t v, int64_t lo, int64_t hi, const char* field) {
+  if (lo > 0) check_positive(v, field);
+  NEXTRON_CHECK(v >= lo, "config.json: field '", field, "' must not be negative, got ", v);
+  NEXTRON_CHECK(v <= hi, "config.json: field '", field, "' is ", v, ", above nextron's limit of ", hi,
+                " for it (released Qwen3-Next models are far below it; a value this large cannot be trained and would "
+                "only exhaust memory)");
+}
+
+// Accumulates one part of ParamCount; every product and sum is checked so that an overflow names the fields.
+struct PartCounter {
+  ParamCount::Part part;
+  int64_t tensors = 0;
+
+  int64_t mul(std::initializer_list<int64_t> factors) const {
+    int64_t r = 1;
+    for (int64_t f : factors) NEXTRON_CHECK(!__builtin_mul_overflow(r, f, &r), overflow_message());
+    return r;
+  }
+  int64_t sum(std::initializer_list<int64_t> terms) const {
+    int64_t r = 0;
+    for (int64_t t : terms) NEXTRON_CHECK(!__builtin_add_overflow(r, t, &r), overflow_message());
+    return r;
+  }
+  // Adds `layers` layers of `per_layer` parameters and `per_layer_tensors` HF tensors each.
+  void add(int64_t per_layer, int64_t per_layer_tensors, int64_t layers) {
+    part.numel = sum({part.numel, mul({per_layer, layers})});
+    tensors = sum({tensors, mul({per_layer_tensors, layers})});
+  }
+  std::string overflow_message() const {
+    return "config.json: the parameter count of the " + part.name + " (" + part.fields +
+           ") overflows a 64-bit integer; these fields are far too large for any machine";
+  }
+};
+
 }  // namespace
 
 const char* mixer_type_name(MixerType t) {
@@ -71,6 +108,11 @@ const char* mixer_type_name(MixerType t) {
 
 int64_t ModelConfig::rotary_dim() const {
   return static_cast<int64_t>(static_cast<double>(head_dim) * partial_rotary_factor);
+}
+
+const ParamCount::Part& ParamCount::largest() const {
+  NEXTRON_ASSERT(!parts.empty());
+  return *std::max_element(parts.begin(), parts.end(), [](const Part& a, const Part& b) { return a.numel < b.numel; });
 }
 
 MlpType ModelConfig::mlp_type(int64_t layer) const {
@@ -164,6 +206,10 @@ ModelConfig ModelConfig::from_json(const json& j) {
     }
   }
 
+  // Before the layer plan: num_hidden_layers sizes it, and an absurd value must fail here, not after a billion
+  // entries have been pushed.
+  c.check_size_limits();
+
   c.full_attention_interval = r.integer("full_attention_interval", &four);
   if (const json* lt = r.find("layer_types")) {
     NEXTRON_CHECK(lt->is_array(), "config.json: field 'layer_types' must be a list");
@@ -208,7 +254,91 @@ ModelConfig ModelConfig::from_json(const json& j) {
   return c;
 }
 
+void ModelConfig::check_size_limits() const {
+  using L = ConfigLimits;
+  check_range(vocab_size, 1, L::vocab_size, "vocab_size");
+  check_range(hidden_size, 1, L::hidden_size, "hidden_size");
+  check_range(intermediate_size, 0, L::intermediate_size, "intermediate_size");
+  check_range(num_hidden_layers, 1, L::num_hidden_layers, "num_hidden_layers");
+  check_range(num_attention_heads, 1, L::heads, "num_attention_heads");
+  check_range(num_key_value_heads, 1, L::heads, "num_key_value_heads");
+  check_range(head_dim, 1, L::head_dim, "head_dim");
+  check_range(max_position_embeddings, 0, L::max_position_embeddings, "max_position_embeddings");
+  check_range(linear_num_key_heads, 0, L::heads, "linear_num_key_heads");
+  check_range(linear_num_value_heads, 0, L::heads, "linear_num_value_heads");
+  check_range(linear_key_head_dim, 0, L::head_dim, "linear_key_head_dim");
+  check_range(linear_value_head_dim, 0, L::head_dim, "linear_value_head_dim");
+  check_range(linear_conv_kernel_dim, 0, L::linear_conv_kernel_dim, "linear_conv_kernel_dim");
+  check_range(num_experts, 0, L::num_experts, "num_experts");
+  check_range(num_experts_per_tok, 0, L::num_experts, "num_experts_per_tok");
+  check_range(moe_intermediate_size, 0, L::intermediate_size, "moe_intermediate_size");
+  check_range(shared_expert_intermediate_size, 0, L::intermediate_size, "shared_expert_intermediate_size");
+}
+
+ParamCount ModelConfig::parameter_count() const {
+  NEXTRON_CHECK(static_cast<int64_t>(layer_types.size()) == num_hidden_layers, "config: the layer plan has ",
+                layer_types.size(), " entries for ", num_hidden_layers,
+                " layers; build it with ModelConfig::from_json so the layer plan is resolved");
+  const int64_t H = hidden_size, V = vocab_size;
+  PartCounter embed{{"embedding and lm_head", "vocab_size x hidden_size", 0}, 0};
+  PartCounter norms{{"norms", "hidden_size x num_hidden_layers", 0}, 0};
+  PartCounter attn{{"full-attention layers",
+                    "num_attention_heads, num_key_value_heads, head_dim x hidden_size x num_hidden_layers", 0},
+                   0};
+  PartCounter gdn{{"Gated DeltaNet layers",
+                   "linear_num_key_heads, linear_num_value_heads, linear_key_head_dim, linear_value_head_dim, "
+                   "linear_conv_kernel_dim x hidden_size x num_hidden_layers",
+                   0},
+                  0};
+  PartCounter dense{{"dense MLPs", "intermediate_size x hidden_size x num_hidden_layers", 0}, 0};
+  PartCounter experts{{"routed experts", "num_experts x moe_intermediate_size x hidden_size x num_hidden_layers", 0},
+                      0};
+  PartCounter shared{{"shared experts", "shared_expert_intermediate_size x hidden_size x num_hidden_layers", 0}, 0};
+
+  // The same tensors as ParamTable's constructor (src/model/param_table.cpp), counted per layer kind.
+  int64_t full_layers = 0, moe_layers = 0;
+  for (int64_t i = 0; i < num_hidden_layers; ++i) {
+    full_layers += layer_types[i] == MixerType::full_attention;
+    moe_layers += mlp_type(i) == MlpType::sparse_moe;
+  }
+  const int64_t linear_layers = num_hidden_layers - full_layers, dense_layers = num_hidden_layers - moe_layers;
+  embed.add(embed.mul({2, V, H}), 2, 1);
+  norms.add(norms.mul({2, H}), 2, num_hidden_layers);
+  norms.add(H, 1, 1);
+  {
+    const int64_t NH = num_attention_heads, NKV = num_key_value_heads, D = head_dim;
+    PartCounter& a = attn;
+    int64_t per = a.sum({a.mul({NH, 2, D, H}), a.mul({2, NKV, D, H}), a.mul({H, NH, D}), a.mul({2, D})});
+    if (attention_bias) per = a.sum({per, a.mul({NH, 2, D}), a.mul({2, NKV, D}), H});
+    a.add(per, attention_bias ? 10 : 6, full_layers);
+  }
+  {
+    PartCounter& g = gdn;
+    const int64_t Hv = linear_num_value_heads, dv = linear_value_head_dim;
+    const int64_t kd = g.mul({linear_num_key_heads, linear_key_head_dim}), vd = g.mul({Hv, dv});
+    const int64_t conv = g.sum({kd, kd, vd});
+    const int64_t per = g.sum({g.mul({g.sum({kd, kd, vd, vd}), H}), g.mul({2, Hv, H}),
+                               g.mul({conv, linear_conv_kernel_dim}), g.mul({2, Hv}), dv, g.mul({H, vd})});
+    g.add(per, 7, linear_layers);
+  }
+  dense.add(dense.mul({3, intermediate_size, H}), 3, dense_layers);
+  experts.add(experts.sum({experts.mul({num_experts, H}), experts.mul({num_experts, 3, moe_intermediate_size, H})}),
+              experts.sum({1, experts.mul({3, num_experts})}), moe_layers);
+  if (shared_expert_intermediate_size > 0)
+    shared.add(shared.sum({shared.mul({3, shared_expert_intermediate_size, H}), H}), 4, moe_layers);
+
+  ParamCount pc;
+  PartCounter total{{"whole model", "all size fields", 0}, 0};
+  for (PartCounter* p : {&embed, &norms, &attn, &gdn, &dense, &experts, &shared}) {
+    pc.total = total.sum({pc.total, p->part.numel});
+    pc.hf_tensors = total.sum({pc.hf_tensors, p->tensors});
+    pc.parts.push_back(p->part);
+  }
+  return pc;
+}
+
 void ModelConfig::validate() const {
+  check_size_limits();
   check_positive(vocab_size, "vocab_size");
   check_positive(hidden_size, "hidden_size");
   check_positive(num_hidden_layers, "num_hidden_layers");
@@ -250,6 +380,14 @@ void ModelConfig::validate() const {
                   ") must not exceed num_experts (", num_experts, ")");
     NEXTRON_CHECK(shared_expert_intermediate_size >= 0, "config.json: shared_expert_intermediate_size must be >= 0");
   }
+  // Machine-independent: every flat buffer's byte size (and a training run's fp32 parameters, gradients and two
+  // AdamW moments, 16 bytes per parameter) must be a 64-bit number. Whether it fits this machine is
+  // check_fits_in_memory's (src/model/param_table.h) business, at the entry points that know the run.
+  const ParamCount pc = parameter_count();
+  const ParamCount::Part& big = pc.largest();
+  NEXTRON_CHECK(pc.total <= std::numeric_limits<int64_t>::max() / 16, "config.json: the model has ", pc.total,
+                " parameters, ", big.numel, " of them in its ", big.name, " (", big.fields,
+                "): 16 bytes per parameter for training would overflow a 64-bit byte count; reduce those fields");
 }
 
 ModelConfig ModelConfig::from_file(const std::string& path) {

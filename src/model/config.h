@@ -11,6 +11,37 @@ namespace nextron {
 enum class MixerType { linear_attention, full_attention };
 enum class MlpType { dense, sparse_moe };
 
+// The parameter count of a model from its config alone (no table, no allocation), split into the parts a
+// too-large model can be blamed on. Computed with checked 64-bit arithmetic: a product that overflows is an Error
+// naming the fields of its part.
+struct ParamCount {
+  struct Part {
+    std::string name;    // e.g. "routed experts"
+    std::string fields;  // the config fields that size it, e.g. "num_experts x moe_intermediate_size x hidden_size"
+    int64_t numel = 0;
+  };
+  std::vector<Part> parts;
+  int64_t total = 0;       // == ParamTable(config).total_numel()
+  int64_t hf_tensors = 0;  // HF tensors the table maps (its per-tensor bookkeeping: names, shapes)
+  const Part& largest() const;
+};
+
+// Per-field upper bounds checked at parse time. Each is far above any released model (the largest value in
+// configs/models/ is given for each) so that no real config trips them, yet low enough that an absurd value
+// fails at once with the field's name instead of driving the layer plan or the parameter table's bookkeeping
+// (one entry per layer, three per expert) into unbounded memory. transformers' Qwen3NextConfig sets no limits.
+struct ConfigLimits {
+  static constexpr int64_t vocab_size = int64_t{1} << 24;               // 151936 (Qwen); largest public ~262k
+  static constexpr int64_t hidden_size = int64_t{1} << 17;              // 2048; largest public ~16k-25k
+  static constexpr int64_t intermediate_size = int64_t{1} << 20;        // 5120; also moe_/shared_expert_
+  static constexpr int64_t num_hidden_layers = 1024;                    // 48; deepest public ~126
+  static constexpr int64_t heads = 4096;                                // 32; attention and DeltaNet heads
+  static constexpr int64_t head_dim = int64_t{1} << 14;                 // 256; also linear_{key,value}_head_dim
+  static constexpr int64_t linear_conv_kernel_dim = 1024;               // 4
+  static constexpr int64_t num_experts = 4096;                          // 512 (qwen3-next-80b-a3b)
+  static constexpr int64_t max_position_embeddings = int64_t{1} << 32;  // 262144; not allocated, only bounded
+};
+
 struct ModelConfig {
   int64_t vocab_size = 0;
   int64_t hidden_size = 0;        // H
@@ -54,6 +85,8 @@ struct ModelConfig {
   int64_t conv_dim() const { return 2 * key_dim() + value_dim(); }
   MlpType mlp_type(int64_t layer) const;
   int64_t num_moe_layers() const;
+  // Needs a resolved layer plan (from_json, or layer_types filled in); validate() calls it.
+  ParamCount parameter_count() const;
 
   // Parse an HF config.json object; throws nextron::Error naming the field for any missing, unknown or
   // unsupported value, or any combination that does not fit (e.g. Hv not a multiple of Hk).
@@ -61,7 +94,11 @@ struct ModelConfig {
   static ModelConfig from_file(const std::string& path);
   // The HF config.json form (transformers reads it back to the same model).
   nlohmann::json to_json() const;
+  // Every check of from_json that does not need the JSON: signs, per-field limits (ConfigLimits), consistency,
+  // and a parameter count whose fp32 training buffers (16 bytes per parameter) fit in 64-bit byte sizes.
   void validate() const;
+  // Just the per-field limits (and signs of the size fields); from_json runs it before it builds the layer plan.
+  void check_size_limits() const;
 };
 
 const char* mixer_type_name(MixerType t);

@@ -1,11 +1,117 @@
 #include "model/param_table.h"
 
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <fstream>
+#include <limits>
+#include <sstream>
+
+#include "core/error.h"
+
 namespace nextron {
 
 namespace {
 std::string layer_prefix(int64_t i) { return "layers." + std::to_string(i) + "."; }
 std::string hf_layer_prefix(int64_t i) { return "model.layers." + std::to_string(i) + "."; }
+
+// A byte count for messages: "23.4 GiB (25123456789 bytes)"; absurd sizes in scientific notation.
+std::string format_bytes(double bytes) {
+  char buf[96];
+  if (bytes < 9e18)
+    std::snprintf(buf, sizeof buf, "%.1f GiB (%.0f bytes)", bytes / (1024.0 * 1024 * 1024), bytes);
+  else
+    std::snprintf(buf, sizeof buf, "%.3g bytes", bytes);
+  return buf;
+}
+
+// The first number in a file (cgroup limits, "max" meaning none), or -1.
+double read_limit_file(const std::string& path) {
+  std::ifstream f(path);
+  std::string word;
+  if (!(f >> word) || word == "max") return -1;
+  try {
+    return std::stod(word);
+  } catch (const std::exception&) {
+    return -1;
+  }
+}
+
+// This process's cgroup v2 path ("0::/path" in /proc/self/cgroup), "" when there is none.
+std::string cgroup_v2_path() {
+  std::ifstream f("/proc/self/cgroup");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.rfind("0::", 0) == 0) return line.substr(3);
+  return "";
+}
+
+// MemAvailable from /proc/meminfo in bytes, or -1: shown in messages, not compared against (see MemoryLimit).
+double mem_available() {
+  std::ifstream f("/proc/meminfo");
+  std::string key;
+  double kb = 0;
+  std::string unit;
+  while (f >> key >> kb >> unit)
+    if (key == "MemAvailable:") return kb * 1024;
+  return -1;
+}
 }  // namespace
+
+MemoryLimit host_memory_limit() {
+  MemoryLimit m{std::numeric_limits<double>::infinity(), "unknown (sysconf gave no physical memory size)"};
+  auto consider = [&m](double bytes, std::string source) {
+    if (bytes > 0 && bytes < m.bytes) m = {bytes, std::move(source)};
+  };
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+  if (pages > 0 && page > 0)
+    consider(static_cast<double>(pages) * static_cast<double>(page),
+             "physical memory (sysconf _SC_PHYS_PAGES x _SC_PAGE_SIZE)");
+  // In a container the physical size is the host's; the cgroup's limit is what the OOM killer enforces.
+  const std::string cg = cgroup_v2_path();
+  if (!cg.empty()) consider(read_limit_file("/sys/fs/cgroup" + cg + "/memory.max"), "cgroup limit (memory.max)");
+  consider(read_limit_file("/sys/fs/cgroup/memory.max"), "cgroup limit (memory.max)");
+  consider(read_limit_file("/sys/fs/cgroup/memory/memory.limit_in_bytes"), "cgroup limit (memory.limit_in_bytes)");
+  rlimit as{};
+  if (getrlimit(RLIMIT_AS, &as) == 0 && as.rlim_cur != RLIM_INFINITY)
+    consider(static_cast<double>(as.rlim_cur), "address-space limit (RLIMIT_AS, ulimit -v)");
+  return m;
+}
+
+double activation_bytes_lower_bound(const ModelConfig& c, int64_t micro_batch, int64_t seq_len,
+                                    int64_t bytes_per_value) {
+  const double tokens = static_cast<double>(micro_batch) * static_cast<double>(seq_len);
+  const double per_token = static_cast<double>(c.num_hidden_layers + 1) * static_cast<double>(c.hidden_size) +
+                           2.0 * static_cast<double>(c.vocab_size);
+  return tokens * per_token * static_cast<double>(bytes_per_value);
+}
+
+double memory_needed_bytes(const ModelConfig& config, const MemoryNeed& need) {
+  const ParamCount pc = config.parameter_count();
+  return static_cast<double>(pc.total) * static_cast<double>(need.bytes_per_param) +
+         static_cast<double>(pc.hf_tensors) * static_cast<double>(kTableBytesPerHfTensor) + need.activation_bytes;
+}
+
+void check_fits_in_memory(const ModelConfig& config, const MemoryNeed& need, const MemoryLimit& limit) {
+  const double needed = memory_needed_bytes(config, need);
+  if (needed <= limit.bytes) return;
+  const ParamCount pc = config.parameter_count();
+  const ParamCount::Part& big = pc.largest();
+  std::ostringstream os;
+  os << "the model does not fit in memory: it needs " << format_bytes(needed) << " (" << pc.total << " parameters x "
+     << need.bytes_per_param << " bytes of " << need.per_param_what << ", table bookkeeping for " << pc.hf_tensors
+     << " tensors";
+  if (need.activation_bytes > 0) os << ", at least " << format_bytes(need.activation_bytes) << " of activations";
+  os << ") but this process can use " << format_bytes(limit.bytes) << ", its " << limit.source;
+  const double avail = mem_available();
+  if (avail >= 0) os << "; MemAvailable is " << format_bytes(avail);
+  os << ". Most parameters (" << big.numel << ") are in the " << big.name << ": reduce " << big.fields;
+  if (need.activation_bytes > needed / 2)
+    os << "; most of the need is activations: reduce --micro-batch-size or --seq-len (with vocab_size, hidden_size "
+          "and num_hidden_layers)";
+  throw Error(os.str());
+}
 
 ParamSpec& ParamTable::add(std::string name, Shape shape, int tp_dim, ParamKind kind, bool decay,
                            std::vector<HfPiece> hf) {

@@ -74,4 +74,49 @@ class ParamTable {
   int64_t total_ = 0;
 };
 
+// ---- Whether a model fits this process's memory, checked from the config before anything is allocated ----
+
+// Host bytes per parameter of a one-process CPU training run: the flat fp32 parameters and gradients
+// (src/model/model.cpp) and AdamW's exp_avg and exp_avg_sq (src/optim/adamw.cpp), all laid out like the table.
+// (The initial-weights vector the trainer fills, 4 more bytes, is freed before the moments are allocated.)
+inline constexpr int64_t kTrainBytesPerParam = 16;
+// One fp32 copy of the weights: what nextron-eval and nextron-convert hold at least.
+inline constexpr int64_t kWeightsBytesPerParam = 4;
+// Estimated bookkeeping of the table per HF tensor (its name, shape and offset, and the ParamSpec around it).
+inline constexpr int64_t kTableBytesPerHfTensor = 256;
+
+// The memory this process may use and where the figure comes from: the smallest of the physical memory
+// (sysconf(_SC_PHYS_PAGES) x _SC_PAGE_SIZE), the container's cgroup limit (v2 memory.max, v1
+// memory.limit_in_bytes) and RLIMIT_AS when set. Not MemAvailable: it is a snapshot that moves with the page cache
+// and with other processes, so a check against it would refuse the same valid run on one day and pass it on the
+// next; a run that needs more than the machine (or container) has can never fit, whatever else is running.
+struct MemoryLimit {
+  double bytes = 0;
+  std::string source;  // e.g. "physical memory (sysconf)"
+};
+MemoryLimit host_memory_limit();
+
+// What a run keeps in memory for its model.
+struct MemoryNeed {
+  int64_t bytes_per_param = kTrainBytesPerParam;  // of the flat buffers, over ModelConfig::parameter_count().total
+  std::string per_param_what = "fp32 parameters, gradients and AdamW moments";
+  double activation_bytes = 0;  // e.g. activation_bytes_lower_bound(); 0 when not counted
+};
+
+// A lower bound of the activations one micro-batch of a one-process run keeps until its backward: the residual
+// stream at every layer boundary ((L + 1) x B x S x H) and the logits and their gradient (2 x B x S x vocab), at
+// bytes_per_value (4 on the CPU). Everything else (per-layer intermediates, MoE dispatch) comes on top, so a run
+// refused on this bound is certain not to fit. In double: B x S x vocab may exceed int64 for absurd options.
+double activation_bytes_lower_bound(const ModelConfig& config, int64_t micro_batch, int64_t seq_len,
+                                    int64_t bytes_per_value = 4);
+
+// Bytes `need` amounts to for `config`: parameters x bytes_per_param + the table's bookkeeping + activations.
+double memory_needed_bytes(const ModelConfig& config, const MemoryNeed& need);
+
+// Throws nextron::Error when memory_needed_bytes(config, need) exceeds limit.bytes, with a message naming the part
+// of the model (and its config fields) that holds most parameters, the bytes needed and the bytes available. Cheap
+// (no table, no allocation): call it after parsing the config and before the first buffer of the model.
+void check_fits_in_memory(const ModelConfig& config, const MemoryNeed& need,
+                          const MemoryLimit& limit = host_memory_limit());
+
 }  // namespace nextron

@@ -27,6 +27,7 @@ void TrainOptions::validate(bool need_data) const {
   NEXTRON_CHECK(save_interval >= 0, "--save-interval must be >= 0, got ", save_interval);
   NEXTRON_CHECK(keep_last > 0, "--keep-last must be positive, got ", keep_last);
   NEXTRON_CHECK(!save_dir.empty() || save_interval == 0, "--save-interval needs --save DIR");
+  NEXTRON_CHECK(!save_dir.empty() || !overwrite_save, "--overwrite-save needs --save DIR");
   NEXTRON_CHECK(log_interval > 0, "--log-interval must be positive, got ", log_interval);
   NEXTRON_CHECK(eval_interval >= 0, "--eval-interval must be >= 0, got ", eval_interval);
   NEXTRON_CHECK(eval_iters > 0, "--eval-iters must be positive, got ", eval_iters);

@@ -1,13 +1,16 @@
 #include "train/trainer.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
+#include <optional>
 
 #include "checkpoint/hf_checkpoint.h"
+#include "checkpoint/save_dir.h"
 #include "checkpoint/train_checkpoint.h"
 #include "core/error.h"
 #include "core/metrics.h"
@@ -15,6 +18,7 @@
 #include "core/peak_flops.h"
 #include "model/flops.h"
 #include "model/init.h"
+#include "model/param_table.h"
 #include "optim/grad_clip.h"
 
 namespace nextron {
@@ -22,6 +26,28 @@ namespace nextron {
 namespace {
 // Set by SIGINT/SIGTERM: the loop finishes the current step, saves a checkpoint and exits.
 volatile std::sig_atomic_t g_stop_requested = 0;
+volatile std::sig_atomic_t g_stop_signal = 0;
+
+// Numbers in messages: %g keeps a diverging value short ("6.02e+37", not 38 digits).
+std::string short_number(double v) {
+  char s[32];
+  std::snprintf(s, sizeof s, "%.4g", v);
+  return s;
+}
+
+// What to try when training diverged. Clipping is only suggested when it is off: with it on, a lower learning
+// rate is what helps.
+std::string divergence_advice(const TrainOptions& o) {
+  const std::string lr = "lower --lr (now " + short_number(o.lr.lr) + ")";
+  if (o.clip_grad > 0) return lr + " or raise --lr-warmup-steps, or check the data";
+  return "enable --clip-grad (e.g. 1.0), " + lr + " or raise --lr-warmup-steps, or check the data";
+}
+
+// One line of the start-up housekeeping in the log.
+void note(const std::string& line) {
+  std::printf("nextron-train: %s\n", line.c_str());
+  std::fflush(stdout);
+}
 
 // Elements [offset, offset + n) of a flat f32 buffer on any device, as a host vector (and back).
 std::vector<float> to_host(const Tensor& flat, int64_t offset, int64_t n) {
@@ -47,15 +73,29 @@ void from_host(Tensor& flat, int64_t offset, const float* src, int64_t n) {
   Tensor dst = Tensor::view_of(flat, offset, {n});
   dst.copy_from(host);
 }
-void request_stop(int) { g_stop_requested = 1; }
+void request_stop(int sig) {
+  g_stop_requested = 1;
+  g_stop_signal = sig;
+}
 }  // namespace
 
 Trainer::Trainer(const TrainOptions& options, SampleFn source, Communicator* world, TrainBackend backend)
     : opt_(options), sample_(std::move(source)) {
   opt_.validate(/*need_data=*/!sample_);
+  if (!opt_.export_hf.empty()) opt_.export_hf = strip_trailing_separators(opt_.export_hf);
   if (opt_.threads > 0) set_cpu_threads(opt_.threads);
   const ModelConfig config =
       opt_.init_from.empty() ? ModelConfig::from_file(opt_.model_config) : read_hf_config(opt_.init_from);
+  {
+    // Before the model's first buffer: refuse what this machine cannot hold, naming the fields that make it large.
+    // Each rank holds whole-model buffers today (initialisation, checkpoints), so the check is per process.
+    MemoryNeed need;
+    if (opt_.device == "cuda")
+      need = {2 * kWeightsBytesPerParam, "host fp32 weights (initial values and this rank's copy)", 0};
+    else
+      need.activation_bytes = activation_bytes_lower_bound(config, opt_.micro_batch, opt_.seq_len);
+    check_fits_in_memory(config, need);
+  }
   ParallelSizes sizes = opt_.parallel;
   if (sizes.etp == 0) sizes.etp = sizes.tp;  // Megatron's default: experts follow TP
   if (world && world->size() > 1) {
@@ -69,6 +109,14 @@ Trainer::Trainer(const TrainOptions& options, SampleFn source, Communicator* wor
   NEXTRON_CHECK(opt_.global_batch % per_step == 0, "--global-batch-size (", opt_.global_batch,
                 ") must be a multiple of --micro-batch-size x data-parallel size (", opt_.micro_batch, " x ", dp_size(),
                 " = ", per_step, ")");
+  // Before the model is built: a mistake in an output path costs seconds, not a training run.
+  on_rank0([&] { prepare_outputs(); });
+  if (is_logger() && opt_.sequence_parallel && sizes.tp == 1)
+    note("--sequence-parallel has no effect at tensor-parallel size 1 and is ignored");
+  if (is_logger() && opt_.seq_len > config.max_position_embeddings)
+    note(detail::concat("--seq-len ", opt_.seq_len, " exceeds the model's max_position_embeddings (",
+                        config.max_position_embeddings,
+                        "): RoPE positions beyond it were never trained; raise it in config.json if that is intended"));
 
   const bool cuda_backend = backend.ops && backend.ops->device() == Device::cuda;
   NEXTRON_CHECK((opt_.device == "cuda") == cuda_backend, "--device ", opt_.device, " but the backend given is ",
@@ -116,15 +164,57 @@ Trainer::Trainer(const TrainOptions& options, SampleFn source, Communicator* wor
   opt_state_ = std::make_unique<DistributedOptimizer>(model_->table(), dp_device_ ? dp_device_.get() : dp_host, dp_host,
                                                       opt_.adam, model_->ops());
 
-  if (opt_.resume != "none" && !opt_.save_dir.empty()) {
-    if (opt_.resume == "auto") {
-      if (auto dir = find_latest_checkpoint(opt_.save_dir)) resume_from(*dir);
-    } else {
-      resume_from(opt_.resume);
-    }
-  } else if (opt_.resume != "none" && opt_.resume != "auto") {
-    resume_from(opt_.resume);
+  std::optional<std::string> resume_dir;
+  if (opt_.resume == "auto" && !opt_.save_dir.empty())
+    resume_dir = find_latest_checkpoint(opt_.save_dir);
+  else if (opt_.resume != "none" && opt_.resume != "auto")
+    resume_dir = opt_.resume;
+  if (resume_dir) {
+    if (is_logger() && !opt_.init_from.empty())
+      note("--init-from " + opt_.init_from + " is ignored: resuming from " + *resume_dir +
+           ", whose weights replace it (use a new --save directory to start from --init-from)");
+    resume_from(*resume_dir);
   }
+}
+
+void Trainer::prepare_outputs() {
+  const std::string metrics = !opt_.metrics_path.empty() ? opt_.metrics_path
+                              : opt_.save_dir.empty()
+                                  ? std::string()
+                                  : (std::filesystem::path(opt_.save_dir) / "metrics.jsonl").string();
+  // Every check before anything is created or removed, so a refused run leaves no trace.
+  if (!opt_.save_dir.empty()) check_save_path(opt_.save_dir);
+  if (!metrics.empty()) check_metrics_path(metrics);
+  if (!opt_.export_hf.empty()) check_export_path(opt_.export_hf, opt_.save_dir, metrics);
+  if (opt_.save_dir.empty()) {
+    for (const std::string& line : remove_stale_leftovers("", opt_.export_hf)) note(line);
+    return;
+  }
+  if (opt_.overwrite_save && opt_.resume != "auto" && opt_.resume != "none") {
+    auto normal = [](const std::string& p) {
+      return std::filesystem::path(strip_trailing_separators(std::filesystem::absolute(p).lexically_normal().string()));
+    };
+    const std::filesystem::path save = normal(opt_.save_dir), resume = normal(opt_.resume);
+    NEXTRON_CHECK(std::mismatch(save.begin(), save.end(), resume.begin(), resume.end()).first != save.end(),
+                  "--overwrite-save would delete the checkpoint given to --resume (", opt_.resume,
+                  "); resume it into a new --save directory instead");
+  }
+  save_lock_ = std::make_unique<SaveDirLock>(opt_.save_dir);
+  if (!save_lock_->previous_holder().empty())
+    note("took over the lock of " + opt_.save_dir + " from a run that ended without releasing it (" +
+         save_lock_->previous_holder() + ")");
+  for (const std::string& line : remove_stale_leftovers(opt_.save_dir, opt_.export_hf)) note(line);
+  if (opt_.overwrite_save) {
+    // Only the default metrics file lives in --save; an explicit --metrics file is the user's to manage.
+    for (const std::string& line : clear_save_dir(opt_.save_dir, opt_.metrics_path.empty() ? metrics : "")) note(line);
+    return;
+  }
+  const std::vector<std::string> old = existing_checkpoints(opt_.save_dir);
+  NEXTRON_CHECK(opt_.resume != "none" || old.empty(), "--resume none, but --save '", opt_.save_dir, "' already holds ",
+                old.size(), " checkpoint(s) of an earlier run (newest: ", old.empty() ? "" : old.front(),
+                "): this run's checkpoints would land beside them, a later --resume auto would continue the old run "
+                "and keep-last would delete the new run's. Use a new --save directory, or add --overwrite-save to "
+                "delete the old checkpoints (and its metrics.jsonl) and start over");
 }
 
 Trainer::~Trainer() = default;
@@ -147,8 +237,12 @@ StepRecord Trainer::step() {
         targets_[r * S + t] = rows_[r * (S + 1) + t + 1];
       }
     const LossValues lv = model_->forward_targets(ids_.data(), targets_.data(), M, S);
-    NEXTRON_CHECK(std::isfinite(lv.loss), "loss is ", lv.loss, " at step ", step_,
-                  "; training diverged (lower --lr, raise --lr-warmup-steps or check the data)");
+    // step_ counts the steps completed; the log numbers this one step_ + 1.
+    NEXTRON_CHECK(std::isfinite(lv.loss), "loss is ", short_number(lv.loss), " at step ", step_ + 1,
+                  step_ > 0 ? " (the gradient norm of step " + std::to_string(step_) + " was " +
+                                  short_number(last_grad_norm_) + ")"
+                            : std::string(),
+                  "; training diverged: ", divergence_advice(opt_));
     model_->backward(1.0f / static_cast<float>(accum));
     rec.loss += lv.loss / static_cast<double>(accum);
     rec.lm_loss += lv.lm_loss / static_cast<double>(accum);
@@ -164,8 +258,9 @@ StepRecord Trainer::step() {
   double sq = opt_state_->shard_sq_sum(grads, counted);
   if (ctx_) ctx_->world().all_reduce_sum(&sq, 1);
   rec.grad_norm = std::sqrt(sq);
-  NEXTRON_CHECK(std::isfinite(rec.grad_norm), "gradient norm is ", rec.grad_norm, " at step ", step_,
-                "; training diverged (lower --lr or enable --clip-grad)");
+  NEXTRON_CHECK(std::isfinite(rec.grad_norm), "gradient norm is ", short_number(rec.grad_norm), " at step ", step_ + 1,
+                "; training diverged: ", divergence_advice(opt_));
+  last_grad_norm_ = rec.grad_norm;
   if (opt_.clip_grad > 0) {
     const double c = clip_coefficient(rec.grad_norm, opt_.clip_grad);
     if (c < 1.0) opt_state_->scale_shard(grads, static_cast<float>(c));
@@ -379,12 +474,13 @@ void Trainer::run() {
         opt_.peak_tflops > 0 ? "" : " (measured CPU fp32 GEMM peak)");
   if (log && ctx_)
     std::printf("parallel layout: %s%s\n", ctx_->layout().describe().c_str(),
-                opt_.sequence_parallel ? ", sequence parallel" : "");
+                opt_.sequence_parallel && ctx_->layout().tp() > 1 ? ", sequence parallel" : "");
   if (log && step_ > 0) std::printf("continuing at step %lld\n", static_cast<long long>(step_));
   const int64_t first_step = step_;
   std::fflush(stdout);
 
   g_stop_requested = 0;
+  g_stop_signal = 0;
   auto old_int = std::signal(SIGINT, request_stop);
   auto old_term = std::signal(SIGTERM, request_stop);
   const bool progress = opt_.progress && log;
@@ -441,6 +537,8 @@ void Trainer::run() {
   std::signal(SIGINT, old_int);
   std::signal(SIGTERM, old_term);
   if (log && stop) std::printf("stop requested: saving at step %lld\n", static_cast<long long>(step_));
+  // A signal after the last step stops nothing: the run is complete and exports as usual.
+  stopped_early_ = stop && step_ < opt_.train_steps;
   if (step_ == first_step) {
     if (log)
       std::printf("nothing to train: the checkpoint is already at step %lld of %lld (raise --train-steps to go on)\n",
@@ -449,7 +547,19 @@ void Trainer::run() {
     const std::string dir = save_checkpoint();
     if (log) std::printf("saved %s\n", dir.c_str());
   }
-  if (!opt_.export_hf.empty() && !stop) {
+  if (stopped_early_ && log) {
+    std::printf("stopped early by %s at step %lld of %lld%s\n", g_stop_signal == SIGINT ? "SIGINT" : "SIGTERM",
+                static_cast<long long>(step_), static_cast<long long>(opt_.train_steps),
+                opt_.save_dir.empty() ? " (no --save: nothing was saved)"
+                                      : "; rerun the same command to continue from the checkpoint");
+    // Not exported: --export-hf means the final weights, and an export here would make the resumed run, which
+    // refuses a non-empty --export-hf target at start-up, fail; a signal also usually comes with a short grace
+    // period that a large export would overrun.
+    if (!opt_.export_hf.empty())
+      std::printf("--export-hf %s skipped: the run has not reached --train-steps (the run that finishes exports)\n",
+                  opt_.export_hf.c_str());
+  }
+  if (!opt_.export_hf.empty() && !stopped_early_) {
     export_hf(opt_.export_hf);
     if (log) std::printf("exported HF checkpoint %s\n", opt_.export_hf.c_str());
   }

@@ -21,6 +21,8 @@
 
 namespace nextron {
 
+class SaveDirLock;
+
 struct StepRecord {
   int64_t step = 0;                            // optimizer steps completed after this one
   double loss = 0, lm_loss = 0, aux_loss = 0;  // means over the step's micro-batches
@@ -56,6 +58,8 @@ class Trainer {
   void export_hf(const std::string& dir);  // collective; rank 0 writes
   void run();  // collective; the whole loop with logging, validation, checkpoints and export; stops cleanly on
                // SIGINT/SIGTERM
+  // Whether run() was stopped by SIGINT/SIGTERM before --train-steps (it saved, and skipped --export-hf).
+  bool stopped_early() const { return stopped_early_; }
 
   Model& model() { return *model_; }
   // Whole-model (single-device layout) parameters and the gradients of the last step as AdamW used them (summed
@@ -71,6 +75,9 @@ class Trainer {
 
  private:
   void resume_from(const std::string& dir);
+  // Rank 0, at start-up: checks every output path, locks --save, removes dead runs' leftovers and refuses to mix
+  // a new run into a directory holding an old one's checkpoints (or clears them: --overwrite-save).
+  void prepare_outputs();
   int dp_size() const { return ctx_ ? ctx_->layout().dp() : 1; }
   int dp_rank() const { return ctx_ ? ctx_->dp_rank() : 0; }
   // Runs `body` on rank 0 only; every rank learns whether it failed and throws the same error (no rank hangs).
@@ -78,6 +85,7 @@ class Trainer {
 
   TrainOptions opt_;
   std::unique_ptr<ParallelContext> ctx_;
+  std::unique_ptr<SaveDirLock> save_lock_;   // rank 0 with --save: held for the Trainer's life
   std::unique_ptr<Communicator> dp_device_;  // the DP group over device memory (NCCL) when on a GPU
   std::unique_ptr<Communicator> tp_device_;  // the TP group over device memory (NCCL) when on a GPU
   std::unique_ptr<Model> model_;
@@ -89,6 +97,8 @@ class Trainer {
   int64_t step_ = 0;
   int64_t position_ = 0;  // next global training sample
   int64_t consumed_tokens_ = 0;
+  double last_grad_norm_ = 0;  // of the previous step: the usual cause when a step's loss is not finite
+  bool stopped_early_ = false;
   std::vector<int64_t> rows_, ids_, targets_;
 };
 

@@ -1,10 +1,12 @@
 // HF checkpoint reader/writer: a sharded re-export reads back bit-identical, and checkpoints that do not match
-// their config.json (missing, extra or mis-shaped tensors) or a non-empty output directory are clear errors.
+// their config.json (missing, extra or mis-shaped tensors), a non-empty output directory, a missing or non-directory
+// checkpoint path and safetensors index entries that point outside the checkpoint are clear errors.
 #include <gtest/gtest.h>
 
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <nlohmann/json.hpp>
 
 #include "checkpoint/hf_checkpoint.h"
 #include "checkpoint/safetensors.h"
@@ -95,6 +97,71 @@ TEST(HfCheckpoint, MismatchedConfigIsAClearError) {
                  "has no tensor 'model.layers.0.mlp.gate_proj.weight'");
   }
   expect_error([&] { read_hf_config("/nonexistent/dir"); }, "config.json");
+  expect_error([&] { read_hf_config("/nonexistent/dir"); }, "does not exist");
+  expect_error([&] { read_hf_config(kFixture + "/config.json"); }, "is a file, not an HF checkpoint directory");
+}
+
+// model.safetensors.index.json may only name shard files next to it: an entry such as "../x/model.safetensors" or
+// an absolute path would otherwise be read from wherever it points.
+TEST(HfCheckpoint, IndexEntriesMustBePlainFileNamesInTheCheckpoint) {
+  const ModelConfig config = read_hf_config(kFixture);
+  const ParamTable table(config);
+  std::vector<float> p(table.total_numel());
+  const fs::path root = fresh_dir("index_paths");
+  const fs::path ckpt = root / "ckpt", outside = root / "x";
+  fs::create_directories(ckpt / "sub");
+  fs::create_directories(outside);
+  fs::copy_file(fs::path(kFixture) / "config.json", ckpt / "config.json");
+  fs::copy_file(fs::path(kFixture) / "model.safetensors", outside / "model.safetensors");
+  fs::copy_file(fs::path(kFixture) / "model.safetensors", ckpt / "sub" / "model.safetensors");
+  fs::copy_file(fs::path(kFixture) / "model.safetensors", ckpt / "shard.safetensors");
+  const std::vector<std::string> names = SafetensorsReader(kFixture + "/model.safetensors").names();
+  const fs::path index = ckpt / "model.safetensors.index.json";
+  auto write_index = [&](const std::string& file) {
+    nlohmann::json map;
+    for (const auto& n : names) map[n] = file;
+    std::ofstream(index) << nlohmann::json{{"metadata", nlohmann::json::object()}, {"weight_map", map}}.dump();
+  };
+
+  // Every target exists and holds the right tensors, so only the path check can refuse them.
+  const std::string absolute = fs::absolute(outside / "model.safetensors").string();
+  for (const std::string& bad : {std::string("../x/model.safetensors"), absolute, std::string("sub/model.safetensors"),
+                                 std::string("./shard.safetensors"), std::string(".."), std::string("")}) {
+    SCOPED_TRACE("entry '" + bad + "'");
+    write_index(bad);
+    expect_error([&] { load_hf_weights(ckpt.string(), table, p.data()); }, "to '" + bad + "', which is not a plain");
+    expect_error([&] { load_hf_weights(ckpt.string(), table, p.data()); }, index.string());
+  }
+  write_index("model-00002-of-00002.safetensors");
+  expect_error([&] { load_hf_weights(ckpt.string(), table, p.data()); }, "has no such file");
+  std::ofstream(index) << R"({"weight_map": {"model.embed_tokens.weight": 5}})";
+  expect_error([&] { load_hf_weights(ckpt.string(), table, p.data()); }, "is not a valid safetensors index");
+  std::ofstream(index) << R"({"weight_map": ["model.safetensors"]})";
+  expect_error([&] { load_hf_weights(ckpt.string(), table, p.data()); }, "weight_map is not an object");
+
+  // A plain name next to the index loads, bit-identical to the fixture.
+  write_index("shard.safetensors");
+  std::vector<float> want(table.total_numel());
+  load_hf_weights(kFixture, table, want.data());
+  load_hf_weights(ckpt.string(), table, p.data());
+  EXPECT_EQ(p, want);
+  fs::remove_all(root);
+}
+
+// "out/" means the directory "out": the temporary sibling must be "out.partial", not "out/.partial".
+TEST(HfCheckpoint, SaveToPathWithTrailingSlash) {
+  const ModelConfig config = read_hf_config(kFixture);
+  const ParamTable table(config);
+  std::vector<float> a(table.total_numel()), b(table.total_numel());
+  load_hf_weights(kFixture, table, a.data());
+  const fs::path out = fresh_dir("trailing_slash");
+  save_hf_checkpoint(out.string() + "/", config, table, a.data());
+  EXPECT_TRUE(fs::exists(out / "config.json"));
+  EXPECT_FALSE(fs::exists(out / ".partial"));
+  EXPECT_FALSE(fs::exists(out.string() + ".partial"));
+  load_hf_weights(out.string(), table, b.data());
+  EXPECT_EQ(a, b);
+  fs::remove_all(out);
 }
 
 }  // namespace nextron::test
