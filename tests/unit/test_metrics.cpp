@@ -150,6 +150,20 @@ TEST(Metrics, StepLineContainsEveryField) {
   EXPECT_NE(valid.find("loss 3.5000"), std::string::npos) << valid;
 }
 
+// A diverging run's huge values print short (a gradient norm of 6e37 as 6.000e+37, not 38 digits); ordinary values
+// keep their fixed decimals.
+TEST(Metrics, LargeValuesPrintInScientificNotation) {
+  StepMetrics m = sample(2);
+  m.grad_norm = 6e37;
+  m.loss = 123456.0;
+  const std::string line = format_step_line(m);
+  EXPECT_NE(line.find("gnorm 6.000e+37"), std::string::npos) << line;
+  EXPECT_NE(line.find("loss 1.2346e+05"), std::string::npos) << line;
+  EXPECT_EQ(line.find("000000000000"), std::string::npos) << line;
+  m.grad_norm = 99999.5;
+  EXPECT_NE(format_step_line(m).find("gnorm 99999.500"), std::string::npos) << format_step_line(m);
+}
+
 TEST(Metrics, Durations) {
   EXPECT_EQ(format_duration(4.5), "4.5s");
   EXPECT_EQ(format_duration(65), "1m05s");
