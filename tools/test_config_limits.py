@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 
+from checks import Checks
 from train_test_data import REPO, TINY, fresh_byte_dataset
 
 OFFICIAL = os.path.join(REPO, "configs", "models", "qwen3-next-80b-a3b.json")
@@ -57,16 +58,8 @@ def main():
         f.write("1 2 3 4 5 6 7 8\n")
     run_opts = ["--data", data, "--seq-len", "32", "--micro-batch-size", "2", "--global-batch-size", "2",
                 "--train-steps", "1", "--no-progress", "--threads", "2"]
-    passed, failed = 0, 0
+    check = Checks()
 
-    def check(name, cond, detail=""):
-        nonlocal passed, failed
-        if cond:
-            passed += 1
-            print(f"ok   {name}")
-        else:
-            failed += 1
-            print(f"FAIL {name}: {detail}")
 
     def expect_refusal(name, cmd, needles):
         t0 = time.monotonic()
@@ -126,8 +119,7 @@ def main():
     expect_refusal("train: activations of a huge micro-batch do not fit", [args.train, "--model-config", TINY] +
                    big_batch + ["--valid-fraction", "0"], ["does not fit in memory", "activations", "--micro-batch-size"])
 
-    print(f"config_limits: {passed} passed, {failed} failed")
-    sys.exit(0 if failed == 0 else 1)
+    sys.exit(check.report("config_limits"))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import sys
 
 import numpy as np
 
+from checks import Checks
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(REPO, "tests", "fixtures", "hybrid_moe")
 VOCAB = 96
@@ -42,16 +44,8 @@ def main():
     w = os.path.abspath(args.work)
     shutil.rmtree(w, ignore_errors=True)
     os.makedirs(w)
-    passed, failed = 0, 0
+    check = Checks()
 
-    def check(name, cond, detail=""):
-        nonlocal passed, failed
-        if cond:
-            passed += 1
-            print(f"ok   {name}")
-        else:
-            failed += 1
-            print(f"FAIL {name}: {detail}")
 
     def run(cmd):
         try:
@@ -182,8 +176,7 @@ def main():
     expect_error("convert: index entry names a missing shard", [convert, "--in", d, "--out", d + "_out"],
                  "'model-00002-of-00002.safetensors'", "has no such file")
 
-    print(f"eval_cli: {passed} passed, {failed} failed")
-    return 0 if failed == 0 else 1
+    return check.report("eval_cli")
 
 
 if __name__ == "__main__":

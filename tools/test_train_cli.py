@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 
+from checks import Checks
 from train_test_data import REPO, TINY, fresh_byte_dataset
 SMALL_VOCAB = os.path.join(REPO, "tests", "fixtures", "hybrid_moe", "config.json")  # vocab 96 < 257
 
@@ -26,19 +27,11 @@ def main():
     model_data = ["--model-config", TINY, "--data", data]
     base = model_data + ["--seq-len", "32", "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-3",
                          "--lr-warmup-steps", "2", "--no-progress", "--threads", "2"]
-    passed, failed = 0, 0
+    check = Checks()
 
     def run(extra):
         return subprocess.run([args.train] + extra, capture_output=True, text=True, timeout=300)
 
-    def check(name, cond, detail=""):
-        nonlocal passed, failed
-        if cond:
-            passed += 1
-            print(f"ok   {name}")
-        else:
-            failed += 1
-            print(f"FAIL {name}: {detail}")
 
     def expect_error(name, extra, needle):
         r = run(extra)
@@ -105,8 +98,7 @@ def main():
     expect_error("no model", ["--data", data, "--train-steps", "1"], "--model-config")
     expect_error("missing model config", ["--model-config", os.path.join(w, "none.json"), "--data", data,
                                           "--train-steps", "1"], "none.json")
-    print(f"train_cli: {passed} passed, {failed} failed")
-    return 0 if failed == 0 else 1
+    return check.report("train_cli")
 
 
 if __name__ == "__main__":

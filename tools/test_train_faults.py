@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 
+from checks import Checks
 from train_test_data import TINY, fresh_byte_dataset
 
 
@@ -33,7 +34,7 @@ def main():
     # --peak-tflops skips the start-up GEMM measurement: each short run takes a second or two.
     base = ["--model-config", TINY, "--data", data, "--seq-len", "32", "--micro-batch-size", "2",
             "--global-batch-size", "2", "--no-progress", "--threads", "1", "--peak-tflops", "1"]
-    passed, failed = 0, 0
+    check = Checks()
 
     def with_lr(extra):
         return base + extra + ([] if "--lr" in extra else ["--lr", "1e-3"])
@@ -45,14 +46,6 @@ def main():
         return subprocess.Popen([args.train] + with_lr(extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
 
-    def check(name, cond, detail=""):
-        nonlocal passed, failed
-        if cond:
-            passed += 1
-            print(f"ok   {name}")
-        else:
-            failed += 1
-            print(f"FAIL {name}: {detail}")
 
     def wait_for(cond, timeout=120):
         end = time.time() + timeout
@@ -246,8 +239,7 @@ def main():
     check("--help documents --overwrite-save and the exit status", h.returncode == 0 and "--overwrite-save" in h.stdout
           and "Exit status" in h.stdout and "3 stopped early" in h.stdout, h.stdout[-400:])
 
-    print(f"train_faults: {passed} passed, {failed} failed")
-    return 0 if failed == 0 else 1
+    return check.report("train_faults")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 
+from checks import Checks
 from train_test_data import TINY, fresh_byte_dataset
 
 
@@ -32,7 +33,7 @@ def main():
     tp2dp2 = common + ["--micro-batch-size", "2", "--tensor-model-parallel-size", "2", "--sequence-parallel"]
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                OMPI_MCA_rmaps_base_oversubscribe="1", OMP_NUM_THREADS="1")
-    passed, failed = 0, 0
+    check = Checks()
 
     def run(extra, np=4):
         cmd = [args.train] + extra
@@ -40,14 +41,6 @@ def main():
             cmd = [args.mpiexec, "--allow-run-as-root", "--oversubscribe", "-np", str(np)] + cmd
         return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
-    def check(name, cond, detail=""):
-        nonlocal passed, failed
-        if cond:
-            passed += 1
-            print(f"ok   {name}")
-        else:
-            failed += 1
-            print(f"FAIL {name}: {detail}")
 
     def losses(path):
         return {r["step"]: r["loss"] for r in map(json.loads, open(path)) if r.get("kind") == "train"}
@@ -100,8 +93,7 @@ def main():
     check("a layout larger than the world", r.returncode == 1 and "world size 1 is not divisible" in r.stderr,
           r.stderr[-600:])
 
-    print(f"train_mpi: {passed} passed, {failed} failed")
-    return 0 if failed == 0 else 1
+    return check.report("train_mpi")
 
 
 if __name__ == "__main__":
