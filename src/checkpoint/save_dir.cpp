@@ -26,30 +26,16 @@ constexpr const char* kLockFile = ".lock";
 
 std::string errno_text(int err) { return std::strerror(err); }
 
-// "step_<digits>" followed by `suffix`: the step digits' end, or nothing when the name does not start that way.
-std::optional<size_t> step_prefix_end(const std::string& name) {
-  if (name.rfind("step_", 0) != 0) return std::nullopt;
-  size_t i = 5;
-  while (i < name.size() && name[i] >= '0' && name[i] <= '9') ++i;
-  if (i == 5 || i - 5 > 18) return std::nullopt;
-  return i;
-}
-
 // The pid of "step_<N>.tmp-<pid>" / "step_<N>.del-<pid>", or nothing for any other name.
 std::optional<int64_t> leftover_pid(const std::string& name) {
-  const auto end = step_prefix_end(name);
-  if (!end) return std::nullopt;
-  const std::string rest = name.substr(*end);
-  if (rest.rfind(".tmp-", 0) != 0 && rest.rfind(".del-", 0) != 0) return std::nullopt;
-  const std::string digits = rest.substr(5);
-  if (digits.empty() || digits.size() > 9 || digits.find_first_not_of("0123456789") != std::string::npos)
-    return std::nullopt;
-  return std::stoll(digits);
+  const auto d = parse_step_dir_name(name);
+  if (!d || d->kind == StepDirName::Kind::checkpoint) return std::nullopt;
+  return d->pid;
 }
 
 bool is_checkpoint_name(const std::string& name) {
-  const auto end = step_prefix_end(name);
-  return end && *end == name.size();
+  const auto d = parse_step_dir_name(name);
+  return d && d->kind == StepDirName::Kind::checkpoint;
 }
 
 // The closest existing ancestor of `path` (itself excluded), which must be a writable directory: `what` names the
@@ -113,6 +99,27 @@ std::string read_all(int fd) {
 }
 
 }  // namespace
+
+std::optional<StepDirName> parse_step_dir_name(const std::string& name) {
+  if (name.rfind("step_", 0) != 0) return std::nullopt;
+  size_t i = 5;
+  while (i < name.size() && name[i] >= '0' && name[i] <= '9') ++i;
+  if (i == 5 || i - 5 > 18) return std::nullopt;
+  StepDirName d;
+  d.step = std::stoll(name.substr(5, i - 5));
+  const std::string rest = name.substr(i);
+  if (rest.empty()) return d;
+  if (rest.rfind(".tmp-", 0) == 0)
+    d.kind = StepDirName::Kind::tmp;
+  else if (rest.rfind(".del-", 0) == 0)
+    d.kind = StepDirName::Kind::del;
+  else
+    return std::nullopt;
+  const std::string digits = rest.substr(5);
+  if (!digits.empty() && digits.size() <= 9 && digits.find_first_not_of("0123456789") == std::string::npos)
+    d.pid = std::stoll(digits);
+  return d;
+}
 
 SaveDirLock::SaveDirLock(const std::string& dir) {
   std::error_code ec;

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -30,6 +31,17 @@ class SaveDirLock {
   int fd_ = -1;
   std::string previous_holder_;
 };
+
+// The names of a --save directory's step directories, parsed in one place for the checkpoint loader and the
+// housekeeping: step_<digits> (a checkpoint, complete or not), step_<digits>.tmp-<pid> (a save in progress, or
+// killed), step_<digits>.del-<pid> (a checkpoint being deleted). pid is empty when the suffix is not a number.
+struct StepDirName {
+  enum class Kind { checkpoint, tmp, del } kind = Kind::checkpoint;
+  int64_t step = 0;
+  std::optional<int64_t> pid;
+};
+// Nothing for any other name.
+std::optional<StepDirName> parse_step_dir_name(const std::string& name);
 
 // A directory an interrupted process left behind: `step_<N>.tmp-<pid>` (a save), `step_<N>.del-<pid>` (keep-last
 // deleting an old checkpoint, or a same-step replacement).

@@ -16,6 +16,7 @@
 #include <utility>
 #include <vector>
 
+#include "checkpoint/save_dir.h"
 #include "core/error.h"
 #include "core/hdf5.h"
 
@@ -215,21 +216,9 @@ struct StepDir {
 };
 
 std::optional<StepDir> parse_step_dir(const fs::path& p) {
-  const std::string name = p.filename().string();
-  if (name.rfind("step_", 0) != 0) return std::nullopt;
-  size_t i = 5;
-  while (i < name.size() && name[i] >= '0' && name[i] <= '9') ++i;
-  if (i == 5 || i - 5 > 18) return std::nullopt;
-  StepDir d;
-  d.step = std::stoll(name.substr(5, i - 5));
-  d.path = p;
-  const std::string rest = name.substr(i);
-  if (rest.empty()) return d;
-  if (rest.rfind(".tmp-", 0) == 0) {
-    d.tmp = true;
-    return d;
-  }
-  return std::nullopt;  // e.g. step_N.del-<pid>, a checkpoint being deleted
+  const auto name = parse_step_dir_name(p.filename().string());
+  if (!name || name->kind == StepDirName::Kind::del) return std::nullopt;  // a checkpoint being deleted
+  return StepDir{name->step, name->kind == StepDirName::Kind::tmp, p};
 }
 
 // Every step directory under root, newest step first (at one step, an unfinished save before the checkpoint).

@@ -1,9 +1,9 @@
 #include "data/token_dataset.h"
 
 #include <hdf5.h>
+#include <zlib.h>
 
 #include <algorithm>
-#include <array>
 #include <filesystem>
 #include <utility>
 #include <vector>
@@ -20,23 +20,18 @@ constexpr const char* kChecksumAttr = "metadata_crc32";
 // Longest string attribute read: they hold names and hashes, so anything longer is damage, not data.
 constexpr size_t kMaxStringAttr = size_t{1} << 16;
 
-// CRC-32 as zlib computes it (reflected polynomial 0xEDB88320), so Python's zlib.crc32 gives the same value.
+// zlib's CRC-32 (so Python's zlib.crc32 gives the same value), fed int64 values as 8 little-endian bytes each.
 class Crc32 {
  public:
   void update(const void* data, size_t n) {
-    static const auto table = [] {
-      std::array<uint32_t, 256> t{};
-      for (uint32_t i = 0; i < 256; ++i) {
-        uint32_t c = i;
-        for (int k = 0; k < 8; ++k) c = (c & 1) != 0 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
-        t[i] = c;
-      }
-      return t;
-    }();
-    const auto* p = static_cast<const unsigned char*>(data);
-    for (size_t i = 0; i < n; ++i) crc_ = table[(crc_ ^ p[i]) & 0xFFu] ^ (crc_ >> 8);
+    const auto* p = static_cast<const Bytef*>(data);
+    while (n > 0) {  // zlib takes uInt lengths
+      const uInt chunk = static_cast<uInt>(std::min<size_t>(n, 1u << 30));
+      crc_ = ::crc32(crc_, p, chunk);
+      p += chunk;
+      n -= chunk;
+    }
   }
-  // int64 values as 8 little-endian bytes each.
   void update_i64(const int64_t* v, size_t n) {
     for (size_t i = 0; i < n; ++i) {
       unsigned char b[8];
@@ -44,10 +39,10 @@ class Crc32 {
       update(b, 8);
     }
   }
-  uint32_t value() const { return crc_ ^ 0xFFFFFFFFu; }
+  uint32_t value() const { return static_cast<uint32_t>(crc_); }
 
  private:
-  uint32_t crc_ = 0xFFFFFFFFu;
+  uLong crc_ = ::crc32(0L, Z_NULL, 0);
 };
 
 // The attributes' part of the metadata checksum: one line per value (docs/formats.md).
