@@ -59,6 +59,10 @@ while [ $# -gt 0 ]; do
     *) die "unknown option '$1' (see the top of tools/gpu_check.sh)" ;;
   esac
 done
+PARTS=",device,kernels,golden,sanitizer,train,fla_wheel,bench,nccl,"
+for p in ${ONLY//,/ }; do
+  [[ "$PARTS" == *",$p,"* ]] || die "--only: unknown part '$p' (parts: ${PARTS:1:-1})"
+done
 mkdir -p "$BUNDLE_DIR"
 BUNDLE_DIR="$(cd "$BUNDLE_DIR" && pwd)"
 ARCHIVE="$BUNDLE_DIR/nextron-gpu.tar.xz"
