@@ -26,7 +26,7 @@
 #   sanitizer 70  compute-sanitizer memcheck and racecheck over a small subset of our own kernels
 #   train 60      nextron-train --device cuda, 100 steps of the small model, loss curve vs the CPU reference
 #   fla_wheel 20  installs the carried fla-core wheel offline
-#   bench 150     tools/bench_gpu_peers.py: GEMM peak, delta rule vs fla, attention vs SDPA, layers, 1B step vs HF
+#   bench 240     tools/bench_gpu_peers.py: GEMM peak, delta rule vs fla, attention vs SDPA, layers, 1B step vs HF
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$REPO"
@@ -300,7 +300,7 @@ run_check() {
         --run '$LOGS/train_cpu3.jsonl' --rtol 1e-4"
   fi
   part fla_wheel 20 0 "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$work/fla-site" "$B"/wheels/*.whl
-  part bench 150 1 "$PY" "$REPO/tools/bench_gpu_peers.py" --bench "$B/bin/nextron-bench-cuda" \
+  part bench 240 1 "$PY" "$REPO/tools/bench_gpu_peers.py" --bench "$B/bin/nextron-bench-cuda" \
     --config "$REPO/configs/models/qwen3-next-1b-real-heads.json" --batch 2 --seq-len 4096 --iters 10 --warmup 3 \
     --step-iters 5 --step-warmup 2 --fla-site "$work/fla-site" --out "$LOGS/bench.json"
   if [ "$gpus" -gt 1 ] && command -v mpirun >/dev/null; then

@@ -4,11 +4,11 @@
 // host and rounded again, beta in (0, 1), g in [-2, 0) unless a case says otherwise.
 //
 // Sweeps: S = 1, 63, 64, 65, 130, 200 (partial last chunks, one and several chunks), B = 1 and 2, Hv = Hk, 2 Hk and
-// 4 Hk, dk = dv = 16 .. 256 and dk != dv (also widths that are not multiples of 64), with and without the initial
-// state and the final-state gradient, decays from ~1 (g near 0) to ~0 (g strongly negative), and the Qwen3-Next
-// shape (Hk = 16, Hv = 32, dk = dv = 128), and the model's sequence length S = 4096 (64 chained chunks) under strong
-// and weak decay. Also: gradients accumulate into prefilled buffers, two runs are bit-identical, S = 0 passes the
-// state through, unsupported head dims throw.
+// 4 Hk, dk = dv = 16 .. 256 and dk != dv (also widths that are not multiples of 64, and widths that are not multiples
+// of 16, which run zero-padded), with and without the initial state and the final-state gradient, decays from ~1 (g
+// near 0) to ~0 (g strongly negative), and the Qwen3-Next shape (Hk = 16, Hv = 32, dk = dv = 128), and the model's
+// sequence length S = 4096 (64 chained chunks) under strong and weak decay. Also: gradients accumulate into prefilled
+// buffers, two runs are bit-identical, S = 0 passes the state through, unsupported head dims throw.
 //
 // Tolerances (tensor-scale, close_to: worst |got - want| against the tensor's largest |want|). The kernels round
 // their tensor-core operands to bf16 (W, U, T, h_c, Vn, the decayed P and dP, the state gradients, dVn, dW): run on
@@ -218,6 +218,14 @@ TEST(GatedDeltaRuleCuda, HeadDims) {
   check_case({1, 130, 1, 2, 64, 32}, seed++);
   check_case({1, 100, 1, 2, 48, 80}, seed++);    // tiles narrower than 64 and 32 columns
   check_case({1, 100, 1, 2, 144, 112}, seed++);  // a full and a partial 64-column tile
+  // Not multiples of 16: run zero-padded (the small test models have dk = dv = 8).
+  check_case({2, 130, 1, 2, 8, 8}, seed++);
+  check_case({1, 70, 2, 4, 8, 16}, seed++);
+  check_case({1, 65, 1, 2, 24, 8}, seed++);
+  check_case({1, 100, 1, 1, 100, 37}, seed++);
+  GdrCase no_states{2, 130, 1, 2, 8, 24};
+  no_states.initial_state = no_states.d_final_state = false;
+  check_case(no_states, seed++);
 }
 
 TEST(GatedDeltaRuleCuda, StatesAndDecays) {
@@ -358,8 +366,23 @@ TEST(GatedDeltaRuleCuda, EmptySequenceAndBadShapes) {
   std::vector<float> want(ns);
   for (size_t i = 0; i < ns; ++i) want[i] = pre[i] + dht[i];
   EXPECT_EQ(dh0_d.download(), want);
-  // Head dims must be multiples of 16 up to 256; Hv a multiple of Hk.
-  EXPECT_THROW(cuda::gated_delta_rule_workspace_bytes({1, 64, 1, 2, 100, 128}), Error);
+  // The same with padded head dims.
+  const cpu::GdrShape sp{2, 0, 1, 2, 8, 24};
+  const size_t nsp = size_t(sp.B * sp.Hv * sp.dk * sp.dv);
+  const std::vector<float> h0p = random_f32(nsp, 803), dhtp = random_f32(nsp, 804), prep = random_f32(nsp, 805);
+  DeviceArray<float> h0p_d(h0p), dhtp_d(dhtp), htp_d(nsp), dh0p_d(prep);
+  DeviceArray<uint8_t> wsp(cuda::gated_delta_rule_workspace_bytes(sp));
+  cuda::gated_delta_rule_forward(nullptr, htp_d.get(), nullptr, nullptr, nullptr, nullptr, nullptr, h0p_d.get(), sp,
+                                 0.25f, wsp.get(), nullptr);
+  EXPECT_EQ(htp_d.download(), h0p);
+  cuda::gated_delta_rule_backward(nullptr, nullptr, nullptr, nullptr, nullptr, dh0p_d.get(), nullptr, dhtp_d.get(),
+                                  nullptr, nullptr, nullptr, nullptr, nullptr, h0p_d.get(), sp, 0.25f, wsp.get(),
+                                  nullptr);
+  std::vector<float> wantp(nsp);
+  for (size_t i = 0; i < nsp; ++i) wantp[i] = prep[i] + dhtp[i];
+  EXPECT_EQ(dh0p_d.download(), wantp);
+  // Head dims must be in [1, 256]; Hv a multiple of Hk.
+  EXPECT_THROW(cuda::gated_delta_rule_workspace_bytes({1, 64, 1, 2, 0, 128}), Error);
   EXPECT_THROW(cuda::gated_delta_rule_workspace_bytes({1, 64, 1, 2, 128, 512}), Error);
   EXPECT_THROW(cuda::gated_delta_rule_workspace_bytes({1, 64, 2, 3, 128, 128}), Error);
 }

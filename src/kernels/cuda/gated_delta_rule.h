@@ -4,8 +4,10 @@
 // q, k: (B, S, Hk, dk) bf16, already L2-normalised; v: (B, S, Hv, dv) bf16; g (log-decay, <= 0), beta:
 // (B, S, Hv) fp32; o: (B, S, Hv, dv) bf16. States (B, Hv, dk, dv) fp32. Chunks of 64 tokens (the last one may be
 // partial: any S >= 1). Within a chunk, cumulative g, decay factors exp(G_i - G_j) and the state are fp32; the
-// products with bf16 q/k/v accumulate in fp32. Head dims: any dk, dv that are multiples of 16 up to 256
-// (Qwen3-Next: 128); others throw nextron::Error naming the constraint.
+// products with bf16 q/k/v accumulate in fp32. Head dims: any dk, dv in [1, 256] (Qwen3-Next: 128); the kernels
+// work on multiples of 16, so other widths (the small test models' 8) run zero-padded to the next multiple of 16,
+// which leaves every result unchanged (padded key columns add nothing to K K^T, Q K^T or k^T h, and padded value
+// columns stay zero), at the cost of copies in and out. Wider dims throw nextron::Error naming the constraint.
 #pragma once
 
 #include "kernels/cpu/gated_delta_rule.h"  // GdrShape

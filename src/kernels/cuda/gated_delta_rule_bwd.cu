@@ -533,10 +533,10 @@ unsigned elementwise_grid(int64_t n) { return unsigned(std::min<int64_t>(ceil_di
 
 }  // namespace gdr
 
-void gated_delta_rule_backward(bf16* dq, bf16* dk, bf16* dv, float* dg, float* dbeta, float* d_initial_state,
-                               const bf16* d_o, const float* d_final_state, const bf16* q, const bf16* k, const bf16* v,
-                               const float* g, const float* beta, const float* initial_state, const GdrShape& s,
-                               float scale, void* workspace, cudaStream_t stream) {
+void gdr::backward_aligned(bf16* dq, bf16* dk, bf16* dv, float* dg, float* dbeta, float* d_initial_state,
+                           const bf16* d_o, const float* d_final_state, const bf16* q, const bf16* k, const bf16* v,
+                           const float* g, const float* beta, const float* initial_state, const GdrShape& s,
+                           float scale, void* workspace, cudaStream_t stream) {
   using namespace gdr;
   Params p{};
   set_shape(p, s, scale, "gated_delta_rule_backward");

@@ -24,6 +24,8 @@
 // Shared memory per block at dk = dv = 128: 62 - 114 KB (two blocks per SM for every kernel but wy's); at 256 up
 // to 192 KB. Tiles are zero-padded past the end of a partial chunk, so all products are 64 rows.
 //
+// Head dims that are not multiples of 16 are zero-padded by gated_delta_rule.cu before these kernels run.
+//
 // Workspace (gated_delta_rule_workspace_bytes; N = B * Hv * S rows, states = B * Hv * NC * dk * dv): forward
 // Gc 4N + W 2N dk + U 2N dv + Vn 2N dv + H 2 states bytes; the backward adds dVn 2N dv, dH 2 states, dW 2N dk,
 // dVl/dQp 4N max(dk, dv), dKp 4N dk and dGp 4N ceil(dk / 64). At B = 8, S = 4096, Hv = 32, dk = dv = 128 that is
@@ -340,15 +342,15 @@ void launch_state_forward(const Params& p, cudaStream_t stream) {
 
 }  // namespace gdr
 
-size_t gated_delta_rule_workspace_bytes(const GdrShape& s) {
+size_t gdr::aligned_workspace_bytes(const GdrShape& s) {
   gdr::Params p{};
   gdr::set_shape(p, s, 1.0f, "gated_delta_rule_workspace_bytes");
   return gdr::carve_workspace(p, nullptr);
 }
 
-void gated_delta_rule_forward(bf16* o, float* final_state, const bf16* q, const bf16* k, const bf16* v, const float* g,
-                              const float* beta, const float* initial_state, const GdrShape& s, float scale,
-                              void* workspace, cudaStream_t stream) {
+void gdr::forward_aligned(bf16* o, float* final_state, const bf16* q, const bf16* k, const bf16* v, const float* g,
+                          const float* beta, const float* initial_state, const GdrShape& s, float scale,
+                          void* workspace, cudaStream_t stream) {
   gdr::Params p{};
   gdr::set_shape(p, s, scale, "gated_delta_rule_forward");
   if (s.B == 0) return;

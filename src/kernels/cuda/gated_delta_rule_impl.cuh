@@ -77,6 +77,16 @@ void launch_state_forward(const Params& p, cudaStream_t stream);
 // Column tile of dv carried by one block of the two state kernels: narrow tiles mean more blocks for the sequential
 // passes (B = 1, Hv = 32, dv = 128: 128 blocks).
 inline int state_tile(int dv) { return dv % 32 == 0 ? 32 : 16; }
+// The kernels proper, for head dims that are multiples of 16 in [16, kMaxDim] (same contracts as the public
+// gated_delta_rule_* of gated_delta_rule.h, which pad other head dims with zeros and call these).
+size_t aligned_workspace_bytes(const GdrShape& s);
+void forward_aligned(bf16* o, float* final_state, const bf16* q, const bf16* k, const bf16* v, const float* g,
+                     const float* beta, const float* initial_state, const GdrShape& s, float scale, void* workspace,
+                     cudaStream_t stream);
+void backward_aligned(bf16* dq, bf16* dk, bf16* dv, float* dg, float* dbeta, float* d_initial_state, const bf16* d_o,
+                      const float* d_final_state, const bf16* q, const bf16* k, const bf16* v, const float* g,
+                      const float* beta, const float* initial_state, const GdrShape& s, float scale, void* workspace,
+                      cudaStream_t stream);
 // Makes `bytes` of dynamic shared memory available to `kernel` (throws when the device has less).
 void allow_smem(const void* kernel, size_t bytes, const char* what);
 
