@@ -276,12 +276,12 @@ run_check() {
   part device 20 0 bash -c "'$B/bin/nextron-bench-cuda' --what versions --json > '$LOGS/versions.json' &&
     cat '$LOGS/versions.json' && (nvidia-smi || true)"
   if [ "$gpus" -gt 0 ]; then
-    part kernels 110 1 "$B/bin/nextron_cuda_tests" --gtest_filter='-*CudaModelGolden*:CudaTraining*' \
+    part kernels 110 1 "$B/bin/nextron_cuda_tests" --gtest_filter='-*CudaModelGolden*:CudaTraining*:*CudaModelVsCpu*' \
       --gtest_output="json:$LOGS/kernels.json"
   else  # no GPU: the binary still loads, finds its fixtures and skips every GPU test with the reason
     part kernels 110 0 "$B/bin/nextron_cuda_tests" --gtest_output="json:$LOGS/kernels.json"
   fi
-  part golden 45 1 "$B/bin/nextron_cuda_tests" --gtest_filter='*CudaModelGolden*:CudaTraining*' \
+  part golden 45 1 "$B/bin/nextron_cuda_tests" --gtest_filter='*CudaModelGolden*:CudaTraining*:*CudaModelVsCpu*' \
     --gtest_output="json:$LOGS/golden.json"
   part sanitizer 70 1 bash -c "command -v compute-sanitizer >/dev/null || { echo 'compute-sanitizer not found'; exit 3; }
     compute-sanitizer --tool memcheck --error-exitcode 9 '$B/bin/nextron_cuda_tests' \

@@ -1,0 +1,171 @@
+// The whole model on the GPU (CudaOps, bf16 activations) against the same model on the CPU (fp32, matched to
+// transformers by tests/golden), with the same random weights, over small configs that each isolate one part: the
+// DeltaNet mixer at value head widths 8 (run zero-padded) and 16, the attention mixer at head dims 8 and 16, the MoE
+// MLP with normalised and unnormalised top-k, the dense MLP, and the golden fixtures' mixes. Where the golden test
+// (test_cuda_model.cpp) says the GPU is off, this says which part.
+//
+// Tolerances: those of the golden test and for the same reason (bf16 rounding after every op: logits within 3e-2 of
+// their largest magnitude, the loss within 1e-2 relative, every gradient within 1e-1 of its tensor's largest
+// magnitude); a wrong kernel or a wrong convention moves them by O(1).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "../golden/fixtures.h"
+#include "checkpoint/hf_checkpoint.h"
+#include "cuda_test_util.h"
+#include "kernels/cuda/cuda_ops.h"
+#include "model/init.h"
+#include "model/model.h"
+
+namespace nextron::test {
+
+namespace {
+
+constexpr double kLogitsTol = 3e-2, kLossTol = 1e-2, kGradTol = 1e-1;
+
+double relative_error(const float* ours, const float* ref, int64_t n) {
+  double err = 0, scale = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    err = std::max(err, static_cast<double>(std::abs(ours[i] - ref[i])));
+    scale = std::max(scale, static_cast<double>(std::abs(ref[i])));
+  }
+  return scale > 0 ? err / scale : err;
+}
+
+std::vector<float> host_copy(const Tensor& t) {
+  Tensor h = Tensor::zeros(t.shape(), t.dtype());
+  h.copy_from(t);
+  return std::vector<float>(h.f32(), h.f32() + h.numel());
+}
+
+struct Variant {
+  std::string name;
+  std::function<void(ModelConfig&)> edit;  // applied to the hybrid_moe fixture's config
+};
+
+// One mixer type for all layers, and the MLP dense (E = 0) unless the variant says otherwise.
+void layers(ModelConfig& c, std::vector<MixerType> types) {
+  c.num_hidden_layers = int64_t(types.size());
+  c.layer_types = std::move(types);
+  c.mlp_only_layers.clear();
+}
+
+std::vector<Variant> variants() {
+  using M = MixerType;
+  return {
+      {"deltanet_dv8_dense",
+       [](ModelConfig& c) {
+         layers(c, {M::linear_attention, M::linear_attention}), c.num_experts = 0;
+       }},
+      {"deltanet_dv16_dense",
+       [](ModelConfig& c) {
+         layers(c, {M::linear_attention, M::linear_attention});
+         c.num_experts = 0;
+         c.linear_value_head_dim = 16;
+       }},
+      {"deltanet_dk16_dv8_dense",
+       [](ModelConfig& c) {
+         layers(c, {M::linear_attention, M::linear_attention});
+         c.num_experts = 0;
+         c.linear_key_head_dim = 16;
+       }},
+      {"attention_d16_dense",
+       [](ModelConfig& c) {
+         layers(c, {M::full_attention, M::full_attention}), c.num_experts = 0;
+       }},
+      {"attention_d8_dense",
+       [](ModelConfig& c) {
+         layers(c, {M::full_attention, M::full_attention});
+         c.num_experts = 0;
+         c.head_dim = 8;
+       }},
+      {"attention_d16_moe",
+       [](ModelConfig& c) {
+         layers(c, {M::full_attention, M::full_attention});
+       }},
+      {"attention_d8_moe",
+       [](ModelConfig& c) {
+         layers(c, {M::full_attention, M::full_attention});
+         c.head_dim = 8;
+       }},
+      {"attention_d8_moe_unnormed",
+       [](ModelConfig& c) {
+         layers(c, {M::full_attention, M::full_attention});
+         c.head_dim = 8;
+         c.num_experts = 6;
+         c.num_experts_per_tok = 3;
+         c.moe_intermediate_size = 12;
+         c.norm_topk_prob = false;
+       }},
+      {"deltanet_dv16_moe",
+       [](ModelConfig& c) {
+         layers(c, {M::linear_attention, M::linear_attention});
+         c.linear_value_head_dim = 16;
+       }},
+      {"hybrid_moe", [](ModelConfig&) {}},
+  };
+}
+
+}  // namespace
+
+class CudaModelVsCpu : public ::testing::TestWithParam<Variant> {};
+
+TEST_P(CudaModelVsCpu, ForwardAndBackwardMatchTheCpuModel) {
+  NEXTRON_REQUIRE_GPU();
+  ModelConfig config = read_hf_config((std::filesystem::path(fixtures_dir()) / "hybrid_moe").string());
+  GetParam().edit(config);
+  config.validate();
+  Model cpu(config);
+  Model gpu(config, {}, std::make_shared<CudaOps>(0));
+  {
+    Tensor host = Tensor::zeros({cpu.table().total_numel()});
+    // A wider init than the default 0.02, so that every layer's contribution is visible in the logits.
+    init_parameters(cpu.table(), host.f32(), 11, 0.1);
+    cpu.params().copy_from(host);
+    cpu.params_changed();
+    gpu.params().copy_from(host);
+    gpu.params_changed();
+  }
+  const int64_t B = 2, S = 70;  // S > 64: two delta-rule chunks, the second partial
+  std::mt19937_64 rng(5);
+  std::vector<int64_t> ids(B * S), labels(B * S);
+  for (auto& t : ids) t = int64_t(rng() % uint64_t(config.vocab_size));
+  for (auto& t : labels) t = int64_t(rng() % uint64_t(config.vocab_size));
+  const LossValues want = cpu.forward(ids.data(), labels.data(), B, S);
+  const LossValues got = gpu.forward(ids.data(), labels.data(), B, S);
+  const Tensor want_logits = cpu.logits(), got_logits = gpu.logits();
+  const double logits_err = relative_error(got_logits.f32(), want_logits.f32(), want_logits.numel());
+  EXPECT_LE(logits_err, kLogitsTol) << "logits";
+  EXPECT_NEAR(got.lm_loss, want.lm_loss, kLossTol * std::abs(want.lm_loss));
+  EXPECT_NEAR(got.aux_loss, want.aux_loss, kLossTol * std::max(1.0, std::abs(want.aux_loss)));
+
+  cpu.zero_grad();
+  cpu.backward();
+  gpu.zero_grad();
+  gpu.backward();
+  const std::vector<float> gw = host_copy(gpu.grads()), cw = host_copy(cpu.grads());
+  double worst = 0;
+  std::string worst_name;
+  for (const ParamSpec& spec : cpu.table().specs()) {
+    const double e = relative_error(gw.data() + spec.offset, cw.data() + spec.offset, spec.numel());
+    EXPECT_LE(e, kGradTol) << spec.name;
+    if (e > worst) {
+      worst = e;
+      worst_name = spec.name;
+    }
+  }
+  std::printf("%s (cuda bf16 vs cpu fp32): logits %.3g; lm_loss %.6f vs %.6f; worst gradient %s at %.3g\n",
+              GetParam().name.c_str(), logits_err, got.lm_loss, want.lm_loss, worst_name.c_str(), worst);
+}
+
+INSTANTIATE_TEST_SUITE_P(Parts, CudaModelVsCpu, ::testing::ValuesIn(variants()),
+                         [](const ::testing::TestParamInfo<Variant>& i) { return i.param.name; });
+
+}  // namespace nextron::test
