@@ -217,6 +217,12 @@ void CpuOps::router_forward(Tensor& probs, Tensor& indices, Tensor& weights, con
   cpu::router_forward<float>(f(probs), indices.data<int32_t>(), f(weights), f(logits), N, E, K, norm_topk_prob);
 }
 
+void CpuOps::router_weights_from_indices(Tensor& weights, const Tensor& probs, const Tensor& indices,
+                                         bool norm_topk_prob) {
+  cpu::router_weights_from_indices<float>(f(weights), f(probs), indices.data<int32_t>(), probs.dim(0), probs.dim(1),
+                                          indices.dim(1), norm_topk_prob);
+}
+
 void CpuOps::router_backward(Tensor& dlogits, const Tensor* dprobs, const Tensor* dweights, const Tensor& probs,
                              const Tensor& indices, bool norm_topk_prob) {
   const int64_t N = probs.dim(0), E = probs.dim(1), K = indices.dim(1);

@@ -124,6 +124,9 @@ class Ops {
   // logits: (N, E) f32 -> probs (N, E), weights (N, K) f32, indices (N, K) i32.
   virtual void router_forward(Tensor& probs, Tensor& indices, Tensor& weights, const Tensor& logits,
                               bool norm_topk_prob) = 0;
+  // Routing replay: weights (N, K) = probs at the given indices (N, K), renormalised when norm_topk_prob.
+  virtual void router_weights_from_indices(Tensor& weights, const Tensor& probs, const Tensor& indices,
+                                           bool norm_topk_prob) = 0;
   virtual void router_backward(Tensor& dlogits, const Tensor* dprobs, const Tensor* dweights, const Tensor& probs,
                                const Tensor& indices, bool norm_topk_prob) = 0;
   // count_sum, prob_sum: (E) f32 accumulated; dprobs (N, E) += daux * E * count_sum / total_rows^2.

@@ -23,6 +23,8 @@ class DecoderLayer {
   void forward(const Tensor& x_in, Tensor& x_out, int64_t B, int64_t S, MoeAuxStats& aux);
   // Accumulates the gradient w.r.t. x_in into dx_in.
   void backward(const Tensor& dx_out, Tensor& dx_in, const MoeAuxStats& aux, float d_aux);
+  // The sparse MoE block of this layer, nullptr where the MLP is dense.
+  SparseMoe* moe() { return moe_.get(); }
 
  private:
   // The gradient of a region's input (N, H; partial over TP ranks) as local rows (see TensorParallel).

@@ -183,6 +183,11 @@ std::vector<double> Model::per_sequence_loss() const {
   return out;
 }
 
+void Model::set_routing_replay(RoutingReplay* replay) {
+  for (size_t i = 0; i < layers_.size(); ++i)
+    if (SparseMoe* moe = layers_[i]->moe()) moe->set_routing_replay(replay, static_cast<int64_t>(i));
+}
+
 void Model::backward(float loss_scale) {
   NEXTRON_CHECK(!targets_.empty(), "backward() needs a forward() with labels first");
   const TensorParallel& tp = comms_.tp;

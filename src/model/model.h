@@ -70,6 +70,9 @@ class Model {
   // Accumulates loss_scale * d(loss)/d(parameter) of the last forward into grads() (loss_scale = 1 / number of
   // micro-batches averages the gradient over gradient-accumulation steps).
   void backward(float loss_scale = 1.0f);
+  // Routing replay for every MoE layer (nullptr: off). The replay outlives the forwards that use it; layer i of
+  // this model is entry i of the replay.
+  void set_routing_replay(RoutingReplay* replay);
 
  private:
   ModelConfig config_, local_config_;

@@ -26,6 +26,7 @@ void SparseMoe::forward(const Tensor& x, Tensor& y, MoeAuxStats& aux) {
   Tensor& topw = ops_.f32(topw_, {N, K});
   Tensor& topi = ops_.i32(topi_, {N, K});
   ops_.router_forward(probs, topi, topw, logits, c_.norm_topk_prob);
+  if (replay_) apply_routing_replay(probs, topi, topw);
   ops_.aux_stats_accumulate(aux.count_sum, aux.prob_sum, probs, topi);
   aux.total_rows += static_cast<double>(N);
 
@@ -40,6 +41,19 @@ void SparseMoe::forward(const Tensor& x, Tensor& y, MoeAuxStats& aux) {
     ops_.sigmoid_gate_forward(gated, s, sg, 1, 1);
     ops_.add(y, y, gated);
   }
+}
+
+void SparseMoe::apply_routing_replay(const Tensor& probs, Tensor& topi, Tensor& topw) {
+  const int64_t N = topi.dim(0), K = topi.dim(1), E = c_.num_experts;
+  const size_t bytes = static_cast<size_t>(N * K) * sizeof(int32_t);
+  if (replay_->mode() == RoutingReplay::Mode::record) {
+    std::vector<int32_t> host(static_cast<size_t>(N * K));
+    ops_.download(host.data(), topi, bytes);
+    replay_->record(replay_layer_, std::move(host), N, K);
+    return;
+  }
+  ops_.upload(topi, replay_->choice(replay_layer_, N, K, E).data(), bytes);
+  ops_.router_weights_from_indices(topw, probs, topi, c_.norm_topk_prob);
 }
 
 void SparseMoe::backward(const Tensor& dy, Tensor& dx, Tensor& dx_replicated, const MoeAuxStats& aux, float d_aux) {

@@ -9,6 +9,7 @@
 #include "model/config.h"
 #include "model/mlp.h"
 #include "model/module.h"
+#include "model/routing_replay.h"
 #include "parallel/tensor_parallel.h"
 
 namespace nextron {
@@ -35,14 +36,26 @@ class SparseMoe {
   // (N, H) the gradient through the router and the shared-expert gate (the same on every TP rank, so it must be
   // counted once, not summed over the group); both may be the same buffer on one device.
   void backward(const Tensor& dy, Tensor& dx, Tensor& dx_replicated, const MoeAuxStats& aux, float d_aux);
+  // Records this layer's expert choice into `replay`, or replays it from there (its mode decides); nullptr: off.
+  // `layer` names the layer in the replay.
+  void set_routing_replay(RoutingReplay* replay, int64_t layer) {
+    replay_ = replay;
+    replay_layer_ = layer;
+  }
 
  private:
+  // Record: copies topi (N, K) to the replay; replay: overwrites topi with the recorded choice and topw with its
+  // weights from probs (N, E).
+  void apply_routing_replay(const Tensor& probs, Tensor& topi, Tensor& topw);
+
   const ModelConfig& c_;
   ModuleWeights wt_;
   Ops& ops_;
   TensorParallel tp_;
   std::unique_ptr<SwiGluMlp> shared_;
   std::unique_ptr<MoeExpertsState> experts_;  // the backend's dispatch and sorted activations
+  RoutingReplay* replay_ = nullptr;
+  int64_t replay_layer_ = 0;
   Tensor x_;
   Tensor logits_, probs_, topw_, topi_, shared_out_, shared_gate_, shared_gated_;
   Tensor dprobs_, dtopw_, dlogits_, dshared_, dshared_gate_;

@@ -3,11 +3,22 @@
 // loss curve as the CPU backend, and the steady-state allocation check (no cudaMalloc after the first step).
 //
 // Tolerances (bf16): every activation is rounded to 8 significant bits (relative 2^-9) after each op, and a layer
-// chains about a dozen such roundings, so over the fixtures' 4-6 layers outputs carry a few 1e-3 relative noise
-// that the backward roughly doubles. We require logits within 3e-2 of their largest magnitude, the losses within
-// 1e-2 relative, every parameter gradient within 1e-1 of its tensor's largest magnitude, and the training losses
-// within 2e-2 relative of the fp32 curve. A convention error (1 + w vs w, a swapped split, a wrong head grouping)
-// moves results by O(1) relative, far outside these bounds.
+// chains about a dozen such roundings. For well-conditioned outputs we require logits within 3e-2 of their largest
+// magnitude, the losses within 1e-2 relative, every parameter gradient within 1e-1 of its tensor's largest magnitude,
+// and the training losses within 2e-2 relative of the fp32 curve. A convention error (1 + w vs w, a swapped split, a
+// wrong head grouping) moves results by O(1) relative.
+//
+// The fixtures' large random weights make some outputs ill-conditioned at bf16, which the first H200 run showed
+// (hybrid_moe: logits 0.29 off, an expert's gradient 1.9) and transformers' own bf16 run reproduces (0.23). Two
+// measures keep the test meaningful there:
+// - Routing replay: the CPU model (fp32, equal to transformers to 1e-5) runs the batch first and records its expert
+//   choice, which the GPU model replays; otherwise the tokens whose k-th and (k+1)-th router probabilities are
+//   closer than bf16 rounding pick other experts and differ by O(1).
+// - The bf16 envelope (tests/fixtures/*/bf16_envelope.json, tools/make_bf16_envelope.py): how far transformers'
+//   own bf16 run, replaying the same choice, lands from its fp32 golden per quantity. Each quantity may be off by
+//   the larger of its fixed tolerance and kEnvelopeFactor times that: our DeltaNet core multiplies bf16 operands on
+//   the tensor cores where transformers computes it in fp32, so ours can be somewhat worse (on the first H200 run,
+//   before replay, the logits were up to 1.8 times transformers' bf16 error in eight comparisons).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -15,6 +26,7 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "../golden/fixtures.h"
@@ -23,6 +35,7 @@
 #include "cuda_test_util.h"
 #include "kernels/cuda/cuda_ops.h"
 #include "model/model.h"
+#include "model/routing_replay.h"
 #include "train/trainer.h"
 
 namespace nextron::test {
@@ -47,7 +60,19 @@ std::vector<float> host_copy(const Tensor& t) {
   return std::vector<float>(h.f32(), h.f32() + h.numel());
 }
 
-constexpr double kLogitsTol = 3e-2, kLossTol = 1e-2, kGradTol = 1e-1, kCurveTol = 2e-2;
+constexpr double kLogitsTol = 3e-2, kLossTol = 1e-2, kGradTol = 1e-1, kCurveTol = 2e-2, kEnvelopeFactor = 3.0;
+
+// transformers' bf16 error per quantity (see the header); zero where the fixture has no envelope file.
+struct Bf16Envelope {
+  nlohmann::json j;
+  explicit Bf16Envelope(const std::string& dir) {
+    std::ifstream f((fs::path(dir) / "bf16_envelope.json").string());
+    if (f) j = nlohmann::json::parse(f);
+  }
+  double logits() const { return j.value("logits", 0.0); }
+  double lm_loss() const { return j.value("lm_loss", 0.0); }
+  double grad(const std::string& name) const { return j.contains("grads") ? j["grads"].value(name, 0.0) : 0.0; }
+};
 
 }  // namespace
 
@@ -57,26 +82,35 @@ TEST_P(CudaModelGolden, ForwardAndBackwardMatchTransformersInBf16) {
   NEXTRON_REQUIRE_GPU();
   const std::string dir = (fs::path(fixtures_dir()) / GetParam()).string();
   const ModelConfig config = read_hf_config(dir);
+  const Bf16Envelope envelope(dir);
   Model model(config, {}, std::make_shared<CudaOps>(0));
+  Model cpu_model(config);  // records the expert choice the GPU model replays
   {
     Tensor host = Tensor::zeros({model.table().total_numel()});
     load_hf_weights(dir, model.table(), host.f32());
     model.params().copy_from(host);
     model.params_changed();
+    cpu_model.params().copy_from(host);
+    cpu_model.params_changed();
   }
   SafetensorsReader golden((fs::path(dir) / "golden.safetensors").string());
   const auto ids = golden.read_i64("input_ids");
   const auto labels = golden.read_i64("labels");
   const Shape id_shape = golden.entry("input_ids").shape;
+  RoutingReplay replay(RoutingReplay::Mode::record);
+  cpu_model.set_routing_replay(&replay);
+  cpu_model.forward(ids.data(), labels.data(), id_shape[0], id_shape[1]);
+  replay.set_mode(RoutingReplay::Mode::replay);
+  model.set_routing_replay(&replay);
   const LossValues loss = model.forward(ids.data(), labels.data(), id_shape[0], id_shape[1]);
 
   const Tensor ref_logits = golden.read_f32("logits");
   const Tensor logits = model.logits();
   ASSERT_EQ(ref_logits.numel(), logits.numel());
   const double logits_err = relative_error(logits.f32(), ref_logits.f32(), ref_logits.numel());
-  EXPECT_LE(logits_err, kLogitsTol) << "logits";
+  EXPECT_LE(logits_err, std::max(kLogitsTol, kEnvelopeFactor * envelope.logits())) << "logits";
   const double ref_loss = golden.read_f32("lm_loss").f32()[0];
-  EXPECT_NEAR(loss.lm_loss, ref_loss, kLossTol * std::abs(ref_loss));
+  EXPECT_NEAR(loss.lm_loss, ref_loss, std::max(kLossTol, kEnvelopeFactor * envelope.lm_loss()) * std::abs(ref_loss));
   const double ref_aux = golden.read_f32("aux_loss").f32()[0];
   EXPECT_NEAR(loss.aux_loss, ref_aux, kLossTol * std::max(1.0, std::abs(ref_aux)));
 
@@ -92,7 +126,7 @@ TEST_P(CudaModelGolden, ForwardAndBackwardMatchTransformersInBf16) {
       ASSERT_TRUE(golden.contains(name)) << "fixture lacks " << name;
       const Tensor ref = golden.read_f32(name);
       const double e = relative_error(grads.data() + spec.offset + piece.offset, ref.f32(), ref.numel());
-      EXPECT_LE(e, kGradTol) << name;
+      EXPECT_LE(e, std::max(kGradTol, kEnvelopeFactor * envelope.grad(name))) << name;
       if (e > worst) {
         worst = e;
         worst_name = name;

@@ -4,9 +4,16 @@
 // MLP with normalised and unnormalised top-k, the dense MLP, and the golden fixtures' mixes. Where the golden test
 // (test_cuda_model.cpp) says the GPU is off, this says which part.
 //
-// Tolerances: those of the golden test and for the same reason (bf16 rounding after every op: logits within 3e-2 of
-// their largest magnitude, the loss within 1e-2 relative, every gradient within 1e-1 of its tensor's largest
-// magnitude); a wrong kernel or a wrong convention moves them by O(1).
+// Weights are the model's own init (initializer_range 0.02) and the GPU model replays the CPU model's expert choice
+// (model/routing_replay.h), which keeps these comparisons well-conditioned at bf16: transformers' own bf16 run of
+// these configs lands within 1.2e-2 of its fp32 logits. Tolerances are the golden test's fixed ones (logits within
+// 3e-2 of their largest magnitude, the loss within 1e-2 relative, each gradient within 1e-1 of its tensor's largest
+// magnitude) with one exception: the gradients of the DeltaNet decay parameters A_log and dt_bias (Hv values each)
+// are sums over every token and state entry that cancel, and transformers' bf16 run misses them by up to 1.7 (relative
+// L2) on these configs, so they are only held to the whole gradient's scale (1e-1 of the largest gradient entry of
+// the model); their math is checked in fp32 by finite differences (tests/unit) and against the CPU kernel
+// (test_gated_delta_rule). At the first H200 run with init 0.1 and no replay these configs were off by up to 0.34
+// (logits), and transformers' bf16 run by up to 0.33: that is why the init and the replay.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -23,6 +30,7 @@
 #include "kernels/cuda/cuda_ops.h"
 #include "model/init.h"
 #include "model/model.h"
+#include "model/routing_replay.h"
 
 namespace nextron::test {
 
@@ -126,8 +134,7 @@ TEST_P(CudaModelVsCpu, ForwardAndBackwardMatchTheCpuModel) {
   Model gpu(config, {}, std::make_shared<CudaOps>(0));
   {
     Tensor host = Tensor::zeros({cpu.table().total_numel()});
-    // A wider init than the default 0.02, so that every layer's contribution is visible in the logits.
-    init_parameters(cpu.table(), host.f32(), 11, 0.1);
+    init_parameters(cpu.table(), host.f32(), 11);
     cpu.params().copy_from(host);
     cpu.params_changed();
     gpu.params().copy_from(host);
@@ -138,7 +145,11 @@ TEST_P(CudaModelVsCpu, ForwardAndBackwardMatchTheCpuModel) {
   std::vector<int64_t> ids(B * S), labels(B * S);
   for (auto& t : ids) t = int64_t(rng() % uint64_t(config.vocab_size));
   for (auto& t : labels) t = int64_t(rng() % uint64_t(config.vocab_size));
+  RoutingReplay replay(RoutingReplay::Mode::record);
+  cpu.set_routing_replay(&replay);
   const LossValues want = cpu.forward(ids.data(), labels.data(), B, S);
+  replay.set_mode(RoutingReplay::Mode::replay);
+  gpu.set_routing_replay(&replay);
   const LossValues got = gpu.forward(ids.data(), labels.data(), B, S);
   const Tensor want_logits = cpu.logits(), got_logits = gpu.logits();
   const double logits_err = relative_error(got_logits.f32(), want_logits.f32(), want_logits.numel());
@@ -151,11 +162,19 @@ TEST_P(CudaModelVsCpu, ForwardAndBackwardMatchTheCpuModel) {
   gpu.zero_grad();
   gpu.backward();
   const std::vector<float> gw = host_copy(gpu.grads()), cw = host_copy(cpu.grads());
-  double worst = 0;
+  double worst = 0, global_scale = 0;
+  for (float g : cw) global_scale = std::max(global_scale, double(std::abs(g)));
   std::string worst_name;
   for (const ParamSpec& spec : cpu.table().specs()) {
-    const double e = relative_error(gw.data() + spec.offset, cw.data() + spec.offset, spec.numel());
-    EXPECT_LE(e, kGradTol) << spec.name;
+    const bool decay = spec.name.ends_with(".A_log") || spec.name.ends_with(".dt_bias");
+    double e = relative_error(gw.data() + spec.offset, cw.data() + spec.offset, spec.numel());
+    if (decay) {  // held to the model's gradient scale (see the header)
+      double abs_err = 0;
+      for (int64_t i = 0; i < spec.numel(); ++i)
+        abs_err = std::max(abs_err, double(std::abs(gw[spec.offset + i] - cw[spec.offset + i])));
+      e = abs_err / global_scale;
+    }
+    EXPECT_LE(e, kGradTol) << spec.name << (decay ? " (against the largest gradient of the model)" : "");
     if (e > worst) {
       worst = e;
       worst_name = spec.name;

@@ -118,6 +118,31 @@ TEST(RouterCuda, ForwardMatchesCpuOnSeparatedLogits) {
       }
 }
 
+// Routing replay: weights from given (arbitrary, repeated-free) indices match the CPU reference bit for bit (same
+// gathers, same summation order).
+TEST(RouterCuda, WeightsFromReplayedIndicesMatchCpu) {
+  NEXTRON_REQUIRE_GPU();
+  uint64_t seed = 900;
+  for (int64_t N : {1, 17, 1000})
+    for (const RouterCase& c : kRouterCases)
+      for (bool norm : {false, true}) {
+        SCOPED_TRACE(describe(N, c.E, c.K, norm));
+        const auto logits = separated_logits(N, c.E, seed++);
+        std::vector<float> probs(N * c.E), weights(N * c.K);
+        std::vector<int32_t> indices(N * c.K);
+        cpu::router_forward<float>(probs.data(), indices.data(), weights.data(), logits.data(), N, c.E, c.K, norm);
+        std::vector<int32_t> other(N * c.K);  // experts n + 3k (mod E): distinct within a row while 3K <= E
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t k = 0; k < c.K; ++k) other[n * c.K + k] = int32_t((n + (3 * k) % c.E) % c.E);
+        std::vector<float> want(N * c.K);
+        cpu::router_weights_from_indices<float>(want.data(), probs.data(), other.data(), N, c.E, c.K, norm);
+        DeviceArray<float> d_probs(probs), d_w(N * c.K);
+        DeviceArray<int32_t> d_idx(other);
+        cuda::router_weights_from_indices(d_w.get(), d_probs.get(), d_idx.get(), N, c.E, c.K, norm, nullptr);
+        EXPECT_EQ(d_w.download(), want);
+      }
+}
+
 TEST(RouterCuda, TiesGoToTheLowerExpert) {
   NEXTRON_REQUIRE_GPU();
   uint64_t seed = 50;

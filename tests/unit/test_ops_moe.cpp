@@ -121,6 +121,46 @@ TEST(Router, GradientsMatchFiniteDifferences) {
     }
 }
 
+// Routing replay: with the router's own choice the weights are router_forward's to the bit; with any other choice
+// they are probs[i] (over their sum when normalised), and router_backward with that choice is the exact gradient
+// of the replayed weights (finite differences with the indices held fixed).
+TEST(Router, WeightsFromReplayedIndices) {
+  const int64_t N = 5, E = 7, K = 3;
+  const auto logits = separated_logits(N, E, 31);
+  const auto rp = randn(N * E, 32), rw = randn(N * K, 33);
+  for (bool norm : {false, true}) {
+    SCOPED_TRACE(testing::Message() << "norm " << norm);
+    std::vector<double> probs(N * E), w(N * K), w2(N * K);
+    std::vector<int32_t> idx(N * K);
+    cpu::router_forward(probs.data(), idx.data(), w.data(), logits.data(), N, E, K, norm);
+    cpu::router_weights_from_indices(w2.data(), probs.data(), idx.data(), N, E, K, norm);
+    EXPECT_EQ(w2, w);
+    // Another choice: experts (n + k) % E, mostly not the top-k.
+    std::vector<int32_t> other(N * K);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < K; ++k) other[n * K + k] = int32_t((n + 2 * k) % E);
+    cpu::router_weights_from_indices(w2.data(), probs.data(), other.data(), N, E, K, norm);
+    for (int64_t n = 0; n < N; ++n) {
+      double sum = 0;
+      for (int64_t k = 0; k < K; ++k) sum += probs[n * E + other[n * K + k]];
+      for (int64_t k = 0; k < K; ++k)
+        EXPECT_NEAR(w2[n * K + k], probs[n * E + other[n * K + k]] / (norm ? sum : 1.0), 1e-15);
+    }
+    std::vector<double> dlogits(N * E, 0.0);
+    cpu::router_backward(dlogits.data(), rp.data(), rw.data(), probs.data(), other.data(), N, E, K, norm);
+    auto loss = [&](const std::vector<double>& l) {
+      std::vector<double> pp(N * E), ww(N * K);
+      std::vector<int32_t> ii(N * K);
+      cpu::router_forward(pp.data(), ii.data(), ww.data(), l.data(), N, E, K, norm);
+      cpu::router_weights_from_indices(ww.data(), pp.data(), other.data(), N, E, K, norm);
+      return dot(pp, rp) + dot(ww, rw);
+    };
+    expect_gradient(loss, logits, dlogits, "dlogits");
+    other[4] = int32_t(E);
+    EXPECT_THROW(cpu::router_weights_from_indices(w2.data(), probs.data(), other.data(), N, E, K, norm), Error);
+  }
+}
+
 TEST(MoeDispatch, StableCountingSortByExpert) {
   const int64_t N = 4, K = 2, E = 4;
   const std::vector<int32_t> idx = {2, 0, 0, 2, 2, 1, 0, 2};

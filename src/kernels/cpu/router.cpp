@@ -42,6 +42,21 @@ void router_forward(T* probs, int32_t* indices, T* weights, const T* logits, int
 }
 
 template <typename T>
+void router_weights_from_indices(T* weights, const T* probs, const int32_t* indices, int64_t N, int64_t E, int64_t K,
+                                 bool norm_topk_prob) {
+  for (int64_t i = 0; i < N * K; ++i)
+    NEXTRON_CHECK(indices[i] >= 0 && indices[i] < E, "routing replay: expert index ", indices[i], " of row ", i / K,
+                  " is outside [0, ", E, ") (recorded with another config?)");
+#pragma omp parallel for
+  for (int64_t n = 0; n < N; ++n) {
+    T top = 0;
+    for (int64_t k = 0; k < K; ++k) top += (weights[n * K + k] = probs[n * E + indices[n * K + k]]);
+    if (norm_topk_prob)
+      for (int64_t k = 0; k < K; ++k) weights[n * K + k] /= top;
+  }
+}
+
+template <typename T>
 void router_backward(T* dlogits, const T* dprobs, const T* dweights, const T* probs, const int32_t* indices, int64_t N,
                      int64_t E, int64_t K, bool norm_topk_prob) {
   if (!dprobs && !dweights) return;
@@ -82,6 +97,9 @@ void router_backward(T* dlogits, const T* dprobs, const T* dweights, const T* pr
 
 template void router_forward<float>(float*, int32_t*, float*, const float*, int64_t, int64_t, int64_t, bool);
 template void router_forward<double>(double*, int32_t*, double*, const double*, int64_t, int64_t, int64_t, bool);
+template void router_weights_from_indices<float>(float*, const float*, const int32_t*, int64_t, int64_t, int64_t, bool);
+template void router_weights_from_indices<double>(double*, const double*, const int32_t*, int64_t, int64_t, int64_t,
+                                                  bool);
 template void router_backward<float>(float*, const float*, const float*, const float*, const int32_t*, int64_t, int64_t,
                                      int64_t, bool);
 template void router_backward<double>(double*, const double*, const double*, const double*, const int32_t*, int64_t,

@@ -315,6 +315,12 @@ void CudaOps::router_forward(Tensor& probs, Tensor& indices, Tensor& weights, co
                        norm_topk_prob, stream_);
 }
 
+void CudaOps::router_weights_from_indices(Tensor& weights, const Tensor& probs, const Tensor& indices,
+                                          bool norm_topk_prob) {
+  cuda::router_weights_from_indices(f(weights), f(probs), i32p(indices), probs.dim(0), probs.dim(1), indices.dim(1),
+                                    norm_topk_prob, stream_);
+}
+
 void CudaOps::router_backward(Tensor& dlogits, const Tensor* dprobs, const Tensor* dweights, const Tensor& probs,
                               const Tensor& indices, bool norm_topk_prob) {
   cuda::router_backward(f(dlogits), dprobs ? f(*dprobs) : nullptr, dweights ? f(*dweights) : nullptr, f(probs),

@@ -84,6 +84,8 @@ class CudaOps final : public Ops {
   void swiglu_backward(Tensor& dgu, const Tensor& dh, const Tensor& gu) override;
   void router_forward(Tensor& probs, Tensor& indices, Tensor& weights, const Tensor& logits,
                       bool norm_topk_prob) override;
+  void router_weights_from_indices(Tensor& weights, const Tensor& probs, const Tensor& indices,
+                                   bool norm_topk_prob) override;
   void router_backward(Tensor& dlogits, const Tensor* dprobs, const Tensor* dweights, const Tensor& probs,
                        const Tensor& indices, bool norm_topk_prob) override;
   void aux_stats_accumulate(Tensor& count_sum, Tensor& prob_sum, const Tensor& probs, const Tensor& indices) override;

@@ -11,6 +11,11 @@ namespace nextron::cuda {
 // ties: lower expert first), weights (N, K) fp32 (renormalised when norm_topk_prob). One warp per row; E <= 1024.
 void router_forward(float* probs, int32_t* indices, float* weights, const float* logits, int64_t N, int64_t E,
                     int64_t K, bool norm_topk_prob, cudaStream_t stream);
+// Routing replay: overwrites weights (N, K) with probs (N, E) at the given indices (N, K), renormalised when
+// norm_topk_prob (CPU reference: cpu::router_weights_from_indices). The indices must be in [0, E) (the caller
+// checks them on the host before they are uploaded).
+void router_weights_from_indices(float* weights, const float* probs, const int32_t* indices, int64_t N, int64_t E,
+                                 int64_t K, bool norm_topk_prob, cudaStream_t stream);
 // Accumulates dlogits (N, E) fp32 from dprobs (N, E; nullptr = 0) and dweights (N, K; nullptr = 0).
 void router_backward(float* dlogits, const float* dprobs, const float* dweights, const float* probs,
                      const int32_t* indices, int64_t N, int64_t E, int64_t K, bool norm_topk_prob, cudaStream_t stream);

@@ -195,6 +195,27 @@ void router_forward(float* probs, int32_t* indices, float* weights, const float*
   }
 }
 
+// One thread per row: K gathers and the sum in the CPU's order (k ascending), so results match it bit for bit.
+__global__ void router_weights_from_indices_kernel(float* weights, const float* probs, const int32_t* indices,
+                                                   int64_t N, int E, int K, bool norm_topk_prob) {
+  const int64_t n = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (n >= N) return;
+  float top = 0.0f;
+  for (int k = 0; k < K; ++k) top += (weights[n * K + k] = probs[n * E + indices[n * K + k]]);
+  if (norm_topk_prob)
+    for (int k = 0; k < K; ++k) weights[n * K + k] /= top;
+}
+
+void router_weights_from_indices(float* weights, const float* probs, const int32_t* indices, int64_t N, int64_t E,
+                                 int64_t K, bool norm_topk_prob, cudaStream_t stream) {
+  check_router_sizes("router_weights_from_indices", N, E, K);
+  if (N == 0) return;
+  constexpr int kThreadsPerBlock = 256;
+  router_weights_from_indices_kernel<<<unsigned(ceil_div(N, kThreadsPerBlock)), kThreadsPerBlock, 0, stream>>>(
+      weights, probs, indices, N, int(E), int(K), norm_topk_prob);
+  NEXTRON_CUDA_LAUNCH_CHECK();
+}
+
 void router_backward(float* dlogits, const float* dprobs, const float* dweights, const float* probs,
                      const int32_t* indices, int64_t N, int64_t E, int64_t K, bool norm_topk_prob,
                      cudaStream_t stream) {
