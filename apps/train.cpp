@@ -24,14 +24,15 @@ using namespace nextron;
 
 namespace {
 
-// Exit status of a run stopped by SIGINT/SIGTERM before --train-steps: it saved a checkpoint and skipped
+// Exit status of a run stopped by SIGINT/SIGTERM/SIGUSR1 before --train-steps: it saved a checkpoint and skipped
 // --export-hf; distinct from 0 so that a job script or scheduler does not take it for a finished run.
 constexpr int kExitStopped = 3;
 
 constexpr const char* kExitStatusHelp =
     "Exit status: 0 trained to --train-steps (or nothing was left to train) and exported; 1 an error (nothing is\n"
-    "trained after an error found at start-up); 3 stopped early by SIGINT/SIGTERM: a checkpoint was saved (with\n"
-    "--save) and --export-hf skipped; rerun the same command to continue and finish.\n";
+    "trained after an error found at start-up); 3 stopped early by SIGINT, SIGTERM or SIGUSR1: a checkpoint was\n"
+    "saved (with --save) and --export-hf skipped; rerun the same command to continue and finish. Under mpirun,\n"
+    "`kill -USR1 <mpirun pid>` reaches every rank at once (see docs/reliability.md).\n";
 
 // "path" or "path:weight" (Megatron's blend syntax is "weight path"; a colon form keeps one value per flag).
 DatasetSpec parse_data(const std::string& s) {

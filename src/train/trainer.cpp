@@ -5,9 +5,11 @@
 #include <cmath>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <iostream>
 #include <optional>
+#include <thread>
 
 #include "checkpoint/hf_checkpoint.h"
 #include "checkpoint/save_dir.h"
@@ -20,11 +22,15 @@
 #include "model/init.h"
 #include "model/param_table.h"
 #include "optim/grad_clip.h"
+#include "train/stop_grace.h"
 
 namespace nextron {
 
 namespace {
-// Set by SIGINT/SIGTERM: the loop finishes the current step, saves a checkpoint and exits.
+// The time between a stop signal and SIGKILL below which a --save run is told how to raise it (stop_grace.h).
+constexpr double kStopGraceWantedSeconds = 60;
+
+// Set by SIGINT/SIGTERM/SIGUSR1: the loop finishes the current step, saves a checkpoint and exits.
 volatile std::sig_atomic_t g_stop_requested = 0;
 volatile std::sig_atomic_t g_stop_signal = 0;
 
@@ -381,6 +387,9 @@ std::string Trainer::save_checkpoint() {
   if (stream_) st.args["data_fingerprint"] = std::to_string(stream_->fingerprint());
   std::string dir;
   on_rank0([&] {
+    // Fault injection for the stop-signal tests (tools/test_train_mpi_signal.py): a save that takes this long.
+    if (const char* delay = std::getenv("NEXTRON_FAULT_SAVE_DELAY_S"))
+      std::this_thread::sleep_for(std::chrono::duration<double>(std::atof(delay)));
     dir = save_train_checkpoint(opt_.save_dir, model_->config(), full_table, params.data(), shard, st, opt_.keep_last);
   });
   return dir.empty() ? train_checkpoint_dir(opt_.save_dir, step_) : dir;
@@ -479,10 +488,38 @@ void Trainer::run() {
   const int64_t first_step = step_;
   std::fflush(stdout);
 
+  // A stop signal must leave the ranks the time to save: say so before step 1 where the launcher will not, and
+  // after a save that took longer than the launcher allows.
+  const StopGrace grace = stop_grace_from_env();
+  bool grace_warned = false;
+  if (log && !opt_.save_dir.empty()) {
+    const std::string note = stop_grace_note(grace, kStopGraceWantedSeconds);
+    if (!note.empty()) {
+      std::fprintf(stderr, "%s\n", note.c_str());
+      grace_warned = true;
+    }
+  }
+  auto timed_save = [&] {
+    const auto t0 = std::chrono::steady_clock::now();
+    const std::string dir = save_checkpoint();
+    const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (log && !grace_warned && grace.seconds >= 0 && took > 0.5 * grace.seconds) {
+      std::fprintf(stderr,
+                   "warning: saving took %.1f s, and %s kills the ranks %g s after they receive Ctrl-C or "
+                   "SIGTERM: %s\n",
+                   took, grace.launcher.c_str(), grace.seconds, grace.advice.c_str());
+      grace_warned = true;
+    }
+    return dir;
+  };
+
   g_stop_requested = 0;
   g_stop_signal = 0;
   auto old_int = std::signal(SIGINT, request_stop);
   auto old_term = std::signal(SIGTERM, request_stop);
+  // Open MPI's mpirun forwards SIGUSR1 to every rank at once (SIGINT / SIGTERM only after odls_base_sigkill_timeout,
+  // and kills the ranks that much later): `kill -USR1 <mpirun>` is the prompt way to stop a job with a save.
+  auto old_usr1 = std::signal(SIGUSR1, request_stop);
   const bool progress = opt_.progress && log;
   ProgressBar bar(opt_.train_steps, std::cerr, step_);
   // A signal may reach the ranks at different steps: they agree after every step, so all stop at the same one.
@@ -527,7 +564,7 @@ void Trainer::run() {
       std::fflush(stdout);
     }
     if (opt_.save_interval > 0 && step_ % opt_.save_interval == 0 && step_ < opt_.train_steps) {
-      const std::string dir = save_checkpoint();
+      const std::string dir = timed_save();
       if (progress) bar.clear();
       if (log) std::printf("saved %s\n", dir.c_str());
     }
@@ -536,6 +573,7 @@ void Trainer::run() {
   if (progress) bar.finish();
   std::signal(SIGINT, old_int);
   std::signal(SIGTERM, old_term);
+  std::signal(SIGUSR1, old_usr1);
   if (log && stop) std::printf("stop requested: saving at step %lld\n", static_cast<long long>(step_));
   // A signal after the last step stops nothing: the run is complete and exports as usual.
   stopped_early_ = stop && step_ < opt_.train_steps;
@@ -544,11 +582,14 @@ void Trainer::run() {
       std::printf("nothing to train: the checkpoint is already at step %lld of %lld (raise --train-steps to go on)\n",
                   static_cast<long long>(step_), static_cast<long long>(opt_.train_steps));
   } else if (!opt_.save_dir.empty()) {
-    const std::string dir = save_checkpoint();
+    const std::string dir = timed_save();
     if (log) std::printf("saved %s\n", dir.c_str());
   }
   if (stopped_early_ && log) {
-    std::printf("stopped early by %s at step %lld of %lld%s\n", g_stop_signal == SIGINT ? "SIGINT" : "SIGTERM",
+    std::printf("stopped early by %s at step %lld of %lld%s\n",
+                g_stop_signal == SIGINT    ? "SIGINT"
+                : g_stop_signal == SIGUSR1 ? "SIGUSR1"
+                                           : "SIGTERM",
                 static_cast<long long>(step_), static_cast<long long>(opt_.train_steps),
                 opt_.save_dir.empty() ? " (no --save: nothing was saved)"
                                       : "; rerun the same command to continue from the checkpoint");

@@ -57,8 +57,8 @@ class Trainer {
   std::string save_checkpoint();           // returns the checkpoint directory
   void export_hf(const std::string& dir);  // collective; rank 0 writes
   void run();  // collective; the whole loop with logging, validation, checkpoints and export; stops cleanly on
-               // SIGINT/SIGTERM
-  // Whether run() was stopped by SIGINT/SIGTERM before --train-steps (it saved, and skipped --export-hf).
+               // SIGINT/SIGTERM/SIGUSR1
+  // Whether run() was stopped by SIGINT/SIGTERM/SIGUSR1 before --train-steps (it saved, and skipped --export-hf).
   bool stopped_early() const { return stopped_early_; }
 
   Model& model() { return *model_; }
