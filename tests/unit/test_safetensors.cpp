@@ -3,6 +3,8 @@
 
 #include <filesystem>
 #include <fstream>
+#include <string>
+#include <tuple>
 
 #include "checkpoint/safetensors.h"
 #include "core/error.h"
@@ -68,6 +70,30 @@ TEST(Safetensors, CorruptFilesAreClearErrors) {
   }
   EXPECT_THROW(SafetensorsReader r(path), Error);
   EXPECT_THROW(SafetensorsReader r(tmp_path("does_not_exist")), Error);
+  std::filesystem::remove(path);
+}
+
+// A header of a million nested arrays (or objects inside a tensor entry) is an error, not a stack overflow: the JSON
+// parser and the value's destruction do not recurse per level.
+TEST(Safetensors, DeeplyNestedHeaderIsAnError) {
+  const std::string path = tmp_path("nested.safetensors");
+  const size_t depth = 1000000;
+  for (const auto& [open, close, prefix, suffix] :
+       {std::tuple<char, char, std::string, std::string>{'[', ']', "", ""},
+        std::tuple<char, char, std::string, std::string>{'{', '}', "{\"a\":{\"dtype\":\"F32\",\"shape\":", "}}"}}) {
+    std::string header = prefix;
+    for (size_t i = 0; i < depth; ++i) header += open == '{' ? std::string("{\"x\":") : std::string(1, open);
+    header += "0";
+    header += std::string(depth, close);
+    header += suffix;
+    {
+      std::ofstream g(path, std::ios::binary | std::ios::trunc);
+      const uint64_t n = header.size();
+      g.write(reinterpret_cast<const char*>(&n), 8);
+      g.write(header.data(), static_cast<std::streamsize>(n));
+    }
+    EXPECT_THROW(SafetensorsReader r(path), Error) << "nesting of " << open;
+  }
   std::filesystem::remove(path);
 }
 
