@@ -7,7 +7,9 @@ it forwards SIGUSR1 at once. Checked:
 1. `kill -USR1 <mpirun>` on a bare mpirun: the ranks finish their step, save the final checkpoint (complete: the
    run resumes from it) and exit 3; the start-up note told how to stop the job (USR1, or a longer T);
 2. SIGTERM with `--mca odls_base_sigkill_timeout 12`: the ranks get it after 12 s and have 12 s: saved;
-3. SIGTERM on a bare mpirun: the slow save is killed as the note warned; no checkpoint appears, half-written or not.
+3. SIGTERM on a bare mpirun: the slow save is killed as the note warned; no checkpoint appears, half-written or not;
+4. launch/nextron-mpirun (which turns Ctrl-C / SIGTERM into SIGUSR1): Ctrl-C typed on a terminal (a pseudo-terminal
+   here) and SIGTERM to the script both save, and the run resumes.
 
     python tools/test_train_mpi_signal.py --train build/nextron-train --mpiexec mpiexec --work build/train_mpi_signal
 
@@ -15,12 +17,14 @@ Prints "train_mpi_signal: N passed, M failed"; exit code 0 only when all pass.
 """
 import argparse
 import os
+import pty
 import signal
 import subprocess
+import threading
 import time
 
 from checks import Checks
-from train_test_data import TINY, fresh_byte_dataset
+from train_test_data import REPO, TINY, fresh_byte_dataset
 
 SAVE_DELAY_S = 4  # the save of a large model: over Open MPI's default 1 s
 GRACE_S = 12  # odls_base_sigkill_timeout of case 2: room for the rest of a step and the save
@@ -45,24 +49,31 @@ def main():
     def checkpoints(save):
         return sorted(x for x in os.listdir(save) if x.startswith("step_")) if os.path.isdir(save) else []
 
-    def stopped_run(save, mpirun_opts, sig):
+    def wait_steps(metrics, p_alive, n=3, timeout=120):
+        deadline = time.time() + timeout
+        while time.time() < deadline and p_alive():
+            if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= n:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def train_args(save):
+        metrics = save + ".jsonl"
+        if os.path.exists(metrics):
+            os.remove(metrics)
+        return metrics, [args.train] + base + ["--train-steps", "100000", "--log-interval", "100000", "--metrics",
+                                               metrics, "--save", save, "--resume", "none"]
+
+    def stopped_run(save, mpirun_opts, sig, launcher=None):
         """Starts 2 ranks, sends `sig` to mpirun once step 3 is in the metrics; returns (rc, stdout, stderr, secs).
 
         The ranks log only at the end: while mpirun aborts a job it stops reading the ranks' output, and ranks
         logging a line per millisecond step would block on the full pipe before they could save."""
-        metrics = save + ".jsonl"
-        if os.path.exists(metrics):
-            os.remove(metrics)
-        cmd = [args.mpiexec, "--allow-run-as-root", "--oversubscribe", "-np", "2"] + mpirun_opts + \
-              [args.train] + base + ["--train-steps", "100000", "--log-interval", "100000", "--metrics", metrics,
-                                     "--save", save, "--resume", "none"]
+        metrics, train = train_args(save)
+        cmd = (launcher or [args.mpiexec]) + ["--allow-run-as-root", "--oversubscribe", "-np", "2"] + mpirun_opts + train
         with open(save + ".out", "w") as out_f, open(save + ".err", "w") as err_f:
             p = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, text=True, env=env)
-            deadline = time.time() + 120
-            while time.time() < deadline and p.poll() is None:
-                if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3:
-                    break
-                time.sleep(0.05)
+            wait_steps(metrics, lambda: p.poll() is None)
             t0 = time.time()
             p.send_signal(sig)
             try:
@@ -108,6 +119,56 @@ def main():
     left = [x for x in (os.listdir(s3) if os.path.isdir(s3) else []) if x != ".lock"]
     check(f"bare mpirun, SIGTERM: the save was killed ({secs:.1f} s after the signal), no checkpoint appears",
           not checkpoints(s3) and secs < SAVE_DELAY_S, f"rc {rc}, left {left}\n{out[-300:]}\n{err[-300:]}")
+    # 4. launch/nextron-mpirun: Ctrl-C on a terminal, and SIGTERM, become SIGUSR1.
+    launcher = [os.path.join(REPO, "launch", "nextron-mpirun")]
+    s4 = os.path.join(w, "launcher_term")
+    rc, out, err, secs = stopped_run(s4, [], signal.SIGTERM, launcher=launcher)
+    saved_and_resumable("nextron-mpirun, SIGTERM", s4, rc, out, err, secs, SAVE_DELAY_S)
+    check("nextron-mpirun, SIGTERM: exit status 3 (stopped early, saved)", rc == 3, f"rc {rc}\n{err[-300:]}")
+    check("nextron-mpirun: no start-up note about mpirun's kill delay", "odls_base_sigkill_timeout" not in err,
+          err[-400:])
+
+    s5 = os.path.join(w, "launcher_ctrl_c")
+    metrics, train = train_args(s5)
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the launcher on a terminal of its own, as a user would start it
+        os.execve(launcher[0], launcher + ["--allow-run-as-root", "--oversubscribe", "-np", "2"] + train, env)
+    output = []
+
+    def drain():
+        while True:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                return
+            if not chunk:
+                return
+            output.append(chunk.decode(errors="replace"))
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    alive = lambda: os.waitpid(pid, os.WNOHANG) == (0, 0)
+    started = wait_steps(metrics, alive)
+    t0 = time.time()
+    os.write(fd, b"\x03")  # Ctrl-C: the terminal sends SIGINT to its foreground process group
+    status = None
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    secs = time.time() - t0
+    reader.join(timeout=5)
+    text = "".join(output)
+    rc = os.waitstatus_to_exitcode(status) if status is not None else None
+    check("nextron-mpirun on a terminal: training started", started, text[-300:])
+    saved_and_resumable("nextron-mpirun, Ctrl-C", s5, rc, text, "", secs, SAVE_DELAY_S)
+    check("nextron-mpirun, Ctrl-C: said it is stopping, exit status 3", rc == 3 and "stopping" in text,
+          f"rc {rc}\n{text[-400:]}")
     return check.report("train_mpi_signal")
 
 

@@ -18,6 +18,8 @@ constexpr const char* kOpenMpiAdvice =
 
 StopGrace stop_grace_from_env() {
   StopGrace g;
+  const char* launcher = std::getenv("NEXTRON_LAUNCHER");
+  if (launcher && std::string(launcher) == "nextron-mpirun") return g;  // stops arrive at once, as SIGUSR1
   if (std::getenv("OMPI_COMM_WORLD_SIZE") && !std::getenv("SLURM_STEP_ID")) {
     g.launcher = "Open MPI's mpirun";
     g.advice = kOpenMpiAdvice;

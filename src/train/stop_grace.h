@@ -6,7 +6,8 @@
 // ranks inherit), sends SIGTERM to every rank, waits T again and sends SIGKILL: the ranks have T seconds. SIGUSR1
 // to mpirun is forwarded to the ranks at once and kills nothing (measured with Open MPI 4.1.4). Slurm's srun / scancel
 // send SIGTERM and SIGKILL KillWait seconds later (slurm.conf, 30 by default; not visible to the job). A process not
-// started by a launcher has no deadline.
+// started by a launcher has no deadline, nor has one under launch/nextron-mpirun (NEXTRON_LAUNCHER=nextron-mpirun),
+// which turns Ctrl-C and SIGTERM into SIGUSR1 for mpirun to forward at once.
 #pragma once
 
 #include <string>
