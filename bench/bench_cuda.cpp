@@ -334,15 +334,16 @@ json bench_one_layer(CudaOps& ops, const Options& o, const ModelConfig& base, Mi
   ops.act(x_out, {N, H});
   ops.act_zeroed(dx_in, {N, H});
   MoeAuxStats aux;
+  DecoderLayer::Saved saved;
   const float d_aux = static_cast<float>(c.router_aux_loss_coef);
   auto fwd = [&] {
     aux.reset(ops, c.num_experts);
-    layer.forward(x_in, x_out, B, S, aux);
+    layer.forward(saved, x_in, x_out, B, S, aux);
   };
   const Timing tf = time_on_stream(ops.stream(), o.warmup, o.iters, fwd);
   const Timing tfb = time_on_stream(ops.stream(), o.warmup, o.iters, [&] {
     fwd();
-    layer.backward(dx_out, dx_in, aux, d_aux);
+    layer.backward(saved, dx_out, dx_in, aux, d_aux);
   });
   const FlopsBreakdown f = model_flops_breakdown(c, S);
   const double fwd_flops = (f.total() - f.lm_head) * static_cast<double>(N);

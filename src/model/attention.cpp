@@ -18,34 +18,40 @@ GatedAttention::GatedAttention(const ModelConfig& config, ModuleWeights weights,
   gate_cols_ = ops_.index_table(gate_cols);
 }
 
-void GatedAttention::forward(const Tensor& x, Tensor& y, int64_t B, int64_t S) {
+void GatedAttention::rope_tables_for(int64_t S) {
+  if (S == rope_S_) return;
+  ops_.rope_tables(cos_, sin_, S, c_.rotary_dim(), c_.rope_theta);
+  rope_S_ = S;
+}
+
+void GatedAttention::forward(Saved& s, const Tensor& x, Tensor& y, int64_t B, int64_t S) {
   const int64_t N = B * S, NH = c_.num_attention_heads, NKV = c_.num_key_value_heads, D = c_.head_dim,
                 R = c_.rotary_dim();
-  if (S != S_) ops_.rope_tables(cos_, sin_, S, R, c_.rope_theta);
-  B_ = B;
-  S_ = S;
-  x_ = x;
+  rope_tables_for(S);
+  s.B = B;
+  s.S = S;
+  s.x = x;
   ParamRef bias;
-  Tensor& qg = ops_.act(qg_, {N, NH * 2 * D});  // per head [query (D) | gate (D)]
+  Tensor& qg = ops_.act(s.qg, {N, NH * 2 * D});  // per head [query (D) | gate (D)]
   ops_.linear_forward(qg, x, wt_.p("q_proj"), wt_.p_or_null("q_proj_bias", bias));
-  Tensor& q_raw = ops_.act(q_raw_, {N, NH * D});
+  Tensor& q_raw = ops_.act(s.q_raw, {N, NH * D});
   ops_.gather_cols(q_raw, qg, q_cols_);
-  Tensor& k_raw = ops_.act(k_raw_, {N, NKV * D});
-  Tensor& v = ops_.act(v_, {B, S, NKV, D});
+  Tensor& k_raw = ops_.act(s.k_raw, {N, NKV * D});
+  Tensor& v = ops_.act(s.v, {B, S, NKV, D});
   ops_.linear_forward(k_raw, x, wt_.p("k_proj"), wt_.p_or_null("k_proj_bias", bias));
   ops_.linear_forward(v, x, wt_.p("v_proj"), wt_.p_or_null("v_proj_bias", bias));
 
   // Per-head norms, then RoPE on the first R dims of every head.
-  Tensor& q = ops_.act(q_, {B, S, NH, D});
-  Tensor& k = ops_.act(k_, {B, S, NKV, D});
-  ops_.rmsnorm_forward(q, ops_.f32(q_rstd_, {N * NH}), q_raw, wt_.p("q_norm"), c_.rms_norm_eps);
-  ops_.rmsnorm_forward(k, ops_.f32(k_rstd_, {N * NKV}), k_raw, wt_.p("k_norm"), c_.rms_norm_eps);
+  Tensor& q = ops_.act(s.q, {B, S, NH, D});
+  Tensor& k = ops_.act(s.k, {B, S, NKV, D});
+  ops_.rmsnorm_forward(q, ops_.f32(s.q_rstd, {N * NH}), q_raw, wt_.p("q_norm"), c_.rms_norm_eps);
+  ops_.rmsnorm_forward(k, ops_.f32(s.k_rstd, {N * NKV}), k_raw, wt_.p("k_norm"), c_.rms_norm_eps);
   ops_.rope_forward(q, q, cos_, sin_, R);
   ops_.rope_forward(k, k, cos_, sin_, R);
 
-  Tensor& o = ops_.act(o_, {B, S, NH, D});
-  ops_.attention_forward(o, ops_.f32(lse_, {B, NH, S}), q, k, v, 1.0 / std::sqrt(double(D)));
-  Tensor& og = ops_.act(og_, {N, NH * D});
+  Tensor& o = ops_.act(s.o, {B, S, NH, D});
+  ops_.attention_forward(o, ops_.f32(s.lse, {B, NH, S}), q, k, v, 1.0 / std::sqrt(double(D)));
+  Tensor& og = ops_.act(s.og, {N, NH * D});
   // The gate is the second half of each head's 2D columns of qg: (N * NH, D) rows with stride 2D.
   Tensor o_rows = o.reshape({N * NH, D});
   Tensor og_rows = og.reshape({N * NH, D});
@@ -54,37 +60,38 @@ void GatedAttention::forward(const Tensor& x, Tensor& y, int64_t B, int64_t S) {
   ops_.linear_forward(y, og, wt_.p("o_proj"), wt_.p_or_null("o_proj_bias", bias));
 }
 
-void GatedAttention::backward(const Tensor& dy, Tensor& dx) {
-  const int64_t B = B_, S = S_, N = B * S, NH = c_.num_attention_heads, NKV = c_.num_key_value_heads, D = c_.head_dim,
+void GatedAttention::backward(const Saved& s, const Tensor& dy, Tensor& dx) {
+  rope_tables_for(s.S);
+  const int64_t B = s.B, S = s.S, N = B * S, NH = c_.num_attention_heads, NKV = c_.num_key_value_heads, D = c_.head_dim,
                 R = c_.rotary_dim();
   ParamRef bias;
   Tensor& dog = ops_.act_zeroed(dog_, {N, NH * D});
-  ops_.linear_backward(&dog, wt_.p("o_proj"), wt_.p_or_null("o_proj_bias", bias), dy, og_);
+  ops_.linear_backward(&dog, wt_.p("o_proj"), wt_.p_or_null("o_proj_bias", bias), dy, s.og);
   // dqg holds per head [dquery | dgate]; the gate gradient is written in place into its columns.
   Tensor& dqg = ops_.act_zeroed(dqg_, {N, NH * 2 * D});
   Tensor& d_o = ops_.act_zeroed(do_, {B, S, NH, D});
   Tensor d_o_rows = d_o.reshape({N * NH, D});
   Tensor dgate = Tensor::view_of(dqg, D, {N * NH, D});
-  Tensor gate = Tensor::view_of(qg_, D, {N * NH, D});
-  ops_.sigmoid_gate_backward(&d_o_rows, &dgate, dog.reshape({N * NH, D}), o_.reshape({N * NH, D}), gate, D, 2 * D);
+  Tensor gate = Tensor::view_of(s.qg, D, {N * NH, D});
+  ops_.sigmoid_gate_backward(&d_o_rows, &dgate, dog.reshape({N * NH, D}), s.o.reshape({N * NH, D}), gate, D, 2 * D);
 
   Tensor& dq = ops_.act(dq_, {B, S, NH, D});
   Tensor& dk = ops_.act(dk_, {B, S, NKV, D});
   Tensor& dv = ops_.act(dv_, {B, S, NKV, D});
-  ops_.attention_backward(dq, dk, dv, d_o, q_, k_, v_, o_, lse_, 1.0 / std::sqrt(double(D)));
+  ops_.attention_backward(dq, dk, dv, d_o, s.q, s.k, s.v, s.o, s.lse, 1.0 / std::sqrt(double(D)));
   Tensor& dqn = ops_.act_zeroed(dqn_, {B, S, NH, D});
   Tensor& dkn = ops_.act_zeroed(dkn_, {B, S, NKV, D});
   ops_.rope_backward(dqn, dq, cos_, sin_, R);
   ops_.rope_backward(dkn, dk, cos_, sin_, R);
   Tensor& dq_raw = ops_.act_zeroed(dq_raw_, {N, NH * D});
   Tensor& dk_raw = ops_.act_zeroed(dk_raw_, {N, NKV * D});
-  ops_.rmsnorm_backward(&dq_raw, wt_.p("q_norm"), dqn, q_raw_, q_rstd_);
-  ops_.rmsnorm_backward(&dk_raw, wt_.p("k_norm"), dkn, k_raw_, k_rstd_);
+  ops_.rmsnorm_backward(&dq_raw, wt_.p("q_norm"), dqn, s.q_raw, s.q_rstd);
+  ops_.rmsnorm_backward(&dk_raw, wt_.p("k_norm"), dkn, s.k_raw, s.k_rstd);
 
   ops_.scatter_cols(dqg, dq_raw, q_cols_, /*accumulate=*/false);
-  ops_.linear_backward(&dx, wt_.p("q_proj"), wt_.p_or_null("q_proj_bias", bias), dqg, x_);
-  ops_.linear_backward(&dx, wt_.p("k_proj"), wt_.p_or_null("k_proj_bias", bias), dk_raw, x_);
-  ops_.linear_backward(&dx, wt_.p("v_proj"), wt_.p_or_null("v_proj_bias", bias), dv, x_);
+  ops_.linear_backward(&dx, wt_.p("q_proj"), wt_.p_or_null("q_proj_bias", bias), dqg, s.x);
+  ops_.linear_backward(&dx, wt_.p("k_proj"), wt_.p_or_null("k_proj_bias", bias), dk_raw, s.x);
+  ops_.linear_backward(&dx, wt_.p("v_proj"), wt_.p_or_null("v_proj_bias", bias), dv, s.x);
 }
 
 }  // namespace nextron

@@ -11,21 +11,30 @@ namespace nextron {
 class GatedAttention {
  public:
   GatedAttention(const ModelConfig& config, ModuleWeights weights, Ops& ops);
-  // x: (B, S, H) normalised input, kept by the caller until backward. y: (B, S, H) overwritten.
-  void forward(const Tensor& x, Tensor& y, int64_t B, int64_t S);
+  // What backward needs from one forward: one record per micro-batch in flight, owned by the caller.
+  struct Saved {
+    int64_t B = 0, S = 0;
+    Tensor x;                // (B S, H) the normalised input (a view: the caller keeps it alive until backward)
+    Tensor qg;               // (B S, NH 2D) q_proj's output, per head [query | gate]
+    Tensor q_raw, q_rstd;    // (B S, NH D) queries before q_norm, (B S NH) their rstd
+    Tensor k_raw, k_rstd;    // (B S, NKV D), (B S NKV)
+    Tensor q, k, v, o, lse;  // (B, S, NH|NKV, D) after norm and RoPE; o (B, S, NH, D); lse (B, NH, S)
+    Tensor og;               // (B S, NH D) the gated attention output
+  };
+  // x: (B, S, H) normalised input; y: (B, S, H) overwritten.
+  void forward(Saved& s, const Tensor& x, Tensor& y, int64_t B, int64_t S);
   // dy: (B, S, H). Accumulates into dx (B, S, H) and the parameter gradients.
-  void backward(const Tensor& dy, Tensor& dx);
+  void backward(const Saved& s, const Tensor& dy, Tensor& dx);
 
  private:
   const ModelConfig& c_;
   ModuleWeights wt_;
   Ops& ops_;
-  int64_t B_ = 0, S_ = 0;
-  Tensor x_;
-  Tensor q_cols_, gate_cols_;                                               // column tables of q_proj's output
-  Tensor qg_, q_raw_, q_rstd_, k_raw_, k_rstd_, q_, k_, v_, o_, lse_, og_;  // saved activations
-  Tensor cos_, sin_;                                                        // RoPE tables (S, rotary_dim)
-  Tensor dog_, do_, dq_, dk_, dv_, dqn_, dkn_, dq_raw_, dk_raw_, dqg_;      // backward scratch
+  Tensor q_cols_, gate_cols_;  // column tables of q_proj's output
+  int64_t rope_S_ = 0;
+  Tensor cos_, sin_;  // RoPE tables (rope_S_, rotary_dim), shared by the micro-batches of that length
+  void rope_tables_for(int64_t S);
+  Tensor dog_, do_, dq_, dk_, dv_, dqn_, dkn_, dq_raw_, dk_raw_, dqg_;  // backward scratch
 };
 
 }  // namespace nextron

@@ -15,31 +15,31 @@ DecoderLayer::DecoderLayer(const ModelConfig& config, int64_t layer, const Param
     dense_ = std::make_unique<SwiGluMlp>(wt_.sub("mlp."), config.hidden_size, config.intermediate_size, ops_);
 }
 
-void DecoderLayer::forward(const Tensor& x_in, Tensor& x_out, int64_t B, int64_t S, MoeAuxStats& aux) {
+void DecoderLayer::forward(Saved& s, const Tensor& x_in, Tensor& x_out, int64_t B, int64_t S, MoeAuxStats& aux) {
   const int64_t N = B * S, Nl = tp_.local_rows(N), H = c_.hidden_size;
-  B_ = B;
-  S_ = S;
-  x_in_ = x_in;
-  Tensor& h1 = ops_.act(h1_, {Nl, H});
-  ops_.rmsnorm_forward(h1, ops_.f32(rstd1_, {Nl}), x_in, wt_.p("input_layernorm"), c_.rms_norm_eps);
-  h1_region_ = tp_.enter_forward(ops_, h1, h1_full_, N, H);
+  s.B = B;
+  s.S = S;
+  s.x_in = x_in;
+  Tensor& h1 = ops_.act(s.h1, {Nl, H});
+  ops_.rmsnorm_forward(h1, ops_.f32(s.rstd1, {Nl}), x_in, wt_.p("input_layernorm"), c_.rms_norm_eps);
+  s.h1_region = tp_.enter_forward(ops_, h1, s.h1_full, N, H);
   Tensor& mix_region = ops_.act(mix_region_, {N, H});
   if (attention_)
-    attention_->forward(h1_region_, mix_region, B, S);
+    attention_->forward(s.attention, s.h1_region, mix_region, B, S);
   else
-    deltanet_->forward(h1_region_, mix_region, B, S);
+    deltanet_->forward(s.deltanet, s.h1_region, mix_region, B, S);
   Tensor& mix = tp_.active() ? ops_.act(mix_, {Nl, H}) : mix_region;
   tp_.exit_forward(mix_region, mix, N, H);
-  Tensor& x_mid = ops_.act(x_mid_, {Nl, H});
+  Tensor& x_mid = ops_.act(s.x_mid, {Nl, H});
   ops_.add(x_mid, x_in, mix);
-  Tensor& h2 = ops_.act(h2_, {Nl, H});
-  ops_.rmsnorm_forward(h2, ops_.f32(rstd2_, {Nl}), x_mid, wt_.p("post_attention_layernorm"), c_.rms_norm_eps);
-  h2_region_ = tp_.enter_forward(ops_, h2, h2_full_, N, H);
+  Tensor& h2 = ops_.act(s.h2, {Nl, H});
+  ops_.rmsnorm_forward(h2, ops_.f32(s.rstd2, {Nl}), x_mid, wt_.p("post_attention_layernorm"), c_.rms_norm_eps);
+  s.h2_region = tp_.enter_forward(ops_, h2, s.h2_full, N, H);
   Tensor& mlp_region = ops_.act(mlp_region_, {N, H});
   if (moe_)
-    moe_->forward(h2_region_, mlp_region, aux);
+    moe_->forward(s.moe, s.h2_region, mlp_region, aux);
   else
-    dense_->forward(h2_region_, mlp_region);
+    dense_->forward(s.dense, s.h2_region, mlp_region);
   Tensor& mlp = tp_.active() ? ops_.act(mlp_, {Nl, H}) : mlp_region;
   tp_.exit_forward(mlp_region, mlp, N, H);
   ops_.add(x_out, x_mid, mlp);
@@ -53,16 +53,16 @@ const Tensor& DecoderLayer::region_grad_to_local(Tensor& d_region, Tensor& local
   return out;
 }
 
-void DecoderLayer::backward(const Tensor& dx_out, Tensor& dx_in, const MoeAuxStats& aux, float d_aux) {
-  const int64_t N = B_ * S_, Nl = tp_.local_rows(N), H = c_.hidden_size;
+void DecoderLayer::backward(const Saved& s, const Tensor& dx_out, Tensor& dx_in, const MoeAuxStats& aux, float d_aux) {
+  const int64_t N = s.B * s.S, Nl = tp_.local_rows(N), H = c_.hidden_size;
   // The residual carries dx_out straight to x_mid; the MLP branch adds through the post-attention norm.
   const Tensor& dmlp = tp_.exit_backward(ops_, dx_out, dregion_full_, N, H);
   Tensor& dh2 = ops_.act_zeroed(dh2_, {N, H});
   if (moe_) {
     Tensor& dh2_rep = tp_.active() ? ops_.act_zeroed(dh2_replicated_, {N, H}) : dh2;
-    moe_->backward(dmlp, dh2, dh2_rep, aux, d_aux);
+    moe_->backward(s.moe, dmlp, dh2, dh2_rep, aux, d_aux);
   } else {
-    dense_->backward(dmlp, dh2);
+    dense_->backward(s.dense, dmlp, dh2);
   }
   const Tensor& dh2_local = region_grad_to_local(dh2, dh2_local_, N);
   if (moe_ && tp_.active()) {
@@ -73,16 +73,16 @@ void DecoderLayer::backward(const Tensor& dx_out, Tensor& dx_in, const MoeAuxSta
   }
   Tensor& dx_mid = ops_.act(dx_mid_, {Nl, H});
   dx_mid.copy_from(dx_out);
-  ops_.rmsnorm_backward(&dx_mid, wt_.p("post_attention_layernorm"), dh2_local, x_mid_, rstd2_);
+  ops_.rmsnorm_backward(&dx_mid, wt_.p("post_attention_layernorm"), dh2_local, s.x_mid, s.rstd2);
   const Tensor& dmix = tp_.exit_backward(ops_, dx_mid, dregion_full_, N, H);
   Tensor& dh1 = ops_.act_zeroed(dh1_, {N, H});
   if (attention_)
-    attention_->backward(dmix, dh1);
+    attention_->backward(s.attention, dmix, dh1);
   else
-    deltanet_->backward(dmix, dh1);
+    deltanet_->backward(s.deltanet, dmix, dh1);
   const Tensor& dh1_local = region_grad_to_local(dh1, dh1_local_, N);
   ops_.add(dx_in, dx_in, dx_mid);
-  ops_.rmsnorm_backward(&dx_in, wt_.p("input_layernorm"), dh1_local, x_in_, rstd1_);
+  ops_.rmsnorm_backward(&dx_in, wt_.p("input_layernorm"), dh1_local, s.x_in, s.rstd1);
 }
 
 }  // namespace nextron

@@ -19,10 +19,24 @@ class DecoderLayer {
  public:
   DecoderLayer(const ModelConfig& config, int64_t layer, const ParamTable& table, const FlatBuffers& flat, Ops& ops,
                const TensorParallel& tp = {});
-  // x_in: (local rows of B*S, H) kept by the caller until backward; x_out: the same shape, overwritten.
-  void forward(const Tensor& x_in, Tensor& x_out, int64_t B, int64_t S, MoeAuxStats& aux);
+  // What backward needs from one forward: one record per micro-batch in flight, owned by the caller. Nl: this
+  // rank's rows of the N = B S tokens (N / TP under sequence parallelism, else N).
+  struct Saved {
+    int64_t B = 0, S = 0;
+    Tensor x_in;                           // (Nl, H) the layer input (a view: the caller keeps it alive until backward)
+    Tensor h1, rstd1;                      // (Nl, H) input_layernorm's output, (Nl) its rstd
+    Tensor h1_full, h1_region;             // (N, H) its all-gather under SP; the mixer's input (h1 or h1_full)
+    Tensor x_mid;                          // (Nl, H) after the mixer's residual add
+    Tensor h2, rstd2, h2_full, h2_region;  // the same for post_attention_layernorm and the MLP
+    GatedAttention::Saved attention;
+    GatedDeltaNet::Saved deltanet;
+    SwiGluMlp::Saved dense;
+    SparseMoe::Saved moe;
+  };
+  // x_in: (Nl, H); x_out: the same shape, overwritten.
+  void forward(Saved& s, const Tensor& x_in, Tensor& x_out, int64_t B, int64_t S, MoeAuxStats& aux);
   // Accumulates the gradient w.r.t. x_in into dx_in.
-  void backward(const Tensor& dx_out, Tensor& dx_in, const MoeAuxStats& aux, float d_aux);
+  void backward(const Saved& s, const Tensor& dx_out, Tensor& dx_in, const MoeAuxStats& aux, float d_aux);
   // The sparse MoE block of this layer, nullptr where the MLP is dense.
   SparseMoe* moe() { return moe_.get(); }
 
@@ -38,11 +52,7 @@ class DecoderLayer {
   std::unique_ptr<GatedDeltaNet> deltanet_;
   std::unique_ptr<SwiGluMlp> dense_;
   std::unique_ptr<SparseMoe> moe_;
-  int64_t B_ = 0, S_ = 0;
-  Tensor x_in_;
-  Tensor h1_region_;  // the mixer's input (N, H): h1_ itself or its all-gather
-  Tensor h2_region_;
-  Tensor h1_, rstd1_, h1_full_, mix_region_, mix_, x_mid_, h2_, rstd2_, h2_full_, mlp_region_, mlp_;
+  Tensor mix_region_, mix_, mlp_region_, mlp_;  // forward scratch: the branch outputs (N, H) and their local rows
   Tensor dh1_, dh1_local_, dx_mid_, dh2_, dh2_replicated_, dh2_local_, dregion_full_, dscratch_;
 };
 

@@ -45,20 +45,20 @@ GatedDeltaNet::GatedDeltaNet(const ModelConfig& config, ModuleWeights weights, O
   v_cols_ = ops_.index_table(iota_cols(2 * KD, c_.value_dim()));
 }
 
-void GatedDeltaNet::forward(const Tensor& x, Tensor& y, int64_t B, int64_t S) {
+void GatedDeltaNet::forward(Saved& s, const Tensor& x, Tensor& y, int64_t B, int64_t S) {
   const int64_t N = B * S, Hk = c_.linear_num_key_heads, Hv = c_.linear_num_value_heads, dk = c_.linear_key_head_dim,
                 dv = c_.linear_value_head_dim, KD = c_.key_dim(), VD = c_.value_dim(), CD = c_.conv_dim();
-  B_ = B;
-  S_ = S;
-  x_ = x;
+  s.B = B;
+  s.S = S;
+  s.x = x;
   Tensor& qkvz = ops_.act(qkvz_, {N, 2 * KD + 2 * VD});
   Tensor& ba = ops_.act(ba_, {N, 2 * Hv});
   ops_.linear_forward(qkvz, x, wt_.p("in_proj_qkvz"), nullptr);
   ops_.linear_forward(ba, x, wt_.p("in_proj_ba"), nullptr);
-  Tensor& mixed = ops_.act(mixed_, {B, S, CD});
-  Tensor& z = ops_.act(z_, {N, Hv * dv});
-  Tensor& b = ops_.act(b_, {N, Hv});
-  Tensor& a = ops_.act(a_, {N, Hv});
+  Tensor& mixed = ops_.act(s.mixed, {B, S, CD});
+  Tensor& z = ops_.act(s.z, {N, Hv * dv});
+  Tensor& b = ops_.act(s.b, {N, Hv});
+  Tensor& a = ops_.act(s.a, {N, Hv});
   Tensor mixed_rows = mixed.reshape({N, CD});
   ops_.gather_cols(mixed_rows, qkvz, mixed_cols_);
   ops_.gather_cols(z, qkvz, z_cols_);
@@ -68,59 +68,60 @@ void GatedDeltaNet::forward(const Tensor& x, Tensor& y, int64_t B, int64_t S) {
   Tensor& conv = ops_.act(conv_, {B, S, CD});
   ops_.conv1d_silu_forward(conv, mixed, wt_.p("conv1d"));
   Tensor conv_rows = conv.reshape({N, CD});
-  Tensor& q = ops_.act(q_, {B, S, Hk, dk});
-  Tensor& k = ops_.act(k_, {B, S, Hk, dk});
-  Tensor& v = ops_.act(v_, {B, S, Hv, dv});
+  Tensor& q = ops_.act(s.q, {B, S, Hk, dk});
+  Tensor& k = ops_.act(s.k, {B, S, Hk, dk});
+  Tensor& v = ops_.act(s.v, {B, S, Hv, dv});
   Tensor q_rows = q.reshape({N, KD}), k_rows = k.reshape({N, KD}), v_rows = v.reshape({N, VD});
   ops_.gather_cols(q_rows, conv_rows, q_cols_);
   ops_.gather_cols(k_rows, conv_rows, k_cols_);
   ops_.gather_cols(v_rows, conv_rows, v_cols_);
-  Tensor& qn = ops_.act(qn_, {B, S, Hk, dk});
-  Tensor& kn = ops_.act(kn_, {B, S, Hk, dk});
+  Tensor& qn = ops_.act(s.qn, {B, S, Hk, dk});
+  Tensor& kn = ops_.act(s.kn, {B, S, Hk, dk});
   ops_.l2norm_forward(qn, q, dk);
   ops_.l2norm_forward(kn, k, dk);
 
-  Tensor& beta = ops_.f32(beta_, {B, S, Hv});
-  Tensor& g = ops_.f32(g_, {B, S, Hv});
+  Tensor& beta = ops_.f32(s.beta, {B, S, Hv});
+  Tensor& g = ops_.f32(s.g, {B, S, Hv});
   ops_.gdn_gates_forward(beta, g, b, a, wt_.p("A_log"), wt_.p("dt_bias"));
 
-  Tensor& o = ops_.act(o_, {B, S, Hv, dv});
+  Tensor& o = ops_.act(s.o, {B, S, Hv, dv});
   ops_.gated_delta_rule_forward(o, qn, kn, v, g, beta, 1.0 / std::sqrt(double(dk)));
-  Tensor& on = ops_.act(on_, {N, VD});
-  ops_.rmsnorm_gated_forward(on, ops_.f32(o_rstd_, {N * Hv}), o, z, wt_.p("norm"), c_.rms_norm_eps);
+  Tensor& on = ops_.act(s.on, {N, VD});
+  ops_.rmsnorm_gated_forward(on, ops_.f32(s.o_rstd, {N * Hv}), o, z, wt_.p("norm"), c_.rms_norm_eps);
   ops_.linear_forward(y, on, wt_.p("out_proj"), nullptr);
 }
 
-void GatedDeltaNet::backward(const Tensor& dy, Tensor& dx) {
-  const int64_t B = B_, S = S_, N = B * S, Hk = c_.linear_num_key_heads, Hv = c_.linear_num_value_heads,
+void GatedDeltaNet::backward(const Saved& s, const Tensor& dy, Tensor& dx) {
+  const int64_t B = s.B, S = s.S, N = B * S, Hk = c_.linear_num_key_heads, Hv = c_.linear_num_value_heads,
                 dk = c_.linear_key_head_dim, dv = c_.linear_value_head_dim, KD = c_.key_dim(), VD = c_.value_dim(),
                 CD = c_.conv_dim();
   Tensor& don = ops_.act_zeroed(don_, {N, VD});
-  ops_.linear_backward(&don, wt_.p("out_proj"), nullptr, dy, on_);
+  ops_.linear_backward(&don, wt_.p("out_proj"), nullptr, dy, s.on);
   Tensor& d_o = ops_.act_zeroed(do_, {B, S, Hv, dv});
   Tensor& dz = ops_.act_zeroed(dz_, {N, Hv * dv});
-  ops_.rmsnorm_gated_backward(&d_o, &dz, wt_.p("norm"), don, o_, z_, o_rstd_);
+  ops_.rmsnorm_gated_backward(&d_o, &dz, wt_.p("norm"), don, s.o, s.z, s.o_rstd);
 
   Tensor& dqn = ops_.act_zeroed(dqn_, {B, S, Hk, dk});
   Tensor& dkn = ops_.act_zeroed(dkn_, {B, S, Hk, dk});
   Tensor& dvals = ops_.act_zeroed(dv_, {B, S, Hv, dv});
   Tensor& dbeta = ops_.f32_zeroed(dbeta_, {B, S, Hv});
   Tensor& dg = ops_.f32_zeroed(dg_, {B, S, Hv});
-  ops_.gated_delta_rule_backward(dqn, dkn, dvals, dg, dbeta, d_o, qn_, kn_, v_, g_, beta_, 1.0 / std::sqrt(double(dk)));
+  ops_.gated_delta_rule_backward(dqn, dkn, dvals, dg, dbeta, d_o, s.qn, s.kn, s.v, s.g, s.beta,
+                                 1.0 / std::sqrt(double(dk)));
   Tensor& db = ops_.act_zeroed(db_, {N, Hv});
   Tensor& da = ops_.act_zeroed(da_, {N, Hv});
-  ops_.gdn_gates_backward(db, da, wt_.p("A_log"), wt_.p("dt_bias"), dbeta, dg, b_, a_);
+  ops_.gdn_gates_backward(db, da, wt_.p("A_log"), wt_.p("dt_bias"), dbeta, dg, s.b, s.a);
   Tensor& dq = ops_.act_zeroed(dq_, {N, KD});
   Tensor& dkeys = ops_.act_zeroed(dk_, {N, KD});
-  ops_.l2norm_backward(dq, dqn, q_, dk);
-  ops_.l2norm_backward(dkeys, dkn, k_, dk);
+  ops_.l2norm_backward(dq, dqn, s.q, dk);
+  ops_.l2norm_backward(dkeys, dkn, s.k, dk);
   Tensor& dconv = ops_.act(dconv_, {B, S, CD});
   Tensor dconv_rows = dconv.reshape({N, CD});
   ops_.scatter_cols(dconv_rows, dq, q_cols_, /*accumulate=*/false);
   ops_.scatter_cols(dconv_rows, dkeys, k_cols_, false);
   ops_.scatter_cols(dconv_rows, dvals.reshape({N, VD}), v_cols_, false);
   Tensor& dmixed = ops_.act_zeroed(dmixed_, {B, S, CD});
-  ops_.conv1d_silu_backward(dmixed, wt_.p("conv1d"), dconv, mixed_);
+  ops_.conv1d_silu_backward(dmixed, wt_.p("conv1d"), dconv, s.mixed);
 
   Tensor& dqkvz = ops_.act(dqkvz_, {N, 2 * KD + 2 * VD});
   Tensor& dba = ops_.act(dba_, {N, 2 * Hv});
@@ -128,8 +129,8 @@ void GatedDeltaNet::backward(const Tensor& dy, Tensor& dx) {
   ops_.scatter_cols(dqkvz, dz, z_cols_, false);
   ops_.scatter_cols(dba, db, b_cols_, false);
   ops_.scatter_cols(dba, da, a_cols_, false);
-  ops_.linear_backward(&dx, wt_.p("in_proj_qkvz"), nullptr, dqkvz, x_);
-  ops_.linear_backward(&dx, wt_.p("in_proj_ba"), nullptr, dba, x_);
+  ops_.linear_backward(&dx, wt_.p("in_proj_qkvz"), nullptr, dqkvz, s.x);
+  ops_.linear_backward(&dx, wt_.p("in_proj_ba"), nullptr, dba, s.x);
 }
 
 }  // namespace nextron

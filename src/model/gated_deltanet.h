@@ -12,22 +12,32 @@ namespace nextron {
 class GatedDeltaNet {
  public:
   GatedDeltaNet(const ModelConfig& config, ModuleWeights weights, Ops& ops);
-  // x: (B, S, H) normalised input, kept by the caller until backward. y: (B, S, H) overwritten.
-  void forward(const Tensor& x, Tensor& y, int64_t B, int64_t S);
+  // What backward needs from one forward: one record per micro-batch in flight, owned by the caller.
+  struct Saved {
+    int64_t B = 0, S = 0;
+    Tensor x;          // (B S, H) the normalised input (a view: the caller keeps it alive until backward)
+    Tensor mixed;      // (B, S, CD) the conv input [q | k | v] of all heads
+    Tensor z, b, a;    // (B S, Hv dv), (B S, Hv), (B S, Hv)
+    Tensor q, k, v;    // (B, S, Hk, dk), (B, S, Hk, dk), (B, S, Hv, dv) after conv + SiLU
+    Tensor qn, kn;     // (B, S, Hk, dk) L2-normalised
+    Tensor beta, g;    // (B, S, Hv) fp32 gates
+    Tensor o, o_rstd;  // (B, S, Hv, dv) the delta rule's output, (B S Hv) its gated-norm rstd
+    Tensor on;         // (B S, Hv dv) after the gated norm
+  };
+  // x: (B, S, H) normalised input; y: (B, S, H) overwritten.
+  void forward(Saved& s, const Tensor& x, Tensor& y, int64_t B, int64_t S);
   // Accumulates into dx (B, S, H) and the parameter gradients.
-  void backward(const Tensor& dy, Tensor& dx);
+  void backward(const Saved& s, const Tensor& dy, Tensor& dx);
 
  private:
   const ModelConfig& c_;
   ModuleWeights wt_;
   Ops& ops_;
-  int64_t B_ = 0, S_ = 0;
-  Tensor x_;
   // Column tables (device i32) that regroup the projections: in_proj_qkvz's per-key-head groups into the conv input
   // [q | k | v] and z, in_proj_ba's groups into b and a; and the q / k / v columns of the conv output.
   Tensor mixed_cols_, z_cols_, b_cols_, a_cols_, q_cols_, k_cols_, v_cols_;
-  // Saved activations.
-  Tensor qkvz_, ba_, mixed_, z_, b_, a_, conv_, q_, k_, v_, qn_, kn_, beta_, g_, o_, o_rstd_, on_;
+  // Forward scratch: the projections (B S, 2 KD + 2 VD), (B S, 2 Hv) and the conv output (B, S, CD).
+  Tensor qkvz_, ba_, conv_;
   // Backward scratch.
   Tensor don_, do_, dz_, dqn_, dkn_, dq_, dk_, dv_, dbeta_, dg_, db_, da_, dconv_, dmixed_, dqkvz_, dba_;
 };

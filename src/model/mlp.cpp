@@ -5,23 +5,23 @@ namespace nextron {
 SwiGluMlp::SwiGluMlp(ModuleWeights weights, int64_t hidden, int64_t intermediate, Ops& ops)
     : wt_(std::move(weights)), H_(hidden), I_(intermediate), ops_(ops) {}
 
-void SwiGluMlp::forward(const Tensor& x, Tensor& y) {
+void SwiGluMlp::forward(Saved& s, const Tensor& x, Tensor& y) {
   const int64_t N = x.numel() / H_;
-  x_ = x;
-  Tensor& gu = ops_.act(gu_, {N, 2 * I_});  // per row [gate (I) | up (I)]
+  s.x = x;
+  Tensor& gu = ops_.act(s.gu, {N, 2 * I_});  // per row [gate (I) | up (I)]
   ops_.linear_forward(gu, x, wt_.p("gate_up_proj"), nullptr);
-  Tensor& h = ops_.act(h_, {N, I_});
+  Tensor& h = ops_.act(s.h, {N, I_});
   ops_.swiglu_forward(h, gu);
   ops_.linear_forward(y, h, wt_.p("down_proj"), nullptr);
 }
 
-void SwiGluMlp::backward(const Tensor& dy, Tensor& dx) {
-  const int64_t N = x_.numel() / H_;
+void SwiGluMlp::backward(const Saved& s, const Tensor& dy, Tensor& dx) {
+  const int64_t N = s.x.numel() / H_;
   Tensor& dh = ops_.act_zeroed(dh_, {N, I_});
-  ops_.linear_backward(&dh, wt_.p("down_proj"), nullptr, dy, h_);
+  ops_.linear_backward(&dh, wt_.p("down_proj"), nullptr, dy, s.h);
   Tensor& dgu = ops_.act_zeroed(dgu_, {N, 2 * I_});
-  ops_.swiglu_backward(dgu, dh, gu_);
-  ops_.linear_backward(&dx, wt_.p("gate_up_proj"), nullptr, dgu, x_);
+  ops_.swiglu_backward(dgu, dh, s.gu);
+  ops_.linear_backward(&dx, wt_.p("gate_up_proj"), nullptr, dgu, s.x);
 }
 
 }  // namespace nextron

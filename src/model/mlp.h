@@ -11,16 +11,22 @@ class SwiGluMlp {
  public:
   // `weights` selects the parameters ("mlp." or "mlp.shared_expert.").
   SwiGluMlp(ModuleWeights weights, int64_t hidden, int64_t intermediate, Ops& ops);
-  // x: (N, H) kept by the caller until backward; y: (N, H) overwritten.
-  void forward(const Tensor& x, Tensor& y);
+  // What backward needs from one forward: one record per micro-batch in flight, owned by the caller.
+  struct Saved {
+    Tensor x;   // (N, H) the input (a view: the caller keeps it alive until backward)
+    Tensor gu;  // (N, 2I) per row [gate | up]
+    Tensor h;   // (N, I) silu(gate) * up
+  };
+  // x: (N, H); y: (N, H) overwritten.
+  void forward(Saved& s, const Tensor& x, Tensor& y);
   // Accumulates into dx (N, H) and the parameter gradients.
-  void backward(const Tensor& dy, Tensor& dx);
+  void backward(const Saved& s, const Tensor& dy, Tensor& dx);
 
  private:
   ModuleWeights wt_;
   int64_t H_, I_;
   Ops& ops_;
-  Tensor x_, gu_, h_, dh_, dgu_;
+  Tensor dh_, dgu_;  // backward scratch (N, I), (N, 2I)
 };
 
 }  // namespace nextron

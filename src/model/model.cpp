@@ -43,13 +43,14 @@ void Model::params_changed() {
   if (flat_.params_act.raw() != flat_.params.raw()) ops_->cast(flat_.params_act, flat_.params);
 }
 
-Tensor Model::logits() const {
-  if (logits_.device() == Device::cpu && logits_.dtype() == DType::f32) return logits_;
-  Tensor act_host = Tensor::zeros(logits_.shape(), logits_.dtype());
-  act_host.copy_from(logits_);
+Tensor Model::logits(const ModelActivations& a) const {
+  const Tensor& logits = a.logits;
+  if (logits.device() == Device::cpu && logits.dtype() == DType::f32) return logits;
+  Tensor act_host = Tensor::zeros(logits.shape(), logits.dtype());
+  act_host.copy_from(logits);
   if (act_host.dtype() == DType::f32) return act_host;
   NEXTRON_ASSERT(act_host.dtype() == DType::bf16);
-  Tensor out = Tensor::zeros(logits_.shape());
+  Tensor out = Tensor::zeros(logits.shape());
   const uint16_t* src = act_host.data<uint16_t>();
   float* dst = out.f32();
   for (int64_t i = 0; i < out.numel(); ++i) dst[i] = bf16_to_f32(src[i]);
@@ -60,7 +61,7 @@ VocabShard Model::vocab_shard() const {
   return {comms_.tp.rank() * local_config_.vocab_size, local_config_.vocab_size, config_.vocab_size};
 }
 
-void Model::forward_body(const int64_t* ids, int64_t B, int64_t S) {
+void Model::forward_body(ModelActivations& a, const int64_t* ids, int64_t B, int64_t S) {
   NEXTRON_CHECK(B > 0 && S > 0, "forward: batch and sequence length must be positive, got B=", B, " S=", S);
   const TensorParallel& tp = comms_.tp;
   Ops& ops = *ops_;
@@ -68,67 +69,69 @@ void Model::forward_body(const int64_t* ids, int64_t B, int64_t S) {
   NEXTRON_CHECK(!tp.sequence_parallel() || N % tp.size() == 0, "sequence parallelism splits the ", N,
                 " tokens of a micro-batch over TP ", tp.size(), ": choose a sequence length divisible by TP");
   const int64_t Nl = tp.local_rows(N);
-  B_ = B;
-  S_ = S;
-  ids_.assign(ids, ids + N);
-  ops.upload(ops.i64(ids_dev_, {N}), ids, N * sizeof(int64_t));
-  hidden_.resize(L + 1);
-  Tensor& h0 = ops.act(hidden_[0], {Nl, H});
+  a.B = B;
+  a.S = S;
+  ops.upload(ops.i64(a.ids_dev, {N}), ids, N * sizeof(int64_t));
+  a.hidden.resize(L + 1);
+  a.layers.resize(L);
+  Tensor& h0 = ops.act(a.hidden[0], {Nl, H});
   const ParamRef embed = ModuleWeights(table_, flat_, "").p("embed_tokens");
   if (tp.active()) {
     // Each rank looks up the ids of its vocab rows; the region exit sums (or reduce-scatters) the partial rows.
     Tensor& e = ops.act(embed_region_, {N, H});
-    ops.embedding_forward(e, embed, ids_dev_, vocab_shard());
+    ops.embedding_forward(e, embed, a.ids_dev, vocab_shard());
     tp.exit_forward(e, h0, N, H);
   } else {
-    ops.embedding_forward(h0, embed, ids_dev_, vocab_shard());
+    ops.embedding_forward(h0, embed, a.ids_dev, vocab_shard());
   }
-  aux_.reset(ops, config_.num_experts);
-  for (int64_t i = 0; i < L; ++i) layers_[i]->forward(hidden_[i], ops.act(hidden_[i + 1], {Nl, H}), B, S, aux_);
-  if (comms_.data_parallel && aux_.total_rows > 0) {
+  MoeAuxStats& aux = a.aux;
+  aux.reset(ops, config_.num_experts);
+  for (int64_t i = 0; i < L; ++i)
+    layers_[i]->forward(a.layers[i], a.hidden[i], ops.act(a.hidden[i + 1], {Nl, H}), B, S, aux);
+  if (comms_.data_parallel && aux.total_rows > 0) {
     // The load-balancing loss of the global micro-batch: sum the statistics of every data-parallel replica.
     const int64_t E = config_.num_experts;
-    std::vector<float> counts = to_host(ops, aux_.count_sum), probs = to_host(ops, aux_.prob_sum);
+    std::vector<float> counts = to_host(ops, aux.count_sum), probs = to_host(ops, aux.prob_sum);
     std::vector<double> stats(2 * E + 1);
     for (int64_t e = 0; e < E; ++e) {
       stats[e] = counts[e];
       stats[E + e] = probs[e];
     }
-    stats[2 * E] = aux_.total_rows;
+    stats[2 * E] = aux.total_rows;
     comms_.data_parallel->all_reduce_sum(stats.data(), 2 * E + 1);
     for (int64_t e = 0; e < E; ++e) {
       counts[e] = static_cast<float>(stats[e]);
       probs[e] = static_cast<float>(stats[E + e]);
     }
-    ops.upload(aux_.count_sum, counts.data(), E * sizeof(float));
-    ops.upload(aux_.prob_sum, probs.data(), E * sizeof(float));
-    aux_.total_rows = stats[2 * E];
+    ops.upload(aux.count_sum, counts.data(), E * sizeof(float));
+    ops.upload(aux.prob_sum, probs.data(), E * sizeof(float));
+    aux.total_rows = stats[2 * E];
   }
   const ModuleWeights top(table_, flat_, "");
-  Tensor& fh = ops.act(final_h_, {Nl, H});
-  ops.rmsnorm_forward(fh, ops.f32(final_rstd_, {Nl}), hidden_[L], top.p("norm"), config_.rms_norm_eps);
-  final_h_region_ = tp.enter_forward(ops, fh, final_h_full_, N, H);
-  ops.linear_forward(ops.act(logits_, {B, S, V}), final_h_region_, top.p("lm_head"), nullptr);
+  Tensor& fh = ops.act(a.final_h, {Nl, H});
+  ops.rmsnorm_forward(fh, ops.f32(a.final_rstd, {Nl}), a.hidden[L], top.p("norm"), config_.rms_norm_eps);
+  a.final_h_region = tp.enter_forward(ops, fh, a.final_h_full, N, H);
+  ops.linear_forward(ops.act(a.logits, {B, S, V}), a.final_h_region, top.p("lm_head"), nullptr);
 }
 
-LossValues Model::score() {
+LossValues Model::score(ModelActivations& a) {
   Ops& ops = *ops_;
-  const int64_t N = B_ * S_;
+  const int64_t N = a.B * a.S;
   double sum = 0;
   int64_t count = 0;
-  ops.f32(row_loss_, {N});
-  ops.f32(lse_, {N});
-  ops.upload(ops.i64(targets_dev_, {N}), targets_.data(), N * sizeof(int64_t));
+  ops.f32(a.row_loss, {N});
+  ops.f32(a.lse, {N});
+  ops.upload(ops.i64(a.targets_dev, {N}), a.targets.data(), N * sizeof(int64_t));
   const TensorParallel& tp = comms_.tp;
   if (tp.active()) {
     // Vocab-parallel: three numbers per row and rank cross the TP group instead of the (N, V) logits.
-    ops.cross_entropy_partial(ops.f32(ce_stats_, {3, N}), logits_, targets_dev_, vocab_shard());
+    ops.cross_entropy_partial(ops.f32(ce_stats_, {3, N}), a.logits, a.targets_dev, vocab_shard());
     tp.all_gather(ce_stats_, ops.f32(ce_stats_all_, {tp.size(), 3, N}));
-    ops.cross_entropy_combine(&sum, row_loss_, lse_, ce_stats_all_, targets_dev_, config_.vocab_size);
+    ops.cross_entropy_combine(&sum, a.row_loss, a.lse, ce_stats_all_, a.targets_dev, config_.vocab_size);
   } else {
-    ops.cross_entropy_forward(&sum, row_loss_, lse_, logits_, targets_dev_);
+    ops.cross_entropy_forward(&sum, a.row_loss, a.lse, a.logits, a.targets_dev);
   }
-  count = std::count_if(targets_.begin(), targets_.end(), [](int64_t t) { return t != cpu::kIgnoreIndex; });
+  count = std::count_if(a.targets.begin(), a.targets.end(), [](int64_t t) { return t != cpu::kIgnoreIndex; });
   if (comms_.data_parallel) {
     // The mean over the global micro-batch's scored tokens (the gradient is then a plain sum over replicas).
     double both[2] = {sum, static_cast<double>(count)};
@@ -136,46 +139,48 @@ LossValues Model::score() {
     sum = both[0];
     count = static_cast<int64_t>(both[1]);
   }
-  loss_ = LossValues{};
-  loss_.tokens = count;
-  loss_.lm_loss = count > 0 ? sum / static_cast<double>(count) : 0.0;
-  if (aux_.total_rows > 0) {
-    const std::vector<float> counts = to_host(ops, aux_.count_sum), probs = to_host(ops, aux_.prob_sum);
-    loss_.aux_loss = cpu::aux_loss_value(counts.data(), probs.data(), aux_.total_rows, config_.num_experts);
+  a.loss = LossValues{};
+  a.loss.tokens = count;
+  a.loss.lm_loss = count > 0 ? sum / static_cast<double>(count) : 0.0;
+  if (a.aux.total_rows > 0) {
+    const std::vector<float> counts = to_host(ops, a.aux.count_sum), probs = to_host(ops, a.aux.prob_sum);
+    a.loss.aux_loss = cpu::aux_loss_value(counts.data(), probs.data(), a.aux.total_rows, config_.num_experts);
   }
-  loss_.loss = loss_.lm_loss + config_.router_aux_loss_coef * loss_.aux_loss;
-  return loss_;
+  a.loss.loss = a.loss.lm_loss + config_.router_aux_loss_coef * a.loss.aux_loss;
+  return a.loss;
 }
 
-LossValues Model::forward(const int64_t* ids, const int64_t* labels, int64_t B, int64_t S) {
-  forward_body(ids, B, S);
-  targets_.clear();
-  loss_ = LossValues{};
-  if (!labels) return loss_;
+LossValues Model::forward(ModelActivations& a, const int64_t* ids, const int64_t* labels, int64_t B, int64_t S) {
+  forward_body(a, ids, B, S);
+  a.targets.clear();
+  a.loss = LossValues{};
+  if (!labels) return a.loss;
   // transformers' shift: position s is scored against labels[s + 1]; the last position of a row has no target.
-  targets_.assign(B * S, -100);
+  a.targets.assign(B * S, -100);
   for (int64_t b = 0; b < B; ++b)
-    for (int64_t s = 0; s + 1 < S; ++s) targets_[b * S + s] = labels[b * S + s + 1];
-  return score();
+    for (int64_t s = 0; s + 1 < S; ++s) a.targets[b * S + s] = labels[b * S + s + 1];
+  return score(a);
 }
 
-LossValues Model::forward_targets(const int64_t* ids, const int64_t* targets, int64_t B, int64_t S) {
-  forward_body(ids, B, S);
-  targets_.assign(targets, targets + B * S);
-  return score();
+LossValues Model::forward_targets(ModelActivations& a, const int64_t* ids, const int64_t* targets, int64_t B,
+                                  int64_t S) {
+  forward_body(a, ids, B, S);
+  a.targets.assign(targets, targets + B * S);
+  return score(a);
 }
 
-std::vector<double> Model::per_sequence_loss() const {
-  std::vector<double> out(B_, std::numeric_limits<double>::quiet_NaN());
-  if (targets_.empty()) return out;
-  const std::vector<float> row_loss = to_host(*ops_, row_loss_);
+std::vector<double> Model::per_sequence_loss(const ModelActivations& a) const {
+  const int64_t B = a.B, S = a.S;
+  std::vector<double> out(B, std::numeric_limits<double>::quiet_NaN());
+  if (a.targets.empty()) return out;
+  const std::vector<float> row_loss = to_host(*ops_, a.row_loss);
   const float* rl = row_loss.data();
-  for (int64_t b = 0; b < B_; ++b) {
+  for (int64_t b = 0; b < B; ++b) {
     double s = 0;
     int64_t n = 0;
-    for (int64_t t = 0; t < S_; ++t)
-      if (targets_[b * S_ + t] != -100) {
-        s += rl[b * S_ + t];
+    for (int64_t t = 0; t < S; ++t)
+      if (a.targets[b * S + t] != -100) {
+        s += rl[b * S + t];
         ++n;
       }
     if (n > 0) out[b] = s / static_cast<double>(n);
@@ -188,22 +193,22 @@ void Model::set_routing_replay(RoutingReplay* replay) {
     if (SparseMoe* moe = layers_[i]->moe()) moe->set_routing_replay(replay, static_cast<int64_t>(i));
 }
 
-void Model::backward(float loss_scale) {
-  NEXTRON_CHECK(!targets_.empty(), "backward() needs a forward() with labels first");
+void Model::backward(const ModelActivations& a, float loss_scale) {
+  NEXTRON_CHECK(!a.targets.empty(), "backward() needs a forward() with labels first");
   const TensorParallel& tp = comms_.tp;
   Ops& ops = *ops_;
-  const int64_t N = B_ * S_, Nl = tp.local_rows(N), H = config_.hidden_size, V = local_config_.vocab_size,
+  const int64_t N = a.B * a.S, Nl = tp.local_rows(N), H = config_.hidden_size, V = local_config_.vocab_size,
                 L = config_.num_hidden_layers;
   const ModuleWeights top(table_, flat_, "");
   Tensor& dlogits = ops.act(dlogits_, {N, V});
-  if (loss_.tokens > 0) {
-    const double scale = loss_scale / static_cast<double>(loss_.tokens);
-    ops.cross_entropy_backward(dlogits, logits_, lse_, targets_dev_, scale, vocab_shard());
+  if (a.loss.tokens > 0) {
+    const double scale = loss_scale / static_cast<double>(a.loss.tokens);
+    ops.cross_entropy_backward(dlogits, a.logits, a.lse, a.targets_dev, scale, vocab_shard());
   } else {
     ops.zero(dlogits);
   }
   Tensor& dfh = ops.act_zeroed(dfinal_h_, {N, H});
-  ops.linear_backward(&dfh, top.p("lm_head"), nullptr, dlogits, final_h_region_);
+  ops.linear_backward(&dfh, top.p("lm_head"), nullptr, dlogits, a.final_h_region);
   Tensor* dfh_local = &dfh;
   if (tp.active()) {
     Tensor& d = ops.act_zeroed(dfinal_h_local_, {Nl, H});
@@ -211,16 +216,16 @@ void Model::backward(float loss_scale) {
     dfh_local = &d;
   }
   ops.act_zeroed(dhidden_a_, {Nl, H});
-  ops.rmsnorm_backward(&dhidden_a_, top.p("norm"), *dfh_local, hidden_[L], final_rstd_);
+  ops.rmsnorm_backward(&dhidden_a_, top.p("norm"), *dfh_local, a.hidden[L], a.final_rstd);
   const float d_aux = loss_scale * static_cast<float>(config_.router_aux_loss_coef);
   for (int64_t i = L - 1; i >= 0; --i) {
     ops.act_zeroed(dhidden_b_, {Nl, H});
-    layers_[i]->backward(dhidden_a_, dhidden_b_, aux_, d_aux);
+    layers_[i]->backward(a.layers[i], dhidden_a_, dhidden_b_, a.aux, d_aux);
     std::swap(dhidden_a_, dhidden_b_);
   }
   const ParamRef embed = top.p("embed_tokens");
   // Under TP every rank needs the gradient of all N rows for its vocab rows (a gather under SP).
-  ops.embedding_backward(embed, tp.exit_backward(ops, dhidden_a_, dembed_full_, N, H), ids_dev_, vocab_shard());
+  ops.embedding_backward(embed, tp.exit_backward(ops, dhidden_a_, dembed_full_, N, H), a.ids_dev, vocab_shard());
 }
 
 }  // namespace nextron

@@ -30,6 +30,24 @@ struct LossValues {
   int64_t tokens = 0;   // scored (non-ignored) tokens
 };
 
+// Everything one forward leaves for its backward: one record per micro-batch in flight (a pipeline schedule keeps
+// several), owned by the caller and reused across steps (its buffers keep their allocations). The Model methods
+// without a record use the model's own. Nl: this rank's rows of the N = B S tokens (N / TP under sequence
+// parallelism, else N); V: this rank's vocabulary columns.
+struct ModelActivations {
+  int64_t B = 0, S = 0;
+  std::vector<int64_t> targets;             // (N) host copy of the aligned targets; empty after a logits-only forward
+  Tensor ids_dev, targets_dev;              // (N) i64 on the backend's device
+  std::vector<Tensor> hidden;               // L + 1 layer inputs, (Nl, H) each
+  std::vector<DecoderLayer::Saved> layers;  // L
+  Tensor final_h, final_rstd;               // (Nl, H) the final norm's output, (Nl) its rstd
+  Tensor final_h_full, final_h_region;      // (N, H) its all-gather under SP; lm_head's input (one of the two)
+  Tensor logits;                            // (B, S, V)
+  Tensor row_loss, lse;                     // (N) f32 per-token loss and log-sum-exp
+  MoeAuxStats aux;                          // this micro-batch's router statistics, summed over MoE layers
+  LossValues loss;
+};
+
 struct ModelComms {
   TensorParallel tp;                      // the tensor-parallel group (identity by default)
   Communicator* data_parallel = nullptr;  // the data-parallel group, nullptr for one replica
@@ -58,18 +76,28 @@ class Model {
 
   // ids, labels: (B, S) row-major. Position t of a sequence is scored against labels[t + 1] (transformers'
   // shift); label -100 is ignored. labels == nullptr computes logits only.
-  LossValues forward(const int64_t* ids, const int64_t* labels, int64_t B, int64_t S);
+  LossValues forward(const int64_t* ids, const int64_t* labels, int64_t B, int64_t S) {
+    return forward(own_, ids, labels, B, S);
+  }
+  LossValues forward(ModelActivations& a, const int64_t* ids, const int64_t* labels, int64_t B, int64_t S);
   // The same with targets already aligned: position t is scored against targets[t] (-100 ignored). Training
   // samples of S + 1 tokens use ids = tokens[0, S), targets = tokens[1, S + 1), so every position is scored.
-  LossValues forward_targets(const int64_t* ids, const int64_t* targets, int64_t B, int64_t S);
+  LossValues forward_targets(const int64_t* ids, const int64_t* targets, int64_t B, int64_t S) {
+    return forward_targets(own_, ids, targets, B, S);
+  }
+  LossValues forward_targets(ModelActivations& a, const int64_t* ids, const int64_t* targets, int64_t B, int64_t S);
   // (B, S, V / TP) of the last forward, this rank's vocab columns, as f32 on the host (copied from the device once
   // per call on CUDA).
-  Tensor logits() const;
+  Tensor logits() const { return logits(own_); }
+  Tensor logits(const ModelActivations& a) const;
   // Mean cross-entropy of each sequence of the last forward (NaN for a sequence with no scored token).
-  std::vector<double> per_sequence_loss() const;
+  std::vector<double> per_sequence_loss() const { return per_sequence_loss(own_); }
+  std::vector<double> per_sequence_loss(const ModelActivations& a) const;
   // Accumulates loss_scale * d(loss)/d(parameter) of the last forward into grads() (loss_scale = 1 / number of
   // micro-batches averages the gradient over gradient-accumulation steps).
-  void backward(float loss_scale = 1.0f);
+  void backward(float loss_scale = 1.0f) { backward(own_, loss_scale); }
+  // The backward of the forward that filled `a` (any number of other forwards may have run since).
+  void backward(const ModelActivations& a, float loss_scale = 1.0f);
   // Routing replay for every MoE layer (nullptr: off). The replay outlives the forwards that use it; layer i of
   // this model is entry i of the replay.
   void set_routing_replay(RoutingReplay* replay);
@@ -81,19 +109,13 @@ class Model {
   ParamTable table_;
   FlatBuffers flat_;
   std::vector<std::unique_ptr<DecoderLayer>> layers_;
-  int64_t B_ = 0, S_ = 0;
-  std::vector<int64_t> ids_, targets_;  // host copies
-  Tensor ids_dev_, targets_dev_;        // (N) i64 on the backend's device
-  std::vector<Tensor> hidden_;          // layer inputs (L + 1 tensors of (N, H))
-  Tensor embed_region_, final_h_, final_rstd_, final_h_full_, logits_, row_loss_, lse_;
+  ModelActivations own_;            // the record of the methods without one
+  Tensor embed_region_;             // forward scratch (N, H): the vocab-parallel embedding's partial rows
   Tensor ce_stats_, ce_stats_all_;  // vocab-parallel cross-entropy: (3, N) of this rank, (TP, 3, N) of all
-  Tensor final_h_region_;           // lm_head's input (N, H): final_h_ or its all-gather
-  Tensor dlogits_, dfinal_h_, dfinal_h_local_, dhidden_a_, dhidden_b_, dembed_full_, dscratch_;
-  MoeAuxStats aux_;
-  LossValues loss_;
+  Tensor dlogits_, dfinal_h_, dfinal_h_local_, dhidden_a_, dhidden_b_, dembed_full_, dscratch_;  // backward scratch
 
-  void forward_body(const int64_t* ids, int64_t B, int64_t S);
-  LossValues score();
+  void forward_body(ModelActivations& a, const int64_t* ids, int64_t B, int64_t S);
+  LossValues score(ModelActivations& a);
   VocabShard vocab_shard() const;
 };
 

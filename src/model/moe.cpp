@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "core/error.h"
+
 namespace nextron {
 
 void MoeAuxStats::reset(const Ops& ops, int64_t E) {
@@ -11,34 +13,35 @@ void MoeAuxStats::reset(const Ops& ops, int64_t E) {
 }
 
 SparseMoe::SparseMoe(const ModelConfig& config, ModuleWeights weights, Ops& ops, const TensorParallel& tp)
-    : c_(config), wt_(std::move(weights)), ops_(ops), tp_(tp), experts_(ops.new_moe_state()) {
+    : c_(config), wt_(std::move(weights)), ops_(ops), tp_(tp) {
   if (c_.shared_expert_intermediate_size > 0)
     shared_ = std::make_unique<SwiGluMlp>(wt_.sub("shared_expert."), c_.hidden_size, c_.shared_expert_intermediate_size,
                                           ops_);
 }
 
-void SparseMoe::forward(const Tensor& x, Tensor& y, MoeAuxStats& aux) {
+void SparseMoe::forward(Saved& s, const Tensor& x, Tensor& y, MoeAuxStats& aux) {
   const int64_t H = c_.hidden_size, E = c_.num_experts, K = c_.num_experts_per_tok, N = x.numel() / H;
-  x_ = x;
+  s.x = x;
+  if (!s.experts) s.experts = ops_.new_moe_state();
   Tensor& logits = ops_.f32(logits_, {N, E});
   ops_.linear_forward_f32(logits, x, wt_.p("gate"));
-  Tensor& probs = ops_.f32(probs_, {N, E});
-  Tensor& topw = ops_.f32(topw_, {N, K});
-  Tensor& topi = ops_.i32(topi_, {N, K});
+  Tensor& probs = ops_.f32(s.probs, {N, E});
+  Tensor& topw = ops_.f32(s.topw, {N, K});
+  Tensor& topi = ops_.i32(s.topi, {N, K});
   ops_.router_forward(probs, topi, topw, logits, c_.norm_topk_prob);
   if (replay_) apply_routing_replay(probs, topi, topw);
   ops_.aux_stats_accumulate(aux.count_sum, aux.prob_sum, probs, topi);
   aux.total_rows += static_cast<double>(N);
 
-  ops_.moe_experts_forward(y, *experts_, x, topw, topi, wt_.p("experts.gate_up_proj"), wt_.p("experts.down_proj"));
+  ops_.moe_experts_forward(y, *s.experts, x, topw, topi, wt_.p("experts.gate_up_proj"), wt_.p("experts.down_proj"));
   if (shared_) {
-    Tensor& s = ops_.act(shared_out_, {N, H});
-    shared_->forward(x, s);
-    Tensor& sg = ops_.act(shared_gate_, {N, 1});
+    Tensor& so = ops_.act(s.shared_out, {N, H});
+    shared_->forward(s.shared, x, so);
+    Tensor& sg = ops_.act(s.shared_gate, {N, 1});
     ops_.linear_forward(sg, x, wt_.p("shared_expert_gate"), nullptr);
-    // y += sigmoid(sg) * s, through a scratch so the gate kernel keeps its overwrite convention.
+    // y += sigmoid(sg) * so, through a scratch so the gate kernel keeps its overwrite convention.
     Tensor& gated = ops_.act(shared_gated_, {N, H});
-    ops_.sigmoid_gate_forward(gated, s, sg, 1, 1);
+    ops_.sigmoid_gate_forward(gated, so, sg, 1, 1);
     ops_.add(y, y, gated);
   }
 }
@@ -56,24 +59,26 @@ void SparseMoe::apply_routing_replay(const Tensor& probs, Tensor& topi, Tensor& 
   ops_.router_weights_from_indices(topw, probs, topi, c_.norm_topk_prob);
 }
 
-void SparseMoe::backward(const Tensor& dy, Tensor& dx, Tensor& dx_replicated, const MoeAuxStats& aux, float d_aux) {
-  const int64_t H = c_.hidden_size, E = c_.num_experts, K = c_.num_experts_per_tok, N = x_.numel() / H;
+void SparseMoe::backward(const Saved& s, const Tensor& dy, Tensor& dx, Tensor& dx_replicated, const MoeAuxStats& aux,
+                         float d_aux) {
+  const int64_t H = c_.hidden_size, E = c_.num_experts, K = c_.num_experts_per_tok, N = s.x.numel() / H;
+  NEXTRON_CHECK(s.experts, "SparseMoe::backward: the record holds no forward");
   Tensor& dtopw = ops_.f32_zeroed(dtopw_, {N, K});
-  ops_.moe_experts_backward(dx, dtopw, *experts_, dy, wt_.p("experts.gate_up_proj"), wt_.p("experts.down_proj"));
+  ops_.moe_experts_backward(dx, dtopw, *s.experts, dy, wt_.p("experts.gate_up_proj"), wt_.p("experts.down_proj"));
   if (tp_.active()) tp_.sum(dtopw);  // each rank saw 1/TP of every expert's channels
   Tensor& dprobs = ops_.f32_zeroed(dprobs_, {N, E});
   ops_.aux_loss_backward(dprobs, aux.count_sum, aux.total_rows, d_aux);
   Tensor& dlogits = ops_.f32_zeroed(dlogits_, {N, E});
-  ops_.router_backward(dlogits, &dprobs, &dtopw, probs_, topi_, c_.norm_topk_prob);
-  ops_.linear_backward(&dx_replicated, wt_.p("gate"), nullptr, dlogits, x_);
+  ops_.router_backward(dlogits, &dprobs, &dtopw, s.probs, s.topi, c_.norm_topk_prob);
+  ops_.linear_backward(&dx_replicated, wt_.p("gate"), nullptr, dlogits, s.x);
   if (shared_) {
     Tensor& ds = ops_.act_zeroed(dshared_, {N, H});
     Tensor& dsg = ops_.act_zeroed(dshared_gate_, {N, 1});
-    ops_.sigmoid_gate_backward(&ds, &dsg, dy, shared_out_, shared_gate_, 1, 1);
+    ops_.sigmoid_gate_backward(&ds, &dsg, dy, s.shared_out, s.shared_gate, 1, 1);
     // The gate multiplies the shared expert's output, of which each rank holds a partial sum.
     if (tp_.active()) tp_.sum(dsg);
-    ops_.linear_backward(&dx_replicated, wt_.p("shared_expert_gate"), nullptr, dsg, x_);
-    shared_->backward(ds, dx);
+    ops_.linear_backward(&dx_replicated, wt_.p("shared_expert_gate"), nullptr, dsg, s.x);
+    shared_->backward(s.shared, ds, dx);
   }
 }
 

@@ -29,13 +29,22 @@ class SparseMoe {
   // intermediate channels (config is the rank's local config) and sees all token rows: the output is a partial sum
   // over the TP group; the router and the shared-expert gate run whole on every rank.
   SparseMoe(const ModelConfig& config, ModuleWeights weights, Ops& ops, const TensorParallel& tp = {});
-  // x: (N, H) kept by the caller until backward; y: (N, H) overwritten; adds this layer's router statistics.
-  void forward(const Tensor& x, Tensor& y, MoeAuxStats& aux);
+  // What backward needs from one forward: one record per micro-batch in flight, owned by the caller.
+  struct Saved {
+    Tensor x;                                  // (N, H) the input (a view: the caller keeps it alive)
+    Tensor probs, topw, topi;                  // (N, E) f32 router probabilities, (N, K) f32 weights, (N, K) i32
+    std::unique_ptr<MoeExpertsState> experts;  // the backend's dispatch and expert-ordered activations
+    SwiGluMlp::Saved shared;                   // the shared expert's
+    Tensor shared_out, shared_gate;            // (N, H) its output, (N, 1) its gate logit
+  };
+  // x: (N, H); y: (N, H) overwritten; adds this layer's router statistics.
+  void forward(Saved& s, const Tensor& x, Tensor& y, MoeAuxStats& aux);
   // d_aux: gradient of the total loss w.r.t. the aux loss value (router_aux_loss_coef for training).
   // Accumulates into dx (N, H) the gradient through the experts (partial over TP ranks) and into dx_replicated
   // (N, H) the gradient through the router and the shared-expert gate (the same on every TP rank, so it must be
   // counted once, not summed over the group); both may be the same buffer on one device.
-  void backward(const Tensor& dy, Tensor& dx, Tensor& dx_replicated, const MoeAuxStats& aux, float d_aux);
+  void backward(const Saved& s, const Tensor& dy, Tensor& dx, Tensor& dx_replicated, const MoeAuxStats& aux,
+                float d_aux);
   // Records this layer's expert choice into `replay`, or replays it from there (its mode decides); nullptr: off.
   // `layer` names the layer in the replay.
   void set_routing_replay(RoutingReplay* replay, int64_t layer) {
@@ -53,12 +62,10 @@ class SparseMoe {
   Ops& ops_;
   TensorParallel tp_;
   std::unique_ptr<SwiGluMlp> shared_;
-  std::unique_ptr<MoeExpertsState> experts_;  // the backend's dispatch and sorted activations
   RoutingReplay* replay_ = nullptr;
   int64_t replay_layer_ = 0;
-  Tensor x_;
-  Tensor logits_, probs_, topw_, topi_, shared_out_, shared_gate_, shared_gated_;
-  Tensor dprobs_, dtopw_, dlogits_, dshared_, dshared_gate_;
+  Tensor logits_, shared_gated_;                              // forward scratch (N, E) f32, (N, H)
+  Tensor dprobs_, dtopw_, dlogits_, dshared_, dshared_gate_;  // backward scratch
 };
 
 }  // namespace nextron
