@@ -11,12 +11,12 @@
 
 #include "cli.h"
 #include "core/error.h"
-#include "parallel/mpi_communicator.h"
+#include "comm/mpi_communicator.h"
 #include "train/trainer.h"
 #ifdef NEXTRON_HAVE_CUDA
 #include "core/cuda/device.h"
 #include "kernels/cuda/cuda_ops.h"
-#include "parallel/cuda/nccl_communicator.h"
+#include "comm/cuda/nccl_communicator.h"
 #endif
 
 namespace po = boost::program_options;

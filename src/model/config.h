@@ -103,4 +103,9 @@ struct ModelConfig {
 
 const char* mixer_type_name(MixerType t);
 
+// The config of one tensor-parallel rank's slice of the model: attention heads, DeltaNet key-head groups,
+// intermediate sizes and the vocabulary divided by TP; KV heads divided or, below TP, one per rank. A TP rank's model
+// is the single-device model of this config. Throws nextron::Error naming a size TP does not divide.
+ModelConfig tp_local_config(const ModelConfig& config, int tp);
+
 }  // namespace nextron

@@ -11,7 +11,7 @@
 #include "model/gated_deltanet.h"
 #include "model/mlp.h"
 #include "model/moe.h"
-#include "parallel/tensor_parallel.h"
+#include "comm/tensor_parallel.h"
 
 namespace nextron {
 

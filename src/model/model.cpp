@@ -7,7 +7,6 @@
 #include "kernels/cpu/cross_entropy.h"
 #include "kernels/cpu/load_balancing.h"
 #include "kernels/cpu_ops.h"
-#include "parallel/tp_shard.h"
 
 namespace nextron {
 
@@ -22,20 +21,22 @@ std::vector<float> to_host(const Ops& ops, const Tensor& t) {
 
 }  // namespace
 
-Model::Model(const ModelConfig& config, const ModelComms& comms, std::shared_ptr<Ops> ops)
+Model::Model(const ModelConfig& config, const ModelComms& comms, std::shared_ptr<Ops> ops, const StageRange& stage)
     : config_(config),
       local_config_(tp_local_config(config, comms.tp.size())),
       comms_(comms),
       ops_(ops ? std::move(ops) : std::make_shared<CpuOps>()),
-      table_(local_config_) {
+      stage_(stage),
+      table_(local_config_, stage) {
   config_.validate();
+  stage_.layer_end = stage_.end(config_);
   ops_->f32(flat_.params, {table_.total_numel()});
   ops_->f32(flat_.grads, {table_.total_numel()});
   if (ops_->act_dtype() == DType::f32)
     flat_.params_act = flat_.params;
   else
     ops_->act(flat_.params_act, {table_.total_numel()});
-  for (int64_t i = 0; i < config_.num_hidden_layers; ++i)
+  for (int64_t i = stage_.layer_begin; i < stage_.layer_end; ++i)
     layers_.push_back(std::make_unique<DecoderLayer>(local_config_, i, table_, flat_, *ops_, comms_.tp));
 }
 
@@ -61,33 +62,57 @@ VocabShard Model::vocab_shard() const {
   return {comms_.tp.rank() * local_config_.vocab_size, local_config_.vocab_size, config_.vocab_size};
 }
 
+Tensor& Model::stage_input(ModelActivations& a, int64_t B, int64_t S) {
+  NEXTRON_CHECK(!stage_.first, "stage_input: the first stage computes its input from token ids");
+  a.hidden.resize(layers_.size() + 1);
+  return ops_->act(a.hidden[0], {comms_.tp.local_rows(B * S), config_.hidden_size});
+}
+
+const Tensor& Model::stage_output(const ModelActivations& a) const {
+  NEXTRON_CHECK(!stage_.last && a.hidden.size() == layers_.size() + 1,
+                "stage_output: only a stage without the loss has an output, after its forward");
+  return a.hidden.back();
+}
+
 void Model::forward_body(ModelActivations& a, const int64_t* ids, int64_t B, int64_t S) {
   NEXTRON_CHECK(B > 0 && S > 0, "forward: batch and sequence length must be positive, got B=", B, " S=", S);
   const TensorParallel& tp = comms_.tp;
   Ops& ops = *ops_;
-  const int64_t N = B * S, H = config_.hidden_size, V = local_config_.vocab_size, L = config_.num_hidden_layers;
+  const int64_t N = B * S, H = config_.hidden_size, V = local_config_.vocab_size,
+                L = static_cast<int64_t>(layers_.size());
   NEXTRON_CHECK(!tp.sequence_parallel() || N % tp.size() == 0, "sequence parallelism splits the ", N,
                 " tokens of a micro-batch over TP ", tp.size(), ": choose a sequence length divisible by TP");
   const int64_t Nl = tp.local_rows(N);
   a.B = B;
   a.S = S;
-  ops.upload(ops.i64(a.ids_dev, {N}), ids, N * sizeof(int64_t));
   a.hidden.resize(L + 1);
   a.layers.resize(L);
-  Tensor& h0 = ops.act(a.hidden[0], {Nl, H});
-  const ParamRef embed = ModuleWeights(table_, flat_, "").p("embed_tokens");
-  if (tp.active()) {
-    // Each rank looks up the ids of its vocab rows; the region exit sums (or reduce-scatters) the partial rows.
-    Tensor& e = ops.act(embed_region_, {N, H});
-    ops.embedding_forward(e, embed, a.ids_dev, vocab_shard());
-    tp.exit_forward(e, h0, N, H);
-  } else {
-    ops.embedding_forward(h0, embed, a.ids_dev, vocab_shard());
-  }
   MoeAuxStats& aux = a.aux;
-  aux.reset(ops, config_.num_experts);
+  if (stage_.first) {
+    NEXTRON_CHECK(ids != nullptr, "forward: the first stage needs token ids");
+    ops.upload(ops.i64(a.ids_dev, {N}), ids, N * sizeof(int64_t));
+    Tensor& h0 = ops.act(a.hidden[0], {Nl, H});
+    const ParamRef embed = ModuleWeights(table_, flat_, "").p("embed_tokens");
+    if (tp.active()) {
+      // Each rank looks up the ids of its vocab rows; the region exit sums (or reduce-scatters) the partial rows.
+      Tensor& e = ops.act(embed_region_, {N, H});
+      ops.embedding_forward(e, embed, a.ids_dev, vocab_shard());
+      tp.exit_forward(e, h0, N, H);
+    } else {
+      ops.embedding_forward(h0, embed, a.ids_dev, vocab_shard());
+    }
+    aux.reset(ops, config_.num_experts);
+  } else {
+    NEXTRON_CHECK(a.hidden[0].numel() == Nl * H, "forward: a stage after the first reads its input from ",
+                  "stage_input(), which holds ", a.hidden[0].numel(), " values for ", Nl, " x ", H);
+    // The router statistics arrive with the activations (set_aux_stats): the load-balancing loss is one sum over
+    // every MoE layer of the model, whichever stage holds it.
+    NEXTRON_CHECK(config_.num_experts == 0 || a.aux.count_sum.numel() == config_.num_experts,
+                  "forward: a stage after the first needs the router statistics of the stages before it");
+  }
   for (int64_t i = 0; i < L; ++i)
     layers_[i]->forward(a.layers[i], a.hidden[i], ops.act(a.hidden[i + 1], {Nl, H}), B, S, aux);
+  if (!stage_.last) return;
   if (comms_.data_parallel && aux.total_rows > 0) {
     // The load-balancing loss of the global micro-batch: sum the statistics of every data-parallel replica.
     const int64_t E = config_.num_experts;
@@ -154,7 +179,7 @@ LossValues Model::forward(ModelActivations& a, const int64_t* ids, const int64_t
   forward_body(a, ids, B, S);
   a.targets.clear();
   a.loss = LossValues{};
-  if (!labels) return a.loss;
+  if (!labels || !stage_.last) return a.loss;
   // transformers' shift: position s is scored against labels[s + 1]; the last position of a row has no target.
   a.targets.assign(B * S, -100);
   for (int64_t b = 0; b < B; ++b)
@@ -165,6 +190,11 @@ LossValues Model::forward(ModelActivations& a, const int64_t* ids, const int64_t
 LossValues Model::forward_targets(ModelActivations& a, const int64_t* ids, const int64_t* targets, int64_t B,
                                   int64_t S) {
   forward_body(a, ids, B, S);
+  a.loss = LossValues{};
+  if (!stage_.last) {  // a stage without the loss keeps no targets; its backward starts from the output gradient
+    a.targets.clear();
+    return a.loss;
+  }
   a.targets.assign(targets, targets + B * S);
   return score(a);
 }
@@ -190,39 +220,76 @@ std::vector<double> Model::per_sequence_loss(const ModelActivations& a) const {
 
 void Model::set_routing_replay(RoutingReplay* replay) {
   for (size_t i = 0; i < layers_.size(); ++i)
-    if (SparseMoe* moe = layers_[i]->moe()) moe->set_routing_replay(replay, static_cast<int64_t>(i));
+    if (SparseMoe* moe = layers_[i]->moe())
+      moe->set_routing_replay(replay, stage_.layer_begin + static_cast<int64_t>(i));
 }
 
 void Model::backward(const ModelActivations& a, float loss_scale) {
+  NEXTRON_CHECK(stage_.last, "backward: a stage without the loss starts from its output gradient (backward_stage)");
   NEXTRON_CHECK(!a.targets.empty(), "backward() needs a forward() with labels first");
+  backward_from(a, nullptr, loss_scale);
+}
+
+Tensor& Model::stage_output_grad(ModelActivations& a) {
+  NEXTRON_CHECK(!stage_.last, "stage_output_grad: the last stage's backward starts from the loss");
+  return ops_->act(a.d_output, {comms_.tp.local_rows(a.B * a.S), config_.hidden_size});
+}
+
+void Model::backward_stage(ModelActivations& a, float loss_scale) {
+  if (stage_.last) {
+    NEXTRON_CHECK(!a.targets.empty(), "backward() needs a forward() with labels first");
+    backward_from(a, nullptr, loss_scale);
+  } else {
+    NEXTRON_CHECK(a.d_output.numel() == comms_.tp.local_rows(a.B * a.S) * config_.hidden_size,
+                  "backward_stage: fill stage_output_grad() with the gradient of this stage's output first");
+    backward_from(a, &a.d_output, loss_scale);
+  }
+  if (!stage_.first) {
+    ops_->act(a.d_input, dhidden_a_.shape());
+    a.d_input.copy_from(dhidden_a_);
+  }
+}
+
+const Tensor& Model::stage_input_grad(const ModelActivations& a) const {
+  NEXTRON_CHECK(!stage_.first, "stage_input_grad: the first stage's input is token ids");
+  return a.d_input;
+}
+
+void Model::backward_from(const ModelActivations& a, const Tensor* d_output, float loss_scale) {
   const TensorParallel& tp = comms_.tp;
   Ops& ops = *ops_;
   const int64_t N = a.B * a.S, Nl = tp.local_rows(N), H = config_.hidden_size, V = local_config_.vocab_size,
-                L = config_.num_hidden_layers;
+                L = static_cast<int64_t>(layers_.size());
   const ModuleWeights top(table_, flat_, "");
-  Tensor& dlogits = ops.act(dlogits_, {N, V});
-  if (a.loss.tokens > 0) {
-    const double scale = loss_scale / static_cast<double>(a.loss.tokens);
-    ops.cross_entropy_backward(dlogits, a.logits, a.lse, a.targets_dev, scale, vocab_shard());
-  } else {
-    ops.zero(dlogits);
-  }
-  Tensor& dfh = ops.act_zeroed(dfinal_h_, {N, H});
-  ops.linear_backward(&dfh, top.p("lm_head"), nullptr, dlogits, a.final_h_region);
-  Tensor* dfh_local = &dfh;
-  if (tp.active()) {
-    Tensor& d = ops.act_zeroed(dfinal_h_local_, {Nl, H});
-    tp.enter_backward(ops, dfh, d, dscratch_, N, H);
-    dfh_local = &d;
-  }
-  ops.act_zeroed(dhidden_a_, {Nl, H});
-  ops.rmsnorm_backward(&dhidden_a_, top.p("norm"), *dfh_local, a.hidden[L], a.final_rstd);
   const float d_aux = loss_scale * static_cast<float>(config_.router_aux_loss_coef);
+  if (d_output) {
+    ops.act(dhidden_a_, {Nl, H});
+    dhidden_a_.copy_from(*d_output);
+  } else {
+    Tensor& dlogits = ops.act(dlogits_, {N, V});
+    if (a.loss.tokens > 0) {
+      const double scale = loss_scale / static_cast<double>(a.loss.tokens);
+      ops.cross_entropy_backward(dlogits, a.logits, a.lse, a.targets_dev, scale, vocab_shard());
+    } else {
+      ops.zero(dlogits);
+    }
+    Tensor& dfh = ops.act_zeroed(dfinal_h_, {N, H});
+    ops.linear_backward(&dfh, top.p("lm_head"), nullptr, dlogits, a.final_h_region);
+    Tensor* dfh_local = &dfh;
+    if (tp.active()) {
+      Tensor& d = ops.act_zeroed(dfinal_h_local_, {Nl, H});
+      tp.enter_backward(ops, dfh, d, dscratch_, N, H);
+      dfh_local = &d;
+    }
+    ops.act_zeroed(dhidden_a_, {Nl, H});
+    ops.rmsnorm_backward(&dhidden_a_, top.p("norm"), *dfh_local, a.hidden[L], a.final_rstd);
+  }
   for (int64_t i = L - 1; i >= 0; --i) {
     ops.act_zeroed(dhidden_b_, {Nl, H});
     layers_[i]->backward(a.layers[i], dhidden_a_, dhidden_b_, a.aux, d_aux);
     std::swap(dhidden_a_, dhidden_b_);
   }
+  if (!stage_.first) return;  // dhidden_a_ is the gradient of the stage input
   const ParamRef embed = top.p("embed_tokens");
   // Under TP every rank needs the gradient of all N rows for its vocab rows (a gather under SP).
   ops.embedding_backward(embed, tp.exit_backward(ops, dhidden_a_, dembed_full_, N, H), a.ids_dev, vocab_shard());

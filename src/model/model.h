@@ -18,8 +18,9 @@
 #include "model/decoder.h"
 #include "model/moe.h"
 #include "model/param_table.h"
-#include "parallel/communicator.h"
-#include "parallel/tensor_parallel.h"
+#include "model/stage.h"
+#include "comm/communicator.h"
+#include "comm/tensor_parallel.h"
 
 namespace nextron {
 
@@ -46,6 +47,7 @@ struct ModelActivations {
   Tensor row_loss, lse;                     // (N) f32 per-token loss and log-sum-exp
   MoeAuxStats aux;                          // this micro-batch's router statistics, summed over MoE layers
   LossValues loss;
+  Tensor d_output, d_input;  // pipeline stages: the gradients of the stage's output and input, (Nl, H) each
 };
 
 struct ModelComms {
@@ -57,13 +59,17 @@ class Model {
  public:
   // ops: the backend the model runs on (nullptr: the CPU backend). Its parameters, gradients and activations live
   // on ops->device().
-  explicit Model(const ModelConfig& config, const ModelComms& comms = {}, std::shared_ptr<Ops> ops = nullptr);
+  // stage: the layers this model holds (model/stage.h; the whole model by default). Parameters, table() and the
+  // flat buffers are the stage's.
+  explicit Model(const ModelConfig& config, const ModelComms& comms = {}, std::shared_ptr<Ops> ops = nullptr,
+                 const StageRange& stage = {});
   Model(const Model&) = delete;
   Model& operator=(const Model&) = delete;
 
   const ModelConfig& config() const { return config_; }              // the whole model's config
   const ModelConfig& local_config() const { return local_config_; }  // this TP rank's slice
   const ParamTable& table() const { return table_; }                 // laid out for local_config()
+  const StageRange& stage() const { return stage_; }
   Ops& ops() { return *ops_; }
   // Flat fp32 buffers on the backend's device, laid out by table().
   Tensor& params() { return flat_.params; }
@@ -98,14 +104,30 @@ class Model {
   void backward(float loss_scale = 1.0f) { backward(own_, loss_scale); }
   // The backward of the forward that filled `a` (any number of other forwards may have run since).
   void backward(const ModelActivations& a, float loss_scale = 1.0f);
+
+  // ---- Pipeline stages (a model built over a StageRange that is not the whole model) ----
+  // A stage after the first: the (Nl, H) buffer of `a` to fill with the previous stage's output before forward
+  // (ids are then ignored), and the router statistics that came with it (set a.aux: count_sum, prob_sum (E) and
+  // total_rows). A stage before the last: forward computes no loss; its output is stage_output(a), and the aux
+  // statistics it passes on are a.aux.
+  Tensor& stage_input(ModelActivations& a, int64_t B, int64_t S);
+  const Tensor& stage_output(const ModelActivations& a) const;
+  // Backward of any stage: the last one starts from the loss (as backward()); the others from the gradient of their
+  // output, written into stage_output_grad(a) first. Before it, a.aux must hold the final statistics of the whole
+  // model (the last stage's, which the load-balancing gradient of every MoE layer needs). A stage after the first
+  // leaves the gradient of its input in stage_input_grad(a).
+  Tensor& stage_output_grad(ModelActivations& a);
+  void backward_stage(ModelActivations& a, float loss_scale = 1.0f);
+  const Tensor& stage_input_grad(const ModelActivations& a) const;
   // Routing replay for every MoE layer (nullptr: off). The replay outlives the forwards that use it; layer i of
-  // this model is entry i of the replay.
+  // the model (its global index, whichever stage holds it) is entry i of the replay.
   void set_routing_replay(RoutingReplay* replay);
 
  private:
   ModelConfig config_, local_config_;
   ModelComms comms_;
   std::shared_ptr<Ops> ops_;
+  StageRange stage_;  // layer_end resolved
   ParamTable table_;
   FlatBuffers flat_;
   std::vector<std::unique_ptr<DecoderLayer>> layers_;
@@ -116,6 +138,9 @@ class Model {
 
   void forward_body(ModelActivations& a, const int64_t* ids, int64_t B, int64_t S);
   LossValues score(ModelActivations& a);
+  // The layers' backward from the loss (d_output null) or from the gradient of the stage's output; leaves the
+  // gradient of the stage input in dhidden_a_.
+  void backward_from(const ModelActivations& a, const Tensor* d_output, float loss_scale);
   VocabShard vocab_shard() const;
 };
 

@@ -10,7 +10,7 @@
 #include "model/mlp.h"
 #include "model/module.h"
 #include "model/routing_replay.h"
-#include "parallel/tensor_parallel.h"
+#include "comm/tensor_parallel.h"
 
 namespace nextron {
 

@@ -137,10 +137,13 @@ ParamSpec& ParamTable::add_simple(const std::string& name, const std::string& hf
   return add(name, shape, tp_dim, ParamKind::dense, decay, {HfPiece{hf_name, 0, shape}});
 }
 
-ParamTable::ParamTable(const ModelConfig& c) {
+ParamTable::ParamTable(const ModelConfig& c) : ParamTable(c, StageRange::whole(c)) {}
+
+ParamTable::ParamTable(const ModelConfig& c, const StageRange& stage) {
+  stage.validate(c);
   const int64_t H = c.hidden_size;
-  add_simple("embed_tokens", "model.embed_tokens.weight", {c.vocab_size, H}, 0, true);
-  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+  if (stage.first) add_simple("embed_tokens", "model.embed_tokens.weight", {c.vocab_size, H}, 0, true);
+  for (int64_t i = stage.layer_begin; i < stage.end(c); ++i) {
     const std::string p = layer_prefix(i), hp = hf_layer_prefix(i);
     add_simple(p + "input_layernorm", hp + "input_layernorm.weight", {H}, -1, false).tp_grad = TpGradSum::with_sp;
     if (c.layer_types[i] == MixerType::full_attention) {
@@ -208,6 +211,7 @@ ParamTable::ParamTable(const ModelConfig& c) {
       }
     }
   }
+  if (!stage.last) return;
   add_simple("norm", "model.norm.weight", {H}, -1, false).tp_grad = TpGradSum::with_sp;
   add_simple("lm_head", "lm_head.weight", {c.vocab_size, H}, 0, true);
 }

@@ -10,6 +10,7 @@
 
 #include "core/tensor.h"
 #include "model/config.h"
+#include "model/stage.h"
 
 namespace nextron {
 
@@ -56,7 +57,10 @@ struct ParamSpec {
 
 class ParamTable {
  public:
+  // The parameters of `stage` of the model (the whole model by default), with their global names, laid out in the
+  // order of the whole model's table.
   explicit ParamTable(const ModelConfig& config);
+  ParamTable(const ModelConfig& config, const StageRange& stage);
 
   const std::vector<ParamSpec>& specs() const { return specs_; }
   const ParamSpec& get(const std::string& name) const;

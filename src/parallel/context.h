@@ -6,7 +6,7 @@
 
 #include "model/config.h"
 #include "model/model.h"
-#include "parallel/communicator.h"
+#include "comm/communicator.h"
 #include "parallel/layout.h"
 #include "parallel/tp_shard.h"
 

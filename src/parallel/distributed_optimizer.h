@@ -15,7 +15,7 @@
 #include "core/tensor.h"
 #include "kernels/ops.h"
 #include "optim/adamw.h"
-#include "parallel/communicator.h"
+#include "comm/communicator.h"
 
 namespace nextron {
 

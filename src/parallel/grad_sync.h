@@ -6,7 +6,7 @@
 
 #include <vector>
 
-#include "parallel/tensor_parallel.h"
+#include "comm/tensor_parallel.h"
 #include "parallel/tp_shard.h"
 
 namespace nextron {

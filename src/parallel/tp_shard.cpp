@@ -7,25 +7,6 @@
 
 namespace nextron {
 
-ModelConfig tp_local_config(const ModelConfig& c, int tp) {
-  NEXTRON_CHECK(tp >= 1, "tensor-parallel size must be >= 1, got ", tp);
-  ModelConfig l = c;
-  if (tp == 1) return l;
-  auto split = [tp](int64_t v, const char* what) {
-    NEXTRON_CHECK(v % tp == 0, what, " ", v, " is not divisible by TP ", tp);
-    return v / tp;
-  };
-  l.num_attention_heads = split(c.num_attention_heads, "num_attention_heads");
-  l.num_key_value_heads = c.num_key_value_heads >= tp ? split(c.num_key_value_heads, "num_key_value_heads") : 1;
-  l.linear_num_key_heads = split(c.linear_num_key_heads, "linear_num_key_heads");
-  l.linear_num_value_heads = split(c.linear_num_value_heads, "linear_num_value_heads");
-  l.intermediate_size = split(c.intermediate_size, "intermediate_size");
-  l.moe_intermediate_size = split(c.moe_intermediate_size, "moe_intermediate_size");
-  l.shared_expert_intermediate_size = split(c.shared_expert_intermediate_size, "shared_expert_intermediate_size");
-  l.vocab_size = split(c.vocab_size, "vocab_size");
-  return l;
-}
-
 TpShardMap::TpShardMap(const ModelConfig& full_config, int tp_rank, int tp_size)
     : full_config_(full_config),
       local_config_(tp_local_config(full_config, tp_size)),

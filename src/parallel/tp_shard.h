@@ -2,9 +2,8 @@
 // holds in its local flat layout. Derived from the parameter table alone (tp_dim, tp_parts, tp_unit), so the
 // optimizer, checkpoints, the HF converter and the equivalence tests all shard and gather the same way.
 //
-// A TP rank's local model is the single-device model of a smaller config (tp_local_config: heads, DeltaNet key-head
-// groups, intermediate sizes and vocab divided by TP; KV heads divided or, below TP, one per rank), so its local
-// ParamTable has the local shapes in the same order as the full table.
+// A TP rank's local model is the single-device model of a smaller config (tp_local_config, model/config.h), so its
+// local ParamTable has the local shapes in the same order as the full table.
 #pragma once
 
 #include <cstdint>
@@ -15,9 +14,6 @@
 #include "optim/adamw.h"
 
 namespace nextron {
-
-// The config of one TP rank's slice of the model. tp must divide what Layout checks it divides.
-ModelConfig tp_local_config(const ModelConfig& config, int tp);
 
 // A contiguous run of elements: full flat [full_offset, +count) is local flat [local_offset, +count).
 struct TpRun {

@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdio>
 #include <functional>
+#include <ostream>
 #include <random>
 #include <string>
 #include <vector>
@@ -57,6 +58,8 @@ struct Variant {
   std::string name;
   std::function<void(ModelConfig&)> edit;  // applied to the hybrid_moe fixture's config
 };
+// gtest prints a test's parameter: its name, not the struct's bytes.
+[[maybe_unused]] void PrintTo(const Variant& v, std::ostream* os) { *os << v.name; }
 
 // One mixer type for all layers, and the MLP dense (E = 0) unless the variant says otherwise.
 void layers(ModelConfig& c, std::vector<MixerType> types) {

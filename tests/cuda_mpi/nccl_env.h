@@ -3,7 +3,7 @@
 
 #include <string>
 
-#include "parallel/mpi_communicator.h"
+#include "comm/mpi_communicator.h"
 
 namespace nextron::test {
 

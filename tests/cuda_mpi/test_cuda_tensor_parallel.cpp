@@ -20,7 +20,7 @@
 #include "kernels/cuda/cuda_ops.h"
 #include "model/param_table.h"
 #include "nccl_env.h"
-#include "parallel/cuda/nccl_communicator.h"
+#include "comm/cuda/nccl_communicator.h"
 #include "train/trainer.h"
 
 namespace nextron::test {

@@ -26,8 +26,8 @@
 #include "core/tensor.h"
 #include "kernels/cuda/cuda_ops.h"
 #include "nccl_env.h"
-#include "parallel/cuda/nccl_communicator.h"
-#include "parallel/mpi_communicator.h"
+#include "comm/cuda/nccl_communicator.h"
+#include "comm/mpi_communicator.h"
 
 namespace nextron::test {
 

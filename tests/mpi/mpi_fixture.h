@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "parallel/mpi_communicator.h"
+#include "comm/mpi_communicator.h"
 
 namespace nextron::test {
 

@@ -18,7 +18,7 @@
 #include "model/config.h"
 #include "mpi_fixture.h"
 #include "parallel/layout.h"
-#include "parallel/mpi_communicator.h"
+#include "comm/mpi_communicator.h"
 
 namespace nextron::test {
 

@@ -1,7 +1,7 @@
 // Communication volume and optimizer memory of the parallel layouts.
 //
 // 1. Bytes sent per rank per optimizer step, counted by a CountingCommunicator around the world (ring accounting,
-//    see parallel/counting_communicator.h), equal the analytic formula of the layout, derived here from the model's
+//    see comm/counting_communicator.h), equal the analytic formula of the layout, derived here from the model's
 //    dimensions and the design of the TP/SP regions, the vocab-parallel loss, the TP gradient sync and ZeRO-1, and
 //    not read back from the code under test (only P_local, the local flat parameter count, comes from the model).
 //
@@ -36,7 +36,7 @@
 #include <ostream>
 
 #include "mpi_fixture.h"
-#include "parallel/counting_communicator.h"
+#include "comm/counting_communicator.h"
 #include "tiny_model.h"
 #include "train/trainer.h"
 

@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "core/error.h"
-#include "parallel/mpi_communicator.h"
+#include "comm/mpi_communicator.h"
 
 namespace nextron::test {
 

@@ -1,4 +1,4 @@
-#include "parallel/tensor_parallel.h"
+#include "comm/tensor_parallel.h"
 
 #include "core/error.h"
 

@@ -27,8 +27,8 @@
 
 #include <memory>
 
-#include "parallel/communicator.h"
-#include "parallel/mpi_communicator.h"
+#include "comm/communicator.h"
+#include "comm/mpi_communicator.h"
 
 namespace nextron {
 

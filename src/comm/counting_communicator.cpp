@@ -1,4 +1,4 @@
-#include "parallel/counting_communicator.h"
+#include "comm/counting_communicator.h"
 
 #include <cstdio>
 

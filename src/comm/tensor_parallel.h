@@ -22,7 +22,7 @@
 
 #include "core/tensor.h"
 #include "kernels/ops.h"
-#include "parallel/communicator.h"
+#include "comm/communicator.h"
 
 namespace nextron {
 

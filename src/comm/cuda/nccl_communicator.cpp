@@ -1,4 +1,4 @@
-#include "parallel/cuda/nccl_communicator.h"
+#include "comm/cuda/nccl_communicator.h"
 
 #include <cstdint>
 #include <limits>

@@ -29,7 +29,7 @@
 #include <memory>
 #include <string>
 
-#include "parallel/communicator.h"
+#include "comm/communicator.h"
 
 namespace nextron {
 

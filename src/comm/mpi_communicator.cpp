@@ -1,4 +1,4 @@
-#include "parallel/mpi_communicator.h"
+#include "comm/mpi_communicator.h"
 
 #include <climits>
 #include <cstdio>

@@ -13,7 +13,7 @@
 #include <memory>
 #include <string>
 
-#include "parallel/communicator.h"
+#include "comm/communicator.h"
 
 namespace nextron {
 
