@@ -22,6 +22,8 @@ const char* comm_op_name(CommOp op) {
       return "recv";
     case CommOp::send_recv:
       return "send_recv";
+    case CommOp::batch_send_recv:
+      return "batch_send_recv";
     case CommOp::broadcast:
       return "broadcast";
     case CommOp::barrier:
@@ -79,70 +81,59 @@ double ring_all_reduce_bytes(int64_t n, int p, size_t elem) {
 }
 }  // namespace
 
-void CountingCommunicator::all_reduce_sum(float* buf, int64_t n) {
-  count(CommOp::all_reduce, ring_all_reduce_bytes(n, size(), sizeof(float)));
-  inner_->all_reduce_sum(buf, n);
+void CountingCommunicator::all_reduce_sum(void* buf, int64_t n, DType dt) {
+  count(CommOp::all_reduce, ring_all_reduce_bytes(n, size(), dtype_size(dt)));
+  inner_->all_reduce_sum(buf, n, dt);
 }
 
-void CountingCommunicator::all_reduce_sum(double* buf, int64_t n) {
-  count(CommOp::all_reduce, ring_all_reduce_bytes(n, size(), sizeof(double)));
-  inner_->all_reduce_sum(buf, n);
-}
-
-void CountingCommunicator::reduce_scatter_sum(const float* in, float* out, int64_t count_per_rank) {
-  count(CommOp::reduce_scatter, static_cast<double>(size() - 1) * static_cast<double>(count_per_rank) * sizeof(float));
-  inner_->reduce_scatter_sum(in, out, count_per_rank);
-}
-
-void CountingCommunicator::all_gather(const float* in, float* out, int64_t count_per_rank) {
-  count(CommOp::all_gather, static_cast<double>(size() - 1) * static_cast<double>(count_per_rank) * sizeof(float));
-  inner_->all_gather(in, out, count_per_rank);
-}
-
-void CountingCommunicator::all_reduce_sum_bf16(uint16_t* buf, int64_t n) {
-  count(CommOp::all_reduce, ring_all_reduce_bytes(n, size(), sizeof(uint16_t)));
-  inner_->all_reduce_sum_bf16(buf, n);
-}
-
-void CountingCommunicator::reduce_scatter_sum_bf16(const uint16_t* in, uint16_t* out, int64_t count_per_rank) {
+void CountingCommunicator::reduce_scatter_sum(const void* in, void* out, int64_t count_per_rank, DType dt) {
   count(CommOp::reduce_scatter,
-        static_cast<double>(size() - 1) * static_cast<double>(count_per_rank) * sizeof(uint16_t));
-  inner_->reduce_scatter_sum_bf16(in, out, count_per_rank);
+        static_cast<double>(size() - 1) * static_cast<double>(count_per_rank) * static_cast<double>(dtype_size(dt)));
+  inner_->reduce_scatter_sum(in, out, count_per_rank, dt);
 }
 
-void CountingCommunicator::all_gather_bf16(const uint16_t* in, uint16_t* out, int64_t count_per_rank) {
-  count(CommOp::all_gather, static_cast<double>(size() - 1) * static_cast<double>(count_per_rank) * sizeof(uint16_t));
-  inner_->all_gather_bf16(in, out, count_per_rank);
+void CountingCommunicator::all_gather(const void* in, void* out, int64_t count_per_rank, DType dt) {
+  count(CommOp::all_gather,
+        static_cast<double>(size() - 1) * static_cast<double>(count_per_rank) * static_cast<double>(dtype_size(dt)));
+  inner_->all_gather(in, out, count_per_rank, dt);
 }
 
-void CountingCommunicator::all_to_all_v(const float* send_buf, const std::vector<int64_t>& send_counts, float* recv_buf,
-                                        const std::vector<int64_t>& recv_counts) {
+void CountingCommunicator::all_to_all_v(const void* send_buf, const std::vector<int64_t>& send_counts, void* recv_buf,
+                                        const std::vector<int64_t>& recv_counts, DType dt) {
   double elems = 0;
   for (size_t j = 0; j < send_counts.size(); ++j)
     if (static_cast<int>(j) != rank()) elems += static_cast<double>(send_counts[j]);
-  count(CommOp::all_to_all, elems * sizeof(float));
-  inner_->all_to_all_v(send_buf, send_counts, recv_buf, recv_counts);
+  count(CommOp::all_to_all, elems * static_cast<double>(dtype_size(dt)));
+  inner_->all_to_all_v(send_buf, send_counts, recv_buf, recv_counts, dt);
 }
 
-void CountingCommunicator::send(const float* buf, int64_t n, int peer, int tag) {
-  count(CommOp::send, static_cast<double>(n) * sizeof(float));
-  inner_->send(buf, n, peer, tag);
+void CountingCommunicator::send(const void* buf, int64_t n, DType dt, int peer, int tag) {
+  count(CommOp::send, static_cast<double>(n) * static_cast<double>(dtype_size(dt)));
+  inner_->send(buf, n, dt, peer, tag);
 }
 
-void CountingCommunicator::recv(float* buf, int64_t n, int peer, int tag) {
+void CountingCommunicator::recv(void* buf, int64_t n, DType dt, int peer, int tag) {
   count(CommOp::recv, 0);
-  inner_->recv(buf, n, peer, tag);
+  inner_->recv(buf, n, dt, peer, tag);
 }
 
-void CountingCommunicator::send_recv(const float* send_buf, int64_t send_n, int dst, float* recv_buf, int64_t recv_n,
-                                     int src, int tag) {
-  count(CommOp::send_recv, static_cast<double>(send_n) * sizeof(float));
-  inner_->send_recv(send_buf, send_n, dst, recv_buf, recv_n, src, tag);
+void CountingCommunicator::send_recv(const void* send_buf, int64_t send_n, int dst, void* recv_buf, int64_t recv_n,
+                                     int src, DType dt, int tag) {
+  count(CommOp::send_recv, static_cast<double>(send_n) * static_cast<double>(dtype_size(dt)));
+  inner_->send_recv(send_buf, send_n, dst, recv_buf, recv_n, src, dt, tag);
 }
 
-void CountingCommunicator::broadcast(float* buf, int64_t n, int root) {
-  count(CommOp::broadcast, rank() == root ? static_cast<double>(n) * sizeof(float) : 0.0);
-  inner_->broadcast(buf, n, root);
+void CountingCommunicator::batch_send_recv(const std::vector<P2PMessage>& messages) {
+  double sent = 0;
+  for (const P2PMessage& m : messages)
+    if (m.send) sent += static_cast<double>(m.n) * static_cast<double>(dtype_size(m.dt));
+  count(CommOp::batch_send_recv, sent);
+  inner_->batch_send_recv(messages);
+}
+
+void CountingCommunicator::broadcast(void* buf, int64_t n, DType dt, int root) {
+  count(CommOp::broadcast, rank() == root ? static_cast<double>(n) * static_cast<double>(dtype_size(dt)) : 0.0);
+  inner_->broadcast(buf, n, dt, root);
 }
 
 void CountingCommunicator::barrier() {

@@ -14,6 +14,7 @@
 //                                     buffer once; forwarding by the other ranks is not counted)
 //   send(buf, n, ...)                 n * b
 //   send_recv(send_buf, send_n, ...)  send_n * b
+//   batch_send_recv(messages)         sum of n * b over the messages this rank sends (one call per batch)
 //   recv, barrier, split              0 bytes (calls are counted)
 //
 // A group of one rank sends nothing: every call on it counts 0 bytes (its calls are still counted). All-reduce bytes
@@ -41,11 +42,12 @@ enum class CommOp : int {
   send,
   recv,
   send_recv,
+  batch_send_recv,
   broadcast,
   barrier,
   split
 };
-constexpr int kNumCommOps = 10;
+constexpr int kNumCommOps = 11;
 const char* comm_op_name(CommOp op);
 
 // Calls and bytes sent per kind of operation.
@@ -84,21 +86,21 @@ class CountingCommunicator : public Communicator {
   int size() const override { return inner_->size(); }
   Device buffer_device() const override { return inner_->buffer_device(); }
 
-  void all_reduce_sum(float* buf, int64_t n) override;
-  void all_reduce_sum(double* buf, int64_t n) override;
-  void reduce_scatter_sum(const float* in, float* out, int64_t count) override;
-  void all_gather(const float* in, float* out, int64_t count) override;
-  void all_to_all_v(const float* send, const std::vector<int64_t>& send_counts, float* recv,
-                    const std::vector<int64_t>& recv_counts) override;
-  void send(const float* buf, int64_t n, int peer, int tag) override;
-  void recv(float* buf, int64_t n, int peer, int tag) override;
-  void send_recv(const float* send_buf, int64_t send_n, int dst, float* recv_buf, int64_t recv_n, int src,
+  bool supports(DType dt) const override { return inner_->supports(dt); }
+
+  NEXTRON_COMMUNICATOR_TYPED_FORMS;
+  void all_reduce_sum(void* buf, int64_t n, DType dt) override;
+  void reduce_scatter_sum(const void* in, void* out, int64_t count, DType dt) override;
+  void all_gather(const void* in, void* out, int64_t count, DType dt) override;
+  void all_to_all_v(const void* send, const std::vector<int64_t>& send_counts, void* recv,
+                    const std::vector<int64_t>& recv_counts, DType dt) override;
+  void send(const void* buf, int64_t n, DType dt, int peer, int tag) override;
+  void recv(void* buf, int64_t n, DType dt, int peer, int tag) override;
+  void send_recv(const void* send_buf, int64_t send_n, int dst, void* recv_buf, int64_t recv_n, int src, DType dt,
                  int tag) override;
-  void broadcast(float* buf, int64_t n, int root) override;
+  void batch_send_recv(const std::vector<P2PMessage>& messages) override;
+  void broadcast(void* buf, int64_t n, DType dt, int root) override;
   void barrier() override;
-  void all_reduce_sum_bf16(uint16_t* buf, int64_t n) override;
-  void reduce_scatter_sum_bf16(const uint16_t* in, uint16_t* out, int64_t count) override;
-  void all_gather_bf16(const uint16_t* in, uint16_t* out, int64_t count) override;
   // The child wraps the inner communicator's split and adds to the same volume().
   std::unique_ptr<Communicator> split(int color, int key) override;
 

@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #include "core/error.h"
 
@@ -114,30 +115,45 @@ void MpiCommunicator::check_peer(int peer, const char* what) const {
   NEXTRON_CHECK(peer >= 0 && peer < size_, what, ": peer rank ", peer, " is outside the group [0, ", size_, ")");
 }
 
-void MpiCommunicator::all_reduce_sum(float* buf, int64_t n) {
-  const int c = to_count(n, "all_reduce_sum");
-  check_mpi(MPI_Allreduce(MPI_IN_PLACE, buf, c, MPI_FLOAT, MPI_SUM, comm_), "MPI_Allreduce");
+MPI_Datatype MpiCommunicator::mpi_type(DType dt, const char* what) const {
+  check_dtype(dt, what);
+  switch (dt) {
+    case DType::f32:
+      return MPI_FLOAT;
+    case DType::f64:
+      return MPI_DOUBLE;
+    case DType::i32:
+      return MPI_INT32_T;
+    case DType::i64:
+      return MPI_INT64_T;
+    default:
+      throw Error(detail::concat(what, ": no MPI type for ", dtype_name(dt)));
+  }
 }
 
-void MpiCommunicator::all_reduce_sum(double* buf, int64_t n) {
+void MpiCommunicator::all_reduce_sum(void* buf, int64_t n, DType dt) {
+  const MPI_Datatype t = mpi_type(dt, "all_reduce_sum");
   const int c = to_count(n, "all_reduce_sum");
-  check_mpi(MPI_Allreduce(MPI_IN_PLACE, buf, c, MPI_DOUBLE, MPI_SUM, comm_), "MPI_Allreduce");
+  check_mpi(MPI_Allreduce(MPI_IN_PLACE, buf, c, t, MPI_SUM, comm_), "MPI_Allreduce");
 }
 
-void MpiCommunicator::reduce_scatter_sum(const float* in, float* out, int64_t count) {
+void MpiCommunicator::reduce_scatter_sum(const void* in, void* out, int64_t count, DType dt) {
+  const MPI_Datatype t = mpi_type(dt, "reduce_scatter_sum");
   to_count(count * size_, "reduce_scatter_sum (input size * count)");
   const int c = to_count(count, "reduce_scatter_sum");
-  check_mpi(MPI_Reduce_scatter_block(in, out, c, MPI_FLOAT, MPI_SUM, comm_), "MPI_Reduce_scatter_block");
+  check_mpi(MPI_Reduce_scatter_block(in, out, c, t, MPI_SUM, comm_), "MPI_Reduce_scatter_block");
 }
 
-void MpiCommunicator::all_gather(const float* in, float* out, int64_t count) {
+void MpiCommunicator::all_gather(const void* in, void* out, int64_t count, DType dt) {
+  const MPI_Datatype t = mpi_type(dt, "all_gather");
   to_count(count * size_, "all_gather (output size * count)");
   const int c = to_count(count, "all_gather");
-  check_mpi(MPI_Allgather(in, c, MPI_FLOAT, out, c, MPI_FLOAT, comm_), "MPI_Allgather");
+  check_mpi(MPI_Allgather(in, c, t, out, c, t, comm_), "MPI_Allgather");
 }
 
-void MpiCommunicator::all_to_all_v(const float* send_buf, const std::vector<int64_t>& send_counts, float* recv_buf,
-                                   const std::vector<int64_t>& recv_counts) {
+void MpiCommunicator::all_to_all_v(const void* send_buf, const std::vector<int64_t>& send_counts, void* recv_buf,
+                                   const std::vector<int64_t>& recv_counts, DType dt) {
+  const MPI_Datatype t = mpi_type(dt, "all_to_all_v");
   NEXTRON_CHECK(static_cast<int>(send_counts.size()) == size_ && static_cast<int>(recv_counts.size()) == size_,
                 "all_to_all_v: send_counts (", send_counts.size(), ") and recv_counts (", recv_counts.size(),
                 ") must have one entry per rank of the group (", size_, ")");
@@ -151,32 +167,62 @@ void MpiCommunicator::all_to_all_v(const float* send_buf, const std::vector<int6
     s_off += sc[j];
     r_off += rc[j];
   }
-  check_mpi(MPI_Alltoallv(send_buf, sc.data(), sd.data(), MPI_FLOAT, recv_buf, rc.data(), rd.data(), MPI_FLOAT, comm_),
+  check_mpi(MPI_Alltoallv(send_buf, sc.data(), sd.data(), t, recv_buf, rc.data(), rd.data(), t, comm_),
             "MPI_Alltoallv");
 }
 
-void MpiCommunicator::send(const float* buf, int64_t n, int peer, int tag) {
+void MpiCommunicator::send(const void* buf, int64_t n, DType dt, int peer, int tag) {
+  const MPI_Datatype t = mpi_type(dt, "send");
   check_peer(peer, "send");
-  check_mpi(MPI_Send(buf, to_count(n, "send"), MPI_FLOAT, peer, tag, comm_), "MPI_Send");
+  check_mpi(MPI_Send(buf, to_count(n, "send"), t, peer, tag, comm_), "MPI_Send");
 }
 
-void MpiCommunicator::recv(float* buf, int64_t n, int peer, int tag) {
+void MpiCommunicator::recv(void* buf, int64_t n, DType dt, int peer, int tag) {
+  const MPI_Datatype t = mpi_type(dt, "recv");
   check_peer(peer, "recv");
-  check_mpi(MPI_Recv(buf, to_count(n, "recv"), MPI_FLOAT, peer, tag, comm_, MPI_STATUS_IGNORE), "MPI_Recv");
+  check_mpi(MPI_Recv(buf, to_count(n, "recv"), t, peer, tag, comm_, MPI_STATUS_IGNORE), "MPI_Recv");
 }
 
-void MpiCommunicator::send_recv(const float* send_buf, int64_t send_n, int dst, float* recv_buf, int64_t recv_n,
-                                int src, int tag) {
+void MpiCommunicator::send_recv(const void* send_buf, int64_t send_n, int dst, void* recv_buf, int64_t recv_n, int src,
+                                DType dt, int tag) {
+  const MPI_Datatype t = mpi_type(dt, "send_recv");
   check_peer(dst, "send_recv (destination)");
   check_peer(src, "send_recv (source)");
-  check_mpi(MPI_Sendrecv(send_buf, to_count(send_n, "send_recv"), MPI_FLOAT, dst, tag, recv_buf,
-                         to_count(recv_n, "send_recv"), MPI_FLOAT, src, tag, comm_, MPI_STATUS_IGNORE),
+  check_mpi(MPI_Sendrecv(send_buf, to_count(send_n, "send_recv"), t, dst, tag, recv_buf, to_count(recv_n, "send_recv"),
+                         t, src, tag, comm_, MPI_STATUS_IGNORE),
             "MPI_Sendrecv");
 }
 
-void MpiCommunicator::broadcast(float* buf, int64_t n, int root) {
+void MpiCommunicator::batch_send_recv(const std::vector<P2PMessage>& messages) {
+  std::vector<MPI_Request> requests;
+  requests.reserve(messages.size());
+  std::string error;
+  for (const P2PMessage& m : messages) {
+    const char* what = m.send ? "batch_send_recv (send)" : "batch_send_recv (receive)";
+    try {
+      const MPI_Datatype t = mpi_type(m.dt, what);
+      check_peer(m.peer, what);
+      const int n = to_count(m.n, what);
+      MPI_Request r = MPI_REQUEST_NULL;
+      check_mpi(
+          m.send ? MPI_Isend(m.buf, n, t, m.peer, m.tag, comm_, &r) : MPI_Irecv(m.buf, n, t, m.peer, m.tag, comm_, &r),
+          m.send ? "MPI_Isend" : "MPI_Irecv");
+      requests.push_back(r);
+    } catch (const std::exception& e) {
+      error = e.what();
+      break;
+    }
+  }
+  // Messages already posted are completed even after a bad one: their buffers must not be left in MPI's hands.
+  if (!requests.empty())
+    check_mpi(MPI_Waitall(static_cast<int>(requests.size()), requests.data(), MPI_STATUSES_IGNORE), "MPI_Waitall");
+  if (!error.empty()) throw Error(error);
+}
+
+void MpiCommunicator::broadcast(void* buf, int64_t n, DType dt, int root) {
+  const MPI_Datatype t = mpi_type(dt, "broadcast");
   check_peer(root, "broadcast (root)");
-  check_mpi(MPI_Bcast(buf, to_count(n, "broadcast"), MPI_FLOAT, root, comm_), "MPI_Bcast");
+  check_mpi(MPI_Bcast(buf, to_count(n, "broadcast"), t, root, comm_), "MPI_Bcast");
 }
 
 void MpiCommunicator::barrier() { check_mpi(MPI_Barrier(comm_), "MPI_Barrier"); }

@@ -56,22 +56,26 @@ class MpiCommunicator : public Communicator {
   int size() const override { return size_; }
   MPI_Comm comm() const { return comm_; }
 
-  void all_reduce_sum(float* buf, int64_t n) override;
-  void all_reduce_sum(double* buf, int64_t n) override;
-  void reduce_scatter_sum(const float* in, float* out, int64_t count) override;
-  void all_gather(const float* in, float* out, int64_t count) override;
-  void all_to_all_v(const float* send, const std::vector<int64_t>& send_counts, float* recv,
-                    const std::vector<int64_t>& recv_counts) override;
-  void send(const float* buf, int64_t n, int peer, int tag) override;
-  void recv(float* buf, int64_t n, int peer, int tag) override;
-  void send_recv(const float* send_buf, int64_t send_n, int dst, float* recv_buf, int64_t recv_n, int src,
+  // f32, f64, i32 and i64 (MPI has no bf16 sum).
+  bool supports(DType dt) const override { return dt != DType::bf16; }
+  NEXTRON_COMMUNICATOR_TYPED_FORMS;
+  void all_reduce_sum(void* buf, int64_t n, DType dt) override;
+  void reduce_scatter_sum(const void* in, void* out, int64_t count, DType dt) override;
+  void all_gather(const void* in, void* out, int64_t count, DType dt) override;
+  void all_to_all_v(const void* send, const std::vector<int64_t>& send_counts, void* recv,
+                    const std::vector<int64_t>& recv_counts, DType dt) override;
+  void send(const void* buf, int64_t n, DType dt, int peer, int tag) override;
+  void recv(void* buf, int64_t n, DType dt, int peer, int tag) override;
+  void send_recv(const void* send_buf, int64_t send_n, int dst, void* recv_buf, int64_t recv_n, int src, DType dt,
                  int tag) override;
-  void broadcast(float* buf, int64_t n, int root) override;
+  void batch_send_recv(const std::vector<P2PMessage>& messages) override;
+  void broadcast(void* buf, int64_t n, DType dt, int root) override;
   void barrier() override;
   std::unique_ptr<Communicator> split(int color, int key) override;
 
  private:
   void check_peer(int peer, const char* what) const;
+  MPI_Datatype mpi_type(DType dt, const char* what) const;
 
   MPI_Comm comm_ = MPI_COMM_NULL;
   int rank_ = 0;

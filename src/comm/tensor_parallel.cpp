@@ -20,30 +20,21 @@ void check_buffer(const Communicator& comm, const Tensor& t) {
 
 void all_reduce(Communicator& comm, Tensor& t, int64_t n) {
   check_buffer(comm, t);
-  if (t.dtype() == DType::f32)
-    comm.all_reduce_sum(t.f32(), n);
-  else
-    comm.all_reduce_sum_bf16(t.data<uint16_t>(), n);
+  comm.all_reduce_sum(t.raw(), n, t.dtype());
 }
 
 void reduce_scatter(Communicator& comm, const Tensor& in, Tensor& out, int64_t count) {
   check_buffer(comm, in);
   check_buffer(comm, out);
   NEXTRON_ASSERT(in.dtype() == out.dtype());
-  if (in.dtype() == DType::f32)
-    comm.reduce_scatter_sum(in.f32(), out.f32(), count);
-  else
-    comm.reduce_scatter_sum_bf16(in.data<uint16_t>(), out.data<uint16_t>(), count);
+  comm.reduce_scatter_sum(in.raw(), out.raw(), count, in.dtype());
 }
 
 void gather(Communicator& comm, const Tensor& in, Tensor& out, int64_t count) {
   check_buffer(comm, in);
   check_buffer(comm, out);
   NEXTRON_ASSERT(in.dtype() == out.dtype());
-  if (in.dtype() == DType::f32)
-    comm.all_gather(in.f32(), out.f32(), count);
-  else
-    comm.all_gather_bf16(in.data<uint16_t>(), out.data<uint16_t>(), count);
+  comm.all_gather(in.raw(), out.raw(), count, in.dtype());
 }
 
 }  // namespace

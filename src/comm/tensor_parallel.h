@@ -20,9 +20,9 @@
 
 #include <cstdint>
 
+#include "comm/communicator.h"
 #include "core/tensor.h"
 #include "kernels/ops.h"
-#include "comm/communicator.h"
 
 namespace nextron {
 

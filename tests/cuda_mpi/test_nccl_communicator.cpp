@@ -19,6 +19,8 @@
 
 #include "../cuda/cuda_test_util.h"
 #include "../mpi/mpi_fixture.h"
+#include "comm/cuda/nccl_communicator.h"
+#include "comm/mpi_communicator.h"
 #include "core/cuda/check.h"
 #include "core/cuda/device.h"
 #include "core/dtype.h"
@@ -26,8 +28,6 @@
 #include "core/tensor.h"
 #include "kernels/cuda/cuda_ops.h"
 #include "nccl_env.h"
-#include "comm/cuda/nccl_communicator.h"
-#include "comm/mpi_communicator.h"
 
 namespace nextron::test {
 
@@ -133,7 +133,7 @@ TEST_F(Nccl, AllReduceSumBf16) {
   std::vector<float> host(515);
   for (size_t i = 0; i < host.size(); ++i) host[i] = static_cast<float>(r + static_cast<int>(i % 32));
   DeviceArray<uint16_t> buf(to_bf16(host));
-  comm_->all_reduce_sum_bf16(buf.get(), static_cast<int64_t>(host.size()));
+  comm_->all_reduce_sum(buf.get(), static_cast<int64_t>(host.size()), DType::bf16);
   const std::vector<uint16_t> out = buf.download();
   for (size_t i = 0; i < out.size(); ++i)
     ASSERT_EQ(bf16_to_f32(out[i]), static_cast<float>(p * static_cast<int>(i % 32) + p * (p - 1) / 2)) << i;
@@ -146,7 +146,7 @@ TEST_F(Nccl, ReduceScatterAndAllGatherBf16) {
   for (int j = 0; j < p; ++j)
     for (int64_t k = 0; k < count; ++k) in[j * count + k] = static_cast<float>((r + 1) * (j + 1) + k);
   DeviceArray<uint16_t> d_in(to_bf16(in)), d_out(std::vector<uint16_t>(count, 0));
-  comm_->reduce_scatter_sum_bf16(d_in.get(), d_out.get(), count);
+  comm_->reduce_scatter_sum(d_in.get(), d_out.get(), count, DType::bf16);
   const std::vector<uint16_t> out = d_out.download();
   for (int64_t k = 0; k < count; ++k)
     ASSERT_EQ(bf16_to_f32(out[k]), static_cast<float>(p * (p + 1) / 2 * (r + 1) + p * k)) << k;
@@ -154,7 +154,7 @@ TEST_F(Nccl, ReduceScatterAndAllGatherBf16) {
   std::vector<float> mine(count);
   for (int64_t k = 0; k < count; ++k) mine[k] = static_cast<float>(r * 50 + k);
   DeviceArray<uint16_t> g_in(to_bf16(mine)), g_out(std::vector<uint16_t>(p * count, 0));
-  comm_->all_gather_bf16(g_in.get(), g_out.get(), count);
+  comm_->all_gather(g_in.get(), g_out.get(), count, DType::bf16);
   const std::vector<uint16_t> all = g_out.download();
   for (int j = 0; j < p; ++j)
     for (int64_t k = 0; k < count; ++k) ASSERT_EQ(bf16_to_f32(all[j * count + k]), static_cast<float>(j * 50 + k));
@@ -326,7 +326,7 @@ TEST_F(Nccl, BadArgumentsAreErrorsOnEveryRank) {
   EXPECT_THROW(comm_->send_recv(nullptr, -1, 0, nullptr, 0, 0, 0), Error);
   EXPECT_THROW(comm_->broadcast(nullptr, 0, -1), Error);
   EXPECT_THROW(comm_->split(-1, 0), Error);
-  EXPECT_THROW(comm_->all_gather_bf16(nullptr, nullptr, -2), Error);
+  EXPECT_THROW(comm_->all_gather(nullptr, nullptr, -2, DType::bf16), Error);
 }
 
 }  // namespace nextron::test

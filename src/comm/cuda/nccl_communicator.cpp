@@ -154,7 +154,28 @@ void NcclCommunicator::synchronize(const char* what) {
 // Zero counts return before any NCCL call: every rank of a collective passes the same count, so all of them skip,
 // and NCCL is never handed the null pointers that empty buffers often are.
 
-void NcclCommunicator::all_reduce_typed(void* buf, int64_t n, ncclDataType_t type) {
+namespace {
+
+ncclDataType_t nccl_type(DType dt) {
+  switch (dt) {
+    case DType::f32:
+      return ncclFloat32;
+    case DType::f64:
+      return ncclFloat64;
+    case DType::bf16:
+      return ncclBfloat16;
+    case DType::i32:
+      return ncclInt32;
+    case DType::i64:
+      return ncclInt64;
+  }
+  throw Error("NCCL: unknown element type");
+}
+
+}  // namespace
+
+void NcclCommunicator::all_reduce_sum(void* buf, int64_t n, DType dt) {
+  const ncclDataType_t type = nccl_type(dt);
   const size_t c = to_count(n, "all_reduce_sum");
   if (c == 0) return;
   DeviceGuard guard(device_);
@@ -162,7 +183,8 @@ void NcclCommunicator::all_reduce_typed(void* buf, int64_t n, ncclDataType_t typ
   synchronize("ncclAllReduce");
 }
 
-void NcclCommunicator::reduce_scatter_typed(const void* in, void* out, int64_t count, ncclDataType_t type) {
+void NcclCommunicator::reduce_scatter_sum(const void* in, void* out, int64_t count, DType dt) {
+  const ncclDataType_t type = nccl_type(dt);
   const size_t c = to_count(count, "reduce_scatter_sum");
   NEXTRON_CHECK(count <= std::numeric_limits<int64_t>::max() / size_, "reduce_scatter_sum: count ", count,
                 " times the group size ", size_, " overflows int64");
@@ -172,7 +194,8 @@ void NcclCommunicator::reduce_scatter_typed(const void* in, void* out, int64_t c
   synchronize("ncclReduceScatter");
 }
 
-void NcclCommunicator::all_gather_typed(const void* in, void* out, int64_t count, ncclDataType_t type) {
+void NcclCommunicator::all_gather(const void* in, void* out, int64_t count, DType dt) {
+  const ncclDataType_t type = nccl_type(dt);
   const size_t c = to_count(count, "all_gather");
   NEXTRON_CHECK(count <= std::numeric_limits<int64_t>::max() / size_, "all_gather: count ", count,
                 " times the group size ", size_, " overflows int64");
@@ -182,26 +205,10 @@ void NcclCommunicator::all_gather_typed(const void* in, void* out, int64_t count
   synchronize("ncclAllGather");
 }
 
-void NcclCommunicator::all_reduce_sum(float* buf, int64_t n) { all_reduce_typed(buf, n, ncclFloat); }
-void NcclCommunicator::all_reduce_sum(double* buf, int64_t n) { all_reduce_typed(buf, n, ncclDouble); }
-void NcclCommunicator::all_reduce_sum_bf16(uint16_t* buf, int64_t n) { all_reduce_typed(buf, n, ncclBfloat16); }
-
-void NcclCommunicator::reduce_scatter_sum(const float* in, float* out, int64_t count) {
-  reduce_scatter_typed(in, out, count, ncclFloat);
-}
-void NcclCommunicator::reduce_scatter_sum_bf16(const uint16_t* in, uint16_t* out, int64_t count) {
-  reduce_scatter_typed(in, out, count, ncclBfloat16);
-}
-
-void NcclCommunicator::all_gather(const float* in, float* out, int64_t count) {
-  all_gather_typed(in, out, count, ncclFloat);
-}
-void NcclCommunicator::all_gather_bf16(const uint16_t* in, uint16_t* out, int64_t count) {
-  all_gather_typed(in, out, count, ncclBfloat16);
-}
-
-void NcclCommunicator::all_to_all_v(const float* send_buf, const std::vector<int64_t>& send_counts, float* recv_buf,
-                                    const std::vector<int64_t>& recv_counts) {
+void NcclCommunicator::all_to_all_v(const void* send_buf, const std::vector<int64_t>& send_counts, void* recv_buf,
+                                    const std::vector<int64_t>& recv_counts, DType dt) {
+  const ncclDataType_t type = nccl_type(dt);
+  const size_t elem = dtype_size(dt);
   NEXTRON_CHECK(static_cast<int>(send_counts.size()) == size_ && static_cast<int>(recv_counts.size()) == size_,
                 "all_to_all_v: send_counts (", send_counts.size(), ") and recv_counts (", recv_counts.size(),
                 ") must have one entry per rank of the group (", size_, ")");
@@ -217,8 +224,10 @@ void NcclCommunicator::all_to_all_v(const float* send_buf, const std::vector<int
   size_t s_off = 0, r_off = 0;
   for (int j = 0; j < size_; ++j) {
     const auto sc = static_cast<size_t>(send_counts[j]), rc = static_cast<size_t>(recv_counts[j]);
-    if (sc > 0) errors.note(ncclSend(send_buf + s_off, sc, ncclFloat, j, comm_, stream_), "ncclSend");
-    if (rc > 0) errors.note(ncclRecv(recv_buf + r_off, rc, ncclFloat, j, comm_, stream_), "ncclRecv");
+    if (sc > 0)
+      errors.note(ncclSend(static_cast<const char*>(send_buf) + s_off * elem, sc, type, j, comm_, stream_), "ncclSend");
+    if (rc > 0)
+      errors.note(ncclRecv(static_cast<char*>(recv_buf) + r_off * elem, rc, type, j, comm_, stream_), "ncclRecv");
     s_off += sc;
     r_off += rc;
   }
@@ -228,30 +237,33 @@ void NcclCommunicator::all_to_all_v(const float* send_buf, const std::vector<int
   synchronize("all_to_all_v");
 }
 
-void NcclCommunicator::send(const float* buf, int64_t n, int peer, int /*tag*/) {
+void NcclCommunicator::send(const void* buf, int64_t n, DType dt, int peer, int /*tag*/) {
+  const ncclDataType_t type = nccl_type(dt);
   check_peer(peer, "send");
   NEXTRON_CHECK(peer != rank_, "send: a blocking send to oneself (rank ", peer,
                 ") can never complete with NCCL: use send_recv");
   const size_t c = to_count(n, "send");
   if (c == 0) return;  // the matching recv has n == 0 too and posts nothing
   DeviceGuard guard(device_);
-  check_nccl(ncclSend(buf, c, ncclFloat, peer, comm_, stream_), "ncclSend", comm_);
+  check_nccl(ncclSend(buf, c, type, peer, comm_, stream_), "ncclSend", comm_);
   synchronize("ncclSend");
 }
 
-void NcclCommunicator::recv(float* buf, int64_t n, int peer, int /*tag*/) {
+void NcclCommunicator::recv(void* buf, int64_t n, DType dt, int peer, int /*tag*/) {
+  const ncclDataType_t type = nccl_type(dt);
   check_peer(peer, "recv");
   NEXTRON_CHECK(peer != rank_, "recv: a blocking receive from oneself (rank ", peer,
                 ") can never complete with NCCL: use send_recv");
   const size_t c = to_count(n, "recv");
   if (c == 0) return;
   DeviceGuard guard(device_);
-  check_nccl(ncclRecv(buf, c, ncclFloat, peer, comm_, stream_), "ncclRecv", comm_);
+  check_nccl(ncclRecv(buf, c, type, peer, comm_, stream_), "ncclRecv", comm_);
   synchronize("ncclRecv");
 }
 
-void NcclCommunicator::send_recv(const float* send_buf, int64_t send_n, int dst, float* recv_buf, int64_t recv_n,
-                                 int src, int /*tag*/) {
+void NcclCommunicator::send_recv(const void* send_buf, int64_t send_n, int dst, void* recv_buf, int64_t recv_n, int src,
+                                 DType dt, int /*tag*/) {
+  const ncclDataType_t type = nccl_type(dt);
   check_peer(dst, "send_recv (destination)");
   check_peer(src, "send_recv (source)");
   const size_t sc = to_count(send_n, "send_recv (send)"), rc = to_count(recv_n, "send_recv (receive)");
@@ -259,20 +271,46 @@ void NcclCommunicator::send_recv(const float* send_buf, int64_t send_n, int dst,
   // Both halves in one group, so rings and pipelines cannot deadlock (and a one-rank ring sends to itself).
   GroupErrors errors;
   check_nccl(ncclGroupStart(), "ncclGroupStart", comm_);
-  if (sc > 0) errors.note(ncclSend(send_buf, sc, ncclFloat, dst, comm_, stream_), "ncclSend");
-  if (rc > 0) errors.note(ncclRecv(recv_buf, rc, ncclFloat, src, comm_, stream_), "ncclRecv");
+  if (sc > 0) errors.note(ncclSend(send_buf, sc, type, dst, comm_, stream_), "ncclSend");
+  if (rc > 0) errors.note(ncclRecv(recv_buf, rc, type, src, comm_, stream_), "ncclRecv");
   const ncclResult_t end = ncclGroupEnd();
   check_nccl(errors.rc, errors.call ? errors.call : "", comm_);
   check_nccl(end, "ncclGroupEnd (send_recv)", comm_);
   synchronize("send_recv");
 }
 
-void NcclCommunicator::broadcast(float* buf, int64_t n, int root) {
+void NcclCommunicator::batch_send_recv(const std::vector<P2PMessage>& messages) {
+  // Every argument is checked before the group starts, so a bad batch posts nothing.
+  std::vector<size_t> counts;
+  for (const P2PMessage& m : messages) {
+    nccl_type(m.dt);
+    check_peer(m.peer, m.send ? "batch_send_recv (send)" : "batch_send_recv (receive)");
+    counts.push_back(to_count(m.n, "batch_send_recv"));
+  }
+  DeviceGuard guard(device_);
+  GroupErrors errors;
+  check_nccl(ncclGroupStart(), "ncclGroupStart", comm_);
+  for (size_t i = 0; i < messages.size(); ++i) {
+    const P2PMessage& m = messages[i];
+    if (counts[i] == 0) continue;  // the matching message has n == 0 too and posts nothing
+    if (m.send)
+      errors.note(ncclSend(m.buf, counts[i], nccl_type(m.dt), m.peer, comm_, stream_), "ncclSend");
+    else
+      errors.note(ncclRecv(m.buf, counts[i], nccl_type(m.dt), m.peer, comm_, stream_), "ncclRecv");
+  }
+  const ncclResult_t end = ncclGroupEnd();
+  check_nccl(errors.rc, errors.call ? errors.call : "", comm_);
+  check_nccl(end, "ncclGroupEnd (batch_send_recv)", comm_);
+  synchronize("batch_send_recv");
+}
+
+void NcclCommunicator::broadcast(void* buf, int64_t n, DType dt, int root) {
+  const ncclDataType_t type = nccl_type(dt);
   check_peer(root, "broadcast (root)");
   const size_t c = to_count(n, "broadcast");
   if (c == 0) return;
   DeviceGuard guard(device_);
-  check_nccl(ncclBroadcast(buf, buf, c, ncclFloat, root, comm_, stream_), "ncclBroadcast", comm_);
+  check_nccl(ncclBroadcast(buf, buf, c, type, root, comm_, stream_), "ncclBroadcast", comm_);
   synchronize("ncclBroadcast");
 }
 

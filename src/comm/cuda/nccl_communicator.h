@@ -56,22 +56,22 @@ class NcclCommunicator : public Communicator {
   ncclComm_t comm() const { return comm_; }
   cudaStream_t stream() const { return stream_; }
 
-  void all_reduce_sum(float* buf, int64_t n) override;
-  void all_reduce_sum(double* buf, int64_t n) override;
-  void reduce_scatter_sum(const float* in, float* out, int64_t count) override;
-  void all_gather(const float* in, float* out, int64_t count) override;
-  void all_to_all_v(const float* send, const std::vector<int64_t>& send_counts, float* recv,
-                    const std::vector<int64_t>& recv_counts) override;
-  void send(const float* buf, int64_t n, int peer, int tag) override;
-  void recv(float* buf, int64_t n, int peer, int tag) override;
-  void send_recv(const float* send_buf, int64_t send_n, int dst, float* recv_buf, int64_t recv_n, int src,
+  // f32, f64, bf16 (summed in bf16), i32, i64.
+  bool supports(DType) const override { return true; }
+  NEXTRON_COMMUNICATOR_TYPED_FORMS;
+  void all_reduce_sum(void* buf, int64_t n, DType dt) override;
+  void reduce_scatter_sum(const void* in, void* out, int64_t count, DType dt) override;
+  void all_gather(const void* in, void* out, int64_t count, DType dt) override;
+  void all_to_all_v(const void* send, const std::vector<int64_t>& send_counts, void* recv,
+                    const std::vector<int64_t>& recv_counts, DType dt) override;
+  void send(const void* buf, int64_t n, DType dt, int peer, int tag) override;
+  void recv(void* buf, int64_t n, DType dt, int peer, int tag) override;
+  void send_recv(const void* send_buf, int64_t send_n, int dst, void* recv_buf, int64_t recv_n, int src, DType dt,
                  int tag) override;
-  void broadcast(float* buf, int64_t n, int root) override;
+  void batch_send_recv(const std::vector<P2PMessage>& messages) override;
+  void broadcast(void* buf, int64_t n, DType dt, int root) override;
   // A one-element all-reduce on a device scratch value, then a stream synchronisation.
   void barrier() override;
-  void all_reduce_sum_bf16(uint16_t* buf, int64_t n) override;
-  void reduce_scatter_sum_bf16(const uint16_t* in, uint16_t* out, int64_t count) override;
-  void all_gather_bf16(const uint16_t* in, uint16_t* out, int64_t count) override;
   // ncclCommSplit (NCCL >= 2.18): ranks ordered by (key, parent rank), as MPI_Comm_split. The new communicator
   // is on the same device and uses the same stream (the caller's, or a new one of its own).
   std::unique_ptr<Communicator> split(int color, int key) override;
@@ -83,10 +83,6 @@ class NcclCommunicator : public Communicator {
   void check_peer(int peer, const char* what) const;
   // Waits for this communicator's stream and reports NCCL errors raised while it ran.
   void synchronize(const char* what);
-  // The collectives shared by the f32 and bf16 entry points.
-  void all_reduce_typed(void* buf, int64_t n, ncclDataType_t type);
-  void reduce_scatter_typed(const void* in, void* out, int64_t count, ncclDataType_t type);
-  void all_gather_typed(const void* in, void* out, int64_t count, ncclDataType_t type);
 
   ncclComm_t comm_ = nullptr;
   cudaStream_t stream_ = nullptr;
