@@ -10,13 +10,13 @@
 #include <iostream>
 
 #include "cli.h"
-#include "core/error.h"
 #include "comm/mpi_communicator.h"
+#include "core/error.h"
 #include "train/trainer.h"
 #ifdef NEXTRON_HAVE_CUDA
+#include "comm/cuda/nccl_communicator.h"
 #include "core/cuda/device.h"
 #include "kernels/cuda/cuda_ops.h"
-#include "comm/cuda/nccl_communicator.h"
 #endif
 
 namespace po = boost::program_options;
@@ -145,7 +145,19 @@ int run(int argc, char** argv, Communicator* world) {
                     "TP: split heads, DeltaNet key-head groups, MLP channels and vocab over this many ranks")(
       "sequence-parallel", po::bool_switch(&o.sequence_parallel),
       "with TP: split the residual stream and norms along the sequence (all-gather / reduce-scatter)")(
-      "pipeline-model-parallel-size", po::value(&o.parallel.pp)->default_value(1), "PP (not implemented yet: 1)")(
+      "pipeline-model-parallel-size", po::value(&o.parallel.pp)->default_value(1),
+      "PP: split the layers into this many stages, run by the 1F1B schedule")(
+      "virtual-pipeline-model-parallel-size", po::value(&o.parallel.vpp)->default_value(1),
+      "VPP: model chunks per pipeline rank (interleaved 1F1B; micro-batches per step must be a multiple of PP)")(
+      "num-layers-per-virtual-pipeline-stage", po::value(&o.layers_per_virtual_stage)->default_value(0),
+      "the same as a layer count per chunk: VPP = layers / PP / this (0: use --virtual-pipeline-model-parallel-size)")(
+      "pipeline-model-parallel-layout", po::value(&o.parallel.pipeline.layout),
+      "uneven stages, Megatron's string: stages split by '|', E embedding, t decoder layer, L loss, x*n and (...)*n "
+      "repeat, e.g. \"Ettt|tL\"; PP x VPP stages in virtual-stage order (sets VPP)")(
+      "decoder-first-pipeline-num-layers", po::value(&o.parallel.pipeline.first_stage_layers)->default_value(0),
+      "layers of the first pipeline stage (the other stages split the rest evenly; 0: even split)")(
+      "decoder-last-pipeline-num-layers", po::value(&o.parallel.pipeline.last_stage_layers)->default_value(0),
+      "layers of the last pipeline stage (0: even split)")(
       "context-parallel-size", po::value(&o.parallel.cp)->default_value(1), "CP (not implemented yet: 1)")(
       "expert-model-parallel-size", po::value(&o.parallel.ep)->default_value(1), "EP (not implemented yet: 1)")(
       "expert-tensor-parallel-size", po::value(&o.parallel.etp)->default_value(0),

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """nextron-train as an MPI job (mpirun -np 4): TP 2 x DP 2 with sequence parallelism against one process, rank-0-only
 logging, checkpoints that resume bit-identically at the same layout and also load into another layout, and a bad
-layout that fails on every rank without hanging.
+layout that fails on every rank without hanging. Pipelines: PP 2 x DP 2 and interleaved PP 2 x VPP 2 against one
+process, a PP checkpoint resumed on one process and a one-process checkpoint resumed under PP 4.
 
     python tools/test_train_mpi.py --train build/nextron-train --mpiexec mpiexec --work build/train_mpi
 
@@ -81,7 +82,45 @@ def main():
     check("resumes under DP 4", r.returncode == 0 and "continuing at step 4" in r.stdout and
           all(abs(lo.get(s, 0) - lf[s]) <= 1e-4 * abs(lf[s]) for s in (5, 6)), f"{lo} vs {lf}; {r.stderr[-600:]}")
 
-    # 5. Bad layouts: every rank finds the problem before any communication and aborts the job (no hang), so at least
+    # 5. Pipeline parallelism: PP 2 x DP 2 (1F1B) and PP 2 x VPP 2 (interleaved, 2 ranks) give the one-process losses
+    # (the same micro-batches: global micro-batch 4); the PP checkpoint resumes on one process and the one-process
+    # checkpoint under PP 4, both continuing the uninterrupted run.
+    pp = os.path.join(w, "pp")
+    r = run(common + ["--micro-batch-size", "2", "--pipeline-model-parallel-size", "2", "--train-steps", "4",
+                      "--save", pp, "--eval-interval", "4"])
+    lpp = losses(os.path.join(pp, "metrics.jsonl")) if r.returncode == 0 else {}
+    check("PP2 x DP2 losses equal the one-process run within 1e-5", r.returncode == 0 and sorted(lpp) == [1, 2, 3, 4] and
+          all(abs(lpp[s] - l1[s]) <= 1e-5 * abs(l1[s]) for s in lpp), f"{lpp} vs {l1}; {r.stderr[-800:]}")
+    check("PP2 x DP2 validates and logs the layout", "valid step 4" in r.stdout and "PP 2" in r.stdout, r.stdout[-600:])
+    vpp = os.path.join(w, "vpp")
+    r = run(common + ["--micro-batch-size", "1", "--pipeline-model-parallel-size", "2",
+                      "--virtual-pipeline-model-parallel-size", "2", "--train-steps", "2", "--save", vpp], np=2)
+    one_m1 = os.path.join(w, "one_m1")
+    r1 = run(common + ["--micro-batch-size", "1", "--train-steps", "2", "--save", one_m1], np=1)
+    lv, lm1 = (losses(os.path.join(d, "metrics.jsonl")) if os.path.exists(os.path.join(d, "metrics.jsonl")) else {}
+               for d in (vpp, one_m1))
+    check("PP2 x VPP2 losses equal the one-process run within 1e-5", r.returncode == 0 and r1.returncode == 0 and
+          sorted(lv) == [1, 2] and all(abs(lv[s] - lm1[s]) <= 1e-5 * abs(lm1[s]) for s in lv),
+          f"{lv} vs {lm1}; {r.stderr[-800:]}")
+    pp_to_one = os.path.join(w, "pp_to_one")
+    shutil.copytree(os.path.join(pp, "step_00000004"), os.path.join(pp_to_one, "step_00000004"))
+    r = run(common + ["--micro-batch-size", "4", "--train-steps", "6", "--save", pp_to_one], np=1)
+    lo = losses(os.path.join(pp_to_one, "metrics.jsonl")) if r.returncode == 0 else {}
+    check("a PP2 checkpoint resumes on one process", r.returncode == 0 and "continuing at step 4" in r.stdout and
+          all(abs(lo.get(s, 0) - lf[s]) <= 1e-4 * abs(lf[s]) for s in (5, 6)), f"{lo} vs {lf}; {r.stderr[-600:]}")
+    one_to_pp = os.path.join(w, "one_to_pp")
+    shutil.copytree(os.path.join(one, "step_00000004"), os.path.join(one_to_pp, "step_00000004"))
+    r = run(common + ["--micro-batch-size", "4", "--pipeline-model-parallel-size", "4", "--train-steps", "6",
+                      "--save", one_to_pp])
+    lo = losses(os.path.join(one_to_pp, "metrics.jsonl")) if r.returncode == 0 else {}
+    check("a one-process checkpoint resumes under PP4", r.returncode == 0 and "continuing at step 4" in r.stdout and
+          all(abs(lo.get(s, 0) - lf[s]) <= 1e-4 * abs(lf[s]) for s in (5, 6)), f"{lo} vs {lf}; {r.stderr[-600:]}")
+    r = run(common + ["--micro-batch-size", "2", "--pipeline-model-parallel-size", "2",
+                      "--virtual-pipeline-model-parallel-size", "4", "--train-steps", "1"], np=2)
+    check("PP x VPP beyond the layer count fails naming it", r.returncode != 0 and
+          "is not divisible by PP x VPP = 2 x 4" in r.stderr, r.stderr[-800:])
+
+    # 6. Bad layouts: every rank finds the problem before any communication and aborts the job (no hang), so at least
     # the first rank's message is printed (MPI_Abort may kill the others before they print theirs).
     r = run(common + ["--micro-batch-size", "2", "--tensor-model-parallel-size", "3", "--train-steps", "1"])
     check("TP 3 fails naming the constraint", r.returncode != 0 and r.stderr.count("num_attention_heads 4 is not divisible by"

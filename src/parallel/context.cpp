@@ -1,6 +1,7 @@
 #include "parallel/context.h"
 
 #include "core/error.h"
+#include "parallel/pipeline_layout.h"
 
 namespace nextron {
 
@@ -11,8 +12,6 @@ Layout checked_layout(const Communicator& world, const ParallelSizes& sizes, boo
   Layout layout(sizes, world.size(), config, seq_len);
   std::vector<std::string> errors;
   auto fail = [&errors](auto&&... parts) { errors.push_back(detail::concat(parts...)); };
-  if (layout.pp() > 1)
-    fail("pipeline-model-parallel-size ", layout.pp(), ": pipeline parallelism is not implemented yet; use 1");
   if (layout.cp() > 1)
     fail("context-parallel-size ", layout.cp(), ": context parallelism is not implemented yet; use 1");
   if (layout.ep() > 1)
@@ -38,27 +37,37 @@ Layout checked_layout(const Communicator& world, const ParallelSizes& sizes, boo
 }  // namespace
 
 ParallelContext::ParallelContext(Communicator& world, const ParallelSizes& sizes, bool sequence_parallel,
-                                 const ModelConfig& config, int64_t seq_len)
-    : world_(world),
-      layout_(checked_layout(world, sizes, sequence_parallel, config, seq_len)),
-      sp_(sequence_parallel),
-      map_(config, layout_.dense_coord(world.rank()).tp, layout_.tp()) {
+                                 const ModelConfig& config, int64_t seq_len, const DeviceCommFactory& device)
+    : world_(world), layout_(checked_layout(world, sizes, sequence_parallel, config, seq_len)), sp_(sequence_parallel) {
   const int r = world_.rank();
-  tp_ = world_.split(layout_.group_index(Group::tp, r), layout_.rank_in_group(Group::tp, r));
-  dp_ = world_.split(layout_.group_index(Group::dp, r), layout_.rank_in_group(Group::dp, r));
-  NEXTRON_ASSERT(tp_->rank() == map_.tp_rank() && tp_->size() == layout_.tp() && dp_->size() == layout_.dp());
+  auto group = [&](Group g) { return world_.split(layout_.group_index(g, r), layout_.rank_in_group(g, r)); };
+  tp_ = group(Group::tp);
+  dp_ = group(Group::dp);
+  pp_ = group(Group::pp);
+  NEXTRON_ASSERT(tp_->size() == layout_.tp() && dp_->size() == layout_.dp() && pp_->size() == layout_.pp());
+  if (device) {
+    // Every rank makes the same calls in the same order (each is collective over its group).
+    if (tp_->size() > 1) tp_dev_ = device(*tp_);
+    if (dp_->size() > 1) dp_dev_ = device(*dp_);
+    if (pp_->size() > 1) pp_dev_ = device(*pp_);
+  }
+  chunks_ = rank_chunks(pipeline_stages(config, layout_.pp(), layout_.vpp(), layout_.sizes().pipeline), layout_.pp(),
+                        pp_->rank());
+  for (const StageRange& c : chunks_) maps_.emplace_back(config, tp_->rank(), layout_.tp(), c);
 }
 
 ModelComms ParallelContext::model_comms() const {
   ModelComms c;
-  c.tp = TensorParallel(tp_.get(), sp_);
+  c.tp = TensorParallel(&tp_device(), sp_);
   c.data_parallel = dp_->size() > 1 ? dp_.get() : nullptr;
   return c;
 }
 
-std::vector<float> ParallelContext::gather_full(const float* local) const {
-  std::vector<float> full(map_.full_table().total_numel(), 0.0f);
-  if (dp_->rank() == 0) map_.place_owned(local, full.data());
+std::vector<float> ParallelContext::gather_full(const std::vector<const float*>& chunk_locals) const {
+  NEXTRON_ASSERT(chunk_locals.size() == maps_.size());
+  std::vector<float> full(full_table().total_numel(), 0.0f);
+  if (dp_->rank() == 0)
+    for (size_t c = 0; c < maps_.size(); ++c) maps_[c].place_owned(chunk_locals[c], full.data());
   world_.all_reduce_sum(full.data(), static_cast<int64_t>(full.size()));
   return full;
 }

@@ -1,47 +1,73 @@
-// The parallel context of one rank: the validated layout, the communicators of its groups, and what the model and
-// the optimizer need from them. Built collectively by every rank of the world at start-up.
+// The parallel context of one rank: the validated layout, every communicator of its groups (MPI for host buffers,
+// and the device ones, NCCL, for buffers on the GPU), the layers it holds, and what the model and the optimizer need
+// from them. Built collectively by every rank of the world at start-up; modules only receive handles.
 #pragma once
 
+#include <functional>
 #include <memory>
+#include <vector>
 
+#include "comm/communicator.h"
 #include "model/config.h"
 #include "model/model.h"
-#include "comm/communicator.h"
 #include "parallel/layout.h"
 #include "parallel/tp_shard.h"
 
 namespace nextron {
 
+// Makes a communicator over device memory (NCCL) with the members of an MPI group. Empty: the run is on the host.
+using DeviceCommFactory = std::function<std::unique_ptr<Communicator>(Communicator& mpi)>;
+
 class ParallelContext {
  public:
   // Collective over `world` (not owned; must outlive the context). Every rank validates the same layout, so a bad
   // layout throws the same message on every rank without any communication. Parallelisms whose layers come in
-  // later work (PP, CP, EP, an ETP other than TP) are refused with a message saying so.
+  // later work (CP, EP, an ETP other than TP) are refused with a message saying so. device: builds the device
+  // groups (TP, DP, PP) when the model lives on a GPU.
   ParallelContext(Communicator& world, const ParallelSizes& sizes, bool sequence_parallel, const ModelConfig& config,
-                  int64_t seq_len);
+                  int64_t seq_len, const DeviceCommFactory& device = {});
 
   const Layout& layout() const { return layout_; }
   int rank() const { return world_.rank(); }
   bool sequence_parallel() const { return sp_; }
+  // The groups over host memory (MPI).
   Communicator& world() const { return world_; }
   Communicator& tp() const { return *tp_; }
   Communicator& dp() const { return *dp_; }
+  Communicator& pp() const { return *pp_; }
   int tp_rank() const { return tp_->rank(); }
   int dp_rank() const { return dp_->rank(); }
-  const TpShardMap& shard_map() const { return map_; }
-  // What the model needs: the TP group (with the SP flag) and the DP group.
+  int pp_rank() const { return pp_->rank(); }
+  // The groups over the model's memory: the device communicators when the context was built with a factory, else
+  // the host ones.
+  Communicator& tp_device() const { return tp_dev_ ? *tp_dev_ : *tp_; }
+  Communicator& dp_device() const { return dp_dev_ ? *dp_dev_ : *dp_; }
+  Communicator& pp_device() const { return pp_dev_ ? *pp_dev_ : *pp_; }
+
+  // This rank's model chunks (one, or VPP under the interleaved schedule): chunk c is virtual stage c * PP + pp_rank.
+  int num_chunks() const { return static_cast<int>(chunks_.size()); }
+  const StageRange& chunk(int c) const { return chunks_.at(c); }
+  // Chunk c's TP slice of the whole model's parameters.
+  const TpShardMap& shard_map(int c = 0) const { return maps_.at(c); }
+  const ParamTable& full_table() const { return maps_.front().full_table(); }
+  // What the model needs: the TP group over the model's memory (with the SP flag) and the DP group (host statistics).
   ModelComms model_comms() const;
-  // The whole model's flat buffer (full_table layout) from a local buffer that is complete on this rank and the
-  // same on every DP replica (parameters; gathered moments): every element is written by exactly one rank and the
-  // world sums, so the result is exact. Returned on every rank (one world all-reduce of the full size).
-  std::vector<float> gather_full(const float* local) const;
+  // The whole model's flat buffer (full_table layout) from this rank's local buffers, one per chunk, that are
+  // complete on this rank and the same on every DP replica (parameters; gathered moments): every element is
+  // written by exactly one rank and the world sums, so the result is exact. Returned on every rank (one world
+  // all-reduce of the full size).
+  std::vector<float> gather_full(const std::vector<const float*>& chunk_locals) const;
+  // full -> chunk c's local elements.
+  void scatter(int c, const float* full, float* local) const { maps_.at(c).scatter(full, local); }
 
  private:
   Communicator& world_;
   Layout layout_;
   bool sp_;
-  std::unique_ptr<Communicator> tp_, dp_;
-  TpShardMap map_;
+  std::unique_ptr<Communicator> tp_, dp_, pp_;
+  std::unique_ptr<Communicator> tp_dev_, dp_dev_, pp_dev_;
+  std::vector<StageRange> chunks_;
+  std::vector<TpShardMap> maps_;
 };
 
 }  // namespace nextron

@@ -12,10 +12,10 @@
 #include <cstdint>
 #include <vector>
 
+#include "comm/communicator.h"
 #include "core/tensor.h"
 #include "kernels/ops.h"
 #include "optim/adamw.h"
-#include "comm/communicator.h"
 
 namespace nextron {
 

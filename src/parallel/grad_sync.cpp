@@ -5,11 +5,8 @@ namespace nextron {
 TpGradSync::TpGradSync(const TpShardMap& map, const TensorParallel& tp, Ops& ops) : tp_(tp), ops_(&ops) {
   if (!tp.active()) return;
   const int P = tp.size();
-  const auto& full = map.full_table().specs();
-  const auto& local = map.local_table().specs();
-  for (size_t i = 0; i < full.size(); ++i) {
-    const ParamSpec& f = full[i];
-    const ParamSpec& l = local[i];
+  for (const ParamSpec& l : map.local_table().specs()) {
+    const ParamSpec& f = map.full_table().get(l.name);  // the stage's parameters keep their global names
     if (f.tp_dim < 0) {
       if (f.tp_grad == TpGradSum::always || (f.tp_grad == TpGradSum::with_sp && tp.sequence_parallel())) {
         items_.push_back({l.offset, l.numel(), total_});

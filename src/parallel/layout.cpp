@@ -108,6 +108,13 @@ Layout::Layout(const ParallelSizes& sizes, int world_size, const ModelConfig& co
       sizes_ok = false;
     }
   }
+  if (s.vpp < 1) {
+    fail("virtual-pipeline-model-parallel-size is ", s.vpp, ": it must be >= 1 (1: no interleaving)");
+    sizes_ok = false;
+  } else if (s.vpp > 1 && s.pp < 2) {
+    fail("virtual-pipeline-model-parallel-size ", s.vpp, " with PP ", s.pp,
+         ": interleaving splits each pipeline rank's layers into chunks and needs PP >= 2; unset it or raise PP");
+  }
   if (s.dp < 0) fail("data-parallel size ", s.dp, " must be >= 0 (0: derived from the world size)");
 
   if (sizes_ok) {
@@ -183,10 +190,24 @@ Layout::Layout(const ParallelSizes& sizes, int world_size, const ModelConfig& co
       fail("EP ", s.ep, " / ETP ", s.etp, " set but the model has no MoE layers",
            ": use expert-model-parallel-size 1 and expert-tensor-parallel-size 1 for a dense model");
     }
-    if (config.num_hidden_layers % s.pp != 0) {
+    if (s.pipeline.uneven()) {
+      // The split says where every layer goes; it is checked whole (and sets VPP when it is a layout string).
+      try {
+        sizes_.vpp = pipeline_chunks(s.pipeline, s.pp, s.vpp);
+        pipeline_stages(config, s.pp, sizes_.vpp, s.pipeline);
+      } catch (const Error& e) {
+        fail(e.what());
+      }
+    } else if (config.num_hidden_layers % s.pp != 0) {
       fail("num_hidden_layers ", config.num_hidden_layers, " is not divisible by PP ", s.pp,
            ": choose a pipeline-model-parallel-size that divides ", config.num_hidden_layers, " (",
            divisors(config.num_hidden_layers), ")");
+    } else if (s.vpp > 1 && config.num_hidden_layers % (int64_t{s.pp} * s.vpp) != 0) {
+      fail("num_hidden_layers ", config.num_hidden_layers, " is not divisible by PP x VPP = ", s.pp, " x ", s.vpp,
+           " (the interleaved schedule gives every rank VPP equal chunks): choose a "
+           "virtual-pipeline-model-parallel-size "
+           "that divides ",
+           config.num_hidden_layers / s.pp, " (", divisors(config.num_hidden_layers / s.pp), ")");
     }
     if (seq_len < 1) {
       fail("seq_len ", seq_len, " must be >= 1: set --seq-len");
@@ -345,7 +366,7 @@ std::vector<std::vector<int>> Layout::all_groups(Group g) const {
 std::string Layout::describe() const {
   return detail::concat("world ", world_, " = TP ", sizes_.tp, " x CP ", sizes_.cp, " x DP ", sizes_.dp, " x PP ",
                         sizes_.pp, "; experts ETP ", sizes_.etp, " x EP ", sizes_.ep, " x EDP ", edp_, " x PP ",
-                        sizes_.pp);
+                        sizes_.pp, sizes_.vpp > 1 ? detail::concat(" (VPP ", sizes_.vpp, " chunks per rank)") : "");
 }
 
 }  // namespace nextron

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "model/config.h"
+#include "parallel/pipeline_layout.h"
 
 namespace nextron {
 
@@ -23,6 +24,8 @@ struct ParallelSizes {
   int ep = 1;   // expert parallel (--expert-model-parallel-size)
   int etp = 1;  // expert tensor parallel (--expert-tensor-parallel-size)
   int dp = 0;   // data parallel: derived (world / (tp*cp*pp)); 0 on input, or the derived value to cross-check
+  int vpp = 1;  // model chunks per pipeline rank (--virtual-pipeline-model-parallel-size): the interleaved schedule
+  PipelineSplit pipeline;  // uneven stages (parallel/pipeline_layout.h); a layout string sets vpp
 };
 
 // A rank's position in the dense grid.
@@ -67,6 +70,7 @@ class Layout {
   int tp() const { return sizes_.tp; }
   int cp() const { return sizes_.cp; }
   int pp() const { return sizes_.pp; }
+  int vpp() const { return sizes_.vpp; }
   int dp() const { return sizes_.dp; }
   int ep() const { return sizes_.ep; }
   int etp() const { return sizes_.etp; }

@@ -7,18 +7,17 @@
 
 namespace nextron {
 
-TpShardMap::TpShardMap(const ModelConfig& full_config, int tp_rank, int tp_size)
+TpShardMap::TpShardMap(const ModelConfig& full_config, int tp_rank, int tp_size, const StageRange& stage)
     : full_config_(full_config),
       local_config_(tp_local_config(full_config, tp_size)),
       rank_(tp_rank),
       size_(tp_size),
       full_(full_config_),
-      local_(local_config_) {
+      local_(local_config_, stage) {
   NEXTRON_CHECK(tp_rank >= 0 && tp_rank < tp_size, "TP rank ", tp_rank, " outside [0, ", tp_size, ")");
-  NEXTRON_ASSERT(full_.specs().size() == local_.specs().size());
-  for (size_t i = 0; i < full_.specs().size(); ++i) {
-    const ParamSpec& f = full_.specs()[i];
-    const ParamSpec& l = local_.specs()[i];
+  // The stage's parameters keep their global names: each local one is the full parameter of the same name.
+  for (const ParamSpec& l : local_.specs()) {
+    const ParamSpec& f = full_.get(l.name);
     NEXTRON_ASSERT(f.name == l.name && f.shape.size() == l.shape.size());
     if (f.tp_dim < 0 || size_ == 1) {
       NEXTRON_ASSERT(f.shape == l.shape);

@@ -1,6 +1,7 @@
-// Tensor-parallel sharding of the parameters: which elements of the full (single-device) flat layout each TP rank
-// holds in its local flat layout. Derived from the parameter table alone (tp_dim, tp_parts, tp_unit), so the
-// optimizer, checkpoints, the HF converter and the equivalence tests all shard and gather the same way.
+// Tensor-parallel (and pipeline) sharding of the parameters: which elements of the full (single-device, whole-model)
+// flat layout each rank holds in its local flat layout: its TP slice of the parameters of its pipeline stage. Derived
+// from the parameter table alone (tp_dim, tp_parts, tp_unit), so the optimizer, checkpoints, the HF converter and the
+// equivalence tests all shard and gather the same way.
 //
 // A TP rank's local model is the single-device model of a smaller config (tp_local_config, model/config.h), so its
 // local ParamTable has the local shapes in the same order as the full table.
@@ -11,6 +12,7 @@
 
 #include "model/config.h"
 #include "model/param_table.h"
+#include "model/stage.h"
 #include "optim/adamw.h"
 
 namespace nextron {
@@ -27,7 +29,9 @@ struct TpRun {
 
 class TpShardMap {
  public:
-  TpShardMap(const ModelConfig& full_config, int tp_rank, int tp_size);
+  // stage: the layers this rank's model holds (the whole model by default); full_table() is always the whole
+  // model's, local_table() the stage's TP slice.
+  TpShardMap(const ModelConfig& full_config, int tp_rank, int tp_size, const StageRange& stage = {});
 
   int tp_rank() const { return rank_; }
   int tp_size() const { return size_; }

@@ -12,6 +12,13 @@
 
 namespace nextron {
 
+// Default parallel sizes of a run: all 1, with ETP 0 (resolved to TP).
+inline ParallelSizes follow_tp_sizes() {
+  ParallelSizes s;
+  s.etp = 0;
+  return s;
+}
+
 struct TrainOptions {
   // Model: an HF config.json to start from random weights, or an HF checkpoint directory to start from.
   std::string model_config;
@@ -26,8 +33,9 @@ struct TrainOptions {
   uint64_t data_seed = 1234;
 
   // Parallel layout (mpirun -np world): TP, PP, CP, EP, ETP sizes; DP is derived. etp 0 follows TP.
-  ParallelSizes parallel{1, 1, 1, 1, 0, 0};
+  ParallelSizes parallel = follow_tp_sizes();  // etp 0: experts follow TP (Megatron's default)
   bool sequence_parallel = false;
+  int64_t layers_per_virtual_stage = 0;  // --num-layers-per-virtual-pipeline-stage: sets parallel.vpp (0: unset)
 
   // Batches and length: global_batch = micro_batch x DP x gradient-accumulation steps (sequences per optimizer
   // step); micro_batch is per data-parallel rank.

@@ -104,17 +104,39 @@ Trainer::Trainer(const TrainOptions& options, SampleFn source, Communicator* wor
   }
   ParallelSizes sizes = opt_.parallel;
   if (sizes.etp == 0) sizes.etp = sizes.tp;  // Megatron's default: experts follow TP
+  if (opt_.layers_per_virtual_stage > 0) {
+    // Megatron's other spelling of VPP: layers per model chunk.
+    const int64_t per_rank = sizes.pp > 0 ? config.num_hidden_layers / sizes.pp : 0;
+    NEXTRON_CHECK(sizes.vpp == 1, "--num-layers-per-virtual-pipeline-stage and --virtual-pipeline-model-parallel-size ",
+                  "both set: give one of them");
+    NEXTRON_CHECK(sizes.pp > 1 && per_rank % opt_.layers_per_virtual_stage == 0,
+                  "--num-layers-per-virtual-pipeline-stage ", opt_.layers_per_virtual_stage, " does not divide the ",
+                  per_rank, " layers of each of the PP ", sizes.pp, " pipeline ranks: choose a divisor of ", per_rank,
+                  " (and PP >= 2)");
+    sizes.vpp = static_cast<int>(per_rank / opt_.layers_per_virtual_stage);
+  }
+  const bool cuda_backend = backend.ops && backend.ops->device() == Device::cuda;
   if (world && world->size() > 1) {
-    ctx_ = std::make_unique<ParallelContext>(*world, sizes, opt_.sequence_parallel, config, opt_.seq_len);
+    // Gradients, TP activations and pipeline messages live on the GPU there: those groups move device memory
+    // (NCCL). The model's data-parallel group stays MPI: it sums host statistics (loss normaliser, MoE load).
+    NEXTRON_CHECK(!cuda_backend || backend.device_comm, "a parallel run on a GPU needs a device communicator (NCCL)");
+    ctx_ = std::make_unique<ParallelContext>(*world, sizes, opt_.sequence_parallel, config, opt_.seq_len,
+                                             cuda_backend ? backend.device_comm : DeviceCommFactory{});
   } else {
-    Layout(sizes, 1, config, opt_.seq_len);  // the same checks (and messages) as a parallel run
-    NEXTRON_CHECK(sizes.tp == 1 && sizes.pp == 1 && sizes.cp == 1 && sizes.ep == 1,
+    const Layout one(sizes, 1, config, opt_.seq_len);  // the same checks (and messages) as a parallel run
+    NEXTRON_CHECK(sizes.tp == 1 && sizes.pp == 1 && sizes.cp == 1 && sizes.ep == 1 && one.vpp() == 1,
                   "a parallel layout needs that many MPI ranks: start with mpirun -np <TP*PP*CP*DP>");
   }
   const int64_t per_step = opt_.micro_batch * dp_size();
   NEXTRON_CHECK(opt_.global_batch % per_step == 0, "--global-batch-size (", opt_.global_batch,
                 ") must be a multiple of --micro-batch-size x data-parallel size (", opt_.micro_batch, " x ", dp_size(),
                 " = ", per_step, ")");
+  // The pipeline schedule of a step (at PP 1: forward and backward of each micro-batch in turn). Checked here, on
+  // every rank alike, so a micro-batch count the interleaved schedule cannot run stops the job before any
+  // communication.
+  schedule_spec_ = {ctx_ ? ctx_->layout().pp() : 1, ctx_ ? ctx_->layout().vpp() : 1,
+                    static_cast<int>(opt_.global_batch / per_step)};
+  schedule_spec_.validate();
   // Before the model is built: a mistake in an output path costs seconds, not a training run.
   on_rank0([&] { prepare_outputs(); });
   if (is_logger() && opt_.sequence_parallel && sizes.tp == 1)
@@ -124,39 +146,40 @@ Trainer::Trainer(const TrainOptions& options, SampleFn source, Communicator* wor
                         config.max_position_embeddings,
                         "): RoPE positions beyond it were never trained; raise it in config.json if that is intended"));
 
-  const bool cuda_backend = backend.ops && backend.ops->device() == Device::cuda;
   NEXTRON_CHECK((opt_.device == "cuda") == cuda_backend, "--device ", opt_.device, " but the backend given is ",
                 backend.ops ? backend.ops->name() : "cpu", " (internal: build the TrainBackend from the option)");
-  ModelComms comms = ctx_ ? ctx_->model_comms() : ModelComms{};
-  if (cuda_backend && ctx_) {
-    // Gradients and TP activations live on the GPU: their groups move device memory (NCCL). The model's
-    // data-parallel group stays MPI: it sums host statistics (loss normaliser, MoE load).
-    NEXTRON_CHECK(backend.device_comm, "a parallel run on a GPU needs a device communicator (NCCL)");
-    if (dp_size() > 1) dp_device_ = backend.device_comm(ctx_->dp());
-    if (ctx_->layout().tp() > 1) {
-      tp_device_ = backend.device_comm(ctx_->tp());
-      comms.tp = TensorParallel(tp_device_.get(), ctx_->sequence_parallel());
-    }
+  const ModelComms comms = ctx_ ? ctx_->model_comms() : ModelComms{};
+  const int num_chunks = ctx_ ? ctx_->num_chunks() : 1;
+  for (int c = 0; c < num_chunks; ++c) {
+    Chunk chunk;
+    chunk.model = std::make_unique<Model>(config, comms, backend.ops, ctx_ ? ctx_->chunk(c) : StageRange{});
+    if (ctx_) chunk.tp_sync = std::make_unique<TpGradSync>(ctx_->shard_map(c), comms.tp, chunk.model->ops());
+    chunks_.push_back(std::move(chunk));
   }
-  model_ = std::make_unique<Model>(config, comms, backend.ops);
   {
-    // Every rank builds the whole model's initial weights (the same on every rank) on the host and keeps its TP
-    // slice, copied to the device when the model lives there.
-    const ParamTable& full_table = ctx_ ? ctx_->shard_map().full_table() : model_->table();
+    // Every rank builds the whole model's initial weights (the same on every rank) on the host and keeps its
+    // chunks' TP slices, copied to the device when the model lives there.
+    const ParamTable& full_table = this->full_table();
     std::vector<float> full(full_table.total_numel());
     if (opt_.init_from.empty())
       init_parameters(full_table, full.data(), opt_.init_seed, opt_.initializer_range);
     else
       load_hf_weights(opt_.init_from, full_table, full.data());
-    std::vector<float> local(model_->table().total_numel());
-    if (ctx_)
-      ctx_->shard_map().scatter(full.data(), local.data());
-    else
-      local.swap(full);
-    from_host(model_->params(), 0, local.data(), static_cast<int64_t>(local.size()));
-    model_->params_changed();
+    for (int c = 0; c < num_chunks; ++c) {
+      Model& m = *chunks_[c].model;
+      std::vector<float> local(m.table().total_numel());
+      if (ctx_)
+        ctx_->scatter(c, full.data(), local.data());
+      else
+        local = full;
+      from_host(m.params(), 0, local.data(), static_cast<int64_t>(local.size()));
+      m.params_changed();
+    }
   }
-  if (ctx_) tp_sync_ = std::make_unique<TpGradSync>(ctx_->shard_map(), comms.tp, model_->ops());
+  std::vector<Model*> models;
+  for (Chunk& c : chunks_) models.push_back(c.model.get());
+  p2p_ = std::make_unique<PipelineP2P>(ctx_ ? &ctx_->pp_device() : nullptr);
+  runner_ = std::make_unique<PipelineRunner>(models, *p2p_, dp_size());
 
   if (!sample_) {
     stream_ = std::make_unique<SampleStream>(opt_.data, opt_.seq_len, opt_.valid_fraction, opt_.data_seed);
@@ -166,9 +189,9 @@ Trainer::Trainer(const TrainOptions& options, SampleFn source, Communicator* wor
 
   if (opt_.lr.decay_steps == 0) opt_.lr.decay_steps = opt_.train_steps;
   schedule_ = std::make_unique<LrSchedule>(opt_.lr);
-  Communicator* dp_host = ctx_ ? &ctx_->dp() : nullptr;
-  opt_state_ = std::make_unique<DistributedOptimizer>(model_->table(), dp_device_ ? dp_device_.get() : dp_host, dp_host,
-                                                      opt_.adam, model_->ops());
+  for (Chunk& c : chunks_)
+    c.opt = std::make_unique<DistributedOptimizer>(c.model->table(), ctx_ ? &ctx_->dp_device() : nullptr,
+                                                   ctx_ ? &ctx_->dp() : nullptr, opt_.adam, c.model->ops());
 
   std::optional<std::string> resume_dir;
   if (opt_.resume == "auto" && !opt_.save_dir.empty())
@@ -227,52 +250,64 @@ Trainer::~Trainer() = default;
 
 StepRecord Trainer::step() {
   const auto t0 = std::chrono::steady_clock::now();
-  const int64_t M = opt_.micro_batch, S = opt_.seq_len, D = dp_size(), accum = opt_.global_batch / (M * D);
+  const int64_t M = opt_.micro_batch, S = opt_.seq_len, D = dp_size(), accum = schedule_spec_.microbatches;
   rows_.resize(M * (S + 1));
   ids_.resize(M * S);
   targets_.resize(M * S);
-  model_->zero_grad();
+  for (Chunk& c : chunks_) c.model->zero_grad();
   StepRecord rec;
-  for (int64_t a = 0; a < accum; ++a) {
-    // Global micro-batch a holds samples [position + a M D, +M D); this DP rank reads its M consecutive rows.
-    const int64_t first = position_ + (a * D + dp_rank()) * M;
+  // Global micro-batch m holds samples [position + m M D, +M D); this DP rank reads its M consecutive rows.
+  auto tokens = [&](int m) {
+    const int64_t first = position_ + (m * D + dp_rank()) * M;
     for (int64_t r = 0; r < M; ++r) sample_(first + r, rows_.data() + r * (S + 1));
     for (int64_t r = 0; r < M; ++r)
       for (int64_t t = 0; t < S; ++t) {
         ids_[r * S + t] = rows_[r * (S + 1) + t];
         targets_[r * S + t] = rows_[r * (S + 1) + t + 1];
       }
-    const LossValues lv = model_->forward_targets(ids_.data(), targets_.data(), M, S);
-    // step_ counts the steps completed; the log numbers this one step_ + 1.
-    NEXTRON_CHECK(std::isfinite(lv.loss), "loss is ", short_number(lv.loss), " at step ", step_ + 1,
-                  step_ > 0 ? " (the gradient norm of step " + std::to_string(step_) + " was " +
-                                  short_number(last_grad_norm_) + ")"
-                            : std::string(),
-                  "; training diverged: ", divergence_advice(opt_));
-    model_->backward(1.0f / static_cast<float>(accum));
-    rec.loss += lv.loss / static_cast<double>(accum);
-    rec.lm_loss += lv.lm_loss / static_cast<double>(accum);
-    rec.aux_loss += lv.aux_loss / static_cast<double>(accum);
-    rec.tokens += M * D * S;
+    return MicroBatchTokens{ids_.data(), targets_.data()};
+  };
+  const std::vector<LossValues> losses = runner_->run(schedule_spec_, tokens, M, S, 1.0f / static_cast<float>(accum));
+  double sums[3] = {0, 0, 0};  // loss, lm_loss, aux_loss summed over the micro-batches (on the last stage)
+  for (const LossValues& lv : losses) {
+    sums[0] += lv.loss;
+    sums[1] += lv.lm_loss;
+    sums[2] += lv.aux_loss;
   }
+  // The last pipeline stage scored the micro-batches; every rank learns the losses (and stops together on a NaN).
+  if (ctx_ && ctx_->layout().pp() > 1) ctx_->pp().all_reduce_sum(sums, 3);
+  rec.loss = sums[0] / static_cast<double>(accum);
+  rec.lm_loss = sums[1] / static_cast<double>(accum);
+  rec.aux_loss = sums[2] / static_cast<double>(accum);
+  rec.tokens = accum * M * D * S;
+  // step_ counts the steps completed; the log numbers this one step_ + 1.
+  NEXTRON_CHECK(
+      std::isfinite(rec.loss), "loss is ", short_number(rec.loss), " at step ", step_ + 1,
+      step_ > 0 ? " (the gradient norm of step " + std::to_string(step_) + " was " + short_number(last_grad_norm_) + ")"
+                : std::string(),
+      "; training diverged: ", divergence_advice(opt_));
   position_ += opt_.global_batch;
-  Tensor& grads = model_->grads();
-  if (tp_sync_) tp_sync_->run(grads);
-  opt_state_->reduce_scatter_grads(grads);
-  const std::vector<FlatRange> counted =
-      ctx_ ? ctx_->shard_map().owned_ranges() : std::vector<FlatRange>{{0, model_->table().total_numel()}};
-  double sq = opt_state_->shard_sq_sum(grads, counted);
+  double sq = 0;
+  for (size_t c = 0; c < chunks_.size(); ++c) {
+    Chunk& chunk = chunks_[c];
+    Tensor& grads = chunk.model->grads();
+    if (chunk.tp_sync) chunk.tp_sync->run(grads);
+    chunk.opt->reduce_scatter_grads(grads);
+    const std::vector<FlatRange> counted = ctx_ ? ctx_->shard_map(static_cast<int>(c)).owned_ranges()
+                                                : std::vector<FlatRange>{{0, chunk.model->table().total_numel()}};
+    sq += chunk.opt->shard_sq_sum(grads, counted);
+  }
   if (ctx_) ctx_->world().all_reduce_sum(&sq, 1);
   rec.grad_norm = std::sqrt(sq);
   NEXTRON_CHECK(std::isfinite(rec.grad_norm), "gradient norm is ", short_number(rec.grad_norm), " at step ", step_ + 1,
                 "; training diverged: ", divergence_advice(opt_));
   last_grad_norm_ = rec.grad_norm;
-  if (opt_.clip_grad > 0) {
-    const double c = clip_coefficient(rec.grad_norm, opt_.clip_grad);
-    if (c < 1.0) opt_state_->scale_shard(grads, static_cast<float>(c));
-  }
+  const double clip = opt_.clip_grad > 0 ? clip_coefficient(rec.grad_norm, opt_.clip_grad) : 1.0;
   rec.lr = schedule_->lr_at(step_);
-  opt_state_->step(model_->params(), grads, rec.lr, &model_->params_act());
+  for (Chunk& chunk : chunks_) {
+    if (clip < 1.0) chunk.opt->scale_shard(chunk.model->grads(), static_cast<float>(clip));
+    chunk.opt->step(chunk.model->params(), chunk.model->grads(), rec.lr, &chunk.model->params_act());
+  }
   ++step_;
   consumed_tokens_ += rec.tokens;
   rec.step = step_;
@@ -280,17 +315,28 @@ StepRecord Trainer::step() {
   return rec;
 }
 
+const ParamTable& Trainer::full_table() const { return ctx_ ? ctx_->full_table() : chunks_.front().model->table(); }
+
+std::vector<float> Trainer::gather_chunks(const std::vector<std::vector<float>>& locals) const {
+  if (!ctx_) return locals.front();
+  std::vector<const float*> ptrs;
+  for (const auto& l : locals) ptrs.push_back(l.data());
+  return ctx_->gather_full(ptrs);
+}
+
 std::vector<float> Trainer::full_params() {
-  std::vector<float> local = to_host(model_->params(), 0, model_->table().total_numel());
-  if (!ctx_) return local;
-  return ctx_->gather_full(local.data());
+  std::vector<std::vector<float>> locals;
+  for (Chunk& c : chunks_) locals.push_back(to_host(c.model->params(), 0, c.model->table().total_numel()));
+  return gather_chunks(locals);
 }
 
 std::vector<float> Trainer::full_grads() {
-  std::vector<float> local = to_host(model_->grads(), 0, model_->table().total_numel());
-  opt_state_->all_gather_host(local.data());
-  if (!ctx_) return local;
-  return ctx_->gather_full(local.data());
+  std::vector<std::vector<float>> locals;
+  for (Chunk& c : chunks_) {
+    locals.push_back(to_host(c.model->grads(), 0, c.model->table().total_numel()));
+    c.opt->all_gather_host(locals.back().data());
+  }
+  return gather_chunks(locals);
 }
 
 void Trainer::on_rank0(const std::function<void()>& body) {
@@ -318,9 +364,8 @@ double Trainer::validate() {
   rows_.resize(M * (S + 1));
   ids_.resize(M * S);
   targets_.resize(M * S);
-  double total = 0;
-  for (int64_t it = 0; it < opt_.eval_iters; ++it) {
-    // Validation micro-batch `it` is M x DP rows; the loss is already the mean over all of them.
+  // Validation micro-batch `it` is M x DP rows; the loss is already the mean over all of them.
+  auto tokens = [&](int it) {
     const int64_t first = (it * D + dp_rank()) * M;
     for (int64_t r = 0; r < M; ++r) stream_->valid_sample((first + r) % nvalid, rows_.data() + r * (S + 1));
     for (int64_t r = 0; r < M; ++r)
@@ -328,8 +373,12 @@ double Trainer::validate() {
         ids_[r * S + t] = rows_[r * (S + 1) + t];
         targets_[r * S + t] = rows_[r * (S + 1) + t + 1];
       }
-    total += model_->forward_targets(ids_.data(), targets_.data(), M, S).lm_loss;
-  }
+    return MicroBatchTokens{ids_.data(), targets_.data()};
+  };
+  double total = 0;
+  for (const LossValues& lv : runner_->evaluate(static_cast<int>(opt_.eval_iters), tokens, M, S)) total += lv.lm_loss;
+  // The last pipeline stage scored them.
+  if (ctx_ && ctx_->layout().pp() > 1) ctx_->pp().all_reduce_sum(&total, 1);
   return total / static_cast<double>(opt_.eval_iters);
 }
 
@@ -337,21 +386,24 @@ std::string Trainer::save_checkpoint() {
   NEXTRON_CHECK(!opt_.save_dir.empty(), "saving a checkpoint needs --save DIR");
   // The checkpoint holds the whole model and the whole optimizer state in the single-device layout, gathered to
   // rank 0, so it resumes under any layout (docs/formats.md).
-  const AdamW& adam = opt_state_->adam();
-  const int64_t P = model_->table().total_numel();
-  std::vector<float> m(P, 0.0f), v(P, 0.0f);
-  const std::vector<float> m_local = to_host(adam.exp_avg(), 0, adam.range().size()),
-                           v_local = to_host(adam.exp_avg_sq(), 0, adam.range().size());
-  std::copy(m_local.begin(), m_local.end(), m.data() + adam.range().begin);
-  std::copy(v_local.begin(), v_local.end(), v.data() + adam.range().begin);
-  opt_state_->all_gather_host(m.data());
-  opt_state_->all_gather_host(v.data());
-  const std::vector<float> params = full_params();
-  if (ctx_) {
-    m = ctx_->gather_full(m.data());
-    v = ctx_->gather_full(v.data());
+  std::vector<std::vector<float>> m_locals, v_locals;
+  for (Chunk& c : chunks_) {
+    // Each chunk's moments: this DP rank's shard, all-gathered over DP into the chunk's local layout.
+    const AdamW& adam = c.opt->adam();
+    const int64_t P = c.model->table().total_numel();
+    for (auto* locals : {&m_locals, &v_locals}) {
+      std::vector<float> local(P, 0.0f);
+      const std::vector<float> shard =
+          to_host(locals == &m_locals ? adam.exp_avg() : adam.exp_avg_sq(), 0, adam.range().size());
+      std::copy(shard.begin(), shard.end(), local.data() + adam.range().begin);
+      c.opt->all_gather_host(local.data());
+      locals->push_back(std::move(local));
+    }
   }
-  const ParamTable& full_table = ctx_ ? ctx_->shard_map().full_table() : model_->table();
+  const std::vector<float> m = gather_chunks(m_locals), v = gather_chunks(v_locals);
+  const std::vector<float> params = full_params();
+  const ParamTable& full_table = this->full_table();
+  const AdamW& adam = chunks_.front().opt->adam();
   OptimizerShard shard;
   shard.range = FlatRange{0, full_table.total_numel()};
   shard.exp_avg = m.data();
@@ -376,13 +428,8 @@ std::string Trainer::save_checkpoint() {
              {"clip_grad", opt_.clip_grad}};
   if (ctx_) {
     const ParallelSizes& z = ctx_->layout().sizes();
-    st.args["layout"] = {{"tp", z.tp},
-                         {"pp", z.pp},
-                         {"cp", z.cp},
-                         {"ep", z.ep},
-                         {"etp", z.etp},
-                         {"dp", z.dp},
-                         {"sequence_parallel", opt_.sequence_parallel}};
+    st.args["layout"] = {{"tp", z.tp}, {"pp", z.pp},   {"vpp", z.vpp}, {"cp", z.cp},
+                         {"ep", z.ep}, {"etp", z.etp}, {"dp", z.dp},   {"sequence_parallel", opt_.sequence_parallel}};
   }
   if (stream_) st.args["data_fingerprint"] = std::to_string(stream_->fingerprint());
   std::string dir;
@@ -390,20 +437,20 @@ std::string Trainer::save_checkpoint() {
     // Fault injection for the stop-signal tests (tools/test_train_mpi_signal.py): a save that takes this long.
     if (const char* delay = std::getenv("NEXTRON_FAULT_SAVE_DELAY_S"))
       std::this_thread::sleep_for(std::chrono::duration<double>(std::atof(delay)));
-    dir = save_train_checkpoint(opt_.save_dir, model_->config(), full_table, params.data(), shard, st, opt_.keep_last);
+    dir = save_train_checkpoint(opt_.save_dir, config(), full_table, params.data(), shard, st, opt_.keep_last);
   });
   return dir.empty() ? train_checkpoint_dir(opt_.save_dir, step_) : dir;
 }
 
 void Trainer::resume_from(const std::string& dir) {
   // Every rank reads the whole checkpoint (a shared file system) and keeps its TP slice and ZeRO shard.
-  const ParamTable& full_table = ctx_ ? ctx_->shard_map().full_table() : model_->table();
+  const ParamTable& full_table = this->full_table();
   const int64_t F = full_table.total_numel();
   std::vector<float> params(F), m(F), v(F);
   LoadedCheckpoint ck;
   std::string error;
   try {
-    ck = load_train_checkpoint(dir, model_->config(), full_table, params.data(), FlatRange{0, F}, m.data(), v.data());
+    ck = load_train_checkpoint(dir, config(), full_table, params.data(), FlatRange{0, F}, m.data(), v.data());
   } catch (const std::exception& e) {
     error = e.what();
   }
@@ -426,23 +473,25 @@ void Trainer::resume_from(const std::string& dir) {
   same("data_seed", opt_.data_seed);
   same("valid_fraction", opt_.valid_fraction);
   if (stream_) same("data_fingerprint", std::to_string(stream_->fingerprint()));
-  AdamW& adam = opt_state_->adam();
-  const FlatRange r = adam.range();
-  if (ctx_) {
-    std::vector<float> local(model_->table().total_numel());
-    ctx_->shard_map().scatter(params.data(), local.data());
-    from_host(model_->params(), 0, local.data(), static_cast<int64_t>(local.size()));
-    ctx_->shard_map().scatter(m.data(), local.data());
-    from_host(adam.exp_avg(), 0, local.data() + r.begin, r.size());
-    ctx_->shard_map().scatter(v.data(), local.data());
-    from_host(adam.exp_avg_sq(), 0, local.data() + r.begin, r.size());
-  } else {
-    from_host(model_->params(), 0, params.data(), F);
-    from_host(adam.exp_avg(), 0, m.data() + r.begin, r.size());
-    from_host(adam.exp_avg_sq(), 0, v.data() + r.begin, r.size());
+  for (size_t c = 0; c < chunks_.size(); ++c) {
+    // Each chunk keeps its TP slice of the parameters and the moments of its ZeRO shard.
+    Model& model = *chunks_[c].model;
+    AdamW& adam = chunks_[c].opt->adam();
+    const FlatRange r = adam.range();
+    std::vector<float> local(model.table().total_numel());
+    auto slice = [&](const std::vector<float>& full) {
+      if (ctx_)
+        ctx_->scatter(static_cast<int>(c), full.data(), local.data());
+      else
+        std::copy(full.begin(), full.end(), local.begin());
+      return local.data();
+    };
+    from_host(model.params(), 0, slice(params), static_cast<int64_t>(local.size()));
+    from_host(adam.exp_avg(), 0, slice(m) + r.begin, r.size());
+    from_host(adam.exp_avg_sq(), 0, slice(v) + r.begin, r.size());
+    model.params_changed();
+    adam.set_steps_taken(ck.steps_taken);
   }
-  model_->params_changed();
-  adam.set_steps_taken(ck.steps_taken);
   step_ = ck.state.step;
   position_ = ck.state.data_position;
   consumed_tokens_ = ck.state.consumed_tokens;
@@ -453,12 +502,11 @@ void Trainer::resume_from(const std::string& dir) {
 
 void Trainer::export_hf(const std::string& dir) {
   const std::vector<float> params = full_params();
-  const ParamTable& full_table = ctx_ ? ctx_->shard_map().full_table() : model_->table();
-  on_rank0([&] { save_hf_checkpoint(dir, model_->config(), full_table, params.data()); });
+  on_rank0([&] { save_hf_checkpoint(dir, config(), full_table(), params.data()); });
 }
 
 void Trainer::run() {
-  const ModelConfig& c = model_->config();
+  const ModelConfig& c = config();
   const double flops_per_token = training_flops_per_token(c, opt_.seq_len);
   const bool log = is_logger();
   const int world = ctx_ ? ctx_->layout().world_size() : 1;
@@ -476,10 +524,9 @@ void Trainer::run() {
     std::printf(
         "nextron-train: %lld parameters, %lld layers (%s), %lld steps of %lld x %lld tokens; %.3g training "
         "FLOPs/token; MFU against %.3g TFLOP/s%s\n",
-        static_cast<long long>(ctx_ ? ctx_->shard_map().full_table().total_numel() : model_->table().total_numel()),
-        static_cast<long long>(c.num_hidden_layers), c.num_moe_layers() ? "MoE" : "dense",
-        static_cast<long long>(opt_.train_steps), static_cast<long long>(opt_.global_batch),
-        static_cast<long long>(opt_.seq_len), flops_per_token, peak / 1e12,
+        static_cast<long long>(full_table().total_numel()), static_cast<long long>(c.num_hidden_layers),
+        c.num_moe_layers() ? "MoE" : "dense", static_cast<long long>(opt_.train_steps),
+        static_cast<long long>(opt_.global_batch), static_cast<long long>(opt_.seq_len), flops_per_token, peak / 1e12,
         opt_.peak_tflops > 0 ? "" : " (measured CPU fp32 GEMM peak)");
   if (log && ctx_)
     std::printf("parallel layout: %s%s\n", ctx_->layout().describe().c_str(),

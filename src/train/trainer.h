@@ -17,6 +17,8 @@
 #include "parallel/context.h"
 #include "parallel/distributed_optimizer.h"
 #include "parallel/grad_sync.h"
+#include "parallel/pipeline_runner.h"
+#include "parallel/schedule.h"
 #include "train/options.h"
 
 namespace nextron {
@@ -61,14 +63,18 @@ class Trainer {
   // Whether run() was stopped by SIGINT/SIGTERM/SIGUSR1 before --train-steps (it saved, and skipped --export-hf).
   bool stopped_early() const { return stopped_early_; }
 
-  Model& model() { return *model_; }
+  // This rank's first model chunk (the whole model on one process; a pipeline stage under PP).
+  Model& model() { return *chunks_.front().model; }
+  const ModelConfig& config() const { return chunks_.front().model->config(); }
   // Whole-model (single-device layout) parameters and the gradients of the last step as AdamW used them (summed
   // over DP, clipped), gathered from every rank; collective in a parallel run.
   std::vector<float> full_params();
   std::vector<float> full_grads();
   bool is_logger() const { return !ctx_ || ctx_->rank() == 0; }
   const ParallelContext* parallel() const { return ctx_.get(); }
-  const DistributedOptimizer& optimizer() const { return *opt_state_; }
+  const DistributedOptimizer& optimizer() const { return *chunks_.front().opt; }  // the first chunk's
+  // The activation records alive at once during the last step (the pipeline schedule's in-flight bound).
+  int peak_activation_records() const { return runner_->peak_records(); }
   const TrainOptions& options() const { return opt_; }
   int64_t steps_done() const { return step_; }
   int64_t data_position() const { return position_; }
@@ -78,6 +84,10 @@ class Trainer {
   // Rank 0, at start-up: checks every output path, locks --save, removes dead runs' leftovers and refuses to mix
   // a new run into a directory holding an old one's checkpoints (or clears them: --overwrite-save).
   void prepare_outputs();
+  // The whole model's parameter table (the layout of checkpoints, HF export and full_params()).
+  const ParamTable& full_table() const;
+  // The whole model's flat buffer from one local buffer per chunk (one process: the buffer itself); collective.
+  std::vector<float> gather_chunks(const std::vector<std::vector<float>>& locals) const;
   int dp_size() const { return ctx_ ? ctx_->layout().dp() : 1; }
   int dp_rank() const { return ctx_ ? ctx_->dp_rank() : 0; }
   // Runs `body` on rank 0 only; every rank learns whether it failed and throws the same error (no rank hangs).
@@ -85,14 +95,20 @@ class Trainer {
 
   TrainOptions opt_;
   std::unique_ptr<ParallelContext> ctx_;
-  std::unique_ptr<SaveDirLock> save_lock_;   // rank 0 with --save: held for the Trainer's life
-  std::unique_ptr<Communicator> dp_device_;  // the DP group over device memory (NCCL) when on a GPU
-  std::unique_ptr<Communicator> tp_device_;  // the TP group over device memory (NCCL) when on a GPU
-  std::unique_ptr<Model> model_;
-  std::unique_ptr<TpGradSync> tp_sync_;
+  std::unique_ptr<SaveDirLock> save_lock_;  // rank 0 with --save: held for the Trainer's life
+  // One model chunk of this rank (the whole model, a pipeline stage, or one of an interleaved rank's chunks) with
+  // what completes its gradients and updates it.
+  struct Chunk {
+    std::unique_ptr<Model> model;
+    std::unique_ptr<TpGradSync> tp_sync;        // TP gradient completion (parallel runs)
+    std::unique_ptr<DistributedOptimizer> opt;  // ZeRO-1 AdamW over the chunk's flat buffers
+  };
+  std::vector<Chunk> chunks_;
+  ScheduleSpec schedule_spec_;
+  std::unique_ptr<PipelineP2P> p2p_;
+  std::unique_ptr<PipelineRunner> runner_;
   std::unique_ptr<SampleStream> stream_;
   SampleFn sample_;
-  std::unique_ptr<DistributedOptimizer> opt_state_;
   std::unique_ptr<LrSchedule> schedule_;
   int64_t step_ = 0;
   int64_t position_ = 0;  // next global training sample

@@ -28,6 +28,8 @@
 //
 // 2. ZeRO-1 optimizer state per rank (AdamW's two fp32 moments of the rank's shard) is 2 * 4 * shard bytes, the
 //    shard being the ceil(P/d) split of the flat buffer: it falls as 1/DP, within one padding element.
+//
+// 3. Pipeline point-to-point bytes (below, with their formula).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -35,8 +37,9 @@
 #include <cstdio>
 #include <ostream>
 
-#include "mpi_fixture.h"
 #include "comm/counting_communicator.h"
+#include "mpi_fixture.h"
+#include "parallel/schedule.h"
 #include "tiny_model.h"
 #include "train/trainer.h"
 
@@ -141,14 +144,14 @@ TEST_P(CommVolumeLayouts, BytesPerStepMatchFormula) {
   const int t = c.tp, d = c.world / c.tp;
   CountingCommunicator world(*comm_);
   Trainer trainer(options(t, c.sp, d), sample, &world);
-  // Construction splits the world into the TP and the DP groups and agrees once on whether rank 0's start-up checks
+  // Construction splits the world into the TP, DP and PP groups and agrees once on whether rank 0's start-up checks
   // of the output paths passed (one all-reduce of one double), nothing else.
   const CommVolume& built = *world.volume();
   const bool parallel = c.world > 1;
   // (the ring all-reduce's counted bytes, 2 (p - 1) / p x n x b, for n = 1 double over the world of p ranks)
   const double check_bytes = 2.0 * (c.world - 1) / c.world * double(sizeof(double));
   EXPECT_DOUBLE_EQ(built.total_bytes(), parallel ? check_bytes : 0.0) << built.describe();
-  EXPECT_EQ(built.calls_of(CommOp::split), parallel ? 2 : 0) << built.describe();
+  EXPECT_EQ(built.calls_of(CommOp::split), parallel ? 3 : 0) << built.describe();
   EXPECT_EQ(built.calls_of(CommOp::all_reduce), parallel ? 1 : 0) << built.describe();
   EXPECT_EQ(built.total_calls(), built.calls_of(CommOp::split) + built.calls_of(CommOp::all_reduce))
       << built.describe();
@@ -250,6 +253,62 @@ TEST_F(Mpi, OptimizerStateFallsAsOneOverDp) {
     for (const auto& l : rows) std::printf("%s\n", l.c_str());
   }
 }
+
+// 3. Pipeline parallelism: the pipeline group's bytes per rank per step. Every micro-batch crosses each boundary
+//    between consecutive virtual stages once forward (the Nl x H activation and the 2E router statistics, f32) and
+//    once backward (its gradient and the final statistics): a rank sends M (Nl H + 2E) 4 bytes for each of its chunks
+//    that is not the model's last virtual stage and as many for each that is not the first. Nl = N / t under SP. Plus
+//    the losses the last stage shares with the others: one all-reduce of 3 doubles, ar(p, 3, 8). One
+//    batch_send_recv call per communicate action of the schedule table (parallel/schedule.h).
+struct PipelineCase {
+  const char* name;
+  int world, pp, vpp, tp;
+  bool sp;
+};
+void PrintTo(const PipelineCase& c, std::ostream* os) { *os << c.name; }
+class PipelineVolume : public Mpi, public ::testing::WithParamInterface<PipelineCase> {};
+
+TEST_P(PipelineVolume, P2PBytesEqualTheFormula) {
+  const PipelineCase& c = GetParam();
+  if (c.world != world_size()) GTEST_SKIP() << c.name << " runs at " << c.world << " ranks";
+  const int d = c.world / (c.tp * c.pp);
+  ASSERT_EQ(d, 1);
+  TrainOptions o = options(c.tp, c.sp, d);
+  o.parallel.pp = c.pp;
+  o.parallel.vpp = c.vpp;
+  CountingCommunicator world(*comm_);
+  Trainer trainer(o, sample, &world);
+  auto* pp = dynamic_cast<CountingCommunicator*>(&trainer.parallel()->pp());
+  ASSERT_TRUE(pp);
+  pp->reset_own();
+  trainer.step();
+  const int64_t M = kGlobalBatch / micro_batch(d), N = micro_batch(d) * kSeq, Nl = c.sp ? N / c.tp : N;
+  const int r = trainer.parallel()->pp_rank(), stages = c.pp * c.vpp;
+  int crossings = 0;  // boundaries this rank's chunks send over: forward (not the last stage) and backward (not first)
+  for (int chunk = 0; chunk < c.vpp; ++chunk) {
+    const int v = chunk * c.pp + r;
+    crossings += (v + 1 < stages) + (v > 0);
+  }
+  const double want_p2p = static_cast<double>(crossings) * M * (Nl * kH + 2 * kE) * 4.0;
+  const CommVolume& got = pp->own();
+  expect_bytes(got.bytes_of(CommOp::batch_send_recv), want_p2p, std::string(c.name) + ": " + got.describe());
+  expect_bytes(got.bytes_of(CommOp::all_reduce), ar(c.pp, 3, 8), std::string(c.name) + ": " + got.describe());
+  const ScheduleTable table = schedule_table({c.pp, c.vpp, static_cast<int>(M)});
+  const int64_t actions = std::count_if(table[r].begin(), table[r].end(),
+                                        [](const Action& a) { return a.kind == ActionKind::communicate; });
+  EXPECT_EQ(got.calls_of(CommOp::batch_send_recv), actions) << got.describe();
+  EXPECT_EQ(got.total_calls(), actions + 1) << got.describe();
+  if (world_rank() == 0)
+    std::printf("%s: pipeline bytes/step of rank 0 = %.0f (formula %.0f), %lld exchanges\n", c.name, got.total_bytes(),
+                want_p2p + ar(c.pp, 3, 8), static_cast<long long>(actions));
+}
+
+INSTANTIATE_TEST_SUITE_P(Pipelines, PipelineVolume,
+                         ::testing::Values(PipelineCase{"PP2", 2, 2, 1, 1, false},
+                                           PipelineCase{"PP2_VPP2", 2, 2, 2, 1, false},
+                                           PipelineCase{"PP4", 4, 4, 1, 1, false},
+                                           PipelineCase{"PP2xTP2_SP", 4, 2, 1, 2, true}),
+                         [](const auto& param_info) { return std::string(param_info.param.name); });
 
 }  // namespace
 

@@ -1,0 +1,176 @@
+#include "parallel/pipeline_runner.h"
+
+#include <algorithm>
+
+#include "core/error.h"
+
+namespace nextron {
+
+PipelineRunner::PipelineRunner(std::vector<Model*> chunks, PipelineP2P& p2p, int dp_size)
+    : chunks_(std::move(chunks)), p2p_(p2p), dp_size_(dp_size) {
+  NEXTRON_CHECK(!chunks_.empty(), "a pipeline rank holds at least one model chunk");
+  for (const Model* m : chunks_) NEXTRON_ASSERT(m != nullptr);
+}
+
+ModelActivations& PipelineRunner::acquire(int m, int c) {
+  const auto key = std::make_pair(m, c);
+  NEXTRON_CHECK(!live_.count(key), "pipeline schedule: micro-batch ", m, " on chunk ", c, " is already in flight");
+  if (free_.empty()) {
+    pool_.push_back(std::make_unique<ModelActivations>());
+    free_.push_back(pool_.back().get());
+  }
+  ModelActivations* a = free_.back();
+  free_.pop_back();
+  live_[key] = a;
+  peak_ = std::max(peak_, static_cast<int>(live_.size()));
+  return *a;
+}
+
+ModelActivations& PipelineRunner::record(int m, int c) {
+  const auto it = live_.find({m, c});
+  NEXTRON_CHECK(it != live_.end(), "pipeline schedule: micro-batch ", m, " on chunk ", c,
+                " has no activation record (its forward or its input has not run)");
+  return *it->second;
+}
+
+void PipelineRunner::release(int m, int c) {
+  const auto it = live_.find({m, c});
+  NEXTRON_ASSERT(it != live_.end());
+  free_.push_back(it->second);
+  live_.erase(it);
+}
+
+double PipelineRunner::rows_before(int c, int64_t N) const {
+  const ModelConfig& config = chunks_[c]->config();
+  int64_t moe = 0;
+  for (int64_t l = 0; l < chunks_[c]->stage().layer_begin; ++l) moe += config.mlp_type(l) == MlpType::sparse_moe;
+  return static_cast<double>(moe * N);
+}
+
+double PipelineRunner::final_rows(int64_t N) const {
+  return static_cast<double>(chunks_[0]->config().num_moe_layers() * N * dp_size_);
+}
+
+void PipelineRunner::add_messages(const Transfer& t, int64_t B, int64_t S, std::vector<PipeMessage>& out) {
+  const int64_t E = chunks_[0]->config().num_experts, N = B * S;
+  Model& model = *chunks_.at(t.chunk);
+  const bool act = t.kind == TransferKind::activation;
+  ModelActivations* a = nullptr;
+  Tensor* tensor = nullptr;
+  if (t.send) {
+    a = &record(t.microbatch, t.chunk);
+    // Sending only reads the tensor; the message API takes one pointer type for both directions.
+    tensor = const_cast<Tensor*>(act ? &model.stage_output(*a) : &model.stage_input_grad(*a));
+  } else if (act) {
+    a = &acquire(t.microbatch, t.chunk);
+    tensor = &model.stage_input(*a, B, S);
+    if (E > 0) a->aux.reset(model.ops(), E);
+    a->aux.total_rows = rows_before(t.chunk, N);
+  } else {
+    a = &record(t.microbatch, t.chunk);
+    tensor = &model.stage_output_grad(*a);
+    a->aux.total_rows = final_rows(N);
+  }
+  out.push_back({t.send, act ? PipeTensor::activation : PipeTensor::gradient, t.peer, tensor});
+  if (E > 0) {
+    const PipeTensor aux = act ? PipeTensor::activation_aux : PipeTensor::gradient_aux;
+    out.push_back({t.send, aux, t.peer, &a->aux.count_sum});
+    out.push_back({t.send, aux, t.peer, &a->aux.prob_sum});
+  }
+}
+
+void PipelineRunner::communicate(const Action& action, int64_t B, int64_t S) {
+  // A fixed order of kinds on both sides of every pair (NCCL matches per peer in posting order).
+  std::vector<Transfer> transfers = action.transfers;
+  std::stable_sort(transfers.begin(), transfers.end(), [](const Transfer& a, const Transfer& b) {
+    return static_cast<int>(a.kind) < static_cast<int>(b.kind);
+  });
+  std::vector<PipeMessage> messages;
+  for (const Transfer& t : transfers) add_messages(t, B, S, messages);
+  p2p_.exchange(messages);
+  // A record whose input gradient went out has finished its backward.
+  for (const Transfer& t : transfers)
+    if (t.send && t.kind == TransferKind::gradient) release(t.microbatch, t.chunk);
+}
+
+std::vector<LossValues> PipelineRunner::evaluate(int microbatches, const std::function<MicroBatchTokens(int m)>& tokens,
+                                                 int64_t B, int64_t S) {
+  NEXTRON_ASSERT(live_.empty());
+  std::vector<LossValues> losses;
+  for (int m = 0; m < microbatches; ++m)
+    for (int c = 0; c < static_cast<int>(chunks_.size()); ++c) {
+      Model& model = *chunks_[c];
+      const StageRange& stage = model.stage();
+      std::vector<PipeMessage> messages;
+      if (stage.first) {
+        acquire(m, c);
+      } else {
+        // From the previous virtual stage: the previous rank's chunk c, or (on rank 0) the last rank's chunk c - 1.
+        add_messages({false, TransferKind::activation, p2p_.prev(), m, c}, B, S, messages);
+        p2p_.exchange(messages);
+      }
+      ModelActivations& a = record(m, c);
+      const MicroBatchTokens t = stage.first || stage.last ? tokens(m) : MicroBatchTokens{};
+      const LossValues lv = model.forward_targets(a, t.ids, t.targets, B, S);
+      if (stage.last) {
+        losses.push_back(lv);
+      } else {
+        messages.clear();
+        add_messages({true, TransferKind::activation, p2p_.next(), m, c}, B, S, messages);
+        p2p_.exchange(messages);
+      }
+      release(m, c);
+    }
+  return losses;
+}
+
+std::vector<LossValues> PipelineRunner::run(const ScheduleSpec& spec,
+                                            const std::function<MicroBatchTokens(int m)>& tokens, int64_t B, int64_t S,
+                                            float loss_scale) {
+  NEXTRON_CHECK(spec.pp == p2p_.size() && spec.vpp == static_cast<int>(chunks_.size()), "pipeline schedule for PP ",
+                spec.pp, " x ", spec.vpp, " chunks on a rank of PP ", p2p_.size(), " holding ", chunks_.size(),
+                " chunks");
+  if (table_.empty() || spec.pp != spec_.pp || spec.vpp != spec_.vpp || spec.microbatches != spec_.microbatches) {
+    table_ = schedule_table(spec);
+    check_schedule(spec, table_);
+    spec_ = spec;
+  }
+  NEXTRON_ASSERT(live_.empty());
+  peak_ = 0;
+  const int64_t N = B * S;
+  std::vector<LossValues> losses;
+  const bool has_last = chunks_.back()->stage().last;
+  if (has_last) losses.resize(spec.microbatches);
+  for (const Action& action : table_.at(p2p_.rank())) {
+    switch (action.kind) {
+      case ActionKind::communicate:
+        communicate(action, B, S);
+        break;
+      case ActionKind::forward: {
+        Model& model = *chunks_.at(action.chunk);
+        const StageRange& stage = model.stage();
+        ModelActivations& a =
+            stage.first ? acquire(action.microbatch, action.chunk) : record(action.microbatch, action.chunk);
+        const MicroBatchTokens t = stage.first || stage.last ? tokens(action.microbatch) : MicroBatchTokens{};
+        const LossValues lv = model.forward_targets(a, t.ids, t.targets, B, S);
+        if (stage.last) {
+          losses.at(action.microbatch) = lv;
+          // The statistics the earlier stages' backward receives are these; their row count is the closed form.
+          NEXTRON_ASSERT(model.config().num_experts == 0 || a.aux.total_rows == final_rows(N));
+        }
+        break;
+      }
+      case ActionKind::backward: {
+        Model& model = *chunks_.at(action.chunk);
+        model.backward_stage(record(action.microbatch, action.chunk), loss_scale);
+        // The first stage sends nothing back: its record is free now; the others' go when their gradient is sent.
+        if (model.stage().first) release(action.microbatch, action.chunk);
+        break;
+      }
+    }
+  }
+  NEXTRON_CHECK(live_.empty(), "pipeline schedule left ", live_.size(), " micro-batches in flight");
+  return losses;
+}
+
+}  // namespace nextron
