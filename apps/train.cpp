@@ -158,6 +158,14 @@ int run(int argc, char** argv, Communicator* world) {
       "layers of the first pipeline stage (the other stages split the rest evenly; 0: even split)")(
       "decoder-last-pipeline-num-layers", po::value(&o.parallel.pipeline.last_stage_layers)->default_value(0),
       "layers of the last pipeline stage (0: even split)")(
+      "recompute-granularity", po::value(&o.recompute.granularity),
+      "activation recomputation: full (whole layers keep only their input) or selective (--recompute-modules)")(
+      "recompute-method", po::value(&o.recompute.method),
+      "full: uniform (groups of --recompute-num-layers layers) or block (the first --recompute-num-layers layers of "
+      "each stage)")("recompute-num-layers", po::value(&o.recompute.num_layers)->default_value(0),
+                     "full: see --recompute-method")(
+      "recompute-modules", po::value(&o.recompute.modules)->multitoken(),
+      "selective: modules that keep only their input: mlp (dense MLP), moe (sparse MoE block)")(
       "context-parallel-size", po::value(&o.parallel.cp)->default_value(1), "CP (not implemented yet: 1)")(
       "expert-model-parallel-size", po::value(&o.parallel.ep)->default_value(1), "EP (not implemented yet: 1)")(
       "expert-tensor-parallel-size", po::value(&o.parallel.etp)->default_value(0),

@@ -120,6 +120,22 @@ def main():
     check("PP x VPP beyond the layer count fails naming it", r.returncode != 0 and
           "is not divisible by PP x VPP = 2 x 4" in r.stderr, r.stderr[-800:])
 
+    # Recomputation changes no number: the one-process run again with whole layers recomputed, and PP2 with the MLP
+    # blocks recomputed; a flag that does not combine is refused.
+    rc = os.path.join(w, "rc")
+    r = run(common + ["--micro-batch-size", "4", "--train-steps", "4", "--save", rc, "--recompute-granularity", "full",
+                      "--recompute-method", "uniform", "--recompute-num-layers", "2"], np=1)
+    lrc = losses(os.path.join(rc, "metrics.jsonl")) if r.returncode == 0 else {}
+    check("full recomputation gives the same losses bit for bit", lrc == l1, f"{lrc} vs {l1}; {r.stderr[-600:]}")
+    rcp = os.path.join(w, "rcp")
+    r = run(common + ["--micro-batch-size", "2", "--pipeline-model-parallel-size", "2", "--train-steps", "4",
+                      "--save", rcp, "--recompute-granularity", "selective", "--recompute-modules", "mlp", "moe"])
+    lrcp = losses(os.path.join(rcp, "metrics.jsonl")) if r.returncode == 0 else {}
+    check("PP2 x DP2 with selective recomputation equals PP2 x DP2 without", lrcp == lpp, f"{lrcp} vs {lpp}")
+    r = run(common + ["--micro-batch-size", "2", "--recompute-granularity", "full", "--train-steps", "1"])
+    check("full recomputation without a method fails naming it", r.returncode != 0 and
+          "needs --recompute-method uniform or block" in r.stderr, r.stderr[-600:])
+
     # 6. Bad layouts: every rank finds the problem before any communication and aborts the job (no hang), so at least
     # the first rank's message is printed (MPI_Abort may kill the others before they print theirs).
     r = run(common + ["--micro-batch-size", "2", "--tensor-model-parallel-size", "3", "--train-steps", "1"])

@@ -37,9 +37,9 @@ void DecoderLayer::forward(Saved& s, const Tensor& x_in, Tensor& x_out, int64_t 
   s.h2_region = tp_.enter_forward(ops_, h2, s.h2_full, N, H);
   Tensor& mlp_region = ops_.act(mlp_region_, {N, H});
   if (moe_)
-    moe_->forward(s.moe, s.h2_region, mlp_region, aux);
+    moe_->forward(recompute_mlp_ ? rc_moe_ : s.moe, s.h2_region, mlp_region, aux);
   else
-    dense_->forward(s.dense, s.h2_region, mlp_region);
+    dense_->forward(recompute_mlp_ ? rc_dense_ : s.dense, s.h2_region, mlp_region);
   Tensor& mlp = tp_.active() ? ops_.act(mlp_, {Nl, H}) : mlp_region;
   tp_.exit_forward(mlp_region, mlp, N, H);
   ops_.add(x_out, x_mid, mlp);
@@ -57,12 +57,22 @@ void DecoderLayer::backward(const Saved& s, const Tensor& dx_out, Tensor& dx_in,
   const int64_t N = s.B * s.S, Nl = tp_.local_rows(N), H = c_.hidden_size;
   // The residual carries dx_out straight to x_mid; the MLP branch adds through the post-attention norm.
   const Tensor& dmlp = tp_.exit_backward(ops_, dx_out, dregion_full_, N, H);
+  if (recompute_mlp_) {
+    // Rerun the MLP block on its saved input (its router statistics are not counted again).
+    Tensor& out = ops_.act(rc_mlp_region_, {N, H});
+    if (moe_) {
+      rc_aux_.reset(ops_, c_.num_experts);
+      moe_->forward(rc_moe_, s.h2_region, out, rc_aux_);
+    } else {
+      dense_->forward(rc_dense_, s.h2_region, out);
+    }
+  }
   Tensor& dh2 = ops_.act_zeroed(dh2_, {N, H});
   if (moe_) {
     Tensor& dh2_rep = tp_.active() ? ops_.act_zeroed(dh2_replicated_, {N, H}) : dh2;
-    moe_->backward(s.moe, dmlp, dh2, dh2_rep, aux, d_aux);
+    moe_->backward(recompute_mlp_ ? rc_moe_ : s.moe, dmlp, dh2, dh2_rep, aux, d_aux);
   } else {
-    dense_->backward(s.dense, dmlp, dh2);
+    dense_->backward(recompute_mlp_ ? rc_dense_ : s.dense, dmlp, dh2);
   }
   const Tensor& dh2_local = region_grad_to_local(dh2, dh2_local_, N);
   if (moe_ && tp_.active()) {

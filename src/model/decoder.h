@@ -6,12 +6,12 @@
 
 #include <memory>
 
+#include "comm/tensor_parallel.h"
 #include "model/attention.h"
 #include "model/config.h"
 #include "model/gated_deltanet.h"
 #include "model/mlp.h"
 #include "model/moe.h"
-#include "comm/tensor_parallel.h"
 
 namespace nextron {
 
@@ -37,6 +37,9 @@ class DecoderLayer {
   void forward(Saved& s, const Tensor& x_in, Tensor& x_out, int64_t B, int64_t S, MoeAuxStats& aux);
   // Accumulates the gradient w.r.t. x_in into dx_in.
   void backward(const Saved& s, const Tensor& dx_out, Tensor& dx_in, const MoeAuxStats& aux, float d_aux);
+  // Selective recomputation of the MLP block (dense or MoE): forward keeps only its input in the record, and backward
+  // reruns it first (into a scratch record of this layer; the rerun's router statistics are discarded).
+  void set_recompute_mlp(bool on) { recompute_mlp_ = on; }
   // The sparse MoE block of this layer, nullptr where the MLP is dense.
   SparseMoe* moe() { return moe_.get(); }
 
@@ -53,6 +56,11 @@ class DecoderLayer {
   std::unique_ptr<SwiGluMlp> dense_;
   std::unique_ptr<SparseMoe> moe_;
   Tensor mix_region_, mix_, mlp_region_, mlp_;  // forward scratch: the branch outputs (N, H) and their local rows
+  bool recompute_mlp_ = false;
+  SwiGluMlp::Saved rc_dense_;  // the MLP's record when it is recomputed (forward, then again in backward)
+  SparseMoe::Saved rc_moe_;
+  MoeAuxStats rc_aux_;
+  Tensor rc_mlp_region_;  // (N, H) the rerun's output (discarded)
   Tensor dh1_, dh1_local_, dx_mid_, dh2_, dh2_replicated_, dh2_local_, dregion_full_, dscratch_;
 };
 

@@ -38,6 +38,30 @@ Model::Model(const ModelConfig& config, const ModelComms& comms, std::shared_ptr
     ops_->act(flat_.params_act, {table_.total_numel()});
   for (int64_t i = stage_.layer_begin; i < stage_.layer_end; ++i)
     layers_.push_back(std::make_unique<DecoderLayer>(local_config_, i, table_, flat_, *ops_, comms_.tp));
+  set_recompute({});
+}
+
+void Model::set_recompute(const RecomputeOptions& options) {
+  options.validate();
+  groups_ = recompute_groups(options, static_cast<int64_t>(layers_.size()));
+  size_t widest = 0;
+  for (const RecomputeGroup& g : groups_)
+    if (g.recompute) widest = std::max(widest, static_cast<size_t>(g.end - g.begin));
+  rc_saved_.resize(widest);
+  rc_hidden_.resize(widest);
+  for (auto& layer : layers_) layer->set_recompute_mlp(options.recomputes_module(layer->moe() ? "moe" : "mlp"));
+}
+
+void Model::forward_group(const RecomputeGroup& g, const Tensor& x, Tensor& out, int64_t B, int64_t S,
+                          MoeAuxStats& aux) {
+  const int64_t Nl = comms_.tp.local_rows(B * S), H = config_.hidden_size;
+  const Tensor* in = &x;
+  for (int64_t i = g.begin; i < g.end; ++i) {
+    const size_t k = static_cast<size_t>(i - g.begin);
+    Tensor& o = i + 1 == g.end ? out : ops_->act(rc_hidden_[k], {Nl, H});
+    layers_[i]->forward(rc_saved_[k], *in, o, B, S, aux);
+    in = &o;
+  }
 }
 
 void Model::params_changed() {
@@ -110,8 +134,15 @@ void Model::forward_body(ModelActivations& a, const int64_t* ids, int64_t B, int
     NEXTRON_CHECK(config_.num_experts == 0 || a.aux.count_sum.numel() == config_.num_experts,
                   "forward: a stage after the first needs the router statistics of the stages before it");
   }
-  for (int64_t i = 0; i < L; ++i)
-    layers_[i]->forward(a.layers[i], a.hidden[i], ops.act(a.hidden[i + 1], {Nl, H}), B, S, aux);
+  for (const RecomputeGroup& g : groups_) {
+    if (g.recompute) {
+      // Only the group's input (and output: the next group's input) stay in the record.
+      forward_group(g, a.hidden[g.begin], ops.act(a.hidden[g.end], {Nl, H}), B, S, aux);
+      continue;
+    }
+    for (int64_t i = g.begin; i < g.end; ++i)
+      layers_[i]->forward(a.layers[i], a.hidden[i], ops.act(a.hidden[i + 1], {Nl, H}), B, S, aux);
+  }
   if (!stage_.last) return;
   if (comms_.data_parallel && aux.total_rows > 0) {
     // The load-balancing loss of the global micro-batch: sum the statistics of every data-parallel replica.
@@ -284,10 +315,18 @@ void Model::backward_from(const ModelActivations& a, const Tensor* d_output, flo
     ops.act_zeroed(dhidden_a_, {Nl, H});
     ops.rmsnorm_backward(&dhidden_a_, top.p("norm"), *dfh_local, a.hidden[L], a.final_rstd);
   }
-  for (int64_t i = L - 1; i >= 0; --i) {
-    ops.act_zeroed(dhidden_b_, {Nl, H});
-    layers_[i]->backward(a.layers[i], dhidden_a_, dhidden_b_, a.aux, d_aux);
-    std::swap(dhidden_a_, dhidden_b_);
+  for (auto g = groups_.rbegin(); g != groups_.rend(); ++g) {
+    if (g->recompute) {
+      // Rerun the group's forward from its input; its router statistics are not counted again.
+      rc_aux_.reset(ops, config_.num_experts);
+      forward_group(*g, a.hidden[g->begin], ops.act(rc_out_, {Nl, H}), a.B, a.S, rc_aux_);
+    }
+    for (int64_t i = g->end - 1; i >= g->begin; --i) {
+      ops.act_zeroed(dhidden_b_, {Nl, H});
+      const DecoderLayer::Saved& saved = g->recompute ? rc_saved_[static_cast<size_t>(i - g->begin)] : a.layers[i];
+      layers_[i]->backward(saved, dhidden_a_, dhidden_b_, a.aux, d_aux);
+      std::swap(dhidden_a_, dhidden_b_);
+    }
   }
   if (!stage_.first) return;  // dhidden_a_ is the gradient of the stage input
   const ParamRef embed = top.p("embed_tokens");

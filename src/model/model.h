@@ -11,6 +11,8 @@
 #include <memory>
 #include <vector>
 
+#include "comm/communicator.h"
+#include "comm/tensor_parallel.h"
 #include "core/tensor.h"
 #include "kernels/ops.h"
 #include "kernels/vocab_shard.h"
@@ -18,9 +20,8 @@
 #include "model/decoder.h"
 #include "model/moe.h"
 #include "model/param_table.h"
+#include "model/recompute.h"
 #include "model/stage.h"
-#include "comm/communicator.h"
-#include "comm/tensor_parallel.h"
 
 namespace nextron {
 
@@ -122,6 +123,9 @@ class Model {
   // Routing replay for every MoE layer (nullptr: off). The replay outlives the forwards that use it; layer i of
   // the model (its global index, whichever stage holds it) is entry i of the replay.
   void set_routing_replay(RoutingReplay* replay);
+  // Activation recomputation (model/recompute.h; validated first). Applies to the forwards that follow; a record
+  // must be backwarded under the setting it was forwarded with.
+  void set_recompute(const RecomputeOptions& options);
 
  private:
   ModelConfig config_, local_config_;
@@ -135,6 +139,17 @@ class Model {
   Tensor embed_region_;             // forward scratch (N, H): the vocab-parallel embedding's partial rows
   Tensor ce_stats_, ce_stats_all_;  // vocab-parallel cross-entropy: (3, N) of this rank, (TP, 3, N) of all
   Tensor dlogits_, dfinal_h_, dfinal_h_local_, dhidden_a_, dhidden_b_, dembed_full_, dscratch_;  // backward scratch
+  // Full recomputation: the layer groups, and the scratch a recomputed group's forward writes into (in forward and
+  // again in backward): one group's layer records, its inner layer inputs ((Nl, H) each), its output and the router
+  // statistics of the rerun (discarded).
+  std::vector<RecomputeGroup> groups_;
+  std::vector<DecoderLayer::Saved> rc_saved_;
+  std::vector<Tensor> rc_hidden_;
+  Tensor rc_out_;
+  MoeAuxStats rc_aux_;
+  // Runs group g's layers from input `x`, with the records and inner inputs in the scratch; the group's output goes
+  // to `out`.
+  void forward_group(const RecomputeGroup& g, const Tensor& x, Tensor& out, int64_t B, int64_t S, MoeAuxStats& aux);
 
   void forward_body(ModelActivations& a, const int64_t* ids, int64_t B, int64_t S);
   LossValues score(ModelActivations& a);

@@ -5,12 +5,12 @@
 #include <memory>
 #include <vector>
 
+#include "comm/tensor_parallel.h"
 #include "kernels/ops.h"
 #include "model/config.h"
 #include "model/mlp.h"
 #include "model/module.h"
 #include "model/routing_replay.h"
-#include "comm/tensor_parallel.h"
 
 namespace nextron {
 

@@ -35,6 +35,7 @@ void TrainOptions::validate(bool need_data) const {
   NEXTRON_CHECK(peak_tflops >= 0, "--peak-tflops must be >= 0, got ", peak_tflops);
   NEXTRON_CHECK(threads >= 0, "--threads must be >= 0, got ", threads);
   nextron::validate(adam);
+  recompute.validate();
 }
 
 }  // namespace nextron

@@ -153,6 +153,7 @@ Trainer::Trainer(const TrainOptions& options, SampleFn source, Communicator* wor
   for (int c = 0; c < num_chunks; ++c) {
     Chunk chunk;
     chunk.model = std::make_unique<Model>(config, comms, backend.ops, ctx_ ? ctx_->chunk(c) : StageRange{});
+    chunk.model->set_recompute(opt_.recompute);
     if (ctx_) chunk.tp_sync = std::make_unique<TpGradSync>(ctx_->shard_map(c), comms.tp, chunk.model->ops());
     chunks_.push_back(std::move(chunk));
   }

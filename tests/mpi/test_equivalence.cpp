@@ -84,6 +84,7 @@ struct LayoutCase {
   bool sp;
   int pp = 1, vpp = 1;
   int64_t global_micro = kGlobalMicro;  // rows per global micro-batch: kGlobalBatch / this micro-batches per step
+  RecomputeOptions recompute = {};      // the one-process reference runs without recomputation
 };
 
 class Equivalence : public Mpi, public ::testing::WithParamInterface<LayoutCase> {};
@@ -95,6 +96,7 @@ TEST_P(Equivalence, MatchesOneProcess) {
   TrainOptions o = options(c.tp, c.sp, c.world / (c.tp * c.pp), c.global_micro);
   o.parallel.pp = c.pp;
   o.parallel.vpp = c.vpp;
+  o.recompute = c.recompute;
   const RunResult got = train(o, comm_.get());
   double loss_rel = 0, norm_rel = 0;
   for (int64_t s = 0; s < kSteps; ++s) {
@@ -130,7 +132,13 @@ INSTANTIATE_TEST_SUITE_P(
                       LayoutCase{"PP2", 2, 1, false, 2, 1, 1}, LayoutCase{"PP4", 4, 1, false, 4, 1, 1},
                       LayoutCase{"PP2xTP2_SP", 4, 2, true, 2, 1, 1}, LayoutCase{"PP2xDP2", 4, 1, false, 2, 1, 2},
                       LayoutCase{"PP2_VPP2", 2, 1, false, 2, 2, 1}, LayoutCase{"PP2xTP2xDP2_SP", 8, 2, true, 2, 1, 2},
-                      LayoutCase{"PP4_VPP1_M4", 4, 1, false, 4, 1, 2}),
+                      LayoutCase{"PP4_VPP1_M4", 4, 1, false, 4, 1, 2},
+                      // Recomputation: whole layers (a pipeline alone stays bit-identical), and under TP + SP, where
+                      // the rerun forward repeats the TP exchanges.
+                      LayoutCase{"PP2_RecomputeFull", 2, 1, false, 2, 1, 1, {"full", "uniform", 1, {}}},
+                      LayoutCase{"PP2xTP2_SP_RecomputeBlock", 4, 2, true, 2, 1, 1, {"full", "block", 1, {}}},
+                      LayoutCase{
+                          "PP2xTP2_SP_RecomputeSelective", 4, 2, true, 2, 1, 1, {"selective", "", 0, {"mlp", "moe"}}}),
     [](const auto& param_info) { return std::string(param_info.param.name); });
 
 // A layout that does not fit fails on every rank, before any communication, with the constraint named.
