@@ -31,18 +31,20 @@ std::string fixed_or_sci(double v, int decimals) {
 }  // namespace
 
 nlohmann::json to_json(const StepMetrics& m) {
-  return nlohmann::json{{"kind", "train"},
-                        {"step", m.step},
-                        {"total_steps", m.total_steps},
-                        {"loss", number(m.loss)},
-                        {"lm_loss", number(m.lm_loss)},
-                        {"aux_loss", number(m.aux_loss)},
-                        {"lr", number(m.lr)},
-                        {"grad_norm", number(m.grad_norm)},
-                        {"tokens_per_s", number(m.tokens_per_s)},
-                        {"mfu", number(m.mfu)},
-                        {"seconds", number(m.seconds)},
-                        {"tokens", m.tokens}};
+  nlohmann::json j{{"kind", "train"},
+                   {"step", m.step},
+                   {"total_steps", m.total_steps},
+                   {"loss", number(m.loss)},
+                   {"lm_loss", number(m.lm_loss)},
+                   {"aux_loss", number(m.aux_loss)},
+                   {"lr", number(m.lr)},
+                   {"grad_norm", number(m.grad_norm)},
+                   {"tokens_per_s", number(m.tokens_per_s)},
+                   {"mfu", number(m.mfu)},
+                   {"seconds", number(m.seconds)},
+                   {"tokens", m.tokens}};
+  if (m.pipeline_bubble >= 0) j["pipeline_bubble"] = number(m.pipeline_bubble);
+  return j;
 }
 
 nlohmann::json to_json(const ValidMetrics& m) {
@@ -69,6 +71,7 @@ std::string format_step_line(const StepMetrics& m) {
           fixed_or_sci(m.aux_loss, 4);
   line += printf_string(" | lr %.3e | gnorm ", m.lr) + fixed_or_sci(m.grad_norm, 3);
   line += printf_string(" | tok/s %.0f | mfu %.2f%%", m.tokens_per_s, 100.0 * m.mfu);
+  if (m.pipeline_bubble >= 0) line += printf_string(" | bubble %.1f%%", 100.0 * m.pipeline_bubble);
   line += printf_string(" | tokens %lld | elapsed ", static_cast<long long>(m.tokens)) + format_duration(m.seconds);
   return line;
 }

@@ -22,6 +22,9 @@ struct StepMetrics {
   double mfu = 0;           // model FLOPs utilization as a fraction (0.25 = 25%), see docs/mfu.md
   double seconds = 0;       // wall-clock seconds since training started in this process (elapsed)
   int64_t tokens = 0;       // training tokens consumed so far in the run (cumulative, resumes included)
+  // Pipeline runs: the fraction of the step's forward/backward phase the logging rank (the first stage) spent waiting
+  // in pipeline exchanges, the measured bubble; -1 without a pipeline (not logged).
+  double pipeline_bubble = -1;
 };
 
 // A validation result, logged with "kind": "valid".

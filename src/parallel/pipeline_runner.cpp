@@ -1,6 +1,7 @@
 #include "parallel/pipeline_runner.h"
 
 #include <algorithm>
+#include <chrono>
 
 #include "core/error.h"
 
@@ -137,15 +138,21 @@ std::vector<LossValues> PipelineRunner::run(const ScheduleSpec& spec,
   }
   NEXTRON_ASSERT(live_.empty());
   peak_ = 0;
+  exchange_seconds_ = 0;
+  using Clock = std::chrono::steady_clock;
+  const auto start = Clock::now();
   const int64_t N = B * S;
   std::vector<LossValues> losses;
   const bool has_last = chunks_.back()->stage().last;
   if (has_last) losses.resize(spec.microbatches);
   for (const Action& action : table_.at(p2p_.rank())) {
     switch (action.kind) {
-      case ActionKind::communicate:
+      case ActionKind::communicate: {
+        const auto t0 = Clock::now();
         communicate(action, B, S);
+        exchange_seconds_ += std::chrono::duration<double>(Clock::now() - t0).count();
         break;
+      }
       case ActionKind::forward: {
         Model& model = *chunks_.at(action.chunk);
         const StageRange& stage = model.stage();
@@ -170,6 +177,7 @@ std::vector<LossValues> PipelineRunner::run(const ScheduleSpec& spec,
     }
   }
   NEXTRON_CHECK(live_.empty(), "pipeline schedule left ", live_.size(), " micro-batches in flight");
+  run_seconds_ = std::chrono::duration<double>(Clock::now() - start).count();
   return losses;
 }
 

@@ -42,6 +42,9 @@ class PipelineRunner {
   // activation is kept). Returns the losses as run() does.
   std::vector<LossValues> evaluate(int microbatches, const std::function<MicroBatchTokens(int m)>& tokens, int64_t B,
                                    int64_t S);
+  // Seconds of the last run() spent in exchanges (waiting for the neighbours and moving data) and in all.
+  double exchange_seconds() const { return exchange_seconds_; }
+  double run_seconds() const { return run_seconds_; }
   // The most activation records alive at once during the last run() (the schedule's in-flight bound).
   int peak_records() const { return peak_; }
   // Records allocated so far (kept for reuse).
@@ -68,6 +71,7 @@ class PipelineRunner {
   std::vector<ModelActivations*> free_;
   std::map<std::pair<int, int>, ModelActivations*> live_;  // (micro-batch, chunk) -> its record
   int peak_ = 0;
+  double exchange_seconds_ = 0, run_seconds_ = 0;
 };
 
 }  // namespace nextron

@@ -269,6 +269,7 @@ StepRecord Trainer::step() {
     return MicroBatchTokens{ids_.data(), targets_.data()};
   };
   const std::vector<LossValues> losses = runner_->run(schedule_spec_, tokens, M, S, 1.0f / static_cast<float>(accum));
+  if (schedule_spec_.pp > 1) rec.pipeline_bubble = runner_->exchange_seconds() / runner_->run_seconds();
   double sums[3] = {0, 0, 0};  // loss, lm_loss, aux_loss summed over the micro-batches (on the last stage)
   for (const LossValues& lv : losses) {
     sums[0] += lv.loss;
@@ -591,6 +592,7 @@ void Trainer::run() {
     m.grad_norm = r.grad_norm;
     m.tokens_per_s = static_cast<double>(r.tokens) / r.seconds;
     m.mfu = model_flops_utilization(m.tokens_per_s, flops_per_token, peak);
+    m.pipeline_bubble = r.pipeline_bubble;
     m.seconds = elapsed();
     m.tokens = consumed_tokens_;
     if (metrics) metrics->write(m);

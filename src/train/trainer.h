@@ -32,6 +32,7 @@ struct StepRecord {
   double lr = 0;
   int64_t tokens = 0;
   double seconds = 0;
+  double pipeline_bubble = -1;  // PP > 1: this rank's exchange time over its forward/backward time in the step
 };
 
 // The compute backend of a run (nextron-train --device): the Ops the model runs on, and for a multi-rank run on a
