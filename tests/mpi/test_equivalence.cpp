@@ -85,6 +85,7 @@ struct LayoutCase {
   int pp = 1, vpp = 1;
   int64_t global_micro = kGlobalMicro;  // rows per global micro-batch: kGlobalBatch / this micro-batches per step
   RecomputeOptions recompute = {};      // the one-process reference runs without recomputation
+  PipelineSplit split = {};             // uneven stages
 };
 
 class Equivalence : public Mpi, public ::testing::WithParamInterface<LayoutCase> {};
@@ -97,6 +98,7 @@ TEST_P(Equivalence, MatchesOneProcess) {
   o.parallel.pp = c.pp;
   o.parallel.vpp = c.vpp;
   o.recompute = c.recompute;
+  o.parallel.pipeline = c.split;
   const RunResult got = train(o, comm_.get());
   double loss_rel = 0, norm_rel = 0;
   for (int64_t s = 0; s < kSteps; ++s) {
@@ -138,7 +140,13 @@ INSTANTIATE_TEST_SUITE_P(
                       LayoutCase{"PP2_RecomputeFull", 2, 1, false, 2, 1, 1, {"full", "uniform", 1, {}}},
                       LayoutCase{"PP2xTP2_SP_RecomputeBlock", 4, 2, true, 2, 1, 1, {"full", "block", 1, {}}},
                       LayoutCase{
-                          "PP2xTP2_SP_RecomputeSelective", 4, 2, true, 2, 1, 1, {"selective", "", 0, {"mlp", "moe"}}}),
+                          "PP2xTP2_SP_RecomputeSelective", 4, 2, true, 2, 1, 1, {"selective", "", 0, {"mlp", "moe"}}},
+                      // Uneven stages: layout strings (1 + 3 layers; the loss alone on a fourth stage; interleaved with
+                      // an embedding -only first chunk) and Megatron's first-stage layer count (3 + 1).
+                      LayoutCase{"PP2_Layout_1_3", 2, 1, false, 2, 1, 1, {}, {"Et|tttL"}},
+                      LayoutCase{"PP4_Layout_LossStage", 4, 1, false, 4, 1, 1, {}, {"Et|t|tt|L"}},
+                      LayoutCase{"PP2_FirstStage3", 2, 1, false, 2, 1, 1, {}, {"", 3, 0}},
+                      LayoutCase{"PP2_Layout_VPP2_Uneven", 2, 1, false, 2, 1, 1, {}, {"E|tt|t|tL"}}),
     [](const auto& param_info) { return std::string(param_info.param.name); });
 
 // A layout that does not fit fails on every rank, before any communication, with the constraint named.
