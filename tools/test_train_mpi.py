@@ -136,6 +136,32 @@ def main():
     check("full recomputation without a method fails naming it", r.returncode != 0 and
           "needs --recompute-method uniform or block" in r.stderr, r.stderr[-600:])
 
+    # Vocabulary padding: a 257-id (byte) vocabulary under TP 2 pads to 512 rows (128 x TP) and trains like one
+    # process (padded to 384); the export holds the real 257 rows.
+    cfg = json.load(open(TINY))
+    cfg["vocab_size"] = 257
+    byte_cfg = os.path.join(w, "byte_vocab.json")
+    json.dump(cfg, open(byte_cfg, "w"))
+    bcommon = [a if a != TINY else byte_cfg for a in common]
+    b2, b1 = os.path.join(w, "byte_tp2"), os.path.join(w, "byte_one")
+    r = run(bcommon + ["--micro-batch-size", "4", "--tensor-model-parallel-size", "2", "--train-steps", "2", "--save", b2,
+                       "--export-hf", os.path.join(w, "byte_hf")], np=2)
+    r1 = run(bcommon + ["--micro-batch-size", "4", "--train-steps", "2", "--save", b1], np=1)
+    lb2, lb1 = (losses(os.path.join(d, "metrics.jsonl")) if os.path.exists(os.path.join(d, "metrics.jsonl")) else {}
+                for d in (b2, b1))
+    check("a 257-id vocabulary trains under TP 2 (padded) like one process", r.returncode == 0 and r1.returncode == 0 and
+          sorted(lb2) == [1, 2] and all(abs(lb2[s] - lb1[s]) <= 1e-5 * abs(lb1[s]) for s in lb2),
+          f"{lb2} vs {lb1}; {r.stderr[-600:]}")
+    def tensor_shapes(path):
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            return {k: v["shape"] for k, v in json.loads(f.read(n)).items() if k != "__metadata__"}
+    st = os.path.join(w, "byte_hf", "model.safetensors")
+    shapes = tensor_shapes(st) if os.path.exists(st) else {}
+    check("the export holds the real vocabulary (257 rows)",
+          shapes.get("model.embed_tokens.weight", [0])[0] == 257 and shapes.get("lm_head.weight", [0])[0] == 257,
+          str({k: v for k, v in shapes.items() if "embed" in k or "lm_head" in k}))
+
     # 6. Bad layouts: every rank finds the problem before any communication and aborts the job (no hang), so at least
     # the first rank's message is printed (MPI_Abort may kill the others before they print theirs).
     r = run(common + ["--micro-batch-size", "2", "--tensor-model-parallel-size", "3", "--train-steps", "1"])

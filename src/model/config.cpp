@@ -340,6 +340,8 @@ ParamCount ModelConfig::parameter_count() const {
 void ModelConfig::validate() const {
   check_size_limits();
   check_positive(vocab_size, "vocab_size");
+  NEXTRON_CHECK(padded_vocab_size == 0 || padded_vocab_size >= vocab_size, "padded vocabulary ", padded_vocab_size,
+                " is smaller than vocab_size ", vocab_size);
   check_positive(hidden_size, "hidden_size");
   check_positive(num_hidden_layers, "num_hidden_layers");
   check_positive(num_attention_heads, "num_attention_heads");
@@ -449,7 +451,12 @@ json ModelConfig::to_json() const {
 ModelConfig tp_local_config(const ModelConfig& c, int tp) {
   NEXTRON_CHECK(tp >= 1, "tensor-parallel size must be >= 1, got ", tp);
   ModelConfig l = c;
-  if (tp == 1) return l;
+  // A rank holds its slice of the padded vocabulary (the whole of it at TP 1); padding is a whole-model notion.
+  l.padded_vocab_size = 0;
+  if (tp == 1) {
+    l.vocab_size = c.padded_vocab();
+    return l;
+  }
   auto split = [tp](int64_t v, const char* what) {
     NEXTRON_CHECK(v % tp == 0, what, " ", v, " is not divisible by TP ", tp);
     return v / tp;
@@ -461,7 +468,7 @@ ModelConfig tp_local_config(const ModelConfig& c, int tp) {
   l.intermediate_size = split(c.intermediate_size, "intermediate_size");
   l.moe_intermediate_size = split(c.moe_intermediate_size, "moe_intermediate_size");
   l.shared_expert_intermediate_size = split(c.shared_expert_intermediate_size, "shared_expert_intermediate_size");
-  l.vocab_size = split(c.vocab_size, "vocab_size");
+  l.vocab_size = split(c.padded_vocab(), "vocab_size (padded)");
   return l;
 }
 

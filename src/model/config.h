@@ -44,6 +44,11 @@ struct ConfigLimits {
 
 struct ModelConfig {
   int64_t vocab_size = 0;
+  // Training only (not in config.json): the embedding and lm_head rows the model holds, >= vocab_size (0: exactly
+  // vocab_size). Rows from vocab_size on are padding (Megatron's --make-vocab-size-divisible-by): never looked up,
+  // initialised to zero, their logits kept out of the softmax, left out of checkpoints and HF exports.
+  int64_t padded_vocab_size = 0;
+  int64_t padded_vocab() const { return padded_vocab_size > 0 ? padded_vocab_size : vocab_size; }
   int64_t hidden_size = 0;        // H
   int64_t intermediate_size = 0;  // dense MLP width
   int64_t num_hidden_layers = 0;

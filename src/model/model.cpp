@@ -39,6 +39,15 @@ Model::Model(const ModelConfig& config, const ModelComms& comms, std::shared_ptr
   for (int64_t i = stage_.layer_begin; i < stage_.layer_end; ++i)
     layers_.push_back(std::make_unique<DecoderLayer>(local_config_, i, table_, flat_, *ops_, comms_.tp));
   set_recompute({});
+  const VocabShard shard = vocab_shard();
+  if (shard.begin + shard.size > config_.vocab_size) {
+    std::vector<float> mask(static_cast<size_t>(shard.size), 0.0f);
+    for (int64_t j = std::max<int64_t>(0, config_.vocab_size - shard.begin); j < shard.size; ++j)
+      mask[static_cast<size_t>(j)] = -1e30f;
+    ops_->f32(vocab_mask_.w, {shard.size});
+    ops_->upload(vocab_mask_.w, mask.data(), mask.size() * sizeof(float));
+    vocab_mask_.w_act = vocab_mask_.w;
+  }
 }
 
 void Model::set_recompute(const RecomputeOptions& options) {
@@ -83,7 +92,8 @@ Tensor Model::logits(const ModelActivations& a) const {
 }
 
 VocabShard Model::vocab_shard() const {
-  return {comms_.tp.rank() * local_config_.vocab_size, local_config_.vocab_size, config_.vocab_size};
+  const int64_t Vl = local_config_.vocab_size;
+  return {comms_.tp.rank() * Vl, Vl, Vl * comms_.tp.size()};
 }
 
 Tensor& Model::stage_input(ModelActivations& a, int64_t B, int64_t S) {
@@ -167,7 +177,8 @@ void Model::forward_body(ModelActivations& a, const int64_t* ids, int64_t B, int
   Tensor& fh = ops.act(a.final_h, {Nl, H});
   ops.rmsnorm_forward(fh, ops.f32(a.final_rstd, {Nl}), a.hidden[L], top.p("norm"), config_.rms_norm_eps);
   a.final_h_region = tp.enter_forward(ops, fh, a.final_h_full, N, H);
-  ops.linear_forward(ops.act(a.logits, {B, S, V}), a.final_h_region, top.p("lm_head"), nullptr);
+  ops.linear_forward(ops.act(a.logits, {B, S, V}), a.final_h_region, top.p("lm_head"),
+                     vocab_mask_.w.defined() ? &vocab_mask_ : nullptr);
 }
 
 LossValues Model::score(ModelActivations& a) {

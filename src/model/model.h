@@ -138,6 +138,9 @@ class Model {
   ModelActivations own_;            // the record of the methods without one
   Tensor embed_region_;             // forward scratch (N, H): the vocab-parallel embedding's partial rows
   Tensor ce_stats_, ce_stats_all_;  // vocab-parallel cross-entropy: (3, N) of this rank, (TP, 3, N) of all
+  // Vocabulary padding: lm_head's bias for this rank's columns, 0 for real ids and -1e30 for padded ones (whose
+  // exp() is then exactly 0 in the softmax and its gradient), present only when this rank holds padded columns.
+  ParamRef vocab_mask_;
   Tensor dlogits_, dfinal_h_, dfinal_h_local_, dhidden_a_, dhidden_b_, dembed_full_, dscratch_;  // backward scratch
   // Full recomputation: the layer groups, and the scratch a recomputed group's forward writes into (in forward and
   // again in backward): one group's layer records, its inner layer inputs ((Nl, H) each), its output and the router

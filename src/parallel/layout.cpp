@@ -171,10 +171,11 @@ Layout::Layout(const ParallelSizes& sizes, int world_size, const ModelConfig& co
       fail("shared_expert_intermediate_size ", config.shared_expert_intermediate_size, " is not divisible by TP ", tp,
            ": choose a tensor-model-parallel-size that divides ", config.shared_expert_intermediate_size);
     }
-    if (config.vocab_size % tp != 0) {
-      fail("vocab_size ", config.vocab_size, " is not divisible by TP ", tp, ": pad the vocabulary to a multiple of ",
-           tp, " or choose a tensor-model-parallel-size that divides ", config.vocab_size, " (",
-           divisors(config.vocab_size), ")");
+    if (config.padded_vocab() % tp != 0) {
+      fail("vocab_size ", config.padded_vocab(), " is not divisible by TP ", tp,
+           ": pad the vocabulary (--make-vocab-size-divisible-by, e.g. 128) or choose a tensor-model-parallel-size "
+           "that divides ",
+           config.padded_vocab(), " (", divisors(config.padded_vocab()), ")");
     }
     if (any_moe) {
       if (config.num_experts % s.ep != 0) {

@@ -16,8 +16,18 @@ TpShardMap::TpShardMap(const ModelConfig& full_config, int tp_rank, int tp_size,
       local_(local_config_, stage) {
   NEXTRON_CHECK(tp_rank >= 0 && tp_rank < tp_size, "TP rank ", tp_rank, " outside [0, ", tp_size, ")");
   // The stage's parameters keep their global names: each local one is the full parameter of the same name.
+  // The full table is the unpadded model's (what checkpoints and HF hold); the local one has this rank's slice of
+  // the padded vocabulary, whose padded rows map to nothing (they stay zero).
   for (const ParamSpec& l : local_.specs()) {
     const ParamSpec& f = full_.get(l.name);
+    if (l.name == "embed_tokens" || l.name == "lm_head") {
+      // Vocabulary rows: rank r holds padded ids [r Vl, (r + 1) Vl), of which those below vocab_size are real.
+      const int64_t Vl = l.shape[0], H = l.shape[1], V = f.shape[0];
+      const int64_t begin = rank_ * Vl, real = std::clamp<int64_t>(V - begin, 0, Vl);
+      if (real > 0) runs_.push_back({f.offset + begin * H, l.offset, real * H, true});
+      if (real < Vl) padding_.push_back({l.offset + real * H, l.offset + Vl * H});
+      continue;
+    }
     NEXTRON_ASSERT(f.name == l.name && f.shape.size() == l.shape.size());
     if (f.tp_dim < 0 || size_ == 1) {
       NEXTRON_ASSERT(f.shape == l.shape);
@@ -60,8 +70,14 @@ TpShardMap::TpShardMap(const ModelConfig& full_config, int tp_rank, int tp_size,
         runs_.push_back({f.offset + (o * f.shape[d] + p.full_start) * inner,
                          l.offset + (o * l.shape[d] + p.local_start) * inner, p.rows * inner, p.owner});
   }
+  // Every local element is in exactly one run or one padding range.
   int64_t covered = 0;
+  size_t pad = 0;
+  auto skip_padding = [&] {
+    while (pad < padding_.size() && padding_[pad].begin == covered) covered = padding_[pad++].end;
+  };
   for (const TpRun& r : runs_) {
+    skip_padding();
     NEXTRON_ASSERT(r.local_offset == covered);
     covered += r.count;
     if (!r.owner) continue;
@@ -70,7 +86,8 @@ TpShardMap::TpShardMap(const ModelConfig& full_config, int tp_rank, int tp_size,
     else
       owned_.push_back({r.local_offset, r.local_offset + r.count});
   }
-  NEXTRON_ASSERT(covered == local_.total_numel());
+  skip_padding();
+  NEXTRON_ASSERT(covered == local_.total_numel() && pad == padding_.size());
 }
 
 void TpShardMap::scatter(const float* full, float* local) const {

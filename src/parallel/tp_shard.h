@@ -31,6 +31,8 @@ class TpShardMap {
  public:
   // stage: the layers this rank's model holds (the whole model by default); full_table() is always the whole
   // model's, local_table() the stage's TP slice.
+  // A padded vocabulary (full_config.padded_vocab_size) pads the local embedding and lm_head; full_table() stays
+  // the unpadded model's, so padded rows belong to no run (scatter leaves them as they are, zero).
   TpShardMap(const ModelConfig& full_config, int tp_rank, int tp_size, const StageRange& stage = {});
 
   int tp_rank() const { return rank_; }
@@ -59,6 +61,7 @@ class TpShardMap {
   ParamTable full_, local_;
   std::vector<TpRun> runs_;
   std::vector<FlatRange> owned_;
+  std::vector<FlatRange> padding_;  // local ranges of padded vocabulary rows (in no run)
 };
 
 }  // namespace nextron

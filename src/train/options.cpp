@@ -36,6 +36,8 @@ void TrainOptions::validate(bool need_data) const {
   NEXTRON_CHECK(threads >= 0, "--threads must be >= 0, got ", threads);
   nextron::validate(adam);
   recompute.validate();
+  NEXTRON_CHECK(vocab_divisible_by >= 1 && vocab_divisible_by <= 65536, "--make-vocab-size-divisible-by ",
+                vocab_divisible_by, " must be in [1, 65536] (1: pad only to a multiple of TP)");
 }
 
 }  // namespace nextron

@@ -90,8 +90,14 @@ Trainer::Trainer(const TrainOptions& options, SampleFn source, Communicator* wor
   opt_.validate(/*need_data=*/!sample_);
   if (!opt_.export_hf.empty()) opt_.export_hf = strip_trailing_separators(opt_.export_hf);
   if (opt_.threads > 0) set_cpu_threads(opt_.threads);
-  const ModelConfig config =
+  ModelConfig config =
       opt_.init_from.empty() ? ModelConfig::from_file(opt_.model_config) : read_hf_config(opt_.init_from);
+  {
+    // Megatron's vocabulary padding: the embedding and lm_head hold a multiple of divisible_by x TP rows, so any
+    // vocabulary splits over TP (rows past vocab_size are padding: model/config.h).
+    const int64_t multiple = opt_.vocab_divisible_by * std::max(1, opt_.parallel.tp);
+    config.padded_vocab_size = (config.vocab_size + multiple - 1) / multiple * multiple;
+  }
   {
     // Before the model's first buffer: refuse what this machine cannot hold, naming the fields that make it large.
     // Each rank holds whole-model buffers today (initialisation, checkpoints), so the check is per process.
@@ -148,6 +154,7 @@ Trainer::Trainer(const TrainOptions& options, SampleFn source, Communicator* wor
 
   NEXTRON_CHECK((opt_.device == "cuda") == cuda_backend, "--device ", opt_.device, " but the backend given is ",
                 backend.ops ? backend.ops->name() : "cpu", " (internal: build the TrainBackend from the option)");
+  if (!ctx_) solo_map_ = std::make_unique<TpShardMap>(config, 0, 1);
   const ModelComms comms = ctx_ ? ctx_->model_comms() : ModelComms{};
   const int num_chunks = ctx_ ? ctx_->num_chunks() : 1;
   for (int c = 0; c < num_chunks; ++c) {
@@ -169,10 +176,7 @@ Trainer::Trainer(const TrainOptions& options, SampleFn source, Communicator* wor
     for (int c = 0; c < num_chunks; ++c) {
       Model& m = *chunks_[c].model;
       std::vector<float> local(m.table().total_numel());
-      if (ctx_)
-        ctx_->scatter(c, full.data(), local.data());
-      else
-        local = full;
+      shard_map(c).scatter(full.data(), local.data());
       from_host(m.params(), 0, local.data(), static_cast<int64_t>(local.size()));
       m.params_changed();
     }
@@ -295,9 +299,7 @@ StepRecord Trainer::step() {
     Tensor& grads = chunk.model->grads();
     if (chunk.tp_sync) chunk.tp_sync->run(grads);
     chunk.opt->reduce_scatter_grads(grads);
-    const std::vector<FlatRange> counted = ctx_ ? ctx_->shard_map(static_cast<int>(c)).owned_ranges()
-                                                : std::vector<FlatRange>{{0, chunk.model->table().total_numel()}};
-    sq += chunk.opt->shard_sq_sum(grads, counted);
+    sq += chunk.opt->shard_sq_sum(grads, shard_map(static_cast<int>(c)).owned_ranges());
   }
   if (ctx_) ctx_->world().all_reduce_sum(&sq, 1);
   rec.grad_norm = std::sqrt(sq);
@@ -317,10 +319,16 @@ StepRecord Trainer::step() {
   return rec;
 }
 
-const ParamTable& Trainer::full_table() const { return ctx_ ? ctx_->full_table() : chunks_.front().model->table(); }
+const ParamTable& Trainer::full_table() const { return shard_map(0).full_table(); }
+
+const TpShardMap& Trainer::shard_map(int c) const { return ctx_ ? ctx_->shard_map(c) : *solo_map_; }
 
 std::vector<float> Trainer::gather_chunks(const std::vector<std::vector<float>>& locals) const {
-  if (!ctx_) return locals.front();
+  if (!ctx_) {
+    std::vector<float> full(full_table().total_numel(), 0.0f);
+    solo_map_->place_owned(locals.front().data(), full.data());
+    return full;
+  }
   std::vector<const float*> ptrs;
   for (const auto& l : locals) ptrs.push_back(l.data());
   return ctx_->gather_full(ptrs);
@@ -482,10 +490,7 @@ void Trainer::resume_from(const std::string& dir) {
     const FlatRange r = adam.range();
     std::vector<float> local(model.table().total_numel());
     auto slice = [&](const std::vector<float>& full) {
-      if (ctx_)
-        ctx_->scatter(static_cast<int>(c), full.data(), local.data());
-      else
-        std::copy(full.begin(), full.end(), local.begin());
+      shard_map(static_cast<int>(c)).scatter(full.data(), local.data());
       return local.data();
     };
     from_host(model.params(), 0, slice(params), static_cast<int64_t>(local.size()));

@@ -89,6 +89,8 @@ class Trainer {
   const ParamTable& full_table() const;
   // The whole model's flat buffer from one local buffer per chunk (one process: the buffer itself); collective.
   std::vector<float> gather_chunks(const std::vector<std::vector<float>>& locals) const;
+  // Chunk c's map between the whole (unpadded) model and its local buffers.
+  const TpShardMap& shard_map(int c) const;
   int dp_size() const { return ctx_ ? ctx_->layout().dp() : 1; }
   int dp_rank() const { return ctx_ ? ctx_->dp_rank() : 0; }
   // Runs `body` on rank 0 only; every rank learns whether it failed and throws the same error (no rank hangs).
@@ -105,6 +107,7 @@ class Trainer {
     std::unique_ptr<DistributedOptimizer> opt;  // ZeRO-1 AdamW over the chunk's flat buffers
   };
   std::vector<Chunk> chunks_;
+  std::unique_ptr<TpShardMap> solo_map_;  // one process: the identity map but for the vocabulary padding
   ScheduleSpec schedule_spec_;
   std::unique_ptr<PipelineP2P> p2p_;
   std::unique_ptr<PipelineRunner> runner_;

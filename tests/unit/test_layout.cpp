@@ -243,7 +243,9 @@ TEST(LayoutConstraints, Vocab) {
   ModelConfig c = divisible_config();
   c.vocab_size = 1002;
   expect_one_violation(make_sizes(4, 1, 1, 1, 1), 4, c, 64,
-                       "vocab_size 1002 is not divisible by TP 4: pad the vocabulary to a multiple of 4");
+                       "vocab_size 1002 is not divisible by TP 4: pad the vocabulary (--make-vocab-size-divisible-by");
+  c.padded_vocab_size = 1024;  // padded: the rows split
+  EXPECT_NO_THROW(Layout(make_sizes(4, 1, 1, 1, 1), 4, c, 64));
 }
 
 TEST(LayoutConstraints, ExpertsPerEpRank) {
