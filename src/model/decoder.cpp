@@ -20,9 +20,11 @@ void DecoderLayer::forward(Saved& s, const Tensor& x_in, Tensor& x_out, int64_t 
   s.B = B;
   s.S = S;
   s.x_in = x_in;
-  Tensor& h1 = ops_.act(s.h1, {Nl, H});
+  // With the norms recomputed, their outputs (and SP gathers) live in this layer's scratch, which the mixer's and
+  // the MLP's records view; backward writes the same values into the same storage again before those read them.
+  Tensor& h1 = ops_.act(recompute_norm_ ? rc_h1_ : s.h1, {Nl, H});
   ops_.rmsnorm_forward(h1, ops_.f32(s.rstd1, {Nl}), x_in, wt_.p("input_layernorm"), c_.rms_norm_eps);
-  s.h1_region = tp_.enter_forward(ops_, h1, s.h1_full, N, H);
+  s.h1_region = tp_.enter_forward(ops_, h1, recompute_norm_ ? rc_h1_full_ : s.h1_full, N, H);
   Tensor& mix_region = ops_.act(mix_region_, {N, H});
   if (attention_)
     attention_->forward(s.attention, s.h1_region, mix_region, B, S);
@@ -32,9 +34,9 @@ void DecoderLayer::forward(Saved& s, const Tensor& x_in, Tensor& x_out, int64_t 
   tp_.exit_forward(mix_region, mix, N, H);
   Tensor& x_mid = ops_.act(s.x_mid, {Nl, H});
   ops_.add(x_mid, x_in, mix);
-  Tensor& h2 = ops_.act(s.h2, {Nl, H});
+  Tensor& h2 = ops_.act(recompute_norm_ ? rc_h2_ : s.h2, {Nl, H});
   ops_.rmsnorm_forward(h2, ops_.f32(s.rstd2, {Nl}), x_mid, wt_.p("post_attention_layernorm"), c_.rms_norm_eps);
-  s.h2_region = tp_.enter_forward(ops_, h2, s.h2_full, N, H);
+  s.h2_region = tp_.enter_forward(ops_, h2, recompute_norm_ ? rc_h2_full_ : s.h2_full, N, H);
   Tensor& mlp_region = ops_.act(mlp_region_, {N, H});
   if (moe_)
     moe_->forward(recompute_mlp_ ? rc_moe_ : s.moe, s.h2_region, mlp_region, aux);
@@ -43,6 +45,16 @@ void DecoderLayer::forward(Saved& s, const Tensor& x_in, Tensor& x_out, int64_t 
   Tensor& mlp = tp_.active() ? ops_.act(mlp_, {Nl, H}) : mlp_region;
   tp_.exit_forward(mlp_region, mlp, N, H);
   ops_.add(x_out, x_mid, mlp);
+}
+
+void DecoderLayer::rerun_norm(const Tensor& x, const char* weight, Tensor& h, Tensor& full, const Tensor& region,
+                              int64_t N) {
+  const int64_t Nl = tp_.local_rows(N), H = c_.hidden_size;
+  Tensor& out = ops_.act(h, {Nl, H});
+  ops_.rmsnorm_forward(out, ops_.f32(rc_rstd_, {Nl}), x, wt_.p(weight), c_.rms_norm_eps);
+  const Tensor& again = tp_.enter_forward(ops_, out, full, N, H);
+  // The records view this storage: it must be the one the forward wrote (same shapes, so never reallocated).
+  NEXTRON_ASSERT(again.raw() == region.raw());
 }
 
 const Tensor& DecoderLayer::region_grad_to_local(Tensor& d_region, Tensor& local, int64_t N) {
@@ -57,6 +69,7 @@ void DecoderLayer::backward(const Saved& s, const Tensor& dx_out, Tensor& dx_in,
   const int64_t N = s.B * s.S, Nl = tp_.local_rows(N), H = c_.hidden_size;
   // The residual carries dx_out straight to x_mid; the MLP branch adds through the post-attention norm.
   const Tensor& dmlp = tp_.exit_backward(ops_, dx_out, dregion_full_, N, H);
+  if (recompute_norm_) rerun_norm(s.x_mid, "post_attention_layernorm", rc_h2_, rc_h2_full_, s.h2_region, N);
   if (recompute_mlp_) {
     // Rerun the MLP block on its saved input (its router statistics are not counted again).
     Tensor& out = ops_.act(rc_mlp_region_, {N, H});
@@ -85,6 +98,7 @@ void DecoderLayer::backward(const Saved& s, const Tensor& dx_out, Tensor& dx_in,
   dx_mid.copy_from(dx_out);
   ops_.rmsnorm_backward(&dx_mid, wt_.p("post_attention_layernorm"), dh2_local, s.x_mid, s.rstd2);
   const Tensor& dmix = tp_.exit_backward(ops_, dx_mid, dregion_full_, N, H);
+  if (recompute_norm_) rerun_norm(s.x_in, "input_layernorm", rc_h1_, rc_h1_full_, s.h1_region, N);
   Tensor& dh1 = ops_.act_zeroed(dh1_, {N, H});
   if (attention_)
     attention_->backward(s.attention, dmix, dh1);

@@ -40,10 +40,14 @@ class DecoderLayer {
   // Selective recomputation of the MLP block (dense or MoE): forward keeps only its input in the record, and backward
   // reruns it first (into a scratch record of this layer; the rerun's router statistics are discarded).
   void set_recompute_mlp(bool on) { recompute_mlp_ = on; }
+  // Selective recomputation of both norms: their outputs are not kept per record (the layer's scratch holds the
+  // last forward's) and backward recomputes them (with the SP all-gather) before the branches read them.
+  void set_recompute_norms(bool on) { recompute_norm_ = on; }
   // The sparse MoE block of this layer, nullptr where the MLP is dense.
   SparseMoe* moe() { return moe_.get(); }
 
  private:
+  void rerun_norm(const Tensor& x, const char* weight, Tensor& h, Tensor& full, const Tensor& region, int64_t N);
   // The gradient of a region's input (N, H; partial over TP ranks) as local rows (see TensorParallel).
   const Tensor& region_grad_to_local(Tensor& d_region, Tensor& local, int64_t N);
 
@@ -56,7 +60,9 @@ class DecoderLayer {
   std::unique_ptr<SwiGluMlp> dense_;
   std::unique_ptr<SparseMoe> moe_;
   Tensor mix_region_, mix_, mlp_region_, mlp_;  // forward scratch: the branch outputs (N, H) and their local rows
-  bool recompute_mlp_ = false;
+  bool recompute_mlp_ = false, recompute_norm_ = false;
+  Tensor rc_h1_, rc_h1_full_, rc_h2_, rc_h2_full_, rc_rstd_;  // recomputed norms: outputs, SP gathers, rstd
+  // Recomputes norm `weight` of x into h (and its region entry into full); `region` is what the records view.
   SwiGluMlp::Saved rc_dense_;  // the MLP's record when it is recomputed (forward, then again in backward)
   SparseMoe::Saved rc_moe_;
   MoeAuxStats rc_aux_;

@@ -7,7 +7,7 @@
 namespace nextron {
 
 const std::vector<std::string>& recomputable_modules() {
-  static const std::vector<std::string> names = {"mlp", "moe"};
+  static const std::vector<std::string> names = {"layernorm", "mlp", "moe"};
   return names;
 }
 
@@ -41,8 +41,7 @@ void RecomputeOptions::validate() const {
     NEXTRON_CHECK(
         std::find(recomputable_modules().begin(), recomputable_modules().end(), m) != recomputable_modules().end(),
         "--recompute-modules ", m, ": ",
-        m == "core_attn" || m == "layernorm" || m == "moe_act" || m == "shared_experts" ? "not implemented yet; "
-                                                                                        : "unknown; ",
+        m == "core_attn" || m == "moe_act" || m == "shared_experts" ? "not implemented yet; " : "unknown; ",
         "recomputable here: ", known);
 }
 

@@ -58,10 +58,12 @@ TEST_P(Recompute, EveryMethodEqualsTheRunWithoutIt) {
   const std::string dir = std::string(NEXTRON_FIXTURES_DIR) + "/" + GetParam();
   const Result want = run(dir, {});
   const int64_t L = read_hf_config(dir).num_hidden_layers;
-  const std::vector<RecomputeOptions> cases = {{"full", "uniform", 1, {}},    {"full", "uniform", 2, {}},
-                                               {"full", "uniform", L, {}},    {"full", "block", 1, {}},
-                                               {"full", "block", L + 3, {}},  {"selective", "", 0, {"mlp"}},
-                                               {"selective", "", 0, {"moe"}}, {"selective", "", 0, {"mlp", "moe"}}};
+  const std::vector<RecomputeOptions> cases = {
+      {"full", "uniform", 1, {}},          {"full", "uniform", 2, {}},
+      {"full", "uniform", L, {}},          {"full", "block", 1, {}},
+      {"full", "block", L + 3, {}},        {"selective", "", 0, {"mlp"}},
+      {"selective", "", 0, {"moe"}},       {"selective", "", 0, {"mlp", "moe"}},
+      {"selective", "", 0, {"layernorm"}}, {"selective", "", 0, {"layernorm", "mlp", "moe"}}};
   for (const RecomputeOptions& o : cases) {
     std::string name = o.granularity + " " + o.method + " " + std::to_string(o.num_layers);
     for (const auto& m : o.modules) name += " " + m;
