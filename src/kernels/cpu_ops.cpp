@@ -33,6 +33,12 @@ struct CpuMoeState final : MoeExpertsState {
   cpu::MoeExpertsCache<float> cache;
   Tensor weights;  // (N, K) the routing weights of the forward (its backward needs them)
   int64_t N = 0, K = 0;
+  int64_t host_bytes() const override {
+    const auto bytes = [](const auto& v) { return static_cast<int64_t>(v.capacity() * sizeof(v[0])); };
+    return bytes(dispatch.expert_offsets) + bytes(dispatch.slot_token) + bytes(dispatch.slot_k) +
+           bytes(dispatch.slot_of) + bytes(dispatch.active) + bytes(cache.x) + bytes(cache.gate_up) + bytes(cache.act) +
+           bytes(cache.out);
+  }
 };
 
 }  // namespace
@@ -250,16 +256,25 @@ void CpuOps::moe_experts_forward(Tensor& y, MoeExpertsState& state, const Tensor
   st.K = K;
   st.weights = weights;
   cpu::moe_dispatch_build(st.dispatch, indices.data<int32_t>(), N, K, E);
+  // A recomputed activation is written into this backend's scratch (one for all layers and micro-batches), not
+  // into the state.
+  if (st.recompute_act) std::swap(st.cache.act, moe_act_scratch_);
   cpu::moe_experts_forward<float>(f(y), st.cache, st.dispatch, f(x), f(weights), f(w_gate_up.w), f(w_down.w), N, H, I,
                                   E, K);
+  if (st.recompute_act) std::swap(st.cache.act, moe_act_scratch_);
 }
 
 void CpuOps::moe_experts_backward(Tensor& dx, Tensor& dweights, MoeExpertsState& state, const Tensor& dy,
                                   const ParamRef& w_gate_up, const ParamRef& w_down) {
   auto& st = static_cast<CpuMoeState&>(state);
   const int64_t N = st.N, H = dy.numel() / N, K = st.K, E = w_gate_up.w.dim(0), I = w_down.w.dim(2);
+  if (st.recompute_act) {
+    std::swap(st.cache.act, moe_act_scratch_);
+    cpu::moe_experts_recompute_act(st.cache, I);
+  }
   cpu::moe_experts_backward<float>(f(dx), f(dweights), f(w_gate_up.g), f(w_down.g), st.cache, st.dispatch, f(dy),
                                    f(st.weights), f(w_gate_up.w), f(w_down.w), N, H, I, E, K);
+  if (st.recompute_act) std::swap(st.cache.act, moe_act_scratch_);
 }
 
 void CpuOps::embedding_forward(Tensor& out, const ParamRef& table, const Tensor& ids, const VocabShard& vocab) {

@@ -2,6 +2,8 @@
 // CUDA backend is tested against.
 #pragma once
 
+#include <vector>
+
 #include "kernels/ops.h"
 
 namespace nextron {
@@ -91,6 +93,9 @@ class CpuOps final : public Ops {
  protected:
   Tensor allocate(const Shape& shape, DType dtype) const override { return Tensor::zeros(shape, dtype); }
   void fill_zero(Tensor& t) const override { t.zero_(); }
+
+ private:
+  std::vector<float> moe_act_scratch_;  // (N K, I) the experts' SwiGLU output of MoE states that recompute it
 };
 
 }  // namespace nextron

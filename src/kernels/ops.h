@@ -31,6 +31,13 @@ struct ParamRef {
 // Backend-specific state a MoE layer keeps between its forward and backward (dispatch, sorted activations).
 struct MoeExpertsState {
   virtual ~MoeExpertsState() = default;
+  // Selective recomputation of the experts' activation (--recompute-modules moe_act), set by the layer: the SwiGLU
+  // output (N K, I) is not kept between forward and backward (the backend's scratch holds the last forward's), and
+  // backward recomputes it from the kept [gate | up] projections.
+  bool recompute_act = false;
+  // Host memory the state holds outside Tensors (the CPU backend's expert-ordered buffers), for activation memory
+  // accounting; Tensors are counted by the allocator (core/tensor.h).
+  virtual int64_t host_bytes() const { return 0; }
 };
 
 class Ops {

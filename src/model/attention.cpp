@@ -49,8 +49,9 @@ void GatedAttention::forward(Saved& s, const Tensor& x, Tensor& y, int64_t B, in
   ops_.rope_forward(q, q, cos_, sin_, R);
   ops_.rope_forward(k, k, cos_, sin_, R);
 
-  Tensor& o = ops_.act(s.o, {B, S, NH, D});
-  ops_.attention_forward(o, ops_.f32(s.lse, {B, NH, S}), q, k, v, 1.0 / std::sqrt(double(D)));
+  Tensor& o = ops_.act(recompute_core_ ? rc_o_ : s.o, {B, S, NH, D});
+  ops_.attention_forward(o, ops_.f32(recompute_core_ ? rc_lse_ : s.lse, {B, NH, S}), q, k, v,
+                         1.0 / std::sqrt(double(D)));
   Tensor& og = ops_.act(s.og, {N, NH * D});
   // The gate is the second half of each head's 2D columns of qg: (N * NH, D) rows with stride 2D.
   Tensor o_rows = o.reshape({N * NH, D});
@@ -65,6 +66,11 @@ void GatedAttention::backward(const Saved& s, const Tensor& dy, Tensor& dx) {
   const int64_t B = s.B, S = s.S, N = B * S, NH = c_.num_attention_heads, NKV = c_.num_key_value_heads, D = c_.head_dim,
                 R = c_.rotary_dim();
   ParamRef bias;
+  if (recompute_core_)
+    ops_.attention_forward(ops_.act(rc_o_, {B, S, NH, D}), ops_.f32(rc_lse_, {B, NH, S}), s.q, s.k, s.v,
+                           1.0 / std::sqrt(double(D)));
+  const Tensor& o = recompute_core_ ? rc_o_ : s.o;
+  const Tensor& lse = recompute_core_ ? rc_lse_ : s.lse;
   Tensor& dog = ops_.act_zeroed(dog_, {N, NH * D});
   ops_.linear_backward(&dog, wt_.p("o_proj"), wt_.p_or_null("o_proj_bias", bias), dy, s.og);
   // dqg holds per head [dquery | dgate]; the gate gradient is written in place into its columns.
@@ -73,12 +79,12 @@ void GatedAttention::backward(const Saved& s, const Tensor& dy, Tensor& dx) {
   Tensor d_o_rows = d_o.reshape({N * NH, D});
   Tensor dgate = Tensor::view_of(dqg, D, {N * NH, D});
   Tensor gate = Tensor::view_of(s.qg, D, {N * NH, D});
-  ops_.sigmoid_gate_backward(&d_o_rows, &dgate, dog.reshape({N * NH, D}), s.o.reshape({N * NH, D}), gate, D, 2 * D);
+  ops_.sigmoid_gate_backward(&d_o_rows, &dgate, dog.reshape({N * NH, D}), o.reshape({N * NH, D}), gate, D, 2 * D);
 
   Tensor& dq = ops_.act(dq_, {B, S, NH, D});
   Tensor& dk = ops_.act(dk_, {B, S, NKV, D});
   Tensor& dv = ops_.act(dv_, {B, S, NKV, D});
-  ops_.attention_backward(dq, dk, dv, d_o, s.q, s.k, s.v, s.o, s.lse, 1.0 / std::sqrt(double(D)));
+  ops_.attention_backward(dq, dk, dv, d_o, s.q, s.k, s.v, o, lse, 1.0 / std::sqrt(double(D)));
   Tensor& dqn = ops_.act_zeroed(dqn_, {B, S, NH, D});
   Tensor& dkn = ops_.act_zeroed(dkn_, {B, S, NKV, D});
   ops_.rope_backward(dqn, dq, cos_, sin_, R);

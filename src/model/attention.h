@@ -25,6 +25,9 @@ class GatedAttention {
   void forward(Saved& s, const Tensor& x, Tensor& y, int64_t B, int64_t S);
   // dy: (B, S, H). Accumulates into dx (B, S, H) and the parameter gradients.
   void backward(const Saved& s, const Tensor& dy, Tensor& dx);
+  // Selective recomputation of the core attention (softmax(q k^T) v): its output and log-sum-exp are not kept per
+  // record (this module's scratch holds the last forward's); backward reruns the kernel on the kept q, k, v.
+  void set_recompute_core(bool on) { recompute_core_ = on; }
 
  private:
   const ModelConfig& c_;
@@ -34,6 +37,8 @@ class GatedAttention {
   int64_t rope_S_ = 0;
   Tensor cos_, sin_;  // RoPE tables (rope_S_, rotary_dim), shared by the micro-batches of that length
   void rope_tables_for(int64_t S);
+  bool recompute_core_ = false;
+  Tensor rc_o_, rc_lse_;  // the core's output (B, S, NH, D) and lse (B, NH, S) when it is recomputed
   Tensor dog_, do_, dq_, dk_, dv_, dqn_, dkn_, dq_raw_, dk_raw_, dqg_;  // backward scratch
 };
 

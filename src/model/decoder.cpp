@@ -47,6 +47,15 @@ void DecoderLayer::forward(Saved& s, const Tensor& x_in, Tensor& x_out, int64_t 
   ops_.add(x_out, x_mid, mlp);
 }
 
+void DecoderLayer::set_recompute(const RecomputeOptions& options) {
+  recompute_mlp_ = options.recomputes_module(moe_ ? "moe" : "mlp");
+  recompute_norm_ = options.recomputes_module("layernorm");
+  const bool core = options.recomputes_module("core_attn");
+  if (attention_) attention_->set_recompute_core(core);
+  if (deltanet_) deltanet_->set_recompute_core(core);
+  if (moe_) moe_->set_recompute(options.recomputes_module("moe_act"), options.recomputes_module("shared_experts"));
+}
+
 void DecoderLayer::rerun_norm(const Tensor& x, const char* weight, Tensor& h, Tensor& full, const Tensor& region,
                               int64_t N) {
   const int64_t Nl = tp_.local_rows(N), H = c_.hidden_size;

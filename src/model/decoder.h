@@ -12,6 +12,7 @@
 #include "model/gated_deltanet.h"
 #include "model/mlp.h"
 #include "model/moe.h"
+#include "model/recompute.h"
 
 namespace nextron {
 
@@ -37,12 +38,14 @@ class DecoderLayer {
   void forward(Saved& s, const Tensor& x_in, Tensor& x_out, int64_t B, int64_t S, MoeAuxStats& aux);
   // Accumulates the gradient w.r.t. x_in into dx_in.
   void backward(const Saved& s, const Tensor& dx_out, Tensor& dx_in, const MoeAuxStats& aux, float d_aux);
-  // Selective recomputation of the MLP block (dense or MoE): forward keeps only its input in the record, and backward
-  // reruns it first (into a scratch record of this layer; the rerun's router statistics are discarded).
-  void set_recompute_mlp(bool on) { recompute_mlp_ = on; }
-  // Selective recomputation of both norms: their outputs are not kept per record (the layer's scratch holds the
-  // last forward's) and backward recomputes them (with the SP all-gather) before the branches read them.
-  void set_recompute_norms(bool on) { recompute_norm_ = on; }
+  // Selective recomputation (model/recompute.h) of this layer's modules named in `options`:
+  //   mlp / moe       the MLP block keeps only its input in the record; backward reruns it first (into a scratch
+  //                   record of this layer; the rerun's router statistics are discarded)
+  //   layernorm       both norms' outputs (and SP gathers) live in this layer's scratch, not the record; backward
+  //                   recomputes them before the branches read them
+  //   core_attn       the mixer's core (attention's softmax(q k^T) v, or the delta rule with its q/k L2 norms)
+  //   moe_act, shared_experts   inside the MoE block (SparseMoe::set_recompute)
+  void set_recompute(const RecomputeOptions& options);
   // The sparse MoE block of this layer, nullptr where the MLP is dense.
   SparseMoe* moe() { return moe_.get(); }
 

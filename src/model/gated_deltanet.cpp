@@ -75,8 +75,8 @@ void GatedDeltaNet::forward(Saved& s, const Tensor& x, Tensor& y, int64_t B, int
   ops_.gather_cols(q_rows, conv_rows, q_cols_);
   ops_.gather_cols(k_rows, conv_rows, k_cols_);
   ops_.gather_cols(v_rows, conv_rows, v_cols_);
-  Tensor& qn = ops_.act(s.qn, {B, S, Hk, dk});
-  Tensor& kn = ops_.act(s.kn, {B, S, Hk, dk});
+  Tensor& qn = ops_.act(recompute_core_ ? rc_qn_ : s.qn, {B, S, Hk, dk});
+  Tensor& kn = ops_.act(recompute_core_ ? rc_kn_ : s.kn, {B, S, Hk, dk});
   ops_.l2norm_forward(qn, q, dk);
   ops_.l2norm_forward(kn, k, dk);
 
@@ -84,7 +84,7 @@ void GatedDeltaNet::forward(Saved& s, const Tensor& x, Tensor& y, int64_t B, int
   Tensor& g = ops_.f32(s.g, {B, S, Hv});
   ops_.gdn_gates_forward(beta, g, b, a, wt_.p("A_log"), wt_.p("dt_bias"));
 
-  Tensor& o = ops_.act(s.o, {B, S, Hv, dv});
+  Tensor& o = ops_.act(recompute_core_ ? rc_o_ : s.o, {B, S, Hv, dv});
   ops_.gated_delta_rule_forward(o, qn, kn, v, g, beta, 1.0 / std::sqrt(double(dk)));
   Tensor& on = ops_.act(s.on, {N, VD});
   ops_.rmsnorm_gated_forward(on, ops_.f32(s.o_rstd, {N * Hv}), o, z, wt_.p("norm"), c_.rms_norm_eps);
@@ -95,18 +95,27 @@ void GatedDeltaNet::backward(const Saved& s, const Tensor& dy, Tensor& dx) {
   const int64_t B = s.B, S = s.S, N = B * S, Hk = c_.linear_num_key_heads, Hv = c_.linear_num_value_heads,
                 dk = c_.linear_key_head_dim, dv = c_.linear_value_head_dim, KD = c_.key_dim(), VD = c_.value_dim(),
                 CD = c_.conv_dim();
+  if (recompute_core_) {
+    ops_.l2norm_forward(ops_.act(rc_qn_, {B, S, Hk, dk}), s.q, dk);
+    ops_.l2norm_forward(ops_.act(rc_kn_, {B, S, Hk, dk}), s.k, dk);
+    ops_.gated_delta_rule_forward(ops_.act(rc_o_, {B, S, Hv, dv}), rc_qn_, rc_kn_, s.v, s.g, s.beta,
+                                  1.0 / std::sqrt(double(dk)));
+  }
+  const Tensor& qn = recompute_core_ ? rc_qn_ : s.qn;
+  const Tensor& kn = recompute_core_ ? rc_kn_ : s.kn;
+  const Tensor& o = recompute_core_ ? rc_o_ : s.o;
   Tensor& don = ops_.act_zeroed(don_, {N, VD});
   ops_.linear_backward(&don, wt_.p("out_proj"), nullptr, dy, s.on);
   Tensor& d_o = ops_.act_zeroed(do_, {B, S, Hv, dv});
   Tensor& dz = ops_.act_zeroed(dz_, {N, Hv * dv});
-  ops_.rmsnorm_gated_backward(&d_o, &dz, wt_.p("norm"), don, s.o, s.z, s.o_rstd);
+  ops_.rmsnorm_gated_backward(&d_o, &dz, wt_.p("norm"), don, o, s.z, s.o_rstd);
 
   Tensor& dqn = ops_.act_zeroed(dqn_, {B, S, Hk, dk});
   Tensor& dkn = ops_.act_zeroed(dkn_, {B, S, Hk, dk});
   Tensor& dvals = ops_.act_zeroed(dv_, {B, S, Hv, dv});
   Tensor& dbeta = ops_.f32_zeroed(dbeta_, {B, S, Hv});
   Tensor& dg = ops_.f32_zeroed(dg_, {B, S, Hv});
-  ops_.gated_delta_rule_backward(dqn, dkn, dvals, dg, dbeta, d_o, s.qn, s.kn, s.v, s.g, s.beta,
+  ops_.gated_delta_rule_backward(dqn, dkn, dvals, dg, dbeta, d_o, qn, kn, s.v, s.g, s.beta,
                                  1.0 / std::sqrt(double(dk)));
   Tensor& db = ops_.act_zeroed(db_, {N, Hv});
   Tensor& da = ops_.act_zeroed(da_, {N, Hv});

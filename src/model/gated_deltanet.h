@@ -28,6 +28,10 @@ class GatedDeltaNet {
   void forward(Saved& s, const Tensor& x, Tensor& y, int64_t B, int64_t S);
   // Accumulates into dx (B, S, H) and the parameter gradients.
   void backward(const Saved& s, const Tensor& dy, Tensor& dx);
+  // Selective recomputation of the delta-rule core (the q/k L2 norms and the chunked gated delta rule, as fla's
+  // kernel with use_qk_l2norm_in_kernel): qn, kn and its output are not kept per record (this module's scratch
+  // holds the last forward's); backward reruns them on the kept q, k, v and gates.
+  void set_recompute_core(bool on) { recompute_core_ = on; }
 
  private:
   const ModelConfig& c_;
@@ -38,6 +42,8 @@ class GatedDeltaNet {
   Tensor mixed_cols_, z_cols_, b_cols_, a_cols_, q_cols_, k_cols_, v_cols_;
   // Forward scratch: the projections (B S, 2 KD + 2 VD), (B S, 2 Hv) and the conv output (B, S, CD).
   Tensor qkvz_, ba_, conv_;
+  bool recompute_core_ = false;
+  Tensor rc_qn_, rc_kn_, rc_o_;  // (B, S, Hk, dk) x 2, (B, S, Hv, dv) when the core is recomputed
   // Backward scratch.
   Tensor don_, do_, dz_, dqn_, dkn_, dq_, dk_, dv_, dbeta_, dg_, db_, da_, dconv_, dmixed_, dqkvz_, dba_;
 };

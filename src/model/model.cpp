@@ -58,10 +58,7 @@ void Model::set_recompute(const RecomputeOptions& options) {
     if (g.recompute) widest = std::max(widest, static_cast<size_t>(g.end - g.begin));
   rc_saved_.resize(widest);
   rc_hidden_.resize(widest);
-  for (auto& layer : layers_) {
-    layer->set_recompute_mlp(options.recomputes_module(layer->moe() ? "moe" : "mlp"));
-    layer->set_recompute_norms(options.recomputes_module("layernorm"));
-  }
+  for (auto& layer : layers_) layer->set_recompute(options);
 }
 
 void Model::forward_group(const RecomputeGroup& g, const Tensor& x, Tensor& out, int64_t B, int64_t S,

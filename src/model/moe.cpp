@@ -23,6 +23,7 @@ void SparseMoe::forward(Saved& s, const Tensor& x, Tensor& y, MoeAuxStats& aux) 
   const int64_t H = c_.hidden_size, E = c_.num_experts, K = c_.num_experts_per_tok, N = x.numel() / H;
   s.x = x;
   if (!s.experts) s.experts = ops_.new_moe_state();
+  s.experts->recompute_act = recompute_act_;
   Tensor& logits = ops_.f32(logits_, {N, E});
   ops_.linear_forward_f32(logits, x, wt_.p("gate"));
   Tensor& probs = ops_.f32(s.probs, {N, E});
@@ -35,8 +36,8 @@ void SparseMoe::forward(Saved& s, const Tensor& x, Tensor& y, MoeAuxStats& aux) 
 
   ops_.moe_experts_forward(y, *s.experts, x, topw, topi, wt_.p("experts.gate_up_proj"), wt_.p("experts.down_proj"));
   if (shared_) {
-    Tensor& so = ops_.act(s.shared_out, {N, H});
-    shared_->forward(s.shared, x, so);
+    Tensor& so = ops_.act(recompute_shared_ ? rc_shared_out_ : s.shared_out, {N, H});
+    shared_->forward(recompute_shared_ ? rc_shared_ : s.shared, x, so);
     Tensor& sg = ops_.act(s.shared_gate, {N, 1});
     ops_.linear_forward(sg, x, wt_.p("shared_expert_gate"), nullptr);
     // y += sigmoid(sg) * so, through a scratch so the gate kernel keeps its overwrite convention.
@@ -72,13 +73,16 @@ void SparseMoe::backward(const Saved& s, const Tensor& dy, Tensor& dx, Tensor& d
   ops_.router_backward(dlogits, &dprobs, &dtopw, s.probs, s.topi, c_.norm_topk_prob);
   ops_.linear_backward(&dx_replicated, wt_.p("gate"), nullptr, dlogits, s.x);
   if (shared_) {
+    if (recompute_shared_) shared_->forward(rc_shared_, s.x, ops_.act(rc_shared_out_, {N, H}));
+    const SwiGluMlp::Saved& shared = recompute_shared_ ? rc_shared_ : s.shared;
+    const Tensor& shared_out = recompute_shared_ ? rc_shared_out_ : s.shared_out;
     Tensor& ds = ops_.act_zeroed(dshared_, {N, H});
     Tensor& dsg = ops_.act_zeroed(dshared_gate_, {N, 1});
-    ops_.sigmoid_gate_backward(&ds, &dsg, dy, s.shared_out, s.shared_gate, 1, 1);
+    ops_.sigmoid_gate_backward(&ds, &dsg, dy, shared_out, s.shared_gate, 1, 1);
     // The gate multiplies the shared expert's output, of which each rank holds a partial sum.
     if (tp_.active()) tp_.sum(dsg);
     ops_.linear_backward(&dx_replicated, wt_.p("shared_expert_gate"), nullptr, dsg, s.x);
-    shared_->backward(s.shared, ds, dx);
+    shared_->backward(shared, ds, dx);
   }
 }
 

@@ -45,6 +45,12 @@ class SparseMoe {
   // counted once, not summed over the group); both may be the same buffer on one device.
   void backward(const Saved& s, const Tensor& dy, Tensor& dx, Tensor& dx_replicated, const MoeAuxStats& aux,
                 float d_aux);
+  // Selective recomputation (model/recompute.h): moe_act, the routed experts' SwiGLU output; shared_experts, the
+  // shared expert (its record and output live in this layer's scratch and backward reruns it on the kept input).
+  void set_recompute(bool act, bool shared) {
+    recompute_act_ = act;
+    recompute_shared_ = shared;
+  }
   // Records this layer's expert choice into `replay`, or replays it from there (its mode decides); nullptr: off.
   // `layer` names the layer in the replay.
   void set_routing_replay(RoutingReplay* replay, int64_t layer) {
@@ -64,6 +70,9 @@ class SparseMoe {
   std::unique_ptr<SwiGluMlp> shared_;
   RoutingReplay* replay_ = nullptr;
   int64_t replay_layer_ = 0;
+  bool recompute_act_ = false, recompute_shared_ = false;
+  SwiGluMlp::Saved rc_shared_;  // the shared expert's record and output (N, H) when it is recomputed
+  Tensor rc_shared_out_;
   Tensor logits_, shared_gated_;                              // forward scratch (N, E) f32, (N, H)
   Tensor dprobs_, dtopw_, dlogits_, dshared_, dshared_gate_;  // backward scratch
 };

@@ -7,7 +7,7 @@
 namespace nextron {
 
 const std::vector<std::string>& recomputable_modules() {
-  static const std::vector<std::string> names = {"layernorm", "mlp", "moe"};
+  static const std::vector<std::string> names = {"core_attn", "layernorm", "mlp", "moe", "moe_act", "shared_experts"};
   return names;
 }
 
@@ -40,8 +40,7 @@ void RecomputeOptions::validate() const {
   for (const std::string& m : modules)
     NEXTRON_CHECK(
         std::find(recomputable_modules().begin(), recomputable_modules().end(), m) != recomputable_modules().end(),
-        "--recompute-modules ", m, ": ",
-        m == "core_attn" || m == "moe_act" || m == "shared_experts" ? "not implemented yet; " : "unknown; ",
+        "--recompute-modules ", m, ": ", m == "mla_up_proj" ? "this model has no MLA; " : "unknown; ",
         "recomputable here: ", known);
 }
 

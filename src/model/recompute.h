@@ -4,8 +4,14 @@
 //   full      whole decoder layers keep only their input; backward reruns their forward first.
 //             uniform: the stage's layers in groups of num_layers, each group keeping only its input
 //             block:   the first num_layers layers of each stage (each alone); the others keep everything
-//   selective named submodules keep only their input: layernorm (both norms of every layer: their outputs and SP
-//             gathers), mlp (the dense SwiGLU MLP), moe (the whole sparse MoE block: router, experts, shared expert)
+//   selective named submodules keep only their inputs (Megatron's --recompute-modules names):
+//             core_attn       the mixer's core: attention's softmax(q k^T) v (output and lse), or the DeltaNet
+//                             delta rule with its q/k L2 norms (qn, kn and the output), rerun on the kept q, k, v
+//             layernorm       both norms of every layer: their outputs and SP gathers
+//             mlp             the dense SwiGLU MLP
+//             moe             the whole sparse MoE block: router, experts, shared expert
+//             moe_act         the routed experts' SwiGLU output (N K, I), recomputed from the kept [gate | up]
+//             shared_experts  the shared expert (its projections, activation and output)
 //
 // A rerun forward is the same computation on the same input, so the numbers equal the run without recomputation
 // (bit for bit on the CPU backend); its router statistics go to a scratch record (the load-balancing loss counts

@@ -59,11 +59,21 @@ TEST_P(Recompute, EveryMethodEqualsTheRunWithoutIt) {
   const Result want = run(dir, {});
   const int64_t L = read_hf_config(dir).num_hidden_layers;
   const std::vector<RecomputeOptions> cases = {
-      {"full", "uniform", 1, {}},          {"full", "uniform", 2, {}},
-      {"full", "uniform", L, {}},          {"full", "block", 1, {}},
-      {"full", "block", L + 3, {}},        {"selective", "", 0, {"mlp"}},
-      {"selective", "", 0, {"moe"}},       {"selective", "", 0, {"mlp", "moe"}},
-      {"selective", "", 0, {"layernorm"}}, {"selective", "", 0, {"layernorm", "mlp", "moe"}}};
+      {"full", "uniform", 1, {}},
+      {"full", "uniform", 2, {}},
+      {"full", "uniform", L, {}},
+      {"full", "block", 1, {}},
+      {"full", "block", L + 3, {}},
+      {"selective", "", 0, {"mlp"}},
+      {"selective", "", 0, {"moe"}},
+      {"selective", "", 0, {"mlp", "moe"}},
+      {"selective", "", 0, {"layernorm"}},
+      {"selective", "", 0, {"layernorm", "mlp", "moe"}},
+      {"selective", "", 0, {"core_attn"}},
+      {"selective", "", 0, {"moe_act"}},
+      {"selective", "", 0, {"shared_experts"}},
+      {"selective", "", 0, {"core_attn", "moe_act", "shared_experts", "layernorm"}},
+      {"selective", "", 0, {"core_attn", "layernorm", "mlp", "moe", "moe_act", "shared_experts"}}};
   for (const RecomputeOptions& o : cases) {
     std::string name = o.granularity + " " + o.method + " " + std::to_string(o.num_layers);
     for (const auto& m : o.modules) name += " " + m;
@@ -107,7 +117,9 @@ TEST(RecomputeOptions, GroupsAndRefusals) {
   EXPECT_NE(refusal({"selective", "uniform", 1, {"mlp"}}).find("apply to --recompute-granularity full"),
             std::string::npos);
   EXPECT_NE(refusal({"selective", "", 0, {}}).find("needs --recompute-modules"), std::string::npos);
-  EXPECT_NE(refusal({"selective", "", 0, {"core_attn"}}).find("core_attn: not implemented yet"), std::string::npos);
+  EXPECT_NE(refusal({"selective", "", 0, {"mla_up_proj"}}).find("mla_up_proj: this model has no MLA"),
+            std::string::npos);
+  EXPECT_EQ(refusal({"selective", "", 0, {"core_attn", "moe_act", "shared_experts"}}), "accepted");
   EXPECT_NE(refusal({"selective", "", 0, {"mla"}}).find("mla: unknown"), std::string::npos);
   EXPECT_NE(refusal({"", "uniform", 0, {}}).find("without --recompute-granularity"), std::string::npos);
   EXPECT_EQ(refusal({"full", "block", 9, {}}), "accepted");

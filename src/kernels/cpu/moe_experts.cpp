@@ -64,7 +64,26 @@ T sigmoid(T v) {
   return T(1) / (T(1) + std::exp(-v));
 }
 
+// act (S, I) = silu(gate) * up of gate_up's rows [gate | up] (S, 2I).
+template <typename T>
+void swiglu_rows(T* act, const T* gate_up, int64_t S, int64_t I) {
+#pragma omp parallel for
+  for (int64_t s = 0; s < S; ++s) {
+    const T* g = gate_up + s * 2 * I;
+    const T* u = g + I;
+    T* h = act + s * I;
+    for (int64_t i = 0; i < I; ++i) h[i] = g[i] * sigmoid(g[i]) * u[i];
+  }
+}
+
 }  // namespace
+
+template <typename T>
+void moe_experts_recompute_act(MoeExpertsCache<T>& cache, int64_t I) {
+  const int64_t S = static_cast<int64_t>(cache.gate_up.size()) / (2 * I);
+  cache.act.resize(S * I);
+  swiglu_rows(cache.act.data(), cache.gate_up.data(), S, I);
+}
 
 template <typename T>
 void moe_experts_forward(T* y, MoeExpertsCache<T>& cache, const MoeDispatch& dispatch, const T* x, const T* weights,
@@ -88,13 +107,7 @@ void moe_experts_forward(T* y, MoeExpertsCache<T>& cache, const MoeDispatch& dis
     gemm<T>(false, true, ne, 2 * I, H, T(1), cx + s0 * H, w_gate_up + e * 2 * I * H, T(0), gu + s0 * 2 * I);
   });
 
-#pragma omp parallel for
-  for (int64_t s = 0; s < S; ++s) {
-    const T* g = gu + s * 2 * I;
-    const T* u = g + I;
-    T* h = act + s * I;
-    for (int64_t i = 0; i < I; ++i) h[i] = g[i] * sigmoid(g[i]) * u[i];
-  }
+  swiglu_rows(act, gu, S, I);
 
   // out (n_e, H) = act_e W_down_e^T
   for_each_expert(dispatch, [&](int64_t e, int64_t s0, int64_t ne) {
@@ -187,6 +200,8 @@ void moe_experts_backward(T* dx, T* dweights, T* dw_gate_up, T* dw_down, MoeExpe
   }
 }
 
+template void moe_experts_recompute_act<float>(MoeExpertsCache<float>&, int64_t);
+template void moe_experts_recompute_act<double>(MoeExpertsCache<double>&, int64_t);
 template void moe_experts_forward<float>(float*, MoeExpertsCache<float>&, const MoeDispatch&, const float*,
                                          const float*, const float*, const float*, int64_t, int64_t, int64_t, int64_t,
                                          int64_t);

@@ -31,6 +31,11 @@ struct MoeExpertsCache {
   std::vector<T> out;      // (N*K, H) down projections, before the routing weight
 };
 
+// Recomputes cache.act (N K, I) from cache.gate_up, exactly as the forward computed it (for a backward whose
+// forward did not keep it).
+template <typename T>
+void moe_experts_recompute_act(MoeExpertsCache<T>& cache, int64_t I);
+
 // x: (N, H), weights: (N, K) routing weights (aligned with the indices the dispatch was built from),
 // w_gate_up: (E, 2I, H) with rows [0, I) of each expert = gate_proj and [I, 2I) = up_proj, w_down: (E, H, I).
 // y (N, H) overwritten: y[n] = sum_k weights[n,k] * down_e(silu(gate_e x[n]) * up_e x[n]), e = indices[n,k].

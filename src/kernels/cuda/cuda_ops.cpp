@@ -364,12 +364,13 @@ void CudaOps::moe_experts_forward(Tensor& y, MoeExpertsState& state, const Tenso
   NEXTRON_CHECK(bad == 0, "MoE router produced an expert index outside [0, ", E, ")");
   act(st.xs, {NK, H});
   act(st.gu, {NK, 2 * I});
-  act(st.act, {NK, I});
+  // A recomputed activation goes to this backend's scratch (one for all layers and micro-batches), not the state.
+  Tensor& h = act(st.recompute_act ? moe_act_scratch_ : st.act, {NK, I});
   act(st.ys, {NK, H});
   cuda::moe_permute(bf(st.xs), bf(x), i32p(st.slot_token), NK, H, stream_);
   blas_->grouped_forward(bf(st.gu), bf(st.xs), bf(w_gate_up.w_act), st.offsets.data(), E, H, 2 * I);
-  cuda::swiglu_forward(bf(st.act), bf(st.gu), NK, I, stream_);
-  blas_->grouped_forward(bf(st.ys), bf(st.act), bf(w_down.w_act), st.offsets.data(), E, I, H);
+  cuda::swiglu_forward(bf(h), bf(st.gu), NK, I, stream_);
+  blas_->grouped_forward(bf(st.ys), bf(h), bf(w_down.w_act), st.offsets.data(), E, I, H);
   cuda::moe_unpermute(bf(y), bf(st.ys), f(weights), i32p(st.slot_of), N, K, H, stream_);
 }
 
@@ -380,9 +381,10 @@ void CudaOps::moe_experts_backward(Tensor& dx, Tensor& dweights, MoeExpertsState
   act(st.dys, {NK, H});
   cuda::moe_unpermute_backward(bf(st.dys), f(dweights), bf(dy), bf(st.ys), f(st.weights), i32p(st.slot_of), N, K, H,
                                stream_);
+  if (st.recompute_act) cuda::swiglu_forward(bf(act(moe_act_scratch_, {NK, I})), bf(st.gu), NK, I, stream_);
+  const Tensor& h = st.recompute_act ? moe_act_scratch_ : st.act;
   act_zeroed(st.dact, {NK, I});
-  blas_->grouped_backward(bf(st.dact), f(w_down.g), bf(st.dys), bf(st.act), bf(w_down.w_act), st.offsets.data(), E, I,
-                          H);
+  blas_->grouped_backward(bf(st.dact), f(w_down.g), bf(st.dys), bf(h), bf(w_down.w_act), st.offsets.data(), E, I, H);
   act_zeroed(st.dgu, {NK, 2 * I});
   cuda::swiglu_backward(bf(st.dgu), bf(st.dact), bf(st.gu), NK, I, stream_);
   act_zeroed(st.dxs, {NK, H});
