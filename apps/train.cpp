@@ -168,7 +168,8 @@ int run(int argc, char** argv, Communicator* world) {
       "each stage)")("recompute-num-layers", po::value(&o.recompute.num_layers)->default_value(0),
                      "full: see --recompute-method")(
       "recompute-modules", po::value(&o.recompute.modules)->multitoken(),
-      "selective: modules that keep only their input: mlp (dense MLP), moe (sparse MoE block)")(
+      "selective: modules recomputed in backward: core_attn (attention / delta-rule core), layernorm, mlp (dense "
+      "MLP), moe (sparse MoE block), moe_act (experts' SwiGLU), shared_experts")(
       "context-parallel-size", po::value(&o.parallel.cp)->default_value(1), "CP (not implemented yet: 1)")(
       "expert-model-parallel-size", po::value(&o.parallel.ep)->default_value(1), "EP (not implemented yet: 1)")(
       "expert-tensor-parallel-size", po::value(&o.parallel.etp)->default_value(0),
