@@ -1,5 +1,6 @@
 #include "core/tensor.h"
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <sstream>
@@ -23,7 +24,11 @@ std::string shape_str(const Shape& s) {
 namespace {
 DeviceMemoryHooks g_hooks;
 int64_t g_device_allocations = 0;
+std::atomic<int64_t> g_live_bytes[2];  // host, device
+std::atomic<int64_t>& live_bytes(Device device) { return g_live_bytes[device == Device::cuda ? 1 : 0]; }
 }  // namespace
+
+int64_t live_tensor_bytes(Device device) { return live_bytes(device).load(); }
 
 void register_device_memory_hooks(const DeviceMemoryHooks& hooks) { g_hooks = hooks; }
 
@@ -40,15 +45,18 @@ Storage::Storage(size_t bytes, Device device) : bytes_(bytes), device_(device) {
   if (device == Device::cuda) {
     data_ = device_memory_hooks().alloc(bytes == 0 ? 64 : bytes);
     ++g_device_allocations;
+    live_bytes(device) += static_cast<int64_t>(bytes);
     return;
   }
   size_t padded = ((bytes + 63) / 64) * 64;
   data_ = std::aligned_alloc(64, padded == 0 ? 64 : padded);
   NEXTRON_CHECK(data_ != nullptr, "out of host memory allocating ", bytes, " bytes");
   std::memset(data_, 0, padded == 0 ? 64 : padded);
+  live_bytes(device) += static_cast<int64_t>(bytes);
 }
 
 Storage::~Storage() {
+  live_bytes(device_) -= static_cast<int64_t>(bytes_);
   if (device_ == Device::cuda)
     g_hooks.free(data_);
   else

@@ -33,6 +33,9 @@ void register_device_memory_hooks(const DeviceMemoryHooks& hooks);
 const DeviceMemoryHooks& device_memory_hooks();  // throws when no CUDA backend is linked in / initialised
 // Device allocations made so far (the CUDA backend's steady state must not add any: tests/cuda checks it).
 int64_t device_allocation_count();
+// Bytes of Tensor storage alive now on `device` (every Storage counts its requested size from construction to
+// destruction): activation memory is measured as its growth (tests/unit/test_activation_memory.cpp).
+int64_t live_tensor_bytes(Device device);
 
 // A block of memory, zero-initialised; CPU storage is 64-byte aligned.
 class Storage {

@@ -32,6 +32,7 @@ void moe_dispatch_build(MoeDispatch& d, const int32_t* indices, int64_t N, int64
       d.slot_of[n * K + k] = p;
     }
   d.active.clear();
+  d.active.reserve(static_cast<size_t>(E));  // held memory of a fixed size (activation accounting)
   for (int64_t e = 0; e < E; ++e)
     if (d.expert_offsets[e + 1] > d.expert_offsets[e]) d.active.push_back(int32_t(e));
   std::stable_sort(d.active.begin(), d.active.end(), [&d](int32_t a, int32_t b) {

@@ -62,7 +62,7 @@ struct CudaMoeState final : MoeExpertsState {
   Tensor slot_token, slot_of, bad;  // (N K) i32, (N K) i32, (1) i32
   Tensor weights;                   // (N, K) f32 routing weights of the forward
   Tensor xs, gu, act, ys;           // (N K, H), (N K, 2I), (N K, I), (N K, H) in expert order
-  Tensor dys, dact, dgu, dxs;       // backward scratch
+  int64_t host_bytes() const override { return static_cast<int64_t>(offsets.capacity() * sizeof(int64_t)); }
 };
 
 }  // namespace
@@ -378,19 +378,20 @@ void CudaOps::moe_experts_backward(Tensor& dx, Tensor& dweights, MoeExpertsState
                                    const ParamRef& w_gate_up, const ParamRef& w_down) {
   auto& st = static_cast<CudaMoeState&>(state);
   const int64_t N = st.N, K = st.K, E = st.E, H = st.H, I = st.I, NK = N * K;
-  act(st.dys, {NK, H});
-  cuda::moe_unpermute_backward(bf(st.dys), f(dweights), bf(dy), bf(st.ys), f(st.weights), i32p(st.slot_of), N, K, H,
+  // Backward scratch belongs to the backend (one set for every layer and micro-batch), not to the state.
+  Tensor& dys = act(moe_dys_, {NK, H});
+  cuda::moe_unpermute_backward(bf(dys), f(dweights), bf(dy), bf(st.ys), f(st.weights), i32p(st.slot_of), N, K, H,
                                stream_);
   if (st.recompute_act) cuda::swiglu_forward(bf(act(moe_act_scratch_, {NK, I})), bf(st.gu), NK, I, stream_);
   const Tensor& h = st.recompute_act ? moe_act_scratch_ : st.act;
-  act_zeroed(st.dact, {NK, I});
-  blas_->grouped_backward(bf(st.dact), f(w_down.g), bf(st.dys), bf(h), bf(w_down.w_act), st.offsets.data(), E, I, H);
-  act_zeroed(st.dgu, {NK, 2 * I});
-  cuda::swiglu_backward(bf(st.dgu), bf(st.dact), bf(st.gu), NK, I, stream_);
-  act_zeroed(st.dxs, {NK, H});
-  blas_->grouped_backward(bf(st.dxs), f(w_gate_up.g), bf(st.dgu), bf(st.xs), bf(w_gate_up.w_act), st.offsets.data(), E,
-                          H, 2 * I);
-  cuda::moe_permute_backward(bf(dx), bf(st.dxs), i32p(st.slot_of), N, K, H, stream_);
+  Tensor& dact = act_zeroed(moe_dact_, {NK, I});
+  blas_->grouped_backward(bf(dact), f(w_down.g), bf(dys), bf(h), bf(w_down.w_act), st.offsets.data(), E, I, H);
+  Tensor& dgu = act_zeroed(moe_dgu_, {NK, 2 * I});
+  cuda::swiglu_backward(bf(dgu), bf(dact), bf(st.gu), NK, I, stream_);
+  Tensor& dxs = act_zeroed(moe_dxs_, {NK, H});
+  blas_->grouped_backward(bf(dxs), f(w_gate_up.g), bf(dgu), bf(st.xs), bf(w_gate_up.w_act), st.offsets.data(), E, H,
+                          2 * I);
+  cuda::moe_permute_backward(bf(dx), bf(dxs), i32p(st.slot_of), N, K, H, stream_);
 }
 
 void CudaOps::embedding_forward(Tensor& out, const ParamRef& table, const Tensor& ids, const VocabShard& vocab) {

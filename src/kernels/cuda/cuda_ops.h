@@ -131,6 +131,7 @@ class CudaOps final : public Ops {
   Tensor gdr_workspace_;               // gated delta rule
   Tensor flag_;                        // (2) i64 device error flags: bad id, bad target
   Tensor embed_rows_, embed_offsets_;  // embedding backward scratch
+  Tensor moe_dys_, moe_dact_, moe_dgu_, moe_dxs_;  // MoE backward scratch (N K, H), (N K, I), (N K, 2I), (N K, H)
   Tensor moe_act_scratch_;             // (N K, I) the experts' SwiGLU output of MoE states that recompute it
   Tensor sum_scratch_, sum_out_;       // loss sum
   Tensor decay_ranges_;                // AdamW: decayed ranges relative to the updated range (int64 pairs)

@@ -1,0 +1,47 @@
+// Activation memory: the bytes one micro-batch's activation record (ModelActivations) holds between its forward and
+// its backward, as a closed form of the config, the micro-batch shape, the parallel layout and the recomputation
+// options. A pipeline stage holds at most its schedule's in-flight bound of records at once (parallel/schedule.h), so
+// its peak activation memory is that bound times this; the per-layer and per-module scratch (one copy however many
+// micro-batches are in flight) is not part of it.
+//
+// The formula follows what each module's forward writes into its record (the Saved structs' comments list the
+// shapes); tests/unit/test_activation_memory.cpp measures a fresh record's growth of live memory on every fixture,
+// stage kind and recomputation option and requires it to equal this, byte for byte.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "core/tensor.h"
+#include "model/config.h"
+#include "model/recompute.h"
+#include "model/stage.h"
+
+namespace nextron {
+
+struct ModelActivations;
+
+struct ActivationShape {
+  int64_t B = 1, S = 1;  // the micro-batch
+  int64_t tp = 1;        // the tensor-parallel size (the config passed in is already the rank's slice)
+  bool sequence_parallel = false;
+  bool pipeline = false;        // the record also holds the stage-boundary gradients (pipeline runs)
+  Device device = Device::cpu;  // the backend: its activation dtype and its MoE dispatch layout
+};
+
+struct ActivationBytes {
+  int64_t io = 0;               // ids, the layer inputs/outputs kept, router statistics, boundary gradients
+  std::vector<int64_t> layers;  // each decoder layer's record (0 when a full recomputation group holds it)
+  int64_t head = 0;             // final norm, logits, loss rows and targets
+  int64_t total() const;
+};
+
+// local: the rank's slice of the model config (Model::local_config()); stage: the layers this model holds.
+ActivationBytes activation_record_bytes(const ModelConfig& local, const StageRange& stage, const ActivationShape& shape,
+                                        const RecomputeOptions& recompute);
+
+// Host memory a record holds outside Tensors (its targets and the CPU backend's MoE dispatch); Tensors are counted by
+// live_tensor_bytes() (core/tensor.h). Together they are the measured side of the formula.
+int64_t record_host_bytes(const ModelActivations& a);
+
+}  // namespace nextron
