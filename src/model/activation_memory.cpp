@@ -91,8 +91,8 @@ ActivationBytes activation_record_bytes(const ModelConfig& c, const StageRange& 
   if (stage.first)
     out.io += N * kI64 + 2 * std::max<int64_t>(E, 1) * kF32;  // ids; router statistics (reset)
   else if (E > 0)
-    out.io += 2 * E * kF32;  // the router statistics received with the activations
-  if (shape.pipeline) out.io += ((stage.first ? 0 : 1) + (stage.last ? 0 : 1)) * Nl * H * a;  // d_input, d_output
+    out.io += 2 * E * kF32;                                 // the router statistics received with the activations
+  if (shape.pipeline && !stage.last) out.io += Nl * H * a;  // d_output
   if (stage.last)
     out.head = Nl * H * a + Nl * kF32 + (sp ? N * H * a : 0)  // final_h, its rstd (and gather)
                + N * c.vocab_size * a                         // logits (this rank's padded vocabulary slice)

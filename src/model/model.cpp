@@ -277,7 +277,7 @@ Tensor& Model::stage_output_grad(ModelActivations& a) {
   return ops_->act(a.d_output, {comms_.tp.local_rows(a.B * a.S), config_.hidden_size});
 }
 
-void Model::backward_stage(ModelActivations& a, float loss_scale) {
+void Model::backward_stage(ModelActivations& a, float loss_scale, Tensor* input_grad) {
   if (stage_.last) {
     NEXTRON_CHECK(!a.targets.empty(), "backward() needs a forward() with labels first");
     backward_from(a, nullptr, loss_scale);
@@ -287,8 +287,9 @@ void Model::backward_stage(ModelActivations& a, float loss_scale) {
     backward_from(a, &a.d_output, loss_scale);
   }
   if (!stage_.first) {
-    ops_->act(a.d_input, dhidden_a_.shape());
-    a.d_input.copy_from(dhidden_a_);
+    Tensor& out = input_grad ? *input_grad : a.d_input;
+    ops_->act(out, dhidden_a_.shape());
+    out.copy_from(dhidden_a_);
   }
 }
 

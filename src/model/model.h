@@ -116,9 +116,10 @@ class Model {
   // Backward of any stage: the last one starts from the loss (as backward()); the others from the gradient of their
   // output, written into stage_output_grad(a) first. Before it, a.aux must hold the final statistics of the whole
   // model (the last stage's, which the load-balancing gradient of every MoE layer needs). A stage after the first
-  // leaves the gradient of its input in stage_input_grad(a).
+  // leaves the gradient of its input in stage_input_grad(a), or in *input_grad ((Nl, H), resized) where given: a
+  // pipeline sends it after the record is free again (so a record lives from its forward to its backward only).
   Tensor& stage_output_grad(ModelActivations& a);
-  void backward_stage(ModelActivations& a, float loss_scale = 1.0f);
+  void backward_stage(ModelActivations& a, float loss_scale = 1.0f, Tensor* input_grad = nullptr);
   const Tensor& stage_input_grad(const ModelActivations& a) const;
   // Routing replay for every MoE layer (nullptr: off). The replay outlives the forwards that use it; layer i of
   // the model (its global index, whichever stage holds it) is entry i of the replay.

@@ -4,26 +4,42 @@
 #include <chrono>
 
 #include "core/error.h"
+#include "model/activation_memory.h"
 
 namespace nextron {
 
 PipelineRunner::PipelineRunner(std::vector<Model*> chunks, PipelineP2P& p2p, int dp_size)
-    : chunks_(std::move(chunks)), p2p_(p2p), dp_size_(dp_size) {
+    : chunks_(std::move(chunks)),
+      p2p_(p2p),
+      dp_size_(dp_size),
+      pools_(chunks_.size()),
+      free_(chunks_.size()),
+      chunk_peak_(chunks_.size(), 0),
+      chunk_live_(chunks_.size(), 0) {
   NEXTRON_CHECK(!chunks_.empty(), "a pipeline rank holds at least one model chunk");
   for (const Model* m : chunks_) NEXTRON_ASSERT(m != nullptr);
+}
+
+int64_t PipelineRunner::records_host_bytes() const {
+  int64_t bytes = 0;
+  for (const auto& pool : pools_)
+    for (const auto& a : pool) bytes += record_host_bytes(*a);
+  return bytes;
 }
 
 ModelActivations& PipelineRunner::acquire(int m, int c) {
   const auto key = std::make_pair(m, c);
   NEXTRON_CHECK(!live_.count(key), "pipeline schedule: micro-batch ", m, " on chunk ", c, " is already in flight");
-  if (free_.empty()) {
-    pool_.push_back(std::make_unique<ModelActivations>());
-    free_.push_back(pool_.back().get());
+  auto& free = free_.at(c);
+  if (free.empty()) {
+    pools_[c].push_back(std::make_unique<ModelActivations>());
+    free.push_back(pools_[c].back().get());
   }
-  ModelActivations* a = free_.back();
-  free_.pop_back();
+  ModelActivations* a = free.back();
+  free.pop_back();
   live_[key] = a;
   peak_ = std::max(peak_, static_cast<int>(live_.size()));
+  chunk_peak_[c] = std::max(chunk_peak_[c], ++chunk_live_[c]);
   return *a;
 }
 
@@ -37,7 +53,8 @@ ModelActivations& PipelineRunner::record(int m, int c) {
 void PipelineRunner::release(int m, int c) {
   const auto it = live_.find({m, c});
   NEXTRON_ASSERT(it != live_.end());
-  free_.push_back(it->second);
+  free_.at(c).push_back(it->second);
+  --chunk_live_[c];
   live_.erase(it);
 }
 
@@ -58,10 +75,20 @@ void PipelineRunner::add_messages(const Transfer& t, int64_t B, int64_t S, std::
   const bool act = t.kind == TransferKind::activation;
   ModelActivations* a = nullptr;
   Tensor* tensor = nullptr;
+  if (t.send && !act) {
+    // An input gradient: its record is already free; the buffer waits in the outbox.
+    GradientOut& g = outbox_.at({t.microbatch, t.chunk});
+    out.push_back({true, PipeTensor::gradient, t.peer, &g.grad});
+    if (E > 0) {
+      out.push_back({true, PipeTensor::gradient_aux, t.peer, &g.count_sum});
+      out.push_back({true, PipeTensor::gradient_aux, t.peer, &g.prob_sum});
+    }
+    return;
+  }
   if (t.send) {
     a = &record(t.microbatch, t.chunk);
     // Sending only reads the tensor; the message API takes one pointer type for both directions.
-    tensor = const_cast<Tensor*>(act ? &model.stage_output(*a) : &model.stage_input_grad(*a));
+    tensor = const_cast<Tensor*>(&model.stage_output(*a));
   } else if (act) {
     a = &acquire(t.microbatch, t.chunk);
     tensor = &model.stage_input(*a, B, S);
@@ -89,9 +116,13 @@ void PipelineRunner::communicate(const Action& action, int64_t B, int64_t S) {
   std::vector<PipeMessage> messages;
   for (const Transfer& t : transfers) add_messages(t, B, S, messages);
   p2p_.exchange(messages);
-  // A record whose input gradient went out has finished its backward.
+  // Sent input gradients free their buffers for the next backward.
   for (const Transfer& t : transfers)
-    if (t.send && t.kind == TransferKind::gradient) release(t.microbatch, t.chunk);
+    if (t.send && t.kind == TransferKind::gradient) {
+      const auto it = outbox_.find({t.microbatch, t.chunk});
+      spare_.push_back(std::move(it->second));
+      outbox_.erase(it);
+    }
 }
 
 std::vector<LossValues> PipelineRunner::evaluate(int microbatches, const std::function<MicroBatchTokens(int m)>& tokens,
@@ -138,6 +169,7 @@ std::vector<LossValues> PipelineRunner::run(const ScheduleSpec& spec,
   }
   NEXTRON_ASSERT(live_.empty());
   peak_ = 0;
+  std::fill(chunk_peak_.begin(), chunk_peak_.end(), 0);
   exchange_seconds_ = 0;
   using Clock = std::chrono::steady_clock;
   const auto start = Clock::now();
@@ -169,14 +201,31 @@ std::vector<LossValues> PipelineRunner::run(const ScheduleSpec& spec,
       }
       case ActionKind::backward: {
         Model& model = *chunks_.at(action.chunk);
-        model.backward_stage(record(action.microbatch, action.chunk), loss_scale);
-        // The first stage sends nothing back: its record is free now; the others' go when their gradient is sent.
-        if (model.stage().first) release(action.microbatch, action.chunk);
+        ModelActivations& a = record(action.microbatch, action.chunk);
+        if (model.stage().first) {
+          model.backward_stage(a, loss_scale);
+        } else {
+          // The input gradient (and the statistics it carries back) go to a send buffer; the record is free now.
+          GradientOut& g = outbox_[{action.microbatch, action.chunk}];
+          if (spare_.empty()) {
+            ++grad_buffers_;
+          } else {
+            g = std::move(spare_.back());
+            spare_.pop_back();
+          }
+          model.backward_stage(a, loss_scale, &g.grad);
+          if (a.aux.count_sum.defined() && model.config().num_experts > 0) {
+            model.ops().f32(g.count_sum, a.aux.count_sum.shape()).copy_from(a.aux.count_sum);
+            model.ops().f32(g.prob_sum, a.aux.prob_sum.shape()).copy_from(a.aux.prob_sum);
+          }
+        }
+        release(action.microbatch, action.chunk);
         break;
       }
     }
   }
-  NEXTRON_CHECK(live_.empty(), "pipeline schedule left ", live_.size(), " micro-batches in flight");
+  NEXTRON_CHECK(live_.empty() && outbox_.empty(), "pipeline schedule left ", live_.size(),
+                " micro-batches in flight and ", outbox_.size(), " gradients unsent");
   run_seconds_ = std::chrono::duration<double>(Clock::now() - start).count();
   return losses;
 }

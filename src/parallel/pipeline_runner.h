@@ -1,8 +1,9 @@
 // Runs one optimizer step's forward and backward passes on this pipeline rank's model chunks by a schedule table
 // (parallel/schedule.h): the table says which micro-batch runs forward or backward on which chunk and which
 // activations and gradients cross to the neighbours at each point; the runner keeps one activation record per
-// micro-batch in flight (ModelActivations, reused across steps), fills the received tensors into them and sends from
-// them. At PP 1 the table is forward m, backward m for each micro-batch: today's gradient accumulation loop.
+// micro-batch in flight (ModelActivations, reused across steps, one pool per chunk so a record always holds one
+// chunk's shapes: its bytes are model/activation_memory.h's formula), fills the received tensors into them and sends
+// from them. At PP 1 the table is forward m, backward m for each micro-batch: today's gradient accumulation loop.
 //
 // The router statistics travel with the tensors (see comm/pipeline_p2p.h); their row count needs no message: a
 // stage's input has passed (MoE layers before it) x B x S rows, and the final count is (MoE layers) x B x S x DP
@@ -45,10 +46,16 @@ class PipelineRunner {
   // Seconds of the last run() spent in exchanges (waiting for the neighbours and moving data) and in all.
   double exchange_seconds() const { return exchange_seconds_; }
   double run_seconds() const { return run_seconds_; }
-  // The most activation records alive at once during the last run() (the schedule's in-flight bound).
+  // The most activation records alive at once during the last run(), on all chunks together and on chunk c.
   int peak_records() const { return peak_; }
-  // Records allocated so far (kept for reuse).
-  int records_allocated() const { return static_cast<int>(pool_.size()); }
+  int peak_records(int c) const { return chunk_peak_.at(c); }
+  // Records of chunk c allocated so far (kept for reuse): its activation memory is this times one record's bytes.
+  int records_allocated(int c) const { return static_cast<int>(pools_.at(c).size()); }
+  // Host memory the pools' records hold outside Tensors (model/activation_memory.h record_host_bytes).
+  int64_t records_host_bytes() const;
+  // Send buffers allocated so far for input gradients (with their router statistics) waiting to go to the previous
+  // stage: (Nl, H) + 2 (E) each. A record is free at the end of its backward; its input gradient waits here.
+  int grad_buffers_allocated() const { return grad_buffers_; }
 
  private:
   ModelActivations& acquire(int m, int c);
@@ -67,10 +74,18 @@ class PipelineRunner {
   int dp_size_;
   ScheduleSpec spec_;
   ScheduleTable table_;
-  std::vector<std::unique_ptr<ModelActivations>> pool_;
-  std::vector<ModelActivations*> free_;
-  std::map<std::pair<int, int>, ModelActivations*> live_;  // (micro-batch, chunk) -> its record
+  std::vector<std::vector<std::unique_ptr<ModelActivations>>> pools_;  // per chunk
+  std::vector<std::vector<ModelActivations*>> free_;                   // per chunk
+  std::map<std::pair<int, int>, ModelActivations*> live_;              // (micro-batch, chunk) -> its record
   int peak_ = 0;
+  std::vector<int> chunk_peak_, chunk_live_;
+  struct GradientOut {
+    Tensor grad;                 // (Nl, H) the stage input's gradient
+    Tensor count_sum, prob_sum;  // (E) the final router statistics that travel with it
+  };
+  std::map<std::pair<int, int>, GradientOut> outbox_;  // (micro-batch, chunk) -> what its gradient send carries
+  std::vector<GradientOut> spare_;                     // sent buffers, reused
+  int grad_buffers_ = 0;
   double exchange_seconds_ = 0, run_seconds_ = 0;
 };
 

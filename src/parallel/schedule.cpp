@@ -201,14 +201,20 @@ void check_schedule(const ScheduleSpec& spec, const ScheduleTable& table) {
   NEXTRON_CHECK(blocked.empty(), "schedule: deadlock under rendezvous semantics: ", blocked);
 }
 
-int max_in_flight(const ScheduleTable& table, int rank) {
+namespace {
+int most_in_flight(const ScheduleTable& table, int rank, int chunk) {
   int live = 0, most = 0;
   for (const Action& a : table.at(rank)) {
+    if (chunk >= 0 && a.chunk != chunk) continue;
     if (a.kind == ActionKind::forward) most = std::max(most, ++live);
     if (a.kind == ActionKind::backward) --live;
   }
   return most;
 }
+}  // namespace
+
+int max_in_flight(const ScheduleTable& table, int rank) { return most_in_flight(table, rank, -1); }
+int max_in_flight(const ScheduleTable& table, int rank, int chunk) { return most_in_flight(table, rank, chunk); }
 
 int in_flight_bound(const ScheduleSpec& spec, int rank) {
   const int p = spec.pp, v = spec.vpp, M = spec.microbatches, total = M * v;

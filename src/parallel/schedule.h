@@ -81,6 +81,8 @@ void check_schedule(const ScheduleSpec& spec, const ScheduleTable& table);
 
 // The most (micro-batch, chunk) activation records alive at once on `rank` (forwarded, not yet backwarded).
 int max_in_flight(const ScheduleTable& table, int rank);
+// The same for the records of one chunk (the runner keeps one pool of records per chunk).
+int max_in_flight(const ScheduleTable& table, int rank, int chunk);
 // The schedule's bound: 1F1B min(p - r, M); interleaved min(warmup + 1, M v) with Megatron's warmup
 // (p - r - 1) 2 + (v - 1) p, or all M v forwards first when M == p.
 int in_flight_bound(const ScheduleSpec& spec, int rank);

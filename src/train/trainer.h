@@ -74,8 +74,11 @@ class Trainer {
   bool is_logger() const { return !ctx_ || ctx_->rank() == 0; }
   const ParallelContext* parallel() const { return ctx_.get(); }
   const DistributedOptimizer& optimizer() const { return *chunks_.front().opt; }  // the first chunk's
-  // The activation records alive at once during the last step (the pipeline schedule's in-flight bound).
-  int peak_activation_records() const { return runner_->peak_records(); }
+  // The runner of the steps' forward and backward passes (its activation records: model/activation_memory.h), and
+  // this rank's model chunks (virtual stages c * PP + pp_rank).
+  PipelineRunner& pipeline_runner() { return *runner_; }
+  int num_chunks() const { return static_cast<int>(chunks_.size()); }
+  Model& chunk_model(int c) { return *chunks_.at(c).model; }
   const TrainOptions& options() const { return opt_; }
   int64_t steps_done() const { return step_; }
   int64_t data_position() const { return position_; }

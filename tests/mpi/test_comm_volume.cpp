@@ -30,6 +30,9 @@
 //    shard being the ceil(P/d) split of the flat buffer: it falls as 1/DP, within one padding element.
 //
 // 3. Pipeline point-to-point bytes (below, with their formula).
+//
+// 4. Pipeline activation memory: the records a real pipeline run keeps per chunk (the runner's pools) hold
+//    exactly model/activation_memory.h's bytes each, and their count is the schedule's in-flight count of that chunk.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -38,6 +41,7 @@
 #include <ostream>
 
 #include "comm/counting_communicator.h"
+#include "model/activation_memory.h"
 #include "mpi_fixture.h"
 #include "parallel/schedule.h"
 #include "tiny_model.h"
@@ -309,6 +313,91 @@ INSTANTIATE_TEST_SUITE_P(Pipelines, PipelineVolume,
                                            PipelineCase{"PP4", 4, 4, 1, 1, false},
                                            PipelineCase{"PP2xTP2_SP", 4, 2, 1, 2, true}),
                          [](const auto& param_info) { return std::string(param_info.param.name); });
+
+struct MemoryCase {
+  const char* name;
+  int world, pp, vpp, tp;
+  bool sp;
+  RecomputeOptions recompute;
+};
+void PrintTo(const MemoryCase& c, std::ostream* os) { *os << c.name; }
+class PipelineMemory : public Mpi, public ::testing::WithParamInterface<MemoryCase> {};
+
+// Two runs of the trainer's pipeline runner: a small one (M = 1, or PP for the interleaved schedule) allocates the
+// layers' scratch and some records, then M = 8 adds records up to the schedule's in-flight count per chunk. What live
+// memory grew by between the two is the added records, each of the formula's bytes for its chunk (the measured side
+// counts Tensor storage and the records' host vectors).
+TEST_P(PipelineMemory, RecordsHoldTheFormulaBytesAndTheScheduleCount) {
+  const MemoryCase& c = GetParam();
+  if (c.world != world_size()) GTEST_SKIP() << c.name << " runs at " << c.world << " ranks";
+  TrainOptions o = options(c.tp, c.sp, 1);
+  o.parallel.pp = c.pp;
+  o.parallel.vpp = c.vpp;
+  o.recompute = c.recompute;
+  Trainer trainer(o, sample, comm_.get());
+  PipelineRunner& runner = trainer.pipeline_runner();
+  const int64_t B = micro_batch(1), S = kSeq;
+  std::vector<int64_t> ids(B * S), targets(B * S);
+  for (int64_t i = 0; i < B * S; ++i) {
+    ids[i] = (i * 5 + 3) % kVocab;
+    targets[i] = (i * 11 + 1) % kVocab;
+  }
+  const auto tokens = [&](int) { return MicroBatchTokens{ids.data(), targets.data()}; };
+  const int r = trainer.parallel()->pp_rank();
+  const auto live = [&] { return live_tensor_bytes(Device::cpu) + runner.records_host_bytes(); };
+  runner.run({c.pp, c.vpp, c.vpp > 1 ? c.pp : 1}, tokens, B, S, 1.0f);
+  std::vector<int> before(c.vpp);
+  for (int k = 0; k < c.vpp; ++k) before[k] = runner.records_allocated(k);
+  const int grad_buffers_before = runner.grad_buffers_allocated();
+  const int64_t live_before = live();
+  const ScheduleSpec spec{c.pp, c.vpp, 8};
+  runner.run(spec, tokens, B, S, 1.0f);
+  const int64_t grown = live() - live_before;
+  const ScheduleTable table = schedule_table(spec);
+  int64_t want = 0;
+  std::string report;
+  for (int k = 0; k < c.vpp; ++k) {
+    Model& m = trainer.chunk_model(k);
+    EXPECT_EQ(runner.peak_records(k), max_in_flight(table, r, k)) << "chunk " << k;
+    EXPECT_EQ(runner.records_allocated(k), std::max(before[k], runner.peak_records(k))) << "chunk " << k;
+    ActivationShape shape;
+    shape.B = B;
+    shape.S = S;
+    shape.tp = c.tp;
+    shape.sequence_parallel = c.sp;
+    shape.pipeline = true;
+    const int64_t record = activation_record_bytes(m.local_config(), m.stage(), shape, c.recompute).total();
+    want += (runner.records_allocated(k) - before[k]) * record;
+    report += " chunk " + std::to_string(k) + ": " + std::to_string(runner.peak_records(k)) + " x " +
+              std::to_string(record) + " B;";
+  }
+  // Input gradients waiting to be sent, with their router statistics: (Nl, H) + 2 (E) floats each.
+  const int64_t Nl = c.sp ? B * S / c.tp : B * S;
+  want += (runner.grad_buffers_allocated() - grad_buffers_before) * (Nl * kH + 2 * kE) * 4;
+  report += " send buffers " + std::to_string(runner.grad_buffers_allocated()) + ";";
+  EXPECT_EQ(grown, want) << report;
+  EXPECT_LE(runner.peak_records(), in_flight_bound(spec, r));
+  if (r == 0) {
+    EXPECT_GT(want, 0) << "the second run added no record: the test measures nothing";
+  }
+  if (world_rank() == 0 || (trainer.parallel()->tp_rank() == 0 && trainer.parallel()->dp_rank() == 0))
+    std::printf("%s pp rank %d (M 8): peak activation records%s grown %lld B (formula %lld B)\n", c.name, r,
+                report.c_str(), static_cast<long long>(grown), static_cast<long long>(want));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Pipelines, PipelineMemory,
+    ::testing::Values(MemoryCase{"PP2", 2, 2, 1, 1, false, {}}, MemoryCase{"PP4", 4, 4, 1, 1, false, {}},
+                      MemoryCase{"PP2_VPP2", 2, 2, 2, 1, false, {}}, MemoryCase{"PP2xTP2_SP", 4, 2, 1, 2, true, {}},
+                      MemoryCase{"PP2_RecomputeFull", 2, 2, 1, 1, false, {"full", "uniform", 1, {}}},
+                      MemoryCase{"PP2xTP2_SP_RecomputeSelective",
+                                 4,
+                                 2,
+                                 1,
+                                 2,
+                                 true,
+                                 {"selective", "", 0, {"core_attn", "layernorm", "moe_act", "shared_experts"}}}),
+    [](const auto& param_info) { return std::string(param_info.param.name); });
 
 }  // namespace
 

@@ -1,7 +1,7 @@
 // Activation memory (model/activation_memory.h): one micro-batch's record, measured as the growth of live memory
 // (Tensor storage, core/tensor.h, plus the record's host vectors) while a fresh record runs its forward and backward
 // on a warmed-up stage, equals the closed form byte for byte, on every fixture, for the whole model and for first,
-// middle (where the model has three layers) and last pipeline stages (with their boundary gradients), without
+// middle (where the model has three layers) and last pipeline stages (with their output gradients), without
 // recomputation and with every full and selective option. A record that kept one tensor more or less than the formula
 // says fails here; so does a recomputation that does not save what it claims.
 #include <gtest/gtest.h>
@@ -63,14 +63,17 @@ struct Chain {
     }
     m.forward_targets(a, ids.data(), targets.data(), B, S);
   }
-  // Stage k's backward of `a`, its output gradient taken from `next`, the record of stage k + 1.
-  void backward(size_t k, ModelActivations& a, const ModelActivations* next, const ModelActivations& last) {
+  // Stage k's backward of `a`, its output gradient taken from stage k + 1's input gradient (kept outside the records,
+  // as the pipeline runner's send buffers).
+  std::vector<Tensor> input_grads;
+  void backward(size_t k, ModelActivations& a, const ModelActivations& last) {
     Model& m = *stages[k];
+    input_grads.resize(stages.size());
     if (k + 1 < stages.size()) {
       if (m.config().num_experts > 0) copy_aux(m.ops(), a.aux, last.aux);
-      m.stage_output_grad(a).copy_from(stages[k + 1]->stage_input_grad(*next));
+      m.stage_output_grad(a).copy_from(input_grads[k + 1]);
     }
-    m.backward_stage(a, 0.5f);
+    m.backward_stage(a, 0.5f, k > 0 ? &input_grads[k] : nullptr);
   }
 };
 
@@ -108,14 +111,14 @@ TEST_P(ActivationMemory, AFreshRecordHoldsWhatTheFormulaSays) {
       // A warm-up micro-batch through every stage allocates the layers' and the model's scratch.
       std::vector<ModelActivations> warm(P);
       for (size_t k = 0; k < P; ++k) chain.forward(k, warm[k], k ? &warm[k - 1] : nullptr);
-      for (size_t k = P; k-- > 0;) chain.backward(k, warm[k], k + 1 < P ? &warm[k + 1] : nullptr, warm.back());
+      for (size_t k = P; k-- > 0;) chain.backward(k, warm[k], warm.back());
       // Then a fresh record per stage: what it adds to live memory through its forward and backward is the record.
       for (size_t k = 0; k < P; ++k) {
         SCOPED_TRACE(ranges[k].describe(config));
         ModelActivations fresh;
         const int64_t before = live_bytes();
         chain.forward(k, fresh, k ? &warm[k - 1] : nullptr);
-        chain.backward(k, fresh, k + 1 < P ? &warm[k + 1] : nullptr, warm.back());
+        chain.backward(k, fresh, warm.back());
         const int64_t measured = live_bytes() - before + record_host_bytes(fresh);
         ActivationShape shape;
         shape.B = chain.B;
