@@ -171,7 +171,8 @@ int run(int argc, char** argv, Communicator* world) {
       "selective: modules recomputed in backward: core_attn (attention / delta-rule core), layernorm, mlp (dense "
       "MLP), moe (sparse MoE block), moe_act (experts' SwiGLU), shared_experts")(
       "context-parallel-size", po::value(&o.parallel.cp)->default_value(1), "CP (not implemented yet: 1)")(
-      "expert-model-parallel-size", po::value(&o.parallel.ep)->default_value(1), "EP (not implemented yet: 1)")(
+      "expert-model-parallel-size", po::value(&o.parallel.ep)->default_value(1),
+      "EP: ranks sharing the routed experts (E / EP each; all-to-all token dispatch)")(
       "expert-tensor-parallel-size", po::value(&o.parallel.etp)->default_value(0),
       "ETP (0: the same as TP; without EP it must equal TP)");
   po::options_description log("Logging");

@@ -19,6 +19,13 @@ enum class Device { cpu, cuda };
 using Shape = std::vector<int64_t>;
 
 int64_t shape_numel(const Shape& s);
+
+// Elements [begin, end) of a flat buffer (the parameter layout's ranges: ZeRO shards, reduction groups).
+struct FlatRange {
+  int64_t begin = 0;
+  int64_t end = 0;
+  int64_t size() const { return end - begin; }
+};
 std::string shape_str(const Shape& s);
 
 // Device memory management, registered by the CUDA backend (src/core/cuda) so that this core library does not

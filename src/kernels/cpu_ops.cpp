@@ -12,6 +12,7 @@
 #include "kernels/cpu/linear.h"
 #include "kernels/cpu/load_balancing.h"
 #include "kernels/cpu/moe_experts.h"
+#include "kernels/cpu/moe_permute.h"
 #include "kernels/cpu/rmsnorm.h"
 #include "kernels/cpu/rmsnorm_gated.h"
 #include "kernels/cpu/rope.h"
@@ -275,6 +276,30 @@ void CpuOps::moe_experts_backward(Tensor& dx, Tensor& dweights, MoeExpertsState&
   cpu::moe_experts_backward<float>(f(dx), f(dweights), f(w_gate_up.g), f(w_down.g), st.cache, st.dispatch, f(dy),
                                    f(st.weights), f(w_gate_up.w), f(w_down.w), N, H, I, E, K);
   if (st.recompute_act) std::swap(st.cache.act, moe_act_scratch_);
+}
+
+void CpuOps::moe_permute(Tensor& rows, const Tensor& x, const Tensor& row_token) {
+  const int64_t R = row_token.numel(), H = x.numel() / std::max<int64_t>(x.dim(0), 1);
+  NEXTRON_CHECK(rows.numel() == R * H, "moe_permute: rows hold ", rows.numel(), " values for ", R, " x ", H);
+  cpu::moe_permute<float>(f(rows), f(x), row_token.data<int32_t>(), R, H);
+}
+
+void CpuOps::moe_permute_backward(Tensor& dx, const Tensor& drows, const Tensor& slot_row) {
+  const int64_t N = dx.dim(0), H = dx.numel() / std::max<int64_t>(N, 1), K = N > 0 ? slot_row.numel() / N : 0;
+  cpu::moe_permute_backward<float>(f(dx), f(drows), slot_row.data<int32_t>(), N, K, H);
+}
+
+void CpuOps::moe_unpermute(Tensor& y, const Tensor& rows, const Tensor& weights, const Tensor& slot_row) {
+  const int64_t N = y.dim(0), H = y.numel() / std::max<int64_t>(N, 1), K = weights.numel() / std::max<int64_t>(N, 1);
+  NEXTRON_CHECK(slot_row.numel() == N * K, "moe_unpermute: ", slot_row.numel(), " slots for ", N, " x ", K);
+  cpu::moe_unpermute<float>(f(y), f(rows), f(weights), slot_row.data<int32_t>(), N, K, H);
+}
+
+void CpuOps::moe_unpermute_backward(Tensor& drows, Tensor& dweights, const Tensor& dy, const Tensor& rows,
+                                    const Tensor& weights, const Tensor& slot_row) {
+  const int64_t N = dy.dim(0), H = dy.numel() / std::max<int64_t>(N, 1), K = weights.numel() / std::max<int64_t>(N, 1);
+  cpu::moe_unpermute_backward<float>(f(drows), dweights.defined() ? f(dweights) : nullptr, f(dy), f(rows), f(weights),
+                                     slot_row.data<int32_t>(), N, K, H);
 }
 
 void CpuOps::embedding_forward(Tensor& out, const ParamRef& table, const Tensor& ids, const VocabShard& vocab) {

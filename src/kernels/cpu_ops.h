@@ -72,6 +72,11 @@ class CpuOps final : public Ops {
                            const Tensor& indices, const ParamRef& w_gate_up, const ParamRef& w_down) override;
   void moe_experts_backward(Tensor& dx, Tensor& dweights, MoeExpertsState& state, const Tensor& dy,
                             const ParamRef& w_gate_up, const ParamRef& w_down) override;
+  void moe_permute(Tensor& rows, const Tensor& x, const Tensor& row_token) override;
+  void moe_permute_backward(Tensor& dx, const Tensor& drows, const Tensor& slot_row) override;
+  void moe_unpermute(Tensor& y, const Tensor& rows, const Tensor& weights, const Tensor& slot_row) override;
+  void moe_unpermute_backward(Tensor& drows, Tensor& dweights, const Tensor& dy, const Tensor& rows,
+                              const Tensor& weights, const Tensor& slot_row) override;
 
   void embedding_forward(Tensor& out, const ParamRef& table, const Tensor& ids, const VocabShard& vocab) override;
   void embedding_backward(const ParamRef& table, const Tensor& dout, const Tensor& ids,

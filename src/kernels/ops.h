@@ -147,6 +147,17 @@ class Ops {
   // Accumulates dx, dweights (f32) and the expert weight gradients.
   virtual void moe_experts_backward(Tensor& dx, Tensor& dweights, MoeExpertsState& state, const Tensor& dy,
                                     const ParamRef& w_gate_up, const ParamRef& w_down) = 0;
+  // Token movement of the expert-parallel dispatcher: rows of width H in the activation dtype, index tables (i32) on
+  // the backend's device, a token's K routed slots summed in k order (deterministic).
+  //   rows (R, H) = x[row_token[r]]                                      (overwrites; dispatch preprocess)
+  virtual void moe_permute(Tensor& rows, const Tensor& x, const Tensor& row_token) = 0;
+  //   dx (N, H) += sum_k drows[slot_row[n K + k]]                          (its backward; K = slot_row / N)
+  virtual void moe_permute_backward(Tensor& dx, const Tensor& drows, const Tensor& slot_row) = 0;
+  //   y (N, H) = sum_k weights[n, k] rows[slot_row[n K + k]]             (overwrites; combine postprocess)
+  virtual void moe_unpermute(Tensor& y, const Tensor& rows, const Tensor& weights, const Tensor& slot_row) = 0;
+  //   drows[slot_row[n K + k]] = weights[n, k] dy[n] (overwrites), dweights (N, K) f32 += dy[n] . rows[slot]
+  virtual void moe_unpermute_backward(Tensor& drows, Tensor& dweights, const Tensor& dy, const Tensor& rows,
+                                      const Tensor& weights, const Tensor& slot_row) = 0;
 
   // --- Embedding and loss. ids, targets: (N) i64 tensors of the backend's device. `vocab`: the ids the table's
   // rows / the logits' columns hold (VocabShard::whole(V) on one device; a TP rank's slice under tensor

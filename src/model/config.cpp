@@ -472,4 +472,14 @@ ModelConfig tp_local_config(const ModelConfig& c, int tp) {
   return l;
 }
 
+ModelConfig ep_local_config(const ModelConfig& c, int ep, int ep_rank) {
+  NEXTRON_CHECK(ep >= 1 && ep_rank >= 0 && ep_rank < ep, "expert-parallel rank ", ep_rank, " of ", ep);
+  NEXTRON_CHECK(ep == 1 || (c.num_experts > 0 && c.num_experts % ep == 0), "num_experts ", c.num_experts,
+                " is not divisible by EP ", ep, ": choose --expert-model-parallel-size dividing the expert count");
+  ModelConfig l = c;
+  l.expert_parallel_size = ep;
+  l.expert_parallel_rank = ep_rank;
+  return l;
+}
+
 }  // namespace nextron

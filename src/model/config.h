@@ -71,8 +71,14 @@ struct ModelConfig {
   int64_t linear_conv_kernel_dim = 4;  // Kc
 
   // Mixture of experts.
-  int64_t num_experts = 0;          // E (0: every MLP is dense)
-  int64_t num_experts_per_tok = 0;  // K
+  int64_t num_experts = 0;  // E (0: every MLP is dense)
+  // Training only (not in config.json): the expert-parallel slice this config's model holds: the routed experts
+  // [expert_parallel_rank El, +El) of E, El = E / expert_parallel_size (ep_local_config). The router still scores all
+  // E.
+  int64_t expert_parallel_size = 1, expert_parallel_rank = 0;
+  int64_t num_local_experts() const { return num_experts / expert_parallel_size; }           // El
+  int64_t first_local_expert() const { return expert_parallel_rank * num_local_experts(); }  // its global index
+  int64_t num_experts_per_tok = 0;                                                           // K
   int64_t moe_intermediate_size = 0;
   int64_t shared_expert_intermediate_size = 0;
   int64_t decoder_sparse_step = 1;
@@ -112,5 +118,8 @@ const char* mixer_type_name(MixerType t);
 // intermediate sizes and the vocabulary divided by TP; KV heads divided or, below TP, one per rank. A TP rank's model
 // is the single-device model of this config. Throws nextron::Error naming a size TP does not divide.
 ModelConfig tp_local_config(const ModelConfig& config, int tp);
+// The config of expert-parallel rank `ep_rank` of `ep`: the same model holding El = E / EP of the routed experts.
+// Throws nextron::Error when EP does not divide E.
+ModelConfig ep_local_config(const ModelConfig& config, int ep, int ep_rank);
 
 }  // namespace nextron

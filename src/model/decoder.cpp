@@ -3,14 +3,14 @@
 namespace nextron {
 
 DecoderLayer::DecoderLayer(const ModelConfig& config, int64_t layer, const ParamTable& table, const FlatBuffers& flat,
-                           Ops& ops, const TensorParallel& tp)
+                           Ops& ops, const TensorParallel& tp, const ExpertParallel& ep)
     : c_(config), wt_(table, flat, "layers." + std::to_string(layer) + "."), ops_(ops), tp_(tp) {
   if (config.layer_types[layer] == MixerType::full_attention)
     attention_ = std::make_unique<GatedAttention>(config, wt_.sub("self_attn."), ops_);
   else
     deltanet_ = std::make_unique<GatedDeltaNet>(config, wt_.sub("linear_attn."), ops_);
   if (config.mlp_type(layer) == MlpType::sparse_moe)
-    moe_ = std::make_unique<SparseMoe>(config, wt_.sub("mlp."), ops_, tp_);
+    moe_ = std::make_unique<SparseMoe>(config, wt_.sub("mlp."), ops_, tp_, ep);
   else
     dense_ = std::make_unique<SwiGluMlp>(wt_.sub("mlp."), config.hidden_size, config.intermediate_size, ops_);
 }

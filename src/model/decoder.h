@@ -6,6 +6,7 @@
 
 #include <memory>
 
+#include "comm/expert_parallel.h"
 #include "comm/tensor_parallel.h"
 #include "model/attention.h"
 #include "model/config.h"
@@ -19,7 +20,7 @@ namespace nextron {
 class DecoderLayer {
  public:
   DecoderLayer(const ModelConfig& config, int64_t layer, const ParamTable& table, const FlatBuffers& flat, Ops& ops,
-               const TensorParallel& tp = {});
+               const TensorParallel& tp = {}, const ExpertParallel& ep = {});
   // What backward needs from one forward: one record per micro-batch in flight, owned by the caller. Nl: this
   // rank's rows of the N = B S tokens (N / TP under sequence parallelism, else N).
   struct Saved {

@@ -23,7 +23,7 @@ std::vector<float> to_host(const Ops& ops, const Tensor& t) {
 
 Model::Model(const ModelConfig& config, const ModelComms& comms, std::shared_ptr<Ops> ops, const StageRange& stage)
     : config_(config),
-      local_config_(tp_local_config(config, comms.tp.size())),
+      local_config_(ep_local_config(tp_local_config(config, comms.tp.size()), comms.ep.size(), comms.ep.rank())),
       comms_(comms),
       ops_(ops ? std::move(ops) : std::make_shared<CpuOps>()),
       stage_(stage),
@@ -37,7 +37,7 @@ Model::Model(const ModelConfig& config, const ModelComms& comms, std::shared_ptr
   else
     ops_->act(flat_.params_act, {table_.total_numel()});
   for (int64_t i = stage_.layer_begin; i < stage_.layer_end; ++i)
-    layers_.push_back(std::make_unique<DecoderLayer>(local_config_, i, table_, flat_, *ops_, comms_.tp));
+    layers_.push_back(std::make_unique<DecoderLayer>(local_config_, i, table_, flat_, *ops_, comms_.tp, comms_.ep));
   set_recompute({});
   const VocabShard shard = vocab_shard();
   if (shard.begin + shard.size > config_.vocab_size) {

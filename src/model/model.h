@@ -53,6 +53,7 @@ struct ModelActivations {
 
 struct ModelComms {
   TensorParallel tp;                      // the tensor-parallel group (identity by default)
+  ExpertParallel ep;                      // the expert-parallel group (EP 1 by default)
   Communicator* data_parallel = nullptr;  // the data-parallel group, nullptr for one replica
 };
 

@@ -12,8 +12,10 @@ void MoeAuxStats::reset(const Ops& ops, int64_t E) {
   total_rows = 0;
 }
 
-SparseMoe::SparseMoe(const ModelConfig& config, ModuleWeights weights, Ops& ops, const TensorParallel& tp)
+SparseMoe::SparseMoe(const ModelConfig& config, ModuleWeights weights, Ops& ops, const TensorParallel& tp,
+                     const ExpertParallel& ep)
     : c_(config), wt_(std::move(weights)), ops_(ops), tp_(tp) {
+  if (ep.active()) dispatcher_ = std::make_unique<AllToAllDispatcher>(c_, ops_, ep);
   if (c_.shared_expert_intermediate_size > 0)
     shared_ = std::make_unique<SwiGluMlp>(wt_.sub("shared_expert."), c_.hidden_size, c_.shared_expert_intermediate_size,
                                           ops_);
@@ -34,7 +36,11 @@ void SparseMoe::forward(Saved& s, const Tensor& x, Tensor& y, MoeAuxStats& aux) 
   ops_.aux_stats_accumulate(aux.count_sum, aux.prob_sum, probs, topi);
   aux.total_rows += static_cast<double>(N);
 
-  ops_.moe_experts_forward(y, *s.experts, x, topw, topi, wt_.p("experts.gate_up_proj"), wt_.p("experts.down_proj"));
+  if (dispatcher_)
+    dispatcher_->forward(y, s.dispatch, *s.experts, x, topw, topi, wt_.p("experts.gate_up_proj"),
+                         wt_.p("experts.down_proj"));
+  else
+    ops_.moe_experts_forward(y, *s.experts, x, topw, topi, wt_.p("experts.gate_up_proj"), wt_.p("experts.down_proj"));
   if (shared_) {
     Tensor& so = ops_.act(recompute_shared_ ? rc_shared_out_ : s.shared_out, {N, H});
     shared_->forward(recompute_shared_ ? rc_shared_ : s.shared, x, so);
@@ -65,7 +71,11 @@ void SparseMoe::backward(const Saved& s, const Tensor& dy, Tensor& dx, Tensor& d
   const int64_t H = c_.hidden_size, E = c_.num_experts, K = c_.num_experts_per_tok, N = s.x.numel() / H;
   NEXTRON_CHECK(s.experts, "SparseMoe::backward: the record holds no forward");
   Tensor& dtopw = ops_.f32_zeroed(dtopw_, {N, K});
-  ops_.moe_experts_backward(dx, dtopw, *s.experts, dy, wt_.p("experts.gate_up_proj"), wt_.p("experts.down_proj"));
+  if (dispatcher_)
+    dispatcher_->backward(dx, dtopw, s.dispatch, *s.experts, dy, s.topw, wt_.p("experts.gate_up_proj"),
+                          wt_.p("experts.down_proj"));
+  else
+    ops_.moe_experts_backward(dx, dtopw, *s.experts, dy, wt_.p("experts.gate_up_proj"), wt_.p("experts.down_proj"));
   if (tp_.active()) tp_.sum(dtopw);  // each rank saw 1/TP of every expert's channels
   Tensor& dprobs = ops_.f32_zeroed(dprobs_, {N, E});
   ops_.aux_loss_backward(dprobs, aux.count_sum, aux.total_rows, d_aux);

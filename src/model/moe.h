@@ -10,6 +10,7 @@
 #include "model/config.h"
 #include "model/mlp.h"
 #include "model/module.h"
+#include "model/moe_dispatcher.h"
 #include "model/routing_replay.h"
 
 namespace nextron {
@@ -28,12 +29,16 @@ class SparseMoe {
   // Under tensor parallelism (`tp`), each rank holds 1/TP of every expert's and of the shared expert's
   // intermediate channels (config is the rank's local config) and sees all token rows: the output is a partial sum
   // over the TP group; the router and the shared-expert gate run whole on every rank.
-  SparseMoe(const ModelConfig& config, ModuleWeights weights, Ops& ops, const TensorParallel& tp = {});
+  // Under expert parallelism (`ep` active) the rank holds config.num_local_experts() of the routed experts and the
+  // all-to-all dispatcher (model/moe_dispatcher.h) carries each token's rows to the ranks holding their experts.
+  SparseMoe(const ModelConfig& config, ModuleWeights weights, Ops& ops, const TensorParallel& tp = {},
+            const ExpertParallel& ep = {});
   // What backward needs from one forward: one record per micro-batch in flight, owned by the caller.
   struct Saved {
     Tensor x;                                  // (N, H) the input (a view: the caller keeps it alive)
     Tensor probs, topw, topi;                  // (N, E) f32 router probabilities, (N, K) f32 weights, (N, K) i32
     std::unique_ptr<MoeExpertsState> experts;  // the backend's dispatch and expert-ordered activations
+    AllToAllDispatcher::Saved dispatch;        // under expert parallelism: the plan and the returned outputs
     SwiGluMlp::Saved shared;                   // the shared expert's
     Tensor shared_out, shared_gate;            // (N, H) its output, (N, 1) its gate logit
   };
@@ -68,6 +73,7 @@ class SparseMoe {
   Ops& ops_;
   TensorParallel tp_;
   std::unique_ptr<SwiGluMlp> shared_;
+  std::unique_ptr<AllToAllDispatcher> dispatcher_;  // expert parallelism only
   RoutingReplay* replay_ = nullptr;
   int64_t replay_layer_ = 0;
   bool recompute_act_ = false, recompute_shared_ = false;

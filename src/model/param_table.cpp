@@ -3,6 +3,7 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <limits>
@@ -189,17 +190,18 @@ ParamTable::ParamTable(const ModelConfig& c, const StageRange& stage) {
           .tp_parts = {I, I};
       add_simple(p + "mlp.down_proj", hp + "mlp.down_proj.weight", {H, I}, 1, true);
     } else {
-      const int64_t E = c.num_experts, I = c.moe_intermediate_size;
+      const int64_t E = c.num_experts, El = c.num_local_experts(), I = c.moe_intermediate_size;
       add_simple(p + "mlp.gate", hp + "mlp.gate.weight", {E, H}, -1, true);
+      // This rank's experts (all of them without expert parallelism), named by their global index.
       std::vector<HfPiece> gate_up, down;
-      for (int64_t e = 0; e < E; ++e) {
-        const std::string ep = hp + "mlp.experts." + std::to_string(e) + ".";
+      for (int64_t e = 0; e < El; ++e) {
+        const std::string ep = hp + "mlp.experts." + std::to_string(c.first_local_expert() + e) + ".";
         gate_up.push_back({ep + "gate_proj.weight", e * 2 * I * H, {I, H}});
         gate_up.push_back({ep + "up_proj.weight", e * 2 * I * H + I * H, {I, H}});
         down.push_back({ep + "down_proj.weight", e * H * I, {H, I}});
       }
-      add(p + "mlp.experts.gate_up_proj", {E, 2 * I, H}, 1, ParamKind::expert, true, gate_up).tp_parts = {I, I};
-      add(p + "mlp.experts.down_proj", {E, H, I}, 2, ParamKind::expert, true, down);
+      add(p + "mlp.experts.gate_up_proj", {El, 2 * I, H}, 1, ParamKind::expert, true, gate_up).tp_parts = {I, I};
+      add(p + "mlp.experts.down_proj", {El, H, I}, 2, ParamKind::expert, true, down);
       if (c.shared_expert_intermediate_size > 0) {
         const int64_t Is = c.shared_expert_intermediate_size;
         add(p + "mlp.shared_expert.gate_up_proj", {2 * Is, H}, 0, ParamKind::dense, true,
@@ -211,9 +213,34 @@ ParamTable::ParamTable(const ModelConfig& c, const StageRange& stage) {
       }
     }
   }
-  if (!stage.last) return;
-  add_simple("norm", "model.norm.weight", {H}, -1, false).tp_grad = TpGradSum::with_sp;
-  add_simple("lm_head", "lm_head.weight", {c.vocab_size, H}, 0, true);
+  if (stage.last) {
+    add_simple("norm", "model.norm.weight", {H}, -1, false).tp_grad = TpGradSum::with_sp;
+    add_simple("lm_head", "lm_head.weight", {c.vocab_size, H}, 0, true);
+  }
+  // Under expert parallelism the routed experts reduce over another group (EDP) than the rest (DP): they go last,
+  // so each group's parameters are one contiguous range of the flat layout and each ZeRO shard is a slice of it.
+  if (c.expert_parallel_size > 1) {
+    std::stable_partition(specs_.begin(), specs_.end(), [](const ParamSpec& s) { return s.kind != ParamKind::expert; });
+    total_ = 0;
+    index_.clear();
+    for (size_t i = 0; i < specs_.size(); ++i) {
+      specs_[i].offset = total_;
+      total_ += specs_[i].numel();
+      index_[specs_[i].name] = i;
+    }
+  }
+}
+
+FlatRange ParamTable::expert_range() const {
+  FlatRange r{total_, total_};
+  for (const ParamSpec& s : specs_)
+    if (s.kind == ParamKind::expert) {
+      r.begin = std::min(r.begin, s.offset);
+      NEXTRON_ASSERT(s.offset + s.numel() <= r.end);
+    }
+  for (const ParamSpec& s : specs_)
+    if (s.kind != ParamKind::expert) NEXTRON_ASSERT(s.offset + s.numel() <= r.begin || s.offset >= r.end);
+  return r;
 }
 
 const ParamSpec& ParamTable::get(const std::string& name) const {

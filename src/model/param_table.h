@@ -66,6 +66,9 @@ class ParamTable {
   const ParamSpec& get(const std::string& name) const;
   bool contains(const std::string& name) const { return index_.count(name) > 0; }
   int64_t total_numel() const { return total_; }
+  // The flat range of the routed experts' parameters, which are last under expert parallelism (empty at the end
+  // when there are none). Only for such a table: asserts that no other parameter lies inside the range.
+  FlatRange expert_range() const;
   // A tensor view of parameter `name` inside `flat` (params, grads or optimizer state: same layout).
   Tensor view(const Tensor& flat, const std::string& name) const;
 

@@ -13,13 +13,6 @@ namespace nextron {
 class ParamTable;
 class Ops;
 
-// Elements [begin, end) of the flat parameter layout.
-struct FlatRange {
-  int64_t begin = 0;
-  int64_t end = 0;
-  int64_t size() const { return end - begin; }
-};
-
 struct AdamWHyper {
   double lr = 1e-3;  // the learning rate of the next step (the trainer sets it from the LR schedule)
   double beta1 = 0.9;

@@ -14,11 +14,10 @@ Layout checked_layout(const Communicator& world, const ParallelSizes& sizes, boo
   auto fail = [&errors](auto&&... parts) { errors.push_back(detail::concat(parts...)); };
   if (layout.cp() > 1)
     fail("context-parallel-size ", layout.cp(), ": context parallelism is not implemented yet; use 1");
-  if (layout.ep() > 1)
-    fail("expert-model-parallel-size ", layout.ep(), ": expert parallelism is not implemented yet; use 1");
   if (config.num_moe_layers() > 0 && layout.etp() != layout.tp())
     fail("expert-tensor-parallel-size ", layout.etp(), " differs from TP ", layout.tp(),
-         ": without expert parallelism the experts are split like the dense MLP; leave it unset (it follows TP)");
+         ": the experts are split over TP like the dense MLP (ETP = TP); an expert grid folded onto other ranks (ETP "
+         "!= TP) is not implemented yet: leave --expert-tensor-parallel-size unset (it follows TP)");
   if (sp && layout.tp() > 1 && seq_len % layout.tp() != 0)
     fail("seq_len ", seq_len, " is not divisible by TP ", layout.tp(),
          ": sequence parallelism splits every sequence's tokens over the TP ranks; choose --seq-len a multiple of ",
@@ -44,30 +43,39 @@ ParallelContext::ParallelContext(Communicator& world, const ParallelSizes& sizes
   tp_ = group(Group::tp);
   dp_ = group(Group::dp);
   pp_ = group(Group::pp);
-  NEXTRON_ASSERT(tp_->size() == layout_.tp() && dp_->size() == layout_.dp() && pp_->size() == layout_.pp());
+  ep_ = group(Group::ep);
+  edp_ = group(Group::edp);
+  NEXTRON_ASSERT(tp_->size() == layout_.tp() && dp_->size() == layout_.dp() && pp_->size() == layout_.pp() &&
+                 ep_->size() == layout_.ep() && edp_->size() == layout_.edp());
   if (device) {
     // Every rank makes the same calls in the same order (each is collective over its group).
     if (tp_->size() > 1) tp_dev_ = device(*tp_);
     if (dp_->size() > 1) dp_dev_ = device(*dp_);
     if (pp_->size() > 1) pp_dev_ = device(*pp_);
+    if (ep_->size() > 1) ep_dev_ = device(*ep_);
+    if (edp_->size() > 1 && ep_->size() > 1) edp_dev_ = device(*edp_);
   }
   chunks_ = rank_chunks(pipeline_stages(config, layout_.pp(), layout_.vpp(), layout_.sizes().pipeline), layout_.pp(),
                         pp_->rank());
-  for (const StageRange& c : chunks_) maps_.emplace_back(config, tp_->rank(), layout_.tp(), c);
+  for (const StageRange& c : chunks_)
+    maps_.emplace_back(config, tp_->rank(), layout_.tp(), c, ep_->rank(), ep_->size());
 }
 
 ModelComms ParallelContext::model_comms() const {
   ModelComms c;
   c.tp = TensorParallel(&tp_device(), sp_);
   c.data_parallel = dp_->size() > 1 ? dp_.get() : nullptr;
+  if (ep_->size() > 1) c.ep = ExpertParallel(&ep_device(), ep_.get());
   return c;
 }
 
 std::vector<float> ParallelContext::gather_full(const std::vector<const float*>& chunk_locals) const {
   NEXTRON_ASSERT(chunk_locals.size() == maps_.size());
   std::vector<float> full(full_table().total_numel(), 0.0f);
-  if (dp_->rank() == 0)
-    for (size_t c = 0; c < maps_.size(); ++c) maps_[c].place_owned(chunk_locals[c], full.data());
+  // The dense parameters of DP rank 0 and the routed experts of EDP rank 0 (under EP the DP replicas hold
+  // different experts; without it EDP is DP).
+  for (size_t c = 0; c < maps_.size(); ++c)
+    maps_[c].place_owned(chunk_locals[c], full.data(), dp_->rank() == 0, edp_->rank() == 0);
   world_.all_reduce_sum(full.data(), static_cast<int64_t>(full.size()));
   return full;
 }

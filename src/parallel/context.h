@@ -22,8 +22,8 @@ class ParallelContext {
  public:
   // Collective over `world` (not owned; must outlive the context). Every rank validates the same layout, so a bad
   // layout throws the same message on every rank without any communication. Parallelisms whose layers come in
-  // later work (CP, EP, an ETP other than TP) are refused with a message saying so. device: builds the device
-  // groups (TP, DP, PP) when the model lives on a GPU.
+  // later work (CP, an ETP other than TP) are refused with a message saying so. device: builds the device groups
+  // (TP, DP, PP, EP, EDP) when the model lives on a GPU.
   ParallelContext(Communicator& world, const ParallelSizes& sizes, bool sequence_parallel, const ModelConfig& config,
                   int64_t seq_len, const DeviceCommFactory& device = {});
 
@@ -35,6 +35,8 @@ class ParallelContext {
   Communicator& tp() const { return *tp_; }
   Communicator& dp() const { return *dp_; }
   Communicator& pp() const { return *pp_; }
+  Communicator& ep() const { return *ep_; }    // expert parallel (the ranks sharing tokens for their experts)
+  Communicator& edp() const { return *edp_; }  // expert data parallel (replicas of the same experts)
   int tp_rank() const { return tp_->rank(); }
   int dp_rank() const { return dp_->rank(); }
   int pp_rank() const { return pp_->rank(); }
@@ -43,6 +45,9 @@ class ParallelContext {
   Communicator& tp_device() const { return tp_dev_ ? *tp_dev_ : *tp_; }
   Communicator& dp_device() const { return dp_dev_ ? *dp_dev_ : *dp_; }
   Communicator& pp_device() const { return pp_dev_ ? *pp_dev_ : *pp_; }
+  Communicator& ep_device() const { return ep_dev_ ? *ep_dev_ : *ep_; }
+  // The group the routed experts' gradients reduce over: EDP under expert parallelism, else the DP group itself.
+  Communicator& edp_device() const { return ep_->size() > 1 ? (edp_dev_ ? *edp_dev_ : *edp_) : dp_device(); }
 
   // This rank's model chunks (one, or VPP under the interleaved schedule): chunk c is virtual stage c * PP + pp_rank.
   int num_chunks() const { return static_cast<int>(chunks_.size()); }
@@ -64,8 +69,8 @@ class ParallelContext {
   Communicator& world_;
   Layout layout_;
   bool sp_;
-  std::unique_ptr<Communicator> tp_, dp_, pp_;
-  std::unique_ptr<Communicator> tp_dev_, dp_dev_, pp_dev_;
+  std::unique_ptr<Communicator> tp_, dp_, pp_, ep_, edp_;
+  std::unique_ptr<Communicator> tp_dev_, dp_dev_, pp_dev_, ep_dev_, edp_dev_;
   std::vector<StageRange> chunks_;
   std::vector<TpShardMap> maps_;
 };

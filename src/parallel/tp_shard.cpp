@@ -7,9 +7,10 @@
 
 namespace nextron {
 
-TpShardMap::TpShardMap(const ModelConfig& full_config, int tp_rank, int tp_size, const StageRange& stage)
+TpShardMap::TpShardMap(const ModelConfig& full_config, int tp_rank, int tp_size, const StageRange& stage, int ep_rank,
+                       int ep_size)
     : full_config_(full_config),
-      local_config_(tp_local_config(full_config, tp_size)),
+      local_config_(ep_local_config(tp_local_config(full_config, tp_size), ep_size, ep_rank)),
       rank_(tp_rank),
       size_(tp_size),
       full_(full_config_),
@@ -29,9 +30,14 @@ TpShardMap::TpShardMap(const ModelConfig& full_config, int tp_rank, int tp_size,
       continue;
     }
     NEXTRON_ASSERT(f.name == l.name && f.shape.size() == l.shape.size());
+    const bool expert = f.kind == ParamKind::expert;
+    // A routed expert tensor (E, ...) holds this rank's El experts from global index first_local_expert() on.
+    const int64_t E = expert ? f.shape[0] : 1, El = expert ? l.shape[0] : 1,
+                  first = expert ? local_config_.first_local_expert() : 0;
     if (f.tp_dim < 0 || size_ == 1) {
-      NEXTRON_ASSERT(f.shape == l.shape);
-      runs_.push_back({f.offset, l.offset, f.numel(), f.tp_dim >= 0 || rank_ == 0});
+      NEXTRON_ASSERT(std::equal(f.shape.begin() + 1, f.shape.end(), l.shape.begin() + 1) &&
+                     (expert || f.shape == l.shape));
+      runs_.push_back({f.offset + first * (f.numel() / E), l.offset, l.numel(), f.tp_dim >= 0 || rank_ == 0, expert});
       continue;
     }
     const int d = f.tp_dim;
@@ -65,10 +71,13 @@ TpShardMap::TpShardMap(const ModelConfig& full_config, int tp_rank, int tp_size,
       local_start += p.rows;
     }
     NEXTRON_ASSERT(local_start == l.shape[d]);
-    for (int64_t o = 0; o < outer; ++o)
+    // `outer` counts the full tensor's leading rows; a routed expert tensor's local ones are El / E of them, starting
+    // at its first expert.
+    const int64_t local_outer = outer / E * El, outer_start = first * (outer / E);
+    for (int64_t o = 0; o < local_outer; ++o)
       for (const Piece& p : pieces)
-        runs_.push_back({f.offset + (o * f.shape[d] + p.full_start) * inner,
-                         l.offset + (o * l.shape[d] + p.local_start) * inner, p.rows * inner, p.owner});
+        runs_.push_back({f.offset + ((outer_start + o) * f.shape[d] + p.full_start) * inner,
+                         l.offset + (o * l.shape[d] + p.local_start) * inner, p.rows * inner, p.owner, expert});
   }
   // Every local element is in exactly one run or one padding range.
   int64_t covered = 0;
@@ -94,9 +103,10 @@ void TpShardMap::scatter(const float* full, float* local) const {
   for (const TpRun& r : runs_) std::memcpy(local + r.local_offset, full + r.full_offset, r.count * sizeof(float));
 }
 
-void TpShardMap::place_owned(const float* local, float* full) const {
+void TpShardMap::place_owned(const float* local, float* full, bool dense, bool experts) const {
   for (const TpRun& r : runs_)
-    if (r.owner) std::memcpy(full + r.full_offset, local + r.local_offset, r.count * sizeof(float));
+    if (r.owner && (r.expert ? experts : dense))
+      std::memcpy(full + r.full_offset, local + r.local_offset, r.count * sizeof(float));
 }
 
 void TpShardMap::place_all(const float* local, float* full) const {

@@ -1,7 +1,7 @@
-// Tensor-parallel (and pipeline) sharding of the parameters: which elements of the full (single-device, whole-model)
-// flat layout each rank holds in its local flat layout: its TP slice of the parameters of its pipeline stage. Derived
-// from the parameter table alone (tp_dim, tp_parts, tp_unit), so the optimizer, checkpoints, the HF converter and the
-// equivalence tests all shard and gather the same way.
+// Tensor-parallel (pipeline, expert-parallel) sharding of the parameters: which elements of the full (single-device,
+// whole-model) flat layout each rank holds in its local flat layout: its TP slice of the parameters of its pipeline
+// stage. Derived from the parameter table alone (tp_dim, tp_parts, tp_unit), so the optimizer, checkpoints, the HF
+// converter and the equivalence tests all shard and gather the same way.
 //
 // A TP rank's local model is the single-device model of a smaller config (tp_local_config, model/config.h), so its
 // local ParamTable has the local shapes in the same order as the full table.
@@ -25,6 +25,7 @@ struct TpRun {
   // This rank is the one TP rank that stands for these elements when the ranks' copies are combined (replicated
   // parameters: TP rank 0; replicated KV heads: the first rank holding the head; split parameters: always).
   bool owner = true;
+  bool expert = false;  // a routed expert's elements (ParamKind::expert): replicated over EDP, not DP
 };
 
 class TpShardMap {
@@ -33,7 +34,10 @@ class TpShardMap {
   // model's, local_table() the stage's TP slice.
   // A padded vocabulary (full_config.padded_vocab_size) pads the local embedding and lm_head; full_table() stays
   // the unpadded model's, so padded rows belong to no run (scatter leaves them as they are, zero).
-  TpShardMap(const ModelConfig& full_config, int tp_rank, int tp_size, const StageRange& stage = {});
+  // Under expert parallelism (ep_size > 1) the rank holds routed experts [ep_rank El, +El) (ep_local_config), each
+  // split over TP like the dense MLP (ETP = TP).
+  TpShardMap(const ModelConfig& full_config, int tp_rank, int tp_size, const StageRange& stage = {}, int ep_rank = 0,
+             int ep_size = 1);
 
   int tp_rank() const { return rank_; }
   int tp_size() const { return size_; }
@@ -48,7 +52,8 @@ class TpShardMap {
   void scatter(const float* full, float* local) const;
   // full[owned elements] = local: with every rank writing into a zero-filled full buffer, the sum over TP ranks is
   // the full parameter set (each element written by exactly one rank).
-  void place_owned(const float* local, float* full) const;
+  // dense / experts: which parameters to place (the data-parallel replicas of each kind differ under EP).
+  void place_owned(const float* local, float* full, bool dense = true, bool experts = true) const;
   // full[every element this rank holds] = local.
   void place_all(const float* local, float* full) const;
   // The local flat ranges this rank owns (sorted, merged): a sum over these on every rank counts each element of the

@@ -194,9 +194,20 @@ Trainer::Trainer(const TrainOptions& options, SampleFn source, Communicator* wor
 
   if (opt_.lr.decay_steps == 0) opt_.lr.decay_steps = opt_.train_steps;
   schedule_ = std::make_unique<LrSchedule>(opt_.lr);
-  for (Chunk& c : chunks_)
-    c.opt = std::make_unique<DistributedOptimizer>(c.model->table(), ctx_ ? &ctx_->dp_device() : nullptr,
-                                                   ctx_ ? &ctx_->dp() : nullptr, opt_.adam, c.model->ops());
+  for (Chunk& c : chunks_) {
+    const ParamTable& table = c.model->table();
+    const FlatRange experts = ctx_ && ctx_->layout().ep() > 1 ? table.expert_range() : FlatRange{};
+    if (experts.size() > 0) {
+      // Under EP the DP replicas hold different experts: the dense parameters shard over DP, the experts over EDP.
+      c.opts.push_back(std::make_unique<DistributedOptimizer>(table, &ctx_->dp_device(), &ctx_->dp(), opt_.adam,
+                                                              c.model->ops(), FlatRange{0, experts.begin}));
+      c.opts.push_back(std::make_unique<DistributedOptimizer>(table, &ctx_->edp_device(), &ctx_->edp(), opt_.adam,
+                                                              c.model->ops(), experts));
+    } else {
+      c.opts.push_back(std::make_unique<DistributedOptimizer>(table, ctx_ ? &ctx_->dp_device() : nullptr,
+                                                              ctx_ ? &ctx_->dp() : nullptr, opt_.adam, c.model->ops()));
+    }
+  }
 
   std::optional<std::string> resume_dir;
   if (opt_.resume == "auto" && !opt_.save_dir.empty())
@@ -298,8 +309,10 @@ StepRecord Trainer::step() {
     Chunk& chunk = chunks_[c];
     Tensor& grads = chunk.model->grads();
     if (chunk.tp_sync) chunk.tp_sync->run(grads);
-    chunk.opt->reduce_scatter_grads(grads);
-    sq += chunk.opt->shard_sq_sum(grads, shard_map(static_cast<int>(c)).owned_ranges());
+    for (auto& o : chunk.opts) {
+      o->reduce_scatter_grads(grads);
+      sq += o->shard_sq_sum(grads, shard_map(static_cast<int>(c)).owned_ranges());
+    }
   }
   if (ctx_) ctx_->world().all_reduce_sum(&sq, 1);
   rec.grad_norm = std::sqrt(sq);
@@ -309,8 +322,10 @@ StepRecord Trainer::step() {
   const double clip = opt_.clip_grad > 0 ? clip_coefficient(rec.grad_norm, opt_.clip_grad) : 1.0;
   rec.lr = schedule_->lr_at(step_);
   for (Chunk& chunk : chunks_) {
-    if (clip < 1.0) chunk.opt->scale_shard(chunk.model->grads(), static_cast<float>(clip));
-    chunk.opt->step(chunk.model->params(), chunk.model->grads(), rec.lr, &chunk.model->params_act());
+    for (auto& o : chunk.opts) {
+      if (clip < 1.0) o->scale_shard(chunk.model->grads(), static_cast<float>(clip));
+      o->step(chunk.model->params(), chunk.model->grads(), rec.lr, &chunk.model->params_act());
+    }
   }
   ++step_;
   consumed_tokens_ += rec.tokens;
@@ -344,7 +359,7 @@ std::vector<float> Trainer::full_grads() {
   std::vector<std::vector<float>> locals;
   for (Chunk& c : chunks_) {
     locals.push_back(to_host(c.model->grads(), 0, c.model->table().total_numel()));
-    c.opt->all_gather_host(locals.back().data());
+    for (auto& o : c.opts) o->all_gather_host(locals.back().data());
   }
   return gather_chunks(locals);
 }
@@ -398,22 +413,24 @@ std::string Trainer::save_checkpoint() {
   // rank 0, so it resumes under any layout (docs/formats.md).
   std::vector<std::vector<float>> m_locals, v_locals;
   for (Chunk& c : chunks_) {
-    // Each chunk's moments: this DP rank's shard, all-gathered over DP into the chunk's local layout.
-    const AdamW& adam = c.opt->adam();
+    // Each chunk's moments: each group's shard on this rank, all-gathered over its group into the chunk's layout.
     const int64_t P = c.model->table().total_numel();
     for (auto* locals : {&m_locals, &v_locals}) {
       std::vector<float> local(P, 0.0f);
-      const std::vector<float> shard =
-          to_host(locals == &m_locals ? adam.exp_avg() : adam.exp_avg_sq(), 0, adam.range().size());
-      std::copy(shard.begin(), shard.end(), local.data() + adam.range().begin);
-      c.opt->all_gather_host(local.data());
+      for (auto& o : c.opts) {
+        const AdamW& adam = o->adam();
+        const std::vector<float> shard =
+            to_host(locals == &m_locals ? adam.exp_avg() : adam.exp_avg_sq(), 0, adam.range().size());
+        std::copy(shard.begin(), shard.end(), local.data() + adam.range().begin);
+        o->all_gather_host(local.data());
+      }
       locals->push_back(std::move(local));
     }
   }
   const std::vector<float> m = gather_chunks(m_locals), v = gather_chunks(v_locals);
   const std::vector<float> params = full_params();
   const ParamTable& full_table = this->full_table();
-  const AdamW& adam = chunks_.front().opt->adam();
+  const AdamW& adam = chunks_.front().opts.front()->adam();
   OptimizerShard shard;
   shard.range = FlatRange{0, full_table.total_numel()};
   shard.exp_avg = m.data();
@@ -486,18 +503,20 @@ void Trainer::resume_from(const std::string& dir) {
   for (size_t c = 0; c < chunks_.size(); ++c) {
     // Each chunk keeps its TP slice of the parameters and the moments of its ZeRO shard.
     Model& model = *chunks_[c].model;
-    AdamW& adam = chunks_[c].opt->adam();
-    const FlatRange r = adam.range();
     std::vector<float> local(model.table().total_numel());
     auto slice = [&](const std::vector<float>& full) {
       shard_map(static_cast<int>(c)).scatter(full.data(), local.data());
       return local.data();
     };
     from_host(model.params(), 0, slice(params), static_cast<int64_t>(local.size()));
-    from_host(adam.exp_avg(), 0, slice(m) + r.begin, r.size());
-    from_host(adam.exp_avg_sq(), 0, slice(v) + r.begin, r.size());
+    for (auto& o : chunks_[c].opts) {
+      AdamW& adam = o->adam();
+      const FlatRange r = adam.range();
+      from_host(adam.exp_avg(), 0, slice(m) + r.begin, r.size());
+      from_host(adam.exp_avg_sq(), 0, slice(v) + r.begin, r.size());
+      adam.set_steps_taken(ck.steps_taken);
+    }
     model.params_changed();
-    adam.set_steps_taken(ck.steps_taken);
   }
   step_ = ck.state.step;
   position_ = ck.state.data_position;

@@ -73,7 +73,8 @@ class Trainer {
   std::vector<float> full_grads();
   bool is_logger() const { return !ctx_ || ctx_->rank() == 0; }
   const ParallelContext* parallel() const { return ctx_.get(); }
-  const DistributedOptimizer& optimizer() const { return *chunks_.front().opt; }  // the first chunk's
+  // The first chunk's optimizer of the dense parameters (of the routed experts: group 1 under EP).
+  const DistributedOptimizer& optimizer(int group = 0) const { return *chunks_.front().opts.at(group); }
   // The runner of the steps' forward and backward passes (its activation records: model/activation_memory.h), and
   // this rank's model chunks (virtual stages c * PP + pp_rank).
   PipelineRunner& pipeline_runner() { return *runner_; }
@@ -106,8 +107,10 @@ class Trainer {
   // what completes its gradients and updates it.
   struct Chunk {
     std::unique_ptr<Model> model;
-    std::unique_ptr<TpGradSync> tp_sync;        // TP gradient completion (parallel runs)
-    std::unique_ptr<DistributedOptimizer> opt;  // ZeRO-1 AdamW over the chunk's flat buffers
+    std::unique_ptr<TpGradSync> tp_sync;  // TP gradient completion (parallel runs)
+    // ZeRO-1 AdamW over the chunk's flat buffers: one per reduction group (the dense parameters over DP; under expert
+    // parallelism a second for the routed experts over EDP).
+    std::vector<std::unique_ptr<DistributedOptimizer>> opts;
   };
   std::vector<Chunk> chunks_;
   std::unique_ptr<TpShardMap> solo_map_;  // one process: the identity map but for the vocabulary padding

@@ -148,14 +148,14 @@ TEST_P(CommVolumeLayouts, BytesPerStepMatchFormula) {
   const int t = c.tp, d = c.world / c.tp;
   CountingCommunicator world(*comm_);
   Trainer trainer(options(t, c.sp, d), sample, &world);
-  // Construction splits the world into the TP, DP and PP groups and agrees once on whether rank 0's start-up checks
+  // Construction splits the world into the TP, DP, PP, EP and EDP groups and agrees once on whether rank 0's start-up checks
   // of the output paths passed (one all-reduce of one double), nothing else.
   const CommVolume& built = *world.volume();
   const bool parallel = c.world > 1;
   // (the ring all-reduce's counted bytes, 2 (p - 1) / p x n x b, for n = 1 double over the world of p ranks)
   const double check_bytes = 2.0 * (c.world - 1) / c.world * double(sizeof(double));
   EXPECT_DOUBLE_EQ(built.total_bytes(), parallel ? check_bytes : 0.0) << built.describe();
-  EXPECT_EQ(built.calls_of(CommOp::split), parallel ? 3 : 0) << built.describe();
+  EXPECT_EQ(built.calls_of(CommOp::split), parallel ? 5 : 0) << built.describe();
   EXPECT_EQ(built.calls_of(CommOp::all_reduce), parallel ? 1 : 0) << built.describe();
   EXPECT_EQ(built.total_calls(), built.calls_of(CommOp::split) + built.calls_of(CommOp::all_reduce))
       << built.describe();

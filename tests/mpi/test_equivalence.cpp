@@ -86,6 +86,7 @@ struct LayoutCase {
   int64_t global_micro = kGlobalMicro;  // rows per global micro-batch: kGlobalBatch / this micro-batches per step
   RecomputeOptions recompute = {};      // the one-process reference runs without recomputation
   PipelineSplit split = {};             // uneven stages
+  int ep = 1;                           // expert parallel (the experts split like the dense MLP over TP: ETP = TP)
 };
 
 class Equivalence : public Mpi, public ::testing::WithParamInterface<LayoutCase> {};
@@ -99,6 +100,7 @@ TEST_P(Equivalence, MatchesOneProcess) {
   o.parallel.vpp = c.vpp;
   o.recompute = c.recompute;
   o.parallel.pipeline = c.split;
+  o.parallel.ep = c.ep;
   const RunResult got = train(o, comm_.get());
   double loss_rel = 0, norm_rel = 0;
   for (int64_t s = 0; s < kSteps; ++s) {
@@ -146,7 +148,16 @@ INSTANTIATE_TEST_SUITE_P(
                       LayoutCase{"PP2_Layout_1_3", 2, 1, false, 2, 1, 1, {}, {"Et|tttL"}},
                       LayoutCase{"PP4_Layout_LossStage", 4, 1, false, 4, 1, 1, {}, {"Et|t|tt|L"}},
                       LayoutCase{"PP2_FirstStage3", 2, 1, false, 2, 1, 1, {}, {"", 3, 0}},
-                      LayoutCase{"PP2_Layout_VPP2_Uneven", 2, 1, false, 2, 1, 1, {}, {"E|tt|t|tL"}}),
+                      LayoutCase{"PP2_Layout_VPP2_Uneven", 2, 1, false, 2, 1, 1, {}, {"E|tt|t|tL"}},
+                      // Expert parallelism: the 8 experts over 2, 4 and 8 ranks (one expert each at EP 8), with
+                      // expert-data-parallel replicas (EP2 x DP4: EDP 2), under TP (+ SP) and with a pipeline.
+                      LayoutCase{"EP2", 2, 1, false, 1, 1, kGlobalMicro, {}, {}, 2},
+                      LayoutCase{"EP4", 4, 1, false, 1, 1, kGlobalMicro, {}, {}, 4},
+                      LayoutCase{"EP8", 8, 1, false, 1, 1, 8, {}, {}, 8},
+                      LayoutCase{"EP2xEDP2", 4, 1, false, 1, 1, kGlobalMicro, {}, {}, 2},
+                      LayoutCase{"EP2xTP2", 4, 2, false, 1, 1, kGlobalMicro, {}, {}, 2},
+                      LayoutCase{"EP2xTP2_SP", 4, 2, true, 1, 1, kGlobalMicro, {}, {}, 2},
+                      LayoutCase{"EP2xPP2", 4, 1, false, 2, 1, 2, {}, {}, 2}),
     [](const auto& param_info) { return std::string(param_info.param.name); });
 
 // A layout that does not fit fails on every rank, before any communication, with the constraint named.

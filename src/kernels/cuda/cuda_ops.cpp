@@ -394,6 +394,30 @@ void CudaOps::moe_experts_backward(Tensor& dx, Tensor& dweights, MoeExpertsState
   cuda::moe_permute_backward(bf(dx), bf(dxs), i32p(st.slot_of), N, K, H, stream_);
 }
 
+void CudaOps::moe_permute(Tensor& rows, const Tensor& x, const Tensor& row_token) {
+  const int64_t R = row_token.numel(), H = x.numel() / std::max<int64_t>(x.dim(0), 1);
+  NEXTRON_CHECK(rows.numel() == R * H, "moe_permute: rows hold ", rows.numel(), " values for ", R, " x ", H);
+  cuda::moe_permute(bf(rows), bf(x), i32p(row_token), R, H, stream_);
+}
+
+void CudaOps::moe_permute_backward(Tensor& dx, const Tensor& drows, const Tensor& slot_row) {
+  const int64_t N = dx.dim(0), H = dx.numel() / std::max<int64_t>(N, 1), K = N > 0 ? slot_row.numel() / N : 0;
+  cuda::moe_permute_backward(bf(dx), bf(drows), i32p(slot_row), N, K, H, stream_);
+}
+
+void CudaOps::moe_unpermute(Tensor& y, const Tensor& rows, const Tensor& weights, const Tensor& slot_row) {
+  const int64_t N = y.dim(0), H = y.numel() / std::max<int64_t>(N, 1), K = weights.numel() / std::max<int64_t>(N, 1);
+  NEXTRON_CHECK(slot_row.numel() == N * K, "moe_unpermute: ", slot_row.numel(), " slots for ", N, " x ", K);
+  cuda::moe_unpermute(bf(y), bf(rows), f(weights), i32p(slot_row), N, K, H, stream_);
+}
+
+void CudaOps::moe_unpermute_backward(Tensor& drows, Tensor& dweights, const Tensor& dy, const Tensor& rows,
+                                     const Tensor& weights, const Tensor& slot_row) {
+  const int64_t N = dy.dim(0), H = dy.numel() / std::max<int64_t>(N, 1), K = weights.numel() / std::max<int64_t>(N, 1);
+  cuda::moe_unpermute_backward(bf(drows), dweights.defined() ? f(dweights) : nullptr, bf(dy), bf(rows), f(weights),
+                               i32p(slot_row), N, K, H, stream_);
+}
+
 void CudaOps::embedding_forward(Tensor& out, const ParamRef& table, const Tensor& ids, const VocabShard& vocab) {
   const int64_t H = table.w.dim(1), N = ids.numel();
   NEXTRON_CHECK(table.w.dim(0) == vocab.size, "embedding: table of ", table.w.dim(0), " rows for ", vocab.size, " ids");

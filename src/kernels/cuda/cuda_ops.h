@@ -95,6 +95,11 @@ class CudaOps final : public Ops {
                            const Tensor& indices, const ParamRef& w_gate_up, const ParamRef& w_down) override;
   void moe_experts_backward(Tensor& dx, Tensor& dweights, MoeExpertsState& state, const Tensor& dy,
                             const ParamRef& w_gate_up, const ParamRef& w_down) override;
+  void moe_permute(Tensor& rows, const Tensor& x, const Tensor& row_token) override;
+  void moe_permute_backward(Tensor& dx, const Tensor& drows, const Tensor& slot_row) override;
+  void moe_unpermute(Tensor& y, const Tensor& rows, const Tensor& weights, const Tensor& slot_row) override;
+  void moe_unpermute_backward(Tensor& drows, Tensor& dweights, const Tensor& dy, const Tensor& rows,
+                              const Tensor& weights, const Tensor& slot_row) override;
 
   void embedding_forward(Tensor& out, const ParamRef& table, const Tensor& ids, const VocabShard& vocab) override;
   void embedding_backward(const ParamRef& table, const Tensor& dout, const Tensor& ids,
@@ -127,15 +132,15 @@ class CudaOps final : public Ops {
   cudaStream_t stream_ = nullptr;
   std::unique_ptr<cuda::Blas> blas_;
   std::unique_ptr<cuda::FusedAttention> attention_;
-  Tensor dy_bf16_;                     // f32 output gradients cast for a bf16 GEMM (router logits)
-  Tensor gdr_workspace_;               // gated delta rule
-  Tensor flag_;                        // (2) i64 device error flags: bad id, bad target
-  Tensor embed_rows_, embed_offsets_;  // embedding backward scratch
+  Tensor dy_bf16_;                                 // f32 output gradients cast for a bf16 GEMM (router logits)
+  Tensor gdr_workspace_;                           // gated delta rule
+  Tensor flag_;                                    // (2) i64 device error flags: bad id, bad target
+  Tensor embed_rows_, embed_offsets_;              // embedding backward scratch
   Tensor moe_dys_, moe_dact_, moe_dgu_, moe_dxs_;  // MoE backward scratch (N K, H), (N K, I), (N K, 2I), (N K, H)
-  Tensor moe_act_scratch_;             // (N K, I) the experts' SwiGLU output of MoE states that recompute it
-  Tensor sum_scratch_, sum_out_;       // loss sum
-  Tensor decay_ranges_;                // AdamW: decayed ranges relative to the updated range (int64 pairs)
-  Tensor norm_dw_scratch_;             // RMSNorm / gated RMSNorm dw: per-chunk partial column sums
+  Tensor moe_act_scratch_;        // (N K, I) the experts' SwiGLU output of MoE states that recompute it
+  Tensor sum_scratch_, sum_out_;  // loss sum
+  Tensor decay_ranges_;           // AdamW: decayed ranges relative to the updated range (int64 pairs)
+  Tensor norm_dw_scratch_;        // RMSNorm / gated RMSNorm dw: per-chunk partial column sums
 };
 
 }  // namespace nextron

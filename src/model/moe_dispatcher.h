@@ -1,0 +1,54 @@
+// The expert-parallel path of the routed experts (Megatron's all-to-all token dispatcher), in its phases:
+//
+//   dispatch_preprocess   each (token, k) slot's destination rank (expert / El) and local expert; the slots in
+//                         destination order (stable), their rows gathered (Ops::moe_permute)
+//   token_dispatch        counts and local expert ids over the host group, then the rows (ExpertParallel)
+//   dispatch_postprocess  the received rows with their local expert (the grouped experts sort them by expert)
+//   experts               Ops::moe_experts_forward over the received rows, each with routing weight 1 (exact)
+//   combine_preprocess    the expert outputs in receive order (the experts' own unpermute)
+//   token_combine         the outputs back to the senders, in send order
+//   combine_postprocess   y[n] = sum_k w[n, k] out[slot (n, k)] in k order (Ops::moe_unpermute)
+//
+// and backward through the same phases in reverse. The only host synchronisation of a dispatch is downloading the
+// expert choice (N K ints) to build the plan; the counts ride with the ids in one host exchange.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "comm/expert_parallel.h"
+#include "kernels/ops.h"
+#include "model/config.h"
+
+namespace nextron {
+
+class AllToAllDispatcher {
+ public:
+  // config: the rank's local config (El = num_local_experts() experts from first_local_expert()).
+  AllToAllDispatcher(const ModelConfig& config, Ops& ops, const ExpertParallel& ep);
+
+  // What backward needs from one forward: part of the MoE layer's record.
+  struct Saved {
+    AllToAllPlan plan;
+    Tensor slot_row;         // (N K) i32: where slot n K + k sits in send order
+    Tensor returned;         // (N K, H) the expert outputs back at this rank, send order
+    Tensor ones, local_ids;  // (R, 1) f32 routing weights 1 and (R, 1) i32 local experts of the received rows
+  };
+  // y (N, H) = the routed experts' weighted sum for x (N, H), by topw (N, K) f32 and topi (N, K) i32 (global ids).
+  void forward(Tensor& y, Saved& s, MoeExpertsState& experts, const Tensor& x, const Tensor& topw, const Tensor& topi,
+               const ParamRef& w_gate_up, const ParamRef& w_down);
+  // Accumulates into dx (N, H) and dtopw (N, K) f32, and into the local experts' weight gradients.
+  void backward(Tensor& dx, Tensor& dtopw, const Saved& s, MoeExpertsState& experts, const Tensor& dy,
+                const Tensor& topw, const ParamRef& w_gate_up, const ParamRef& w_down);
+
+ private:
+  const ModelConfig& c_;
+  Ops& ops_;
+  ExpertParallel ep_;
+  Tensor send_token_, send_, received_, expert_out_;        // forward scratch (N K), (N K, H), (R, H), (R, H)
+  Tensor d_returned_, d_expert_out_, d_received_, d_send_;  // backward scratch
+  Tensor d_ones_;                                           // (R, 1): the experts' routing-weight gradient (unused)
+};
+
+}  // namespace nextron
