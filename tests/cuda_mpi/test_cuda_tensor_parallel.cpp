@@ -138,6 +138,29 @@ TEST_P(CudaPipeline, MatchesOneGpu) {
 INSTANTIATE_TEST_SUITE_P(Schedules, CudaPipeline, ::testing::Values(1, 2),
                          [](const auto& param_info) { return "VPP" + std::to_string(param_info.param); });
 
+// Expert parallelism on GPUs: EP = DP = the world, the 8 experts split over the GPUs, each micro-batch's routed rows
+// crossing by NCCL all-to-all (bf16 rows; counts and expert ids over MPI), the dense parameters reduced over DP and
+// the experts over EDP (1 here). The reference is one GPU with the whole global micro-batch.
+TEST(CudaExpertParallel, MatchesOneGpu) {
+  if (!g_skip_reason.empty()) GTEST_SKIP() << g_skip_reason;
+  if (world_size() < 2) GTEST_SKIP() << "expert parallelism on GPUs needs 2 ranks with a GPU each (np 2)";
+  auto ops = std::make_shared<CudaOps>(g_device);
+  const RunResult want = train(options(1, false), nullptr, ops);
+  TrainOptions o = options(1, false);
+  o.micro_batch = kBatch / world_size();
+  o.parallel.ep = world_size();
+  const RunResult got = train(o, g_mpi, ops);
+  for (int64_t s = 0; s < kSteps; ++s)
+    EXPECT_NEAR(got.loss[s], want.loss[s], 1e-2 * std::fabs(want.loss[s])) << "loss of step " << s + 1;
+  const double grad_rel = expect_tensors_close(got.first_grads, want.first_grads, 5e-2, 0, "gradient (step 1)");
+  const double weight_rel =
+      expect_tensors_close(got.final_params, want.final_params, 1e-2, 2.5e-3, "weights after 2 steps");
+  if (world_rank() == 0)
+    std::printf("EP%d on GPUs vs one GPU: loss step 1 %.9g vs %.9g; worst tensor: gradients %.1e, weights %.1e\n",
+                world_size(), got.loss[0], want.loss[0], grad_rel, weight_rel);
+  fail_on_rank0_when_another_rank_failed(HasFailure());
+}
+
 }  // namespace
 
 }  // namespace nextron::test
