@@ -158,6 +158,9 @@ int run(int argc, char** argv, Communicator* world) {
       "layers of the first pipeline stage (the other stages split the rest evenly; 0: even split)")(
       "decoder-last-pipeline-num-layers", po::value(&o.parallel.pipeline.last_stage_layers)->default_value(0),
       "layers of the last pipeline stage (0: even split)")(
+      "moe-router-force-load-balancing", po::bool_switch(&o.force_load_balancing),
+      "assign every token's experts round-robin so each expert gets the same rows (throughput and communication "
+      "studies only: the router is not trained)")(
       "make-vocab-size-divisible-by", po::value(&o.vocab_divisible_by)->default_value(o.vocab_divisible_by),
       "pad the embedding and lm_head to a multiple of this x TP rows (padded logits stay out of the softmax; "
       "checkpoints and HF exports hold the real vocabulary)")(

@@ -78,7 +78,11 @@ struct ModelConfig {
   int64_t expert_parallel_size = 1, expert_parallel_rank = 0;
   int64_t num_local_experts() const { return num_experts / expert_parallel_size; }           // El
   int64_t first_local_expert() const { return expert_parallel_rank * num_local_experts(); }  // its global index
-  int64_t num_experts_per_tok = 0;                                                           // K
+  // Training only: Megatron's --moe-router-force-load-balancing. The router's scores are computed as usual, but
+  // token n's K experts are (n K + k) mod E, their weights the router's probabilities there (renormalised as HF
+  // does): every expert gets the same number of rows. For throughput studies, not for training a model.
+  bool force_load_balancing = false;
+  int64_t num_experts_per_tok = 0;  // K
   int64_t moe_intermediate_size = 0;
   int64_t shared_expert_intermediate_size = 0;
   int64_t decoder_sparse_step = 1;

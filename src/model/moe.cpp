@@ -32,6 +32,7 @@ void SparseMoe::forward(Saved& s, const Tensor& x, Tensor& y, MoeAuxStats& aux) 
   Tensor& topw = ops_.f32(s.topw, {N, K});
   Tensor& topi = ops_.i32(s.topi, {N, K});
   ops_.router_forward(probs, topi, topw, logits, c_.norm_topk_prob);
+  if (c_.force_load_balancing) force_balance(probs, topi, topw);
   if (replay_) apply_routing_replay(probs, topi, topw);
   ops_.aux_stats_accumulate(aux.count_sum, aux.prob_sum, probs, topi);
   aux.total_rows += static_cast<double>(N);
@@ -51,6 +52,15 @@ void SparseMoe::forward(Saved& s, const Tensor& x, Tensor& y, MoeAuxStats& aux) 
     ops_.sigmoid_gate_forward(gated, so, sg, 1, 1);
     ops_.add(y, y, gated);
   }
+}
+
+void SparseMoe::force_balance(const Tensor& probs, Tensor& topi, Tensor& topw) {
+  const int64_t N = topi.dim(0), K = topi.dim(1), E = c_.num_experts;
+  NEXTRON_CHECK(K <= E, "--moe-router-force-load-balancing: top-k ", K, " exceeds the ", E, " experts");
+  std::vector<int32_t> choice(static_cast<size_t>(N * K));
+  for (int64_t s = 0; s < N * K; ++s) choice[s] = static_cast<int32_t>(s % E);
+  ops_.upload(topi, choice.data(), choice.size() * sizeof(int32_t));
+  ops_.router_weights_from_indices(topw, probs, topi, c_.norm_topk_prob);
 }
 
 void SparseMoe::apply_routing_replay(const Tensor& probs, Tensor& topi, Tensor& topw) {

@@ -64,6 +64,9 @@ class SparseMoe {
   }
 
  private:
+  // --moe-router-force-load-balancing: overwrites topi with slot s = n K + k -> expert s mod E and topw with the
+  // router's weights there.
+  void force_balance(const Tensor& probs, Tensor& topi, Tensor& topw);
   // Record: copies topi (N, K) to the replay; replay: overwrites topi with the recorded choice and topw with its
   // weights from probs (N, E).
   void apply_routing_replay(const Tensor& probs, Tensor& topi, Tensor& topw);

@@ -36,6 +36,10 @@ struct TrainOptions {
   // Parallel layout (mpirun -np world): TP, PP, CP, EP, ETP sizes; DP is derived. etp 0 follows TP.
   ParallelSizes parallel = follow_tp_sizes();  // etp 0: experts follow TP (Megatron's default)
   bool sequence_parallel = false;
+  // --moe-router-force-load-balancing: every token's K experts are assigned round-robin ((n K + k) mod E), so each
+  // expert (and each EP rank) receives the same number of rows. For throughput and communication studies only: the
+  // model does not learn a router.
+  bool force_load_balancing = false;
   int64_t vocab_divisible_by = 128;  // --make-vocab-size-divisible-by: pad the vocabulary to a multiple of this x TP
   RecomputeOptions recompute;        // --recompute-granularity / -method / -num-layers / -modules
   int64_t layers_per_virtual_stage = 0;  // --num-layers-per-virtual-pipeline-stage: sets parallel.vpp (0: unset)

@@ -98,6 +98,7 @@ Trainer::Trainer(const TrainOptions& options, SampleFn source, Communicator* wor
     const int64_t multiple = opt_.vocab_divisible_by * std::max(1, opt_.parallel.tp);
     config.padded_vocab_size = (config.vocab_size + multiple - 1) / multiple * multiple;
   }
+  config.force_load_balancing = opt_.force_load_balancing;
   {
     // Before the model's first buffer: refuse what this machine cannot hold, naming the fields that make it large.
     // Each rank holds whole-model buffers today (initialisation, checkpoints), so the check is per process.

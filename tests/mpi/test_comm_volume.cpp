@@ -31,7 +31,10 @@
 //
 // 3. Pipeline point-to-point bytes (below, with their formula).
 //
-// 4. Pipeline activation memory: the records a real pipeline run keeps per chunk (the runner's pools) hold
+// 4. Expert parallelism (below): with --moe-router-force-load-balancing every rank sends N K / EP routed rows to each
+//    EP rank per MoE layer and micro-batch, so the EP group's bytes are exact, and the experts' ZeRO runs over EDP.
+//
+// 5. Pipeline activation memory: the records a real pipeline run keeps per chunk (the runner's pools) hold
 //    exactly model/activation_memory.h's bytes each, and their count is the schedule's in-flight count of that chunk.
 #include <gtest/gtest.h>
 
@@ -148,8 +151,8 @@ TEST_P(CommVolumeLayouts, BytesPerStepMatchFormula) {
   const int t = c.tp, d = c.world / c.tp;
   CountingCommunicator world(*comm_);
   Trainer trainer(options(t, c.sp, d), sample, &world);
-  // Construction splits the world into the TP, DP, PP, EP and EDP groups and agrees once on whether rank 0's start-up checks
-  // of the output paths passed (one all-reduce of one double), nothing else.
+  // Construction splits the world into the TP, DP, PP, EP and EDP groups and agrees once on whether rank 0's start-up
+  // checks of the output paths passed (one all-reduce of one double), nothing else.
   const CommVolume& built = *world.volume();
   const bool parallel = c.world > 1;
   // (the ring all-reduce's counted bytes, 2 (p - 1) / p x n x b, for n = 1 double over the world of p ranks)
@@ -257,6 +260,69 @@ TEST_F(Mpi, OptimizerStateFallsAsOneOverDp) {
     for (const auto& l : rows) std::printf("%s\n", l.c_str());
   }
 }
+
+// 4. Expert parallelism, TP 1: EP x EDP = DP = the world. Per micro-batch (A of them) and MoE layer (Lm), with forced
+//    balance (each of the N K slots of a rank goes to expert (n K + k) mod E, so N K / EP rows to every EP rank):
+//      plan     the row counts (one i64 per rank pair) and a local expert id (i32) per row      (EP-1) 8 + (EP-1) N
+//      K/EP 4 rows     token_dispatch and token_combine forward, both again backward (N K / EP rows of H f32 to each
+//      other
+//               rank)                                                                          4 (EP-1) N K/EP H 4
+//    The dense parameters reduce over DP (loss sums, router statistics, ZeRO of P_dense) and the experts over EDP
+//    (ZeRO of P_expert); world: the gradient norm.
+struct ExpertCase {
+  const char* name;
+  int world, ep;
+};
+void PrintTo(const ExpertCase& c, std::ostream* os) { *os << c.name; }
+class ExpertParallelVolume : public Mpi, public ::testing::WithParamInterface<ExpertCase> {};
+
+TEST_P(ExpertParallelVolume, BytesPerStepEqualTheFormula) {
+  const ExpertCase& c = GetParam();
+  if (c.world != world_size()) GTEST_SKIP() << c.name << " runs at " << c.world << " ranks";
+  const int d = c.world, edp = d / c.ep;
+  TrainOptions o = options(1, false, d);
+  o.parallel.ep = c.ep;
+  o.force_load_balancing = true;
+  CountingCommunicator world(*comm_);
+  Trainer trainer(o, sample, &world);
+  auto* ep = dynamic_cast<CountingCommunicator*>(&trainer.parallel()->ep());
+  auto* edp_group = dynamic_cast<CountingCommunicator*>(&trainer.parallel()->edp());
+  auto* dp = dynamic_cast<CountingCommunicator*>(&trainer.parallel()->dp());
+  ASSERT_TRUE(ep && edp_group && dp);
+  ep->reset_own();
+  edp_group->reset_own();
+  dp->reset_own();
+  world.reset_own();
+  trainer.step();
+  const int64_t A = kGlobalBatch / (micro_batch(d) * d), N = micro_batch(d) * kSeq, NK = N * kK;
+  ASSERT_EQ(NK % kE, 0) << "forced balance is exact when every rank's slots cover the experts evenly";
+  const double per_rank_rows = static_cast<double>(NK) / c.ep;
+  const double plan = (c.ep - 1) * 8.0 + (c.ep - 1) * per_rank_rows * 4.0;
+  const double rows = 4.0 * (c.ep - 1) * per_rank_rows * kH * 4.0;
+  const double want_ep = static_cast<double>(A * kLmoe) * (plan + rows);
+  expect_bytes(ep->own().total_bytes(), want_ep, std::string(c.name) + " EP group: " + ep->own().describe());
+  EXPECT_EQ(ep->own().calls_of(CommOp::all_to_all), A * kLmoe * 6) << ep->own().describe();
+  const FlatRange experts = trainer.model().table().expert_range();
+  const int64_t p_dense = experts.begin, p_expert = experts.size();
+  const double want_dp = static_cast<double>(A) * (ar(d, 2, 8) + ar(d, 2 * kE + 1, 8)) +
+                         2 * ag(d, static_cast<double>((p_dense + d - 1) / d), 4);
+  expect_bytes(dp->own().total_bytes(), want_dp, std::string(c.name) + " DP group: " + dp->own().describe());
+  const double want_edp = edp > 1 ? 2 * ag(edp, static_cast<double>((p_expert + edp - 1) / edp), 4) : 0.0;
+  expect_bytes(edp_group->own().total_bytes(), want_edp,
+               std::string(c.name) + " EDP group: " + edp_group->own().describe());
+  expect_bytes(world.own().total_bytes(), ar(c.world, 1, 8), "world: " + world.own().describe());
+  // The experts' optimizer state is 1/EDP of the experts (and 1/DP of the rest).
+  EXPECT_EQ(trainer.optimizer(1).shard_capacity(), (p_expert + edp - 1) / edp);
+  EXPECT_EQ(trainer.optimizer(0).shard_capacity(), (p_dense + d - 1) / d);
+  if (world_rank() == 0)
+    std::printf("%s: EP bytes/step = %.0f (formula %.0f), DP %.0f, EDP %.0f\n", c.name, ep->own().total_bytes(),
+                want_ep, want_dp, want_edp);
+}
+
+INSTANTIATE_TEST_SUITE_P(Experts, ExpertParallelVolume,
+                         ::testing::Values(ExpertCase{"EP2", 2, 2}, ExpertCase{"EP4", 4, 4},
+                                           ExpertCase{"EP2xEDP2", 4, 2}, ExpertCase{"EP8", 8, 8}),
+                         [](const auto& param_info) { return std::string(param_info.param.name); });
 
 // 3. Pipeline parallelism: the pipeline group's bytes per rank per step. Every micro-batch crosses each boundary
 //    between consecutive virtual stages once forward (the Nl x H activation and the 2E router statistics, f32) and
