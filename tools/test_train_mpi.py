@@ -2,7 +2,8 @@
 """nextron-train as an MPI job (mpirun -np 4): TP 2 x DP 2 with sequence parallelism against one process, rank-0-only
 logging, checkpoints that resume bit-identically at the same layout and also load into another layout, and a bad
 layout that fails on every rank without hanging. Pipelines: PP 2 x DP 2 and interleaved PP 2 x VPP 2 against one
-process, a PP checkpoint resumed on one process and a one-process checkpoint resumed under PP 4.
+process, a PP checkpoint resumed on one process and a one-process checkpoint resumed under PP 4. Experts: EP 2 x EDP 2
+against one process, its checkpoint resumed under EP 4, an EP that does not divide the experts.
 
     python tools/test_train_mpi.py --train build/nextron-train --mpiexec mpiexec --work build/train_mpi
 
@@ -161,6 +162,28 @@ def main():
     check("the export holds the real vocabulary (257 rows)",
           shapes.get("model.embed_tokens.weight", [0])[0] == 257 and shapes.get("lm_head.weight", [0])[0] == 257,
           str({k: v for k, v in shapes.items() if "embed" in k or "lm_head" in k}))
+
+    # Expert parallelism: EP 2 x EDP 2 over 4 ranks (micro-batch 1: the one-process run's micro-batches) gives the
+    # one-process losses; its checkpoint resumes under EP 4 and continues the uninterrupted run; an EP that does not
+    # divide the experts is refused naming it.
+    ep = os.path.join(w, "ep")
+    r = run(common + ["--micro-batch-size", "1", "--expert-model-parallel-size", "2", "--train-steps", "4",
+                      "--save", ep])
+    lep = losses(os.path.join(ep, "metrics.jsonl")) if r.returncode == 0 else {}
+    check("EP2 x EDP2 losses equal the one-process run within 1e-5", r.returncode == 0 and sorted(lep) == [1, 2, 3, 4] and
+          all(abs(lep[s] - l1[s]) <= 1e-5 * abs(l1[s]) for s in lep), f"{lep} vs {l1}; {r.stderr[-800:]}")
+    check("EP2 logs the expert grid", "EP 2" in r.stdout, r.stdout[-600:])
+    ep_to_ep4 = os.path.join(w, "ep_to_ep4")
+    if os.path.isdir(os.path.join(ep, "step_00000004")):
+        shutil.copytree(os.path.join(ep, "step_00000004"), os.path.join(ep_to_ep4, "step_00000004"))
+    r = run(common + ["--micro-batch-size", "1", "--expert-model-parallel-size", "4", "--train-steps", "6",
+                      "--save", ep_to_ep4])
+    lo = losses(os.path.join(ep_to_ep4, "metrics.jsonl")) if r.returncode == 0 else {}
+    check("an EP2 checkpoint resumes under EP4", r.returncode == 0 and "continuing at step 4" in r.stdout and
+          all(abs(lo.get(s, 0) - lf[s]) <= 1e-4 * abs(lf[s]) for s in (5, 6)), f"{lo} vs {lf}; {r.stderr[-600:]}")
+    r = run(common + ["--micro-batch-size", "2", "--expert-model-parallel-size", "3", "--train-steps", "1"], np=3)
+    check("EP 3 with 8 experts fails naming it", r.returncode != 0 and "is not divisible by EP 3" in r.stderr,
+          r.stderr[-800:])
 
     # 6. Bad layouts: every rank finds the problem before any communication and aborts the job (no hang), so at least
     # the first rank's message is printed (MPI_Abort may kill the others before they print theirs).
