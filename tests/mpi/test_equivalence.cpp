@@ -32,9 +32,9 @@ constexpr int64_t kSeq = 16, kGlobalBatch = 8, kGlobalMicro = 4, kSteps = 3;
 std::string config_path() { return tiny_config_path(); }
 void sample(int64_t index, int64_t* out) { tiny_sample(index, out, kSeq); }
 
-TrainOptions options(int tp, bool sp, int dp, int64_t global_micro = kGlobalMicro) {
+TrainOptions options(int tp, bool sp, int dp, int64_t global_micro = kGlobalMicro, bool many_experts = false) {
   TrainOptions o;
-  o.model_config = config_path();
+  o.model_config = many_experts ? tiny_many_experts_config_path() : config_path();
   o.seq_len = kSeq;
   o.micro_batch = global_micro / dp;
   o.global_batch = kGlobalBatch;
@@ -72,10 +72,11 @@ RunResult train(const TrainOptions& o, Communicator* world) {
   return r;
 }
 
-const RunResult& reference(int64_t global_micro) {
-  static std::map<int64_t, RunResult> runs;
-  if (!runs.count(global_micro)) runs[global_micro] = train(options(1, false, 1, global_micro), nullptr);
-  return runs[global_micro];
+const RunResult& reference(int64_t global_micro, bool many_experts = false) {
+  static std::map<std::pair<int64_t, bool>, RunResult> runs;
+  const auto key = std::make_pair(global_micro, many_experts);
+  if (!runs.count(key)) runs[key] = train(options(1, false, 1, global_micro, many_experts), nullptr);
+  return runs[key];
 }
 
 struct LayoutCase {
@@ -87,6 +88,7 @@ struct LayoutCase {
   RecomputeOptions recompute = {};      // the one-process reference runs without recomputation
   PipelineSplit split = {};             // uneven stages
   int ep = 1;                           // expert parallel (the experts split like the dense MLP over TP: ETP = TP)
+  bool many_experts = false;            // 64 experts top-8 (tiny_many_experts_config_path) instead of 8 top-2
 };
 
 class Equivalence : public Mpi, public ::testing::WithParamInterface<LayoutCase> {};
@@ -94,8 +96,9 @@ class Equivalence : public Mpi, public ::testing::WithParamInterface<LayoutCase>
 TEST_P(Equivalence, MatchesOneProcess) {
   const LayoutCase& c = GetParam();
   if (c.world != world_size()) GTEST_SKIP() << c.name << " runs at " << c.world << " ranks";
-  const RunResult& want = reference(c.global_micro);
-  TrainOptions o = options(c.tp, c.sp, c.world / (c.tp * c.pp), c.global_micro);
+  const RunResult& want = reference(c.global_micro, c.many_experts);
+  TrainOptions o = options(c.tp, c.sp, c.world / (c.tp * c.pp), c.global_micro, c.many_experts);
+  const std::string config = o.model_config;
   o.parallel.pp = c.pp;
   o.parallel.vpp = c.vpp;
   o.recompute = c.recompute;
@@ -118,9 +121,9 @@ TEST_P(Equivalence, MatchesOneProcess) {
   if (c.tp == 1 && c.world == c.pp) {
     EXPECT_EQ(got.loss[0], want.loss[0]) << "pipeline-only loss of step 1";
   }
-  const double grad_rel = expect_tensors_close(got.first_grads, want.first_grads, 1e-4, 0, "gradient (step 1)");
+  const double grad_rel = expect_tensors_close(got.first_grads, want.first_grads, 1e-4, 0, "gradient (step 1)", config);
   const double weight_rel =
-      expect_tensors_close(got.final_params, want.final_params, 1e-4, 1e-5, "weights after 3 steps");
+      expect_tensors_close(got.final_params, want.final_params, 1e-4, 1e-5, "weights after 3 steps", config);
   if (world_rank() == 0)
     std::printf("%s: loss %.1e, grad norm %.1e (relative); worst tensor: gradients %.1e, weights %.1e (of max |ref|)\n",
                 c.name, loss_rel, norm_rel, grad_rel, weight_rel);
@@ -157,7 +160,8 @@ INSTANTIATE_TEST_SUITE_P(
                       LayoutCase{"EP2xEDP2", 4, 1, false, 1, 1, kGlobalMicro, {}, {}, 2},
                       LayoutCase{"EP2xTP2", 4, 2, false, 1, 1, kGlobalMicro, {}, {}, 2},
                       LayoutCase{"EP2xTP2_SP", 4, 2, true, 1, 1, kGlobalMicro, {}, {}, 2},
-                      LayoutCase{"EP2xPP2", 4, 1, false, 2, 1, 2, {}, {}, 2}),
+                      LayoutCase{"EP2xPP2", 4, 1, false, 2, 1, 2, {}, {}, 2},
+                      LayoutCase{"EP4_64Experts_Top8", 4, 1, false, 1, 1, kGlobalMicro, {}, {}, 4, true}),
     [](const auto& param_info) { return std::string(param_info.param.name); });
 
 // A layout that does not fit fails on every rank, before any communication, with the constraint named.

@@ -46,6 +46,26 @@ inline std::string tiny_config_path() {
   return path;
 }
 
+// The same model with the mission's expert count at tiny width: 64 experts, top-8, intermediate 8.
+inline std::string tiny_many_experts_config_path() {
+  static const std::string path = [] {
+    std::string text = kTinyConfig;
+    auto set = [&text](const std::string& key, const std::string& from, const std::string& to) {
+      const std::string a = "\"" + key + "\": " + from, b = "\"" + key + "\": " + to;
+      const size_t at = text.find(a);
+      if (at == std::string::npos) std::abort();
+      text.replace(at, a.size(), b);
+    };
+    set("num_experts", "8", "64");
+    set("num_experts_per_tok", "2", "8");
+    set("moe_intermediate_size", "16", "8");
+    const auto p = std::filesystem::temp_directory_path() / ("nextron-tiny64-" + std::to_string(::getpid()) + ".json");
+    std::ofstream(p) << text;
+    return p.string();
+  }();
+  return path;
+}
+
 // Training sample `index` of seq_len + 1 tokens, a fixed function of the index.
 inline void tiny_sample(int64_t index, int64_t* out, int64_t seq_len) {
   for (int64_t t = 0; t <= seq_len; ++t) out[t] = (index * 7919 + t * 104729 + (index * t) % 13) % kTinyVocab;
@@ -55,8 +75,8 @@ inline void tiny_sample(int64_t index, int64_t* out, int64_t seq_len) {
 // largest |got - want| must be within abs + rel * its largest |want|. Returns the worst ratio diff / max|want| over
 // the tensors (what the docs report); NEXTRON_EQUIV_VERBOSE=1 prints each new worst tensor.
 inline double expect_tensors_close(const std::vector<float>& got, const std::vector<float>& want, double rel,
-                                   double abs, const char* what) {
-  const ParamTable table(ModelConfig::from_file(tiny_config_path()));
+                                   double abs, const char* what, const std::string& config = tiny_config_path()) {
+  const ParamTable table(ModelConfig::from_file(config));
   EXPECT_EQ(got.size(), want.size());
   if (got.size() != want.size()) return INFINITY;
   double worst = 0;
