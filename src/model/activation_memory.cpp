@@ -51,7 +51,17 @@ int64_t layer_bytes(const ModelConfig& c, int64_t layer, int64_t N, int64_t Nl, 
   if (r.recomputes_module("moe")) return bytes;
   const int64_t E = c.num_experts, K = c.num_experts_per_tok, Is = c.shared_expert_intermediate_size;
   bytes += N * E * kF32 + N * K * (kF32 + kI32);  // probs, topw, topi
-  bytes += moe_state_bytes(device, N * K, E, H, c.moe_intermediate_size, r.recomputes_module("moe_act"));
+  if (c.expert_parallel_size > 1) {
+    // The dispatcher's record (model/moe_dispatcher.h): where each slot went, the returned expert outputs, the plan;
+    // and the local experts' state over the R rows received, R = N K under balanced routing (each rank receives as
+    // many rows as it sends, exact with --moe-router-force-load-balancing).
+    const int64_t NK = N * K, R = NK, P = c.expert_parallel_size;
+    bytes += NK * kI32 + NK * H * a + R * (kF32 + kI32) + 2 * P * kI64;
+    bytes +=
+        moe_state_bytes(device, R, c.num_local_experts(), H, c.moe_intermediate_size, r.recomputes_module("moe_act"));
+  } else {
+    bytes += moe_state_bytes(device, N * K, E, H, c.moe_intermediate_size, r.recomputes_module("moe_act"));
+  }
   if (Is > 0) {
     bytes += N * a;                                                                   // the shared expert's gate logit
     if (!r.recomputes_module("shared_experts")) bytes += 3 * N * Is * a + N * H * a;  // gu, h, its output
@@ -103,8 +113,11 @@ ActivationBytes activation_record_bytes(const ModelConfig& c, const StageRange& 
 
 int64_t record_host_bytes(const ModelActivations& a) {
   int64_t bytes = static_cast<int64_t>(a.targets.capacity() * sizeof(int64_t));
-  for (const DecoderLayer::Saved& s : a.layers)
+  for (const DecoderLayer::Saved& s : a.layers) {
     if (s.moe.experts) bytes += s.moe.experts->host_bytes();
+    const AllToAllPlan& plan = s.moe.dispatch.plan;
+    bytes += static_cast<int64_t>((plan.send_rows.capacity() + plan.recv_rows.capacity()) * sizeof(int64_t));
+  }
   return bytes;
 }
 

@@ -4,6 +4,9 @@
 // its peak activation memory is that bound times this; the per-layer and per-module scratch (one copy however many
 // micro-batches are in flight) is not part of it.
 //
+// Under expert parallelism a MoE layer's record depends on how many rows its experts receive; the formula assumes
+// balanced routing (as many received as sent), which --moe-router-force-load-balancing makes exact.
+//
 // The formula follows what each module's forward writes into its record (the Saved structs' comments list the
 // shapes); tests/unit/test_activation_memory.cpp measures a fresh record's growth of live memory on every fixture,
 // stage kind and recomputation option and requires it to equal this, byte for byte.

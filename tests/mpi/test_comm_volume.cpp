@@ -385,6 +385,7 @@ struct MemoryCase {
   int world, pp, vpp, tp;
   bool sp;
   RecomputeOptions recompute;
+  int ep = 1;  // with forced balance, so every rank receives as many routed rows as it sends
 };
 void PrintTo(const MemoryCase& c, std::ostream* os) { *os << c.name; }
 class PipelineMemory : public Mpi, public ::testing::WithParamInterface<MemoryCase> {};
@@ -400,6 +401,8 @@ TEST_P(PipelineMemory, RecordsHoldTheFormulaBytesAndTheScheduleCount) {
   o.parallel.pp = c.pp;
   o.parallel.vpp = c.vpp;
   o.recompute = c.recompute;
+  o.parallel.ep = c.ep;
+  o.force_load_balancing = c.ep > 1;
   Trainer trainer(o, sample, comm_.get());
   PipelineRunner& runner = trainer.pipeline_runner();
   const int64_t B = micro_batch(1), S = kSeq;
@@ -462,7 +465,8 @@ INSTANTIATE_TEST_SUITE_P(
                                  1,
                                  2,
                                  true,
-                                 {"selective", "", 0, {"core_attn", "layernorm", "moe_act", "shared_experts"}}}),
+                                 {"selective", "", 0, {"core_attn", "layernorm", "moe_act", "shared_experts"}}},
+                      MemoryCase{"PP2xEP2", 4, 2, 1, 1, false, {}, 2}),
     [](const auto& param_info) { return std::string(param_info.param.name); });
 
 }  // namespace
