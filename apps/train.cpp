@@ -158,6 +158,9 @@ int run(int argc, char** argv, Communicator* world) {
       "layers of the first pipeline stage (the other stages split the rest evenly; 0: even split)")(
       "decoder-last-pipeline-num-layers", po::value(&o.parallel.pipeline.last_stage_layers)->default_value(0),
       "layers of the last pipeline stage (0: even split)")(
+      "moe-per-layer-logging", po::bool_switch(&o.moe_per_layer_logging),
+      "log every MoE layer's tokens per expert and max/mean imbalance each step to metrics.jsonl (kind expert_load; "
+      "tools/plot_metrics.py --expert-load draws it)")(
       "moe-router-force-load-balancing", po::bool_switch(&o.force_load_balancing),
       "assign every token's experts round-robin so each expert gets the same rows (throughput and communication "
       "studies only: the router is not trained)")(

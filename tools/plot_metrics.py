@@ -12,6 +12,10 @@ path. Records are one JSON object per line; training records have "kind": "train
 last checkpoint are trained again): the last record of each step wins. Lines that are not JSON objects (a line
 cut short by a crash) are skipped with a warning. A null value (a non-finite loss) is plotted as a gap.
 
+--expert-load LAYER (a run with --moe-per-layer-logging) writes a second PNG (--expert-load-out, default
+expert_load.png beside --metrics): a heat map of MoE layer LAYER's share of tokens per expert over the steps, and
+every logged layer's max/mean imbalance over the steps.
+
 --self-test writes synthetic metrics into a temporary folder (including a resume and a truncated line), plots
 them with an overlay, and checks the PNG; it exits 0 when every check passes, 1 otherwise (CTest: plot_metrics).
 """
@@ -43,6 +47,7 @@ class Run:
         self.skipped = 0
         train: dict[int, dict] = {}
         valid: dict[int, dict] = {}
+        load: dict[int, dict] = {}
         if not os.path.exists(path):
             raise SystemExit(f"plot_metrics: {path} does not exist; pass the metrics.jsonl of a run "
                              f"(nextron-train writes it into --save-dir, or where --metrics says)")
@@ -65,8 +70,11 @@ class Run:
                     valid[record["step"]] = record
                 elif kind == "train":
                     train[record["step"]] = record
+                elif kind == "expert_load":
+                    load[record["step"]] = record
         self.train = [train[s] for s in sorted(train)]
         self.valid = [valid[s] for s in sorted(valid)]
+        self.expert_load = [load[s] for s in sorted(load)]
 
     def series(self, records: list[dict], key: str) -> tuple[list[int], list[float]]:
         steps, values = [], []
@@ -114,6 +122,43 @@ def plot(runs: list[Run], out: str, title: str | None = None) -> None:
     os.replace(tmp, out)
 
 
+def plot_expert_load(run: Run, layer: int, out: str) -> None:
+    """Heat map of `layer`'s token share per expert (x: step, y: expert) and each layer's max/mean over steps."""
+    records = [r for r in run.expert_load if layer in r["layers"]]
+    if not records:
+        raise ValueError(f"no expert_load records for layer {layer} in {run.path} (train with --moe-per-layer-logging)")
+    steps = [r["step"] for r in records]
+    shares = []
+    for r in records:
+        tokens = r["tokens"][r["layers"].index(layer)]
+        total = sum(tokens)
+        shares.append([t / total if total > 0 else 0.0 for t in tokens])
+    columns = list(map(list, zip(*shares)))  # (E, steps)
+    fig, (ax_map, ax_imb) = plt.subplots(2, 1, figsize=(10, 8))
+    image = ax_map.imshow(columns, aspect="auto", origin="lower", interpolation="nearest",
+                          extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, len(columns) - 0.5), cmap="viridis")
+    fig.colorbar(image, ax=ax_map, label="share of the layer's tokens")
+    ax_map.set_xlabel("step")
+    ax_map.set_ylabel("expert")
+    ax_map.set_title(f"expert load, layer {layer} (1/E = {1 / len(columns):.3g} is balanced)")
+    for index in sorted({l for r in run.expert_load for l in r["layers"]}):
+        xs = [r["step"] for r in run.expert_load if index in r["layers"]]
+        ys = [r["max_over_mean"][r["layers"].index(index)] for r in run.expert_load if index in r["layers"]]
+        ax_imb.plot(xs, ys, linewidth=1.0, label=f"layer {index}")
+    ax_imb.axhline(1.0, color="black", linewidth=0.8, linestyle=":")
+    ax_imb.set_xlabel("step")
+    ax_imb.set_ylabel("max / mean tokens per expert")
+    ax_imb.set_title("load imbalance per MoE layer")
+    ax_imb.grid(True, alpha=0.3)
+    ax_imb.legend(fontsize="small", ncol=4)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = out + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out)
+
+
 def self_test() -> int:
     passed, failed = 0, 0
 
@@ -150,6 +195,9 @@ def self_test() -> int:
             with open(b, "w", encoding="utf-8") as f:
                 for s in range(1, 41):
                     f.write(json.dumps(train(s, 1.1)) + "\n")
+                    tokens = [[float(10 + (e * s) % 7) for e in range(8)], [32.0] * 8]
+                    f.write(json.dumps({"kind": "expert_load", "step": s, "layers": [0, 3], "tokens": tokens,
+                                        "max_over_mean": [max(t) * 8 / sum(t) for t in tokens]}) + "\n")
 
             run = Run(a, "a")
             check("train records deduplicated", [r["step"] for r in run.train] == list(range(1, 42)),
@@ -167,6 +215,13 @@ def self_test() -> int:
             with open(out, "rb") as f:
                 check("png signature", f.read(8) == PNG_MAGIC)
             check("no temporary left", not os.path.exists(out + ".tmp.png"))
+            check("expert_load records read", len(Run(b).expert_load) == 40)
+            load_png = os.path.join(work, "plots", "load.png")
+            rc = main(["--metrics", b, "--out", out, "--expert-load", "3", "--expert-load-out", load_png])
+            check("expert load heat map written", rc == 0 and os.path.isfile(load_png) and
+                  os.path.getsize(load_png) > 1000)
+            rc = main(["--metrics", a, "--out", out, "--expert-load", "3"])
+            check("expert load without records fails", rc == 1, str(rc))
     except Exception:  # noqa: BLE001 - report any failure as a failed check
         traceback.print_exc()
         failed += 1
@@ -182,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", action="append", default=[], metavar="JSONL",
                         help="another run's metrics.jsonl to overlay (repeatable)")
     parser.add_argument("--title", help="title of the loss panel")
+    parser.add_argument("--expert-load", type=int, metavar="LAYER",
+                        help="also plot MoE layer LAYER's tokens per expert over the steps (--moe-per-layer-logging)")
+    parser.add_argument("--expert-load-out", help="its PNG (default: expert_load.png beside --metrics)")
     parser.add_argument("--self-test", action="store_true", help="plot synthetic metrics and check the PNG")
     args = parser.parse_args(argv)
     if args.self_test:
@@ -195,6 +253,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     plot(runs, out, args.title)
     print(f"plot_metrics: wrote {out}")
+    if args.expert_load is not None:
+        load_out = args.expert_load_out or os.path.join(os.path.dirname(os.path.abspath(args.metrics)),
+                                                        "expert_load.png")
+        try:
+            plot_expert_load(runs[0], args.expert_load, load_out)
+        except ValueError as e:
+            print(f"plot_metrics: {e}", file=sys.stderr)
+            return 1
+        print(f"plot_metrics: wrote {load_out}")
     return 0
 
 

@@ -168,11 +168,23 @@ def main():
     # divide the experts is refused naming it.
     ep = os.path.join(w, "ep")
     r = run(common + ["--micro-batch-size", "1", "--expert-model-parallel-size", "2", "--train-steps", "4",
-                      "--save", ep])
+                      "--save", ep, "--moe-per-layer-logging"])
     lep = losses(os.path.join(ep, "metrics.jsonl")) if r.returncode == 0 else {}
     check("EP2 x EDP2 losses equal the one-process run within 1e-5", r.returncode == 0 and sorted(lep) == [1, 2, 3, 4] and
           all(abs(lep[s] - l1[s]) <= 1e-5 * abs(l1[s]) for s in lep), f"{lep} vs {l1}; {r.stderr[-800:]}")
     check("EP2 logs the expert grid", "EP 2" in r.stdout, r.stdout[-600:])
+    metrics_path = os.path.join(ep, "metrics.jsonl")
+    loads = [json.loads(x) for x in open(metrics_path)] if os.path.exists(metrics_path) else []
+    loads = [x for x in loads if x.get("kind") == "expert_load"]
+    tokens_per_layer = 8 * 32 * json.load(open(TINY))["num_experts_per_tok"]
+    check("--moe-per-layer-logging writes every step's expert load",
+          [x["step"] for x in loads] == [1, 2, 3, 4] and
+          all(sum(t) == tokens_per_layer for x in loads for t in x["tokens"]), str(loads[:1])[:400])
+    plot = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "plot_metrics.py"), "--metrics",
+                           metrics_path, "--expert-load", str(loads[0]["layers"][0]) if loads else "0"],
+                          capture_output=True, text=True, timeout=120)
+    check("plot_metrics draws the expert load", plot.returncode == 0 and
+          os.path.exists(os.path.join(ep, "expert_load.png")), plot.stderr[-400:])
     ep_to_ep4 = os.path.join(w, "ep_to_ep4")
     if os.path.isdir(os.path.join(ep, "step_00000004")):
         shutil.copytree(os.path.join(ep, "step_00000004"), os.path.join(ep_to_ep4, "step_00000004"))

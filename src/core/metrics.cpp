@@ -64,6 +64,23 @@ std::string format_duration(double seconds) {
                        static_cast<long long>(s % 60));
 }
 
+nlohmann::json to_json(const ExpertLoadMetrics& m) {
+  nlohmann::json imbalance = nlohmann::json::array();
+  for (const std::vector<float>& t : m.tokens) {
+    double sum = 0, most = 0;
+    for (float v : t) {
+      sum += v;
+      most = std::max(most, static_cast<double>(v));
+    }
+    imbalance.push_back(sum > 0 ? most * static_cast<double>(t.size()) / sum : 0.0);
+  }
+  return {{"kind", "expert_load"},
+          {"step", m.step},
+          {"layers", m.layers},
+          {"tokens", m.tokens},
+          {"max_over_mean", imbalance}};
+}
+
 std::string format_step_line(const StepMetrics& m) {
   std::string line =
       printf_string("step %lld/%lld", static_cast<long long>(m.step), static_cast<long long>(m.total_steps));

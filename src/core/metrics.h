@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 #include <ostream>
 #include <string>
+#include <vector>
 
 namespace nextron {
 
@@ -35,12 +36,22 @@ struct ValidMetrics {
   int64_t tokens = 0;  // as StepMetrics::tokens
 };
 
+// Per-layer expert load of one step (--moe-per-layer-logging), logged with "kind": "expert_load".
+struct ExpertLoadMetrics {
+  int64_t step = 0;
+  std::vector<int64_t> layers;             // global indices of the MoE layers
+  std::vector<std::vector<float>> tokens;  // per layer, (E) top-k assignments per expert over the global batch
+};
+
 // {"kind": "train", "step": ..., "total_steps": ..., "loss": ..., "lm_loss": ..., "aux_loss": ..., "lr": ...,
 //  "grad_norm": ..., "tokens_per_s": ..., "mfu": ..., "seconds": ..., "tokens": ...}; a non-finite number is
 // written as null (JSON has no NaN).
 nlohmann::json to_json(const StepMetrics& m);
 // {"kind": "valid", "step": ..., "valid_loss": ..., "seconds": ..., "tokens": ...}
 nlohmann::json to_json(const ValidMetrics& m);
+// {"kind": "expert_load", "step": ..., "layers": [...], "tokens": [[...], ...], "max_over_mean": [...]}: per layer,
+// its busiest expert's assignments over the mean (1 = perfectly balanced).
+nlohmann::json to_json(const ExpertLoadMetrics& m);
 
 // The per-step log line, e.g.
 // "step 12/100 | loss 3.4567 | lm 3.4501 | aux 6.6000 | lr 3.000e-04 | gnorm 1.234 | tok/s 12345 | mfu 12.34% |
@@ -61,6 +72,7 @@ class MetricsLog {
   void write(const nlohmann::json& record);
   void write(const StepMetrics& m) { write(to_json(m)); }
   void write(const ValidMetrics& m) { write(to_json(m)); }
+  void write(const ExpertLoadMetrics& m) { write(to_json(m)); }
   const std::string& path() const { return path_; }
 
  private:

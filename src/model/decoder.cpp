@@ -84,6 +84,7 @@ void DecoderLayer::backward(const Saved& s, const Tensor& dx_out, Tensor& dx_in,
     Tensor& out = ops_.act(rc_mlp_region_, {N, H});
     if (moe_) {
       rc_aux_.reset(ops_, c_.num_experts);
+      rc_aux_.counts_load = false;
       moe_->forward(rc_moe_, s.h2_region, out, rc_aux_);
     } else {
       dense_->forward(rc_dense_, s.h2_region, out);

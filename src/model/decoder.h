@@ -49,6 +49,7 @@ class DecoderLayer {
   void set_recompute(const RecomputeOptions& options);
   // The sparse MoE block of this layer, nullptr where the MLP is dense.
   SparseMoe* moe() { return moe_.get(); }
+  const SparseMoe* moe() const { return moe_.get(); }
 
  private:
   void rerun_norm(const Tensor& x, const char* weight, Tensor& h, Tensor& full, const Tensor& region, int64_t N);

@@ -61,6 +61,28 @@ void Model::set_recompute(const RecomputeOptions& options) {
   for (auto& layer : layers_) layer->set_recompute(options);
 }
 
+void Model::set_expert_load_logging(bool on) {
+  for (auto& layer : layers_)
+    if (layer->moe()) layer->moe()->set_load_logging(on);
+}
+
+void Model::reset_expert_load() {
+  for (auto& layer : layers_)
+    if (layer->moe()) layer->moe()->reset_load();
+}
+
+std::vector<std::pair<int64_t, std::vector<float>>> Model::expert_load() const {
+  std::vector<std::pair<int64_t, std::vector<float>>> out;
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    const SparseMoe* moe = layers_[i]->moe();
+    if (!moe) continue;
+    std::vector<float> counts(static_cast<size_t>(config_.num_experts), 0.0f);
+    if (moe->load().defined()) counts = to_host(*ops_, moe->load());
+    out.emplace_back(stage_.layer_begin + static_cast<int64_t>(i), std::move(counts));
+  }
+  return out;
+}
+
 void Model::forward_group(const RecomputeGroup& g, const Tensor& x, Tensor& out, int64_t B, int64_t S,
                           MoeAuxStats& aux) {
   const int64_t Nl = comms_.tp.local_rows(B * S), H = config_.hidden_size;
@@ -331,6 +353,7 @@ void Model::backward_from(const ModelActivations& a, const Tensor* d_output, flo
     if (g->recompute) {
       // Rerun the group's forward from its input; its router statistics are not counted again.
       rc_aux_.reset(ops, config_.num_experts);
+      rc_aux_.counts_load = false;
       forward_group(*g, a.hidden[g->begin], ops.act(rc_out_, {Nl, H}), a.B, a.S, rc_aux_);
     }
     for (int64_t i = g->end - 1; i >= g->begin; --i) {

@@ -128,6 +128,12 @@ class Model {
   // Activation recomputation (model/recompute.h; validated first). Applies to the forwards that follow; a record
   // must be backwarded under the setting it was forwarded with.
   void set_recompute(const RecomputeOptions& options);
+  // Per-layer expert load (--moe-per-layer-logging): while on, each MoE layer counts its top-k assignments per
+  // expert over the micro-batches since reset_expert_load(); expert_load() returns them per MoE layer of this
+  // stage as (global layer index, (E) counts).
+  void set_expert_load_logging(bool on);
+  void reset_expert_load();
+  std::vector<std::pair<int64_t, std::vector<float>>> expert_load() const;
 
  private:
   ModelConfig config_, local_config_;

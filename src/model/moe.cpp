@@ -35,6 +35,10 @@ void SparseMoe::forward(Saved& s, const Tensor& x, Tensor& y, MoeAuxStats& aux) 
   if (c_.force_load_balancing) force_balance(probs, topi, topw);
   if (replay_) apply_routing_replay(probs, topi, topw);
   ops_.aux_stats_accumulate(aux.count_sum, aux.prob_sum, probs, topi);
+  if (log_load_ && aux.counts_load) {
+    if (!load_tokens_.defined()) reset_load();
+    ops_.aux_stats_accumulate(load_tokens_, load_probs_, probs, topi);
+  }
   aux.total_rows += static_cast<double>(N);
 
   if (dispatcher_)
@@ -52,6 +56,11 @@ void SparseMoe::forward(Saved& s, const Tensor& x, Tensor& y, MoeAuxStats& aux) 
     ops_.sigmoid_gate_forward(gated, so, sg, 1, 1);
     ops_.add(y, y, gated);
   }
+}
+
+void SparseMoe::reset_load() {
+  ops_.f32_zeroed(load_tokens_, {c_.num_experts});
+  ops_.f32_zeroed(load_probs_, {c_.num_experts});
 }
 
 void SparseMoe::force_balance(const Tensor& probs, Tensor& topi, Tensor& topw) {

@@ -21,6 +21,9 @@ struct MoeAuxStats {
   Tensor count_sum;       // (E) f32 on the backend's device: top-k assignments per expert
   Tensor prob_sum;        // (E) f32 on the backend's device: summed router probabilities per expert
   double total_rows = 0;  // token rows summed over MoE layers
+  // False for the scratch statistics of a recomputation rerun: the rerun is not another micro-batch, so the
+  // per-layer expert load (SparseMoe::load) does not count it.
+  bool counts_load = true;
   void reset(const Ops& ops, int64_t E);
 };
 
@@ -56,6 +59,11 @@ class SparseMoe {
     recompute_act_ = act;
     recompute_shared_ = shared;
   }
+  // Per-layer expert load (Megatron's --moe-per-layer-logging): while on, every forward of a micro-batch adds its
+  // top-k assignments per expert to load() ((E) f32 on the device), until reset_load().
+  void set_load_logging(bool on) { log_load_ = on; }
+  void reset_load();
+  const Tensor& load() const { return load_tokens_; }
   // Records this layer's expert choice into `replay`, or replays it from there (its mode decides); nullptr: off.
   // `layer` names the layer in the replay.
   void set_routing_replay(RoutingReplay* replay, int64_t layer) {
@@ -79,8 +87,9 @@ class SparseMoe {
   std::unique_ptr<AllToAllDispatcher> dispatcher_;  // expert parallelism only
   RoutingReplay* replay_ = nullptr;
   int64_t replay_layer_ = 0;
-  bool recompute_act_ = false, recompute_shared_ = false;
-  SwiGluMlp::Saved rc_shared_;  // the shared expert's record and output (N, H) when it is recomputed
+  bool recompute_act_ = false, recompute_shared_ = false, log_load_ = false;
+  Tensor load_tokens_, load_probs_;  // (E) f32: assignments and summed probabilities since reset_load()
+  SwiGluMlp::Saved rc_shared_;       // the shared expert's record and output (N, H) when it is recomputed
   Tensor rc_shared_out_;
   Tensor logits_, shared_gated_;                              // forward scratch (N, E) f32, (N, H)
   Tensor dprobs_, dtopw_, dlogits_, dshared_, dshared_gate_;  // backward scratch

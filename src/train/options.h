@@ -40,6 +40,9 @@ struct TrainOptions {
   // expert (and each EP rank) receives the same number of rows. For throughput and communication studies only: the
   // model does not learn a router.
   bool force_load_balancing = false;
+  // --moe-per-layer-logging: each step, every MoE layer's tokens per expert (over the global batch) go to
+  // metrics.jsonl ("kind": "expert_load") with their max/mean imbalance; costs one all-reduce of layers x E floats.
+  bool moe_per_layer_logging = false;
   int64_t vocab_divisible_by = 128;  // --make-vocab-size-divisible-by: pad the vocabulary to a multiple of this x TP
   RecomputeOptions recompute;        // --recompute-granularity / -method / -num-layers / -modules
   int64_t layers_per_virtual_stage = 0;  // --num-layers-per-virtual-pipeline-stage: sets parallel.vpp (0: unset)

@@ -162,6 +162,7 @@ Trainer::Trainer(const TrainOptions& options, SampleFn source, Communicator* wor
     Chunk chunk;
     chunk.model = std::make_unique<Model>(config, comms, backend.ops, ctx_ ? ctx_->chunk(c) : StageRange{});
     chunk.model->set_recompute(opt_.recompute);
+    chunk.model->set_expert_load_logging(opt_.moe_per_layer_logging);
     if (ctx_) chunk.tp_sync = std::make_unique<TpGradSync>(ctx_->shard_map(c), comms.tp, chunk.model->ops());
     chunks_.push_back(std::move(chunk));
   }
@@ -271,7 +272,10 @@ StepRecord Trainer::step() {
   rows_.resize(M * (S + 1));
   ids_.resize(M * S);
   targets_.resize(M * S);
-  for (Chunk& c : chunks_) c.model->zero_grad();
+  for (Chunk& c : chunks_) {
+    c.model->zero_grad();
+    if (opt_.moe_per_layer_logging) c.model->reset_expert_load();
+  }
   StepRecord rec;
   // Global micro-batch m holds samples [position + m M D, +M D); this DP rank reads its M consecutive rows.
   auto tokens = [&](int m) {
@@ -286,6 +290,7 @@ StepRecord Trainer::step() {
   };
   const std::vector<LossValues> losses = runner_->run(schedule_spec_, tokens, M, S, 1.0f / static_cast<float>(accum));
   if (schedule_spec_.pp > 1) rec.pipeline_bubble = runner_->exchange_seconds() / runner_->run_seconds();
+  if (opt_.moe_per_layer_logging) rec.expert_load = gather_expert_load();
   double sums[3] = {0, 0, 0};  // loss, lm_loss, aux_loss summed over the micro-batches (on the last stage)
   for (const LossValues& lv : losses) {
     sums[0] += lv.loss;
@@ -333,6 +338,29 @@ StepRecord Trainer::step() {
   rec.step = step_;
   rec.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return rec;
+}
+
+std::vector<std::pair<int64_t, std::vector<float>>> Trainer::gather_expert_load() {
+  const ModelConfig& c = config();
+  const int64_t E = c.num_experts;
+  std::vector<int64_t> moe_layers;
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l)
+    if (c.mlp_type(l) == MlpType::sparse_moe) moe_layers.push_back(l);
+  // One (layers, E) buffer: each DP replica's TP rank 0 adds the layers of its stages (TP ranks route the same rows;
+  // EP ranks route different rows and are DP replicas), and a world sum completes it on every rank.
+  std::vector<double> all(moe_layers.size() * static_cast<size_t>(E), 0.0);
+  if (!ctx_ || ctx_->tp_rank() == 0)
+    for (Chunk& chunk : chunks_)
+      for (const auto& [layer, counts] : chunk.model->expert_load()) {
+        const size_t row =
+            static_cast<size_t>(std::find(moe_layers.begin(), moe_layers.end(), layer) - moe_layers.begin());
+        for (int64_t e = 0; e < E; ++e) all[row * E + e] += counts[e];
+      }
+  if (ctx_) ctx_->world().all_reduce_sum(all.data(), static_cast<int64_t>(all.size()));
+  std::vector<std::pair<int64_t, std::vector<float>>> out;
+  for (size_t i = 0; i < moe_layers.size(); ++i)
+    out.emplace_back(moe_layers[i], std::vector<float>(all.begin() + i * E, all.begin() + (i + 1) * E));
+  return out;
 }
 
 const ParamTable& Trainer::full_table() const { return shard_map(0).full_table(); }
@@ -621,6 +649,15 @@ void Trainer::run() {
     m.seconds = elapsed();
     m.tokens = consumed_tokens_;
     if (metrics) metrics->write(m);
+    if (metrics && !r.expert_load.empty()) {
+      ExpertLoadMetrics load;
+      load.step = r.step;
+      for (const auto& [layer, tokens] : r.expert_load) {
+        load.layers.push_back(layer);
+        load.tokens.push_back(tokens);
+      }
+      metrics->write(load);
+    }
     if (progress) bar.update(m);
     if (log && (step_ % opt_.log_interval == 0 || step_ == opt_.train_steps)) {
       if (progress) bar.clear();

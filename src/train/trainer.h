@@ -33,6 +33,9 @@ struct StepRecord {
   int64_t tokens = 0;
   double seconds = 0;
   double pipeline_bubble = -1;  // PP > 1: this rank's exchange time over its forward/backward time in the step
+  // --moe-per-layer-logging: per MoE layer of the whole model (global index), its top-k assignments per expert
+  // over the step's global batch (the same on every rank).
+  std::vector<std::pair<int64_t, std::vector<float>>> expert_load;
 };
 
 // The compute backend of a run (nextron-train --device): the Ops the model runs on, and for a multi-rank run on a
@@ -99,6 +102,9 @@ class Trainer {
   int dp_rank() const { return ctx_ ? ctx_->dp_rank() : 0; }
   // Runs `body` on rank 0 only; every rank learns whether it failed and throws the same error (no rank hangs).
   void on_rank0(const std::function<void()>& body);
+  // Every MoE layer's expert load of the step just run, summed over the data-parallel replicas and gathered from the
+  // pipeline stages (collective).
+  std::vector<std::pair<int64_t, std::vector<float>>> gather_expert_load();
 
   TrainOptions opt_;
   std::unique_ptr<ParallelContext> ctx_;

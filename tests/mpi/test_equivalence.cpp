@@ -164,6 +164,37 @@ INSTANTIATE_TEST_SUITE_P(
                       LayoutCase{"EP4_64Experts_Top8", 4, 1, false, 1, 1, kGlobalMicro, {}, {}, 4, true}),
     [](const auto& param_info) { return std::string(param_info.param.name); });
 
+// --moe-per-layer-logging: the per-layer tokens per expert of a step (summed over the replicas, gathered from the
+// stages) equal the one-process run's counts exactly (integers; the routing is the same), and every layer assigns
+// each of the step's tokens K times. With forced balance every expert gets tokens x K / E.
+TEST_F(Mpi, ExpertLoadPerLayerMatchesOneProcess) {
+  if (world_size() != 4) GTEST_SKIP() << "runs at 4 ranks";
+  auto loads = [&](TrainOptions o, Communicator* world) {
+    o.moe_per_layer_logging = true;
+    o.train_steps = 1;
+    Trainer t(o, sample, world);
+    return t.step().expert_load;
+  };
+  TrainOptions one = options(1, false, 1);
+  const auto want = loads(one, nullptr);
+  for (const auto& [ep, pp] : std::vector<std::pair<int, int>>{{2, 1}, {2, 2}, {1, 2}}) {
+    TrainOptions o = options(1, false, 4 / pp, kGlobalMicro);
+    o.parallel.ep = ep;
+    o.parallel.pp = pp;
+    const auto got = loads(o, comm_.get());
+    ASSERT_EQ(got.size(), static_cast<size_t>(kTinyMoeLayers));
+    EXPECT_EQ(got, want) << "EP " << ep << " PP " << pp;
+    for (const auto& [layer, tokens] : got) {
+      double sum = 0;
+      for (float v : tokens) sum += v;
+      EXPECT_EQ(sum, static_cast<double>(kGlobalBatch * kSeq * kTinyTopK)) << "layer " << layer;
+    }
+  }
+  one.force_load_balancing = true;
+  for (const auto& [layer, tokens] : loads(one, nullptr))
+    for (float v : tokens) EXPECT_EQ(v, static_cast<float>(kGlobalBatch * kSeq * kTinyTopK / kTinyExperts));
+}
+
 // A layout that does not fit fails on every rank, before any communication, with the constraint named.
 TEST_F(Mpi, BadLayoutFailsOnEveryRank) {
   TrainOptions o = options(3, false, 1);
