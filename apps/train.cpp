@@ -158,6 +158,13 @@ int run(int argc, char** argv, Communicator* world) {
       "layers of the first pipeline stage (the other stages split the rest evenly; 0: even split)")(
       "decoder-last-pipeline-num-layers", po::value(&o.parallel.pipeline.last_stage_layers)->default_value(0),
       "layers of the last pipeline stage (0: even split)")(
+      "moe-expert-capacity-factor", po::value(&o.expert_capacity_factor),
+      "cap every expert at ceil(factor x tokens x top-k / experts) slots per micro-batch and rank, dropping the rest "
+      "(unset: dropless)")(
+      "moe-token-drop-policy", po::value(&o.token_drop_policy)->default_value(o.token_drop_policy),
+      "which slots an expert over capacity keeps: probs (highest routing weights) or position (earliest tokens)")(
+      "moe-pad-expert-input-to-capacity", po::bool_switch(&o.pad_to_capacity),
+      "fill every expert up to its capacity with zero rows (static shapes; needs --moe-expert-capacity-factor)")(
       "moe-per-layer-logging", po::bool_switch(&o.moe_per_layer_logging),
       "log every MoE layer's tokens per expert and max/mean imbalance each step to metrics.jsonl (kind expert_load; "
       "tools/plot_metrics.py --expert-load draws it)")(

@@ -65,20 +65,19 @@ std::string format_duration(double seconds) {
 }
 
 nlohmann::json to_json(const ExpertLoadMetrics& m) {
-  nlohmann::json imbalance = nlohmann::json::array();
-  for (const std::vector<float>& t : m.tokens) {
+  nlohmann::json imbalance = nlohmann::json::array(), dropped = nlohmann::json::array();
+  for (size_t i = 0; i < m.tokens.size(); ++i) {
     double sum = 0, most = 0;
-    for (float v : t) {
+    for (float v : m.tokens[i]) {
       sum += v;
       most = std::max(most, static_cast<double>(v));
     }
-    imbalance.push_back(sum > 0 ? most * static_cast<double>(t.size()) / sum : 0.0);
+    imbalance.push_back(sum > 0 ? most * static_cast<double>(m.tokens[i].size()) / sum : 0.0);
+    dropped.push_back(sum > 0 && i < m.dropped.size() ? m.dropped[i] / sum : 0.0);
   }
-  return {{"kind", "expert_load"},
-          {"step", m.step},
-          {"layers", m.layers},
-          {"tokens", m.tokens},
-          {"max_over_mean", imbalance}};
+  return {{"kind", "expert_load"},      {"step", m.step},
+          {"layers", m.layers},         {"tokens", m.tokens},
+          {"max_over_mean", imbalance}, {"dropped_fraction", dropped}};
 }
 
 std::string format_step_line(const StepMetrics& m) {

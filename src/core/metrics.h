@@ -41,6 +41,7 @@ struct ExpertLoadMetrics {
   int64_t step = 0;
   std::vector<int64_t> layers;             // global indices of the MoE layers
   std::vector<std::vector<float>> tokens;  // per layer, (E) top-k assignments per expert over the global batch
+  std::vector<double> dropped;             // per layer, slots dropped over capacity (0 when dropless)
 };
 
 // {"kind": "train", "step": ..., "total_steps": ..., "loss": ..., "lm_loss": ..., "aux_loss": ..., "lr": ...,
@@ -49,8 +50,9 @@ struct ExpertLoadMetrics {
 nlohmann::json to_json(const StepMetrics& m);
 // {"kind": "valid", "step": ..., "valid_loss": ..., "seconds": ..., "tokens": ...}
 nlohmann::json to_json(const ValidMetrics& m);
-// {"kind": "expert_load", "step": ..., "layers": [...], "tokens": [[...], ...], "max_over_mean": [...]}: per layer,
-// its busiest expert's assignments over the mean (1 = perfectly balanced).
+// {"kind": "expert_load", "step": ..., "layers": [...], "tokens": [[...], ...], "max_over_mean": [...],
+//  "dropped_fraction": [...]}: per layer, its busiest expert's assignments over the mean (1 = perfectly balanced) and
+// the share of its routed slots dropped over capacity.
 nlohmann::json to_json(const ExpertLoadMetrics& m);
 
 // The per-step log line, e.g.

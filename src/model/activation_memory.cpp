@@ -52,11 +52,12 @@ int64_t layer_bytes(const ModelConfig& c, int64_t layer, int64_t N, int64_t Nl, 
   const int64_t E = c.num_experts, K = c.num_experts_per_tok, Is = c.shared_expert_intermediate_size;
   bytes += N * E * kF32 + N * K * (kF32 + kI32);  // probs, topw, topi
   if (c.expert_parallel_size > 1) {
-    // The dispatcher's record (model/moe_dispatcher.h): where each slot went, the returned expert outputs, the plan;
+    // The dispatcher's record (model/moe_dispatcher.h): where each slot went, the returned expert outputs, the plan
+    // (dropless: with a capacity factor fewer rows are kept, and padding to capacity sends more);
     // and the local experts' state over the R rows received, R = N K under balanced routing (each rank receives as
     // many rows as it sends, exact with --moe-router-force-load-balancing).
     const int64_t NK = N * K, R = NK, P = c.expert_parallel_size;
-    bytes += NK * kI32 + NK * H * a + R * (kF32 + kI32) + 2 * P * kI64;
+    bytes += NK * kI32 + (NK + 1) * H * a + R * (kF32 + kI32) + 2 * P * kI64;  // + the zero row of dropped slots
     bytes +=
         moe_state_bytes(device, R, c.num_local_experts(), H, c.moe_intermediate_size, r.recomputes_module("moe_act"));
   } else {

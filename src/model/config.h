@@ -82,6 +82,14 @@ struct ModelConfig {
   // token n's K experts are (n K + k) mod E, their weights the router's probabilities there (renormalised as HF
   // does): every expert gets the same number of rows. For throughput studies, not for training a model.
   bool force_load_balancing = false;
+  // Training only: Megatron's token dropping. expert_capacity_factor > 0 (--moe-expert-capacity-factor) caps each
+  // expert at ceil(factor x N K / E) of a rank's N K routed slots per micro-batch; the slots over it are dropped (their
+  // token keeps its other experts, the shared expert and the residual). Which are kept: the highest routing weights
+  // (--moe-token-drop-policy probs, ties to the earlier slot) or the earliest positions (position). pad_to_capacity
+  // (--moe-pad-expert-input-to-capacity) fills every expert up to its capacity with zero rows (static shapes).
+  double expert_capacity_factor = 0;
+  bool drop_by_position = false;
+  bool pad_to_capacity = false;
   int64_t num_experts_per_tok = 0;  // K
   int64_t moe_intermediate_size = 0;
   int64_t shared_expert_intermediate_size = 0;

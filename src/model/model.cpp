@@ -71,14 +71,14 @@ void Model::reset_expert_load() {
     if (layer->moe()) layer->moe()->reset_load();
 }
 
-std::vector<std::pair<int64_t, std::vector<float>>> Model::expert_load() const {
-  std::vector<std::pair<int64_t, std::vector<float>>> out;
+std::vector<ExpertLoad> Model::expert_load() const {
+  std::vector<ExpertLoad> out;
   for (size_t i = 0; i < layers_.size(); ++i) {
     const SparseMoe* moe = layers_[i]->moe();
     if (!moe) continue;
     std::vector<float> counts(static_cast<size_t>(config_.num_experts), 0.0f);
     if (moe->load().defined()) counts = to_host(*ops_, moe->load());
-    out.emplace_back(stage_.layer_begin + static_cast<int64_t>(i), std::move(counts));
+    out.push_back({stage_.layer_begin + static_cast<int64_t>(i), std::move(counts), moe->dropped()});
   }
   return out;
 }

@@ -133,7 +133,7 @@ class Model {
   // stage as (global layer index, (E) counts).
   void set_expert_load_logging(bool on);
   void reset_expert_load();
-  std::vector<std::pair<int64_t, std::vector<float>>> expert_load() const;
+  std::vector<ExpertLoad> expert_load() const;
 
  private:
   ModelConfig config_, local_config_;

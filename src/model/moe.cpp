@@ -15,7 +15,8 @@ void MoeAuxStats::reset(const Ops& ops, int64_t E) {
 SparseMoe::SparseMoe(const ModelConfig& config, ModuleWeights weights, Ops& ops, const TensorParallel& tp,
                      const ExpertParallel& ep)
     : c_(config), wt_(std::move(weights)), ops_(ops), tp_(tp) {
-  if (ep.active()) dispatcher_ = std::make_unique<AllToAllDispatcher>(c_, ops_, ep);
+  // Expert parallelism and token dropping take the phased dispatcher; otherwise the fused experts kernel.
+  if (ep.active() || c_.expert_capacity_factor > 0) dispatcher_ = std::make_unique<AllToAllDispatcher>(c_, ops_, ep);
   if (c_.shared_expert_intermediate_size > 0)
     shared_ = std::make_unique<SwiGluMlp>(wt_.sub("shared_expert."), c_.hidden_size, c_.shared_expert_intermediate_size,
                                           ops_);
@@ -41,10 +42,11 @@ void SparseMoe::forward(Saved& s, const Tensor& x, Tensor& y, MoeAuxStats& aux) 
   }
   aux.total_rows += static_cast<double>(N);
 
-  if (dispatcher_)
+  if (dispatcher_) {
     dispatcher_->forward(y, s.dispatch, *s.experts, x, topw, topi, wt_.p("experts.gate_up_proj"),
                          wt_.p("experts.down_proj"));
-  else
+    if (log_load_ && aux.counts_load) load_dropped_ += static_cast<double>(s.dispatch.dropped);
+  } else
     ops_.moe_experts_forward(y, *s.experts, x, topw, topi, wt_.p("experts.gate_up_proj"), wt_.p("experts.down_proj"));
   if (shared_) {
     Tensor& so = ops_.act(recompute_shared_ ? rc_shared_out_ : s.shared_out, {N, H});
@@ -61,6 +63,7 @@ void SparseMoe::forward(Saved& s, const Tensor& x, Tensor& y, MoeAuxStats& aux) 
 void SparseMoe::reset_load() {
   ops_.f32_zeroed(load_tokens_, {c_.num_experts});
   ops_.f32_zeroed(load_probs_, {c_.num_experts});
+  load_dropped_ = 0;
 }
 
 void SparseMoe::force_balance(const Tensor& probs, Tensor& topi, Tensor& topw) {

@@ -27,6 +27,14 @@ struct MoeAuxStats {
   void reset(const Ops& ops, int64_t E);
 };
 
+// One MoE layer's load over some micro-batches (--moe-per-layer-logging).
+struct ExpertLoad {
+  int64_t layer = 0;          // global layer index
+  std::vector<float> tokens;  // (E) top-k assignments per expert (as routed, before any dropping)
+  double dropped = 0;         // slots over their expert's capacity
+  bool operator==(const ExpertLoad&) const = default;
+};
+
 class SparseMoe {
  public:
   // Under tensor parallelism (`tp`), each rank holds 1/TP of every expert's and of the shared expert's
@@ -64,6 +72,7 @@ class SparseMoe {
   void set_load_logging(bool on) { log_load_ = on; }
   void reset_load();
   const Tensor& load() const { return load_tokens_; }
+  double dropped() const { return load_dropped_; }
   // Records this layer's expert choice into `replay`, or replays it from there (its mode decides); nullptr: off.
   // `layer` names the layer in the replay.
   void set_routing_replay(RoutingReplay* replay, int64_t layer) {
@@ -89,6 +98,7 @@ class SparseMoe {
   int64_t replay_layer_ = 0;
   bool recompute_act_ = false, recompute_shared_ = false, log_load_ = false;
   Tensor load_tokens_, load_probs_;  // (E) f32: assignments and summed probabilities since reset_load()
+  double load_dropped_ = 0;          // dropped slots since reset_load()
   SwiGluMlp::Saved rc_shared_;       // the shared expert's record and output (N, H) when it is recomputed
   Tensor rc_shared_out_;
   Tensor logits_, shared_gated_;                              // forward scratch (N, E) f32, (N, H)

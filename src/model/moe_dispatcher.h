@@ -9,7 +9,10 @@
 //   token_combine         the outputs back to the senders, in send order
 //   combine_postprocess   y[n] = sum_k w[n, k] out[slot (n, k)] in k order (Ops::moe_unpermute)
 //
-// and backward through the same phases in reverse. The only host synchronisation of a dispatch is downloading the
+// and backward through the same phases in reverse. With a capacity factor (config.expert_capacity_factor) the same
+// path drops the slots over an expert's capacity before they are sent (a dropped slot reads a zero row: its output,
+// its routing-weight gradient and its input gradient are zero) and, under pad_to_capacity, sends zero rows up to
+// every expert's capacity; it then also serves EP 1. The only host synchronisation of a dispatch is downloading the
 // expert choice (N K ints) to build the plan; the counts ride with the ids in one host exchange.
 #pragma once
 
@@ -32,9 +35,12 @@ class AllToAllDispatcher {
   struct Saved {
     AllToAllPlan plan;
     Tensor slot_row;         // (N K) i32: where slot n K + k sits in send order
-    Tensor returned;         // (N K, H) the expert outputs back at this rank, send order
+    Tensor returned;         // (sent + 1, H) the expert outputs back at this rank, send order; the last row zero
     Tensor ones, local_ids;  // (R, 1) f32 routing weights 1 and (R, 1) i32 local experts of the received rows
+    int64_t dropped = 0;     // slots over their expert's capacity
   };
+  // An expert's capacity for NK routed slots of a micro-batch on this rank: ceil(factor N K / E) (NK when dropless).
+  int64_t capacity(int64_t NK) const;
   // y (N, H) = the routed experts' weighted sum for x (N, H), by topw (N, K) f32 and topi (N, K) i32 (global ids).
   void forward(Tensor& y, Saved& s, MoeExpertsState& experts, const Tensor& x, const Tensor& topw, const Tensor& topi,
                const ParamRef& w_gate_up, const ParamRef& w_down);
@@ -43,10 +49,13 @@ class AllToAllDispatcher {
                 const Tensor& topw, const ParamRef& w_gate_up, const ParamRef& w_down);
 
  private:
+  // 1 for the slots that fit their expert's capacity (all without a capacity factor).
+  std::vector<char> kept_slots(const std::vector<int32_t>& choice, const Tensor& topw) const;
   const ModelConfig& c_;
   Ops& ops_;
   ExpertParallel ep_;
-  Tensor send_token_, send_, received_, expert_out_;        // forward scratch (N K), (N K, H), (R, H), (R, H)
+  Tensor send_token_, send_, received_, expert_out_;        // forward scratch (sent), (sent, H), (R, H), (R, H)
+  Tensor x_padded_;                                         // (N + 1, H) x and a zero row (padding to capacity)
   Tensor d_returned_, d_expert_out_, d_received_, d_send_;  // backward scratch
   Tensor d_ones_;                                           // (R, 1): the experts' routing-weight gradient (unused)
 };

@@ -1,5 +1,7 @@
 #include "train/options.h"
 
+#include <cmath>
+
 #include "core/error.h"
 
 namespace nextron {
@@ -36,6 +38,12 @@ void TrainOptions::validate(bool need_data) const {
   NEXTRON_CHECK(threads >= 0, "--threads must be >= 0, got ", threads);
   nextron::validate(adam);
   recompute.validate();
+  NEXTRON_CHECK(std::isnan(expert_capacity_factor) || expert_capacity_factor > 0, "--moe-expert-capacity-factor ",
+                expert_capacity_factor, " must be > 0 (leave it unset for dropless MoE)");
+  NEXTRON_CHECK(token_drop_policy == "probs" || token_drop_policy == "position", "--moe-token-drop-policy ",
+                token_drop_policy, ": use probs (keep the highest routing weights) or position (keep the earliest)");
+  NEXTRON_CHECK(!pad_to_capacity || !std::isnan(expert_capacity_factor),
+                "--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor (the capacity to pad to)");
   NEXTRON_CHECK(vocab_divisible_by >= 1 && vocab_divisible_by <= 65536, "--make-vocab-size-divisible-by ",
                 vocab_divisible_by, " must be in [1, 65536] (1: pad only to a multiple of TP)");
 }

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -43,6 +44,11 @@ struct TrainOptions {
   // --moe-per-layer-logging: each step, every MoE layer's tokens per expert (over the global batch) go to
   // metrics.jsonl ("kind": "expert_load") with their max/mean imbalance; costs one all-reduce of layers x E floats.
   bool moe_per_layer_logging = false;
+  // Token dropping (model/config.h): --moe-expert-capacity-factor (NaN: unset, dropless), --moe-token-drop-policy
+  // probs|position, --moe-pad-expert-input-to-capacity.
+  double expert_capacity_factor = std::numeric_limits<double>::quiet_NaN();
+  std::string token_drop_policy = "probs";
+  bool pad_to_capacity = false;
   int64_t vocab_divisible_by = 128;  // --make-vocab-size-divisible-by: pad the vocabulary to a multiple of this x TP
   RecomputeOptions recompute;        // --recompute-granularity / -method / -num-layers / -modules
   int64_t layers_per_virtual_stage = 0;  // --num-layers-per-virtual-pipeline-stage: sets parallel.vpp (0: unset)

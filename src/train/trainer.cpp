@@ -99,6 +99,9 @@ Trainer::Trainer(const TrainOptions& options, SampleFn source, Communicator* wor
     config.padded_vocab_size = (config.vocab_size + multiple - 1) / multiple * multiple;
   }
   config.force_load_balancing = opt_.force_load_balancing;
+  config.expert_capacity_factor = std::isnan(opt_.expert_capacity_factor) ? 0.0 : opt_.expert_capacity_factor;
+  config.drop_by_position = opt_.token_drop_policy == "position";
+  config.pad_to_capacity = opt_.pad_to_capacity;
   {
     // Before the model's first buffer: refuse what this machine cannot hold, naming the fields that make it large.
     // Each rank holds whole-model buffers today (initialisation, checkpoints), so the check is per process.
@@ -340,26 +343,27 @@ StepRecord Trainer::step() {
   return rec;
 }
 
-std::vector<std::pair<int64_t, std::vector<float>>> Trainer::gather_expert_load() {
+std::vector<ExpertLoad> Trainer::gather_expert_load() {
   const ModelConfig& c = config();
-  const int64_t E = c.num_experts;
+  const int64_t E = c.num_experts, W = E + 1;  // per layer: E counts and the dropped slots
   std::vector<int64_t> moe_layers;
   for (int64_t l = 0; l < c.num_hidden_layers; ++l)
     if (c.mlp_type(l) == MlpType::sparse_moe) moe_layers.push_back(l);
-  // One (layers, E) buffer: each DP replica's TP rank 0 adds the layers of its stages (TP ranks route the same rows;
-  // EP ranks route different rows and are DP replicas), and a world sum completes it on every rank.
-  std::vector<double> all(moe_layers.size() * static_cast<size_t>(E), 0.0);
+  // One (layers, E + 1) buffer: each DP replica's TP rank 0 adds the layers of its stages (TP ranks route the same
+  // rows; EP ranks route different rows and are DP replicas), and a world sum completes it on every rank.
+  std::vector<double> all(moe_layers.size() * static_cast<size_t>(W), 0.0);
   if (!ctx_ || ctx_->tp_rank() == 0)
     for (Chunk& chunk : chunks_)
-      for (const auto& [layer, counts] : chunk.model->expert_load()) {
+      for (const ExpertLoad& load : chunk.model->expert_load()) {
         const size_t row =
-            static_cast<size_t>(std::find(moe_layers.begin(), moe_layers.end(), layer) - moe_layers.begin());
-        for (int64_t e = 0; e < E; ++e) all[row * E + e] += counts[e];
+            static_cast<size_t>(std::find(moe_layers.begin(), moe_layers.end(), load.layer) - moe_layers.begin());
+        for (int64_t e = 0; e < E; ++e) all[row * W + e] += load.tokens[e];
+        all[row * W + E] += load.dropped;
       }
   if (ctx_) ctx_->world().all_reduce_sum(all.data(), static_cast<int64_t>(all.size()));
-  std::vector<std::pair<int64_t, std::vector<float>>> out;
+  std::vector<ExpertLoad> out;
   for (size_t i = 0; i < moe_layers.size(); ++i)
-    out.emplace_back(moe_layers[i], std::vector<float>(all.begin() + i * E, all.begin() + (i + 1) * E));
+    out.push_back({moe_layers[i], std::vector<float>(all.begin() + i * W, all.begin() + i * W + E), all[i * W + E]});
   return out;
 }
 
@@ -652,9 +656,10 @@ void Trainer::run() {
     if (metrics && !r.expert_load.empty()) {
       ExpertLoadMetrics load;
       load.step = r.step;
-      for (const auto& [layer, tokens] : r.expert_load) {
-        load.layers.push_back(layer);
-        load.tokens.push_back(tokens);
+      for (const ExpertLoad& layer : r.expert_load) {
+        load.layers.push_back(layer.layer);
+        load.tokens.push_back(layer.tokens);
+        load.dropped.push_back(layer.dropped);
       }
       metrics->write(load);
     }

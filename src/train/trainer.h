@@ -35,7 +35,7 @@ struct StepRecord {
   double pipeline_bubble = -1;  // PP > 1: this rank's exchange time over its forward/backward time in the step
   // --moe-per-layer-logging: per MoE layer of the whole model (global index), its top-k assignments per expert
   // over the step's global batch (the same on every rank).
-  std::vector<std::pair<int64_t, std::vector<float>>> expert_load;
+  std::vector<ExpertLoad> expert_load;
 };
 
 // The compute backend of a run (nextron-train --device): the Ops the model runs on, and for a multi-rank run on a
@@ -104,7 +104,7 @@ class Trainer {
   void on_rank0(const std::function<void()>& body);
   // Every MoE layer's expert load of the step just run, summed over the data-parallel replicas and gathered from the
   // pipeline stages (collective).
-  std::vector<std::pair<int64_t, std::vector<float>>> gather_expert_load();
+  std::vector<ExpertLoad> gather_expert_load();
 
   TrainOptions opt_;
   std::unique_ptr<ParallelContext> ctx_;

@@ -164,6 +164,27 @@ INSTANTIATE_TEST_SUITE_P(
                       LayoutCase{"EP4_64Experts_Top8", 4, 1, false, 1, 1, kGlobalMicro, {}, {}, 4, true}),
     [](const auto& param_info) { return std::string(param_info.param.name); });
 
+// Token dropping is per rank (Megatron: capacity from the rank's own tokens), so a layout's reference is the layout
+// with the same tokens per rank: EP2 x EDP(1) with a capacity factor (dropping slots, with and without padding to
+// capacity, by routing weight and by position) equals DP2 with the same factor, where every rank runs all experts.
+TEST_F(Mpi, TokenDroppingUnderEpEqualsDp) {
+  if (world_size() != 2) GTEST_SKIP() << "runs at 2 ranks";
+  for (const auto& [policy, pad] : std::vector<std::pair<std::string, bool>>{{"probs", false}, {"position", true}}) {
+    SCOPED_TRACE(policy + (pad ? " padded" : ""));
+    TrainOptions o = options(1, false, 2);
+    o.expert_capacity_factor = 0.6;
+    o.token_drop_policy = policy;
+    o.pad_to_capacity = pad;
+    const RunResult want = train(o, comm_.get());
+    o.parallel.ep = 2;
+    const RunResult got = train(o, comm_.get());
+    for (int64_t s = 0; s < kSteps; ++s)
+      EXPECT_NEAR(got.loss[s], want.loss[s], 1e-5 * std::fabs(want.loss[s])) << "loss of step " << s + 1;
+    expect_tensors_close(got.first_grads, want.first_grads, 1e-4, 0, "gradient (step 1)");
+    expect_tensors_close(got.final_params, want.final_params, 1e-4, 1e-5, "weights after 3 steps");
+  }
+}
+
 // --moe-per-layer-logging: the per-layer tokens per expert of a step (summed over the replicas, gathered from the
 // stages) equal the one-process run's counts exactly (integers; the routing is the same), and every layer assigns
 // each of the step's tokens K times. With forced balance every expert gets tokens x K / E.
@@ -184,15 +205,24 @@ TEST_F(Mpi, ExpertLoadPerLayerMatchesOneProcess) {
     const auto got = loads(o, comm_.get());
     ASSERT_EQ(got.size(), static_cast<size_t>(kTinyMoeLayers));
     EXPECT_EQ(got, want) << "EP " << ep << " PP " << pp;
-    for (const auto& [layer, tokens] : got) {
+    for (const ExpertLoad& load : got) {
       double sum = 0;
-      for (float v : tokens) sum += v;
-      EXPECT_EQ(sum, static_cast<double>(kGlobalBatch * kSeq * kTinyTopK)) << "layer " << layer;
+      for (float v : load.tokens) sum += v;
+      EXPECT_EQ(sum, static_cast<double>(kGlobalBatch * kSeq * kTinyTopK)) << "layer " << load.layer;
+      EXPECT_EQ(load.dropped, 0.0);
     }
   }
   one.force_load_balancing = true;
-  for (const auto& [layer, tokens] : loads(one, nullptr))
-    for (float v : tokens) EXPECT_EQ(v, static_cast<float>(kGlobalBatch * kSeq * kTinyTopK / kTinyExperts));
+  for (const ExpertLoad& load : loads(one, nullptr))
+    for (float v : load.tokens) EXPECT_EQ(v, static_cast<float>(kGlobalBatch * kSeq * kTinyTopK / kTinyExperts));
+  // With a capacity factor the dropped slots add up over the replicas: EP2 x EDP2 drops what DP4 drops.
+  TrainOptions dp4 = options(1, false, 4, kGlobalMicro);
+  dp4.expert_capacity_factor = 0.6;
+  TrainOptions ep2 = dp4;
+  ep2.parallel.ep = 2;
+  const auto want_drops = loads(dp4, comm_.get()), got_drops = loads(ep2, comm_.get());
+  EXPECT_EQ(got_drops, want_drops);
+  for (const ExpertLoad& load : got_drops) EXPECT_GT(load.dropped, 0.0) << "layer " << load.layer;
 }
 
 // A layout that does not fit fails on every rank, before any communication, with the constraint named.
