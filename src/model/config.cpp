@@ -466,7 +466,8 @@ ModelConfig tp_local_config(const ModelConfig& c, int tp) {
   l.linear_num_key_heads = split(c.linear_num_key_heads, "linear_num_key_heads");
   l.linear_num_value_heads = split(c.linear_num_value_heads, "linear_num_value_heads");
   l.intermediate_size = split(c.intermediate_size, "intermediate_size");
-  l.moe_intermediate_size = split(c.moe_intermediate_size, "moe_intermediate_size");
+  // Folded experts (ETP 1) stay whole on every TP rank; otherwise they split like the dense MLP (ETP = TP).
+  if (!c.experts_folded) l.moe_intermediate_size = split(c.moe_intermediate_size, "moe_intermediate_size");
   l.shared_expert_intermediate_size = split(c.shared_expert_intermediate_size, "shared_expert_intermediate_size");
   l.vocab_size = split(c.padded_vocab(), "vocab_size (padded)");
   return l;

@@ -76,6 +76,10 @@ struct ModelConfig {
   // [expert_parallel_rank El, +El) of E, El = E / expert_parallel_size (ep_local_config). The router still scores all
   // E.
   int64_t expert_parallel_size = 1, expert_parallel_rank = 0;
+  // Training only: Megatron's MoE parallel folding with ETP 1 under TP > 1 (and SP): each routed expert is whole on
+  // its rank (not split over TP) and every rank routes its own sequence shard's tokens; the router's gradient and
+  // statistics then sum over TP, and the experts reduce over their own data-parallel group (EDP).
+  bool experts_folded = false;
   int64_t num_local_experts() const { return num_experts / expert_parallel_size; }           // El
   int64_t first_local_expert() const { return expert_parallel_rank * num_local_experts(); }  // its global index
   // Training only: Megatron's --moe-router-force-load-balancing. The router's scores are computed as usual, but

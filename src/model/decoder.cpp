@@ -38,6 +38,16 @@ void DecoderLayer::forward(Saved& s, const Tensor& x_in, Tensor& x_out, int64_t 
   ops_.rmsnorm_forward(h2, ops_.f32(s.rstd2, {Nl}), x_mid, wt_.p("post_attention_layernorm"), c_.rms_norm_eps);
   s.h2_region = tp_.enter_forward(ops_, h2, recompute_norm_ ? rc_h2_full_ : s.h2_full, N, H);
   Tensor& mlp_region = ops_.act(mlp_region_, {N, H});
+  if (folded()) {
+    // The routed experts on this rank's own rows; the shared expert through the TP region.
+    Tensor& routed = ops_.act(routed_, {Nl, H});
+    moe_->forward_folded(recompute_mlp_ ? rc_moe_ : s.moe, h2, routed, s.h2_region, mlp_region, aux);
+    Tensor& mlp = ops_.act(mlp_, {Nl, H});
+    tp_.exit_forward(mlp_region, mlp, N, H);
+    ops_.add(mlp, mlp, routed);
+    ops_.add(x_out, x_mid, mlp);
+    return;
+  }
   if (moe_)
     moe_->forward(recompute_mlp_ ? rc_moe_ : s.moe, s.h2_region, mlp_region, aux);
   else
@@ -85,13 +95,22 @@ void DecoderLayer::backward(const Saved& s, const Tensor& dx_out, Tensor& dx_in,
     if (moe_) {
       rc_aux_.reset(ops_, c_.num_experts);
       rc_aux_.counts_load = false;
-      moe_->forward(rc_moe_, s.h2_region, out, rc_aux_);
+      if (folded())
+        moe_->forward_folded(rc_moe_, recompute_norm_ ? rc_h2_ : s.h2, ops_.act(routed_, {Nl, H}), s.h2_region, out,
+                             rc_aux_);
+      else
+        moe_->forward(rc_moe_, s.h2_region, out, rc_aux_);
     } else {
       dense_->forward(rc_dense_, s.h2_region, out);
     }
   }
   Tensor& dh2 = ops_.act_zeroed(dh2_, {N, H});
-  if (moe_) {
+  if (folded()) {
+    // Routed part: this rank's rows (dx_out is their gradient); shared expert: the region (dmlp), its gate replicated.
+    Tensor& dh2_rep = ops_.act_zeroed(dh2_replicated_, {N, H});
+    Tensor& dh2_routed = ops_.act_zeroed(dh2_routed_, {Nl, H});
+    moe_->backward_folded(recompute_mlp_ ? rc_moe_ : s.moe, dx_out, dh2_routed, dmlp, dh2, dh2_rep, aux, d_aux);
+  } else if (moe_) {
     Tensor& dh2_rep = tp_.active() ? ops_.act_zeroed(dh2_replicated_, {N, H}) : dh2;
     moe_->backward(recompute_mlp_ ? rc_moe_ : s.moe, dmlp, dh2, dh2_rep, aux, d_aux);
   } else {
@@ -100,9 +119,10 @@ void DecoderLayer::backward(const Saved& s, const Tensor& dx_out, Tensor& dx_in,
   const Tensor& dh2_local = region_grad_to_local(dh2, dh2_local_, N);
   if (moe_ && tp_.active()) {
     // The router's and shared-expert gate's input gradient is the same on every TP rank: add it once, after the
-    // reduction, for this rank's rows.
+    // reduction, for this rank's rows (folded: only the shared gate's; the router's is this rank's own).
     Tensor rep = dh2_replicated_.slice0(tp_.local_row_begin(N), tp_.local_row_begin(N) + Nl);
     ops_.add(dh2_local_, dh2_local_, rep);
+    if (folded()) ops_.add(dh2_local_, dh2_local_, dh2_routed_);
   }
   Tensor& dx_mid = ops_.act(dx_mid_, {Nl, H});
   dx_mid.copy_from(dx_out);

@@ -52,6 +52,8 @@ class DecoderLayer {
   const SparseMoe* moe() const { return moe_.get(); }
 
  private:
+  // Folded experts (ETP 1 under TP): the MoE block's routed part runs on this rank's rows, outside the TP region.
+  bool folded() const { return moe_ && c_.experts_folded && tp_.active(); }
   void rerun_norm(const Tensor& x, const char* weight, Tensor& h, Tensor& full, const Tensor& region, int64_t N);
   // The gradient of a region's input (N, H; partial over TP ranks) as local rows (see TensorParallel).
   const Tensor& region_grad_to_local(Tensor& d_region, Tensor& local, int64_t N);
@@ -73,6 +75,7 @@ class DecoderLayer {
   MoeAuxStats rc_aux_;
   Tensor rc_mlp_region_;  // (N, H) the rerun's output (discarded)
   Tensor dh1_, dh1_local_, dx_mid_, dh2_, dh2_replicated_, dh2_local_, dregion_full_, dscratch_;
+  Tensor routed_, dh2_routed_;  // folded experts: the routed output and its input gradient, (Nl, H)
 };
 
 }  // namespace nextron

@@ -176,6 +176,13 @@ void Model::forward_body(ModelActivations& a, const int64_t* ids, int64_t B, int
       layers_[i]->forward(a.layers[i], a.hidden[i], ops.act(a.hidden[i + 1], {Nl, H}), B, S, aux);
   }
   if (!stage_.last) return;
+  if (local_config_.experts_folded && comms_.tp.active() && aux.total_rows > 0) {
+    // Folded experts: each TP rank routed its own sequence shard, so the micro-batch's statistics are their sum
+    // (every rank routed the same number of rows).
+    comms_.tp.sum(aux.count_sum);
+    comms_.tp.sum(aux.prob_sum);
+    aux.total_rows *= comms_.tp.size();
+  }
   if (comms_.data_parallel && aux.total_rows > 0) {
     // The load-balancing loss of the global micro-batch: sum the statistics of every data-parallel replica.
     const int64_t E = config_.num_experts;

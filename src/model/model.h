@@ -132,6 +132,9 @@ class Model {
   // expert over the micro-batches since reset_expert_load(); expert_load() returns them per MoE layer of this
   // stage as (global layer index, (E) counts).
   void set_expert_load_logging(bool on);
+  // Token rows each MoE layer of this rank routes per micro-batch of N tokens: N, or its sequence shard when the
+  // experts are folded (ETP 1 under TP + SP).
+  int64_t routed_rows(int64_t N) const { return local_config_.experts_folded ? comms_.tp.local_rows(N) : N; }
   void reset_expert_load();
   std::vector<ExpertLoad> expert_load() const;
 

@@ -23,6 +23,17 @@ SparseMoe::SparseMoe(const ModelConfig& config, ModuleWeights weights, Ops& ops,
 }
 
 void SparseMoe::forward(Saved& s, const Tensor& x, Tensor& y, MoeAuxStats& aux) {
+  forward_routed(s, x, y, aux);
+  if (shared_) forward_shared(s, x, y, /*accumulate=*/true);
+}
+
+void SparseMoe::forward_folded(Saved& s, const Tensor& x_local, Tensor& y_local, const Tensor& x_region,
+                               Tensor& y_region, MoeAuxStats& aux) {
+  forward_routed(s, x_local, y_local, aux);
+  if (shared_) forward_shared(s, x_region, y_region, /*accumulate=*/false);
+}
+
+void SparseMoe::forward_routed(Saved& s, const Tensor& x, Tensor& y, MoeAuxStats& aux) {
   const int64_t H = c_.hidden_size, E = c_.num_experts, K = c_.num_experts_per_tok, N = x.numel() / H;
   s.x = x;
   if (!s.experts) s.experts = ops_.new_moe_state();
@@ -46,18 +57,26 @@ void SparseMoe::forward(Saved& s, const Tensor& x, Tensor& y, MoeAuxStats& aux) 
     dispatcher_->forward(y, s.dispatch, *s.experts, x, topw, topi, wt_.p("experts.gate_up_proj"),
                          wt_.p("experts.down_proj"));
     if (log_load_ && aux.counts_load) load_dropped_ += static_cast<double>(s.dispatch.dropped);
-  } else
+  } else {
     ops_.moe_experts_forward(y, *s.experts, x, topw, topi, wt_.p("experts.gate_up_proj"), wt_.p("experts.down_proj"));
-  if (shared_) {
-    Tensor& so = ops_.act(recompute_shared_ ? rc_shared_out_ : s.shared_out, {N, H});
-    shared_->forward(recompute_shared_ ? rc_shared_ : s.shared, x, so);
-    Tensor& sg = ops_.act(s.shared_gate, {N, 1});
-    ops_.linear_forward(sg, x, wt_.p("shared_expert_gate"), nullptr);
-    // y += sigmoid(sg) * so, through a scratch so the gate kernel keeps its overwrite convention.
-    Tensor& gated = ops_.act(shared_gated_, {N, H});
-    ops_.sigmoid_gate_forward(gated, so, sg, 1, 1);
-    ops_.add(y, y, gated);
   }
+}
+
+void SparseMoe::forward_shared(Saved& s, const Tensor& x, Tensor& y, bool accumulate) {
+  const int64_t H = c_.hidden_size, N = x.numel() / H;
+  s.x_shared = x;
+  Tensor& so = ops_.act(recompute_shared_ ? rc_shared_out_ : s.shared_out, {N, H});
+  shared_->forward(recompute_shared_ ? rc_shared_ : s.shared, x, so);
+  Tensor& sg = ops_.act(s.shared_gate, {N, 1});
+  ops_.linear_forward(sg, x, wt_.p("shared_expert_gate"), nullptr);
+  if (!accumulate) {
+    ops_.sigmoid_gate_forward(y, so, sg, 1, 1);  // y = sigmoid(sg) * so
+    return;
+  }
+  // y += sigmoid(sg) * so, through a scratch so the gate kernel keeps its overwrite convention.
+  Tensor& gated = ops_.act(shared_gated_, {N, H});
+  ops_.sigmoid_gate_forward(gated, so, sg, 1, 1);
+  ops_.add(y, y, gated);
 }
 
 void SparseMoe::reset_load() {
@@ -90,6 +109,19 @@ void SparseMoe::apply_routing_replay(const Tensor& probs, Tensor& topi, Tensor& 
 
 void SparseMoe::backward(const Saved& s, const Tensor& dy, Tensor& dx, Tensor& dx_replicated, const MoeAuxStats& aux,
                          float d_aux) {
+  backward_routed(s, dy, dx, dx_replicated, aux, d_aux);
+  if (shared_) backward_shared(s, dy, dx, dx_replicated);
+}
+
+void SparseMoe::backward_folded(const Saved& s, const Tensor& dy_local, Tensor& dx_local, const Tensor& dy_region,
+                                Tensor& dx_region, Tensor& dx_region_replicated, const MoeAuxStats& aux, float d_aux) {
+  // The router ran on this rank's own rows: its input gradient is this rank's, not a replicated one.
+  backward_routed(s, dy_local, dx_local, dx_local, aux, d_aux);
+  if (shared_) backward_shared(s, dy_region, dx_region, dx_region_replicated);
+}
+
+void SparseMoe::backward_routed(const Saved& s, const Tensor& dy, Tensor& dx, Tensor& dx_router, const MoeAuxStats& aux,
+                                float d_aux) {
   const int64_t H = c_.hidden_size, E = c_.num_experts, K = c_.num_experts_per_tok, N = s.x.numel() / H;
   NEXTRON_CHECK(s.experts, "SparseMoe::backward: the record holds no forward");
   Tensor& dtopw = ops_.f32_zeroed(dtopw_, {N, K});
@@ -98,24 +130,27 @@ void SparseMoe::backward(const Saved& s, const Tensor& dy, Tensor& dx, Tensor& d
                           wt_.p("experts.down_proj"));
   else
     ops_.moe_experts_backward(dx, dtopw, *s.experts, dy, wt_.p("experts.gate_up_proj"), wt_.p("experts.down_proj"));
-  if (tp_.active()) tp_.sum(dtopw);  // each rank saw 1/TP of every expert's channels
+  // Experts split over TP (ETP = TP): each rank saw 1/TP of every expert's channels. Folded experts are whole.
+  if (tp_.active() && !c_.experts_folded) tp_.sum(dtopw);
   Tensor& dprobs = ops_.f32_zeroed(dprobs_, {N, E});
   ops_.aux_loss_backward(dprobs, aux.count_sum, aux.total_rows, d_aux);
   Tensor& dlogits = ops_.f32_zeroed(dlogits_, {N, E});
   ops_.router_backward(dlogits, &dprobs, &dtopw, s.probs, s.topi, c_.norm_topk_prob);
-  ops_.linear_backward(&dx_replicated, wt_.p("gate"), nullptr, dlogits, s.x);
-  if (shared_) {
-    if (recompute_shared_) shared_->forward(rc_shared_, s.x, ops_.act(rc_shared_out_, {N, H}));
-    const SwiGluMlp::Saved& shared = recompute_shared_ ? rc_shared_ : s.shared;
-    const Tensor& shared_out = recompute_shared_ ? rc_shared_out_ : s.shared_out;
-    Tensor& ds = ops_.act_zeroed(dshared_, {N, H});
-    Tensor& dsg = ops_.act_zeroed(dshared_gate_, {N, 1});
-    ops_.sigmoid_gate_backward(&ds, &dsg, dy, shared_out, s.shared_gate, 1, 1);
-    // The gate multiplies the shared expert's output, of which each rank holds a partial sum.
-    if (tp_.active()) tp_.sum(dsg);
-    ops_.linear_backward(&dx_replicated, wt_.p("shared_expert_gate"), nullptr, dsg, s.x);
-    shared_->backward(shared, ds, dx);
-  }
+  ops_.linear_backward(&dx_router, wt_.p("gate"), nullptr, dlogits, s.x);
+}
+
+void SparseMoe::backward_shared(const Saved& s, const Tensor& dy, Tensor& dx, Tensor& dx_replicated) {
+  const int64_t H = c_.hidden_size, N = s.x_shared.numel() / H;
+  if (recompute_shared_) shared_->forward(rc_shared_, s.x_shared, ops_.act(rc_shared_out_, {N, H}));
+  const SwiGluMlp::Saved& shared = recompute_shared_ ? rc_shared_ : s.shared;
+  const Tensor& shared_out = recompute_shared_ ? rc_shared_out_ : s.shared_out;
+  Tensor& ds = ops_.act_zeroed(dshared_, {N, H});
+  Tensor& dsg = ops_.act_zeroed(dshared_gate_, {N, 1});
+  ops_.sigmoid_gate_backward(&ds, &dsg, dy, shared_out, s.shared_gate, 1, 1);
+  // The gate multiplies the shared expert's output, of which each rank holds a partial sum.
+  if (tp_.active()) tp_.sum(dsg);
+  ops_.linear_backward(&dx_replicated, wt_.p("shared_expert_gate"), nullptr, dsg, s.x_shared);
+  shared_->backward(shared, ds, dx);
 }
 
 }  // namespace nextron

@@ -46,7 +46,8 @@ class SparseMoe {
             const ExpertParallel& ep = {});
   // What backward needs from one forward: one record per micro-batch in flight, owned by the caller.
   struct Saved {
-    Tensor x;                                  // (N, H) the input (a view: the caller keeps it alive)
+    Tensor x;                                  // (N, H) the router's and experts' input (a view)
+    Tensor x_shared;                           // the shared expert's input (x, or the region rows when folded)
     Tensor probs, topw, topi;                  // (N, E) f32 router probabilities, (N, K) f32 weights, (N, K) i32
     std::unique_ptr<MoeExpertsState> experts;  // the backend's dispatch and expert-ordered activations
     AllToAllDispatcher::Saved dispatch;        // under expert parallelism: the plan and the returned outputs
@@ -55,6 +56,15 @@ class SparseMoe {
   };
   // x: (N, H); y: (N, H) overwritten; adds this layer's router statistics.
   void forward(Saved& s, const Tensor& x, Tensor& y, MoeAuxStats& aux);
+  // Folded experts (config.experts_folded, ETP 1 under TP + SP): the router and routed experts run on this rank's
+  // rows x_local (Nl, H) into y_local (overwritten), the shared expert (split over TP like the dense MLP) on the
+  // region rows x_region (N, H) into y_region (overwritten; a partial sum over TP).
+  void forward_folded(Saved& s, const Tensor& x_local, Tensor& y_local, const Tensor& x_region, Tensor& y_region,
+                      MoeAuxStats& aux);
+  // Its backward: the routed part (router included) accumulates into dx_local, the shared expert into dx_region
+  // (partial over TP) and its gate into dx_region_replicated (the same on every TP rank).
+  void backward_folded(const Saved& s, const Tensor& dy_local, Tensor& dx_local, const Tensor& dy_region,
+                       Tensor& dx_region, Tensor& dx_region_replicated, const MoeAuxStats& aux, float d_aux);
   // d_aux: gradient of the total loss w.r.t. the aux loss value (router_aux_loss_coef for training).
   // Accumulates into dx (N, H) the gradient through the experts (partial over TP ranks) and into dx_replicated
   // (N, H) the gradient through the router and the shared-expert gate (the same on every TP rank, so it must be
@@ -81,6 +91,12 @@ class SparseMoe {
   }
 
  private:
+  // The routed part (router, experts; y overwritten) and the shared expert (y += or = its gated output).
+  void forward_routed(Saved& s, const Tensor& x, Tensor& y, MoeAuxStats& aux);
+  void forward_shared(Saved& s, const Tensor& x, Tensor& y, bool accumulate);
+  void backward_routed(const Saved& s, const Tensor& dy, Tensor& dx, Tensor& dx_router, const MoeAuxStats& aux,
+                       float d_aux);
+  void backward_shared(const Saved& s, const Tensor& dy, Tensor& dx, Tensor& dx_replicated);
   // --moe-router-force-load-balancing: overwrites topi with slot s = n K + k -> expert s mod E and topw with the
   // router's weights there.
   void force_balance(const Tensor& probs, Tensor& topi, Tensor& topw);

@@ -191,7 +191,9 @@ ParamTable::ParamTable(const ModelConfig& c, const StageRange& stage) {
       add_simple(p + "mlp.down_proj", hp + "mlp.down_proj.weight", {H, I}, 1, true);
     } else {
       const int64_t E = c.num_experts, El = c.num_local_experts(), I = c.moe_intermediate_size;
-      add_simple(p + "mlp.gate", hp + "mlp.gate.weight", {E, H}, -1, true);
+      // Folded experts route each rank's own rows: the router's gradient is then a partial sum over the TP ranks.
+      add_simple(p + "mlp.gate", hp + "mlp.gate.weight", {E, H}, -1, true).tp_grad =
+          c.experts_folded ? TpGradSum::with_sp : TpGradSum::none;
       // This rank's experts (all of them without expert parallelism), named by their global index.
       std::vector<HfPiece> gate_up, down;
       for (int64_t e = 0; e < El; ++e) {
@@ -200,8 +202,10 @@ ParamTable::ParamTable(const ModelConfig& c, const StageRange& stage) {
         gate_up.push_back({ep + "up_proj.weight", e * 2 * I * H + I * H, {I, H}});
         down.push_back({ep + "down_proj.weight", e * H * I, {H, I}});
       }
-      add(p + "mlp.experts.gate_up_proj", {El, 2 * I, H}, 1, ParamKind::expert, true, gate_up).tp_parts = {I, I};
-      add(p + "mlp.experts.down_proj", {El, H, I}, 2, ParamKind::expert, true, down);
+      const bool split = !c.experts_folded;  // over TP like the dense MLP (ETP = TP), or whole (ETP 1)
+      add(p + "mlp.experts.gate_up_proj", {El, 2 * I, H}, split ? 1 : -1, ParamKind::expert, true, gate_up).tp_parts =
+          {I, I};
+      add(p + "mlp.experts.down_proj", {El, H, I}, split ? 2 : -1, ParamKind::expert, true, down);
       if (c.shared_expert_intermediate_size > 0) {
         const int64_t Is = c.shared_expert_intermediate_size;
         add(p + "mlp.shared_expert.gate_up_proj", {2 * Is, H}, 0, ParamKind::dense, true,
@@ -217,9 +221,9 @@ ParamTable::ParamTable(const ModelConfig& c, const StageRange& stage) {
     add_simple("norm", "model.norm.weight", {H}, -1, false).tp_grad = TpGradSum::with_sp;
     add_simple("lm_head", "lm_head.weight", {c.vocab_size, H}, 0, true);
   }
-  // Under expert parallelism the routed experts reduce over another group (EDP) than the rest (DP): they go last,
+  // Under expert parallelism or folding the routed experts reduce over another group (EDP) than the rest (DP): last,
   // so each group's parameters are one contiguous range of the flat layout and each ZeRO shard is a slice of it.
-  if (c.expert_parallel_size > 1) {
+  if (c.expert_parallel_size > 1 || c.experts_folded) {
     std::stable_partition(specs_.begin(), specs_.end(), [](const ParamSpec& s) { return s.kind != ParamKind::expert; });
     total_ = 0;
     index_.clear();

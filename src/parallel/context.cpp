@@ -14,10 +14,16 @@ Layout checked_layout(const Communicator& world, const ParallelSizes& sizes, boo
   auto fail = [&errors](auto&&... parts) { errors.push_back(detail::concat(parts...)); };
   if (layout.cp() > 1)
     fail("context-parallel-size ", layout.cp(), ": context parallelism is not implemented yet; use 1");
-  if (config.num_moe_layers() > 0 && layout.etp() != layout.tp())
-    fail("expert-tensor-parallel-size ", layout.etp(), " differs from TP ", layout.tp(),
-         ": the experts are split over TP like the dense MLP (ETP = TP); an expert grid folded onto other ranks (ETP "
-         "!= TP) is not implemented yet: leave --expert-tensor-parallel-size unset (it follows TP)");
+  const bool folded = config.num_moe_layers() > 0 && layout.etp() == 1 && layout.tp() > 1;
+  if (config.num_moe_layers() > 0 && layout.etp() != layout.tp() && layout.etp() != 1)
+    fail("expert-tensor-parallel-size ", layout.etp(), " with TP ", layout.tp(),
+         ": the experts are split like the dense MLP (ETP = TP, the default) or whole on every rank (ETP 1); other "
+         "ETPs are not implemented yet");
+  if (folded && !sp)
+    fail("expert-tensor-parallel-size 1 under TP ", layout.tp(),
+         " routes each rank's own sequence shard to whole experts: add --sequence-parallel (as Megatron requires)");
+  NEXTRON_CHECK(config.experts_folded == folded, "ParallelContext: ModelConfig::experts_folded must be ", folded,
+                " for ETP ", layout.etp(), " under TP ", layout.tp(), " (the trainer sets it)");
   if (sp && layout.tp() > 1 && seq_len % layout.tp() != 0)
     fail("seq_len ", seq_len, " is not divisible by TP ", layout.tp(),
          ": sequence parallelism splits every sequence's tokens over the TP ranks; choose --seq-len a multiple of ",
@@ -53,7 +59,7 @@ ParallelContext::ParallelContext(Communicator& world, const ParallelSizes& sizes
     if (dp_->size() > 1) dp_dev_ = device(*dp_);
     if (pp_->size() > 1) pp_dev_ = device(*pp_);
     if (ep_->size() > 1) ep_dev_ = device(*ep_);
-    if (edp_->size() > 1 && ep_->size() > 1) edp_dev_ = device(*edp_);
+    if (edp_->size() > 1 && own_expert_group()) edp_dev_ = device(*edp_);
   }
   chunks_ = rank_chunks(pipeline_stages(config, layout_.pp(), layout_.vpp(), layout_.sizes().pipeline), layout_.pp(),
                         pp_->rank());

@@ -46,8 +46,10 @@ class ParallelContext {
   Communicator& dp_device() const { return dp_dev_ ? *dp_dev_ : *dp_; }
   Communicator& pp_device() const { return pp_dev_ ? *pp_dev_ : *pp_; }
   Communicator& ep_device() const { return ep_dev_ ? *ep_dev_ : *ep_; }
-  // The group the routed experts' gradients reduce over: EDP under expert parallelism, else the DP group itself.
-  Communicator& edp_device() const { return ep_->size() > 1 ? (edp_dev_ ? *edp_dev_ : *edp_) : dp_device(); }
+  // The group the routed experts' gradients reduce over: EDP under expert parallelism or folding, else DP itself.
+  Communicator& edp_device() const { return own_expert_group() ? (edp_dev_ ? *edp_dev_ : *edp_) : dp_device(); }
+  // Whether the routed experts reduce over another group than the dense parameters (EP > 1, or folded experts).
+  bool own_expert_group() const { return ep_->size() > 1 || (layout_.etp() != layout_.tp()); }
 
   // This rank's model chunks (one, or VPP under the interleaved schedule): chunk c is virtual stage c * PP + pp_rank.
   int num_chunks() const { return static_cast<int>(chunks_.size()); }

@@ -7,8 +7,10 @@ TpGradSync::TpGradSync(const TpShardMap& map, const TensorParallel& tp, Ops& ops
   const int P = tp.size();
   for (const ParamSpec& l : map.local_table().specs()) {
     const ParamSpec& f = map.full_table().get(l.name);  // the stage's parameters keep their global names
-    if (f.tp_dim < 0) {
-      if (f.tp_grad == TpGradSum::always || (f.tp_grad == TpGradSum::with_sp && tp.sequence_parallel())) {
+    // Replication and its gradient rule are the local table's (folded experts are whole on every rank and their
+    // router's gradient a partial sum, unlike the single-device table says).
+    if (l.tp_dim < 0) {
+      if (l.tp_grad == TpGradSum::always || (l.tp_grad == TpGradSum::with_sp && tp.sequence_parallel())) {
         items_.push_back({l.offset, l.numel(), total_});
         total_ += l.numel();
       }

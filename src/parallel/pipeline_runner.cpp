@@ -62,7 +62,7 @@ double PipelineRunner::rows_before(int c, int64_t N) const {
   const ModelConfig& config = chunks_[c]->config();
   int64_t moe = 0;
   for (int64_t l = 0; l < chunks_[c]->stage().layer_begin; ++l) moe += config.mlp_type(l) == MlpType::sparse_moe;
-  return static_cast<double>(moe * N);
+  return static_cast<double>(moe * chunks_[c]->routed_rows(N));
 }
 
 double PipelineRunner::final_rows(int64_t N) const {

@@ -7,13 +7,23 @@
 
 namespace nextron {
 
+namespace {
+// The whole model's table is the single-device layout (checkpoints, HF): no expert split, no folding.
+ModelConfig single_device(ModelConfig c) {
+  c.experts_folded = false;
+  c.expert_parallel_size = 1;
+  c.expert_parallel_rank = 0;
+  return c;
+}
+}  // namespace
+
 TpShardMap::TpShardMap(const ModelConfig& full_config, int tp_rank, int tp_size, const StageRange& stage, int ep_rank,
                        int ep_size)
     : full_config_(full_config),
       local_config_(ep_local_config(tp_local_config(full_config, tp_size), ep_size, ep_rank)),
       rank_(tp_rank),
       size_(tp_size),
-      full_(full_config_),
+      full_(single_device(full_config_)),
       local_(local_config_, stage) {
   NEXTRON_CHECK(tp_rank >= 0 && tp_rank < tp_size, "TP rank ", tp_rank, " outside [0, ", tp_size, ")");
   // The stage's parameters keep their global names: each local one is the full parameter of the same name.
@@ -34,10 +44,13 @@ TpShardMap::TpShardMap(const ModelConfig& full_config, int tp_rank, int tp_size,
     // A routed expert tensor (E, ...) holds this rank's El experts from global index first_local_expert() on.
     const int64_t E = expert ? f.shape[0] : 1, El = expert ? l.shape[0] : 1,
                   first = expert ? local_config_.first_local_expert() : 0;
-    if (f.tp_dim < 0 || size_ == 1) {
+    if (f.tp_dim < 0 || l.tp_dim < 0 || size_ == 1) {  // replicated (or whole: folded experts)
       NEXTRON_ASSERT(std::equal(f.shape.begin() + 1, f.shape.end(), l.shape.begin() + 1) &&
                      (expert || f.shape == l.shape));
-      runs_.push_back({f.offset + first * (f.numel() / E), l.offset, l.numel(), f.tp_dim >= 0 || rank_ == 0, expert});
+      // Folded experts are whole on every TP rank, each rank's copy reduced over EDP (which spans the TP ranks) or
+      // holding other experts: each rank stands for its elements.
+      const bool owner = (f.tp_dim >= 0 && l.tp_dim >= 0) || rank_ == 0 || (expert && full_config_.experts_folded);
+      runs_.push_back({f.offset + first * (f.numel() / E), l.offset, l.numel(), owner, expert});
       continue;
     }
     const int d = f.tp_dim;

@@ -114,6 +114,8 @@ Trainer::Trainer(const TrainOptions& options, SampleFn source, Communicator* wor
   }
   ParallelSizes sizes = opt_.parallel;
   if (sizes.etp == 0) sizes.etp = sizes.tp;  // Megatron's default: experts follow TP
+  // MoE parallel folding: ETP 1 under TP keeps each expert whole and routes each rank's own sequence shard.
+  config.experts_folded = sizes.etp == 1 && sizes.tp > 1 && config.num_moe_layers() > 0;
   if (opt_.layers_per_virtual_stage > 0) {
     // Megatron's other spelling of VPP: layers per model chunk.
     const int64_t per_rank = sizes.pp > 0 ? config.num_hidden_layers / sizes.pp : 0;
@@ -201,9 +203,11 @@ Trainer::Trainer(const TrainOptions& options, SampleFn source, Communicator* wor
   schedule_ = std::make_unique<LrSchedule>(opt_.lr);
   for (Chunk& c : chunks_) {
     const ParamTable& table = c.model->table();
-    const FlatRange experts = ctx_ && ctx_->layout().ep() > 1 ? table.expert_range() : FlatRange{};
+    const bool own_group = ctx_ && ctx_->own_expert_group() && c.model->config().num_moe_layers() > 0;
+    const FlatRange experts = own_group ? table.expert_range() : FlatRange{};
     if (experts.size() > 0) {
-      // Under EP the DP replicas hold different experts: the dense parameters shard over DP, the experts over EDP.
+      // Under EP the DP replicas hold different experts, and folded experts reduce over EDP, which spans the TP
+      // ranks: the dense parameters shard over DP, the experts over EDP.
       c.opts.push_back(std::make_unique<DistributedOptimizer>(table, &ctx_->dp_device(), &ctx_->dp(), opt_.adam,
                                                               c.model->ops(), FlatRange{0, experts.begin}));
       c.opts.push_back(std::make_unique<DistributedOptimizer>(table, &ctx_->edp_device(), &ctx_->edp(), opt_.adam,
@@ -352,7 +356,8 @@ std::vector<ExpertLoad> Trainer::gather_expert_load() {
   // One (layers, E + 1) buffer: each DP replica's TP rank 0 adds the layers of its stages (TP ranks route the same
   // rows; EP ranks route different rows and are DP replicas), and a world sum completes it on every rank.
   std::vector<double> all(moe_layers.size() * static_cast<size_t>(W), 0.0);
-  if (!ctx_ || ctx_->tp_rank() == 0)
+  // (Folded experts: every TP rank routes its own rows, so every rank adds.)
+  if (!ctx_ || ctx_->tp_rank() == 0 || c.experts_folded)
     for (Chunk& chunk : chunks_)
       for (const ExpertLoad& load : chunk.model->expert_load()) {
         const size_t row =

@@ -89,6 +89,7 @@ struct LayoutCase {
   PipelineSplit split = {};             // uneven stages
   int ep = 1;                           // expert parallel (the experts split like the dense MLP over TP: ETP = TP)
   bool many_experts = false;            // 64 experts top-8 (tiny_many_experts_config_path) instead of 8 top-2
+  int etp = 0;                          // expert tensor parallel (0: follows TP; 1 under TP: folded experts)
 };
 
 class Equivalence : public Mpi, public ::testing::WithParamInterface<LayoutCase> {};
@@ -104,6 +105,7 @@ TEST_P(Equivalence, MatchesOneProcess) {
   o.recompute = c.recompute;
   o.parallel.pipeline = c.split;
   o.parallel.ep = c.ep;
+  o.parallel.etp = c.etp;
   const RunResult got = train(o, comm_.get());
   double loss_rel = 0, norm_rel = 0;
   for (int64_t s = 0; s < kSteps; ++s) {
@@ -161,7 +163,13 @@ INSTANTIATE_TEST_SUITE_P(
                       LayoutCase{"EP2xTP2", 4, 2, false, 1, 1, kGlobalMicro, {}, {}, 2},
                       LayoutCase{"EP2xTP2_SP", 4, 2, true, 1, 1, kGlobalMicro, {}, {}, 2},
                       LayoutCase{"EP2xPP2", 4, 1, false, 2, 1, 2, {}, {}, 2},
-                      LayoutCase{"EP4_64Experts_Top8", 4, 1, false, 1, 1, kGlobalMicro, {}, {}, 4, true}),
+                      LayoutCase{"EP4_64Experts_Top8", 4, 1, false, 1, 1, kGlobalMicro, {}, {}, 4, true},
+                      // MoE parallel folding (ETP 1 under TP + SP): whole experts, each rank routing its own
+                      // sequence shard, over EP groups that are the TP group (EP2 x TP2) or span TP and DP (EP4).
+                      LayoutCase{"TP2_SP_ETP1", 2, 2, true, 1, 1, kGlobalMicro, {}, {}, 1, false, 1},
+                      LayoutCase{"EP2xTP2_SP_ETP1", 4, 2, true, 1, 1, kGlobalMicro, {}, {}, 2, false, 1},
+                      LayoutCase{"EP4xTP2_SP_ETP1", 4, 2, true, 1, 1, kGlobalMicro, {}, {}, 4, false, 1},
+                      LayoutCase{"PP2xTP2_SP_ETP1", 4, 2, true, 2, 1, 1, {}, {}, 1, false, 1}),
     [](const auto& param_info) { return std::string(param_info.param.name); });
 
 // Token dropping is per rank (Megatron: capacity from the rank's own tokens), so a layout's reference is the layout
@@ -223,6 +231,32 @@ TEST_F(Mpi, ExpertLoadPerLayerMatchesOneProcess) {
   const auto want_drops = loads(dp4, comm_.get()), got_drops = loads(ep2, comm_.get());
   EXPECT_EQ(got_drops, want_drops);
   for (const ExpertLoad& load : got_drops) EXPECT_GT(load.dropped, 0.0) << "layer " << load.layer;
+}
+
+// Expert settings that cannot run fail on every rank with the fix named: folded experts (ETP 1) under TP without
+// sequence parallelism, an ETP that is neither 1 nor TP, a capacity factor <= 0, a drop policy Megatron does not have.
+TEST_F(Mpi, BadExpertSettingsFailOnEveryRank) {
+  if (world_size() != 2) GTEST_SKIP() << "runs at 2 ranks";
+  auto refusal = [&](const TrainOptions& o) {
+    try {
+      Trainer t(o, sample, comm_.get());
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("accepted");
+  };
+  TrainOptions o = options(2, false, 1);
+  o.parallel.etp = 1;
+  EXPECT_NE(refusal(o).find("add --sequence-parallel"), std::string::npos) << refusal(o);
+  o = options(1, false, 2);
+  o.parallel.etp = 2;
+  EXPECT_NE(refusal(o).find("other ETPs are not implemented yet"), std::string::npos) << refusal(o);
+  o = options(1, false, 2);
+  o.expert_capacity_factor = 0;
+  EXPECT_NE(refusal(o).find("--moe-expert-capacity-factor 0 must be > 0"), std::string::npos) << refusal(o);
+  o = options(1, false, 2);
+  o.token_drop_policy = "random";
+  EXPECT_NE(refusal(o).find("use probs"), std::string::npos) << refusal(o);
 }
 
 // A layout that does not fit fails on every rank, before any communication, with the constraint named.
