@@ -50,18 +50,22 @@ int64_t layer_bytes(const ModelConfig& c, int64_t layer, int64_t N, int64_t Nl, 
   }
   if (r.recomputes_module("moe")) return bytes;
   const int64_t E = c.num_experts, K = c.num_experts_per_tok, Is = c.shared_expert_intermediate_size;
-  bytes += N * E * kF32 + N * K * (kF32 + kI32);  // probs, topw, topi
-  if (c.expert_parallel_size > 1) {
+  // The router and the routed experts see all N region rows, or this rank's Nl when the experts are folded (the
+  // dispatcher then serves them even at EP 1 only with a capacity factor).
+  const int64_t Nr = c.experts_folded ? Nl : N;
+  const bool dispatched = c.expert_parallel_size > 1 || c.expert_capacity_factor > 0;
+  bytes += Nr * E * kF32 + Nr * K * (kF32 + kI32);  // probs, topw, topi
+  if (dispatched) {
     // The dispatcher's record (model/moe_dispatcher.h): where each slot went, the returned expert outputs, the plan
     // (dropless: with a capacity factor fewer rows are kept, and padding to capacity sends more);
     // and the local experts' state over the R rows received, R = N K under balanced routing (each rank receives as
     // many rows as it sends, exact with --moe-router-force-load-balancing).
-    const int64_t NK = N * K, R = NK, P = c.expert_parallel_size;
+    const int64_t NK = Nr * K, R = NK, P = c.expert_parallel_size;
     bytes += NK * kI32 + (NK + 1) * H * a + R * (kF32 + kI32) + 2 * P * kI64;  // + the zero row of dropped slots
     bytes +=
         moe_state_bytes(device, R, c.num_local_experts(), H, c.moe_intermediate_size, r.recomputes_module("moe_act"));
   } else {
-    bytes += moe_state_bytes(device, N * K, E, H, c.moe_intermediate_size, r.recomputes_module("moe_act"));
+    bytes += moe_state_bytes(device, Nr * K, E, H, c.moe_intermediate_size, r.recomputes_module("moe_act"));
   }
   if (Is > 0) {
     bytes += N * a;                                                                   // the shared expert's gate logit

@@ -386,6 +386,7 @@ struct MemoryCase {
   bool sp;
   RecomputeOptions recompute;
   int ep = 1;  // with forced balance, so every rank receives as many routed rows as it sends
+  int etp = 0;
 };
 void PrintTo(const MemoryCase& c, std::ostream* os) { *os << c.name; }
 class PipelineMemory : public Mpi, public ::testing::WithParamInterface<MemoryCase> {};
@@ -402,6 +403,7 @@ TEST_P(PipelineMemory, RecordsHoldTheFormulaBytesAndTheScheduleCount) {
   o.parallel.vpp = c.vpp;
   o.recompute = c.recompute;
   o.parallel.ep = c.ep;
+  o.parallel.etp = c.etp;
   o.force_load_balancing = c.ep > 1;
   Trainer trainer(o, sample, comm_.get());
   PipelineRunner& runner = trainer.pipeline_runner();
@@ -466,7 +468,8 @@ INSTANTIATE_TEST_SUITE_P(
                                  2,
                                  true,
                                  {"selective", "", 0, {"core_attn", "layernorm", "moe_act", "shared_experts"}}},
-                      MemoryCase{"PP2xEP2", 4, 2, 1, 1, false, {}, 2}),
+                      MemoryCase{"PP2xEP2", 4, 2, 1, 1, false, {}, 2},
+                      MemoryCase{"PP2xTP2_SP_ETP1", 4, 2, 1, 2, true, {}, 1, 1}),
     [](const auto& param_info) { return std::string(param_info.param.name); });
 
 }  // namespace
