@@ -3,7 +3,8 @@
 logging, checkpoints that resume bit-identically at the same layout and also load into another layout, and a bad
 layout that fails on every rank without hanging. Pipelines: PP 2 x DP 2 and interleaved PP 2 x VPP 2 against one
 process, a PP checkpoint resumed on one process and a one-process checkpoint resumed under PP 4. Experts: EP 2 x EDP 2
-against one process, its checkpoint resumed under EP 4, an EP that does not divide the experts.
+against one process, its checkpoint resumed under EP 4, folded experts (TP 2 + SP, ETP 1, EP 2), an EP that does
+not divide the experts.
 
     python tools/test_train_mpi.py --train build/nextron-train --mpiexec mpiexec --work build/train_mpi
 
@@ -193,6 +194,15 @@ def main():
     lo = losses(os.path.join(ep_to_ep4, "metrics.jsonl")) if r.returncode == 0 else {}
     check("an EP2 checkpoint resumes under EP4", r.returncode == 0 and "continuing at step 4" in r.stdout and
           all(abs(lo.get(s, 0) - lf[s]) <= 1e-4 * abs(lf[s]) for s in (5, 6)), f"{lo} vs {lf}; {r.stderr[-600:]}")
+    # MoE parallel folding: TP 2 + SP with whole experts (ETP 1) over EP 2 (the TP group), DP 2.
+    fold = os.path.join(w, "fold")
+    r = run(common + ["--micro-batch-size", "2", "--tensor-model-parallel-size", "2", "--sequence-parallel",
+                      "--expert-model-parallel-size", "2", "--expert-tensor-parallel-size", "1", "--train-steps", "4",
+                      "--save", fold])
+    lfold = losses(os.path.join(fold, "metrics.jsonl")) if r.returncode == 0 else {}
+    check("TP2 + SP x EP2 with ETP 1 (folded) equals the one-process run within 1e-5", r.returncode == 0 and
+          sorted(lfold) == [1, 2, 3, 4] and all(abs(lfold[s] - l1[s]) <= 1e-5 * abs(l1[s]) for s in lfold),
+          f"{lfold} vs {l1}; {r.stderr[-800:]}")
     r = run(common + ["--micro-batch-size", "2", "--expert-model-parallel-size", "3", "--train-steps", "1"], np=3)
     check("EP 3 with 8 experts fails naming it", r.returncode != 0 and "is not divisible by EP 3" in r.stderr,
           r.stderr[-800:])
