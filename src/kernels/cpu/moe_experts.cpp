@@ -6,6 +6,7 @@
 #include "core/error.h"
 #include "core/parallel_for.h"
 #include "kernels/cpu/blas.h"
+#include "kernels/cpu/moe_permute.h"
 
 namespace nextron::cpu {
 
@@ -115,16 +116,8 @@ void moe_experts_forward(T* y, MoeExpertsCache<T>& cache, const MoeDispatch& dis
     gemm<T>(false, true, ne, H, I, T(1), act + s0 * I, w_down + e * H * I, T(0), out + s0 * H);
   });
 
-#pragma omp parallel for
-  for (int64_t n = 0; n < N; ++n) {
-    T* yn = y + n * H;
-    std::fill_n(yn, H, T(0));
-    for (int64_t k = 0; k < K; ++k) {
-      const T w = weights[n * K + k];
-      const T* o = out + dispatch.slot_of[n * K + k] * H;
-      for (int64_t h = 0; h < H; ++h) yn[h] += w * o[h];
-    }
-  }
+  // y[n] = sum_k weights[n, k] out[slot (n, k)]: the dispatcher's combine (moe_permute.h), the same arithmetic.
+  moe_unpermute<T>(y, out, weights, dispatch.slot_of.data(), N, K, H);
 }
 
 template <typename T>

@@ -22,8 +22,8 @@ void moe_permute_backward(T* dx, const T* drows, const int32_t* slot_row, int64_
   }
 }
 
-template <typename T>
-void moe_unpermute(T* y, const T* rows, const T* weights, const int32_t* slot_row, int64_t N, int64_t K, int64_t H) {
+template <typename T, typename Index>
+void moe_unpermute(T* y, const T* rows, const T* weights, const Index* slot_row, int64_t N, int64_t K, int64_t H) {
 #pragma omp parallel for
   for (int64_t n = 0; n < N; ++n) {
     T* yn = y + n * H;
@@ -60,7 +60,8 @@ void moe_unpermute_backward(T* drows, T* dweights, const T* dy, const T* rows, c
 #define NEXTRON_INSTANTIATE(T)                                                                                    \
   template void moe_permute<T>(T*, const T*, const int32_t*, int64_t, int64_t);                                   \
   template void moe_permute_backward<T>(T*, const T*, const int32_t*, int64_t, int64_t, int64_t);                 \
-  template void moe_unpermute<T>(T*, const T*, const T*, const int32_t*, int64_t, int64_t, int64_t);              \
+  template void moe_unpermute<T, int32_t>(T*, const T*, const T*, const int32_t*, int64_t, int64_t, int64_t);     \
+  template void moe_unpermute<T, int64_t>(T*, const T*, const T*, const int64_t*, int64_t, int64_t, int64_t);     \
   template void moe_unpermute_backward<T>(T*, T*, const T*, const T*, const T*, const int32_t*, int64_t, int64_t, \
                                           int64_t);
 NEXTRON_INSTANTIATE(float)

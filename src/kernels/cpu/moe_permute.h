@@ -17,8 +17,9 @@ template <typename T>
 void moe_permute(T* rows, const T* x, const int32_t* row_token, int64_t R, int64_t H);
 template <typename T>
 void moe_permute_backward(T* dx, const T* drows, const int32_t* slot_row, int64_t N, int64_t K, int64_t H);
-template <typename T>
-void moe_unpermute(T* y, const T* rows, const T* weights, const int32_t* slot_row, int64_t N, int64_t K, int64_t H);
+// slot_row: int32 (the dispatcher's tables) or int64 (the fused kernel's MoeDispatch::slot_of).
+template <typename T, typename Index = int32_t>
+void moe_unpermute(T* y, const T* rows, const T* weights, const Index* slot_row, int64_t N, int64_t K, int64_t H);
 template <typename T>
 void moe_unpermute_backward(T* drows, T* dweights, const T* dy, const T* rows, const T* weights,
                             const int32_t* slot_row, int64_t N, int64_t K, int64_t H);
