@@ -116,6 +116,24 @@ void TpShardMap::scatter(const float* full, float* local) const {
   for (const TpRun& r : runs_) std::memcpy(local + r.local_offset, full + r.full_offset, r.count * sizeof(float));
 }
 
+void TpShardMap::fill_local(
+    float* local,
+    const std::function<void(const ParamSpec& full, int64_t first, int64_t count, float* out)>& fill) const {
+  // Runs come in local order, and within one local parameter their full offsets stay inside one full parameter.
+  std::vector<const ParamSpec*> by_offset;
+  for (const ParamSpec& s : full_.specs()) by_offset.push_back(&s);
+  std::sort(by_offset.begin(), by_offset.end(),
+            [](const ParamSpec* a, const ParamSpec* b) { return a->offset < b->offset; });
+  for (const TpRun& r : runs_) {
+    auto it = std::upper_bound(by_offset.begin(), by_offset.end(), r.full_offset,
+                               [](int64_t off, const ParamSpec* s) { return off < s->offset; });
+    NEXTRON_ASSERT(it != by_offset.begin());
+    const ParamSpec& f = **(it - 1);
+    NEXTRON_ASSERT(r.full_offset + r.count <= f.offset + f.numel());
+    fill(f, r.full_offset - f.offset, r.count, local + r.local_offset);
+  }
+}
+
 void TpShardMap::place_owned(const float* local, float* full, bool dense, bool experts) const {
   for (const TpRun& r : runs_)
     if (r.owner && (r.expert ? experts : dense))

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "model/config.h"
@@ -54,6 +55,12 @@ class TpShardMap {
   // the full parameter set (each element written by exactly one rank).
   // dense / experts: which parameters to place (the data-parallel replicas of each kind differ under EP).
   void place_owned(const float* local, float* full, bool dense = true, bool experts = true) const;
+  // Fills this rank's elements without the whole model: fill(full_spec, first, count, out) is called once per run
+  // and writes elements [first, first + count) of that full parameter (single-device order) to out. Padded
+  // vocabulary rows are left as they are.
+  void fill_local(
+      float* local,
+      const std::function<void(const ParamSpec& full, int64_t first, int64_t count, float* out)>& fill) const;
   // full[every element this rank holds] = local.
   void place_all(const float* local, float* full) const;
   // The local flat ranges this rank owns (sorted, merged): a sum over these on every rank counts each element of the

@@ -172,18 +172,22 @@ Trainer::Trainer(const TrainOptions& options, SampleFn source, Communicator* wor
     chunks_.push_back(std::move(chunk));
   }
   {
-    // Every rank builds the whole model's initial weights (the same on every rank) on the host and keeps its
-    // chunks' TP slices, copied to the device when the model lives there.
-    const ParamTable& full_table = this->full_table();
-    std::vector<float> full(full_table.total_numel());
-    if (opt_.init_from.empty())
-      init_parameters(full_table, full.data(), opt_.init_seed, opt_.initializer_range);
-    else
-      load_hf_weights(opt_.init_from, full_table, full.data());
+    // A random start: each rank fills only its chunks' elements (the counter-based init, model/init.h), the same
+    // numbers as one process. From HF weights: every rank still reads the whole model (streaming slices: later work).
+    std::vector<float> full;
+    if (!opt_.init_from.empty()) {
+      full.resize(full_table().total_numel());
+      load_hf_weights(opt_.init_from, full_table(), full.data());
+    }
     for (int c = 0; c < num_chunks; ++c) {
       Model& m = *chunks_[c].model;
-      std::vector<float> local(m.table().total_numel());
-      shard_map(c).scatter(full.data(), local.data());
+      std::vector<float> local(m.table().total_numel(), 0.0f);
+      if (full.empty())
+        shard_map(c).fill_local(local.data(), [&](const ParamSpec& f, int64_t first, int64_t count, float* out) {
+          init_parameter_elements(f.name, first, count, out, opt_.init_seed, opt_.initializer_range);
+        });
+      else
+        shard_map(c).scatter(full.data(), local.data());
       from_host(m.params(), 0, local.data(), static_cast<int64_t>(local.size()));
       m.params_changed();
     }
