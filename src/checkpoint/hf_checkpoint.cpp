@@ -78,27 +78,48 @@ std::map<std::string, std::string> weight_files(const std::string& dir) {
 
 }  // namespace
 
-void load_hf_weights(const std::string& dir, const ParamTable& table, float* params) {
-  const auto files = weight_files(dir);
-  std::map<std::string, std::unique_ptr<SafetensorsReader>> readers;
+HfSliceReader::HfSliceReader(const std::string& dir, const ParamTable& table) : dir_(dir), files_(weight_files(dir)) {
   std::set<std::string> expected;
-  for (const ParamSpec& s : table.specs()) {
+  for (const ParamSpec& s : table.specs())
     for (const HfPiece& piece : s.hf) {
       expected.insert(piece.hf_name);
-      auto it = files.find(piece.hf_name);
-      NEXTRON_CHECK(it != files.end(), "HF checkpoint '", dir, "' has no tensor '", piece.hf_name,
+      auto it = files_.find(piece.hf_name);
+      NEXTRON_CHECK(it != files_.end(), "HF checkpoint '", dir, "' has no tensor '", piece.hf_name,
                     "' that config.json implies; the weights and config.json do not belong together");
-      auto& reader = readers[it->second];
+      // Shapes from the headers, before anything is read (the first mismatch names the tensor).
+      auto& reader = readers_[it->second];
       if (!reader) reader = std::make_unique<SafetensorsReader>(it->second);
-      reader->read_f32(piece.hf_name, params + s.offset + piece.offset, piece.shape);
+      const SafetensorsEntry& e = reader->entry(piece.hf_name);
+      NEXTRON_CHECK(e.shape == piece.shape, "'", it->second, "': tensor '", piece.hf_name, "' has shape ",
+                    shape_str(e.shape), " but the model expects ", shape_str(piece.shape),
+                    "; the checkpoint does not match config.json");
     }
-  }
-  for (const auto& [name, file] : files) {
+  for (const auto& [name, file] : files_) {
     if (name.rfind("mtp.", 0) == 0) continue;
     NEXTRON_CHECK(expected.count(name), "HF checkpoint '", dir, "' has tensor '", name,
                   "' that the model described by its config.json does not use; the weights and config.json do "
                   "not belong together");
   }
+}
+
+HfSliceReader::~HfSliceReader() = default;
+
+void HfSliceReader::read(const ParamSpec& spec, int64_t first, int64_t count, float* out) const {
+  // The parameter's HF pieces are contiguous runs of it; read each piece's overlap with [first, first + count).
+  for (const HfPiece& piece : spec.hf) {
+    const int64_t begin = std::max(first, piece.offset),
+                  end = std::min(first + count, piece.offset + shape_numel(piece.shape));
+    if (begin >= end) continue;
+    const std::string& file = files_.at(piece.hf_name);
+    auto& reader = readers_[file];
+    if (!reader) reader = std::make_unique<SafetensorsReader>(file);
+    reader->read_f32_range(piece.hf_name, piece.shape, begin - piece.offset, end - begin, out + (begin - first));
+  }
+}
+
+void load_hf_weights(const std::string& dir, const ParamTable& table, float* params) {
+  const HfSliceReader reader(dir, table);
+  for (const ParamSpec& s : table.specs()) reader.read(s, 0, s.numel(), params + s.offset);
 }
 
 void save_hf_checkpoint(const std::string& dir, const ModelConfig& config, const ParamTable& table, const float* params,

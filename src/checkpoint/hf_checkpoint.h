@@ -4,8 +4,11 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
+#include <memory>
 #include <string>
 
+#include "checkpoint/safetensors.h"
 #include "core/tensor.h"
 #include "model/config.h"
 #include "model/param_table.h"
@@ -18,6 +21,22 @@ ModelConfig read_hf_config(const std::string& dir);
 // the table names must be present with its exact shape; tensors the model does not use are an error, except the
 // multi-token-prediction head (mtp.*) of the released checkpoints, which transformers ignores too.
 void load_hf_weights(const std::string& dir, const ParamTable& table, float* params);
+
+// Reads slices of an HF checkpoint's parameters without the whole model: read(spec, first, count, out) fills
+// elements [first, first + count) of parameter `spec` (of `table`, the single-device table) from just their bytes in
+// the safetensors files. The constructor checks, from the headers alone, that the checkpoint holds exactly the
+// tensors `table` implies.
+class HfSliceReader {
+ public:
+  HfSliceReader(const std::string& dir, const ParamTable& table);
+  ~HfSliceReader();
+  void read(const ParamSpec& spec, int64_t first, int64_t count, float* out) const;
+
+ private:
+  std::string dir_;
+  std::map<std::string, std::string> files_;  // HF tensor -> its file
+  mutable std::map<std::string, std::unique_ptr<SafetensorsReader>> readers_;
+};
 
 struct HfWriteOptions {
   DType dtype = DType::f32;               // f32 or bf16 storage

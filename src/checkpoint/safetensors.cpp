@@ -111,33 +111,46 @@ std::vector<std::string> SafetensorsReader::names() const {
   return n;
 }
 
-std::vector<char> SafetensorsReader::raw(const SafetensorsEntry& e) const {
+std::vector<char> SafetensorsReader::raw(const SafetensorsEntry& e) const { return raw(e, 0, e.end - e.begin); }
+
+std::vector<char> SafetensorsReader::raw(const SafetensorsEntry& e, uint64_t begin, uint64_t end) const {
+  NEXTRON_ASSERT(begin <= end && end <= e.end - e.begin);
   std::ifstream f(path_, std::ios::binary);
   NEXTRON_CHECK(f.good(), "cannot open safetensors file '", path_, "'");
-  std::vector<char> buf(e.end - e.begin);
-  f.seekg(static_cast<std::streamoff>(data_start_ + e.begin));
+  std::vector<char> buf(end - begin);
+  f.seekg(static_cast<std::streamoff>(data_start_ + e.begin + begin));
   f.read(buf.data(), static_cast<std::streamsize>(buf.size()));
   NEXTRON_CHECK(f.good() || buf.empty(), "'", path_, "': short read; the file is truncated");
   return buf;
 }
 
 void SafetensorsReader::read_f32(const std::string& name, float* dst, const Shape& expect) const {
+  read_f32_range(name, expect, 0, shape_numel(expect), dst);
+}
+
+void SafetensorsReader::read_f32_range(const std::string& name, const Shape& expect, int64_t first, int64_t count,
+                                       float* dst) const {
   const SafetensorsEntry& e = entry(name);
   NEXTRON_CHECK(e.shape == expect, "'", path_, "': tensor '", name, "' has shape ", shape_str(e.shape),
                 " but the model expects ", shape_str(expect), "; the checkpoint does not match config.json");
-  const std::vector<char> buf = raw(e);
-  const int64_t n = shape_numel(e.shape);
+  NEXTRON_ASSERT(first >= 0 && count >= 0 && first + count <= shape_numel(e.shape));
+  const uint64_t size = e.dtype == "F32" ? 4 : e.dtype == "F64" ? 8 : 2;
+  to_f32(name, e, raw(e, first * size, (first + count) * size), dst);
+}
+
+void SafetensorsReader::to_f32(const std::string& name, const SafetensorsEntry& e, const std::vector<char>& buf,
+                               float* dst) const {
   if (e.dtype == "F32") {
     std::memcpy(dst, buf.data(), buf.size());
   } else if (e.dtype == "BF16" || e.dtype == "F16") {
     const bool bf = e.dtype == "BF16";
-    for (int64_t i = 0; i < n; ++i) {
+    for (size_t i = 0; i < buf.size() / 2; ++i) {
       uint16_t h;
       std::memcpy(&h, buf.data() + 2 * i, 2);
       dst[i] = bf ? bf16_to_f32(h) : f16_to_f32(h);
     }
   } else if (e.dtype == "F64") {
-    for (int64_t i = 0; i < n; ++i) {
+    for (size_t i = 0; i < buf.size() / 8; ++i) {
       double d;
       std::memcpy(&d, buf.data() + 8 * i, 8);
       dst[i] = static_cast<float>(d);

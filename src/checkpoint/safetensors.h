@@ -29,12 +29,17 @@ class SafetensorsReader {
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   // Reads tensor `name` converted to f32 into dst (numel elements); the stored shape must equal `expect`.
   void read_f32(const std::string& name, float* dst, const Shape& expect) const;
+  // Reads elements [first, first + count) of tensor `name` (row-major) converted to f32, reading only their bytes;
+  // the stored shape must equal `expect`.
+  void read_f32_range(const std::string& name, const Shape& expect, int64_t first, int64_t count, float* dst) const;
   // Reads a whole tensor as f32 (floating dtypes) with its stored shape.
   Tensor read_f32(const std::string& name) const;
   std::vector<int64_t> read_i64(const std::string& name) const;  // I64 or I32 tensors
 
  private:
   std::vector<char> raw(const SafetensorsEntry& e) const;
+  std::vector<char> raw(const SafetensorsEntry& e, uint64_t begin, uint64_t end) const;  // bytes of the entry
+  void to_f32(const std::string& name, const SafetensorsEntry& e, const std::vector<char>& buf, float* dst) const;
   std::string path_;
   uint64_t data_start_ = 0;
   std::map<std::string, SafetensorsEntry> entries_;

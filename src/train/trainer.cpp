@@ -172,22 +172,19 @@ Trainer::Trainer(const TrainOptions& options, SampleFn source, Communicator* wor
     chunks_.push_back(std::move(chunk));
   }
   {
-    // A random start: each rank fills only its chunks' elements (the counter-based init, model/init.h), the same
-    // numbers as one process. From HF weights: every rank still reads the whole model (streaming slices: later work).
-    std::vector<float> full;
-    if (!opt_.init_from.empty()) {
-      full.resize(full_table().total_numel());
-      load_hf_weights(opt_.init_from, full_table(), full.data());
-    }
+    // Each rank fills only its chunks' elements, never the whole model: a random start from the counter-based init
+    // (model/init.h, the same numbers as one process), or --init-from from just those elements' bytes in the HF files.
+    std::unique_ptr<HfSliceReader> hf;
+    if (!opt_.init_from.empty()) hf = std::make_unique<HfSliceReader>(opt_.init_from, full_table());
     for (int c = 0; c < num_chunks; ++c) {
       Model& m = *chunks_[c].model;
       std::vector<float> local(m.table().total_numel(), 0.0f);
-      if (full.empty())
-        shard_map(c).fill_local(local.data(), [&](const ParamSpec& f, int64_t first, int64_t count, float* out) {
+      shard_map(c).fill_local(local.data(), [&](const ParamSpec& f, int64_t first, int64_t count, float* out) {
+        if (hf)
+          hf->read(f, first, count, out);
+        else
           init_parameter_elements(f.name, first, count, out, opt_.init_seed, opt_.initializer_range);
-        });
-      else
-        shard_map(c).scatter(full.data(), local.data());
+      });
       from_host(m.params(), 0, local.data(), static_cast<int64_t>(local.size()));
       m.params_changed();
     }

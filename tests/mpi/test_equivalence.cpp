@@ -14,9 +14,11 @@
 // by sqrt(v), so an element whose gradient is near zero can move by up to lr differently; bounded by 1e-5 absolute
 // (lr = 1e-3 times 1e-2) plus 1e-4 of the tensor's largest |value|.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstdlib>
+#include <filesystem>
 #include <map>
 
 #include "model/param_table.h"
@@ -234,8 +236,9 @@ TEST_F(Mpi, ExpertLoadPerLayerMatchesOneProcess) {
   for (const ExpertLoad& load : got_drops) EXPECT_GT(load.dropped, 0.0) << "layer " << load.layer;
 }
 
-// Initialisation without the whole model: every rank fills only its elements (counter-based, model/init.h), and the
-// full model gathered from any layout right after construction is the one-process initialisation bit for bit.
+// Initialisation without the whole model: every rank fills only its elements (counter-based, model/init.h, or the
+// slices' bytes of an HF checkpoint), and the full model gathered from any layout right after construction is the
+// one-process start bit for bit.
 TEST_F(Mpi, InitIsTheOneProcessInitUnderEveryLayout) {
   if (world_size() != 4) GTEST_SKIP() << "runs at 4 ranks";
   const std::vector<float> want = Trainer(options(1, false, 1), sample, nullptr).full_params();
@@ -258,6 +261,38 @@ TEST_F(Mpi, InitIsTheOneProcessInitUnderEveryLayout) {
     Trainer t(o, sample, comm_.get());
     EXPECT_EQ(t.full_params(), want) << l.name;
   }
+  // From HF weights (--init-from): every rank reads only its slices' bytes, and gets the one-process start.
+  const std::string hf =
+      (std::filesystem::temp_directory_path() / ("nextron-init-hf-" + std::to_string(::getppid()))).string();
+  if (world_rank() == 0) {
+    std::filesystem::remove_all(hf);
+    TrainOptions trained = options(1, false, 1);
+    trained.train_steps = 2;
+    Trainer t(trained, sample, nullptr);
+    t.step();  // the warmup's first step has lr 0
+    t.step();  // weights that are not the init's
+    t.export_hf(hf);
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+  TrainOptions from_hf = options(1, false, 1);
+  from_hf.model_config.clear();
+  from_hf.init_from = hf;
+  const std::vector<float> want_hf = Trainer(from_hf, sample, nullptr).full_params();
+  EXPECT_NE(want_hf, want);
+  for (const Layout& l : std::vector<Layout>{
+           {"TP2xDP2", 2, false, 1, 1, 0}, {"PP2xTP2", 2, true, 2, 1, 0}, {"EP2xTP2_SP_ETP1", 2, true, 1, 2, 1}}) {
+    TrainOptions o = options(l.tp, l.sp, 4 / (l.tp * l.pp));
+    o.parallel.pp = l.pp;
+    o.parallel.ep = l.ep;
+    o.parallel.etp = l.etp;
+    o.model_config.clear();
+    o.init_from = hf;
+    if (l.pp > 1) o.micro_batch = 1;
+    Trainer t(o, sample, comm_.get());
+    EXPECT_EQ(t.full_params(), want_hf) << l.name << " from HF";
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+  if (world_rank() == 0) std::filesystem::remove_all(hf);
 }
 
 // Expert settings that cannot run fail on every rank with the fix named: folded experts (ETP 1) under TP without
