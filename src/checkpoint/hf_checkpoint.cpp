@@ -124,64 +124,112 @@ void load_hf_weights(const std::string& dir, const ParamTable& table, float* par
 
 void save_hf_checkpoint(const std::string& dir, const ModelConfig& config, const ParamTable& table, const float* params,
                         const HfWriteOptions& options) {
+  const std::string error = stream_hf_checkpoint(
+      dir, config, table,
+      [params](const ParamSpec& s, const HfPiece& piece, float* out) {
+        std::copy_n(params + s.offset + piece.offset, shape_numel(piece.shape), out);
+      },
+      options, true);
+  NEXTRON_CHECK(error.empty(), error);
+}
+
+std::string stream_hf_checkpoint(const std::string& dir, const ModelConfig& config, const ParamTable& table,
+                                 const HfPieceSource& source, const HfWriteOptions& options, bool writer) {
   NEXTRON_CHECK(options.dtype == DType::f32 || options.dtype == DType::bf16,
                 "HF export supports f32 and bf16 storage, not ", dtype_name(options.dtype));
   NEXTRON_CHECK(options.max_shard_bytes > 0, "max shard size must be positive");
+  // The shards, in table order, each at most max_shard_bytes (a single larger tensor gets its own shard).
+  const size_t elem = dtype_size(options.dtype);
+  struct Item {
+    const ParamSpec* spec;
+    const HfPiece* piece;
+  };
+  std::vector<std::vector<Item>> shards(1);
+  std::vector<uint64_t> shard_bytes(1, 0);
+  uint64_t total = 0;
+  for (const ParamSpec& s : table.specs())
+    for (const HfPiece& piece : s.hf) {
+      const uint64_t bytes = static_cast<uint64_t>(shape_numel(piece.shape)) * elem;
+      if (!shards.back().empty() && shard_bytes.back() + bytes > options.max_shard_bytes) {
+        shards.emplace_back();
+        shard_bytes.push_back(0);
+      }
+      shards.back().push_back({&s, &piece});
+      shard_bytes.back() += bytes;
+      total += bytes;
+    }
   // "out/" names the directory "out": without dropping the trailing separator the temporary sibling below would be
   // "out/.partial", i.e. inside the target, and the final rename would fail.
   fs::path target = fs::path(dir).lexically_normal();
   if (!target.has_filename() && target.has_parent_path()) target = target.parent_path();
-  NEXTRON_CHECK(!fs::exists(target) || (fs::is_directory(target) && fs::is_empty(target)), "output directory '", dir,
-                "' already exists and is not empty; choose a new directory or remove it");
   const fs::path tmp = target.string() + ".partial";
-  fs::remove_all(tmp);
-  fs::create_directories(tmp);
-
-  // Split into shards in table order, each at most max_shard_bytes (a single larger tensor gets its own shard).
-  const size_t elem = dtype_size(options.dtype);
-  std::vector<SafetensorsWriter> shards(1);
-  std::vector<std::vector<std::string>> shard_names(1);
-  uint64_t total = 0;
-  for (const ParamSpec& s : table.specs()) {
-    for (const HfPiece& piece : s.hf) {
-      const uint64_t bytes = static_cast<uint64_t>(shape_numel(piece.shape)) * elem;
-      if (shards.back().size() > 0 && shards.back().data_bytes() + bytes > options.max_shard_bytes) {
-        shards.emplace_back();
-        shard_names.emplace_back();
-      }
-      shards.back().add_f32(piece.hf_name, params + s.offset + piece.offset, piece.shape, options.dtype);
-      shard_names.back().push_back(piece.hf_name);
-      total += bytes;
+  std::string error;
+  auto attempt = [&](const std::function<void()>& io) {
+    if (!writer || !error.empty()) return;
+    try {
+      io();
+    } catch (const std::exception& e) {
+      error = e.what();
     }
-  }
+  };
+  // Everything goes into a temporary sibling first and is renamed into place, so a failed write leaves nothing.
+  attempt([&] {
+    NEXTRON_CHECK(!fs::exists(target) || (fs::is_directory(target) && fs::is_empty(target)), "output directory '", dir,
+                  "' already exists and is not empty; choose a new directory or remove it");
+    fs::remove_all(tmp);
+    fs::create_directories(tmp);
+  });
   const std::map<std::string, std::string> meta = {{"format", "pt"}};
-  if (shards.size() == 1) {
-    shards[0].write((tmp / "model.safetensors").string(), meta);
-  } else {
-    nlohmann::ordered_json index;
-    index["metadata"] = {{"total_size", total}};
-    nlohmann::ordered_json map;
-    const size_t n = shards.size();
-    for (size_t i = 0; i < n; ++i) {
-      char name[64];
-      std::snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", i + 1, n);
-      shards[i].write((tmp / name).string(), meta);
-      for (const auto& t : shard_names[i]) map[t] = name;
+  const size_t n = shards.size();
+  auto shard_name = [n](size_t i) {
+    if (n == 1) return std::string("model.safetensors");
+    char name[64];
+    std::snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", i + 1, n);
+    return std::string(name);
+  };
+  std::vector<float> buf;
+  for (size_t i = 0; i < n; ++i) {
+    std::unique_ptr<SafetensorsStreamWriter> out;
+    attempt([&] {
+      std::vector<SafetensorsStreamWriter::Entry> entries;
+      for (const Item& it : shards[i]) entries.push_back({it.piece->hf_name, it.piece->shape});
+      out = std::make_unique<SafetensorsStreamWriter>((tmp / shard_name(i)).string(), std::move(entries), options.dtype,
+                                                      meta);
+    });
+    for (const Item& it : shards[i]) {
+      buf.assign(static_cast<size_t>(shape_numel(it.piece->shape)), 0.0f);
+      source(*it.spec, *it.piece, buf.data());
+      attempt([&] { out->write_next(buf.data()); });
     }
-    index["weight_map"] = map;
-    std::ofstream f(tmp / "model.safetensors.index.json");
-    f << index.dump(2) << "\n";
-    NEXTRON_CHECK(f.good(), "writing the safetensors index failed");
+    attempt([&] { out->finish(); });
   }
-  nlohmann::json cj = config.to_json();
-  cj["torch_dtype"] = options.dtype == DType::bf16 ? "bfloat16" : "float32";
-  {
-    std::ofstream f(tmp / "config.json");
-    f << cj.dump(2) << "\n";
-    NEXTRON_CHECK(f.good(), "writing config.json failed");
+  attempt([&] {
+    if (n > 1) {
+      nlohmann::ordered_json index;
+      index["metadata"] = {{"total_size", total}};
+      nlohmann::ordered_json map;
+      for (size_t i = 0; i < n; ++i)
+        for (const Item& it : shards[i]) map[it.piece->hf_name] = shard_name(i);
+      index["weight_map"] = map;
+      std::ofstream f(tmp / "model.safetensors.index.json");
+      f << index.dump(2) << "\n";
+      NEXTRON_CHECK(f.good(), "writing the safetensors index failed");
+    }
+    nlohmann::json cj = config.to_json();
+    cj["torch_dtype"] = options.dtype == DType::bf16 ? "bfloat16" : "float32";
+    {
+      std::ofstream f(tmp / "config.json");
+      f << cj.dump(2) << "\n";
+      NEXTRON_CHECK(f.good(), "writing config.json failed");
+    }
+    if (fs::exists(target)) fs::remove(target);  // empty directory, checked above
+    fs::rename(tmp, target);
+  });
+  if (writer && !error.empty()) {
+    std::error_code ignored;
+    fs::remove_all(tmp, ignored);
   }
-  if (fs::exists(target)) fs::remove(target);  // empty directory, checked above
-  fs::rename(tmp, target);
+  return error;
 }
 
 }  // namespace nextron

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -47,5 +48,14 @@ struct HfWriteOptions {
 // temporary sibling directory first and renamed into place, so a failed write never leaves a partial checkpoint.
 void save_hf_checkpoint(const std::string& dir, const ModelConfig& config, const ParamTable& table, const float* params,
                         const HfWriteOptions& options = {});
+
+// One HF tensor's values: piece `piece` of parameter `spec` (of the single-device table), numel(piece.shape) floats.
+using HfPieceSource = std::function<void(const ParamSpec& spec, const HfPiece& piece, float* out)>;
+// The same checkpoint streamed piece by piece, one HF tensor in memory at a time: source() may be collective (every
+// process calls this the same way; the sources run in the same order everywhere) and only where `writer` is true are
+// files written. A writer's error is returned ("" when none) after every source has run, so no process is left
+// waiting in a collective.
+std::string stream_hf_checkpoint(const std::string& dir, const ModelConfig& config, const ParamTable& table,
+                                 const HfPieceSource& source, const HfWriteOptions& options, bool writer);
 
 }  // namespace nextron

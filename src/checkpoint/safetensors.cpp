@@ -237,4 +237,49 @@ void SafetensorsWriter::write(const std::string& path, const std::map<std::strin
   std::filesystem::rename(tmp, path);
 }
 
+SafetensorsStreamWriter::SafetensorsStreamWriter(const std::string& path, std::vector<Entry> entries, DType stored,
+                                                 const std::map<std::string, std::string>& metadata)
+    : path_(path), tmp_(path + ".tmp"), entries_(std::move(entries)), stored_(stored) {
+  NEXTRON_CHECK(stored == DType::f32 || stored == DType::bf16,
+                "safetensors writer: only f32 and bf16 storage are supported");
+  const uint64_t elem = stored == DType::f32 ? 4 : 2;
+  nlohmann::ordered_json header;
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+  uint64_t off = 0;
+  for (const Entry& e : entries_) {
+    const uint64_t bytes = static_cast<uint64_t>(shape_numel(e.shape)) * elem;
+    header[e.name] = {
+        {"dtype", stored == DType::f32 ? "F32" : "BF16"}, {"shape", e.shape}, {"data_offsets", {off, off + bytes}}};
+    off += bytes;
+  }
+  std::string h = header.dump();
+  while (h.size() % 8 != 0) h.push_back(' ');  // the data section starts 8-byte aligned, as safetensors does
+  out_.open(tmp_, std::ios::binary | std::ios::trunc);
+  NEXTRON_CHECK(out_.good(), "cannot write '", tmp_, "' (check the directory exists and is writable)");
+  const uint64_t n = h.size();
+  out_.write(reinterpret_cast<const char*>(&n), 8);
+  out_.write(h.data(), static_cast<std::streamsize>(h.size()));
+}
+
+void SafetensorsStreamWriter::write_next(const float* data) {
+  NEXTRON_ASSERT(next_ < entries_.size());
+  const int64_t n = shape_numel(entries_[next_++].shape);
+  if (stored_ == DType::f32) {
+    out_.write(reinterpret_cast<const char*>(data), static_cast<std::streamsize>(4 * n));
+  } else {
+    std::vector<uint16_t> h(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) h[i] = f32_to_bf16(data[i]);
+    out_.write(reinterpret_cast<const char*>(h.data()), static_cast<std::streamsize>(2 * n));
+  }
+  NEXTRON_CHECK(out_.good(), "writing '", tmp_, "' failed (disk full?)");
+}
+
+void SafetensorsStreamWriter::finish() {
+  NEXTRON_ASSERT(next_ == entries_.size());
+  out_.flush();
+  NEXTRON_CHECK(out_.good(), "writing '", tmp_, "' failed (disk full?)");
+  out_.close();
+  std::filesystem::rename(tmp_, path_);
+}
+
 }  // namespace nextron

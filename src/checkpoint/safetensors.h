@@ -66,4 +66,26 @@ class SafetensorsWriter {
   uint64_t bytes_ = 0;
 };
 
+// Writes one safetensors file tensor by tensor: the header (names, shapes, the stored dtype, offsets) is known up
+// front, each tensor's bytes go to the file as they come (one tensor in memory at a time), and finish() renames the
+// file into place (a failed write leaves no file under `path`).
+class SafetensorsStreamWriter {
+ public:
+  struct Entry {
+    std::string name;
+    Shape shape;
+  };
+  SafetensorsStreamWriter(const std::string& path, std::vector<Entry> entries, DType stored,
+                          const std::map<std::string, std::string>& metadata = {});
+  void write_next(const float* data);  // the next entry's values, converted to the stored dtype
+  void finish();
+
+ private:
+  std::string path_, tmp_;
+  std::vector<Entry> entries_;
+  DType stored_;
+  size_t next_ = 0;
+  std::ofstream out_;
+};
+
 }  // namespace nextron

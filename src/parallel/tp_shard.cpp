@@ -140,6 +140,17 @@ void TpShardMap::place_owned(const float* local, float* full, bool dense, bool e
       std::memcpy(full + r.full_offset, local + r.local_offset, r.count * sizeof(float));
 }
 
+void TpShardMap::place_owned_range(const float* local, int64_t begin, int64_t count, float* out, bool dense,
+                                   bool experts) const {
+  const int64_t end = begin + count;
+  for (const TpRun& r : runs_) {
+    if (!r.owner || !(r.expert ? experts : dense)) continue;
+    const int64_t lo = std::max(begin, r.full_offset), hi = std::min(end, r.full_offset + r.count);
+    if (lo < hi)
+      std::memcpy(out + (lo - begin), local + r.local_offset + (lo - r.full_offset), (hi - lo) * sizeof(float));
+  }
+}
+
 void TpShardMap::place_all(const float* local, float* full) const {
   for (const TpRun& r : runs_) std::memcpy(full + r.full_offset, local + r.local_offset, r.count * sizeof(float));
 }

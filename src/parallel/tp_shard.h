@@ -61,6 +61,9 @@ class TpShardMap {
   void fill_local(
       float* local,
       const std::function<void(const ParamSpec& full, int64_t first, int64_t count, float* out)>& fill) const;
+  // The same for the full elements [begin, begin + count) only: out[i] = full element begin + i where this rank owns it
+  // (others untouched). For streaming one tensor at a time.
+  void place_owned_range(const float* local, int64_t begin, int64_t count, float* out, bool dense, bool experts) const;
   // full[every element this rank holds] = local.
   void place_all(const float* local, float* full) const;
   // The local flat ranges this rank owns (sorted, merged): a sum over these on every rank counts each element of the

@@ -566,8 +566,19 @@ void Trainer::resume_from(const std::string& dir) {
 }
 
 void Trainer::export_hf(const std::string& dir) {
-  const std::vector<float> params = full_params();
-  on_rank0([&] { save_hf_checkpoint(dir, config(), full_table(), params.data()); });
+  // Streamed one HF tensor at a time: each rank keeps only its local parameters, every tensor is completed by a world
+  // sum of the owners' elements (dense ones from DP rank 0, experts from EDP rank 0), and rank 0 writes it.
+  std::vector<std::vector<float>> locals;
+  for (Chunk& c : chunks_) locals.push_back(to_host(c.model->params(), 0, c.model->table().total_numel()));
+  const bool dense_owner = !ctx_ || ctx_->dp_rank() == 0, expert_owner = !ctx_ || ctx_->edp().rank() == 0;
+  const HfPieceSource source = [&](const ParamSpec& f, const HfPiece& piece, float* out) {
+    const int64_t begin = f.offset + piece.offset, n = shape_numel(piece.shape);
+    for (size_t c = 0; c < chunks_.size(); ++c)
+      shard_map(static_cast<int>(c)).place_owned_range(locals[c].data(), begin, n, out, dense_owner, expert_owner);
+    if (ctx_) ctx_->world().all_reduce_sum(out, n);
+  };
+  const std::string error = stream_hf_checkpoint(dir, config(), full_table(), source, {}, is_logger());
+  on_rank0([&] { NEXTRON_CHECK(error.empty(), error); });
 }
 
 void Trainer::run() {

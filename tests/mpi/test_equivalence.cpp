@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <map>
 
 #include "model/param_table.h"
@@ -238,7 +239,7 @@ TEST_F(Mpi, ExpertLoadPerLayerMatchesOneProcess) {
 
 // Initialisation without the whole model: every rank fills only its elements (counter-based, model/init.h, or the
 // slices' bytes of an HF checkpoint), and the full model gathered from any layout right after construction is the
-// one-process start bit for bit.
+// one-process start bit for bit; exporting it again from each layout, streamed tensor by tensor, writes the same file.
 TEST_F(Mpi, InitIsTheOneProcessInitUnderEveryLayout) {
   if (world_size() != 4) GTEST_SKIP() << "runs at 4 ranks";
   const std::vector<float> want = Trainer(options(1, false, 1), sample, nullptr).full_params();
@@ -290,6 +291,18 @@ TEST_F(Mpi, InitIsTheOneProcessInitUnderEveryLayout) {
     if (l.pp > 1) o.micro_batch = 1;
     Trainer t(o, sample, comm_.get());
     EXPECT_EQ(t.full_params(), want_hf) << l.name << " from HF";
+    // And back: the streamed export (one HF tensor at a time) writes the very file it started from.
+    const std::string again = hf + "-" + l.name;
+    if (world_rank() == 0) std::filesystem::remove_all(again);
+    t.export_hf(again);
+    if (world_rank() == 0) {
+      auto bytes = [](const std::string& path) {
+        std::ifstream f(path, std::ios::binary);
+        return std::string(std::istreambuf_iterator<char>(f), {});
+      };
+      EXPECT_EQ(bytes(again + "/model.safetensors"), bytes(hf + "/model.safetensors")) << l.name << " export";
+      std::filesystem::remove_all(again);
+    }
   }
   MPI_Barrier(MPI_COMM_WORLD);
   if (world_rank() == 0) std::filesystem::remove_all(hf);
