@@ -45,16 +45,25 @@ int run(int argc, char** argv) {
                 "remove '",
                 out, "' first");
 
-  // A training checkpoint (nextron-train --save) holds model.h5; anything else must be an HF directory.
-  const bool training = std::filesystem::exists(std::filesystem::path(in) / "model.h5");
-  const ModelConfig config = training ? read_train_checkpoint_config(in) : read_hf_config(in);
+  // A training checkpoint (nextron-train --save) has a manifest.json; anything else must be an HF directory.
+  if (std::filesystem::exists(std::filesystem::path(in) / "manifest.json")) {
+    // Streamed one HF tensor at a time from the shards of whatever layout wrote it: memory ~ the largest tensor.
+    const TrainCheckpointReader reader(in);
+    const ParamTable& table = reader.table();
+    const HfPieceSource source = [&](const ParamSpec& spec, const HfPiece& piece, float* values) {
+      reader.read_params({FlatRun{spec.offset + piece.offset, 0, shape_numel(piece.shape)}}, values);
+    };
+    const std::string error = stream_hf_checkpoint(out, reader.config(), table, source, w, /*writer=*/true);
+    NEXTRON_CHECK(error.empty(), error);
+    std::printf("wrote %s (%lld parameters, %s)\n", out.c_str(), static_cast<long long>(table.total_numel()),
+                dtype.c_str());
+    return 0;
+  }
+  const ModelConfig config = read_hf_config(in);
   check_fits_in_memory(config, {kWeightsBytesPerParam, "fp32 weights", 0});
   const ParamTable table(config);
   Tensor params = Tensor::zeros({table.total_numel()});
-  if (training)
-    load_train_checkpoint(in, config, table, params.f32(), FlatRange{0, 0}, nullptr, nullptr);
-  else
-    load_hf_weights(in, table, params.f32());
+  load_hf_weights(in, table, params.f32());
   save_hf_checkpoint(out, config, table, params.f32(), w);
   std::printf("wrote %s (%lld parameters, %s)\n", out.c_str(), static_cast<long long>(table.total_numel()),
               dtype.c_str());

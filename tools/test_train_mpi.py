@@ -17,6 +17,8 @@ import shutil
 import subprocess
 import sys
 
+import h5py
+
 from checks import Checks
 from train_test_data import TINY, fresh_byte_dataset
 
@@ -83,6 +85,41 @@ def main():
     lo = losses(os.path.join(other, "metrics.jsonl")) if r.returncode == 0 else {}
     check("resumes under DP 4", r.returncode == 0 and "continuing at step 4" in r.stdout and
           all(abs(lo.get(s, 0) - lf[s]) <= 1e-4 * abs(lf[s]) for s in (5, 6)), f"{lo} vs {lf}; {r.stderr[-600:]}")
+
+    # 4b. The sharded format: each of the 4 ranks wrote its own shard and no element twice (the params and moment
+    # datasets of all shards add up to the model's size exactly); the checkpoint resumes on one process and on two
+    # ranks (TP 2) continuing the uninterrupted run; a damaged shard is named and --resume auto takes the older one.
+    ck = os.path.join(par, "step_00000004")
+    shards = sorted(f for f in os.listdir(ck) if f.startswith("shard_"))
+    with h5py.File(os.path.join(ck, "metadata.h5"), "r") as md:
+        total = int(md.attrs["total_numel"])
+    stored = {"params": 0, "exp_avg": 0}
+    for f in shards:
+        with h5py.File(os.path.join(ck, f), "r") as h:
+            for k in stored:
+                stored[k] += h[k].shape[0]
+    check("TP2 x DP2 wrote 4 shards holding every element once", len(shards) == 4 and
+          stored == {"params": total, "exp_avg": total}, f"{shards} {stored} vs {total}")
+    for name, np_, extra in (("one process", 1, ["--micro-batch-size", "4"]),
+                             ("TP 2 (2 ranks)", 2, ["--micro-batch-size", "4", "--tensor-model-parallel-size", "2"])):
+        where = os.path.join(w, "reshard_" + str(np_))
+        shutil.copytree(ck, os.path.join(where, "step_00000004"))
+        r = run(common + extra + ["--train-steps", "6", "--save", where], np=np_)
+        lo = losses(os.path.join(where, "metrics.jsonl")) if r.returncode == 0 else {}
+        check(f"the TP2 x DP2 checkpoint resumes on {name}", r.returncode == 0 and "continuing at step 4" in r.stdout
+              and all(abs(lo.get(s, 0) - lf[s]) <= 1e-4 * abs(lf[s]) for s in (5, 6)), f"{lo} vs {lf}; {r.stderr[-600:]}")
+    damaged = os.path.join(w, "damaged")
+    for step in ("step_00000004", "step_00000006"):
+        shutil.copytree(os.path.join(par, step), os.path.join(damaged, step))
+    with open(os.path.join(damaged, "step_00000006", "shard_00002.h5"), "r+b") as f:
+        f.seek(os.path.getsize(f.name) // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0x40]))
+    r = run(tp2dp2 + ["--train-steps", "6", "--save", damaged])
+    check("a damaged shard is named and --resume auto takes the older checkpoint",
+          r.returncode == 0 and "shard_00002.h5" in r.stderr and "checksum" in r.stderr and
+          "continuing at step 4" in r.stdout, r.stdout[-400:] + r.stderr[-800:])
 
     # 5. Pipeline parallelism: PP 2 x DP 2 (1F1B) and PP 2 x VPP 2 (interleaved, 2 ranks) give the one-process losses
     # (the same micro-batches: global micro-batch 4); the PP checkpoint resumes on one process and the one-process

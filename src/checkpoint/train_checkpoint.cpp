@@ -27,15 +27,15 @@ using json = nlohmann::json;
 
 namespace {
 
-constexpr const char* kModelFile = "model.h5";
-constexpr const char* kOptimizerFile = "optimizer.h5";
+constexpr const char* kMetadataFile = "metadata.h5";
 constexpr const char* kStateFile = "state.json";
 constexpr const char* kManifestFile = "manifest.json";
-constexpr const char* kModelFormat = "nextron-train-model";
-constexpr const char* kOptimizerFormat = "nextron-train-optimizer";
+constexpr const char* kMetadataFormat = "nextron-train-metadata";
+constexpr const char* kShardFormat = "nextron-train-shard";
 constexpr const char* kStateFormat = "nextron-train-state";
 constexpr const char* kManifestFormat = "nextron-train-checkpoint";
-constexpr int64_t kSlab = int64_t{1} << 24;  // elements per HDF5 read/write call
+constexpr int64_t kSlab = int64_t{1} << 24;   // elements per HDF5 read/write call
+constexpr int64_t kStage = int64_t{1} << 22;  // elements staged per write of a shard's runs (16 MiB)
 constexpr const char* kUseOlder = "resume from an earlier checkpoint (move this directory away) or start a new run";
 constexpr const char* kDiskFix = "free disk space or choose another --save directory";
 
@@ -238,8 +238,11 @@ std::vector<StepDir> list_step_dirs(const fs::path& root) {
   return dirs;
 }
 
-bool is_optimizer_file(const std::string& name) {
-  return name.size() >= 12 && name.rfind("optimizer", 0) == 0 && name.compare(name.size() - 3, 3, ".h5") == 0;
+// "shard_<rank, 5 digits>.h5": rank `rank`'s parameters and moments.
+std::string shard_file_name(int rank) {
+  char name[32];
+  std::snprintf(name, sizeof name, "shard_%05d.h5", rank);
+  return name;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -253,7 +256,13 @@ struct ManifestEntry {
 
 struct Manifest {
   int64_t step = 0;
+  int64_t shards = 0;  // the number of ranks that wrote it: shard_00000.h5 ... one per rank
   std::vector<ManifestEntry> files;
+  const ManifestEntry* find(const std::string& name) const {
+    for (const ManifestEntry& e : files)
+      if (e.name == name) return &e;
+    return nullptr;
+  }
 };
 
 // Parses manifest.json of `dir` and checks its structure (not the files it lists).
@@ -275,6 +284,7 @@ Manifest read_manifest(const fs::path& dir) {
     NEXTRON_CHECK(j.at("checksum").get<std::string>() == "xxh64", "checkpoint '", dir.string(), "': ", kManifestFile,
                   " uses checksum '", j.at("checksum").get<std::string>(), "', this build knows xxh64; ", kUseOlder);
     m.step = j.at("step").get<int64_t>();
+    m.shards = j.at("shards").get<int64_t>();
     std::set<std::string> seen;
     for (const json& f : j.at("files")) {
       ManifestEntry e;
@@ -295,22 +305,30 @@ Manifest read_manifest(const fs::path& dir) {
     NEXTRON_CHECK(false, "checkpoint '", dir.string(), "': ", kManifestFile, " is not a valid manifest (", e.what(),
                   "); ", kUseOlder);
   }
-  bool optimizer = false;
-  for (const auto& e : m.files) optimizer = optimizer || is_optimizer_file(e.name);
-  for (const char* required : {kModelFile, kStateFile}) {
-    bool found = false;
-    for (const auto& e : m.files) found = found || e.name == required;
-    NEXTRON_CHECK(found, "checkpoint '", dir.string(), "': ", kManifestFile, " does not list ", required, "; ",
-                  kUseOlder);
-  }
-  NEXTRON_CHECK(optimizer, "checkpoint '", dir.string(), "': ", kManifestFile, " lists no optimizer file; ", kUseOlder);
+  NEXTRON_CHECK(m.shards >= 1 && m.shards <= (int64_t{1} << 24), "checkpoint '", dir.string(), "': ", kManifestFile,
+                " says it has ", m.shards, " shards; ", kUseOlder);
+  std::vector<std::string> required = {kMetadataFile, kStateFile};
+  for (int64_t r = 0; r < m.shards; ++r) required.push_back(shard_file_name(static_cast<int>(r)));
+  for (const std::string& name : required)
+    NEXTRON_CHECK(m.find(name) != nullptr, "checkpoint '", dir.string(), "': ", kManifestFile, " does not list ", name,
+                  "; ", kUseOlder);
   return m;
 }
 
-// Checks that every listed file exists with its size, and with `checksums` also its checksum.
-Manifest check_files(const fs::path& dir, bool checksums) {
+// Compares `name`'s checksum with the manifest's.
+void check_checksum(const fs::path& dir, const ManifestEntry& e) {
+  const FileDigest d = digest_file(dir / e.name);
+  NEXTRON_CHECK(d.bytes == e.bytes && d.hash == e.hash, "checkpoint '", dir.string(), "' is damaged: the xxh64 ",
+                "checksum of ", e.name, " is ", hex64(d.hash), ", its manifest says ", hex64(e.hash),
+                " (the file was modified or corrupted); ", kUseOlder);
+}
+
+// Checks that every listed file exists with its size, and with `checksums` also the checksums of the files whose
+// index in the manifest is `part` modulo `parts`.
+Manifest check_files(const fs::path& dir, bool checksums, int part = 0, int parts = 1) {
   Manifest m = read_manifest(dir);
-  for (const ManifestEntry& e : m.files) {
+  for (size_t i = 0; i < m.files.size(); ++i) {
+    const ManifestEntry& e = m.files[i];
     const fs::path p = dir / e.name;
     std::error_code ec;
     const uintmax_t size = fs::file_size(p, ec);
@@ -318,14 +336,20 @@ Manifest check_files(const fs::path& dir, bool checksums) {
                   kUseOlder);
     NEXTRON_CHECK(size == e.bytes, "checkpoint '", dir.string(), "' is damaged: ", e.name, " is ", size,
                   " bytes, its manifest says ", e.bytes, " (truncated or overwritten); ", kUseOlder);
-    if (checksums) {
-      const FileDigest d = digest_file(p);
-      NEXTRON_CHECK(d.bytes == e.bytes && d.hash == e.hash, "checkpoint '", dir.string(), "' is damaged: the xxh64 ",
-                    "checksum of ", e.name, " is ", hex64(d.hash), ", its manifest says ", hex64(e.hash),
-                    " (the file was modified or corrupted); ", kUseOlder);
-    }
+    if (checksums && static_cast<int>(i % static_cast<size_t>(parts)) == part) check_checksum(dir, e);
   }
   return m;
+}
+
+void check_step_name(const std::string& dir, const Manifest& m) {
+  // --resume auto and keep-last order checkpoints by their names, the run continues at the manifest's step: a
+  // directory renamed or copied under another step's name would resume somewhere else than it claims.
+  fs::path p(dir);
+  if (!p.has_filename()) p = p.parent_path();
+  if (const auto d = parse_step_dir(p); d && !d->tmp)
+    NEXTRON_CHECK(d->step == m.step, "checkpoint '", dir, "' is named for step ", d->step, " but its ", kManifestFile,
+                  " says step ", m.step, " (renamed or copied under the wrong name); rename it to ",
+                  fs::path(train_checkpoint_dir(".", m.step)).filename().string(), " or ", kUseOlder);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -416,6 +440,36 @@ class H5Writer {
     for (size_t i = 0; i < v.size(); ++i) std::copy(v[i].begin(), v[i].end(), packed.begin() + i * width);
     H5Id type = fixed_utf8_type(width);
     dataset(name, type.get(), type.get(), width, packed.data(), static_cast<int64_t>(v.size()));
+  }
+
+  // The elements base[run.local_offset, +run.count) of every run, concatenated in run order (staged in kStage
+  // pieces: the only memory a save adds beyond the rank's host copies).
+  void dataset_f32_runs(const char* name, const float* base, const std::vector<FlatRun>& runs) {
+    int64_t n = 0;
+    for (const FlatRun& r : runs) n += r.count;
+    const hsize_t dims = static_cast<hsize_t>(n);
+    H5Id space(H5Screate_simple(1, &dims, nullptr), H5Sclose);
+    H5Id ds(H5Dcreate2(file_.get(), name, H5T_IEEE_F32LE, space.get(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT),
+            H5Dclose);
+    check(ds.valid(), name);
+    std::vector<float> stage;
+    stage.reserve(static_cast<size_t>(std::min(n, kStage)));
+    int64_t written = 0;
+    auto flush = [&] {
+      const auto k = static_cast<int64_t>(stage.size());
+      check(transfer_1d(ds.get(), H5T_NATIVE_FLOAT, sizeof(float), written, k, stage.data(), nullptr), name);
+      written += k;
+      stage.clear();
+    };
+    for (const FlatRun& r : runs)
+      for (int64_t done = 0; done < r.count;) {
+        const int64_t take = std::min(r.count - done, kStage - static_cast<int64_t>(stage.size()));
+        const float* from = base + r.local_offset + done;
+        stage.insert(stage.end(), from, from + take);
+        done += take;
+        if (static_cast<int64_t>(stage.size()) == kStage) flush();
+      }
+    if (!stage.empty()) flush();
   }
 
   // Closes the file and flushes it to disk.
@@ -623,7 +677,14 @@ class H5Reader {
 // ---------------------------------------------------------------------------------------------------------------
 // The files.
 
-void write_model_file(const fs::path& p, const std::string& config_text, const ParamTable& table, const float* params) {
+// One index record per run group: which shard, params or moments, and the group (7 integers).
+constexpr int kIndexFields = 7;
+enum class Stored : int64_t { params = 0, moments = 1 };
+
+// Rank 0's file: the config, the parameter table, the optimizer's step count and hyperparameters, and the index of
+// every shard's run groups.
+void write_metadata_file(const fs::path& p, const std::string& config_text, const ParamTable& table, int64_t shards,
+                         int64_t steps_taken, const AdamWHyper& hyper, const std::vector<int64_t>& index) {
   std::vector<std::string> names;
   std::vector<int64_t> offsets, ndim, dims;
   for (const ParamSpec& s : table.specs()) {
@@ -632,39 +693,55 @@ void write_model_file(const fs::path& p, const std::string& config_text, const P
     ndim.push_back(static_cast<int64_t>(s.shape.size()));
     dims.insert(dims.end(), s.shape.begin(), s.shape.end());
   }
-  uint64_t bytes = 4 * static_cast<uint64_t>(table.total_numel()) + 8 * (offsets.size() + ndim.size() + dims.size()) +
-                   config_text.size();
-  for (const std::string& n : names) bytes += n.size() + 32;  // a variable-length string's reference and heap entry
+  uint64_t bytes = 8 * (offsets.size() + ndim.size() + dims.size() + index.size()) + config_text.size();
+  for (const std::string& n : names) bytes += n.size() + 32;
   H5Writer w(p, bytes);
-  w.attr_str("format", kModelFormat);
+  w.attr_str("format", kMetadataFormat);
   w.attr_i64("format_version", kTrainCheckpointFormatVersion);
   w.attr_str("model_config", config_text);
   w.attr_i64("total_numel", table.total_numel());
+  w.attr_i64("shards", shards);
+  w.attr_i64("steps_taken", steps_taken);
+  w.attr_f64("lr", hyper.lr);
+  w.attr_f64("beta1", hyper.beta1);
+  w.attr_f64("beta2", hyper.beta2);
+  w.attr_f64("eps", hyper.eps);
+  w.attr_f64("weight_decay", hyper.weight_decay);
+  w.attr_i64("decay_all", hyper.decay_all ? 1 : 0);
   w.dataset_strings("param_names", names);
   w.dataset_i64("param_offsets", offsets);
   w.dataset_i64("param_ndim", ndim);
   w.dataset_i64("param_dims", dims);
-  w.dataset_f32("params", params, table.total_numel());
+  w.dataset_i64("index", index);
   w.finish();
 }
 
-void write_optimizer_file(const fs::path& p, int64_t total_numel, const OptimizerShard& o) {
-  H5Writer w(p, 8 * static_cast<uint64_t>(o.range.size()));
-  w.attr_str("format", kOptimizerFormat);
+// A rank's file: its parameter runs' elements ("params") and its moment runs' ("exp_avg", "exp_avg_sq").
+void write_shard_file(const fs::path& p, int rank, int shards, int64_t total_numel, const CheckpointShard& s) {
+  int64_t np = 0, nm = 0;
+  for (const FlatRun& r : s.param_runs) np += r.count;
+  for (const FlatRun& r : s.moment_runs) nm += r.count;
+  H5Writer w(p, 4 * static_cast<uint64_t>(np + 2 * nm));
+  w.attr_str("format", kShardFormat);
   w.attr_i64("format_version", kTrainCheckpointFormatVersion);
+  w.attr_i64("rank", rank);
+  w.attr_i64("shards", shards);
   w.attr_i64("total_numel", total_numel);
-  w.attr_i64("range_begin", o.range.begin);
-  w.attr_i64("range_end", o.range.end);
-  w.attr_i64("steps_taken", o.steps_taken);
-  w.attr_f64("lr", o.hyper.lr);
-  w.attr_f64("beta1", o.hyper.beta1);
-  w.attr_f64("beta2", o.hyper.beta2);
-  w.attr_f64("eps", o.hyper.eps);
-  w.attr_f64("weight_decay", o.hyper.weight_decay);
-  w.attr_i64("decay_all", o.hyper.decay_all ? 1 : 0);
-  w.dataset_f32("exp_avg", o.exp_avg, o.range.size());
-  w.dataset_f32("exp_avg_sq", o.exp_avg_sq, o.range.size());
+  w.dataset_f32_runs("params", s.params, s.param_runs);
+  w.dataset_f32_runs("exp_avg", s.exp_avg, s.moment_runs);
+  w.dataset_f32_runs("exp_avg_sq", s.exp_avg_sq, s.moment_runs);
   w.finish();
+}
+
+// The runs as stored: the same full offsets, at their positions in the shard's dataset.
+std::vector<RunGroup> stored_groups(const std::vector<FlatRun>& runs) {
+  std::vector<FlatRun> stored;
+  int64_t at = 0;
+  for (const FlatRun& r : runs) {
+    stored.push_back(FlatRun{r.full_offset, at, r.count});
+    at += r.count;
+  }
+  return group_runs(stored);
 }
 
 std::string state_text(const TrainState& s) {
@@ -741,7 +818,7 @@ void check_config(const fs::path& dir, const H5Reader& model, const ModelConfig&
   std::string where, was, is;
   NEXTRON_CHECK(!first_difference(&stored, &expected, "", &where, &was, &is), "checkpoint '", dir.string(),
                 "' was trained with ", where, " ", was, ", the model config says ", is,
-                "; resume with the model config it was trained with (the model_config attribute of its model.h5) or "
+                "; resume with the model config it was trained with (the model_config attribute of its metadata.h5) or "
                 "save the new run to another directory");
 }
 
@@ -756,8 +833,8 @@ void check_table(const fs::path& dir, const H5Reader& model, const ParamTable& t
   const char* fix =
       "; the checkpoint was written with another parameter layout (another nextron version?): export "
       "it to HF format with the nextron that wrote it and start from that with --init-from";
-  NEXTRON_CHECK(names.size() == specs.size(), "checkpoint '", dir.string(), "': model.h5 lists ", names.size(),
-                " parameters, the model has ", specs.size(), fix);
+  NEXTRON_CHECK(names.size() == specs.size(), "checkpoint '", dir.string(), "': ", kMetadataFile, " lists ",
+                names.size(), " parameters, the model has ", specs.size(), fix);
   size_t at = 0;
   for (size_t i = 0; i < specs.size(); ++i) {
     model.check(ndim[i] >= 0 && at + static_cast<size_t>(ndim[i]) <= dims.size(),
@@ -767,43 +844,12 @@ void check_table(const fs::path& dir, const H5Reader& model, const ParamTable& t
     at += static_cast<size_t>(ndim[i]);
     const ParamSpec& s = specs[i];
     NEXTRON_CHECK(names[i] == s.name && shape == s.shape && offsets[i] == s.offset, "checkpoint '", dir.string(),
-                  "': parameter ", i, " of model.h5 is '", names[i], "' ", shape_str(shape), " at offset ", offsets[i],
-                  ", the model's is '", s.name, "' ", shape_str(s.shape), " at offset ", s.offset, fix);
+                  "': parameter ", i, " of ", kMetadataFile, " is '", names[i], "' ", shape_str(shape), " at offset ",
+                  offsets[i], ", the model's is '", s.name, "' ", shape_str(s.shape), " at offset ", s.offset, fix);
   }
   model.check(at == dims.size(), "has a parameter table whose shapes do not add up");
-  model.check(model.attr_i64("total_numel") == table.total_numel() &&
-                  model.length("params", H5T_FLOAT, sizeof(float)) == table.total_numel(),
+  model.check(model.attr_i64("total_numel") == table.total_numel(),
               "holds a number of parameters that does not match its parameter table");
-}
-
-// One stored optimizer file, opened and checked.
-struct OptimizerPiece {
-  std::unique_ptr<H5Reader> file;
-  FlatRange range;
-  int64_t steps_taken = 0;
-  AdamWHyper hyper;
-};
-
-OptimizerPiece open_optimizer_file(const fs::path& dir, const std::string& name, int64_t total_numel) {
-  OptimizerPiece p;
-  p.file = std::make_unique<H5Reader>(dir, name, kOptimizerFormat);
-  const H5Reader& f = *p.file;
-  p.range = FlatRange{f.attr_i64("range_begin"), f.attr_i64("range_end")};
-  NEXTRON_CHECK(f.attr_i64("total_numel") == total_numel, "checkpoint '", dir.string(), "': ", name,
-                " holds optimizer state for a model of ", f.attr_i64("total_numel"), " parameters, this one has ",
-                total_numel, "; ", kUseOlder);
-  f.check(0 <= p.range.begin && p.range.begin <= p.range.end && p.range.end <= total_numel &&
-              f.length("exp_avg", H5T_FLOAT, sizeof(float)) == p.range.size() &&
-              f.length("exp_avg_sq", H5T_FLOAT, sizeof(float)) == p.range.size(),
-          "has a range [", p.range.begin, ", ", p.range.end, ") that does not fit its moments");
-  p.steps_taken = f.attr_i64("steps_taken");
-  p.hyper.lr = f.attr_f64("lr");
-  p.hyper.beta1 = f.attr_f64("beta1");
-  p.hyper.beta2 = f.attr_f64("beta2");
-  p.hyper.eps = f.attr_f64("eps");
-  p.hyper.weight_decay = f.attr_f64("weight_decay");
-  p.hyper.decay_all = f.attr_i64("decay_all") != 0;
-  return p;
 }
 
 // Moves a finished checkpoint from `tmp` to `final_dir`, replacing a checkpoint of the same step.
@@ -873,6 +919,160 @@ std::string train_checkpoint_dir(const std::string& root, int64_t step) {
   return (fs::path(root) / name).string();
 }
 
+namespace {
+
+// Every rank learns whether any rank failed: the failing ones throw their own message, the others `elsewhere`.
+void agree(Communicator* world, const std::string& error, const std::string& elsewhere) {
+  double failed = error.empty() ? 0 : 1;
+  if (world != nullptr) world->all_reduce_sum(&failed, 1);
+  if (failed > 0) throw Error(error.empty() ? elsewhere : error);
+}
+
+template <typename F>
+std::string capture(F&& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return {};
+}
+
+void check_runs(const std::vector<FlatRun>& runs, int64_t total, const char* what) {
+  for (const FlatRun& r : runs)
+    NEXTRON_CHECK(r.count >= 0 && r.full_offset >= 0 && r.local_offset >= 0 && r.full_offset + r.count <= total,
+                  "save_train_checkpoint: a ", what, " run [", r.full_offset, ", +", r.count,
+                  ") is not inside the model's ", total, " parameters");
+}
+
+// The record a rank sends rank 0: its shard file's size and checksum, a failure flag, then its run groups.
+std::vector<int64_t> shard_record(bool failed, const FileDigest& d, const std::vector<RunGroup>& params,
+                                  const std::vector<RunGroup>& moments) {
+  std::vector<int64_t> rec = {failed ? 1 : 0, static_cast<int64_t>(d.bytes), static_cast<int64_t>(d.hash),
+                              static_cast<int64_t>(params.size()), static_cast<int64_t>(moments.size())};
+  for (const auto* groups : {&params, &moments})
+    for (const RunGroup& g : *groups) rec.insert(rec.end(), {g.first, g.count, g.stride, g.repeats, g.local});
+  return rec;
+}
+
+}  // namespace
+
+std::string save_train_checkpoint(Communicator* world, const std::string& root, const ModelConfig& config,
+                                  const ParamTable& table, const CheckpointShard& shard, const TrainState& state,
+                                  int keep_last) {
+  const int rank = world != nullptr ? world->rank() : 0, W = world != nullptr ? world->size() : 1;
+  const int64_t total = table.total_numel();
+  const fs::path root_path(root);
+  const fs::path final_dir = train_checkpoint_dir(root, state.step);
+  const std::string elsewhere = "another rank failed while saving checkpoint '" + final_dir.string() +
+                                "' (its message is in its error output); " + kDiskFix;
+  std::string state_json, config_json;
+  std::error_code ec;
+
+  // 1. Checks everywhere, the temporary directory on rank 0 (named by rank 0's pid, which every rank learns).
+  std::string error = capture([&] {
+    check_runs(shard.param_runs, total, "parameter");
+    check_runs(shard.moment_runs, total, "moment");
+    NEXTRON_CHECK(shard.param_runs.empty() || shard.params != nullptr,
+                  "save_train_checkpoint: the parameters are null; pass the rank's host copy");
+    NEXTRON_CHECK(shard.moment_runs.empty() || (shard.exp_avg != nullptr && shard.exp_avg_sq != nullptr),
+                  "save_train_checkpoint: the optimizer moments are null; pass the rank's host copies");
+    NEXTRON_CHECK(state.step >= 0 && state.data_position >= 0 && state.consumed_tokens >= 0 && shard.steps_taken >= 0,
+                  "save_train_checkpoint: step (", state.step, "), data position (", state.data_position,
+                  "), consumed tokens (", state.consumed_tokens, ") and steps taken (", shard.steps_taken,
+                  ") must all be >= 0");
+    NEXTRON_CHECK(keep_last >= 0, "keep_last is ", keep_last, "; use a positive count, or 0 to keep every checkpoint");
+    if (rank != 0) return;
+    state_json = state_text(state);  // before touching the disk: may reject non-UTF-8 strings
+    config_json = config.to_json().dump();
+    fs::create_directories(root_path, ec);
+    NEXTRON_CHECK(!ec, "cannot create checkpoint directory '", root, "': ", ec.message(), "; ", kDiskFix);
+    const fs::path tmp = final_dir.string() + ".tmp-" + std::to_string(::getpid());
+    fs::remove_all(tmp, ec);  // left by an earlier process with our pid
+    NEXTRON_CHECK(fs::create_directory(tmp, ec) && !ec, "cannot create '", tmp.string(), "': ", ec.message(), "; ",
+                  kDiskFix);
+  });
+  double setup[2] = {error.empty() ? 0.0 : 1.0, rank == 0 ? static_cast<double>(::getpid()) : 0.0};
+  if (world != nullptr) world->all_reduce_sum(setup, 2);
+  const fs::path tmp = final_dir.string() + ".tmp-" + std::to_string(static_cast<long long>(setup[1]));
+  if (setup[0] > 0) {
+    if (rank == 0) fs::remove_all(tmp, ec);
+    throw Error(error.empty() ? elsewhere : error);
+  }
+
+  // 2. Every rank writes its shard.
+  const std::vector<RunGroup> param_groups = stored_groups(shard.param_runs),
+                              moment_groups = stored_groups(shard.moment_runs);
+  FileDigest digest;
+  error = capture([&] {
+    const fs::path file = tmp / shard_file_name(rank);
+    write_shard_file(file, rank, W, total, shard);
+    digest = digest_file(file);
+    stage_done("shard");
+  });
+
+  // 3. Rank 0 collects the shards' records, writes the metadata, the state and the manifest, and installs it.
+  std::vector<int64_t> record = shard_record(!error.empty(), digest, param_groups, moment_groups);
+  if (rank != 0) {
+    int64_t n = static_cast<int64_t>(record.size());
+    world->send(&n, 1, DType::i64, 0, 0);
+    world->send(record.data(), n, DType::i64, 0, 1);
+  } else {
+    std::vector<int64_t> index;  // kIndexFields per group
+    nlohmann::ordered_json files = nlohmann::ordered_json::array();
+    bool any_failed = false;
+    for (int r = 0; r < W; ++r) {
+      if (r > 0) {
+        int64_t n = 0;
+        world->recv(&n, 1, DType::i64, r, 0);
+        record.assign(static_cast<size_t>(n), 0);
+        world->recv(record.data(), n, DType::i64, r, 1);
+      }
+      any_failed = any_failed || record[0] != 0;
+      files.push_back({{"name", shard_file_name(r)},
+                       {"bytes", static_cast<uint64_t>(record[1])},
+                       {"xxh64", hex64(static_cast<uint64_t>(record[2]))}});
+      const int64_t groups = record[3] + record[4];
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t* f = record.data() + 5 + 5 * g;
+        const auto kind = g < record[3] ? Stored::params : Stored::moments;
+        index.insert(index.end(), {r, static_cast<int64_t>(kind), f[0], f[1], f[2], f[3], f[4]});
+      }
+    }
+    if (error.empty() && any_failed) error = elsewhere;
+    if (error.empty())
+      error = capture([&] {
+        write_metadata_file(tmp / kMetadataFile, config_json, table, W, shard.steps_taken, shard.hyper, index);
+        stage_done(kMetadataFile);
+        write_file_durably(tmp / kStateFile, state_json);
+        stage_done(kStateFile);
+        nlohmann::ordered_json manifest;
+        manifest["format"] = kManifestFormat;
+        manifest["format_version"] = kTrainCheckpointFormatVersion;
+        manifest["step"] = state.step;
+        manifest["shards"] = W;
+        manifest["checksum"] = "xxh64";
+        for (const char* name : {kMetadataFile, kStateFile}) {
+          const FileDigest d = digest_file(tmp / name);
+          files.push_back({{"name", name}, {"bytes", d.bytes}, {"xxh64", hex64(d.hash)}});
+        }
+        manifest["files"] = files;
+        write_file_durably(tmp / kManifestFile, manifest.dump(2) + "\n");
+        fsync_path(tmp, /*directory=*/true);
+        stage_done(kManifestFile);
+        install(tmp, final_dir);
+        fsync_path(root_path, /*directory=*/true);
+      });
+    if (!error.empty()) fs::remove_all(tmp, ec);
+  }
+  agree(world, error, elsewhere);
+  if (rank == 0) {
+    stage_done("renamed");
+    if (keep_last > 0) prune(root_path, state.step, keep_last);
+  }
+  return final_dir.string();
+}
+
 std::string save_train_checkpoint(const std::string& root, const ModelConfig& config, const ParamTable& table,
                                   const float* params, const OptimizerShard& optimizer, const TrainState& state,
                                   int keep_last) {
@@ -883,100 +1083,190 @@ std::string save_train_checkpoint(const std::string& root, const ModelConfig& co
                 ") is not inside the model's ", total, " parameters; pass the range the AdamW instance owns");
   NEXTRON_CHECK(r.size() == 0 || (optimizer.exp_avg != nullptr && optimizer.exp_avg_sq != nullptr),
                 "save_train_checkpoint: the optimizer moments are null; pass AdamW::exp_avg() and exp_avg_sq()");
-  NEXTRON_CHECK(state.step >= 0 && state.data_position >= 0 && state.consumed_tokens >= 0 && optimizer.steps_taken >= 0,
-                "save_train_checkpoint: step (", state.step, "), data position (", state.data_position,
-                "), consumed tokens (", state.consumed_tokens, ") and steps taken (", optimizer.steps_taken,
-                ") must all be >= 0");
-  NEXTRON_CHECK(keep_last >= 0, "keep_last is ", keep_last, "; use a positive count, or 0 to keep every checkpoint");
-  const std::string state_json = state_text(state);  // before touching the disk: may reject non-UTF-8 strings
-  const std::string config_json = config.to_json().dump();
-
-  const fs::path root_path(root);
-  std::error_code ec;
-  fs::create_directories(root_path, ec);
-  NEXTRON_CHECK(!ec, "cannot create checkpoint directory '", root, "': ", ec.message(), "; ", kDiskFix);
-  const fs::path final_dir = train_checkpoint_dir(root, state.step);
-  const fs::path tmp = final_dir.string() + ".tmp-" + std::to_string(::getpid());
-  fs::remove_all(tmp, ec);  // left by an earlier process with our pid
-  NEXTRON_CHECK(fs::create_directory(tmp, ec) && !ec, "cannot create '", tmp.string(), "': ", ec.message(), "; ",
-                kDiskFix);
-  try {
-    write_model_file(tmp / kModelFile, config_json, table, params);
-    stage_done(kModelFile);
-    write_optimizer_file(tmp / kOptimizerFile, total, optimizer);
-    stage_done(kOptimizerFile);
-    write_file_durably(tmp / kStateFile, state_json);
-    stage_done(kStateFile);
-
-    nlohmann::ordered_json manifest;
-    manifest["format"] = kManifestFormat;
-    manifest["format_version"] = kTrainCheckpointFormatVersion;
-    manifest["step"] = state.step;
-    manifest["checksum"] = "xxh64";
-    manifest["files"] = nlohmann::ordered_json::array();
-    for (const char* name : {kModelFile, kOptimizerFile, kStateFile}) {
-      const FileDigest d = digest_file(tmp / name);
-      manifest["files"].push_back({{"name", name}, {"bytes", d.bytes}, {"xxh64", hex64(d.hash)}});
-    }
-    write_file_durably(tmp / kManifestFile, manifest.dump(2) + "\n");
-    fsync_path(tmp, /*directory=*/true);
-    stage_done(kManifestFile);
-
-    install(tmp, final_dir);
-    fsync_path(root_path, /*directory=*/true);
-  } catch (...) {
-    fs::remove_all(tmp, ec);
-    throw;
-  }
-  stage_done("renamed");
-  if (keep_last > 0) prune(root_path, state.step, keep_last);
-  return final_dir.string();
+  CheckpointShard shard;
+  shard.params = params;
+  shard.param_runs = {FlatRun{0, 0, total}};
+  shard.exp_avg = optimizer.exp_avg;
+  shard.exp_avg_sq = optimizer.exp_avg_sq;
+  shard.moment_runs = {FlatRun{r.begin, 0, r.size()}};
+  shard.steps_taken = optimizer.steps_taken;
+  shard.hyper = optimizer.hyper;
+  return save_train_checkpoint(nullptr, root, config, table, shard, state, keep_last);
 }
 
-void verify_train_checkpoint(const std::string& dir) {
+void verify_train_checkpoint(const std::string& dir, int part, int parts) {
   std::error_code ec;
   NEXTRON_CHECK(fs::is_directory(dir, ec), "checkpoint directory '", dir,
                 "' does not exist; pass a step_<N> directory written by nextron-train");
-  const Manifest m = check_files(dir, /*checksums=*/true);
-  // --resume auto and keep-last order checkpoints by their names, the run continues at the manifest's step: a
-  // directory renamed or copied under another step's name would resume somewhere else than it claims.
-  fs::path p(dir);
-  if (!p.has_filename()) p = p.parent_path();
-  if (const auto d = parse_step_dir(p); d && !d->tmp)
-    NEXTRON_CHECK(d->step == m.step, "checkpoint '", dir, "' is named for step ", d->step, " but its ", kManifestFile,
-                  " says step ", m.step, " (renamed or copied under the wrong name); rename it to ",
-                  fs::path(train_checkpoint_dir(".", m.step)).filename().string(), " or ", kUseOlder);
+  check_step_name(dir, check_files(dir, /*checksums=*/true, part, parts));
 }
 
-std::optional<std::string> find_latest_checkpoint(const std::string& root) {
+std::optional<std::string> find_latest_checkpoint(const std::string& root, Communicator* world) {
   std::error_code ec;
   if (!fs::is_directory(root, ec)) return std::nullopt;
+  const int rank = world != nullptr ? world->rank() : 0, W = world != nullptr ? world->size() : 1;
   for (const StepDir& d : list_step_dirs(root)) {
     if (d.tmp) {
-      warn("ignoring '" + d.path.string() +
-           "': an unfinished save (in progress, or interrupted; delete it once no run writes to this directory)");
+      if (rank == 0)
+        warn("ignoring '" + d.path.string() +
+             "': an unfinished save (in progress, or interrupted; delete it once no run writes to this directory)");
       continue;
     }
-    try {
-      check_files(d.path, /*checksums=*/true);
-      return d.path.string();
-    } catch (const Error& e) {
-      warn(std::string("skipping an incomplete or damaged checkpoint: ") + e.what());
-    }
+    // Each rank reads the checksums of its share of the files.
+    // (A directory named for another step than its manifest's is not skipped: loading it names the mismatch.)
+    const std::string error = capture([&] { check_files(d.path, /*checksums=*/true, rank, W); });
+    if (!error.empty()) warn("skipping an incomplete or damaged checkpoint: " + error);
+    double failed = error.empty() ? 0 : 1;
+    if (world != nullptr) world->all_reduce_sum(&failed, 1);
+    if (failed == 0) return d.path.string();
   }
   return std::nullopt;
 }
 
-ModelConfig read_train_checkpoint_config(const std::string& dir) {
-  verify_train_checkpoint(dir);
-  const H5Reader model(fs::path(dir), kModelFile, kModelFormat);
-  try {
-    return ModelConfig::from_json(json::parse(model.attr_str("model_config")));
-  } catch (const json::exception& e) {
-    model.check(false, "has a model_config attribute that is not JSON (", e.what(), ")");
+// ---------------------------------------------------------------------------------------------------------------
+// Reading.
+
+struct TrainCheckpointReader::Impl {
+  fs::path dir;
+  std::string dir_text;
+  Manifest manifest;
+  std::unique_ptr<H5Reader> metadata;
+  ModelConfig config;
+  std::unique_ptr<ParamTable> table;
+  std::vector<int64_t> offsets;  // the table's parameter offsets
+  LoadedCheckpoint loaded;
+  std::vector<RunGroup> groups[2];  // Stored::params, Stored::moments
+  std::vector<int> group_shard[2];
+  std::vector<int64_t> stored_numel[2];  // per shard: what its index says its datasets hold
+  mutable std::vector<std::unique_ptr<H5Reader>> shards;
+
+  const H5Reader& shard(int r) const {
+    if (!shards[static_cast<size_t>(r)]) {
+      const std::string name = shard_file_name(r);
+      check_checksum(dir, *manifest.find(name));
+      auto f = std::make_unique<H5Reader>(dir, name, kShardFormat);
+      f->check(f->attr_i64("rank") == r && f->attr_i64("shards") == manifest.shards &&
+                   f->attr_i64("total_numel") == table->total_numel(),
+               "belongs to another checkpoint (rank, shard count or model size differ)");
+      f->check(f->length("params", H5T_FLOAT, sizeof(float)) == stored_numel[0][static_cast<size_t>(r)] &&
+                   f->length("exp_avg", H5T_FLOAT, sizeof(float)) == stored_numel[1][static_cast<size_t>(r)] &&
+                   f->length("exp_avg_sq", H5T_FLOAT, sizeof(float)) == stored_numel[1][static_cast<size_t>(r)],
+               "holds a different number of elements than ", kMetadataFile, " indexes");
+      shards[static_cast<size_t>(r)] = std::move(f);
+    }
+    return *shards[static_cast<size_t>(r)];
   }
-  return {};
+
+  // Fills dst[k] (k = 0: params or exp_avg, 1: exp_avg_sq) from every stored group intersecting `runs`.
+  void read(Stored kind, const std::vector<FlatRun>& runs, float* const* dst, int ndst) const {
+    const int k = static_cast<int>(kind);
+    int uncovered = -1;
+    const auto plan = plan_copies(offsets, table->total_numel(), groups[k], group_runs(runs), &uncovered);
+    NEXTRON_CHECK(uncovered < 0, "checkpoint '", dir_text, "' holds no ",
+                  kind == Stored::params ? "values" : "optimizer state", " for elements of '",
+                  table->specs()[static_cast<size_t>(uncovered)].name,
+                  "' that this run needs (its shards do not cover the model); ", kUseOlder);
+    static const char* const kDatasets[2][2] = {{"params", nullptr}, {"exp_avg", "exp_avg_sq"}};
+    std::vector<float> buf;
+    for (const auto& param : plan)
+      for (const GroupCopies& gc : param) {
+        const RunGroup& g = groups[k][static_cast<size_t>(gc.have)];
+        const H5Reader& file = shard(group_shard[k][static_cast<size_t>(gc.have)]);
+        buf.resize(static_cast<size_t>(gc.source_end - gc.source_begin));
+        for (int d = 0; d < ndst; ++d) {
+          file.read_f32(kDatasets[k][d], g.local + gc.source_begin, gc.source_end - gc.source_begin, buf.data());
+          for (const RunCopy& c : gc.copies)
+            std::memcpy(dst[d] + c.dest, buf.data() + (c.source - gc.source_begin),
+                        static_cast<size_t>(c.count) * sizeof(float));
+        }
+      }
+  }
+};
+
+TrainCheckpointReader::TrainCheckpointReader(const std::string& dir) : impl_(new Impl) {
+  try {
+    Impl& m = *impl_;
+    m.dir = dir;
+    m.dir_text = dir;
+    std::error_code ec;
+    NEXTRON_CHECK(fs::is_directory(dir, ec), "checkpoint directory '", dir,
+                  "' does not exist; pass a step_<N> directory written by nextron-train");
+    m.manifest = check_files(m.dir, /*checksums=*/false);
+    check_step_name(dir, m.manifest);
+    check_checksum(m.dir, *m.manifest.find(kMetadataFile));
+    check_checksum(m.dir, *m.manifest.find(kStateFile));
+    m.metadata = std::make_unique<H5Reader>(m.dir, kMetadataFile, kMetadataFormat);
+    const H5Reader& md = *m.metadata;
+    try {
+      m.config = ModelConfig::from_json(json::parse(md.attr_str("model_config")));
+    } catch (const json::exception& e) {
+      md.check(false, "has a model_config attribute that is not JSON (", e.what(), ")");
+    }
+    m.table = std::make_unique<ParamTable>(m.config);
+    check_table(m.dir, md, *m.table);
+    for (const ParamSpec& s : m.table->specs()) m.offsets.push_back(s.offset);
+    md.check(md.attr_i64("shards") == m.manifest.shards, "names another shard count than ", kManifestFile);
+    m.loaded.state = read_state_file(m.dir);
+    NEXTRON_CHECK(m.loaded.state.step == m.manifest.step, "checkpoint '", dir, "': ", kStateFile, " says step ",
+                  m.loaded.state.step, ", ", kManifestFile, " says ", m.manifest.step,
+                  " (files of different saves mixed); ", kUseOlder);
+    m.loaded.steps_taken = md.attr_i64("steps_taken");
+    AdamWHyper& h = m.loaded.hyper;
+    h.lr = md.attr_f64("lr");
+    h.beta1 = md.attr_f64("beta1");
+    h.beta2 = md.attr_f64("beta2");
+    h.eps = md.attr_f64("eps");
+    h.weight_decay = md.attr_f64("weight_decay");
+    h.decay_all = md.attr_i64("decay_all") != 0;
+    const std::vector<int64_t> index = md.read_i64("index");
+    md.check(index.size() % kIndexFields == 0, "has an index of the wrong length");
+    const auto S = static_cast<size_t>(m.manifest.shards);
+    for (auto& n : m.stored_numel) n.assign(S, 0);
+    const int64_t total = m.table->total_numel();
+    for (size_t i = 0; i < index.size(); i += kIndexFields) {
+      const int64_t* f = index.data() + i;
+      const RunGroup g{f[2], f[3], f[4], f[5], f[6]};
+      // Every field checked before any arithmetic on it: groups inside the model, each shard's groups tiling its
+      // datasets in order, and no more elements than the shard's file can hold.
+      md.check(f[0] >= 0 && f[0] < m.manifest.shards && (f[1] == 0 || f[1] == 1) && group_fits(g, total),
+               "has a malformed index record");
+      const int64_t held = m.stored_numel[f[1]][static_cast<size_t>(f[0])];
+      const auto file_bytes = static_cast<int64_t>(m.manifest.find(shard_file_name(static_cast<int>(f[0])))->bytes);
+      md.check(g.local == held && g.numel() <= file_bytes / 4 - held, "has a malformed index record");
+      m.groups[f[1]].push_back(g);
+      m.group_shard[f[1]].push_back(static_cast<int>(f[0]));
+      m.stored_numel[f[1]][static_cast<size_t>(f[0])] += g.numel();
+    }
+    m.shards.resize(S);
+  } catch (...) {
+    delete impl_;
+    throw;
+  }
 }
+
+TrainCheckpointReader::~TrainCheckpointReader() { delete impl_; }
+
+const std::string& TrainCheckpointReader::dir() const { return impl_->dir_text; }
+const ModelConfig& TrainCheckpointReader::config() const { return impl_->config; }
+const ParamTable& TrainCheckpointReader::table() const { return *impl_->table; }
+const LoadedCheckpoint& TrainCheckpointReader::loaded() const { return impl_->loaded; }
+
+void TrainCheckpointReader::check_model(const ModelConfig& expect, const ParamTable& table) const {
+  check_config(impl_->dir, *impl_->metadata, expect);
+  check_table(impl_->dir, *impl_->metadata, table);
+}
+
+void TrainCheckpointReader::read_params(const std::vector<FlatRun>& runs, float* dst) const {
+  float* const d[1] = {dst};
+  impl_->read(Stored::params, runs, d, 1);
+}
+
+void TrainCheckpointReader::read_moments(const std::vector<FlatRun>& runs, float* exp_avg, float* exp_avg_sq) const {
+  float* const d[2] = {exp_avg, exp_avg_sq};
+  impl_->read(Stored::moments, runs, d, 2);
+}
+
+ModelConfig read_train_checkpoint_config(const std::string& dir) { return TrainCheckpointReader(dir).config(); }
 
 LoadedCheckpoint load_train_checkpoint(const std::string& dir, const ModelConfig& expect_config,
                                        const ParamTable& table, float* params, FlatRange range, float* exp_avg,
@@ -989,45 +1279,11 @@ LoadedCheckpoint load_train_checkpoint(const std::string& dir, const ModelConfig
   NEXTRON_CHECK(range.size() == 0 || (exp_avg != nullptr && exp_avg_sq != nullptr),
                 "load_train_checkpoint: the optimizer moments are null; pass AdamW::exp_avg() and exp_avg_sq()");
   verify_train_checkpoint(dir);
-  const fs::path d(dir);
-  const Manifest manifest = read_manifest(d);
-
-  // Every check first, then the reads.
-  const H5Reader model(d, kModelFile, kModelFormat);
-  check_config(d, model, expect_config);
-  check_table(d, model, table);
-
-  std::vector<OptimizerPiece> pieces;
-  for (const ManifestEntry& e : manifest.files)
-    if (is_optimizer_file(e.name)) pieces.push_back(open_optimizer_file(d, e.name, total));
-  std::sort(pieces.begin(), pieces.end(),
-            [](const OptimizerPiece& a, const OptimizerPiece& b) { return a.range.begin < b.range.begin; });
-  for (const OptimizerPiece& p : pieces)
-    NEXTRON_CHECK(p.steps_taken == pieces[0].steps_taken, "checkpoint '", dir, "': ", p.file->name(), " has taken ",
-                  p.steps_taken, " optimizer steps, ", pieces[0].file->name(), " ", pieces[0].steps_taken,
-                  " (files of different saves mixed); ", kUseOlder);
-  int64_t covered = range.begin;
-  for (const OptimizerPiece& p : pieces)
-    if (p.range.begin <= covered && p.range.end > covered) covered = p.range.end;
-  NEXTRON_CHECK(covered >= range.end, "checkpoint '", dir, "' holds no optimizer state for flat elements [", covered,
-                ", ", range.end, ") of the requested range [", range.begin, ", ", range.end,
-                "); resume with a sharding whose ranges its optimizer files cover");
-
-  LoadedCheckpoint out;
-  out.state = read_state_file(d);
-  NEXTRON_CHECK(out.state.step == manifest.step, "checkpoint '", dir, "': ", kStateFile, " says step ", out.state.step,
-                ", ", kManifestFile, " says ", manifest.step, " (files of different saves mixed); ", kUseOlder);
-  out.steps_taken = pieces[0].steps_taken;
-  out.hyper = pieces[0].hyper;
-
-  model.read_f32("params", 0, total, params);
-  for (const OptimizerPiece& p : pieces) {
-    const int64_t lo = std::max(range.begin, p.range.begin), hi = std::min(range.end, p.range.end);
-    if (lo >= hi) continue;
-    p.file->read_f32("exp_avg", lo - p.range.begin, hi - lo, exp_avg + (lo - range.begin));
-    p.file->read_f32("exp_avg_sq", lo - p.range.begin, hi - lo, exp_avg_sq + (lo - range.begin));
-  }
-  return out;
+  const TrainCheckpointReader reader(dir);
+  reader.check_model(expect_config, table);
+  reader.read_params({FlatRun{0, 0, total}}, params);
+  reader.read_moments({FlatRun{range.begin, 0, range.size()}}, exp_avg, exp_avg_sq);
+  return reader.loaded();
 }
 
 namespace detail {

@@ -1,17 +1,20 @@
-// Training checkpoints: everything a run needs to resume bit-identically (flat parameters, AdamW moments, step,
-// data position, RNG state, schedule and arguments), one directory per step:
+// Training checkpoints: everything a run needs to resume bit-identically (parameters, AdamW moments, step, data
+// position, RNG state, schedule and arguments), one directory per step, written by every rank in parallel:
 //
-//   <root>/step_<8-digit step>/  model.h5  optimizer.h5  state.json  manifest.json
+//   <root>/step_<8-digit step>/  metadata.h5  shard_<rank, 5 digits>.h5 (one per rank)  state.json  manifest.json
 //
-// A save writes into the sibling `step_<N>.tmp-<pid>`, fsyncs every file, writes manifest.json (each file's size
-// and XXH64 checksum) last, and only then renames the directory into place, so a crash at any moment leaves the
-// previous checkpoints untouched. A checkpoint is complete only if its manifest parses and every listed file has
-// the listed size and checksum; nothing else is ever resumed from. The format is in docs/formats.md ("Training
-// checkpoints").
+// Each parameter and each AdamW moment is one logical tensor of the whole model (the single-device flat layout, every
+// tensor row-major in its HF shape). Every rank writes only the elements it owns (its TP slice of its pipeline
+// stage's tensors and its experts, from one data-parallel replica; for the moments, its ZeRO shard) into its own
+// shard file, so nothing is written twice and no rank holds more than its shard. Rank 0 writes metadata.h5: the model
+// config, the parameter table and the index of every shard's run groups (checkpoint/flat_runs.h). A run loading the
+// checkpoint under any layout reads from each shard just the groups that intersect what it holds.
 //
-// The optimizer state is stored per owned range of the flat layout (the whole model for one process, a ZeRO shard
-// per rank later) and loading reads any range covered by the stored files, so a run may resume with a different
-// sharding. The parameter table (names, shapes, offsets) is stored with the weights for the same reason.
+// A save writes into the sibling `step_<N>.tmp-<pid of rank 0>`, fsyncs every file, writes manifest.json (each file's
+// size and XXH64 checksum) last, and only then renames the directory into place, so a crash at any moment leaves the
+// previous checkpoints untouched. A checkpoint is complete only if its manifest parses and every listed file has the
+// listed size and checksum; nothing else is ever resumed from. A reader verifies the checksum of every file it reads.
+// The format is in docs/formats.md ("Training checkpoints").
 //
 // The serial HDF5 library is not thread-safe: do not save or load while another thread uses HDF5 (e.g. a data
 // loader thread reading a TokenDataset); pause it around the call.
@@ -23,14 +26,17 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
+#include <vector>
 
+#include "checkpoint/flat_runs.h"
+#include "comm/communicator.h"
 #include "model/config.h"
 #include "model/param_table.h"
 #include "optim/adamw.h"
 
 namespace nextron {
 
-inline constexpr int64_t kTrainCheckpointFormatVersion = 1;
+inline constexpr int64_t kTrainCheckpointFormatVersion = 2;
 
 // What the trainer carries besides the weights and the optimizer.
 struct TrainState {
@@ -42,8 +48,35 @@ struct TrainState {
   nlohmann::json args;          // the run's training arguments
 };
 
-// The optimizer state one writer owns: flat elements [range.begin, range.end), moments indexed from range.begin
-// (as AdamW holds them: pass adam.exp_avg().f32()).
+// What one rank writes: the elements it owns, as runs of the whole model's flat layout into its host buffers. Over
+// all ranks the param runs cover every element of the model exactly once, and so do the moment runs (or the part
+// of the model that has optimizer state).
+struct CheckpointShard {
+  const float* params = nullptr;
+  std::vector<FlatRun> param_runs;
+  const float* exp_avg = nullptr;  // the moments, both laid out as moment_runs say
+  const float* exp_avg_sq = nullptr;
+  std::vector<FlatRun> moment_runs;
+  int64_t steps_taken = 0;  // AdamW's step count (the same on every rank)
+  AdamWHyper hyper;
+};
+
+// "<root>/step_<8-digit step>" (more digits past 99,999,999).
+std::string train_checkpoint_dir(const std::string& root, int64_t step);
+
+// Collective over `world` (nullptr: one process): writes the checkpoint of `state.step` under `root` (created if
+// needed; a shared file system when several processes write) and returns its directory on every rank. `table` is the
+// whole model's; config, table, state and keep_last are rank 0's (the others pass the same). A checkpoint of the same
+// step already there is replaced (atomically where the file system supports it). Afterwards, when keep_last > 0,
+// complete checkpoints of earlier steps beyond the keep_last newest (this one included) are deleted; keep_last == 0
+// keeps every checkpoint. If any rank fails, the temporary directory is removed, the existing checkpoints are left
+// as they were and every rank throws (the failing ranks with their own message).
+std::string save_train_checkpoint(Communicator* world, const std::string& root, const ModelConfig& config,
+                                  const ParamTable& table, const CheckpointShard& shard, const TrainState& state,
+                                  int keep_last);
+
+// One process holding the whole model: params (table.total_numel() elements) and the moments of flat range `range`
+// (indexed from range.begin).
 struct OptimizerShard {
   FlatRange range;
   const float* exp_avg = nullptr;
@@ -51,27 +84,21 @@ struct OptimizerShard {
   int64_t steps_taken = 0;
   AdamWHyper hyper;
 };
-
-// "<root>/step_<8-digit step>" (more digits past 99,999,999).
-std::string train_checkpoint_dir(const std::string& root, int64_t step);
-
-// Writes the checkpoint of `state.step` under `root` (created if needed) and returns its directory. A checkpoint of
-// the same step already there is replaced (atomically where the file system supports it). Afterwards, when
-// keep_last > 0, complete checkpoints of earlier steps beyond the keep_last newest (this one included) are deleted;
-// keep_last == 0 keeps every checkpoint. If the save fails, its temporary directory is removed and the existing
-// checkpoints are left as they were.
 std::string save_train_checkpoint(const std::string& root, const ModelConfig& config, const ParamTable& table,
                                   const float* params, const OptimizerShard& optimizer, const TrainState& state,
                                   int keep_last);
 
 // Throws a nextron::Error naming the checkpoint, the file and the problem unless `dir` is complete: manifest.json
-// parses and lists model.h5, state.json and at least one optimizer file, each present with the listed size and
-// checksum. Reads every byte of the checkpoint.
-void verify_train_checkpoint(const std::string& dir);
+// parses and lists metadata.h5, state.json and every shard, each present with the listed size and, for the files
+// f with f's index % parts == part, the listed checksum (reading every byte of those). parts > 1 spreads the
+// reading over the ranks of a job.
+void verify_train_checkpoint(const std::string& dir, int part = 0, int parts = 1);
 
 // The newest complete checkpoint (by step) under `root`, or nothing (also when root does not exist). Temporary
 // `.tmp-*` directories and incomplete or corrupt checkpoints newer than it are skipped with a warning on stderr.
-std::optional<std::string> find_latest_checkpoint(const std::string& root);
+// Collective over `world` when given: the checksums are verified by all ranks, each reading its share of the files,
+// and every rank gets the same answer.
+std::optional<std::string> find_latest_checkpoint(const std::string& root, Communicator* world = nullptr);
 
 struct LoadedCheckpoint {
   TrainState state;
@@ -79,24 +106,52 @@ struct LoadedCheckpoint {
   AdamWHyper hyper;         // the hyperparameters the run was saved with (lr: the last one used)
 };
 
-// Verifies `dir` (as verify_train_checkpoint), checks that it was written for `expect_config` (an error names the
-// first differing field: "checkpoint ... was trained with hidden_size 64, the model config says 128") and for
-// `table`'s layout (names, shapes, offsets), then fills `params` (table.total_numel() elements) and the moments of
-// flat range `range` (`exp_avg` and `exp_avg_sq` indexed from range.begin; the stored optimizer files must cover the
-// range). Every problem is a nextron::Error naming the file; the outputs are only written once all checks passed.
+// A checkpoint opened for reading by one process: the manifest's sizes checked, metadata.h5 and state.json verified
+// (checksums) and parsed; a shard's checksum is verified when it is first read. Reads any elements of the whole
+// model's parameters and moments, whatever layout wrote them, holding at most one parameter's worth of stored data
+// at a time. Every problem is a nextron::Error naming the checkpoint and the file.
+class TrainCheckpointReader {
+ public:
+  explicit TrainCheckpointReader(const std::string& dir);
+  ~TrainCheckpointReader();
+  TrainCheckpointReader(const TrainCheckpointReader&) = delete;
+  TrainCheckpointReader& operator=(const TrainCheckpointReader&) = delete;
+
+  const std::string& dir() const;
+  const ModelConfig& config() const;  // the model config it was trained with
+  const ParamTable& table() const;    // its whole-model parameter table
+  const LoadedCheckpoint& loaded() const;
+  // Checks that it was written for `expect` (an error names the first differing field: "checkpoint ... was trained
+  // with hidden_size 64, the model config says 128") and for `table`'s layout (names, shapes, offsets).
+  void check_model(const ModelConfig& expect, const ParamTable& table) const;
+
+  // dst[run.local_offset + i] = full element run.full_offset + i, for every run. Throws naming the first parameter
+  // with a requested element the checkpoint does not hold (nothing useful is left in dst then).
+  void read_params(const std::vector<FlatRun>& runs, float* dst) const;
+  void read_moments(const std::vector<FlatRun>& runs, float* exp_avg, float* exp_avg_sq) const;
+
+ private:
+  struct Impl;
+  Impl* impl_;
+};
+
+// One process, the whole model: verifies `dir` (as verify_train_checkpoint), checks it against `expect_config` and
+// `table` (TrainCheckpointReader::check_model), then fills `params` (table.total_numel() elements) and the moments of
+// flat range `range` (`exp_avg` and `exp_avg_sq` indexed from range.begin; the checkpoint must hold them).
 LoadedCheckpoint load_train_checkpoint(const std::string& dir, const ModelConfig& expect_config,
                                        const ParamTable& table, float* params, FlatRange range, float* exp_avg,
                                        float* exp_avg_sq);
 
-// The model config a verified checkpoint was trained with (its model.h5's model_config attribute).
+// The model config a checkpoint was trained with (its metadata.h5's model_config attribute).
 ModelConfig read_train_checkpoint_config(const std::string& dir);
 
 // XXH64 (seed 0) of `size` bytes: the manifest's checksum, the same value as Python's xxhash.xxh64_intdigest.
 uint64_t xxh64(const void* data, size_t size);
 
 namespace detail {
-// Tests only: called by save_train_checkpoint after each stage ("model.h5", "optimizer.h5", "state.json",
-// "manifest.json", all inside the temporary directory, then "renamed"); an empty function removes the hook.
+// Tests only: called by save_train_checkpoint after each stage ("shard" on every rank, then on rank 0
+// "metadata.h5", "state.json", "manifest.json", all inside the temporary directory, then "renamed"); an empty
+// function removes the hook.
 void set_train_checkpoint_hook(std::function<void(const std::string& stage)> hook);
 }  // namespace detail
 

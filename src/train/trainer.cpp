@@ -68,6 +68,23 @@ std::vector<float> to_host(const Tensor& flat, int64_t offset, int64_t n) {
   }
   return out;
 }
+// The same appended to `out` without a second host copy (device buffers come over in slices of 16 Mi elements):
+// the checkpoint's copies of a rank's buffers are the only memory a save adds.
+void append_host(const Tensor& flat, int64_t offset, int64_t n, std::vector<float>& out) {
+  const size_t at = out.size();
+  out.resize(at + static_cast<size_t>(n));
+  if (flat.device() == Device::cpu) {
+    std::copy_n(flat.f32() + offset, n, out.data() + at);
+    return;
+  }
+  constexpr int64_t kSlice = int64_t{1} << 24;
+  for (int64_t done = 0; done < n; done += kSlice) {
+    const int64_t k = std::min(kSlice, n - done);
+    Tensor host = Tensor::zeros({k});
+    host.copy_from(Tensor::view_of(flat, offset + done, {k}));
+    std::copy_n(host.f32(), k, out.data() + at + static_cast<size_t>(done));
+  }
+}
 void from_host(Tensor& flat, int64_t offset, const float* src, int64_t n) {
   if (n == 0) return;
   if (flat.device() == Device::cpu) {
@@ -221,7 +238,7 @@ Trainer::Trainer(const TrainOptions& options, SampleFn source, Communicator* wor
 
   std::optional<std::string> resume_dir;
   if (opt_.resume == "auto" && !opt_.save_dir.empty())
-    resume_dir = find_latest_checkpoint(opt_.save_dir);
+    resume_dir = find_latest_checkpoint(opt_.save_dir, ctx_ ? &ctx_->world() : nullptr);
   else if (opt_.resume != "none" && opt_.resume != "auto")
     resume_dir = opt_.resume;
   if (resume_dir) {
@@ -448,32 +465,47 @@ double Trainer::validate() {
 
 std::string Trainer::save_checkpoint() {
   NEXTRON_CHECK(!opt_.save_dir.empty(), "saving a checkpoint needs --save DIR");
-  // The checkpoint holds the whole model and the whole optimizer state in the single-device layout, gathered to
-  // rank 0, so it resumes under any layout (docs/formats.md).
-  std::vector<std::vector<float>> m_locals, v_locals;
+  // Every rank writes only the elements it owns (docs/formats.md): its TP slice of its stages' parameters, from one
+  // data-parallel replica (DP rank 0; EDP rank 0 for routed experts), and its ZeRO shard of the moments (TP-replicated
+  // elements from their owning TP rank). Host copies of the rank's own buffers only.
+  const bool dense_owner = !ctx_ || ctx_->dp_rank() == 0, expert_owner = !ctx_ || ctx_->edp().rank() == 0;
+  std::vector<float> params, m, v;  // the rank's local parameters of every chunk; its moment shards
+  size_t local_numel = 0, shard_numel = 0;
   for (Chunk& c : chunks_) {
-    // Each chunk's moments: each group's shard on this rank, all-gathered over its group into the chunk's layout.
-    const int64_t P = c.model->table().total_numel();
-    for (auto* locals : {&m_locals, &v_locals}) {
-      std::vector<float> local(P, 0.0f);
-      for (auto& o : c.opts) {
-        const AdamW& adam = o->adam();
-        const std::vector<float> shard =
-            to_host(locals == &m_locals ? adam.exp_avg() : adam.exp_avg_sq(), 0, adam.range().size());
-        std::copy(shard.begin(), shard.end(), local.data() + adam.range().begin);
-        o->all_gather_host(local.data());
+    local_numel += static_cast<size_t>(c.model->table().total_numel());
+    for (auto& o : c.opts) shard_numel += static_cast<size_t>(o->adam().range().size());
+  }
+  params.reserve(local_numel);  // address space only: pages are touched by the copies actually made
+  m.reserve(shard_numel);
+  v.reserve(shard_numel);
+  CheckpointShard shard;
+  for (size_t c = 0; c < chunks_.size(); ++c) {
+    const std::vector<TpRun>& runs = shard_map(static_cast<int>(c)).runs();
+    Model& model = *chunks_[c].model;
+    const auto base = static_cast<int64_t>(params.size());
+    const size_t before = shard.param_runs.size();
+    for (const TpRun& r : runs)
+      if (r.owner && (r.expert ? expert_owner : dense_owner))
+        shard.param_runs.push_back(FlatRun{r.full_offset, base + r.local_offset, r.count});
+    // A rank that writes none of the chunk's parameters (another data-parallel replica's) copies none of them.
+    if (shard.param_runs.size() > before) append_host(model.params(), 0, model.table().total_numel(), params);
+    for (auto& o : chunks_[c].opts) {
+      const AdamW& adam = o->adam();
+      const FlatRange sr = adam.range();
+      const auto mbase = static_cast<int64_t>(m.size());
+      append_host(adam.exp_avg(), 0, sr.size(), m);
+      append_host(adam.exp_avg_sq(), 0, sr.size(), v);
+      for (const TpRun& r : runs) {
+        const int64_t lo = std::max(sr.begin, r.local_offset), hi = std::min(sr.end, r.local_offset + r.count);
+        if (r.owner && lo < hi)
+          shard.moment_runs.push_back(FlatRun{r.full_offset + (lo - r.local_offset), mbase + (lo - sr.begin), hi - lo});
       }
-      locals->push_back(std::move(local));
     }
   }
-  const std::vector<float> m = gather_chunks(m_locals), v = gather_chunks(v_locals);
-  const std::vector<float> params = full_params();
-  const ParamTable& full_table = this->full_table();
-  const AdamW& adam = chunks_.front().opts.front()->adam();
-  OptimizerShard shard;
-  shard.range = FlatRange{0, full_table.total_numel()};
+  shard.params = params.data();
   shard.exp_avg = m.data();
   shard.exp_avg_sq = v.data();
+  const AdamW& adam = chunks_.front().opts.front()->adam();
   shard.steps_taken = adam.steps_taken();
   shard.hyper = adam.hyper();
   TrainState st;
@@ -498,25 +530,45 @@ std::string Trainer::save_checkpoint() {
                          {"ep", z.ep}, {"etp", z.etp}, {"dp", z.dp},   {"sequence_parallel", opt_.sequence_parallel}};
   }
   if (stream_) st.args["data_fingerprint"] = std::to_string(stream_->fingerprint());
-  std::string dir;
-  on_rank0([&] {
-    // Fault injection for the stop-signal tests (tools/test_train_mpi_signal.py): a save that takes this long.
-    if (const char* delay = std::getenv("NEXTRON_FAULT_SAVE_DELAY_S"))
-      std::this_thread::sleep_for(std::chrono::duration<double>(std::atof(delay)));
-    dir = save_train_checkpoint(opt_.save_dir, config(), full_table, params.data(), shard, st, opt_.keep_last);
-  });
-  return dir.empty() ? train_checkpoint_dir(opt_.save_dir, step_) : dir;
+  // Fault injection for the stop-signal tests (tools/test_train_mpi_signal.py): a save that takes this long.
+  if (const char* delay = std::getenv("NEXTRON_FAULT_SAVE_DELAY_S"); delay != nullptr && is_logger())
+    std::this_thread::sleep_for(std::chrono::duration<double>(std::atof(delay)));
+  // ... and for the kill test (tools/test_checkpoint_kill.py): a pause after every stage of the save on every rank,
+  // so that kills at random moments land inside saves.
+  if (const char* delay = std::getenv("NEXTRON_FAULT_SAVE_STAGE_DELAY_S"))
+    detail::set_train_checkpoint_hook(
+        [s = std::atof(delay)](const std::string&) { std::this_thread::sleep_for(std::chrono::duration<double>(s)); });
+  return save_train_checkpoint(ctx_ ? &ctx_->world() : nullptr, opt_.save_dir, config(), full_table(), shard, st,
+                               opt_.keep_last);
 }
 
 void Trainer::resume_from(const std::string& dir) {
-  // Every rank reads the whole checkpoint (a shared file system) and keeps its TP slice and ZeRO shard.
-  const ParamTable& full_table = this->full_table();
-  const int64_t F = full_table.total_numel();
-  std::vector<float> params(F), m(F), v(F);
-  LoadedCheckpoint ck;
+  // Every rank reads just the stored run groups that intersect what it holds (a shared file system), whatever layout
+  // wrote them: all its parameters (TP-replicated elements too) and the moments of its ZeRO shards.
+  std::unique_ptr<TrainCheckpointReader> reader;
+  std::vector<std::vector<float>> params(chunks_.size()), m, v;  // per chunk; per optimizer
   std::string error;
   try {
-    ck = load_train_checkpoint(dir, config(), full_table, params.data(), FlatRange{0, F}, m.data(), v.data());
+    reader = std::make_unique<TrainCheckpointReader>(dir);
+    reader->check_model(config(), full_table());
+    for (size_t c = 0; c < chunks_.size(); ++c) {
+      const std::vector<TpRun>& runs = shard_map(static_cast<int>(c)).runs();
+      std::vector<FlatRun> need;
+      for (const TpRun& r : runs) need.push_back(FlatRun{r.full_offset, r.local_offset, r.count});
+      params[c].assign(static_cast<size_t>(chunks_[c].model->table().total_numel()), 0.0f);
+      reader->read_params(need, params[c].data());
+      for (auto& o : chunks_[c].opts) {
+        const FlatRange sr = o->adam().range();
+        need.clear();
+        for (const TpRun& r : runs) {
+          const int64_t lo = std::max(sr.begin, r.local_offset), hi = std::min(sr.end, r.local_offset + r.count);
+          if (lo < hi) need.push_back(FlatRun{r.full_offset + (lo - r.local_offset), lo - sr.begin, hi - lo});
+        }
+        m.emplace_back(static_cast<size_t>(sr.size()), 0.0f);
+        v.emplace_back(static_cast<size_t>(sr.size()), 0.0f);
+        reader->read_moments(need, m.back().data(), v.back().data());
+      }
+    }
   } catch (const std::exception& e) {
     error = e.what();
   }
@@ -526,6 +578,7 @@ void Trainer::resume_from(const std::string& dir) {
     if (failed > 0 && error.empty()) error = "another rank could not read checkpoint " + dir;
   }
   if (!error.empty()) throw Error(error);
+  const LoadedCheckpoint& ck = reader->loaded();
   // The sample order must be the one the checkpoint was trained on, or "the next sample" means nothing.
   const auto& a = ck.state.args;
   auto same = [&](const char* key, const nlohmann::json& now) {
@@ -539,21 +592,16 @@ void Trainer::resume_from(const std::string& dir) {
   same("data_seed", opt_.data_seed);
   same("valid_fraction", opt_.valid_fraction);
   if (stream_) same("data_fingerprint", std::to_string(stream_->fingerprint()));
+  size_t o_index = 0;
   for (size_t c = 0; c < chunks_.size(); ++c) {
-    // Each chunk keeps its TP slice of the parameters and the moments of its ZeRO shard.
     Model& model = *chunks_[c].model;
-    std::vector<float> local(model.table().total_numel());
-    auto slice = [&](const std::vector<float>& full) {
-      shard_map(static_cast<int>(c)).scatter(full.data(), local.data());
-      return local.data();
-    };
-    from_host(model.params(), 0, slice(params), static_cast<int64_t>(local.size()));
+    from_host(model.params(), 0, params[c].data(), static_cast<int64_t>(params[c].size()));
     for (auto& o : chunks_[c].opts) {
       AdamW& adam = o->adam();
-      const FlatRange r = adam.range();
-      from_host(adam.exp_avg(), 0, slice(m) + r.begin, r.size());
-      from_host(adam.exp_avg_sq(), 0, slice(v) + r.begin, r.size());
+      from_host(adam.exp_avg(), 0, m[o_index].data(), adam.range().size());
+      from_host(adam.exp_avg_sq(), 0, v[o_index].data(), adam.range().size());
       adam.set_steps_taken(ck.steps_taken);
+      ++o_index;
     }
     model.params_changed();
   }

@@ -7,6 +7,7 @@
 #include <signal.h>
 #include <sys/mount.h>
 #include <sys/resource.h>
+#include <sys/statvfs.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -65,9 +66,10 @@ std::string read_text(const fs::path& p) {
 }
 
 // Saves step 2 under `root` in a child after `limit()` (run in the child) and checks how it ended: the child
-// must catch a nextron::Error about disk space, print only that, and exit 0 (its HDF5 exit handler included).
+// must catch a nextron::Error about disk space naming `file` (the file that ran out), print only that, and exit 0
+// (its HDF5 exit handler included).
 void expect_clean_failure(const SmallRun& run, const fs::path& root, const std::function<void()>& limit,
-                          const std::string& what) {
+                          const std::string& what, const std::string& file) {
   const fs::path log = root.string() + ".stderr";
   std::fflush(stdout);
   std::fflush(stderr);
@@ -95,6 +97,7 @@ void expect_clean_failure(const SmallRun& run, const fs::path& root, const std::
                                  << err;
   EXPECT_EQ(WEXITSTATUS(status), 0) << what << ": " << err;
   EXPECT_NE(err.find("free disk space"), std::string::npos) << what << ": " << err;
+  EXPECT_NE(err.find(file), std::string::npos) << what << ": the error does not name " << file << ":\n" << err;
   EXPECT_EQ(err.find("HDF5"), std::string::npos) << what << ": HDF5's own error stack was printed:\n" << err;
   EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << what << ": expected one message line:\n" << err;
   // Nothing of step 2 is left, and step 1 is still the newest complete checkpoint.
@@ -109,10 +112,11 @@ TEST(DiskFull, CheckpointSaveWithAFileSizeLimitFailsCleanly) {
   const fs::path root = fs::temp_directory_path() / ("nextron_disk_full_" + std::to_string(::getpid()));
   fs::remove_all(root);
   const fs::path first = run.save(root, 1);
-  const uintmax_t model = fs::file_size(first / "model.h5"), optimizer = fs::file_size(first / "optimizer.h5");
-  ASSERT_LT(model, optimizer);
-  // Limits that stop the first file at once, partway, near its end, and the second (larger) file partway.
-  for (const uintmax_t limit : {uintmax_t{512}, uintmax_t{8192}, model / 2, model - 64, (model + optimizer) / 2}) {
+  // The shard (parameters and both moments) is written first and is the larger file; metadata.h5 follows.
+  const uintmax_t shard = fs::file_size(first / "shard_00000.h5"), metadata = fs::file_size(first / "metadata.h5");
+  ASSERT_LT(metadata, shard);
+  // Limits that stop the shard at once, partway, near its end and just past it (its disk reservation is larger).
+  for (const uintmax_t limit : {uintmax_t{512}, uintmax_t{8192}, shard / 2, shard - 64, shard + 64}) {
     expect_clean_failure(
         run, root,
         [limit] {
@@ -120,7 +124,7 @@ TEST(DiskFull, CheckpointSaveWithAFileSizeLimitFailsCleanly) {
           const rlimit r{limit, limit};
           ::setrlimit(RLIMIT_FSIZE, &r);
         },
-        "RLIMIT_FSIZE " + std::to_string(limit));
+        "RLIMIT_FSIZE " + std::to_string(limit), "shard_00000.h5");
   }
   fs::remove_all(root);
 }
@@ -132,14 +136,18 @@ TEST(DiskFull, CheckpointSaveOnAFullTmpfsFailsCleanly) {
   const fs::path scratch = fs::temp_directory_path() / ("nextron_tmpfs_src_" + std::to_string(::getpid()));
   fs::remove_all(scratch);
   const fs::path first = run.save(scratch, 1);
-  const uintmax_t model = fs::file_size(first / "model.h5"), optimizer = fs::file_size(first / "optimizer.h5");
+  const uintmax_t shard = fs::file_size(first / "shard_00000.h5"), metadata = fs::file_size(first / "metadata.h5");
   fs::remove_all(scratch);
-  // Room for step 1 (and the writer's reservation of 256 KiB beyond a file's data) and part of step 2's files:
-  // step 2 runs out in model.h5 or in optimizer.h5.
-  const uintmax_t used = model + optimizer + 320 * 1024;
-  for (const uintmax_t room : {model / 2, model + optimizer / 2}) {
-    const std::string size = "size=" + std::to_string(used + room);
-    if (::mount("tmpfs", mnt.c_str(), "tmpfs", 0, size.c_str()) != 0) {
+  // Room for step 1 and part of step 2: step 2 runs out in its shard, or in metadata.h5 after the shard was written.
+  // The writer reserves a file's data plus 256 KiB before writing it and gives back what it did not use when it is
+  // finished, so with room for the shard's pages and 256 KiB the shard is written and metadata.h5's reservation
+  // fails.
+  constexpr uintmax_t kReserve = 256 * 1024, kPage = 4096;
+  const uintmax_t shard_pages = (shard + kPage - 1) / kPage * kPage;
+  ASSERT_GT(metadata, 0u);
+  for (const auto& [room, file] :
+       {std::pair<uintmax_t, const char*>{shard / 2, "shard_00000.h5"}, {shard_pages + kReserve, "metadata.h5"}}) {
+    if (::mount("tmpfs", mnt.c_str(), "tmpfs", 0, "size=64m") != 0) {
       fs::remove(mnt);
       GTEST_SKIP() << "cannot mount a tmpfs here (" << std::strerror(errno) << "); the RLIMIT_FSIZE test covers this";
     }
@@ -149,8 +157,14 @@ TEST(DiskFull, CheckpointSaveOnAFullTmpfsFailsCleanly) {
     } unmount{mnt};
     const fs::path root = mnt / "run";
     run.save(root, 1);
+    // Shrinks the file system to what step 1 uses plus `room`.
+    struct statvfs st {};
+    ASSERT_EQ(::statvfs(mnt.c_str(), &st), 0);
+    const uintmax_t used = static_cast<uintmax_t>(st.f_blocks - st.f_bfree) * st.f_frsize;
+    const std::string size = "size=" + std::to_string(used + room);
+    ASSERT_EQ(::mount("tmpfs", mnt.c_str(), "tmpfs", MS_REMOUNT, size.c_str()), 0) << std::strerror(errno);
     expect_clean_failure(
-        run, root, [] {}, "tmpfs " + size);
+        run, root, [] {}, "tmpfs " + size + " (step 1 uses " + std::to_string(used) + ")", file);
   }
   fs::remove(mnt);
 }

@@ -5,7 +5,8 @@
 // mutated file must either load (with sane content) or be refused with a nextron::Error.
 //
 // The number of cases per format is fixed (2,450 cases, about 20-40 s on 2 cores); NEXTRON_FUZZ_SCALE=<k> runs k
-// times as many.
+// times as many. The training checkpoint's index records are also tried field by field with hostile values (a fixed
+// list of about 150 cases).
 #include <gtest/gtest.h>
 #include <hdf5.h>
 #include <signal.h>
@@ -20,9 +21,11 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <random>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "checkpoint/hf_checkpoint.h"
@@ -322,13 +325,13 @@ TEST(FileFuzz, TrainCheckpoint) {
   const TinyRun run;
   const std::string dir = run.save(root);
   ASSERT_EQ(run.load(dir, true), "");
-  for (const char* name : {"model.h5", "optimizer.h5"})
+  for (const char* name : {"metadata.h5", "shard_00000.h5"})
     ASSERT_EQ(read_bytes(fs::path(dir) / name)[8], 3) << name << " is not in HDF5 1.10's checksummed format";
   FuzzStats sealed, unsealed;
   uint64_t seed = 2000;
   // Damage the manifest does not know about: every file, and every such load must be refused, except that damage
   // to the manifest's JSON whitespace is harmless (an exact load passes there).
-  for (const char* name : {"model.h5", "optimizer.h5", "state.json", "manifest.json"}) {
+  for (const char* name : {"metadata.h5", "shard_00000.h5", "state.json", "manifest.json"}) {
     const bool checksummed = std::string(name) != "manifest.json";
     fuzz(
         std::string(name) + " (manifest unchanged)", fs::path(dir) / name, 50 * scale(), seed,
@@ -337,7 +340,7 @@ TEST(FileFuzz, TrainCheckpoint) {
   }
   report("training checkpoint, manifest catches the damage", unsealed);
   // Damage behind a matching manifest: the HDF5 files are parsed, and must load or be refused, never crash.
-  for (const auto& [name, cases] : {std::pair<const char*, int>{"model.h5", 400}, {"optimizer.h5", 250}}) {
+  for (const auto& [name, cases] : {std::pair<const char*, int>{"metadata.h5", 400}, {"shard_00000.h5", 250}}) {
     const std::string n = name;
     fuzz(
         n + " (manifest resealed)", fs::path(dir) / name, cases * scale(), seed, [&] { return run.load(dir, false); },
@@ -346,6 +349,76 @@ TEST(FileFuzz, TrainCheckpoint) {
   }
   report("training checkpoint, HDF5 reader on damaged files", sealed);
   ASSERT_EQ(run.load(dir, true), "");  // restored
+  fs::remove_all(root);
+}
+
+// The run groups indexed in metadata.h5 are raw dataset bytes (no HDF5 checksum covers them): each field of each
+// index record set to hostile values (zero, negative, past the model, overflowing products), with the manifest
+// resealed, must load or be refused, never crash, hang or allocate without bound.
+TEST(FileFuzz, TrainCheckpointIndexRecords) {
+  const fs::path root = fresh_dir("ckpt_index");
+  const TinyRun run;
+  const std::string dir = run.save(root);
+  const fs::path metadata = fs::path(dir) / "metadata.h5";
+  const std::string original = read_bytes(metadata);
+  const int64_t n = run.table.total_numel();
+  // One process saving the whole model: one params group and one moments group, each [0, n) in one run.
+  const std::vector<int64_t> expected = {0, 0, 0, n, n, 1, 0, 0, 1, 0, n, n, 1, 0};
+  const std::string pattern(reinterpret_cast<const char*>(expected.data()), expected.size() * sizeof(int64_t));
+  const size_t at = original.find(pattern);
+  ASSERT_NE(at, std::string::npos) << "the index records were not found in metadata.h5";
+  ASSERT_EQ(original.find(pattern, at + 1), std::string::npos);
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max(), kMin = std::numeric_limits<int64_t>::min();
+  std::vector<std::vector<int64_t>> variants;
+  for (size_t field = 0; field < expected.size(); ++field)
+    for (const int64_t v :
+         {int64_t{0}, int64_t{1}, int64_t{-1}, int64_t{2}, n / 2, n - 1, n + 1, 2 * n, int64_t{1} << 40, kMax, kMin}) {
+      std::vector<int64_t> r = expected;
+      r[field] = v;
+      if (r != expected) variants.push_back(r);
+    }
+  // (count, stride, repeats) of the params group: single-element rows, overlapping rows, products that overflow.
+  for (const auto& [count, stride, repeats] :
+       std::vector<std::tuple<int64_t, int64_t, int64_t>>{{1, 1, n},
+                                                          {1, 0, n},
+                                                          {n, 0, 1},
+                                                          {n, -1, 1},
+                                                          {2, 1, n / 2},
+                                                          {1, int64_t{1} << 62, n},
+                                                          {int64_t{1} << 40, int64_t{1} << 40, int64_t{1} << 30},
+                                                          {1, kMax, 2},
+                                                          {n, n, kMax}}) {
+    std::vector<int64_t> r = expected;
+    r[3] = count;
+    r[4] = stride;
+    r[5] = repeats;
+    variants.push_back(r);
+  }
+  FuzzStats stats;
+  for (size_t i = 0; i < variants.size(); ++i) {
+    std::string bytes = original;
+    bytes.replace(at, pattern.size(), reinterpret_cast<const char*>(variants[i].data()), pattern.size());
+    write_bytes(metadata, bytes);
+    reseal(dir, "metadata.h5");
+    std::string err;
+    const int code = run_isolated([&] { return run.load(dir, false); }, &err);
+    ++stats.cases;
+    if (code == kLoaded) {
+      ++stats.loaded;
+    } else if (code == kRefused) {
+      ++stats.refused;
+    } else {
+      std::ostringstream record;
+      record << "index records";
+      for (const int64_t v : variants[i]) record << ' ' << v;
+      record << ": " << describe(code) << ' ' << err.substr(0, err.find('\n'));
+      stats.failures.push_back(record.str());
+    }
+  }
+  report("training checkpoint index records", stats);
+  write_bytes(metadata, original);
+  reseal(dir, "metadata.h5");
+  ASSERT_EQ(run.load(dir, true), "");
   fs::remove_all(root);
 }
 

@@ -2,10 +2,12 @@
 // unfinished, incomplete, truncated and modified checkpoints are never resumed from, and a save killed at any
 // moment (SIGKILL in a forked child, at each stage and at random times) leaves the previous checkpoint in place.
 #include <gtest/gtest.h>
+#include <hdf5.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <filesystem>
@@ -55,6 +57,13 @@ ModelConfig config_with(const std::string& key, int64_t value) {
 
 bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+// The name of the parameter holding flat element x.
+std::string param_at(const ParamTable& table, int64_t x) {
+  for (const ParamSpec& s : table.specs())
+    if (s.offset <= x && x < s.offset + s.numel()) return s.name;
+  return "(none)";
 }
 
 std::set<std::string> entries(const fs::path& dir) {
@@ -197,19 +206,24 @@ TEST(TrainCheckpoint, RoundTripIsBitIdentical) {
   EXPECT_EQ(dir, (root / "step_00000007").string());
   EXPECT_EQ(dir, train_checkpoint_dir(root.string(), 7));
   EXPECT_EQ(entries(root), (std::set<std::string>{"step_00000007"}));
-  EXPECT_EQ(entries(dir), (std::set<std::string>{"model.h5", "optimizer.h5", "state.json", "manifest.json"}));
+  EXPECT_EQ(entries(dir), (std::set<std::string>{"metadata.h5", "shard_00000.h5", "state.json", "manifest.json"}));
 
-  // The manifest lists every other file with its size and the XXH64 of its bytes.
+  // The manifest lists every other file with its size and the XXH64 of its bytes, and the number of shards.
   const json manifest = json::parse(read_bytes(fs::path(dir) / "manifest.json"));
   EXPECT_EQ(manifest.at("step"), 7);
+  EXPECT_EQ(manifest.at("format_version"), kTrainCheckpointFormatVersion);
+  EXPECT_EQ(manifest.at("shards"), 1);
   EXPECT_EQ(manifest.at("files").size(), 3u);
+  std::set<std::string> listed;
   for (const json& f : manifest.at("files")) {
+    listed.insert(f.at("name").get<std::string>());
     const std::string bytes = read_bytes(fs::path(dir) / f.at("name").get<std::string>());
     EXPECT_EQ(f.at("bytes").get<uint64_t>(), bytes.size());
     char hex[17];
     std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(xxh64(bytes.data(), bytes.size())));
     EXPECT_EQ(f.at("xxh64").get<std::string>(), hex);
   }
+  EXPECT_EQ(listed, (std::set<std::string>{"metadata.h5", "shard_00000.h5", "state.json"}));
   EXPECT_EQ(json::parse(read_bytes(fs::path(dir) / "state.json")).at("data_position"), run.state.data_position);
 
   run.expect_loads_identically(dir);
@@ -217,7 +231,7 @@ TEST(TrainCheckpoint, RoundTripIsBitIdentical) {
   fs::remove_all(root);
 }
 
-TEST(TrainCheckpoint, LoadsAnyRangeItsOptimizerFilesCover) {
+TEST(TrainCheckpoint, LoadsAnyRangeItsShardsCover) {
   const fs::path root = fresh_dir("ranges");
   const TrainRun run(read_hf_config(kFixture), 2, 3);
   const int64_t n = run.table.total_numel();
@@ -243,12 +257,19 @@ TEST(TrainCheckpoint, LoadsAnyRangeItsOptimizerFilesCover) {
   load_train_checkpoint(dir2, run.config, run.table, p.data(), inside, m2.data(), v2.data());
   EXPECT_TRUE(same_bits(m2, std::vector<float>(run.exp_avg.begin() + 1500, run.exp_avg.begin() + 2500)));
   EXPECT_TRUE(same_bits(v2, std::vector<float>(run.exp_avg_sq.begin() + 1500, run.exp_avg_sq.begin() + 2500)));
+  // A range reaching past what it holds, before or after: the error names the first parameter with a missing
+  // element.
   std::vector<float> big(2000);
   expect_error(
       [&] {
         load_train_checkpoint(dir2, run.config, run.table, p.data(), {0, 2000}, big.data(), big.data());
       },
-      {"holds no optimizer state for flat elements [0, 2000)"});
+      {dir2, "holds no optimizer state for elements of '" + param_at(run.table, 0) + "'"});
+  expect_error(
+      [&] {
+        load_train_checkpoint(dir2, run.config, run.table, p.data(), {2500, 3500}, big.data(), big.data());
+      },
+      {dir2, "holds no optimizer state for elements of '" + param_at(run.table, 3000) + "'"});
   expect_error(
       [&] {
         load_train_checkpoint(dir, run.config, run.table, p.data(), {0, n + 1}, big.data(), big.data());
@@ -256,6 +277,123 @@ TEST(TrainCheckpoint, LoadsAnyRangeItsOptimizerFilesCover) {
       {"not inside the model"});
   fs::remove_all(root);
   fs::remove_all(root2);
+}
+
+// A shard whose runs are strided (each 2-D tensor stored as two column halves, row by row, as a TP rank holds a
+// dim-1 slice) and whose moments are stored in another order (the flat range cut at random points and shuffled, as
+// ZeRO ranges): the whole model loads bit-identically, the index holds a few groups per tensor (not one run per
+// row), and a reader gives back any runs, including rows of column slices and runs across parameters.
+TEST(TrainCheckpoint, AShardOfStridedRunsReadsBackUnderAnyRuns) {
+  const fs::path root = fresh_dir("strided");
+  const TrainRun run(read_hf_config(kFixture), 15, 4);
+  const int64_t n = run.table.total_numel();
+  CheckpointShard shard;
+  std::vector<float> params, exp_avg, exp_avg_sq;
+  int64_t two_d = 0, other = 0;
+  for (auto it = run.table.specs().rbegin(); it != run.table.specs().rend(); ++it) {
+    const ParamSpec& s = *it;
+    if (s.shape.size() == 2 && s.shape[1] >= 2) {
+      ++two_d;
+      const int64_t rows = s.shape[0], cols = s.shape[1], half = cols / 2;
+      for (const auto& [c0, c1] : {std::pair<int64_t, int64_t>{half, cols}, {0, half}})
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t at = s.offset + r * cols + c0;
+          shard.param_runs.push_back(FlatRun{at, static_cast<int64_t>(params.size()), c1 - c0});
+          params.insert(params.end(), run.params.begin() + at, run.params.begin() + at + (c1 - c0));
+        }
+    } else {
+      ++other;
+      shard.param_runs.push_back(FlatRun{s.offset, static_cast<int64_t>(params.size()), s.numel()});
+      params.insert(params.end(), run.params.begin() + s.offset, run.params.begin() + s.offset + s.numel());
+    }
+  }
+  std::mt19937_64 rng(15);
+  std::vector<int64_t> cuts{0, n};
+  for (int i = 0; i < 36; ++i) cuts.push_back(static_cast<int64_t>(rng() % static_cast<uint64_t>(n)));
+  std::sort(cuts.begin(), cuts.end());
+  std::vector<std::pair<int64_t, int64_t>> pieces;
+  for (size_t i = 0; i + 1 < cuts.size(); ++i) pieces.emplace_back(cuts[i], cuts[i + 1]);
+  std::shuffle(pieces.begin(), pieces.end(), rng);
+  for (const auto& [a, b] : pieces) {
+    shard.moment_runs.push_back(FlatRun{a, static_cast<int64_t>(exp_avg.size()), b - a});
+    exp_avg.insert(exp_avg.end(), run.exp_avg.begin() + a, run.exp_avg.begin() + b);
+    exp_avg_sq.insert(exp_avg_sq.end(), run.exp_avg_sq.begin() + a, run.exp_avg_sq.begin() + b);
+  }
+  ASSERT_EQ(static_cast<int64_t>(params.size()), n);
+  shard.params = params.data();
+  shard.exp_avg = exp_avg.data();
+  shard.exp_avg_sq = exp_avg_sq.data();
+  shard.steps_taken = run.steps_taken;
+  shard.hyper = run.hyper;
+  const std::string dir = save_train_checkpoint(nullptr, root.string(), run.config, run.table, shard, run.state, 0);
+  run.expect_loads_identically(dir);
+
+  // The index: every element once per kind, and at most one group per column half of a 2-D tensor.
+  {
+    const hid_t f = H5Fopen((fs::path(dir) / "metadata.h5").c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+    ASSERT_GE(f, 0);
+    const hid_t ds = H5Dopen2(f, "index", H5P_DEFAULT);
+    ASSERT_GE(ds, 0);
+    const hid_t space = H5Dget_space(ds);
+    hsize_t len = 0;
+    H5Sget_simple_extent_dims(space, &len, nullptr);
+    std::vector<int64_t> index(static_cast<size_t>(len));
+    ASSERT_GE(H5Dread(ds, H5T_NATIVE_INT64, H5S_ALL, H5S_ALL, H5P_DEFAULT, index.data()), 0);
+    H5Sclose(space);
+    H5Dclose(ds);
+    H5Fclose(f);
+    ASSERT_EQ(index.size() % 7, 0u);
+    int64_t groups[2] = {0, 0}, numel[2] = {0, 0};
+    for (size_t i = 0; i < index.size(); i += 7) {
+      EXPECT_EQ(index[i], 0);  // the shard
+      const auto kind = static_cast<size_t>(index[i + 1]);
+      ASSERT_LT(kind, 2u);
+      ++groups[kind];
+      numel[kind] += index[i + 3] * index[i + 5];
+    }
+    EXPECT_EQ(numel[0], n);
+    EXPECT_EQ(numel[1], n);
+    EXPECT_LE(groups[0], 2 * two_d + other);
+    EXPECT_LE(groups[1], static_cast<int64_t>(pieces.size()));
+  }
+
+  const TrainCheckpointReader reader(dir);
+  EXPECT_EQ(reader.loaded().steps_taken, run.steps_taken);
+  const auto& specs = run.table.specs();
+  for (int trial = 0; trial < 40; ++trial) {
+    std::vector<FlatRun> runs;
+    int64_t at = 0;
+    if (trial % 2 == 0) {  // rows of a column slice of a 2-D tensor, then a run across parameter boundaries
+      const ParamSpec* s = nullptr;
+      while (s == nullptr || s->shape.size() != 2 || s->shape[1] < 2) s = &specs[rng() % specs.size()];
+      const int64_t cols = s->shape[1], c0 = static_cast<int64_t>(rng() % static_cast<uint64_t>(cols));
+      const int64_t c1 = c0 + 1 + static_cast<int64_t>(rng() % static_cast<uint64_t>(cols - c0));
+      for (int64_t r = 0; r < s->shape[0]; ++r, at += c1 - c0)
+        runs.push_back(FlatRun{s->offset + r * cols + c0, at, c1 - c0});
+    }
+    for (int k = static_cast<int>(rng() % 4); k >= 0; --k) {
+      const int64_t count = 1 + static_cast<int64_t>(rng() % static_cast<uint64_t>(n / 8));
+      const int64_t first = static_cast<int64_t>(rng() % static_cast<uint64_t>(n - count + 1));
+      runs.push_back(FlatRun{first, at, count});
+      at += count;
+    }
+    std::shuffle(runs.begin(), runs.end(), rng);  // the buffer positions stay as assigned
+    std::vector<float> want_p(static_cast<size_t>(at)), want_m(want_p.size()), want_v(want_p.size());
+    for (const FlatRun& r : runs)
+      for (int64_t i = 0; i < r.count; ++i) {
+        want_p[static_cast<size_t>(r.local_offset + i)] = run.params[static_cast<size_t>(r.full_offset + i)];
+        want_m[static_cast<size_t>(r.local_offset + i)] = run.exp_avg[static_cast<size_t>(r.full_offset + i)];
+        want_v[static_cast<size_t>(r.local_offset + i)] = run.exp_avg_sq[static_cast<size_t>(r.full_offset + i)];
+      }
+    std::vector<float> p(want_p.size(), -7.f), m(want_p.size(), -7.f), v(want_p.size(), -7.f);
+    reader.read_params(runs, p.data());
+    reader.read_moments(runs, m.data(), v.data());
+    EXPECT_TRUE(same_bits(p, want_p)) << "trial " << trial;
+    EXPECT_TRUE(same_bits(m, want_m)) << "trial " << trial;
+    EXPECT_TRUE(same_bits(v, want_v)) << "trial " << trial;
+  }
+  reader.read_params({}, nullptr);  // nothing asked: nothing read
+  fs::remove_all(root);
 }
 
 TEST(TrainCheckpoint, KeepLastDeletesOlderCheckpoints) {
@@ -304,25 +442,28 @@ TEST(TrainCheckpoint, FindLatestSkipsUnfinishedAndDamagedCheckpoints) {
   };
   copy_as("step_00000009.tmp-12345");  // an unfinished save, complete-looking inside
   fs::remove(copy_as("step_00000008") / "manifest.json");
-  const fs::path truncated = copy_as("step_00000007") / "model.h5";
+  const fs::path truncated = copy_as("step_00000007") / "metadata.h5";
   fs::resize_file(truncated, fs::file_size(truncated) - 100);
-  const fs::path modified = copy_as("step_00000006") / "optimizer.h5";
+  const fs::path modified = copy_as("step_00000006") / "shard_00000.h5";
   {
     std::fstream f(modified, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(static_cast<std::streamoff>(fs::file_size(modified) / 2));
+    const char c = static_cast<char>(f.get());
     f.seekp(static_cast<std::streamoff>(fs::file_size(modified) / 2));
-    f.put('\x5a');
+    f.put(static_cast<char>(c ^ 0x5a));
   }
   const fs::path bad_manifest = copy_as("step_00000005") / "manifest.json";
   fs::remove(bad_manifest);
   std::ofstream(bad_manifest) << "{\"format\": \"nextron-train-checkpoint\", \"files\": [";
   fs::remove(copy_as("step_00000004") / "state.json");
+  fs::remove(copy_as("step_00000011") / "shard_00000.h5");
   fs::create_directories(root / "step_00000010.del-1");  // a deletion in progress: not a checkpoint at all
   fs::create_directories(root / "unrelated");
 
   std::string warnings;
   EXPECT_EQ(latest(root, &warnings), good);
-  for (const char* name :
-       {"step_00000009.tmp-12345", "step_00000008", "step_00000007", "step_00000006", "step_00000005", "step_00000004"})
+  for (const char* name : {"step_00000011", "step_00000009.tmp-12345", "step_00000008", "step_00000007",
+                           "step_00000006", "step_00000005", "step_00000004"})
     EXPECT_NE(warnings.find(name), std::string::npos) << name << " not warned about:\n" << warnings;
   EXPECT_EQ(warnings.find("step_00000010"), std::string::npos) << warnings;
   EXPECT_NE(warnings.find("no manifest.json"), std::string::npos) << warnings;
@@ -334,8 +475,9 @@ TEST(TrainCheckpoint, FindLatestSkipsUnfinishedAndDamagedCheckpoints) {
     load_train_checkpoint((root / name).string(), two.config, two.table, p.data(), all, m.data(), v.data());
   };
   expect_error([&] { load("step_00000008"); }, {"step_00000008", "incomplete", "manifest.json"});
-  expect_error([&] { load("step_00000007"); }, {"step_00000007", "model.h5", "truncated"});
-  expect_error([&] { load("step_00000006"); }, {"step_00000006", "checksum of optimizer.h5"});
+  expect_error([&] { load("step_00000011"); }, {"step_00000011", "incomplete", "shard_00000.h5 is missing"});
+  expect_error([&] { load("step_00000007"); }, {"step_00000007", "metadata.h5", "truncated"});
+  expect_error([&] { load("step_00000006"); }, {"step_00000006", "checksum of shard_00000.h5"});
   expect_error([&] { load("step_00000005"); }, {"step_00000005", "manifest.json is not a valid manifest"});
   expect_error([&] { load("step_00000004"); }, {"step_00000004", "state.json is missing"});
   expect_error([&] { load("step_00000003"); }, {"step_00000003", "does not exist"});
@@ -348,7 +490,7 @@ TEST(TrainCheckpoint, SaveKilledAtEveryStageLeavesThePreviousCheckpoint) {
   const TrainRun one(read_hf_config(kFixture), 6, 1);
   const TrainRun two(read_hf_config(kFixture), 7, 2);
   const std::string first = one.save(root, /*keep_last=*/1);
-  for (const std::string stage : {"model.h5", "optimizer.h5", "state.json", "manifest.json"}) {
+  for (const std::string stage : {"shard", "metadata.h5", "state.json", "manifest.json"}) {
     const int status = run_in_child([&] {
       detail::set_train_checkpoint_hook([&](const std::string& s) {
         if (s == stage) ::kill(::getpid(), SIGKILL);
@@ -380,12 +522,13 @@ TEST(TrainCheckpoint, FailedSaveRemovesItsTemporaryDirectory) {
   const TrainRun one(read_hf_config(kFixture), 8, 1);
   TrainRun two(read_hf_config(kFixture), 9, 2);
   const std::string first = one.save(root);
-  {
+  for (const std::string stage : {"shard", "metadata.h5", "state.json", "manifest.json"}) {
     HookGuard guard;
-    detail::set_train_checkpoint_hook([](const std::string& s) {
-      if (s == "state.json") throw Error("simulated disk failure");
+    detail::set_train_checkpoint_hook([&](const std::string& s) {
+      if (s == stage) throw Error("simulated disk failure");
     });
     expect_error([&] { two.save(root); }, {"simulated disk failure"});
+    EXPECT_EQ(entries(root), (std::set<std::string>{"step_00000001"})) << stage;
   }
   EXPECT_EQ(entries(root), (std::set<std::string>{"step_00000001"}));
   // Bad inputs fail before anything is written.
