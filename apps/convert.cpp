@@ -4,6 +4,7 @@
 #include <boost/program_options.hpp>
 #include <cstdio>
 #include <filesystem>
+#include <memory>
 
 #include "checkpoint/hf_checkpoint.h"
 #include "checkpoint/train_checkpoint.h"
@@ -45,26 +46,31 @@ int run(int argc, char** argv) {
                 "remove '",
                 out, "' first");
 
-  // A training checkpoint (nextron-train --save) has a manifest.json; anything else must be an HF directory.
+  // Both kinds of input are streamed one HF tensor at a time, so memory stays near the largest tensor, whatever
+  // the model's size: a training checkpoint (nextron-train --save: it has a manifest.json) from the shards of
+  // whatever layout wrote it, an HF directory from the tensors' bytes in its safetensors files.
+  HfPieceSource source;
+  std::unique_ptr<TrainCheckpointReader> training;
+  std::unique_ptr<HfSliceReader> hf;
+  ModelConfig config;
+  std::unique_ptr<ParamTable> hf_table;
   if (std::filesystem::exists(std::filesystem::path(in) / "manifest.json")) {
-    // Streamed one HF tensor at a time from the shards of whatever layout wrote it: memory ~ the largest tensor.
-    const TrainCheckpointReader reader(in);
-    const ParamTable& table = reader.table();
-    const HfPieceSource source = [&](const ParamSpec& spec, const HfPiece& piece, float* values) {
-      reader.read_params({FlatRun{spec.offset + piece.offset, 0, shape_numel(piece.shape)}}, values);
+    training = std::make_unique<TrainCheckpointReader>(in);
+    config = training->config();
+    source = [&](const ParamSpec& spec, const HfPiece& piece, float* values) {
+      training->read_params({FlatRun{spec.offset + piece.offset, 0, shape_numel(piece.shape)}}, values);
     };
-    const std::string error = stream_hf_checkpoint(out, reader.config(), table, source, w, /*writer=*/true);
-    NEXTRON_CHECK(error.empty(), error);
-    std::printf("wrote %s (%lld parameters, %s)\n", out.c_str(), static_cast<long long>(table.total_numel()),
-                dtype.c_str());
-    return 0;
+  } else {
+    config = read_hf_config(in);
+    hf_table = std::make_unique<ParamTable>(config);
+    hf = std::make_unique<HfSliceReader>(in, *hf_table);
+    source = [&](const ParamSpec& spec, const HfPiece& piece, float* values) {
+      hf->read(spec, piece.offset, shape_numel(piece.shape), values);
+    };
   }
-  const ModelConfig config = read_hf_config(in);
-  check_fits_in_memory(config, {kWeightsBytesPerParam, "fp32 weights", 0});
-  const ParamTable table(config);
-  Tensor params = Tensor::zeros({table.total_numel()});
-  load_hf_weights(in, table, params.f32());
-  save_hf_checkpoint(out, config, table, params.f32(), w);
+  const ParamTable& table = training ? training->table() : *hf_table;
+  const std::string error = stream_hf_checkpoint(out, config, table, source, w, /*writer=*/true);
+  NEXTRON_CHECK(error.empty(), error);
   std::printf("wrote %s (%lld parameters, %s)\n", out.c_str(), static_cast<long long>(table.total_numel()),
               dtype.c_str());
   return 0;

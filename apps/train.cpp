@@ -133,6 +133,10 @@ int run(int argc, char** argv, Communicator* world) {
   ckpt.add_options()("save", po::value(&o.save_dir), "checkpoint directory (also holds metrics.jsonl)")(
       "save-interval", po::value(&o.save_interval)->default_value(0), "save every N steps (0: only at exit)")(
       "keep-last", po::value(&o.keep_last)->default_value(o.keep_last), "checkpoints kept")(
+      "async-save", po::bool_switch(&o.async_save),
+      "write --save-interval checkpoints in the background: the steps go on while each rank writes its shard, and "
+      "the checkpoint completes (manifest, rename) at a later step; holds a host copy of the rank's parameters and "
+      "moment shards meanwhile. The final checkpoint is written before exit as usual")(
       "resume", po::value(&o.resume)->default_value("auto"),
       "auto (newest complete checkpoint in --save, if any), none (refused when --save already holds checkpoints: "
       "use a new --save or --overwrite-save), or a checkpoint directory")(

@@ -2,7 +2,8 @@
 """Sharded checkpoints under kill -9, as real processes: a 4-rank TP 2 x DP 2 nextron-train job saving every step
 (each stage of every rank's save slowed down by NEXTRON_FAULT_SAVE_STAGE_DELAY_S, so kills land inside saves: while
 shards, metadata, state or manifest are written, or before the rename) is killed with SIGKILL (every process of
-mpirun's group at once) at random moments, again and again, each time restarting with --resume auto. Checked:
+mpirun's group at once) at random moments, again and again, each time restarting with --resume auto; every other run
+saves in the background (--async-save). Checked:
 
 1. after every kill, every step_<N> directory is a complete checkpoint: nextron-convert reads all of it (verifying
    every file's checksum) without error; unfinished saves exist only as step_<N>.tmp-<pid>;
@@ -108,7 +109,9 @@ def main():
     problems = []
     newest_before = None
     for k in range(KILLS):
-        p = subprocess.Popen(mpi + train + ["--save", save, "--save-interval", "1"], stdout=subprocess.PIPE,
+        # Every other run saves in the background (--async-save): the same atomicity is expected.
+        extra = ["--async-save"] if k % 2 else []
+        p = subprocess.Popen(mpi + train + extra + ["--save", save, "--save-interval", "1"], stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, env=slow, start_new_session=True)
         time.sleep(rng.uniform(1.5, 4.0))
         if not kill_session(p.pid):

@@ -158,7 +158,7 @@ def main():
     export = os.path.join(w, "hf_leftovers")
     for path in stale + [kept, export + ".partial"]:
         os.makedirs(path)
-        open(os.path.join(path, "shard_00000.h5"), "wb").write(b"\0" * 20000)
+        open(os.path.join(path, "shard_00000.bin"), "wb").write(b"\0" * 20000)
     r = run(["--train-steps", "1", "--save", s4, "--export-hf", export])
     live.kill()
     live.wait()

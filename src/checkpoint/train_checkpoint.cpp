@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <hdf5.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -238,10 +239,10 @@ std::vector<StepDir> list_step_dirs(const fs::path& root) {
   return dirs;
 }
 
-// "shard_<rank, 5 digits>.h5": rank `rank`'s parameters and moments.
+// "shard_<rank, 5 digits>.bin": rank `rank`'s parameters and moments.
 std::string shard_file_name(int rank) {
   char name[32];
-  std::snprintf(name, sizeof name, "shard_%05d.h5", rank);
+  std::snprintf(name, sizeof name, "shard_%05d.bin", rank);
   return name;
 }
 
@@ -440,36 +441,6 @@ class H5Writer {
     for (size_t i = 0; i < v.size(); ++i) std::copy(v[i].begin(), v[i].end(), packed.begin() + i * width);
     H5Id type = fixed_utf8_type(width);
     dataset(name, type.get(), type.get(), width, packed.data(), static_cast<int64_t>(v.size()));
-  }
-
-  // The elements base[run.local_offset, +run.count) of every run, concatenated in run order (staged in kStage
-  // pieces: the only memory a save adds beyond the rank's host copies).
-  void dataset_f32_runs(const char* name, const float* base, const std::vector<FlatRun>& runs) {
-    int64_t n = 0;
-    for (const FlatRun& r : runs) n += r.count;
-    const hsize_t dims = static_cast<hsize_t>(n);
-    H5Id space(H5Screate_simple(1, &dims, nullptr), H5Sclose);
-    H5Id ds(H5Dcreate2(file_.get(), name, H5T_IEEE_F32LE, space.get(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT),
-            H5Dclose);
-    check(ds.valid(), name);
-    std::vector<float> stage;
-    stage.reserve(static_cast<size_t>(std::min(n, kStage)));
-    int64_t written = 0;
-    auto flush = [&] {
-      const auto k = static_cast<int64_t>(stage.size());
-      check(transfer_1d(ds.get(), H5T_NATIVE_FLOAT, sizeof(float), written, k, stage.data(), nullptr), name);
-      written += k;
-      stage.clear();
-    };
-    for (const FlatRun& r : runs)
-      for (int64_t done = 0; done < r.count;) {
-        const int64_t take = std::min(r.count - done, kStage - static_cast<int64_t>(stage.size()));
-        const float* from = base + r.local_offset + done;
-        stage.insert(stage.end(), from, from + take);
-        done += take;
-        if (static_cast<int64_t>(stage.size()) == kStage) flush();
-      }
-    if (!stage.empty()) flush();
   }
 
   // Closes the file and flushes it to disk.
@@ -716,22 +687,138 @@ void write_metadata_file(const fs::path& p, const std::string& config_text, cons
   w.finish();
 }
 
-// A rank's file: its parameter runs' elements ("params") and its moment runs' ("exp_avg", "exp_avg_sq").
+// ---------------------------------------------------------------------------------------------------------------
+// Shard files: a 64-byte header, then the rank's parameter runs' elements, its exp_avg and its exp_avg_sq, float32
+// little-endian, back to back. Not HDF5: --async-save writes them on a background thread while the training thread
+// reads token datasets through the serial (not thread-safe) HDF5 library.
+
+constexpr char kShardMagic[8] = {'N', 'X', 'T', 'S', 'H', 'A', 'R', 'D'};
+struct ShardHeader {
+  char magic[8];
+  int64_t format_version, rank, shards, total_numel, params, moments, reserved;
+};
+static_assert(sizeof(ShardHeader) == 64, "the shard header is 64 bytes");
+constexpr uint64_t kShardHeaderBytes = sizeof(ShardHeader);
+
+uint64_t shard_file_bytes(int64_t params, int64_t moments) {
+  return kShardHeaderBytes + 4 * static_cast<uint64_t>(params + 2 * moments);
+}
+
+void write_all(int fd, const fs::path& p, const void* data, size_t n) {
+  const char* c = static_cast<const char*>(data);
+  for (size_t done = 0; done < n;) {
+    const ssize_t k = ::write(fd, c + done, n - done);
+    if (k < 0 && errno == EINTR) continue;
+    NEXTRON_CHECK(k > 0, "writing '", p.string(), "' failed: ", errno_text(), "; ", kDiskFix);
+    done += static_cast<size_t>(k);
+  }
+}
+
+// Writes shard file `p` of rank `rank`: the file's whole size is reserved first (a full disk or a file size limit
+// is an error before anything is written), the runs are staged kStage elements at a time (the only memory a save
+// adds beyond the rank's host copies), and the file is flushed to disk.
 void write_shard_file(const fs::path& p, int rank, int shards, int64_t total_numel, const CheckpointShard& s) {
   int64_t np = 0, nm = 0;
   for (const FlatRun& r : s.param_runs) np += r.count;
   for (const FlatRun& r : s.moment_runs) nm += r.count;
-  H5Writer w(p, 4 * static_cast<uint64_t>(np + 2 * nm));
-  w.attr_str("format", kShardFormat);
-  w.attr_i64("format_version", kTrainCheckpointFormatVersion);
-  w.attr_i64("rank", rank);
-  w.attr_i64("shards", shards);
-  w.attr_i64("total_numel", total_numel);
-  w.dataset_f32_runs("params", s.params, s.param_runs);
-  w.dataset_f32_runs("exp_avg", s.exp_avg, s.moment_runs);
-  w.dataset_f32_runs("exp_avg_sq", s.exp_avg_sq, s.moment_runs);
-  w.finish();
+  const uint64_t bytes = shard_file_bytes(np, nm);
+  rlimit limit{};
+  NEXTRON_CHECK(::getrlimit(RLIMIT_FSIZE, &limit) != 0 || limit.rlim_cur == RLIM_INFINITY || bytes <= limit.rlim_cur,
+                "cannot write '", p.string(), "': it needs ", bytes,
+                " bytes but this process may write files of at most ", limit.rlim_cur,
+                " bytes (ulimit -f); raise the limit or ", kDiskFix);
+  Fd fd(::open(p.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644));
+  NEXTRON_CHECK(fd.get() >= 0, "cannot create '", p.string(), "': ", errno_text(), "; ", kDiskFix);
+  if (::fallocate(fd.get(), 0, 0, static_cast<off_t>(bytes)) != 0)
+    NEXTRON_CHECK(errno == EOPNOTSUPP || errno == ENOSYS, "cannot reserve ", bytes, " bytes of disk space for '",
+                  p.string(), "': ", errno_text(), "; ", kDiskFix);
+  ShardHeader h{};
+  std::memcpy(h.magic, kShardMagic, sizeof h.magic);
+  h.format_version = kTrainCheckpointFormatVersion;
+  h.rank = rank;
+  h.shards = shards;
+  h.total_numel = total_numel;
+  h.params = np;
+  h.moments = nm;
+  write_all(fd.get(), p, &h, sizeof h);
+  std::vector<float> stage;
+  stage.reserve(static_cast<size_t>(std::min(std::max(np, nm), kStage)));
+  auto runs_out = [&](const float* base, const std::vector<FlatRun>& runs) {
+    for (const FlatRun& r : runs)
+      for (int64_t done = 0; done < r.count;) {
+        const int64_t take = std::min(r.count - done, kStage - static_cast<int64_t>(stage.size()));
+        const float* from = base + r.local_offset + done;
+        stage.insert(stage.end(), from, from + take);
+        done += take;
+        if (static_cast<int64_t>(stage.size()) == kStage) {
+          write_all(fd.get(), p, stage.data(), stage.size() * sizeof(float));
+          stage.clear();
+        }
+      }
+    write_all(fd.get(), p, stage.data(), stage.size() * sizeof(float));
+    stage.clear();
+  };
+  runs_out(s.params, s.param_runs);
+  runs_out(s.exp_avg, s.moment_runs);
+  runs_out(s.exp_avg_sq, s.moment_runs);
+  NEXTRON_CHECK(::fsync(fd.get()) == 0, "flushing '", p.string(), "' to disk failed: ", errno_text(), "; ", kDiskFix);
+  NEXTRON_CHECK(fd.close(), "closing '", p.string(), "' failed: ", errno_text(), "; ", kDiskFix);
 }
+
+// A shard file opened for reading, its header checked against what the index says it holds.
+class ShardReader {
+ public:
+  ShardReader(const fs::path& dir, const std::string& name, int rank, int64_t shards, int64_t total_numel,
+              int64_t params, int64_t moments)
+      : dir_(dir.string()),
+        name_(name),
+        fd_(::open((dir / name).c_str(), O_RDONLY | O_CLOEXEC)),
+        params_(params),
+        moments_(moments) {
+    check(fd_.get() >= 0, "cannot be opened (", errno_text(), ")");
+    ShardHeader h{};
+    read_at(0, &h, sizeof h);
+    check(std::memcmp(h.magic, kShardMagic, sizeof h.magic) == 0, "is not a nextron checkpoint shard");
+    NEXTRON_CHECK(h.format_version <= kTrainCheckpointFormatVersion, "checkpoint '", dir_, "': ", name_,
+                  " was written by a newer nextron (format version ", h.format_version,
+                  "); resume it with that nextron");
+    check(h.rank == rank && h.shards == shards && h.total_numel == total_numel,
+          "belongs to another checkpoint (its rank, shard count or model size differ)");
+    check(h.params == params && h.moments == moments, "holds another number of elements than ", kMetadataFile,
+          " indexes");
+    struct stat st {};
+    check(::fstat(fd_.get(), &st) == 0 && static_cast<uint64_t>(st.st_size) == shard_file_bytes(params, moments),
+          "has the wrong size for the elements it holds");
+  }
+
+  // Elements [pos, pos + count) of dataset `which` (0 params, 1 exp_avg, 2 exp_avg_sq).
+  void read(int which, int64_t pos, int64_t count, float* out) const {
+    const int64_t length = which == 0 ? params_ : moments_;
+    check(pos >= 0 && count >= 0 && pos <= length - count, "is shorter than its index says");
+    const int64_t base = which == 0 ? 0 : params_ + (which - 1) * moments_;
+    read_at(kShardHeaderBytes + 4 * static_cast<uint64_t>(base + pos), out, 4 * static_cast<size_t>(count));
+  }
+
+ private:
+  template <typename... Args>
+  void check(bool ok, const Args&... what) const {
+    NEXTRON_CHECK(ok, "checkpoint '", dir_, "': ", name_, " ", what..., " (damaged, or not written by nextron-train); ",
+                  kUseOlder);
+  }
+  void read_at(uint64_t offset, void* out, size_t n) const {
+    char* c = static_cast<char*>(out);
+    for (size_t done = 0; done < n;) {
+      const ssize_t k = ::pread(fd_.get(), c + done, n - done, static_cast<off_t>(offset + done));
+      if (k < 0 && errno == EINTR) continue;
+      check(k > 0, "cannot be read (", k < 0 ? errno_text() : std::string("it ends early"), ")");
+      done += static_cast<size_t>(k);
+    }
+  }
+
+  std::string dir_, name_;
+  Fd fd_;
+  int64_t params_, moments_;
+};
 
 // The runs as stored: the same full offsets, at their positions in the shard's dataset.
 std::vector<RunGroup> stored_groups(const std::vector<FlatRun>& runs) {
@@ -957,19 +1044,24 @@ std::vector<int64_t> shard_record(bool failed, const FileDigest& d, const std::v
 
 }  // namespace
 
-std::string save_train_checkpoint(Communicator* world, const std::string& root, const ModelConfig& config,
-                                  const ParamTable& table, const CheckpointShard& shard, const TrainState& state,
-                                  int keep_last) {
-  const int rank = world != nullptr ? world->rank() : 0, W = world != nullptr ? world->size() : 1;
+CheckpointSave::CheckpointSave(Communicator* world, const std::string& root, const ModelConfig& config,
+                               const ParamTable& table, const CheckpointShard& shard, const TrainState& state,
+                               int keep_last)
+    : world_(world),
+      rank_(world != nullptr ? world->rank() : 0),
+      shards_(world != nullptr ? world->size() : 1),
+      table_(table),
+      shard_(shard),
+      root_(root),
+      step_(state.step),
+      keep_last_(keep_last) {
   const int64_t total = table.total_numel();
   const fs::path root_path(root);
-  const fs::path final_dir = train_checkpoint_dir(root, state.step);
-  const std::string elsewhere = "another rank failed while saving checkpoint '" + final_dir.string() +
-                                "' (its message is in its error output); " + kDiskFix;
-  std::string state_json, config_json;
+  final_dir_ = train_checkpoint_dir(root, state.step);
+  elsewhere_ = "another rank failed while saving checkpoint '" + final_dir_ +
+               "' (its message is in its error output); " + kDiskFix;
   std::error_code ec;
-
-  // 1. Checks everywhere, the temporary directory on rank 0 (named by rank 0's pid, which every rank learns).
+  // Checks everywhere, the temporary directory on rank 0 (named by rank 0's pid, which every rank learns).
   std::string error = capture([&] {
     check_runs(shard.param_runs, total, "parameter");
     check_runs(shard.moment_runs, total, "moment");
@@ -982,51 +1074,67 @@ std::string save_train_checkpoint(Communicator* world, const std::string& root, 
                   "), consumed tokens (", state.consumed_tokens, ") and steps taken (", shard.steps_taken,
                   ") must all be >= 0");
     NEXTRON_CHECK(keep_last >= 0, "keep_last is ", keep_last, "; use a positive count, or 0 to keep every checkpoint");
-    if (rank != 0) return;
-    state_json = state_text(state);  // before touching the disk: may reject non-UTF-8 strings
-    config_json = config.to_json().dump();
+    if (rank_ != 0) return;
+    state_json_ = state_text(state);  // before touching the disk: may reject non-UTF-8 strings
+    config_json_ = config.to_json().dump();
     fs::create_directories(root_path, ec);
     NEXTRON_CHECK(!ec, "cannot create checkpoint directory '", root, "': ", ec.message(), "; ", kDiskFix);
-    const fs::path tmp = final_dir.string() + ".tmp-" + std::to_string(::getpid());
+    const fs::path tmp = final_dir_ + ".tmp-" + std::to_string(::getpid());
     fs::remove_all(tmp, ec);  // left by an earlier process with our pid
     NEXTRON_CHECK(fs::create_directory(tmp, ec) && !ec, "cannot create '", tmp.string(), "': ", ec.message(), "; ",
                   kDiskFix);
   });
-  double setup[2] = {error.empty() ? 0.0 : 1.0, rank == 0 ? static_cast<double>(::getpid()) : 0.0};
-  if (world != nullptr) world->all_reduce_sum(setup, 2);
-  const fs::path tmp = final_dir.string() + ".tmp-" + std::to_string(static_cast<long long>(setup[1]));
+  double setup[2] = {error.empty() ? 0.0 : 1.0, rank_ == 0 ? static_cast<double>(::getpid()) : 0.0};
+  if (world_ != nullptr) world_->all_reduce_sum(setup, 2);
+  tmp_ = final_dir_ + ".tmp-" + std::to_string(static_cast<long long>(setup[1]));
   if (setup[0] > 0) {
-    if (rank == 0) fs::remove_all(tmp, ec);
-    throw Error(error.empty() ? elsewhere : error);
+    if (rank_ == 0) fs::remove_all(tmp_, ec);
+    finished_ = true;
+    throw Error(error.empty() ? elsewhere_ : error);
   }
+}
 
-  // 2. Every rank writes its shard.
-  const std::vector<RunGroup> param_groups = stored_groups(shard.param_runs),
-                              moment_groups = stored_groups(shard.moment_runs);
-  FileDigest digest;
-  error = capture([&] {
-    const fs::path file = tmp / shard_file_name(rank);
-    write_shard_file(file, rank, W, total, shard);
-    digest = digest_file(file);
+CheckpointSave::~CheckpointSave() {
+  if (!finished_ && rank_ == 0) {
+    std::error_code ec;
+    fs::remove_all(tmp_, ec);
+  }
+}
+
+const std::string& CheckpointSave::dir() const { return final_dir_; }
+
+void CheckpointSave::write_shard() {
+  write_error_ = capture([&] {
+    const fs::path file = fs::path(tmp_) / shard_file_name(rank_);
+    write_shard_file(file, rank_, shards_, table_.total_numel(), shard_);
+    const FileDigest d = digest_file(file);
+    digest_bytes_ = d.bytes;
+    digest_hash_ = d.hash;
     stage_done("shard");
   });
+}
 
-  // 3. Rank 0 collects the shards' records, writes the metadata, the state and the manifest, and installs it.
-  std::vector<int64_t> record = shard_record(!error.empty(), digest, param_groups, moment_groups);
-  if (rank != 0) {
+std::string CheckpointSave::finish() {
+  std::string error = write_error_;
+  std::vector<int64_t> record = shard_record(!error.empty(), FileDigest{digest_bytes_, digest_hash_},
+                                             stored_groups(shard_.param_runs), stored_groups(shard_.moment_runs));
+  std::error_code ec;
+  // Rank 0 collects the shards' records (point to point: only it holds the index), writes the metadata, the state
+  // and the manifest, and installs the checkpoint.
+  if (rank_ != 0) {
     int64_t n = static_cast<int64_t>(record.size());
-    world->send(&n, 1, DType::i64, 0, 0);
-    world->send(record.data(), n, DType::i64, 0, 1);
+    world_->send(&n, 1, DType::i64, 0, 0);
+    world_->send(record.data(), n, DType::i64, 0, 1);
   } else {
     std::vector<int64_t> index;  // kIndexFields per group
     nlohmann::ordered_json files = nlohmann::ordered_json::array();
     bool any_failed = false;
-    for (int r = 0; r < W; ++r) {
+    for (int r = 0; r < shards_; ++r) {
       if (r > 0) {
         int64_t n = 0;
-        world->recv(&n, 1, DType::i64, r, 0);
+        world_->recv(&n, 1, DType::i64, r, 0);
         record.assign(static_cast<size_t>(n), 0);
-        world->recv(record.data(), n, DType::i64, r, 1);
+        world_->recv(record.data(), n, DType::i64, r, 1);
       }
       any_failed = any_failed || record[0] != 0;
       files.push_back({{"name", shard_file_name(r)},
@@ -1039,18 +1147,20 @@ std::string save_train_checkpoint(Communicator* world, const std::string& root, 
         index.insert(index.end(), {r, static_cast<int64_t>(kind), f[0], f[1], f[2], f[3], f[4]});
       }
     }
-    if (error.empty() && any_failed) error = elsewhere;
+    if (error.empty() && any_failed) error = elsewhere_;
     if (error.empty())
       error = capture([&] {
-        write_metadata_file(tmp / kMetadataFile, config_json, table, W, shard.steps_taken, shard.hyper, index);
+        const fs::path tmp(tmp_);
+        write_metadata_file(tmp / kMetadataFile, config_json_, table_, shards_, shard_.steps_taken, shard_.hyper,
+                            index);
         stage_done(kMetadataFile);
-        write_file_durably(tmp / kStateFile, state_json);
+        write_file_durably(tmp / kStateFile, state_json_);
         stage_done(kStateFile);
         nlohmann::ordered_json manifest;
         manifest["format"] = kManifestFormat;
         manifest["format_version"] = kTrainCheckpointFormatVersion;
-        manifest["step"] = state.step;
-        manifest["shards"] = W;
+        manifest["step"] = step_;
+        manifest["shards"] = shards_;
         manifest["checksum"] = "xxh64";
         for (const char* name : {kMetadataFile, kStateFile}) {
           const FileDigest d = digest_file(tmp / name);
@@ -1060,17 +1170,26 @@ std::string save_train_checkpoint(Communicator* world, const std::string& root, 
         write_file_durably(tmp / kManifestFile, manifest.dump(2) + "\n");
         fsync_path(tmp, /*directory=*/true);
         stage_done(kManifestFile);
-        install(tmp, final_dir);
-        fsync_path(root_path, /*directory=*/true);
+        install(tmp, final_dir_);
+        fsync_path(root_, /*directory=*/true);
       });
-    if (!error.empty()) fs::remove_all(tmp, ec);
+    if (!error.empty()) fs::remove_all(tmp_, ec);
   }
-  agree(world, error, elsewhere);
-  if (rank == 0) {
+  finished_ = true;
+  agree(world_, error, elsewhere_);
+  if (rank_ == 0) {
     stage_done("renamed");
-    if (keep_last > 0) prune(root_path, state.step, keep_last);
+    if (keep_last_ > 0) prune(root_, step_, keep_last_);
   }
-  return final_dir.string();
+  return final_dir_;
+}
+
+std::string save_train_checkpoint(Communicator* world, const std::string& root, const ModelConfig& config,
+                                  const ParamTable& table, const CheckpointShard& shard, const TrainState& state,
+                                  int keep_last) {
+  CheckpointSave save(world, root, config, table, shard, state, keep_last);
+  save.write_shard();
+  return save.finish();
 }
 
 std::string save_train_checkpoint(const std::string& root, const ModelConfig& config, const ParamTable& table,
@@ -1138,23 +1257,18 @@ struct TrainCheckpointReader::Impl {
   std::vector<RunGroup> groups[2];  // Stored::params, Stored::moments
   std::vector<int> group_shard[2];
   std::vector<int64_t> stored_numel[2];  // per shard: what its index says its datasets hold
-  mutable std::vector<std::unique_ptr<H5Reader>> shards;
+  mutable std::vector<std::unique_ptr<ShardReader>> shards;
 
-  const H5Reader& shard(int r) const {
-    if (!shards[static_cast<size_t>(r)]) {
+  const ShardReader& shard(int r) const {
+    auto& f = shards[static_cast<size_t>(r)];
+    if (!f) {
       const std::string name = shard_file_name(r);
       check_checksum(dir, *manifest.find(name));
-      auto f = std::make_unique<H5Reader>(dir, name, kShardFormat);
-      f->check(f->attr_i64("rank") == r && f->attr_i64("shards") == manifest.shards &&
-                   f->attr_i64("total_numel") == table->total_numel(),
-               "belongs to another checkpoint (rank, shard count or model size differ)");
-      f->check(f->length("params", H5T_FLOAT, sizeof(float)) == stored_numel[0][static_cast<size_t>(r)] &&
-                   f->length("exp_avg", H5T_FLOAT, sizeof(float)) == stored_numel[1][static_cast<size_t>(r)] &&
-                   f->length("exp_avg_sq", H5T_FLOAT, sizeof(float)) == stored_numel[1][static_cast<size_t>(r)],
-               "holds a different number of elements than ", kMetadataFile, " indexes");
-      shards[static_cast<size_t>(r)] = std::move(f);
+      f = std::make_unique<ShardReader>(dir, name, r, manifest.shards, table->total_numel(),
+                                        stored_numel[0][static_cast<size_t>(r)],
+                                        stored_numel[1][static_cast<size_t>(r)]);
     }
-    return *shards[static_cast<size_t>(r)];
+    return *f;
   }
 
   // Fills dst[k] (k = 0: params or exp_avg, 1: exp_avg_sq) from every stored group intersecting `runs`.
@@ -1166,15 +1280,14 @@ struct TrainCheckpointReader::Impl {
                   kind == Stored::params ? "values" : "optimizer state", " for elements of '",
                   table->specs()[static_cast<size_t>(uncovered)].name,
                   "' that this run needs (its shards do not cover the model); ", kUseOlder);
-    static const char* const kDatasets[2][2] = {{"params", nullptr}, {"exp_avg", "exp_avg_sq"}};
     std::vector<float> buf;
     for (const auto& param : plan)
       for (const GroupCopies& gc : param) {
         const RunGroup& g = groups[k][static_cast<size_t>(gc.have)];
-        const H5Reader& file = shard(group_shard[k][static_cast<size_t>(gc.have)]);
+        const ShardReader& file = shard(group_shard[k][static_cast<size_t>(gc.have)]);
         buf.resize(static_cast<size_t>(gc.source_end - gc.source_begin));
         for (int d = 0; d < ndst; ++d) {
-          file.read_f32(kDatasets[k][d], g.local + gc.source_begin, gc.source_end - gc.source_begin, buf.data());
+          file.read(k + d, g.local + gc.source_begin, gc.source_end - gc.source_begin, buf.data());
           for (const RunCopy& c : gc.copies)
             std::memcpy(dst[d] + c.dest, buf.data() + (c.source - gc.source_begin),
                         static_cast<size_t>(c.count) * sizeof(float));

@@ -75,6 +75,38 @@ std::string save_train_checkpoint(Communicator* world, const std::string& root, 
                                   const ParamTable& table, const CheckpointShard& shard, const TrainState& state,
                                   int keep_last);
 
+// The same save in three parts, so that --async-save can write the shard on a background thread:
+//   the constructor (collective: checks on every rank; rank 0 creates the temporary directory),
+//   write_shard() (this rank's file; no MPI and no HDF5, so one other thread may run it while training goes on),
+//   finish() (collective: rank 0 collects the shards' sizes, checksums and run groups, writes metadata.h5,
+//   state.json and the manifest, installs the checkpoint and applies keep_last; returns its directory).
+// `shard`'s buffers must stay valid until write_shard() returns. Errors of the constructor and of finish() are thrown
+// on every rank (the failing ranks with their own message); write_shard() keeps its error for finish(). A save
+// destroyed unfinished removes its temporary directory.
+class CheckpointSave {
+ public:
+  CheckpointSave(Communicator* world, const std::string& root, const ModelConfig& config, const ParamTable& table,
+                 const CheckpointShard& shard, const TrainState& state, int keep_last);
+  ~CheckpointSave();
+  CheckpointSave(const CheckpointSave&) = delete;
+  CheckpointSave& operator=(const CheckpointSave&) = delete;
+
+  void write_shard();
+  std::string finish();
+  const std::string& dir() const;  // the checkpoint's directory once finished
+
+ private:
+  Communicator* world_;
+  int rank_, shards_;
+  const ParamTable& table_;
+  CheckpointShard shard_;
+  std::string root_, final_dir_, tmp_, elsewhere_, state_json_, config_json_, write_error_;
+  int64_t step_;
+  int keep_last_;
+  uint64_t digest_bytes_ = 0, digest_hash_ = 0;
+  bool finished_ = false;
+};
+
 // One process holding the whole model: params (table.total_numel() elements) and the moments of flat range `range`
 // (indexed from range.begin).
 struct OptimizerShard {

@@ -68,6 +68,7 @@ struct TrainOptions {
   std::string save_dir;
   int64_t save_interval = 0;  // 0: only at exit
   int keep_last = 3;
+  bool async_save = false;      // interval checkpoints: shards written by a background thread while training goes on
   std::string resume = "auto";  // auto | none | a checkpoint directory
   bool overwrite_save = false;  // delete save_dir's checkpoints (and its metrics.jsonl) at start-up: start over
   std::string export_hf;        // HF directory written at the end of training

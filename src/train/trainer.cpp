@@ -1,6 +1,7 @@
 #include "train/trainer.h"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <csignal>
@@ -463,13 +464,38 @@ double Trainer::validate() {
   return total / static_cast<double>(opt_.eval_iters);
 }
 
-std::string Trainer::save_checkpoint() {
+// A background save: the host copies its shard points into, the save, and the thread writing the shard.
+struct Trainer::PendingSave {
+  std::vector<float> params, m, v;  // the rank's local parameters of every chunk (where it writes any); its moments
+  std::unique_ptr<CheckpointSave> save;
+  std::thread writer;
+  std::atomic<bool> written{false};
+  ~PendingSave() {
+    if (writer.joinable()) writer.join();
+  }
+};
+
+std::string Trainer::finish_background_save(bool wait) {
+  if (!pending_save_) return {};  // the same on every rank: saves are collective
+  if (!wait) {
+    double busy = pending_save_->written.load() ? 0 : 1;
+    if (ctx_) ctx_->world().all_reduce_sum(&busy, 1);
+    if (busy > 0) return {};
+  }
+  const std::unique_ptr<PendingSave> job = std::move(pending_save_);
+  job->writer.join();
+  return job->save->finish();
+}
+
+std::string Trainer::save_checkpoint(bool background) {
   NEXTRON_CHECK(!opt_.save_dir.empty(), "saving a checkpoint needs --save DIR");
+  finish_background_save(/*wait=*/true);  // one save at a time
+  auto job = std::make_unique<PendingSave>();
   // Every rank writes only the elements it owns (docs/formats.md): its TP slice of its stages' parameters, from one
   // data-parallel replica (DP rank 0; EDP rank 0 for routed experts), and its ZeRO shard of the moments (TP-replicated
   // elements from their owning TP rank). Host copies of the rank's own buffers only.
   const bool dense_owner = !ctx_ || ctx_->dp_rank() == 0, expert_owner = !ctx_ || ctx_->edp().rank() == 0;
-  std::vector<float> params, m, v;  // the rank's local parameters of every chunk; its moment shards
+  std::vector<float>&params = job->params, &m = job->m, &v = job->v;
   size_t local_numel = 0, shard_numel = 0;
   for (Chunk& c : chunks_) {
     local_numel += static_cast<size_t>(c.model->table().total_numel());
@@ -538,8 +564,19 @@ std::string Trainer::save_checkpoint() {
   if (const char* delay = std::getenv("NEXTRON_FAULT_SAVE_STAGE_DELAY_S"))
     detail::set_train_checkpoint_hook(
         [s = std::atof(delay)](const std::string&) { std::this_thread::sleep_for(std::chrono::duration<double>(s)); });
-  return save_train_checkpoint(ctx_ ? &ctx_->world() : nullptr, opt_.save_dir, config(), full_table(), shard, st,
-                               opt_.keep_last);
+  job->save = std::make_unique<CheckpointSave>(ctx_ ? &ctx_->world() : nullptr, opt_.save_dir, config(), full_table(),
+                                               shard, st, opt_.keep_last);
+  if (!background) {
+    job->save->write_shard();
+    return job->save->finish();
+  }
+  // The writer touches only the job's host copies and its own file (no MPI, no HDF5).
+  job->writer = std::thread([save = job->save.get(), written = &job->written] {
+    save->write_shard();
+    written->store(true);
+  });
+  pending_save_ = std::move(job);
+  return pending_save_->save->dir();
 }
 
 void Trainer::resume_from(const std::string& dir) {
@@ -745,10 +782,20 @@ void Trainer::run() {
       if (log) std::printf("%s\n", format_valid_line(v).c_str());
       std::fflush(stdout);
     }
-    if (opt_.save_interval > 0 && step_ % opt_.save_interval == 0 && step_ < opt_.train_steps) {
-      const std::string dir = timed_save();
+    // A background save completes at the first step boundary where every rank's shard is written.
+    if (const std::string dir = finish_background_save(/*wait=*/false); !dir.empty()) {
       if (progress) bar.clear();
-      if (log) std::printf("saved %s\n", dir.c_str());
+      if (log) std::printf("saved %s (written in the background)\n", dir.c_str());
+    }
+    if (opt_.save_interval > 0 && step_ % opt_.save_interval == 0 && step_ < opt_.train_steps) {
+      if (progress) bar.clear();
+      if (opt_.async_save) {
+        const std::string dir = save_checkpoint(/*background=*/true);
+        if (log) std::printf("saving %s in the background\n", dir.c_str());
+      } else {
+        const std::string dir = timed_save();
+        if (log) std::printf("saved %s\n", dir.c_str());
+      }
     }
     stop = stop_agreed();
   }
@@ -756,6 +803,8 @@ void Trainer::run() {
   std::signal(SIGINT, old_int);
   std::signal(SIGTERM, old_term);
   std::signal(SIGUSR1, old_usr1);
+  if (const std::string dir = finish_background_save(/*wait=*/true); !dir.empty() && log)
+    std::printf("saved %s (written in the background)\n", dir.c_str());
   if (log && stop) std::printf("stop requested: saving at step %lld\n", static_cast<long long>(step_));
   // A signal after the last step stops nothing: the run is complete and exports as usual.
   stopped_early_ = stop && step_ < opt_.train_steps;

@@ -58,9 +58,15 @@ class Trainer {
                    TrainBackend backend = {});
   ~Trainer();
 
-  StepRecord step();                       // one optimizer step
-  double validate();                       // mean loss over eval_iters validation micro-batches
-  std::string save_checkpoint();           // returns the checkpoint directory
+  StepRecord step();  // one optimizer step
+  double validate();  // mean loss over eval_iters validation micro-batches
+  // Saves a checkpoint of the current step (collective) and returns its directory. background: only the host copies
+  // are made and the directory set up now; a background thread writes this rank's shard while training goes on, and
+  // finish_background_save completes the checkpoint later. A pending background save is completed first.
+  std::string save_checkpoint(bool background = false);
+  // Completes a pending background save (collective): with `wait`, once this rank's writer is done; otherwise only if
+  // every rank's writer is already done. Returns the checkpoint's directory, or "" when nothing was completed.
+  std::string finish_background_save(bool wait);
   void export_hf(const std::string& dir);  // collective; rank 0 writes
   void run();  // collective; the whole loop with logging, validation, checkpoints and export; stops cleanly on
                // SIGINT/SIGTERM/SIGUSR1
@@ -132,6 +138,8 @@ class Trainer {
   double last_grad_norm_ = 0;  // of the previous step: the usual cause when a step's loss is not finite
   bool stopped_early_ = false;
   std::vector<int64_t> rows_, ids_, targets_;
+  struct PendingSave;
+  std::unique_ptr<PendingSave> pending_save_;  // a background save not completed yet
 };
 
 }  // namespace nextron

@@ -113,10 +113,10 @@ TEST(DiskFull, CheckpointSaveWithAFileSizeLimitFailsCleanly) {
   fs::remove_all(root);
   const fs::path first = run.save(root, 1);
   // The shard (parameters and both moments) is written first and is the larger file; metadata.h5 follows.
-  const uintmax_t shard = fs::file_size(first / "shard_00000.h5"), metadata = fs::file_size(first / "metadata.h5");
+  const uintmax_t shard = fs::file_size(first / "shard_00000.bin"), metadata = fs::file_size(first / "metadata.h5");
   ASSERT_LT(metadata, shard);
-  // Limits that stop the shard at once, partway, near its end and just past it (its disk reservation is larger).
-  for (const uintmax_t limit : {uintmax_t{512}, uintmax_t{8192}, shard / 2, shard - 64, shard + 64}) {
+  // Limits that stop the shard at once, partway, near its end and one byte short of it.
+  for (const uintmax_t limit : {uintmax_t{512}, uintmax_t{8192}, shard / 2, shard - 64, shard - 1}) {
     expect_clean_failure(
         run, root,
         [limit] {
@@ -124,7 +124,7 @@ TEST(DiskFull, CheckpointSaveWithAFileSizeLimitFailsCleanly) {
           const rlimit r{limit, limit};
           ::setrlimit(RLIMIT_FSIZE, &r);
         },
-        "RLIMIT_FSIZE " + std::to_string(limit), "shard_00000.h5");
+        "RLIMIT_FSIZE " + std::to_string(limit), "shard_00000.bin");
   }
   fs::remove_all(root);
 }
@@ -136,7 +136,7 @@ TEST(DiskFull, CheckpointSaveOnAFullTmpfsFailsCleanly) {
   const fs::path scratch = fs::temp_directory_path() / ("nextron_tmpfs_src_" + std::to_string(::getpid()));
   fs::remove_all(scratch);
   const fs::path first = run.save(scratch, 1);
-  const uintmax_t shard = fs::file_size(first / "shard_00000.h5"), metadata = fs::file_size(first / "metadata.h5");
+  const uintmax_t shard = fs::file_size(first / "shard_00000.bin"), metadata = fs::file_size(first / "metadata.h5");
   fs::remove_all(scratch);
   // Room for step 1 and part of step 2: step 2 runs out in its shard, or in metadata.h5 after the shard was written.
   // The writer reserves a file's data plus 256 KiB before writing it and gives back what it did not use when it is
@@ -146,7 +146,7 @@ TEST(DiskFull, CheckpointSaveOnAFullTmpfsFailsCleanly) {
   const uintmax_t shard_pages = (shard + kPage - 1) / kPage * kPage;
   ASSERT_GT(metadata, 0u);
   for (const auto& [room, file] :
-       {std::pair<uintmax_t, const char*>{shard / 2, "shard_00000.h5"}, {shard_pages + kReserve, "metadata.h5"}}) {
+       {std::pair<uintmax_t, const char*>{shard / 2, "shard_00000.bin"}, {shard_pages + kReserve, "metadata.h5"}}) {
     if (::mount("tmpfs", mnt.c_str(), "tmpfs", 0, "size=64m") != 0) {
       fs::remove(mnt);
       GTEST_SKIP() << "cannot mount a tmpfs here (" << std::strerror(errno) << "); the RLIMIT_FSIZE test covers this";

@@ -325,13 +325,12 @@ TEST(FileFuzz, TrainCheckpoint) {
   const TinyRun run;
   const std::string dir = run.save(root);
   ASSERT_EQ(run.load(dir, true), "");
-  for (const char* name : {"metadata.h5", "shard_00000.h5"})
-    ASSERT_EQ(read_bytes(fs::path(dir) / name)[8], 3) << name << " is not in HDF5 1.10's checksummed format";
+  ASSERT_EQ(read_bytes(fs::path(dir) / "metadata.h5")[8], 3) << "metadata.h5 is not in HDF5 1.10's checksummed format";
   FuzzStats sealed, unsealed;
   uint64_t seed = 2000;
   // Damage the manifest does not know about: every file, and every such load must be refused, except that damage
   // to the manifest's JSON whitespace is harmless (an exact load passes there).
-  for (const char* name : {"metadata.h5", "shard_00000.h5", "state.json", "manifest.json"}) {
+  for (const char* name : {"metadata.h5", "shard_00000.bin", "state.json", "manifest.json"}) {
     const bool checksummed = std::string(name) != "manifest.json";
     fuzz(
         std::string(name) + " (manifest unchanged)", fs::path(dir) / name, 50 * scale(), seed,
@@ -339,8 +338,9 @@ TEST(FileFuzz, TrainCheckpoint) {
     seed += 1000;
   }
   report("training checkpoint, manifest catches the damage", unsealed);
-  // Damage behind a matching manifest: the HDF5 files are parsed, and must load or be refused, never crash.
-  for (const auto& [name, cases] : {std::pair<const char*, int>{"metadata.h5", 400}, {"shard_00000.h5", 250}}) {
+  // Damage behind a matching manifest: metadata.h5 and the shard's header are parsed, and must load or be refused,
+  // never crash.
+  for (const auto& [name, cases] : {std::pair<const char*, int>{"metadata.h5", 400}, {"shard_00000.bin", 250}}) {
     const std::string n = name;
     fuzz(
         n + " (manifest resealed)", fs::path(dir) / name, cases * scale(), seed, [&] { return run.load(dir, false); },

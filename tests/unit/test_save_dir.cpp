@@ -77,7 +77,7 @@ TEST(SaveDirLeftovers, DeadProcessesOnesAreRemovedLiveOnesKept) {
   const fs::path mine = dir / ("step_00000009.tmp-" + std::to_string(::getpid()));  // an earlier process's
   for (const fs::path& p : {tmp, del, live, mine}) {
     fs::create_directories(p);
-    write_bytes(p / "shard_00000.h5", 2048);
+    write_bytes(p / "shard_00000.bin", 2048);
   }
   fs::create_directories(dir / "step_00000002");  // a checkpoint: never a leftover
   fs::create_directories(dir / "step_00000004.tmp-x");

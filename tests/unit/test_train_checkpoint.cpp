@@ -206,7 +206,7 @@ TEST(TrainCheckpoint, RoundTripIsBitIdentical) {
   EXPECT_EQ(dir, (root / "step_00000007").string());
   EXPECT_EQ(dir, train_checkpoint_dir(root.string(), 7));
   EXPECT_EQ(entries(root), (std::set<std::string>{"step_00000007"}));
-  EXPECT_EQ(entries(dir), (std::set<std::string>{"metadata.h5", "shard_00000.h5", "state.json", "manifest.json"}));
+  EXPECT_EQ(entries(dir), (std::set<std::string>{"metadata.h5", "shard_00000.bin", "state.json", "manifest.json"}));
 
   // The manifest lists every other file with its size and the XXH64 of its bytes, and the number of shards.
   const json manifest = json::parse(read_bytes(fs::path(dir) / "manifest.json"));
@@ -223,7 +223,7 @@ TEST(TrainCheckpoint, RoundTripIsBitIdentical) {
     std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(xxh64(bytes.data(), bytes.size())));
     EXPECT_EQ(f.at("xxh64").get<std::string>(), hex);
   }
-  EXPECT_EQ(listed, (std::set<std::string>{"metadata.h5", "shard_00000.h5", "state.json"}));
+  EXPECT_EQ(listed, (std::set<std::string>{"metadata.h5", "shard_00000.bin", "state.json"}));
   EXPECT_EQ(json::parse(read_bytes(fs::path(dir) / "state.json")).at("data_position"), run.state.data_position);
 
   run.expect_loads_identically(dir);
@@ -444,7 +444,7 @@ TEST(TrainCheckpoint, FindLatestSkipsUnfinishedAndDamagedCheckpoints) {
   fs::remove(copy_as("step_00000008") / "manifest.json");
   const fs::path truncated = copy_as("step_00000007") / "metadata.h5";
   fs::resize_file(truncated, fs::file_size(truncated) - 100);
-  const fs::path modified = copy_as("step_00000006") / "shard_00000.h5";
+  const fs::path modified = copy_as("step_00000006") / "shard_00000.bin";
   {
     std::fstream f(modified, std::ios::in | std::ios::out | std::ios::binary);
     f.seekg(static_cast<std::streamoff>(fs::file_size(modified) / 2));
@@ -456,7 +456,7 @@ TEST(TrainCheckpoint, FindLatestSkipsUnfinishedAndDamagedCheckpoints) {
   fs::remove(bad_manifest);
   std::ofstream(bad_manifest) << "{\"format\": \"nextron-train-checkpoint\", \"files\": [";
   fs::remove(copy_as("step_00000004") / "state.json");
-  fs::remove(copy_as("step_00000011") / "shard_00000.h5");
+  fs::remove(copy_as("step_00000011") / "shard_00000.bin");
   fs::create_directories(root / "step_00000010.del-1");  // a deletion in progress: not a checkpoint at all
   fs::create_directories(root / "unrelated");
 
@@ -475,9 +475,9 @@ TEST(TrainCheckpoint, FindLatestSkipsUnfinishedAndDamagedCheckpoints) {
     load_train_checkpoint((root / name).string(), two.config, two.table, p.data(), all, m.data(), v.data());
   };
   expect_error([&] { load("step_00000008"); }, {"step_00000008", "incomplete", "manifest.json"});
-  expect_error([&] { load("step_00000011"); }, {"step_00000011", "incomplete", "shard_00000.h5 is missing"});
+  expect_error([&] { load("step_00000011"); }, {"step_00000011", "incomplete", "shard_00000.bin is missing"});
   expect_error([&] { load("step_00000007"); }, {"step_00000007", "metadata.h5", "truncated"});
-  expect_error([&] { load("step_00000006"); }, {"step_00000006", "checksum of shard_00000.h5"});
+  expect_error([&] { load("step_00000006"); }, {"step_00000006", "checksum of shard_00000.bin"});
   expect_error([&] { load("step_00000005"); }, {"step_00000005", "manifest.json is not a valid manifest"});
   expect_error([&] { load("step_00000004"); }, {"step_00000004", "state.json is missing"});
   expect_error([&] { load("step_00000003"); }, {"step_00000003", "does not exist"});
