@@ -130,6 +130,14 @@ def main():
         lo = losses(os.path.join(where, "metrics.jsonl")) if r.returncode == 0 else {}
         check(f"the TP2 x DP2 checkpoint resumes on {name}", r.returncode == 0 and "continuing at step 4" in r.stdout
               and all(abs(lo.get(s, 0) - lf[s]) <= 1e-4 * abs(lf[s]) for s in (5, 6)), f"{lo} vs {lf}; {r.stderr[-600:]}")
+    # nextron-convert streams the 4-rank checkpoint into the same HF file the job exported at that step, byte for
+    # byte (the export itself is checked against transformers by hf_round_trip).
+    convert = os.path.join(os.path.dirname(os.path.abspath(args.train)), "nextron-convert")
+    r = subprocess.run([convert, "--in", ck, "--out", os.path.join(w, "ck_hf")], capture_output=True, text=True,
+                       timeout=300)
+    same = r.returncode == 0 and open(os.path.join(w, "ck_hf", "model.safetensors"), "rb").read() == \
+        open(os.path.join(w, "hf", "model.safetensors"), "rb").read()
+    check("nextron-convert of the 4-rank checkpoint equals the job's HF export byte for byte", same, r.stderr[-600:])
     damaged = os.path.join(w, "damaged")
     for step in ("step_00000004", "step_00000006"):
         shutil.copytree(os.path.join(par, step), os.path.join(damaged, step))
