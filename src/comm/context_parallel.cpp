@@ -1,0 +1,45 @@
+#include "comm/context_parallel.h"
+
+#include <algorithm>
+#include <vector>
+
+#include "kernels/cpu/delta_state_scan.h"
+
+namespace nextron {
+
+void ContextParallel::delta_states_forward(const float* transition, const float* local_final, float* gathered_m,
+                                           float* state_in, int64_t B, int64_t Hv, int64_t dk, int64_t dv) const {
+  const int64_t mb = B * Hv * dk * dk, sb = B * Hv * dk * dv, n = size(), r = rank();
+  std::copy_n(transition, mb, gathered_m + r * mb);
+  if (n == 1) {
+    std::fill_n(state_in, sb, 0.0f);
+    return;
+  }
+  // One all-gather of [M_c | L_c] per rank, then the prefix up to this rank's slice.
+  std::vector<float> mine(static_cast<size_t>(mb + sb)), all(static_cast<size_t>(n * (mb + sb)));
+  std::copy_n(transition, mb, mine.begin());
+  std::copy_n(local_final, sb, mine.begin() + mb);
+  cp_->all_gather(mine.data(), all.data(), mb + sb);
+  std::vector<float> finals(static_cast<size_t>(n * sb)), states(static_cast<size_t>((r + 1) * sb));
+  for (int64_t c = 0; c < n; ++c) {
+    std::copy_n(all.begin() + c * (mb + sb), mb, gathered_m + c * mb);
+    std::copy_n(all.begin() + c * (mb + sb) + mb, sb, finals.begin() + c * sb);
+  }
+  cpu::prefix_states<float>(states.data(), gathered_m, finals.data(), r + 1, B, Hv, dk, dv);
+  std::copy_n(states.begin() + r * sb, sb, state_in);
+}
+
+void ContextParallel::delta_states_backward(const float* gathered_m, const float* local_in_grad, float* final_grad,
+                                            int64_t B, int64_t Hv, int64_t dk, int64_t dv) const {
+  const int64_t sb = B * Hv * dk * dv, n = size(), r = rank();
+  if (n == 1) {
+    std::fill_n(final_grad, sb, 0.0f);
+    return;
+  }
+  std::vector<float> all(static_cast<size_t>(n * sb)), grads(static_cast<size_t>(n * sb));
+  cp_->all_gather(local_in_grad, all.data(), sb);
+  cpu::suffix_final_grads<float>(grads.data(), gathered_m, all.data(), n, B, Hv, dk, dv);
+  std::copy_n(grads.begin() + r * sb, sb, final_grad);
+}
+
+}  // namespace nextron

@@ -1,0 +1,45 @@
+// The context-parallel (CP) group as a Gated DeltaNet layer sees it: each CP rank holds a consecutive slice of every
+// sequence, and the recurrent state crosses the slice boundaries instead of the tokens (the math:
+// kernels/cpu/delta_state_scan.h). One object, the forward and its backward side by side; a default-constructed
+// ContextParallel is CP 1, where both are the identity (a zero incoming state, a zero final-state gradient).
+//
+//   pair                  forward                                          backward
+//   delta_states          all-gather (M_c, L_c), prefix -> S_in of this    all-gather the slices' local dS_in, suffix
+//                         rank's slice                                     -> the gradient reaching this slice's
+//                                                                          final state
+//
+// Bytes per layer and sequence batch (all-gather accounting, b = 4): forward (CP - 1) B Hv dk (dk + dv) b, backward
+// (CP - 1) B Hv dk dv b: independent of the sequence length.
+#pragma once
+
+#include <cstdint>
+
+#include "comm/communicator.h"
+
+namespace nextron {
+
+class ContextParallel {
+ public:
+  ContextParallel() = default;  // CP 1
+  // cp: the CP group over host memory (not owned), ranks ordered as the slices.
+  explicit ContextParallel(Communicator* cp) : cp_(cp) {}
+
+  int size() const { return cp_ ? cp_->size() : 1; }
+  int rank() const { return cp_ ? cp_->rank() : 0; }
+  bool active() const { return size() > 1; }
+
+  // transition (B, Hv, dk, dk) and local_final (B, Hv, dk, dv): this rank's slice's M_c and final state from a zero
+  // start. Writes gathered_m (CP, B, Hv, dk, dk): every slice's transition, which the caller keeps for the backward,
+  // and state_in (B, Hv, dk, dv): the state entering this rank's slice.
+  void delta_states_forward(const float* transition, const float* local_final, float* gathered_m, float* state_in,
+                            int64_t B, int64_t Hv, int64_t dk, int64_t dv) const;
+  // local_in_grad (B, Hv, dk, dv): dS_in of this rank's slice from its backward with a zero final-state gradient;
+  // gathered_m from the forward. Writes final_grad (B, Hv, dk, dv): the gradient reaching this slice's final state.
+  void delta_states_backward(const float* gathered_m, const float* local_in_grad, float* final_grad, int64_t B,
+                             int64_t Hv, int64_t dk, int64_t dv) const;
+
+ private:
+  Communicator* cp_ = nullptr;
+};
+
+}  // namespace nextron

@@ -1,0 +1,136 @@
+// Context parallelism's Gated DeltaNet state passing (comm/context_parallel.h) as real MPI ranks: the world is one CP
+// group, each rank holds an uneven slice of the same random sequences, and its outputs and every gradient equal the
+// whole sequence's on one process (the chunked kernel, fp32); the bytes each rank sends per layer equal the formula
+// and do not depend on the sequence length.
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "comm/context_parallel.h"
+#include "comm/counting_communicator.h"
+#include "kernels/cpu/delta_state_scan.h"
+#include "mpi_fixture.h"
+
+namespace nextron::test {
+namespace {
+
+using cpu::GdrShape;
+using Vec = std::vector<float>;
+
+Vec randn(int64_t n, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  Vec v(static_cast<size_t>(n));
+  for (float& x : v) x = d(rng);
+  return v;
+}
+
+Vec take(const Vec& x, int64_t B, int64_t S, int64_t width, int64_t a, int64_t len) {
+  Vec out(static_cast<size_t>(B * len * width));
+  for (int64_t b = 0; b < B; ++b)
+    std::copy_n(x.begin() + (b * S + a) * width, len * width, out.begin() + b * len * width);
+  return out;
+}
+
+// Slice c of S tokens over n ranks, deliberately uneven and not multiples of the 64-token chunk: rank c gets
+// base + (c % 3) - 1 tokens (the last rank the rest).
+std::pair<int64_t, int64_t> slice_of(int64_t S, int n, int c) {
+  const int64_t base = S / n;
+  int64_t at = 0;
+  for (int i = 0; i < c; ++i) at += base + (i % 3) - 1;
+  const int64_t len = c + 1 == n ? S - at : base + (c % 3) - 1;
+  return {at, len};
+}
+
+void expect_close(const Vec& got, const Vec& want, const char* what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  float err = 0, ref = 1;
+  for (size_t i = 0; i < got.size(); ++i) {
+    err = std::max(err, std::abs(got[i] - want[i]));
+    ref = std::max(ref, std::abs(want[i]));
+  }
+  // fp32: the slices' chunk boundaries and the state products change the summation order only.
+  EXPECT_LE(err, 2e-5f * ref) << what;
+}
+
+// Runs one DeltaNet core over S tokens split across the world; checks against the whole sequence and returns the
+// bytes this rank sent.
+double run_case(Communicator& comm, const GdrShape& whole, uint64_t seed) {
+  CountingCommunicator counting(comm);
+  const ContextParallel cp(&counting);
+  const int n = cp.size(), r = cp.rank();
+  const GdrShape& s = whole;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(s.dk));
+  Vec q = randn(s.B * s.S * s.Hk * s.dk, seed), k = randn(s.B * s.S * s.Hk * s.dk, seed + 1),
+      v = randn(s.B * s.S * s.Hv * s.dv, seed + 2), g = randn(s.B * s.S * s.Hv, seed + 3),
+      beta = randn(s.B * s.S * s.Hv, seed + 4), d_o = randn(s.B * s.S * s.Hv * s.dv, seed + 5);
+  for (Vec* x : {&q, &k})
+    for (size_t row = 0; row < x->size(); row += static_cast<size_t>(s.dk)) {
+      float n2 = 0;
+      for (int64_t i = 0; i < s.dk; ++i) n2 += (*x)[row + i] * (*x)[row + i];
+      for (int64_t i = 0; i < s.dk; ++i) (*x)[row + i] /= std::sqrt(n2 + 1e-6f);
+    }
+  for (float& x : g) x = -std::log1p(std::exp(x));
+  for (float& x : beta) x = 1.0f / (1.0f + std::exp(-x));
+
+  // The whole sequence on this process.
+  Vec o(v.size()), dq(q.size(), 0), dk(k.size(), 0), dv(v.size(), 0), dg(g.size(), 0), db(g.size(), 0);
+  cpu::gated_delta_rule_chunked_forward<float>(o.data(), nullptr, q.data(), k.data(), v.data(), g.data(), beta.data(),
+                                               nullptr, s, scale);
+  cpu::gated_delta_rule_chunked_backward<float>(dq.data(), dk.data(), dv.data(), dg.data(), db.data(), nullptr,
+                                                d_o.data(), nullptr, q.data(), k.data(), v.data(), g.data(),
+                                                beta.data(), nullptr, s, scale);
+
+  // This rank's slice.
+  const auto [at, len] = slice_of(s.S, n, r);
+  const GdrShape ls{s.B, len, s.Hk, s.Hv, s.dk, s.dv};
+  const Vec lq = take(q, s.B, s.S, s.Hk * s.dk, at, len), lk = take(k, s.B, s.S, s.Hk * s.dk, at, len),
+            lv = take(v, s.B, s.S, s.Hv * s.dv, at, len), lg = take(g, s.B, s.S, s.Hv, at, len),
+            lb = take(beta, s.B, s.S, s.Hv, at, len), ldo = take(d_o, s.B, s.S, s.Hv * s.dv, at, len);
+  const int64_t mb = s.B * s.Hv * s.dk * s.dk, sb = s.B * s.Hv * s.dk * s.dv;
+  Vec lo(lv.size()), local_final(static_cast<size_t>(sb)), m(static_cast<size_t>(mb)),
+      gathered_m(static_cast<size_t>(n * mb)), state_in(static_cast<size_t>(sb));
+  counting.volume()->reset();
+  cpu::gated_delta_rule_chunked_forward<float>(lo.data(), local_final.data(), lq.data(), lk.data(), lv.data(),
+                                               lg.data(), lb.data(), nullptr, ls, scale);
+  cpu::slice_transition<float>(m.data(), lk.data(), lg.data(), lb.data(), ls);
+  cp.delta_states_forward(m.data(), local_final.data(), gathered_m.data(), state_in.data(), s.B, s.Hv, s.dk, s.dv);
+  cpu::gated_delta_rule_chunked_forward<float>(lo.data(), nullptr, lq.data(), lk.data(), lv.data(), lg.data(),
+                                               lb.data(), state_in.data(), ls, scale);
+  expect_close(lo, take(o, s.B, s.S, s.Hv * s.dv, at, len), "outputs");
+
+  Vec t1(lq.size(), 0), t2(lk.size(), 0), t3(lv.size(), 0), t4(lg.size(), 0), t5(lb.size(), 0);
+  Vec local_in_grad(static_cast<size_t>(sb), 0), final_grad(static_cast<size_t>(sb));
+  cpu::gated_delta_rule_chunked_backward<float>(t1.data(), t2.data(), t3.data(), t4.data(), t5.data(),
+                                                local_in_grad.data(), ldo.data(), nullptr, lq.data(), lk.data(),
+                                                lv.data(), lg.data(), lb.data(), state_in.data(), ls, scale);
+  cp.delta_states_backward(gathered_m.data(), local_in_grad.data(), final_grad.data(), s.B, s.Hv, s.dk, s.dv);
+  Vec gq(lq.size(), 0), gk(lk.size(), 0), gv(lv.size(), 0), gg(lg.size(), 0), gb(lb.size(), 0);
+  cpu::gated_delta_rule_chunked_backward<float>(gq.data(), gk.data(), gv.data(), gg.data(), gb.data(), nullptr,
+                                                ldo.data(), final_grad.data(), lq.data(), lk.data(), lv.data(),
+                                                lg.data(), lb.data(), state_in.data(), ls, scale);
+  expect_close(gq, take(dq, s.B, s.S, s.Hk * s.dk, at, len), "dq");
+  expect_close(gk, take(dk, s.B, s.S, s.Hk * s.dk, at, len), "dk");
+  expect_close(gv, take(dv, s.B, s.S, s.Hv * s.dv, at, len), "dv");
+  expect_close(gg, take(dg, s.B, s.S, s.Hv, at, len), "dg");
+  expect_close(gb, take(db, s.B, s.S, s.Hv, at, len), "dbeta");
+  return counting.volume()->total_bytes();
+}
+
+TEST_F(Mpi, ContextParallelDeltaNetEqualsTheWholeSequence) {
+  const int n = world_size();
+  // Bytes per layer: forward all-gather of [M | L], backward all-gather of dS_in (ring accounting, fp32).
+  auto formula = [&](const GdrShape& s) {
+    return 4.0 * (n - 1) * (s.B * s.Hv * s.dk * (s.dk + s.dv) + s.B * s.Hv * s.dk * s.dv);
+  };
+  const GdrShape shorter{2, 256, 2, 4, 16, 8}, longer{2, 2048, 2, 4, 16, 8};
+  const double bytes_short = run_case(*comm_, shorter, 7), bytes_long = run_case(*comm_, longer, 8);
+  EXPECT_DOUBLE_EQ(bytes_short, formula(shorter));
+  EXPECT_DOUBLE_EQ(bytes_long, bytes_short) << "the state passing's traffic must not depend on the sequence length";
+  // Hk == Hv and odd slice lengths at every world size.
+  run_case(*comm_, GdrShape{1, 301, 3, 3, 8, 8}, 9);
+}
+
+}  // namespace
+}  // namespace nextron::test
