@@ -251,12 +251,12 @@ json bench_gdr(CudaOps& ops, const Options& o) {
   ops.f32_zeroed(dg, {B, S, Hv});
   ops.f32_zeroed(dbeta, {B, S, Hv});
   const double scale = 1.0 / std::sqrt(static_cast<double>(dk));
-  auto fwd = [&] { ops.gated_delta_rule_forward(out, q, k, v, g, beta, scale); };
+  auto fwd = [&] { ops.gated_delta_rule_forward(out, q, k, v, g, beta, scale, {}); };
   const Timing tf = time_on_stream(ops.stream(), o.warmup, o.iters, fwd);
   // The backward accumulates into the gradients; values stay small over a few dozen iterations.
   const Timing tfb = time_on_stream(ops.stream(), o.warmup, o.iters, [&] {
     fwd();
-    ops.gated_delta_rule_backward(dq, dkk, dvv, dg, dbeta, d_o, q, k, v, g, beta, scale);
+    ops.gated_delta_rule_backward(dq, dkk, dvv, dg, dbeta, d_o, q, k, v, g, beta, scale, {});
   });
   const double C = static_cast<double>(std::min(kGdnChunk, S));
   const double fwd_flops =

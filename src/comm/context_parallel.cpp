@@ -7,6 +7,30 @@
 
 namespace nextron {
 
+namespace {
+// Every rank sends `out` to rank + step and receives `in` from rank - step, where those exist; `in` is zero-filled
+// where no rank sends.
+void shift(Communicator* cp, int step, const float* out, float* in, int64_t n) {
+  const int size = cp != nullptr ? cp->size() : 1, rank = cp != nullptr ? cp->rank() : 0;
+  const int to = rank + step, from = rank - step;
+  std::vector<P2PMessage> messages;
+  if (to >= 0 && to < size) messages.push_back({true, const_cast<float*>(out), n, DType::f32, to, 0});
+  if (from >= 0 && from < size)
+    messages.push_back({false, in, n, DType::f32, from, 0});
+  else
+    std::fill_n(in, n, 0.0f);
+  if (!messages.empty()) cp->batch_send_recv(messages);
+}
+}  // namespace
+
+void ContextParallel::conv_halo_forward(const float* last_rows, float* halo, int64_t n) const {
+  shift(cp_, +1, last_rows, halo, n);
+}
+
+void ContextParallel::conv_halo_backward(const float* d_halo, float* d_last_rows, int64_t n) const {
+  shift(cp_, -1, d_halo, d_last_rows, n);
+}
+
 void ContextParallel::delta_states_forward(const float* transition, const float* local_final, float* gathered_m,
                                            float* state_in, int64_t B, int64_t Hv, int64_t dk, int64_t dv) const {
   const int64_t mb = B * Hv * dk * dk, sb = B * Hv * dk * dv, n = size(), r = rank();

@@ -4,12 +4,15 @@
 // ContextParallel is CP 1, where both are the identity (a zero incoming state, a zero final-state gradient).
 //
 //   pair                  forward                                          backward
+//   conv_halo             this slice's last K-1 pre-conv rows -> the       the gradient of the received rows -> back
+//                         next rank (the causal conv's left context)       to their owner, added to its rows' gradient
 //   delta_states          all-gather (M_c, L_c), prefix -> S_in of this    all-gather the slices' local dS_in, suffix
 //                         rank's slice                                     -> the gradient reaching this slice's
 //                                                                          final state
 //
-// Bytes per layer and sequence batch (all-gather accounting, b = 4): forward (CP - 1) B Hv dk (dk + dv) b, backward
-// (CP - 1) B Hv dk dv b: independent of the sequence length.
+// Bytes per layer and sequence batch (b = 4): the halo B (K-1) CD b each way (point to point, every rank but one);
+// the states (all-gather accounting) forward (CP - 1) B Hv dk (dk + dv) b, backward (CP - 1) B Hv dk dv b: all
+// independent of the sequence length.
 #pragma once
 
 #include <cstdint>
@@ -27,6 +30,13 @@ class ContextParallel {
   int size() const { return cp_ ? cp_->size() : 1; }
   int rank() const { return cp_ ? cp_->rank() : 0; }
   bool active() const { return size() > 1; }
+
+  // last_rows (n floats, e.g. (B, K-1, CD)): this slice's last pre-conv rows, sent to the next rank; halo (n):
+  // the previous rank's, received (zeros on rank 0, whose slice starts the sequence).
+  void conv_halo_forward(const float* last_rows, float* halo, int64_t n) const;
+  // d_halo (n): the gradient of the received rows, sent back to the previous rank; d_last_rows (n): the next rank's
+  // gradient of this rank's last rows (zeros on the last rank), to be added to their gradient.
+  void conv_halo_backward(const float* d_halo, float* d_last_rows, int64_t n) const;
 
   // transition (B, Hv, dk, dk) and local_final (B, Hv, dk, dv): this rank's slice's M_c and final state from a zero
   // start. Writes gathered_m (CP, B, Hv, dk, dk): every slice's transition, which the caller keeps for the backward,

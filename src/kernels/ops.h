@@ -40,6 +40,16 @@ struct MoeExpertsState {
   virtual int64_t host_bytes() const { return 0; }
 };
 
+// The recurrent state at the boundaries of a sequence slice (context parallelism, kernels/cpu/delta_state_scan.h):
+// (B, Hv, dk, dv) f32 tensors, each optional. Forward: `initial` (nullptr: zero) and `final_state` (written when
+// given). Backward: `initial` as in the forward, `d_final` (nullptr: zero) and `d_initial` (accumulated when given).
+struct GdrStates {
+  const Tensor* initial = nullptr;
+  Tensor* final_state = nullptr;
+  const Tensor* d_final = nullptr;
+  Tensor* d_initial = nullptr;
+};
+
 class Ops {
  public:
   virtual ~Ops() = default;
@@ -118,12 +128,17 @@ class Ops {
                                  const ParamRef& dt_bias) = 0;
   virtual void gdn_gates_backward(Tensor& db, Tensor& da, const ParamRef& A_log, const ParamRef& dt_bias,
                                   const Tensor& dbeta, const Tensor& dg, const Tensor& b, const Tensor& a) = 0;
-  // q, k: (B, S, Hk, dk), v, o: (B, S, Hv, dv) act; g, beta: (B, S, Hv) f32. No initial / final state.
+  // q, k: (B, S, Hk, dk), v, o: (B, S, Hv, dv) act; g, beta: (B, S, Hv) f32; states: GdrStates ({} for a whole
+  // sequence).
   virtual void gated_delta_rule_forward(Tensor& o, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
-                                        const Tensor& beta, double scale) = 0;
+                                        const Tensor& beta, double scale, const GdrStates& states) = 0;
   virtual void gated_delta_rule_backward(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dg, Tensor& dbeta,
                                          const Tensor& d_o, const Tensor& q, const Tensor& k, const Tensor& v,
-                                         const Tensor& g, const Tensor& beta, double scale) = 0;
+                                         const Tensor& g, const Tensor& beta, double scale,
+                                         const GdrStates& states) = 0;
+  // m (B, Hv, dk, dk) f32 = the slice's transition M (S_out = M S_in + L): the recurrence with v = 0 from the
+  // identity (kernels/cpu/delta_state_scan.h). k: (B, S, Hk, dk) act (L2-normalised), g, beta: (B, S, Hv) f32.
+  virtual void gated_delta_rule_transition(Tensor& m, const Tensor& k, const Tensor& g, const Tensor& beta) = 0;
 
   // --- MLP and MoE. gu: (N, 2I) rows [gate | up], h: (N, I).
   virtual void swiglu_forward(Tensor& h, const Tensor& gu) = 0;

@@ -2,6 +2,9 @@
 
 #include <cmath>
 #include <numeric>
+#include <vector>
+
+#include "core/error.h"
 
 namespace nextron {
 
@@ -11,6 +14,38 @@ std::vector<int32_t> iota_cols(int64_t begin, int64_t n) {
   std::vector<int32_t> v(n);
   std::iota(v.begin(), v.end(), static_cast<int32_t>(begin));
   return v;
+}
+
+// Elements [offset, offset + n) of `t` (any device; f32 or the activation dtype) as host floats, and back. Context
+// parallelism exchanges its small boundary tensors (conv halos, states) through host memory.
+std::vector<float> host_f32(Ops& ops, const Tensor& t, int64_t offset, int64_t n, Tensor& scratch) {
+  std::vector<float> out(static_cast<size_t>(n));
+  const Tensor view = Tensor::view_of(t, offset, {n});
+  if (t.dtype() == DType::f32) {
+    ops.download(out.data(), view, static_cast<size_t>(n) * sizeof(float));
+  } else {
+    Tensor& f = ops.f32(scratch, {n});
+    ops.cast(f, view);
+    ops.download(out.data(), f, static_cast<size_t>(n) * sizeof(float));
+  }
+  return out;
+}
+
+void put_f32(Ops& ops, Tensor& t, int64_t offset, const float* src, int64_t n, Tensor& scratch) {
+  Tensor view = Tensor::view_of(t, offset, {n});
+  if (t.dtype() == DType::f32) {
+    ops.upload(view, src, static_cast<size_t>(n) * sizeof(float));
+  } else {
+    Tensor& f = ops.f32(scratch, {n});
+    ops.upload(f, src, static_cast<size_t>(n) * sizeof(float));
+    ops.cast(view, f);
+  }
+}
+
+// dst[dst_offset, +n) = src[src_offset, +n) (same dtype and device).
+void copy_elems(Tensor& dst, int64_t dst_offset, const Tensor& src, int64_t src_offset, int64_t n) {
+  Tensor d = Tensor::view_of(dst, dst_offset, {n});
+  d.copy_from(Tensor::view_of(src, src_offset, {n}));
 }
 
 }  // namespace
@@ -66,7 +101,29 @@ void GatedDeltaNet::forward(Saved& s, const Tensor& x, Tensor& y, int64_t B, int
   ops_.gather_cols(a, ba, a_cols_);
 
   Tensor& conv = ops_.act(conv_, {B, S, CD});
-  ops_.conv1d_silu_forward(conv, mixed, wt_.p("conv1d"));
+  if (cp_active()) {
+    // The causal conv of this slice needs the previous slice's last KC-1 pre-conv rows: it runs over them and the
+    // slice, and the first KC-1 outputs (the previous slice's) are dropped.
+    const int64_t H = c_.linear_conv_kernel_dim - 1;
+    NEXTRON_CHECK(S >= H, "context parallelism: a slice of ", S, " tokens is shorter than the causal conv's ", H,
+                  "-token left context; use fewer context-parallel ranks or longer sequences");
+    std::vector<float> last(static_cast<size_t>(B * H * CD)), halo(last.size());
+    for (int64_t bi = 0; bi < B; ++bi) {
+      const std::vector<float> rows = host_f32(ops_, mixed, (bi * S + S - H) * CD, H * CD, host_f32_);
+      std::copy(rows.begin(), rows.end(), last.begin() + bi * H * CD);
+    }
+    cp_->conv_halo_forward(last.data(), halo.data(), B * H * CD);
+    Tensor& ext = ops_.act(s.mixed_ext, {B, S + H, CD});
+    Tensor& conv_ext = ops_.act(conv_ext_, {B, S + H, CD});
+    for (int64_t bi = 0; bi < B; ++bi) {
+      put_f32(ops_, ext, bi * (S + H) * CD, halo.data() + bi * H * CD, H * CD, host_f32_);
+      copy_elems(ext, (bi * (S + H) + H) * CD, mixed, bi * S * CD, S * CD);
+    }
+    ops_.conv1d_silu_forward(conv_ext, ext, wt_.p("conv1d"));
+    for (int64_t bi = 0; bi < B; ++bi) copy_elems(conv, bi * S * CD, conv_ext, (bi * (S + H) + H) * CD, S * CD);
+  } else {
+    ops_.conv1d_silu_forward(conv, mixed, wt_.p("conv1d"));
+  }
   Tensor conv_rows = conv.reshape({N, CD});
   Tensor& q = ops_.act(s.q, {B, S, Hk, dk});
   Tensor& k = ops_.act(s.k, {B, S, Hk, dk});
@@ -85,7 +142,32 @@ void GatedDeltaNet::forward(Saved& s, const Tensor& x, Tensor& y, int64_t B, int
   ops_.gdn_gates_forward(beta, g, b, a, wt_.p("A_log"), wt_.p("dt_bias"));
 
   Tensor& o = ops_.act(recompute_core_ ? rc_o_ : s.o, {B, S, Hv, dv});
-  ops_.gated_delta_rule_forward(o, qn, kn, v, g, beta, 1.0 / std::sqrt(double(dk)));
+  const double scale = 1.0 / std::sqrt(double(dk));
+  if (cp_active()) {
+    // The slice from a zero state gives its local final state L; with its transition M, one exchange gives the state
+    // entering the slice, from which the rerun is exact (rank 0's incoming state is zero: its first run already is).
+    const int64_t mb = B * Hv * dk * dk, sb = B * Hv * dk * dv;
+    Tensor& fin = ops_.f32(cp_final_, {B, Hv, dk, dv});
+    GdrStates local;
+    local.final_state = &fin;
+    ops_.gated_delta_rule_forward(o, qn, kn, v, g, beta, scale, local);
+    Tensor& m = ops_.f32(cp_m_, {B, Hv, dk, dk});
+    ops_.gated_delta_rule_transition(m, kn, g, beta);
+    std::vector<float> mh(static_cast<size_t>(mb)), fh(static_cast<size_t>(sb)), in(static_cast<size_t>(sb));
+    ops_.download(mh.data(), m, mh.size() * sizeof(float));
+    ops_.download(fh.data(), fin, fh.size() * sizeof(float));
+    s.gathered_m.assign(static_cast<size_t>(cp_->size() * mb), 0.0f);
+    cp_->delta_states_forward(mh.data(), fh.data(), s.gathered_m.data(), in.data(), B, Hv, dk, dv);
+    Tensor& state_in = ops_.f32(s.state_in, {B, Hv, dk, dv});
+    ops_.upload(state_in, in.data(), in.size() * sizeof(float));
+    if (cp_->rank() > 0) {
+      GdrStates from;
+      from.initial = &state_in;
+      ops_.gated_delta_rule_forward(o, qn, kn, v, g, beta, scale, from);
+    }
+  } else {
+    ops_.gated_delta_rule_forward(o, qn, kn, v, g, beta, scale, {});
+  }
   Tensor& on = ops_.act(s.on, {N, VD});
   ops_.rmsnorm_gated_forward(on, ops_.f32(s.o_rstd, {N * Hv}), o, z, wt_.p("norm"), c_.rms_norm_eps);
   ops_.linear_forward(y, on, wt_.p("out_proj"), nullptr);
@@ -98,8 +180,10 @@ void GatedDeltaNet::backward(const Saved& s, const Tensor& dy, Tensor& dx) {
   if (recompute_core_) {
     ops_.l2norm_forward(ops_.act(rc_qn_, {B, S, Hk, dk}), s.q, dk);
     ops_.l2norm_forward(ops_.act(rc_kn_, {B, S, Hk, dk}), s.k, dk);
+    GdrStates from;
+    if (cp_active()) from.initial = &s.state_in;
     ops_.gated_delta_rule_forward(ops_.act(rc_o_, {B, S, Hv, dv}), rc_qn_, rc_kn_, s.v, s.g, s.beta,
-                                  1.0 / std::sqrt(double(dk)));
+                                  1.0 / std::sqrt(double(dk)), from);
   }
   const Tensor& qn = recompute_core_ ? rc_qn_ : s.qn;
   const Tensor& kn = recompute_core_ ? rc_kn_ : s.kn;
@@ -115,8 +199,38 @@ void GatedDeltaNet::backward(const Saved& s, const Tensor& dy, Tensor& dx) {
   Tensor& dvals = ops_.act_zeroed(dv_, {B, S, Hv, dv});
   Tensor& dbeta = ops_.f32_zeroed(dbeta_, {B, S, Hv});
   Tensor& dg = ops_.f32_zeroed(dg_, {B, S, Hv});
-  ops_.gated_delta_rule_backward(dqn, dkn, dvals, dg, dbeta, d_o, qn, kn, s.v, s.g, s.beta,
-                                 1.0 / std::sqrt(double(dk)));
+  const double scale = 1.0 / std::sqrt(double(dk));
+  GdrStates states;
+  if (cp_active()) {
+    // The gradient reaching this slice's final state comes from the later slices: their local state gradients are
+    // exchanged (this slice's from a backward with none), then the backward with it is exact. The last slice's final
+    // state feeds nothing, so its first backward is already the exact one.
+    const int64_t sb = B * Hv * dk * dv;
+    const bool last = cp_->rank() + 1 == cp_->size();
+    Tensor& din = ops_.f32_zeroed(cp_din_, {B, Hv, dk, dv});
+    GdrStates first;
+    first.initial = &s.state_in;
+    first.d_initial = &din;
+    if (last)
+      ops_.gated_delta_rule_backward(dqn, dkn, dvals, dg, dbeta, d_o, qn, kn, s.v, s.g, s.beta, scale, first);
+    else
+      ops_.gated_delta_rule_backward(ops_.act_zeroed(cp_dqn_, {B, S, Hk, dk}), ops_.act_zeroed(cp_dkn_, {B, S, Hk, dk}),
+                                     ops_.act_zeroed(cp_dv_, {B, S, Hv, dv}), ops_.f32_zeroed(cp_dg_, {B, S, Hv}),
+                                     ops_.f32_zeroed(cp_dbeta_, {B, S, Hv}), d_o, qn, kn, s.v, s.g, s.beta, scale,
+                                     first);
+    std::vector<float> dh(static_cast<size_t>(sb)), fg(static_cast<size_t>(sb));
+    ops_.download(dh.data(), din, dh.size() * sizeof(float));
+    cp_->delta_states_backward(s.gathered_m.data(), dh.data(), fg.data(), B, Hv, dk, dv);
+    if (!last) {
+      Tensor& dfin = ops_.f32(cp_dfin_, {B, Hv, dk, dv});
+      ops_.upload(dfin, fg.data(), fg.size() * sizeof(float));
+      states.initial = &s.state_in;
+      states.d_final = &dfin;
+      ops_.gated_delta_rule_backward(dqn, dkn, dvals, dg, dbeta, d_o, qn, kn, s.v, s.g, s.beta, scale, states);
+    }
+  } else {
+    ops_.gated_delta_rule_backward(dqn, dkn, dvals, dg, dbeta, d_o, qn, kn, s.v, s.g, s.beta, scale, states);
+  }
   Tensor& db = ops_.act_zeroed(db_, {N, Hv});
   Tensor& da = ops_.act_zeroed(da_, {N, Hv});
   ops_.gdn_gates_backward(db, da, wt_.p("A_log"), wt_.p("dt_bias"), dbeta, dg, s.b, s.a);
@@ -130,7 +244,30 @@ void GatedDeltaNet::backward(const Saved& s, const Tensor& dy, Tensor& dx) {
   ops_.scatter_cols(dconv_rows, dkeys, k_cols_, false);
   ops_.scatter_cols(dconv_rows, dvals.reshape({N, VD}), v_cols_, false);
   Tensor& dmixed = ops_.act_zeroed(dmixed_, {B, S, CD});
-  ops_.conv1d_silu_backward(dmixed, wt_.p("conv1d"), dconv, s.mixed);
+  if (cp_active()) {
+    // The conv ran over [previous slice's last KC-1 rows | this slice]: the gradient of those rows goes back to their
+    // owner, and the next rank's gradient of this slice's last rows comes in.
+    const int64_t H = c_.linear_conv_kernel_dim - 1;
+    Tensor& dconv_ext = ops_.act_zeroed(dconv_ext_, {B, S + H, CD});
+    Tensor& dmixed_ext = ops_.act_zeroed(dmixed_ext_, {B, S + H, CD});
+    for (int64_t bi = 0; bi < B; ++bi) copy_elems(dconv_ext, (bi * (S + H) + H) * CD, dconv, bi * S * CD, S * CD);
+    ops_.conv1d_silu_backward(dmixed_ext, wt_.p("conv1d"), dconv_ext, s.mixed_ext);
+    std::vector<float> d_halo(static_cast<size_t>(B * H * CD)), d_last(d_halo.size());
+    for (int64_t bi = 0; bi < B; ++bi) {
+      const std::vector<float> rows = host_f32(ops_, dmixed_ext, bi * (S + H) * CD, H * CD, host_f32_);
+      std::copy(rows.begin(), rows.end(), d_halo.begin() + bi * H * CD);
+    }
+    cp_->conv_halo_backward(d_halo.data(), d_last.data(), B * H * CD);
+    for (int64_t bi = 0; bi < B; ++bi) {
+      // This slice's last H rows are the extended rows [S, S + H).
+      std::vector<float> rows = host_f32(ops_, dmixed_ext, (bi * (S + H) + S) * CD, H * CD, host_f32_);
+      for (int64_t e = 0; e < H * CD; ++e) rows[static_cast<size_t>(e)] += d_last[static_cast<size_t>(bi * H * CD + e)];
+      put_f32(ops_, dmixed_ext, (bi * (S + H) + S) * CD, rows.data(), H * CD, host_f32_);
+      copy_elems(dmixed, bi * S * CD, dmixed_ext, (bi * (S + H) + H) * CD, S * CD);
+    }
+  } else {
+    ops_.conv1d_silu_backward(dmixed, wt_.p("conv1d"), dconv, s.mixed);
+  }
 
   Tensor& dqkvz = ops_.act(dqkvz_, {N, 2 * KD + 2 * VD});
   Tensor& dba = ops_.act(dba_, {N, 2 * Hv});

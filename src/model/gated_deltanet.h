@@ -3,6 +3,9 @@
 // the chunked gated delta rule, gated RMSNorm with z, out_proj.
 #pragma once
 
+#include <vector>
+
+#include "comm/context_parallel.h"
 #include "kernels/ops.h"
 #include "model/config.h"
 #include "model/module.h"
@@ -23,6 +26,10 @@ class GatedDeltaNet {
     Tensor beta, g;    // (B, S, Hv) fp32 gates
     Tensor o, o_rstd;  // (B, S, Hv, dv) the delta rule's output, (B S Hv) its gated-norm rstd
     Tensor on;         // (B S, Hv dv) after the gated norm
+    // Under context parallelism (S is then this rank's slice Sl):
+    Tensor mixed_ext;               // (B, Sl + KC - 1, CD) the conv input behind the previous slice's last KC-1 rows
+    Tensor state_in;                // (B, Hv, dk, dv) fp32, the state entering this slice
+    std::vector<float> gathered_m;  // (CP, B, Hv, dk, dk) every slice's transition, for the backward
   };
   // x: (B, S, H) normalised input; y: (B, S, H) overwritten.
   void forward(Saved& s, const Tensor& x, Tensor& y, int64_t B, int64_t S);
@@ -32,6 +39,10 @@ class GatedDeltaNet {
   // kernel with use_qk_l2norm_in_kernel): qn, kn and its output are not kept per record (this module's scratch
   // holds the last forward's); backward reruns them on the kept q, k, v and gates.
   void set_recompute_core(bool on) { recompute_core_ = on; }
+  // Context parallelism (comm/context_parallel.h; not owned, nullptr or CP 1: the whole sequence is here): x holds
+  // this rank's slice of every sequence; the causal conv gets its left context from the previous slice and the delta
+  // rule its incoming state from the earlier ones, so outputs and gradients are the whole sequence's.
+  void set_context_parallel(const ContextParallel* cp) { cp_ = cp; }
 
  private:
   const ModelConfig& c_;
@@ -43,6 +54,13 @@ class GatedDeltaNet {
   // Forward scratch: the projections (B S, 2 KD + 2 VD), (B S, 2 Hv) and the conv output (B, S, CD).
   Tensor qkvz_, ba_, conv_;
   bool recompute_core_ = false;
+  const ContextParallel* cp_ = nullptr;
+  bool cp_active() const { return cp_ != nullptr && cp_->active(); }
+  // Context-parallel scratch: the extended conv output and its gradients, the slice's local final state, transition,
+  // local state gradient and incoming final-state gradient, and the discarded gradients of the backward's first pass.
+  Tensor conv_ext_, dconv_ext_, dmixed_ext_, cp_final_, cp_m_, cp_din_, cp_dfin_;
+  Tensor cp_dqn_, cp_dkn_, cp_dv_, cp_dg_, cp_dbeta_;
+  Tensor host_f32_;              // (n) f32 staging for the boundary rows in the activation dtype
   Tensor rc_qn_, rc_kn_, rc_o_;  // (B, S, Hk, dk) x 2, (B, S, Hv, dv) when the core is recomputed
   // Backward scratch.
   Tensor don_, do_, dz_, dqn_, dkn_, dq_, dk_, dv_, dbeta_, dg_, db_, da_, dconv_, dmixed_, dqkvz_, dba_;

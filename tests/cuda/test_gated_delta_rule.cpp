@@ -28,7 +28,9 @@
 #include "core/dtype.h"
 #include "core/error.h"
 #include "cuda_test_util.h"
+#include "kernels/cpu/delta_state_scan.h"
 #include "kernels/cpu/gated_delta_rule.h"
+#include "kernels/cuda/delta_state.h"
 #include "kernels/cuda/gated_delta_rule.h"
 
 namespace nextron::test {
@@ -385,6 +387,37 @@ TEST(GatedDeltaRuleCuda, EmptySequenceAndBadShapes) {
   EXPECT_THROW(cuda::gated_delta_rule_workspace_bytes({1, 64, 1, 2, 0, 128}), Error);
   EXPECT_THROW(cuda::gated_delta_rule_workspace_bytes({1, 64, 1, 2, 128, 512}), Error);
   EXPECT_THROW(cuda::gated_delta_rule_workspace_bytes({1, 64, 2, 3, 128, 128}), Error);
+}
+
+}  // namespace nextron::test
+
+namespace nextron::test {
+
+// Context parallelism's slice transition M (S_out = M S_in + L) on the GPU against cpu::slice_transition<float>:
+// the same chunked forward with v = 0 and the identity as initial state, so the tolerance is the forward's. M is a
+// product of contractions (exp(g) <= 1, ||k|| = 1, beta in (0, 1)): its entries are at most 1 and what an error costs
+// is measured against 1, so an absolute 1e-4 is allowed on top (under the usual decay a 65-token product is ~1e-30,
+// where bf16 operand rounding leaves relative errors of several percent of nothing). The weak-decay cases keep M of
+// order 1, where the relative tolerance decides.
+TEST(GatedDeltaRuleCuda, SliceTransition) {
+  NEXTRON_REQUIRE_GPU();
+  uint64_t seed = 900;
+  GdrCase weak{2, 130, 1, 2, 32, 32}, weak_padded{1, 65, 1, 1, 8, 8};
+  weak.g_lo = weak_padded.g_lo = -0.02f;
+  for (const GdrCase& c : {GdrCase{2, 130, 1, 2, 32, 32}, GdrCase{1, 200, 2, 4, 128, 128}, GdrCase{1, 65, 1, 1, 8, 8},
+                           GdrCase{1, 1, 2, 2, 16, 16}, weak, weak_padded}) {
+    SCOPED_TRACE(describe(c));
+    const Inputs in = make_inputs(c, seed++);
+    const cpu::GdrShape s = shape_of(c);
+    std::vector<float> want(size_t(c.B * c.Hv * c.dk * c.dk));
+    cpu::slice_transition<float>(want.data(), in.k.data(), in.g.data(), in.beta.data(), s);
+    DeviceBf16 k(in.k);
+    DeviceArray<float> g(in.g), beta(in.beta), m(want.size());
+    DeviceArray<uint8_t> ws(cuda::gated_delta_rule_transition_workspace_bytes(s));
+    NEXTRON_CUDA_CHECK(cudaMemset(ws.get(), 0xff, ws.bytes()));  // unwritten workspace poisons the result
+    cuda::gated_delta_rule_transition(m.get(), k.get(), g.get(), beta.get(), s, ws.get(), nullptr);
+    EXPECT_TRUE(close_to(m.download(), want, kGdrRtol, 1e-4)) << "transition";
+  }
 }
 
 }  // namespace nextron::test

@@ -1,7 +1,9 @@
-// Context parallelism's Gated DeltaNet state passing (comm/context_parallel.h) as real MPI ranks: the world is one CP
-// group, each rank holds an uneven slice of the same random sequences, and its outputs and every gradient equal the
-// whole sequence's on one process (the chunked kernel, fp32); the bytes each rank sends per layer equal the formula
-// and do not depend on the sequence length.
+// Context parallelism's Gated DeltaNet (comm/context_parallel.h) as real MPI ranks: the world is one CP group, each
+// rank holds an uneven slice of the same random sequences. 1. The delta rule's state passing alone: every rank's
+// outputs and gradients equal the whole sequence's on one process (the chunked kernel, fp32), and the bytes each rank
+// sends per layer equal the formula and do not depend on the sequence length. 2. The whole GatedDeltaNet layer of the
+// tiny model (projections, the conv with its halo, gates, the delta rule, the gated norm): outputs, input gradients
+// and, summed over the ranks, parameter gradients equal the one-process layer's on the whole sequence.
 #include <algorithm>
 #include <cmath>
 #include <random>
@@ -10,7 +12,12 @@
 #include "comm/context_parallel.h"
 #include "comm/counting_communicator.h"
 #include "kernels/cpu/delta_state_scan.h"
+#include "kernels/cpu_ops.h"
+#include "model/gated_deltanet.h"
+#include "model/init.h"
+#include "model/param_table.h"
 #include "mpi_fixture.h"
+#include "tiny_model.h"
 
 namespace nextron::test {
 namespace {
@@ -130,6 +137,58 @@ TEST_F(Mpi, ContextParallelDeltaNetEqualsTheWholeSequence) {
   EXPECT_DOUBLE_EQ(bytes_long, bytes_short) << "the state passing's traffic must not depend on the sequence length";
   // Hk == Hv and odd slice lengths at every world size.
   run_case(*comm_, GdrShape{1, 301, 3, 3, 8, 8}, 9);
+}
+
+// One GatedDeltaNet layer (layer 0 of the tiny model) on B sequences of S tokens: this rank's slice of the outputs and
+// of the input gradient, and the parameter gradients (summed over the world when split).
+struct LayerRun {
+  Vec y, dx, grads;
+};
+
+LayerRun run_layer(Communicator* comm, int64_t B, int64_t S, bool recompute_core, bool split) {
+  const ModelConfig config = ModelConfig::from_json(nlohmann::json::parse(kTinyConfig));
+  const ParamTable table(config);
+  FlatBuffers flat;
+  flat.params = Tensor::zeros({table.total_numel()});
+  flat.grads = Tensor::zeros({table.total_numel()});
+  flat.params_act = flat.params;
+  init_parameters(table, flat.params.f32(), 5, 0.2);
+  CpuOps ops;
+  GatedDeltaNet layer(config, ModuleWeights(table, flat, "layers.0.linear_attn."), ops);
+  layer.set_recompute_core(recompute_core);
+  const ContextParallel cp(comm);
+  const int n = split ? cp.size() : 1, r = split ? cp.rank() : 0;
+  if (split) layer.set_context_parallel(&cp);
+  const int64_t H = config.hidden_size;
+  const Vec x = randn(B * S * H, 31), dy = randn(B * S * H, 32);
+  const auto [at, len] = slice_of(S, n, r);
+  Tensor xs = Tensor::zeros({B, len, H}), ys = Tensor::zeros({B, len, H}), dys = Tensor::zeros({B, len, H}),
+         dxs = Tensor::zeros({B, len, H});
+  const Vec xl = take(x, B, S, H, at, len), dyl = take(dy, B, S, H, at, len);
+  std::copy(xl.begin(), xl.end(), xs.f32());
+  std::copy(dyl.begin(), dyl.end(), dys.f32());
+  GatedDeltaNet::Saved saved;
+  layer.forward(saved, xs, ys, B, len);
+  layer.backward(saved, dys, dxs);
+  LayerRun out{Vec(ys.f32(), ys.f32() + ys.numel()), Vec(dxs.f32(), dxs.f32() + dxs.numel()),
+               Vec(flat.grads.f32(), flat.grads.f32() + flat.grads.numel())};
+  if (split) comm->all_reduce_sum(out.grads.data(), static_cast<int64_t>(out.grads.size()));
+  return out;
+}
+
+TEST_F(Mpi, ContextParallelGatedDeltaNetLayerEqualsTheWholeSequence) {
+  const int n = world_size(), r = world_rank();
+  for (const bool recompute : {false, true})
+    for (const int64_t S : {61, 130}) {  // slices of 7 .. 130 tokens, uneven, across chunk boundaries
+      SCOPED_TRACE("S " + std::to_string(S) + (recompute ? " recompute core" : ""));
+      const int64_t B = 2, H = kTinyHidden;
+      const LayerRun whole = run_layer(comm_.get(), B, S, recompute, /*split=*/false);
+      const LayerRun part = run_layer(comm_.get(), B, S, recompute, /*split=*/true);
+      const auto [at, len] = slice_of(S, n, r);
+      expect_close(part.y, take(whole.y, B, S, H, at, len), "layer output");
+      expect_close(part.dx, take(whole.dx, B, S, H, at, len), "input gradient");
+      expect_close(part.grads, whole.grads, "parameter gradients (summed over the CP ranks)");
+    }
 }
 
 }  // namespace

@@ -75,10 +75,11 @@ class CudaOps final : public Ops {
   void gdn_gates_backward(Tensor& db, Tensor& da, const ParamRef& A_log, const ParamRef& dt_bias, const Tensor& dbeta,
                           const Tensor& dg, const Tensor& b, const Tensor& a) override;
   void gated_delta_rule_forward(Tensor& o, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
-                                const Tensor& beta, double scale) override;
+                                const Tensor& beta, double scale, const GdrStates& states) override;
   void gated_delta_rule_backward(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dg, Tensor& dbeta, const Tensor& d_o,
                                  const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& beta,
-                                 double scale) override;
+                                 double scale, const GdrStates& states) override;
+  void gated_delta_rule_transition(Tensor& m, const Tensor& k, const Tensor& g, const Tensor& beta) override;
 
   void swiglu_forward(Tensor& h, const Tensor& gu) override;
   void swiglu_backward(Tensor& dgu, const Tensor& dh, const Tensor& gu) override;
