@@ -31,6 +31,46 @@ void ContextParallel::conv_halo_backward(const float* d_halo, float* d_last_rows
   shift(cp_, -1, d_halo, d_last_rows, n);
 }
 
+namespace {
+// dst[dst_offset, +n) = src[src_offset, +n) (same dtype and device).
+void copy_elems(Tensor& dst, int64_t dst_offset, const Tensor& src, int64_t src_offset, int64_t n) {
+  Tensor d = Tensor::view_of(dst, dst_offset, {n});
+  d.copy_from(Tensor::view_of(src, src_offset, {n}));
+}
+}  // namespace
+
+void ContextParallel::kv_all_gather(const Ops& ops, const Tensor& kv, Tensor& gathered) const {
+  const int64_t B = kv.dim(0), Sl = kv.dim(1), W = kv.numel() / (B * Sl), n = size(), r = rank(), L = (r + 1) * Sl;
+  ops.ensure(gathered, {B, L, W}, kv.dtype());
+  if (n == 1) {
+    gathered.copy_from(kv.reshape({B, L, W}));
+    return;
+  }
+  // The all-gather delivers rank-major (CP, B, Sl, W) blocks; the prefix is re-laid out batch-major.
+  Tensor all;
+  ops.ensure(all, {n, B, Sl, W}, kv.dtype());
+  rows_->all_gather(kv.raw(), all.raw(), B * Sl * W, kv.dtype());
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c = 0; c <= r; ++c) copy_elems(gathered, (b * L + c * Sl) * W, all, ((c * B + b) * Sl) * W, Sl * W);
+}
+
+void ContextParallel::kv_reduce_scatter(const Ops& ops, const Tensor& d_gathered, Tensor& d_kv) const {
+  const int64_t B = d_gathered.dim(0), L = d_gathered.dim(1), W = d_gathered.numel() / (B * L), n = size(), r = rank(),
+                Sl = L / (r + 1);
+  ops.ensure(d_kv, {B, Sl, W}, d_gathered.dtype());
+  if (n == 1) {
+    d_kv.copy_from(d_gathered.reshape({B, Sl, W}));
+    return;
+  }
+  // Rank-major (CP, B, Sl, W) blocks, zero for the slices after this rank's (it did not attend to them).
+  Tensor all;
+  ops.ensure(all, {n, B, Sl, W}, d_gathered.dtype());
+  ops.zero(all);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c = 0; c <= r; ++c) copy_elems(all, ((c * B + b) * Sl) * W, d_gathered, (b * L + c * Sl) * W, Sl * W);
+  rows_->reduce_scatter_sum(all.raw(), d_kv.raw(), B * Sl * W, d_gathered.dtype());
+}
+
 void ContextParallel::delta_states_forward(const float* transition, const float* local_final, float* gathered_m,
                                            float* state_in, int64_t B, int64_t Hv, int64_t dk, int64_t dv) const {
   const int64_t mb = B * Hv * dk * dk, sb = B * Hv * dk * dv, n = size(), r = rank();

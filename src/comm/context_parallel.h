@@ -6,6 +6,8 @@
 //   pair                  forward                                          backward
 //   conv_halo             this slice's last K-1 pre-conv rows -> the       the gradient of the received rows -> back
 //                         next rank (the causal conv's left context)       to their owner, added to its rows' gradient
+//   kv                    all-gather the slices' keys / values up to       reduce-scatter (sum) their gradients back
+//                         this rank's end (attention's causal context)     to the slices' owners
 //   delta_states          all-gather (M_c, L_c), prefix -> S_in of this    all-gather the slices' local dS_in, suffix
 //                         rank's slice                                     -> the gradient reaching this slice's
 //                                                                          final state
@@ -18,14 +20,17 @@
 #include <cstdint>
 
 #include "comm/communicator.h"
+#include "core/tensor.h"
+#include "kernels/ops.h"
 
 namespace nextron {
 
 class ContextParallel {
  public:
   ContextParallel() = default;  // CP 1
-  // cp: the CP group over host memory (not owned), ranks ordered as the slices.
-  explicit ContextParallel(Communicator* cp) : cp_(cp) {}
+  // cp: the CP group over host memory (not owned), ranks ordered as the slices; rows: the same ranks over the
+  // model's memory (NCCL for GPU buffers; nullptr: cp).
+  explicit ContextParallel(Communicator* cp, Communicator* rows = nullptr) : cp_(cp), rows_(rows ? rows : cp) {}
 
   int size() const { return cp_ ? cp_->size() : 1; }
   int rank() const { return cp_ ? cp_->rank() : 0; }
@@ -37,6 +42,13 @@ class ContextParallel {
   // d_halo (n): the gradient of the received rows, sent back to the previous rank; d_last_rows (n): the next rank's
   // gradient of this rank's last rows (zeros on the last rank), to be added to their gradient.
   void conv_halo_backward(const float* d_halo, float* d_last_rows, int64_t n) const;
+
+  // kv (B, Sl, W) of this rank's slice (every rank's slice of the same length Sl) -> gathered (B, (rank + 1) Sl, W):
+  // the slices 0 .. rank in sequence order, resized.
+  void kv_all_gather(const Ops& ops, const Tensor& kv, Tensor& gathered) const;
+  // d_gathered (B, (rank + 1) Sl, W), this rank's gradient of those rows -> d_kv (B, Sl, W): the sum over the ranks
+  // of their gradients of this rank's slice, overwritten.
+  void kv_reduce_scatter(const Ops& ops, const Tensor& d_gathered, Tensor& d_kv) const;
 
   // transition (B, Hv, dk, dk) and local_final (B, Hv, dk, dv): this rank's slice's M_c and final state from a zero
   // start. Writes gathered_m (CP, B, Hv, dk, dk): every slice's transition, which the caller keeps for the backward,
@@ -50,6 +62,7 @@ class ContextParallel {
 
  private:
   Communicator* cp_ = nullptr;
+  Communicator* rows_ = nullptr;
 };
 
 }  // namespace nextron

@@ -149,8 +149,8 @@ void CpuOps::rope_backward(Tensor& dx, const Tensor& dy, const Tensor& cos, cons
 
 void CpuOps::attention_forward(Tensor& o, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
                                double scale) {
-  cpu::attention_forward<float>(f(o), f(lse), f(q), f(k), f(v), q.dim(0), q.dim(1), q.dim(2), k.dim(2), q.dim(3),
-                                scale);
+  cpu::causal_attention_forward<float>(f(o), f(lse), f(q), f(k), f(v), q.dim(0), q.dim(1), k.dim(1), q.dim(2), k.dim(2),
+                                       q.dim(3), scale);
 }
 
 void CpuOps::attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& d_o, const Tensor& q, const Tensor& k,
@@ -158,8 +158,8 @@ void CpuOps::attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor
   dq.zero_();
   dk.zero_();
   dv.zero_();
-  cpu::attention_backward<float>(f(dq), f(dk), f(dv), f(d_o), f(q), f(k), f(v), f(o), f(lse), q.dim(0), q.dim(1),
-                                 q.dim(2), k.dim(2), q.dim(3), scale);
+  cpu::causal_attention_backward<float>(f(dq), f(dk), f(dv), f(d_o), f(q), f(k), f(v), f(o), f(lse), q.dim(0), q.dim(1),
+                                        k.dim(1), q.dim(2), k.dim(2), q.dim(3), scale);
 }
 
 void CpuOps::sigmoid_gate_forward(Tensor& y, const Tensor& x, const Tensor& gate, int64_t G, int64_t ld_gate) {

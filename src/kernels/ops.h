@@ -108,7 +108,9 @@ class Ops {
   virtual void rope_tables(Tensor& cos, Tensor& sin, int64_t S, int64_t R, double theta) = 0;
   virtual void rope_forward(Tensor& y, const Tensor& x, const Tensor& cos, const Tensor& sin, int64_t R) = 0;
   virtual void rope_backward(Tensor& dx, const Tensor& dy, const Tensor& cos, const Tensor& sin, int64_t R) = 0;
-  // Causal GQA attention; q, o: (B, S, NH, D), k, v: (B, S, NKV, D), lse: (B, NH, S) f32.
+  // Causal GQA attention; q, o: (B, Sq, NH, D), k, v: (B, Sk, NKV, D), lse: (B, NH, Sq) f32. Sq == Sk for a whole
+  // sequence; Sq < Sk when the queries are the last Sq of the Sk key positions (bottom-right causal: a
+  // context-parallel slice against the keys gathered up to its end).
   virtual void attention_forward(Tensor& o, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
                                  double scale) = 0;
   // OVERWRITES dq, dk, dv (the fused GPU kernel writes its gradients).

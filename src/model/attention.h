@@ -2,6 +2,7 @@
 // RoPE, causal GQA softmax attention, sigmoid output gate, o_proj.
 #pragma once
 
+#include "comm/context_parallel.h"
 #include "kernels/ops.h"
 #include "model/config.h"
 #include "model/module.h"
@@ -20,6 +21,8 @@ class GatedAttention {
     Tensor k_raw, k_rstd;    // (B S, NKV D), (B S NKV)
     Tensor q, k, v, o, lse;  // (B, S, NH|NKV, D) after norm and RoPE; o (B, S, NH, D); lse (B, NH, S)
     Tensor og;               // (B S, NH D) the gated attention output
+    // Under context parallelism (S is then this rank's slice Sl, the same on every rank):
+    Tensor k_full, v_full;  // (B, (rank + 1) Sl, NKV, D) the keys and values of the slices up to this one's end
   };
   // x: (B, S, H) normalised input; y: (B, S, H) overwritten.
   void forward(Saved& s, const Tensor& x, Tensor& y, int64_t B, int64_t S);
@@ -28,6 +31,11 @@ class GatedAttention {
   // Selective recomputation of the core attention (softmax(q k^T) v): its output and log-sum-exp are not kept per
   // record (this module's scratch holds the last forward's); backward reruns the kernel on the kept q, k, v.
   void set_recompute_core(bool on) { recompute_core_ = on; }
+  // Context parallelism (comm/context_parallel.h; not owned, nullptr or CP 1: the whole sequence is here): x holds
+  // this rank's slice of every sequence (slices of equal length, in rank order); RoPE uses the slice's positions,
+  // the keys and values of the slices up to this one's end are all-gathered and the slice's queries attend to them
+  // (bottom-right causal); their gradients go back to their owners by a reduce-scatter.
+  void set_context_parallel(const ContextParallel* cp) { cp_ = cp; }
 
  private:
   const ModelConfig& c_;
@@ -37,6 +45,11 @@ class GatedAttention {
   int64_t rope_S_ = 0;
   Tensor cos_, sin_;  // RoPE tables (rope_S_, rotary_dim), shared by the micro-batches of that length
   void rope_tables_for(int64_t S);
+  // The RoPE rows of positions [pos0, pos0 + S) (views into the tables for pos0 + S positions).
+  std::pair<Tensor, Tensor> rope_rows(int64_t pos0, int64_t S);
+  const ContextParallel* cp_ = nullptr;
+  bool cp_active() const { return cp_ != nullptr && cp_->active(); }
+  Tensor dk_full_, dv_full_;  // (B, (rank + 1) Sl, NKV, D) gradients of the gathered keys and values
   bool recompute_core_ = false;
   Tensor rc_o_, rc_lse_;  // the core's output (B, S, NH, D) and lse (B, NH, S) when it is recomputed
   Tensor dog_, do_, dq_, dk_, dv_, dqn_, dkn_, dq_raw_, dk_raw_, dqg_;  // backward scratch

@@ -289,3 +289,39 @@ TEST(AttentionCuda, UnsupportedInputThrowsClearErrors) {
 }
 
 }  // namespace nextron::test
+
+namespace nextron::test {
+
+// Queries that are the last Sq of Sk key positions (a context-parallel slice against the keys gathered up to its end:
+// cuDNN's bottom-right causal mask) against the CPU reference's causal_attention_*, forward and backward.
+TEST(AttentionCuda, LastQueriesAgainstMoreKeysMatchCpu) {
+  NEXTRON_REQUIRE_GPU();
+  for (const AttentionShape& s : {AttentionShape{2, 50, 8, 2, 64, 130}, AttentionShape{1, 128, 16, 2, 128, 300}}) {
+    SCOPED_TRACE(describe(s) + " Sk=" + std::to_string(s.Sk));
+    const float scale = default_scale(s);
+    const size_t nq = size_t(s.B * s.S * s.NH * s.D), nkv = size_t(s.B * s.Sk * s.NKV * s.D),
+                 nl = size_t(s.B * s.NH * s.S);
+    const auto q = random_bf16(nq, 700, -2.0f, 2.0f), k = random_bf16(nkv, 701), v = random_bf16(nkv, 702),
+               d_o = random_bf16(nq, 703);
+    std::vector<float> o_ref(nq), lse_ref(nl), dq_ref(nq, 0.0f), dk_ref(nkv, 0.0f), dv_ref(nkv, 0.0f);
+    cpu::causal_attention_forward<float>(o_ref.data(), lse_ref.data(), q.data(), k.data(), v.data(), s.B, s.S, s.Sk,
+                                         s.NH, s.NKV, s.D, scale);
+    const std::vector<float> o_bf16 = round_bf16(o_ref);
+    cpu::causal_attention_backward<float>(dq_ref.data(), dk_ref.data(), dv_ref.data(), d_o.data(), q.data(), k.data(),
+                                          v.data(), o_bf16.data(), lse_ref.data(), s.B, s.S, s.Sk, s.NH, s.NKV, s.D,
+                                          scale);
+    cuda::FusedAttention attn(nullptr);
+    DeviceBf16 qd(q), kd(k), vd(v), od(nq), dod(d_o), ob(o_bf16), dq(nq), dk(nkv), dv(nkv);
+    DeviceArray<float> lse(nl), lse_in(lse_ref);
+    attn.forward(od.get(), lse.get(), qd.get(), kd.get(), vd.get(), s, scale);
+    EXPECT_TRUE(close_to(od.download(), o_ref, kBf16Rtol)) << "o";
+    EXPECT_TRUE(close_to(lse.download(), lse_ref, kF32Rtol, 1e-5)) << "lse";
+    attn.backward(dq.get(), dk.get(), dv.get(), dod.get(), qd.get(), kd.get(), vd.get(), ob.get(), lse_in.get(), s,
+                  scale);
+    EXPECT_TRUE(close_to(dq.download(), dq_ref, kGradRtol)) << "dq";
+    EXPECT_TRUE(close_to(dk.download(), dk_ref, kGradRtol)) << "dk";
+    EXPECT_TRUE(close_to(dv.download(), dv_ref, kGradRtol)) << "dv";
+  }
+}
+
+}  // namespace nextron::test

@@ -2,8 +2,10 @@
 // rank holds an uneven slice of the same random sequences. 1. The delta rule's state passing alone: every rank's
 // outputs and gradients equal the whole sequence's on one process (the chunked kernel, fp32), and the bytes each rank
 // sends per layer equal the formula and do not depend on the sequence length. 2. The whole GatedDeltaNet layer of the
-// tiny model (projections, the conv with its halo, gates, the delta rule, the gated norm): outputs, input gradients
-// and, summed over the ranks, parameter gradients equal the one-process layer's on the whole sequence.
+// tiny model (projections, the conv with its halo, gates, the delta rule, the gated norm) and the gated attention
+// layer (RoPE at the slice's positions, the keys and values all-gathered, bottom-right causal attention, their
+// gradients reduce-scattered): outputs, input gradients and, summed over the ranks, parameter gradients equal the
+// one-process layer's on the whole sequence.
 #include <algorithm>
 #include <cmath>
 #include <random>
@@ -13,6 +15,7 @@
 #include "comm/counting_communicator.h"
 #include "kernels/cpu/delta_state_scan.h"
 #include "kernels/cpu_ops.h"
+#include "model/attention.h"
 #include "model/gated_deltanet.h"
 #include "model/init.h"
 #include "model/param_table.h"
@@ -145,7 +148,10 @@ struct LayerRun {
   Vec y, dx, grads;
 };
 
-LayerRun run_layer(Communicator* comm, int64_t B, int64_t S, bool recompute_core, bool split) {
+// `even`: equal slices (attention's all-gather needs them), else uneven ones (slice_of).
+template <typename Layer>
+LayerRun run_layer(Communicator* comm, const char* prefix, int64_t B, int64_t S, bool recompute_core, bool split,
+                   bool even) {
   const ModelConfig config = ModelConfig::from_json(nlohmann::json::parse(kTinyConfig));
   const ParamTable table(config);
   FlatBuffers flat;
@@ -154,20 +160,20 @@ LayerRun run_layer(Communicator* comm, int64_t B, int64_t S, bool recompute_core
   flat.params_act = flat.params;
   init_parameters(table, flat.params.f32(), 5, 0.2);
   CpuOps ops;
-  GatedDeltaNet layer(config, ModuleWeights(table, flat, "layers.0.linear_attn."), ops);
+  Layer layer(config, ModuleWeights(table, flat, prefix), ops);
   layer.set_recompute_core(recompute_core);
   const ContextParallel cp(comm);
   const int n = split ? cp.size() : 1, r = split ? cp.rank() : 0;
   if (split) layer.set_context_parallel(&cp);
   const int64_t H = config.hidden_size;
   const Vec x = randn(B * S * H, 31), dy = randn(B * S * H, 32);
-  const auto [at, len] = slice_of(S, n, r);
+  const auto [at, len] = even ? std::pair<int64_t, int64_t>{r * (S / n), S / n} : slice_of(S, n, r);
   Tensor xs = Tensor::zeros({B, len, H}), ys = Tensor::zeros({B, len, H}), dys = Tensor::zeros({B, len, H}),
          dxs = Tensor::zeros({B, len, H});
   const Vec xl = take(x, B, S, H, at, len), dyl = take(dy, B, S, H, at, len);
   std::copy(xl.begin(), xl.end(), xs.f32());
   std::copy(dyl.begin(), dyl.end(), dys.f32());
-  GatedDeltaNet::Saved saved;
+  typename Layer::Saved saved;
   layer.forward(saved, xs, ys, B, len);
   layer.backward(saved, dys, dxs);
   LayerRun out{Vec(ys.f32(), ys.f32() + ys.numel()), Vec(dxs.f32(), dxs.f32() + dxs.numel()),
@@ -176,19 +182,29 @@ LayerRun run_layer(Communicator* comm, int64_t B, int64_t S, bool recompute_core
   return out;
 }
 
-TEST_F(Mpi, ContextParallelGatedDeltaNetLayerEqualsTheWholeSequence) {
+template <typename Layer>
+void check_layer(Communicator* comm, const char* prefix, int64_t S, bool even) {
   const int n = world_size(), r = world_rank();
-  for (const bool recompute : {false, true})
-    for (const int64_t S : {61, 130}) {  // slices of 7 .. 130 tokens, uneven, across chunk boundaries
-      SCOPED_TRACE("S " + std::to_string(S) + (recompute ? " recompute core" : ""));
-      const int64_t B = 2, H = kTinyHidden;
-      const LayerRun whole = run_layer(comm_.get(), B, S, recompute, /*split=*/false);
-      const LayerRun part = run_layer(comm_.get(), B, S, recompute, /*split=*/true);
-      const auto [at, len] = slice_of(S, n, r);
-      expect_close(part.y, take(whole.y, B, S, H, at, len), "layer output");
-      expect_close(part.dx, take(whole.dx, B, S, H, at, len), "input gradient");
-      expect_close(part.grads, whole.grads, "parameter gradients (summed over the CP ranks)");
-    }
+  for (const bool recompute : {false, true}) {
+    SCOPED_TRACE("S " + std::to_string(S) + (recompute ? " recompute core" : ""));
+    const int64_t B = 2, H = kTinyHidden;
+    const LayerRun whole = run_layer<Layer>(comm, prefix, B, S, recompute, /*split=*/false, even);
+    const LayerRun part = run_layer<Layer>(comm, prefix, B, S, recompute, /*split=*/true, even);
+    const auto [at, len] = even ? std::pair<int64_t, int64_t>{r * (S / n), S / n} : slice_of(S, n, r);
+    expect_close(part.y, take(whole.y, B, S, H, at, len), "layer output");
+    expect_close(part.dx, take(whole.dx, B, S, H, at, len), "input gradient");
+    expect_close(part.grads, whole.grads, "parameter gradients (summed over the CP ranks)");
+  }
+}
+
+TEST_F(Mpi, ContextParallelGatedDeltaNetLayerEqualsTheWholeSequence) {
+  // Slices of 7 .. 130 tokens, uneven, across chunk boundaries.
+  for (const int64_t S : {61, 130}) check_layer<GatedDeltaNet>(comm_.get(), "layers.0.linear_attn.", S, false);
+}
+
+TEST_F(Mpi, ContextParallelAttentionLayerEqualsTheWholeSequence) {
+  // Equal slices (the keys' all-gather needs them) of 5 .. 120 tokens; RoPE at the slices' positions.
+  for (const int64_t S : {40, 120}) check_layer<GatedAttention>(comm_.get(), "layers.1.self_attn.", S, true);
 }
 
 }  // namespace

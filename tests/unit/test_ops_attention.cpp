@@ -184,6 +184,53 @@ TEST(Attention, FloatMatchesDoubleOnLongerSequence) {
   expect_close(dvf, dv, "dv");
 }
 
+// Queries that are the last Sq of Sk positions (a context-parallel slice against the keys gathered up to its end):
+// the whole sequence's attention restricted to those rows, forward and backward (d_o zero on the other rows), across
+// block boundaries and with GQA.
+TEST(Attention, LastQueriesAgainstAllKeysEqualTheWholeSequencesRows) {
+  const int64_t B = 2, NH = 4, NKV = 2, D = 8, block = 16;
+  for (const auto& [Sq, Sk] : {std::pair<int64_t, int64_t>{37, 37}, {37, 100}, {1, 53}, {16, 64}, {50, 51}}) {
+    SCOPED_TRACE("Sq " + std::to_string(Sq) + " Sk " + std::to_string(Sk));
+    const int64_t off = Sk - Sq;
+    const auto q = randn(B * Sk * NH * D, 1), k = randn(B * Sk * NKV * D, 2), v = randn(B * Sk * NKV * D, 3),
+               g = randn(B * Sk * NH * D, 4);
+    std::vector<double> o(q.size()), lse(B * NH * Sk), dq(q.size(), 0), dk(k.size(), 0), dv(v.size(), 0);
+    std::vector<double> d_o(q.size(), 0);  // the whole sequence's d_o: zero on the rows the slice does not hold
+    for (int64_t b = 0; b < B; ++b)
+      std::copy_n(g.begin() + (b * Sk + off) * NH * D, Sq * NH * D, d_o.begin() + (b * Sk + off) * NH * D);
+    cpu::attention_forward(o.data(), lse.data(), q.data(), k.data(), v.data(), B, Sk, NH, NKV, D, 0.3, block);
+    cpu::attention_backward(dq.data(), dk.data(), dv.data(), d_o.data(), q.data(), k.data(), v.data(), o.data(),
+                            lse.data(), B, Sk, NH, NKV, D, 0.3, block);
+    // The slice: its queries and d_o rows; all keys.
+    auto rows = [&](const std::vector<double>& x, int64_t W) {
+      std::vector<double> out(B * Sq * W);
+      for (int64_t b = 0; b < B; ++b) std::copy_n(x.begin() + (b * Sk + off) * W, Sq * W, out.begin() + b * Sq * W);
+      return out;
+    };
+    const auto qs = rows(q, NH * D), dos = rows(d_o, NH * D);
+    std::vector<double> os(qs.size()), lses(B * NH * Sq), dqs(qs.size(), 0), dks(k.size(), 0), dvs(v.size(), 0);
+    cpu::causal_attention_forward(os.data(), lses.data(), qs.data(), k.data(), v.data(), B, Sq, Sk, NH, NKV, D, 0.3,
+                                  block);
+    cpu::causal_attention_backward(dqs.data(), dks.data(), dvs.data(), dos.data(), qs.data(), k.data(), v.data(),
+                                   os.data(), lses.data(), B, Sq, Sk, NH, NKV, D, 0.3, block);
+    std::vector<double> lse_rows(B * NH * Sq);
+    for (int64_t bh = 0; bh < B * NH; ++bh) std::copy_n(lse.begin() + bh * Sk + off, Sq, lse_rows.begin() + bh * Sq);
+    auto max_err = [](const std::vector<double>& a, const std::vector<double>& b) {
+      double e = 0;
+      for (size_t i = 0; i < a.size(); ++i) e = std::max(e, std::abs(a[i] - b[i]));
+      return e;
+    };
+    EXPECT_LT(max_err(os, rows(o, NH * D)), 1e-12);
+    EXPECT_LT(max_err(lses, lse_rows), 1e-12);
+    EXPECT_LT(max_err(dqs, rows(dq, NH * D)), 1e-12);
+    EXPECT_LT(max_err(dks, dk), 1e-12);
+    EXPECT_LT(max_err(dvs, dv), 1e-12);
+  }
+  std::vector<double> x(8);
+  EXPECT_THROW(cpu::causal_attention_forward(x.data(), x.data(), x.data(), x.data(), x.data(), 1, 2, 1, 1, 1, 1, 1.0),
+               Error);  // more queries than keys
+}
+
 TEST(SigmoidGate, ForwardMatchesNaiveAndGradientsMatchFiniteDifferences) {
   const int64_t N = 3, D = 6;
   for (int64_t G : {D, int64_t{2}, int64_t{1}}) {

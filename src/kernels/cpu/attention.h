@@ -24,4 +24,15 @@ template <typename T>
 void attention_backward(T* dq, T* dk, T* dv, const T* d_o, const T* q, const T* k, const T* v, const T* o, const T* lse,
                         int64_t B, int64_t S, int64_t NH, int64_t NKV, int64_t D, double scale, int64_t block = 64);
 
+// The same with Sq queries that are the last Sq of Sk positions (Sq <= Sk; bottom-right causal: query i, at position
+// Sk - Sq + i, sees keys 0 .. Sk - Sq + i): a context-parallel slice's queries against the keys gathered up to its
+// end. q, o: (B, Sq, NH, D), k, v, dk, dv: (B, Sk, NKV, D), lse: (B, NH, Sq). Sq == Sk is the functions above.
+template <typename T>
+void causal_attention_forward(T* o, T* lse, const T* q, const T* k, const T* v, int64_t B, int64_t Sq, int64_t Sk,
+                              int64_t NH, int64_t NKV, int64_t D, double scale, int64_t block = 64);
+template <typename T>
+void causal_attention_backward(T* dq, T* dk, T* dv, const T* d_o, const T* q, const T* k, const T* v, const T* o,
+                               const T* lse, int64_t B, int64_t Sq, int64_t Sk, int64_t NH, int64_t NKV, int64_t D,
+                               double scale, int64_t block = 64);
+
 }  // namespace nextron::cpu

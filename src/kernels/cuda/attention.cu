@@ -52,7 +52,8 @@ namespace {
 enum Uid : int64_t { kQ = 1, kK, kV, kO, kStats, kDO, kDQ, kDK, kDV };
 
 std::string describe(const AttentionShape& s, float scale) {
-  return detail::concat("B=", s.B, " S=", s.S, " NH=", s.NH, " NKV=", s.NKV, " D=", s.D, " scale=", scale);
+  return detail::concat("B=", s.B, " S=", s.S, s.kv_len() != s.S ? detail::concat(" (of ", s.kv_len(), " keys)") : "",
+                        " NH=", s.NH, " NKV=", s.NKV, " D=", s.D, " scale=", scale);
 }
 
 void check_cudnn(cudnnStatus_t status, const char* call) {
@@ -61,22 +62,26 @@ void check_cudnn(cudnnStatus_t status, const char* call) {
 }
 
 // A (B, S, H, D) row-major bf16 tensor as cuDNN's logical [B, H, S, D].
-std::vector<int64_t> bhsd_dims(const AttentionShape& s, int64_t H) { return {s.B, H, s.S, s.D}; }
-std::vector<int64_t> bshd_strides(const AttentionShape& s, int64_t H) { return {s.S * H * s.D, s.D, H * s.D, 1}; }
+// A (B, L, H, D) row-major bf16 tensor as cuDNN's logical [B, H, L, D] (L: S for queries, kv_len() for keys).
+std::vector<int64_t> bhsd_dims(const AttentionShape& s, int64_t H, int64_t L) { return {s.B, H, L, s.D}; }
+std::vector<int64_t> bshd_strides(const AttentionShape& s, int64_t H, int64_t L) {
+  return {L * H * s.D, s.D, H * s.D, 1};
+}
 
-TensorPtr bf16_input(fe::graph::Graph& g, const char* name, int64_t uid, const AttentionShape& s, int64_t H) {
+TensorPtr bf16_input(fe::graph::Graph& g, const char* name, int64_t uid, const AttentionShape& s, int64_t H,
+                     int64_t L) {
   return g.tensor(fe::graph::Tensor_attributes()
                       .set_name(name)
                       .set_uid(uid)
-                      .set_dim(bhsd_dims(s, H))
-                      .set_stride(bshd_strides(s, H))
+                      .set_dim(bhsd_dims(s, H, L))
+                      .set_stride(bshd_strides(s, H, L))
                       .set_data_type(fe::DataType_t::BFLOAT16));
 }
-void bf16_output(const TensorPtr& t, int64_t uid, const AttentionShape& s, int64_t H) {
+void bf16_output(const TensorPtr& t, int64_t uid, const AttentionShape& s, int64_t H, int64_t L) {
   t->set_output(true)
       .set_uid(uid)
-      .set_dim(bhsd_dims(s, H))
-      .set_stride(bshd_strides(s, H))
+      .set_dim(bhsd_dims(s, H, L))
+      .set_stride(bshd_strides(s, H, L))
       .set_data_type(fe::DataType_t::BFLOAT16);
 }
 // lse (B, NH, S) fp32 as a packed [B, NH, S, 1] tensor (the only Stats layout cuDNN < 9.26 reads in the backward).
@@ -216,16 +221,21 @@ struct FusedAttention::Impl {
     const Key key{s, scale};
     if (auto it = forward_plans.find(key); it != forward_plans.end()) return it->second;
     auto g = new_graph();
-    TensorPtr q = bf16_input(*g, "q", kQ, s, s.NH);
-    TensorPtr k = bf16_input(*g, "k", kK, s, s.NKV);
-    TensorPtr v = bf16_input(*g, "v", kV, s, s.NKV);
+    TensorPtr q = bf16_input(*g, "q", kQ, s, s.NH, s.S);
+    TensorPtr k = bf16_input(*g, "k", kK, s, s.NKV, s.kv_len());
+    TensorPtr v = bf16_input(*g, "v", kV, s, s.NKV, s.kv_len());
     auto opts = fe::graph::SDPA_attributes()
                     .set_name("causal_gqa_attention_forward")
                     .set_generate_stats(true)
-                    .set_causal_mask(true)
                     .set_attn_scale(scale);
+    // Top-left causal when queries and keys are the same positions; bottom-right when the queries are the last S
+    // of kv_len() positions (the same mask then: query i sees keys 0 .. kv_len() - S + i).
+    if (s.kv_len() == s.S)
+      opts.set_causal_mask(true);
+    else
+      opts.set_causal_mask_bottom_right(true);
     auto outs = g->sdpa(q, k, v, opts);  // [O, Stats]
-    bf16_output(outs[0], kO, s, s.NH);
+    bf16_output(outs[0], kO, s, s.NH, s.S);
     outs[1]->set_output(true);
     lse_layout(*outs[1], s);
     if (BuildStatus st = build_graph(*g, handle); !st.ok) fail("forward", st, s, scale);
@@ -245,24 +255,27 @@ struct FusedAttention::Impl {
     attempts.push_back(false);
     for (bool deterministic : attempts) {
       auto g = new_graph();
-      TensorPtr q = bf16_input(*g, "q", kQ, s, s.NH);
-      TensorPtr k = bf16_input(*g, "k", kK, s, s.NKV);
-      TensorPtr v = bf16_input(*g, "v", kV, s, s.NKV);
-      TensorPtr o = bf16_input(*g, "o", kO, s, s.NH);
-      TensorPtr d_o = bf16_input(*g, "d_o", kDO, s, s.NH);
+      TensorPtr q = bf16_input(*g, "q", kQ, s, s.NH, s.S);
+      TensorPtr k = bf16_input(*g, "k", kK, s, s.NKV, s.kv_len());
+      TensorPtr v = bf16_input(*g, "v", kV, s, s.NKV, s.kv_len());
+      TensorPtr o = bf16_input(*g, "o", kO, s, s.NH, s.S);
+      TensorPtr d_o = bf16_input(*g, "d_o", kDO, s, s.NH, s.S);
       fe::graph::Tensor_attributes lse_attr;
       lse_attr.set_name("lse");
       lse_layout(lse_attr, s);
       TensorPtr lse = g->tensor(lse_attr);
       auto opts = fe::graph::SDPA_backward_attributes()
                       .set_name("causal_gqa_attention_backward")
-                      .set_causal_mask(true)
                       .set_attn_scale(scale)
                       .set_deterministic_algorithm(deterministic);
+      if (s.kv_len() == s.S)
+        opts.set_causal_mask(true);
+      else
+        opts.set_causal_mask_bottom_right(true);
       auto grads = g->sdpa_backward(q, k, v, o, d_o, lse, opts);  // [dQ, dK, dV]
-      bf16_output(grads[0], kDQ, s, s.NH);
-      bf16_output(grads[1], kDK, s, s.NKV);
-      bf16_output(grads[2], kDV, s, s.NKV);
+      bf16_output(grads[0], kDQ, s, s.NH, s.S);
+      bf16_output(grads[1], kDK, s, s.NKV, s.kv_len());
+      bf16_output(grads[2], kDV, s, s.NKV, s.kv_len());
       BuildStatus st = build_graph(*g, handle);
       if (!st.ok) {
         if (deterministic) {

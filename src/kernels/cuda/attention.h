@@ -35,7 +35,11 @@ void check_cudnn_version(size_t runtime, size_t compiled);
 
 struct AttentionShape {
   int64_t B, S, NH, NKV, D;
-  auto key() const { return std::tie(B, S, NH, NKV, D); }
+  // Key positions when the S queries are the last S of more (bottom-right causal: a context-parallel slice against
+  // the keys gathered up to its end); 0 means S.
+  int64_t Sk = 0;
+  int64_t kv_len() const { return Sk > 0 ? Sk : S; }
+  auto key() const { return std::tie(B, S, NH, NKV, D, Sk); }
   bool operator<(const AttentionShape& o) const { return key() < o.key(); }
 };
 
@@ -53,10 +57,10 @@ class FusedAttention {
   FusedAttention(const FusedAttention&) = delete;
   FusedAttention& operator=(const FusedAttention&) = delete;
 
-  // q: (B, S, NH, D), k, v: (B, S, NKV, D) bf16; o: (B, S, NH, D) bf16 overwritten; lse: (B, NH, S) fp32
+  // q: (B, S, NH, D), k, v: (B, Sk, NKV, D) bf16 (s.kv_len()); o: (B, S, NH, D) bf16 overwritten; lse: (B, NH, S) fp32
   // overwritten (natural-log log-sum-exp of each row of scaled scores, as the CPU kernel).
   void forward(bf16* o, float* lse, const bf16* q, const bf16* k, const bf16* v, const AttentionShape& s, float scale);
-  // OVERWRITES dq (B, S, NH, D), dk, dv (B, S, NKV, D) bf16 (cuDNN writes its gradients; the caller adds them
+  // OVERWRITES dq (B, S, NH, D), dk, dv (B, Sk, NKV, D) bf16 (cuDNN writes its gradients; the caller adds them
   // where it needs accumulation). o and lse from the forward.
   void backward(bf16* dq, bf16* dk, bf16* dv, const bf16* d_o, const bf16* q, const bf16* k, const bf16* v,
                 const bf16* o, const float* lse, const AttentionShape& s, float scale);

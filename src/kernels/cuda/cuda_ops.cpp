@@ -240,13 +240,13 @@ void CudaOps::rope_backward(Tensor& dx, const Tensor& dy, const Tensor& cos, con
 
 void CudaOps::attention_forward(Tensor& o, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
                                 double scale) {
-  const cuda::AttentionShape s{q.dim(0), q.dim(1), q.dim(2), k.dim(2), q.dim(3)};
+  const cuda::AttentionShape s{q.dim(0), q.dim(1), q.dim(2), k.dim(2), q.dim(3), k.dim(1)};
   attention_->forward(bf(o), f(lse), bf(q), bf(k), bf(v), s, static_cast<float>(scale));
 }
 
 void CudaOps::attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& d_o, const Tensor& q,
                                  const Tensor& k, const Tensor& v, const Tensor& o, const Tensor& lse, double scale) {
-  const cuda::AttentionShape s{q.dim(0), q.dim(1), q.dim(2), k.dim(2), q.dim(3)};
+  const cuda::AttentionShape s{q.dim(0), q.dim(1), q.dim(2), k.dim(2), q.dim(3), k.dim(1)};
   attention_->backward(bf(dq), bf(dk), bf(dv), bf(d_o), bf(q), bf(k), bf(v), bf(o), f(lse), s,
                        static_cast<float>(scale));
 }
