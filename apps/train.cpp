@@ -187,7 +187,9 @@ int run(int argc, char** argv, Communicator* world) {
       "recompute-modules", po::value(&o.recompute.modules)->multitoken(),
       "selective: modules recomputed in backward: core_attn (attention / delta-rule core), layernorm, mlp (dense "
       "MLP), moe (sparse MoE block), moe_act (experts' SwiGLU), shared_experts")(
-      "context-parallel-size", po::value(&o.parallel.cp)->default_value(1), "CP (not implemented yet: 1)")(
+      "context-parallel-size", po::value(&o.parallel.cp)->default_value(1),
+      "CP: every sequence split into CP equal slices over as many ranks (Gated DeltaNet passes its state between "
+      "them, attention all-gathers keys and values); --seq-len a multiple of CP")(
       "expert-model-parallel-size", po::value(&o.parallel.ep)->default_value(1),
       "EP: ranks sharing the routed experts (E / EP each; all-to-all token dispatch)")(
       "expert-tensor-parallel-size", po::value(&o.parallel.etp)->default_value(0),

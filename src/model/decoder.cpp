@@ -3,12 +3,16 @@
 namespace nextron {
 
 DecoderLayer::DecoderLayer(const ModelConfig& config, int64_t layer, const ParamTable& table, const FlatBuffers& flat,
-                           Ops& ops, const TensorParallel& tp, const ExpertParallel& ep)
+                           Ops& ops, const TensorParallel& tp, const ExpertParallel& ep, const ContextParallel* cp)
     : c_(config), wt_(table, flat, "layers." + std::to_string(layer) + "."), ops_(ops), tp_(tp) {
-  if (config.layer_types[layer] == MixerType::full_attention)
+  // Both mixers see this rank's slice of every sequence under context parallelism (cp: nullptr or CP 1 otherwise).
+  if (config.layer_types[layer] == MixerType::full_attention) {
     attention_ = std::make_unique<GatedAttention>(config, wt_.sub("self_attn."), ops_);
-  else
+    attention_->set_context_parallel(cp);
+  } else {
     deltanet_ = std::make_unique<GatedDeltaNet>(config, wt_.sub("linear_attn."), ops_);
+    deltanet_->set_context_parallel(cp);
+  }
   if (config.mlp_type(layer) == MlpType::sparse_moe)
     moe_ = std::make_unique<SparseMoe>(config, wt_.sub("mlp."), ops_, tp_, ep);
   else

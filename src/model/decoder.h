@@ -20,7 +20,7 @@ namespace nextron {
 class DecoderLayer {
  public:
   DecoderLayer(const ModelConfig& config, int64_t layer, const ParamTable& table, const FlatBuffers& flat, Ops& ops,
-               const TensorParallel& tp = {}, const ExpertParallel& ep = {});
+               const TensorParallel& tp = {}, const ExpertParallel& ep = {}, const ContextParallel* cp = nullptr);
   // What backward needs from one forward: one record per micro-batch in flight, owned by the caller. Nl: this
   // rank's rows of the N = B S tokens (N / TP under sequence parallelism, else N).
   struct Saved {

@@ -37,7 +37,8 @@ Model::Model(const ModelConfig& config, const ModelComms& comms, std::shared_ptr
   else
     ops_->act(flat_.params_act, {table_.total_numel()});
   for (int64_t i = stage_.layer_begin; i < stage_.layer_end; ++i)
-    layers_.push_back(std::make_unique<DecoderLayer>(local_config_, i, table_, flat_, *ops_, comms_.tp, comms_.ep));
+    layers_.push_back(
+        std::make_unique<DecoderLayer>(local_config_, i, table_, flat_, *ops_, comms_.tp, comms_.ep, &comms_.cp));
   set_recompute({});
   const VocabShard shard = vocab_shard();
   if (shard.begin + shard.size > config_.vocab_size) {

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "comm/communicator.h"
+#include "comm/context_parallel.h"
 #include "comm/tensor_parallel.h"
 #include "core/tensor.h"
 #include "kernels/ops.h"
@@ -52,9 +53,12 @@ struct ModelActivations {
 };
 
 struct ModelComms {
-  TensorParallel tp;                      // the tensor-parallel group (identity by default)
-  ExpertParallel ep;                      // the expert-parallel group (EP 1 by default)
-  Communicator* data_parallel = nullptr;  // the data-parallel group, nullptr for one replica
+  TensorParallel tp;   // the tensor-parallel group (identity by default)
+  ExpertParallel ep;   // the expert-parallel group (EP 1 by default)
+  ContextParallel cp;  // the context-parallel group (CP 1 by default: whole sequences)
+  // The ranks holding other tokens of the global micro-batch (DP x CP; nullptr for one replica): the loss and the
+  // router statistics are means over all of them.
+  Communicator* data_parallel = nullptr;
 };
 
 class Model {

@@ -1,5 +1,7 @@
 #include "parallel/context.h"
 
+#include <algorithm>
+
 #include "core/error.h"
 #include "parallel/pipeline_layout.h"
 
@@ -12,8 +14,12 @@ Layout checked_layout(const Communicator& world, const ParallelSizes& sizes, boo
   Layout layout(sizes, world.size(), config, seq_len);
   std::vector<std::string> errors;
   auto fail = [&errors](auto&&... parts) { errors.push_back(detail::concat(parts...)); };
-  if (layout.cp() > 1)
-    fail("context-parallel-size ", layout.cp(), ": context parallelism is not implemented yet; use 1");
+  const bool has_linear =
+      std::count(config.layer_types.begin(), config.layer_types.end(), MixerType::linear_attention) > 0;
+  if (layout.cp() > 1 && has_linear && seq_len / layout.cp() < config.linear_conv_kernel_dim - 1)
+    fail("context-parallel-size ", layout.cp(), " cuts sequences of ", seq_len, " tokens into slices of ",
+         seq_len / layout.cp(), ", shorter than the Gated DeltaNet conv's ", config.linear_conv_kernel_dim - 1,
+         "-token left context: use a smaller context-parallel size or longer sequences");
   const bool folded = config.num_moe_layers() > 0 && layout.etp() == 1 && layout.tp() > 1;
   if (config.num_moe_layers() > 0 && layout.etp() != layout.tp() && layout.etp() != 1)
     fail("expert-tensor-parallel-size ", layout.etp(), " with TP ", layout.tp(),
@@ -24,10 +30,11 @@ Layout checked_layout(const Communicator& world, const ParallelSizes& sizes, boo
          " routes each rank's own sequence shard to whole experts: add --sequence-parallel (as Megatron requires)");
   NEXTRON_CHECK(config.experts_folded == folded, "ParallelContext: ModelConfig::experts_folded must be ", folded,
                 " for ETP ", layout.etp(), " under TP ", layout.tp(), " (the trainer sets it)");
-  if (sp && layout.tp() > 1 && seq_len % layout.tp() != 0)
-    fail("seq_len ", seq_len, " is not divisible by TP ", layout.tp(),
+  if (sp && layout.tp() > 1 && (seq_len / layout.cp()) % layout.tp() != 0)
+    fail("seq_len ", seq_len, layout.cp() > 1 ? detail::concat(" / CP ", layout.cp()) : std::string(),
+         " is not divisible by TP ", layout.tp(),
          ": sequence parallelism splits every sequence's tokens over the TP ranks; choose --seq-len a multiple of ",
-         layout.tp());
+         int64_t{layout.tp()} * layout.cp());
   if (config.attention_bias && layout.tp() > 1)
     fail("attention_bias with TP ", layout.tp(),
          ": the row-parallel o_proj bias is not implemented under tensor parallelism; use TP 1");
@@ -51,6 +58,8 @@ ParallelContext::ParallelContext(Communicator& world, const ParallelSizes& sizes
   pp_ = group(Group::pp);
   ep_ = group(Group::ep);
   edp_ = group(Group::edp);
+  cp_ = group(Group::cp);
+  dp_cp_ = group(Group::dp_cp);
   NEXTRON_ASSERT(tp_->size() == layout_.tp() && dp_->size() == layout_.dp() && pp_->size() == layout_.pp() &&
                  ep_->size() == layout_.ep() && edp_->size() == layout_.edp());
   if (device) {
@@ -60,6 +69,8 @@ ParallelContext::ParallelContext(Communicator& world, const ParallelSizes& sizes
     if (pp_->size() > 1) pp_dev_ = device(*pp_);
     if (ep_->size() > 1) ep_dev_ = device(*ep_);
     if (edp_->size() > 1 && own_expert_group()) edp_dev_ = device(*edp_);
+    if (cp_->size() > 1) cp_dev_ = device(*cp_);
+    if (cp_->size() > 1 && dp_cp_->size() > 1) dp_cp_dev_ = device(*dp_cp_);
   }
   chunks_ = rank_chunks(pipeline_stages(config, layout_.pp(), layout_.vpp(), layout_.sizes().pipeline), layout_.pp(),
                         pp_->rank());
@@ -70,7 +81,9 @@ ParallelContext::ParallelContext(Communicator& world, const ParallelSizes& sizes
 ModelComms ParallelContext::model_comms() const {
   ModelComms c;
   c.tp = TensorParallel(&tp_device(), sp_);
-  c.data_parallel = dp_->size() > 1 ? dp_.get() : nullptr;
+  // The loss and the router statistics are means over the global micro-batch: every rank with other tokens.
+  c.data_parallel = dp_cp_->size() > 1 ? dp_cp_.get() : nullptr;
+  if (cp_->size() > 1) c.cp = ContextParallel(cp_.get(), &cp_device());
   if (ep_->size() > 1) c.ep = ExpertParallel(&ep_device(), ep_.get());
   return c;
 }
@@ -81,7 +94,7 @@ std::vector<float> ParallelContext::gather_full(const std::vector<const float*>&
   // The dense parameters of DP rank 0 and the routed experts of EDP rank 0 (under EP the DP replicas hold
   // different experts; without it EDP is DP).
   for (size_t c = 0; c < maps_.size(); ++c)
-    maps_[c].place_owned(chunk_locals[c], full.data(), dp_->rank() == 0, edp_->rank() == 0);
+    maps_[c].place_owned(chunk_locals[c], full.data(), dp_cp_->rank() == 0, edp_->rank() == 0);
   world_.all_reduce_sum(full.data(), static_cast<int64_t>(full.size()));
   return full;
 }

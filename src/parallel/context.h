@@ -22,8 +22,8 @@ class ParallelContext {
  public:
   // Collective over `world` (not owned; must outlive the context). Every rank validates the same layout, so a bad
   // layout throws the same message on every rank without any communication. Parallelisms whose layers come in
-  // later work (CP, an ETP other than TP) are refused with a message saying so. device: builds the device groups
-  // (TP, DP, PP, EP, EDP) when the model lives on a GPU.
+  // later work (an ETP other than TP) are refused with a message saying so. device: builds the device groups
+  // (TP, CP, DP x CP, PP, EP, EDP) when the model lives on a GPU.
   ParallelContext(Communicator& world, const ParallelSizes& sizes, bool sequence_parallel, const ModelConfig& config,
                   int64_t seq_len, const DeviceCommFactory& device = {});
 
@@ -37,6 +37,11 @@ class ParallelContext {
   Communicator& pp() const { return *pp_; }
   Communicator& ep() const { return *ep_; }    // expert parallel (the ranks sharing tokens for their experts)
   Communicator& edp() const { return *edp_; }  // expert data parallel (replicas of the same experts)
+  Communicator& cp() const { return *cp_; }    // context parallel (the slices of the same sequences)
+  // DP x CP: the ranks holding the same parameters with different tokens, over which the dense gradients and the
+  // loss reduce (DP itself when CP is 1).
+  Communicator& dp_cp() const { return *dp_cp_; }
+  int cp_rank() const { return cp_->rank(); }
   int tp_rank() const { return tp_->rank(); }
   int dp_rank() const { return dp_->rank(); }
   int pp_rank() const { return pp_->rank(); }
@@ -44,10 +49,12 @@ class ParallelContext {
   // the host ones.
   Communicator& tp_device() const { return tp_dev_ ? *tp_dev_ : *tp_; }
   Communicator& dp_device() const { return dp_dev_ ? *dp_dev_ : *dp_; }
+  Communicator& cp_device() const { return cp_dev_ ? *cp_dev_ : *cp_; }
+  Communicator& dp_cp_device() const { return dp_cp_dev_ ? *dp_cp_dev_ : *dp_cp_; }
   Communicator& pp_device() const { return pp_dev_ ? *pp_dev_ : *pp_; }
   Communicator& ep_device() const { return ep_dev_ ? *ep_dev_ : *ep_; }
   // The group the routed experts' gradients reduce over: EDP under expert parallelism or folding, else DP itself.
-  Communicator& edp_device() const { return own_expert_group() ? (edp_dev_ ? *edp_dev_ : *edp_) : dp_device(); }
+  Communicator& edp_device() const { return own_expert_group() ? (edp_dev_ ? *edp_dev_ : *edp_) : dp_cp_device(); }
   // Whether the routed experts reduce over another group than the dense parameters (EP > 1, or folded experts).
   bool own_expert_group() const { return ep_->size() > 1 || (layout_.etp() != layout_.tp()); }
 
@@ -71,8 +78,8 @@ class ParallelContext {
   Communicator& world_;
   Layout layout_;
   bool sp_;
-  std::unique_ptr<Communicator> tp_, dp_, pp_, ep_, edp_;
-  std::unique_ptr<Communicator> tp_dev_, dp_dev_, pp_dev_, ep_dev_, edp_dev_;
+  std::unique_ptr<Communicator> tp_, dp_, pp_, ep_, edp_, cp_, dp_cp_;
+  std::unique_ptr<Communicator> tp_dev_, dp_dev_, pp_dev_, ep_dev_, edp_dev_, cp_dev_, dp_cp_dev_;
   std::vector<StageRange> chunks_;
   std::vector<TpShardMap> maps_;
 };

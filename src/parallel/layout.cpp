@@ -212,10 +212,11 @@ Layout::Layout(const ParallelSizes& sizes, int world_size, const ModelConfig& co
     }
     if (seq_len < 1) {
       fail("seq_len ", seq_len, " must be >= 1: set --seq-len");
-    } else if (s.cp > 1 && seq_len % (2 * int64_t{s.cp}) != 0) {
-      fail("seq_len ", seq_len, " is not divisible by 2*CP = ", 2 * s.cp,
-           " (load-balanced context parallelism splits the sequence into 2*CP chunks): choose --seq-len a multiple of ",
-           2 * s.cp, " or a context-parallel-size with 2*CP dividing ", seq_len);
+    } else if (s.cp > 1 && seq_len % s.cp != 0) {
+      fail("seq_len ", seq_len, " is not divisible by CP = ", s.cp,
+           " (context parallelism gives every CP rank an equal slice of each sequence): choose --seq-len a multiple "
+           "of ",
+           s.cp, " or a context-parallel-size dividing ", seq_len);
     }
   }
 

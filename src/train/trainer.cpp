@@ -210,7 +210,7 @@ Trainer::Trainer(const TrainOptions& options, SampleFn source, Communicator* wor
   std::vector<Model*> models;
   for (Chunk& c : chunks_) models.push_back(c.model.get());
   p2p_ = std::make_unique<PipelineP2P>(ctx_ ? &ctx_->pp_device() : nullptr);
-  runner_ = std::make_unique<PipelineRunner>(models, *p2p_, dp_size());
+  runner_ = std::make_unique<PipelineRunner>(models, *p2p_, dp_size() * cp_size());
 
   if (!sample_) {
     stream_ = std::make_unique<SampleStream>(opt_.data, opt_.seq_len, opt_.valid_fraction, opt_.data_seed);
@@ -226,14 +226,15 @@ Trainer::Trainer(const TrainOptions& options, SampleFn source, Communicator* wor
     const FlatRange experts = own_group ? table.expert_range() : FlatRange{};
     if (experts.size() > 0) {
       // Under EP the DP replicas hold different experts, and folded experts reduce over EDP, which spans the TP
-      // ranks: the dense parameters shard over DP, the experts over EDP.
-      c.opts.push_back(std::make_unique<DistributedOptimizer>(table, &ctx_->dp_device(), &ctx_->dp(), opt_.adam,
+      // ranks: the dense parameters shard over DP (x CP), the experts over EDP.
+      c.opts.push_back(std::make_unique<DistributedOptimizer>(table, &ctx_->dp_cp_device(), &ctx_->dp_cp(), opt_.adam,
                                                               c.model->ops(), FlatRange{0, experts.begin}));
       c.opts.push_back(std::make_unique<DistributedOptimizer>(table, &ctx_->edp_device(), &ctx_->edp(), opt_.adam,
                                                               c.model->ops(), experts));
     } else {
-      c.opts.push_back(std::make_unique<DistributedOptimizer>(table, ctx_ ? &ctx_->dp_device() : nullptr,
-                                                              ctx_ ? &ctx_->dp() : nullptr, opt_.adam, c.model->ops()));
+      // The dense gradients sum over every rank with other tokens of the same parameters: DP x CP.
+      c.opts.push_back(std::make_unique<DistributedOptimizer>(
+          table, ctx_ ? &ctx_->dp_cp_device() : nullptr, ctx_ ? &ctx_->dp_cp() : nullptr, opt_.adam, c.model->ops()));
     }
   }
 
@@ -295,9 +296,11 @@ Trainer::~Trainer() = default;
 StepRecord Trainer::step() {
   const auto t0 = std::chrono::steady_clock::now();
   const int64_t M = opt_.micro_batch, S = opt_.seq_len, D = dp_size(), accum = schedule_spec_.microbatches;
+  // Under context parallelism this rank holds tokens [cp_rank Sl, +Sl) of every row.
+  const int64_t Sl = S / cp_size(), at = cp_rank() * Sl;
   rows_.resize(M * (S + 1));
-  ids_.resize(M * S);
-  targets_.resize(M * S);
+  ids_.resize(M * Sl);
+  targets_.resize(M * Sl);
   for (Chunk& c : chunks_) {
     c.model->zero_grad();
     if (opt_.moe_per_layer_logging) c.model->reset_expert_load();
@@ -308,13 +311,13 @@ StepRecord Trainer::step() {
     const int64_t first = position_ + (m * D + dp_rank()) * M;
     for (int64_t r = 0; r < M; ++r) sample_(first + r, rows_.data() + r * (S + 1));
     for (int64_t r = 0; r < M; ++r)
-      for (int64_t t = 0; t < S; ++t) {
-        ids_[r * S + t] = rows_[r * (S + 1) + t];
-        targets_[r * S + t] = rows_[r * (S + 1) + t + 1];
+      for (int64_t t = 0; t < Sl; ++t) {
+        ids_[r * Sl + t] = rows_[r * (S + 1) + at + t];
+        targets_[r * Sl + t] = rows_[r * (S + 1) + at + t + 1];
       }
     return MicroBatchTokens{ids_.data(), targets_.data()};
   };
-  const std::vector<LossValues> losses = runner_->run(schedule_spec_, tokens, M, S, 1.0f / static_cast<float>(accum));
+  const std::vector<LossValues> losses = runner_->run(schedule_spec_, tokens, M, Sl, 1.0f / static_cast<float>(accum));
   if (schedule_spec_.pp > 1) rec.pipeline_bubble = runner_->exchange_seconds() / runner_->run_seconds();
   if (opt_.moe_per_layer_logging) rec.expert_load = gather_expert_load();
   double sums[3] = {0, 0, 0};  // loss, lm_loss, aux_loss summed over the micro-batches (on the last stage)
@@ -443,22 +446,23 @@ double Trainer::validate() {
   NEXTRON_CHECK(stream_ && stream_->num_valid_samples() > 0,
                 "no validation samples: raise --valid-fraction or use more data");
   const int64_t M = opt_.micro_batch, S = opt_.seq_len, D = dp_size(), nvalid = stream_->num_valid_samples();
+  const int64_t Sl = S / cp_size(), at = cp_rank() * Sl;  // this CP rank's slice of every row
   rows_.resize(M * (S + 1));
-  ids_.resize(M * S);
-  targets_.resize(M * S);
+  ids_.resize(M * Sl);
+  targets_.resize(M * Sl);
   // Validation micro-batch `it` is M x DP rows; the loss is already the mean over all of them.
   auto tokens = [&](int it) {
     const int64_t first = (it * D + dp_rank()) * M;
     for (int64_t r = 0; r < M; ++r) stream_->valid_sample((first + r) % nvalid, rows_.data() + r * (S + 1));
     for (int64_t r = 0; r < M; ++r)
-      for (int64_t t = 0; t < S; ++t) {
-        ids_[r * S + t] = rows_[r * (S + 1) + t];
-        targets_[r * S + t] = rows_[r * (S + 1) + t + 1];
+      for (int64_t t = 0; t < Sl; ++t) {
+        ids_[r * Sl + t] = rows_[r * (S + 1) + at + t];
+        targets_[r * Sl + t] = rows_[r * (S + 1) + at + t + 1];
       }
     return MicroBatchTokens{ids_.data(), targets_.data()};
   };
   double total = 0;
-  for (const LossValues& lv : runner_->evaluate(static_cast<int>(opt_.eval_iters), tokens, M, S)) total += lv.lm_loss;
+  for (const LossValues& lv : runner_->evaluate(static_cast<int>(opt_.eval_iters), tokens, M, Sl)) total += lv.lm_loss;
   // The last pipeline stage scored them.
   if (ctx_ && ctx_->layout().pp() > 1) ctx_->pp().all_reduce_sum(&total, 1);
   return total / static_cast<double>(opt_.eval_iters);
@@ -494,7 +498,7 @@ std::string Trainer::save_checkpoint(bool background) {
   // Every rank writes only the elements it owns (docs/formats.md): its TP slice of its stages' parameters, from one
   // data-parallel replica (DP rank 0; EDP rank 0 for routed experts), and its ZeRO shard of the moments (TP-replicated
   // elements from their owning TP rank). Host copies of the rank's own buffers only.
-  const bool dense_owner = !ctx_ || ctx_->dp_rank() == 0, expert_owner = !ctx_ || ctx_->edp().rank() == 0;
+  const bool dense_owner = !ctx_ || ctx_->dp_cp().rank() == 0, expert_owner = !ctx_ || ctx_->edp().rank() == 0;
   std::vector<float>&params = job->params, &m = job->m, &v = job->v;
   size_t local_numel = 0, shard_numel = 0;
   for (Chunk& c : chunks_) {
@@ -655,7 +659,7 @@ void Trainer::export_hf(const std::string& dir) {
   // sum of the owners' elements (dense ones from DP rank 0, experts from EDP rank 0), and rank 0 writes it.
   std::vector<std::vector<float>> locals;
   for (Chunk& c : chunks_) locals.push_back(to_host(c.model->params(), 0, c.model->table().total_numel()));
-  const bool dense_owner = !ctx_ || ctx_->dp_rank() == 0, expert_owner = !ctx_ || ctx_->edp().rank() == 0;
+  const bool dense_owner = !ctx_ || ctx_->dp_cp().rank() == 0, expert_owner = !ctx_ || ctx_->edp().rank() == 0;
   const HfPieceSource source = [&](const ParamSpec& f, const HfPiece& piece, float* out) {
     const int64_t begin = f.offset + piece.offset, n = shape_numel(piece.shape);
     for (size_t c = 0; c < chunks_.size(); ++c)

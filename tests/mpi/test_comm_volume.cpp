@@ -151,26 +151,27 @@ TEST_P(CommVolumeLayouts, BytesPerStepMatchFormula) {
   const int t = c.tp, d = c.world / c.tp;
   CountingCommunicator world(*comm_);
   Trainer trainer(options(t, c.sp, d), sample, &world);
-  // Construction splits the world into the TP, DP, PP, EP and EDP groups and agrees once on whether rank 0's start-up
-  // checks of the output paths passed (one all-reduce of one double), nothing else.
+  // Construction splits the world into the TP, DP, PP, EP, EDP, CP and DP x CP groups and agrees once on whether rank
+  // 0's start-up checks of the output paths passed (one all-reduce of one double), nothing else.
   const CommVolume& built = *world.volume();
   const bool parallel = c.world > 1;
   // (the ring all-reduce's counted bytes, 2 (p - 1) / p x n x b, for n = 1 double over the world of p ranks)
   const double check_bytes = 2.0 * (c.world - 1) / c.world * double(sizeof(double));
   EXPECT_DOUBLE_EQ(built.total_bytes(), parallel ? check_bytes : 0.0) << built.describe();
-  EXPECT_EQ(built.calls_of(CommOp::split), parallel ? 5 : 0) << built.describe();
+  EXPECT_EQ(built.calls_of(CommOp::split), parallel ? 7 : 0) << built.describe();
   EXPECT_EQ(built.calls_of(CommOp::all_reduce), parallel ? 1 : 0) << built.describe();
   EXPECT_EQ(built.total_calls(), built.calls_of(CommOp::split) + built.calls_of(CommOp::all_reduce))
       << built.describe();
   world.volume()->reset();
   world.reset_own();
 
-  // The TP and DP groups are the world's splits, so CountingCommunicators too.
+  // The TP and DP groups are the world's splits, so CountingCommunicators too (the dense gradients and the loss reduce
+  // over DP x CP: the DP group itself at CP 1).
   CountingCommunicator* tp = nullptr;
   CountingCommunicator* dp = nullptr;
   if (trainer.parallel()) {
     tp = dynamic_cast<CountingCommunicator*>(&trainer.parallel()->tp());
-    dp = dynamic_cast<CountingCommunicator*>(&trainer.parallel()->dp());
+    dp = dynamic_cast<CountingCommunicator*>(&trainer.parallel()->dp_cp());
     ASSERT_TRUE(tp && dp);
     ASSERT_EQ(tp->size(), t);
     ASSERT_EQ(dp->size(), d);
@@ -287,7 +288,7 @@ TEST_P(ExpertParallelVolume, BytesPerStepEqualTheFormula) {
   Trainer trainer(o, sample, &world);
   auto* ep = dynamic_cast<CountingCommunicator*>(&trainer.parallel()->ep());
   auto* edp_group = dynamic_cast<CountingCommunicator*>(&trainer.parallel()->edp());
-  auto* dp = dynamic_cast<CountingCommunicator*>(&trainer.parallel()->dp());
+  auto* dp = dynamic_cast<CountingCommunicator*>(&trainer.parallel()->dp_cp());
   ASSERT_TRUE(ep && edp_group && dp);
   ep->reset_own();
   edp_group->reset_own();

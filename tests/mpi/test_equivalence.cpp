@@ -94,6 +94,7 @@ struct LayoutCase {
   int ep = 1;                           // expert parallel (the experts split like the dense MLP over TP: ETP = TP)
   bool many_experts = false;            // 64 experts top-8 (tiny_many_experts_config_path) instead of 8 top-2
   int etp = 0;                          // expert tensor parallel (0: follows TP; 1 under TP: folded experts)
+  int cp = 1;                           // context parallel (every sequence of kSeq = 16 tokens in CP slices)
 };
 
 class Equivalence : public Mpi, public ::testing::WithParamInterface<LayoutCase> {};
@@ -102,7 +103,8 @@ TEST_P(Equivalence, MatchesOneProcess) {
   const LayoutCase& c = GetParam();
   if (c.world != world_size()) GTEST_SKIP() << c.name << " runs at " << c.world << " ranks";
   const RunResult& want = reference(c.global_micro, c.many_experts);
-  TrainOptions o = options(c.tp, c.sp, c.world / (c.tp * c.pp), c.global_micro, c.many_experts);
+  TrainOptions o = options(c.tp, c.sp, c.world / (c.tp * c.pp * c.cp), c.global_micro, c.many_experts);
+  o.parallel.cp = c.cp;
   const std::string config = o.model_config;
   o.parallel.pp = c.pp;
   o.parallel.vpp = c.vpp;
@@ -173,7 +175,16 @@ INSTANTIATE_TEST_SUITE_P(
                       LayoutCase{"TP2_SP_ETP1", 2, 2, true, 1, 1, kGlobalMicro, {}, {}, 1, false, 1},
                       LayoutCase{"EP2xTP2_SP_ETP1", 4, 2, true, 1, 1, kGlobalMicro, {}, {}, 2, false, 1},
                       LayoutCase{"EP4xTP2_SP_ETP1", 4, 2, true, 1, 1, kGlobalMicro, {}, {}, 4, false, 1},
-                      LayoutCase{"PP2xTP2_SP_ETP1", 4, 2, true, 2, 1, 1, {}, {}, 1, false, 1}),
+                      LayoutCase{"PP2xTP2_SP_ETP1", 4, 2, true, 2, 1, 1, {}, {}, 1, false, 1},
+                      // Context parallelism: slices of 8 or 4 tokens (the DeltaNet conv's halo, the state passing,
+                      // the attention's gathered keys), alone and with TP + SP, DP, PP and EP.
+                      LayoutCase{"CP2", 2, 1, false, 1, 1, kGlobalMicro, {}, {}, 1, false, 0, 2},
+                      LayoutCase{"CP4", 4, 1, false, 1, 1, kGlobalMicro, {}, {}, 1, false, 0, 4},
+                      LayoutCase{"CP2xTP2_SP", 4, 2, true, 1, 1, kGlobalMicro, {}, {}, 1, false, 0, 2},
+                      LayoutCase{"CP2xDP2", 4, 1, false, 1, 1, kGlobalMicro, {}, {}, 1, false, 0, 2},
+                      LayoutCase{"CP2xPP2", 4, 1, false, 2, 1, 2, {}, {}, 1, false, 0, 2},
+                      LayoutCase{"CP2xEP2", 4, 1, false, 1, 1, kGlobalMicro, {}, {}, 2, false, 0, 2},
+                      LayoutCase{"CP2xTP2xDP2_SP", 8, 2, true, 1, 1, kGlobalMicro, {}, {}, 1, false, 0, 2}),
     [](const auto& param_info) { return std::string(param_info.param.name); });
 
 // Token dropping is per rank (Megatron: capacity from the rank's own tokens), so a layout's reference is the layout
@@ -352,17 +363,26 @@ TEST_F(Mpi, BadLayoutFailsOnEveryRank) {
   }
 }
 
-TEST_F(Mpi, UnimplementedParallelismIsRefused) {
-  if (world_size() < 2) GTEST_SKIP() << "needs 2 ranks";
-  TrainOptions o = options(1, false, 1);
-  o.micro_batch = 1;
-  o.parallel.cp = 2;
-  try {
-    Trainer t(o, sample, comm_.get());
-    ADD_FAILURE() << "CP 2 was accepted";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("context parallelism is not implemented yet"), std::string::npos) << e.what();
-  }
+// Context-parallel settings that cannot run fail on every rank before any communication, naming the fix: a sequence
+// that does not split into equal slices, and slices shorter than the DeltaNet conv's 3-token left context.
+TEST_F(Mpi, BadContextParallelSettingsFailOnEveryRank) {
+  if (world_size() != 2 && world_size() != 4) GTEST_SKIP() << "runs at 2 and 4 ranks";
+  auto message = [&](int64_t seq_len) {
+    TrainOptions o = options(1, false, world_size() / 2);
+    o.parallel.cp = 2;
+    o.seq_len = seq_len;
+    try {
+      Trainer t(o, sample, comm_.get());
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("accepted");
+  };
+  const std::string odd = message(15), short_slices = message(4);
+  EXPECT_NE(odd.find("seq_len 15 is not divisible by CP = 2"), std::string::npos) << odd;
+  EXPECT_NE(short_slices.find("slices of 2, shorter than the Gated DeltaNet conv's 3-token left context"),
+            std::string::npos)
+      << short_slices;
 }
 
 // Pipeline settings that cannot run fail on every rank before any communication, naming the fix.
