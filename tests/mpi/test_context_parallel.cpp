@@ -5,7 +5,8 @@
 // tiny model (projections, the conv with its halo, gates, the delta rule, the gated norm) and the gated attention
 // layer (RoPE at the slice's positions, the keys and values all-gathered, bottom-right causal attention, their
 // gradients reduce-scattered): outputs, input gradients and, summed over the ranks, parameter gradients equal the
-// one-process layer's on the whole sequence.
+// one-process layer's on the whole sequence, and the bytes each rank sends forward and backward equal their formula
+// (the DeltaNet layer's independent of the slice length, at two sequence lengths).
 #include <algorithm>
 #include <cmath>
 #include <random>
@@ -146,6 +147,7 @@ TEST_F(Mpi, ContextParallelDeltaNetEqualsTheWholeSequence) {
 // of the input gradient, and the parameter gradients (summed over the world when split).
 struct LayerRun {
   Vec y, dx, grads;
+  CommVolume forward, backward;  // what this rank sent in the layer's forward and backward (split runs)
 };
 
 // `even`: equal slices (attention's all-gather needs them), else uneven ones (slice_of).
@@ -162,7 +164,8 @@ LayerRun run_layer(Communicator* comm, const char* prefix, int64_t B, int64_t S,
   CpuOps ops;
   Layer layer(config, ModuleWeights(table, flat, prefix), ops);
   layer.set_recompute_core(recompute_core);
-  const ContextParallel cp(comm);
+  CountingCommunicator counting(*comm);
+  const ContextParallel cp(&counting);
   const int n = split ? cp.size() : 1, r = split ? cp.rank() : 0;
   if (split) layer.set_context_parallel(&cp);
   const int64_t H = config.hidden_size;
@@ -175,15 +178,38 @@ LayerRun run_layer(Communicator* comm, const char* prefix, int64_t B, int64_t S,
   std::copy(dyl.begin(), dyl.end(), dys.f32());
   typename Layer::Saved saved;
   layer.forward(saved, xs, ys, B, len);
+  const CommVolume forward = *counting.volume();
+  counting.volume()->reset();
   layer.backward(saved, dys, dxs);
   LayerRun out{Vec(ys.f32(), ys.f32() + ys.numel()), Vec(dxs.f32(), dxs.f32() + dxs.numel()),
-               Vec(flat.grads.f32(), flat.grads.f32() + flat.grads.numel())};
+               Vec(flat.grads.f32(), flat.grads.f32() + flat.grads.numel()), forward, *counting.volume()};
   if (split) comm->all_reduce_sum(out.grads.data(), static_cast<int64_t>(out.grads.size()));
   return out;
 }
 
+// The bytes this rank sends per layer forward and backward (CountingCommunicator accounting, fp32), from the tiny
+// model's dimensions: the attention's keys and values all-gathered, their gradients reduce-scattered; the DeltaNet
+// conv halo point to point (forward to the next rank, backward to the previous) and the state exchange.
+struct LayerBytes {
+  double forward, backward;
+};
+
+LayerBytes attention_bytes(int n, int /*r*/, int64_t B, int64_t Sl) {
+  const double kv = double(B) * Sl * kTinyKvHeads * kTinyHeadDim * 4;
+  return {2 * (n - 1) * kv, 2 * (n - 1) * kv};
+}
+
+LayerBytes deltanet_bytes(int n, int r, int64_t B, int64_t /*Sl: the bytes do not depend on it*/) {
+  const ModelConfig c = ModelConfig::from_json(nlohmann::json::parse(kTinyConfig));
+  const double halo = double(B) * (c.linear_conv_kernel_dim - 1) * c.conv_dim() * 4;
+  const double Hv = c.linear_num_value_heads, dk = c.linear_key_head_dim, dv = c.linear_value_head_dim;
+  return {(r + 1 < n ? halo : 0) + (n - 1) * B * Hv * dk * (dk + dv) * 4,
+          (r > 0 ? halo : 0) + (n - 1) * B * Hv * dk * dv * 4};
+}
+
 template <typename Layer>
-void check_layer(Communicator* comm, const char* prefix, int64_t S, bool even) {
+void check_layer(Communicator* comm, const char* prefix, int64_t S, bool even,
+                 LayerBytes (*bytes)(int n, int r, int64_t B, int64_t Sl)) {
   const int n = world_size(), r = world_rank();
   for (const bool recompute : {false, true}) {
     SCOPED_TRACE("S " + std::to_string(S) + (recompute ? " recompute core" : ""));
@@ -194,17 +220,22 @@ void check_layer(Communicator* comm, const char* prefix, int64_t S, bool even) {
     expect_close(part.y, take(whole.y, B, S, H, at, len), "layer output");
     expect_close(part.dx, take(whole.dx, B, S, H, at, len), "input gradient");
     expect_close(part.grads, whole.grads, "parameter gradients (summed over the CP ranks)");
+    const LayerBytes want = bytes(n, r, B, len);
+    EXPECT_DOUBLE_EQ(part.forward.total_bytes(), want.forward) << part.forward.describe();
+    EXPECT_DOUBLE_EQ(part.backward.total_bytes(), want.backward) << part.backward.describe();
   }
 }
 
 TEST_F(Mpi, ContextParallelGatedDeltaNetLayerEqualsTheWholeSequence) {
   // Slices of 7 .. 130 tokens, uneven, across chunk boundaries.
-  for (const int64_t S : {61, 130}) check_layer<GatedDeltaNet>(comm_.get(), "layers.0.linear_attn.", S, false);
+  for (const int64_t S : {61, 130})
+    check_layer<GatedDeltaNet>(comm_.get(), "layers.0.linear_attn.", S, false, deltanet_bytes);
 }
 
 TEST_F(Mpi, ContextParallelAttentionLayerEqualsTheWholeSequence) {
   // Equal slices (the keys' all-gather needs them) of 5 .. 120 tokens; RoPE at the slices' positions.
-  for (const int64_t S : {40, 120}) check_layer<GatedAttention>(comm_.get(), "layers.1.self_attn.", S, true);
+  for (const int64_t S : {40, 120})
+    check_layer<GatedAttention>(comm_.get(), "layers.1.self_attn.", S, true, attention_bytes);
 }
 
 }  // namespace
