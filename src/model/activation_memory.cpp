@@ -23,18 +23,19 @@ int64_t moe_state_bytes(Device device, int64_t NK, int64_t E, int64_t H, int64_t
 }
 
 int64_t layer_bytes(const ModelConfig& c, int64_t layer, int64_t N, int64_t Nl, bool sp, int64_t a, Device device,
-                    const RecomputeOptions& r) {
+                    const RecomputeOptions& r, const ActivationShape& shape) {
   const int64_t H = c.hidden_size;
   int64_t bytes = 2 * Nl * kF32 + Nl * H * a;                                                 // rstd1, rstd2, x_mid
   if (!r.recomputes_module("layernorm")) bytes += 2 * Nl * H * a + (sp ? 2 * N * H * a : 0);  // h1, h2 (+ gathers)
   const bool core = r.recomputes_module("core_attn");
   if (c.layer_types[layer] == MixerType::full_attention) {
     const int64_t NH = c.num_attention_heads, NKV = c.num_key_value_heads, D = c.head_dim;
-    bytes += N * NH * 2 * D * a                          // qg
-             + 3 * N * NH * D * a                        // q_raw, q, og
-             + 3 * N * NKV * D * a                       // k_raw, k, v
-             + N * (NH + NKV) * kF32;                    // q_rstd, k_rstd
-    if (!core) bytes += N * NH * D * a + N * NH * kF32;  // o, lse
+    bytes += N * NH * 2 * D * a                                            // qg
+             + 3 * N * NH * D * a                                          // q_raw, q, og
+             + 3 * N * NKV * D * a                                         // k_raw, k, v
+             + N * (NH + NKV) * kF32;                                      // q_rstd, k_rstd
+    if (!core) bytes += N * NH * D * a + N * NH * kF32;                    // o, lse
+    if (shape.cp > 1) bytes += 2 * (shape.cp_rank + 1) * N * NKV * D * a;  // k_full, v_full: slices 0 .. cp_rank
   } else {
     const int64_t Hv = c.linear_num_value_heads, KD = c.key_dim(), VD = c.value_dim(), CD = c.conv_dim();
     bytes += N * CD * a                               // mixed (the conv input)
@@ -43,6 +44,12 @@ int64_t layer_bytes(const ModelConfig& c, int64_t layer, int64_t N, int64_t Nl, 
              + 2 * N * KD * a                         // q, k
              + 3 * N * Hv * kF32;                     // beta, g, o_rstd
     if (!core) bytes += 2 * N * KD * a + N * VD * a;  // qn, kn, o
+    if (shape.cp > 1) {
+      const int64_t dk = c.linear_key_head_dim, dv = c.linear_value_head_dim;
+      bytes += (N + shape.B * (c.linear_conv_kernel_dim - 1)) * CD * a  // mixed_ext: the conv input behind its halo
+               + shape.B * Hv * dk * dv * kF32                          // state_in
+               + shape.cp * shape.B * Hv * dk * dk * kF32;              // gathered_m (host)
+    }
   }
   if (c.mlp_type(layer) == MlpType::dense) {
     if (!r.recomputes_module("mlp")) bytes += 3 * N * c.intermediate_size * a;  // gu, h
@@ -100,7 +107,7 @@ ActivationBytes activation_record_bytes(const ModelConfig& c, const StageRange& 
     }
     hidden += g.end - g.begin;
     for (int64_t i = g.begin; i < g.end; ++i)
-      out.layers[i] = layer_bytes(c, stage.layer_begin + i, N, Nl, sp, a, shape.device, recompute);
+      out.layers[i] = layer_bytes(c, stage.layer_begin + i, N, Nl, sp, a, shape.device, recompute, shape);
   }
   out.io = hidden * Nl * H * a;
   if (stage.first)
@@ -122,6 +129,7 @@ int64_t record_host_bytes(const ModelActivations& a) {
     if (s.moe.experts) bytes += s.moe.experts->host_bytes();
     const AllToAllPlan& plan = s.moe.dispatch.plan;
     bytes += static_cast<int64_t>((plan.send_rows.capacity() + plan.recv_rows.capacity()) * sizeof(int64_t));
+    bytes += static_cast<int64_t>(s.deltanet.gathered_m.capacity() * sizeof(float));
   }
   return bytes;
 }

@@ -28,7 +28,10 @@ struct ActivationShape {
   int64_t B = 1, S = 1;  // the micro-batch
   int64_t tp = 1;        // the tensor-parallel size (the config passed in is already the rank's slice)
   bool sequence_parallel = false;
-  bool pipeline = false;        // the record also holds the stage-boundary gradients (pipeline runs)
+  bool pipeline = false;  // the record also holds the stage-boundary gradients (pipeline runs)
+  // Context parallelism: S is this rank's slice (Sl); the mixers also keep the conv input with its halo, the
+  // incoming DeltaNet state and every slice's transition, and the keys and values gathered up to this slice's end.
+  int64_t cp = 1, cp_rank = 0;
   Device device = Device::cpu;  // the backend: its activation dtype and its MoE dispatch layout
 };
 

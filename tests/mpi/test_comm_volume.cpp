@@ -388,6 +388,7 @@ struct MemoryCase {
   RecomputeOptions recompute;
   int ep = 1;  // with forced balance, so every rank receives as many routed rows as it sends
   int etp = 0;
+  int cp = 1;  // context parallel: every record holds a slice of kSeq / CP tokens
 };
 void PrintTo(const MemoryCase& c, std::ostream* os) { *os << c.name; }
 class PipelineMemory : public Mpi, public ::testing::WithParamInterface<MemoryCase> {};
@@ -406,9 +407,10 @@ TEST_P(PipelineMemory, RecordsHoldTheFormulaBytesAndTheScheduleCount) {
   o.parallel.ep = c.ep;
   o.parallel.etp = c.etp;
   o.force_load_balancing = c.ep > 1;
+  o.parallel.cp = c.cp;
   Trainer trainer(o, sample, comm_.get());
   PipelineRunner& runner = trainer.pipeline_runner();
-  const int64_t B = micro_batch(1), S = kSeq;
+  const int64_t B = micro_batch(1), S = kSeq / c.cp;
   std::vector<int64_t> ids(B * S), targets(B * S);
   for (int64_t i = 0; i < B * S; ++i) {
     ids[i] = (i * 5 + 3) % kVocab;
@@ -438,6 +440,8 @@ TEST_P(PipelineMemory, RecordsHoldTheFormulaBytesAndTheScheduleCount) {
     shape.tp = c.tp;
     shape.sequence_parallel = c.sp;
     shape.pipeline = true;
+    shape.cp = c.cp;
+    shape.cp_rank = trainer.parallel()->cp_rank();
     const int64_t record = activation_record_bytes(m.local_config(), m.stage(), shape, c.recompute).total();
     want += (runner.records_allocated(k) - before[k]) * record;
     report += " chunk " + std::to_string(k) + ": " + std::to_string(runner.peak_records(k)) + " x " +
@@ -470,7 +474,10 @@ INSTANTIATE_TEST_SUITE_P(
                                  true,
                                  {"selective", "", 0, {"core_attn", "layernorm", "moe_act", "shared_experts"}}},
                       MemoryCase{"PP2xEP2", 4, 2, 1, 1, false, {}, 2},
-                      MemoryCase{"PP2xTP2_SP_ETP1", 4, 2, 1, 2, true, {}, 1, 1}),
+                      MemoryCase{"PP2xTP2_SP_ETP1", 4, 2, 1, 2, true, {}, 1, 1},
+                      MemoryCase{"PP2xCP2", 4, 2, 1, 1, false, {}, 1, 0, 2},
+                      MemoryCase{
+                          "PP2xCP2_RecomputeCore", 4, 2, 1, 1, false, {"selective", "", 0, {"core_attn"}}, 1, 0, 2}),
     [](const auto& param_info) { return std::string(param_info.param.name); });
 
 }  // namespace

@@ -155,3 +155,38 @@ TEST(ActivationMemoryFormula, RecomputationKeepsLess) {
 }
 
 }  // namespace nextron::test
+
+namespace nextron::test {
+
+// Under context parallelism a rank's record holds its slice of Sl = S / CP tokens plus what the exchange adds (the
+// conv halo, the DeltaNet states, attention's keys and values gathered up to its slice's end, which grow as
+// (rank + 1) Sl). For the 1B config at S = 4096 (bf16) every rank's record stays within 1.15 x record(S) / CP at CP
+// 2, 4 and 8 (measured 1.046, 1.060, 1.103), the last rank (all keys gathered) the largest: memory per rank falls as
+// 1 / CP.
+TEST(ActivationMemoryFormula, ContextParallelRecordsFallAsOneOverCp) {
+  const ModelConfig config =
+      ModelConfig::from_file(std::string(NEXTRON_SOURCE_DIR) + "/configs/models/qwen3-next-1b.json");
+  const StageRange whole = StageRange::whole(config);
+  ActivationShape shape;
+  shape.B = 1;
+  shape.S = 4096;
+  shape.device = Device::cuda;
+  const double one = static_cast<double>(activation_record_bytes(config, whole, shape, {}).total());
+  for (const int64_t cp : {2, 4, 8}) {
+    ActivationShape part = shape;
+    part.S = shape.S / cp;
+    part.cp = cp;
+    double worst = 0;
+    for (int64_t r = 0; r < cp; ++r) {
+      part.cp_rank = r;
+      worst = std::max(worst, static_cast<double>(activation_record_bytes(config, whole, part, {}).total()));
+    }
+    std::printf("CP %lld: the largest record %.1f MiB, %.3f of record(S) / CP (record(S) = %.1f MiB)\n",
+                static_cast<long long>(cp), worst / (1 << 20), worst / (one / static_cast<double>(cp)),
+                one / (1 << 20));
+    EXPECT_LT(worst, 1.15 * one / static_cast<double>(cp)) << "CP " << cp;
+    EXPECT_GT(worst, one / static_cast<double>(cp)) << "CP " << cp << ": the exchange adds something";
+  }
+}
+
+}  // namespace nextron::test
