@@ -31,14 +31,6 @@ void ContextParallel::conv_halo_backward(const float* d_halo, float* d_last_rows
   shift(cp_, -1, d_halo, d_last_rows, n);
 }
 
-namespace {
-// dst[dst_offset, +n) = src[src_offset, +n) (same dtype and device).
-void copy_elems(Tensor& dst, int64_t dst_offset, const Tensor& src, int64_t src_offset, int64_t n) {
-  Tensor d = Tensor::view_of(dst, dst_offset, {n});
-  d.copy_from(Tensor::view_of(src, src_offset, {n}));
-}
-}  // namespace
-
 void ContextParallel::kv_all_gather(const Ops& ops, const Tensor& kv, Tensor& gathered) const {
   const int64_t B = kv.dim(0), Sl = kv.dim(1), W = kv.numel() / (B * Sl), n = size(), r = rank(), L = (r + 1) * Sl;
   ops.ensure(gathered, {B, L, W}, kv.dtype());
@@ -51,7 +43,8 @@ void ContextParallel::kv_all_gather(const Ops& ops, const Tensor& kv, Tensor& ga
   ops.ensure(all, {n, B, Sl, W}, kv.dtype());
   rows_->all_gather(kv.raw(), all.raw(), B * Sl * W, kv.dtype());
   for (int64_t b = 0; b < B; ++b)
-    for (int64_t c = 0; c <= r; ++c) copy_elems(gathered, (b * L + c * Sl) * W, all, ((c * B + b) * Sl) * W, Sl * W);
+    for (int64_t c = 0; c <= r; ++c)
+      gathered.copy_elements_from((b * L + c * Sl) * W, all, ((c * B + b) * Sl) * W, Sl * W);
 }
 
 void ContextParallel::kv_reduce_scatter(const Ops& ops, const Tensor& d_gathered, Tensor& d_kv) const {
@@ -67,7 +60,8 @@ void ContextParallel::kv_reduce_scatter(const Ops& ops, const Tensor& d_gathered
   ops.ensure(all, {n, B, Sl, W}, d_gathered.dtype());
   ops.zero(all);
   for (int64_t b = 0; b < B; ++b)
-    for (int64_t c = 0; c <= r; ++c) copy_elems(all, ((c * B + b) * Sl) * W, d_gathered, (b * L + c * Sl) * W, Sl * W);
+    for (int64_t c = 0; c <= r; ++c)
+      all.copy_elements_from(((c * B + b) * Sl) * W, d_gathered, (b * L + c * Sl) * W, Sl * W);
   rows_->reduce_scatter_sum(all.raw(), d_kv.raw(), B * Sl * W, d_gathered.dtype());
 }
 

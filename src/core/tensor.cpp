@@ -116,6 +116,11 @@ void Tensor::zero_() {
     std::memset(raw(), 0, nbytes());
 }
 
+void Tensor::copy_elements_from(int64_t offset, const Tensor& src, int64_t src_offset, int64_t n) {
+  Tensor dst = view_of(*this, offset, {n});
+  dst.copy_from(view_of(src, src_offset, {n}));
+}
+
 void Tensor::copy_from(const Tensor& src) {
   NEXTRON_CHECK(src.numel() == numel() && src.dtype() == dtype(), "copy_from: size or dtype mismatch ",
                 shape_str(src.shape()), " -> ", shape_str(shape_));

@@ -92,6 +92,8 @@ class Tensor {
   void zero_();
   // Copies src's elements (same count and dtype) from any device to any device.
   void copy_from(const Tensor& src);
+  // this[offset, +n) = src[src_offset, +n) (flat elements, same dtype; any devices).
+  void copy_elements_from(int64_t offset, const Tensor& src, int64_t src_offset, int64_t n);
 
  private:
   std::shared_ptr<Storage> storage_;

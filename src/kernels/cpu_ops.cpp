@@ -194,17 +194,11 @@ void CpuOps::gdn_gates_backward(Tensor& db, Tensor& da, const ParamRef& A_log, c
                                  f(dt_bias.w), rows(b, Hv), Hv);
 }
 
-namespace {
-// A state tensor's data, or nullptr when absent.
-const float* state_ptr(const Tensor* t) { return t != nullptr ? t->f32() : nullptr; }
-float* state_ptr(Tensor* t) { return t != nullptr ? t->f32() : nullptr; }
-}  // namespace
-
 void CpuOps::gated_delta_rule_forward(Tensor& o, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
                                       const Tensor& beta, double scale, const GdrStates& states) {
   const cpu::GdrShape s{q.dim(0), q.dim(1), q.dim(2), v.dim(2), q.dim(3), v.dim(3)};
-  cpu::gated_delta_rule_chunked_forward<float>(f(o), state_ptr(states.final_state), f(q), f(k), f(v), f(g), f(beta),
-                                               state_ptr(states.initial), s, static_cast<float>(scale));
+  cpu::gated_delta_rule_chunked_forward<float>(f(o), f32_or_null(states.final_state), f(q), f(k), f(v), f(g), f(beta),
+                                               f32_or_null(states.initial), s, static_cast<float>(scale));
 }
 
 void CpuOps::gated_delta_rule_transition(Tensor& m, const Tensor& k, const Tensor& g, const Tensor& beta) {
@@ -216,9 +210,9 @@ void CpuOps::gated_delta_rule_backward(Tensor& dq, Tensor& dk, Tensor& dv, Tenso
                                        const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
                                        const Tensor& beta, double scale, const GdrStates& states) {
   const cpu::GdrShape s{q.dim(0), q.dim(1), q.dim(2), v.dim(2), q.dim(3), v.dim(3)};
-  cpu::gated_delta_rule_chunked_backward<float>(f(dq), f(dk), f(dv), f(dg), f(dbeta), state_ptr(states.d_initial),
-                                                f(d_o), state_ptr(states.d_final), f(q), f(k), f(v), f(g), f(beta),
-                                                state_ptr(states.initial), s, static_cast<float>(scale));
+  cpu::gated_delta_rule_chunked_backward<float>(f(dq), f(dk), f(dv), f(dg), f(dbeta), f32_or_null(states.d_initial),
+                                                f(d_o), f32_or_null(states.d_final), f(q), f(k), f(v), f(g), f(beta),
+                                                f32_or_null(states.initial), s, static_cast<float>(scale));
 }
 
 void CpuOps::swiglu_forward(Tensor& h, const Tensor& gu) {

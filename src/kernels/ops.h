@@ -49,6 +49,9 @@ struct GdrStates {
   const Tensor* d_final = nullptr;
   Tensor* d_initial = nullptr;
 };
+// A state's f32 data, or nullptr when absent (the kernels' convention).
+inline const float* f32_or_null(const Tensor* t) { return t != nullptr ? t->f32() : nullptr; }
+inline float* f32_or_null(Tensor* t) { return t != nullptr ? t->f32() : nullptr; }
 
 class Ops {
  public:

@@ -42,12 +42,6 @@ void put_f32(Ops& ops, Tensor& t, int64_t offset, const float* src, int64_t n, T
   }
 }
 
-// dst[dst_offset, +n) = src[src_offset, +n) (same dtype and device).
-void copy_elems(Tensor& dst, int64_t dst_offset, const Tensor& src, int64_t src_offset, int64_t n) {
-  Tensor d = Tensor::view_of(dst, dst_offset, {n});
-  d.copy_from(Tensor::view_of(src, src_offset, {n}));
-}
-
 }  // namespace
 
 GatedDeltaNet::GatedDeltaNet(const ModelConfig& config, ModuleWeights weights, Ops& ops)
@@ -117,10 +111,10 @@ void GatedDeltaNet::forward(Saved& s, const Tensor& x, Tensor& y, int64_t B, int
     Tensor& conv_ext = ops_.act(conv_ext_, {B, S + H, CD});
     for (int64_t bi = 0; bi < B; ++bi) {
       put_f32(ops_, ext, bi * (S + H) * CD, halo.data() + bi * H * CD, H * CD, host_f32_);
-      copy_elems(ext, (bi * (S + H) + H) * CD, mixed, bi * S * CD, S * CD);
+      ext.copy_elements_from((bi * (S + H) + H) * CD, mixed, bi * S * CD, S * CD);
     }
     ops_.conv1d_silu_forward(conv_ext, ext, wt_.p("conv1d"));
-    for (int64_t bi = 0; bi < B; ++bi) copy_elems(conv, bi * S * CD, conv_ext, (bi * (S + H) + H) * CD, S * CD);
+    for (int64_t bi = 0; bi < B; ++bi) conv.copy_elements_from(bi * S * CD, conv_ext, (bi * (S + H) + H) * CD, S * CD);
   } else {
     ops_.conv1d_silu_forward(conv, mixed, wt_.p("conv1d"));
   }
@@ -250,7 +244,8 @@ void GatedDeltaNet::backward(const Saved& s, const Tensor& dy, Tensor& dx) {
     const int64_t H = c_.linear_conv_kernel_dim - 1;
     Tensor& dconv_ext = ops_.act_zeroed(dconv_ext_, {B, S + H, CD});
     Tensor& dmixed_ext = ops_.act_zeroed(dmixed_ext_, {B, S + H, CD});
-    for (int64_t bi = 0; bi < B; ++bi) copy_elems(dconv_ext, (bi * (S + H) + H) * CD, dconv, bi * S * CD, S * CD);
+    for (int64_t bi = 0; bi < B; ++bi)
+      dconv_ext.copy_elements_from((bi * (S + H) + H) * CD, dconv, bi * S * CD, S * CD);
     ops_.conv1d_silu_backward(dmixed_ext, wt_.p("conv1d"), dconv_ext, s.mixed_ext);
     std::vector<float> d_halo(static_cast<size_t>(B * H * CD)), d_last(d_halo.size());
     for (int64_t bi = 0; bi < B; ++bi) {
@@ -263,7 +258,7 @@ void GatedDeltaNet::backward(const Saved& s, const Tensor& dy, Tensor& dx) {
       std::vector<float> rows = host_f32(ops_, dmixed_ext, (bi * (S + H) + S) * CD, H * CD, host_f32_);
       for (int64_t e = 0; e < H * CD; ++e) rows[static_cast<size_t>(e)] += d_last[static_cast<size_t>(bi * H * CD + e)];
       put_f32(ops_, dmixed_ext, (bi * (S + H) + S) * CD, rows.data(), H * CD, host_f32_);
-      copy_elems(dmixed, bi * S * CD, dmixed_ext, (bi * (S + H) + H) * CD, S * CD);
+      dmixed.copy_elements_from(bi * S * CD, dmixed_ext, (bi * (S + H) + H) * CD, S * CD);
     }
   } else {
     ops_.conv1d_silu_backward(dmixed, wt_.p("conv1d"), dconv, s.mixed);

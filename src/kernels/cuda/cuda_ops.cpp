@@ -283,18 +283,12 @@ void CudaOps::gdn_gates_backward(Tensor& db, Tensor& da, const ParamRef& A_log, 
                            f(dt_bias.w), rows(b, Hv), Hv, stream_);
 }
 
-namespace {
-// A state tensor's data, or nullptr when absent.
-const float* state_ptr(const Tensor* t) { return t != nullptr ? t->f32() : nullptr; }
-float* state_ptr(Tensor* t) { return t != nullptr ? t->f32() : nullptr; }
-}  // namespace
-
 void CudaOps::gated_delta_rule_forward(Tensor& o, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
                                        const Tensor& beta, double scale, const GdrStates& states) {
   const cuda::GdrShape s{q.dim(0), q.dim(1), q.dim(2), v.dim(2), q.dim(3), v.dim(3)};
   Tensor& ws = scratch(gdr_workspace_, static_cast<int64_t>(cuda::gated_delta_rule_workspace_bytes(s)));
-  cuda::gated_delta_rule_forward(bf(o), state_ptr(states.final_state), bf(q), bf(k), bf(v), f(g), f(beta),
-                                 state_ptr(states.initial), s, static_cast<float>(scale), ws.raw(), stream_);
+  cuda::gated_delta_rule_forward(bf(o), f32_or_null(states.final_state), bf(q), bf(k), bf(v), f(g), f(beta),
+                                 f32_or_null(states.initial), s, static_cast<float>(scale), ws.raw(), stream_);
 }
 
 void CudaOps::gated_delta_rule_transition(Tensor& m, const Tensor& k, const Tensor& g, const Tensor& beta) {
@@ -308,9 +302,9 @@ void CudaOps::gated_delta_rule_backward(Tensor& dq, Tensor& dk, Tensor& dv, Tens
                                         const Tensor& g, const Tensor& beta, double scale, const GdrStates& states) {
   const cuda::GdrShape s{q.dim(0), q.dim(1), q.dim(2), v.dim(2), q.dim(3), v.dim(3)};
   Tensor& ws = scratch(gdr_workspace_, static_cast<int64_t>(cuda::gated_delta_rule_workspace_bytes(s)));
-  cuda::gated_delta_rule_backward(bf(dq), bf(dk), bf(dv), f(dg), f(dbeta), state_ptr(states.d_initial), bf(d_o),
-                                  state_ptr(states.d_final), bf(q), bf(k), bf(v), f(g), f(beta),
-                                  state_ptr(states.initial), s, static_cast<float>(scale), ws.raw(), stream_);
+  cuda::gated_delta_rule_backward(bf(dq), bf(dk), bf(dv), f(dg), f(dbeta), f32_or_null(states.d_initial), bf(d_o),
+                                  f32_or_null(states.d_final), bf(q), bf(k), bf(v), f(g), f(beta),
+                                  f32_or_null(states.initial), s, static_cast<float>(scale), ws.raw(), stream_);
 }
 
 void CudaOps::swiglu_forward(Tensor& h, const Tensor& gu) {
