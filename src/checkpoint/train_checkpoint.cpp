@@ -282,6 +282,9 @@ Manifest read_manifest(const fs::path& dir) {
     NEXTRON_CHECK(version <= kTrainCheckpointFormatVersion, "checkpoint '", dir.string(),
                   "' was written by a newer nextron (format version ", version, "; this build reads up to ",
                   kTrainCheckpointFormatVersion, "); resume it with the nextron that wrote it");
+    NEXTRON_CHECK(version >= 2, "checkpoint '", dir.string(), "' is in format ", version,
+                  " (whole-model model.h5 + optimizer.h5), which this build no longer reads: export it to HF with the "
+                  "nextron that wrote it (nextron-convert) and start from that with --init-from");
     NEXTRON_CHECK(j.at("checksum").get<std::string>() == "xxh64", "checkpoint '", dir.string(), "': ", kManifestFile,
                   " uses checksum '", j.at("checksum").get<std::string>(), "', this build knows xxh64; ", kUseOlder);
     m.step = j.at("step").get<int64_t>();

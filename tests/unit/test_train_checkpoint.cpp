@@ -481,6 +481,13 @@ TEST(TrainCheckpoint, FindLatestSkipsUnfinishedAndDamagedCheckpoints) {
   expect_error([&] { load("step_00000005"); }, {"step_00000005", "manifest.json is not a valid manifest"});
   expect_error([&] { load("step_00000004"); }, {"step_00000004", "state.json is missing"});
   expect_error([&] { load("step_00000003"); }, {"step_00000003", "does not exist"});
+  // A checkpoint of the earlier whole-model format (its manifest's format_version 1) names what to do instead.
+  const fs::path old_format = copy_as("step_00000012") / "manifest.json";
+  nlohmann::json j = nlohmann::json::parse(read_bytes(old_format));
+  j["format_version"] = 1;
+  fs::remove(old_format);
+  std::ofstream(old_format) << j.dump();
+  expect_error([&] { load("step_00000012"); }, {"step_00000012", "format 1", "nextron-convert", "--init-from"});
   two.expect_loads_identically(good);
   fs::remove_all(root);
 }
