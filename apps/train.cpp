@@ -93,7 +93,7 @@ TrainBackend make_backend(const TrainOptions& o, Communicator* world) {
 int run(int argc, char** argv, Communicator* world) {
   TrainOptions o;
   std::vector<std::string> data;
-  std::string config_file, decay_style;
+  std::string config_file, decay_style, cp_order = "zigzag";
   po::options_description general("General");
   general.add_options()("help,h", "show this help")("config-file", po::value(&config_file),
                                                     "read options from this file (name = value per line)");
@@ -188,8 +188,10 @@ int run(int argc, char** argv, Communicator* world) {
       "selective: modules recomputed in backward: core_attn (attention / delta-rule core), layernorm, mlp (dense "
       "MLP), moe (sparse MoE block), moe_act (experts' SwiGLU), shared_experts")(
       "context-parallel-size", po::value(&o.parallel.cp)->default_value(1),
-      "CP: every sequence split into CP equal slices over as many ranks (Gated DeltaNet passes its state between "
-      "them, attention all-gathers keys and values); --seq-len a multiple of CP")(
+      "CP: every sequence split over CP ranks (Gated DeltaNet passes its state between them, attention all-gathers "
+      "keys and values)")("context-parallel-order", po::value(&cp_order)->default_value(cp_order),
+                          "zigzag: 2 x CP equal chunks, rank c holds chunks c and 2CP-1-c (balanced causal attention; "
+                          "--seq-len a multiple of 2 x CP); contiguous: CP equal slices (--seq-len a multiple of CP)")(
       "expert-model-parallel-size", po::value(&o.parallel.ep)->default_value(1),
       "EP: ranks sharing the routed experts (E / EP each; all-to-all token dispatch)")(
       "expert-tensor-parallel-size", po::value(&o.parallel.etp)->default_value(0),
@@ -229,6 +231,9 @@ int run(int argc, char** argv, Communicator* world) {
   }
   po::notify(vm);
   o.lr.style = parse_lr_decay_style(decay_style);
+  NEXTRON_CHECK(cp_order == "zigzag" || cp_order == "contiguous", "--context-parallel-order '", cp_order,
+                "': use zigzag (the default) or contiguous");
+  o.parallel.cp_order = cp_order == "zigzag" ? CpOrder::zigzag : CpOrder::contiguous;
   o.progress = !vm.count("no-progress");
   for (const auto& d : data) o.data.push_back(parse_data(d));
   o.validate();

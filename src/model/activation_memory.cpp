@@ -30,12 +30,18 @@ int64_t layer_bytes(const ModelConfig& c, int64_t layer, int64_t N, int64_t Nl, 
   const bool core = r.recomputes_module("core_attn");
   if (c.layer_types[layer] == MixerType::full_attention) {
     const int64_t NH = c.num_attention_heads, NKV = c.num_key_value_heads, D = c.head_dim;
-    bytes += N * NH * 2 * D * a                                            // qg
-             + 3 * N * NH * D * a                                          // q_raw, q, og
-             + 3 * N * NKV * D * a                                         // k_raw, k, v
-             + N * (NH + NKV) * kF32;                                      // q_rstd, k_rstd
-    if (!core) bytes += N * NH * D * a + N * NH * kF32;                    // o, lse
-    if (shape.cp > 1) bytes += 2 * (shape.cp_rank + 1) * N * NKV * D * a;  // k_full, v_full: slices 0 .. cp_rank
+    bytes += N * NH * 2 * D * a                          // qg
+             + 3 * N * NH * D * a                        // q_raw, q, og
+             + 3 * N * NKV * D * a                       // k_raw, k, v
+             + N * (NH + NKV) * kF32;                    // q_rstd, k_rstd
+    if (!core) bytes += N * NH * D * a + N * NH * kF32;  // o, lse
+    if (shape.cp > 1) {
+      // k_full, v_full: the chunks up to this rank's last.
+      const CpSegment last =
+          cp_segments(shape.cp_order, static_cast<int>(shape.cp), static_cast<int>(shape.cp_rank), shape.S).back();
+      const int64_t gathered = (last.chunk + 1) * last.length * shape.B;
+      bytes += 2 * gathered * NKV * D * a;
+    }
   } else {
     const int64_t Hv = c.linear_num_value_heads, KD = c.key_dim(), VD = c.value_dim(), CD = c.conv_dim();
     bytes += N * CD * a                               // mixed (the conv input)
@@ -45,10 +51,11 @@ int64_t layer_bytes(const ModelConfig& c, int64_t layer, int64_t N, int64_t Nl, 
              + 3 * N * Hv * kF32;                     // beta, g, o_rstd
     if (!core) bytes += 2 * N * KD * a + N * VD * a;  // qn, kn, o
     if (shape.cp > 1) {
-      const int64_t dk = c.linear_key_head_dim, dv = c.linear_value_head_dim;
-      bytes += (N + shape.B * (c.linear_conv_kernel_dim - 1)) * CD * a  // mixed_ext: the conv input behind its halo
-               + shape.B * Hv * dk * dv * kF32                          // state_in
-               + shape.cp * shape.B * Hv * dk * dk * kF32;              // gathered_m (host)
+      const int64_t dk = c.linear_key_head_dim, dv = c.linear_value_head_dim,
+                    G = shape.cp_order == CpOrder::zigzag ? 2 : 1;
+      bytes += (N + G * shape.B * (c.linear_conv_kernel_dim - 1)) * CD * a  // mixed_ext: each segment behind its halo
+               + G * shape.B * Hv * dk * dv * kF32                          // state_in, per segment
+               + G * shape.cp * shape.B * Hv * dk * dk * kF32;              // gathered_m (host), per chunk
     }
   }
   if (c.mlp_type(layer) == MlpType::dense) {

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "comm/context_parallel.h"
 #include "core/tensor.h"
 #include "model/config.h"
 #include "model/recompute.h"
@@ -29,9 +30,11 @@ struct ActivationShape {
   int64_t tp = 1;        // the tensor-parallel size (the config passed in is already the rank's slice)
   bool sequence_parallel = false;
   bool pipeline = false;  // the record also holds the stage-boundary gradients (pipeline runs)
-  // Context parallelism: S is this rank's slice (Sl); the mixers also keep the conv input with its halo, the
-  // incoming DeltaNet state and every slice's transition, and the keys and values gathered up to this slice's end.
+  // Context parallelism: S is this rank's tokens (Sl); the mixers also keep every segment's conv input with its
+  // halo, the incoming DeltaNet states and every chunk's transition, and the keys and values gathered up to each
+  // segment's end.
   int64_t cp = 1, cp_rank = 0;
+  CpOrder cp_order = CpOrder::zigzag;
   Device device = Device::cpu;  // the backend: its activation dtype and its MoE dispatch layout
 };
 

@@ -1,5 +1,6 @@
 #include "model/attention.h"
 
+#include <algorithm>
 #include <cmath>
 
 namespace nextron {
@@ -24,17 +25,121 @@ void GatedAttention::rope_tables_for(int64_t S) {
   rope_S_ = S;
 }
 
-std::pair<Tensor, Tensor> GatedAttention::rope_rows(int64_t pos0, int64_t S) {
-  rope_tables_for(pos0 + S);
-  if (pos0 == 0 && S == rope_S_) return {cos_, sin_};
-  const int64_t W = cos_.numel() / rope_S_;
-  return {Tensor::view_of(cos_, pos0 * W, {S, W}), Tensor::view_of(sin_, pos0 * W, {S, W})};
+std::pair<Tensor, Tensor> GatedAttention::rope_rows(const std::vector<CpSegment>& segments) {
+  const CpSegment& last = segments.back();
+  rope_tables_for(std::max(rope_S_, last.global_begin + last.length));
+  const int64_t W = cos_.numel() / rope_S_, S = last.local_begin + last.length;
+  if (segments.size() == 1) {
+    const int64_t pos0 = last.global_begin;
+    if (pos0 == 0 && S == rope_S_) return {cos_, sin_};
+    return {Tensor::view_of(cos_, pos0 * W, {S, W}), Tensor::view_of(sin_, pos0 * W, {S, W})};
+  }
+  // Rows at the segments' positions, one after the other as the local tokens are.
+  ops_.ensure(seg_cos_, {S, W}, cos_.dtype());
+  ops_.ensure(seg_sin_, {S, W}, sin_.dtype());
+  for (const CpSegment& g : segments) {
+    seg_cos_.copy_elements_from(g.local_begin * W, cos_, g.global_begin * W, g.length * W);
+    seg_sin_.copy_elements_from(g.local_begin * W, sin_, g.global_begin * W, g.length * W);
+  }
+  return {seg_cos_, seg_sin_};
+}
+
+std::vector<CpSegment> GatedAttention::segments_of(int64_t S) const {
+  return cp_active() ? cp_->segments_of(S) : std::vector<CpSegment>{CpSegment{0, 0, 0, S}};
+}
+
+namespace {
+// (B, S, W) rows <-> (G, B, L, W) segment-major rows, S = G L (the zigzag's two segments as separate batches).
+void to_segments(Tensor& dst, const Tensor& src, int64_t B, int64_t G) {
+  const int64_t S = src.dim(1), L = S / G, W = src.numel() / (B * S);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < G; ++i) dst.copy_elements_from((i * B + b) * L * W, src, (b * S + i * L) * W, L * W);
+}
+void from_segments(Tensor& dst, const Tensor& src, int64_t B, int64_t G) {
+  const int64_t S = dst.dim(1), L = S / G, W = dst.numel() / (B * S);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < G; ++i) dst.copy_elements_from((b * S + i * L) * W, src, (i * B + b) * L * W, L * W);
+}
+}  // namespace
+
+void GatedAttention::core_forward(Tensor& o, Tensor& lse, const Tensor& q, const Tensor& keys, const Tensor& values,
+                                  const std::vector<CpSegment>& segments) {
+  const double scale = 1.0 / std::sqrt(double(c_.head_dim));
+  const int64_t G = static_cast<int64_t>(segments.size());
+  if (G == 1) {
+    ops_.attention_forward(o, lse, q, keys, values, scale);
+    return;
+  }
+  // Each segment's queries attend to the keys up to its end (bottom-right causal), as a batch of their own; the last
+  // segment's context is all of `keys`, an earlier one's a prefix of every sequence's (copied out).
+  const int64_t B = q.dim(0), L = q.dim(1) / G, NH = q.dim(2), D = q.dim(3), n = B * L * NH * D;
+  Tensor& qs = ops_.act(seg_q_, {G, B, L, NH, D});
+  Tensor& os = ops_.act(seg_o_, {G, B, L, NH, D});
+  to_segments(qs, q, B, G);
+  for (int64_t i = 0; i < G; ++i) {
+    Tensor oi = Tensor::view_of(os, i * n, {B, L, NH, D}), lse_i = Tensor::view_of(lse, i * B * NH * L, {B, NH, L});
+    const int64_t Sk = (segments[static_cast<size_t>(i)].chunk + 1) * L;
+    const Tensor& k = i + 1 == G ? keys : key_prefix(seg_k_, keys, Sk);
+    const Tensor& v = i + 1 == G ? values : key_prefix(seg_v_, values, Sk);
+    ops_.attention_forward(oi, lse_i, Tensor::view_of(qs, i * n, {B, L, NH, D}), k, v, scale);
+  }
+  from_segments(o, os, B, G);
+}
+
+void GatedAttention::core_backward(Tensor& dq, Tensor& dkeys, Tensor& dvalues, const Tensor& d_o, const Tensor& q,
+                                   const Tensor& keys, const Tensor& values, const Tensor& o, const Tensor& lse,
+                                   const std::vector<CpSegment>& segments) {
+  const double scale = 1.0 / std::sqrt(double(c_.head_dim));
+  const int64_t G = static_cast<int64_t>(segments.size());
+  if (G == 1) {
+    ops_.attention_backward(dq, dkeys, dvalues, d_o, q, keys, values, o, lse, scale);
+    return;
+  }
+  const int64_t B = q.dim(0), L = q.dim(1) / G, NH = q.dim(2), D = q.dim(3), n = B * L * NH * D;
+  const int64_t Sk_all = keys.dim(1), W = keys.numel() / (B * Sk_all);
+  Tensor& qs = ops_.act(seg_q_, {G, B, L, NH, D});
+  Tensor& os = ops_.act(seg_o_, {G, B, L, NH, D});
+  Tensor& dos = ops_.act(seg_do_, {G, B, L, NH, D});
+  Tensor& dqs = ops_.act(seg_dq_, {G, B, L, NH, D});
+  to_segments(qs, q, B, G);
+  to_segments(os, o, B, G);
+  to_segments(dos, d_o, B, G);
+  // The last segment's gradients overwrite dkeys / dvalues; an earlier one's are added into their prefix rows.
+  for (int64_t i = G - 1; i >= 0; --i) {
+    Tensor dqi = Tensor::view_of(dqs, i * n, {B, L, NH, D});
+    const Tensor qi = Tensor::view_of(qs, i * n, {B, L, NH, D}), oi = Tensor::view_of(os, i * n, {B, L, NH, D}),
+                 doi = Tensor::view_of(dos, i * n, {B, L, NH, D}),
+                 lse_i = Tensor::view_of(lse, i * B * NH * L, {B, NH, L});
+    if (i + 1 == G) {
+      ops_.attention_backward(dqi, dkeys, dvalues, doi, qi, keys, values, oi, lse_i, scale);
+      continue;
+    }
+    const int64_t Sk = (segments[static_cast<size_t>(i)].chunk + 1) * L;
+    Tensor& dk = ops_.act(seg_dk_, {B, Sk, keys.dim(2), keys.dim(3)});
+    Tensor& dv = ops_.act(seg_dv_, {B, Sk, keys.dim(2), keys.dim(3)});
+    ops_.attention_backward(dqi, dk, dv, doi, qi, key_prefix(seg_k_, keys, Sk), key_prefix(seg_v_, values, Sk), oi,
+                            lse_i, scale);
+    for (int64_t b = 0; b < B; ++b)
+      for (auto [full, part] : {std::pair<Tensor*, Tensor*>{&dkeys, &dk}, {&dvalues, &dv}}) {
+        Tensor rows = Tensor::view_of(*full, b * Sk_all * W, {Sk * W});
+        ops_.add(rows, rows, Tensor::view_of(*part, b * Sk * W, {Sk * W}));
+      }
+  }
+  from_segments(dq, dqs, B, G);
+}
+
+Tensor& GatedAttention::key_prefix(Tensor& dst, const Tensor& keys, int64_t Sk) {
+  const int64_t B = keys.dim(0), S_all = keys.dim(1), W = keys.numel() / (B * S_all);
+  ops_.act(dst, {B, Sk, keys.dim(2), keys.dim(3)});
+  for (int64_t b = 0; b < B; ++b) dst.copy_elements_from(b * Sk * W, keys, b * S_all * W, Sk * W);
+  return dst;
 }
 
 void GatedAttention::forward(Saved& s, const Tensor& x, Tensor& y, int64_t B, int64_t S) {
   const int64_t N = B * S, NH = c_.num_attention_heads, NKV = c_.num_key_value_heads, D = c_.head_dim,
                 R = c_.rotary_dim();
-  const auto [cos, sin] = rope_rows(cp_active() ? cp_->rank() * S : 0, S);
+  const std::vector<CpSegment> segments = segments_of(S);
+  const auto [cos, sin] = rope_rows(segments);
   s.B = B;
   s.S = S;
   s.x = x;
@@ -56,17 +161,14 @@ void GatedAttention::forward(Saved& s, const Tensor& x, Tensor& y, int64_t B, in
   ops_.rope_forward(q, q, cos, sin, R);
   ops_.rope_forward(k, k, cos, sin, R);
   if (cp_active()) {
-    cp_->kv_all_gather(ops_, k, s.k_full);
-    cp_->kv_all_gather(ops_, v, s.v_full);
+    cp_->kv_all_gather(ops_, k.reshape({B, S, NKV * D}), s.k_full);
+    cp_->kv_all_gather(ops_, v.reshape({B, S, NKV * D}), s.v_full);
     s.k_full = s.k_full.reshape({B, s.k_full.dim(1), NKV, D});
     s.v_full = s.v_full.reshape({B, s.v_full.dim(1), NKV, D});
   }
-  const Tensor& keys = cp_active() ? s.k_full : k;
-  const Tensor& values = cp_active() ? s.v_full : v;
-
   Tensor& o = ops_.act(recompute_core_ ? rc_o_ : s.o, {B, S, NH, D});
-  ops_.attention_forward(o, ops_.f32(recompute_core_ ? rc_lse_ : s.lse, {B, NH, S}), q, keys, values,
-                         1.0 / std::sqrt(double(D)));
+  core_forward(o, ops_.f32(recompute_core_ ? rc_lse_ : s.lse, {B, NH, S}), q, cp_active() ? s.k_full : k,
+               cp_active() ? s.v_full : v, segments);
   Tensor& og = ops_.act(s.og, {N, NH * D});
   // The gate is the second half of each head's 2D columns of qg: (N * NH, D) rows with stride 2D.
   Tensor o_rows = o.reshape({N * NH, D});
@@ -79,13 +181,13 @@ void GatedAttention::forward(Saved& s, const Tensor& x, Tensor& y, int64_t B, in
 void GatedAttention::backward(const Saved& s, const Tensor& dy, Tensor& dx) {
   const int64_t B = s.B, S = s.S, N = B * S, NH = c_.num_attention_heads, NKV = c_.num_key_value_heads, D = c_.head_dim,
                 R = c_.rotary_dim();
-  const auto [cos, sin] = rope_rows(cp_active() ? cp_->rank() * S : 0, S);
+  const std::vector<CpSegment> segments = segments_of(S);
+  const auto [cos, sin] = rope_rows(segments);
   const Tensor& keys = cp_active() ? s.k_full : s.k;
   const Tensor& values = cp_active() ? s.v_full : s.v;
   ParamRef bias;
   if (recompute_core_)
-    ops_.attention_forward(ops_.act(rc_o_, {B, S, NH, D}), ops_.f32(rc_lse_, {B, NH, S}), s.q, keys, values,
-                           1.0 / std::sqrt(double(D)));
+    core_forward(ops_.act(rc_o_, {B, S, NH, D}), ops_.f32(rc_lse_, {B, NH, S}), s.q, keys, values, segments);
   const Tensor& o = recompute_core_ ? rc_o_ : s.o;
   const Tensor& lse = recompute_core_ ? rc_lse_ : s.lse;
   Tensor& dog = ops_.act_zeroed(dog_, {N, NH * D});
@@ -102,16 +204,16 @@ void GatedAttention::backward(const Saved& s, const Tensor& dy, Tensor& dx) {
   Tensor& dk = ops_.act(dk_, {B, S, NKV, D});
   Tensor& dv = ops_.act(dv_, {B, S, NKV, D});
   if (cp_active()) {
-    // Gradients of every gathered key and value; each slice's owner receives their sum over the ranks.
-    const int64_t L = keys.dim(1);
-    Tensor& dk_full = ops_.act(dk_full_, {B, L, NKV, D});
-    Tensor& dv_full = ops_.act(dv_full_, {B, L, NKV, D});
-    ops_.attention_backward(dq, dk_full, dv_full, d_o, s.q, keys, values, o, lse, 1.0 / std::sqrt(double(D)));
+    // Gradients of every gathered key and value; each chunk's owner receives their sum over the ranks.
+    const int64_t Sk = keys.dim(1);
+    Tensor& dk_full = ops_.act(dk_full_, {B, Sk, NKV, D});
+    Tensor& dv_full = ops_.act(dv_full_, {B, Sk, NKV, D});
+    core_backward(dq, dk_full, dv_full, d_o, s.q, keys, values, o, lse, segments);
     Tensor dk_rows = dk.reshape({B, S, NKV * D}), dv_rows = dv.reshape({B, S, NKV * D});
-    cp_->kv_reduce_scatter(ops_, dk_full.reshape({B, L, NKV * D}), dk_rows);
-    cp_->kv_reduce_scatter(ops_, dv_full.reshape({B, L, NKV * D}), dv_rows);
+    cp_->kv_reduce_scatter(ops_, dk_full.reshape({B, Sk, NKV * D}), dk_rows);
+    cp_->kv_reduce_scatter(ops_, dv_full.reshape({B, Sk, NKV * D}), dv_rows);
   } else {
-    ops_.attention_backward(dq, dk, dv, d_o, s.q, s.k, s.v, o, lse, 1.0 / std::sqrt(double(D)));
+    core_backward(dq, dk, dv, d_o, s.q, s.k, s.v, o, lse, segments);
   }
   Tensor& dqn = ops_.act_zeroed(dqn_, {B, S, NH, D});
   Tensor& dkn = ops_.act_zeroed(dkn_, {B, S, NKV, D});

@@ -2,6 +2,9 @@
 // RoPE, causal GQA softmax attention, sigmoid output gate, o_proj.
 #pragma once
 
+#include <utility>
+#include <vector>
+
 #include "comm/context_parallel.h"
 #include "kernels/ops.h"
 #include "model/config.h"
@@ -15,14 +18,15 @@ class GatedAttention {
   // What backward needs from one forward: one record per micro-batch in flight, owned by the caller.
   struct Saved {
     int64_t B = 0, S = 0;
-    Tensor x;                // (B S, H) the normalised input (a view: the caller keeps it alive until backward)
-    Tensor qg;               // (B S, NH 2D) q_proj's output, per head [query | gate]
-    Tensor q_raw, q_rstd;    // (B S, NH D) queries before q_norm, (B S NH) their rstd
-    Tensor k_raw, k_rstd;    // (B S, NKV D), (B S NKV)
-    Tensor q, k, v, o, lse;  // (B, S, NH|NKV, D) after norm and RoPE; o (B, S, NH, D); lse (B, NH, S)
-    Tensor og;               // (B S, NH D) the gated attention output
-    // Under context parallelism (S is then this rank's slice Sl, the same on every rank):
-    Tensor k_full, v_full;  // (B, (rank + 1) Sl, NKV, D) the keys and values of the slices up to this one's end
+    Tensor x;              // (B S, H) the normalised input (a view: the caller keeps it alive until backward)
+    Tensor qg;             // (B S, NH 2D) q_proj's output, per head [query | gate]
+    Tensor q_raw, q_rstd;  // (B S, NH D) queries before q_norm, (B S NH) their rstd
+    Tensor k_raw, k_rstd;  // (B S, NKV D), (B S NKV)
+    Tensor q, k, v, o;     // (B, S, NH|NKV, D) after norm and RoPE; o (B, S, NH, D)
+    Tensor lse;            // (B, NH, S) fp32; under zigzag context parallelism (G, B, NH, L) per segment
+    Tensor og;             // (B S, NH D) the gated attention output
+    // Under context parallelism (S is then this rank's Sl tokens: G segments of L = Sl / G, the same on every rank):
+    Tensor k_full, v_full;  // (B, (c + 1) L, NKV, D) the keys and values of the chunks up to this rank's last, c
   };
   // x: (B, S, H) normalised input; y: (B, S, H) overwritten.
   void forward(Saved& s, const Tensor& x, Tensor& y, int64_t B, int64_t S);
@@ -32,9 +36,9 @@ class GatedAttention {
   // record (this module's scratch holds the last forward's); backward reruns the kernel on the kept q, k, v.
   void set_recompute_core(bool on) { recompute_core_ = on; }
   // Context parallelism (comm/context_parallel.h; not owned, nullptr or CP 1: the whole sequence is here): x holds
-  // this rank's slice of every sequence (slices of equal length, in rank order); RoPE uses the slice's positions,
-  // the keys and values of the slices up to this one's end are all-gathered and the slice's queries attend to them
-  // (bottom-right causal); their gradients go back to their owners by a reduce-scatter.
+  // this rank's chunks of every sequence (equal on every rank: one, or the zigzag's two); RoPE uses their positions,
+  // the keys and values are all-gathered and each chunk's queries attend to those up to its end (bottom-right
+  // causal); their gradients go back to their owners by a reduce-scatter.
   void set_context_parallel(const ContextParallel* cp) { cp_ = cp; }
 
  private:
@@ -45,11 +49,27 @@ class GatedAttention {
   int64_t rope_S_ = 0;
   Tensor cos_, sin_;  // RoPE tables (rope_S_, rotary_dim), shared by the micro-batches of that length
   void rope_tables_for(int64_t S);
-  // The RoPE rows of positions [pos0, pos0 + S) (views into the tables for pos0 + S positions).
-  std::pair<Tensor, Tensor> rope_rows(int64_t pos0, int64_t S);
+  // The RoPE rows of the local tokens at the segments' positions: views into the tables for one segment, else
+  // seg_cos_ / seg_sin_ (S, rotary_dim).
+  std::pair<Tensor, Tensor> rope_rows(const std::vector<CpSegment>& segments);
+  Tensor seg_cos_, seg_sin_;
+  // This rank's segments of S local tokens (one, at position 0, without context parallelism).
+  std::vector<CpSegment> segments_of(int64_t S) const;
+  // softmax(q k^T) v per segment: keys / values (B, Sk, NKV, D) are the last segment's causal context, an earlier
+  // segment's the first (chunk + 1) L rows of every sequence; o, q (B, S, NH, D); lse as Saved::lse. The backward
+  // overwrites dq, dkeys and dvalues.
+  void core_forward(Tensor& o, Tensor& lse, const Tensor& q, const Tensor& keys, const Tensor& values,
+                    const std::vector<CpSegment>& segments);
+  void core_backward(Tensor& dq, Tensor& dkeys, Tensor& dvalues, const Tensor& d_o, const Tensor& q, const Tensor& keys,
+                     const Tensor& values, const Tensor& o, const Tensor& lse, const std::vector<CpSegment>& segments);
+  // dst (B, Sk, NKV, D) = the first Sk rows of every sequence of keys.
+  Tensor& key_prefix(Tensor& dst, const Tensor& keys, int64_t Sk);
+  // Zigzag scratch: (G, B, L, NH, D) segment-major queries, outputs and their gradients; the first segment's keys and
+  // values (B, (chunk + 1) L, NKV, D) and their gradients.
+  Tensor seg_q_, seg_o_, seg_do_, seg_dq_, seg_k_, seg_v_, seg_dk_, seg_dv_;
   const ContextParallel* cp_ = nullptr;
   bool cp_active() const { return cp_ != nullptr && cp_->active(); }
-  Tensor dk_full_, dv_full_;  // (B, (rank + 1) Sl, NKV, D) gradients of the gathered keys and values
+  Tensor dk_full_, dv_full_;  // (B, (c + 1) L, NKV, D) gradients of the gathered keys and values
   bool recompute_core_ = false;
   Tensor rc_o_, rc_lse_;  // the core's output (B, S, NH, D) and lse (B, NH, S) when it is recomputed
   Tensor dog_, do_, dq_, dk_, dv_, dqn_, dkn_, dq_raw_, dk_raw_, dqg_;  // backward scratch

@@ -42,6 +42,14 @@ void put_f32(Ops& ops, Tensor& t, int64_t offset, const float* src, int64_t n, T
   }
 }
 
+// (B, S, ...) as (Bi, L, ...) with Bi L = B S: a sequence's G segments as G consecutive items (the same memory).
+Tensor as_items(const Tensor& t, int64_t Bi, int64_t L) {
+  Shape shape = t.shape();
+  shape[0] = Bi;
+  shape[1] = L;
+  return t.reshape(shape);
+}
+
 }  // namespace
 
 GatedDeltaNet::GatedDeltaNet(const ModelConfig& config, ModuleWeights weights, Ops& ops)
@@ -96,25 +104,26 @@ void GatedDeltaNet::forward(Saved& s, const Tensor& x, Tensor& y, int64_t B, int
 
   Tensor& conv = ops_.act(conv_, {B, S, CD});
   if (cp_active()) {
-    // The causal conv of this slice needs the previous slice's last KC-1 pre-conv rows: it runs over them and the
-    // slice, and the first KC-1 outputs (the previous slice's) are dropped.
-    const int64_t H = c_.linear_conv_kernel_dim - 1;
-    NEXTRON_CHECK(S >= H, "context parallelism: a slice of ", S, " tokens is shorter than the causal conv's ", H,
+    // Every segment's causal conv needs the previous chunk's last KC-1 pre-conv rows: it runs over them and the
+    // segment (as B G items of L rows), and the first KC-1 outputs (the previous chunk's) are dropped.
+    const int64_t H = c_.linear_conv_kernel_dim - 1, G = cp_->segments(), Bi = B * G, L = S / G;
+    NEXTRON_CHECK(S % G == 0 && L >= H, "context parallelism: a chunk of ", L,
+                  " tokens is shorter than the causal conv's ", H,
                   "-token left context; use fewer context-parallel ranks or longer sequences");
-    std::vector<float> last(static_cast<size_t>(B * H * CD)), halo(last.size());
-    for (int64_t bi = 0; bi < B; ++bi) {
-      const std::vector<float> rows = host_f32(ops_, mixed, (bi * S + S - H) * CD, H * CD, host_f32_);
-      std::copy(rows.begin(), rows.end(), last.begin() + bi * H * CD);
+    std::vector<float> last(static_cast<size_t>(G * B * H * CD)), halo(last.size());  // (G, B, H, CD)
+    for (int64_t it = 0; it < Bi; ++it) {
+      const std::vector<float> rows = host_f32(ops_, mixed, (it * L + L - H) * CD, H * CD, host_f32_);
+      std::copy(rows.begin(), rows.end(), last.begin() + ((it % G) * B + it / G) * H * CD);
     }
     cp_->conv_halo_forward(last.data(), halo.data(), B * H * CD);
-    Tensor& ext = ops_.act(s.mixed_ext, {B, S + H, CD});
-    Tensor& conv_ext = ops_.act(conv_ext_, {B, S + H, CD});
-    for (int64_t bi = 0; bi < B; ++bi) {
-      put_f32(ops_, ext, bi * (S + H) * CD, halo.data() + bi * H * CD, H * CD, host_f32_);
-      ext.copy_elements_from((bi * (S + H) + H) * CD, mixed, bi * S * CD, S * CD);
+    Tensor& ext = ops_.act(s.mixed_ext, {Bi, L + H, CD});
+    Tensor& conv_ext = ops_.act(conv_ext_, {Bi, L + H, CD});
+    for (int64_t it = 0; it < Bi; ++it) {
+      put_f32(ops_, ext, it * (L + H) * CD, halo.data() + ((it % G) * B + it / G) * H * CD, H * CD, host_f32_);
+      ext.copy_elements_from((it * (L + H) + H) * CD, mixed, it * L * CD, L * CD);
     }
     ops_.conv1d_silu_forward(conv_ext, ext, wt_.p("conv1d"));
-    for (int64_t bi = 0; bi < B; ++bi) conv.copy_elements_from(bi * S * CD, conv_ext, (bi * (S + H) + H) * CD, S * CD);
+    for (int64_t it = 0; it < Bi; ++it) conv.copy_elements_from(it * L * CD, conv_ext, (it * (L + H) + H) * CD, L * CD);
   } else {
     ops_.conv1d_silu_forward(conv, mixed, wt_.p("conv1d"));
   }
@@ -138,26 +147,29 @@ void GatedDeltaNet::forward(Saved& s, const Tensor& x, Tensor& y, int64_t B, int
   Tensor& o = ops_.act(recompute_core_ ? rc_o_ : s.o, {B, S, Hv, dv});
   const double scale = 1.0 / std::sqrt(double(dk));
   if (cp_active()) {
-    // The slice from a zero state gives its local final state L; with its transition M, one exchange gives the state
-    // entering the slice, from which the rerun is exact (rank 0's incoming state is zero: its first run already is).
-    const int64_t mb = B * Hv * dk * dk, sb = B * Hv * dk * dv;
-    Tensor& fin = ops_.f32(cp_final_, {B, Hv, dk, dv});
+    // Every item (sequence, segment) from a zero state gives its chunk's local final state L; with the transitions M,
+    // one exchange gives the state entering every item, from which the rerun is exact (a rank holding only the first
+    // chunk has zero incoming states: its first run already is).
+    const int64_t G = cp_->segments(), Bi = B * G, L = S / G, mb = Bi * Hv * dk * dk, sb = Bi * Hv * dk * dv;
+    Tensor io = as_items(o, Bi, L), iq = as_items(qn, Bi, L), ik = as_items(kn, Bi, L), iv = as_items(v, Bi, L),
+           ig = as_items(g, Bi, L), ibeta = as_items(beta, Bi, L);
+    Tensor& fin = ops_.f32(cp_final_, {Bi, Hv, dk, dv});
     GdrStates local;
     local.final_state = &fin;
-    ops_.gated_delta_rule_forward(o, qn, kn, v, g, beta, scale, local);
-    Tensor& m = ops_.f32(cp_m_, {B, Hv, dk, dk});
-    ops_.gated_delta_rule_transition(m, kn, g, beta);
+    ops_.gated_delta_rule_forward(io, iq, ik, iv, ig, ibeta, scale, local);
+    Tensor& m = ops_.f32(cp_m_, {Bi, Hv, dk, dk});
+    ops_.gated_delta_rule_transition(m, ik, ig, ibeta);
     std::vector<float> mh(static_cast<size_t>(mb)), fh(static_cast<size_t>(sb)), in(static_cast<size_t>(sb));
     ops_.download(mh.data(), m, mh.size() * sizeof(float));
     ops_.download(fh.data(), fin, fh.size() * sizeof(float));
-    s.gathered_m.assign(static_cast<size_t>(cp_->size() * mb), 0.0f);
+    s.gathered_m.assign(static_cast<size_t>(cp_->chunks() * B * Hv * dk * dk), 0.0f);
     cp_->delta_states_forward(mh.data(), fh.data(), s.gathered_m.data(), in.data(), B, Hv, dk, dv);
-    Tensor& state_in = ops_.f32(s.state_in, {B, Hv, dk, dv});
+    Tensor& state_in = ops_.f32(s.state_in, {Bi, Hv, dk, dv});
     ops_.upload(state_in, in.data(), in.size() * sizeof(float));
-    if (cp_->rank() > 0) {
+    if (!cp_->holds_only_first_chunk()) {
       GdrStates from;
       from.initial = &state_in;
-      ops_.gated_delta_rule_forward(o, qn, kn, v, g, beta, scale, from);
+      ops_.gated_delta_rule_forward(io, iq, ik, iv, ig, ibeta, scale, from);
     }
   } else {
     ops_.gated_delta_rule_forward(o, qn, kn, v, g, beta, scale, {});
@@ -175,9 +187,12 @@ void GatedDeltaNet::backward(const Saved& s, const Tensor& dy, Tensor& dx) {
     ops_.l2norm_forward(ops_.act(rc_qn_, {B, S, Hk, dk}), s.q, dk);
     ops_.l2norm_forward(ops_.act(rc_kn_, {B, S, Hk, dk}), s.k, dk);
     GdrStates from;
+    const int64_t G = cp_active() ? cp_->segments() : 1;
     if (cp_active()) from.initial = &s.state_in;
-    ops_.gated_delta_rule_forward(ops_.act(rc_o_, {B, S, Hv, dv}), rc_qn_, rc_kn_, s.v, s.g, s.beta,
-                                  1.0 / std::sqrt(double(dk)), from);
+    Tensor io = as_items(ops_.act(rc_o_, {B, S, Hv, dv}), B * G, S / G);
+    ops_.gated_delta_rule_forward(io, as_items(rc_qn_, B * G, S / G), as_items(rc_kn_, B * G, S / G),
+                                  as_items(s.v, B * G, S / G), as_items(s.g, B * G, S / G),
+                                  as_items(s.beta, B * G, S / G), 1.0 / std::sqrt(double(dk)), from);
   }
   const Tensor& qn = recompute_core_ ? rc_qn_ : s.qn;
   const Tensor& kn = recompute_core_ ? rc_kn_ : s.kn;
@@ -196,31 +211,36 @@ void GatedDeltaNet::backward(const Saved& s, const Tensor& dy, Tensor& dx) {
   const double scale = 1.0 / std::sqrt(double(dk));
   GdrStates states;
   if (cp_active()) {
-    // The gradient reaching this slice's final state comes from the later slices: their local state gradients are
-    // exchanged (this slice's from a backward with none), then the backward with it is exact. The last slice's final
-    // state feeds nothing, so its first backward is already the exact one.
-    const int64_t sb = B * Hv * dk * dv;
-    const bool last = cp_->rank() + 1 == cp_->size();
-    Tensor& din = ops_.f32_zeroed(cp_din_, {B, Hv, dk, dv});
+    // The gradient reaching every item's final state comes from the later chunks: the items' local state gradients
+    // are exchanged (from a backward with none), then the backward with it is exact. Nothing reads the sequence's
+    // last chunk's final state, so a rank holding only that chunk has its exact backward at the first pass.
+    const int64_t G = cp_->segments(), Bi = B * G, L = S / G, sb = Bi * Hv * dk * dv;
+    const bool last = cp_->holds_only_last_chunk();
+    auto items = [&](const Tensor& t) { return as_items(t, Bi, L); };
+    Tensor idq = items(dqn), idk = items(dkn), idv = items(dvals), idg = items(dg), idbeta = items(dbeta);
+    const Tensor ido = items(d_o), iq = items(qn), ik = items(kn), iv = items(s.v), ig = items(s.g),
+                 ibeta = items(s.beta);
+    Tensor& din = ops_.f32_zeroed(cp_din_, {Bi, Hv, dk, dv});
     GdrStates first;
     first.initial = &s.state_in;
     first.d_initial = &din;
-    if (last)
-      ops_.gated_delta_rule_backward(dqn, dkn, dvals, dg, dbeta, d_o, qn, kn, s.v, s.g, s.beta, scale, first);
-    else
-      ops_.gated_delta_rule_backward(ops_.act_zeroed(cp_dqn_, {B, S, Hk, dk}), ops_.act_zeroed(cp_dkn_, {B, S, Hk, dk}),
-                                     ops_.act_zeroed(cp_dv_, {B, S, Hv, dv}), ops_.f32_zeroed(cp_dg_, {B, S, Hv}),
-                                     ops_.f32_zeroed(cp_dbeta_, {B, S, Hv}), d_o, qn, kn, s.v, s.g, s.beta, scale,
-                                     first);
+    if (last) {
+      ops_.gated_delta_rule_backward(idq, idk, idv, idg, idbeta, ido, iq, ik, iv, ig, ibeta, scale, first);
+    } else {
+      Tensor tq = items(ops_.act_zeroed(cp_dqn_, {B, S, Hk, dk})), tk = items(ops_.act_zeroed(cp_dkn_, {B, S, Hk, dk})),
+             tv = items(ops_.act_zeroed(cp_dv_, {B, S, Hv, dv})), tg = items(ops_.f32_zeroed(cp_dg_, {B, S, Hv})),
+             tbeta = items(ops_.f32_zeroed(cp_dbeta_, {B, S, Hv}));
+      ops_.gated_delta_rule_backward(tq, tk, tv, tg, tbeta, ido, iq, ik, iv, ig, ibeta, scale, first);
+    }
     std::vector<float> dh(static_cast<size_t>(sb)), fg(static_cast<size_t>(sb));
     ops_.download(dh.data(), din, dh.size() * sizeof(float));
     cp_->delta_states_backward(s.gathered_m.data(), dh.data(), fg.data(), B, Hv, dk, dv);
     if (!last) {
-      Tensor& dfin = ops_.f32(cp_dfin_, {B, Hv, dk, dv});
+      Tensor& dfin = ops_.f32(cp_dfin_, {Bi, Hv, dk, dv});
       ops_.upload(dfin, fg.data(), fg.size() * sizeof(float));
       states.initial = &s.state_in;
       states.d_final = &dfin;
-      ops_.gated_delta_rule_backward(dqn, dkn, dvals, dg, dbeta, d_o, qn, kn, s.v, s.g, s.beta, scale, states);
+      ops_.gated_delta_rule_backward(idq, idk, idv, idg, idbeta, ido, iq, ik, iv, ig, ibeta, scale, states);
     }
   } else {
     ops_.gated_delta_rule_backward(dqn, dkn, dvals, dg, dbeta, d_o, qn, kn, s.v, s.g, s.beta, scale, states);
@@ -239,26 +259,27 @@ void GatedDeltaNet::backward(const Saved& s, const Tensor& dy, Tensor& dx) {
   ops_.scatter_cols(dconv_rows, dvals.reshape({N, VD}), v_cols_, false);
   Tensor& dmixed = ops_.act_zeroed(dmixed_, {B, S, CD});
   if (cp_active()) {
-    // The conv ran over [previous slice's last KC-1 rows | this slice]: the gradient of those rows goes back to their
-    // owner, and the next rank's gradient of this slice's last rows comes in.
-    const int64_t H = c_.linear_conv_kernel_dim - 1;
-    Tensor& dconv_ext = ops_.act_zeroed(dconv_ext_, {B, S + H, CD});
-    Tensor& dmixed_ext = ops_.act_zeroed(dmixed_ext_, {B, S + H, CD});
-    for (int64_t bi = 0; bi < B; ++bi)
-      dconv_ext.copy_elements_from((bi * (S + H) + H) * CD, dconv, bi * S * CD, S * CD);
+    // Every item's conv ran over [previous chunk's last KC-1 rows | segment]: the gradient of those rows goes back to
+    // their owner, and the next chunk's gradient of this segment's last rows comes in.
+    const int64_t H = c_.linear_conv_kernel_dim - 1, G = cp_->segments(), Bi = B * G, L = S / G;
+    Tensor& dconv_ext = ops_.act_zeroed(dconv_ext_, {Bi, L + H, CD});
+    Tensor& dmixed_ext = ops_.act_zeroed(dmixed_ext_, {Bi, L + H, CD});
+    for (int64_t it = 0; it < Bi; ++it)
+      dconv_ext.copy_elements_from((it * (L + H) + H) * CD, dconv, it * L * CD, L * CD);
     ops_.conv1d_silu_backward(dmixed_ext, wt_.p("conv1d"), dconv_ext, s.mixed_ext);
-    std::vector<float> d_halo(static_cast<size_t>(B * H * CD)), d_last(d_halo.size());
-    for (int64_t bi = 0; bi < B; ++bi) {
-      const std::vector<float> rows = host_f32(ops_, dmixed_ext, bi * (S + H) * CD, H * CD, host_f32_);
-      std::copy(rows.begin(), rows.end(), d_halo.begin() + bi * H * CD);
+    std::vector<float> d_halo(static_cast<size_t>(G * B * H * CD)), d_last(d_halo.size());  // (G, B, H, CD)
+    for (int64_t it = 0; it < Bi; ++it) {
+      const std::vector<float> rows = host_f32(ops_, dmixed_ext, it * (L + H) * CD, H * CD, host_f32_);
+      std::copy(rows.begin(), rows.end(), d_halo.begin() + ((it % G) * B + it / G) * H * CD);
     }
     cp_->conv_halo_backward(d_halo.data(), d_last.data(), B * H * CD);
-    for (int64_t bi = 0; bi < B; ++bi) {
-      // This slice's last H rows are the extended rows [S, S + H).
-      std::vector<float> rows = host_f32(ops_, dmixed_ext, (bi * (S + H) + S) * CD, H * CD, host_f32_);
-      for (int64_t e = 0; e < H * CD; ++e) rows[static_cast<size_t>(e)] += d_last[static_cast<size_t>(bi * H * CD + e)];
-      put_f32(ops_, dmixed_ext, (bi * (S + H) + S) * CD, rows.data(), H * CD, host_f32_);
-      dmixed.copy_elements_from(bi * S * CD, dmixed_ext, (bi * (S + H) + H) * CD, S * CD);
+    for (int64_t it = 0; it < Bi; ++it) {
+      // The segment's last H rows are the extended rows [L, L + H).
+      std::vector<float> rows = host_f32(ops_, dmixed_ext, (it * (L + H) + L) * CD, H * CD, host_f32_);
+      const float* add = d_last.data() + ((it % G) * B + it / G) * H * CD;
+      for (int64_t e = 0; e < H * CD; ++e) rows[static_cast<size_t>(e)] += add[e];
+      put_f32(ops_, dmixed_ext, (it * (L + H) + L) * CD, rows.data(), H * CD, host_f32_);
+      dmixed.copy_elements_from(it * L * CD, dmixed_ext, (it * (L + H) + H) * CD, L * CD);
     }
   } else {
     ops_.conv1d_silu_backward(dmixed, wt_.p("conv1d"), dconv, s.mixed);

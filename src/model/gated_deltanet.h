@@ -26,10 +26,11 @@ class GatedDeltaNet {
     Tensor beta, g;    // (B, S, Hv) fp32 gates
     Tensor o, o_rstd;  // (B, S, Hv, dv) the delta rule's output, (B S Hv) its gated-norm rstd
     Tensor on;         // (B S, Hv dv) after the gated norm
-    // Under context parallelism (S is then this rank's slice Sl):
-    Tensor mixed_ext;               // (B, Sl + KC - 1, CD) the conv input behind the previous slice's last KC-1 rows
-    Tensor state_in;                // (B, Hv, dk, dv) fp32, the state entering this slice
-    std::vector<float> gathered_m;  // (CP, B, Hv, dk, dk) every slice's transition, for the backward
+    // Under context parallelism (S is then this rank's Sl tokens: G segments of L = Sl / G, items b G + i):
+    Tensor mixed_ext;               // (B G, L + KC - 1, CD) each segment's conv input behind the previous chunk's
+                                    // last KC-1 rows
+    Tensor state_in;                // (B G, Hv, dk, dv) fp32, the state entering each segment
+    std::vector<float> gathered_m;  // (chunks, B, Hv, dk, dk) every chunk's transition, for the backward
   };
   // x: (B, S, H) normalised input; y: (B, S, H) overwritten.
   void forward(Saved& s, const Tensor& x, Tensor& y, int64_t B, int64_t S);
@@ -40,8 +41,9 @@ class GatedDeltaNet {
   // holds the last forward's); backward reruns them on the kept q, k, v and gates.
   void set_recompute_core(bool on) { recompute_core_ = on; }
   // Context parallelism (comm/context_parallel.h; not owned, nullptr or CP 1: the whole sequence is here): x holds
-  // this rank's slice of every sequence; the causal conv gets its left context from the previous slice and the delta
-  // rule its incoming state from the earlier ones, so outputs and gradients are the whole sequence's.
+  // this rank's chunks of every sequence (one, or the zigzag's two), each run as its own item; every chunk's causal
+  // conv gets its left context from the previous chunk and its delta rule the incoming state from the earlier ones,
+  // so outputs and gradients are the whole sequence's.
   void set_context_parallel(const ContextParallel* cp) { cp_ = cp; }
 
  private:
@@ -56,7 +58,7 @@ class GatedDeltaNet {
   bool recompute_core_ = false;
   const ContextParallel* cp_ = nullptr;
   bool cp_active() const { return cp_ != nullptr && cp_->active(); }
-  // Context-parallel scratch: the extended conv output and its gradients, the slice's local final state, transition,
+  // Context-parallel scratch: the extended conv output and its gradients, the items' local final states, transitions,
   // local state gradient and incoming final-state gradient, and the discarded gradients of the backward's first pass.
   Tensor conv_ext_, dconv_ext_, dmixed_ext_, cp_final_, cp_m_, cp_din_, cp_dfin_;
   Tensor cp_dqn_, cp_dkn_, cp_dv_, cp_dg_, cp_dbeta_;

@@ -203,8 +203,8 @@ ParamTable::ParamTable(const ModelConfig& c, const StageRange& stage) {
         down.push_back({ep + "down_proj.weight", e * H * I, {H, I}});
       }
       const bool split = !c.experts_folded;  // over TP like the dense MLP (ETP = TP), or whole (ETP 1)
-      add(p + "mlp.experts.gate_up_proj", {El, 2 * I, H}, split ? 1 : -1, ParamKind::expert, true, gate_up).tp_parts =
-          {I, I};
+      add(p + "mlp.experts.gate_up_proj", {El, 2 * I, H}, split ? 1 : -1, ParamKind::expert, true, gate_up).tp_parts = {
+          I, I};
       add(p + "mlp.experts.down_proj", {El, H, I}, split ? 2 : -1, ParamKind::expert, true, down);
       if (c.shared_expert_intermediate_size > 0) {
         const int64_t Is = c.shared_expert_intermediate_size;

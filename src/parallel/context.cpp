@@ -16,9 +16,11 @@ Layout checked_layout(const Communicator& world, const ParallelSizes& sizes, boo
   auto fail = [&errors](auto&&... parts) { errors.push_back(detail::concat(parts...)); };
   const bool has_linear =
       std::count(config.layer_types.begin(), config.layer_types.end(), MixerType::linear_attention) > 0;
-  if (layout.cp() > 1 && has_linear && seq_len / layout.cp() < config.linear_conv_kernel_dim - 1)
-    fail("context-parallel-size ", layout.cp(), " cuts sequences of ", seq_len, " tokens into slices of ",
-         seq_len / layout.cp(), ", shorter than the Gated DeltaNet conv's ", config.linear_conv_kernel_dim - 1,
+  const int64_t chunk = seq_len / (layout.sizes().cp_order == CpOrder::zigzag ? 2 * layout.cp() : layout.cp());
+  if (layout.cp() > 1 && has_linear && chunk < config.linear_conv_kernel_dim - 1)
+    fail("context-parallel-size ", layout.cp(), " (", cp_order_name(layout.sizes().cp_order), ") cuts sequences of ",
+         seq_len, " tokens into chunks of ", chunk, ", shorter than the Gated DeltaNet conv's ",
+         config.linear_conv_kernel_dim - 1,
          "-token left context: use a smaller context-parallel size or longer sequences");
   const bool folded = config.num_moe_layers() > 0 && layout.etp() == 1 && layout.tp() > 1;
   if (config.num_moe_layers() > 0 && layout.etp() != layout.tp() && layout.etp() != 1)
@@ -83,7 +85,7 @@ ModelComms ParallelContext::model_comms() const {
   c.tp = TensorParallel(&tp_device(), sp_);
   // The loss and the router statistics are means over the global micro-batch: every rank with other tokens.
   c.data_parallel = dp_cp_->size() > 1 ? dp_cp_.get() : nullptr;
-  if (cp_->size() > 1) c.cp = ContextParallel(cp_.get(), &cp_device());
+  if (cp_->size() > 1) c.cp = ContextParallel(cp_.get(), &cp_device(), layout_.sizes().cp_order);
   if (ep_->size() > 1) c.ep = ExpertParallel(&ep_device(), ep_.get());
   return c;
 }

@@ -212,11 +212,17 @@ Layout::Layout(const ParallelSizes& sizes, int world_size, const ModelConfig& co
     }
     if (seq_len < 1) {
       fail("seq_len ", seq_len, " must be >= 1: set --seq-len");
-    } else if (s.cp > 1 && seq_len % s.cp != 0) {
+    } else if (s.cp > 1 && s.cp_order == CpOrder::contiguous && seq_len % s.cp != 0) {
       fail("seq_len ", seq_len, " is not divisible by CP = ", s.cp,
            " (context parallelism gives every CP rank an equal slice of each sequence): choose --seq-len a multiple "
            "of ",
            s.cp, " or a context-parallel-size dividing ", seq_len);
+    } else if (s.cp > 1 && s.cp_order == CpOrder::zigzag && seq_len % (2 * s.cp) != 0) {
+      fail("seq_len ", seq_len, " is not divisible by 2 x CP = ", 2 * s.cp,
+           " (zigzag context parallelism cuts every sequence into 2 x CP equal chunks, two per CP rank): choose "
+           "--seq-len a multiple of ",
+           2 * s.cp, ", a context-parallel-size with 2 x CP dividing ", seq_len,
+           ", or --context-parallel-order contiguous (CP equal slices, unbalanced attention work)");
     }
   }
 

@@ -12,17 +12,19 @@
 #include <string>
 #include <vector>
 
+#include "comm/context_parallel.h"
 #include "model/config.h"
 #include "parallel/pipeline_layout.h"
 
 namespace nextron {
 
 struct ParallelSizes {
-  int tp = 1;   // tensor parallel (--tensor-model-parallel-size)
-  int pp = 1;   // pipeline parallel (--pipeline-model-parallel-size)
-  int cp = 1;   // context parallel (--context-parallel-size)
-  int ep = 1;   // expert parallel (--expert-model-parallel-size)
-  int etp = 1;  // expert tensor parallel (--expert-tensor-parallel-size)
+  int tp = 1;                          // tensor parallel (--tensor-model-parallel-size)
+  int pp = 1;                          // pipeline parallel (--pipeline-model-parallel-size)
+  int cp = 1;                          // context parallel (--context-parallel-size)
+  CpOrder cp_order = CpOrder::zigzag;  // which chunks of a sequence each CP rank holds (--context-parallel-order)
+  int ep = 1;                          // expert parallel (--expert-model-parallel-size)
+  int etp = 1;                         // expert tensor parallel (--expert-tensor-parallel-size)
   int dp = 0;   // data parallel: derived (world / (tp*cp*pp)); 0 on input, or the derived value to cross-check
   int vpp = 1;  // model chunks per pipeline rank (--virtual-pipeline-model-parallel-size): the interleaved schedule
   PipelineSplit pipeline;  // uneven stages (parallel/pipeline_layout.h); a layout string sets vpp

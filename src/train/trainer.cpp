@@ -293,11 +293,24 @@ void Trainer::prepare_outputs() {
 
 Trainer::~Trainer() = default;
 
+MicroBatchTokens Trainer::take_local_tokens(int64_t M, int64_t S) {
+  // Under context parallelism this rank holds its CP segments of every row (one slice, or the zigzag's two chunks),
+  // one after the other.
+  const int64_t Sl = S / cp_size();
+  const std::vector<CpSegment> segments = cp_segments(opt_.parallel.cp_order, cp_size(), cp_rank(), Sl);
+  for (int64_t r = 0; r < M; ++r)
+    for (const CpSegment& g : segments)
+      for (int64_t t = 0; t < g.length; ++t) {
+        ids_[r * Sl + g.local_begin + t] = rows_[r * (S + 1) + g.global_begin + t];
+        targets_[r * Sl + g.local_begin + t] = rows_[r * (S + 1) + g.global_begin + t + 1];
+      }
+  return MicroBatchTokens{ids_.data(), targets_.data()};
+}
+
 StepRecord Trainer::step() {
   const auto t0 = std::chrono::steady_clock::now();
   const int64_t M = opt_.micro_batch, S = opt_.seq_len, D = dp_size(), accum = schedule_spec_.microbatches;
-  // Under context parallelism this rank holds tokens [cp_rank Sl, +Sl) of every row.
-  const int64_t Sl = S / cp_size(), at = cp_rank() * Sl;
+  const int64_t Sl = S / cp_size();  // under context parallelism this rank's tokens of every row
   rows_.resize(M * (S + 1));
   ids_.resize(M * Sl);
   targets_.resize(M * Sl);
@@ -310,12 +323,7 @@ StepRecord Trainer::step() {
   auto tokens = [&](int m) {
     const int64_t first = position_ + (m * D + dp_rank()) * M;
     for (int64_t r = 0; r < M; ++r) sample_(first + r, rows_.data() + r * (S + 1));
-    for (int64_t r = 0; r < M; ++r)
-      for (int64_t t = 0; t < Sl; ++t) {
-        ids_[r * Sl + t] = rows_[r * (S + 1) + at + t];
-        targets_[r * Sl + t] = rows_[r * (S + 1) + at + t + 1];
-      }
-    return MicroBatchTokens{ids_.data(), targets_.data()};
+    return take_local_tokens(M, S);
   };
   const std::vector<LossValues> losses = runner_->run(schedule_spec_, tokens, M, Sl, 1.0f / static_cast<float>(accum));
   if (schedule_spec_.pp > 1) rec.pipeline_bubble = runner_->exchange_seconds() / runner_->run_seconds();
@@ -446,7 +454,7 @@ double Trainer::validate() {
   NEXTRON_CHECK(stream_ && stream_->num_valid_samples() > 0,
                 "no validation samples: raise --valid-fraction or use more data");
   const int64_t M = opt_.micro_batch, S = opt_.seq_len, D = dp_size(), nvalid = stream_->num_valid_samples();
-  const int64_t Sl = S / cp_size(), at = cp_rank() * Sl;  // this CP rank's slice of every row
+  const int64_t Sl = S / cp_size();  // this CP rank's tokens of every row
   rows_.resize(M * (S + 1));
   ids_.resize(M * Sl);
   targets_.resize(M * Sl);
@@ -454,12 +462,7 @@ double Trainer::validate() {
   auto tokens = [&](int it) {
     const int64_t first = (it * D + dp_rank()) * M;
     for (int64_t r = 0; r < M; ++r) stream_->valid_sample((first + r) % nvalid, rows_.data() + r * (S + 1));
-    for (int64_t r = 0; r < M; ++r)
-      for (int64_t t = 0; t < Sl; ++t) {
-        ids_[r * Sl + t] = rows_[r * (S + 1) + at + t];
-        targets_[r * Sl + t] = rows_[r * (S + 1) + at + t + 1];
-      }
-    return MicroBatchTokens{ids_.data(), targets_.data()};
+    return take_local_tokens(M, S);
   };
   double total = 0;
   for (const LossValues& lv : runner_->evaluate(static_cast<int>(opt_.eval_iters), tokens, M, Sl)) total += lv.lm_loss;

@@ -108,6 +108,8 @@ class Trainer {
   int dp_rank() const { return ctx_ ? ctx_->dp_rank() : 0; }
   int cp_size() const { return ctx_ ? ctx_->layout().cp() : 1; }
   int cp_rank() const { return ctx_ ? ctx_->cp_rank() : 0; }
+  // This rank's tokens (ids_, targets_: (M, S / CP)) of the M sampled rows in rows_ ((M, S + 1)).
+  MicroBatchTokens take_local_tokens(int64_t M, int64_t S);
   // Runs `body` on rank 0 only; every rank learns whether it failed and throws the same error (no rank hangs).
   void on_rank0(const std::function<void()>& body);
   // Every MoE layer's expert load of the step just run, summed over the data-parallel replicas and gathered from the

@@ -442,6 +442,7 @@ TEST_P(PipelineMemory, RecordsHoldTheFormulaBytesAndTheScheduleCount) {
     shape.pipeline = true;
     shape.cp = c.cp;
     shape.cp_rank = trainer.parallel()->cp_rank();
+    shape.cp_order = trainer.parallel()->layout().sizes().cp_order;
     const int64_t record = activation_record_bytes(m.local_config(), m.stage(), shape, c.recompute).total();
     want += (runner.records_allocated(k) - before[k]) * record;
     report += " chunk " + std::to_string(k) + ": " + std::to_string(runner.peak_records(k)) + " x " +

@@ -94,7 +94,8 @@ struct LayoutCase {
   int ep = 1;                           // expert parallel (the experts split like the dense MLP over TP: ETP = TP)
   bool many_experts = false;            // 64 experts top-8 (tiny_many_experts_config_path) instead of 8 top-2
   int etp = 0;                          // expert tensor parallel (0: follows TP; 1 under TP: folded experts)
-  int cp = 1;                           // context parallel (every sequence of kSeq = 16 tokens in CP slices)
+  int cp = 1;                           // context parallel (every sequence of kSeq = 16 tokens over CP ranks)
+  CpOrder cp_order = CpOrder::zigzag;   // 2 CP chunks of 16 / (2 CP) tokens, or CP slices
 };
 
 class Equivalence : public Mpi, public ::testing::WithParamInterface<LayoutCase> {};
@@ -105,6 +106,7 @@ TEST_P(Equivalence, MatchesOneProcess) {
   const RunResult& want = reference(c.global_micro, c.many_experts);
   TrainOptions o = options(c.tp, c.sp, c.world / (c.tp * c.pp * c.cp), c.global_micro, c.many_experts);
   o.parallel.cp = c.cp;
+  o.parallel.cp_order = c.cp_order;
   const std::string config = o.model_config;
   o.parallel.pp = c.pp;
   o.parallel.vpp = c.vpp;
@@ -139,52 +141,54 @@ TEST_P(Equivalence, MatchesOneProcess) {
 
 INSTANTIATE_TEST_SUITE_P(
     Layouts, Equivalence,
-    ::testing::Values(LayoutCase{"TP2", 2, 2, false}, LayoutCase{"DP2", 2, 1, false}, LayoutCase{"TP2_SP", 2, 2, true},
-                      LayoutCase{"TP4", 4, 4, false}, LayoutCase{"TP4_SP", 4, 4, true}, LayoutCase{"DP4", 4, 1, false},
-                      LayoutCase{"TP2xDP2", 4, 2, false}, LayoutCase{"TP2xDP2_SP", 4, 2, true},
-                      LayoutCase{"TP4xDP2_SP", 8, 4, true}, LayoutCase{"TP2xDP4", 8, 2, false},
-                      // Pipelines: 1F1B over 8 (4 at DP 2) micro-batches; interleaved.
-                      LayoutCase{"PP2", 2, 1, false, 2, 1, 1}, LayoutCase{"PP4", 4, 1, false, 4, 1, 1},
-                      LayoutCase{"PP2xTP2_SP", 4, 2, true, 2, 1, 1}, LayoutCase{"PP2xDP2", 4, 1, false, 2, 1, 2},
-                      LayoutCase{"PP2_VPP2", 2, 1, false, 2, 2, 1}, LayoutCase{"PP2xTP2xDP2_SP", 8, 2, true, 2, 1, 2},
-                      LayoutCase{"PP4_VPP1_M4", 4, 1, false, 4, 1, 2},
-                      // Recomputation: whole layers (a pipeline alone stays bit-identical), and under TP + SP, where
-                      // the rerun forward repeats the TP exchanges.
-                      LayoutCase{"PP2_RecomputeFull", 2, 1, false, 2, 1, 1, {"full", "uniform", 1, {}}},
-                      LayoutCase{"PP2xTP2_SP_RecomputeBlock", 4, 2, true, 2, 1, 1, {"full", "block", 1, {}}},
-                      LayoutCase{
-                          "PP2xTP2_SP_RecomputeSelective", 4, 2, true, 2, 1, 1, {"selective", "", 0, {"mlp", "moe"}}},
-                      // Uneven stages: layout strings (1 + 3 layers; the loss alone on a fourth stage; interleaved with
-                      // an embedding -only first chunk) and Megatron's first-stage layer count (3 + 1).
-                      LayoutCase{"PP2_Layout_1_3", 2, 1, false, 2, 1, 1, {}, {"Et|tttL"}},
-                      LayoutCase{"PP4_Layout_LossStage", 4, 1, false, 4, 1, 1, {}, {"Et|t|tt|L"}},
-                      LayoutCase{"PP2_FirstStage3", 2, 1, false, 2, 1, 1, {}, {"", 3, 0}},
-                      LayoutCase{"PP2_Layout_VPP2_Uneven", 2, 1, false, 2, 1, 1, {}, {"E|tt|t|tL"}},
-                      // Expert parallelism: the 8 experts over 2, 4 and 8 ranks (one expert each at EP 8), with
-                      // expert-data-parallel replicas (EP2 x DP4: EDP 2), under TP (+ SP) and with a pipeline.
-                      LayoutCase{"EP2", 2, 1, false, 1, 1, kGlobalMicro, {}, {}, 2},
-                      LayoutCase{"EP4", 4, 1, false, 1, 1, kGlobalMicro, {}, {}, 4},
-                      LayoutCase{"EP8", 8, 1, false, 1, 1, 8, {}, {}, 8},
-                      LayoutCase{"EP2xEDP2", 4, 1, false, 1, 1, kGlobalMicro, {}, {}, 2},
-                      LayoutCase{"EP2xTP2", 4, 2, false, 1, 1, kGlobalMicro, {}, {}, 2},
-                      LayoutCase{"EP2xTP2_SP", 4, 2, true, 1, 1, kGlobalMicro, {}, {}, 2},
-                      LayoutCase{"EP2xPP2", 4, 1, false, 2, 1, 2, {}, {}, 2},
-                      LayoutCase{"EP4_64Experts_Top8", 4, 1, false, 1, 1, kGlobalMicro, {}, {}, 4, true},
-                      // MoE parallel folding (ETP 1 under TP + SP): whole experts, each rank routing its own
-                      // sequence shard, over EP groups that are the TP group (EP2 x TP2) or span TP and DP (EP4).
-                      LayoutCase{"TP2_SP_ETP1", 2, 2, true, 1, 1, kGlobalMicro, {}, {}, 1, false, 1},
-                      LayoutCase{"EP2xTP2_SP_ETP1", 4, 2, true, 1, 1, kGlobalMicro, {}, {}, 2, false, 1},
-                      LayoutCase{"EP4xTP2_SP_ETP1", 4, 2, true, 1, 1, kGlobalMicro, {}, {}, 4, false, 1},
-                      LayoutCase{"PP2xTP2_SP_ETP1", 4, 2, true, 2, 1, 1, {}, {}, 1, false, 1},
-                      // Context parallelism: slices of 8 or 4 tokens (the DeltaNet conv's halo, the state passing,
-                      // the attention's gathered keys), alone and with TP + SP, DP, PP and EP.
-                      LayoutCase{"CP2", 2, 1, false, 1, 1, kGlobalMicro, {}, {}, 1, false, 0, 2},
-                      LayoutCase{"CP4", 4, 1, false, 1, 1, kGlobalMicro, {}, {}, 1, false, 0, 4},
-                      LayoutCase{"CP2xTP2_SP", 4, 2, true, 1, 1, kGlobalMicro, {}, {}, 1, false, 0, 2},
-                      LayoutCase{"CP2xDP2", 4, 1, false, 1, 1, kGlobalMicro, {}, {}, 1, false, 0, 2},
-                      LayoutCase{"CP2xPP2", 4, 1, false, 2, 1, 2, {}, {}, 1, false, 0, 2},
-                      LayoutCase{"CP2xEP2", 4, 1, false, 1, 1, kGlobalMicro, {}, {}, 2, false, 0, 2},
-                      LayoutCase{"CP2xTP2xDP2_SP", 8, 2, true, 1, 1, kGlobalMicro, {}, {}, 1, false, 0, 2}),
+    ::testing::Values(
+        LayoutCase{"TP2", 2, 2, false}, LayoutCase{"DP2", 2, 1, false}, LayoutCase{"TP2_SP", 2, 2, true},
+        LayoutCase{"TP4", 4, 4, false}, LayoutCase{"TP4_SP", 4, 4, true}, LayoutCase{"DP4", 4, 1, false},
+        LayoutCase{"TP2xDP2", 4, 2, false}, LayoutCase{"TP2xDP2_SP", 4, 2, true}, LayoutCase{"TP4xDP2_SP", 8, 4, true},
+        LayoutCase{"TP2xDP4", 8, 2, false},
+        // Pipelines: 1F1B over 8 (4 at DP 2) micro-batches; interleaved.
+        LayoutCase{"PP2", 2, 1, false, 2, 1, 1}, LayoutCase{"PP4", 4, 1, false, 4, 1, 1},
+        LayoutCase{"PP2xTP2_SP", 4, 2, true, 2, 1, 1}, LayoutCase{"PP2xDP2", 4, 1, false, 2, 1, 2},
+        LayoutCase{"PP2_VPP2", 2, 1, false, 2, 2, 1}, LayoutCase{"PP2xTP2xDP2_SP", 8, 2, true, 2, 1, 2},
+        LayoutCase{"PP4_VPP1_M4", 4, 1, false, 4, 1, 2},
+        // Recomputation: whole layers (a pipeline alone stays bit-identical), and under TP + SP, where
+        // the rerun forward repeats the TP exchanges.
+        LayoutCase{"PP2_RecomputeFull", 2, 1, false, 2, 1, 1, {"full", "uniform", 1, {}}},
+        LayoutCase{"PP2xTP2_SP_RecomputeBlock", 4, 2, true, 2, 1, 1, {"full", "block", 1, {}}},
+        LayoutCase{"PP2xTP2_SP_RecomputeSelective", 4, 2, true, 2, 1, 1, {"selective", "", 0, {"mlp", "moe"}}},
+        // Uneven stages: layout strings (1 + 3 layers; the loss alone on a fourth stage; interleaved with
+        // an embedding -only first chunk) and Megatron's first-stage layer count (3 + 1).
+        LayoutCase{"PP2_Layout_1_3", 2, 1, false, 2, 1, 1, {}, {"Et|tttL"}},
+        LayoutCase{"PP4_Layout_LossStage", 4, 1, false, 4, 1, 1, {}, {"Et|t|tt|L"}},
+        LayoutCase{"PP2_FirstStage3", 2, 1, false, 2, 1, 1, {}, {"", 3, 0}},
+        LayoutCase{"PP2_Layout_VPP2_Uneven", 2, 1, false, 2, 1, 1, {}, {"E|tt|t|tL"}},
+        // Expert parallelism: the 8 experts over 2, 4 and 8 ranks (one expert each at EP 8), with
+        // expert-data-parallel replicas (EP2 x DP4: EDP 2), under TP (+ SP) and with a pipeline.
+        LayoutCase{"EP2", 2, 1, false, 1, 1, kGlobalMicro, {}, {}, 2},
+        LayoutCase{"EP4", 4, 1, false, 1, 1, kGlobalMicro, {}, {}, 4},
+        LayoutCase{"EP8", 8, 1, false, 1, 1, 8, {}, {}, 8},
+        LayoutCase{"EP2xEDP2", 4, 1, false, 1, 1, kGlobalMicro, {}, {}, 2},
+        LayoutCase{"EP2xTP2", 4, 2, false, 1, 1, kGlobalMicro, {}, {}, 2},
+        LayoutCase{"EP2xTP2_SP", 4, 2, true, 1, 1, kGlobalMicro, {}, {}, 2},
+        LayoutCase{"EP2xPP2", 4, 1, false, 2, 1, 2, {}, {}, 2},
+        LayoutCase{"EP4_64Experts_Top8", 4, 1, false, 1, 1, kGlobalMicro, {}, {}, 4, true},
+        // MoE parallel folding (ETP 1 under TP + SP): whole experts, each rank routing its own
+        // sequence shard, over EP groups that are the TP group (EP2 x TP2) or span TP and DP (EP4).
+        LayoutCase{"TP2_SP_ETP1", 2, 2, true, 1, 1, kGlobalMicro, {}, {}, 1, false, 1},
+        LayoutCase{"EP2xTP2_SP_ETP1", 4, 2, true, 1, 1, kGlobalMicro, {}, {}, 2, false, 1},
+        LayoutCase{"EP4xTP2_SP_ETP1", 4, 2, true, 1, 1, kGlobalMicro, {}, {}, 4, false, 1},
+        LayoutCase{"PP2xTP2_SP_ETP1", 4, 2, true, 2, 1, 1, {}, {}, 1, false, 1},
+        // Context parallelism: slices of 8 or 4 tokens (the DeltaNet conv's halo, the state passing,
+        // the attention's gathered keys), alone and with TP + SP, DP, PP and EP.
+        LayoutCase{"CP2", 2, 1, false, 1, 1, kGlobalMicro, {}, {}, 1, false, 0, 2},
+        LayoutCase{"CP2_Contiguous", 2, 1, false, 1, 1, kGlobalMicro, {}, {}, 1, false, 0, 2, CpOrder::contiguous},
+        // Zigzag CP 4 would cut 16 tokens into chunks of 2, shorter than the conv's left context.
+        LayoutCase{"CP4_Contiguous", 4, 1, false, 1, 1, kGlobalMicro, {}, {}, 1, false, 0, 4, CpOrder::contiguous},
+        LayoutCase{"CP2xTP2_SP", 4, 2, true, 1, 1, kGlobalMicro, {}, {}, 1, false, 0, 2},
+        LayoutCase{"CP2xDP2", 4, 1, false, 1, 1, kGlobalMicro, {}, {}, 1, false, 0, 2},
+        LayoutCase{"CP2xPP2", 4, 1, false, 2, 1, 2, {}, {}, 1, false, 0, 2},
+        LayoutCase{"CP2xEP2", 4, 1, false, 1, 1, kGlobalMicro, {}, {}, 2, false, 0, 2},
+        LayoutCase{"CP2xTP2xDP2_SP", 8, 2, true, 1, 1, kGlobalMicro, {}, {}, 1, false, 0, 2}),
     [](const auto& param_info) { return std::string(param_info.param.name); });
 
 // Token dropping is per rank (Megatron: capacity from the rank's own tokens), so a layout's reference is the layout
@@ -364,12 +368,14 @@ TEST_F(Mpi, BadLayoutFailsOnEveryRank) {
 }
 
 // Context-parallel settings that cannot run fail on every rank before any communication, naming the fix: a sequence
-// that does not split into equal slices, and slices shorter than the DeltaNet conv's 3-token left context.
+// that does not split into equal chunks (2 CP zigzag chunks, or CP contiguous slices), and chunks shorter than the
+// DeltaNet conv's 3-token left context.
 TEST_F(Mpi, BadContextParallelSettingsFailOnEveryRank) {
   if (world_size() != 2 && world_size() != 4) GTEST_SKIP() << "runs at 2 and 4 ranks";
-  auto message = [&](int64_t seq_len) {
+  auto message = [&](int64_t seq_len, CpOrder order) {
     TrainOptions o = options(1, false, world_size() / 2);
     o.parallel.cp = 2;
+    o.parallel.cp_order = order;
     o.seq_len = seq_len;
     try {
       Trainer t(o, sample, comm_.get());
@@ -378,9 +384,16 @@ TEST_F(Mpi, BadContextParallelSettingsFailOnEveryRank) {
     }
     return std::string("accepted");
   };
-  const std::string odd = message(15), short_slices = message(4);
+  const std::string zigzag = message(14, CpOrder::zigzag), odd = message(15, CpOrder::contiguous),
+                    short_chunks = message(8, CpOrder::zigzag), short_slices = message(4, CpOrder::contiguous);
+  EXPECT_NE(zigzag.find("seq_len 14 is not divisible by 2 x CP = 4"), std::string::npos) << zigzag;
+  EXPECT_NE(zigzag.find("or --context-parallel-order contiguous"), std::string::npos) << zigzag;
   EXPECT_NE(odd.find("seq_len 15 is not divisible by CP = 2"), std::string::npos) << odd;
-  EXPECT_NE(short_slices.find("slices of 2, shorter than the Gated DeltaNet conv's 3-token left context"),
+  EXPECT_NE(short_chunks.find("(zigzag) cuts sequences of 8 tokens into chunks of 2, shorter than the Gated DeltaNet "
+                              "conv's 3-token left context"),
+            std::string::npos)
+      << short_chunks;
+  EXPECT_NE(short_slices.find("chunks of 2, shorter than the Gated DeltaNet conv's 3-token left context"),
             std::string::npos)
       << short_slices;
 }

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 
 #include "core/error.h"
 #include "model/config.h"
@@ -272,11 +273,48 @@ TEST(LayoutConstraints, LayersPerStage) {
 }
 
 TEST(LayoutConstraints, SequenceSplitsIntoEqualSlicesPerCpRank) {
-  EXPECT_NO_THROW(Layout(make_sizes(1, 4, 1, 1, 1), 4, divisible_config(), 8));
-  EXPECT_NO_THROW(Layout(make_sizes(1, 4, 1, 1, 1), 4, divisible_config(), 100));
-  expect_one_violation(make_sizes(1, 4, 1, 1, 1), 4, divisible_config(), 102, "seq_len 102 is not divisible by CP = 4");
+  ParallelSizes contiguous = make_sizes(1, 4, 1, 1, 1);
+  contiguous.cp_order = CpOrder::contiguous;
+  EXPECT_NO_THROW(Layout(contiguous, 4, divisible_config(), 8));
+  EXPECT_NO_THROW(Layout(contiguous, 4, divisible_config(), 100));
+  expect_one_violation(contiguous, 4, divisible_config(), 102, "seq_len 102 is not divisible by CP = 4");
+  // Zigzag (the default): 2 x CP equal chunks.
+  EXPECT_NO_THROW(Layout(make_sizes(1, 4, 1, 1, 1), 4, divisible_config(), 104));
+  expect_one_violation(make_sizes(1, 4, 1, 1, 1), 4, divisible_config(), 100,
+                       "seq_len 100 is not divisible by 2 x CP = 8");
   // CP 1 needs no split.
   EXPECT_NO_THROW(Layout(make_sizes(1, 1, 1, 1, 1), 1, divisible_config(), 101));
+}
+
+// Which tokens each CP rank holds: contiguous slices, or chunks c and 2CP-1-c of 2 CP (written out for CP 4, 16
+// tokens per rank: chunks of 8).
+TEST(ContextParallelSegments, ZigzagPairsChunkCWithChunk2CpMinus1MinusC) {
+  using Seg = std::vector<std::array<int64_t, 4>>;  // chunk, local_begin, global_begin, length
+  auto of = [](CpOrder order, int r) {
+    Seg out;
+    for (const CpSegment& g : cp_segments(order, 4, r, 16))
+      out.push_back({g.chunk, g.local_begin, g.global_begin, g.length});
+    return out;
+  };
+  EXPECT_EQ(of(CpOrder::zigzag, 0), (Seg{{0, 0, 0, 8}, {7, 8, 56, 8}}));
+  EXPECT_EQ(of(CpOrder::zigzag, 1), (Seg{{1, 0, 8, 8}, {6, 8, 48, 8}}));
+  EXPECT_EQ(of(CpOrder::zigzag, 3), (Seg{{3, 0, 24, 8}, {4, 8, 32, 8}}));
+  EXPECT_EQ(of(CpOrder::contiguous, 2), (Seg{{2, 0, 32, 16}}));
+  // Every position exactly once over the ranks, and the causal work (keys before each query) equal per rank.
+  std::vector<int> seen(64, 0);
+  std::vector<int64_t> work;
+  for (int r = 0; r < 4; ++r) {
+    int64_t keys = 0;
+    for (const CpSegment& g : cp_segments(CpOrder::zigzag, 4, r, 16))
+      for (int64_t t = 0; t < g.length; ++t) {
+        ++seen[static_cast<size_t>(g.global_begin + t)];
+        keys += g.global_begin + t + 1;
+      }
+    work.push_back(keys);
+  }
+  EXPECT_EQ(std::count(seen.begin(), seen.end(), 1), 64);
+  EXPECT_EQ(std::count(work.begin(), work.end(), work[0]), 4) << "zigzag balances causal attention";
+  EXPECT_THROW(cp_segments(CpOrder::zigzag, 4, 0, 15), Error);
 }
 
 TEST(LayoutConstraints, SizesArePositive) {
