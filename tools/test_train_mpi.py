@@ -151,8 +151,9 @@ def main():
           r.returncode == 0 and "shard_00002.bin" in r.stderr and "checksum" in r.stderr and
           "continuing at step 4" in r.stdout, r.stdout[-400:] + r.stderr[-800:])
 
-    # 4c. Context parallelism end to end: the tiny model at S = 4096 split over CP 4 (slices of 1024 tokens: the
-    # DeltaNet state and conv halo passed between ranks, attention over the gathered keys) trains with the losses of
+    # 4c. Context parallelism end to end: the tiny model at S = 4096 split over CP 4 (zigzag: 8 chunks of 512 tokens,
+    # rank c holding chunks c and 7 - c; the DeltaNet state and conv halo passed between chunks, attention over the
+    # gathered keys) trains with the losses of
     # one process; its sharded checkpoint resumes on one process and continues the uninterrupted run.
     long = ["--model-config", TINY, "--data", data, "--seq-len", "4096", "--global-batch-size", "4",
             "--micro-batch-size", "1", "--lr", "1e-3", "--lr-warmup-steps", "1", "--lr-decay-steps", "4",
@@ -170,8 +171,8 @@ def main():
     check("the CP 4 checkpoint resumes on one process", r.returncode == 0 and "continuing at step 3" in r.stdout and
           abs(l_res.get(4, 0) - l_one.get(4, 1)) <= 1e-4 * abs(l_one.get(4, 1)), f"{l_res} vs {l_one}; {r.stderr[-600:]}")
     r = run(common + ["--micro-batch-size", "2", "--train-steps", "1", "--context-parallel-size", "3"], np=3)
-    check("CP 3 with sequences of 32 fails naming it", r.returncode != 0 and "not divisible by CP = 3" in r.stderr,
-          r.stderr[-600:])
+    check("CP 3 with sequences of 32 fails naming it", r.returncode != 0 and "not divisible by 2 x CP = 6" in r.stderr
+          and "--context-parallel-order contiguous" in r.stderr, r.stderr[-600:])
 
     # 5. Pipeline parallelism: PP 2 x DP 2 (1F1B) and PP 2 x VPP 2 (interleaved, 2 ranks) give the one-process losses
     # (the same micro-batches: global micro-batch 4); the PP checkpoint resumes on one process and the one-process

@@ -34,7 +34,9 @@
 // 4. Expert parallelism (below): with --moe-router-force-load-balancing every rank sends N K / EP routed rows to each
 //    EP rank per MoE layer and micro-batch, so the EP group's bytes are exact, and the experts' ZeRO runs over EDP.
 //
-// 5. Pipeline activation memory: the records a real pipeline run keeps per chunk (the runner's pools) hold
+// 5. Context parallelism (below): the CP group's bytes per step from the mixers' exchanges, exact.
+//
+// 6. Pipeline activation memory: the records a real pipeline run keeps per chunk (the runner's pools) hold
 //    exactly model/activation_memory.h's bytes each, and their count is the schedule's in-flight count of that chunk.
 #include <gtest/gtest.h>
 
@@ -323,6 +325,75 @@ TEST_P(ExpertParallelVolume, BytesPerStepEqualTheFormula) {
 INSTANTIATE_TEST_SUITE_P(Experts, ExpertParallelVolume,
                          ::testing::Values(ExpertCase{"EP2", 2, 2}, ExpertCase{"EP4", 4, 4},
                                            ExpertCase{"EP2xEDP2", 4, 2}, ExpertCase{"EP8", 8, 8}),
+                         [](const auto& param_info) { return std::string(param_info.param.name); });
+
+// Context parallelism: a whole optimizer step's bytes per rank, split by group, equal the formula. Per micro-batch
+// (M rows of Sl = S / CP tokens, G segments per rank: 2 zigzag, 1 contiguous) the CP group carries
+//   attention (Lf layers)  keys and values all-gathered forward, their gradients reduce-scattered backward
+//                                                                                     4 (CP-1) M Sl NKV D 4
+//   DeltaNet (Ll layers)   the conv halo, M (K-1) CD floats per chunk boundary crossing ranks, each way, and the
+//                          states: G (CP-1) M Hv dk (dk + dv) 4 forward + G (CP-1) M Hv dk dv 4 backward
+// the DP x CP group the loss and MoE statistics per micro-batch and ZeRO-1 per step (section 1's DP terms with
+// d = DP x CP), the world the gradient norm. Nothing in the CP group depends on anything but these dimensions.
+struct CpCase {
+  const char* name;
+  int world, cp;
+  CpOrder order;
+};
+void PrintTo(const CpCase& c, std::ostream* os) { *os << c.name; }
+
+class ContextParallelVolume : public Mpi, public ::testing::WithParamInterface<CpCase> {};
+
+TEST_P(ContextParallelVolume, BytesPerStepEqualTheFormula) {
+  const CpCase& c = GetParam();
+  if (c.world != world_size()) GTEST_SKIP() << c.name << " runs at " << c.world << " ranks";
+  const int cp = c.cp, d = c.world / cp, dcp = c.world;
+  CountingCommunicator world(*comm_);
+  TrainOptions o = options(1, false, d);
+  o.parallel.cp = cp;
+  o.parallel.cp_order = c.order;
+  Trainer trainer(o, sample, &world);
+  world.volume()->reset();
+  world.reset_own();
+  auto* cpg = dynamic_cast<CountingCommunicator*>(&trainer.parallel()->cp());
+  auto* dpg = dynamic_cast<CountingCommunicator*>(&trainer.parallel()->dp_cp());
+  ASSERT_TRUE(cpg && dpg);
+  trainer.step();
+
+  const ModelConfig mc = ModelConfig::from_json(nlohmann::json::parse(kTinyConfig));
+  const int r = trainer.parallel()->cp_rank();
+  const double M = static_cast<double>(micro_batch(d)), Sl = static_cast<double>(kSeq / cp),
+               A = static_cast<double>(kGlobalBatch / (micro_batch(d) * d)), G = c.order == CpOrder::zigzag ? 2 : 1,
+               Hv = static_cast<double>(mc.linear_num_value_heads), dk = static_cast<double>(mc.linear_key_head_dim),
+               dv = static_cast<double>(mc.linear_value_head_dim);
+  // Chunk boundaries this rank's halo crosses each way: contiguous r -> r + 1 forward, r -> r - 1 backward; zigzag
+  // (chunks r and 2CP-1-r) (r > 0) + (r < CP - 1) each way (the middle boundary stays on rank CP - 1).
+  const int edges = (r > 0) + (r + 1 < cp);
+  const double halo_messages = c.order == CpOrder::zigzag ? 2.0 * edges : edges;
+  const double halo = M * static_cast<double>((mc.linear_conv_kernel_dim - 1) * mc.conv_dim()) * 4;
+  const double per_micro =
+      static_cast<double>(kLfull) * 4 * ag(cp, M * Sl * kNkv * kHeadDim, 4) +
+      static_cast<double>(kLlin) * (halo_messages * halo + G * (cp - 1) * M * Hv * dk * (dk + 2 * dv) * 4);
+  const double cp_bytes = A * per_micro;
+  const int64_t p_local = trainer.model().table().total_numel(), capacity = (p_local + dcp - 1) / dcp;
+  const double dp_bytes = A * (ar(dcp, 2, 8) + ar(dcp, 2 * kE + 1, 8)) + 2 * ag(dcp, static_cast<double>(capacity), 4);
+  const double world_bytes = ar(c.world, 1, 8);
+  expect_bytes(cpg->own().total_bytes(), cp_bytes, "CP group: " + cpg->own().describe());
+  expect_bytes(dpg->own().total_bytes(), dp_bytes, "DP x CP group: " + dpg->own().describe());
+  expect_bytes(world.own().total_bytes(), world_bytes, "world: " + world.own().describe());
+  expect_bytes(world.volume()->total_bytes(), cp_bytes + dp_bytes + world_bytes,
+               "every group: " + world.volume()->describe());
+  if (world_rank() == 0)
+    std::printf("%s: rank 0 bytes/step = %.0f (CP %.0f, DP x CP %.0f, world %.0f)\n", c.name,
+                world.volume()->total_bytes(), cp_bytes, dp_bytes, world_bytes);
+}
+
+INSTANTIATE_TEST_SUITE_P(Contexts, ContextParallelVolume,
+                         ::testing::Values(CpCase{"CP2", 2, 2, CpOrder::zigzag},
+                                           CpCase{"CP2_Contiguous", 2, 2, CpOrder::contiguous},
+                                           CpCase{"CP2xDP2", 4, 2, CpOrder::zigzag},
+                                           CpCase{"CP4_Contiguous", 4, 4, CpOrder::contiguous},
+                                           CpCase{"CP2xDP4", 8, 2, CpOrder::zigzag}),
                          [](const auto& param_info) { return std::string(param_info.param.name); });
 
 // 3. Pipeline parallelism: the pipeline group's bytes per rank per step. Every micro-batch crosses each boundary
