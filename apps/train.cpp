@@ -28,6 +28,13 @@ namespace {
 // --export-hf; distinct from 0 so that a job script or scheduler does not take it for a finished run.
 constexpr int kExitStopped = 3;
 
+constexpr const char* kUsage =
+    "nextron-train: pretrain a Qwen3-Next model, on one process or as an MPI job (one rank per GPU with --device "
+    "cuda)\n"
+    "  nextron-train --model-config CONFIG.json --data DATA.h5 [options]\n"
+    "  mpirun -np 8 nextron-train --tensor-model-parallel-size 2 --sequence-parallel ... (or launch/nextron-mpirun,\n"
+    "  launch/ for Slurm; README)\n";
+
 constexpr const char* kExitStatusHelp =
     "Exit status: 0 trained to --train-steps (or nothing was left to train) and exported; 1 an error (nothing is\n"
     "trained after an error found at start-up); 3 stopped early by SIGINT, SIGTERM or SIGUSR1: a checkpoint was\n"
@@ -209,13 +216,13 @@ int run(int argc, char** argv, Communicator* world) {
       "deterministic", po::bool_switch(&o.deterministic),
       "cuda: bitwise reproducible runs (cuDNN's deterministic attention backward, which needs a B x NH x S^2 x 2-byte "
       "workspace); the CPU backend is always deterministic")("no-progress", "no progress bar on the terminal");
-  po::options_description all("nextron-train: pretrain a Qwen3-Next model on one process\n");
+  po::options_description all;
   all.add(general).add(model).add(dat).add(batch).add(par).add(ckpt).add(log);
 
   po::variables_map vm;
   cli::parse(argc, argv, all, vm);
   if (vm.count("help")) {
-    if (!world || world->rank() == 0) std::cout << all << "\n" << kExitStatusHelp;
+    if (!world || world->rank() == 0) std::cout << kUsage << all << "\n" << kExitStatusHelp;
     return 0;
   }
   if (vm.count("config-file")) {

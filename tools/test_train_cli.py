@@ -76,7 +76,12 @@ def main():
     h = run(["--help"])
     check("--help documents the options", h.returncode == 0 and all(
         o in h.stdout for o in ("--model-config", "--data", "--global-batch-size", "--lr-decay-style", "--resume",
-                                "--save-interval", "--export-hf", "--eval-interval", "--peak-tflops")), h.stdout[:200])
+                                "--save-interval", "--export-hf", "--eval-interval", "--peak-tflops",
+                                "--context-parallel-order")), h.stdout[:200])
+    check("--help says what nextron-train runs on, without a stray caption line",
+          h.stdout.startswith("nextron-train: pretrain a Qwen3-Next model, on one process or as an MPI job") and
+          "on one process\n" not in h.stdout and not any(l.strip() == ":" for l in h.stdout.splitlines()),
+          h.stdout[:300])
 
     expect_error("abbreviated flag", model_data + ["--train-steps", "1", "--lr-warmup", "3"], "unrecognised option")
     expect_error("unknown flag", model_data + ["--train-steps", "1", "--learning-rate", "3"], "unrecognised option")
