@@ -86,6 +86,8 @@ def main():
     expect_error("abbreviated flag", model_data + ["--train-steps", "1", "--lr-warmup", "3"], "unrecognised option")
     expect_error("unknown flag", model_data + ["--train-steps", "1", "--learning-rate", "3"], "unrecognised option")
     expect_error("bad value", base + ["--train-steps", "many"], "train-steps")
+    expect_error("unknown context-parallel order", model_data + ["--train-steps", "1", "--context-parallel-order", "ring"],
+                 "--context-parallel-order 'ring': use zigzag (the default) or contiguous")
     expect_error("zero seq-len", model_data + ["--train-steps", "1", "--seq-len", "0"], "--seq-len must be positive")
     expect_error("negative lr", base + ["--train-steps", "1", "--lr", "-1"], "lr")
     expect_error("batch not a multiple", model_data + ["--train-steps", "1", "--micro-batch-size", "2",
