@@ -205,6 +205,9 @@ int run(int argc, char** argv, Communicator* world) {
       "ETP (0: the same as TP; without EP it must equal TP)");
   po::options_description log("Logging");
   log.add_options()("log-interval", po::value(&o.log_interval)->default_value(1), "steps between log lines")(
+      "log-step-stats", po::bool_switch(&o.log_step_stats),
+      "metrics.jsonl gets each step's time split (compute, each process group's communication, optimizer), the bytes "
+      "rank 0 sent per group and every rank's peak memory (tools/sweep.py reads them)")(
       "eval-interval", po::value(&o.eval_interval)->default_value(0), "steps between validations (0: none)")(
       "eval-iters", po::value(&o.eval_iters)->default_value(o.eval_iters), "micro-batches per validation")(
       "metrics", po::value(&o.metrics_path), "JSON Lines metrics file (default: SAVE/metrics.jsonl)")(

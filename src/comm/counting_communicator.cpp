@@ -1,5 +1,6 @@
 #include "comm/counting_communicator.h"
 
+#include <chrono>
 #include <cstdio>
 
 #include "core/error.h"
@@ -68,10 +69,17 @@ CountingCommunicator::CountingCommunicator(std::unique_ptr<Communicator> inner, 
   NEXTRON_ASSERT(inner_ != nullptr);
 }
 
-void CountingCommunicator::count(CommOp op, double sent_bytes) {
+CountingCommunicator::CallTimer CountingCommunicator::count(CommOp op, double sent_bytes) {
   if (size() <= 1) sent_bytes = 0;  // a group of one sends nothing
   own_.add(op, sent_bytes);
   volume_->add(op, sent_bytes);
+  return CallTimer(*this);
+}
+
+CountingCommunicator::CallTimer::~CallTimer() {
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+  owner_.own_.seconds += s;
+  owner_.volume_->seconds += s;
 }
 
 namespace {
@@ -82,19 +90,21 @@ double ring_all_reduce_bytes(int64_t n, int p, size_t elem) {
 }  // namespace
 
 void CountingCommunicator::all_reduce_sum(void* buf, int64_t n, DType dt) {
-  count(CommOp::all_reduce, ring_all_reduce_bytes(n, size(), dtype_size(dt)));
+  const CallTimer timer = count(CommOp::all_reduce, ring_all_reduce_bytes(n, size(), dtype_size(dt)));
   inner_->all_reduce_sum(buf, n, dt);
 }
 
 void CountingCommunicator::reduce_scatter_sum(const void* in, void* out, int64_t count_per_rank, DType dt) {
-  count(CommOp::reduce_scatter,
-        static_cast<double>(size() - 1) * static_cast<double>(count_per_rank) * static_cast<double>(dtype_size(dt)));
+  const CallTimer timer =
+      count(CommOp::reduce_scatter, static_cast<double>(size() - 1) * static_cast<double>(count_per_rank) *
+                                        static_cast<double>(dtype_size(dt)));
   inner_->reduce_scatter_sum(in, out, count_per_rank, dt);
 }
 
 void CountingCommunicator::all_gather(const void* in, void* out, int64_t count_per_rank, DType dt) {
-  count(CommOp::all_gather,
-        static_cast<double>(size() - 1) * static_cast<double>(count_per_rank) * static_cast<double>(dtype_size(dt)));
+  const CallTimer timer =
+      count(CommOp::all_gather, static_cast<double>(size() - 1) * static_cast<double>(count_per_rank) *
+                                    static_cast<double>(dtype_size(dt)));
   inner_->all_gather(in, out, count_per_rank, dt);
 }
 
@@ -103,23 +113,23 @@ void CountingCommunicator::all_to_all_v(const void* send_buf, const std::vector<
   double elems = 0;
   for (size_t j = 0; j < send_counts.size(); ++j)
     if (static_cast<int>(j) != rank()) elems += static_cast<double>(send_counts[j]);
-  count(CommOp::all_to_all, elems * static_cast<double>(dtype_size(dt)));
+  const CallTimer timer = count(CommOp::all_to_all, elems * static_cast<double>(dtype_size(dt)));
   inner_->all_to_all_v(send_buf, send_counts, recv_buf, recv_counts, dt);
 }
 
 void CountingCommunicator::send(const void* buf, int64_t n, DType dt, int peer, int tag) {
-  count(CommOp::send, static_cast<double>(n) * static_cast<double>(dtype_size(dt)));
+  const CallTimer timer = count(CommOp::send, static_cast<double>(n) * static_cast<double>(dtype_size(dt)));
   inner_->send(buf, n, dt, peer, tag);
 }
 
 void CountingCommunicator::recv(void* buf, int64_t n, DType dt, int peer, int tag) {
-  count(CommOp::recv, 0);
+  const CallTimer timer = count(CommOp::recv, 0);
   inner_->recv(buf, n, dt, peer, tag);
 }
 
 void CountingCommunicator::send_recv(const void* send_buf, int64_t send_n, int dst, void* recv_buf, int64_t recv_n,
                                      int src, DType dt, int tag) {
-  count(CommOp::send_recv, static_cast<double>(send_n) * static_cast<double>(dtype_size(dt)));
+  const CallTimer timer = count(CommOp::send_recv, static_cast<double>(send_n) * static_cast<double>(dtype_size(dt)));
   inner_->send_recv(send_buf, send_n, dst, recv_buf, recv_n, src, dt, tag);
 }
 
@@ -127,22 +137,23 @@ void CountingCommunicator::batch_send_recv(const std::vector<P2PMessage>& messag
   double sent = 0;
   for (const P2PMessage& m : messages)
     if (m.send) sent += static_cast<double>(m.n) * static_cast<double>(dtype_size(m.dt));
-  count(CommOp::batch_send_recv, sent);
+  const CallTimer timer = count(CommOp::batch_send_recv, sent);
   inner_->batch_send_recv(messages);
 }
 
 void CountingCommunicator::broadcast(void* buf, int64_t n, DType dt, int root) {
-  count(CommOp::broadcast, rank() == root ? static_cast<double>(n) * static_cast<double>(dtype_size(dt)) : 0.0);
+  const CallTimer timer =
+      count(CommOp::broadcast, rank() == root ? static_cast<double>(n) * static_cast<double>(dtype_size(dt)) : 0.0);
   inner_->broadcast(buf, n, dt, root);
 }
 
 void CountingCommunicator::barrier() {
-  count(CommOp::barrier, 0);
+  const CallTimer timer = count(CommOp::barrier, 0);
   inner_->barrier();
 }
 
 std::unique_ptr<Communicator> CountingCommunicator::split(int color, int key) {
-  count(CommOp::split, 0);
+  const CallTimer timer = count(CommOp::split, 0);
   return std::make_unique<CountingCommunicator>(inner_->split(color, key), volume_);
 }
 

@@ -1,5 +1,6 @@
 // CountingCommunicator: a Communicator that forwards every call to another one and counts what this rank sends, so
-// tests and benchmarks can check the communication volume of a layout against its analytic formula.
+// tests and benchmarks can check the communication volume of a layout against its analytic formula, and times the
+// calls (nextron-train --log-step-stats: the step's time per process group).
 //
 // The accounting convention (bytes THIS rank sends per call, b = element size, p = group size, n / c = counts in
 // elements as passed to the call). It is the standard bandwidth-optimal (ring) cost, not what the MPI library's
@@ -26,6 +27,7 @@
 #pragma once
 
 #include <array>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -54,6 +56,7 @@ const char* comm_op_name(CommOp op);
 struct CommVolume {
   std::array<int64_t, kNumCommOps> calls{};
   std::array<double, kNumCommOps> bytes{};
+  double seconds = 0;  // wall-clock time spent in the calls (waiting for the peers included)
 
   void add(CommOp op, double sent_bytes) {
     ++calls[static_cast<int>(op)];
@@ -81,6 +84,8 @@ class CountingCommunicator : public Communicator {
   const CommVolume& own() const { return own_; }
   // Zeroes own() (volume() is reset through the shared CommVolume).
   void reset_own() { own_.reset(); }
+  // The wrapped communicator.
+  Communicator& inner() const { return *inner_; }
 
   int rank() const override { return inner_->rank(); }
   int size() const override { return inner_->size(); }
@@ -105,7 +110,20 @@ class CountingCommunicator : public Communicator {
   std::unique_ptr<Communicator> split(int color, int key) override;
 
  private:
-  void count(CommOp op, double sent_bytes);
+  // Adds the wall-clock time from its construction to its destruction (the forwarded call) to own() and volume().
+  class CallTimer {
+   public:
+    explicit CallTimer(CountingCommunicator& owner) : owner_(owner), start_(std::chrono::steady_clock::now()) {}
+    CallTimer(const CallTimer&) = delete;
+    CallTimer& operator=(const CallTimer&) = delete;
+    ~CallTimer();
+
+   private:
+    CountingCommunicator& owner_;
+    std::chrono::steady_clock::time_point start_;
+  };
+  // Counts one call; the returned timer times it.
+  CallTimer count(CommOp op, double sent_bytes);
 
   std::unique_ptr<Communicator> owned_;
   Communicator* inner_;

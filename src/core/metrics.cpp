@@ -44,6 +44,7 @@ nlohmann::json to_json(const StepMetrics& m) {
                    {"seconds", number(m.seconds)},
                    {"tokens", m.tokens}};
   if (m.pipeline_bubble >= 0) j["pipeline_bubble"] = number(m.pipeline_bubble);
+  if (!m.breakdown.is_null()) j["breakdown"] = m.breakdown;
   return j;
 }
 

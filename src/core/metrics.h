@@ -26,6 +26,8 @@ struct StepMetrics {
   // Pipeline runs: the fraction of the step's forward/backward phase the logging rank (the first stage) spent waiting
   // in pipeline exchanges, the measured bubble; -1 without a pipeline (not logged).
   double pipeline_bubble = -1;
+  // --log-step-stats: the step's time split, bytes per process group and peak memory per rank (null: not logged).
+  nlohmann::json breakdown;
 };
 
 // A validation result, logged with "kind": "valid".

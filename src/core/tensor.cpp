@@ -26,9 +26,21 @@ DeviceMemoryHooks g_hooks;
 int64_t g_device_allocations = 0;
 std::atomic<int64_t> g_live_bytes[2];  // host, device
 std::atomic<int64_t>& live_bytes(Device device) { return g_live_bytes[device == Device::cuda ? 1 : 0]; }
+std::atomic<int64_t> g_peak_bytes[2];
+void grow(Device device, int64_t bytes) {
+  const int64_t now = (live_bytes(device) += bytes);
+  std::atomic<int64_t>& peak = g_peak_bytes[device == Device::cuda ? 1 : 0];
+  int64_t seen = peak.load();
+  while (now > seen && !peak.compare_exchange_weak(seen, now)) {
+  }
+}
 }  // namespace
 
 int64_t live_tensor_bytes(Device device) { return live_bytes(device).load(); }
+int64_t peak_tensor_bytes(Device device) { return g_peak_bytes[device == Device::cuda ? 1 : 0].load(); }
+void reset_peak_tensor_bytes(Device device) {
+  g_peak_bytes[device == Device::cuda ? 1 : 0] = live_bytes(device).load();
+}
 
 void register_device_memory_hooks(const DeviceMemoryHooks& hooks) { g_hooks = hooks; }
 
@@ -45,14 +57,14 @@ Storage::Storage(size_t bytes, Device device) : bytes_(bytes), device_(device) {
   if (device == Device::cuda) {
     data_ = device_memory_hooks().alloc(bytes == 0 ? 64 : bytes);
     ++g_device_allocations;
-    live_bytes(device) += static_cast<int64_t>(bytes);
+    grow(device, static_cast<int64_t>(bytes));
     return;
   }
   size_t padded = ((bytes + 63) / 64) * 64;
   data_ = std::aligned_alloc(64, padded == 0 ? 64 : padded);
   NEXTRON_CHECK(data_ != nullptr, "out of host memory allocating ", bytes, " bytes");
   std::memset(data_, 0, padded == 0 ? 64 : padded);
-  live_bytes(device) += static_cast<int64_t>(bytes);
+  grow(device, static_cast<int64_t>(bytes));
 }
 
 Storage::~Storage() {

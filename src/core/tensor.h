@@ -43,6 +43,9 @@ int64_t device_allocation_count();
 // Bytes of Tensor storage alive now on `device` (every Storage counts its requested size from construction to
 // destruction): activation memory is measured as its growth (tests/unit/test_activation_memory.cpp).
 int64_t live_tensor_bytes(Device device);
+// The most live_tensor_bytes(device) reached since the start or the last reset (which sets it to the bytes live now).
+int64_t peak_tensor_bytes(Device device);
+void reset_peak_tensor_bytes(Device device);
 
 // A block of memory, zero-initialised; CPU storage is 64-byte aligned.
 class Storage {

@@ -44,6 +44,9 @@ struct TrainOptions {
   // --moe-per-layer-logging: each step, every MoE layer's tokens per expert (over the global batch) go to
   // metrics.jsonl ("kind": "expert_load") with their max/mean imbalance; costs one all-reduce of layers x E floats.
   bool moe_per_layer_logging = false;
+  // --log-step-stats: every step's time split (forward/backward compute, each process group's communication, the
+  // optimizer), the bytes this rank sent per group and every rank's peak memory, in metrics.jsonl ("breakdown").
+  bool log_step_stats = false;
   // Token dropping (model/config.h): --moe-expert-capacity-factor (NaN: unset, dropless), --moe-token-drop-policy
   // probs|position, --moe-pad-expert-input-to-capacity.
   double expert_capacity_factor = std::numeric_limits<double>::quiet_NaN();

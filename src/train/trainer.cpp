@@ -1,5 +1,7 @@
 #include "train/trainer.h"
 
+#include <sys/resource.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -150,8 +152,19 @@ Trainer::Trainer(const TrainOptions& options, SampleFn source, Communicator* wor
     // Gradients, TP activations and pipeline messages live on the GPU there: those groups move device memory
     // (NCCL). The model's data-parallel group stays MPI: it sums host statistics (loss normaliser, MoE load).
     NEXTRON_CHECK(!cuda_backend || backend.device_comm, "a parallel run on a GPU needs a device communicator (NCCL)");
-    ctx_ = std::make_unique<ParallelContext>(*world, sizes, opt_.sequence_parallel, config, opt_.seq_len,
-                                             cuda_backend ? backend.device_comm : DeviceCommFactory{});
+    DeviceCommFactory device = cuda_backend ? backend.device_comm : DeviceCommFactory{};
+    if (opt_.log_step_stats) {
+      // Every group split from a counting world counts and times its calls; the device groups are made from the
+      // MPI group inside and counted on their own.
+      counting_world_ = std::make_unique<CountingCommunicator>(*world);
+      world = counting_world_.get();
+      if (device)
+        device = [make = device](Communicator& mpi) -> std::unique_ptr<Communicator> {
+          auto* counted = dynamic_cast<CountingCommunicator*>(&mpi);
+          return std::make_unique<CountingCommunicator>(make(counted ? counted->inner() : mpi), nullptr);
+        };
+    }
+    ctx_ = std::make_unique<ParallelContext>(*world, sizes, opt_.sequence_parallel, config, opt_.seq_len, device);
   } else {
     const Layout one(sizes, 1, config, opt_.seq_len);  // the same checks (and messages) as a parallel run
     NEXTRON_CHECK(sizes.tp == 1 && sizes.pp == 1 && sizes.cp == 1 && sizes.ep == 1 && one.vpp() == 1,
@@ -293,6 +306,34 @@ void Trainer::prepare_outputs() {
 
 Trainer::~Trainer() = default;
 
+std::vector<StepStats::Group> Trainer::group_tallies() const {
+  std::vector<StepStats::Group> out;
+  if (!ctx_ || !counting_world_) return out;
+  const ParallelContext& c = *ctx_;
+  auto add = [&](const char* name, Communicator& host, Communicator& device) {
+    if (host.size() <= 1) return;
+    StepStats::Group g{name, 0, 0, 0};
+    auto take = [&g](const Communicator& comm) {
+      if (const auto* counted = dynamic_cast<const CountingCommunicator*>(&comm)) {
+        g.bytes += counted->own().total_bytes();
+        g.seconds += counted->own().seconds;
+      }
+    };
+    take(host);
+    if (&device != &host) take(device);
+    out.push_back(g);
+  };
+  add("tp", c.tp(), c.tp_device());
+  add("cp", c.cp(), c.cp_device());
+  add("dp", c.dp(), c.dp_device());
+  add("dp_cp", c.dp_cp(), c.dp_cp_device());
+  add("pp", c.pp(), c.pp_device());
+  add("ep", c.ep(), c.ep_device());
+  add("edp", c.edp(), c.own_expert_group() ? c.edp_device() : c.edp());
+  add("world", c.world(), c.world());
+  return out;
+}
+
 MicroBatchTokens Trainer::take_local_tokens(int64_t M, int64_t S) {
   // Under context parallelism this rank holds its CP segments of every row (one slice, or the zigzag's two chunks),
   // one after the other.
@@ -319,6 +360,9 @@ StepRecord Trainer::step() {
     if (opt_.moe_per_layer_logging) c.model->reset_expert_load();
   }
   StepRecord rec;
+  const std::vector<StepStats::Group> tally0 = group_tallies();
+  const Device device = chunks_.front().model->ops().device();
+  if (opt_.log_step_stats) reset_peak_tensor_bytes(device);
   // Global micro-batch m holds samples [position + m M D, +M D); this DP rank reads its M consecutive rows.
   auto tokens = [&](int m) {
     const int64_t first = position_ + (m * D + dp_rank()) * M;
@@ -326,6 +370,8 @@ StepRecord Trainer::step() {
     return take_local_tokens(M, S);
   };
   const std::vector<LossValues> losses = runner_->run(schedule_spec_, tokens, M, Sl, 1.0f / static_cast<float>(accum));
+  const auto t_fb = std::chrono::steady_clock::now();
+  const std::vector<StepStats::Group> tally1 = group_tallies();
   if (schedule_spec_.pp > 1) rec.pipeline_bubble = runner_->exchange_seconds() / runner_->run_seconds();
   if (opt_.moe_per_layer_logging) rec.expert_load = gather_expert_load();
   double sums[3] = {0, 0, 0};  // loss, lm_loss, aux_loss summed over the micro-batches (on the last stage)
@@ -373,8 +419,56 @@ StepRecord Trainer::step() {
   ++step_;
   consumed_tokens_ += rec.tokens;
   rec.step = step_;
-  rec.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const auto t_end = std::chrono::steady_clock::now();
+  rec.seconds = std::chrono::duration<double>(t_end - t0).count();
+  if (opt_.log_step_stats)
+    rec.stats = step_stats(tally0, tally1, std::chrono::duration<double>(t_fb - t0).count(),
+                           std::chrono::duration<double>(t_end - t_fb).count(), device);
   return rec;
+}
+
+nlohmann::json to_json(const StepStats& st) {
+  nlohmann::json comm = nlohmann::json::object();
+  double fb_comm = 0;
+  for (const StepStats::Group& g : st.groups) {
+    if (g.bytes == 0 && g.seconds == 0) continue;  // a group this layout does not use (e.g. EDP when it is DP)
+    comm[g.name] = {
+        {"bytes", g.bytes}, {"seconds", g.seconds}, {"forward_backward_seconds", g.forward_backward_seconds}};
+    fb_comm += g.forward_backward_seconds;
+  }
+  // Compute: the forward/backward phase less its time in communication calls (pipeline waits included there).
+  return {{"forward_backward_seconds", st.forward_backward},
+          {"compute_seconds", std::max(0.0, st.forward_backward - fb_comm)},
+          {"optimizer_seconds", st.optimizer},
+          {"comm", comm},
+          {"peak_tensor_bytes", st.peak_tensor_bytes},
+          {"max_rss_bytes", st.max_rss_bytes}};
+}
+
+StepStats Trainer::step_stats(const std::vector<StepStats::Group>& before, const std::vector<StepStats::Group>& mid,
+                              double forward_backward, double optimizer, Device device) {
+  StepStats st;
+  st.forward_backward = forward_backward;
+  st.optimizer = optimizer;
+  const std::vector<StepStats::Group> after = group_tallies();
+  for (size_t i = 0; i < after.size(); ++i)
+    st.groups.push_back({after[i].name, after[i].bytes - before[i].bytes, after[i].seconds - before[i].seconds,
+                         mid[i].seconds - before[i].seconds});
+  // Peak memory of every rank (one small all-gather, after the tallies: it is not part of the step).
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  const double mine[2] = {static_cast<double>(peak_tensor_bytes(device)), static_cast<double>(usage.ru_maxrss) * 1024};
+  const int n = ctx_ ? ctx_->layout().world_size() : 1;
+  std::vector<double> all(static_cast<size_t>(2 * n));
+  if (ctx_)
+    ctx_->world().all_gather(mine, all.data(), 2, DType::f64);
+  else
+    std::copy_n(mine, 2, all.begin());
+  for (int r = 0; r < n; ++r) {
+    st.peak_tensor_bytes.push_back(all[static_cast<size_t>(2 * r)]);
+    st.max_rss_bytes.push_back(all[static_cast<size_t>(2 * r + 1)]);
+  }
+  return st;
 }
 
 std::vector<ExpertLoad> Trainer::gather_expert_load() {
@@ -759,6 +853,7 @@ void Trainer::run() {
     m.tokens_per_s = static_cast<double>(r.tokens) / r.seconds;
     m.mfu = model_flops_utilization(m.tokens_per_s, flops_per_token, peak);
     m.pipeline_bubble = r.pipeline_bubble;
+    if (r.stats) m.breakdown = to_json(*r.stats);
     m.seconds = elapsed();
     m.tokens = consumed_tokens_;
     if (metrics) metrics->write(m);

@@ -7,9 +7,11 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <random>
 #include <string>
 
+#include "comm/counting_communicator.h"
 #include "data/sampler.h"
 #include "model/model.h"
 #include "optim/adamw.h"
@@ -25,6 +27,23 @@ namespace nextron {
 
 class SaveDirLock;
 
+// --log-step-stats: where one step's time went and what it sent, on this rank, and every rank's peak memory.
+struct StepStats {
+  double forward_backward = 0, optimizer = 0;  // seconds of the step's two phases (the optimizer: gradient sync,
+                                               // norm, clipping, AdamW, parameter all-gather)
+  struct Group {
+    std::string name;                     // tp, cp, dp, dp_cp, pp, ep, edp, world (host and device together)
+    double bytes = 0, seconds = 0;        // sent by this rank (ring accounting), spent in the calls
+    double forward_backward_seconds = 0;  // of which in the forward/backward phase
+  };
+  std::vector<Group> groups;              // the groups with more than one rank
+  std::vector<double> peak_tensor_bytes;  // per world rank: the most tensor bytes live on its backend's device
+  std::vector<double> max_rss_bytes;      // per world rank: the process's peak resident memory
+};
+
+// The metrics.jsonl "breakdown" of a step.
+nlohmann::json to_json(const StepStats& st);
+
 struct StepRecord {
   int64_t step = 0;                            // optimizer steps completed after this one
   double loss = 0, lm_loss = 0, aux_loss = 0;  // means over the step's micro-batches
@@ -36,6 +55,7 @@ struct StepRecord {
   // --moe-per-layer-logging: per MoE layer of the whole model (global index), its top-k assignments per expert
   // over the step's global batch (the same on every rank).
   std::vector<ExpertLoad> expert_load;
+  std::optional<StepStats> stats;  // --log-step-stats
 };
 
 // The compute backend of a run (nextron-train --device): the Ops the model runs on, and for a multi-rank run on a
@@ -108,6 +128,12 @@ class Trainer {
   int dp_rank() const { return ctx_ ? ctx_->dp_rank() : 0; }
   int cp_size() const { return ctx_ ? ctx_->layout().cp() : 1; }
   int cp_rank() const { return ctx_ ? ctx_->cp_rank() : 0; }
+  // --log-step-stats: the world wrapped so that every group counts and times its calls; their tallies so far.
+  std::unique_ptr<CountingCommunicator> counting_world_;
+  std::vector<StepStats::Group> group_tallies() const;
+  // The step's StepStats from the tallies at its start and after its forward/backward phase.
+  StepStats step_stats(const std::vector<StepStats::Group>& before, const std::vector<StepStats::Group>& mid,
+                       double forward_backward, double optimizer, Device device);
   // This rank's tokens (ids_, targets_: (M, S / CP)) of the M sampled rows in rows_ ((M, S + 1)).
   MicroBatchTokens take_local_tokens(int64_t M, int64_t S);
   // Runs `body` on rank 0 only; every rank learns whether it failed and throws the same error (no rank hangs).

@@ -43,6 +43,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <map>
 #include <ostream>
 
 #include "comm/counting_communicator.h"
@@ -395,6 +396,44 @@ INSTANTIATE_TEST_SUITE_P(Contexts, ContextParallelVolume,
                                            CpCase{"CP4_Contiguous", 4, 4, CpOrder::contiguous},
                                            CpCase{"CP2xDP4", 8, 2, CpOrder::zigzag}),
                          [](const auto& param_info) { return std::string(param_info.param.name); });
+
+// --log-step-stats attributes every byte to its group: the StepRecord's per-group bytes equal what the groups of a
+// counting world saw in the same step (TP2 x CP2 + SP: TP, CP, DP x CP and world traffic), its forward/backward share
+// of each group's time is at most the group's, and every rank reports a peak of tensor memory at least what it holds
+// after the step.
+TEST_F(Mpi, StepStatsAttributeTheBytesOfEveryGroup) {
+  if (world_size() != 4) GTEST_SKIP() << "runs at 4 ranks";
+  TrainOptions o = options(2, true, 1);
+  o.parallel.cp = 2;
+  o.log_step_stats = true;
+  CountingCommunicator world(*comm_);
+  Trainer trainer(o, sample, &world);
+  const ParallelContext& ctx = *trainer.parallel();
+  auto own = [](Communicator& c) {
+    auto* counted = dynamic_cast<CountingCommunicator*>(&c);
+    return counted ? counted->own().total_bytes() : -1.0;
+  };
+  const double before[3] = {own(ctx.tp()), own(ctx.cp()), own(ctx.dp_cp())};
+  const StepRecord rec = trainer.step();
+  ASSERT_TRUE(rec.stats.has_value());
+  const double counted[3] = {own(ctx.tp()) - before[0], own(ctx.cp()) - before[1], own(ctx.dp_cp()) - before[2]};
+  std::map<std::string, StepStats::Group> groups;
+  for (const StepStats::Group& g : rec.stats->groups) groups[g.name] = g;
+  const char* names[3] = {"tp", "cp", "dp_cp"};
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_TRUE(groups.count(names[i])) << names[i];
+    EXPECT_GT(counted[i], 0) << names[i];
+    EXPECT_DOUBLE_EQ(groups[names[i]].bytes, counted[i]) << names[i];
+    EXPECT_LE(groups[names[i]].forward_backward_seconds, groups[names[i]].seconds) << names[i];
+  }
+  EXPECT_DOUBLE_EQ(groups["world"].bytes, ar(4, 1, 8)) << "the gradient norm's sum of squares";
+  EXPECT_EQ(groups.count("pp"), 0u) << "PP 1 has no pipeline group";
+  ASSERT_EQ(rec.stats->peak_tensor_bytes.size(), 4u);
+  EXPECT_GE(rec.stats->peak_tensor_bytes[static_cast<size_t>(world_rank())],
+            static_cast<double>(live_tensor_bytes(Device::cpu)));
+  for (double b : rec.stats->max_rss_bytes) EXPECT_GT(b, 0);
+  EXPECT_LE(rec.stats->forward_backward + rec.stats->optimizer, rec.seconds * (1 + 1e-9));
+}
 
 // 3. Pipeline parallelism: the pipeline group's bytes per rank per step. Every micro-batch crosses each boundary
 //    between consecutive virtual stages once forward (the Nl x H activation and the 2E router statistics, f32) and
