@@ -22,8 +22,10 @@ by 0.16). The GPU test therefore replays the CPU model's choice and allows each 
 tolerance and a multiple of what transformers' replayed bf16 run misses by (see the test's header).
 
 --check recomputes and compares with the committed files instead of writing: exit 1 where a value differs by more
-than 10 % (or 1e-3), which a fixture regenerated without its envelope does, while another CPU's bf16 kernels
-(other rounding of the same products) do not.
+than 40 % (or 1e-3), which a fixture regenerated without its envelope does (new random weights move these errors by
+O(1)), while another CPU's bf16 kernels (other rounding of the same products) do not: an AMX-BF16 Sapphire Rapids
+with torch 2.15 moves the most sensitive gradients (DeltaNet gates, MoE experts) by up to 27 % from the committed
+values, which another machine produced.
 """
 from __future__ import annotations
 
@@ -132,7 +134,7 @@ def main() -> int:
             for k in keys:
                 a = res[k[0]][k[1]] if isinstance(k, tuple) else res[k]
                 b = old[k[0]].get(k[1]) if isinstance(k, tuple) else old.get(k)
-                if b is None or abs(a - b) > max(1e-3, 0.1 * abs(b)):
+                if b is None or abs(a - b) > max(1e-3, 0.4 * abs(b)):
                     print(f"{path}: {k} is {a}, the file says {b}", file=sys.stderr)
                     status = 1
         else:
