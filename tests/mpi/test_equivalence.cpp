@@ -120,8 +120,11 @@ TEST_P(Equivalence, MatchesOneProcess) {
     loss_rel = std::max(loss_rel, std::fabs(got.loss[s] - want.loss[s]) / std::fabs(want.loss[s]));
     norm_rel = std::max(norm_rel, std::fabs(got.grad_norm[s] - want.grad_norm[s]) / want.grad_norm[s]);
     // After the first update the runs start from weights that differ by ~1e-7 relative, which AdamW's normalised
-    // steps amplify in the gradient norm (dominated by few large elements): 2e-4 from step 2 on.
-    const double tol = s == 0 ? 5e-5 : 2e-4;
+    // steps amplify in the gradient norm (dominated by few large elements): 4e-4 from step 2 on. The most sensitive
+    // case, 64 experts top-8 over EP 4 (rarely routed experts' tiny gradients get full-size AdamW steps), measures
+    // 2.4e-4 at step 3 on an AVX-512 Sapphire Rapids and under 2e-4 on the machines before it: the same code, other
+    // BLAS summation orders.
+    const double tol = s == 0 ? 5e-5 : 4e-4;
     EXPECT_NEAR(got.loss[s], want.loss[s], 1e-5 * std::fabs(want.loss[s])) << "loss of step " << s + 1;
     EXPECT_NEAR(got.grad_norm[s], want.grad_norm[s], tol * want.grad_norm[s]) << "grad norm of step " << s + 1;
   }
