@@ -210,7 +210,9 @@ def run_local(pts: list[dict], a: argparse.Namespace) -> None:
             write_status(d, "invalid", reason.strip(" -"))
             print(f"{label}: invalid ({reason.strip(' -')[:140]})", flush=True)
         else:
-            write_status(d, "failed", f"exit {rc}: {err.strip()[-300:]}")
+            # The ranks' own message, before mpirun's closing banner (a line of dashes).
+            own = err.split("\n-----")[0].strip() or err.strip()
+            write_status(d, "failed", f"exit {rc}: {own[-300:]}")
             print(f"{label}: FAILED (exit {rc}; {os.path.join(d, 'stderr.txt')})", flush=True)
 
 
