@@ -7,11 +7,8 @@
 
 namespace nextron {
 
-namespace {
-
-Layout checked_layout(const Communicator& world, const ParallelSizes& sizes, bool sp, const ModelConfig& config,
-                      int64_t seq_len) {
-  Layout layout(sizes, world.size(), config, seq_len);
+Layout checked_layout(int world_size, const ParallelSizes& sizes, bool sp, const ModelConfig& config, int64_t seq_len) {
+  Layout layout(sizes, world_size, config, seq_len);
   std::vector<std::string> errors;
   auto fail = [&errors](auto&&... parts) { errors.push_back(detail::concat(parts...)); };
   const bool has_linear =
@@ -48,11 +45,11 @@ Layout checked_layout(const Communicator& world, const ParallelSizes& sizes, boo
   return layout;
 }
 
-}  // namespace
-
 ParallelContext::ParallelContext(Communicator& world, const ParallelSizes& sizes, bool sequence_parallel,
                                  const ModelConfig& config, int64_t seq_len, const DeviceCommFactory& device)
-    : world_(world), layout_(checked_layout(world, sizes, sequence_parallel, config, seq_len)), sp_(sequence_parallel) {
+    : world_(world),
+      layout_(checked_layout(world.size(), sizes, sequence_parallel, config, seq_len)),
+      sp_(sequence_parallel) {
   const int r = world_.rank();
   auto group = [&](Group g) { return world_.split(layout_.group_index(g, r), layout_.rank_in_group(g, r)); };
   tp_ = group(Group::tp);

@@ -18,6 +18,13 @@ namespace nextron {
 // Makes a communicator over device memory (NCCL) with the members of an MPI group. Empty: the run is on the host.
 using DeviceCommFactory = std::function<std::unique_ptr<Communicator>(Communicator& mpi)>;
 
+// The layout a ParallelContext of `world_size` ranks would build, with every check it makes (Layout's and those of
+// the model's parallel code: CP chunks against the conv context, ETP, SP divisibility, attention_bias under TP),
+// without communication; throws nextron::Error listing each violated rule. config.experts_folded must be what the
+// trainer sets (ETP 1 under TP for a MoE model). The layout planner (plan/planner.h) calls it too.
+Layout checked_layout(int world_size, const ParallelSizes& sizes, bool sequence_parallel, const ModelConfig& config,
+                      int64_t seq_len);
+
 class ParallelContext {
  public:
   // Collective over `world` (not owned; must outlive the context). Every rank validates the same layout, so a bad
