@@ -39,11 +39,11 @@ struct ChunkInfo {
 // TpGradSync's packed size (parallel/grad_sync.cpp's rule on the parameter table): replicated parameters whose
 // gradient each rank sees only partly (per-head norms always, residual norms under SP), and the full-size slot of a
 // parameter whose TP units (KV heads) are fewer than the TP ranks.
-int64_t grad_sync_elements(const TpShardMap& map, int tp, bool sp) {
+int64_t grad_sync_elements(const ParamTable& local, const ParamTable& full, int tp, bool sp) {
   if (tp <= 1) return 0;
   int64_t total = 0;
-  for (const ParamSpec& l : map.local_table().specs()) {
-    const ParamSpec& f = map.full_table().get(l.name);
+  for (const ParamSpec& l : local.specs()) {
+    const ParamSpec& f = full.get(l.name);
     if (l.tp_dim < 0) {
       if (l.tp_grad == TpGradSum::always || (l.tp_grad == TpGradSum::with_sp && sp)) total += l.numel();
       continue;
@@ -61,17 +61,20 @@ std::vector<ChunkInfo> rank_chunk_info(const ModelConfig& config, const Candidat
   const std::vector<StageRange> chunks = rank_chunks(pipeline_stages(config, s.pp, s.vpp, s.pipeline), s.pp, pp_rank);
   std::vector<ChunkInfo> out;
   for (const StageRange& stage : chunks) {
-    const TpShardMap map(config, 0, s.tp, stage, 0, s.ep);
+    // TpShardMap's tables (parallel/tp_shard.cpp) without its element runs, which are slow for 512 experts: the
+    // rank's slice of the stage, and the whole model's parameters of the same names.
+    const ModelConfig local = ep_local_config(tp_local_config(config, s.tp), s.ep, 0);
+    const ParamTable local_table(local, stage), full_table(config, stage);
     ChunkInfo ci;
     ci.stage = stage;
-    ci.local = map.local_config();
-    ci.params = map.local_table().total_numel();
+    ci.local = local;
+    ci.params = local_table.total_numel();
     // The routed experts are a contiguous range at the end of the flat layout only under EP (param_table.cpp): only
     // then do they have an optimizer (and a reduction group) of their own.
-    const FlatRange ex = s.ep > 1 ? map.local_table().expert_range() : FlatRange{ci.params, ci.params};
+    const FlatRange ex = s.ep > 1 ? local_table.expert_range() : FlatRange{ci.params, ci.params};
     ci.experts = ex.size();
     ci.dense = ex.size() > 0 ? ex.begin : ci.params;
-    ci.grad_sync = grad_sync_elements(map, s.tp, c.sequence_parallel);
+    ci.grad_sync = grad_sync_elements(local_table, full_table, s.tp, c.sequence_parallel);
     for (int64_t l = stage.layer_begin; l < stage.end(config); ++l) {
       ++ci.layers;
       if (config.layer_types[l] == MixerType::full_attention)
