@@ -180,15 +180,23 @@ cmd=("$HERE/nextron-mpirun" -np "$np" --host "$host_list" --map-by "ppr:$ranks_p
 [ "$(id -u)" -ne 0 ] || cmd+=(--allow-run-as-root)
 cmd+=("${mpirun_args[@]}" "${train_cmd[@]}")
 
+# The command as one shell line: plain words as they are, others quoted (printf %q would also escape commas).
+quoted() {
+  local a out=""
+  for a in "$@"; do
+    if [[ "$a" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then out+="$a "; else out+="$(printf '%q' "$a") "; fi
+  done
+  echo "${out% }"
+}
+
 if [ "$dry_run" -eq 1 ]; then
-  printf '%q ' "${cmd[@]}"
-  echo
+  quoted "${cmd[@]}"
   exit 0
 fi
 
 mkdir -p "$log_dir"
 mkdir "$job_dir" || die "cannot create the log folder '$job_dir': check --log-dir"
-{ printf '%q ' "${cmd[@]}"; echo; } >"$job_dir/command.txt"
+quoted "${cmd[@]}" >"$job_dir/command.txt"
 cp "$config" "$job_dir/$(basename "$config")"
 {
   echo "job:              $job_name"

@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(build-essential cmake git pkg-config python3-venv libopenmpi-dev openmpi-bin libhdf5-dev
-  libboost-program-options-dev nlohmann-json3-dev libopenblas-openmp-dev libgtest-dev zlib1g-dev patchelf xz-utils)
+  libboost-program-options-dev nlohmann-json3-dev libopenblas-openmp-dev libgtest-dev zlib1g-dev patchelf xz-utils
+  slurm-wlm munge)  # slurm-wlm + munge: slurmctld, slurmd, sbatch, munged for the launch_slurm test
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
