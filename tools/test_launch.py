@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """launch/mpirun.sh end to end: a 4-rank tiny training job on two "nodes" of 2 ranks each, its per-job log folder,
 a SIGTERM that saves; and bad input (more ranks than the hostfile's slots, a missing config, an unknown flag) refused
-before any rank starts.
+before any rank starts. Also launch/submit.py's sbatch command and its refusals, with a stand-in sbatch.
 
 The two nodes are this machine twice. Open MPI counts `localhost` and `127.0.0.1` (and this host's name) as the same
 node (a hostfile naming two of them is refused: "multiple definitions of the slot count"), but 127.0.0.2, also
@@ -26,6 +26,7 @@ from checks import Checks
 from train_test_data import REPO, TINY, fresh_byte_dataset
 
 LAUNCH = os.path.join(REPO, "launch", "mpirun.sh")
+SUBMIT = os.path.join(REPO, "launch", "submit.py")
 
 FAKE_SSH = """#!/bin/sh
 # ssh stand-in for mpirun's plm_rsh_agent: drops ssh options and the host name and runs the command here.
@@ -170,6 +171,50 @@ def main():
     check("--help documents the options", r.returncode == 0 and all(
         o in r.stdout for o in ("--hostfile", "--ranks-per-node", "--nodes", "--config", "--log-dir", "--job-name",
                                 "--device", "--dry-run")), r.stdout[:400])
+
+    # 5. launch/submit.py without a cluster: the sbatch command it builds (a stand-in sbatch records its arguments
+    # and answers a job id), and bad input refused before sbatch runs. tools/test_slurm.py submits for real.
+    bin_dir = os.path.join(w, "bin")
+    os.makedirs(bin_dir)
+    sbatch_args = os.path.join(w, "sbatch-args")
+    write(os.path.join(bin_dir, "sbatch"), f'#!/bin/sh\nprintf "%s\\n" "$@" > "{sbatch_args}"\necho "4242;cl"\n', 0o755)
+    senv = dict(env, PATH=bin_dir + os.pathsep + env["PATH"])
+    cluster = write(os.path.join(w, "cluster.conf"), "# defaults\npartition = gpu\naccount = proj\n"
+                    "gpus-per-node = 4\ntime = 01:00:00\nsbatch-arg = --exclusive\n")
+
+    def submit(argv):
+        return subprocess.run([sys.executable, SUBMIT] + argv, capture_output=True, text=True, timeout=60, env=senv,
+                              cwd=w)
+
+    r = submit(["--cluster-file", cluster, "--config", conf, "--nodes", "2", "--time", "00:30:00", "--job-name", "j",
+                "--log-dir", logs, "--", "--train-steps", "7"])
+    got = open(sbatch_args).read().split("\n") if os.path.exists(sbatch_args) else []
+    want = ["--parsable", "--job-name=j", "--nodes=2", "--ntasks-per-node=4", f"--output={logs}/%x-%j.out",
+            "--gpus-per-node=4", "--time=00:30:00", "--partition=gpu", "--account=proj", "--exclusive",
+            os.path.join(REPO, "launch", "slurm.sbatch"), "--train-steps", "7"]
+    export = [a for a in got if a.startswith("--export=")]
+    check("submit.py: sbatch gets the request (flags over the cluster file), prints the job id",
+          r.returncode == 0 and r.stdout.strip() == "4242" and all(a in got for a in want) and len(export) == 1 and
+          all(f"{k}={v}" in export[0] for k, v in (("NEXTRON_CONFIG", conf), ("NEXTRON_DEVICE", "cuda"),
+                                                   ("NEXTRON_TRAIN", env["NEXTRON_TRAIN"]))) and
+          export[0].startswith("--export=ALL,"), f"{r.stdout} {r.stderr} {got}")
+    os.remove(sbatch_args)
+    r = submit(["--config", conf, "--ranks-per-node", "2", "--dry-run"])
+    check("submit.py --dry-run prints the sbatch command of a CPU job and runs nothing", r.returncode == 0 and
+          r.stdout.startswith("sbatch ") and "--ntasks-per-node=2" in r.stdout and "--gpus-per-node" not in r.stdout
+          and "NEXTRON_DEVICE=cpu" in r.stdout and not os.path.exists(sbatch_args), r.stdout + r.stderr)
+    bad_cluster = write(os.path.join(w, "bad-cluster.conf"), "partition = gpu\ngpus = 4\n")
+    for name, argv, words in [
+        ("an unknown flag", ["--config", conf, "--gpus", "4"], ["unrecognized arguments: --gpus", "--gpus-per-node"]),
+        ("an unknown cluster-file key", ["--config", conf, "--cluster-file", bad_cluster],
+         ["line 2: unknown key 'gpus'", "gpus-per-node", "partition"]),
+        ("a missing config file", ["--config", os.path.join(w, "nope.conf")], ["nope.conf", "no such file"]),
+        ("more ranks than GPUs", ["--config", conf, "--gpus-per-node", "2", "--ranks-per-node", "4"],
+         ["every rank needs a GPU", "--ranks-per-node 2"]),
+    ]:
+        r = submit(argv)
+        check(f"submit.py refuses {name} before calling sbatch", r.returncode == 2 and
+              all(wd in r.stderr for wd in words) and not os.path.exists(sbatch_args), f"{r.returncode}: {r.stderr}")
     return check.report("launch")
 
 
