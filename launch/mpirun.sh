@@ -87,7 +87,7 @@ while [ $# -gt 0 ]; do
 done
 
 [ -n "$config" ] || die "--config FILE is required (nextron-train options as 'name = value' lines)"
-[ -f "$config" ] && [ -r "$config" ] || die "--config '$config': no such readable file; give the path of a nextron-train config file"
+[[ -f "$config" && -r "$config" ]] || die "--config '$config': no such readable file; give the path of a nextron-train config file"
 config="$(cd "$(dirname "$config")" && pwd)/$(basename "$config")"  # the ranks may start in another directory
 [ -x "$train" ] || die "nextron-train not found at '$train': build it (cmake --build build) or give --train PATH / NEXTRON_TRAIN"
 MPIRUN="${MPIRUN:-mpirun}"
@@ -101,7 +101,7 @@ command -v "$MPIRUN" >/dev/null || die "'$MPIRUN' not found: install Open MPI (o
 hosts=()
 declare -A slots=()
 if [ -n "$hostfile" ]; then
-  [ -f "$hostfile" ] && [ -r "$hostfile" ] || die "--hostfile '$hostfile': no such readable file"
+  [[ -f "$hostfile" && -r "$hostfile" ]] || die "--hostfile '$hostfile': no such readable file"
   lineno=0
   while IFS= read -r line || [ -n "$line" ]; do
     lineno=$((lineno + 1))

@@ -82,7 +82,8 @@ class Cluster:
         t, h = self.tmp, self.host
         return f"""# A one-node cluster for tools/test_slurm.py
 ClusterName=nextrontest
-SlurmctldHost={h}
+# The daemons talk over 127.0.0.1 whatever this host's name resolves to.
+SlurmctldHost={h}(127.0.0.1)
 SlurmctldPort={free_port()}
 SlurmdPort={free_port()}
 SlurmUser=root
@@ -112,7 +113,7 @@ SchedulerParameters=sched_interval=1
 KillWait=30
 # Finished jobs stay visible to scontrol for the checks (there is no accounting database).
 MinJobAge=3600
-NodeName={h} CPUs=8 State=UNKNOWN
+NodeName={h} NodeAddr=127.0.0.1 CPUs=8 State=UNKNOWN
 PartitionName=debug Nodes={h} Default=YES MaxTime=INFINITE State=UP
 """
 
@@ -213,16 +214,19 @@ def main():
     cluster = Cluster(tmp)
     try:
         t0 = time.time()
-        cluster.start()
-        up = cluster.wait_idle()
-        check("munged, slurmctld and slurmd start; the node is idle", up, cluster.logs())
+        try:
+            cluster.start()
+            up, why = cluster.wait_idle(), ""
+        except subprocess.CalledProcessError as e:
+            up, why = False, f"{' '.join(e.cmd)} failed (status {e.returncode}): {e.stderr}\n"
+        check("munged, slurmctld and slurmd start; the node is idle", up, why + cluster.logs())
         if not up:
             return check.report("slurm")
-        print(f"     (cluster up in {time.time() - t0:.1f} s)")
 
         # Open MPI built with PMIx (Debian's) starts under srun --mpi=pmix; without that plugin the batch script
         # starts the ranks with mpirun inside the allocation instead.
-        mpi_list = cluster.run(["srun", "--mpi=list"]).stdout + cluster.run(["srun", "--mpi=list"]).stderr
+        r = cluster.run(["srun", "--mpi=list"])
+        mpi_list = r.stdout + r.stderr
         launcher = "srun" if "pmix" in mpi_list else "mpirun"
         print(f"     (ranks start with {launcher}: srun --mpi=list says {' '.join(mpi_list.split())})")
 
@@ -312,14 +316,19 @@ def main():
               resumed, read(log0)[-800:] + read(batch_log) + str(cluster.job(job_b)))
         check("env.txt records the second start", "start 2 (SLURM_RESTART_COUNT=1)" in
               read(os.path.join(folder, "env.txt")), read(os.path.join(folder, "env.txt")))
-        # A plain scancel ends the job for good: no requeue.
+        # A plain scancel ends the job for good: Slurm sends SIGTERM to the ranks (they save) and to the batch shell,
+        # which does not forward it again (the job is no longer RUNNING) and does not requeue a cancelled job
+        # (Slurm may also kill the shell before it gets that far).
+        before = read(log0)
         cluster.run(["scancel", job_b])
+        saved_again = wait_for(lambda: "stopped early by SIGTERM" in read(log0)[len(before):], 60)
         end = wait_for(lambda: finished(job_b), 60)
-        time.sleep(1)
+        time.sleep(3)  # time for a wrong requeue to show
         info = cluster.job(job_b)
-        check("a plain scancel cancels it for good (the ranks save, no further requeue)",
+        check("a plain scancel: the ranks save and stop", saved_again, read(log0)[len(before):][-800:])
+        check("a plain scancel cancels it for good (no further requeue)",
               end == "CANCELLED" and info.get("JobState") == "CANCELLED" and info.get("Restarts") == "1" and
-              "not requeueing: Slurm is ending the job" in read(batch_log), str(info) + read(batch_log))
+              "requeueing" not in read(batch_log).split("start 2:")[-1], str(info) + read(batch_log))
         print(f"     (took {time.time() - t0:.1f} s)")
     finally:
         cluster.stop()
