@@ -206,6 +206,15 @@ void CpuOps::gated_delta_rule_transition(Tensor& m, const Tensor& k, const Tenso
   cpu::slice_transition<float>(f(m), f(k), f(g), f(beta), s);
 }
 
+void CpuOps::gated_delta_rule_step(Tensor& o, Tensor& state, const Tensor& q, const Tensor& k, const Tensor& v,
+                                   const Tensor& g, const Tensor& beta, double scale) {
+  // The recurrent reference over one token: it loads each head's state before writing it back, so the cache can be
+  // both the initial and the final state.
+  const cpu::GdrShape s{q.dim(0), 1, q.dim(1), v.dim(1), q.dim(2), v.dim(2)};
+  cpu::gated_delta_rule_recurrent_forward<float>(f(o), f(state), f(q), f(k), f(v), f(g), f(beta), f(state), s,
+                                                 static_cast<float>(scale));
+}
+
 void CpuOps::gated_delta_rule_backward(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dg, Tensor& dbeta, const Tensor& d_o,
                                        const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
                                        const Tensor& beta, double scale, const GdrStates& states) {

@@ -141,6 +141,11 @@ class Ops {
                                          const Tensor& d_o, const Tensor& q, const Tensor& k, const Tensor& v,
                                          const Tensor& g, const Tensor& beta, double scale,
                                          const GdrStates& states) = 0;
+  // One decoding step (a single new token per sequence) of the same recurrence, on the cached state: q, k
+  // (B, Hk, dk) act (L2-normalised), v, o (B, Hv, dv) act, g, beta (B, Hv) f32; state (B, Hv, dk, dv) f32 is read
+  // and overwritten with the state after the token (generation: O(1) per token whatever the context length).
+  virtual void gated_delta_rule_step(Tensor& o, Tensor& state, const Tensor& q, const Tensor& k, const Tensor& v,
+                                     const Tensor& g, const Tensor& beta, double scale) = 0;
   // m (B, Hv, dk, dk) f32 = the slice's transition M (S_out = M S_in + L): the recurrence with v = 0 from the
   // identity (kernels/cpu/delta_state_scan.h). k: (B, S, Hk, dk) act (L2-normalised), g, beta: (B, S, Hv) f32.
   virtual void gated_delta_rule_transition(Tensor& m, const Tensor& k, const Tensor& g, const Tensor& beta) = 0;

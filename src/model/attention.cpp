@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/error.h"
+
 namespace nextron {
 
 GatedAttention::GatedAttention(const ModelConfig& config, ModuleWeights weights, Ops& ops)
@@ -135,11 +137,8 @@ Tensor& GatedAttention::key_prefix(Tensor& dst, const Tensor& keys, int64_t Sk) 
   return dst;
 }
 
-void GatedAttention::forward(Saved& s, const Tensor& x, Tensor& y, int64_t B, int64_t S) {
-  const int64_t N = B * S, NH = c_.num_attention_heads, NKV = c_.num_key_value_heads, D = c_.head_dim,
-                R = c_.rotary_dim();
-  const std::vector<CpSegment> segments = segments_of(S);
-  const auto [cos, sin] = rope_rows(segments);
+void GatedAttention::project(Saved& s, const Tensor& x, int64_t B, int64_t S) {
+  const int64_t N = B * S, NH = c_.num_attention_heads, NKV = c_.num_key_value_heads, D = c_.head_dim;
   s.B = B;
   s.S = S;
   s.x = x;
@@ -158,6 +157,26 @@ void GatedAttention::forward(Saved& s, const Tensor& x, Tensor& y, int64_t B, in
   Tensor& k = ops_.act(s.k, {B, S, NKV, D});
   ops_.rmsnorm_forward(q, ops_.f32(s.q_rstd, {N * NH}), q_raw, wt_.p("q_norm"), c_.rms_norm_eps);
   ops_.rmsnorm_forward(k, ops_.f32(s.k_rstd, {N * NKV}), k_raw, wt_.p("k_norm"), c_.rms_norm_eps);
+}
+
+void GatedAttention::finish(Saved& s, const Tensor& o, Tensor& y) {
+  const int64_t N = s.B * s.S, NH = c_.num_attention_heads, D = c_.head_dim;
+  ParamRef bias;
+  Tensor& og = ops_.act(s.og, {N, NH * D});
+  // The gate is the second half of each head's 2D columns of qg: (N * NH, D) rows with stride 2D.
+  Tensor o_rows = o.reshape({N * NH, D});
+  Tensor og_rows = og.reshape({N * NH, D});
+  Tensor gate = Tensor::view_of(s.qg, D, {N * NH, D});
+  ops_.sigmoid_gate_forward(og_rows, o_rows, gate, D, 2 * D);
+  ops_.linear_forward(y, og, wt_.p("o_proj"), wt_.p_or_null("o_proj_bias", bias));
+}
+
+void GatedAttention::forward(Saved& s, const Tensor& x, Tensor& y, int64_t B, int64_t S) {
+  const int64_t NH = c_.num_attention_heads, NKV = c_.num_key_value_heads, D = c_.head_dim, R = c_.rotary_dim();
+  const std::vector<CpSegment> segments = segments_of(S);
+  const auto [cos, sin] = rope_rows(segments);
+  project(s, x, B, S);
+  Tensor &q = s.q, &k = s.k, &v = s.v;
   ops_.rope_forward(q, q, cos, sin, R);
   ops_.rope_forward(k, k, cos, sin, R);
   if (cp_active()) {
@@ -169,13 +188,39 @@ void GatedAttention::forward(Saved& s, const Tensor& x, Tensor& y, int64_t B, in
   Tensor& o = ops_.act(recompute_core_ ? rc_o_ : s.o, {B, S, NH, D});
   core_forward(o, ops_.f32(recompute_core_ ? rc_lse_ : s.lse, {B, NH, S}), q, cp_active() ? s.k_full : k,
                cp_active() ? s.v_full : v, segments);
-  Tensor& og = ops_.act(s.og, {N, NH * D});
-  // The gate is the second half of each head's 2D columns of qg: (N * NH, D) rows with stride 2D.
-  Tensor o_rows = o.reshape({N * NH, D});
-  Tensor og_rows = og.reshape({N * NH, D});
-  Tensor gate = Tensor::view_of(qg, D, {N * NH, D});
-  ops_.sigmoid_gate_forward(og_rows, o_rows, gate, D, 2 * D);
-  ops_.linear_forward(y, og, wt_.p("o_proj"), wt_.p_or_null("o_proj_bias", bias));
+  finish(s, o, y);
+}
+
+void GatedAttention::forward_cached(LayerCache& cache, const std::vector<int64_t>& lengths, const Tensor& x, Tensor& y,
+                                    int64_t B, int64_t S) {
+  const int64_t NH = c_.num_attention_heads, NKV = c_.num_key_value_heads, D = c_.head_dim, R = c_.rotary_dim(),
+                C = cache.k.dim(1), W = NKV * D;
+  const double scale = 1.0 / std::sqrt(double(D));
+  Saved& s = cached_;
+  project(s, x, B, S);
+  rope_tables_for(std::max(rope_S_, C));
+  const int64_t Wr = cos_.numel() / rope_S_;
+  Tensor& o = ops_.act(s.o, {B, S, NH, D});
+  Tensor& lse = ops_.f32(s.lse, {B, NH, S});
+  // Sequences sit at different positions: each rotates its rows by its own positions, appends its keys and values
+  // to its cache rows, and attends to all of them (its S queries are the last S of its keys: bottom-right causal).
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t pos = lengths[static_cast<size_t>(b)];
+    NEXTRON_CHECK(pos + S <= C, "generation: sequence ", b, " would hold ", pos + S,
+                  " positions, more than its cache's capacity ", C);
+    const Tensor cos = Tensor::view_of(cos_, pos * Wr, {S, Wr}), sin = Tensor::view_of(sin_, pos * Wr, {S, Wr});
+    Tensor qb = Tensor::view_of(s.q, b * S * NH * D, {1, S, NH, D}),
+           kb = Tensor::view_of(s.k, b * S * W, {1, S, NKV, D});
+    ops_.rope_forward(qb, qb, cos, sin, R);
+    ops_.rope_forward(kb, kb, cos, sin, R);
+    cache.k.copy_elements_from((b * C + pos) * W, s.k, b * S * W, S * W);
+    cache.v.copy_elements_from((b * C + pos) * W, s.v, b * S * W, S * W);
+    const Tensor keys = Tensor::view_of(cache.k, b * C * W, {1, pos + S, NKV, D}),
+                 values = Tensor::view_of(cache.v, b * C * W, {1, pos + S, NKV, D});
+    Tensor ob = Tensor::view_of(o, b * S * NH * D, {1, S, NH, D}), lse_b = Tensor::view_of(lse, b * NH * S, {1, NH, S});
+    ops_.attention_forward(ob, lse_b, qb, keys, values, scale);
+  }
+  finish(s, o, y);
 }
 
 void GatedAttention::backward(const Saved& s, const Tensor& dy, Tensor& dx) {

@@ -8,6 +8,7 @@
 #include "comm/context_parallel.h"
 #include "kernels/ops.h"
 #include "model/config.h"
+#include "model/inference_cache.h"
 #include "model/module.h"
 
 namespace nextron {
@@ -32,6 +33,11 @@ class GatedAttention {
   void forward(Saved& s, const Tensor& x, Tensor& y, int64_t B, int64_t S);
   // dy: (B, S, H). Accumulates into dx (B, S, H) and the parameter gradients.
   void backward(const Saved& s, const Tensor& dy, Tensor& dx);
+  // Generation: x (B, S, H) holds S new tokens of each of B sequences, sequence b at positions [lengths[b],
+  // lengths[b] + S); their keys and values are appended to `cache` (the layer's entry for those B slots), which
+  // every new query attends over. y (B, S, H) is overwritten. The caller advances the lengths.
+  void forward_cached(LayerCache& cache, const std::vector<int64_t>& lengths, const Tensor& x, Tensor& y, int64_t B,
+                      int64_t S);
   // Selective recomputation of the core attention (softmax(q k^T) v): its output and log-sum-exp are not kept per
   // record (this module's scratch holds the last forward's); backward reruns the kernel on the kept q, k, v.
   void set_recompute_core(bool on) { recompute_core_ = on; }
@@ -45,6 +51,11 @@ class GatedAttention {
   const ModelConfig& c_;
   ModuleWeights wt_;
   Ops& ops_;
+  // The forward's steps shared with forward_cached: the projections, q_norm and k_norm into s (before RoPE); the
+  // output gate and o_proj.
+  void project(Saved& s, const Tensor& x, int64_t B, int64_t S);
+  void finish(Saved& s, const Tensor& o, Tensor& y);
+  Saved cached_;               // generation scratch
   Tensor q_cols_, gate_cols_;  // column tables of q_proj's output
   int64_t rope_S_ = 0;
   Tensor cos_, sin_;  // RoPE tables (rope_S_, rotary_dim), shared by the micro-batches of that length

@@ -1,5 +1,7 @@
 #include "model/decoder.h"
 
+#include "core/error.h"
+
 namespace nextron {
 
 DecoderLayer::DecoderLayer(const ModelConfig& config, int64_t layer, const ParamTable& table, const FlatBuffers& flat,
@@ -58,6 +60,33 @@ void DecoderLayer::forward(Saved& s, const Tensor& x_in, Tensor& x_out, int64_t 
     dense_->forward(recompute_mlp_ ? rc_dense_ : s.dense, s.h2_region, mlp_region);
   Tensor& mlp = tp_.active() ? ops_.act(mlp_, {Nl, H}) : mlp_region;
   tp_.exit_forward(mlp_region, mlp, N, H);
+  ops_.add(x_out, x_mid, mlp);
+}
+
+void DecoderLayer::forward_cached(LayerCache& cache, const std::vector<int64_t>& lengths, const Tensor& x_in,
+                                  Tensor& x_out, int64_t B, int64_t S) {
+  NEXTRON_CHECK(!tp_.active(), "generation runs on one process (tensor parallelism 1)");
+  const int64_t N = B * S, H = c_.hidden_size;
+  Saved& s = cached_;
+  Tensor& h1 = ops_.act(s.h1, {N, H});
+  ops_.rmsnorm_forward(h1, ops_.f32(s.rstd1, {N}), x_in, wt_.p("input_layernorm"), c_.rms_norm_eps);
+  Tensor& mix = ops_.act(mix_region_, {N, H});
+  if (attention_)
+    attention_->forward_cached(cache, lengths, h1, mix, B, S);
+  else
+    deltanet_->forward_cached(cache, h1, mix, B, S);
+  Tensor& x_mid = ops_.act(s.x_mid, {N, H});
+  ops_.add(x_mid, x_in, mix);
+  Tensor& h2 = ops_.act(s.h2, {N, H});
+  ops_.rmsnorm_forward(h2, ops_.f32(s.rstd2, {N}), x_mid, wt_.p("post_attention_layernorm"), c_.rms_norm_eps);
+  Tensor& mlp = ops_.act(mlp_region_, {N, H});
+  if (moe_) {
+    cached_aux_.reset(ops_, c_.num_experts);
+    cached_aux_.counts_load = false;  // not a training micro-batch: the per-layer expert load does not count it
+    moe_->forward(s.moe, h2, mlp, cached_aux_);
+  } else {
+    dense_->forward(s.dense, h2, mlp);
+  }
   ops_.add(x_out, x_mid, mlp);
 }
 

@@ -37,6 +37,11 @@ class DecoderLayer {
   };
   // x_in: (Nl, H); x_out: the same shape, overwritten.
   void forward(Saved& s, const Tensor& x_in, Tensor& x_out, int64_t B, int64_t S, MoeAuxStats& aux);
+  // Generation (one process: no TP, CP or EP): x_in (B S, H) holds S new tokens of B sequences, sequence b at
+  // positions [lengths[b], lengths[b] + S), with this layer's cache entry for those B slots; x_out is overwritten.
+  // Nothing is recorded for a backward.
+  void forward_cached(LayerCache& cache, const std::vector<int64_t>& lengths, const Tensor& x_in, Tensor& x_out,
+                      int64_t B, int64_t S);
   // Accumulates the gradient w.r.t. x_in into dx_in.
   void backward(const Saved& s, const Tensor& dx_out, Tensor& dx_in, const MoeAuxStats& aux, float d_aux);
   // Selective recomputation (model/recompute.h) of this layer's modules named in `options`:
@@ -66,6 +71,8 @@ class DecoderLayer {
   std::unique_ptr<GatedDeltaNet> deltanet_;
   std::unique_ptr<SwiGluMlp> dense_;
   std::unique_ptr<SparseMoe> moe_;
+  Saved cached_;                                // generation scratch (forward_cached)
+  MoeAuxStats cached_aux_;                      // its router statistics (discarded)
   Tensor mix_region_, mix_, mlp_region_, mlp_;  // forward scratch: the branch outputs (N, H) and their local rows
   bool recompute_mlp_ = false, recompute_norm_ = false;
   Tensor rc_h1_, rc_h1_full_, rc_h2_, rc_h2_full_, rc_rstd_;  // recomputed norms: outputs, SP gathers, rstd

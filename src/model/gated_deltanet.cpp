@@ -82,9 +82,9 @@ GatedDeltaNet::GatedDeltaNet(const ModelConfig& config, ModuleWeights weights, O
   v_cols_ = ops_.index_table(iota_cols(2 * KD, c_.value_dim()));
 }
 
-void GatedDeltaNet::forward(Saved& s, const Tensor& x, Tensor& y, int64_t B, int64_t S) {
-  const int64_t N = B * S, Hk = c_.linear_num_key_heads, Hv = c_.linear_num_value_heads, dk = c_.linear_key_head_dim,
-                dv = c_.linear_value_head_dim, KD = c_.key_dim(), VD = c_.value_dim(), CD = c_.conv_dim();
+void GatedDeltaNet::project(Saved& s, const Tensor& x, int64_t B, int64_t S) {
+  const int64_t N = B * S, Hv = c_.linear_num_value_heads, dv = c_.linear_value_head_dim, KD = c_.key_dim(),
+                VD = c_.value_dim(), CD = c_.conv_dim();
   s.B = B;
   s.S = S;
   s.x = x;
@@ -101,7 +101,38 @@ void GatedDeltaNet::forward(Saved& s, const Tensor& x, Tensor& y, int64_t B, int
   ops_.gather_cols(z, qkvz, z_cols_);
   ops_.gather_cols(b, ba, b_cols_);
   ops_.gather_cols(a, ba, a_cols_);
+}
 
+void GatedDeltaNet::split_conv(Saved& s, const Tensor& conv, Tensor& qn, Tensor& kn) {
+  const int64_t B = s.B, S = s.S, N = B * S, Hk = c_.linear_num_key_heads, Hv = c_.linear_num_value_heads,
+                dk = c_.linear_key_head_dim, dv = c_.linear_value_head_dim, KD = c_.key_dim(), VD = c_.value_dim(),
+                CD = c_.conv_dim();
+  Tensor conv_rows = conv.reshape({N, CD});
+  Tensor& q = ops_.act(s.q, {B, S, Hk, dk});
+  Tensor& k = ops_.act(s.k, {B, S, Hk, dk});
+  Tensor& v = ops_.act(s.v, {B, S, Hv, dv});
+  Tensor q_rows = q.reshape({N, KD}), k_rows = k.reshape({N, KD}), v_rows = v.reshape({N, VD});
+  ops_.gather_cols(q_rows, conv_rows, q_cols_);
+  ops_.gather_cols(k_rows, conv_rows, k_cols_);
+  ops_.gather_cols(v_rows, conv_rows, v_cols_);
+  ops_.l2norm_forward(ops_.act(qn, {B, S, Hk, dk}), q, dk);
+  ops_.l2norm_forward(ops_.act(kn, {B, S, Hk, dk}), k, dk);
+  ops_.gdn_gates_forward(ops_.f32(s.beta, {B, S, Hv}), ops_.f32(s.g, {B, S, Hv}), s.b, s.a, wt_.p("A_log"),
+                         wt_.p("dt_bias"));
+}
+
+void GatedDeltaNet::finish(Saved& s, const Tensor& o, Tensor& y) {
+  const int64_t N = s.B * s.S, Hv = c_.linear_num_value_heads;
+  Tensor& on = ops_.act(s.on, {N, c_.value_dim()});
+  ops_.rmsnorm_gated_forward(on, ops_.f32(s.o_rstd, {N * Hv}), o, s.z, wt_.p("norm"), c_.rms_norm_eps);
+  ops_.linear_forward(y, on, wt_.p("out_proj"), nullptr);
+}
+
+void GatedDeltaNet::forward(Saved& s, const Tensor& x, Tensor& y, int64_t B, int64_t S) {
+  const int64_t Hv = c_.linear_num_value_heads, dk = c_.linear_key_head_dim, dv = c_.linear_value_head_dim,
+                CD = c_.conv_dim();
+  project(s, x, B, S);
+  const Tensor& mixed = s.mixed;
   Tensor& conv = ops_.act(conv_, {B, S, CD});
   if (cp_active()) {
     // Every segment's causal conv needs the previous chunk's last KC-1 pre-conv rows: it runs over them and the
@@ -127,22 +158,10 @@ void GatedDeltaNet::forward(Saved& s, const Tensor& x, Tensor& y, int64_t B, int
   } else {
     ops_.conv1d_silu_forward(conv, mixed, wt_.p("conv1d"));
   }
-  Tensor conv_rows = conv.reshape({N, CD});
-  Tensor& q = ops_.act(s.q, {B, S, Hk, dk});
-  Tensor& k = ops_.act(s.k, {B, S, Hk, dk});
-  Tensor& v = ops_.act(s.v, {B, S, Hv, dv});
-  Tensor q_rows = q.reshape({N, KD}), k_rows = k.reshape({N, KD}), v_rows = v.reshape({N, VD});
-  ops_.gather_cols(q_rows, conv_rows, q_cols_);
-  ops_.gather_cols(k_rows, conv_rows, k_cols_);
-  ops_.gather_cols(v_rows, conv_rows, v_cols_);
-  Tensor& qn = ops_.act(recompute_core_ ? rc_qn_ : s.qn, {B, S, Hk, dk});
-  Tensor& kn = ops_.act(recompute_core_ ? rc_kn_ : s.kn, {B, S, Hk, dk});
-  ops_.l2norm_forward(qn, q, dk);
-  ops_.l2norm_forward(kn, k, dk);
-
-  Tensor& beta = ops_.f32(s.beta, {B, S, Hv});
-  Tensor& g = ops_.f32(s.g, {B, S, Hv});
-  ops_.gdn_gates_forward(beta, g, b, a, wt_.p("A_log"), wt_.p("dt_bias"));
+  Tensor& qn = recompute_core_ ? rc_qn_ : s.qn;
+  Tensor& kn = recompute_core_ ? rc_kn_ : s.kn;
+  split_conv(s, conv, qn, kn);
+  const Tensor &v = s.v, &g = s.g, &beta = s.beta;
 
   Tensor& o = ops_.act(recompute_core_ ? rc_o_ : s.o, {B, S, Hv, dv});
   const double scale = 1.0 / std::sqrt(double(dk));
@@ -174,9 +193,46 @@ void GatedDeltaNet::forward(Saved& s, const Tensor& x, Tensor& y, int64_t B, int
   } else {
     ops_.gated_delta_rule_forward(o, qn, kn, v, g, beta, scale, {});
   }
-  Tensor& on = ops_.act(s.on, {N, VD});
-  ops_.rmsnorm_gated_forward(on, ops_.f32(s.o_rstd, {N * Hv}), o, z, wt_.p("norm"), c_.rms_norm_eps);
-  ops_.linear_forward(y, on, wt_.p("out_proj"), nullptr);
+  finish(s, o, y);
+}
+
+void GatedDeltaNet::forward_cached(LayerCache& cache, const Tensor& x, Tensor& y, int64_t B, int64_t S) {
+  const int64_t Hk = c_.linear_num_key_heads, Hv = c_.linear_num_value_heads, dk = c_.linear_key_head_dim,
+                dv = c_.linear_value_head_dim, CD = c_.conv_dim(), W = c_.linear_conv_kernel_dim - 1;
+  Saved& s = cached_;
+  project(s, x, B, S);
+  // The conv runs over each sequence's cached window followed by its new rows; the first W outputs (the window's,
+  // already produced) are dropped and the last W inputs become the next window.
+  Tensor& ext = ops_.act(cached_ext_, {B, W + S, CD});
+  Tensor& conv_ext = ops_.act(conv_ext_, {B, W + S, CD});
+  for (int64_t b = 0; b < B; ++b) {
+    ext.copy_elements_from(b * (W + S) * CD, cache.conv, b * W * CD, W * CD);
+    ext.copy_elements_from((b * (W + S) + W) * CD, s.mixed, b * S * CD, S * CD);
+  }
+  ops_.conv1d_silu_forward(conv_ext, ext, wt_.p("conv1d"));
+  Tensor& conv = ops_.act(conv_, {B, S, CD});
+  for (int64_t b = 0; b < B; ++b) {
+    conv.copy_elements_from(b * S * CD, conv_ext, (b * (W + S) + W) * CD, S * CD);
+    cache.conv.copy_elements_from(b * W * CD, ext, (b * (W + S) + S) * CD, W * CD);
+  }
+  split_conv(s, conv, s.qn, s.kn);
+  Tensor& o = ops_.act(s.o, {B, S, Hv, dv});
+  const double scale = 1.0 / std::sqrt(double(dk));
+  if (S == 1) {
+    // Decoding: one step of the recurrence on the cached state.
+    Tensor o_step = o.reshape({B, Hv, dv});
+    ops_.gated_delta_rule_step(o_step, cache.state, s.qn.reshape({B, Hk, dk}), s.kn.reshape({B, Hk, dk}),
+                               s.v.reshape({B, Hv, dv}), s.g.reshape({B, Hv}), s.beta.reshape({B, Hv}), scale);
+  } else {
+    // A prompt (or a continuation of several tokens): the chunked kernel from the cached state.
+    Tensor& fin = ops_.f32(cached_final_, {B, Hv, dk, dv});
+    GdrStates states;
+    states.initial = &cache.state;
+    states.final_state = &fin;
+    ops_.gated_delta_rule_forward(o, s.qn, s.kn, s.v, s.g, s.beta, scale, states);
+    cache.state.copy_from(fin);
+  }
+  finish(s, o, y);
 }
 
 void GatedDeltaNet::backward(const Saved& s, const Tensor& dy, Tensor& dx) {

@@ -8,6 +8,7 @@
 #include "comm/context_parallel.h"
 #include "kernels/ops.h"
 #include "model/config.h"
+#include "model/inference_cache.h"
 #include "model/module.h"
 
 namespace nextron {
@@ -36,6 +37,10 @@ class GatedDeltaNet {
   void forward(Saved& s, const Tensor& x, Tensor& y, int64_t B, int64_t S);
   // Accumulates into dx (B, S, H) and the parameter gradients.
   void backward(const Saved& s, const Tensor& dy, Tensor& dx);
+  // Generation: x (B, S, H) holds S new tokens of each of B sequences whose conv window and recurrent state are in
+  // `cache` (the layer's entry for those B slots); y (B, S, H) is overwritten and the cache advanced by S tokens.
+  // One new token runs the recurrent step; more run the chunked kernel from the cached state.
+  void forward_cached(LayerCache& cache, const Tensor& x, Tensor& y, int64_t B, int64_t S);
   // Selective recomputation of the delta-rule core (the q/k L2 norms and the chunked gated delta rule, as fla's
   // kernel with use_qk_l2norm_in_kernel): qn, kn and its output are not kept per record (this module's scratch
   // holds the last forward's); backward reruns them on the kept q, k, v and gates.
@@ -55,6 +60,14 @@ class GatedDeltaNet {
   Tensor mixed_cols_, z_cols_, b_cols_, a_cols_, q_cols_, k_cols_, v_cols_;
   // Forward scratch: the projections (B S, 2 KD + 2 VD), (B S, 2 Hv) and the conv output (B, S, CD).
   Tensor qkvz_, ba_, conv_;
+  // The forward's steps shared with forward_cached: the projections regrouped into s.mixed, z, b, a; the conv
+  // output split into q, k, v, their L2 norms (into qn, kn) and the gates; the gated norm and out_proj.
+  void project(Saved& s, const Tensor& x, int64_t B, int64_t S);
+  void split_conv(Saved& s, const Tensor& conv, Tensor& qn, Tensor& kn);
+  void finish(Saved& s, const Tensor& o, Tensor& y);
+  // Generation scratch: the forward's tensors, the windowed conv input (B, KC - 1 + S, CD), the new state.
+  Saved cached_;
+  Tensor cached_ext_, cached_final_;
   bool recompute_core_ = false;
   const ContextParallel* cp_ = nullptr;
   bool cp_active() const { return cp_ != nullptr && cp_->active(); }

@@ -114,6 +114,85 @@ Tensor Model::logits(const ModelActivations& a) const {
   return out;
 }
 
+InferenceCache Model::new_inference_cache(int64_t batch, int64_t capacity) const {
+  NEXTRON_CHECK(batch > 0 && capacity > 0, "generation: the cache needs at least one slot and one position, got ",
+                batch, " slots of ", capacity);
+  const ModelConfig& c = local_config_;
+  InferenceCache cache;
+  cache.batch = batch;
+  cache.capacity = capacity;
+  cache.length.assign(static_cast<size_t>(batch), 0);
+  cache.layers.resize(layers_.size());
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    LayerCache& l = cache.layers[i];
+    if (c.layer_types[stage_.layer_begin + static_cast<int64_t>(i)] == MixerType::full_attention) {
+      ops_->act(l.k, {batch, capacity, c.num_key_value_heads, c.head_dim});
+      ops_->act(l.v, {batch, capacity, c.num_key_value_heads, c.head_dim});
+    } else {
+      // Zero window and state: a sequence's first conv inputs see the causal zero padding, its recurrence S_0 = 0.
+      ops_->act(l.conv, {batch, c.linear_conv_kernel_dim - 1, c.conv_dim()});
+      ops_->f32(l.state, {batch, c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim});
+    }
+  }
+  return cache;
+}
+
+std::vector<float> Model::forward_cached(InferenceCache& cache, int64_t first_slot, const int64_t* ids, int64_t B,
+                                         int64_t S) {
+  NEXTRON_CHECK(stage_.is_whole(config_) && !comms_.tp.active() && !comms_.cp.active() && !comms_.ep.active(),
+                "generation runs the whole model on one process (no tensor, pipeline, context or expert "
+                "parallelism); load the checkpoint into a one-process model (nextron-generate does)");
+  NEXTRON_CHECK(B > 0 && S > 0, "generation: batch and new tokens must be positive, got B=", B, " S=", S);
+  NEXTRON_CHECK(first_slot >= 0 && first_slot + B <= cache.batch, "generation: slots [", first_slot, ", ",
+                first_slot + B, ") are outside the cache's ", cache.batch);
+  NEXTRON_CHECK(cache.layers.size() == layers_.size(), "generation: the cache was built for ", cache.layers.size(),
+                " layers, the model has ", layers_.size());
+  Ops& ops = *ops_;
+  const int64_t N = B * S, H = config_.hidden_size, V = local_config_.vocab_size;
+  const std::vector<int64_t> lengths(cache.length.begin() + first_slot, cache.length.begin() + first_slot + B);
+  for (int64_t b = 0; b < B; ++b)
+    NEXTRON_CHECK(lengths[static_cast<size_t>(b)] + S <= cache.capacity, "generation: sequence ", first_slot + b,
+                  " would reach ", lengths[static_cast<size_t>(b)] + S, " tokens, more than the cache's capacity ",
+                  cache.capacity, "; build the cache with more positions");
+  ops.upload(ops.i64(gen_ids_, {N}), ids, N * sizeof(int64_t));
+  Tensor* x = &ops.act(gen_a_, {N, H});
+  Tensor* y = &ops.act(gen_b_, {N, H});
+  ops.embedding_forward(*x, ModuleWeights(table_, flat_, "").p("embed_tokens"), gen_ids_, vocab_shard());
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    // The layer's cache entries for these slots (views: the layer writes straight into the cache).
+    const LayerCache& whole = cache.layers[i];
+    LayerCache slots;
+    for (auto [dst, src] : {std::pair<Tensor*, const Tensor*>{&slots.conv, &whole.conv},
+                            {&slots.state, &whole.state},
+                            {&slots.k, &whole.k},
+                            {&slots.v, &whole.v}})
+      if (src->defined()) *dst = src->slice0(first_slot, first_slot + B);
+    layers_[i]->forward_cached(slots, lengths, *x, *y, B, S);
+    std::swap(x, y);
+  }
+  // Only each sequence's last position is scored.
+  Tensor& last = ops.act(gen_last_, {B, H});
+  for (int64_t b = 0; b < B; ++b) last.copy_elements_from(b * H, *x, (b * S + S - 1) * H, H);
+  const ModuleWeights top(table_, flat_, "");
+  Tensor& h = ops.act(gen_norm_, {B, H});
+  ops.rmsnorm_forward(h, ops.f32(gen_rstd_, {B}), last, top.p("norm"), config_.rms_norm_eps);
+  Tensor& logits = ops.act(gen_logits_, {B, V});
+  ops.linear_forward(logits, h, top.p("lm_head"), vocab_mask_.w.defined() ? &vocab_mask_ : nullptr);
+  std::vector<float> all(static_cast<size_t>(B * V));
+  if (logits.dtype() == DType::f32) {
+    ops.download(all.data(), logits, all.size() * sizeof(float));
+  } else {
+    Tensor f = Tensor::zeros({B, V}, DType::f32, ops.device());
+    ops.cast(f, logits);
+    ops.download(all.data(), f, all.size() * sizeof(float));
+  }
+  const int64_t Vr = config_.vocab_size;  // the real vocabulary (padded columns dropped)
+  std::vector<float> out(static_cast<size_t>(B * Vr));
+  for (int64_t b = 0; b < B; ++b) std::copy_n(all.begin() + b * V, Vr, out.begin() + b * Vr);
+  for (int64_t b = 0; b < B; ++b) cache.length[static_cast<size_t>(first_slot + b)] += S;
+  return out;
+}
+
 VocabShard Model::vocab_shard() const {
   const int64_t Vl = local_config_.vocab_size;
   return {comms_.tp.rank() * Vl, Vl, Vl * comms_.tp.size()};

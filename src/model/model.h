@@ -19,6 +19,7 @@
 #include "kernels/vocab_shard.h"
 #include "model/config.h"
 #include "model/decoder.h"
+#include "model/inference_cache.h"
 #include "model/moe.h"
 #include "model/param_table.h"
 #include "model/recompute.h"
@@ -111,6 +112,16 @@ class Model {
   // The backward of the forward that filled `a` (any number of other forwards may have run since).
   void backward(const ModelActivations& a, float loss_scale = 1.0f);
 
+  // ---- Generation (model/inference_cache.h; the whole model on one process: no TP, PP, CP or EP) ----
+  // A cache of `batch` empty sequence slots of `capacity` positions each, on the backend's device.
+  InferenceCache new_inference_cache(int64_t batch, int64_t capacity) const;
+  // Runs S new tokens ids (B, S) of the B slots [first_slot, first_slot + B) of `cache` (each at its own length,
+  // which grows by S) and returns the next-token logits of each sequence's last new token: (B, vocab_size) f32 on
+  // the host (padded vocabulary columns dropped). A prompt is one call with its S tokens (the chunked kernels);
+  // decoding is one call per token with S = 1 (the recurrent step and the KV cache).
+  std::vector<float> forward_cached(InferenceCache& cache, int64_t first_slot, const int64_t* ids, int64_t B,
+                                    int64_t S);
+
   // ---- Pipeline stages (a model built over a StageRange that is not the whole model) ----
   // A stage after the first: the (Nl, H) buffer of `a` to fill with the previous stage's output before forward
   // (ids are then ignored), and the router statistics that came with it (set a.aux: count_sum, prob_sum (E) and
@@ -175,6 +186,9 @@ class Model {
   // gradient of the stage input in dhidden_a_.
   void backward_from(const ModelActivations& a, const Tensor* d_output, float loss_scale);
   VocabShard vocab_shard() const;
+  // Generation scratch: the ids (N) on the device, two (N, H) hidden buffers, the last rows (B, H), their norm and
+  // logits (B, V).
+  Tensor gen_ids_, gen_a_, gen_b_, gen_last_, gen_norm_, gen_rstd_, gen_logits_;
 };
 
 }  // namespace nextron

@@ -190,6 +190,45 @@ TEST(GatedDeltaRule, ChunkedMatchesRecurrentDouble) {
   }
 }
 
+// Generation's decoding step (CpuOps::gated_delta_rule_step): the recurrence over one token, the cached state passed
+// as both the initial and the final state, run token by token from the prompt's state, gives the chunked forward's
+// outputs and final state over the same tokens (double: agreement to rounding, 1e-10 of each tensor's scale).
+TEST(GatedDeltaRule, DecodeStepsEqualChunkedForwardDouble) {
+  const GdrShape s{2, 150, 2, 4, 16, 12};  // 150 tokens: two whole chunks of 64 and a partial one
+  const GdrInputs in = make_inputs(s, 4242);
+  std::vector<double> o_ref(in.v.size()), final_ref(in.init.size());
+  cpu::gated_delta_rule_chunked_forward<double>(o_ref.data(), final_ref.data(), in.q.data(), in.k.data(), in.v.data(),
+                                                in.g.data(), in.beta.data(), in.init.data(), s, 0.25);
+  std::vector<double> state = in.init, o(in.v.size());
+  const GdrShape one{s.B, 1, s.Hk, s.Hv, s.dk, s.dv};
+  const int64_t nqk = s.Hk * s.dk, nv = s.Hv * s.dv, ng = s.Hv;
+  std::vector<double> q(s.B * nqk), k(s.B * nqk), v(s.B * nv), g(s.B * ng), beta(s.B * ng), ot(s.B * nv);
+  for (int64_t t = 0; t < s.S; ++t) {
+    // Token t of every sequence, as (B, 1, ...) rows.
+    for (int64_t b = 0; b < s.B; ++b) {
+      std::copy_n(in.q.begin() + (b * s.S + t) * nqk, nqk, q.begin() + b * nqk);
+      std::copy_n(in.k.begin() + (b * s.S + t) * nqk, nqk, k.begin() + b * nqk);
+      std::copy_n(in.v.begin() + (b * s.S + t) * nv, nv, v.begin() + b * nv);
+      std::copy_n(in.g.begin() + (b * s.S + t) * ng, ng, g.begin() + b * ng);
+      std::copy_n(in.beta.begin() + (b * s.S + t) * ng, ng, beta.begin() + b * ng);
+    }
+    cpu::gated_delta_rule_recurrent_forward<double>(ot.data(), state.data(), q.data(), k.data(), v.data(), g.data(),
+                                                    beta.data(), state.data(), one, 0.25);
+    for (int64_t b = 0; b < s.B; ++b) std::copy_n(ot.begin() + b * nv, nv, o.begin() + (b * s.S + t) * nv);
+  }
+  auto scale_of = [](const std::vector<double>& x) {
+    double m = 0;
+    for (double e : x) m = std::max(m, std::abs(e));
+    return m;
+  };
+  double err_o = 0, err_state = 0;
+  for (size_t i = 0; i < o.size(); ++i) err_o = std::max(err_o, std::abs(o[i] - o_ref[i]));
+  for (size_t i = 0; i < state.size(); ++i) err_state = std::max(err_state, std::abs(state[i] - final_ref[i]));
+  EXPECT_LT(err_o, 1e-10 * scale_of(o_ref));
+  EXPECT_LT(err_state, 1e-10 * scale_of(final_ref));
+  EXPECT_GT(scale_of(o_ref), 0.1);  // a non-trivial output (not two zero tensors agreeing)
+}
+
 // In float, both forms stay within kFloatTol of the double reference, relative to each tensor's max magnitude.
 // Observed errors are <= 1e-6 for both forms (dg, a reverse cumulative sum of cancelling terms, is the largest);
 // 1e-5 leaves a 10x margin for other BLAS kernels / summation orders while any formula error shows up as >= 1e-3.

@@ -297,6 +297,12 @@ void CudaOps::gated_delta_rule_transition(Tensor& m, const Tensor& k, const Tens
   cuda::gated_delta_rule_transition(f(m), bf(k), f(g), f(beta), s, ws.raw(), stream_);
 }
 
+void CudaOps::gated_delta_rule_step(Tensor& o, Tensor& state, const Tensor& q, const Tensor& k, const Tensor& v,
+                                    const Tensor& g, const Tensor& beta, double scale) {
+  cuda::gated_delta_rule_step(bf(o), f(state), bf(q), bf(k), bf(v), f(g), f(beta), q.dim(0), q.dim(1), v.dim(1),
+                              q.dim(2), v.dim(2), static_cast<float>(scale), stream_);
+}
+
 void CudaOps::gated_delta_rule_backward(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dg, Tensor& dbeta,
                                         const Tensor& d_o, const Tensor& q, const Tensor& k, const Tensor& v,
                                         const Tensor& g, const Tensor& beta, double scale, const GdrStates& states) {

@@ -80,6 +80,8 @@ class CudaOps final : public Ops {
                                  const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& beta,
                                  double scale, const GdrStates& states) override;
   void gated_delta_rule_transition(Tensor& m, const Tensor& k, const Tensor& g, const Tensor& beta) override;
+  void gated_delta_rule_step(Tensor& o, Tensor& state, const Tensor& q, const Tensor& k, const Tensor& v,
+                             const Tensor& g, const Tensor& beta, double scale) override;
 
   void swiglu_forward(Tensor& h, const Tensor& gu) override;
   void swiglu_backward(Tensor& dgu, const Tensor& dh, const Tensor& gu) override;

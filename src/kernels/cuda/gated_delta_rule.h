@@ -32,4 +32,10 @@ void gated_delta_rule_backward(bf16* dq, bf16* dk, bf16* dv, float* dg, float* d
                                const float* g, const float* beta, const float* initial_state, const GdrShape& s,
                                float scale, void* workspace, cudaStream_t stream);
 
+// One decoding step (generation; kernels/cuda/gated_delta_rule_step.cu): q, k (B, Hk, dk), v, o (B, Hv, dv) bf16;
+// g, beta (B, Hv) fp32; state (B, Hv, dk, dv) fp32 is read and overwritten with the state after the token. dk <= 256.
+void gated_delta_rule_step(bf16* o, float* state, const bf16* q, const bf16* k, const bf16* v, const float* g,
+                           const float* beta, int64_t B, int64_t Hk, int64_t Hv, int64_t dk, int64_t dv, float scale,
+                           cudaStream_t stream);
+
 }  // namespace nextron::cuda
