@@ -64,7 +64,7 @@ def main():
         return metrics, [args.train] + base + ["--train-steps", "100000", "--log-interval", "100000", "--metrics",
                                                metrics, "--save", save, "--resume", "none"]
 
-    def stopped_run(save, mpirun_opts, sig, launcher=None):
+    def stopped_run(save, mpirun_opts, sig, launcher=None, again_after=None):
         """Starts 2 ranks, sends `sig` to mpirun once step 3 is in the metrics; returns (rc, stdout, stderr, secs).
 
         The ranks log only at the end: while mpirun aborts a job it stops reading the ranks' output, and ranks
@@ -76,6 +76,9 @@ def main():
             wait_steps(metrics, lambda: p.poll() is None)
             t0 = time.time()
             p.send_signal(sig)
+            if again_after is not None:  # a second signal while the ranks save
+                time.sleep(again_after)
+                p.send_signal(sig)
             try:
                 p.wait(timeout=300)
             except subprocess.TimeoutExpired:
@@ -107,6 +110,12 @@ def main():
           "--mca odls_base_sigkill_timeout" in err, err[-600:])
     saved_and_resumable("SIGUSR1", s1, rc, out, err, secs, SAVE_DELAY_S)
     check("SIGUSR1: logged as the stop signal", "stopped early by SIGUSR1" in out, out[-300:])
+
+    # 1b. A second SIGUSR1 in the middle of the final save (an impatient user, a scheduler repeating its signal): the
+    # stop handlers stay installed until the save is complete, so it is ignored and the checkpoint still appears.
+    s1b = os.path.join(w, "usr1_twice")
+    rc, out, err, secs = stopped_run(s1b, [], signal.SIGUSR1, again_after=SAVE_DELAY_S / 2)
+    saved_and_resumable("SIGUSR1 twice", s1b, rc, out, err, secs, SAVE_DELAY_S)
 
     # 2. SIGTERM with a longer odls_base_sigkill_timeout: the ranks get it late but have the time.
     s2 = os.path.join(w, "term_grace")

@@ -103,6 +103,38 @@ void request_stop(int sig) {
   g_stop_requested = 1;
   g_stop_signal = sig;
 }
+
+// SIGINT, SIGTERM and SIGUSR1 request a stop while this lives: from the first step to the end of the final save, so a
+// second signal (Slurm's scancel after its --signal, an impatient ^C) can never kill a rank in the middle of a save.
+// The previous handlers come back at restore() or when the run leaves by an exception.
+class StopSignals {
+ public:
+  StopSignals() {
+    g_stop_requested = 0;
+    g_stop_signal = 0;
+    old_int_ = std::signal(SIGINT, request_stop);
+    old_term_ = std::signal(SIGTERM, request_stop);
+    // Open MPI's mpirun forwards SIGUSR1 to every rank at once (SIGINT / SIGTERM only after
+    // odls_base_sigkill_timeout, and kills the ranks that much later): `kill -USR1 <mpirun>` is the prompt way to
+    // stop a job with a save.
+    old_usr1_ = std::signal(SIGUSR1, request_stop);
+  }
+  ~StopSignals() { restore(); }
+  StopSignals(const StopSignals&) = delete;
+  StopSignals& operator=(const StopSignals&) = delete;
+  void restore() {
+    if (restored_) return;
+    std::signal(SIGINT, old_int_);
+    std::signal(SIGTERM, old_term_);
+    std::signal(SIGUSR1, old_usr1_);
+    restored_ = true;
+  }
+
+ private:
+  using Handler = void (*)(int);
+  Handler old_int_ = SIG_DFL, old_term_ = SIG_DFL, old_usr1_ = SIG_DFL;
+  bool restored_ = false;
+};
 }  // namespace
 
 Trainer::Trainer(const TrainOptions& options, SampleFn source, Communicator* world, TrainBackend backend)
@@ -822,13 +854,7 @@ void Trainer::run() {
     return dir;
   };
 
-  g_stop_requested = 0;
-  g_stop_signal = 0;
-  auto old_int = std::signal(SIGINT, request_stop);
-  auto old_term = std::signal(SIGTERM, request_stop);
-  // Open MPI's mpirun forwards SIGUSR1 to every rank at once (SIGINT / SIGTERM only after odls_base_sigkill_timeout,
-  // and kills the ranks that much later): `kill -USR1 <mpirun>` is the prompt way to stop a job with a save.
-  auto old_usr1 = std::signal(SIGUSR1, request_stop);
+  StopSignals signals;
   const bool progress = opt_.progress && log;
   ProgressBar bar(opt_.train_steps, std::cerr, step_);
   // A signal may reach the ranks at different steps: they agree after every step, so all stop at the same one.
@@ -902,9 +928,6 @@ void Trainer::run() {
     stop = stop_agreed();
   }
   if (progress) bar.finish();
-  std::signal(SIGINT, old_int);
-  std::signal(SIGTERM, old_term);
-  std::signal(SIGUSR1, old_usr1);
   if (const std::string dir = finish_background_save(/*wait=*/true); !dir.empty() && log)
     std::printf("saved %s (written in the background)\n", dir.c_str());
   if (log && stop) std::printf("stop requested: saving at step %lld\n", static_cast<long long>(step_));
@@ -918,6 +941,9 @@ void Trainer::run() {
     const std::string dir = timed_save();
     if (log) std::printf("saved %s\n", dir.c_str());
   }
+  // Saved: from here a signal acts as it did before the run (the HF export below writes OUT.partial and renames it,
+  // so an interrupted export leaves no half-written checkpoint).
+  signals.restore();
   if (stopped_early_ && log) {
     std::printf("stopped early by %s at step %lld of %lld%s\n",
                 g_stop_signal == SIGINT    ? "SIGINT"
