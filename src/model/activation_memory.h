@@ -42,12 +42,32 @@ struct ActivationBytes {
   int64_t io = 0;               // ids, the layer inputs/outputs kept, router statistics, boundary gradients
   std::vector<int64_t> layers;  // each decoder layer's record (0 when a full recomputation group holds it)
   int64_t head = 0;             // final norm, logits, loss rows and targets
+  // Of the total, the bytes outside Tensors (host vectors: the CPU MoE state, the dispatch plans, the host targets,
+  // CP's DeltaNet transitions); a device's memory holds total() - host.
+  int64_t host = 0;
   int64_t total() const;
 };
 
 // local: the rank's slice of the model config (Model::local_config()); stage: the layers this model holds.
 ActivationBytes activation_record_bytes(const ModelConfig& local, const StageRange& stage, const ActivationShape& shape,
                                         const RecomputeOptions& recompute);
+
+// The buffers a stage keeps outside its records, one copy however many micro-batches are in flight: each decoder
+// layer's modules' forward and backward scratch (the branch outputs, every gradient buffer, the recomputed parts'
+// outputs under selective recomputation, the EP dispatcher's send and receive rows, index and RoPE tables), the
+// model's (the running input gradients, dlogits, the vocab-parallel loss's statistics, the embedding's partial rows)
+// and under full recomputation one group's layer records (a record slot reused by layers of different kinds keeps
+// each kind's tensors). Tensors only, at their steady-state sizes after a micro-batch's forward and backward; the
+// vocabulary mask (< V / TP floats) and the CUDA backend's kernel workspaces are left out.
+// tests/unit/test_activation_memory.cpp measures it on every fixture and recomputation option, byte for byte.
+struct ScratchBytes {
+  int64_t model = 0;            // the Model's own buffers (incl. full recomputation's group scratch)
+  std::vector<int64_t> layers;  // each decoder layer's
+  int64_t transient = 0;        // the largest buffer living only inside one call (CP's gathered keys and values)
+  int64_t total() const;
+};
+ScratchBytes scratch_bytes(const ModelConfig& local, const StageRange& stage, const ActivationShape& shape,
+                           const RecomputeOptions& recompute);
 
 // Host memory a record holds outside Tensors (its targets and the CPU backend's MoE dispatch); Tensors are counted by
 // live_tensor_bytes() (core/tensor.h). Together they are the measured side of the formula.

@@ -132,6 +132,61 @@ TEST_P(ActivationMemory, AFreshRecordHoldsWhatTheFormulaSays) {
   }
 }
 
+// The stage's buffers outside its records (scratch_bytes): everything a warmed-up chain of stages holds beyond the
+// parameters, gradients, the warm-up records and the chain's own input-gradient buffers, measured from before the
+// models exist, equals the closed form byte for byte on every fixture, whole model and stages, every recomputation
+// option. A module that gains (or loses) a scratch tensor the formula does not list fails here.
+TEST_P(ActivationMemory, TheScratchHoldsWhatTheFormulaSays) {
+  const std::string dir = std::string(NEXTRON_FIXTURES_DIR) + "/" + GetParam();
+  const ModelConfig config = read_hf_config(dir);
+  const int64_t L = config.num_hidden_layers;
+  const std::vector<RecomputeOptions> options = {
+      {},
+      {"full", "uniform", 1, {}},
+      {"full", "uniform", 2, {}},
+      {"full", "block", 1, {}},
+      {"selective", "", 0, {"core_attn"}},
+      {"selective", "", 0, {"layernorm"}},
+      {"selective", "", 0, {"mlp"}},
+      {"selective", "", 0, {"moe"}},
+      {"selective", "", 0, {"moe_act"}},
+      {"selective", "", 0, {"shared_experts"}},
+      {"selective", "", 0, {"core_attn", "layernorm", "moe_act", "shared_experts"}}};
+  const std::vector<int64_t> stages = L >= 3 ? std::vector<int64_t>{1, L - 2, 1} : std::vector<int64_t>{1, L - 1};
+  for (const std::vector<int64_t>& counts : {std::vector<int64_t>{L}, stages}) {
+    for (const RecomputeOptions& recompute : options) {
+      std::string name = recompute.granularity + " " + recompute.method;
+      for (const auto& m : recompute.modules) name += " " + m;
+      SCOPED_TRACE(name + (counts.size() == 1 ? " whole model" : " stages"));
+      const std::vector<StageRange> ranges = split(counts);
+      const size_t P = ranges.size();
+      const int64_t before = live_bytes();
+      {
+        Chain chain(config, ranges, recompute);
+        std::vector<ModelActivations> warm(P);
+        for (size_t k = 0; k < P; ++k) chain.forward(k, warm[k], k ? &warm[k - 1] : nullptr);
+        for (size_t k = P; k-- > 0;) chain.backward(k, warm[k], warm.back());
+        ActivationShape shape;
+        shape.B = chain.B;
+        shape.S = chain.S;
+        shape.pipeline = P > 1;
+        int64_t kept = 0, want = 0;
+        for (size_t k = 0; k < P; ++k) {
+          const Model& m = *chain.stages[k];
+          const ActivationBytes record = activation_record_bytes(m.local_config(), ranges[k], shape, recompute);
+          kept += 8 * m.table().total_numel() + record.total() - record.host;  // f32 parameters and gradients
+          if (k > 0) kept += chain.input_grads[k].nbytes();
+          const ScratchBytes scratch = scratch_bytes(m.local_config(), ranges[k], shape, recompute);
+          EXPECT_EQ(scratch.transient, 0);
+          want += scratch.total();
+        }
+        EXPECT_EQ(live_bytes() - before - kept, want);
+      }
+      EXPECT_EQ(live_bytes(), before);
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Fixtures, ActivationMemory, ::testing::ValuesIn(fixture_names()),
                          [](const ::testing::TestParamInfo<std::string>& i) { return i.param; });
 
