@@ -139,7 +139,7 @@ void write_csv(std::ofstream& csv, const std::vector<Plan>& plans) {
     csv << p.layout.world << ',' << s.tp << ',' << (p.layout.sequence_parallel ? 1 : 0) << ',' << s.cp << ',' << s.pp
         << ',' << s.vpp << ',' << s.ep << ',' << s.etp << ',' << p.dp << ',' << p.edp << ',' << p.layout.micro_batch
         << ',' << p.layout.recompute_name << ',' << m.weights << ',' << m.grads << ',' << m.optimizer << ','
-        << m.buffers << ',' << m.activations << ',' << m.total() << ',' << (p.fits ? 1 : 0);
+        << m.buffers << ',' << m.activations << ',' << m.scratch << ',' << m.total() << ',' << (p.fits ? 1 : 0);
     for (int a = 0; a < kAxes; ++a) csv << ',' << p.max_bytes.bytes[a];
     for (int a = 0; a < kAxes; ++a) csv << ',' << p.rank0.bytes.bytes[a];
     csv << ',' << p.compute_s << ',' << p.recompute_s << ',' << p.bubble_s << ',' << p.optimizer_s;

@@ -5,6 +5,7 @@
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <sstream>
 #include <tuple>
 
@@ -118,6 +119,29 @@ LayerFlops layer_flops(const ModelConfig& config, int64_t seq_len) {
   out.head = f.lm_head;
   return out;
 }
+
+// What layouts of one enumeration share, computed once: a pipeline rank's chunks depend only on TP, SP, EP, the
+// pipeline split and the rank (not on CP, DP, the micro-batch or recomputation), and the parameter tables behind
+// them are the slow part (48 layers of 512 experts); the per-layer FLOPs depend on nothing of the layout. Without it
+// the 80B model's 512-GPU enumeration rebuilt the same tables for every CP rank of thousands of layouts.
+struct PlanCache {
+  std::map<std::tuple<int, int, bool, int, int, int, int64_t>, std::vector<ChunkInfo>> chunks;
+  std::optional<std::pair<int64_t, LayerFlops>> flops;  // per sequence length
+  const std::vector<ChunkInfo>& chunk_info(const ModelConfig& config, const Candidate& c, int pp_rank) {
+    // The trainer's config differs between layouts only by the vocabulary padding, a function of TP.
+    const ParallelSizes& s = c.sizes;
+    NEXTRON_ASSERT(!s.pipeline.uneven());  // enumerate() never sets an uneven split
+    const auto key =
+        std::make_tuple(s.tp, s.ep, c.sequence_parallel && s.tp > 1, s.pp, s.vpp, pp_rank, config.padded_vocab_size);
+    auto it = chunks.find(key);
+    if (it == chunks.end()) it = chunks.emplace(key, rank_chunk_info(config, c, pp_rank)).first;
+    return it->second;
+  }
+  const LayerFlops& layer_flops_of(const ModelConfig& config, int64_t seq_len) {
+    if (!flops || flops->first != seq_len) flops.emplace(seq_len, layer_flops(config, seq_len));
+    return flops->second;
+  }
+};
 
 struct ScheduleKey {
   int pp, vpp, m;
@@ -292,8 +316,10 @@ std::string layout_error(const Workload& w, const Candidate& c) {
   return out;
 }
 
-RankPlan plan_rank(const Workload& w, const Candidate& c, int pp_rank, int cp_rank, Device device) {
-  const ModelConfig config = trainer_config(w, c);
+namespace {
+
+RankPlan plan_rank_cached(const Workload& w, const Candidate& c, const ModelConfig& config, int pp_rank, int cp_rank,
+                          Device device, PlanCache& cache) {
   const ParallelSizes& s = c.sizes;
   const int t = s.tp, cp = s.cp, p = s.pp, v = s.vpp, e = s.ep, world = c.world;
   const int d = world / (t * cp * p), dcp = d * cp, edp = world / (t * e * p);
@@ -310,8 +336,8 @@ RankPlan plan_rank(const Workload& w, const Candidate& c, int pp_rank, int cp_ra
                dk = static_cast<double>(config.linear_key_head_dim),
                dv = static_cast<double>(config.linear_value_head_dim),
                conv_local = static_cast<double>(config.conv_dim() / t);
-  const std::vector<ChunkInfo> chunks = rank_chunk_info(config, c, pp_rank);
-  const LayerFlops lf = layer_flops(w.config, w.seq_len);
+  const std::vector<ChunkInfo>& chunks = cache.chunk_info(config, c, pp_rank);
+  const LayerFlops& lf = cache.layer_flops_of(w.config, w.seq_len);
 
   RankPlan rp;
   rp.pp_rank = pp_rank;
@@ -323,6 +349,7 @@ RankPlan plan_rank(const Workload& w, const Candidate& c, int pp_rank, int cp_ra
   const std::vector<std::vector<int>>* flight = p > 1 ? &in_flight(p, v, static_cast<int>(M)) : nullptr;
   // Tokens this rank computes per step: its DP replica's sequences, split over TP and CP.
   const double rank_tokens = static_cast<double>(w.global_batch / d) * static_cast<double>(w.seq_len) / (t * cp);
+  int64_t transient = 0;
   for (size_t k = 0; k < chunks.size(); ++k) {
     const ChunkInfo& ch = chunks[k];
     const double Lf = static_cast<double>(ch.full_attention), Ll = static_cast<double>(ch.linear),
@@ -393,13 +420,14 @@ RankPlan plan_rank(const Workload& w, const Candidate& c, int pp_rank, int cp_ra
     shape.cp_rank = cp_rank;
     shape.cp_order = s.cp_order;
     shape.device = device;
-    const int64_t record = activation_record_bytes(ch.local, ch.stage, shape, c.recompute).total();
+    // The records in flight (their Tensors: host vectors are not accelerator memory) and the chunk's buffers outside
+    // them, one copy whatever is in flight, with the largest buffer a call allocates and frees.
+    const ActivationBytes record = activation_record_bytes(ch.local, ch.stage, shape, c.recompute);
     const int records = flight ? (*flight)[pp_rank][k] : 1;
-    mem.activations += records * record;
-    const ActivationBytes plain = activation_record_bytes(ch.local, ch.stage, shape, RecomputeOptions{});
-    mem.scratch += static_cast<int64_t>(kScratchPerRecord * static_cast<double>(plain.total()));
-    if (c.recompute.granularity == "full" && !plain.layers.empty())
-      mem.scratch += *std::max_element(plain.layers.begin(), plain.layers.end());
+    mem.activations += records * (record.total() - record.host);
+    const ScratchBytes scratch = scratch_bytes(ch.local, ch.stage, shape, c.recompute);
+    mem.scratch += scratch.total() - scratch.transient;
+    transient = std::max(transient, scratch.transient);
     // The input gradient waiting to be sent back, with its statistics (a chunk after the first virtual stage).
     if (p > 1 && !ch.stage.first)
       mem.activations += static_cast<int64_t>(Nl * config.hidden_size * static_cast<int64_t>(ba)) +
@@ -421,14 +449,15 @@ RankPlan plan_rank(const Workload& w, const Candidate& c, int pp_rank, int cp_ra
     rp.flops += 3 * fwd * rank_tokens;
     rp.recompute_flops += re * rank_tokens;
   }
+  mem.scratch += transient;
   if (p > 1) by[Axis::pp] += ar(p, 3, 8);  // the losses, shared from the last stage
   by[Axis::world] = ar(world, 1, 8);       // the gradient norm's sum of squares
   return rp;
 }
 
-Plan evaluate(const Workload& w, const Candidate& c, const Cluster& cluster, double efficiency) {
-  const std::string err = layout_error(w, c);
-  NEXTRON_CHECK(err.empty(), "layout ", c.describe(), ": ", err);
+// evaluate() of a layout already known valid.
+Plan evaluate_valid(const Workload& w, const Candidate& c, const Cluster& cluster, double efficiency,
+                    PlanCache& cache) {
   Plan plan;
   plan.layout = c;
   if (plan.layout.sizes.etp == 0) plan.layout.sizes.etp = plan.layout.sizes.tp;
@@ -436,11 +465,12 @@ Plan evaluate(const Workload& w, const Candidate& c, const Cluster& cluster, dou
   plan.dp = c.world / (s.tp * s.cp * s.pp);
   plan.edp = c.world / (s.etp * s.ep * s.pp);
   plan.microbatches = w.global_batch / (c.micro_batch * plan.dp);
+  const ModelConfig config = trainer_config(w, plan.layout);
   double compute = 0, recompute = 0, optimizer_bytes = 0;
   bool first = true;
   for (int r = 0; r < s.pp; ++r)
     for (int q = 0; q < s.cp; ++q) {
-      const RankPlan rp = plan_rank(w, plan.layout, r, q, cluster.device);
+      const RankPlan rp = plan_rank_cached(w, plan.layout, config, r, q, cluster.device, cache);
       if (r == 0 && q == 0) plan.rank0 = rp;
       if (first || rp.memory.total() > plan.largest.memory.total()) plan.largest = rp;
       first = false;
@@ -477,6 +507,20 @@ Plan evaluate(const Workload& w, const Candidate& c, const Cluster& cluster, dou
   return plan;
 }
 
+}  // namespace
+
+RankPlan plan_rank(const Workload& w, const Candidate& c, int pp_rank, int cp_rank, Device device) {
+  PlanCache cache;
+  return plan_rank_cached(w, c, trainer_config(w, c), pp_rank, cp_rank, device, cache);
+}
+
+Plan evaluate(const Workload& w, const Candidate& c, const Cluster& cluster, double efficiency) {
+  const std::string err = layout_error(w, c);
+  NEXTRON_CHECK(err.empty(), "layout ", c.describe(), ": ", err);
+  PlanCache cache;
+  return evaluate_valid(w, c, cluster, efficiency, cache);
+}
+
 std::vector<Plan> enumerate(const Workload& w, int world, const SearchSpace& space, const Cluster& cluster,
                             double efficiency) {
   NEXTRON_CHECK(world >= 1, "GPU count ", world, ": give a positive number");
@@ -484,6 +528,7 @@ std::vector<Plan> enumerate(const Workload& w, int world, const SearchSpace& spa
   for (int k = 1; k <= world; ++k)
     if (world % k == 0) divisors.push_back(k);
   const bool moe = w.config.num_moe_layers() > 0;
+  PlanCache cache;
   std::vector<Plan> out;
   for (int tp : divisors) {
     if (tp > space.max_tp) continue;
@@ -510,7 +555,7 @@ std::vector<Plan> enumerate(const Workload& w, int world, const SearchSpace& spa
                 c.recompute_name = rc;
                 c.recompute = recompute_preset(rc);
                 if (!layout_error(w, c).empty()) continue;
-                out.push_back(evaluate(w, c, cluster, efficiency));
+                out.push_back(evaluate_valid(w, c, cluster, efficiency, cache));
               }
           }
         }

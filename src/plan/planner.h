@@ -62,10 +62,9 @@ struct RankMemory {
   int64_t optimizer = 0;    // AdamW's two fp32 moments of the ZeRO shard(s)
   int64_t buffers = 0;      // ZeRO's padded exchange buffers, the TP gradient-sync buffer
   int64_t activations = 0;  // in-flight activation records + pipeline send buffers
-  // The modules' scratch (one copy per layer however many records are in flight: backward buffers, the forward
-  // buffers a record does not keep, a recomputed group's rerun). Not a closed form of the code yet: estimated as
-  // kScratchPerRecord x the chunk's record without recomputation, plus under full recomputation its largest layer's
-  // record (the rerun), calibrated on the one-process CPU run of qwen3-next-tiny (docs/planner.md).
+  // The chunks' buffers outside the records, one copy however many records are in flight (scratch_bytes,
+  // model/activation_memory.h: every layer's forward and backward buffers, the recomputed parts' outputs, the EP
+  // dispatcher's rows, a fully recomputed group's records), plus the largest buffer a call allocates and frees.
   int64_t scratch = 0;
   int64_t total() const { return weights + grads + optimizer + buffers + activations + scratch; }
 };
@@ -116,9 +115,6 @@ struct Plan {
   std::array<double, kAxes> comm_s{};
   double step_s = 0, tokens_per_s = 0, mfu = 0;
 };
-
-// The scratch estimate's factor (RankMemory::scratch).
-inline constexpr double kScratchPerRecord = 0.64;
 
 // The model's parameter count, and the active count (K of the E routed experts per token; the rest all counted).
 struct ModelSize {
