@@ -57,40 +57,21 @@ int64_t grad_sync_elements(const ParamTable& local, const ParamTable& full, int 
   return total;
 }
 
-std::vector<ChunkInfo> rank_chunk_info(const ModelConfig& config, const Candidate& c, int pp_rank) {
-  const ParallelSizes& s = c.sizes;
-  const std::vector<StageRange> chunks = rank_chunks(pipeline_stages(config, s.pp, s.vpp, s.pipeline), s.pp, pp_rank);
-  std::vector<ChunkInfo> out;
-  for (const StageRange& stage : chunks) {
-    // TpShardMap's tables (parallel/tp_shard.cpp) without its element runs, which are slow for 512 experts: the
-    // rank's slice of the stage, and the whole model's parameters of the same names.
-    const ModelConfig local = ep_local_config(tp_local_config(config, s.tp), s.ep, 0);
-    const ParamTable local_table(local, stage), full_table(config, stage);
-    ChunkInfo ci;
-    ci.stage = stage;
-    ci.local = local;
-    ci.params = local_table.total_numel();
-    // The routed experts are a contiguous range at the end of the flat layout only under EP (param_table.cpp): only
-    // then do they have an optimizer (and a reduction group) of their own.
-    const FlatRange ex = s.ep > 1 ? local_table.expert_range() : FlatRange{ci.params, ci.params};
-    ci.experts = ex.size();
-    ci.dense = ex.size() > 0 ? ex.begin : ci.params;
-    ci.grad_sync = grad_sync_elements(local_table, full_table, s.tp, c.sequence_parallel);
-    for (int64_t l = stage.layer_begin; l < stage.end(config); ++l) {
-      ++ci.layers;
-      if (config.layer_types[l] == MixerType::full_attention)
-        ++ci.full_attention;
-      else
-        ++ci.linear;
-      if (config.mlp_type(l) == MlpType::sparse_moe) {
-        ++ci.moe;
-        if (config.shared_expert_intermediate_size > 0) ++ci.shared;
-      } else {
-        ++ci.dense_mlp;
-      }
-    }
-    out.push_back(std::move(ci));
-  }
+// A stage's local parameter elements, its routed experts (under EP: a range of their own) and TpGradSync's elements.
+struct StageParams {
+  int64_t params = 0, experts = 0, grad_sync = 0;
+};
+StageParams stage_params(const ModelConfig& config, const ModelConfig& local, const StageRange& stage, int tp, int ep,
+                         bool sp) {
+  // TpShardMap's tables (parallel/tp_shard.cpp) without its element runs, which are slow for 512 experts: the
+  // rank's slice of the stage, and the whole model's parameters of the same names.
+  const ParamTable local_table(local, stage), full_table(config, stage);
+  StageParams out;
+  out.params = local_table.total_numel();
+  // The routed experts are a contiguous range at the end of the flat layout only under EP (param_table.cpp): only
+  // then do they have an optimizer (and a reduction group) of their own.
+  if (ep > 1) out.experts = local_table.expert_range().size();
+  out.grad_sync = grad_sync_elements(local_table, full_table, tp, sp);
   return out;
 }
 
@@ -120,22 +101,77 @@ LayerFlops layer_flops(const ModelConfig& config, int64_t seq_len) {
   return out;
 }
 
-// What layouts of one enumeration share, computed once: a pipeline rank's chunks depend only on TP, SP, EP, the
-// pipeline split and the rank (not on CP, DP, the micro-batch or recomputation), and the parameter tables behind
-// them are the slow part (48 layers of 512 experts); the per-layer FLOPs depend on nothing of the layout. Without it
-// the 80B model's 512-GPU enumeration rebuilt the same tables for every CP rank of thousands of layouts.
+// What layouts of one enumeration share, computed once. A rank's parameter figures are sums over its layers, and
+// every layer of one kind (mixer, MLP) has the same: the tables are built for one layer of each kind (and for it as
+// a first and a last stage: the embedding, the final norm and lm_head) per TP, EP and SP, instead of for every chunk
+// of every CP rank of every layout (the 80B model's tables hold 48 x 512 experts: rebuilding them made the 512-GPU
+// enumeration take minutes). The per-layer FLOPs depend on nothing of the layout.
 struct PlanCache {
-  std::map<std::tuple<int, int, bool, int, int, int, int64_t>, std::vector<ChunkInfo>> chunks;
+  using Key = std::tuple<int, int, bool, int64_t, int, int, bool, bool>;  // tp, ep, sp, vocab, mixer, mlp, first, last
+  std::map<Key, StageParams> layers;
   std::optional<std::pair<int64_t, LayerFlops>> flops;  // per sequence length
-  const std::vector<ChunkInfo>& chunk_info(const ModelConfig& config, const Candidate& c, int pp_rank) {
-    // The trainer's config differs between layouts only by the vocabulary padding, a function of TP.
-    const ParallelSizes& s = c.sizes;
-    NEXTRON_ASSERT(!s.pipeline.uneven());  // enumerate() never sets an uneven split
-    const auto key =
-        std::make_tuple(s.tp, s.ep, c.sequence_parallel && s.tp > 1, s.pp, s.vpp, pp_rank, config.padded_vocab_size);
-    auto it = chunks.find(key);
-    if (it == chunks.end()) it = chunks.emplace(key, rank_chunk_info(config, c, pp_rank)).first;
+
+  // Layer l's figures as a stage of its own (first / last: with the embedding / the final norm and lm_head).
+  const StageParams& layer(const ModelConfig& config, const ModelConfig& local, const Candidate& c, int64_t l,
+                           bool first, bool last) {
+    const bool sp = c.sequence_parallel && c.sizes.tp > 1;
+    const Key key{c.sizes.tp,
+                  c.sizes.ep,
+                  sp,
+                  config.padded_vocab_size,
+                  static_cast<int>(config.layer_types[l]),
+                  static_cast<int>(config.mlp_type(l)),
+                  first,
+                  last};
+    auto it = layers.find(key);
+    if (it == layers.end())
+      it = layers.emplace(key, stage_params(config, local, {l, l + 1, first, last}, c.sizes.tp, c.sizes.ep, sp)).first;
     return it->second;
+  }
+
+  std::vector<ChunkInfo> chunk_info(const ModelConfig& config, const Candidate& c, int pp_rank) {
+    const ParallelSizes& s = c.sizes;
+    const std::vector<StageRange> chunks = rank_chunks(pipeline_stages(config, s.pp, s.vpp, s.pipeline), s.pp, pp_rank);
+    const ModelConfig local = ep_local_config(tp_local_config(config, s.tp), s.ep, 0);
+    std::vector<ChunkInfo> out;
+    for (const StageRange& stage : chunks) {
+      ChunkInfo ci;
+      ci.stage = stage;
+      ci.local = local;
+      const int64_t begin = stage.layer_begin, end = stage.end(config);
+      NEXTRON_CHECK(end > begin, "nextron-plan: a pipeline stage without layers is not modelled");
+      auto add = [&ci](const StageParams& p, int64_t sign) {
+        ci.params += sign * p.params;
+        ci.experts += sign * p.experts;
+        ci.grad_sync += sign * p.grad_sync;
+      };
+      for (int64_t l = begin; l < end; ++l) {
+        add(layer(config, local, c, l, false, false), 1);
+        ++ci.layers;
+        if (config.layer_types[l] == MixerType::full_attention)
+          ++ci.full_attention;
+        else
+          ++ci.linear;
+        if (config.mlp_type(l) == MlpType::sparse_moe) {
+          ++ci.moe;
+          if (config.shared_expert_intermediate_size > 0) ++ci.shared;
+        } else {
+          ++ci.dense_mlp;
+        }
+      }
+      // The embedding (first stage) and the final norm and lm_head (last), as what they add to a layer's table.
+      if (stage.first) {
+        add(layer(config, local, c, begin, true, false), 1);
+        add(layer(config, local, c, begin, false, false), -1);
+      }
+      if (stage.last) {
+        add(layer(config, local, c, end - 1, false, true), 1);
+        add(layer(config, local, c, end - 1, false, false), -1);
+      }
+      ci.dense = ci.params - ci.experts;
+      out.push_back(std::move(ci));
+    }
+    return out;
   }
   const LayerFlops& layer_flops_of(const ModelConfig& config, int64_t seq_len) {
     if (!flops || flops->first != seq_len) flops.emplace(seq_len, layer_flops(config, seq_len));
@@ -336,7 +372,7 @@ RankPlan plan_rank_cached(const Workload& w, const Candidate& c, const ModelConf
                dk = static_cast<double>(config.linear_key_head_dim),
                dv = static_cast<double>(config.linear_value_head_dim),
                conv_local = static_cast<double>(config.conv_dim() / t);
-  const std::vector<ChunkInfo>& chunks = cache.chunk_info(config, c, pp_rank);
+  const std::vector<ChunkInfo> chunks = cache.chunk_info(config, c, pp_rank);
   const LayerFlops& lf = cache.layer_flops_of(w.config, w.seq_len);
 
   RankPlan rp;

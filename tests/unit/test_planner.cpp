@@ -216,6 +216,30 @@ TEST(Planner, RankedByEstimatedTimeFittingFirst) {
   EXPECT_NEAR(b.recompute_s, a.compute_s / 3, a.compute_s / 3 * 0.1) << "about one forward";
 }
 
+// enumerate() shares per-layer parameter tables across layouts (PlanCache); every layout it returns must have the
+// figures evaluate() gives it alone, from scratch: the tiny model on 8 ranks (TP, CP, PP, VPP, EP, all recomputation
+// presets) and the 80B model on 64 H100s (512 experts, uneven chunk contents across PP and VPP).
+TEST(Planner, EnumerationEqualsEvaluatingEachLayoutAlone) {
+  const Cluster h100 = load_cluster(source("configs/clusters/h100-dgx.json"));
+  Workload big;
+  big.config = ModelConfig::from_file(source("configs/models/qwen3-next-80b-a3b.json"));
+  big.seq_len = 4096;
+  big.global_batch = 1024;
+  SearchSpace space;
+  space.max_cp = 4;
+  for (const auto& [w, world] : {std::pair<Workload, int>{tiny(64, 16), 8}, {big, 64}}) {
+    const std::vector<Plan> plans = enumerate(w, world, space, h100, 0.5);
+    ASSERT_GT(plans.size(), 20u);
+    for (const Plan& p : plans) {
+      const Plan alone = evaluate(w, p.layout, h100, 0.5);
+      ASSERT_EQ(p.largest.memory.total(), alone.largest.memory.total()) << p.layout.describe();
+      ASSERT_EQ(p.largest.params, alone.largest.params) << p.layout.describe();
+      for (int a = 0; a < kAxes; ++a) ASSERT_EQ(p.max_bytes.bytes[a], alone.max_bytes.bytes[a]) << p.layout.describe();
+      ASSERT_EQ(p.step_s, alone.step_s) << p.layout.describe();
+    }
+  }
+}
+
 TEST(Planner, ClusterFileErrorsNameTheKey) {
   const Cluster h100 = load_cluster(source("configs/clusters/h100-dgx.json"));
   EXPECT_EQ(h100.gpus_per_node, 8);
