@@ -51,6 +51,7 @@
 #include "mpi_fixture.h"
 #include "parallel/schedule.h"
 #include "tiny_model.h"
+#include "tiny_train_options.h"
 #include "train/trainer.h"
 
 namespace nextron::test {
@@ -62,25 +63,13 @@ constexpr int64_t kVocab = kTinyVocab, kH = kTinyHidden, kL = kTinyLayers, kLful
                   kE = kTinyExperts, kHeadDim = kTinyHeadDim, kNkv = kTinyKvHeads, kDv = kTinyValueHeadDim;
 constexpr int64_t kSeq = 16, kGlobalBatch = 16;
 
-std::string config_path() { return tiny_config_path(); }
 void sample(int64_t index, int64_t* out) { tiny_sample(index, out, kSeq); }
 
 // micro_batch 2 up to DP 4 and 1 at DP 8: A = 8, 4, 2, 2 accumulation steps at DP 1, 2, 4, 8.
 int64_t micro_batch(int dp) { return dp <= 4 ? 2 : 1; }
 
 TrainOptions options(int tp, bool sp, int dp) {
-  TrainOptions o;
-  o.model_config = config_path();
-  o.seq_len = kSeq;
-  o.micro_batch = micro_batch(dp);
-  o.global_batch = kGlobalBatch;
-  o.train_steps = 1;
-  o.lr.lr = 1e-3;
-  o.lr.warmup_steps = 1;
-  o.clip_grad = 1.0;
-  o.resume = "none";
-  o.progress = false;
-  o.threads = 1;
+  TrainOptions o = tiny_step_options(kSeq, kGlobalBatch, micro_batch(dp));
   o.parallel.tp = tp;
   o.sequence_parallel = sp;
   return o;

@@ -18,6 +18,7 @@
 #include "mpi_fixture.h"
 #include "plan/planner.h"
 #include "tiny_model.h"
+#include "tiny_train_options.h"
 #include "train/trainer.h"
 
 namespace nextron::test {
@@ -39,20 +40,9 @@ struct PlanCase {
 };
 void PrintTo(const PlanCase& c, std::ostream* os) { *os << c.name; }
 
-// As test_comm_volume.cpp's options(), with the case's sizes (forced balance under EP: its bytes are then exact).
+// test_comm_volume.cpp's step with the case's sizes (forced balance under EP: its bytes are then exact).
 TrainOptions options(const PlanCase& c) {
-  TrainOptions o;
-  o.model_config = tiny_config_path();
-  o.seq_len = kSeq;
-  o.micro_batch = c.micro_batch;
-  o.global_batch = kGlobalBatch;
-  o.train_steps = 1;
-  o.lr.lr = 1e-3;
-  o.lr.warmup_steps = 1;
-  o.clip_grad = 1.0;
-  o.resume = "none";
-  o.progress = false;
-  o.threads = 1;
+  TrainOptions o = tiny_step_options(kSeq, kGlobalBatch, c.micro_batch);
   o.parallel.tp = c.tp;
   o.sequence_parallel = c.sp;
   o.parallel.pp = c.pp;
