@@ -420,4 +420,46 @@ TEST(GatedDeltaRuleCuda, SliceTransition) {
   }
 }
 
+// Generation's decoding step (cuda::gated_delta_rule_step, one token per call on the cached state) against the
+// recurrence over the same T tokens from the same initial state. Both read the same bf16-rounded inputs and keep the
+// state in fp32, so the state agrees to fp32 rounding (1e-5) and o to its bf16 output rounding (kGdrRtol). Shapes:
+// the small models', the Qwen3-Next heads (dk = dv = 128), widths that are not multiples of 16, dv wider than the
+// block (columns looped) and dk != dv.
+TEST(GatedDeltaRuleCuda, DecodeStepMatchesRecurrence) {
+  NEXTRON_REQUIRE_GPU();
+  uint64_t seed = 1300;
+  constexpr int64_t T = 5;
+  for (const GdrCase& c : {GdrCase{2, T, 2, 4, 16, 16}, GdrCase{1, T, 16, 32, 128, 128}, GdrCase{2, T, 1, 1, 8, 8},
+                           GdrCase{1, T, 2, 2, 200, 136}, GdrCase{3, T, 1, 2, 32, 48}}) {
+    SCOPED_TRACE(describe(c));
+    const Inputs in = make_inputs(c, seed++);
+    const float scale = 1.0f / std::sqrt(float(c.dk));
+    const Outputs want = run_cpu(c, in, scale, {});
+    const int64_t nqk = c.Hk * c.dk, nv = c.Hv * c.dv, ng = c.Hv;
+    DeviceArray<float> state(in.h0);
+    DeviceBf16 q(size_t(c.B * nqk)), k(size_t(c.B * nqk)), v(size_t(c.B * nv)), o(size_t(c.B * nv));
+    DeviceArray<float> g(size_t(c.B * ng)), beta(size_t(c.B * ng));
+    std::vector<float> got_o(in.v.size());
+    for (int64_t t = 0; t < T; ++t) {
+      // Token t of every sequence as (B, 1, ...) rows.
+      auto token = [&](const std::vector<float>& x, int64_t width) {
+        std::vector<float> rows(size_t(c.B * width));
+        for (int64_t b = 0; b < c.B; ++b) std::copy_n(x.begin() + (b * T + t) * width, width, rows.begin() + b * width);
+        return rows;
+      };
+      q.upload(token(in.q, nqk));
+      k.upload(token(in.k, nqk));
+      v.upload(token(in.v, nv));
+      g.upload(token(in.g, ng));
+      beta.upload(token(in.beta, ng));
+      cuda::gated_delta_rule_step(o.get(), state.get(), q.get(), k.get(), v.get(), g.get(), beta.get(), c.B, c.Hk, c.Hv,
+                                  c.dk, c.dv, scale, nullptr);
+      const std::vector<float> ot = o.download();
+      for (int64_t b = 0; b < c.B; ++b) std::copy_n(ot.begin() + b * nv, nv, got_o.begin() + (b * T + t) * nv);
+    }
+    EXPECT_TRUE(close_to(got_o, want.o, kGdrRtol)) << "o";
+    EXPECT_TRUE(close_to(state.download(), want.ht, 1e-5)) << "state";
+  }
+}
+
 }  // namespace nextron::test

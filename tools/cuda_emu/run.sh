@@ -20,7 +20,7 @@ declare -A KERNELS=(
   [elementwise]="rope conv1d gdn_gates sigmoid_gate swiglu embedding cast"
   [loss_optim]="cross_entropy reduce adamw"
   [moe]="router moe_dispatch load_balancing"
-  [gated_delta_rule]="gated_delta_rule gated_delta_rule_fwd gated_delta_rule_bwd delta_state"
+  [gated_delta_rule]="gated_delta_rule gated_delta_rule_fwd gated_delta_rule_bwd delta_state gated_delta_rule_step"
 )
 TESTS=("$@")
 [ ${#TESTS[@]} -gt 0 ] || TESTS=(norms elementwise loss_optim moe gated_delta_rule)
