@@ -18,6 +18,7 @@
 #include "core/parallel_for.h"
 #include "generate/generator.h"
 #include "generate/model_source.h"
+#include "generate/prompts.h"
 #include "generate/tokenizer.h"
 #include "model/model.h"
 #ifdef NEXTRON_HAVE_CUDA
@@ -29,12 +30,6 @@ namespace po = boost::program_options;
 using namespace nextron;
 
 namespace {
-
-// One prompt as the user gave it: text (tokenized later) or ids.
-struct Prompt {
-  std::optional<std::string> text;
-  std::vector<int64_t> ids;
-};
 
 std::vector<int64_t> parse_ids(const std::string& s, const std::string& where) {
   std::istringstream is(s);
@@ -53,49 +48,6 @@ std::vector<int64_t> parse_ids(const std::string& s, const std::string& where) {
   }
   NEXTRON_CHECK(!ids.empty(), where, " holds no token ids");
   return ids;
-}
-
-// --prompt-file: JSON Lines ({"text": ...} or {"ids": [...]} per line) when it ends in .jsonl, else one text prompt
-// per line. Blank lines are skipped.
-std::vector<Prompt> read_prompt_file(const std::string& path) {
-  NEXTRON_CHECK(std::filesystem::is_regular_file(path), "--prompt-file '", path, "' does not exist or is not a file");
-  std::ifstream f(path);
-  NEXTRON_CHECK(f.good(), "cannot open --prompt-file '", path, "'");
-  const bool jsonl = std::filesystem::path(path).extension() == ".jsonl";
-  std::vector<Prompt> prompts;
-  std::string line;
-  for (int64_t lineno = 1; std::getline(f, line); ++lineno) {
-    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-    const std::string where = "--prompt-file '" + path + "' line " + std::to_string(lineno);
-    if (!jsonl) {
-      prompts.push_back({line, {}});
-      continue;
-    }
-    nlohmann::json j;
-    try {
-      j = nlohmann::json::parse(line);
-    } catch (const nlohmann::json::exception& e) {
-      throw Error(where + " is not JSON (" + e.what() + "): write one object per line, {\"text\": ...} or " +
-                  "{\"ids\": [...]}");
-    }
-    NEXTRON_CHECK(j.is_object() && (j.contains("text") != j.contains("ids")), where,
-                  " must be an object with either \"text\" (a string) or \"ids\" (a list of token ids)");
-    if (j.contains("text")) {
-      NEXTRON_CHECK(j["text"].is_string(), where, ": \"text\" must be a string");
-      prompts.push_back({j["text"].get<std::string>(), {}});
-    } else {
-      NEXTRON_CHECK(j["ids"].is_array() && !j["ids"].empty(), where, ": \"ids\" must be a non-empty list");
-      Prompt p;
-      for (const auto& v : j["ids"]) {
-        NEXTRON_CHECK(v.is_number_integer(), where, ": \"ids\" holds ", v.dump(), ", not an integer token id");
-        p.ids.push_back(v.get<int64_t>());
-      }
-      prompts.push_back(std::move(p));
-    }
-  }
-  NEXTRON_CHECK(!f.bad(), "reading --prompt-file '", path, "' failed");
-  NEXTRON_CHECK(!prompts.empty(), "--prompt-file '", path, "' holds no prompts");
-  return prompts;
 }
 
 // The end-of-sequence ids an HF checkpoint declares: generation_config.json's eos_token_id, else config.json's (an
@@ -135,7 +87,7 @@ std::shared_ptr<Ops> make_ops(const std::string& device) {
 
 int run(int argc, char** argv) {
   std::string model_path, tokenizer_spec, prompt_file, out_path, device = "cpu";
-  std::vector<std::string> prompt_texts, prompt_ids, stops;
+  std::vector<std::string> prompt_texts, prompt_id_lists, stops;
   std::vector<int64_t> eos_ids;
   bool ignore_eos = false;
   int threads = 0;
@@ -154,7 +106,7 @@ int run(int argc, char** argv) {
                      "byte (token = UTF-8 byte, EOS 256: tools/preprocess.py --tokenizer byte) or an HF "
                      "tokenizer.json (or its folder); needed for text prompts, text output and --stop")(
       "prompt", po::value(&prompt_texts)->composing(), "a text prompt (repeatable)")(
-      "prompt-ids", po::value(&prompt_ids)->composing(), "a prompt as whitespace-separated token ids (repeatable)")(
+      "prompt-ids", po::value(&prompt_id_lists)->composing(), "a prompt as whitespace-separated token ids (repeatable)")(
       "prompt-file", po::value(&prompt_file),
       "prompts: JSON Lines ({\"text\": ...} or {\"ids\": [...]}) if it ends in .jsonl, else one text per line")(
       "max-new-tokens", po::value(&g.max_new_tokens)->default_value(64), "tokens generated per prompt at most")(
@@ -181,15 +133,15 @@ int run(int argc, char** argv) {
   g.sampling.validate();
 
   // Everything about the input is checked before the weights load.
-  std::vector<Prompt> prompts;
+  std::vector<PromptSpec> prompts;
   if (!prompt_file.empty()) prompts = read_prompt_file(prompt_file);
   for (const std::string& t : prompt_texts) prompts.push_back({t, {}});
-  for (const std::string& s : prompt_ids) prompts.push_back({std::nullopt, parse_ids(s, "--prompt-ids")});
+  for (const std::string& s : prompt_id_lists) prompts.push_back({std::nullopt, parse_ids(s, "--prompt-ids")});
   NEXTRON_CHECK(!prompts.empty(), "no prompts: give --prompt, --prompt-ids or --prompt-file");
   std::unique_ptr<Tokenizer> tokenizer;
   if (!tokenizer_spec.empty()) tokenizer = make_tokenizer(tokenizer_spec);
   bool any_text = false;
-  for (const Prompt& p : prompts) any_text |= p.text.has_value();
+  for (const PromptSpec& p : prompts) any_text |= p.text.has_value();
   NEXTRON_CHECK(tokenizer || !any_text, "text prompts need --tokenizer (byte, or an HF tokenizer.json)");
   NEXTRON_CHECK(tokenizer || stops.empty(), "--stop needs --tokenizer to decode the generated text");
   g.stop_strings = stops;
@@ -199,18 +151,7 @@ int run(int argc, char** argv) {
     NEXTRON_CHECK(tokenizer->vocab_size() <= config.vocab_size, "the tokenizer '", tokenizer->name(), "' has ",
                   tokenizer->vocab_size(), " tokens, more than the model's vocabulary of ", config.vocab_size,
                   ": pass the tokenizer the model was trained with");
-  {
-    std::vector<std::string> texts;
-    for (const Prompt& p : prompts)
-      if (p.text) texts.push_back(*p.text);
-    std::vector<std::vector<int64_t>> encoded;
-    if (!texts.empty()) encoded = tokenizer->encode(texts);
-    size_t next = 0;
-    for (Prompt& p : prompts)
-      if (p.text) p.ids = encoded.at(next++);
-  }
-  std::vector<std::vector<int64_t>> ids;
-  for (const Prompt& p : prompts) ids.push_back(p.ids);
+  const std::vector<std::vector<int64_t>> ids = prompt_ids(prompts, tokenizer.get());
   if (!ignore_eos) {
     g.eos_ids = eos_ids;
     if (g.eos_ids.empty() && source.kind == ModelSource::Kind::hf) g.eos_ids = hf_eos_ids(source.dir);

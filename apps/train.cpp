@@ -210,7 +210,15 @@ int run(int argc, char** argv, Communicator* world) {
       "rank 0 sent per group and every rank's peak memory (tools/sweep.py reads them)")(
       "eval-interval", po::value(&o.eval_interval)->default_value(0), "steps between validations (0: none)")(
       "eval-iters", po::value(&o.eval_iters)->default_value(o.eval_iters), "micro-batches per validation")(
-      "metrics", po::value(&o.metrics_path), "JSON Lines metrics file (default: SAVE/metrics.jsonl)")(
+      "sample-interval", po::value(&o.sample_interval)->default_value(0),
+      "steps between greedy samples appended to SAVE/samples.jsonl (0: none; needs the whole model per rank)")(
+      "sample-prompts", po::value(&o.sample_prompts),
+      "prompts for --sample-interval: JSON Lines ({\"text\"} or {\"ids\"}) if .jsonl, else one text per line")(
+      "sample-tokenizer", po::value(&o.sample_tokenizer)->default_value(o.sample_tokenizer),
+      "tokenizer of the samples' text: byte or the data's HF tokenizer.json")(
+      "sample-max-new-tokens", po::value(&o.sample_max_new_tokens)->default_value(o.sample_max_new_tokens),
+      "tokens generated per sample prompt")("metrics", po::value(&o.metrics_path),
+                                            "JSON Lines metrics file (default: SAVE/metrics.jsonl)")(
       "peak-tflops", po::value(&o.peak_tflops)->default_value(0),
       "peak FLOP/s for MFU, in TFLOP/s (0: measure this CPU's fp32 GEMM rate)")(
       "threads", po::value(&o.threads)->default_value(0), "CPU threads (0: all cores)")(

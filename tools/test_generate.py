@@ -12,8 +12,11 @@
    nextron-generate reading the export; the JSON's text is the UTF-8 decoding of its ids.
 3. Sampling: a seed gives the same tokens twice and another seed others; top-k 1 is greedy. A stop string cuts the
    text before it (finish_reason "stop"); an EOS id ends the sequence ("eos").
-4. Bad input (a prompt past max_position_embeddings, an unknown tokenizer, an id outside the vocabulary, text without
-   a tokenizer, a malformed prompt file) fails with exit code 1 and a message naming the problem.
+4. Training samples (nextron-train --sample-interval --sample-prompts): every prompt at every interval in
+   SAVE/samples.jsonl, the last equal to nextron-generate on the final checkpoint.
+5. Bad input (a prompt past max_position_embeddings, an unknown tokenizer, an id outside the vocabulary, text without
+   a tokenizer, a malformed prompt file, sample options without their partners) fails with exit code 1 and a message
+   naming the problem.
 Only WORK is written. Prints "generate: N passed, M failed"; exit code 0 only when all pass.
 """
 import argparse
@@ -95,12 +98,24 @@ def main():
     # 2. A model trained here, byte tokenizer, text prompts; the training checkpoint and its HF export.
     data = fresh_byte_dataset(os.path.join(w, "data"))
     save, export = os.path.join(w, "save"), os.path.join(w, "hf")
-    r = subprocess.run([args.train, "--model-config", TINY, "--data", data, "--seq-len", "64", "--micro-batch-size",
-                        "4", "--global-batch-size", "8", "--train-steps", "60", "--lr", "3e-3", "--no-progress",
-                        "--threads", "2", "--save", save, "--export-hf", export], capture_output=True, text=True,
-                       timeout=900)
+    texts = ["The model ", "nextron-train --data", "Qwen3-Next stacks hybrid layers (Gated DeltaNet or gated"]
+    sample_prompts = os.path.join(w, "sample_prompts.txt")
+    open(sample_prompts, "w").write("\n".join(texts) + "\n")
+    train = [args.train, "--model-config", TINY, "--data", data, "--seq-len", "64", "--micro-batch-size", "4",
+             "--global-batch-size", "8", "--train-steps", "60", "--lr", "3e-3", "--no-progress", "--threads", "2"]
+    r = subprocess.run(train + ["--save", save, "--export-hf", export, "--sample-interval", "30", "--sample-prompts",
+                                sample_prompts, "--sample-max-new-tokens", "24"],
+                       capture_output=True, text=True, timeout=900)
     if check("tiny model trained on bytes", r.returncode == 0, r.stdout[-500:] + r.stderr[-800:]):
-        texts = ["The model ", "nextron-train --data", "Qwen3-Next stacks hybrid layers (Gated DeltaNet or gated"]
+        samples = [json.loads(x) for x in open(os.path.join(save, "samples.jsonl"))]
+        check("training samples: every prompt at steps 30 and 60 in SAVE/samples.jsonl",
+              [(x["step"], x["prompt"]) for x in samples] == [(st, t) for st in (30, 60) for t in texts],
+              str([(x["step"], x["prompt"]) for x in samples]))
+        rs, final = nextron("--model", save, "--tokenizer", "byte", *sum((["--prompt", t] for t in texts), []),
+                            "--max-new-tokens", "24")
+        check("training samples at the last step equal nextron-generate on the final checkpoint",
+              final and [x["ids"] for x in samples[len(texts):]] == [g["ids"] for g in final] and
+              [x["text"] for x in samples[len(texts):]] == [g["text"] for g in final], rs.stderr[-400:])
         r, got = nextron("--model", save, "--tokenizer", "byte", *sum((["--prompt", t] for t in texts), []),
                          "--max-new-tokens", "24", "--ignore-eos")
         check("trained model: generates from the training checkpoint", r.returncode == 0 and len(got) == 3,
@@ -150,7 +165,7 @@ def main():
                   e and e[0]["finish_reason"] == "eos" and e[0]["ids"] == got[0]["ids"][:first + 1],
                   f"{re_.stderr[-300:]} {e and e[0]}")
 
-    # 4. Bad input.
+    # 5. Bad input.
     short = os.path.join(w, "short_limit")
     shutil.copytree(os.path.join(FIXTURES, "hybrid_moe"), short)
     cfg = json.load(open(os.path.join(short, "config.json")))
@@ -174,6 +189,17 @@ def main():
     for what, extra, expect in cases:
         r = subprocess.run([args.generate, *extra], capture_output=True, text=True, timeout=120)
         check(f"bad input, {what}: exit 1 naming it", r.returncode == 1 and expect in r.stderr,
+              f"rc {r.returncode}: {r.stderr[-400:]}")
+    train_cases = [
+        ("--sample-interval without prompts", ["--save", os.path.join(w, "s1"), "--sample-interval", "5"],
+         "--sample-interval needs --sample-prompts FILE"),
+        ("--sample-prompts that does not exist", ["--save", os.path.join(w, "s2"), "--sample-interval", "5",
+                                                  "--sample-prompts", os.path.join(w, "nope.txt")],
+         "--sample-prompts '" + os.path.join(w, "nope.txt") + "' does not exist"),
+    ]
+    for what, extra, expect in train_cases:
+        r = subprocess.run(train + extra, capture_output=True, text=True, timeout=120)
+        check(f"nextron-train bad input, {what}: exit 1 naming it", r.returncode == 1 and expect in r.stderr,
               f"rc {r.returncode}: {r.stderr[-400:]}")
     return check.report("generate")
 

@@ -34,6 +34,12 @@ void TrainOptions::validate(bool need_data) const {
   NEXTRON_CHECK(eval_interval >= 0, "--eval-interval must be >= 0, got ", eval_interval);
   NEXTRON_CHECK(eval_iters > 0, "--eval-iters must be positive, got ", eval_iters);
   NEXTRON_CHECK(eval_interval == 0 || valid_fraction > 0, "--eval-interval needs --valid-fraction > 0");
+  NEXTRON_CHECK(sample_interval >= 0, "--sample-interval must be >= 0, got ", sample_interval);
+  NEXTRON_CHECK(sample_interval == 0 || !sample_prompts.empty(), "--sample-interval needs --sample-prompts FILE");
+  NEXTRON_CHECK(sample_interval == 0 || !save_dir.empty(),
+                "--sample-interval needs --save DIR (the samples go to DIR/samples.jsonl)");
+  NEXTRON_CHECK(sample_interval > 0 || sample_prompts.empty(), "--sample-prompts needs --sample-interval N");
+  NEXTRON_CHECK(sample_max_new_tokens > 0, "--sample-max-new-tokens must be positive, got ", sample_max_new_tokens);
   NEXTRON_CHECK(peak_tflops >= 0, "--peak-tflops must be >= 0, got ", peak_tflops);
   NEXTRON_CHECK(threads >= 0, "--threads must be >= 0, got ", threads);
   nextron::validate(adam);

@@ -87,6 +87,13 @@ struct TrainOptions {
   bool deterministic = false;  // cuda: bitwise reproducible attention backward (the CPU backend always is)
   bool progress = true;
 
+  // Samples during training (one process holding the whole model per rank: TP = PP = CP = EP = 1; the first rank
+  // generates greedily and appends to SAVE/samples.jsonl every sample_interval steps and at the end).
+  int64_t sample_interval = 0;            // 0: no samples
+  std::string sample_prompts;             // prompt file (generate/prompts.h)
+  std::string sample_tokenizer = "byte";  // byte or an HF tokenizer.json: the data's tokenizer
+  int64_t sample_max_new_tokens = 64;
+
   // Checks every value and combination; throws nextron::Error naming the option and the fix.
   // need_data: whether --data must be given (false when a caller supplies the samples itself).
   void validate(bool need_data = true) const;

@@ -10,7 +10,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <thread>
 
@@ -21,6 +23,8 @@
 #include "core/metrics.h"
 #include "core/parallel_for.h"
 #include "core/peak_flops.h"
+#include "generate/generator.h"
+#include "generate/prompts.h"
 #include "model/flops.h"
 #include "model/init.h"
 #include "model/param_table.h"
@@ -214,6 +218,23 @@ Trainer::Trainer(const TrainOptions& options, SampleFn source, Communicator* wor
   schedule_spec_.validate();
   // Before the model is built: a mistake in an output path costs seconds, not a training run.
   on_rank0([&] { prepare_outputs(); });
+  if (opt_.sample_interval > 0) {
+    NEXTRON_CHECK(sizes.tp == 1 && sizes.pp == 1 && sizes.cp == 1 && sizes.ep == 1,
+                  "--sample-interval generates on one rank, which needs the whole model (TP = PP = CP = EP = 1; "
+                  "data parallelism is fine): drop it and sample from the saved checkpoints with nextron-generate");
+    on_rank0([&] {
+      // Read and tokenized once, before the model is built, so a bad prompt file costs seconds.
+      std::vector<PromptSpec> prompts = read_prompt_file(opt_.sample_prompts, "--sample-prompts");
+      sample_tokenizer_ = make_tokenizer(opt_.sample_tokenizer);
+      sample_ids_ = prompt_ids(prompts, sample_tokenizer_.get());
+      for (size_t i = 0; i < prompts.size(); ++i) {
+        sample_texts_.push_back(prompts[i].text.value_or(""));
+        for (int64_t id : sample_ids_[i])
+          NEXTRON_CHECK(id >= 0 && id < config.vocab_size, "--sample-prompts prompt ", i + 1, ": token id ", id,
+                        " is outside the model's vocabulary [0, ", config.vocab_size, ")");
+      }
+    });
+  }
   if (is_logger() && opt_.sequence_parallel && sizes.tp == 1)
     note("--sequence-parallel has no effect at tensor-parallel size 1 and is ignored");
   if (is_logger() && opt_.seq_len > config.max_position_embeddings)
@@ -294,6 +315,33 @@ Trainer::Trainer(const TrainOptions& options, SampleFn source, Communicator* wor
            ", whose weights replace it (use a new --save directory to start from --init-from)");
     resume_from(*resume_dir);
   }
+}
+
+void Trainer::write_samples() {
+  if (!is_logger()) return;  // no collectives: the other ranks go on to the next step
+  GenerateOptions g;
+  g.max_new_tokens = opt_.sample_max_new_tokens;
+  g.batch_size = static_cast<int64_t>(sample_ids_.size());
+  if (const auto eos = sample_tokenizer_->eos_id()) g.eos_ids = {*eos};
+  const std::vector<Generation> out = generate(
+      model(), sample_ids_, g, [&](const std::vector<int64_t>& ids) { return sample_tokenizer_->decode(ids); });
+  const std::string path = (std::filesystem::path(opt_.save_dir) / "samples.jsonl").string();
+  std::ofstream f(path, std::ios::app);
+  for (size_t i = 0; i < out.size(); ++i) {
+    nlohmann::json j;
+    j["step"] = step_;
+    j["index"] = i;
+    j["prompt"] = sample_texts_[i];
+    j["prompt_ids"] = out[i].prompt;
+    j["ids"] = out[i].ids;
+    j["text"] = out[i].text;
+    j["finish_reason"] = out[i].finish_reason;
+    f << j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
+  }
+  f.flush();
+  NEXTRON_CHECK(f.good(), "writing the samples to ", path, " failed (disk full?)");
+  std::printf("samples at step %lld: %s\n", static_cast<long long>(step_), path.c_str());
+  std::fflush(stdout);
 }
 
 void Trainer::prepare_outputs() {
@@ -909,6 +957,10 @@ void Trainer::run() {
       if (progress) bar.clear();
       if (log) std::printf("%s\n", format_valid_line(v).c_str());
       std::fflush(stdout);
+    }
+    if (opt_.sample_interval > 0 && (step_ % opt_.sample_interval == 0 || step_ == opt_.train_steps)) {
+      if (progress) bar.clear();
+      write_samples();
     }
     // A background save completes at the first step boundary where every rank's shard is written.
     if (const std::string dir = finish_background_save(/*wait=*/false); !dir.empty()) {

@@ -13,6 +13,7 @@
 
 #include "comm/counting_communicator.h"
 #include "data/sampler.h"
+#include "generate/tokenizer.h"
 #include "model/model.h"
 #include "optim/adamw.h"
 #include "optim/lr_schedule.h"
@@ -118,6 +119,12 @@ class Trainer {
   // Rank 0, at start-up: checks every output path, locks --save, removes dead runs' leftovers and refuses to mix
   // a new run into a directory holding an old one's checkpoints (or clears them: --overwrite-save).
   void prepare_outputs();
+  // --sample-interval: the first rank generates greedily from the sample prompts and appends one JSON line per prompt
+  // to SAVE/samples.jsonl.
+  void write_samples();
+  std::unique_ptr<Tokenizer> sample_tokenizer_;   // rank 0
+  std::vector<std::vector<int64_t>> sample_ids_;  // rank 0: the prompts' ids
+  std::vector<std::string> sample_texts_;         // rank 0: the prompts as given (empty for id prompts)
   // The whole model's parameter table (the layout of checkpoints, HF export and full_params()).
   const ParamTable& full_table() const;
   // The whole model's flat buffer from one local buffer per chunk (one process: the buffer itself); collective.
