@@ -182,7 +182,7 @@ std::vector<float> Model::forward_cached(InferenceCache& cache, int64_t first_sl
   if (logits.dtype() == DType::f32) {
     ops.download(all.data(), logits, all.size() * sizeof(float));
   } else {
-    Tensor f = Tensor::zeros({B, V}, DType::f32, ops.device());
+    Tensor& f = ops.f32(gen_logits_f32_, {B, V});
     ops.cast(f, logits);
     ops.download(all.data(), f, all.size() * sizeof(float));
   }

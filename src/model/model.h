@@ -187,8 +187,8 @@ class Model {
   void backward_from(const ModelActivations& a, const Tensor* d_output, float loss_scale);
   VocabShard vocab_shard() const;
   // Generation scratch: the ids (N) on the device, two (N, H) hidden buffers, the last rows (B, H), their norm and
-  // logits (B, V).
-  Tensor gen_ids_, gen_a_, gen_b_, gen_last_, gen_norm_, gen_rstd_, gen_logits_;
+  // logits (B, V), and the logits in f32 when the activations are not.
+  Tensor gen_ids_, gen_a_, gen_b_, gen_last_, gen_norm_, gen_rstd_, gen_logits_, gen_logits_f32_;
 };
 
 }  // namespace nextron
