@@ -5,7 +5,9 @@
 //   attention  causal GQA attention alone (vs torch's scaled_dot_product_attention);
 //   layers     one decoder layer of each (mixer, MLP) type of --config, forward and forward + backward;
 //   step       a full training step (forward, backward, AdamW) of --config: tokens/s and MFU
-//              (vs transformers' Qwen3NextForCausalLM + torch.optim.AdamW);
+//              (vs transformers' Qwen3NextForCausalLM + torch.optim.AdamW); with --roofline the model runs on
+//              CountingOps over CudaOps and one more step is counted: launches, host syncs, FLOPs, HBM bytes and the
+//              H100 / H200 roofline per op (kernels/counting_ops.h);
 //   params     the parameter count (total and active) and FLOPs per token of --config; needs no GPU;
 //   all        every one of the above, as one JSON object (what the peer script runs).
 // Times are CUDA events on CudaOps' stream around each iteration after --warmup untimed ones; we report the
@@ -30,6 +32,7 @@
 #include "core/cuda/check.h"
 #include "core/cuda/device.h"
 #include "core/error.h"
+#include "kernels/counting_ops.h"
 #include "kernels/cuda/blas.h"
 #include "kernels/cuda/cuda_ops.h"
 #include "model/config.h"
@@ -56,6 +59,7 @@ struct Options {
   int iters = 20, warmup = 5, step_iters = 10, step_warmup = 3, device = 0;
   double peak_tflops = 0;  // 0: measure (gemm)
   bool json_out = false;
+  bool roofline = false;  // step: count one step through CountingOps
 };
 
 // ------------------------------------------------------------------------------------------------------------
@@ -386,7 +390,10 @@ json bench_layers(CudaOps& ops, const Options& o, const ModelConfig& c) {
 
 json bench_step(const std::shared_ptr<CudaOps>& ops, const Options& o, const ModelConfig& c, double peak) {
   const int64_t B = o.batch, S = o.seq, N = B * S;
-  Model model(c, {}, ops);
+  // --roofline: the model (and AdamW) call the CUDA backend through the counting decorator (a map update per op
+  // call on the host); the timed steps are those of the decorated model.
+  const std::shared_ptr<CountingOps> counting = o.roofline ? std::make_shared<CountingOps>(ops) : nullptr;
+  Model model(c, {}, counting ? std::shared_ptr<Ops>(counting) : std::shared_ptr<Ops>(ops));
   const int64_t P = model.table().total_numel();
   {
     std::vector<float> host(P);
@@ -396,7 +403,7 @@ json bench_step(const std::shared_ptr<CudaOps>& ops, const Options& o, const Mod
   }
   AdamWHyper h;
   h.weight_decay = 0.1;
-  AdamW opt(model.table(), {0, P}, h, ops.get());
+  AdamW opt(model.table(), {0, P}, h, &model.ops());
   // Samples of S + 1 random tokens: ids = tokens[0, S), targets = tokens[1, S + 1) (the trainer's layout).
   std::mt19937_64 rng(7);
   std::uniform_int_distribution<int64_t> tok(0, c.vocab_size - 1);
@@ -427,20 +434,32 @@ json bench_step(const std::shared_ptr<CudaOps>& ops, const Options& o, const Mod
   const double tok_s = static_cast<double>(N) / (tstep.median_ms * 1e-3);
   const double tok_s_fb = static_cast<double>(N) / (tfb.median_ms * 1e-3);
   const double train_flops = training_flops_per_token(c, S);
-  return {{"batch", B},
-          {"seq_len", S},
-          {"params", P},
-          {"fwd_bwd", tfb.to_json()},
-          {"adamw", topt.to_json()},
-          {"step", tstep.to_json()},
-          {"tokens_per_s", tok_s},
-          {"tokens_per_s_fwd_bwd", tok_s_fb},
-          {"training_flops_per_token", train_flops},
-          {"peak_tflops", peak / 1e12},
-          {"mfu", model_flops_utilization(tok_s, train_flops, peak)},
-          {"mfu_fwd_bwd", model_flops_utilization(tok_s_fb, train_flops, peak)},
-          {"loss", loss},
-          {"gpu_mem_used_gib", mem}};
+  json out = {{"batch", B},
+              {"seq_len", S},
+              {"params", P},
+              {"fwd_bwd", tfb.to_json()},
+              {"adamw", topt.to_json()},
+              {"step", tstep.to_json()},
+              {"tokens_per_s", tok_s},
+              {"tokens_per_s_fwd_bwd", tok_s_fb},
+              {"training_flops_per_token", train_flops},
+              {"peak_tflops", peak / 1e12},
+              {"mfu", model_flops_utilization(tok_s, train_flops, peak)},
+              {"mfu_fwd_bwd", model_flops_utilization(tok_s_fb, train_flops, peak)},
+              {"loss", loss},
+              {"gpu_mem_used_gib", mem}};
+  if (counting) {
+    counting->reset();
+    fwd_bwd();
+    optim();
+    ops->synchronize();
+    const OpCount t = counting->total();
+    out["roofline"] = {
+        {"launches", t.launches},         {"host_syncs", t.host_syncs},  {"downloads", counting->downloads()},
+        {"uploads", counting->uploads()}, {"gflop", t.flops / 1e9},      {"hbm_gb", t.hbm_bytes / 1e9},
+        {"h100_ms", 1e3 * t.gpu_s[0]},    {"h200_ms", 1e3 * t.gpu_s[1]}, {"table", roofline_table(*counting)}};
+  }
+  return out;
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -518,6 +537,7 @@ void print_text(const json& all) {
         s["step"]["median_ms"].get<double>(), s["fwd_bwd"]["median_ms"].get<double>(),
         s["adamw"]["median_ms"].get<double>(), s["tokens_per_s"].get<double>(), 100 * s["mfu"].get<double>(),
         s["peak_tflops"].get<double>(), s["gpu_mem_used_gib"].get<double>());
+    if (s.contains("roofline")) std::printf("%s", s["roofline"]["table"].get<std::string>().c_str());
   }
 }
 
@@ -552,7 +572,10 @@ int run(int argc, char** argv) {
       "step-iters", po::value(&o.step_iters)->default_value(o.step_iters), "timed training steps")(
       "step-warmup", po::value(&o.step_warmup)->default_value(o.step_warmup), "untimed training steps first")(
       "device", po::value(&o.device)->default_value(o.device), "CUDA device index")(
-      "json", po::bool_switch(&o.json_out), "print one JSON object instead of text");
+      "json", po::bool_switch(&o.json_out), "print one JSON object instead of text")(
+      "roofline", po::bool_switch(&o.roofline),
+      "step: run the model through CountingOps and count one more step (launches, host syncs, FLOPs, HBM bytes, "
+      "H100 / H200 roofline per op)");
   po::variables_map vm;
   if (!cli::parse_or_help(argc, argv, opts, vm)) return 0;
   const std::vector<std::string> whats = {"params", "gemm", "gdr", "attention", "layers", "step", "all", "versions"};
