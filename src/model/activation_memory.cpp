@@ -1,6 +1,8 @@
 #include "model/activation_memory.h"
 
 #include <algorithm>
+#include <set>
+#include <utility>
 
 #include "model/model.h"
 
@@ -166,8 +168,14 @@ int64_t ScratchBytes::total() const {
 namespace {
 
 // One decoder layer's buffers outside its records (model/decoder.h, attention.h, gated_deltanet.h, mlp.h, moe.h,
-// moe_dispatcher.h: the members named in comments), at their steady-state sizes after one forward and backward.
-int64_t layer_scratch(const ModelConfig& c, int64_t layer, const ActivationShape& shape, const RecomputeOptions& r) {
+// moe_dispatcher.h: the members named in comments), at their steady-state sizes after one forward and backward:
+// `own`, the layer's alone (index and RoPE tables), and `shared`, its kind's DecoderLayer::Scratch, one copy for all
+// the stage's layers of the same mixer and MLP.
+struct LayerScratchBytes {
+  int64_t own = 0, shared = 0;
+};
+LayerScratchBytes layer_scratch(const ModelConfig& c, int64_t layer, const ActivationShape& shape,
+                                const RecomputeOptions& r) {
   const bool tp = shape.tp > 1, sp = shape.sequence_parallel && tp, cp = shape.cp > 1;
   const int64_t B = shape.B, S = shape.S, N = B * S, Nl = sp ? N / shape.tp : N, H = c.hidden_size;
   const int64_t a = shape.device == Device::cuda ? 2 : 4;
@@ -180,7 +188,7 @@ int64_t layer_scratch(const ModelConfig& c, int64_t layer, const ActivationShape
   const std::vector<CpSegment> segments =
       cp ? cp_segments(shape.cp_order, static_cast<int>(shape.cp), static_cast<int>(shape.cp_rank), S)
          : std::vector<CpSegment>{CpSegment{0, 0, 0, S}};
-  int64_t bytes = 0;
+  int64_t bytes = 0, own = 0;
   // DecoderLayer: the branch outputs (N, H) and their local rows, the rerun norms, the backward's gradients.
   bytes += 2 * N * H * a + (tp ? 2 * Nl * H * a : 0);                        // mix_region_, mlp_region_ (mix_, mlp_)
   if (folded) bytes += Nl * H * a + Nl * H * a;                              // routed_, dh2_routed_
@@ -198,8 +206,8 @@ int64_t layer_scratch(const ModelConfig& c, int64_t layer, const ActivationShape
   if (c.layer_types[layer] == MixerType::full_attention) {
     const int64_t NH = c.num_attention_heads, NKV = c.num_key_value_heads, D = c.head_dim, R = c.rotary_dim();
     const CpSegment& last = segments.back();
-    bytes += 2 * NH * D * kI32;                                 // q_cols_, gate_cols_
-    bytes += 2 * (last.global_begin + last.length) * R * kF32;  // cos_, sin_ up to the last position held
+    own += 2 * NH * D * kI32;                                 // q_cols_, gate_cols_
+    own += 2 * (last.global_begin + last.length) * R * kF32;  // cos_, sin_ up to the last position held
     if (G > 1) bytes += 2 * S * R * kF32;                       // seg_cos_, seg_sin_
     if (core) bytes += N * NH * D * a + N * NH * kF32;          // rc_o_, rc_lse_
     bytes +=
@@ -217,7 +225,7 @@ int64_t layer_scratch(const ModelConfig& c, int64_t layer, const ActivationShape
   } else {
     const int64_t Hv = c.linear_num_value_heads, KD = c.key_dim(), VD = c.value_dim(), CD = c.conv_dim(),
                   dk = c.linear_key_head_dim, dv = c.linear_value_head_dim, P = 2 * KD + 2 * VD;
-    bytes += (CD + 2 * VD + 2 * Hv + 2 * KD) * kI32;   // the column tables
+    own += (CD + 2 * VD + 2 * Hv + 2 * KD) * kI32;     // the column tables
     bytes += N * P * a + N * 2 * Hv * a + N * CD * a;  // qkvz_, ba_, conv_
     if (core) bytes += 2 * N * KD * a + N * VD * a;    // rc_qn_, rc_kn_, rc_o_
     bytes += 4 * N * VD * a + 4 * N * KD * a +
@@ -235,7 +243,7 @@ int64_t layer_scratch(const ModelConfig& c, int64_t layer, const ActivationShape
         bytes += 2 * N * KD * a + N * VD * a + 2 * N * Hv * kF32 + state;
     }
   }
-  if (!moe) return bytes + 3 * N * c.intermediate_size * a;  // dh_, dgu_
+  if (!moe) return {own, bytes + 3 * N * c.intermediate_size * a};  // dh_, dgu_
   const int64_t E = c.num_experts, K = c.num_experts_per_tok, Is = c.shared_expert_intermediate_size;
   const int64_t Nr = folded ? Nl : N, NK = Nr * K;
   bytes += Nr * E * kF32;                      // logits_
@@ -252,7 +260,7 @@ int64_t layer_scratch(const ModelConfig& c, int64_t layer, const ActivationShape
     if (r.recomputes_module("shared_experts")) bytes += 3 * N * Is * a + N * H * a;  // rc_shared_, rc_shared_out_
     bytes += N * H * a + N * a + 3 * N * Is * a;  // dshared_, dshared_gate_, the shared MLP's dh_, dgu_
   }
-  return bytes;
+  return {own, bytes};
 }
 
 }  // namespace
@@ -264,7 +272,13 @@ ScratchBytes scratch_bytes(const ModelConfig& c, const StageRange& stage, const 
   const int64_t a = shape.device == Device::cuda ? 2 : 4;
   const int64_t L = stage.num_layers(c);
   ScratchBytes out;
-  for (int64_t i = 0; i < L; ++i) out.layers.push_back(layer_scratch(c, stage.layer_begin + i, shape, recompute));
+  // Each layer's own tables, and its kind's shared scratch with the first layer of that kind.
+  std::set<std::pair<MixerType, MlpType>> kinds;
+  for (int64_t i = 0; i < L; ++i) {
+    const int64_t l = stage.layer_begin + i;
+    const LayerScratchBytes b = layer_scratch(c, l, shape, recompute);
+    out.layers.push_back(b.own + (kinds.insert({c.layer_types[l], c.mlp_type(l)}).second ? b.shared : 0));
+  }
   // The model's own (model/model.h): the backward's running gradients, the embedding's and the loss's buffers.
   int64_t& m = out.model;
   m += Nl * H * a + (L > 0 ? Nl * H * a : 0);  // dhidden_a_, dhidden_b_

@@ -52,8 +52,8 @@ struct ActivationBytes {
 ActivationBytes activation_record_bytes(const ModelConfig& local, const StageRange& stage, const ActivationShape& shape,
                                         const RecomputeOptions& recompute);
 
-// The buffers a stage keeps outside its records, one copy however many micro-batches are in flight: each decoder
-// layer's modules' forward and backward scratch (the branch outputs, every gradient buffer, the recomputed parts'
+// The buffers a stage keeps outside its records, one copy however many micro-batches are in flight: the decoder
+// layers' modules' forward and backward scratch, one copy per layer kind (DecoderLayer::Scratch) (the branch outputs, every gradient buffer, the recomputed parts'
 // outputs under selective recomputation, the EP dispatcher's send and receive rows, index and RoPE tables), the
 // model's (the running input gradients, dlogits, the vocab-parallel loss's statistics, the embedding's partial rows)
 // and under full recomputation one group's layer records (a record slot reused by layers of different kinds keeps
@@ -62,7 +62,7 @@ ActivationBytes activation_record_bytes(const ModelConfig& local, const StageRan
 // tests/unit/test_activation_memory.cpp measures it on every fixture and recomputation option, byte for byte.
 struct ScratchBytes {
   int64_t model = 0;            // the Model's own buffers (incl. full recomputation's group scratch)
-  std::vector<int64_t> layers;  // each decoder layer's
+  std::vector<int64_t> layers;  // each decoder layer's (the first of each kind also holds the kind's shared scratch)
   int64_t transient = 0;        // the largest buffer living only inside one call (CP's gathered keys and values)
   int64_t total() const;
 };

@@ -7,8 +7,9 @@
 
 namespace nextron {
 
-GatedAttention::GatedAttention(const ModelConfig& config, ModuleWeights weights, Ops& ops)
-    : c_(config), wt_(std::move(weights)), ops_(ops) {
+GatedAttention::GatedAttention(const ModelConfig& config, ModuleWeights weights, Ops& ops,
+                               std::shared_ptr<Scratch> scratch)
+    : c_(config), wt_(std::move(weights)), ops_(ops), sc_(scratch ? std::move(scratch) : std::make_shared<Scratch>()) {
   // q_proj's output holds per head [query (D) | gate (D)]: the query columns are gathered into (N, NH, D); the gate
   // is read in place (row stride 2D per head).
   const int64_t NH = c_.num_attention_heads, D = c_.head_dim;

@@ -2,6 +2,7 @@
 // RoPE, causal GQA softmax attention, sigmoid output gate, o_proj.
 #pragma once
 
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -15,7 +16,6 @@ namespace nextron {
 
 class GatedAttention {
  public:
-  GatedAttention(const ModelConfig& config, ModuleWeights weights, Ops& ops);
   // What backward needs from one forward: one record per micro-batch in flight, owned by the caller.
   struct Saved {
     int64_t B = 0, S = 0;
@@ -29,6 +29,21 @@ class GatedAttention {
     // Under context parallelism (S is then this rank's Sl tokens: G segments of L = Sl / G, the same on every rank):
     Tensor k_full, v_full;  // (B, (c + 1) L, NKV, D) the keys and values of the chunks up to this rank's last, c
   };
+  // Buffers outside the records, shared by the attention of every layer of one kind (model/decoder.h): each lives
+  // within one call, or (the recomputed core) is rewritten by the backward before it reads it.
+  struct Scratch {
+    Tensor seg_cos, seg_sin;  // (S, rotary_dim) RoPE rows at the zigzag segments' positions
+    // Zigzag: (G, B, L, NH, D) segment-major queries, outputs and their gradients; the first segment's keys and
+    // values (B, (chunk + 1) L, NKV, D) and their gradients.
+    Tensor seg_q, seg_o, seg_do, seg_dq, seg_k, seg_v, seg_dk, seg_dv;
+    Tensor dk_full, dv_full;  // (B, (c + 1) L, NKV, D) gradients of the gathered keys and values
+    Tensor rc_o, rc_lse;      // the core's output (B, S, NH, D) and lse (B, NH, S) when it is recomputed
+    Tensor dog, d_o, dq, dk, dv, dqn, dkn, dq_raw, dk_raw, dqg;  // backward
+    Saved cached;                                                // generation (forward_cached)
+  };
+  // scratch: shared buffers (nullptr: its own).
+  GatedAttention(const ModelConfig& config, ModuleWeights weights, Ops& ops,
+                 std::shared_ptr<Scratch> scratch = nullptr);
   // x: (B, S, H) normalised input; y: (B, S, H) overwritten.
   void forward(Saved& s, const Tensor& x, Tensor& y, int64_t B, int64_t S);
   // dy: (B, S, H). Accumulates into dx (B, S, H) and the parameter gradients.
@@ -55,7 +70,6 @@ class GatedAttention {
   // output gate and o_proj.
   void project(Saved& s, const Tensor& x, int64_t B, int64_t S);
   void finish(Saved& s, const Tensor& o, Tensor& y);
-  Saved cached_;               // generation scratch
   Tensor q_cols_, gate_cols_;  // column tables of q_proj's output
   int64_t rope_S_ = 0;
   Tensor cos_, sin_;  // RoPE tables (rope_S_, rotary_dim), shared by the micro-batches of that length
@@ -63,7 +77,6 @@ class GatedAttention {
   // The RoPE rows of the local tokens at the segments' positions: views into the tables for one segment, else
   // seg_cos_ / seg_sin_ (S, rotary_dim).
   std::pair<Tensor, Tensor> rope_rows(const std::vector<CpSegment>& segments);
-  Tensor seg_cos_, seg_sin_;
   // This rank's segments of S local tokens (one, at position 0, without context parallelism).
   std::vector<CpSegment> segments_of(int64_t S) const;
   // softmax(q k^T) v per segment: keys / values (B, Sk, NKV, D) are the last segment's causal context, an earlier
@@ -75,15 +88,17 @@ class GatedAttention {
                      const Tensor& values, const Tensor& o, const Tensor& lse, const std::vector<CpSegment>& segments);
   // dst (B, Sk, NKV, D) = the first Sk rows of every sequence of keys.
   Tensor& key_prefix(Tensor& dst, const Tensor& keys, int64_t Sk);
-  // Zigzag scratch: (G, B, L, NH, D) segment-major queries, outputs and their gradients; the first segment's keys and
-  // values (B, (chunk + 1) L, NKV, D) and their gradients.
-  Tensor seg_q_, seg_o_, seg_do_, seg_dq_, seg_k_, seg_v_, seg_dk_, seg_dv_;
   const ContextParallel* cp_ = nullptr;
   bool cp_active() const { return cp_ != nullptr && cp_->active(); }
-  Tensor dk_full_, dv_full_;  // (B, (c + 1) L, NKV, D) gradients of the gathered keys and values
   bool recompute_core_ = false;
-  Tensor rc_o_, rc_lse_;  // the core's output (B, S, NH, D) and lse (B, NH, S) when it is recomputed
-  Tensor dog_, do_, dq_, dk_, dv_, dqn_, dkn_, dq_raw_, dk_raw_, dqg_;  // backward scratch
+  std::shared_ptr<Scratch> sc_;
+  Saved& cached_ = sc_->cached;
+  Tensor &seg_cos_ = sc_->seg_cos, &seg_sin_ = sc_->seg_sin, &seg_q_ = sc_->seg_q, &seg_o_ = sc_->seg_o,
+         &seg_do_ = sc_->seg_do, &seg_dq_ = sc_->seg_dq, &seg_k_ = sc_->seg_k, &seg_v_ = sc_->seg_v,
+         &seg_dk_ = sc_->seg_dk, &seg_dv_ = sc_->seg_dv, &dk_full_ = sc_->dk_full, &dv_full_ = sc_->dv_full,
+         &rc_o_ = sc_->rc_o, &rc_lse_ = sc_->rc_lse, &dog_ = sc_->dog, &do_ = sc_->d_o, &dq_ = sc_->dq, &dk_ = sc_->dk,
+         &dv_ = sc_->dv, &dqn_ = sc_->dqn, &dkn_ = sc_->dkn, &dq_raw_ = sc_->dq_raw, &dk_raw_ = sc_->dk_raw,
+         &dqg_ = sc_->dqg;
 };
 
 }  // namespace nextron

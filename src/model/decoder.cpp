@@ -5,20 +5,26 @@
 namespace nextron {
 
 DecoderLayer::DecoderLayer(const ModelConfig& config, int64_t layer, const ParamTable& table, const FlatBuffers& flat,
-                           Ops& ops, const TensorParallel& tp, const ExpertParallel& ep, const ContextParallel* cp)
-    : c_(config), wt_(table, flat, "layers." + std::to_string(layer) + "."), ops_(ops), tp_(tp) {
+                           Ops& ops, const TensorParallel& tp, const ExpertParallel& ep, const ContextParallel* cp,
+                           std::shared_ptr<Scratch> scratch)
+    : c_(config),
+      wt_(table, flat, "layers." + std::to_string(layer) + "."),
+      ops_(ops),
+      tp_(tp),
+      sc_(scratch ? std::move(scratch) : std::make_shared<Scratch>()) {
   // Both mixers see this rank's slice of every sequence under context parallelism (cp: nullptr or CP 1 otherwise).
   if (config.layer_types[layer] == MixerType::full_attention) {
-    attention_ = std::make_unique<GatedAttention>(config, wt_.sub("self_attn."), ops_);
+    attention_ = std::make_unique<GatedAttention>(config, wt_.sub("self_attn."), ops_, sc_->attention);
     attention_->set_context_parallel(cp);
   } else {
-    deltanet_ = std::make_unique<GatedDeltaNet>(config, wt_.sub("linear_attn."), ops_);
+    deltanet_ = std::make_unique<GatedDeltaNet>(config, wt_.sub("linear_attn."), ops_, sc_->deltanet);
     deltanet_->set_context_parallel(cp);
   }
   if (config.mlp_type(layer) == MlpType::sparse_moe)
-    moe_ = std::make_unique<SparseMoe>(config, wt_.sub("mlp."), ops_, tp_, ep);
+    moe_ = std::make_unique<SparseMoe>(config, wt_.sub("mlp."), ops_, tp_, ep, sc_->moe);
   else
-    dense_ = std::make_unique<SwiGluMlp>(wt_.sub("mlp."), config.hidden_size, config.intermediate_size, ops_);
+    dense_ =
+        std::make_unique<SwiGluMlp>(wt_.sub("mlp."), config.hidden_size, config.intermediate_size, ops_, sc_->dense);
 }
 
 void DecoderLayer::forward(Saved& s, const Tensor& x_in, Tensor& x_out, int64_t B, int64_t S, MoeAuxStats& aux) {

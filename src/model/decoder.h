@@ -19,8 +19,11 @@ namespace nextron {
 
 class DecoderLayer {
  public:
+  struct Scratch;
+  // scratch: the buffers this layer shares with the other layers of its kind (nullptr: its own; see Scratch).
   DecoderLayer(const ModelConfig& config, int64_t layer, const ParamTable& table, const FlatBuffers& flat, Ops& ops,
-               const TensorParallel& tp = {}, const ExpertParallel& ep = {}, const ContextParallel* cp = nullptr);
+               const TensorParallel& tp = {}, const ExpertParallel& ep = {}, const ContextParallel* cp = nullptr,
+               std::shared_ptr<Scratch> scratch = nullptr);
   // What backward needs from one forward: one record per micro-batch in flight, owned by the caller. Nl: this
   // rank's rows of the N = B S tokens (N / TP under sequence parallelism, else N).
   struct Saved {
@@ -34,6 +37,27 @@ class DecoderLayer {
     GatedDeltaNet::Saved deltanet;
     SwiGluMlp::Saved dense;
     SparseMoe::Saved moe;
+  };
+  // The buffers a layer keeps outside its records. Layers run one at a time and each of these either lives within
+  // one call (the branch outputs, every gradient buffer, generation's) or is rewritten by the backward before it
+  // reads it (the recomputed norms and MLP block: a record that views them gets the same values back in the same
+  // storage), so all layers of one kind (mixer x MLP: the same shapes) share one Scratch, as Megatron shares its
+  // buffers: a stage holds one or two copies instead of one per layer. The modules' own are inside.
+  struct Scratch {
+    Tensor mix_region, mix, mlp_region, mlp;               // forward: the branch outputs (N, H) and their local rows
+    Tensor rc_h1, rc_h1_full, rc_h2, rc_h2_full, rc_rstd;  // recomputed norms: outputs, SP gathers, rstd
+    SwiGluMlp::Saved rc_dense;  // the MLP block's record when it is recomputed (forward, then again in backward)
+    SparseMoe::Saved rc_moe;
+    MoeAuxStats rc_aux;
+    Tensor rc_mlp_region;  // (N, H) the rerun's output (discarded)
+    Tensor dh1, dh1_local, dx_mid, dh2, dh2_replicated, dh2_local, dregion_full, dscratch;  // backward
+    Tensor routed, dh2_routed;  // folded experts: the routed output and its input gradient, (Nl, H)
+    Saved cached;               // generation (forward_cached) and its router statistics (discarded)
+    MoeAuxStats cached_aux;
+    std::shared_ptr<GatedAttention::Scratch> attention = std::make_shared<GatedAttention::Scratch>();
+    std::shared_ptr<GatedDeltaNet::Scratch> deltanet = std::make_shared<GatedDeltaNet::Scratch>();
+    std::shared_ptr<SwiGluMlp::Scratch> dense = std::make_shared<SwiGluMlp::Scratch>();
+    std::shared_ptr<SparseMoe::Scratch> moe = std::make_shared<SparseMoe::Scratch>();
   };
   // x_in: (Nl, H); x_out: the same shape, overwritten.
   void forward(Saved& s, const Tensor& x_in, Tensor& x_out, int64_t B, int64_t S, MoeAuxStats& aux);
@@ -71,18 +95,18 @@ class DecoderLayer {
   std::unique_ptr<GatedDeltaNet> deltanet_;
   std::unique_ptr<SwiGluMlp> dense_;
   std::unique_ptr<SparseMoe> moe_;
-  Saved cached_;                                // generation scratch (forward_cached)
-  MoeAuxStats cached_aux_;                      // its router statistics (discarded)
-  Tensor mix_region_, mix_, mlp_region_, mlp_;  // forward scratch: the branch outputs (N, H) and their local rows
   bool recompute_mlp_ = false, recompute_norm_ = false;
-  Tensor rc_h1_, rc_h1_full_, rc_h2_, rc_h2_full_, rc_rstd_;  // recomputed norms: outputs, SP gathers, rstd
-  // Recomputes norm `weight` of x into h (and its region entry into full); `region` is what the records view.
-  SwiGluMlp::Saved rc_dense_;  // the MLP's record when it is recomputed (forward, then again in backward)
-  SparseMoe::Saved rc_moe_;
-  MoeAuxStats rc_aux_;
-  Tensor rc_mlp_region_;  // (N, H) the rerun's output (discarded)
-  Tensor dh1_, dh1_local_, dx_mid_, dh2_, dh2_replicated_, dh2_local_, dregion_full_, dscratch_;
-  Tensor routed_, dh2_routed_;  // folded experts: the routed output and its input gradient, (Nl, H)
+  std::shared_ptr<Scratch> sc_;
+  Saved& cached_ = sc_->cached;
+  MoeAuxStats &cached_aux_ = sc_->cached_aux, &rc_aux_ = sc_->rc_aux;
+  SwiGluMlp::Saved& rc_dense_ = sc_->rc_dense;
+  SparseMoe::Saved& rc_moe_ = sc_->rc_moe;
+  Tensor &mix_region_ = sc_->mix_region, &mix_ = sc_->mix, &mlp_region_ = sc_->mlp_region, &mlp_ = sc_->mlp,
+         &rc_h1_ = sc_->rc_h1, &rc_h1_full_ = sc_->rc_h1_full, &rc_h2_ = sc_->rc_h2, &rc_h2_full_ = sc_->rc_h2_full,
+         &rc_rstd_ = sc_->rc_rstd, &rc_mlp_region_ = sc_->rc_mlp_region, &dh1_ = sc_->dh1, &dh1_local_ = sc_->dh1_local,
+         &dx_mid_ = sc_->dx_mid, &dh2_ = sc_->dh2, &dh2_replicated_ = sc_->dh2_replicated, &dh2_local_ = sc_->dh2_local,
+         &dregion_full_ = sc_->dregion_full, &dscratch_ = sc_->dscratch, &routed_ = sc_->routed,
+         &dh2_routed_ = sc_->dh2_routed;
 };
 
 }  // namespace nextron

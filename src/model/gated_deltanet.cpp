@@ -52,8 +52,9 @@ Tensor as_items(const Tensor& t, int64_t Bi, int64_t L) {
 
 }  // namespace
 
-GatedDeltaNet::GatedDeltaNet(const ModelConfig& config, ModuleWeights weights, Ops& ops)
-    : c_(config), wt_(std::move(weights)), ops_(ops) {
+GatedDeltaNet::GatedDeltaNet(const ModelConfig& config, ModuleWeights weights, Ops& ops,
+                             std::shared_ptr<Scratch> scratch)
+    : c_(config), wt_(std::move(weights)), ops_(ops), sc_(scratch ? std::move(scratch) : std::make_shared<Scratch>()) {
   // in_proj_qkvz rows of key-head group i are [q (dk) | k (dk) | v (r dv) | z (r dv)], in_proj_ba rows
   // [b (r) | a (r)] (r = Hv / Hk). The conv runs over [q of all heads | k of all heads | v of all heads].
   const int64_t Hk = c_.linear_num_key_heads, dk = c_.linear_key_head_dim, r = c_.linear_num_value_heads / Hk,

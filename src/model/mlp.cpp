@@ -2,8 +2,13 @@
 
 namespace nextron {
 
-SwiGluMlp::SwiGluMlp(ModuleWeights weights, int64_t hidden, int64_t intermediate, Ops& ops)
-    : wt_(std::move(weights)), H_(hidden), I_(intermediate), ops_(ops) {}
+SwiGluMlp::SwiGluMlp(ModuleWeights weights, int64_t hidden, int64_t intermediate, Ops& ops,
+                     std::shared_ptr<Scratch> scratch)
+    : wt_(std::move(weights)),
+      H_(hidden),
+      I_(intermediate),
+      ops_(ops),
+      sc_(scratch ? std::move(scratch) : std::make_shared<Scratch>()) {}
 
 void SwiGluMlp::forward(Saved& s, const Tensor& x, Tensor& y) {
   const int64_t N = x.numel() / H_;

@@ -2,6 +2,8 @@
 // into one (2I, H) parameter so a single GEMM feeds the SwiGLU. Also the shared expert of the MoE block.
 #pragma once
 
+#include <memory>
+
 #include "kernels/ops.h"
 #include "model/module.h"
 
@@ -9,8 +11,13 @@ namespace nextron {
 
 class SwiGluMlp {
  public:
-  // `weights` selects the parameters ("mlp." or "mlp.shared_expert.").
-  SwiGluMlp(ModuleWeights weights, int64_t hidden, int64_t intermediate, Ops& ops);
+  // Buffers that live within one call only, so the MLPs of every layer of one kind (model/decoder.h) share them.
+  struct Scratch {
+    Tensor dh, dgu;  // backward (N, I), (N, 2I)
+  };
+  // `weights` selects the parameters ("mlp." or "mlp.shared_expert."); scratch: shared buffers (nullptr: its own).
+  SwiGluMlp(ModuleWeights weights, int64_t hidden, int64_t intermediate, Ops& ops,
+            std::shared_ptr<Scratch> scratch = nullptr);
   // What backward needs from one forward: one record per micro-batch in flight, owned by the caller.
   struct Saved {
     Tensor x;   // (N, H) the input (a view: the caller keeps it alive until backward)
@@ -26,7 +33,8 @@ class SwiGluMlp {
   ModuleWeights wt_;
   int64_t H_, I_;
   Ops& ops_;
-  Tensor dh_, dgu_;  // backward scratch (N, I), (N, 2I)
+  std::shared_ptr<Scratch> sc_;
+  Tensor &dh_ = sc_->dh, &dgu_ = sc_->dgu;
 };
 
 }  // namespace nextron

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <map>
+#include <utility>
 
 #include "kernels/cpu/cross_entropy.h"
 #include "kernels/cpu/load_balancing.h"
@@ -36,9 +38,14 @@ Model::Model(const ModelConfig& config, const ModelComms& comms, std::shared_ptr
     flat_.params_act = flat_.params;
   else
     ops_->act(flat_.params_act, {table_.total_numel()});
-  for (int64_t i = stage_.layer_begin; i < stage_.layer_end; ++i)
-    layers_.push_back(
-        std::make_unique<DecoderLayer>(local_config_, i, table_, flat_, *ops_, comms_.tp, comms_.ep, &comms_.cp));
+  // Layers of one kind (mixer x MLP) share their scratch (DecoderLayer::Scratch): one copy per kind, not per layer.
+  std::map<std::pair<MixerType, MlpType>, std::shared_ptr<DecoderLayer::Scratch>> scratch;
+  for (int64_t i = stage_.layer_begin; i < stage_.layer_end; ++i) {
+    auto& shared = scratch[{local_config_.layer_types[i], local_config_.mlp_type(i)}];
+    if (!shared) shared = std::make_shared<DecoderLayer::Scratch>();
+    layers_.push_back(std::make_unique<DecoderLayer>(local_config_, i, table_, flat_, *ops_, comms_.tp, comms_.ep,
+                                                     &comms_.cp, shared));
+  }
   set_recompute({});
   const VocabShard shard = vocab_shard();
   if (shard.begin + shard.size > config_.vocab_size) {

@@ -13,13 +13,18 @@ void MoeAuxStats::reset(const Ops& ops, int64_t E) {
 }
 
 SparseMoe::SparseMoe(const ModelConfig& config, ModuleWeights weights, Ops& ops, const TensorParallel& tp,
-                     const ExpertParallel& ep)
-    : c_(config), wt_(std::move(weights)), ops_(ops), tp_(tp) {
+                     const ExpertParallel& ep, std::shared_ptr<Scratch> scratch)
+    : c_(config),
+      wt_(std::move(weights)),
+      ops_(ops),
+      tp_(tp),
+      sc_(scratch ? std::move(scratch) : std::make_shared<Scratch>()) {
   // Expert parallelism and token dropping take the phased dispatcher; otherwise the fused experts kernel.
-  if (ep.active() || c_.expert_capacity_factor > 0) dispatcher_ = std::make_unique<AllToAllDispatcher>(c_, ops_, ep);
+  if (ep.active() || c_.expert_capacity_factor > 0)
+    dispatcher_ = std::make_unique<AllToAllDispatcher>(c_, ops_, ep, sc_->dispatcher);
   if (c_.shared_expert_intermediate_size > 0)
     shared_ = std::make_unique<SwiGluMlp>(wt_.sub("shared_expert."), c_.hidden_size, c_.shared_expert_intermediate_size,
-                                          ops_);
+                                          ops_, sc_->shared_expert);
 }
 
 void SparseMoe::forward(Saved& s, const Tensor& x, Tensor& y, MoeAuxStats& aux) {

@@ -42,8 +42,19 @@ class SparseMoe {
   // over the TP group; the router and the shared-expert gate run whole on every rank.
   // Under expert parallelism (`ep` active) the rank holds config.num_local_experts() of the routed experts and the
   // all-to-all dispatcher (model/moe_dispatcher.h) carries each token's rows to the ranks holding their experts.
+  // Buffers outside the records, shared by the MoE blocks of every layer of one kind (model/decoder.h): they live
+  // within one call, or (the recomputed shared expert) are rewritten by the backward before it reads them.
+  struct Scratch {
+    SwiGluMlp::Saved rc_shared;  // the shared expert's record and output (N, H) when it is recomputed
+    Tensor rc_shared_out;
+    Tensor logits, shared_gated;                           // forward (N, E) f32, (N, H)
+    Tensor dprobs, dtopw, dlogits, dshared, dshared_gate;  // backward
+    std::shared_ptr<SwiGluMlp::Scratch> shared_expert = std::make_shared<SwiGluMlp::Scratch>();
+    std::shared_ptr<AllToAllDispatcher::Scratch> dispatcher = std::make_shared<AllToAllDispatcher::Scratch>();
+  };
+  // scratch: shared buffers (nullptr: its own).
   SparseMoe(const ModelConfig& config, ModuleWeights weights, Ops& ops, const TensorParallel& tp = {},
-            const ExpertParallel& ep = {});
+            const ExpertParallel& ep = {}, std::shared_ptr<Scratch> scratch = nullptr);
   // What backward needs from one forward: one record per micro-batch in flight, owned by the caller.
   struct Saved {
     Tensor x;                                  // (N, H) the router's and experts' input (a view)
@@ -115,10 +126,11 @@ class SparseMoe {
   bool recompute_act_ = false, recompute_shared_ = false, log_load_ = false;
   Tensor load_tokens_, load_probs_;  // (E) f32: assignments and summed probabilities since reset_load()
   double load_dropped_ = 0;          // dropped slots since reset_load()
-  SwiGluMlp::Saved rc_shared_;       // the shared expert's record and output (N, H) when it is recomputed
-  Tensor rc_shared_out_;
-  Tensor logits_, shared_gated_;                              // forward scratch (N, E) f32, (N, H)
-  Tensor dprobs_, dtopw_, dlogits_, dshared_, dshared_gate_;  // backward scratch
+  std::shared_ptr<Scratch> sc_;
+  SwiGluMlp::Saved& rc_shared_ = sc_->rc_shared;
+  Tensor &rc_shared_out_ = sc_->rc_shared_out, &logits_ = sc_->logits, &shared_gated_ = sc_->shared_gated,
+         &dprobs_ = sc_->dprobs, &dtopw_ = sc_->dtopw, &dlogits_ = sc_->dlogits, &dshared_ = sc_->dshared,
+         &dshared_gate_ = sc_->dshared_gate;
 };
 
 }  // namespace nextron

@@ -8,8 +8,9 @@
 
 namespace nextron {
 
-AllToAllDispatcher::AllToAllDispatcher(const ModelConfig& config, Ops& ops, const ExpertParallel& ep)
-    : c_(config), ops_(ops), ep_(ep) {
+AllToAllDispatcher::AllToAllDispatcher(const ModelConfig& config, Ops& ops, const ExpertParallel& ep,
+                                       std::shared_ptr<Scratch> scratch)
+    : c_(config), ops_(ops), ep_(ep), sc_(scratch ? std::move(scratch) : std::make_shared<Scratch>()) {
   NEXTRON_CHECK(c_.num_local_experts() * ep_.size() == c_.num_experts, "MoE dispatcher: ", c_.num_local_experts(),
                 " local experts x EP ", ep_.size(), " != ", c_.num_experts, " experts");
 }

@@ -28,8 +28,18 @@ namespace nextron {
 
 class AllToAllDispatcher {
  public:
-  // config: the rank's local config (El = num_local_experts() experts from first_local_expert()).
-  AllToAllDispatcher(const ModelConfig& config, Ops& ops, const ExpertParallel& ep);
+  // Buffers that live within one call only, so the dispatchers of every layer of one kind share them
+  // (model/decoder.h). R: rows received, sent: rows sent.
+  struct Scratch {
+    Tensor send_token, send, received, expert_out;        // forward (sent), (sent, H), (R, H), (R, H)
+    Tensor x_padded;                                      // (N + 1, H) x and a zero row (padding to capacity)
+    Tensor d_returned, d_expert_out, d_received, d_send;  // backward
+    Tensor d_ones;                                        // (R, 1): the experts' routing-weight gradient (unused)
+  };
+  // config: the rank's local config (El = num_local_experts() experts from first_local_expert()); scratch: shared
+  // buffers (nullptr: its own).
+  AllToAllDispatcher(const ModelConfig& config, Ops& ops, const ExpertParallel& ep,
+                     std::shared_ptr<Scratch> scratch = nullptr);
 
   // What backward needs from one forward: part of the MoE layer's record.
   struct Saved {
@@ -54,10 +64,10 @@ class AllToAllDispatcher {
   const ModelConfig& c_;
   Ops& ops_;
   ExpertParallel ep_;
-  Tensor send_token_, send_, received_, expert_out_;        // forward scratch (sent), (sent, H), (R, H), (R, H)
-  Tensor x_padded_;                                         // (N + 1, H) x and a zero row (padding to capacity)
-  Tensor d_returned_, d_expert_out_, d_received_, d_send_;  // backward scratch
-  Tensor d_ones_;                                           // (R, 1): the experts' routing-weight gradient (unused)
+  std::shared_ptr<Scratch> sc_;
+  Tensor &send_token_ = sc_->send_token, &send_ = sc_->send, &received_ = sc_->received, &expert_out_ = sc_->expert_out,
+         &x_padded_ = sc_->x_padded, &d_returned_ = sc_->d_returned, &d_expert_out_ = sc_->d_expert_out,
+         &d_received_ = sc_->d_received, &d_send_ = sc_->d_send, &d_ones_ = sc_->d_ones;
 };
 
 }  // namespace nextron
