@@ -208,8 +208,8 @@ LayerScratchBytes layer_scratch(const ModelConfig& c, int64_t layer, const Activ
     const CpSegment& last = segments.back();
     own += 2 * NH * D * kI32;                                 // q_cols_, gate_cols_
     own += 2 * (last.global_begin + last.length) * R * kF32;  // cos_, sin_ up to the last position held
-    if (G > 1) bytes += 2 * S * R * kF32;                       // seg_cos_, seg_sin_
-    if (core) bytes += N * NH * D * a + N * NH * kF32;          // rc_o_, rc_lse_
+    if (G > 1) bytes += 2 * S * R * kF32;                     // seg_cos_, seg_sin_
+    if (core) bytes += N * NH * D * a + N * NH * kF32;        // rc_o_, rc_lse_
     bytes +=
         7 * N * NH * D * a + 4 * N * NKV * D * a;  // dog_, dqg_ (2), do_, dq_, dqn_, dq_raw_; dk_, dv_, dkn_, dk_raw_
     if (cp) {
@@ -266,14 +266,15 @@ LayerScratchBytes layer_scratch(const ModelConfig& c, int64_t layer, const Activ
 }  // namespace
 
 ScratchBytes scratch_bytes(const ModelConfig& c, const StageRange& stage, const ActivationShape& shape,
-                           const RecomputeOptions& recompute) {
+                           const RecomputeOptions& recompute, std::set<std::pair<MixerType, MlpType>>* counted) {
   const bool tp = shape.tp > 1, sp = shape.sequence_parallel && tp;
   const int64_t N = shape.B * shape.S, Nl = sp ? N / shape.tp : N, H = c.hidden_size, E = c.num_experts;
   const int64_t a = shape.device == Device::cuda ? 2 : 4;
   const int64_t L = stage.num_layers(c);
   ScratchBytes out;
   // Each layer's own tables, and its kind's shared scratch with the first layer of that kind.
-  std::set<std::pair<MixerType, MlpType>> kinds;
+  std::set<std::pair<MixerType, MlpType>> own_kinds;
+  std::set<std::pair<MixerType, MlpType>>& kinds = counted ? *counted : own_kinds;
   for (int64_t i = 0; i < L; ++i) {
     const int64_t l = stage.layer_begin + i;
     const LayerScratchBytes b = layer_scratch(c, l, shape, recompute);

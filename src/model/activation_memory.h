@@ -13,6 +13,8 @@
 #pragma once
 
 #include <cstdint>
+#include <set>
+#include <utility>
 #include <vector>
 
 #include "comm/context_parallel.h"
@@ -53,21 +55,25 @@ ActivationBytes activation_record_bytes(const ModelConfig& local, const StageRan
                                         const RecomputeOptions& recompute);
 
 // The buffers a stage keeps outside its records, one copy however many micro-batches are in flight: the decoder
-// layers' modules' forward and backward scratch, one copy per layer kind (DecoderLayer::Scratch) (the branch outputs, every gradient buffer, the recomputed parts'
-// outputs under selective recomputation, the EP dispatcher's send and receive rows, index and RoPE tables), the
-// model's (the running input gradients, dlogits, the vocab-parallel loss's statistics, the embedding's partial rows)
-// and under full recomputation one group's layer records (a record slot reused by layers of different kinds keeps
-// each kind's tensors). Tensors only, at their steady-state sizes after a micro-batch's forward and backward; the
-// vocabulary mask (< V / TP floats) and the CUDA backend's kernel workspaces are left out.
-// tests/unit/test_activation_memory.cpp measures it on every fixture and recomputation option, byte for byte.
+// layers' modules' forward and backward scratch, one copy per layer kind (DecoderLayer::Scratch) (the branch outputs,
+// every gradient buffer, the recomputed parts' outputs under selective recomputation, the EP dispatcher's send and
+// receive rows, index and RoPE tables), the model's (the running input gradients, dlogits, the vocab-parallel loss's
+// statistics, the embedding's partial rows) and under full recomputation one group's layer records (a record slot
+// reused by layers of different kinds keeps each kind's tensors). Tensors only, at their steady-state sizes after a
+// micro-batch's forward and backward; the vocabulary mask (< V / TP floats) and the CUDA backend's kernel workspaces
+// are left out. tests/unit/test_activation_memory.cpp measures it on every fixture and recomputation option, byte for
+// byte.
 struct ScratchBytes {
   int64_t model = 0;            // the Model's own buffers (incl. full recomputation's group scratch)
   std::vector<int64_t> layers;  // each decoder layer's (the first of each kind also holds the kind's shared scratch)
   int64_t transient = 0;        // the largest buffer living only inside one call (CP's gathered keys and values)
   int64_t total() const;
 };
+// counted: the layer kinds whose shared scratch another model of the rank already holds (a rank's pipeline chunks
+// share one LayerScratchPool, model/decoder.h); the kinds this stage adds are inserted. nullptr: the stage alone.
 ScratchBytes scratch_bytes(const ModelConfig& local, const StageRange& stage, const ActivationShape& shape,
-                           const RecomputeOptions& recompute);
+                           const RecomputeOptions& recompute,
+                           std::set<std::pair<MixerType, MlpType>>* counted = nullptr);
 
 // Host memory a record holds outside Tensors (its targets and the CPU backend's MoE dispatch); Tensors are counted by
 // live_tensor_bytes() (core/tensor.h). Together they are the measured side of the formula.

@@ -4,7 +4,9 @@
 // and the residual stream hold this rank's rows outside them (all rows, or a sequence shard with SP).
 #pragma once
 
+#include <map>
 #include <memory>
+#include <utility>
 
 #include "comm/expert_parallel.h"
 #include "comm/tensor_parallel.h"
@@ -108,5 +110,10 @@ class DecoderLayer {
          &dregion_full_ = sc_->dregion_full, &dscratch_ = sc_->dscratch, &routed_ = sc_->routed,
          &dh2_routed_ = sc_->dh2_routed;
 };
+
+// The Scratch of each layer kind (mixer x MLP) on a rank: one pool per rank, shared by all its pipeline chunks
+// (model/model.h), which run one at a time.
+using LayerKind = std::pair<MixerType, MlpType>;
+using LayerScratchPool = std::map<LayerKind, std::shared_ptr<DecoderLayer::Scratch>>;
 
 }  // namespace nextron

@@ -23,7 +23,8 @@ std::vector<float> to_host(const Ops& ops, const Tensor& t) {
 
 }  // namespace
 
-Model::Model(const ModelConfig& config, const ModelComms& comms, std::shared_ptr<Ops> ops, const StageRange& stage)
+Model::Model(const ModelConfig& config, const ModelComms& comms, std::shared_ptr<Ops> ops, const StageRange& stage,
+             std::shared_ptr<LayerScratchPool> scratch)
     : config_(config),
       local_config_(ep_local_config(tp_local_config(config, comms.tp.size()), comms.ep.size(), comms.ep.rank())),
       comms_(comms),
@@ -39,9 +40,9 @@ Model::Model(const ModelConfig& config, const ModelComms& comms, std::shared_ptr
   else
     ops_->act(flat_.params_act, {table_.total_numel()});
   // Layers of one kind (mixer x MLP) share their scratch (DecoderLayer::Scratch): one copy per kind, not per layer.
-  std::map<std::pair<MixerType, MlpType>, std::shared_ptr<DecoderLayer::Scratch>> scratch;
+  if (!scratch) scratch = std::make_shared<LayerScratchPool>();
   for (int64_t i = stage_.layer_begin; i < stage_.layer_end; ++i) {
-    auto& shared = scratch[{local_config_.layer_types[i], local_config_.mlp_type(i)}];
+    auto& shared = (*scratch)[{local_config_.layer_types[i], local_config_.mlp_type(i)}];
     if (!shared) shared = std::make_shared<DecoderLayer::Scratch>();
     layers_.push_back(std::make_unique<DecoderLayer>(local_config_, i, table_, flat_, *ops_, comms_.tp, comms_.ep,
                                                      &comms_.cp, shared));

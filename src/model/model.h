@@ -68,8 +68,10 @@ class Model {
   // on ops->device().
   // stage: the layers this model holds (model/stage.h; the whole model by default). Parameters, table() and the
   // flat buffers are the stage's.
+  // scratch: the per-kind layer scratch this model shares with the other models (pipeline chunks) of its rank
+  // (model/decoder.h; nullptr: its own).
   explicit Model(const ModelConfig& config, const ModelComms& comms = {}, std::shared_ptr<Ops> ops = nullptr,
-                 const StageRange& stage = {});
+                 const StageRange& stage = {}, std::shared_ptr<LayerScratchPool> scratch = nullptr);
   Model(const Model&) = delete;
   Model& operator=(const Model&) = delete;
 

@@ -247,9 +247,12 @@ Trainer::Trainer(const TrainOptions& options, SampleFn source, Communicator* wor
   if (!ctx_) solo_map_ = std::make_unique<TpShardMap>(config, 0, 1);
   const ModelComms comms = ctx_ ? ctx_->model_comms() : ModelComms{};
   const int num_chunks = ctx_ ? ctx_->num_chunks() : 1;
+  // The rank's virtual-pipeline chunks run one at a time: their layers of one kind share one scratch.
+  auto layer_scratch = std::make_shared<LayerScratchPool>();
   for (int c = 0; c < num_chunks; ++c) {
     Chunk chunk;
-    chunk.model = std::make_unique<Model>(config, comms, backend.ops, ctx_ ? ctx_->chunk(c) : StageRange{});
+    chunk.model =
+        std::make_unique<Model>(config, comms, backend.ops, ctx_ ? ctx_->chunk(c) : StageRange{}, layer_scratch);
     chunk.model->set_recompute(opt_.recompute);
     chunk.model->set_expert_load_logging(opt_.moe_per_layer_logging);
     if (ctx_) chunk.tp_sync = std::make_unique<TpGradSync>(ctx_->shard_map(c), comms.tp, chunk.model->ops());

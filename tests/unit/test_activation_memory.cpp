@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -43,9 +44,12 @@ struct Chain {
   int64_t B = 2, S = 29;
   std::vector<int64_t> ids, targets;
 
-  Chain(const ModelConfig& config, const std::vector<StageRange>& ranges, const RecomputeOptions& recompute) {
+  // one_rank: the stages are the virtual-pipeline chunks of one rank, sharing their layer scratch (as the trainer's).
+  Chain(const ModelConfig& config, const std::vector<StageRange>& ranges, const RecomputeOptions& recompute,
+        bool one_rank = false) {
+    auto pool = one_rank ? std::make_shared<LayerScratchPool>() : nullptr;
     for (const StageRange& r : ranges) {
-      stages.push_back(std::make_unique<Model>(config, ModelComms{}, nullptr, r));
+      stages.push_back(std::make_unique<Model>(config, ModelComms{}, nullptr, r, pool));
       stages.back()->set_recompute(recompute);
     }
     for (int64_t i = 0; i < B * S; ++i) {
@@ -153,16 +157,18 @@ TEST_P(ActivationMemory, TheScratchHoldsWhatTheFormulaSays) {
       {"selective", "", 0, {"shared_experts"}},
       {"selective", "", 0, {"core_attn", "layernorm", "moe_act", "shared_experts"}}};
   const std::vector<int64_t> stages = L >= 3 ? std::vector<int64_t>{1, L - 2, 1} : std::vector<int64_t>{1, L - 1};
-  for (const std::vector<int64_t>& counts : {std::vector<int64_t>{L}, stages}) {
+  // The whole model, the stages of separate ranks, and the stages as the chunks of one rank (one scratch per kind).
+  for (const auto& [counts, one_rank] :
+       {std::pair{std::vector<int64_t>{L}, false}, std::pair{stages, false}, std::pair{stages, true}}) {
     for (const RecomputeOptions& recompute : options) {
       std::string name = recompute.granularity + " " + recompute.method;
       for (const auto& m : recompute.modules) name += " " + m;
-      SCOPED_TRACE(name + (counts.size() == 1 ? " whole model" : " stages"));
+      SCOPED_TRACE(name + (counts.size() == 1 ? " whole model" : one_rank ? " chunks of one rank" : " stages"));
       const std::vector<StageRange> ranges = split(counts);
       const size_t P = ranges.size();
       const int64_t before = live_bytes();
       {
-        Chain chain(config, ranges, recompute);
+        Chain chain(config, ranges, recompute, one_rank);
         std::vector<ModelActivations> warm(P);
         for (size_t k = 0; k < P; ++k) chain.forward(k, warm[k], k ? &warm[k - 1] : nullptr);
         for (size_t k = P; k-- > 0;) chain.backward(k, warm[k], warm.back());
@@ -171,12 +177,14 @@ TEST_P(ActivationMemory, TheScratchHoldsWhatTheFormulaSays) {
         shape.S = chain.S;
         shape.pipeline = P > 1;
         int64_t kept = 0, want = 0;
+        std::set<LayerKind> counted;  // the chunks of one rank count a kind's shared scratch once
         for (size_t k = 0; k < P; ++k) {
           const Model& m = *chain.stages[k];
           const ActivationBytes record = activation_record_bytes(m.local_config(), ranges[k], shape, recompute);
           kept += 8 * m.table().total_numel() + record.total() - record.host;  // f32 parameters and gradients
           if (k > 0) kept += chain.input_grads[k].nbytes();
-          const ScratchBytes scratch = scratch_bytes(m.local_config(), ranges[k], shape, recompute);
+          const ScratchBytes scratch =
+              scratch_bytes(m.local_config(), ranges[k], shape, recompute, one_rank ? &counted : nullptr);
           EXPECT_EQ(scratch.transient, 0);
           want += scratch.total();
         }
