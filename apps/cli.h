@@ -2,10 +2,13 @@
 #pragma once
 
 #include <boost/program_options.hpp>
+#include <cstdint>
 #include <cstdio>
 #include <exception>
 #include <functional>
 #include <iostream>
+#include <optional>
+#include <string>
 
 namespace nextron::cli {
 
@@ -31,6 +34,17 @@ inline bool parse_or_help(int argc, char** argv, const boost::program_options::o
   }
   boost::program_options::notify(vm);
   return true;
+}
+
+// `word` as a whole integer (a token id), or nothing when any of it is not one ("12x", "", "1e3", out of range).
+inline std::optional<int64_t> parse_int64(const std::string& word) {
+  size_t used = 0;
+  try {
+    const int64_t v = std::stoll(word, &used);
+    if (used == word.size()) return v;
+  } catch (const std::exception&) {
+  }
+  return std::nullopt;
 }
 
 // Runs body(); a bad option or any error is one line on stderr naming the tool, and exit code 1.

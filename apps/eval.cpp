@@ -38,15 +38,10 @@ std::vector<std::vector<int64_t>> read_token_file(const std::string& path, int64
     std::vector<int64_t> seq;
     std::string word;
     while (is >> word) {
-      size_t used = 0;
-      int64_t v = -1;
-      try {
-        v = std::stoll(word, &used);
-      } catch (const std::exception&) {
-        used = 0;
-      }
-      NEXTRON_CHECK(used == word.size(), "token file '", path, "' line ", lineno, ": '", word,
+      const std::optional<int64_t> id = cli::parse_int64(word);
+      NEXTRON_CHECK(id.has_value(), "token file '", path, "' line ", lineno, ": '", word,
                     "' is not an integer token id");
+      const int64_t v = *id;
       NEXTRON_CHECK(v >= 0 && v < vocab, "token file '", path, "' line ", lineno, ": token id ", v,
                     " is outside the model's vocabulary [0, ", vocab, ")");
       seq.push_back(v);

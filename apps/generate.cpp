@@ -36,15 +36,9 @@ std::vector<int64_t> parse_ids(const std::string& s, const std::string& where) {
   std::vector<int64_t> ids;
   std::string word;
   while (is >> word) {
-    size_t used = 0;
-    int64_t v = -1;
-    try {
-      v = std::stoll(word, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    NEXTRON_CHECK(used == word.size(), where, ": '", word, "' is not an integer token id");
-    ids.push_back(v);
+    const std::optional<int64_t> id = cli::parse_int64(word);
+    NEXTRON_CHECK(id.has_value(), where, ": '", word, "' is not an integer token id");
+    ids.push_back(*id);
   }
   NEXTRON_CHECK(!ids.empty(), where, " holds no token ids");
   return ids;
@@ -106,7 +100,8 @@ int run(int argc, char** argv) {
                      "byte (token = UTF-8 byte, EOS 256: tools/preprocess.py --tokenizer byte) or an HF "
                      "tokenizer.json (or its folder); needed for text prompts, text output and --stop")(
       "prompt", po::value(&prompt_texts)->composing(), "a text prompt (repeatable)")(
-      "prompt-ids", po::value(&prompt_id_lists)->composing(), "a prompt as whitespace-separated token ids (repeatable)")(
+      "prompt-ids", po::value(&prompt_id_lists)->composing(),
+      "a prompt as whitespace-separated token ids (repeatable)")(
       "prompt-file", po::value(&prompt_file),
       "prompts: JSON Lines ({\"text\": ...} or {\"ids\": [...]}) if it ends in .jsonl, else one text per line")(
       "max-new-tokens", po::value(&g.max_new_tokens)->default_value(64), "tokens generated per prompt at most")(

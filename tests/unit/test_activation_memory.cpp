@@ -83,6 +83,21 @@ struct Chain {
 
 int64_t live_bytes() { return live_tensor_bytes(Device::cpu); }
 
+// Every recomputation option: none, full (uniform 1 and 2, block 1), each selective module alone and together.
+std::vector<RecomputeOptions> every_recompute_option() {
+  return {{},
+          {"full", "uniform", 1, {}},
+          {"full", "uniform", 2, {}},
+          {"full", "block", 1, {}},
+          {"selective", "", 0, {"core_attn"}},
+          {"selective", "", 0, {"layernorm"}},
+          {"selective", "", 0, {"mlp"}},
+          {"selective", "", 0, {"moe"}},
+          {"selective", "", 0, {"moe_act"}},
+          {"selective", "", 0, {"shared_experts"}},
+          {"selective", "", 0, {"core_attn", "layernorm", "moe_act", "shared_experts"}}};
+}
+
 }  // namespace
 
 class ActivationMemory : public ::testing::TestWithParam<std::string> {};
@@ -91,18 +106,7 @@ TEST_P(ActivationMemory, AFreshRecordHoldsWhatTheFormulaSays) {
   const std::string dir = std::string(NEXTRON_FIXTURES_DIR) + "/" + GetParam();
   const ModelConfig config = read_hf_config(dir);
   const int64_t L = config.num_hidden_layers;
-  const std::vector<RecomputeOptions> options = {
-      {},
-      {"full", "uniform", 1, {}},
-      {"full", "uniform", 2, {}},
-      {"full", "block", 1, {}},
-      {"selective", "", 0, {"core_attn"}},
-      {"selective", "", 0, {"layernorm"}},
-      {"selective", "", 0, {"mlp"}},
-      {"selective", "", 0, {"moe"}},
-      {"selective", "", 0, {"moe_act"}},
-      {"selective", "", 0, {"shared_experts"}},
-      {"selective", "", 0, {"core_attn", "layernorm", "moe_act", "shared_experts"}}};
+  const std::vector<RecomputeOptions> options = every_recompute_option();
   const std::vector<int64_t> stages = L >= 3 ? std::vector<int64_t>{1, L - 2, 1} : std::vector<int64_t>{1, L - 1};
   for (const std::vector<int64_t>& counts : {std::vector<int64_t>{L}, stages}) {
     for (const RecomputeOptions& recompute : options) {
@@ -144,18 +148,7 @@ TEST_P(ActivationMemory, TheScratchHoldsWhatTheFormulaSays) {
   const std::string dir = std::string(NEXTRON_FIXTURES_DIR) + "/" + GetParam();
   const ModelConfig config = read_hf_config(dir);
   const int64_t L = config.num_hidden_layers;
-  const std::vector<RecomputeOptions> options = {
-      {},
-      {"full", "uniform", 1, {}},
-      {"full", "uniform", 2, {}},
-      {"full", "block", 1, {}},
-      {"selective", "", 0, {"core_attn"}},
-      {"selective", "", 0, {"layernorm"}},
-      {"selective", "", 0, {"mlp"}},
-      {"selective", "", 0, {"moe"}},
-      {"selective", "", 0, {"moe_act"}},
-      {"selective", "", 0, {"shared_experts"}},
-      {"selective", "", 0, {"core_attn", "layernorm", "moe_act", "shared_experts"}}};
+  const std::vector<RecomputeOptions> options = every_recompute_option();
   const std::vector<int64_t> stages = L >= 3 ? std::vector<int64_t>{1, L - 2, 1} : std::vector<int64_t>{1, L - 1};
   // The whole model, the stages of separate ranks, and the stages as the chunks of one rank (one scratch per kind).
   for (const auto& [counts, one_rank] :
