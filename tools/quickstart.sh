@@ -34,8 +34,9 @@ with open(sys.argv[2], "w") as f:
 PYEOF
 "$BUILD/nextron-eval" --model "$Q/hf" --tokens "$Q/tokens.txt" --out "$Q/eval"
 "$PY" tools/hf_eval.py --model "$Q/hf" --tokens "$Q/tokens.txt" --compare "$Q/eval"
-echo "== a greedy sample from the trained model (nextron-generate)"
+echo "== a sample from the trained model (nextron-generate, temperature 0.7, top-k 40, seed 1)"
 "$BUILD/nextron-generate" --model "$Q/hf" --tokenizer byte --prompt "def " --max-new-tokens 160 --ignore-eos \
+  --temperature 0.7 --top-k 40 --seed 1 \
   --out "$Q/sample.jsonl"
 "$PY" -c 'import json, sys; g = json.loads(open(sys.argv[1]).readline()); print(g["prompt"] + g["text"])' "$Q/sample.jsonl"
 echo "== done: metrics $Q/run/metrics.jsonl, plot $Q/run/loss.png, checkpoints $Q/run, HF export $Q/hf, sample $Q/sample.jsonl"
