@@ -266,15 +266,16 @@ LayerScratchBytes layer_scratch(const ModelConfig& c, int64_t layer, const Activ
 }  // namespace
 
 ScratchBytes scratch_bytes(const ModelConfig& c, const StageRange& stage, const ActivationShape& shape,
-                           const RecomputeOptions& recompute, std::set<std::pair<MixerType, MlpType>>* counted) {
+                           const RecomputeOptions& recompute, SharedScratchCount* counted) {
   const bool tp = shape.tp > 1, sp = shape.sequence_parallel && tp;
   const int64_t N = shape.B * shape.S, Nl = sp ? N / shape.tp : N, H = c.hidden_size, E = c.num_experts;
   const int64_t a = shape.device == Device::cuda ? 2 : 4;
   const int64_t L = stage.num_layers(c);
   ScratchBytes out;
   // Each layer's own tables, and its kind's shared scratch with the first layer of that kind.
-  std::set<std::pair<MixerType, MlpType>> own_kinds;
-  std::set<std::pair<MixerType, MlpType>>& kinds = counted ? *counted : own_kinds;
+  SharedScratchCount own;
+  SharedScratchCount& shared = counted ? *counted : own;
+  std::set<std::pair<MixerType, MlpType>>& kinds = shared.kinds;
   for (int64_t i = 0; i < L; ++i) {
     const int64_t l = stage.layer_begin + i;
     const LayerScratchBytes b = layer_scratch(c, l, shape, recompute);
@@ -292,7 +293,8 @@ ScratchBytes scratch_bytes(const ModelConfig& c, const StageRange& stage, const 
           Nl * H * a + (sp ? Nl * H * a : 0) + (1 + shape.tp) * 3 * N * kF32;  // dfinal_h_local_ (dscratch_), ce_stats_
   }
   // Full recomputation: one group's layer records (the tensors of every layer kind its positions run), its inner
-  // layer inputs, its output and the rerun's router statistics.
+  // layer inputs, its output and the rerun's router statistics, in the pool the rank's chunks share: this stage adds
+  // what its groups need beyond what the others already hold.
   size_t widest = 0;
   std::vector<std::vector<int64_t>> positions;  // per position in a group, the layers that run there
   for (const RecomputeGroup& g : recompute_groups(recompute, L)) {
@@ -302,21 +304,29 @@ ScratchBytes scratch_bytes(const ModelConfig& c, const StageRange& stage, const 
     for (int64_t i = g.begin; i < g.end; ++i) positions[static_cast<size_t>(i - g.begin)].push_back(i);
   }
   if (widest > 0) {
-    for (const std::vector<int64_t>& layers : positions) {
+    std::vector<std::array<int64_t, 5>>& parts = shared.group_positions;
+    if (parts.size() < widest) parts.resize(widest, std::array<int64_t, 5>{});
+    for (size_t p = 0; p < widest; ++p) {
       // A Saved reused by layers of different kinds keeps each kind's tensors (its attention, DeltaNet, dense and MoE
       // records are separate members); the norms' and the residual's are shared.
-      int64_t common = 0, attention = 0, linear = 0, dense = 0, moe = 0;
-      for (int64_t i : layers) {
+      for (int64_t i : positions[p]) {
         const int64_t l = stage.layer_begin + i;
         const LayerRecord r = layer_record(c, l, N, Nl, sp, a, shape.device, RecomputeOptions{}, shape);
-        common = std::max(common, r.common);
-        (c.layer_types[l] == MixerType::full_attention ? attention : linear) = r.mixer - r.mixer_host;
-        (c.mlp_type(l) == MlpType::sparse_moe ? moe : dense) = r.mlp - r.mlp_host;
+        std::array<int64_t, 5>& part = parts[p];
+        part[0] = std::max(part[0], r.common);
+        int64_t& mixer = part[c.layer_types[l] == MixerType::full_attention ? 1 : 2];
+        int64_t& mlp = part[c.mlp_type(l) == MlpType::sparse_moe ? 4 : 3];
+        mixer = std::max(mixer, r.mixer - r.mixer_host);
+        mlp = std::max(mlp, r.mlp - r.mlp_host);
       }
-      m += common + attention + linear + dense + moe;
     }
-    m += static_cast<int64_t>(widest - 1) * Nl * H * a + Nl * H * a  // rc_hidden_, rc_out_
-         + 2 * std::max<int64_t>(E, 1) * kF32;                       // rc_aux_
+    int64_t total = 0;
+    for (const std::array<int64_t, 5>& part : parts)
+      for (int64_t b : part) total += b;
+    total += static_cast<int64_t>(parts.size() - 1) * Nl * H * a + Nl * H * a  // rc_hidden_, rc_out_
+             + 2 * std::max<int64_t>(E, 1) * kF32;                             // rc_aux_
+    m += total - shared.group_bytes;
+    shared.group_bytes = total;
   }
   // The CUDA backend's one buffer for the experts' SwiGLU output of states that recompute it.
   if (shape.device == Device::cuda && recompute.recomputes_module("moe_act") && E > 0)

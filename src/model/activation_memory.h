@@ -12,6 +12,7 @@
 // stage kind and recomputation option and requires it to equal this, byte for byte.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <set>
 #include <utility>
@@ -69,11 +70,19 @@ struct ScratchBytes {
   int64_t transient = 0;        // the largest buffer living only inside one call (CP's gathered keys and values)
   int64_t total() const;
 };
-// counted: the layer kinds whose shared scratch another model of the rank already holds (a rank's pipeline chunks
-// share one LayerScratchPool, model/decoder.h); the kinds this stage adds are inserted. nullptr: the stage alone.
+// What the models of a rank that share one LayerScratchPool (its pipeline chunks, model/decoder.h) have counted so
+// far: the layer kinds whose Scratch they hold, and full recomputation's group scratch (per position of the group
+// records, the bytes each record part reached: the norms' and residual's, attention's, DeltaNet's, the dense MLP's,
+// the MoE's; the widest group).
+struct SharedScratchCount {
+  std::set<std::pair<MixerType, MlpType>> kinds;
+  std::vector<std::array<int64_t, 5>> group_positions;
+  int64_t group_bytes = 0;
+};
+// counted: what the rank's other models already hold (updated with this stage's additions, which are all the
+// result counts); nullptr: the stage alone.
 ScratchBytes scratch_bytes(const ModelConfig& local, const StageRange& stage, const ActivationShape& shape,
-                           const RecomputeOptions& recompute,
-                           std::set<std::pair<MixerType, MlpType>>* counted = nullptr);
+                           const RecomputeOptions& recompute, SharedScratchCount* counted = nullptr);
 
 // Host memory a record holds outside Tensors (its targets and the CPU backend's MoE dispatch); Tensors are counted by
 // live_tensor_bytes() (core/tensor.h). Together they are the measured side of the formula.

@@ -7,6 +7,7 @@
 #include <map>
 #include <memory>
 #include <utility>
+#include <vector>
 
 #include "comm/expert_parallel.h"
 #include "comm/tensor_parallel.h"
@@ -111,9 +112,16 @@ class DecoderLayer {
          &dh2_routed_ = sc_->dh2_routed;
 };
 
-// The Scratch of each layer kind (mixer x MLP) on a rank: one pool per rank, shared by all its pipeline chunks
-// (model/model.h), which run one at a time.
+// What the layers of a rank share, for all its pipeline chunks (model/model.h), which run one at a time: each layer
+// kind's (mixer x MLP) Scratch, and full recomputation's group scratch (the records and inner inputs a recomputed
+// group's forward writes, in forward and again in backward), sized for the widest group of any chunk.
 using LayerKind = std::pair<MixerType, MlpType>;
-using LayerScratchPool = std::map<LayerKind, std::shared_ptr<DecoderLayer::Scratch>>;
+struct LayerScratchPool {
+  std::map<LayerKind, std::shared_ptr<DecoderLayer::Scratch>> kinds;
+  std::vector<DecoderLayer::Saved> group_records;  // one group's layer records
+  std::vector<Tensor> group_inputs;                // its inner layer inputs, (Nl, H) each
+  Tensor group_out;                                // (Nl, H) its output in the backward's rerun (discarded)
+  MoeAuxStats group_aux;                           // the rerun's router statistics (discarded)
+};
 
 }  // namespace nextron

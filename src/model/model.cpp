@@ -30,7 +30,8 @@ Model::Model(const ModelConfig& config, const ModelComms& comms, std::shared_ptr
       comms_(comms),
       ops_(ops ? std::move(ops) : std::make_shared<CpuOps>()),
       stage_(stage),
-      table_(local_config_, stage) {
+      table_(local_config_, stage),
+      pool_(scratch ? std::move(scratch) : std::make_shared<LayerScratchPool>()) {
   config_.validate();
   stage_.layer_end = stage_.end(config_);
   ops_->f32(flat_.params, {table_.total_numel()});
@@ -40,9 +41,8 @@ Model::Model(const ModelConfig& config, const ModelComms& comms, std::shared_ptr
   else
     ops_->act(flat_.params_act, {table_.total_numel()});
   // Layers of one kind (mixer x MLP) share their scratch (DecoderLayer::Scratch): one copy per kind, not per layer.
-  if (!scratch) scratch = std::make_shared<LayerScratchPool>();
   for (int64_t i = stage_.layer_begin; i < stage_.layer_end; ++i) {
-    auto& shared = (*scratch)[{local_config_.layer_types[i], local_config_.mlp_type(i)}];
+    auto& shared = pool_->kinds[{local_config_.layer_types[i], local_config_.mlp_type(i)}];
     if (!shared) shared = std::make_shared<DecoderLayer::Scratch>();
     layers_.push_back(std::make_unique<DecoderLayer>(local_config_, i, table_, flat_, *ops_, comms_.tp, comms_.ep,
                                                      &comms_.cp, shared));
@@ -65,8 +65,9 @@ void Model::set_recompute(const RecomputeOptions& options) {
   size_t widest = 0;
   for (const RecomputeGroup& g : groups_)
     if (g.recompute) widest = std::max(widest, static_cast<size_t>(g.end - g.begin));
-  rc_saved_.resize(widest);
-  rc_hidden_.resize(widest);
+  // The pool may serve other chunks with wider groups: it only grows.
+  if (rc_saved_.size() < widest) rc_saved_.resize(widest);
+  if (rc_hidden_.size() < widest) rc_hidden_.resize(widest);
   for (auto& layer : layers_) layer->set_recompute(options);
 }
 

@@ -171,13 +171,14 @@ class Model {
   ParamRef vocab_mask_;
   Tensor dlogits_, dfinal_h_, dfinal_h_local_, dhidden_a_, dhidden_b_, dembed_full_, dscratch_;  // backward scratch
   // Full recomputation: the layer groups, and the scratch a recomputed group's forward writes into (in forward and
-  // again in backward): one group's layer records, its inner layer inputs ((Nl, H) each), its output and the router
-  // statistics of the rerun (discarded).
+  // again in backward), in the pool the rank's chunks share: one group's layer records, its inner layer inputs
+  // ((Nl, H) each), its output and the router statistics of the rerun (discarded).
   std::vector<RecomputeGroup> groups_;
-  std::vector<DecoderLayer::Saved> rc_saved_;
-  std::vector<Tensor> rc_hidden_;
-  Tensor rc_out_;
-  MoeAuxStats rc_aux_;
+  std::shared_ptr<LayerScratchPool> pool_;
+  std::vector<DecoderLayer::Saved>& rc_saved_ = pool_->group_records;
+  std::vector<Tensor>& rc_hidden_ = pool_->group_inputs;
+  Tensor& rc_out_ = pool_->group_out;
+  MoeAuxStats& rc_aux_ = pool_->group_aux;
   // Runs group g's layers from input `x`, with the records and inner inputs in the scratch; the group's output goes
   // to `out`.
   void forward_group(const RecomputeGroup& g, const Tensor& x, Tensor& out, int64_t B, int64_t S, MoeAuxStats& aux);

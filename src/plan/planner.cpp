@@ -387,7 +387,7 @@ RankPlan plan_rank_cached(const Workload& w, const Candidate& c, const ModelConf
   // Tokens this rank computes per step: its DP replica's sequences, split over TP and CP.
   const double rank_tokens = static_cast<double>(w.global_batch / d) * static_cast<double>(w.seq_len) / (t * cp);
   int64_t transient = 0;
-  std::set<std::pair<MixerType, MlpType>> kinds;  // layer kinds whose scratch an earlier chunk of the rank holds
+  SharedScratchCount shared_scratch;  // what the rank's earlier chunks hold in their shared scratch
   for (size_t k = 0; k < chunks.size(); ++k) {
     const ChunkInfo& ch = chunks[k];
     const double Lf = static_cast<double>(ch.full_attention), Ll = static_cast<double>(ch.linear),
@@ -464,7 +464,7 @@ RankPlan plan_rank_cached(const Workload& w, const Candidate& c, const ModelConf
     const int records = flight ? (*flight)[pp_rank][k] : 1;
     mem.activations += records * (record.total() - record.host);
     // The rank's chunks share one scratch per layer kind (model/decoder.h LayerScratchPool).
-    const ScratchBytes scratch = scratch_bytes(ch.local, ch.stage, shape, c.recompute, &kinds);
+    const ScratchBytes scratch = scratch_bytes(ch.local, ch.stage, shape, c.recompute, &shared_scratch);
     mem.scratch += scratch.total() - scratch.transient;
     transient = std::max(transient, scratch.transient);
     // The input gradient waiting to be sent back, with its statistics (a chunk after the first virtual stage).

@@ -157,6 +157,8 @@ INSTANTIATE_TEST_SUITE_P(
         // Recomputation: whole layers (a pipeline alone stays bit-identical), and under TP + SP, where
         // the rerun forward repeats the TP exchanges.
         LayoutCase{"PP2_RecomputeFull", 2, 1, false, 2, 1, 1, {"full", "uniform", 1, {}}},
+        // Interleaved chunks of a rank share the recomputed groups' scratch (model/decoder.h LayerScratchPool).
+        LayoutCase{"PP2_VPP2_RecomputeFull", 2, 1, false, 2, 2, 1, {"full", "uniform", 1, {}}},
         LayoutCase{"PP2xTP2_SP_RecomputeBlock", 4, 2, true, 2, 1, 1, {"full", "block", 1, {}}},
         LayoutCase{"PP2xTP2_SP_RecomputeSelective", 4, 2, true, 2, 1, 1, {"selective", "", 0, {"mlp", "moe"}}},
         // Uneven stages: layout strings (1 + 3 layers; the loss alone on a fourth stage; interleaved with

@@ -170,7 +170,7 @@ TEST_P(ActivationMemory, TheScratchHoldsWhatTheFormulaSays) {
         shape.S = chain.S;
         shape.pipeline = P > 1;
         int64_t kept = 0, want = 0;
-        std::set<LayerKind> counted;  // the chunks of one rank count a kind's shared scratch once
+        SharedScratchCount counted;  // the chunks of one rank count their shared scratch once
         for (size_t k = 0; k < P; ++k) {
           const Model& m = *chain.stages[k];
           const ActivationBytes record = activation_record_bytes(m.local_config(), ranges[k], shape, recompute);
