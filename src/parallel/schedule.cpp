@@ -216,6 +216,17 @@ int most_in_flight(const ScheduleTable& table, int rank, int chunk) {
 int max_in_flight(const ScheduleTable& table, int rank) { return most_in_flight(table, rank, -1); }
 int max_in_flight(const ScheduleTable& table, int rank, int chunk) { return most_in_flight(table, rank, chunk); }
 
+int max_gradients_unsent(const ScheduleTable& table, int rank) {
+  int unsent = 0, most = 0;
+  for (const Action& a : table.at(static_cast<size_t>(rank))) {
+    if (a.kind == ActionKind::backward && !(rank == 0 && a.chunk == 0))
+      most = std::max(most, ++unsent);
+    else if (a.kind == ActionKind::communicate)
+      for (const Transfer& t : a.transfers) unsent -= t.send && t.kind == TransferKind::gradient;
+  }
+  return most;
+}
+
 int in_flight_bound(const ScheduleSpec& spec, int rank) {
   const int p = spec.pp, v = spec.vpp, M = spec.microbatches, total = M * v;
   if (v == 1) return std::min(p - rank, M);

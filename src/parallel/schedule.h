@@ -83,6 +83,10 @@ void check_schedule(const ScheduleSpec& spec, const ScheduleTable& table);
 int max_in_flight(const ScheduleTable& table, int rank);
 // The same for the records of one chunk (the runner keeps one pool of records per chunk).
 int max_in_flight(const ScheduleTable& table, int rank, int chunk);
+// The most input gradients `rank` holds at once waiting to be sent back (the pipeline runner's send buffers): each
+// backward of a chunk after the first virtual stage (all but rank 0's chunk 0) produces one, the exchange that sends
+// it frees it.
+int max_gradients_unsent(const ScheduleTable& table, int rank);
 // The schedule's bound: 1F1B min(p - r, M); interleaved min(warmup + 1, M v) with Megatron's warmup
 // (p - r - 1) 2 + (v - 1) p, or all M v forwards first when M == p.
 int in_flight_bound(const ScheduleSpec& spec, int rank);

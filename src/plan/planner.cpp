@@ -197,6 +197,18 @@ const std::vector<std::vector<int>>& in_flight(int pp, int vpp, int m) {
   return cache.emplace(ScheduleKey{pp, vpp, m}, std::move(counts)).first->second;
 }
 
+// Gradient send buffers the pipeline runner keeps per pp rank (allocated ones stay: the most it ever holds unsent,
+// parallel/schedule.h), cached.
+const std::vector<int>& send_buffers(int pp, int vpp, int m) {
+  static std::map<ScheduleKey, std::vector<int>> cache;
+  auto it = cache.find({pp, vpp, m});
+  if (it != cache.end()) return it->second;
+  const ScheduleTable table = schedule_table({pp, vpp, m});
+  std::vector<int> most(pp, 0);
+  for (int r = 0; r < pp; ++r) most[r] = max_gradients_unsent(table, r);
+  return cache.emplace(ScheduleKey{pp, vpp, m}, std::move(most)).first->second;
+}
+
 double number(const nlohmann::json& j, const char* key, const std::string& where) {
   NEXTRON_CHECK(j.contains(key), where, ": missing \"", key, "\" (a positive number)");
   NEXTRON_CHECK(j[key].is_number() && j[key].get<double>() > 0, where, ": \"", key, "\" must be a positive number");
@@ -467,10 +479,6 @@ RankPlan plan_rank_cached(const Workload& w, const Candidate& c, const ModelConf
     const ScratchBytes scratch = scratch_bytes(ch.local, ch.stage, shape, c.recompute, &shared_scratch);
     mem.scratch += scratch.total() - scratch.transient;
     transient = std::max(transient, scratch.transient);
-    // The input gradient waiting to be sent back, with its statistics (a chunk after the first virtual stage).
-    if (p > 1 && !ch.stage.first)
-      mem.activations += static_cast<int64_t>(Nl * config.hidden_size * static_cast<int64_t>(ba)) +
-                         (moe_model ? 8 * config.num_experts : 0);
     // FLOPs: the chunk's layers (and lm_head) on this rank's tokens, 3 x forward; recomputation reruns forwards.
     double fwd = Lf * lf.attention + Ll * lf.linear + Lm * lf.moe + static_cast<double>(ch.dense_mlp) * lf.dense_mlp;
     double re = 0;
@@ -489,6 +497,11 @@ RankPlan plan_rank_cached(const Workload& w, const Candidate& c, const ModelConf
     rp.recompute_flops += re * rank_tokens;
   }
   mem.scratch += transient;
+  // The input gradients waiting to be sent back, with their statistics, in the runner's send buffers.
+  if (p > 1)
+    mem.activations += send_buffers(p, v, static_cast<int>(M))[static_cast<size_t>(pp_rank)] *
+                       (static_cast<int64_t>(Nl * config.hidden_size * static_cast<int64_t>(ba)) +
+                        (moe_model ? 8 * config.num_experts : 0));
   if (p > 1) by[Axis::pp] += ar(p, 3, 8);  // the losses, shared from the last stage
   by[Axis::world] = ar(world, 1, 8);       // the gradient norm's sum of squares
   return rp;

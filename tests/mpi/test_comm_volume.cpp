@@ -533,6 +533,10 @@ TEST_P(PipelineMemory, RecordsHoldTheFormulaBytesAndTheScheduleCount) {
     Model& m = trainer.chunk_model(k);
     EXPECT_EQ(runner.peak_records(k), max_in_flight(table, r, k)) << "chunk " << k;
     EXPECT_EQ(runner.records_allocated(k), std::max(before[k], runner.peak_records(k))) << "chunk " << k;
+    if (k == 0) {
+      // Send buffers stay allocated: the most gradients the schedule ever holds unsent (the planner's count).
+      EXPECT_EQ(runner.grad_buffers_allocated(), std::max(grad_buffers_before, max_gradients_unsent(table, r)));
+    }
     ActivationShape shape;
     shape.B = B;
     shape.S = S;

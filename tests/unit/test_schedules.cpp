@@ -220,4 +220,20 @@ TEST(ScheduleSpecs, ImpossibleSpecsNameTheFix) {
   EXPECT_EQ(message({4, 2, 8}), "accepted");
 }
 
+// The pipeline runner's gradient send buffers: rank 0's first chunk sends nothing back; in 1F1B every other rank sends
+// each input gradient in the exchange right after its backward (one buffer); the interleaved schedule posts a chunk's
+// gradient in the exchange after the next compute, so two can wait at once on a rank whose both chunks send.
+TEST(Schedules, GradientsUnsentAreTheRunnersSendBuffers) {
+  for (int p : {2, 4})
+    for (int M : {p, 2 * p}) {
+      const ScheduleTable t = schedule_table({p, 1, M});
+      EXPECT_EQ(max_gradients_unsent(t, 0), 0) << "p " << p << " M " << M;
+      for (int r = 1; r < p; ++r) EXPECT_EQ(max_gradients_unsent(t, r), 1) << "p " << p << " M " << M << " r " << r;
+    }
+  const ScheduleTable t = schedule_table({2, 2, 4});
+  EXPECT_GE(max_gradients_unsent(t, 0), 1);  // its second chunk sends
+  EXPECT_GE(max_gradients_unsent(t, 1), 1);
+  EXPECT_LE(max_gradients_unsent(t, 1), 2);
+}
+
 }  // namespace nextron::test
