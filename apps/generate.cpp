@@ -52,7 +52,10 @@ std::vector<int64_t> hf_eos_ids(const std::string& dir) {
     if (!std::filesystem::exists(path)) continue;
     std::ifstream f(path);
     const nlohmann::json j = nlohmann::json::parse(f, nullptr, /*allow_exceptions=*/false);
-    if (j.is_discarded() || !j.is_object() || !j.contains("eos_token_id")) continue;
+    NEXTRON_CHECK(!j.is_discarded() && j.is_object(), "'", path.string(),
+                  "' is not a JSON object, so its eos_token_id cannot be read: repair it, or give --eos-id / "
+                  "--ignore-eos");
+    if (!j.contains("eos_token_id")) continue;
     const nlohmann::json& e = j["eos_token_id"];
     if (e.is_number_integer()) return {e.get<int64_t>()};
     if (e.is_array()) {
@@ -156,10 +159,14 @@ int run(int argc, char** argv) {
   }
   g.max_positions = config.max_position_embeddings;
 
+  // --out is written as OUT.partial and renamed when complete: a failed run leaves no half-written results.
   std::unique_ptr<std::ofstream> file;
+  const std::string partial = out_path + ".partial";
   if (!out_path.empty()) {
-    file = std::make_unique<std::ofstream>(out_path);
-    NEXTRON_CHECK(file->good(), "cannot write --out '", out_path, "'");
+    NEXTRON_CHECK(!std::filesystem::is_directory(out_path), "--out '", out_path,
+                  "' is a directory; give a file for the JSON lines");
+    file = std::make_unique<std::ofstream>(partial);
+    NEXTRON_CHECK(file->good(), "cannot write --out '", out_path, "' (", partial, ")");
   }
   std::ostream& out = file ? *file : std::cout;
 
@@ -183,7 +190,11 @@ int run(int argc, char** argv) {
     out << j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
   }
   out.flush();
-  NEXTRON_CHECK(out.good(), "writing the results failed");
+  NEXTRON_CHECK(out.good(), "writing the results failed (disk full?)");
+  if (file) {
+    file->close();
+    std::filesystem::rename(partial, out_path);
+  }
   std::fprintf(stderr,
                "nextron-generate: %zu prompts; prefill %lld tokens at %.1f tokens/s, decode %lld tokens at %.1f "
                "tokens/s (%s)\n",

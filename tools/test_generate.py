@@ -171,6 +171,9 @@ def main():
     cfg = json.load(open(os.path.join(short, "config.json")))
     cfg["max_position_embeddings"] = 16
     json.dump(cfg, open(os.path.join(short, "config.json"), "w"))
+    bad_config = os.path.join(w, "bad_generation_config")
+    shutil.copytree(os.path.join(FIXTURES, "hybrid_moe"), bad_config)
+    open(os.path.join(bad_config, "generation_config.json"), "w").write("{not json")
     bad_file = os.path.join(w, "bad.jsonl")
     open(bad_file, "w").write('{"ids": [1, 2, "x"]}\n')
     hm = os.path.join(FIXTURES, "hybrid_moe")
@@ -185,17 +188,31 @@ def main():
         ("a malformed prompt file", ["--model", hm, "--prompt-file", bad_file], "not an integer token id"),
         ("no prompts", ["--model", hm], "no prompts"),
         ("a model folder without a checkpoint", ["--model", w, "--prompt-ids", "1"], "holds neither config.json"),
+        ("--out a directory", ["--model", hm, "--prompt-ids", "1", "--out", w], "is a directory"),
+        ("a generation_config.json that is not JSON", ["--model", bad_config, "--prompt-ids", "1"],
+         "is not a JSON object"),
     ]
     for what, extra, expect in cases:
         r = subprocess.run([args.generate, *extra], capture_output=True, text=True, timeout=120)
         check(f"bad input, {what}: exit 1 naming it", r.returncode == 1 and expect in r.stderr,
               f"rc {r.returncode}: {r.stderr[-400:]}")
+    out_file = os.path.join(w, "out.jsonl")
+    r = subprocess.run([args.generate, "--model", hm, "--prompt-ids", "1 2 3", "--max-new-tokens", "4", "--out",
+                        out_file], capture_output=True, text=True, timeout=120)
+    lines = open(out_file).read().splitlines() if os.path.exists(out_file) else []
+    check("--out: one JSON line written, renamed from OUT.partial", r.returncode == 0 and len(lines) == 1 and
+          len(json.loads(lines[0])["ids"]) == 4 and not os.path.exists(out_file + ".partial"), r.stderr[-300:])
+    long_prompts = os.path.join(w, "long_prompts.txt")
+    open(long_prompts, "w").write("x" * 4090 + "\n")
     train_cases = [
         ("--sample-interval without prompts", ["--save", os.path.join(w, "s1"), "--sample-interval", "5"],
          "--sample-interval needs --sample-prompts FILE"),
         ("--sample-prompts that does not exist", ["--save", os.path.join(w, "s2"), "--sample-interval", "5",
                                                   "--sample-prompts", os.path.join(w, "nope.txt")],
          "--sample-prompts '" + os.path.join(w, "nope.txt") + "' does not exist"),
+        ("a sample prompt past max_position_embeddings", ["--save", os.path.join(w, "s3"), "--sample-interval", "5",
+                                                          "--sample-prompts", long_prompts],
+         "it exceeds the model's 4096 positions"),
     ]
     for what, extra, expect in train_cases:
         r = subprocess.run(train + extra, capture_output=True, text=True, timeout=120)

@@ -232,6 +232,12 @@ Trainer::Trainer(const TrainOptions& options, SampleFn source, Communicator* wor
         for (int64_t id : sample_ids_[i])
           NEXTRON_CHECK(id >= 0 && id < config.vocab_size, "--sample-prompts prompt ", i + 1, ": token id ", id,
                         " is outside the model's vocabulary [0, ", config.vocab_size, ")");
+        const int64_t n = static_cast<int64_t>(sample_ids_[i].size());
+        NEXTRON_CHECK(n > 0, "--sample-prompts prompt ", i + 1, " encodes to no tokens: remove it");
+        NEXTRON_CHECK(n + opt_.sample_max_new_tokens <= config.max_position_embeddings, "--sample-prompts prompt ",
+                      i + 1, " has ", n, " tokens; with --sample-max-new-tokens ", opt_.sample_max_new_tokens,
+                      " it exceeds the model's ", config.max_position_embeddings,
+                      " positions (max_position_embeddings): shorten it or lower --sample-max-new-tokens");
       }
     });
   }
@@ -324,6 +330,7 @@ void Trainer::write_samples() {
   if (!is_logger()) return;  // no collectives: the other ranks go on to the next step
   GenerateOptions g;
   g.max_new_tokens = opt_.sample_max_new_tokens;
+  g.max_positions = model().config().max_position_embeddings;
   g.batch_size = static_cast<int64_t>(sample_ids_.size());
   if (const auto eos = sample_tokenizer_->eos_id()) g.eos_ids = {*eos};
   const std::vector<Generation> out = generate(
