@@ -128,11 +128,12 @@ double causal_pairs(double Sq, double Sk) { return Sq * (Sk - Sq) + Sq * (Sq + 1
 // ===============================================================================================================
 
 void CountingOps::upload(Tensor& dst, const void* host, size_t bytes) const {
-  // A host -> device copy: no kernel, one wait (CudaOps::upload synchronises so the host buffer can be reused);
-  // its bytes cross PCIe, not HBM arithmetic intensity, so they are kept apart.
+  // A host -> device copy: no kernel and no wait (CudaOps::upload stages the bytes in pinned memory and copies
+  // asynchronously; its ring waits once per wrap, every few hundred steps, which is not counted); its bytes cross
+  // PCIe, not HBM, so they are kept apart.
   Cost c;
   c.launches = 0;
-  c.syncs = 1;
+  c.syncs = 0;
   c.host_bytes = static_cast<double>(bytes);
   record("upload", c, [&] { inner_->upload(dst, host, bytes); });
 }
@@ -144,6 +145,25 @@ void CountingOps::download(void* host, const Tensor& src, size_t bytes) const {
   c.syncs = 1;
   c.host_bytes = static_cast<double>(bytes);
   record("download", c, [&] { inner_->download(host, src, bytes); });
+}
+
+void CountingOps::read_later(void* host, const Tensor& src, size_t bytes) const {
+  // A device-to-device copy into CudaOps' read-back buffer (one launch, the bytes read and written), no wait: the
+  // wait is resolve_reads()'s, shared by every read pending.
+  Cost c;
+  c.bytes = 2.0 * static_cast<double>(bytes);
+  c.host_bytes = static_cast<double>(bytes);
+  ++pending_;
+  record("read_later", c, [&] { inner_->read_later(host, src, bytes); });
+}
+
+void CountingOps::resolve_reads() const {
+  // One copy of the read-back buffer to the host and one wait, when anything is pending.
+  Cost c;
+  c.launches = 0;
+  c.syncs = pending_ > 0 ? 1 : 0;
+  pending_ = 0;
+  record("resolve_reads", c, [&] { inner_->resolve_reads(); });
 }
 
 Tensor CountingOps::allocate(const Shape& shape, DType dtype) const {
@@ -288,10 +308,10 @@ void CountingOps::l2norm_backward(Tensor& dx, const Tensor& dy, const Tensor& x,
 }
 
 void CountingOps::rope_tables(Tensor& cos, Tensor& sin, int64_t S, int64_t R, double theta) {
-  // Built on the host and uploaded by CudaOps (two uploads, two waits; once per sequence length): no kernel.
+  // Built on the host and uploaded by CudaOps (two uploads, no wait; once per sequence length): no kernel.
   Cost c;
   c.launches = 0;
-  c.syncs = 2;
+  c.syncs = 0;
   c.host_bytes = 2.0 * static_cast<double>(S * R) * f32_b();
   record("rope_tables", c, [&] { inner_->rope_tables(cos, sin, S, R, theta); });
 }
@@ -551,8 +571,8 @@ void CountingOps::moe_experts_forward(Tensor& y, MoeExpertsState& state, const T
   // 5 NK I, the weighted combine 2 NK H. Bytes: x [N H], weights [N K] f32 and indices read; the experts' bf16
   // shadows [E 3 H I] x 2 read (every expert taken to receive tokens); y [N H] written; and the state the
   // backward reads (CudaMoeState: the sorted inputs xs [NK H], gu [NK 2I], the activation [NK I] unless it is
-  // recomputed, the expert outputs ys [NK H]) written once. CudaOps waits twice (the per-expert row offsets the
-  // grouped GEMMs take on the host, and the bad-index flag).
+  // recomputed, the expert outputs ys [NK H]) written once. CudaOps waits once (the per-expert row offsets the
+  // grouped GEMMs take on the host) and defers the check of its bad-index flag (a pending read).
   const double N = static_cast<double>(x.dim(0)), H = n_of(x) / N, NK = n_of(indices),
                E = static_cast<double>(w_gate_up.w.dim(0)), I = static_cast<double>(w_down.w.dim(2));
   const double state_elems = NK * H + NK * 2 * I + (state.recompute_act ? 0.0 : NK * I) + NK * H;
@@ -560,7 +580,8 @@ void CountingOps::moe_experts_forward(Tensor& y, MoeExpertsState& state, const T
   c.flops = 6 * NK * H * I + 5 * NK * I + 2 * NK * H;
   c.bytes = N * H * act_b(x) + NK * (f32_b() + idx_b(indices)) + E * 3 * H * I * 2 + N * H * act_b(y) +
             state_elems * act_b(x);
-  c.syncs = 2;
+  c.syncs = 1;
+  ++pending_;
   record("moe_experts_forward", c,
          [&] { inner_->moe_experts_forward(y, state, x, weights, indices, w_gate_up, w_down); });
 }
@@ -623,10 +644,10 @@ void CountingOps::moe_unpermute_backward(Tensor& drows, Tensor& dweights, const 
 
 void CountingOps::embedding_forward(Tensor& out, const ParamRef& table, const Tensor& ids, const VocabShard& vocab) {
   // out [N H] = table rows: ids [N] read, N rows of the fp32 master read (CudaOps gathers from it), out written.
-  // CudaOps waits once (its bad-id flag).
+  // CudaOps defers the check of its bad-id flag (a pending read, no wait).
   Cost c;
   c.bytes = n_of(ids) * idx_b(ids) + n_of(out) * (f32_b() + act_b(out));
-  c.syncs = 1;
+  ++pending_;
   record("embedding_forward", c, [&] { inner_->embedding_forward(out, table, ids, vocab); });
 }
 
@@ -643,11 +664,11 @@ void CountingOps::embedding_backward(const ParamRef& table, const Tensor& dout, 
 void CountingOps::cross_entropy_forward(double* loss_sum, Tensor& row_loss, Tensor& lse, const Tensor& logits,
                                         const Tensor& targets) {
   // Online log-sum-exp per row (max, subtract, exp, add: 4 per logit). logits [N V] read, targets [N] read,
-  // row_loss, lse [N] f32 written. CudaOps waits twice (the bad-target flag, the loss sum).
+  // row_loss, lse [N] f32 written. CudaOps defers two reads (the bad-target flag, the loss sum): no wait.
   Cost c;
   c.flops = 4 * n_of(logits);
   c.bytes = n_of(logits) * act_b(logits) + n_of(targets) * idx_b(targets) + (n_of(row_loss) + n_of(lse)) * f32_b();
-  c.syncs = 2;
+  pending_ += 2;
   record("cross_entropy_forward", c, [&] { inner_->cross_entropy_forward(loss_sum, row_loss, lse, logits, targets); });
 }
 
@@ -663,11 +684,11 @@ void CountingOps::cross_entropy_partial(Tensor& stats, const Tensor& logits, con
 void CountingOps::cross_entropy_combine(double* loss_sum, Tensor& row_loss, Tensor& lse, const Tensor& stats,
                                         const Tensor& targets, int64_t vocab_full) {
   // Combine P ranks' (max, sum, target logit) per row (about 4 per stat). stats [P 3 N] f32 and targets read,
-  // row_loss, lse written. CudaOps waits twice, as the forward.
+  // row_loss, lse written. CudaOps defers two reads, as the forward.
   Cost c;
   c.flops = 4 * n_of(stats);
   c.bytes = n_of(stats) * f32_b() + n_of(targets) * idx_b(targets) + (n_of(row_loss) + n_of(lse)) * f32_b();
-  c.syncs = 2;
+  pending_ += 2;
   record("cross_entropy_combine", c,
          [&] { inner_->cross_entropy_combine(loss_sum, row_loss, lse, stats, targets, vocab_full); });
 }
@@ -685,13 +706,15 @@ void CountingOps::cross_entropy_backward(Tensor& dlogits, const Tensor& logits, 
 }
 
 double CountingOps::sum_squares(const Tensor& x, const std::vector<FlatRange>& ranges) {
-  // 2 FLOPs per element of the ranges, each read once (f32); the result comes back to the host (one wait).
+  // 2 FLOPs per element of the ranges, each read once (f32); the result comes back to the host in one wait, with
+  // every deferred read pending (resolve_reads).
   double n = 0;
   for (const FlatRange& r : ranges) n += static_cast<double>(r.size());
   Cost c;
   c.flops = 2 * n;
   c.bytes = n * f32_b();
   c.syncs = 1;
+  pending_ = 0;
   double out = 0;
   record("sum_squares", c, [&] { out = inner_->sum_squares(x, ranges); });
   return out;
@@ -711,14 +734,11 @@ void CountingOps::adamw_step(Tensor& params, const Tensor& grads, Tensor& exp_av
   // Per element (optim/adamw.h): decay (1), two moment updates (3 + 4), bias corrections, sqrt, divide and the
   // update (about 6): 14 FLOPs. Bytes: params, grads, exp_avg, exp_avg_sq read (f32), params and both moments
   // written (f32), the bf16 shadow written when given (2): 30 bytes per element with the shadow. CudaOps uploads
-  // the decayed ranges that meet the range (one wait when there are any).
+  // the decayed ranges that meet the range when they change (asynchronously: no wait).
   const double n = static_cast<double>(range.size());
-  bool any_decay = false;
-  for (const FlatRange& d : decay) any_decay |= std::max(d.begin, range.begin) < std::min(d.end, range.end);
   Cost c;
   c.flops = 14 * n;
   c.bytes = n * (7 * f32_b() + (params_act ? 2.0 : 0.0));
-  c.syncs = any_decay ? 1 : 0;
   record("adamw_step", c,
          [&] { inner_->adamw_step(params, grads, exp_avg, exp_avg_sq, params_act, range, decay, h, step); });
 }

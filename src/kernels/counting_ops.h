@@ -16,12 +16,15 @@
 //   output of linear_forward) is counted as an activation; the ops whose contract makes a tensor f32 count 4.
 // - FLOPs: GEMMs 2 M N K; attention the causal pairs only; the delta rule its chunked algebra (GEMMs and the
 //   triangular solve, recomputation in the backward included); elementwise ops a documented handful per element.
-// - Launches: the ops calls that enqueue device work (every op but new_moe_state, upload and download). A CUDA op
+// - Launches: the ops calls that enqueue device work (every op but new_moe_state, upload, download and resolve_reads).
+// A CUDA op
 //   may be several kernels (moe_experts_forward is about eight), so this is a lower bound on kernel launches.
 //   Memory traffic outside Ops (Tensor::copy_from, Tensor::zero_ as in Model::zero_grad) is not seen.
-// - Host syncs: upload() and download() calls (each waits for the stream on the CUDA backend), counted apart, and
-//   the waits CudaOps makes inside an op (modelled per op: the MoE dispatch's row counts, the loss, the embedding's
-//   bad-id flag, the gradient norm, AdamW's decay-range upload).
+// - Host syncs: download() calls (each waits for the stream on the CUDA backend), resolve_reads() with reads
+//   pending (the deferred reads of read_later() and of the ops that defer theirs: the loss sums, the embedding's,
+//   the loss's and the MoE dispatch's input checks), and the waits CudaOps makes inside an op (modelled per op: the
+//   MoE dispatch's row counts on the cuBLASLt path, the gradient norm, which resolves the pending reads). Uploads
+//   do not wait (pinned staging).
 // - Time on a GPU: per call max(flops / peak, bytes / bandwidth), summed (Roofline below). No launch latency.
 #pragma once
 
@@ -80,6 +83,10 @@ class CountingOps final : public Ops {
   const char* name() const override { return name_.c_str(); }
   void upload(Tensor& dst, const void* host, size_t bytes) const override;
   void download(void* host, const Tensor& src, size_t bytes) const override;
+  void read_later(void* host, const Tensor& src, size_t bytes) const override;
+  void resolve_reads() const override;
+  // The reads pending on the modelled CUDA backend (whatever the wrapped backend does).
+  int64_t pending_reads() const override { return pending_; }
 
   void cast(Tensor& dst, const Tensor& src) override;
   void add(Tensor& y, const Tensor& a, const Tensor& b) override;
@@ -195,6 +202,7 @@ class CountingOps final : public Ops {
   std::string name_;
   mutable std::map<std::string, OpCount> counts_;  // mutable: upload / download / allocate are const in Ops
   mutable int64_t allocations_ = 0;
+  mutable int64_t pending_ = 0;  // deferred reads the CUDA backend would hold now (resolve_reads waits for them)
 };
 
 // The per-op table of `ops` (calls, launches, GFLOP, HBM MB, the implied time on each of kRooflineGpus and, when

@@ -70,9 +70,22 @@ class Ops {
   Tensor& f32_zeroed(Tensor& t, const Shape& shape) const;
   Tensor& ensure(Tensor& t, const Shape& shape, DType dtype) const;
   void zero(Tensor& t) const;
-  // Host data into a device tensor of the backend (same dtype and element count) and back.
+  // Host data into a device tensor of the backend (same dtype and element count) and back. upload() does not wait
+  // for the device (the CUDA backend stages the bytes in pinned memory): the host buffer is free when it returns.
+  // download() waits: the bytes are on the host when it returns.
   virtual void upload(Tensor& dst, const void* host, size_t bytes) const = 0;
   virtual void download(void* host, const Tensor& src, size_t bytes) const = 0;
+
+  // --- Deferred reads: values the host needs once per step (loss sums, router statistics) and device-side input
+  // checks (token ids, targets and expert indices in range) wait for the device all together, once. read_later()
+  // copies `bytes` of `src` now (stream-ordered) and writes them to `host` at the next resolve_reads(), which
+  // waits once for every read pending and then raises the first failed check (on the CPU both happen at once).
+  // `host` must stay valid until then and be read only after it. sum_squares() resolves pending reads in its own
+  // wait, so a training step waits for the device once (the gradient norm; tests/unit/test_counting_ops.cpp).
+  virtual void read_later(void* host, const Tensor& src, size_t bytes) const { download(host, src, bytes); }
+  virtual void resolve_reads() const {}
+  // Reads pending: 0 on a backend that reads at once.
+  virtual int64_t pending_reads() const { return 0; }
 
   // --- Glue.
   // dst = src converted to dst's dtype (same element count; f32 <-> act dtype).
@@ -187,11 +200,13 @@ class Ops {
   // --- Embedding and loss. ids, targets: (N) i64 tensors of the backend's device. `vocab`: the ids the table's
   // rows / the logits' columns hold (VocabShard::whole(V) on one device; a TP rank's slice under tensor
   // parallelism).
-  // out (N, H) = the table rows of the ids held, zero rows for the others. Ids outside [0, vocab.full) are errors.
+  // out (N, H) = the table rows of the ids held, zero rows for the others. Ids outside [0, vocab.full) are errors
+  // (raised at the next resolve_reads() on the CUDA backend, at once on the CPU).
   virtual void embedding_forward(Tensor& out, const ParamRef& table, const Tensor& ids, const VocabShard& vocab) = 0;
   virtual void embedding_backward(const ParamRef& table, const Tensor& dout, const Tensor& ids,
                                   const VocabShard& vocab) = 0;
-  // The whole vocabulary: logits (N, V); overwrites lse, row_loss (N) f32; returns the loss sum (double). The
+  // The whole vocabulary: logits (N, V); overwrites lse, row_loss (N) f32; writes the loss sum (double) to
+  // *loss_sum as a deferred read (valid after resolve_reads(); a target outside the vocabulary raises there). The
   // scored-token count is the caller's (it holds the targets on the host).
   virtual void cross_entropy_forward(double* loss_sum, Tensor& row_loss, Tensor& lse, const Tensor& logits,
                                      const Tensor& targets) = 0;
@@ -205,7 +220,8 @@ class Ops {
   virtual void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& lse, const Tensor& targets,
                                       double scale, const VocabShard& vocab) = 0;
   // --- Optimizer on flat f32 buffers laid out by the parameter table.
-  // Sum of squares of x over the given ranges of flat element indices, in double (deterministic).
+  // Sum of squares of x over the given ranges of flat element indices, in double (deterministic). Resolves the
+  // pending deferred reads in the same wait (see read_later).
   virtual double sum_squares(const Tensor& x, const std::vector<FlatRange>& ranges) = 0;
   // x[r] *= s.
   virtual void scale(Tensor& x, FlatRange r, float s) = 0;

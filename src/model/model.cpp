@@ -187,6 +187,7 @@ std::vector<float> Model::forward_cached(InferenceCache& cache, int64_t first_sl
   ops.rmsnorm_forward(h, ops.f32(gen_rstd_, {B}), last, top.p("norm"), config_.rms_norm_eps);
   Tensor& logits = ops.act(gen_logits_, {B, V});
   ops.linear_forward(logits, h, top.p("lm_head"), vocab_mask_.w.defined() ? &vocab_mask_ : nullptr);
+  ops.resolve_reads();  // the embedding's id check, before the logits are used
   std::vector<float> all(static_cast<size_t>(B * V));
   if (logits.dtype() == DType::f32) {
     ops.download(all.data(), logits, all.size() * sizeof(float));
@@ -299,11 +300,10 @@ void Model::forward_body(ModelActivations& a, const int64_t* ids, int64_t B, int
                      vocab_mask_.w.defined() ? &vocab_mask_ : nullptr);
 }
 
-LossValues Model::score(ModelActivations& a) {
+void Model::score(ModelActivations& a, ScoreReadout& out) {
   Ops& ops = *ops_;
   const int64_t N = a.B * a.S;
-  double sum = 0;
-  int64_t count = 0;
+  out = ScoreReadout{};
   ops.f32(a.row_loss, {N});
   ops.f32(a.lse, {N});
   ops.upload(ops.i64(a.targets_dev, {N}), a.targets.data(), N * sizeof(int64_t));
@@ -312,39 +312,63 @@ LossValues Model::score(ModelActivations& a) {
     // Vocab-parallel: three numbers per row and rank cross the TP group instead of the (N, V) logits.
     ops.cross_entropy_partial(ops.f32(ce_stats_, {3, N}), a.logits, a.targets_dev, vocab_shard());
     tp.all_gather(ce_stats_, ops.f32(ce_stats_all_, {tp.size(), 3, N}));
-    ops.cross_entropy_combine(&sum, a.row_loss, a.lse, ce_stats_all_, a.targets_dev, config_.vocab_size);
+    ops.cross_entropy_combine(&out.loss_sum, a.row_loss, a.lse, ce_stats_all_, a.targets_dev, config_.vocab_size);
   } else {
-    ops.cross_entropy_forward(&sum, a.row_loss, a.lse, a.logits, a.targets_dev);
+    ops.cross_entropy_forward(&out.loss_sum, a.row_loss, a.lse, a.logits, a.targets_dev);
   }
-  count = std::count_if(a.targets.begin(), a.targets.end(), [](int64_t t) { return t != cpu::kIgnoreIndex; });
-  if (comms_.data_parallel) {
-    // The mean over the global micro-batch's scored tokens (the gradient is then a plain sum over replicas).
-    double both[2] = {sum, static_cast<double>(count)};
-    comms_.data_parallel->all_reduce_sum(both, 2);
-    sum = both[0];
-    count = static_cast<int64_t>(both[1]);
-  }
+  double count = static_cast<double>(
+      std::count_if(a.targets.begin(), a.targets.end(), [](int64_t t) { return t != cpu::kIgnoreIndex; }));
+  // The mean is over the global micro-batch's scored tokens (the gradient is then a plain sum over replicas): the
+  // backward needs the count now; the loss sum is summed in loss_values.
+  if (comms_.data_parallel) comms_.data_parallel->all_reduce_sum(&count, 1);
+  out.tokens = static_cast<int64_t>(count);
   a.loss = LossValues{};
-  a.loss.tokens = count;
-  a.loss.lm_loss = count > 0 ? sum / static_cast<double>(count) : 0.0;
+  a.loss.tokens = out.tokens;
   if (a.aux.total_rows > 0) {
-    const std::vector<float> counts = to_host(ops, a.aux.count_sum), probs = to_host(ops, a.aux.prob_sum);
-    a.loss.aux_loss = cpu::aux_loss_value(counts.data(), probs.data(), a.aux.total_rows, config_.num_experts);
+    const int64_t E = a.aux.count_sum.numel();
+    out.aux_counts.resize(E);
+    out.aux_probs.resize(E);
+    out.aux_rows = a.aux.total_rows;
+    ops.read_later(out.aux_counts.data(), a.aux.count_sum, E * sizeof(float));
+    ops.read_later(out.aux_probs.data(), a.aux.prob_sum, E * sizeof(float));
   }
-  a.loss.loss = a.loss.lm_loss + config_.router_aux_loss_coef * a.loss.aux_loss;
-  return a.loss;
+}
+
+std::vector<LossValues> Model::loss_values(const std::vector<ScoreReadout>& readouts) const {
+  std::vector<double> sums;
+  for (const ScoreReadout& r : readouts) sums.push_back(r.loss_sum);
+  if (comms_.data_parallel && !sums.empty())
+    comms_.data_parallel->all_reduce_sum(sums.data(), static_cast<int64_t>(sums.size()));
+  std::vector<LossValues> out;
+  for (size_t m = 0; m < readouts.size(); ++m) {
+    const ScoreReadout& r = readouts[m];
+    LossValues v;
+    v.tokens = r.tokens;
+    v.lm_loss = r.tokens > 0 ? sums[m] / static_cast<double>(r.tokens) : 0.0;
+    if (r.aux_rows > 0)
+      v.aux_loss = cpu::aux_loss_value(r.aux_counts.data(), r.aux_probs.data(), r.aux_rows, config_.num_experts);
+    v.loss = v.lm_loss + config_.router_aux_loss_coef * v.aux_loss;
+    out.push_back(v);
+  }
+  return out;
 }
 
 LossValues Model::forward(ModelActivations& a, const int64_t* ids, const int64_t* labels, int64_t B, int64_t S) {
   forward_body(a, ids, B, S);
   a.targets.clear();
   a.loss = LossValues{};
-  if (!labels || !stage_.last) return a.loss;
+  if (!labels || !stage_.last) {
+    ops_->resolve_reads();  // the embedding's id check: a forward without the loss still reports bad ids
+    return a.loss;
+  }
   // transformers' shift: position s is scored against labels[s + 1]; the last position of a row has no target.
   a.targets.assign(B * S, -100);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t s = 0; s + 1 < S; ++s) a.targets[b * S + s] = labels[b * S + s + 1];
-  return score(a);
+  score(a, a.readout);
+  ops_->resolve_reads();
+  a.loss = loss_values(a.readout);
+  return a.loss;
 }
 
 LossValues Model::forward_targets(ModelActivations& a, const int64_t* ids, const int64_t* targets, int64_t B,
@@ -353,10 +377,27 @@ LossValues Model::forward_targets(ModelActivations& a, const int64_t* ids, const
   a.loss = LossValues{};
   if (!stage_.last) {  // a stage without the loss keeps no targets; its backward starts from the output gradient
     a.targets.clear();
+    ops_->resolve_reads();
     return a.loss;
   }
   a.targets.assign(targets, targets + B * S);
-  return score(a);
+  score(a, a.readout);
+  ops_->resolve_reads();
+  a.loss = loss_values(a.readout);
+  return a.loss;
+}
+
+void Model::forward_scored(ModelActivations& a, const int64_t* ids, const int64_t* targets, int64_t B, int64_t S,
+                           ScoreReadout& out) {
+  forward_body(a, ids, B, S);
+  a.loss = LossValues{};
+  out = ScoreReadout{};
+  if (!stage_.last) {
+    a.targets.clear();
+    return;
+  }
+  a.targets.assign(targets, targets + B * S);
+  score(a, out);
 }
 
 std::vector<double> Model::per_sequence_loss(const ModelActivations& a) const {

@@ -34,6 +34,17 @@ struct LossValues {
   int64_t tokens = 0;   // scored (non-ignored) tokens
 };
 
+// What scoring one micro-batch leaves for the host: the device's values arrive by deferred reads (Ops::read_later),
+// so they are valid after the backend's next resolve_reads() (the training step's one wait: the gradient norm);
+// Model::loss_values turns them into LossValues. The scored-token count is known on the host at once (already
+// summed over data-parallel replicas: the backward's normaliser).
+struct ScoreReadout {
+  double loss_sum = 0;                       // this rank's summed cross-entropy (deferred)
+  int64_t tokens = 0;                        // scored tokens, summed over data-parallel replicas
+  std::vector<float> aux_counts, aux_probs;  // (E) router statistics summed over MoE layers (deferred)
+  double aux_rows = 0;                       // the rows behind them (0: no MoE layer)
+};
+
 // Everything one forward leaves for its backward: one record per micro-batch in flight (a pipeline schedule keeps
 // several), owned by the caller and reused across steps (its buffers keep their allocations). The Model methods
 // without a record use the model's own. Nl: this rank's rows of the N = B S tokens (N / TP under sequence
@@ -49,7 +60,8 @@ struct ModelActivations {
   Tensor logits;                            // (B, S, V)
   Tensor row_loss, lse;                     // (N) f32 per-token loss and log-sum-exp
   MoeAuxStats aux;                          // this micro-batch's router statistics, summed over MoE layers
-  LossValues loss;
+  LossValues loss;                          // loss.tokens is set by the forward; the values by forward_targets
+  ScoreReadout readout;                     // the deferred reads of forward_targets (forward_scored takes its own)
   Tensor d_output, d_input;  // pipeline stages: the gradients of the stage's output and input, (Nl, H) each
 };
 
@@ -101,6 +113,16 @@ class Model {
     return forward_targets(own_, ids, targets, B, S);
   }
   LossValues forward_targets(ModelActivations& a, const int64_t* ids, const int64_t* targets, int64_t B, int64_t S);
+  // The same without waiting for the device: the loss's statistics go to `out` by deferred reads (a no-op on a
+  // stage without the loss); call loss_values(out) after ops().resolve_reads(). What a training step uses, so that
+  // it waits once (CUDA), not once per micro-batch. `out` must outlive the resolve.
+  void forward_scored(ModelActivations& a, const int64_t* ids, const int64_t* targets, int64_t B, int64_t S,
+                      ScoreReadout& out);
+  // The loss values of resolved readouts (one per micro-batch): their loss sums are summed over data-parallel
+  // replicas here, in one all-reduce of the model's data-parallel group (every replica calls it for the same
+  // micro-batches).
+  std::vector<LossValues> loss_values(const std::vector<ScoreReadout>& readouts) const;
+  LossValues loss_values(const ScoreReadout& r) const { return loss_values(std::vector<ScoreReadout>{r}).front(); }
   // (B, S, V / TP) of the last forward, this rank's vocab columns, as f32 on the host (copied from the device once
   // per call on CUDA).
   Tensor logits() const { return logits(own_); }
@@ -184,7 +206,8 @@ class Model {
   void forward_group(const RecomputeGroup& g, const Tensor& x, Tensor& out, int64_t B, int64_t S, MoeAuxStats& aux);
 
   void forward_body(ModelActivations& a, const int64_t* ids, int64_t B, int64_t S);
-  LossValues score(ModelActivations& a);
+  // Enqueues the loss of the forward's logits against a.targets; its values go to `out` (deferred reads).
+  void score(ModelActivations& a, ScoreReadout& out);
   // The layers' backward from the loss (d_output null) or from the gradient of the stage's output; leaves the
   // gradient of the stage input in dhidden_a_.
   void backward_from(const ModelActivations& a, const Tensor* d_output, float loss_scale);

@@ -156,9 +156,8 @@ std::vector<LossValues> PipelineRunner::evaluate(int microbatches, const std::fu
   return losses;
 }
 
-std::vector<LossValues> PipelineRunner::run(const ScheduleSpec& spec,
-                                            const std::function<MicroBatchTokens(int m)>& tokens, int64_t B, int64_t S,
-                                            float loss_scale) {
+void PipelineRunner::run(const ScheduleSpec& spec, const std::function<MicroBatchTokens(int m)>& tokens, int64_t B,
+                         int64_t S, float loss_scale) {
   NEXTRON_CHECK(spec.pp == p2p_.size() && spec.vpp == static_cast<int>(chunks_.size()), "pipeline schedule for PP ",
                 spec.pp, " x ", spec.vpp, " chunks on a rank of PP ", p2p_.size(), " holding ", chunks_.size(),
                 " chunks");
@@ -174,9 +173,9 @@ std::vector<LossValues> PipelineRunner::run(const ScheduleSpec& spec,
   using Clock = std::chrono::steady_clock;
   const auto start = Clock::now();
   const int64_t N = B * S;
-  std::vector<LossValues> losses;
   const bool has_last = chunks_.back()->stage().last;
-  if (has_last) losses.resize(spec.microbatches);
+  // Sized once per run before any forward: the backend writes into these by address until it resolves its reads.
+  readouts_.assign(has_last ? spec.microbatches : 0, ScoreReadout{});
   for (const Action& action : table_.at(p2p_.rank())) {
     switch (action.kind) {
       case ActionKind::communicate: {
@@ -191,9 +190,9 @@ std::vector<LossValues> PipelineRunner::run(const ScheduleSpec& spec,
         ModelActivations& a =
             stage.first ? acquire(action.microbatch, action.chunk) : record(action.microbatch, action.chunk);
         const MicroBatchTokens t = stage.first || stage.last ? tokens(action.microbatch) : MicroBatchTokens{};
-        const LossValues lv = model.forward_targets(a, t.ids, t.targets, B, S);
+        ScoreReadout unscored;
+        model.forward_scored(a, t.ids, t.targets, B, S, stage.last ? readouts_.at(action.microbatch) : unscored);
         if (stage.last) {
-          losses.at(action.microbatch) = lv;
           // The statistics the earlier stages' backward receives are these; their row count is the closed form.
           NEXTRON_ASSERT(model.config().num_experts == 0 || a.aux.total_rows == final_rows(N));
         }
@@ -227,7 +226,13 @@ std::vector<LossValues> PipelineRunner::run(const ScheduleSpec& spec,
   NEXTRON_CHECK(live_.empty() && outbox_.empty(), "pipeline schedule left ", live_.size(),
                 " micro-batches in flight and ", outbox_.size(), " gradients unsent");
   run_seconds_ = std::chrono::duration<double>(Clock::now() - start).count();
-  return losses;
+}
+
+std::vector<LossValues> PipelineRunner::losses() {
+  if (readouts_.empty()) return {};
+  Model& last = *chunks_.back();
+  last.ops().resolve_reads();
+  return last.loss_values(readouts_);
 }
 
 }  // namespace nextron

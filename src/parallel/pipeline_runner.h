@@ -35,10 +35,14 @@ class PipelineRunner {
   PipelineRunner(std::vector<Model*> chunks, PipelineP2P& p2p, int dp_size);
 
   // One step of spec.microbatches micro-batches of B x S tokens; every gradient is scaled by loss_scale. tokens(m)
-  // is called when micro-batch m enters the first virtual stage or is scored on the last. Returns the losses of
-  // every micro-batch, in order, where this rank holds the last virtual stage; empty elsewhere.
-  std::vector<LossValues> run(const ScheduleSpec& spec, const std::function<MicroBatchTokens(int m)>& tokens, int64_t B,
-                              int64_t S, float loss_scale);
+  // is called when micro-batch m enters the first virtual stage or is scored on the last. The losses are read
+  // later (losses()), so that the step waits for the device once.
+  void run(const ScheduleSpec& spec, const std::function<MicroBatchTokens(int m)>& tokens, int64_t B, int64_t S,
+           float loss_scale);
+  // The losses of the last run(), every micro-batch in order, where this rank holds the last virtual stage; empty
+  // elsewhere. Resolves the backend's deferred reads first (no wait when they are resolved already, as after the
+  // gradient norm); on a data-parallel model a collective of its data-parallel group.
+  std::vector<LossValues> losses();
   // Forward only (validation): the micro-batches one after another through the virtual stages in model order (no
   // activation is kept). Returns the losses as run() does.
   std::vector<LossValues> evaluate(int microbatches, const std::function<MicroBatchTokens(int m)>& tokens, int64_t B,
@@ -70,6 +74,7 @@ class PipelineRunner {
   double final_rows(int64_t N) const;
 
   std::vector<Model*> chunks_;
+  std::vector<ScoreReadout> readouts_;  // (M) the last run's scores on the last virtual stage (deferred reads)
   PipelineP2P& p2p_;
   int dp_size_;
   ScheduleSpec spec_;

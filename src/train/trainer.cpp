@@ -459,11 +459,26 @@ StepRecord Trainer::step() {
     for (int64_t r = 0; r < M; ++r) sample_(first + r, rows_.data() + r * (S + 1));
     return take_local_tokens(M, S);
   };
-  const std::vector<LossValues> losses = runner_->run(schedule_spec_, tokens, M, Sl, 1.0f / static_cast<float>(accum));
+  runner_->run(schedule_spec_, tokens, M, Sl, 1.0f / static_cast<float>(accum));
   const auto t_fb = std::chrono::steady_clock::now();
   const std::vector<StepStats::Group> tally1 = group_tallies();
   if (schedule_spec_.pp > 1) rec.pipeline_bubble = runner_->exchange_seconds() / runner_->run_seconds();
   if (opt_.moe_per_layer_logging) rec.expert_load = gather_expert_load();
+  // The gradient norm is the step's one wait for the device (CUDA): the losses and the input checks of the
+  // forward (token ids, targets, expert indices) are read in the same wait (Ops::resolve_reads), so they are
+  // taken after it.
+  double sq = 0;
+  for (size_t c = 0; c < chunks_.size(); ++c) {
+    Chunk& chunk = chunks_[c];
+    Tensor& grads = chunk.model->grads();
+    if (chunk.tp_sync) chunk.tp_sync->run(grads);
+    for (auto& o : chunk.opts) {
+      o->reduce_scatter_grads(grads);
+      sq += o->shard_sq_sum(grads, shard_map(static_cast<int>(c)).owned_ranges());
+    }
+  }
+  if (ctx_) ctx_->world().all_reduce_sum(&sq, 1);
+  const std::vector<LossValues> losses = runner_->losses();
   double sums[3] = {0, 0, 0};  // loss, lm_loss, aux_loss summed over the micro-batches (on the last stage)
   for (const LossValues& lv : losses) {
     sums[0] += lv.loss;
@@ -483,17 +498,6 @@ StepRecord Trainer::step() {
                 : std::string(),
       "; training diverged: ", divergence_advice(opt_));
   position_ += opt_.global_batch;
-  double sq = 0;
-  for (size_t c = 0; c < chunks_.size(); ++c) {
-    Chunk& chunk = chunks_[c];
-    Tensor& grads = chunk.model->grads();
-    if (chunk.tp_sync) chunk.tp_sync->run(grads);
-    for (auto& o : chunk.opts) {
-      o->reduce_scatter_grads(grads);
-      sq += o->shard_sq_sum(grads, shard_map(static_cast<int>(c)).owned_ranges());
-    }
-  }
-  if (ctx_) ctx_->world().all_reduce_sum(&sq, 1);
   rec.grad_norm = std::sqrt(sq);
   NEXTRON_CHECK(std::isfinite(rec.grad_norm), "gradient norm is ", short_number(rec.grad_norm), " at step ", step_ + 1,
                 "; training diverged: ", divergence_advice(opt_));

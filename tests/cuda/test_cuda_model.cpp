@@ -169,8 +169,9 @@ TEST(CudaTraining, LossFollowsTheFp32CurveAndStepsAllocateNothing) {
   EXPECT_EQ(device_allocation_count(), allocations_after_first) << "a step after the first allocated device memory";
 }
 
-// The vocab-parallel loss through CudaOps (its kernels are tested in test_loss_optim.cpp): combine turns the
-// device's bad-target flag into an error naming the vocabulary, and otherwise returns the loss sum.
+// The vocab-parallel loss through CudaOps (its kernels are tested in test_loss_optim.cpp): combine defers the loss
+// sum and the device's bad-target flag to resolve_reads(), which writes the sum or raises an error naming the
+// vocabulary.
 TEST(CudaOpsLoss, CombineSumsTheLossAndRejectsATargetOutsideTheVocabulary) {
   NEXTRON_REQUIRE_GPU();
   CudaOps ops(0);
@@ -183,16 +184,69 @@ TEST(CudaOpsLoss, CombineSumsTheLossAndRejectsATargetOutsideTheVocabulary) {
   ops.f32(lse, {N});
   const std::vector<int64_t> good = {4, -100, 9}, bad = {4, -100, 10};
   ops.upload(ops.i64(targets, {N}), good.data(), N * sizeof(int64_t));
-  double sum = 0;
+  double sum = -1;
   ops.cross_entropy_combine(&sum, row_loss, lse, stats, targets, V);
+  EXPECT_EQ(ops.pending_reads(), 2);  // the sum and the bad-target flag
+  ops.resolve_reads();
+  EXPECT_EQ(ops.pending_reads(), 0);
   EXPECT_NEAR(sum, (1.0 + 2.0) + 0.0 + (1.0 - 0.0), 1e-5);
   ops.upload(targets, bad.data(), N * sizeof(int64_t));
+  ops.cross_entropy_combine(&sum, row_loss, lse, stats, targets, V);
   try {
-    ops.cross_entropy_combine(&sum, row_loss, lse, stats, targets, V);
+    ops.resolve_reads();
     ADD_FAILURE() << "target 10 of a 10-id vocabulary was accepted";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("outside the vocabulary [0, 10)"), std::string::npos) << e.what();
   }
+  EXPECT_EQ(ops.pending_reads(), 0);  // nothing is left pending after an error
+}
+
+// Deferred reads: read_later copies the value when it is enqueued (a later upload into the same tensor does not
+// change what is read), resolve_reads delivers every pending value in one wait, sum_squares resolves them too, and
+// a read-back larger than the buffer grows it. Uploads are staged: the host buffer may be overwritten at once, and
+// more uploads than the 1 MiB ring holds (it wraps) or one larger than it (it grows) all arrive intact.
+TEST(CudaOpsReads, DeferredReadsAndStagedUploads) {
+  NEXTRON_REQUIRE_GPU();
+  CudaOps ops(0);
+  Tensor a, b;
+  std::vector<float> host(1000);
+  for (size_t i = 0; i < host.size(); ++i) host[i] = static_cast<float>(i);
+  ops.upload(ops.f32(a, {1000}), host.data(), host.size() * sizeof(float));
+  std::fill(host.begin(), host.end(), -1.0f);  // the upload was staged: overwriting the source is safe
+  float first = 0, last = 0;
+  ops.read_later(&first, a, sizeof(float));
+  const std::vector<float> twos(1000, 2.0f);
+  ops.upload(a, twos.data(), twos.size() * sizeof(float));  // after the read: the read sees the old value
+  std::vector<float> all(1000, 0.0f);
+  ops.read_later(all.data(), a, all.size() * sizeof(float));
+  EXPECT_EQ(ops.pending_reads(), 2);
+  ops.resolve_reads();
+  EXPECT_EQ(first, 0.0f);
+  EXPECT_EQ(all[999], 2.0f);
+  // The gradient norm's wait resolves what is pending.
+  ops.read_later(&last, a, sizeof(float));
+  EXPECT_EQ(ops.sum_squares(a, {FlatRange{0, 1000}}), 4000.0);
+  EXPECT_EQ(last, 2.0f);
+  EXPECT_EQ(ops.pending_reads(), 0);
+  // Wrapping the staging ring (4 MiB of uploads of 256 KiB with no wait between them, each read back) and growing
+  // it (a 3 MiB upload).
+  std::vector<float> chunk(65536), got(16, -1.0f);
+  for (int round = 0; round < 16; ++round) {
+    std::fill(chunk.begin(), chunk.end(), static_cast<float>(round));
+    ops.upload(ops.f32(b, {65536}), chunk.data(), chunk.size() * sizeof(float));
+    std::fill(chunk.begin(), chunk.end(), -7.0f);
+    ops.read_later(&got[round], Tensor::view_of(b, 65535, {1}), sizeof(float));
+  }
+  ops.resolve_reads();
+  for (int round = 0; round < 16; ++round) EXPECT_EQ(got[round], static_cast<float>(round)) << "upload " << round;
+  std::vector<float> big(3 << 18, 5.0f);
+  Tensor c;
+  ops.upload(ops.f32(c, {static_cast<int64_t>(big.size())}), big.data(), big.size() * sizeof(float));
+  std::vector<float> back(big.size(), 0.0f);
+  ops.read_later(back.data(), c, back.size() * sizeof(float));  // larger than the read-back buffer: it grows
+  ops.resolve_reads();
+  EXPECT_EQ(back.front(), 5.0f);
+  EXPECT_EQ(back.back(), 5.0f);
 }
 
 }  // namespace nextron::test

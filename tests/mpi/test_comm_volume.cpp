@@ -19,8 +19,10 @@
 //      TP group, per step: the gradient sync, one all-reduce of G floats                            ar(t, G, 4)
 //        G = Lf 2D (q_norm, k_norm) + Ll dv (gated norm) + [SP] (2L+1) H (residual norms)
 //            + [NKV < t] Lf 2 NKV D H (full-size k_proj and v_proj slots)
-//      DP group, per micro-batch (d > 1): loss sums (2 doubles), MoE statistics (2E+1 doubles)
-//                                                                              ar(d, 2, 8) + [Lm > 0] ar(d, 2E+1, 8)
+//      DP group, per micro-batch (d > 1): the scored-token count (1 double), the MoE statistics (2E+1 doubles)
+//                                                                              ar(d, 1, 8) + [Lm > 0] ar(d, 2E+1, 8)
+//      DP group, per step: the A micro-batches' loss sums, read after the step's one wait (one all-reduce)
+//                                                                                                   ar(d, A, 8)
 //      DP group, per step: ZeRO-1 reduce-scatter + all-gather of ceil(P_local/d) floats     2 (d-1) ceil(P_local/d) 4
 //      world, per step: the gradient norm's sum of squares                                          ar(w, 1, 8)
 //
@@ -109,9 +111,9 @@ Expected formula(int t, bool sp, int d, int64_t p_local) {
   }
   if (d > 1) {
     const int64_t capacity = (p_local + d - 1) / d;
-    e.dp_bytes = static_cast<double>(A) * (ar(d, 2, 8) + (kLmoe > 0 ? ar(d, 2 * kE + 1, 8) : 0.0)) +
+    e.dp_bytes = static_cast<double>(A) * (ar(d, 1, 8) + (kLmoe > 0 ? ar(d, 2 * kE + 1, 8) : 0.0)) + ar(d, A, 8) +
                  2 * ag(d, static_cast<double>(capacity), 4);
-    e.dp_all_reduce = A * (1 + (kLmoe > 0 ? 1 : 0));
+    e.dp_all_reduce = A * (1 + (kLmoe > 0 ? 1 : 0)) + 1;
     e.dp_all_gather = 1;
     e.dp_reduce_scatter = 1;
   }
@@ -297,7 +299,7 @@ TEST_P(ExpertParallelVolume, BytesPerStepEqualTheFormula) {
   EXPECT_EQ(ep->own().calls_of(CommOp::all_to_all), A * kLmoe * 6) << ep->own().describe();
   const FlatRange experts = trainer.model().table().expert_range();
   const int64_t p_dense = experts.begin, p_expert = experts.size();
-  const double want_dp = static_cast<double>(A) * (ar(d, 2, 8) + ar(d, 2 * kE + 1, 8)) +
+  const double want_dp = static_cast<double>(A) * (ar(d, 1, 8) + ar(d, 2 * kE + 1, 8)) + ar(d, A, 8) +
                          2 * ag(d, static_cast<double>((p_dense + d - 1) / d), 4);
   expect_bytes(dp->own().total_bytes(), want_dp, std::string(c.name) + " DP group: " + dp->own().describe());
   const double want_edp = edp > 1 ? 2 * ag(edp, static_cast<double>((p_expert + edp - 1) / edp), 4) : 0.0;
@@ -366,7 +368,8 @@ TEST_P(ContextParallelVolume, BytesPerStepEqualTheFormula) {
       static_cast<double>(kLlin) * (halo_messages * halo + G * (cp - 1) * M * Hv * dk * (dk + 2 * dv) * 4);
   const double cp_bytes = A * per_micro;
   const int64_t p_local = trainer.model().table().total_numel(), capacity = (p_local + dcp - 1) / dcp;
-  const double dp_bytes = A * (ar(dcp, 2, 8) + ar(dcp, 2 * kE + 1, 8)) + 2 * ag(dcp, static_cast<double>(capacity), 4);
+  const double dp_bytes =
+      A * (ar(dcp, 1, 8) + ar(dcp, 2 * kE + 1, 8)) + ar(dcp, A, 8) + 2 * ag(dcp, static_cast<double>(capacity), 4);
   const double world_bytes = ar(c.world, 1, 8);
   expect_bytes(cpg->own().total_bytes(), cp_bytes, "CP group: " + cpg->own().describe());
   expect_bytes(dpg->own().total_bytes(), dp_bytes, "DP x CP group: " + dpg->own().describe());

@@ -1,6 +1,7 @@
 #include "kernels/cuda/cuda_ops.h"
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "core/cuda/check.h"
@@ -86,11 +87,16 @@ CudaOps::CudaOps(int device, CudaOpsOptions options) : device_(device) {
   attention_ = std::make_unique<cuda::FusedAttention>(
       stream_, cuda::AttentionOptions{.deterministic_backward = options.deterministic});
   i64(flag_, {2});
+  NEXTRON_CUDA_CHECK(cudaEventCreateWithFlags(&staging_event_, cudaEventDisableTiming));
 }
 
 CudaOps::~CudaOps() {
   attention_.reset();
   blas_.reset();
+  if (stream_) cudaStreamSynchronize(stream_);  // staged uploads and read-backs may still be in flight
+  if (staging_) cudaFreeHost(staging_);
+  if (readback_host_) cudaFreeHost(readback_host_);
+  if (staging_event_) cudaEventDestroy(staging_event_);
   if (stream_) cudaStreamDestroy(stream_);
 }
 
@@ -111,14 +117,94 @@ Tensor& CudaOps::scratch(Tensor& t, int64_t bytes) const {
 
 void CudaOps::upload(Tensor& dst, const void* host, size_t bytes) const {
   NEXTRON_ASSERT(bytes <= dst.nbytes());
-  NEXTRON_CUDA_CHECK(cudaMemcpyAsync(dst.raw(), host, bytes, cudaMemcpyHostToDevice, stream_));
-  synchronize();  // the host buffer may be reused as soon as this returns
+  if (bytes == 0) return;
+  // The caller may reuse `host` at once: its bytes go to pinned staging memory first, from which the copy runs
+  // asynchronously. Staging is a ring (1 MiB at least, grown to the largest upload): the bytes from staging_head_
+  // on are free unless the ring wraps, and then every earlier copy must have left it (one wait per wrap: a step
+  // uploads kilobytes, so that is once in hundreds of steps).
+  const size_t need = (bytes + 255) & ~size_t{255};
+  if (need > staging_capacity_) {
+    NEXTRON_CUDA_CHECK(cudaEventSynchronize(staging_event_));
+    if (staging_) NEXTRON_CUDA_CHECK(cudaFreeHost(staging_));
+    staging_capacity_ = std::max<size_t>(need, size_t{1} << 20);
+    void* p = nullptr;
+    NEXTRON_CUDA_CHECK(cudaMallocHost(&p, staging_capacity_));
+    staging_ = static_cast<char*>(p);
+    staging_head_ = 0;
+  } else if (staging_head_ + need > staging_capacity_) {
+    NEXTRON_CUDA_CHECK(cudaEventSynchronize(staging_event_));
+    staging_head_ = 0;
+  }
+  char* stage = staging_ + staging_head_;
+  std::memcpy(stage, host, bytes);
+  NEXTRON_CUDA_CHECK(cudaMemcpyAsync(dst.raw(), stage, bytes, cudaMemcpyHostToDevice, stream_));
+  NEXTRON_CUDA_CHECK(cudaEventRecord(staging_event_, stream_));
+  staging_head_ += need;
 }
 
 void CudaOps::download(void* host, const Tensor& src, size_t bytes) const {
   NEXTRON_ASSERT(bytes <= src.nbytes());
   NEXTRON_CUDA_CHECK(cudaMemcpyAsync(host, src.raw(), bytes, cudaMemcpyDeviceToHost, stream_));
   synchronize();
+}
+
+size_t CudaOps::reserve_readback(size_t bytes) const {
+  const size_t need = (bytes + 7) & ~size_t{7};
+  if (readback_used_ + need > readback_capacity_) {
+    // Full: resolve what is pending (one extra wait), then grow to hold this read and 64 KiB more at least.
+    resolve_reads();
+    if (need > readback_capacity_) {
+      readback_capacity_ = std::max<size_t>(need + (size_t{1} << 16), size_t{1} << 16);
+      readback_dev_ = allocate({static_cast<int64_t>(readback_capacity_ / 8)}, DType::f64);
+      if (readback_host_) NEXTRON_CUDA_CHECK(cudaFreeHost(readback_host_));
+      NEXTRON_CUDA_CHECK(cudaMallocHost(&readback_host_, readback_capacity_));
+    }
+  }
+  const size_t offset = readback_used_;
+  readback_used_ += need;
+  return offset;
+}
+
+void CudaOps::read_later(void* host, const Tensor& src, size_t bytes) const {
+  NEXTRON_ASSERT(bytes <= src.nbytes());
+  if (bytes == 0) return;
+  const size_t offset = reserve_readback(bytes);
+  NEXTRON_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(readback_dev_.raw()) + offset, src.raw(), bytes,
+                                     cudaMemcpyDeviceToDevice, stream_));
+  reads_.push_back({offset, bytes, host});
+}
+
+void CudaOps::check_later(const Tensor& flag, size_t bytes, std::function<std::string(int64_t)> message) const {
+  NEXTRON_ASSERT((bytes == 4 || bytes == 8) && bytes <= flag.nbytes());
+  const size_t offset = reserve_readback(bytes);
+  NEXTRON_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(readback_dev_.raw()) + offset, flag.raw(), bytes,
+                                     cudaMemcpyDeviceToDevice, stream_));
+  checks_.push_back({offset, bytes, std::move(message)});
+}
+
+void CudaOps::resolve_reads() const {
+  if (readback_used_ == 0) return;
+  NEXTRON_CUDA_CHECK(
+      cudaMemcpyAsync(readback_host_, readback_dev_.raw(), readback_used_, cudaMemcpyDeviceToHost, stream_));
+  synchronize();
+  const char* base = static_cast<const char*>(readback_host_);
+  for (const PendingRead& r : reads_) std::memcpy(r.host, base + r.offset, r.bytes);
+  // Taken out before raising, so that the backend is left with nothing pending whatever the caller does next.
+  std::vector<PendingCheck> checks;
+  checks.swap(checks_);
+  reads_.clear();
+  readback_used_ = 0;
+  for (const PendingCheck& c : checks) {
+    int64_t value = 0;
+    if (c.bytes == 4) {
+      int32_t v = 0;
+      std::memcpy(&v, base + c.offset, 4);
+      value = v;
+    } else {
+      std::memcpy(&value, base + c.offset, 8);
+    }
+    if (value != 0) throw Error(c.message(value));
+  }
 }
 
 void CudaOps::cast(Tensor& dst, const Tensor& src) {
@@ -373,9 +459,8 @@ void CudaOps::moe_experts_forward(Tensor& y, MoeExpertsState& state, const Tenso
   // The grouped GEMMs take per-expert row offsets on the host: one small copy (and stream sync) per MoE layer.
   st.offsets.resize(E + 1);
   download(st.offsets.data(), st.expert_offsets, (E + 1) * sizeof(int64_t));
-  int32_t bad = 0;
-  download(&bad, st.bad, sizeof(int32_t));
-  NEXTRON_CHECK(bad == 0, "MoE router produced an expert index outside [0, ", E, ")");
+  check_later(st.bad, sizeof(int32_t),
+              [E](int64_t) { return detail::concat("MoE router produced an expert index outside [0, ", E, ")"); });
   act(st.xs, {NK, H});
   act(st.gu, {NK, 2 * I});
   // A recomputed activation goes to this backend's scratch (one for all layers and micro-batches), not the state.
@@ -438,10 +523,11 @@ void CudaOps::embedding_forward(Tensor& out, const ParamRef& table, const Tensor
   fill_zero(flag_);
   cuda::embedding_forward(bf(out), f(table.w), i64p(ids), N, H, vocab.size, vocab.begin, vocab.full, i64p(flag_),
                           stream_);
-  int64_t code = 0;
-  download(&code, flag_, sizeof(int64_t));
-  NEXTRON_CHECK(code == 0, "token id ", code > 0 ? code - 1 : code, " is outside the vocabulary [0, ", vocab.full,
-                "): the data was tokenized for another vocabulary, or the config's vocab_size is wrong");
+  const int64_t full = vocab.full;
+  check_later(flag_, sizeof(int64_t), [full](int64_t code) {
+    return detail::concat("token id ", code > 0 ? code - 1 : code, " is outside the vocabulary [0, ", full,
+                          "): the data was tokenized for another vocabulary, or the config's vocab_size is wrong");
+  });
 }
 
 void CudaOps::embedding_backward(const ParamRef& table, const Tensor& dout, const Tensor& ids,
@@ -454,18 +540,16 @@ void CudaOps::embedding_backward(const ParamRef& table, const Tensor& dout, cons
                            i64p(embed_offsets_), stream_);
 }
 
-double CudaOps::finish_loss(const Tensor& row_loss, const Tensor& bad_target, int64_t vocab) {
+void CudaOps::finish_loss(double* loss_sum, const Tensor& row_loss, const Tensor& bad_target, int64_t vocab) {
   const int64_t N = row_loss.numel();
   scratch(sum_scratch_, static_cast<int64_t>(cuda::sum_scratch_bytes(N)));
   ensure(sum_out_, {1}, DType::f64);
   cuda::sum_f64(sum_out_.data<double>(), f(row_loss), N, sum_scratch_.raw(), stream_);
-  int64_t bad_row = 0;
-  download(&bad_row, bad_target, sizeof(int64_t));
-  NEXTRON_CHECK(bad_row == 0, "target at token ", bad_row - 1, " is outside the vocabulary [0, ", vocab,
-                ") and is not -100 (ignored)");
-  double sum = 0;
-  download(&sum, sum_out_, sizeof(double));
-  return sum;
+  check_later(bad_target, sizeof(int64_t), [vocab](int64_t bad_row) {
+    return detail::concat("target at token ", bad_row - 1, " is outside the vocabulary [0, ", vocab,
+                          ") and is not -100 (ignored)");
+  });
+  read_later(loss_sum, sum_out_, sizeof(double));
 }
 
 void CudaOps::cross_entropy_forward(double* loss_sum, Tensor& row_loss, Tensor& lse, const Tensor& logits,
@@ -474,7 +558,7 @@ void CudaOps::cross_entropy_forward(double* loss_sum, Tensor& row_loss, Tensor& 
   fill_zero(flag_);
   Tensor bad_target = Tensor::view_of(flag_, 1, {1});
   cuda::cross_entropy_forward(f(row_loss), f(lse), bf(logits), i64p(targets), N, V, i64p(bad_target), stream_);
-  *loss_sum = finish_loss(row_loss, bad_target, V);
+  finish_loss(loss_sum, row_loss, bad_target, V);
 }
 
 void CudaOps::cross_entropy_partial(Tensor& stats, const Tensor& logits, const Tensor& targets,
@@ -495,7 +579,7 @@ void CudaOps::cross_entropy_combine(double* loss_sum, Tensor& row_loss, Tensor& 
   Tensor bad_target = Tensor::view_of(flag_, 1, {1});
   cuda::cross_entropy_combine(f(row_loss), f(lse), f(stats), P, i64p(targets), N, vocab_full, i64p(bad_target),
                               stream_);
-  *loss_sum = finish_loss(row_loss, bad_target, vocab_full);
+  finish_loss(loss_sum, row_loss, bad_target, vocab_full);
 }
 
 void CudaOps::cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& lse, const Tensor& targets,
@@ -519,7 +603,8 @@ double CudaOps::sum_squares(const Tensor& x, const std::vector<FlatRange>& range
   ensure(sum_out_, {1}, DType::f64);
   cuda::sum_squares_f64(sum_out_.data<double>(), f(x), pairs, sum_scratch_.raw(), stream_);
   double out = 0;
-  download(&out, sum_out_, sizeof(double));
+  read_later(&out, sum_out_, sizeof(double));
+  resolve_reads();  // the one wait of a training step: this norm, the losses and the input checks together
   return out;
 }
 
@@ -527,8 +612,8 @@ void CudaOps::scale(Tensor& x, FlatRange r, float s) { cuda::scale_inplace(f(x) 
 
 void CudaOps::adamw_step(Tensor& params, const Tensor& grads, Tensor& exp_avg, Tensor& exp_avg_sq, Tensor* params_act,
                          FlatRange range, const std::vector<FlatRange>& decay, const AdamWHyper& h, int64_t step) {
-  // The decayed ranges clipped to the updated range and made relative to it (a few hundred pairs: uploaded per
-  // step into a buffer allocated once).
+  // The decayed ranges clipped to the updated range and made relative to it (a few hundred pairs: uploaded when
+  // they change, into a buffer allocated once).
   std::vector<int64_t> rel;
   for (const FlatRange& d : decay) {
     const int64_t b = std::max(d.begin, range.begin), e = std::min(d.end, range.end);
@@ -538,9 +623,14 @@ void CudaOps::adamw_step(Tensor& params, const Tensor& grads, Tensor& exp_avg, T
     }
   }
   const int64_t pairs = static_cast<int64_t>(rel.size() / 2);
-  if (!decay_ranges_.defined() || decay_ranges_.numel() < std::max<int64_t>(2 * pairs, 2))
+  if (!decay_ranges_.defined() || decay_ranges_.numel() < std::max<int64_t>(2 * pairs, 2)) {
     decay_ranges_ = allocate({std::max<int64_t>(2 * pairs, 2)}, DType::i64);
-  if (pairs > 0) upload(decay_ranges_, rel.data(), rel.size() * sizeof(int64_t));
+    decay_host_.clear();
+  }
+  if (pairs > 0 && rel != decay_host_) {
+    upload(decay_ranges_, rel.data(), rel.size() * sizeof(int64_t));
+    decay_host_ = rel;
+  }
   const cuda::AdamWStep hs{h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, step};
   bf16* shadow = params_act && params_act->dtype() == DType::bf16 ? bf(*params_act) + range.begin : nullptr;
   cuda::adamw_step(f(params) + range.begin, f(grads) + range.begin, f(exp_avg), f(exp_avg_sq), shadow, range.size(),

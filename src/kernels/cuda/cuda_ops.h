@@ -5,11 +5,16 @@
 // Memory: every activation buffer is allocated by the Ops buffer calls, which reallocate only when a shape
 // changes, and every library workspace is allocated once and kept; a step of a fixed shape after the first makes
 // no cudaMalloc (tests/cuda/test_cuda_model.cpp counts them).
-// Synchronisation: the ops enqueue on stream(); the few that return host values (cross_entropy_forward's and
-// cross_entropy_combine's loss, the MoE dispatch's per-expert row counts) synchronise that stream.
+// Synchronisation: the ops enqueue on stream() and do not wait for it, with these exceptions: download() and
+// sum_squares() (which resolves the deferred reads: the loss sums, the router statistics and the input checks of
+// the embedding, the loss and the MoE dispatch, all in one copy and one wait), and the MoE dispatch's per-expert
+// row counts on the cuBLASLt path. Uploads go through a pinned staging ring and do not wait.
 #pragma once
 
+#include <functional>
 #include <memory>
+#include <string>
+#include <vector>
 
 #include "kernels/cuda/attention.h"
 #include "kernels/cuda/blas.h"
@@ -38,6 +43,9 @@ class CudaOps final : public Ops {
 
   void upload(Tensor& dst, const void* host, size_t bytes) const override;
   void download(void* host, const Tensor& src, size_t bytes) const override;
+  void read_later(void* host, const Tensor& src, size_t bytes) const override;
+  void resolve_reads() const override;
+  int64_t pending_reads() const override { return static_cast<int64_t>(reads_.size() + checks_.size()); }
 
   void cast(Tensor& dst, const Tensor& src) override;
   void add(Tensor& y, const Tensor& a, const Tensor& b) override;
@@ -126,10 +134,16 @@ class CudaOps final : public Ops {
   void fill_zero(Tensor& t) const override;
 
  private:
-  // The loss sum of row_loss (N) in double, after checking the bad-target flag the loss kernel set (its row + 1).
-  double finish_loss(const Tensor& row_loss, const Tensor& bad_target, int64_t vocab);
+  // The loss sum of row_loss (N) in double into *loss_sum and the bad-target flag the loss kernel set (its row +
+  // 1) checked, both at the next resolve_reads().
+  void finish_loss(double* loss_sum, const Tensor& row_loss, const Tensor& bad_target, int64_t vocab);
   // Scratch reused across calls (grown only when a larger size is asked for).
   Tensor& scratch(Tensor& t, int64_t bytes) const;
+  // Copies `bytes` (4 or 8) of the device error word `flag` for resolve_reads(), which raises
+  // nextron::Error(message(value)) when the word is not zero. The word may be zeroed and reused after this call.
+  void check_later(const Tensor& flag, size_t bytes, std::function<std::string(int64_t)> message) const;
+  // Room for `bytes` more in the read-back buffers (8-byte aligned), resolving first when they are full.
+  size_t reserve_readback(size_t bytes) const;
 
   int device_ = 0;
   cudaStream_t stream_ = nullptr;
@@ -140,10 +154,32 @@ class CudaOps final : public Ops {
   Tensor flag_;                                    // (2) i64 device error flags: bad id, bad target
   Tensor embed_rows_, embed_offsets_;              // embedding backward scratch
   Tensor moe_dys_, moe_dact_, moe_dgu_, moe_dxs_;  // MoE backward scratch (N K, H), (N K, I), (N K, 2I), (N K, H)
-  Tensor moe_act_scratch_;        // (N K, I) the experts' SwiGLU output of MoE states that recompute it
-  Tensor sum_scratch_, sum_out_;  // loss sum
-  Tensor decay_ranges_;           // AdamW: decayed ranges relative to the updated range (int64 pairs)
-  Tensor norm_dw_scratch_;        // RMSNorm / gated RMSNorm dw: per-chunk partial column sums
+  Tensor moe_act_scratch_;           // (N K, I) the experts' SwiGLU output of MoE states that recompute it
+  Tensor sum_scratch_, sum_out_;     // loss sum
+  Tensor decay_ranges_;              // AdamW: decayed ranges relative to the updated range (int64 pairs)
+  Tensor norm_dw_scratch_;           // RMSNorm / gated RMSNorm dw: per-chunk partial column sums
+  std::vector<int64_t> decay_host_;  // the decayed ranges last uploaded to decay_ranges_ (uploaded only on change)
+
+  // Deferred reads: values copied (stream-ordered) into readback_dev_, brought to the pinned readback_host_ in one
+  // copy and one wait by resolve_reads().
+  struct PendingRead {
+    size_t offset, bytes;
+    void* host;
+  };
+  struct PendingCheck {
+    size_t offset, bytes;
+    std::function<std::string(int64_t)> message;
+  };
+  mutable Tensor readback_dev_;                               // (R) f64 words
+  mutable void* readback_host_ = nullptr;                     // R words, pinned
+  mutable size_t readback_capacity_ = 0, readback_used_ = 0;  // bytes
+  mutable std::vector<PendingRead> reads_;
+  mutable std::vector<PendingCheck> checks_;
+  // Uploads: a ring of pinned staging memory. Each upload copies into the next free bytes and enqueues the
+  // host-to-device copy; staging_event_ marks the last one, waited for only when the ring wraps (or grows).
+  mutable char* staging_ = nullptr;
+  mutable size_t staging_capacity_ = 0, staging_head_ = 0;
+  cudaEvent_t staging_event_ = nullptr;
 };
 
 }  // namespace nextron
