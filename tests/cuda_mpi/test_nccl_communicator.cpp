@@ -179,11 +179,17 @@ TEST_F(Nccl, SharedStreamOrdersAfterQueuedKernels) {
   ops.upload(a, ha.data(), n * sizeof(float));
   ops.upload(b, hb.data(), n * sizeof(float));
   for (int rep = 0; rep < 8; ++rep) ops.add(y, a, b);  // queued, not waited for
-  shared->all_reduce_sum(y.f32(), n);
-  std::vector<float> out(n);
+  shared->all_reduce_sum(y.f32(), n);                  // returns without waiting on the shared stream
+  Tensor z;
+  ops.add(ops.f32(z, {n}), y, a);  // queued after the collective: reads its result
+  std::vector<float> out(n), outz(n);
   ops.download(out.data(), y, n * sizeof(float));
+  ops.download(outz.data(), z, n * sizeof(float));
   const int p = comm_->size();
-  for (int64_t i = 0; i < n; ++i) ASSERT_EQ(out[i], static_cast<float>(p * (i % 7) + p * (p - 1) / 2)) << i;
+  for (int64_t i = 0; i < n; ++i) {
+    ASSERT_EQ(out[i], static_cast<float>(p * (i % 7) + p * (p - 1) / 2)) << i;
+    ASSERT_EQ(outz[i], static_cast<float>((p + 1) * (i % 7) + p * (p - 1) / 2)) << i;
+  }
   auto child = shared->split(0, comm_->rank());
   EXPECT_EQ(dynamic_cast<NcclCommunicator&>(*child).stream(), ops.stream());  // splits keep the caller's stream
 }

@@ -143,6 +143,19 @@ void NcclCommunicator::check_peer(int peer, const char* what) const {
   NEXTRON_CHECK(peer >= 0 && peer < size_, what, ": peer rank ", peer, " is outside the group [0, ", size_, ")");
 }
 
+void NcclCommunicator::finish(const char* what) {
+  if (owns_stream_) {
+    synchronize(what);
+    return;
+  }
+  // On the compute stream: whatever reads the result is queued after the collective on the same stream (or waits
+  // for it: a download, a copy on the legacy default stream), so the host does not wait here. Errors NCCL has
+  // already seen are reported now, the rest at the next synchronize() or by the next call.
+  ncclResult_t async = ncclSuccess;
+  check_nccl(ncclCommGetAsyncError(comm_, &async), "ncclCommGetAsyncError", comm_);
+  check_nccl(async, what, comm_);
+}
+
 void NcclCommunicator::synchronize(const char* what) {
   const cudaError_t err = cudaStreamSynchronize(stream_);
   NEXTRON_CHECK(err == cudaSuccess, what, ": cudaStreamSynchronize failed: ", cudaGetErrorString(err));
@@ -180,7 +193,7 @@ void NcclCommunicator::all_reduce_sum(void* buf, int64_t n, DType dt) {
   if (c == 0) return;
   DeviceGuard guard(device_);
   check_nccl(ncclAllReduce(buf, buf, c, type, ncclSum, comm_, stream_), "ncclAllReduce", comm_);
-  synchronize("ncclAllReduce");
+  finish("ncclAllReduce");
 }
 
 void NcclCommunicator::reduce_scatter_sum(const void* in, void* out, int64_t count, DType dt) {
@@ -191,7 +204,7 @@ void NcclCommunicator::reduce_scatter_sum(const void* in, void* out, int64_t cou
   if (c == 0) return;
   DeviceGuard guard(device_);
   check_nccl(ncclReduceScatter(in, out, c, type, ncclSum, comm_, stream_), "ncclReduceScatter", comm_);
-  synchronize("ncclReduceScatter");
+  finish("ncclReduceScatter");
 }
 
 void NcclCommunicator::all_gather(const void* in, void* out, int64_t count, DType dt) {
@@ -202,7 +215,7 @@ void NcclCommunicator::all_gather(const void* in, void* out, int64_t count, DTyp
   if (c == 0) return;
   DeviceGuard guard(device_);
   check_nccl(ncclAllGather(in, out, c, type, comm_, stream_), "ncclAllGather", comm_);
-  synchronize("ncclAllGather");
+  finish("ncclAllGather");
 }
 
 void NcclCommunicator::all_to_all_v(const void* send_buf, const std::vector<int64_t>& send_counts, void* recv_buf,
@@ -234,7 +247,7 @@ void NcclCommunicator::all_to_all_v(const void* send_buf, const std::vector<int6
   const ncclResult_t end = ncclGroupEnd();
   check_nccl(errors.rc, errors.call ? errors.call : "", comm_);
   check_nccl(end, "ncclGroupEnd (all_to_all_v)", comm_);
-  synchronize("all_to_all_v");
+  finish("all_to_all_v");
 }
 
 void NcclCommunicator::send(const void* buf, int64_t n, DType dt, int peer, int /*tag*/) {
@@ -246,7 +259,7 @@ void NcclCommunicator::send(const void* buf, int64_t n, DType dt, int peer, int 
   if (c == 0) return;  // the matching recv has n == 0 too and posts nothing
   DeviceGuard guard(device_);
   check_nccl(ncclSend(buf, c, type, peer, comm_, stream_), "ncclSend", comm_);
-  synchronize("ncclSend");
+  finish("ncclSend");
 }
 
 void NcclCommunicator::recv(void* buf, int64_t n, DType dt, int peer, int /*tag*/) {
@@ -258,7 +271,7 @@ void NcclCommunicator::recv(void* buf, int64_t n, DType dt, int peer, int /*tag*
   if (c == 0) return;
   DeviceGuard guard(device_);
   check_nccl(ncclRecv(buf, c, type, peer, comm_, stream_), "ncclRecv", comm_);
-  synchronize("ncclRecv");
+  finish("ncclRecv");
 }
 
 void NcclCommunicator::send_recv(const void* send_buf, int64_t send_n, int dst, void* recv_buf, int64_t recv_n, int src,
@@ -276,7 +289,7 @@ void NcclCommunicator::send_recv(const void* send_buf, int64_t send_n, int dst, 
   const ncclResult_t end = ncclGroupEnd();
   check_nccl(errors.rc, errors.call ? errors.call : "", comm_);
   check_nccl(end, "ncclGroupEnd (send_recv)", comm_);
-  synchronize("send_recv");
+  finish("send_recv");
 }
 
 void NcclCommunicator::batch_send_recv(const std::vector<P2PMessage>& messages) {
@@ -301,7 +314,7 @@ void NcclCommunicator::batch_send_recv(const std::vector<P2PMessage>& messages) 
   const ncclResult_t end = ncclGroupEnd();
   check_nccl(errors.rc, errors.call ? errors.call : "", comm_);
   check_nccl(end, "ncclGroupEnd (batch_send_recv)", comm_);
-  synchronize("batch_send_recv");
+  finish("batch_send_recv");
 }
 
 void NcclCommunicator::broadcast(void* buf, int64_t n, DType dt, int root) {
@@ -311,7 +324,7 @@ void NcclCommunicator::broadcast(void* buf, int64_t n, DType dt, int root) {
   if (c == 0) return;
   DeviceGuard guard(device_);
   check_nccl(ncclBroadcast(buf, buf, c, type, root, comm_, stream_), "ncclBroadcast", comm_);
-  synchronize("ncclBroadcast");
+  finish("ncclBroadcast");
 }
 
 void NcclCommunicator::barrier() {

@@ -4,9 +4,12 @@
 // never a host pointer. Shapes and counts are exactly those of Communicator (elements, not bytes); NCCL counts are
 // size_t, so unlike MpiCommunicator there is no INT_MAX limit. Negative counts are errors.
 //
-// Blocking, like MpiCommunicator: every call enqueues its NCCL work on the communicator's stream (the compute
-// backend's, or one of its own) and synchronises that stream before returning, so results are visible to the host
-// and to every stream afterwards. Ordering on entry: work queued earlier on the same stream is finished before the
+// Completion: every call enqueues its NCCL work on the communicator's stream. On a stream of its own it then
+// synchronises that stream before returning (blocking, like MpiCommunicator: results are visible to the host and
+// to every stream afterwards). On the compute backend's stream (create(..., CudaOps::stream()), what the trainer
+// does) it returns at once: the kernels that read the result are queued after it on that stream, downloads wait
+// for it, and the host never waits for a collective (no stream sync per TP region or ZeRO exchange). barrier()
+// always waits. Ordering on entry: work queued earlier on the same stream is finished before the
 // collective reads its buffers (the trainer shares CudaOps' stream, so no extra synchronisation is needed); an own
 // stream is a blocking (non-cudaStreamNonBlocking) one, so work already queued on the legacy default stream is
 // finished first too; data written on any other stream must be synchronised by the caller first
@@ -83,6 +86,9 @@ class NcclCommunicator : public Communicator {
   void check_peer(int peer, const char* what) const;
   // Waits for this communicator's stream and reports NCCL errors raised while it ran.
   void synchronize(const char* what);
+  // After a call's NCCL work is enqueued: synchronize() on an own stream; on the compute stream only NCCL's
+  // asynchronous error state is checked (no wait).
+  void finish(const char* what);
 
   ncclComm_t comm_ = nullptr;
   cudaStream_t stream_ = nullptr;
