@@ -20,10 +20,11 @@ declare -A KERNELS=(
   [elementwise]="rope conv1d gdn_gates sigmoid_gate swiglu embedding cast"
   [loss_optim]="cross_entropy reduce adamw"
   [moe]="router moe_dispatch load_balancing"
+  [grouped_gemm_args]="grouped_gemm_args"
   [gated_delta_rule]="gated_delta_rule gated_delta_rule_fwd gated_delta_rule_bwd delta_state gated_delta_rule_step"
 )
 TESTS=("$@")
-[ ${#TESTS[@]} -gt 0 ] || TESTS=(norms elementwise loss_optim moe gated_delta_rule)
+[ ${#TESTS[@]} -gt 0 ] || TESTS=(norms elementwise loss_optim moe grouped_gemm_args gated_delta_rule)
 
 # Headers with device code are rewritten too (extern __shared__ -> emulator shared memory) and found first.
 for h in $SRC/kernels/cuda/*.cuh; do python3 $E/cu2cpp.py "$h" > "$B/gen/kernels/cuda/$(basename "$h")"; done
