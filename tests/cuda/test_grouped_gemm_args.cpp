@@ -220,7 +220,9 @@ TEST(GroupedGemmArgsCuda, CarvedArraysAreAlignedAndDisjoint) {
       const auto p = reinterpret_cast<uintptr_t>(arrays[i].first);
       EXPECT_EQ(p % 16, 0u) << "array " << i;
       EXPECT_LE(p + uintptr_t(arrays[i].second), begin + uintptr_t(cuda::grouped_gemm_args_bytes(E))) << i;
-      if (i + 1 < arrays.size()) EXPECT_LE(p + uintptr_t(arrays[i].second), uintptr_t(arrays[i + 1].first)) << i;
+      if (i + 1 < arrays.size()) {
+        EXPECT_LE(p + uintptr_t(arrays[i].second), uintptr_t(arrays[i + 1].first)) << i;
+      }
     }
   }
 }

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <iostream>
 #include <vector>
 
 #include "core/cuda/check.h"
@@ -11,6 +12,7 @@
 #include "kernels/cuda/elementwise.h"
 #include "kernels/cuda/gated_delta_rule.h"
 #include "kernels/cuda/glue.h"
+#include "kernels/cuda/grouped_gemm.h"
 #include "kernels/cuda/loss_optim.h"
 #include "kernels/cuda/moe.h"
 #include "kernels/cuda/norms.h"
@@ -60,16 +62,39 @@ int64_t rows(const Tensor& t, int64_t width) { return t.numel() / width; }
 struct CudaMoeState final : MoeExpertsState {
   int64_t N = 0, K = 0, E = 0, H = 0, I = 0;
   Tensor expert_offsets;            // (E + 1) i64 on the device
-  std::vector<int64_t> offsets;     // the same on the host (the grouped GEMMs take host offsets)
+  std::vector<int64_t> offsets;     // the same on the host, for the cuBLASLt loop only (CudaOpsOptions::moe_gemm)
+  bool host_offsets = false;        // offsets holds this forward's expert_offsets
   Tensor slot_token, slot_of, bad;  // (N K) i32, (N K) i32, (1) i32
   Tensor weights;                   // (N, K) f32 routing weights of the forward
   Tensor xs, gu, act, ys;           // (N K, H), (N K, 2I), (N K, I), (N K, H) in expert order
   int64_t host_bytes() const override { return static_cast<int64_t>(offsets.capacity() * sizeof(int64_t)); }
 };
 
+// Whether a MoE layer's products (hidden H, expert intermediate I) run through the CUTLASS grouped GEMM
+// (CudaOpsOptions::moe_gemm), else through one cuBLASLt GEMM per expert; a fallback of the cutlass option is
+// reported once per backend.
+bool moe_use_cutlass(CudaOpsOptions::MoeGemm mode, bool& noted, int64_t H, int64_t I,
+                     std::initializer_list<const void*> pointers) {
+  if (mode != CudaOpsOptions::MoeGemm::cutlass) return false;
+  const bool device = cuda::grouped_gemm_device_supported();
+  if (device && cuda::grouped_gemm_shapes_supported(H, I, pointers)) return true;
+  if (!noted) {
+    noted = true;
+    std::cerr << "nextron: the MoE experts' CUTLASS grouped GEMM ";
+    if (device)
+      std::cerr << "needs the hidden and expert intermediate sizes to be multiples of 8 and 16-byte aligned expert "
+                   "weights and gradients (H = "
+                << H << ", I = " << I << ")";
+    else
+      std::cerr << "runs on sm_90 GPUs only";
+    std::cerr << "; using one cuBLASLt GEMM per expert\n";
+  }
+  return false;
+}
+
 }  // namespace
 
-CudaOps::CudaOps(int device, CudaOpsOptions options) : device_(device) {
+CudaOps::CudaOps(int device, CudaOpsOptions options) : device_(device), moe_gemm_(options.moe_gemm) {
   const int count = cuda::device_count();
   NEXTRON_CHECK(count > 0, "--device cuda: no CUDA device is visible (check the driver and CUDA_VISIBLE_DEVICES)");
   NEXTRON_CHECK(device >= 0 && device < count, "--device cuda: GPU ", device, " requested but only ", count,
@@ -456,9 +481,14 @@ void CudaOps::moe_experts_forward(Tensor& y, MoeExpertsState& state, const Tenso
   fill_zero(st.bad);
   cuda::moe_dispatch_build(i64p(st.expert_offsets), i32p(st.slot_token), i32p(st.slot_of), i32p(indices), N, K, E,
                            i32p(st.bad), stream_);
-  // The grouped GEMMs take per-expert row offsets on the host: one small copy (and stream sync) per MoE layer.
-  st.offsets.resize(E + 1);
-  download(st.offsets.data(), st.expert_offsets, (E + 1) * sizeof(int64_t));
+  const bool cutlass = moe_use_cutlass(moe_gemm_, moe_gemm_fallback_noted_, H, I,
+                                       {w_gate_up.w_act.raw(), w_down.w_act.raw(), w_gate_up.g.raw(), w_down.g.raw()});
+  // The CUTLASS grouped GEMM reads the device offsets; the cuBLASLt loop takes them on the host (a stream sync).
+  st.host_offsets = !cutlass;
+  if (!cutlass) {
+    st.offsets.resize(E + 1);
+    download(st.offsets.data(), st.expert_offsets, (E + 1) * sizeof(int64_t));
+  }
   check_later(st.bad, sizeof(int32_t),
               [E](int64_t) { return detail::concat("MoE router produced an expert index outside [0, ", E, ")"); });
   act(st.xs, {NK, H});
@@ -467,9 +497,19 @@ void CudaOps::moe_experts_forward(Tensor& y, MoeExpertsState& state, const Tenso
   Tensor& h = act(st.recompute_act ? moe_act_scratch_ : st.act, {NK, I});
   act(st.ys, {NK, H});
   cuda::moe_permute(bf(st.xs), bf(x), i32p(st.slot_token), NK, H, stream_);
-  blas_->grouped_forward(bf(st.gu), bf(st.xs), bf(w_gate_up.w_act), st.offsets.data(), E, H, 2 * I);
-  cuda::swiglu_forward(bf(h), bf(st.gu), NK, I, stream_);
-  blas_->grouped_forward(bf(st.ys), bf(h), bf(w_down.w_act), st.offsets.data(), E, I, H);
+  if (cutlass) {
+    Tensor& ws = scratch(moe_gemm_ws_, cuda::grouped_gemm_workspace_bytes(E));
+    const auto bytes = static_cast<int64_t>(ws.nbytes());
+    cuda::grouped_gemm_forward(bf(st.gu), bf(st.xs), bf(w_gate_up.w_act), i64p(st.expert_offsets), E, H, 2 * I,
+                               ws.raw(), bytes, stream_);
+    cuda::swiglu_forward(bf(h), bf(st.gu), NK, I, stream_);
+    cuda::grouped_gemm_forward(bf(st.ys), bf(h), bf(w_down.w_act), i64p(st.expert_offsets), E, I, H, ws.raw(), bytes,
+                               stream_);
+  } else {
+    blas_->grouped_forward(bf(st.gu), bf(st.xs), bf(w_gate_up.w_act), st.offsets.data(), E, H, 2 * I);
+    cuda::swiglu_forward(bf(h), bf(st.gu), NK, I, stream_);
+    blas_->grouped_forward(bf(st.ys), bf(h), bf(w_down.w_act), st.offsets.data(), E, I, H);
+  }
   cuda::moe_unpermute(bf(y), bf(st.ys), f(weights), i32p(st.slot_of), N, K, H, stream_);
 }
 
@@ -483,6 +523,31 @@ void CudaOps::moe_experts_backward(Tensor& dx, Tensor& dweights, MoeExpertsState
                                stream_);
   if (st.recompute_act) cuda::swiglu_forward(bf(act(moe_act_scratch_, {NK, I})), bf(st.gu), NK, I, stream_);
   const Tensor& h = st.recompute_act ? moe_act_scratch_ : st.act;
+  const bool cutlass = moe_use_cutlass(moe_gemm_, moe_gemm_fallback_noted_, H, I,
+                                       {w_gate_up.w_act.raw(), w_down.w_act.raw(), w_gate_up.g.raw(), w_down.g.raw()});
+  if (cutlass) {
+    // dact and dxs are overwritten by the grouped GEMMs (every row belongs to an expert): no zero fill. dgu is not:
+    // swiglu_backward accumulates.
+    Tensor& ws = scratch(moe_gemm_ws_, cuda::grouped_gemm_workspace_bytes(E));
+    const auto bytes = static_cast<int64_t>(ws.nbytes());
+    const int64_t* offsets = i64p(st.expert_offsets);
+    Tensor& dact = act(moe_dact_, {NK, I});
+    cuda::grouped_gemm_backward(bf(dact), f(w_down.g), bf(dys), bf(h), bf(w_down.w_act), offsets, E, I, H, ws.raw(),
+                                bytes, stream_);
+    Tensor& dgu = act_zeroed(moe_dgu_, {NK, 2 * I});
+    cuda::swiglu_backward(bf(dgu), bf(dact), bf(st.gu), NK, I, stream_);
+    Tensor& dxs = act(moe_dxs_, {NK, H});
+    cuda::grouped_gemm_backward(bf(dxs), f(w_gate_up.g), bf(dgu), bf(st.xs), bf(w_gate_up.w_act), offsets, E, H, 2 * I,
+                                ws.raw(), bytes, stream_);
+    cuda::moe_permute_backward(bf(dx), bf(dxs), i32p(st.slot_of), N, K, H, stream_);
+    return;
+  }
+  if (!st.host_offsets) {  // the forward ran the CUTLASS path and kept the offsets on the device only
+    st.offsets.resize(E + 1);
+    download(st.offsets.data(), st.expert_offsets, (E + 1) * sizeof(int64_t));
+    st.host_offsets = true;
+  }
+  // The cuBLASLt loop accumulates (beta = 1) into dact and dxs: zeroed first.
   Tensor& dact = act_zeroed(moe_dact_, {NK, I});
   blas_->grouped_backward(bf(dact), f(w_down.g), bf(dys), bf(h), bf(w_down.w_act), st.offsets.data(), E, I, H);
   Tensor& dgu = act_zeroed(moe_dgu_, {NK, 2 * I});

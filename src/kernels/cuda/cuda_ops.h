@@ -26,6 +26,13 @@ struct CudaOpsOptions {
   // Bitwise reproducible run to run where a library offers it: cuDNN's deterministic attention backward (a
   // B x NH x S^2 x 2-byte workspace on Hopper). nextron's own kernels are deterministic either way.
   bool deterministic = false;
+  // The routed experts' GEMMs: `cutlass`, one CUTLASS grouped GEMM per product with the per-expert arguments built
+  // on the device (no per-expert launches, no host read of the expert offsets; kernels/cuda/grouped_gemm.h), or
+  // `cublaslt_loop`, one cuBLASLt GEMM per expert with rows after downloading the offsets (a stream sync per MoE
+  // layer; kept for comparison). `cutlass` falls back to the loop, noted once on stderr, where it cannot run: a
+  // GPU other than sm_90, expert widths not multiples of 8, or operands not 16-byte aligned.
+  enum class MoeGemm { cutlass, cublaslt_loop };
+  MoeGemm moe_gemm = MoeGemm::cutlass;
 };
 
 class CudaOps final : public Ops {
@@ -180,6 +187,12 @@ class CudaOps final : public Ops {
   mutable char* staging_ = nullptr;
   mutable size_t staging_capacity_ = 0, staging_head_ = 0;
   cudaEvent_t staging_event_ = nullptr;
+
+  // The MoE experts' GEMMs (CudaOpsOptions::moe_gemm): the grouped GEMM workspace (per-expert argument arrays,
+  // CUTLASS's own), the option, and whether the cutlass option's fallback to the cuBLASLt loop was reported.
+  Tensor moe_gemm_ws_;
+  CudaOpsOptions::MoeGemm moe_gemm_ = CudaOpsOptions::MoeGemm::cutlass;
+  bool moe_gemm_fallback_noted_ = false;
 };
 
 }  // namespace nextron
