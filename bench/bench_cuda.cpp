@@ -59,7 +59,8 @@ struct Options {
   int iters = 20, warmup = 5, step_iters = 10, step_warmup = 3, device = 0;
   double peak_tflops = 0;  // 0: measure (gemm)
   bool json_out = false;
-  bool roofline = false;  // step: count one step through CountingOps
+  bool roofline = false;             // step: count one step through CountingOps
+  std::string moe_gemm = "cutlass";  // CudaOpsOptions::moe_gemm: cutlass | cublaslt_loop
 };
 
 // ------------------------------------------------------------------------------------------------------------
@@ -575,7 +576,9 @@ int run(int argc, char** argv) {
       "json", po::bool_switch(&o.json_out), "print one JSON object instead of text")(
       "roofline", po::bool_switch(&o.roofline),
       "step: run the model through CountingOps and count one more step (launches, host syncs, FLOPs, HBM bytes, "
-      "H100 / H200 roofline per op)");
+      "H100 / H200 roofline per op)")(
+      "moe-gemm", po::value(&o.moe_gemm)->default_value(o.moe_gemm),
+      "the routed experts' GEMMs: cutlass (one grouped GEMM per product) or cublaslt_loop (one GEMM per expert)");
   po::variables_map vm;
   if (!cli::parse_or_help(argc, argv, opts, vm)) return 0;
   const std::vector<std::string> whats = {"params", "gemm", "gdr", "attention", "layers", "step", "all", "versions"};
@@ -589,6 +592,8 @@ int run(int argc, char** argv) {
                 "--batch, --seq-len, --iters and --step-iters must be positive; --warmup, --step-warmup >= 0");
   NEXTRON_CHECK(o.hk > 0 && o.hv > 0 && o.dk > 0 && o.dv > 0 && o.nh > 0 && o.nkv > 0 && o.head_dim > 0,
                 "head counts and dims must be positive");
+  NEXTRON_CHECK(o.moe_gemm == "cutlass" || o.moe_gemm == "cublaslt_loop", "--moe-gemm ", o.moe_gemm,
+                " is not cutlass or cublaslt_loop");
   const bool all = o.what == "all";
   json out;
   ModelConfig config;
@@ -600,8 +605,12 @@ int run(int argc, char** argv) {
   }
   if (o.what != "params") {
     require_gpu(o);
-    auto ops = std::make_shared<CudaOps>(o.device);
+    CudaOpsOptions ops_options;
+    ops_options.moe_gemm =
+        o.moe_gemm == "cutlass" ? CudaOpsOptions::MoeGemm::cutlass : CudaOpsOptions::MoeGemm::cublaslt_loop;
+    auto ops = std::make_shared<CudaOps>(o.device, ops_options);
     out["device"] = cuda::device_description(o.device);
+    out["moe_gemm"] = o.moe_gemm;
     out["versions"] = library_versions();
     json gemm;
     if (all || o.what == "gemm") gemm = bench_gemm(*ops, o);
