@@ -71,7 +71,7 @@ int run(int argc, char** argv) {
   const ParamTable& table = training ? training->table() : *hf_table;
   const std::string error = stream_hf_checkpoint(out, config, table, source, w, /*writer=*/true);
   NEXTRON_CHECK(error.empty(), error);
-  std::printf("wrote %s (%lld parameters, %s)\n", out.c_str(), static_cast<long long>(table.total_numel()),
+  std::printf("wrote %s (%lld parameters, %s)\n", out.c_str(), static_cast<long long>(table.parameters()),
               dtype.c_str());
   return 0;
 }

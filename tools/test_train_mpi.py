@@ -19,6 +19,7 @@ import subprocess
 import sys
 
 import h5py
+import numpy as np
 
 from checks import Checks
 from train_test_data import TINY, fresh_byte_dataset
@@ -114,7 +115,12 @@ def main():
     ck = os.path.join(par, "step_00000004")
     shards = sorted(f for f in os.listdir(ck) if f.startswith("shard_"))
     with h5py.File(os.path.join(ck, "metadata.h5"), "r") as md:
-        total = int(md.attrs["total_numel"])
+        # The parameters' elements (the flat layout's alignment gaps between them are not stored).
+        ndim, dims = md["param_ndim"][()], md["param_dims"][()]
+        total, at = 0, 0
+        for n in ndim:
+            total += int(np.prod(dims[at:at + n]))
+            at += n
     stored = {"params": 0, "exp_avg": 0}
     for f in shards:  # the 64-byte header: magic, then version, rank, shards, total, params, moments, reserved
         header = struct.unpack("<8s7q", open(os.path.join(ck, f), "rb").read(64))

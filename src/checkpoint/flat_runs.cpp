@@ -84,8 +84,19 @@ std::vector<RunGroup> group_runs(const std::vector<FlatRun>& runs) {
 std::vector<std::vector<GroupCopies>> plan_copies(const std::vector<int64_t>& param_offsets, int64_t total,
                                                   const std::vector<RunGroup>& have, const std::vector<RunGroup>& need,
                                                   int* uncovered) {
-  const size_t P = param_offsets.size();
-  auto param_end = [&](size_t p) { return p + 1 < P ? param_offsets[p + 1] : total; };
+  std::vector<FlatRange> params;
+  for (size_t p = 0; p < param_offsets.size(); ++p)
+    params.push_back({param_offsets[p], p + 1 < param_offsets.size() ? param_offsets[p + 1] : total});
+  return plan_copies(params, total, have, need, uncovered);
+}
+
+std::vector<std::vector<GroupCopies>> plan_copies(const std::vector<FlatRange>& params, int64_t total,
+                                                  const std::vector<RunGroup>& have, const std::vector<RunGroup>& need,
+                                                  int* uncovered) {
+  const size_t P = params.size();
+  std::vector<int64_t> param_offsets;
+  for (const FlatRange& r : params) param_offsets.push_back(r.begin);
+  auto param_end = [&](size_t p) { return params[p].end; };
   auto param_of = [&](int64_t x) {
     return static_cast<size_t>(std::upper_bound(param_offsets.begin(), param_offsets.end(), x) -
                                param_offsets.begin()) -

@@ -12,6 +12,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "core/tensor.h"
+
 namespace nextron {
 
 // Full flat elements [full_offset, +count) are buffer elements [local_offset, +count).
@@ -61,6 +63,12 @@ struct GroupCopies {
 // order (so a reader holds at most one parameter's worth of stored data at a time) and sets *uncovered to the first
 // parameter index with a needed element that no stored group holds (-1 when every needed element is covered).
 std::vector<std::vector<GroupCopies>> plan_copies(const std::vector<int64_t>& param_offsets, int64_t total,
+                                                  const std::vector<RunGroup>& have, const std::vector<RunGroup>& need,
+                                                  int* uncovered);
+// The same for parameters that need not be contiguous: params[p] is parameter p's [begin, end), sorted and
+// disjoint; elements between them (the table's alignment gaps, ParamTable::kAlign) belong to no parameter and are
+// neither needed nor copied.
+std::vector<std::vector<GroupCopies>> plan_copies(const std::vector<FlatRange>& params, int64_t total,
                                                   const std::vector<RunGroup>& have, const std::vector<RunGroup>& need,
                                                   int* uncovered);
 

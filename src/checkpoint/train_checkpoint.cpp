@@ -1255,7 +1255,7 @@ struct TrainCheckpointReader::Impl {
   std::unique_ptr<H5Reader> metadata;
   ModelConfig config;
   std::unique_ptr<ParamTable> table;
-  std::vector<int64_t> offsets;  // the table's parameter offsets
+  std::vector<FlatRange> params;  // the table's parameters' flat ranges (the alignment gaps between them excluded)
   LoadedCheckpoint loaded;
   std::vector<RunGroup> groups[2];  // Stored::params, Stored::moments
   std::vector<int> group_shard[2];
@@ -1278,7 +1278,7 @@ struct TrainCheckpointReader::Impl {
   void read(Stored kind, const std::vector<FlatRun>& runs, float* const* dst, int ndst) const {
     const int k = static_cast<int>(kind);
     int uncovered = -1;
-    const auto plan = plan_copies(offsets, table->total_numel(), groups[k], group_runs(runs), &uncovered);
+    const auto plan = plan_copies(params, table->total_numel(), groups[k], group_runs(runs), &uncovered);
     NEXTRON_CHECK(uncovered < 0, "checkpoint '", dir_text, "' holds no ",
                   kind == Stored::params ? "values" : "optimizer state", " for elements of '",
                   table->specs()[static_cast<size_t>(uncovered)].name,
@@ -1320,7 +1320,7 @@ TrainCheckpointReader::TrainCheckpointReader(const std::string& dir) : impl_(new
     }
     m.table = std::make_unique<ParamTable>(m.config);
     check_table(m.dir, md, *m.table);
-    for (const ParamSpec& s : m.table->specs()) m.offsets.push_back(s.offset);
+    for (const ParamSpec& s : m.table->specs()) m.params.push_back({s.offset, s.offset + s.numel()});
     md.check(md.attr_i64("shards") == m.manifest.shards, "names another shard count than ", kManifestFile);
     m.loaded.state = read_state_file(m.dir);
     NEXTRON_CHECK(m.loaded.state.step == m.manifest.step, "checkpoint '", dir, "': ", kStateFile, " says step ",

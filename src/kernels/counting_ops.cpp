@@ -571,8 +571,11 @@ void CountingOps::moe_experts_forward(Tensor& y, MoeExpertsState& state, const T
   // 5 NK I, the weighted combine 2 NK H. Bytes: x [N H], weights [N K] f32 and indices read; the experts' bf16
   // shadows [E 3 H I] x 2 read (every expert taken to receive tokens); y [N H] written; and the state the
   // backward reads (CudaMoeState: the sorted inputs xs [NK H], gu [NK 2I], the activation [NK I] unless it is
-  // recomputed, the expert outputs ys [NK H]) written once. CudaOps waits once (the per-expert row offsets the
-  // grouped GEMMs take on the host) and defers the check of its bad-index flag (a pending read).
+  // recomputed, the expert outputs ys [NK H]) written once. CudaOps defers the check of its bad-index flag (a
+  // pending read) and does not wait: the CUTLASS grouped GEMMs read the per-expert row offsets on the device. Only
+  // its cuBLASLt fallback (H or I not a multiple of 8: TMA's 16-byte rows) waits for them, once.
+  // (The weights' 16-byte alignment, the fallback's other condition, holds for the shipped configs:
+  // ParamTable.ExpertWeightsAreAlignedForTheGroupedGemm.)
   const double N = static_cast<double>(x.dim(0)), H = n_of(x) / N, NK = n_of(indices),
                E = static_cast<double>(w_gate_up.w.dim(0)), I = static_cast<double>(w_down.w.dim(2));
   const double state_elems = NK * H + NK * 2 * I + (state.recompute_act ? 0.0 : NK * I) + NK * H;
@@ -580,7 +583,8 @@ void CountingOps::moe_experts_forward(Tensor& y, MoeExpertsState& state, const T
   c.flops = 6 * NK * H * I + 5 * NK * I + 2 * NK * H;
   c.bytes = N * H * act_b(x) + NK * (f32_b() + idx_b(indices)) + E * 3 * H * I * 2 + N * H * act_b(y) +
             state_elems * act_b(x);
-  c.syncs = 1;
+  const bool grouped_on_device = static_cast<int64_t>(H) % 8 == 0 && static_cast<int64_t>(I) % 8 == 0;
+  c.syncs = grouped_on_device ? 0 : 1;
   ++pending_;
   record("moe_experts_forward", c,
          [&] { inner_->moe_experts_forward(y, state, x, weights, indices, w_gate_up, w_down); });

@@ -23,8 +23,8 @@
 // - Host syncs: download() calls (each waits for the stream on the CUDA backend), resolve_reads() with reads
 //   pending (the deferred reads of read_later() and of the ops that defer theirs: the loss sums, the embedding's,
 //   the loss's and the MoE dispatch's input checks), and the waits CudaOps makes inside an op (modelled per op: the
-//   MoE dispatch's row counts on the cuBLASLt path, the gradient norm, which resolves the pending reads). Uploads
-//   do not wait (pinned staging).
+//   MoE dispatch's row counts on the cuBLASLt fallback only, the gradient norm, which resolves the pending reads).
+//   Uploads do not wait (pinned staging).
 // - Time on a GPU: per call max(flops / peak, bytes / bandwidth), summed (Roofline below). No launch latency.
 #pragma once
 

@@ -123,8 +123,7 @@ ParamSpec& ParamTable::add(std::string name, Shape shape, int tp_dim, ParamKind 
   s.kind = kind;
   s.weight_decay = decay;
   s.hf = std::move(hf);
-  s.offset = total_;
-  total_ += s.numel();
+  place(s);
   int64_t covered = 0;
   for (const auto& p : s.hf) covered += shape_numel(p.shape);
   NEXTRON_ASSERT(covered == s.numel());
@@ -226,13 +225,19 @@ ParamTable::ParamTable(const ModelConfig& c, const StageRange& stage) {
   if (c.expert_parallel_size > 1 || c.experts_folded) {
     std::stable_partition(specs_.begin(), specs_.end(), [](const ParamSpec& s) { return s.kind != ParamKind::expert; });
     total_ = 0;
+    parameters_ = 0;
     index_.clear();
     for (size_t i = 0; i < specs_.size(); ++i) {
-      specs_[i].offset = total_;
-      total_ += specs_[i].numel();
+      place(specs_[i]);
       index_[specs_[i].name] = i;
     }
   }
+}
+
+void ParamTable::place(ParamSpec& s) {
+  s.offset = total_;
+  total_ += (s.numel() + kAlign - 1) / kAlign * kAlign;
+  parameters_ += s.numel();
 }
 
 FlatRange ParamTable::expert_range() const {

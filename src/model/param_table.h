@@ -65,7 +65,15 @@ class ParamTable {
   const std::vector<ParamSpec>& specs() const { return specs_; }
   const ParamSpec& get(const std::string& name) const;
   bool contains(const std::string& name) const { return index_.count(name) > 0; }
+  // Elements of the flat buffers: the parameters and the alignment gaps after entries (below).
   int64_t total_numel() const { return total_; }
+  // Parameters (the HF count of this table's slice): total_numel() without the gaps.
+  int64_t parameters() const { return parameters_; }
+  // Every entry starts at a multiple of this many elements (each takes its size rounded up: the layout of a stage
+  // is then the concatenation of its layers', which the planner sums): 16-byte aligned rows in the bf16 shadow and
+  // 32-byte in the fp32 buffers (cudaMalloc'd buffers are 256-byte aligned), as the CUDA backend's CUTLASS grouped
+  // GEMM of the experts (TMA) needs, and vector loads everywhere. The gaps stay zero in every buffer.
+  static constexpr int64_t kAlign = 8;
   // The flat range of the routed experts' parameters, which are last under expert parallelism (empty at the end
   // when there are none). Only for such a table: asserts that no other parameter lies inside the range.
   FlatRange expert_range() const;
@@ -78,7 +86,9 @@ class ParamTable {
   ParamSpec& add_simple(const std::string& name, const std::string& hf_name, Shape shape, int tp_dim, bool decay);
   std::vector<ParamSpec> specs_;
   std::map<std::string, size_t> index_;
-  int64_t total_ = 0;
+  int64_t total_ = 0, parameters_ = 0;
+  // Places `s` at the end of the layout and advances it by s's size rounded up to kAlign.
+  void place(ParamSpec& s);
 };
 
 // ---- Whether a model fits this process's memory, checked from the config before anything is allocated ----

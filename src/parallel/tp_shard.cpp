@@ -29,8 +29,12 @@ TpShardMap::TpShardMap(const ModelConfig& full_config, int tp_rank, int tp_size,
   // The stage's parameters keep their global names: each local one is the full parameter of the same name.
   // The full table is the unpadded model's (what checkpoints and HF hold); the local one has this rank's slice of
   // the padded vocabulary, whose padded rows map to nothing (they stay zero).
+  int64_t local_end = 0;
   for (const ParamSpec& l : local_.specs()) {
     const ParamSpec& f = full_.get(l.name);
+    // The alignment gap after an entry (ParamTable::kAlign) maps to nothing, like padded vocabulary rows.
+    if (l.offset > local_end) padding_.push_back({local_end, l.offset});
+    local_end = l.offset + l.numel();
     if (l.name == "embed_tokens" || l.name == "lm_head") {
       // Vocabulary rows: rank r holds padded ids [r Vl, (r + 1) Vl), of which those below vocab_size are real.
       const int64_t Vl = l.shape[0], H = l.shape[1], V = f.shape[0];
@@ -108,6 +112,7 @@ TpShardMap::TpShardMap(const ModelConfig& full_config, int tp_rank, int tp_size,
     else
       owned_.push_back({r.local_offset, r.local_offset + r.count});
   }
+  if (local_.total_numel() > local_end) padding_.push_back({local_end, local_.total_numel()});  // the last gap
   skip_padding();
   NEXTRON_ASSERT(covered == local_.total_numel() && pad == padding_.size());
 }

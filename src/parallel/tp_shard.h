@@ -76,7 +76,7 @@ class TpShardMap {
   ParamTable full_, local_;
   std::vector<TpRun> runs_;
   std::vector<FlatRange> owned_;
-  std::vector<FlatRange> padding_;  // local ranges of padded vocabulary rows (in no run)
+  std::vector<FlatRange> padding_;  // local ranges of padded vocabulary rows and alignment gaps (in no run)
 };
 
 }  // namespace nextron

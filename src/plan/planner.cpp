@@ -324,7 +324,7 @@ ModelSize model_size(const ModelConfig& config) {
   for (const ParamSpec& s : table.specs())
     if (s.kind == ParamKind::expert) experts += s.numel();
   ModelSize m;
-  m.total = table.total_numel();
+  m.total = table.parameters();
   m.active = m.total - experts;
   if (config.num_experts > 0) m.active += experts / config.num_experts * config.num_experts_per_tok;
   return m;

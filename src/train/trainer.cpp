@@ -880,7 +880,7 @@ void Trainer::run() {
     std::printf(
         "nextron-train: %lld parameters, %lld layers (%s), %lld steps of %lld x %lld tokens; %.3g training "
         "FLOPs/token; MFU against %.3g TFLOP/s%s\n",
-        static_cast<long long>(full_table().total_numel()), static_cast<long long>(c.num_hidden_layers),
+        static_cast<long long>(full_table().parameters()), static_cast<long long>(c.num_hidden_layers),
         c.num_moe_layers() ? "MoE" : "dense", static_cast<long long>(opt_.train_steps),
         static_cast<long long>(opt_.global_batch), static_cast<long long>(opt_.seq_len), flops_per_token, peak / 1e12,
         opt_.peak_tflops > 0 ? "" : " (measured CPU fp32 GEMM peak)");

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <fstream>
+#include <string>
 
 #include "core/error.h"
 #include "model/config.h"
@@ -125,6 +126,40 @@ TEST(Config, JsonRoundTrip) {
   const ModelConfig b = ModelConfig::from_json(a.to_json());
   EXPECT_EQ(a.to_json(), b.to_json());
   EXPECT_EQ(b.mlp_only_layers, (std::vector<int64_t>{0, 5}));
+}
+
+// The MoE experts' CUTLASS grouped GEMM (kernels/cuda/grouped_gemm.h) needs every expert's weight rows 16-byte
+// aligned (TMA): H and I multiples of 8 and each expert entry's flat offset a multiple of 8 elements (the bf16
+// shadow's 16 bytes; the fp32 gradient's then too, as cudaMalloc'd buffers are 256-byte aligned). Otherwise CudaOps
+// falls back to one cuBLASLt GEMM per expert with a host wait per layer. The table packs entries back to back, so
+// this holds when every entry size is a multiple of 8: checked here for every shipped MoE config, whole and as the
+// local slices of TP 1..8 and EP 1..8 that divide it, so that those models always take the grouped path.
+TEST(ParamTable, ExpertWeightsAreAlignedForTheGroupedGemm) {
+  int checked = 0;
+  for (const char* name : {"qwen3-next-tiny", "qwen3-next-small", "qwen3-next-1b", "qwen3-next-1b-real-heads",
+                           "qwen3-next-80b-a3b", "qwen3-next-80b-a3b-64e"}) {
+    const ModelConfig config =
+        ModelConfig::from_file(std::string(NEXTRON_SOURCE_DIR) + "/configs/models/" + name + ".json");
+    if (config.num_experts == 0) continue;
+    for (int tp : {1, 2, 4, 8})
+      for (int ep : {1, 2, 4, 8}) {
+        if (config.num_experts % ep != 0 || config.moe_intermediate_size % tp != 0 ||
+            config.linear_num_key_heads % tp != 0 || config.num_attention_heads % tp != 0)
+          continue;
+        ModelConfig local = tp_local_config(config, tp);
+        if (ep > 1) local = ep_local_config(local, ep, ep - 1);
+        SCOPED_TRACE(std::string(name) + " TP" + std::to_string(tp) + " EP" + std::to_string(ep));
+        EXPECT_EQ(local.hidden_size % 8, 0);
+        EXPECT_EQ(local.moe_intermediate_size % 8, 0);
+        const ParamTable table(local);
+        for (const ParamSpec& s : table.specs())
+          if (s.kind == ParamKind::expert) {
+            EXPECT_EQ(s.offset % 8, 0) << s.name << " at " << s.offset;
+            ++checked;
+          }
+      }
+  }
+  EXPECT_GT(checked, 100);
 }
 
 }  // namespace nextron::test

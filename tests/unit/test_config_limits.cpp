@@ -203,7 +203,7 @@ TEST(ConfigLimits, RealConfigsParseAndCountsMatchTheTable) {
     const ParamCount pc = c.parameter_count();
     if (pc.total > int64_t{2'000'000'000}) continue;  // the 80B tables: counted in the next test, not built twice
     const ParamTable t(c);
-    EXPECT_EQ(pc.total, t.total_numel());
+    EXPECT_EQ(pc.total, t.parameters());
     EXPECT_EQ(pc.hf_tensors, table_hf_tensors(t));
   }
 }
@@ -212,7 +212,7 @@ TEST(ConfigLimits, OfficialCountMatchesTheTable) {
   const ModelConfig c = ModelConfig::from_json(official());
   const ParamCount pc = c.parameter_count();
   const ParamTable t(c);  // metadata only: the table allocates no buffers
-  EXPECT_EQ(pc.total, t.total_numel());
+  EXPECT_EQ(pc.total, t.parameters());
   EXPECT_EQ(pc.hf_tensors, table_hf_tensors(t));
   EXPECT_EQ(pc.largest().name, "routed experts");
 }

@@ -282,6 +282,11 @@ struct TinyRun {
       exp_avg.push_back(1e-3f * u(rng));
       exp_avg_sq.push_back(1e-6f * std::abs(u(rng)));
     }
+    // The alignment gaps between entries (ParamTable::kAlign) stay zero in training and are not stored.
+    std::vector<bool> in_entry(static_cast<size_t>(n), false);
+    for (const ParamSpec& s : table.specs()) std::fill_n(in_entry.begin() + s.offset, s.numel(), true);
+    for (int64_t i = 0; i < n; ++i)
+      if (!in_entry[static_cast<size_t>(i)]) params[i] = exp_avg[i] = exp_avg_sq[i] = 0.0f;
     state.step = 7;
     state.data_position = 56;
     state.consumed_tokens = 3584;

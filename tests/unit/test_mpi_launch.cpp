@@ -8,8 +8,8 @@
 #include <string>
 #include <vector>
 
-#include "core/error.h"
 #include "comm/mpi_communicator.h"
+#include "core/error.h"
 
 namespace nextron::test {
 

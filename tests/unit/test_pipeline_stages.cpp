@@ -133,7 +133,7 @@ TEST(PipelineStages, TablesAndMisuse) {
   EXPECT_FALSE(first.contains("layers.1.input_layernorm"));
   EXPECT_TRUE(last.contains("layers.1.input_layernorm"));
   EXPECT_TRUE(last.contains("lm_head"));
-  EXPECT_EQ(first.total_numel() + last.total_numel(), ParamTable(config).total_numel());
+  EXPECT_EQ(first.parameters() + last.parameters(), ParamTable(config).parameters());
   EXPECT_THROW(ParamTable(config, StageRange{0, 9, true, true}), Error);    // past the last layer
   EXPECT_THROW(ParamTable(config, StageRange{1, 2, true, false}), Error);   // the first stage starts at 0
   EXPECT_THROW(ParamTable(config, StageRange{1, 1, false, false}), Error);  // an empty middle stage

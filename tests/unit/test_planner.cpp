@@ -49,6 +49,8 @@ Candidate layout(int world, int tp, bool sp, int pp = 1, int cp = 1, int ep = 1,
 //                   shared down 128 x 128 / 2 = 8192, shared gate 128 (whole)                       = 222336
 //   norms 2 x 128 per layer, final norm 128, embedding and lm_head 512 / 2 x 128 each
 //   total = 3*33828 + 32832 + 4*222336 + 4*256 + 128 + 2*32768                                    = 1090348
+//   + the alignment of every entry to 8 elements (ParamTable::kAlign): A_log and dt_bias (Hv 2 each) take 8,
+//     +6 each in 3 DeltaNet layers                                                                 = 1090384
 // TP gradient sync under SP: q_norm + k_norm 64, 3 DeltaNet norms 96, residual norms 8*128 + 128 = 1312.
 // The scratch of that rank (scratch_bytes) at B 1, S 64 on the CPU (f32), by hand from the modules' members: N 64,
 // Nl 32; local NH 2, NKV 1, D 32, rotary 8; Hk 1, Hv 2, KD 32, VD 64, CD 128, qkvz 192; MoE I 64, shared 64; V 256.
@@ -70,7 +72,7 @@ Candidate layout(int world, int tp, bool sp, int pp = 1, int cp = 1, int ep = 1,
 //   mixer's buffers; the DeltaNet column tables (1296) are per layer.
 //   total = 2 (294912 + 121600) + 3 1296 + (300304 - 1296) + 152064 + 231680                         = 1519664
 //   (one copy per layer, before the sharing: 4 (294912 + 121600) + 3 300304 + 152064 + 231680 = 2950704)
-constexpr int64_t kTinyTp2Params = 1090348, kTinyTp2SpGradSync = 1312, kTinyTp2SpScratch = 1519664;
+constexpr int64_t kTinyTp2Params = 1090384, kTinyTp2SpGradSync = 1312, kTinyTp2SpScratch = 1519664;
 
 TEST(Planner, MemoryOfATp2SpDp2RankIsTheSumOfItsParts) {
   const Workload w = tiny(64, 8);
@@ -116,10 +118,11 @@ TEST(Planner, PipelineRanksHoldTheirStagesAndTheScheduleRecords) {
   ASSERT_EQ(layout_error(w, c), "");
   const RankPlan r0 = plan_rank(w, c, 0, 0, Device::cpu), r1 = plan_rank(w, c, 1, 0, Device::cpu);
   // Stage 0: embedding 65536 + 2 DeltaNet layers with MoE + their norms; stage 1: a DeltaNet and the attention layer,
-  // final norm, lm_head. DeltaNet layer whole: 67624, attention 65600, MoE 443520 (tests/unit's hand count at TP 1).
-  EXPECT_EQ(r0.params, 65536 + 2 * (67624 + 443520 + 256));
-  EXPECT_EQ(r1.params, 67624 + 65600 + 2 * (443520 + 256) + 128 + 65536);
-  EXPECT_EQ(r0.params + r1.params, 2174776) << "docs/parallel.md: qwen3-next-tiny has 2,174,776 parameters";
+  // final norm, lm_head. DeltaNet layer whole: 67624, attention 65600, MoE 443520 (tests/unit's hand count at TP 1),
+  // each DeltaNet layer + 8 elements of alignment (A_log and dt_bias, Hv 4 each, take 8: ParamTable::kAlign).
+  EXPECT_EQ(r0.params, 65536 + 2 * (67624 + 8 + 443520 + 256));
+  EXPECT_EQ(r1.params, 67624 + 8 + 65600 + 2 * (443520 + 256) + 128 + 65536);
+  EXPECT_EQ(r0.params + r1.params, 2174776 + 3 * 8) << "docs/parallel.md: qwen3-next-tiny has 2,174,776 parameters";
   // 8 micro-batches of 1F1B: rank 0 keeps min(p - r, M) = 2 records, rank 1 one, plus its send buffer.
   ModelConfig full = w.config;
   full.padded_vocab_size = 512;

@@ -81,8 +81,9 @@ TEST(VocabPaddingMap, RanksHoldTheirRealRowsOnly) {
   c.padded_vocab_size = 768;
   const ParamTable whole(c);
   const int64_t H = c.hidden_size, F = whole.total_numel();
-  std::vector<float> full(F);
-  for (int64_t i = 0; i < F; ++i) full[i] = static_cast<float>(i % 1009) + 1.0f;
+  std::vector<float> full(F, 0.0f);  // the alignment gaps between entries (ParamTable::kAlign) stay zero
+  for (const ParamSpec& s : whole.specs())
+    for (int64_t i = s.offset; i < s.offset + s.numel(); ++i) full[i] = static_cast<float>(i % 1009) + 1.0f;
   std::vector<float> sum(F, 0.0f);
   for (int r = 0; r < 2; ++r) {
     const TpShardMap map(c, r, 2);
