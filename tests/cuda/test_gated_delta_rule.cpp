@@ -352,6 +352,32 @@ TEST(GatedDeltaRuleCuda, Deterministic) {
   EXPECT_TRUE(same(a.dh0, b.dh0));
 }
 
+// The HBM traffic account (gated_delta_rule.h) at the shape of the benchmark (B = 2, S = 4096, Hk = 16,
+// Hv = 32, dk = dv = 128), printed per kernel in units of one (B, S, Hv, dv) bf16 tensor (64 MiB here) and pinned:
+// a change to the kernels that adds traffic has to raise these limits knowingly. Host-only (no GPU needed).
+// History (units, forward / backward): 24.27 / 80.64 before the traffic work (docs/cuda.md, delta rule).
+TEST(GatedDeltaRuleCuda, HbmTrafficAccount) {
+  const cpu::GdrShape s{2, 4096, 16, 32, 128, 128};
+  const double unit = 2.0 * double(s.B * s.S * s.Hv * s.dv);
+  auto print = [&](const char* what, const std::vector<cuda::GdrKernelTraffic>& rows) {
+    double total = 0;
+    for (const cuda::GdrKernelTraffic& r : rows) {
+      std::printf("[gdr hbm] %s %-15s read %6.2f write %6.2f\n", what, r.kernel, double(r.read_bytes) / unit,
+                  double(r.write_bytes) / unit);
+      total += double(r.read_bytes + r.write_bytes);
+    }
+    std::printf("[gdr hbm] %s total %.2f units of (B, S, Hv, dv) bf16\n", what, total / unit);
+    return total / unit;
+  };
+  const double fwd = print("forward", cuda::gated_delta_rule_forward_hbm_account(s));
+  const double bwd = print("backward", cuda::gated_delta_rule_backward_hbm_account(s));
+  EXPECT_DOUBLE_EQ(fwd, double(cuda::gated_delta_rule_forward_hbm_bytes(s)) / unit);
+  EXPECT_DOUBLE_EQ(bwd, double(cuda::gated_delta_rule_backward_hbm_bytes(s)) / unit);
+  EXPECT_LE(fwd, 24.27);
+  EXPECT_LE(bwd, 80.65);
+  std::fflush(stdout);
+}
+
 TEST(GatedDeltaRuleCuda, EmptySequenceAndBadShapes) {
   NEXTRON_REQUIRE_GPU();
   // S = 0: final_state = initial_state, d_initial_state += d_final_state.

@@ -152,6 +152,29 @@ size_t gated_delta_rule_workspace_bytes(const GdrShape& s) {
   return gdr::carve_padded(p, s, nullptr);
 }
 
+namespace {
+size_t total_bytes(const std::vector<GdrKernelTraffic>& rows) {
+  size_t n = 0;
+  for (const GdrKernelTraffic& r : rows) n += r.read_bytes + r.write_bytes;
+  return n;
+}
+// The kernels' shape: dk, dv rounded up to multiples of 16.
+GdrShape kernel_shape(const GdrShape& s, const char* what) {
+  gdr::check_dims(s, what);
+  GdrShape k = s;
+  k.dk = gdr::round_up(s.dk);
+  k.dv = gdr::round_up(s.dv);
+  return k;
+}
+}  // namespace
+
+size_t gated_delta_rule_forward_hbm_bytes(const GdrShape& s) {
+  return total_bytes(gated_delta_rule_forward_hbm_account(kernel_shape(s, "gated_delta_rule_forward_hbm_bytes")));
+}
+size_t gated_delta_rule_backward_hbm_bytes(const GdrShape& s) {
+  return total_bytes(gated_delta_rule_backward_hbm_account(kernel_shape(s, "gated_delta_rule_backward_hbm_bytes")));
+}
+
 void gated_delta_rule_forward(bf16* o, float* final_state, const bf16* q, const bf16* k, const bf16* v, const float* g,
                               const float* beta, const float* initial_state, const GdrShape& s, float scale,
                               void* workspace, cudaStream_t stream) {

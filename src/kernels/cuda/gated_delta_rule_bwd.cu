@@ -531,7 +531,44 @@ unsigned elementwise_grid(int64_t n) { return unsigned(std::min<int64_t>(ceil_di
 
 }  // namespace
 
+// HBM traffic of the backward's own kernels (after prepare and state forward, accounted in
+// gated_delta_rule_fwd.cu), as the code reads and writes. N = BH * S, Nk = B * S * Hk, states = BH * NC * dk * dv,
+// state = BH * dk * dv; nvs = dv / state_tile, nvt = ceil(dv / 64), NK = ceil(dk / 64):
+//   kernel      reads                                                           writes
+//   dvlocal     (q 2N dk + k 2N dk + Gc 4N) nvt, dO 2N dv                         dVl 4N dv
+//   state back  (k + q + W 2N dk each + Gc 4N) nvs, dVl 4N dv, dO 2N dv,        dH 2 states, dVn 2N dv,
+//               dht 4 state, d_initial_state 4 state                            d_initial_state 4 state
+//   dqk         q, k 2N dk, (Gc 4N + dO + Vn + dVn 2N dv each) NK, H, dH          dQp 4N dk, dKp 4N dk, dW 2N dk,
+//               2 states each                                                   dGp 4N NK
+//   wy          k 2N dk, Gc 4N, beta 4N, dVn, U, v 2N dv each, dv 2N dv, dW,     dv 2N dv, dKp 2 x 4N dk,
+//               W 2N dk each, dKp 2 x 4N dk, dGp 4N NK, dbeta 4N, dg 4N          dbeta 4N, dg 4N
+//   reduce      dQp, dKp 4N dk each, dq, dk 2 Nk dk each                         dq, dk 2 Nk dk each
+void backward_traffic(const Params& p, std::vector<GdrKernelTraffic>& rows) {
+  const size_t N = size_t(p.BH) * size_t(p.S), Nk = size_t(p.B) * size_t(p.S) * size_t(p.Hk);
+  const size_t dk = size_t(p.dk), dv = size_t(p.dv), NK = size_t(p.NK);
+  const size_t states = size_t(p.BH) * size_t(p.NC) * dk * dv, state = size_t(p.BH) * dk * dv;
+  const size_t nvs = size_t(p.dv / state_tile(p.dv)), nvt = size_t(ceil_div(p.dv, kTile));
+  rows.push_back({"dvlocal", (2 * N * dk + 2 * N * dk + 4 * N) * nvt + 2 * N * dv, 4 * N * dv});
+  rows.push_back({"state backward", (3 * 2 * N * dk + 4 * N) * nvs + 4 * N * dv + 2 * N * dv + 8 * state,
+                  2 * states + 2 * N * dv + 4 * state});
+  rows.push_back({"dqk", 2 * 2 * N * dk + (4 * N + 3 * 2 * N * dv) * NK + 2 * 2 * states,
+                  4 * N * dk + 4 * N * dk + 2 * N * dk + 4 * N * NK});
+  rows.push_back({"wy", 2 * N * dk + 8 * N + 4 * 2 * N * dv + 2 * 2 * N * dk + 2 * 4 * N * dk + 4 * N * NK + 8 * N,
+                  2 * N * dv + 2 * 4 * N * dk + 8 * N});
+  rows.push_back({"reduce", 2 * 4 * N * dk + 2 * 2 * Nk * dk, 2 * 2 * Nk * dk});
+}
+
 }  // namespace gdr
+
+std::vector<GdrKernelTraffic> gated_delta_rule_backward_hbm_account(const GdrShape& s) {
+  gdr::Params p{};
+  gdr::set_shape(p, s, 1.0f, "gated_delta_rule_backward_hbm_account");
+  std::vector<GdrKernelTraffic> rows;
+  if (s.B == 0 || s.S == 0) return rows;
+  gdr::forward_traffic(p, false, false, rows);
+  gdr::backward_traffic(p, rows);
+  return rows;
+}
 
 void gdr::backward_aligned(bf16* dq, bf16* dk, bf16* dv, float* dg, float* dbeta, float* d_initial_state,
                            const bf16* d_o, const float* d_final_state, const bf16* q, const bf16* k, const bf16* v,

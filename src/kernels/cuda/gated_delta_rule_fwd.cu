@@ -325,6 +325,23 @@ size_t carve_workspace(Params& p, void* base) {
   return off;
 }
 
+// HBM traffic of the forward's kernels, as the code reads and writes (N = BH * S rows of the workspace and of
+// the per-value-head q / k reads, states = BH * NC * dk * dv; nvs = dv / state_tile column tiles of the state
+// kernel, nvo = ceil(dv / 64) of the output kernel; every block's loads count, L2 hits or not):
+//   kernel   reads                                                          writes
+//   prepare  g 4N, beta 4N, k 2N dk, v 2N dv                                 Gc 4N, W 2N dk, U 2N dv
+//   state    (W 2N dk + k 2N dk + Gc 4N) nvs, U 2N dv, h0 4 BH dk dv         H 2 states, Vn 2N dv, ht 4 BH dk dv
+//   output   (q 2N dk + k 2N dk + Gc 4N) nvo, H 2 states, Vn 2N dv           o 2N dv
+void forward_traffic(const Params& p, bool final_state, bool output, std::vector<GdrKernelTraffic>& rows) {
+  const size_t N = size_t(p.BH) * size_t(p.S), dk = size_t(p.dk), dv = size_t(p.dv);
+  const size_t states = size_t(p.BH) * size_t(p.NC) * dk * dv, state = size_t(p.BH) * dk * dv;
+  const size_t nvs = size_t(p.dv / state_tile(p.dv)), nvo = size_t(ceil_div(p.dv, output_tile(p.dv)));
+  rows.push_back({"prepare", 4 * N + 4 * N + 2 * N * dk + 2 * N * dv, 4 * N + 2 * N * dk + 2 * N * dv});
+  rows.push_back({"state forward", (2 * N * dk + 2 * N * dk + 4 * N) * nvs + 2 * N * dv + 4 * state,
+                  2 * states + 2 * N * dv + (final_state ? 4 * state : 0)});
+  if (output) rows.push_back({"output", (2 * N * dk + 2 * N * dk + 4 * N) * nvo + 2 * states + 2 * N * dv, 2 * N * dv});
+}
+
 void launch_prepare(const Params& p, cudaStream_t stream) {
   const size_t bytes = PrepareSmem(0, p.dk, p.dv).bytes;
   allow_smem(reinterpret_cast<const void*>(&prepare_kernel), bytes, "gated_delta_rule (prepare)");
@@ -346,6 +363,14 @@ size_t gdr::aligned_workspace_bytes(const GdrShape& s) {
   gdr::Params p{};
   gdr::set_shape(p, s, 1.0f, "gated_delta_rule_workspace_bytes");
   return gdr::carve_workspace(p, nullptr);
+}
+
+std::vector<GdrKernelTraffic> gated_delta_rule_forward_hbm_account(const GdrShape& s) {
+  gdr::Params p{};
+  gdr::set_shape(p, s, 1.0f, "gated_delta_rule_forward_hbm_account");
+  std::vector<GdrKernelTraffic> rows;
+  if (s.B > 0 && s.S > 0) gdr::forward_traffic(p, true, true, rows);
+  return rows;
 }
 
 void gdr::forward_aligned(bf16* o, float* final_state, const bf16* q, const bf16* k, const bf16* v, const float* g,

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #include "kernels/cuda/device_utils.cuh"
 #include "kernels/cuda/gated_delta_rule.h"
@@ -87,6 +88,11 @@ void backward_aligned(bf16* dq, bf16* dk, bf16* dv, float* dg, float* dbeta, flo
                       const float* d_final_state, const bf16* q, const bf16* k, const bf16* v, const float* g,
                       const float* beta, const float* initial_state, const GdrShape& s, float scale, void* workspace,
                       cudaStream_t stream);
+// HBM traffic accounts of the kernels (gated_delta_rule.h): forward_traffic appends prepare, state forward (with
+// the final state when `final_state`) and, when `output`, the output kernel; backward_traffic the backward's own
+// kernels (after the forward's two).
+void forward_traffic(const Params& p, bool final_state, bool output, std::vector<GdrKernelTraffic>& rows);
+void backward_traffic(const Params& p, std::vector<GdrKernelTraffic>& rows);
 // Makes `bytes` of dynamic shared memory available to `kernel` (throws when the device has less).
 void allow_smem(const void* kernel, size_t bytes, const char* what);
 
