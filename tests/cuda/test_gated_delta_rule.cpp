@@ -355,7 +355,8 @@ TEST(GatedDeltaRuleCuda, Deterministic) {
 // The HBM traffic account (gated_delta_rule.h) at the shape of the benchmark (B = 2, S = 4096, Hk = 16,
 // Hv = 32, dk = dv = 128), printed per kernel in units of one (B, S, Hv, dv) bf16 tensor (64 MiB here) and pinned:
 // a change to the kernels that adds traffic has to raise these limits knowingly. Host-only (no GPU needed).
-// History (units, forward / backward): 24.27 / 80.64 before the traffic work (docs/cuda.md, delta rule).
+// History (units, forward / backward): 24.27 / 80.64 before the traffic work; 24.27 / 67.14 with dq and dk summed
+// over the head group inside the dqk / wy kernels (no fp32 dq partials, no reduce kernel, dk written once).
 TEST(GatedDeltaRuleCuda, HbmTrafficAccount) {
   const cpu::GdrShape s{2, 4096, 16, 32, 128, 128};
   const double unit = 2.0 * double(s.B * s.S * s.Hv * s.dv);
@@ -374,7 +375,7 @@ TEST(GatedDeltaRuleCuda, HbmTrafficAccount) {
   EXPECT_DOUBLE_EQ(fwd, double(cuda::gated_delta_rule_forward_hbm_bytes(s)) / unit);
   EXPECT_DOUBLE_EQ(bwd, double(cuda::gated_delta_rule_backward_hbm_bytes(s)) / unit);
   EXPECT_LE(fwd, 24.27);
-  EXPECT_LE(bwd, 80.65);
+  EXPECT_LE(bwd, 67.15);
   std::fflush(stdout);
 }
 

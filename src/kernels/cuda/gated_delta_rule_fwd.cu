@@ -5,7 +5,8 @@
 // Per (sequence b, value head hv) with key head hk = hv / (Hv / Hk) (q/k are read in place, never repeated), split
 // the S tokens into NC = ceil(S / 64) chunks; a partial last chunk is padded with zero rows in shared memory. In a
 // chunk with entering state h_c (dk x dv):
-//   G = cumsum(g) (fp32, in token order, so every G_i - G_j with i >= j is <= 0 and exp only sees values <= 0),
+//   G = cumsum(g) (fp32, a shuffle scan made non-increasing, so every G_i - G_j with i >= j is <= 0 and exp only
+//   sees values <= 0),
 //   M = strictly_lower(diag(beta) K K^T .* exp(G_i - G_j)),  T = (I + M)^-1,
 //   W = T diag(beta e^G) K,  U = T diag(beta) V,  Vn = U - W h_c,
 //   O = scale (e^G .* (Q h_c) + ((Q K^T) .* exp(G_i - G_j), causal incl. diagonal) Vn),
@@ -26,9 +27,14 @@
 //
 // Head dims that are not multiples of 16 are zero-padded by gated_delta_rule.cu before these kernels run.
 //
+// Changes of the traffic work (docs/cuda.md, "The delta rule's HBM traffic"): forward_traffic below accounts the
+// global-memory bytes of each kernel; the prepare kernel's cumulative sum of g, a 64-step loop of one thread, is a
+// shuffle scan (cumsum64_nonincreasing, which keeps G non-increasing so that the decay exponents stay <= 0); the
+// workspace lost the backward's fp32 dq partials (dQp).
+//
 // Workspace (gated_delta_rule_workspace_bytes; N = B * Hv * S rows, states = B * Hv * NC * dk * dv): forward
 // Gc 4N + W 2N dk + U 2N dv + Vn 2N dv + H 2 states bytes; the backward adds dVn 2N dv, dH 2 states, dW 2N dk,
-// dVl/dQp 4N max(dk, dv), dKp 4N dk and dGp 4N ceil(dk / 64). At B = 8, S = 4096, Hv = 32, dk = dv = 128 that is
+// dVl 4N dv, dKp 4N dk and dGp 4N ceil(dk / 64). At B = 8, S = 4096, Hv = 32, dk = dv = 128 that is
 // 1.35 GB for the forward and 3.5 GB in all (the forward's part is recomputed by the backward, so nothing has to
 // survive from one call to the other).
 #include <algorithm>
@@ -72,21 +78,21 @@ __global__ void __launch_bounds__(kThreads) prepare_kernel(const Params p) {
   const Chunk ch = chunk_of(p, blockIdx.x / p.NC, int(blockIdx.x % p.NC));
   const int dk = p.dk, dv = p.dv, ldk = dk + kPadH, ldv = dv + kPadH, tid = threadIdx.x;
   PrepareSmem sm(reinterpret_cast<uintptr_t>(dynamic_smem()), dk, dv);
+  float gi = 0.0f;
   if (tid < kC) {
-    sm.G[tid] = tid < ch.L ? p.g[gb_off(p, ch.b, ch.t0 + tid, ch.hv)] : 0.0f;
+    gi = tid < ch.L ? p.g[gb_off(p, ch.b, ch.t0 + tid, ch.hv)] : 0.0f;
     sm.bet[tid] = tid < ch.L ? p.beta[gb_off(p, ch.b, ch.t0 + tid, ch.hv)] : 0.0f;
   }
   load_rows(sm.K, ldk, p.k + qk_off(p, ch.b, ch.t0, ch.hk), p.Hk * dk, ch.L, kC, dk);
   load_rows(sm.V, ldv, p.v + v_off(p, ch.b, ch.t0, ch.hv), p.Hv * dv, ch.L, kC, dv);
-  __syncthreads();
-  // Cumulative sum in token order by one thread (padding rows add g = 0).
-  if (tid == 0)
-    for (int i = 1; i < kC; ++i) sm.G[i] += sm.G[i - 1];
-  __syncthreads();
+  // Cumulative sum by a shuffle scan (padding rows add g = 0), made non-increasing (see cumsum64_nonincreasing).
+  gi = cumsum64_nonincreasing(gi, sm.X);
   if (tid < kC) {
-    sm.eG[tid] = expf(sm.G[tid]);
-    if (tid < ch.L) p.Gc[ch.bh * p.S + ch.t0 + tid] = sm.G[tid];
+    sm.G[tid] = gi;
+    sm.eG[tid] = expf(gi);
+    if (tid < ch.L) p.Gc[ch.bh * p.S + ch.t0 + tid] = gi;
   }
+  __syncthreads();
   // M = strictly_lower(diag(beta) K K^T .* exp(G_i - G_j))
   gemm<RowMajor, ColMajor>(kC, kC, dk, sm.K, ldk, sm.K, ldk, sm.stage, [&](int i, int j, float x) {
     sm.M[i * kLdF + j] = j < i ? sm.bet[i] * x * expf(sm.G[i] - sm.G[j]) : 0.0f;
@@ -317,9 +323,7 @@ size_t carve_workspace(Params& p, void* base) {
   p.dVn = static_cast<bf16*>(take(2 * N * dv));
   p.dH = static_cast<bf16*>(take(2 * states));
   p.dW = static_cast<bf16*>(take(2 * N * dk));
-  float* shared = static_cast<float*>(take(4 * N * std::max(dk, dv)));  // dVl (until the reverse pass) then dQp
-  p.dVl = shared;
-  p.dQp = shared;
+  p.dVl = static_cast<float*>(take(4 * N * dv));
   p.dKp = static_cast<float*>(take(4 * N * dk));
   p.dGp = static_cast<float*>(take(4 * N * size_t(p.NK)));
   return off;

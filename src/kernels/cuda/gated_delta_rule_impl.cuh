@@ -2,7 +2,8 @@
 // gated-delta-rule kernels, the workspace layout, index helpers, and the three device building blocks the kernels
 // are made of: row loads into shared memory, a warp-tiled bf16 tensor-core product with a per-element epilogue,
 // and the blocked inversion of the unit lower-triangular chunk matrix. The algorithm is described in
-// gated_delta_rule_fwd.cu.
+// gated_delta_rule_fwd.cu. Added by the traffic work: acc64_add (sums over a head group kept in registers) and
+// scan64 (shuffle scans replacing one-thread loops over the 64 rows of a chunk).
 #pragma once
 
 #include <cuda_pipeline_primitives.h>
@@ -55,12 +56,11 @@ struct Params {
   bf16* U;            // (BH, S, dv)       T diag(beta) V per chunk
   bf16* Vn;           // (BH, S, dv)       new values U - W h_c
   bf16* H;            // (BH, NC, dk, dv)  state entering each chunk
-  float* dVl;         // (BH, S, dv)       P^T dO, the intra-chunk part of dVn (shares memory with dQp)
+  float* dVl;         // (BH, S, dv)       P^T dO, the intra-chunk part of dVn
   bf16* dVn;          // (BH, S, dv)       gradient of the new values
   bf16* dH;           // (BH, NC, dk, dv)  gradient of the state leaving each chunk
   bf16* dW;           // (BH, S, dk)       gradient of W
-  float* dQp;         // (BH, S, dk)       dq of each value head (summed over the head group at the end)
-  float* dKp;         // (BH, S, dk)       dk of each value head
+  float* dKp;         // (BH, S, dk)       dk of each value head from dqk (state and P terms), summed by wy
   float* dGp;         // (BH, NK, S)       dG partial sums of each 64-column tile of dk
   int64_t B, S, Hk, Hv, BH;
   int dk, dv, r, NC, NK;  // r = Hv / Hk, NC = chunks per sequence, NK = 64-column tiles of dk
@@ -273,6 +273,40 @@ __device__ __forceinline__ void acc64_store(const Acc64& acc, float* C, int ldc)
 __device__ __forceinline__ void acc64_load(Acc64& acc, const float* C, int ldc) {
   const int warp = threadIdx.x >> 5, tm = (warp >> 1) * 16, tn0 = (warp & 1) * 32;
   for (int t = 0; t < 2; ++t) wmma::load_matrix_sync(acc.f[t], C + tm * ldc + tn0 + 16 * t, ldc, wmma::mem_row_major);
+}
+
+// acc += x, element by element (fragments of the same type share their element layout, whatever it is).
+__device__ __forceinline__ void acc64_add(Acc64& acc, const Acc64& x) {
+  for (int t = 0; t < 2; ++t)
+    for (int e = 0; e < acc.f[t].num_elements; ++e) acc.f[t].x[e] += x.f[t].x[e];
+}
+
+// Inclusive scan (op = sum or min) of v over threads 0..63 in thread order, for those threads (the other threads'
+// values and results are ignored): a shuffle scan in warps 0 and 1, then warp 1 combines warp 0's last value,
+// passed through `carry` (one float of shared memory). All threads must call it (it synchronises the block once).
+// Fixed order of operations, so deterministic. It replaces 64-step loops run by a single thread.
+template <typename Op>
+__device__ __forceinline__ float scan64(float v, float* carry, Op op) {
+  const int lane = threadIdx.x & 31;
+  for (int o = 1; o < 32; o <<= 1) {
+    const float u = __shfl_up_sync(0xffffffffu, v, o);
+    if (lane >= o) v = op(v, u);
+  }
+  if (threadIdx.x == 31) *carry = v;
+  __syncthreads();
+  if (threadIdx.x >= 32 && threadIdx.x < 64) v = op(v, *carry);
+  return v;
+}
+__device__ __forceinline__ float scan64_sum(float v, float* carry) {
+  return scan64(v, carry, [](float a, float b) { return a + b; });
+}
+// Cumulative sum of g <= 0 (threads 0..63, one token each) that is non-increasing in fp32: the shuffle scan groups
+// the additions differently for neighbouring tokens, so its sums may round up by an ulp against their predecessor;
+// a running minimum (exact) restores G_i <= G_j for i >= j, which keeps every decay exponent G_i - G_j <= 0.
+// carry: two floats of shared memory; synchronises the block twice.
+__device__ __forceinline__ float cumsum64_nonincreasing(float g, float* carry) {
+  const float G = scan64_sum(g, carry);
+  return scan64(G, carry + 1, [](float a, float b) { return fminf(a, b); });
 }
 
 // ---- chunk pieces ----
