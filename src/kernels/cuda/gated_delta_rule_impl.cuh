@@ -3,7 +3,8 @@
 // are made of: row loads into shared memory, a warp-tiled bf16 tensor-core product with a per-element epilogue,
 // and the blocked inversion of the unit lower-triangular chunk matrix. The algorithm is described in
 // gated_delta_rule_fwd.cu. Added by the traffic work: acc64_add (sums over a head group kept in registers) and
-// scan64 (shuffle scans replacing one-thread loops over the 64 rows of a chunk).
+// scan64 (shuffle scans replacing one-thread loops over the 64 rows of a chunk); load_rows keeps kLoadBatch 16-byte
+// loads in flight per thread and walks its vectors without a divide per vector (load_rows_async likewise).
 #pragma once
 
 #include <cuda_pipeline_primitives.h>
@@ -161,16 +162,53 @@ __device__ __forceinline__ T zero_value() {
 // zero-fills rows [rows, rows_alloc): padding rows past the end of a partial chunk must read as zeros. Uses 16-byte
 // vectors when the source allows (dst rows are always 16-byte aligned), else single elements. All threads take
 // part; no synchronisation.
+//
+// Vector path: each thread issues kLoadBatch 16-byte loads into registers before it stores any of them, so that
+// several loads per thread are in flight instead of one load -> store round trip at a time, and walks its vectors
+// (i, j) = (row, vector column) by a precomputed step (blockDim.x vectors = di rows + dj vectors) instead of a
+// divide and a modulo per vector.
+constexpr int kLoadBatch = 4;
+
+// The (row, vector column) walk of one thread over a rows_alloc x per_row grid of 16-byte vectors.
+struct VecWalk {
+  int i, j, di, dj, per_row;
+  __device__ __forceinline__ explicit VecWalk(int per_row_) : per_row(per_row_) {
+    i = int(threadIdx.x) / per_row;
+    j = int(threadIdx.x) - i * per_row;
+    di = int(blockDim.x) / per_row;
+    dj = int(blockDim.x) - di * per_row;
+  }
+  __device__ __forceinline__ void next() {
+    i += di;
+    j += dj;
+    if (j >= per_row) {
+      j -= per_row;
+      ++i;
+    }
+  }
+};
+
 template <typename T>
 __device__ void load_rows(T* dst, int ldd, const T* src, int64_t lds, int rows, int rows_alloc, int cols) {
   constexpr int kVec = 16 / int(sizeof(T));
   if (reinterpret_cast<uintptr_t>(src) % 16 == 0 && lds % kVec == 0 && cols % kVec == 0) {
-    const int per_row = cols / kVec;
-    for (int e = threadIdx.x; e < rows_alloc * per_row; e += blockDim.x) {
-      const int i = e / per_row, j = (e % per_row) * kVec;
-      uint4 x = make_uint4(0u, 0u, 0u, 0u);
-      if (i < rows) x = *reinterpret_cast<const uint4*>(src + i * lds + j);
-      *reinterpret_cast<uint4*>(dst + i * ldd + j) = x;
+    VecWalk w(cols / kVec);
+    while (w.i < rows_alloc) {
+      uint4 x[kLoadBatch];
+      int at[kLoadBatch];  // destination element offset, -1 past the end
+#pragma unroll
+      for (int u = 0; u < kLoadBatch; ++u) {
+        at[u] = -1;
+        x[u] = make_uint4(0u, 0u, 0u, 0u);
+        if (w.i < rows_alloc) {
+          at[u] = w.i * ldd + w.j * kVec;
+          if (w.i < rows) x[u] = *reinterpret_cast<const uint4*>(src + w.i * lds + w.j * kVec);
+        }
+        w.next();
+      }
+#pragma unroll
+      for (int u = 0; u < kLoadBatch; ++u)
+        if (at[u] >= 0) *reinterpret_cast<uint4*>(dst + at[u]) = x[u];
     }
   } else {
     for (int e = threadIdx.x; e < rows_alloc * cols; e += blockDim.x) {
@@ -182,18 +220,17 @@ __device__ void load_rows(T* dst, int ldd, const T* src, int64_t lds, int rows, 
 
 // load_rows with asynchronous 16-byte copies (cp.async): they land after the caller's __pipeline_commit() and
 // __pipeline_wait_prior(n) and a block synchronisation; the destination must not be in use meanwhile. Zero rows and
-// the element-wise fallback (unaligned source) are plain stores.
+// the element-wise fallback (unaligned source) are plain stores. The walk is load_rows's (no divide per vector); the
+// copies need no registers, so every one of them is in flight at once.
 template <typename T>
 __device__ void load_rows_async(T* dst, int ldd, const T* src, int64_t lds, int rows, int rows_alloc, int cols) {
   constexpr int kVec = 16 / int(sizeof(T));
   if (reinterpret_cast<uintptr_t>(src) % 16 == 0 && lds % kVec == 0 && cols % kVec == 0) {
-    const int per_row = cols / kVec;
-    for (int e = threadIdx.x; e < rows_alloc * per_row; e += blockDim.x) {
-      const int i = e / per_row, j = (e % per_row) * kVec;
-      if (i < rows)
-        __pipeline_memcpy_async(dst + i * ldd + j, src + i * lds + j, 16);
+    for (VecWalk w(cols / kVec); w.i < rows_alloc; w.next()) {
+      if (w.i < rows)
+        __pipeline_memcpy_async(dst + w.i * ldd + w.j * kVec, src + w.i * lds + w.j * kVec, 16);
       else
-        *reinterpret_cast<uint4*>(dst + i * ldd + j) = make_uint4(0u, 0u, 0u, 0u);
+        *reinterpret_cast<uint4*>(dst + w.i * ldd + w.j * kVec) = make_uint4(0u, 0u, 0u, 0u);
     }
   } else {
     load_rows(dst, ldd, src, lds, rows, rows_alloc, cols);
