@@ -273,7 +273,8 @@ struct AdamWCase {
   int64_t begin, n;              // the updated flat range [begin, begin + n) (a ZeRO shard when begin > 0)
   std::vector<FlatRange> decay;  // absolute flat ranges, as optim::decay_ranges returns
   double beta1, beta2, eps, wd;
-  bool shadow;  // write the bf16 shadow
+  bool shadow;        // write the bf16 shadow
+  int64_t shift = 0;  // the kernel's buffers start `shift` elements into their allocations (1: not 16-byte aligned)
 };
 
 void check_adamw(const AdamWCase& c, uint64_t seed) {
@@ -288,9 +289,14 @@ void check_adamw(const AdamWCase& c, uint64_t seed) {
     }
   }
   std::vector<float> p = random_f32(n, seed, -1.0f, 1.0f), m(n, 0.0f), v(n, 0.0f);
-  DeviceArray<float> d_p(p), d_g(n), d_m(n), d_v(n);
-  DeviceBf16 d_shadow(std::vector<float>(n, 5.0f));
+  const int64_t sh = c.shift;
+  std::vector<float> p_shifted(static_cast<size_t>(sh), 9.0f);
+  p_shifted.insert(p_shifted.end(), p.begin(), p.end());
+  DeviceArray<float> d_p(p_shifted), d_g(n + sh), d_m(n + sh), d_v(n + sh);
+  DeviceBf16 d_shadow(std::vector<float>(n + sh, 5.0f));
   DeviceArray<int64_t> d_ranges(rel);
+  // The n elements the kernel updates, from a download of a whole (shifted) buffer.
+  auto tail = [sh](std::vector<float> all) { return std::vector<float>(all.begin() + sh, all.end()); };
 
   const double lrs[3] = {1e-3, 3e-3, 2e-3};  // a schedule: a different lr every step
   for (int64_t step = 1; step <= 3; ++step) {
@@ -305,17 +311,21 @@ void check_adamw(const AdamWCase& c, uint64_t seed) {
     h.weight_decay = c.wd;
     adamw_step(p.data(), g.data(), m.data(), v.data(), FlatRange{c.begin, c.begin + n}, c.decay, h, step);
 
-    d_g.upload(g);
+    std::vector<float> g_shifted(static_cast<size_t>(sh), 9.0f);
+    g_shifted.insert(g_shifted.end(), g.begin(), g.end());
+    d_g.upload(g_shifted);
     const cuda::AdamWStep hs{h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, step};
-    cuda::adamw_step(d_p.get(), d_g.get(), d_m.get(), d_v.get(), c.shadow ? d_shadow.get() : nullptr, n, d_ranges.get(),
-                     static_cast<int64_t>(rel.size() / 2), hs, nullptr);
-    const std::vector<float> got_p = d_p.download();
+    cuda::adamw_step(d_p.get() + sh, d_g.get() + sh, d_m.get() + sh, d_v.get() + sh,
+                     c.shadow ? d_shadow.get() + sh : nullptr, n, d_ranges.get(), static_cast<int64_t>(rel.size() / 2),
+                     hs, nullptr);
+    const std::vector<float> all_p = d_p.download(), got_p = tail(all_p);
+    for (int64_t i = 0; i < sh; ++i) ASSERT_EQ(all_p[i], 9.0f) << "element " << i << " before the buffer";
     EXPECT_TRUE(near_rel(got_p, p, kAdamWRel)) << "params";
-    EXPECT_TRUE(near_rel(d_m.download(), m, kAdamWRel)) << "exp_avg";
-    EXPECT_TRUE(near_rel(d_v.download(), v, kAdamWRel)) << "exp_avg_sq";
+    EXPECT_TRUE(near_rel(tail(d_m.download()), m, kAdamWRel)) << "exp_avg";
+    EXPECT_TRUE(near_rel(tail(d_v.download()), v, kAdamWRel)) << "exp_avg_sq";
     if (c.shadow) {
       // The shadow is exactly the bf16 rounding of the kernel's own fp32 result.
-      const std::vector<float> got_s = d_shadow.download();
+      const std::vector<float> got_s = tail(d_shadow.download());
       for (int64_t i = 0; i < n; ++i) ASSERT_EQ(got_s[i], bf16_to_f32(f32_to_bf16(got_p[i]))) << "shadow element " << i;
     }
   }
@@ -512,6 +522,14 @@ TEST(AdamWCuda, ShardWithOtherLerpBranchNoShadow) {
   // A ZeRO-style shard [12345, 12345 + 50001) of a larger flat layout, decay ranges given in flat coordinates
   // (one straddling the shard's start); beta1 = 0.3 takes torch's other lerp branch (weight 0.7 >= 0.5).
   check_adamw({12345, 50001, {{0, 20000}, {30000, 30001}, {40000, 200000}}, 0.3, 0.999, 1e-6, 0.05, false}, 900);
+}
+
+TEST(AdamWCuda, UnalignedBuffersTakeTheScalarPath) {
+  NEXTRON_REQUIRE_GPU();
+  // Buffers one element into their allocations (4 bytes: no 16-byte access is possible) and a length that is not a
+  // multiple of the 4 elements a thread updates: the scalar path gives the same results.
+  const int64_t n = 10007;
+  check_adamw({0, n, {{3, 2050}, {2051, 2052}, {9000, n}}, 0.9, 0.95, 1e-8, 0.1, true, 1}, 1000);
 }
 
 TEST(AdamWCuda, RejectsStepZeroAndSkipsEmpty) {
