@@ -24,11 +24,11 @@ using namespace nextron;
 
 namespace {
 
-// One training step as the trainer's single-process path takes it, counted: zero grads, forward with the loss,
-// backward, the gradient norm (sum_squares) and AdamW through the Ops (unless `optimizer` is false: the AdamW
-// moments take 8 bytes per parameter of host memory), after `warmup` uncounted steps (the first step allocates and
-// uploads the RoPE tables; with --warmup 0 the counted step is that first one, whose counts differ only by the
-// rope_tables call).
+// One training step as the trainer's single-process path takes it, counted: zero grads, forward with the loss (its
+// values deferred reads), backward, the gradient norm (sum_squares, which resolves them) and AdamW through the Ops
+// (unless `optimizer` is false: the AdamW moments take 8 bytes per parameter of host memory), after `warmup` uncounted
+// steps (the first step allocates and uploads the RoPE tables; with --warmup 0 the counted step is that first one,
+// whose counts differ only by the rope_tables call).
 void roofline(const ModelConfig& config, const std::string& config_path, int64_t batch, int64_t seq, int warmup,
               bool optimizer, const std::vector<int64_t>& ids) {
   auto ops = std::make_shared<CountingOps>(std::make_shared<CpuOps>(), /*time_calls=*/true);
@@ -39,16 +39,25 @@ void roofline(const ModelConfig& config, const std::string& config_path, int64_t
   h.weight_decay = 0.1;
   const FlatRange all{0, model.table().total_numel()};
   std::unique_ptr<AdamW> opt = optimizer ? std::make_unique<AdamW>(model.table(), all, h, ops.get()) : nullptr;
+  // Aligned targets (position t scored against ids[t + 1], the row's last position ignored), and the loss read as
+  // the trainer reads it: deferred to the step's one wait (the gradient norm, or a resolve without the optimizer).
+  std::vector<int64_t> targets(ids.size(), -100);
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t t = 0; t + 1 < seq; ++t) targets[b * seq + t] = ids[b * seq + t + 1];
+  ModelActivations acts;
+  ScoreReadout readout;
   double step_s = 0;
   for (int i = 0; i <= warmup; ++i) {
     if (i == warmup) ops->reset();
     const auto t0 = std::chrono::steady_clock::now();
     model.zero_grad();
-    model.forward(ids.data(), ids.data(), batch, seq);
-    model.backward();
+    model.forward_scored(acts, ids.data(), targets.data(), batch, seq, readout);
+    model.backward(acts);
     if (opt) {
       ops->sum_squares(model.grads(), {all});
       opt->step(model.params(), model.grads(), 1e-4, &model.params_act());
+    } else {
+      ops->resolve_reads();
     }
     step_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
