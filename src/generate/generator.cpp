@@ -19,15 +19,23 @@ void SamplingOptions::validate() const {
 
 int64_t sample_token(const float* logits, int64_t V, const SamplingOptions& o, std::mt19937_64& rng) {
   if (o.temperature == 0) return std::max_element(logits, logits + V) - logits;  // the first maximum
-  // Scaled logits of the candidates, most likely first (ties by id, so the order is deterministic).
+  // Scaled logits of the candidates, most likely first (ties by id, so the order is deterministic: a strict total
+  // order, the prefix a stable sort by logit would give).
+  const auto before = [&](int64_t a, int64_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); };
   std::vector<int64_t> order(static_cast<size_t>(V));
   std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return logits[a] > logits[b]; });
   size_t keep = order.size();
-  if (o.top_k > 0) {
+  if (o.top_k > 0 && o.top_k < V) {
     // As transformers' TopKLogitsWarper: every token scoring below the k-th best is removed (ties with it stay).
-    const float kth = logits[order[std::min<size_t>(keep, size_t(o.top_k)) - 1]];
-    while (keep > 1 && logits[order[keep - 1]] < kth) --keep;
+    // Only those are ordered: the k-th best by selection (O(V)), then the kept ones sorted (O(k log k)).
+    const size_t k = size_t(o.top_k);
+    std::nth_element(order.begin(), order.begin() + long(k - 1), order.end(), before);
+    const float kth = logits[order[k - 1]];
+    const auto kept_end = std::partition(order.begin(), order.end(), [&](int64_t i) { return logits[i] >= kth; });
+    keep = size_t(kept_end - order.begin());
+    std::sort(order.begin(), kept_end, before);
+  } else {
+    std::sort(order.begin(), order.end(), before);
   }
   std::vector<double> p(keep);
   const double top = double(logits[order[0]]) / o.temperature;

@@ -275,8 +275,12 @@ void Model::forward_body(ModelActivations& a, const int64_t* ids, int64_t B, int
   }
   if (comms_.data_parallel && aux.total_rows > 0) {
     // The load-balancing loss of the global micro-batch: sum the statistics of every data-parallel replica.
+    // The data-parallel group sums on the host (MPI): one wait for both statistics (and whatever else is pending).
     const int64_t E = config_.num_experts;
-    std::vector<float> counts = to_host(ops, aux.count_sum), probs = to_host(ops, aux.prob_sum);
+    std::vector<float> counts(E), probs(E);
+    ops.read_later(counts.data(), aux.count_sum, E * sizeof(float));
+    ops.read_later(probs.data(), aux.prob_sum, E * sizeof(float));
+    ops.resolve_reads();
     std::vector<double> stats(2 * E + 1);
     for (int64_t e = 0; e < E; ++e) {
       stats[e] = counts[e];

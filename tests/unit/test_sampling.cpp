@@ -5,6 +5,7 @@
 // a frequency by tens of deviations).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 #include <vector>
@@ -82,6 +83,48 @@ TEST(Sampling, TopKAndTopPKeepTheirTokens) {
   o.top_k = 3;
   o.temperature = 0.5;  // temperature first, then the filters
   expect_distribution(frequencies(logits, o), softmax(logits, 0.5, {true, true, false, true}));
+}
+
+// Top-k orders only the tokens it keeps (selection of the k-th best, then a sort of those): the draws are those of
+// the reference below, which sorts the whole vocabulary stably by logit, draw for draw with one seed, on a
+// vocabulary with many ties (at the k-th value too: tied tokens stay, as TopKLogitsWarper keeps them).
+TEST(Sampling, TopKSelectionDrawsAsTheFullSort) {
+  auto reference = [](const std::vector<float>& l, const SamplingOptions& o, std::mt19937_64& rng) {
+    std::vector<int64_t> order(l.size());
+    for (size_t i = 0; i < l.size(); ++i) order[i] = int64_t(i);
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return l[size_t(a)] > l[size_t(b)]; });
+    size_t keep = std::min(order.size(), size_t(o.top_k));
+    const float kth = l[size_t(order[keep - 1])];
+    while (keep < order.size() && l[size_t(order[keep])] >= kth) ++keep;  // ties with the k-th stay
+    std::vector<double> p(keep);
+    const double top = double(l[size_t(order[0])]) / o.temperature;
+    double sum = 0;
+    for (size_t i = 0; i < keep; ++i) sum += p[i] = std::exp(double(l[size_t(order[i])]) / o.temperature - top);
+    for (double& x : p) x /= sum;
+    if (o.top_p < 1) {
+      double cum = 0;
+      size_t n = 0;
+      while (n < keep && cum < o.top_p) cum += p[n++];
+      p.resize(std::max<size_t>(n, 1));
+    }
+    std::discrete_distribution<size_t> pick(p.begin(), p.end());
+    return order[pick(rng)];
+  };
+  std::mt19937_64 gen(5);
+  std::vector<float> logits(3000);
+  for (float& x : logits) x = float(int(gen() % 400)) / 40.0f;  // 400 distinct values: ties everywhere
+  for (int top_k : {1, 7, 40, 2999}) {
+    for (double top_p : {1.0, 0.6}) {
+      SamplingOptions o;
+      o.temperature = 0.8;
+      o.top_k = top_k;
+      o.top_p = top_p;
+      std::mt19937_64 a(21), b(21);
+      for (int i = 0; i < 200; ++i)
+        ASSERT_EQ(sample_token(logits.data(), int64_t(logits.size()), o, a), reference(logits, o, b))
+            << "top_k " << top_k << " top_p " << top_p << " draw " << i;
+    }
+  }
 }
 
 TEST(Sampling, OptionsOutsideTheirRangesAreErrors) {
