@@ -477,6 +477,8 @@ StepRecord Trainer::step() {
       sq += o->shard_sq_sum(grads, shard_map(static_cast<int>(c)).owned_ranges());
     }
   }
+  // sum_squares resolved this rank's reads; a no-op unless a rank's optimizers had nothing to sum.
+  for (Chunk& chunk : chunks_) chunk.model->ops().resolve_reads();
   if (ctx_) ctx_->world().all_reduce_sum(&sq, 1);
   const std::vector<LossValues> losses = runner_->losses();
   double sums[3] = {0, 0, 0};  // loss, lm_loss, aux_loss summed over the micro-batches (on the last stage)
