@@ -247,6 +247,15 @@ TEST(CudaOpsReads, DeferredReadsAndStagedUploads) {
   ops.resolve_reads();
   EXPECT_EQ(back.front(), 5.0f);
   EXPECT_EQ(back.back(), 5.0f);
+  // Many reads that overflow the buffer between two resolves (flushed on the way, grown at the resolve), twice:
+  // every value arrives both times.
+  for (int round = 0; round < 2; ++round) {
+    std::vector<std::vector<float>> parts(40, std::vector<float>(8192, -1.0f));  // 40 x 32 KiB
+    for (size_t i = 0; i < parts.size(); ++i)
+      ops.read_later(parts[i].data(), Tensor::view_of(c, static_cast<int64_t>(i) * 8192, {8192}), 8192 * 4);
+    ops.resolve_reads();
+    for (size_t i = 0; i < parts.size(); ++i) ASSERT_EQ(parts[i][8191], 5.0f) << "round " << round << " read " << i;
+  }
 }
 
 }  // namespace nextron::test

@@ -173,17 +173,21 @@ void CudaOps::download(void* host, const Tensor& src, size_t bytes) const {
   synchronize();
 }
 
+void CudaOps::grow_readback(size_t capacity) const {
+  NEXTRON_ASSERT(readback_used_ == 0);  // nothing pending: the buffers can be replaced
+  readback_capacity_ = capacity;
+  readback_dev_ = allocate({static_cast<int64_t>((capacity + 7) / 8)}, DType::f64);
+  if (readback_host_) NEXTRON_CUDA_CHECK(cudaFreeHost(readback_host_));
+  NEXTRON_CUDA_CHECK(cudaMallocHost(&readback_host_, capacity));
+}
+
 size_t CudaOps::reserve_readback(size_t bytes) const {
   const size_t need = (bytes + 7) & ~size_t{7};
+  readback_epoch_bytes_ += need;
   if (readback_used_ + need > readback_capacity_) {
-    // Full: resolve what is pending (one extra wait), then grow to hold this read and 64 KiB more at least.
-    resolve_reads();
-    if (need > readback_capacity_) {
-      readback_capacity_ = std::max<size_t>(need + (size_t{1} << 16), size_t{1} << 16);
-      readback_dev_ = allocate({static_cast<int64_t>(readback_capacity_ / 8)}, DType::f64);
-      if (readback_host_) NEXTRON_CUDA_CHECK(cudaFreeHost(readback_host_));
-      NEXTRON_CUDA_CHECK(cudaMallocHost(&readback_host_, readback_capacity_));
-    }
+    // Full: deliver what is pending (one extra wait, until resolve_reads grows the buffers for the next round).
+    flush_readback();
+    if (need > readback_capacity_) grow_readback(std::max<size_t>(2 * need, size_t{1} << 16));
   }
   const size_t offset = readback_used_;
   readback_used_ += need;
@@ -208,6 +212,14 @@ void CudaOps::check_later(const Tensor& flag, size_t bytes, std::function<std::s
 }
 
 void CudaOps::resolve_reads() const {
+  flush_readback();
+  // Reads since the last resolve that did not fit in one wait: grow now (nothing is pending), so that the next
+  // round of the same reads (the next training step) takes one wait and allocates nothing.
+  if (readback_epoch_bytes_ > readback_capacity_) grow_readback(readback_epoch_bytes_ + readback_epoch_bytes_ / 4);
+  readback_epoch_bytes_ = 0;
+}
+
+void CudaOps::flush_readback() const {
   if (readback_used_ == 0) return;
   NEXTRON_CUDA_CHECK(
       cudaMemcpyAsync(readback_host_, readback_dev_.raw(), readback_used_, cudaMemcpyDeviceToHost, stream_));

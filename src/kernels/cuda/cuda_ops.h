@@ -149,8 +149,13 @@ class CudaOps final : public Ops {
   // Copies `bytes` (4 or 8) of the device error word `flag` for resolve_reads(), which raises
   // nextron::Error(message(value)) when the word is not zero. The word may be zeroed and reused after this call.
   void check_later(const Tensor& flag, size_t bytes, std::function<std::string(int64_t)> message) const;
-  // Room for `bytes` more in the read-back buffers (8-byte aligned), resolving first when they are full.
+  // Room for `bytes` more in the read-back buffers (8-byte aligned), flushing them first when they are full.
   size_t reserve_readback(size_t bytes) const;
+  // One copy of the pending read-back bytes to the host, one wait, then every pending read delivered and check made
+  // (the first failed check raised, with nothing left pending).
+  void flush_readback() const;
+  // Replaces the (empty) read-back buffers by ones of `capacity` bytes.
+  void grow_readback(size_t capacity) const;
 
   int device_ = 0;
   cudaStream_t stream_ = nullptr;
@@ -180,6 +185,7 @@ class CudaOps final : public Ops {
   mutable Tensor readback_dev_;                               // (R) f64 words
   mutable void* readback_host_ = nullptr;                     // R words, pinned
   mutable size_t readback_capacity_ = 0, readback_used_ = 0;  // bytes
+  mutable size_t readback_epoch_bytes_ = 0;                   // bytes asked for since the last resolve_reads()
   mutable std::vector<PendingRead> reads_;
   mutable std::vector<PendingCheck> checks_;
   // Uploads: a ring of pinned staging memory. Each upload copies into the next free bytes and enqueues the
