@@ -17,7 +17,7 @@ mkdir -p "$B/gen/kernels/cuda" "$B/obj" "$B/cpuobj"
 # The kernels each test exercises.
 declare -A KERNELS=(
   [norms]="rmsnorm rmsnorm_gated l2norm"
-  [elementwise]="rope conv1d gdn_gates sigmoid_gate swiglu embedding cast"
+  [elementwise]="rope conv1d gdn_gates sigmoid_gate swiglu embedding cast glue"
   [loss_optim]="cross_entropy reduce adamw"
   [moe]="router moe_dispatch load_balancing"
   [grouped_gemm_args]="grouped_gemm_args"
