@@ -31,29 +31,52 @@ namespace nextron::test {
 
 namespace {
 float round_bf16(float v) { return bf16_to_f32(f32_to_bf16(v)); }
+
+template <typename T>
+using DeviceOf = std::conditional_t<std::is_same_v<T, float>, DeviceArray<float>, DeviceBf16>;
+
+// A device copy of `host` placed `off` elements into its allocation (off = 1: a pointer not 16-byte aligned).
+template <typename T>
+struct Placed {
+  Placed(const std::vector<float>& host, int64_t off_) : off(off_), dev(padded(host, off_)) {}
+  static std::vector<float> padded(const std::vector<float>& h, int64_t off) {
+    std::vector<float> p(off, 0.0f);
+    p.insert(p.end(), h.begin(), h.end());
+    return p;
+  }
+  T* get() const { return reinterpret_cast<T*>(dev.get()) + off; }
+  std::vector<float> download() const {
+    const std::vector<float> h = dev.download();
+    return std::vector<float>(h.begin() + off, h.end());
+  }
+  int64_t off;
+  DeviceOf<T> dev;
+};
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------------- casts
 
 TEST(CastCuda, F32ToBf16RoundsToNearestEvenAndBackIsExact) {
   NEXTRON_REQUIRE_GPU();
-  for (int64_t n : {int64_t(1), int64_t(3), int64_t(17), int64_t(1000), int64_t(100003)}) {
-    SCOPED_TRACE(::testing::Message() << "n=" << n);
-    auto v = random_f32(n, 31, -100.0f, 100.0f);
-    // Ties (1 + 2^-8 lies halfway between two bf16 values: even wins), zero signs, a subnormal, overflow to inf.
-    const std::vector<float> special = {
-        1.0f + 1.0f / 256, 1.0f + 3.0f / 256, -0.0f, 0.0f, 1e-40f, 3.4e38f, -std::numeric_limits<float>::infinity()};
-    for (size_t i = 0; i < special.size() && i < v.size(); ++i) v[i] = special[i];
-    std::vector<float> want(n);
-    for (int64_t i = 0; i < n; ++i) want[i] = round_bf16(v[i]);
+  // off 0: 16-byte aligned pointers (the vector path, with a tail of n % 8 elements); off 1: the scalar path.
+  for (int64_t off : {0, 1})
+    for (int64_t n : {int64_t(1), int64_t(3), int64_t(17), int64_t(1000), int64_t(100003)}) {
+      SCOPED_TRACE(::testing::Message() << "n=" << n << " off=" << off);
+      auto v = random_f32(n, 31, -100.0f, 100.0f);
+      // Ties (1 + 2^-8 lies halfway between two bf16 values: even wins), zero signs, a subnormal, overflow to inf.
+      const std::vector<float> special = {
+          1.0f + 1.0f / 256, 1.0f + 3.0f / 256, -0.0f, 0.0f, 1e-40f, 3.4e38f, -std::numeric_limits<float>::infinity()};
+      for (size_t i = 0; i < special.size() && i < v.size(); ++i) v[i] = special[i];
+      std::vector<float> want(n);
+      for (int64_t i = 0; i < n; ++i) want[i] = round_bf16(v[i]);
 
-    DeviceArray<float> in(v), back(n);
-    DeviceBf16 out(n);
-    cuda::cast_f32_to_bf16(out.get(), in.get(), n, nullptr);
-    cuda::cast_bf16_to_f32(back.get(), out.get(), n, nullptr);
-    EXPECT_EQ(out.download(), want);
-    EXPECT_EQ(back.download(), want);
-  }
+      Placed<float> in(v, off), back(std::vector<float>(n), off);
+      Placed<cuda::bf16> out(std::vector<float>(n), off);
+      cuda::cast_f32_to_bf16(out.get(), in.get(), n, nullptr);
+      cuda::cast_bf16_to_f32(back.get(), out.get(), n, nullptr);
+      EXPECT_EQ(out.download(), want);
+      EXPECT_EQ(back.download(), want);
+    }
 }
 
 // ----------------------------------------------------------------------------------------------------------- rope
@@ -267,11 +290,19 @@ TEST(SwigluCuda, ForwardBackwardMatchCpu) {
     cpu::swiglu_forward<float>(h_ref.data(), gu.data(), N, I);
     cpu::swiglu_backward<float>(dgu_ref.data(), dh.data(), gu.data(), N, I);
 
-    DeviceBf16 ggu(gu), gh(N * I), gdh(dh), gdgu(dgu0);
-    cuda::swiglu_forward(gh.get(), ggu.get(), N, I, nullptr);
-    EXPECT_TRUE(close_to(gh.download(), h_ref, kBf16Rtol));
-    cuda::swiglu_backward(gdgu.get(), gdh.get(), ggu.get(), N, I, nullptr);
-    EXPECT_TRUE(close_to(gdgu.download(), dgu_ref, kBf16Rtol));
+    // off 0: aligned pointers (the vector path when I % 8 == 0); off 1: the scalar path. Both bit-identical.
+    std::vector<float> h_path[2], dgu_path[2];
+    for (int64_t off : {0, 1}) {
+      Placed<cuda::bf16> ggu(gu, off), gh(std::vector<float>(N * I), off), gdh(dh, off), gdgu(dgu0, off);
+      cuda::swiglu_forward(gh.get(), ggu.get(), N, I, nullptr);
+      h_path[off] = gh.download();
+      EXPECT_TRUE(close_to(h_path[off], h_ref, kBf16Rtol));
+      cuda::swiglu_backward(gdgu.get(), gdh.get(), ggu.get(), N, I, nullptr);
+      dgu_path[off] = gdgu.download();
+      EXPECT_TRUE(close_to(dgu_path[off], dgu_ref, kBf16Rtol));
+    }
+    EXPECT_EQ(h_path[0], h_path[1]);
+    EXPECT_EQ(dgu_path[0], dgu_path[1]);
   }
 }
 
@@ -511,27 +542,6 @@ TEST(EmbeddingCuda, ShardedBackwardSumsHeldIdsInTokenOrderExactly) {
 // ------------------------------------------------------------------------------------- column gathers / scatters
 
 namespace {
-template <typename T>
-using DeviceOf = std::conditional_t<std::is_same_v<T, float>, DeviceArray<float>, DeviceBf16>;
-
-// A device copy of `host` placed `off` elements into its allocation (off = 1: a pointer not 16-byte aligned).
-template <typename T>
-struct Placed {
-  Placed(const std::vector<float>& host, int64_t off_) : off(off_), dev(padded(host, off_)) {}
-  static std::vector<float> padded(const std::vector<float>& h, int64_t off) {
-    std::vector<float> p(off, 0.0f);
-    p.insert(p.end(), h.begin(), h.end());
-    return p;
-  }
-  T* get() const { return reinterpret_cast<T*>(dev.get()) + off; }
-  std::vector<float> download() const {
-    const std::vector<float> h = dev.download();
-    return std::vector<float>(h.begin() + off, h.end());
-  }
-  int64_t off;
-  DeviceOf<T> dev;
-};
-
 // Columns [h width + offset, + width) for each h of `order`, in that order (the DeltaNet tables: whole heads).
 std::vector<int32_t> head_cols(const std::vector<int>& order, int width, int offset = 0) {
   std::vector<int32_t> idx;

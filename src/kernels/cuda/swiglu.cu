@@ -1,12 +1,17 @@
 // SwiGLU on a packed gate/up projection on the GPU (dense MLP and shared expert; CPU reference:
 // kernels/cpu/swiglu.cpp): h = silu(gate) * up, each gu row [gate (I) | up (I)].
 //
-// One thread per (n, i) element of h (grid-stride, 64-bit indices); the backward writes both halves of dgu for its
-// element, so no two threads touch the same gradient.
+// Scalar path: one thread per (n, i) element of h (grid-stride, 64-bit indices). Vector path, taken when I is a
+// multiple of 8, every pointer is 16-byte aligned and N I / 8 < 2^31: one thread per group of 8 consecutive
+// elements of a row (grid-stride over the groups with 32-bit indices), each of gate, up, h, dh and both dgu halves
+// moved as one 16-byte access. The per-element arithmetic is the same on both paths (bit-identical results). The
+// backward writes both halves of dgu for its elements, so no two threads touch the same gradient.
 #include <algorithm>
+#include <climits>
 
 #include "kernels/cuda/device_utils.cuh"
 #include "kernels/cuda/elementwise.h"
+#include "kernels/cuda/vec_io.cuh"
 
 namespace nextron::cuda {
 
@@ -37,11 +42,61 @@ __global__ void swiglu_backward_kernel(bf16* dgu, const bf16* dh, const bf16* gu
   }
 }
 
+constexpr int kVec = vec::kBf16;
+
+// The vector path: G = I / 8 groups per row, total = N G < 2^31.
+__global__ void swiglu_forward_vec_kernel(bf16* __restrict__ h, const bf16* __restrict__ gu, uint32_t total, uint32_t G,
+                                          int64_t I) {
+  for (uint32_t t = blockIdx.x * blockDim.x + threadIdx.x; t < total; t += gridDim.x * blockDim.x) {
+    const uint32_t n = t / G, i = (t - n * G) * kVec;
+    const bf16* row = gu + int64_t(n) * 2 * I;
+    float g[kVec], u[kVec], o[kVec];
+    vec::load8(g, row + i);
+    vec::load8(u, row + I + i);
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) o[e] = g[e] / (1.0f + expf(-g[e])) * u[e];
+    vec::store8(h + int64_t(t) * kVec, o);
+  }
+}
+
+__global__ void swiglu_backward_vec_kernel(bf16* __restrict__ dgu, const bf16* __restrict__ dh,
+                                           const bf16* __restrict__ gu, uint32_t total, uint32_t G, int64_t I) {
+  for (uint32_t t = blockIdx.x * blockDim.x + threadIdx.x; t < total; t += gridDim.x * blockDim.x) {
+    const uint32_t n = t / G, i = (t - n * G) * kVec;
+    const int64_t ig = int64_t(n) * 2 * I + i, iu = ig + I;
+    float g[kVec], u[kVec], d[kVec], dg[kVec], du[kVec];
+    vec::load8(g, gu + ig);
+    vec::load8(u, gu + iu);
+    vec::load8(d, dh + int64_t(t) * kVec);
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      const float sg = 1.0f / (1.0f + expf(-g[e]));
+      dg[e] = d[e] * u[e] * sg * (1.0f + g[e] * (1.0f - sg));
+      du[e] = d[e] * g[e] * sg;
+    }
+    vec::add8(dgu + ig, dg);
+    vec::add8(dgu + iu, du);
+  }
+}
+
+// Whether the vector path runs: I % 8 == 0, N I / 8 < 2^31 and the pointers 16-byte aligned.
+bool use_vec(int64_t N, int64_t I, const void* a, const void* b, const void* c = nullptr) {
+  return I % kVec == 0 && N * (I / kVec) <= INT32_MAX && vec::aligned16(a) && vec::aligned16(b) &&
+         (c == nullptr || vec::aligned16(c));
+}
+
 }  // namespace
 
 void swiglu_forward(bf16* h, const bf16* gu, int64_t N, int64_t I, cudaStream_t stream) {
   const int64_t total = N * I;
   if (total <= 0) return;
+  if (use_vec(N, I, h, gu)) {
+    const int64_t groups = total / kVec;
+    swiglu_forward_vec_kernel<<<grid_stride_blocks(groups), kThreads, 0, stream>>>(h, gu, uint32_t(groups),
+                                                                                   uint32_t(I / kVec), I);
+    NEXTRON_CUDA_LAUNCH_CHECK();
+    return;
+  }
   swiglu_forward_kernel<<<grid_stride_blocks(total), kThreads, 0, stream>>>(h, gu, N, I);
   NEXTRON_CUDA_LAUNCH_CHECK();
 }
@@ -49,6 +104,13 @@ void swiglu_forward(bf16* h, const bf16* gu, int64_t N, int64_t I, cudaStream_t 
 void swiglu_backward(bf16* dgu, const bf16* dh, const bf16* gu, int64_t N, int64_t I, cudaStream_t stream) {
   const int64_t total = N * I;
   if (!dgu || total <= 0) return;
+  if (use_vec(N, I, dgu, dh, gu)) {
+    const int64_t groups = total / kVec;
+    swiglu_backward_vec_kernel<<<grid_stride_blocks(groups), kThreads, 0, stream>>>(dgu, dh, gu, uint32_t(groups),
+                                                                                    uint32_t(I / kVec), I);
+    NEXTRON_CUDA_LAUNCH_CHECK();
+    return;
+  }
   swiglu_backward_kernel<<<grid_stride_blocks(total), kThreads, 0, stream>>>(dgu, dh, gu, N, I);
   NEXTRON_CUDA_LAUNCH_CHECK();
 }
