@@ -10,6 +10,8 @@
 // N = 64 * 37 + 5, D = 128: 38 chunks of 63 rows, the last of 42; N = 4099, D = 100: 65 chunks of 64 rows, the last
 // of 3 (fewer rows than row groups per block). NormsCuda.DwIsBitIdenticalAndAccumulatesExactly adds a shape where
 // the chunk count reaches its cap, and checks determinism and the exact dw += sum.
+// NormsCuda.VectorAndScalarPathsAreBitIdentical runs every kernel on its 16-byte vector path and, on pointers shifted
+// by one element, its scalar path, and compares the two bit for bit (D = 100 above takes the scalar path only).
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -256,6 +258,67 @@ TEST(L2normCuda, BackwardAccumulatesIntoDx) {
     DeviceBf16 gx(x), gdy(dy), gdx(dx0);
     cuda::l2norm_backward(gdx.get(), gdy.get(), gx.get(), N, D, kEps, nullptr);
     EXPECT_TRUE(close_to(gdx.download(), dx_ref, kBf16Rtol));
+  }
+}
+
+// Each norm kernel has a vector path (D % 8 == 0, 16-byte aligned pointers) and a scalar path; the vector path keeps
+// the scalar path's per-lane summation order and per-element arithmetic, so the two agree bit for bit. Pointers
+// shifted by one element (off 1) force the scalar path on the same data.
+TEST(NormsCuda, VectorAndScalarPathsAreBitIdentical) {
+  NEXTRON_REQUIRE_GPU();
+  // 48: a partial chunk (6 lanes load); 264: a chunk and one vector; 2048: eight chunks.
+  const std::vector<Shape> shapes = {{5, 48}, {33, 128}, {7, 264}, {9, 2048}};
+  struct Outputs {
+    std::vector<float> y, rstd, dx, dw, gy, grstd, gdx, gdz, gdw, ly, ldx;
+  };
+  for (const Shape& sh : shapes) {
+    SCOPED_TRACE(describe(sh));
+    const int64_t N = sh.N, D = sh.D;
+    const auto x = random_bf16(N * D, 31, -2.0f, 2.0f), z = random_bf16(N * D, 32, -4.0f, 4.0f);
+    const auto dy = random_bf16(N * D, 33), dx0 = random_bf16(N * D, 34), dz0 = random_bf16(N * D, 35);
+    const auto w = random_f32(D, 36, -0.5f, 0.5f), dw0 = random_f32(D, 37);
+    Outputs out[2];
+    for (int64_t off : {0, 1}) {
+      const auto placed = [&](const std::vector<float>& h) {
+        std::vector<float> p(off, 0.0f);
+        p.insert(p.end(), h.begin(), h.end());
+        return p;
+      };
+      const auto unplaced = [&](const DeviceBf16& d) {
+        const auto h = d.download();
+        return std::vector<float>(h.begin() + off, h.end());
+      };
+      DeviceBf16 gx(placed(x)), gz(placed(z)), gdy(placed(dy)), gy(placed(std::vector<float>(N * D)));
+      DeviceBf16 gdx(placed(dx0)), gdz(placed(dz0)), gdx2(placed(dx0)), gdx3(placed(dx0));
+      DeviceArray<float> gw(w), grstd(N), gdw(dw0), gdw2(dw0), gscratch(cuda::norm_dw_scratch_floats(N, D));
+      Outputs& o = out[off];
+      cuda::rmsnorm_forward(gy.get() + off, grstd.get(), gx.get() + off, gw.get(), N, D, kEps, nullptr);
+      o.y = unplaced(gy), o.rstd = grstd.download();
+      cuda::rmsnorm_backward(gdx.get() + off, gdw.get(), gscratch.get(), gdy.get() + off, gx.get() + off, gw.get(),
+                             grstd.get(), N, D, nullptr);
+      o.dx = unplaced(gdx), o.dw = gdw.download();
+      cuda::rmsnorm_gated_forward(gy.get() + off, grstd.get(), gx.get() + off, gz.get() + off, gw.get(), N, D, kEps,
+                                  nullptr);
+      o.gy = unplaced(gy), o.grstd = grstd.download();
+      cuda::rmsnorm_gated_backward(gdx2.get() + off, gdz.get() + off, gdw2.get(), gscratch.get(), gdy.get() + off,
+                                   gx.get() + off, gz.get() + off, gw.get(), grstd.get(), N, D, nullptr);
+      o.gdx = unplaced(gdx2), o.gdz = unplaced(gdz), o.gdw = gdw2.download();
+      cuda::l2norm_forward(gy.get() + off, gx.get() + off, N, D, kEps, nullptr);
+      o.ly = unplaced(gy);
+      cuda::l2norm_backward(gdx3.get() + off, gdy.get() + off, gx.get() + off, N, D, kEps, nullptr);
+      o.ldx = unplaced(gdx3);
+    }
+    EXPECT_EQ(out[0].y, out[1].y) << "rmsnorm y";
+    EXPECT_EQ(out[0].rstd, out[1].rstd) << "rmsnorm rstd";
+    EXPECT_EQ(out[0].dx, out[1].dx) << "rmsnorm dx";
+    EXPECT_EQ(out[0].dw, out[1].dw) << "rmsnorm dw";
+    EXPECT_EQ(out[0].gy, out[1].gy) << "gated y";
+    EXPECT_EQ(out[0].grstd, out[1].grstd) << "gated rstd";
+    EXPECT_EQ(out[0].gdx, out[1].gdx) << "gated dx";
+    EXPECT_EQ(out[0].gdz, out[1].gdz) << "gated dz";
+    EXPECT_EQ(out[0].gdw, out[1].gdw) << "gated dw";
+    EXPECT_EQ(out[0].ly, out[1].ly) << "l2norm y";
+    EXPECT_EQ(out[0].ldx, out[1].ldx) << "l2norm dx";
   }
 }
 

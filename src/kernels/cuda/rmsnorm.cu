@@ -6,11 +6,19 @@
 // short rows of q_norm / k_norm (D = 256) and the hidden-size rows (D = 2048: 64 elements per lane). Every lane
 // reads and writes the same elements, after the reduction, so y may alias x.
 //
+// Vector path (template kVector), taken when D is a multiple of 8 and x, y / dy, dx and w are 16-byte aligned: the
+// row sums read each 256-element chunk of a row with one 16-byte load per lane into a per-warp staging buffer and
+// then add each lane's scalar-path elements l, l + 32, ... from there in the scalar path's order (vec_io.cuh), so
+// rstd and the dot product are bit-identical to the scalar path's; the elementwise passes then give each lane 8
+// consecutive elements per 16-byte access (x, y, dy, dx as 8 bf16, w as 2 x 4 fp32) with the same per-element
+// arithmetic. Otherwise (odd D, an unaligned pointer) the scalar path: a lane per element, stride 32.
+//
 // dw (D) is a column sum over rows: the deterministic two-stage sum of norm_dw.cuh (per-chunk partials in the
 // caller's dw_scratch, then a fixed-order sum per column), shared with rmsnorm_gated.cu.
 #include "kernels/cuda/device_utils.cuh"
 #include "kernels/cuda/norm_dw.cuh"
 #include "kernels/cuda/norms.h"
+#include "kernels/cuda/vec_io.cuh"
 
 namespace nextron::cuda {
 
@@ -19,38 +27,95 @@ namespace {
 constexpr int kRowWarps = 4;  // rows (warps) per block in the row kernels
 
 // x, y: (N, D); rstd: (N). Block (32, kRowWarps), warp threadIdx.y handles row blockIdx.x * kRowWarps + threadIdx.y.
+template <bool kVector>
 __global__ void rmsnorm_forward_kernel(bf16* y, float* rstd, const bf16* x, const float* w, int64_t N, int64_t D,
                                        float eps) {
+  __shared__ uint4 stage[kRowWarps][32];  // the vector path's chunk of the warp's row
   const int64_t n = int64_t(blockIdx.x) * kRowWarps + threadIdx.y;
   if (n >= N) return;  // whole warp leaves together: n depends only on threadIdx.y
   const bf16* xr = x + n * D;
   bf16* yr = y + n * D;
   float ss = 0.0f;
-  for (int64_t d = threadIdx.x; d < D; d += 32) {
-    const float v = to_f32(xr[d]);
-    ss += v * v;
+  if constexpr (kVector) {
+    uint4* s = stage[threadIdx.y];
+    for (int64_t b = 0; b < D; b += vec::kChunk) {
+      vec::stage_chunk(s, xr, b, D);
+      __syncwarp();
+      for (int m = 0; m < 8; ++m) {
+        if (b + threadIdx.x + 32 * m >= D) break;
+        const float v = vec::staged(s, threadIdx.x + 32 * m);
+        ss += v * v;
+      }
+      __syncwarp();
+    }
+  } else {
+    for (int64_t d = threadIdx.x; d < D; d += 32) {
+      const float v = to_f32(xr[d]);
+      ss += v * v;
+    }
   }
   ss = warp_sum(ss);
   const float r = 1.0f / sqrtf(ss / float(D) + eps);
   if (threadIdx.x == 0) rstd[n] = r;
-  for (int64_t d = threadIdx.x; d < D; d += 32) yr[d] = to_bf16(to_f32(xr[d]) * r * (1.0f + w[d]));
+  if constexpr (kVector) {
+    for (int64_t d = 8 * threadIdx.x; d < D; d += vec::kChunk) {
+      float xv[8], wv[8], o[8];
+      vec::load8(xv, xr + d);
+      vec::load8(wv, w + d);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) o[e] = xv[e] * r * (1.0f + wv[e]);
+      vec::store8(yr + d, o);
+    }
+  } else {
+    for (int64_t d = threadIdx.x; d < D; d += 32) yr[d] = to_bf16(to_f32(xr[d]) * r * (1.0f + w[d]));
+  }
 }
 
 // xhat = x r, g = dy (1 + w): dx += r (g - xhat mean(g xhat)) = r g - x (r^3 / D) sum(g x).
+template <bool kVector>
 __global__ void rmsnorm_backward_dx_kernel(bf16* dx, const bf16* dy, const bf16* x, const float* w, const float* rstd,
                                            int64_t N, int64_t D) {
+  __shared__ uint4 stage[kRowWarps][2][32];  // the vector path's chunks of dy and x
   const int64_t n = int64_t(blockIdx.x) * kRowWarps + threadIdx.y;
   if (n >= N) return;
   const bf16* xr = x + n * D;
   const bf16* gr = dy + n * D;
   bf16* dxr = dx + n * D;
   float dot = 0.0f;
-  for (int64_t d = threadIdx.x; d < D; d += 32) dot += to_f32(gr[d]) * (1.0f + w[d]) * to_f32(xr[d]);
+  if constexpr (kVector) {
+    uint4* sg = stage[threadIdx.y][0];
+    uint4* sx = stage[threadIdx.y][1];
+    for (int64_t b = 0; b < D; b += vec::kChunk) {
+      vec::stage_chunk(sg, gr, b, D);
+      vec::stage_chunk(sx, xr, b, D);
+      __syncwarp();
+      for (int m = 0; m < 8; ++m) {
+        const int k = threadIdx.x + 32 * m;
+        if (b + k >= D) break;
+        dot += vec::staged(sg, k) * (1.0f + w[b + k]) * vec::staged(sx, k);
+      }
+      __syncwarp();
+    }
+  } else {
+    for (int64_t d = threadIdx.x; d < D; d += 32) dot += to_f32(gr[d]) * (1.0f + w[d]) * to_f32(xr[d]);
+  }
   dot = warp_sum(dot);
   const float r = rstd[n];
   const float c = dot * r * r / float(D);
-  for (int64_t d = threadIdx.x; d < D; d += 32)
-    add_to(dxr + d, r * (to_f32(gr[d]) * (1.0f + w[d]) - to_f32(xr[d]) * c));
+  if constexpr (kVector) {
+    for (int64_t d = 8 * threadIdx.x; d < D; d += vec::kChunk) {
+      float gv[8], xv[8], wv[8], o[8];
+      vec::load8(gv, gr + d);
+      vec::load8(xv, xr + d);
+      vec::load8(wv, w + d);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) o[e] = r * (gv[e] * (1.0f + wv[e]) - xv[e] * c);
+      vec::add8(dxr + d, o);
+    }
+  } else {
+    for (int64_t d = threadIdx.x; d < D; d += 32)
+      add_to(dxr + d, r * (to_f32(gr[d]) * (1.0f + w[d]) - to_f32(xr[d]) * c));
+  }
 }
 
 // The summand of dw[d] += sum_n dy[n, d] x[n, d] rstd[n] (dL/d(1 + w) = dy xhat) at row n, flat index i = n D + d.
@@ -66,8 +131,11 @@ struct DwTerm {
 void rmsnorm_forward(bf16* y, float* rstd, const bf16* x, const float* w, int64_t N, int64_t D, float eps,
                      cudaStream_t stream) {
   if (N <= 0) return;
-  rmsnorm_forward_kernel<<<unsigned(ceil_div(N, kRowWarps)), dim3(32, kRowWarps), 0, stream>>>(y, rstd, x, w, N, D,
-                                                                                               eps);
+  const dim3 grid(unsigned(ceil_div(N, kRowWarps))), block(32, kRowWarps);
+  if (D % 8 == 0 && vec::aligned16(y) && vec::aligned16(x) && vec::aligned16(w))
+    rmsnorm_forward_kernel<true><<<grid, block, 0, stream>>>(y, rstd, x, w, N, D, eps);
+  else
+    rmsnorm_forward_kernel<false><<<grid, block, 0, stream>>>(y, rstd, x, w, N, D, eps);
   NEXTRON_CUDA_LAUNCH_CHECK();
 }
 
@@ -77,8 +145,11 @@ void rmsnorm_backward(bf16* dx, float* dw, float* dw_scratch, const bf16* dy, co
                       const float* rstd, int64_t N, int64_t D, cudaStream_t stream) {
   if (N <= 0 || D <= 0) return;
   if (dx) {
-    rmsnorm_backward_dx_kernel<<<unsigned(ceil_div(N, kRowWarps)), dim3(32, kRowWarps), 0, stream>>>(dx, dy, x, w, rstd,
-                                                                                                     N, D);
+    const dim3 grid(unsigned(ceil_div(N, kRowWarps))), block(32, kRowWarps);
+    if (D % 8 == 0 && vec::aligned16(dx) && vec::aligned16(dy) && vec::aligned16(x) && vec::aligned16(w))
+      rmsnorm_backward_dx_kernel<true><<<grid, block, 0, stream>>>(dx, dy, x, w, rstd, N, D);
+    else
+      rmsnorm_backward_dx_kernel<false><<<grid, block, 0, stream>>>(dx, dy, x, w, rstd, N, D);
     NEXTRON_CUDA_LAUNCH_CHECK();
   }
   if (dw) norm_dw::accumulate(dw, dw_scratch, DwTerm{dy, x, rstd}, N, D, stream);
