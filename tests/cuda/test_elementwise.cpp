@@ -100,16 +100,24 @@ TEST(RopeCuda, ForwardBackwardMatchCpu) {
     cpu::rope_forward<float>(y_ref.data(), x.data(), cos.data(), sin.data(), sh.B, sh.S, sh.NH, sh.D, sh.rot);
     cpu::rope_backward<float>(dx_ref.data(), dy.data(), cos.data(), sin.data(), sh.B, sh.S, sh.NH, sh.D, sh.rot);
 
-    DeviceArray<float> gcos(cos), gsin(sin);
-    DeviceBf16 gx(x), gy(n), gdy(dy), gdx(dx0);
-    cuda::rope_forward(gy.get(), gx.get(), gcos.get(), gsin.get(), sh.B, sh.S, sh.NH, sh.D, sh.rot, nullptr);
-    const auto y = gy.download();
-    EXPECT_TRUE(close_to(y, y_ref, kBf16Rtol));
-    cuda::rope_forward(gx.get(), gx.get(), gcos.get(), gsin.get(), sh.B, sh.S, sh.NH, sh.D, sh.rot, nullptr);  // y == x
-    EXPECT_EQ(gx.download(), y);
+    // off 0: aligned pointers (the vector path when rotary % 16 == 0 and D % 8 == 0); off 1: the scalar path.
+    std::vector<float> y_path[2], dx_path[2];
+    for (int64_t off : {0, 1}) {
+      DeviceArray<float> gcos(cos), gsin(sin);
+      Placed<cuda::bf16> gx(x, off), gy(std::vector<float>(n), off), gdy(dy, off), gdx(dx0, off);
+      cuda::rope_forward(gy.get(), gx.get(), gcos.get(), gsin.get(), sh.B, sh.S, sh.NH, sh.D, sh.rot, nullptr);
+      y_path[off] = gy.download();
+      EXPECT_TRUE(close_to(y_path[off], y_ref, kBf16Rtol));
+      cuda::rope_forward(gx.get(), gx.get(), gcos.get(), gsin.get(), sh.B, sh.S, sh.NH, sh.D, sh.rot,
+                         nullptr);  // y == x
+      EXPECT_EQ(gx.download(), y_path[off]);
 
-    cuda::rope_backward(gdx.get(), gdy.get(), gcos.get(), gsin.get(), sh.B, sh.S, sh.NH, sh.D, sh.rot, nullptr);
-    EXPECT_TRUE(close_to(gdx.download(), dx_ref, kBf16Rtol));
+      cuda::rope_backward(gdx.get(), gdy.get(), gcos.get(), gsin.get(), sh.B, sh.S, sh.NH, sh.D, sh.rot, nullptr);
+      dx_path[off] = gdx.download();
+      EXPECT_TRUE(close_to(dx_path[off], dx_ref, kBf16Rtol));
+    }
+    EXPECT_EQ(y_path[0], y_path[1]);
+    EXPECT_EQ(dx_path[0], dx_path[1]);
   }
 }
 
@@ -224,9 +232,9 @@ TEST(SigmoidGateCuda, ForwardBackwardMatchCpuWithStridedGate) {
   };
   // G = D (attention gate, W = 1; also read with a larger row stride as from the q projection), G = 1 (shared
   // expert, W = D), and group widths on both sides of the 32 that switches thread-per-group to warp-per-group.
-  const std::vector<Shape> shapes = {{1, 48, 48, 48},   {17, 48, 48, 149},   {3, 100, 1, 1},
-                                     {1000, 128, 4, 4}, {17, 96, 12, 12},    {5, 2048, 1, 3},
-                                     {17, 256, 8, 8},   {1000, 48, 48, 100}, {3, 62, 2, 2}};
+  const std::vector<Shape> shapes = {{1, 48, 48, 48},  {17, 48, 48, 149}, {3, 100, 1, 1},  {1000, 128, 4, 4},
+                                     {17, 96, 12, 12}, {5, 2048, 1, 3},   {17, 256, 8, 8}, {1000, 48, 48, 100},
+                                     {3, 62, 2, 2},    {33, 64, 64, 128}};
   for (const Shape& sh : shapes) {
     SCOPED_TRACE(::testing::Message() << "N=" << sh.N << " D=" << sh.D << " G=" << sh.G << " ld_gate=" << sh.ld);
     const int64_t N = sh.N, D = sh.D, G = sh.G, ld = sh.ld, W = D / G;
@@ -249,27 +257,37 @@ TEST(SigmoidGateCuda, ForwardBackwardMatchCpuWithStridedGate) {
     for (int64_t r = 0; r < N; ++r)
       for (int64_t j = 0; j < G; ++j) dgate_full_ref[r * ld + j] = dgate_ref[r * G + j];
 
-    DeviceBf16 gx(x), gy(N * D), ggate(gate_full), gdy(dy), gdx(dx0), gdgate(dgate_full0);
-    cuda::sigmoid_gate_forward(gy.get(), gx.get(), ggate.get(), N, D, G, ld, nullptr);
-    const auto y = gy.download();
-    EXPECT_TRUE(close_to(y, y_ref, kBf16Rtol));
+    // off 0: aligned pointers (the vector paths where D, ld_gate and W allow); off 1: the scalar paths. Both
+    // bit-identical.
+    std::vector<float> y_path[2], dx_path[2], dgate_path[2];
+    for (int64_t off : {0, 1}) {
+      Placed<cuda::bf16> gx(x, off), gy(std::vector<float>(N * D), off), ggate(gate_full, off), gdy(dy, off),
+          gdx(dx0, off), gdgate(dgate_full0, off);
+      cuda::sigmoid_gate_forward(gy.get(), gx.get(), ggate.get(), N, D, G, ld, nullptr);
+      const auto y = gy.download();
+      EXPECT_TRUE(close_to(y, y_ref, kBf16Rtol));
 
-    cuda::sigmoid_gate_backward(gdx.get(), gdgate.get(), gdy.get(), gx.get(), ggate.get(), N, D, G, ld, nullptr);
-    const auto dx = gdx.download(), dgate = gdgate.download();
-    EXPECT_TRUE(close_to(dx, dx_ref, kBf16Rtol));
-    EXPECT_TRUE(close_to(dgate, dgate_full_ref, kBf16Rtol));
-    for (int64_t r = 0; r < N; ++r)
-      for (int64_t j = G; j < ld; ++j)
-        ASSERT_EQ(dgate[r * ld + j], dgate_full0[r * ld + j]) << "row " << r << " col " << j;
+      cuda::sigmoid_gate_backward(gdx.get(), gdgate.get(), gdy.get(), gx.get(), ggate.get(), N, D, G, ld, nullptr);
+      const auto dx = gdx.download(), dgate = gdgate.download();
+      EXPECT_TRUE(close_to(dx, dx_ref, kBf16Rtol));
+      EXPECT_TRUE(close_to(dgate, dgate_full_ref, kBf16Rtol));
+      for (int64_t r = 0; r < N; ++r)
+        for (int64_t j = G; j < ld; ++j)
+          ASSERT_EQ(dgate[r * ld + j], dgate_full0[r * ld + j]) << "row " << r << " col " << j;
 
-    DeviceBf16 gdx_only(dx0), gdgate_only(dgate_full0);
-    cuda::sigmoid_gate_backward(gdx_only.get(), nullptr, gdy.get(), gx.get(), ggate.get(), N, D, G, ld, nullptr);
-    cuda::sigmoid_gate_backward(nullptr, gdgate_only.get(), gdy.get(), gx.get(), ggate.get(), N, D, G, ld, nullptr);
-    EXPECT_EQ(gdx_only.download(), dx);
-    EXPECT_EQ(gdgate_only.download(), dgate);
+      Placed<cuda::bf16> gdx_only(dx0, off), gdgate_only(dgate_full0, off);
+      cuda::sigmoid_gate_backward(gdx_only.get(), nullptr, gdy.get(), gx.get(), ggate.get(), N, D, G, ld, nullptr);
+      cuda::sigmoid_gate_backward(nullptr, gdgate_only.get(), gdy.get(), gx.get(), ggate.get(), N, D, G, ld, nullptr);
+      EXPECT_EQ(gdx_only.download(), dx);
+      EXPECT_EQ(gdgate_only.download(), dgate);
 
-    cuda::sigmoid_gate_forward(gx.get(), gx.get(), ggate.get(), N, D, G, ld, nullptr);  // y == x
-    EXPECT_EQ(gx.download(), y);
+      cuda::sigmoid_gate_forward(gx.get(), gx.get(), ggate.get(), N, D, G, ld, nullptr);  // y == x
+      EXPECT_EQ(gx.download(), y);
+      y_path[off] = y, dx_path[off] = dx, dgate_path[off] = dgate;
+    }
+    EXPECT_EQ(y_path[0], y_path[1]);
+    EXPECT_EQ(dx_path[0], dx_path[1]);
+    EXPECT_EQ(dgate_path[0], dgate_path[1]);
   }
 }
 

@@ -101,12 +101,13 @@ __global__ void l2norm_backward_kernel(bf16* dx, const bf16* dy, const bf16* x, 
   const float c = r * r * r * dot;
   if constexpr (kVector) {
     for (int64_t d = 8 * threadIdx.x; d < D; d += vec::kChunk) {
-      float gv[8], xv[8], o[8];
+      float gv[8], xv[8], a[8];
       vec::load8(gv, gr + d);
       vec::load8(xv, xr + d);
+      vec::load8(a, dxr + d);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) o[e] = r * gv[e] - c * xv[e];
-      vec::add8(dxr + d, o);
+      for (int e = 0; e < 8; ++e) a[e] = a[e] + (r * gv[e] - c * xv[e]);
+      vec::store8(dxr + d, a);
     }
   } else {
     for (int64_t d = threadIdx.x; d < D; d += 32) add_to(dxr + d, r * to_f32(gr[d]) - c * to_f32(xr[d]));

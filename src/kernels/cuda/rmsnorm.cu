@@ -104,13 +104,14 @@ __global__ void rmsnorm_backward_dx_kernel(bf16* dx, const bf16* dy, const bf16*
   const float c = dot * r * r / float(D);
   if constexpr (kVector) {
     for (int64_t d = 8 * threadIdx.x; d < D; d += vec::kChunk) {
-      float gv[8], xv[8], wv[8], o[8];
+      float gv[8], xv[8], wv[8], a[8];
       vec::load8(gv, gr + d);
       vec::load8(xv, xr + d);
       vec::load8(wv, w + d);
+      vec::load8(a, dxr + d);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) o[e] = r * (gv[e] * (1.0f + wv[e]) - xv[e] * c);
-      vec::add8(dxr + d, o);
+      for (int e = 0; e < 8; ++e) a[e] = a[e] + r * (gv[e] * (1.0f + wv[e]) - xv[e] * c);
+      vec::store8(dxr + d, a);
     }
   } else {
     for (int64_t d = threadIdx.x; d < D; d += 32)

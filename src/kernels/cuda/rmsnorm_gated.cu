@@ -97,18 +97,19 @@ __global__ void rmsnorm_gated_backward_rows_kernel(bf16* dx, bf16* dz, const bf1
     for (int64_t b = 0; b < D; b += vec::kChunk) {
       const int64_t d0 = b + 8 * threadIdx.x;
       if (dz && d0 < D) {
-        float zv[8], xv[8], gv[8], wv[8], o[8];
+        float zv[8], xv[8], gv[8], wv[8], a[8];
         vec::load8(zv, zr + d0);
         vec::load8(xv, xr + d0);
         vec::load8(gv, gr + d0);
         vec::load8(wv, w + d0);
+        vec::load8(a, dz + n * D + d0);
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
           const float gw = gv[e] * wv[e];
           const float sg = sigmoid(zv[e]);
-          o[e] = gw * (xv[e] * r) * sg * (1.0f + zv[e] * (1.0f - sg));
+          a[e] = a[e] + gw * (xv[e] * r) * sg * (1.0f + zv[e] * (1.0f - sg));
         }
-        vec::add8(dz + n * D + d0, o);
+        vec::store8(dz + n * D + d0, a);
       }
       if (!dx) continue;  // uniform across the warp
       vec::stage_chunk(sz, zr, b, D);
@@ -138,17 +139,18 @@ __global__ void rmsnorm_gated_backward_rows_kernel(bf16* dx, bf16* dz, const bf1
   bf16* dxr = dx + n * D;
   if constexpr (kVector) {
     for (int64_t d = 8 * threadIdx.x; d < D; d += vec::kChunk) {
-      float zv[8], xv[8], gv[8], wv[8], o[8];
+      float zv[8], xv[8], gv[8], wv[8], a[8];
       vec::load8(zv, zr + d);
       vec::load8(xv, xr + d);
       vec::load8(gv, gr + d);
       vec::load8(wv, w + d);
+      vec::load8(a, dxr + d);
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
         const float g = gv[e] * wv[e] * zv[e] * sigmoid(zv[e]);
-        o[e] = r * g - xv[e] * c;
+        a[e] = a[e] + (r * g - xv[e] * c);
       }
-      vec::add8(dxr + d, o);
+      vec::store8(dxr + d, a);
     }
   } else {
     for (int64_t d = threadIdx.x; d < D; d += 32) {

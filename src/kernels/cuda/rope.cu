@@ -6,11 +6,19 @@
 // One thread per work item of a head row (B * S * NH rows of D): P = half + (D - rotary_dim) items per row; item
 // k < half rotates the pair (k, k + half), the others copy (forward) or add (backward) one pass-through element.
 // A thread reads both elements of its pair before writing them, so y may alias x. Grid-stride loop, 64-bit indices.
+//
+// Vector path, taken when rotary_dim % 16 == 0 and D % 8 == 0 (so half and D - rotary_dim are multiples of 8), x / y
+// (dy / dx), cos and sin are 16-byte aligned and rows * P / 8 < 2^31: the same items in groups of 8 (a thread
+// rotates pairs (k .. k + 7, k + half .. k + half + 7) or copies / adds 8 pass-through elements) with 16-byte
+// accesses and 32-bit indices, the same per-element arithmetic (bit-identical results; the forward's pass-through
+// copies the 16 bytes as they are, as the scalar path copies each element).
 #include <algorithm>
+#include <climits>
 
 #include "core/error.h"
 #include "kernels/cuda/device_utils.cuh"
 #include "kernels/cuda/elementwise.h"
+#include "kernels/cuda/vec_io.cuh"
 
 namespace nextron::cuda {
 
@@ -64,6 +72,88 @@ __global__ void rope_backward_kernel(bf16* dx, const bf16* dy, const float* cos,
   }
 }
 
+constexpr int kVec = vec::kBf16;
+
+// Vector path: total = rows * P8 groups, P8 = H8 + (D - rotary_dim) / 8, H8 = half / 8.
+__global__ void rope_forward_vec_kernel(bf16* y, const bf16* x, const float* cos, const float* sin, uint32_t total,
+                                        uint32_t S, uint32_t NH, uint32_t D, uint32_t rotary_dim) {
+  const uint32_t half = rotary_dim / 2, H8 = half / kVec, P8 = H8 + (D - rotary_dim) / kVec;
+  for (uint32_t t = blockIdx.x * blockDim.x + threadIdx.x; t < total; t += gridDim.x * blockDim.x) {
+    const uint32_t row = t / P8, k8 = t - row * P8;
+    const bf16* xr = x + int64_t(row) * D;
+    bf16* yr = y + int64_t(row) * D;
+    if (k8 < H8) {
+      const uint32_t k = k8 * kVec, s = (row / NH) % S;
+      const float* c = cos + int64_t(s) * rotary_dim;
+      const float* sn = sin + int64_t(s) * rotary_dim;
+      float x1[kVec], x2[kVec], c1[kVec], c2[kVec], s1[kVec], s2[kVec], o1[kVec], o2[kVec];
+      vec::load8(x1, xr + k);
+      vec::load8(x2, xr + k + half);
+      vec::load8(c1, c + k);
+      vec::load8(c2, c + k + half);
+      vec::load8(s1, sn + k);
+      vec::load8(s2, sn + k + half);
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        o1[e] = x1[e] * c1[e] - x2[e] * s1[e];
+        o2[e] = x2[e] * c2[e] + x1[e] * s2[e];
+      }
+      vec::store8(yr + k, o1);
+      vec::store8(yr + k + half, o2);
+    } else {
+      const uint32_t d = rotary_dim + (k8 - H8) * kVec;
+      *reinterpret_cast<uint4*>(yr + d) = *reinterpret_cast<const uint4*>(xr + d);
+    }
+  }
+}
+
+__global__ void rope_backward_vec_kernel(bf16* dx, const bf16* dy, const float* cos, const float* sin, uint32_t total,
+                                         uint32_t S, uint32_t NH, uint32_t D, uint32_t rotary_dim) {
+  const uint32_t half = rotary_dim / 2, H8 = half / kVec, P8 = H8 + (D - rotary_dim) / kVec;
+  for (uint32_t t = blockIdx.x * blockDim.x + threadIdx.x; t < total; t += gridDim.x * blockDim.x) {
+    const uint32_t row = t / P8, k8 = t - row * P8;
+    const bf16* gr = dy + int64_t(row) * D;
+    bf16* dxr = dx + int64_t(row) * D;
+    if (k8 < H8) {
+      const uint32_t k = k8 * kVec, s = (row / NH) % S;
+      const float* c = cos + int64_t(s) * rotary_dim;
+      const float* sn = sin + int64_t(s) * rotary_dim;
+      float g1[kVec], g2[kVec], c1[kVec], c2[kVec], s1[kVec], s2[kVec], o1[kVec], o2[kVec];
+      vec::load8(g1, gr + k);
+      vec::load8(g2, gr + k + half);
+      vec::load8(c1, c + k);
+      vec::load8(c2, c + k + half);
+      vec::load8(s1, sn + k);
+      vec::load8(s2, sn + k + half);
+      vec::load8(o1, dxr + k);
+      vec::load8(o2, dxr + k + half);
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        o1[e] = o1[e] + (g1[e] * c1[e] + g2[e] * s2[e]);
+        o2[e] = o2[e] + (g2[e] * c2[e] - g1[e] * s1[e]);
+      }
+      vec::store8(dxr + k, o1);
+      vec::store8(dxr + k + half, o2);
+    } else {
+      const uint32_t d = rotary_dim + (k8 - H8) * kVec;
+      float g[kVec], a[kVec];
+      vec::load8(g, gr + d);
+      vec::load8(a, dxr + d);
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) a[e] = a[e] + g[e];
+      vec::store8(dxr + d, a);
+    }
+  }
+}
+
+// Whether the vector path runs (see the top); total_groups = rows * P / 8.
+bool use_vec(int64_t rows, int64_t D, int64_t rotary_dim, const void* a, const void* b, const float* cos,
+             const float* sin) {
+  if (rotary_dim % (2 * kVec) != 0 || D % kVec != 0 || D > INT32_MAX) return false;
+  const int64_t P8 = rotary_dim / 2 / kVec + (D - rotary_dim) / kVec;
+  return rows * P8 <= INT32_MAX && vec::aligned16(a) && vec::aligned16(b) && vec::aligned16(cos) && vec::aligned16(sin);
+}
+
 void check_dims(int64_t D, int64_t rotary_dim) {
   NEXTRON_CHECK(rotary_dim >= 0 && rotary_dim % 2 == 0 && rotary_dim <= D, "rope: rotary_dim ", rotary_dim,
                 " must be even and at most head_dim ", D);
@@ -76,6 +166,13 @@ void rope_forward(bf16* y, const bf16* x, const float* cos, const float* sin, in
   check_dims(D, rotary_dim);
   const int64_t rows = B * S * NH, total = rows * (rotary_dim / 2 + D - rotary_dim);
   if (total <= 0) return;
+  if (use_vec(rows, D, rotary_dim, y, x, cos, sin)) {
+    const int64_t groups = rows * (rotary_dim / 2 / kVec + (D - rotary_dim) / kVec);
+    rope_forward_vec_kernel<<<grid_stride_blocks(groups), kThreads, 0, stream>>>(
+        y, x, cos, sin, uint32_t(groups), uint32_t(S), uint32_t(NH), uint32_t(D), uint32_t(rotary_dim));
+    NEXTRON_CUDA_LAUNCH_CHECK();
+    return;
+  }
   rope_forward_kernel<<<grid_stride_blocks(total), kThreads, 0, stream>>>(y, x, cos, sin, rows, S, NH, D, rotary_dim);
   NEXTRON_CUDA_LAUNCH_CHECK();
 }
@@ -86,6 +183,13 @@ void rope_backward(bf16* dx, const bf16* dy, const float* cos, const float* sin,
   check_dims(D, rotary_dim);
   const int64_t rows = B * S * NH, total = rows * (rotary_dim / 2 + D - rotary_dim);
   if (total <= 0) return;
+  if (use_vec(rows, D, rotary_dim, dx, dy, cos, sin)) {
+    const int64_t groups = rows * (rotary_dim / 2 / kVec + (D - rotary_dim) / kVec);
+    rope_backward_vec_kernel<<<grid_stride_blocks(groups), kThreads, 0, stream>>>(
+        dx, dy, cos, sin, uint32_t(groups), uint32_t(S), uint32_t(NH), uint32_t(D), uint32_t(rotary_dim));
+    NEXTRON_CUDA_LAUNCH_CHECK();
+    return;
+  }
   rope_backward_kernel<<<grid_stride_blocks(total), kThreads, 0, stream>>>(dx, dy, cos, sin, rows, S, NH, D,
                                                                            rotary_dim);
   NEXTRON_CUDA_LAUNCH_CHECK();

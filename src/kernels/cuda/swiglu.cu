@@ -68,14 +68,16 @@ __global__ void swiglu_backward_vec_kernel(bf16* __restrict__ dgu, const bf16* _
     vec::load8(g, gu + ig);
     vec::load8(u, gu + iu);
     vec::load8(d, dh + int64_t(t) * kVec);
+    vec::load8(dg, dgu + ig);
+    vec::load8(du, dgu + iu);
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
       const float sg = 1.0f / (1.0f + expf(-g[e]));
-      dg[e] = d[e] * u[e] * sg * (1.0f + g[e] * (1.0f - sg));
-      du[e] = d[e] * g[e] * sg;
+      dg[e] = dg[e] + d[e] * u[e] * sg * (1.0f + g[e] * (1.0f - sg));
+      du[e] = du[e] + d[e] * g[e] * sg;
     }
-    vec::add8(dgu + ig, dg);
-    vec::add8(dgu + iu, du);
+    vec::store8(dgu + ig, dg);
+    vec::store8(dgu + iu, du);
   }
 }
 

@@ -39,14 +39,10 @@ __device__ __forceinline__ void store8(float* p, const float (&v)[8]) {
   *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
   *reinterpret_cast<float4*>(p + 4) = make_float4(v[4], v[5], v[6], v[7]);
 }
-// p[e] = bf16(float(p[e]) + delta[e]) for e < 8: add_to of device_utils.cuh, eight at a time.
-__device__ __forceinline__ void add8(bf16* p, const float (&delta)[8]) {
-  float v[8];
-  load8(v, p);
-#pragma unroll
-  for (int e = 0; e < 8; ++e) v[e] = v[e] + delta[e];
-  store8(p, v);
-}
+// A vector path's accumulate (the scalar path's add_to(p, delta)) loads the old values with load8, forms
+// old + delta in one expression, as add_to's inlined body does, and stores with store8: with delta's last product
+// and the addition in one expression the compiler may contract them into one FMA on both paths alike (a delta
+// stored to an array first might not be contracted, and the two paths would round differently).
 
 // Row reductions of the norms (a warp per row, lane l summing elements l, l + 32, l + 64, ... in order) keep that
 // order on their vector path through a per-warp staging buffer of one 256-element chunk: stage_chunk loads the
