@@ -321,6 +321,15 @@ TEST(SwigluCuda, ForwardBackwardMatchCpu) {
     }
     EXPECT_EQ(h_path[0], h_path[1]);
     EXPECT_EQ(dgu_path[0], dgu_path[1]);
+    // accumulate false (the MoE experts' backward): dgu, full of other values, comes out exactly as accumulating
+    // into zeros would leave it, on both paths.
+    for (int64_t off : {0, 1}) {
+      Placed<cuda::bf16> ggu(gu, off), gdh(dh, off), zeros(std::vector<float>(N * 2 * I, 0.0f), off),
+          garbage(dgu0, off);
+      cuda::swiglu_backward(zeros.get(), gdh.get(), ggu.get(), N, I, nullptr);
+      cuda::swiglu_backward(garbage.get(), gdh.get(), ggu.get(), N, I, nullptr, /*accumulate=*/false);
+      EXPECT_EQ(garbage.download(), zeros.download()) << "offset " << off;
+    }
   }
 }
 

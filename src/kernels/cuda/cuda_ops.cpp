@@ -538,16 +538,16 @@ void CudaOps::moe_experts_backward(Tensor& dx, Tensor& dweights, MoeExpertsState
   const bool cutlass = moe_use_cutlass(moe_gemm_, moe_gemm_fallback_noted_, H, I,
                                        {w_gate_up.w_act.raw(), w_down.w_act.raw(), w_gate_up.g.raw(), w_down.g.raw()});
   if (cutlass) {
-    // dact and dxs are overwritten by the grouped GEMMs (every row belongs to an expert): no zero fill. dgu is not:
-    // swiglu_backward accumulates.
+    // dact and dxs are overwritten by the grouped GEMMs (every row belongs to an expert) and dgu by the SwiGLU
+    // backward (accumulate false): no zero fill.
     Tensor& ws = scratch(moe_gemm_ws_, cuda::grouped_gemm_workspace_bytes(E));
     const auto bytes = static_cast<int64_t>(ws.nbytes());
     const int64_t* offsets = i64p(st.expert_offsets);
     Tensor& dact = act(moe_dact_, {NK, I});
     cuda::grouped_gemm_backward(bf(dact), f(w_down.g), bf(dys), bf(h), bf(w_down.w_act), offsets, E, I, H, ws.raw(),
                                 bytes, stream_);
-    Tensor& dgu = act_zeroed(moe_dgu_, {NK, 2 * I});
-    cuda::swiglu_backward(bf(dgu), bf(dact), bf(st.gu), NK, I, stream_);
+    Tensor& dgu = act(moe_dgu_, {NK, 2 * I});
+    cuda::swiglu_backward(bf(dgu), bf(dact), bf(st.gu), NK, I, stream_, /*accumulate=*/false);
     Tensor& dxs = act(moe_dxs_, {NK, H});
     cuda::grouped_gemm_backward(bf(dxs), f(w_gate_up.g), bf(dgu), bf(st.xs), bf(w_gate_up.w_act), offsets, E, H, 2 * I,
                                 ws.raw(), bytes, stream_);
@@ -562,8 +562,8 @@ void CudaOps::moe_experts_backward(Tensor& dx, Tensor& dweights, MoeExpertsState
   // The cuBLASLt loop accumulates (beta = 1) into dact and dxs: zeroed first.
   Tensor& dact = act_zeroed(moe_dact_, {NK, I});
   blas_->grouped_backward(bf(dact), f(w_down.g), bf(dys), bf(h), bf(w_down.w_act), st.offsets.data(), E, I, H);
-  Tensor& dgu = act_zeroed(moe_dgu_, {NK, 2 * I});
-  cuda::swiglu_backward(bf(dgu), bf(dact), bf(st.gu), NK, I, stream_);
+  Tensor& dgu = act(moe_dgu_, {NK, 2 * I});
+  cuda::swiglu_backward(bf(dgu), bf(dact), bf(st.gu), NK, I, stream_, /*accumulate=*/false);
   Tensor& dxs = act_zeroed(moe_dxs_, {NK, H});
   blas_->grouped_backward(bf(dxs), f(w_gate_up.g), bf(dgu), bf(st.xs), bf(w_gate_up.w_act), st.offsets.data(), E, H,
                           2 * I);

@@ -47,7 +47,9 @@ void sigmoid_gate_backward(bf16* dx, bf16* dgate, const bf16* dy, const bf16* x,
 // h = silu(gate) * up; gu: (N, 2I) rows [gate | up] bf16; h: (N, I) bf16, overwritten.
 void swiglu_forward(bf16* h, const bf16* gu, int64_t N, int64_t I, cudaStream_t stream);
 // Accumulates dgu (N, 2I) from dh (N, I).
-void swiglu_backward(bf16* dgu, const bf16* dh, const bf16* gu, int64_t N, int64_t I, cudaStream_t stream);
+// accumulate false: dgu is overwritten (not read), as accumulating into zeros would leave it, bit for bit.
+void swiglu_backward(bf16* dgu, const bf16* dh, const bf16* gu, int64_t N, int64_t I, cudaStream_t stream,
+                     bool accumulate = true);
 
 // The embedding table holds V_local rows, the ids [vocab_begin, vocab_begin + V_local) of a vocabulary of V_full ids
 // (kernels/vocab_shard.h: begin 0, V_local = V_full for the whole vocabulary; one TP rank's slice otherwise).

@@ -5,7 +5,9 @@
 // multiple of 8, every pointer is 16-byte aligned and N I / 8 < 2^31: one thread per group of 8 consecutive
 // elements of a row (grid-stride over the groups with 32-bit indices), each of gate, up, h, dh and both dgu halves
 // moved as one 16-byte access. The per-element arithmetic is the same on both paths (bit-identical results). The
-// backward writes both halves of dgu for its elements, so no two threads touch the same gradient.
+// backward writes both halves of dgu for its elements, so no two threads touch the same gradient. With accumulate
+// false it overwrites dgu with 0 + the gradient (bit-identical to accumulating into zeros, the sign of a zero
+// included) without reading it: the MoE experts' backward needs no zero fill of its (N K, 2I) buffer.
 #include <algorithm>
 #include <climits>
 
@@ -30,15 +32,21 @@ __global__ void swiglu_forward_kernel(bf16* h, const bf16* gu, int64_t N, int64_
 }
 
 // dgate += dh up silu'(gate), silu'(g) = sg (1 + g (1 - sg)); dup += dh silu(gate).
-__global__ void swiglu_backward_kernel(bf16* dgu, const bf16* dh, const bf16* gu, int64_t N, int64_t I) {
+__global__ void swiglu_backward_kernel(bf16* dgu, const bf16* dh, const bf16* gu, int64_t N, int64_t I,
+                                       bool accumulate) {
   const int64_t total = N * I;
   for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < total; t += int64_t(gridDim.x) * blockDim.x) {
     const int64_t n = t / I, i = t % I;
     const int64_t ig = n * 2 * I + i, iu = ig + I;
     const float g = to_f32(gu[ig]), u = to_f32(gu[iu]), d = to_f32(dh[t]);
     const float sg = 1.0f / (1.0f + expf(-g));
-    add_to(dgu + ig, d * u * sg * (1.0f + g * (1.0f - sg)));
-    add_to(dgu + iu, d * g * sg);
+    if (accumulate) {
+      add_to(dgu + ig, d * u * sg * (1.0f + g * (1.0f - sg)));
+      add_to(dgu + iu, d * g * sg);
+    } else {
+      dgu[ig] = to_bf16(0.0f + d * u * sg * (1.0f + g * (1.0f - sg)));
+      dgu[iu] = to_bf16(0.0f + d * g * sg);
+    }
   }
 }
 
@@ -60,7 +68,8 @@ __global__ void swiglu_forward_vec_kernel(bf16* __restrict__ h, const bf16* __re
 }
 
 __global__ void swiglu_backward_vec_kernel(bf16* __restrict__ dgu, const bf16* __restrict__ dh,
-                                           const bf16* __restrict__ gu, uint32_t total, uint32_t G, int64_t I) {
+                                           const bf16* __restrict__ gu, uint32_t total, uint32_t G, int64_t I,
+                                           bool accumulate) {
   for (uint32_t t = blockIdx.x * blockDim.x + threadIdx.x; t < total; t += gridDim.x * blockDim.x) {
     const uint32_t n = t / G, i = (t - n * G) * kVec;
     const int64_t ig = int64_t(n) * 2 * I + i, iu = ig + I;
@@ -68,8 +77,13 @@ __global__ void swiglu_backward_vec_kernel(bf16* __restrict__ dgu, const bf16* _
     vec::load8(g, gu + ig);
     vec::load8(u, gu + iu);
     vec::load8(d, dh + int64_t(t) * kVec);
-    vec::load8(dg, dgu + ig);
-    vec::load8(du, dgu + iu);
+    if (accumulate) {
+      vec::load8(dg, dgu + ig);
+      vec::load8(du, dgu + iu);
+    } else {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) dg[e] = du[e] = 0.0f;
+    }
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
       const float sg = 1.0f / (1.0f + expf(-g[e]));
@@ -103,17 +117,18 @@ void swiglu_forward(bf16* h, const bf16* gu, int64_t N, int64_t I, cudaStream_t 
   NEXTRON_CUDA_LAUNCH_CHECK();
 }
 
-void swiglu_backward(bf16* dgu, const bf16* dh, const bf16* gu, int64_t N, int64_t I, cudaStream_t stream) {
+void swiglu_backward(bf16* dgu, const bf16* dh, const bf16* gu, int64_t N, int64_t I, cudaStream_t stream,
+                     bool accumulate) {
   const int64_t total = N * I;
   if (!dgu || total <= 0) return;
   if (use_vec(N, I, dgu, dh, gu)) {
     const int64_t groups = total / kVec;
     swiglu_backward_vec_kernel<<<grid_stride_blocks(groups), kThreads, 0, stream>>>(dgu, dh, gu, uint32_t(groups),
-                                                                                    uint32_t(I / kVec), I);
+                                                                                    uint32_t(I / kVec), I, accumulate);
     NEXTRON_CUDA_LAUNCH_CHECK();
     return;
   }
-  swiglu_backward_kernel<<<grid_stride_blocks(total), kThreads, 0, stream>>>(dgu, dh, gu, N, I);
+  swiglu_backward_kernel<<<grid_stride_blocks(total), kThreads, 0, stream>>>(dgu, dh, gu, N, I, accumulate);
   NEXTRON_CUDA_LAUNCH_CHECK();
 }
 
