@@ -34,26 +34,7 @@ __global__ void rmsnorm_gated_forward_kernel(bf16* y, float* rstd, const bf16* x
   const bf16* xr = x + n * D;
   const bf16* zr = z + n * D;
   bf16* yr = y + n * D;
-  float ss = 0.0f;
-  if constexpr (kVector) {
-    uint4* s = stage[threadIdx.y];
-    for (int64_t b = 0; b < D; b += vec::kChunk) {
-      vec::stage_chunk(s, xr, b, D);
-      __syncwarp();
-      for (int m = 0; m < 8; ++m) {
-        if (b + threadIdx.x + 32 * m >= D) break;
-        const float v = vec::staged(s, threadIdx.x + 32 * m);
-        ss += v * v;
-      }
-      __syncwarp();
-    }
-  } else {
-    for (int64_t d = threadIdx.x; d < D; d += 32) {
-      const float v = to_f32(xr[d]);
-      ss += v * v;
-    }
-  }
-  ss = warp_sum(ss);
+  const float ss = warp_sum(vec::lane_sum_squares<kVector>(stage[threadIdx.y], xr, D));
   const float r = 1.0f / sqrtf(ss / float(D) + eps);
   if (threadIdx.x == 0) rstd[n] = r;
   if constexpr (kVector) {

@@ -56,4 +56,31 @@ __device__ __forceinline__ void stage_chunk(uint4* s, const bf16* row, int64_t b
 }
 __device__ __forceinline__ float staged(const uint4* s, int k) { return to_f32(reinterpret_cast<const bf16*>(s)[k]); }
 
+// This lane's share of the sum of squares of row xr (D elements), in the scalar path's order (elements lane,
+// lane + 32, ...), through the warp's staging buffer s on the vector path; the caller's warp_sum completes it. The
+// forward of every norm starts with it.
+template <bool kVector>
+__device__ __forceinline__ float lane_sum_squares(uint4* s, const bf16* xr, int64_t D) {
+  const int lane = threadIdx.x & 31;
+  float ss = 0.0f;
+  if constexpr (kVector) {
+    for (int64_t b = 0; b < D; b += kChunk) {
+      stage_chunk(s, xr, b, D);
+      __syncwarp();
+      for (int m = 0; m < 8; ++m) {
+        if (b + lane + 32 * m >= D) break;
+        const float v = staged(s, lane + 32 * m);
+        ss += v * v;
+      }
+      __syncwarp();
+    }
+  } else {
+    for (int64_t d = lane; d < D; d += 32) {
+      const float v = to_f32(xr[d]);
+      ss += v * v;
+    }
+  }
+  return ss;
+}
+
 }  // namespace nextron::cuda::vec
