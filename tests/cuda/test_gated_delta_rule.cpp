@@ -376,6 +376,18 @@ TEST(GatedDeltaRuleCuda, HbmTrafficAccount) {
   EXPECT_DOUBLE_EQ(bwd, double(cuda::gated_delta_rule_backward_hbm_bytes(s)) / unit);
   EXPECT_LE(fwd, 24.27);
   EXPECT_LE(bwd, 67.15);
+  // An independent floor: each tensor of the op's contract moved once (inputs read, outputs written, accumulated
+  // gradients read and written; the account assumes every optional state is given). An account below it has
+  // left a kernel's traffic out.
+  const double tok = double(s.B * s.S), state = double(s.B * s.Hv * s.dk * s.dv) * 4;
+  const double qk = tok * s.Hk * s.dk * 2, vo = tok * s.Hv * s.dv * 2, gate = tok * s.Hv * 4;
+  const double fwd_floor = (2 * qk + vo + 2 * gate + vo + 2 * state) / unit;  // q k v g beta, o; h0, ht
+  const double bwd_floor = (2 * qk + vo + 2 * gate + vo + 2 * state           // q k v g beta d_o; h0 dht
+                            + 2 * (2 * qk + vo + 2 * gate) + 2 * state) /
+                           unit;  // dq dk dv dg dbeta dh0 (+=)
+  std::printf("[gdr hbm] floors: forward %.2f, backward %.2f units\n", fwd_floor, bwd_floor);
+  EXPECT_GE(fwd, fwd_floor);
+  EXPECT_GE(bwd, bwd_floor);
   std::fflush(stdout);
 }
 
