@@ -128,12 +128,12 @@ double causal_pairs(double Sq, double Sk) { return Sq * (Sk - Sq) + Sq * (Sq + 1
 // ===============================================================================================================
 
 void CountingOps::upload(Tensor& dst, const void* host, size_t bytes) const {
-  // A host -> device copy: no kernel and no wait (CudaOps::upload stages the bytes in pinned memory and copies
-  // asynchronously; its ring waits once per wrap, every few hundred steps, which is not counted); its bytes cross
-  // PCIe, not HBM, so they are kept apart.
+  // A host -> device copy: no kernel and no wait up to kStagedUploadBytes (CudaOps::upload stages the bytes in
+  // pinned memory and copies asynchronously; its ring waits once per wrap, every few hundred steps, which is not
+  // counted), one wait above (weights at load time); its bytes cross PCIe, not HBM, so they are kept apart.
   Cost c;
   c.launches = 0;
-  c.syncs = 0;
+  c.syncs = bytes > kStagedUploadBytes ? 1 : 0;
   c.host_bytes = static_cast<double>(bytes);
   record("upload", c, [&] { inner_->upload(dst, host, bytes); });
 }

@@ -70,9 +70,11 @@ class Ops {
   Tensor& f32_zeroed(Tensor& t, const Shape& shape) const;
   Tensor& ensure(Tensor& t, const Shape& shape, DType dtype) const;
   void zero(Tensor& t) const;
-  // Host data into a device tensor of the backend (same dtype and element count) and back. upload() does not wait
-  // for the device (the CUDA backend stages the bytes in pinned memory): the host buffer is free when it returns.
-  // download() waits: the bytes are on the host when it returns.
+  // Host data into a device tensor of the backend (same dtype and element count) and back. The host buffer is free
+  // when upload() returns; an upload of at most kStagedUploadBytes does not wait for the device (the CUDA backend
+  // stages it in pinned memory), a larger one (weights at load time) does, so that no model-sized pinned buffer is
+  // kept. download() waits: the bytes are on the host when it returns.
+  static constexpr size_t kStagedUploadBytes = size_t{16} << 20;
   virtual void upload(Tensor& dst, const void* host, size_t bytes) const = 0;
   virtual void download(void* host, const Tensor& src, size_t bytes) const = 0;
 

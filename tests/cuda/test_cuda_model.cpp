@@ -239,6 +239,17 @@ TEST(CudaOpsReads, DeferredReadsAndStagedUploads) {
   }
   ops.resolve_reads();
   for (int round = 0; round < 16; ++round) EXPECT_EQ(got[round], static_cast<float>(round)) << "upload " << round;
+  // Above Ops::kStagedUploadBytes an upload is a plain copy and a wait (no pinned copy of weights is kept).
+  {
+    std::vector<float> weights((Ops::kStagedUploadBytes / 4) + 1000, 3.0f);
+    Tensor w;
+    ops.upload(ops.f32(w, {static_cast<int64_t>(weights.size())}), weights.data(), weights.size() * 4);
+    std::fill(weights.begin(), weights.end(), -1.0f);
+    float last_w = 0;
+    ops.read_later(&last_w, Tensor::view_of(w, static_cast<int64_t>(weights.size()) - 1, {1}), 4);
+    ops.resolve_reads();
+    EXPECT_EQ(last_w, 3.0f);
+  }
   std::vector<float> big(3 << 18, 5.0f);
   Tensor c;
   ops.upload(ops.f32(c, {static_cast<int64_t>(big.size())}), big.data(), big.size() * sizeof(float));

@@ -146,6 +146,20 @@ TEST(OpCounts, LinearForwardMatchesClosedForm) {
 }
 
 // An elementwise add of n elements reads two and writes one bf16 tensor: 3 n 2 bytes, n FLOPs.
+// Uploads: a staged one (a step's token ids) does not wait, one above Ops::kStagedUploadBytes (weights at load
+// time) does; the bytes arrive either way.
+TEST(OpCounts, OnlyLargeUploadsWait) {
+  auto ops = counting_cpu();
+  Tensor small = Tensor::zeros({16}), large = Tensor::zeros({static_cast<int64_t>(Ops::kStagedUploadBytes / 4) + 1});
+  const std::vector<float> host(static_cast<size_t>(large.numel()), 1.0f);
+  ops->upload(small, host.data(), small.nbytes());
+  EXPECT_EQ(ops->host_syncs(), 0);
+  ops->upload(large, host.data(), large.nbytes());
+  EXPECT_EQ(ops->host_syncs(), 1);
+  EXPECT_EQ(small.f32()[15], 1.0f);
+  EXPECT_EQ(large.f32()[large.numel() - 1], 1.0f);
+}
+
 TEST(OpCounts, AddMatchesClosedForm) {
   const int64_t n = 1000;
   auto ops = counting_cpu();

@@ -143,10 +143,15 @@ Tensor& CudaOps::scratch(Tensor& t, int64_t bytes) const {
 void CudaOps::upload(Tensor& dst, const void* host, size_t bytes) const {
   NEXTRON_ASSERT(bytes <= dst.nbytes());
   if (bytes == 0) return;
+  if (bytes > kStagedUploadBytes) {  // weights at load time: copy and wait, with no pinned copy of them kept
+    NEXTRON_CUDA_CHECK(cudaMemcpyAsync(dst.raw(), host, bytes, cudaMemcpyHostToDevice, stream_));
+    synchronize();
+    return;
+  }
   // The caller may reuse `host` at once: its bytes go to pinned staging memory first, from which the copy runs
-  // asynchronously. Staging is a ring (1 MiB at least, grown to the largest upload): the bytes from staging_head_
-  // on are free unless the ring wraps, and then every earlier copy must have left it (one wait per wrap: a step
-  // uploads kilobytes, so that is once in hundreds of steps).
+  // asynchronously. Staging is a ring (1 MiB at least, grown to the largest staged upload, at most
+  // kStagedUploadBytes): the bytes from staging_head_ on are free unless the ring wraps, and then every earlier copy
+  // must have left it (one wait per wrap: a step uploads kilobytes, so that is once in hundreds of steps).
   const size_t need = (bytes + 255) & ~size_t{255};
   if (need > staging_capacity_) {
     NEXTRON_CUDA_CHECK(cudaEventSynchronize(staging_event_));
