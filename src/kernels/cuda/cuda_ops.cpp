@@ -73,10 +73,9 @@ struct CudaMoeState final : MoeExpertsState {
 // Whether a MoE layer's products (hidden H, expert intermediate I) run through the CUTLASS grouped GEMM
 // (CudaOpsOptions::moe_gemm), else through one cuBLASLt GEMM per expert; a fallback of the cutlass option is
 // reported once per backend.
-bool moe_use_cutlass(CudaOpsOptions::MoeGemm mode, bool& noted, int64_t H, int64_t I,
+bool moe_use_cutlass(CudaOpsOptions::MoeGemm mode, bool device, bool& noted, int64_t H, int64_t I,
                      std::initializer_list<const void*> pointers) {
   if (mode != CudaOpsOptions::MoeGemm::cutlass) return false;
-  const bool device = cuda::grouped_gemm_device_supported();
   if (device && cuda::grouped_gemm_shapes_supported(H, I, pointers)) return true;
   if (!noted) {
     noted = true;
@@ -112,6 +111,7 @@ CudaOps::CudaOps(int device, CudaOpsOptions options) : device_(device), moe_gemm
   attention_ = std::make_unique<cuda::FusedAttention>(
       stream_, cuda::AttentionOptions{.deterministic_backward = options.deterministic});
   i64(flag_, {2});
+  moe_gemm_device_ = cuda::grouped_gemm_device_supported();  // asked once, not per MoE layer
   NEXTRON_CUDA_CHECK(cudaEventCreateWithFlags(&staging_event_, cudaEventDisableTiming));
 }
 
@@ -498,7 +498,7 @@ void CudaOps::moe_experts_forward(Tensor& y, MoeExpertsState& state, const Tenso
   fill_zero(st.bad);
   cuda::moe_dispatch_build(i64p(st.expert_offsets), i32p(st.slot_token), i32p(st.slot_of), i32p(indices), N, K, E,
                            i32p(st.bad), stream_);
-  const bool cutlass = moe_use_cutlass(moe_gemm_, moe_gemm_fallback_noted_, H, I,
+  const bool cutlass = moe_use_cutlass(moe_gemm_, moe_gemm_device_, moe_gemm_fallback_noted_, H, I,
                                        {w_gate_up.w_act.raw(), w_down.w_act.raw(), w_gate_up.g.raw(), w_down.g.raw()});
   // The CUTLASS grouped GEMM reads the device offsets; the cuBLASLt loop takes them on the host (a stream sync).
   st.host_offsets = !cutlass;
@@ -540,7 +540,7 @@ void CudaOps::moe_experts_backward(Tensor& dx, Tensor& dweights, MoeExpertsState
                                stream_);
   if (st.recompute_act) cuda::swiglu_forward(bf(act(moe_act_scratch_, {NK, I})), bf(st.gu), NK, I, stream_);
   const Tensor& h = st.recompute_act ? moe_act_scratch_ : st.act;
-  const bool cutlass = moe_use_cutlass(moe_gemm_, moe_gemm_fallback_noted_, H, I,
+  const bool cutlass = moe_use_cutlass(moe_gemm_, moe_gemm_device_, moe_gemm_fallback_noted_, H, I,
                                        {w_gate_up.w_act.raw(), w_down.w_act.raw(), w_gate_up.g.raw(), w_down.g.raw()});
   if (cutlass) {
     // dact and dxs are overwritten by the grouped GEMMs (every row belongs to an expert) and dgu by the SwiGLU

@@ -198,6 +198,7 @@ class CudaOps final : public Ops {
   // CUTLASS's own), the option, and whether the cutlass option's fallback to the cuBLASLt loop was reported.
   Tensor moe_gemm_ws_;
   CudaOpsOptions::MoeGemm moe_gemm_ = CudaOpsOptions::MoeGemm::cutlass;
+  bool moe_gemm_device_ = false;  // the GPU runs the CUTLASS grouped GEMM (sm_90)
   bool moe_gemm_fallback_noted_ = false;
 };
 
