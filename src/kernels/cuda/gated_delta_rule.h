@@ -35,19 +35,24 @@ void gated_delta_rule_backward(bf16* dq, bf16* dk, bf16* dv, float* dg, float* d
                                float scale, void* workspace, cudaStream_t stream);
 
 // HBM traffic account: the global-memory bytes each kernel of the forward / backward reads and writes as the code
-// is written (every block's loads counted, even where the L2 cache would serve a re-read; inputs, workspace
-// intermediates and outputs), with every optional pointer given (initial / final state and their gradients, all
-// gradients). For head dims that are not multiples of 16, the account of the padded shape (the pad / unpad copies
-// of gated_delta_rule.cu not included). The per-kernel tables are next to the kernels (gated_delta_rule_fwd.cu,
+// is written, with every optional pointer given (initial / final state and their gradients, all gradients), in two
+// measures:
+//   read_bytes / write_bytes: every block's loads and stores counted, even where the L2 cache would serve a re-read
+//     (the same k rows loaded by each value head's block, the same W rows by each column-tile block of dv);
+//   distinct_read_bytes / distinct_write_bytes: each tensor region the kernel touches counted once (what HBM moves
+//     if every re-read within the kernel hits L2; across kernels, everything counts again).
+// For head dims that are not multiples of 16, the account of the padded shape (the pad / unpad copies of
+// gated_delta_rule.cu not included). The per-kernel tables are next to the kernels (gated_delta_rule_fwd.cu,
 // gated_delta_rule_bwd.cu); the totals and the before / after figures are in docs/cuda.md.
 struct GdrKernelTraffic {
   const char* kernel;
   size_t read_bytes, write_bytes;
+  size_t distinct_read_bytes, distinct_write_bytes;
 };
 std::vector<GdrKernelTraffic> gated_delta_rule_forward_hbm_account(const GdrShape& s);
 std::vector<GdrKernelTraffic> gated_delta_rule_backward_hbm_account(const GdrShape& s);
-size_t gated_delta_rule_forward_hbm_bytes(const GdrShape& s);   // sum of the forward account
-size_t gated_delta_rule_backward_hbm_bytes(const GdrShape& s);  // sum of the backward account
+size_t gated_delta_rule_forward_hbm_bytes(const GdrShape& s);   // sum of the forward account (block loads)
+size_t gated_delta_rule_backward_hbm_bytes(const GdrShape& s);  // sum of the backward account (block loads)
 
 // One decoding step (generation; kernels/cuda/gated_delta_rule_step.cu): q, k (B, Hk, dk), v, o (B, Hv, dv) bf16;
 // g, beta (B, Hv) fp32; state (B, Hv, dk, dv) fp32 is read and overwritten with the state after the token. dk <= 256.

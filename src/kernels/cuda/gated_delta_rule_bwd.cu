@@ -113,10 +113,16 @@ struct StateBackSmem {
   }
 };
 
+// The column tile of dv of one block (state_tile): 64 at dk <= 128 (156 KB of shared memory at dk = dv = 128: one
+// block per SM, hence no second block in __launch_bounds__), else 32 (dk = 256: 188 KB) or 16.
+int state_backward_tile(int dk, int dv) {
+  return state_tile(dv, [dk](int bv) { return StateBackSmem(0, dk, bv).bytes; });
+}
+
 // One block per (bh, column tile [v0, v0 + bv) of dv), chunks in reverse order. Prefetch as in the forward state
 // kernel: K, dVl, dO of chunk c - 1 (read in the first phase) load during the second product of chunk c; Q, W
 // (read by the second product) during the first phase of chunk c - 1.
-__global__ void __launch_bounds__(kThreads, 2) state_backward_kernel(const Params p, int bv) {
+__global__ void __launch_bounds__(kThreads, 1) state_backward_kernel(const Params p, int bv) {
   const int nvt = p.dv / bv;
   const int64_t bh = blockIdx.x / nvt;
   const int v0 = int(blockIdx.x % nvt) * bv;
@@ -600,8 +606,9 @@ unsigned elementwise_grid(int64_t n) { return unsigned(std::min<int64_t>(ceil_di
 }  // namespace
 
 // HBM traffic of the backward's own kernels (after prepare and state forward, accounted in
-// gated_delta_rule_fwd.cu), as the code reads and writes. N = BH * S, Nk = B * S * Hk, states = BH * NC * dk * dv,
-// state = BH * dk * dv; nvs = dv / state_tile, nvt = ceil(dv / 64), NK = ceil(dk / 64):
+// gated_delta_rule_fwd.cu), as the code reads and writes (gated_delta_rule.h). N = BH * S, Nk = B * S * Hk,
+// states = BH * NC * dk * dv, state = BH * dk * dv; nvs = dv / state_backward_tile, nvt = ceil(dv / 64),
+// NK = ceil(dk / 64). Block loads (every block's, L2 hits or not):
 //   kernel      reads                                                           writes
 //   dvlocal     (q 2N dk + k 2N dk + Gc 4N) nvt, dO 2N dv                         dVl 4N dv
 //   state back  (k + q + W 2N dk each + Gc 4N) nvs, dVl 4N dv, dO 2N dv,        dH 2 states, dVn 2N dv,
@@ -611,23 +618,36 @@ unsigned elementwise_grid(int64_t n) { return unsigned(std::min<int64_t>(ceil_di
 //   wy          k 2 Nk dk (once per key head), Gc 4N, beta 4N, dVn, U, v 2N dv   dv 2N dv, dbeta 4N, dg 4N,
 //               each, dv 2N dv, dW, W 2N dk each, dKp 4N dk, dGp 4N NK,          dk 2 Nk dk
 //               dbeta 4N, dg 4N, dk 2 Nk dk
+// Distinct bytes: the same with every tensor counted once per kernel (no nvt / nvs / NK factors, q and k Nk rows).
 // (Before the traffic work dqk and wy ran per value head, with dq and dk summed over the head group by a separate
 // reduce kernel from fp32 partials, and wy added its two dk terms to dKp by read-modify-writes: 80.64 units of the
-// (B, S, Hv, dv) bf16 tensor at the issue's shape, against 67.14 now; docs/cuda.md.)
+// (B, S, Hv, dv) bf16 tensor at the issue's shape, against 67.14 after it; docs/cuda.md.)
 void backward_traffic(const Params& p, std::vector<GdrKernelTraffic>& rows) {
   const size_t N = size_t(p.BH) * size_t(p.S), Nk = size_t(p.B) * size_t(p.S) * size_t(p.Hk);
   const size_t dk = size_t(p.dk), dv = size_t(p.dv), NK = size_t(p.NK);
   const size_t states = size_t(p.BH) * size_t(p.NC) * dk * dv, state = size_t(p.BH) * dk * dv;
-  const size_t nvs = size_t(p.dv / state_tile(p.dv)), nvt = size_t(ceil_div(p.dv, kTile));
-  rows.push_back({"dvlocal", (2 * N * dk + 2 * N * dk + 4 * N) * nvt + 2 * N * dv, 4 * N * dv});
-  rows.push_back({"state backward", (3 * 2 * N * dk + 4 * N) * nvs + 4 * N * dv + 2 * N * dv + 8 * state,
-                  2 * states + 2 * N * dv + 4 * state});
-  rows.push_back({"dqk", 2 * 2 * Nk * dk + (4 * N + 3 * 2 * N * dv) * NK + 2 * 2 * states + 2 * Nk * dk,
-                  4 * N * dk + 2 * N * dk + 4 * N * NK + 2 * Nk * dk});
-  rows.push_back({"wy",
-                  2 * Nk * dk + 8 * N + 3 * 2 * N * dv + 2 * N * dv + 2 * 2 * N * dk + 4 * N * dk + 4 * N * NK + 8 * N +
-                      2 * Nk * dk,
-                  2 * N * dv + 8 * N + 2 * Nk * dk});
+  const size_t nvs = size_t(p.dv / state_backward_tile(p.dk, p.dv)), nvt = size_t(ceil_div(p.dv, kTile));
+  const size_t qk = 2 * Nk * dk;  // q or k, once
+  // dvlocal
+  rows.push_back({"dvlocal", (2 * N * dk + 2 * N * dk + 4 * N) * nvt + 2 * N * dv, 4 * N * dv,
+                  qk + qk + 4 * N + 2 * N * dv, 4 * N * dv});
+  // state backward
+  {
+    const size_t once = 4 * N * dv + 2 * N * dv + 8 * state, w = 2 * states + 2 * N * dv + 4 * state;
+    rows.push_back(
+        {"state backward", (3 * 2 * N * dk + 4 * N) * nvs + once, w, qk + qk + 2 * N * dk + 4 * N + once, w});
+  }
+  // dqk
+  {
+    const size_t once = qk + qk + 2 * 2 * states + qk, w = 4 * N * dk + 2 * N * dk + 4 * N * NK + qk;
+    rows.push_back({"dqk", once + (4 * N + 3 * 2 * N * dv) * NK, w, once + 4 * N + 3 * 2 * N * dv, w});
+  }
+  // wy
+  {
+    const size_t r = qk + 8 * N + 3 * 2 * N * dv + 2 * N * dv + 2 * 2 * N * dk + 4 * N * dk + 4 * N * NK + 8 * N + qk;
+    const size_t w = 2 * N * dv + 8 * N + qk;
+    rows.push_back({"wy", r, w, r, w});
+  }
 }
 
 }  // namespace gdr
@@ -687,7 +707,7 @@ void gdr::backward_aligned(bf16* dq, bf16* dk, bf16* dv, float* dg, float* dbeta
     NEXTRON_CUDA_LAUNCH_CHECK();
   }
   {
-    const int bv = state_tile(p.dv);
+    const int bv = state_backward_tile(p.dk, p.dv);
     const size_t bytes = StateBackSmem(0, p.dk, bv).bytes;
     allow_smem(reinterpret_cast<const void*>(&state_backward_kernel), bytes, "gated_delta_rule_backward (state)");
     state_backward_kernel<<<unsigned(p.BH * (p.dv / bv)), kThreads, bytes, stream>>>(p, bv);

@@ -15,7 +15,8 @@
 // elementwise, the gates, T and the carried state in fp32):
 //   1. prepare  (grid BH * NC): G, M (one 64 x 64 x dk product), T by blocked forward substitution in fp32 shared
 //      memory, then W and U (bf16) into the workspace.
-//   2. state    (grid BH * dv / bv, bv = 32 or 16): one block carries the fp32 state tile h (dk x bv) through the
+//   2. state    (grid BH * dv / bv, bv = 64, 32 or 16: state_tile): one block carries the fp32 state tile h (dk x bv)
+//   through the
 //      chunks in order: writes h_c (bf16, the operand of the output kernel and the backward), Vn = U - W h_c, and
 //      h <- e^{G_last} h + K^T (dec .* Vn); the final state leaves in fp32. The next chunk's tiles are prefetched
 //      with cp.async while the current one is multiplied (this pass is the latency-bound part).
@@ -144,6 +145,8 @@ struct StateSmem {
 };
 
 // One block per (bh, column tile [v0, v0 + bv) of dv), chunks in order: writes H and Vn, and ht when asked.
+// bv = 64 at dk = dv = 128 (113 KB of shared memory: two blocks fit an SM's 228 KB, hence the 2 of
+// __launch_bounds__; at B = 2, Hv = 32 there are only 128 blocks, one per SM), 197 KB at dk = 256 (one per SM).
 // Loads are prefetched with cp.async one phase ahead, staggered so that single buffers suffice: W_{c+1} and U_{c+1}
 // (read by the first product) load during the second product of chunk c, K_{c+1} (read by the second) during the
 // first product of chunk c + 1; the next chunk's gates come through registers.
@@ -329,21 +332,32 @@ size_t carve_workspace(Params& p, void* base) {
   return off;
 }
 
-// HBM traffic of the forward's kernels, as the code reads and writes (N = BH * S rows of the workspace and of
-// the per-value-head q / k reads, states = BH * NC * dk * dv; nvs = dv / state_tile column tiles of the state
-// kernel, nvo = ceil(dv / 64) of the output kernel; every block's loads count, L2 hits or not):
+// HBM traffic of the forward's kernels, as the code reads and writes (gated_delta_rule.h). N = BH * S rows of the
+// workspace, Nk = B * S * Hk rows of q / k, states = BH * NC * dk * dv, state = BH * dk * dv; nvs = dv /
+// state_forward_tile column tiles of the state kernel, nvo = ceil(dv / 64) of the output kernel.
+// Block loads (every block's, L2 hits or not); k and q are read per value head, i.e. N rows:
 //   kernel   reads                                                          writes
 //   prepare  g 4N, beta 4N, k 2N dk, v 2N dv                                 Gc 4N, W 2N dk, U 2N dv
-//   state    (W 2N dk + k 2N dk + Gc 4N) nvs, U 2N dv, h0 4 BH dk dv         H 2 states, Vn 2N dv, ht 4 BH dk dv
+//   state    (W 2N dk + k 2N dk + Gc 4N) nvs, U 2N dv, h0 4 state            H 2 states, Vn 2N dv, ht 4 state
 //   output   (q 2N dk + k 2N dk + Gc 4N) nvo, H 2 states, Vn 2N dv           o 2N dv
+// Distinct bytes: the same with every tensor counted once per kernel: no nvs / nvo factors, q and k Nk rows.
 void forward_traffic(const Params& p, bool final_state, bool output, std::vector<GdrKernelTraffic>& rows) {
-  const size_t N = size_t(p.BH) * size_t(p.S), dk = size_t(p.dk), dv = size_t(p.dv);
+  const size_t N = size_t(p.BH) * size_t(p.S), Nk = size_t(p.B) * size_t(p.S) * size_t(p.Hk);
+  const size_t dk = size_t(p.dk), dv = size_t(p.dv);
   const size_t states = size_t(p.BH) * size_t(p.NC) * dk * dv, state = size_t(p.BH) * dk * dv;
-  const size_t nvs = size_t(p.dv / state_tile(p.dv)), nvo = size_t(ceil_div(p.dv, output_tile(p.dv)));
-  rows.push_back({"prepare", 4 * N + 4 * N + 2 * N * dk + 2 * N * dv, 4 * N + 2 * N * dk + 2 * N * dv});
+  const size_t nvs = size_t(p.dv / state_forward_tile(p.dk, p.dv)), nvo = size_t(ceil_div(p.dv, output_tile(p.dv)));
+  const size_t ht = final_state ? 4 * state : 0;
+  // prepare
+  rows.push_back({"prepare", 4 * N + 4 * N + 2 * N * dk + 2 * N * dv, 4 * N + 2 * N * dk + 2 * N * dv,
+                  4 * N + 4 * N + 2 * Nk * dk + 2 * N * dv, 4 * N + 2 * N * dk + 2 * N * dv});
+  // state forward
   rows.push_back({"state forward", (2 * N * dk + 2 * N * dk + 4 * N) * nvs + 2 * N * dv + 4 * state,
-                  2 * states + 2 * N * dv + (final_state ? 4 * state : 0)});
-  if (output) rows.push_back({"output", (2 * N * dk + 2 * N * dk + 4 * N) * nvo + 2 * states + 2 * N * dv, 2 * N * dv});
+                  2 * states + 2 * N * dv + ht, 2 * N * dk + 2 * Nk * dk + 4 * N + 2 * N * dv + 4 * state,
+                  2 * states + 2 * N * dv + ht});
+  // output
+  if (output)
+    rows.push_back({"output", (2 * N * dk + 2 * N * dk + 4 * N) * nvo + 2 * states + 2 * N * dv, 2 * N * dv,
+                    2 * Nk * dk + 2 * Nk * dk + 4 * N + 2 * states + 2 * N * dv, 2 * N * dv});
 }
 
 void launch_prepare(const Params& p, cudaStream_t stream) {
@@ -353,8 +367,12 @@ void launch_prepare(const Params& p, cudaStream_t stream) {
   NEXTRON_CUDA_LAUNCH_CHECK();
 }
 
+int state_forward_tile(int dk, int dv) {
+  return state_tile(dv, [dk](int bv) { return StateSmem(0, dk, bv).bytes; });
+}
+
 void launch_state_forward(const Params& p, cudaStream_t stream) {
-  const int bv = state_tile(p.dv);
+  const int bv = state_forward_tile(p.dk, p.dv);
   const size_t bytes = StateSmem(0, p.dk, bv).bytes;
   allow_smem(reinterpret_cast<const void*>(&state_forward_kernel), bytes, "gated_delta_rule (state)");
   state_forward_kernel<<<unsigned(p.BH * (p.dv / bv)), kThreads, bytes, stream>>>(p, bv);

@@ -76,9 +76,20 @@ void set_shape(Params& p, const GdrShape& s, float scale, const char* what);
 // writes H and Vn (and ht when p.ht is set).
 void launch_prepare(const Params& p, cudaStream_t stream);
 void launch_state_forward(const Params& p, cudaStream_t stream);
-// Column tile of dv carried by one block of the two state kernels: narrow tiles mean more blocks for the sequential
-// passes (B = 1, Hv = 32, dv = 128: 128 blocks).
-inline int state_tile(int dv) { return dv % 32 == 0 ? 32 : 16; }
+// Column tile of dv carried by one block of the two state kernels. Every block of a (b, hv) loads the chunk's full
+// W, K (and Q) rows, so the number of tiles multiplies those loads: 64-column tiles (when dv % 64 == 0 and the
+// block's shared memory fits kSmemPerBlock) halve them against 32-column tiles, at half the blocks for the
+// sequential passes (B = 2, Hv = 32, dv = 128: 128 blocks on an H100's 132 SMs, one block per SM; at B = 1 only 64
+// blocks, half the SMs idle). Narrower tiles (32, else 16) where 64 does not divide dv or does not fit (dk = 256 in
+// the backward). `smem_bytes(bv)` is the kernel's shared memory at tile bv.
+constexpr size_t kSmemPerBlock = 232448;  // sm_90's opt-in limit of dynamic shared memory per block (227 KB)
+template <typename SmemBytes>
+int state_tile(int dv, SmemBytes smem_bytes) {
+  if (dv % 64 == 0 && smem_bytes(64) <= kSmemPerBlock) return 64;
+  return dv % 32 == 0 ? 32 : 16;
+}
+// The forward state kernel's tile (also the backward's recomputation of h_c).
+int state_forward_tile(int dk, int dv);
 // The kernels proper, for head dims that are multiples of 16 in [16, kMaxDim] (same contracts as the public
 // gated_delta_rule_* of gated_delta_rule.h, which pad other head dims with zeros and call these).
 size_t aligned_workspace_bytes(const GdrShape& s);
