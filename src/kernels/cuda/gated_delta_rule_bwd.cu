@@ -12,7 +12,8 @@
 // sum_i k_i.dk_i(state) on the last row; dg is the reverse cumulative sum of dG within the chunk.
 // Kernels, in order (the first two are the forward's, recomputing Gc, W, U, h_c and Vn into the workspace):
 //   prepare, state forward (as in the forward, without the final state);
-//   dvlocal     (BH * NC * ceil(dv/64) blocks): dVl = P^T dO (fp32);
+//   dvlocal     (B * Hk * NC blocks, looping over the value heads of the key head and, per head, over dv in 64-column
+//               tiles): Q K^T once, then per head P and dVl = P^T dO (fp32);
 //   state back  (BH * dv / bv blocks, chunks in reverse): carries dS (fp32, dk x bv), writes dH_c = dS' (bf16) and
 //               dVn = dVl + dec .* (K dS'), then dS <- e^{G_last} dS + [Q; W]^T [scale e^G .* dO; -dVn] (one product
 //               with K = 128), finally d_initial_state += dS; prefetched like the forward state kernel;
@@ -50,7 +51,7 @@ namespace {
 
 struct DvLocalSmem {
   bf16 *Q, *K, *dO, *P;
-  float *G, *eG, *dec, *stage;
+  float *F, *G, *eG, *dec;
   size_t bytes;
   __host__ __device__ DvLocalSmem(uintptr_t base, int dk) {
     Carve c{base};
@@ -58,36 +59,61 @@ struct DvLocalSmem {
     K = c.take<bf16>(size_t(kC) * (dk + kPadH));
     dO = c.take<bf16>(kC * kLdH);
     P = c.take<bf16>(kC * kLdH);
+    F = c.take<float>(kC * kLdF);
     G = c.take<float>(kC);
     eG = c.take<float>(kC);
     dec = c.take<float>(kC);
-    stage = c.take<float>(kWarps * 256);
     bytes = c.off;
   }
 };
 
-// One block per (bh, chunk, 64-column tile of dv).
+// One block per (sequence b, key head hk, chunk): Q K^T is formed once (kept in registers) for the r = Hv / Hk value
+// heads of the key head; per head, P = scale (Q K^T) .* decay (causal) with that head's gates, then dVl = P^T dO over
+// the whole dv in 64-column tiles (dO loaded tile by tile). F stages Q K^T for P and each tile of dVl for the
+// masked store (rows past the end of a partial chunk are not written).
 __global__ void __launch_bounds__(kThreads) dvlocal_kernel(const Params p) {
-  const int nvt = (p.dv + kTile - 1) / kTile;
-  const int vt = int(blockIdx.x % nvt);
-  const int64_t x = blockIdx.x / nvt;
-  const Chunk ch = chunk_of(p, x / p.NC, int(x % p.NC));
-  const int dk = p.dk, dv = p.dv, ldk = dk + kPadH, v0 = vt * kTile, w = dv - v0 < kTile ? dv - v0 : kTile;
+  const int64_t bhk = blockIdx.x / p.NC;  // b * Hk + hk
+  const int c = int(blockIdx.x % p.NC);
+  const int64_t bh0 = (bhk / p.Hk) * p.Hv + (bhk % p.Hk) * p.r;  // the group's first value head
+  const int dk = p.dk, dv = p.dv, ldk = dk + kPadH, tid = threadIdx.x;
   DvLocalSmem sm(reinterpret_cast<uintptr_t>(dynamic_smem()), dk);
-  load_rows(sm.Q, ldk, p.q + qk_off(p, ch.b, ch.t0, ch.hk), p.Hk * dk, ch.L, kC, dk);
-  load_rows(sm.K, ldk, p.k + qk_off(p, ch.b, ch.t0, ch.hk), p.Hk * dk, ch.L, kC, dk);
-  load_rows(sm.dO, kLdH, p.d_o + v_off(p, ch.b, ch.t0, ch.hv) + v0, p.Hv * dv, ch.L, kC, w);
-  load_gates(p, ch, sm.G, sm.eG, sm.dec, nullptr);
-  __syncthreads();
+  Acc64 qk;  // Q K^T
+  {
+    const Chunk ch = chunk_of(p, bh0, c);
+    load_rows(sm.Q, ldk, p.q + qk_off(p, ch.b, ch.t0, ch.hk), p.Hk * dk, ch.L, kC, dk);
+    load_rows(sm.K, ldk, p.k + qk_off(p, ch.b, ch.t0, ch.hk), p.Hk * dk, ch.L, kC, dk);
+    __syncthreads();
+    acc64_zero(qk);
+    acc64_mma<RowMajor, ColMajor>(qk, kC, dk, sm.Q, ldk, sm.K, ldk);
+  }
   const float scale = p.scale;
-  gemm<RowMajor, ColMajor>(kC, kC, dk, sm.Q, ldk, sm.K, ldk, sm.stage, [&](int i, int j, float s) {
-    sm.P[i * kLdH + j] = to_bf16(j <= i ? scale * s * expf(sm.G[i] - sm.G[j]) : 0.0f);
-  });
-  __syncthreads();
-  float* dVl = p.dVl + (ch.bh * p.S + ch.t0) * dv + v0;
-  gemm<ColMajor, RowMajor>(kC, w, kC, sm.P, kLdH, sm.dO, kLdH, sm.stage, [&](int i, int j, float s) {
-    if (i < ch.L) dVl[int64_t(i) * dv + j] = s;
-  });
+  for (int rr = 0; rr < p.r; ++rr) {
+    const Chunk ch = chunk_of(p, bh0 + rr, c);
+    __syncthreads();  // the previous head's P, dO and F are free
+    load_gates(p, ch, sm.G, sm.eG, sm.dec, nullptr);
+    acc64_store(qk, sm.F, kLdF);
+    __syncthreads();
+    for (int e = tid; e < kC * kC; e += kThreads) {
+      const int i = e / kC, j = e % kC;
+      sm.P[i * kLdH + j] = to_bf16(j <= i ? scale * sm.F[i * kLdF + j] * expf(sm.G[i] - sm.G[j]) : 0.0f);
+    }
+    float* dVl = p.dVl + (ch.bh * p.S + ch.t0) * dv;
+    for (int v0 = 0; v0 < dv; v0 += kTile) {
+      const int w = dv - v0 < kTile ? dv - v0 : kTile;
+      __syncthreads();  // P written; the previous tile's dO and F are free
+      load_rows(sm.dO, kLdH, p.d_o + v_off(p, ch.b, ch.t0, ch.hv) + v0, p.Hv * dv, ch.L, kC, w);
+      __syncthreads();
+      Acc64 acc;
+      acc64_zero(acc);
+      acc64_mma<ColMajor, RowMajor>(acc, w, kC, sm.P, kLdH, sm.dO, kLdH);
+      acc64_store(acc, sm.F, kLdF);
+      __syncthreads();
+      for (int e = tid; e < kC * w; e += kThreads) {
+        const int i = e / w, j = e % w;
+        if (i < ch.L) dVl[int64_t(i) * dv + v0 + j] = sm.F[i * kLdF + j];
+      }
+    }
+  }
 }
 
 // ---- state backward ----
@@ -607,10 +633,10 @@ unsigned elementwise_grid(int64_t n) { return unsigned(std::min<int64_t>(ceil_di
 
 // HBM traffic of the backward's own kernels (after prepare and state forward, accounted in
 // gated_delta_rule_fwd.cu), as the code reads and writes (gated_delta_rule.h). N = BH * S, Nk = B * S * Hk,
-// states = BH * NC * dk * dv, state = BH * dk * dv; nvs = dv / state_backward_tile, nvt = ceil(dv / 64),
-// NK = ceil(dk / 64). Block loads (every block's, L2 hits or not):
+// states = BH * NC * dk * dv, state = BH * dk * dv; nvs = dv / state_backward_tile, NK = ceil(dk / 64). Block loads
+// (every block's, L2 hits or not):
 //   kernel      reads                                                           writes
-//   dvlocal     (q 2N dk + k 2N dk + Gc 4N) nvt, dO 2N dv                         dVl 4N dv
+//   dvlocal     q, k 2 Nk dk each (once per key head), Gc 4N, dO 2N dv            dVl 4N dv
 //   state back  (k + q + W 2N dk each + Gc 4N) nvs, dVl 4N dv, dO 2N dv,        dH 2 states, dVn 2N dv,
 //               dht 4 state, d_initial_state 4 state                            d_initial_state 4 state
 //   dqk         q, k 2 Nk dk each (once per key head), (Gc 4N + dO + Vn + dVn   dKp 4N dk, dW 2N dk, dGp 4N NK,
@@ -618,7 +644,7 @@ unsigned elementwise_grid(int64_t n) { return unsigned(std::min<int64_t>(ceil_di
 //   wy          k 2 Nk dk (once per key head), Gc 4N, beta 4N, dVn, U, v 2N dv   dv 2N dv, dbeta 4N, dg 4N,
 //               each, dv 2N dv, dW, W 2N dk each, dKp 4N dk, dGp 4N NK,          dk 2 Nk dk
 //               dbeta 4N, dg 4N, dk 2 Nk dk
-// Distinct bytes: the same with every tensor counted once per kernel (no nvt / nvs / NK factors, q and k Nk rows).
+// Distinct bytes: the same with every tensor counted once per kernel (no nvs / NK factors, q and k Nk rows).
 // (Before the traffic work dqk and wy ran per value head, with dq and dk summed over the head group by a separate
 // reduce kernel from fp32 partials, and wy added its two dk terms to dKp by read-modify-writes: 80.64 units of the
 // (B, S, Hv, dv) bf16 tensor at the issue's shape, against 67.14 after it; docs/cuda.md.)
@@ -626,11 +652,10 @@ void backward_traffic(const Params& p, std::vector<GdrKernelTraffic>& rows) {
   const size_t N = size_t(p.BH) * size_t(p.S), Nk = size_t(p.B) * size_t(p.S) * size_t(p.Hk);
   const size_t dk = size_t(p.dk), dv = size_t(p.dv), NK = size_t(p.NK);
   const size_t states = size_t(p.BH) * size_t(p.NC) * dk * dv, state = size_t(p.BH) * dk * dv;
-  const size_t nvs = size_t(p.dv / state_backward_tile(p.dk, p.dv)), nvt = size_t(ceil_div(p.dv, kTile));
+  const size_t nvs = size_t(p.dv / state_backward_tile(p.dk, p.dv));
   const size_t qk = 2 * Nk * dk;  // q or k, once
   // dvlocal
-  rows.push_back({"dvlocal", (2 * N * dk + 2 * N * dk + 4 * N) * nvt + 2 * N * dv, 4 * N * dv,
-                  qk + qk + 4 * N + 2 * N * dv, 4 * N * dv});
+  rows.push_back({"dvlocal", qk + qk + 4 * N + 2 * N * dv, 4 * N * dv, qk + qk + 4 * N + 2 * N * dv, 4 * N * dv});
   // state backward
   {
     const size_t once = 4 * N * dv + 2 * N * dv + 8 * state, w = 2 * states + 2 * N * dv + 4 * state;
@@ -703,7 +728,7 @@ void gdr::backward_aligned(bf16* dq, bf16* dk, bf16* dv, float* dg, float* dbeta
   {
     const size_t bytes = DvLocalSmem(0, p.dk).bytes;
     allow_smem(reinterpret_cast<const void*>(&dvlocal_kernel), bytes, "gated_delta_rule_backward (dvlocal)");
-    dvlocal_kernel<<<unsigned(p.BH * p.NC * ceil_div(p.dv, kTile)), kThreads, bytes, stream>>>(p);
+    dvlocal_kernel<<<unsigned(p.B * p.Hk * p.NC), kThreads, bytes, stream>>>(p);
     NEXTRON_CUDA_LAUNCH_CHECK();
   }
   {

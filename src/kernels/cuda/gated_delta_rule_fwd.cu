@@ -13,25 +13,28 @@
 //   h_{c+1} = e^{G_last} h_c + K^T (e^{G_last - G} .* Vn).
 // Kernels (256 threads each; products on the tensor cores with bf16 operands and fp32 accumulation, everything
 // elementwise, the gates, T and the carried state in fp32):
-//   1. prepare  (grid BH * NC): G, M (one 64 x 64 x dk product), T by blocked forward substitution in fp32 shared
-//      memory, then W and U (bf16) into the workspace.
-//   2. state    (grid BH * dv / bv, bv = 64, 32 or 16: state_tile): one block carries the fp32 state tile h (dk x bv)
-//   through the
-//      chunks in order: writes h_c (bf16, the operand of the output kernel and the backward), Vn = U - W h_c, and
-//      h <- e^{G_last} h + K^T (dec .* Vn); the final state leaves in fp32. The next chunk's tiles are prefetched
-//      with cp.async while the current one is multiplied (this pass is the latency-bound part).
-//   3. output   (grid BH * NC * ceil(dv / 64)): P = scale (Q K^T) .* decay (causal) and Q h_c over dk, then
-//      O = e^G .* (scale Q h_c) + P Vn for a 64-column tile of dv.
+//   1. prepare  (grid B * Hk * NC, looping over the Hv / Hk value heads of the key head): K K^T once (one
+//      64 x 64 x dk product), then per head G, M, T by blocked forward substitution in fp32 shared memory, W and U
+//      (bf16) into the workspace.
+//   2. state    (grid BH * dv / bv, bv = 64, 32 or 16: state_tile): one block carries the fp32 state tile h
+//      (dk x bv) through the chunks in order: writes h_c (bf16, the operand of the output kernel and the backward),
+//      Vn = U - W h_c, and h <- e^{G_last} h + K^T (dec .* Vn); the final state leaves in fp32. The next chunk's
+//      tiles are prefetched with cp.async while the current one is multiplied (this pass is the latency-bound part).
+//   3. output   (grid B * Hk * NC, looping over the value heads of the key head): Q K^T once, then per head
+//      P = scale (Q K^T) .* decay (causal) and, per 64-column tile of dv, O = e^G .* (scale Q h_c) + P Vn.
 // Products are 16x16x16 wmma tiles over shared-memory operands (rows padded by 16 bytes against bank conflicts).
-// Shared memory per block at dk = dv = 128: 62 - 114 KB (two blocks per SM for every kernel but wy's); at 256 up
-// to 192 KB. Tiles are zero-padded past the end of a partial chunk, so all products are 64 rows.
+// Shared memory per block at dk = dv = 128: 71 - 156 KB (two blocks per SM for every kernel but the state
+// backward's and wy's); at 256 up to 197 KB. Tiles are zero-padded past the end of a partial chunk, so all products are
+// 64 rows.
 //
 // Head dims that are not multiples of 16 are zero-padded by gated_delta_rule.cu before these kernels run.
 //
 // Changes of the traffic work (docs/cuda.md, "The delta rule's HBM traffic"): forward_traffic below accounts the
 // global-memory bytes of each kernel; the prepare kernel's cumulative sum of g, a 64-step loop of one thread, is a
 // shuffle scan (cumsum64_nonincreasing, which keeps G non-increasing so that the decay exponents stay <= 0); the
-// workspace lost the backward's fp32 dq partials (dQp).
+// workspace lost the backward's fp32 dq partials (dQp). Issue #18's second round: the state kernels carry 64-column
+// tiles of dv where they fit (half the blocks re-reading W and K), and prepare and output run per key head, loading
+// q / k and forming K K^T / Q K^T once for the value heads of the group.
 //
 // Workspace (gated_delta_rule_workspace_bytes; N = B * Hv * S rows, states = B * Hv * NC * dk * dv): forward
 // Gc 4N + W 2N dk + U 2N dv + Vn 2N dv + H 2 states bytes; the backward adds dVn 2N dv, dH 2 states, dW 2N dk,
@@ -49,18 +52,16 @@ namespace gdr {
 
 namespace {
 
-// Column tile of dv in the output kernel.
-int output_tile(int dv) { return std::min(dv, kTile); }
-
 // ---- 1. prepare ----
 
 struct PrepareSmem {
-  bf16 *K, *V, *Tb;
+  bf16 *K, *Kb, *V, *Tb;
   float *M, *T, *X, *G, *eG, *bet, *stage;
   size_t bytes;
   __host__ __device__ PrepareSmem(uintptr_t base, int dk, int dv) {
     Carve c{base};
     K = c.take<bf16>(size_t(kC) * (dk + kPadH));
+    Kb = c.take<bf16>(size_t(kC) * (dk + kPadH));
     V = c.take<bf16>(size_t(kC) * (dv + kPadH));
     Tb = c.take<bf16>(kC * kLdH);
     M = c.take<float>(kC * kLdF);
@@ -74,52 +75,69 @@ struct PrepareSmem {
   }
 };
 
-// One block per (bh, chunk): Gc, W, U of the chunk.
+// One block per (sequence b, key head hk, chunk): K and KK = K K^T (in registers) once, then for each of the
+// r = Hv / Hk value heads of the key head in turn Gc, W, U of the chunk. 108 KB of shared memory at dk = dv = 128.
 __global__ void __launch_bounds__(kThreads) prepare_kernel(const Params p) {
-  const Chunk ch = chunk_of(p, blockIdx.x / p.NC, int(blockIdx.x % p.NC));
+  const int64_t bhk = blockIdx.x / p.NC;  // b * Hk + hk
+  const int c = int(blockIdx.x % p.NC);
+  const int64_t bh0 = (bhk / p.Hk) * p.Hv + (bhk % p.Hk) * p.r;  // the group's first value head
   const int dk = p.dk, dv = p.dv, ldk = dk + kPadH, ldv = dv + kPadH, tid = threadIdx.x;
   PrepareSmem sm(reinterpret_cast<uintptr_t>(dynamic_smem()), dk, dv);
-  float gi = 0.0f;
-  if (tid < kC) {
-    gi = tid < ch.L ? p.g[gb_off(p, ch.b, ch.t0 + tid, ch.hv)] : 0.0f;
-    sm.bet[tid] = tid < ch.L ? p.beta[gb_off(p, ch.b, ch.t0 + tid, ch.hv)] : 0.0f;
+  Acc64 kk;  // K K^T
+  {
+    const Chunk ch = chunk_of(p, bh0, c);
+    load_rows(sm.K, ldk, p.k + qk_off(p, ch.b, ch.t0, ch.hk), p.Hk * dk, ch.L, kC, dk);
+    __syncthreads();
+    acc64_zero(kk);
+    acc64_mma<RowMajor, ColMajor>(kk, kC, dk, sm.K, ldk, sm.K, ldk);
   }
-  load_rows(sm.K, ldk, p.k + qk_off(p, ch.b, ch.t0, ch.hk), p.Hk * dk, ch.L, kC, dk);
-  load_rows(sm.V, ldv, p.v + v_off(p, ch.b, ch.t0, ch.hv), p.Hv * dv, ch.L, kC, dv);
-  // Cumulative sum by a shuffle scan (padding rows add g = 0), made non-increasing (see cumsum64_nonincreasing).
-  gi = cumsum64_nonincreasing(gi, sm.X);
-  if (tid < kC) {
-    sm.G[tid] = gi;
-    sm.eG[tid] = expf(gi);
-    if (tid < ch.L) p.Gc[ch.bh * p.S + ch.t0 + tid] = gi;
+  for (int rr = 0; rr < p.r; ++rr) {
+    const Chunk ch = chunk_of(p, bh0 + rr, c);
+    __syncthreads();  // the previous head's V, Kb, Tb, M and gates are free
+    float gi = 0.0f;
+    if (tid < kC) {
+      gi = tid < ch.L ? p.g[gb_off(p, ch.b, ch.t0 + tid, ch.hv)] : 0.0f;
+      sm.bet[tid] = tid < ch.L ? p.beta[gb_off(p, ch.b, ch.t0 + tid, ch.hv)] : 0.0f;
+    }
+    load_rows(sm.V, ldv, p.v + v_off(p, ch.b, ch.t0, ch.hv), p.Hv * dv, ch.L, kC, dv);
+    acc64_store(kk, sm.M, kLdF);
+    // Cumulative sum by a shuffle scan (padding rows add g = 0), made non-increasing (see cumsum64_nonincreasing).
+    gi = cumsum64_nonincreasing(gi, sm.X);
+    if (tid < kC) {
+      sm.G[tid] = gi;
+      sm.eG[tid] = expf(gi);
+      if (tid < ch.L) p.Gc[ch.bh * p.S + ch.t0 + tid] = gi;
+    }
+    __syncthreads();
+    // M = strictly_lower(diag(beta) K K^T .* exp(G_i - G_j)), in place over K K^T
+    for (int e = tid; e < kC * kC; e += kThreads) {
+      const int i = e / kC, j = e % kC;
+      float& m = sm.M[i * kLdF + j];
+      m = j < i ? sm.bet[i] * m * expf(sm.G[i] - sm.G[j]) : 0.0f;
+    }
+    __syncthreads();
+    invert_unit_lower(sm.T, kLdF, sm.M, kLdF, sm.X);
+    // bf16 operands: T, diag(beta e^G) K (into Kb), diag(beta) V (in place).
+    for (int e = tid; e < kC * kC; e += kThreads)
+      sm.Tb[(e / kC) * kLdH + e % kC] = to_bf16(sm.T[(e / kC) * kLdF + e % kC]);
+    for (int e = tid; e < kC * dk; e += kThreads) {
+      const int i = e / dk, j = e % dk;
+      sm.Kb[i * ldk + j] = to_bf16(sm.bet[i] * sm.eG[i] * to_f32(sm.K[i * ldk + j]));
+    }
+    for (int e = tid; e < kC * dv; e += kThreads) {
+      bf16& x = sm.V[(e / dv) * ldv + e % dv];
+      x = to_bf16(sm.bet[e / dv] * to_f32(x));
+    }
+    __syncthreads();
+    bf16* W = p.W + (ch.bh * p.S + ch.t0) * dk;
+    bf16* U = p.U + (ch.bh * p.S + ch.t0) * dv;
+    gemm<RowMajor, RowMajor>(kC, dk, kC, sm.Tb, kLdH, sm.Kb, ldk, sm.stage, [&](int i, int j, float x) {
+      if (i < ch.L) W[int64_t(i) * dk + j] = to_bf16(x);
+    });
+    gemm<RowMajor, RowMajor>(kC, dv, kC, sm.Tb, kLdH, sm.V, ldv, sm.stage, [&](int i, int j, float x) {
+      if (i < ch.L) U[int64_t(i) * dv + j] = to_bf16(x);
+    });
   }
-  __syncthreads();
-  // M = strictly_lower(diag(beta) K K^T .* exp(G_i - G_j))
-  gemm<RowMajor, ColMajor>(kC, kC, dk, sm.K, ldk, sm.K, ldk, sm.stage, [&](int i, int j, float x) {
-    sm.M[i * kLdF + j] = j < i ? sm.bet[i] * x * expf(sm.G[i] - sm.G[j]) : 0.0f;
-  });
-  __syncthreads();
-  invert_unit_lower(sm.T, kLdF, sm.M, kLdF, sm.X);
-  // bf16 operands: T, diag(beta e^G) K, diag(beta) V (K and V scaled in place; their products are done).
-  for (int e = tid; e < kC * kC; e += kThreads)
-    sm.Tb[(e / kC) * kLdH + e % kC] = to_bf16(sm.T[(e / kC) * kLdF + e % kC]);
-  for (int e = tid; e < kC * dk; e += kThreads) {
-    bf16& x = sm.K[(e / dk) * ldk + e % dk];
-    x = to_bf16(sm.bet[e / dk] * sm.eG[e / dk] * to_f32(x));
-  }
-  for (int e = tid; e < kC * dv; e += kThreads) {
-    bf16& x = sm.V[(e / dv) * ldv + e % dv];
-    x = to_bf16(sm.bet[e / dv] * to_f32(x));
-  }
-  __syncthreads();
-  bf16* W = p.W + (ch.bh * p.S + ch.t0) * dk;
-  bf16* U = p.U + (ch.bh * p.S + ch.t0) * dv;
-  gemm<RowMajor, RowMajor>(kC, dk, kC, sm.Tb, kLdH, sm.K, ldk, sm.stage, [&](int i, int j, float x) {
-    if (i < ch.L) W[int64_t(i) * dk + j] = to_bf16(x);
-  });
-  gemm<RowMajor, RowMajor>(kC, dv, kC, sm.Tb, kLdH, sm.V, ldv, sm.stage, [&](int i, int j, float x) {
-    if (i < ch.L) U[int64_t(i) * dv + j] = to_bf16(x);
-  });
 }
 
 // ---- 2. state (forward) ----
@@ -229,51 +247,78 @@ __global__ void __launch_bounds__(kThreads, 2) state_forward_kernel(const Params
 
 struct OutputSmem {
   bf16 *Q, *K, *Hs, *Vn, *P;
-  float *O, *G, *eG, *dec, *stage;
+  float *F, *G, *eG, *dec;
   size_t bytes;
-  __host__ __device__ OutputSmem(uintptr_t base, int dk, int bw) {
+  __host__ __device__ OutputSmem(uintptr_t base, int dk) {
     Carve c{base};
     Q = c.take<bf16>(size_t(kC) * (dk + kPadH));
     K = c.take<bf16>(size_t(kC) * (dk + kPadH));
-    Hs = c.take<bf16>(size_t(dk) * (bw + kPadH));
-    Vn = c.take<bf16>(size_t(kC) * (bw + kPadH));
+    Hs = c.take<bf16>(size_t(dk) * kLdH);
+    Vn = c.take<bf16>(kC * kLdH);
     P = c.take<bf16>(kC * kLdH);
-    O = c.take<float>(size_t(kC) * (bw + kPadF));
+    F = c.take<float>(kC * kLdF);
     G = c.take<float>(kC);
     eG = c.take<float>(kC);
     dec = c.take<float>(kC);
-    stage = c.take<float>(kWarps * 256);
     bytes = c.off;
   }
 };
 
-// One block per (bh, chunk, column tile [v0, v0 + w) of dv).
-__global__ void __launch_bounds__(kThreads) output_kernel(const Params p, int bw) {
-  const int nvt = (p.dv + bw - 1) / bw;
-  const int vt = int(blockIdx.x % nvt);
-  const int64_t x = blockIdx.x / nvt;
-  const Chunk ch = chunk_of(p, x / p.NC, int(x % p.NC));
-  const int dk = p.dk, dv = p.dv, ldk = dk + kPadH, ldh = bw + kPadH, ldo = bw + kPadF;
-  const int v0 = vt * bw, w = dv - v0 < bw ? dv - v0 : bw;
-  OutputSmem sm(reinterpret_cast<uintptr_t>(dynamic_smem()), dk, bw);
-  load_rows(sm.Q, ldk, p.q + qk_off(p, ch.b, ch.t0, ch.hk), p.Hk * dk, ch.L, kC, dk);
-  load_rows(sm.K, ldk, p.k + qk_off(p, ch.b, ch.t0, ch.hk), p.Hk * dk, ch.L, kC, dk);
-  load_rows(sm.Hs, ldh, p.H + state_off(p, ch.bh, ch.c) + v0, dv, dk, dk, w);
-  load_rows(sm.Vn, ldh, p.Vn + (ch.bh * p.S + ch.t0) * dv + v0, dv, ch.L, kC, w);
-  load_gates(p, ch, sm.G, sm.eG, sm.dec, nullptr);
-  __syncthreads();
+// One block per (sequence b, key head hk, chunk): Q K^T is formed once (kept in registers) for the r = Hv / Hk value
+// heads of the key head; per head, P = scale (Q K^T) .* decay (causal), then per 64-column tile [v0, v0 + w) of dv
+// O = scale e^G .* (Q h_c) + P Vn (the first product, scaled, is the second's starting accumulator). F stages
+// Q K^T for P and each O tile for the element-wise steps and the masked store.
+__global__ void __launch_bounds__(kThreads) output_kernel(const Params p) {
+  const int64_t bhk = blockIdx.x / p.NC;  // b * Hk + hk
+  const int c = int(blockIdx.x % p.NC);
+  const int64_t bh0 = (bhk / p.Hk) * p.Hv + (bhk % p.Hk) * p.r;  // the group's first value head
+  const int dk = p.dk, dv = p.dv, ldk = dk + kPadH, tid = threadIdx.x;
+  OutputSmem sm(reinterpret_cast<uintptr_t>(dynamic_smem()), dk);
+  Acc64 qk;  // Q K^T
+  {
+    const Chunk ch = chunk_of(p, bh0, c);
+    load_rows(sm.Q, ldk, p.q + qk_off(p, ch.b, ch.t0, ch.hk), p.Hk * dk, ch.L, kC, dk);
+    load_rows(sm.K, ldk, p.k + qk_off(p, ch.b, ch.t0, ch.hk), p.Hk * dk, ch.L, kC, dk);
+    __syncthreads();
+    acc64_zero(qk);
+    acc64_mma<RowMajor, ColMajor>(qk, kC, dk, sm.Q, ldk, sm.K, ldk);
+  }
   const float scale = p.scale;
-  gemm<RowMajor, ColMajor>(kC, kC, dk, sm.Q, ldk, sm.K, ldk, sm.stage, [&](int i, int j, float s) {
-    sm.P[i * kLdH + j] = to_bf16(j <= i ? scale * s * expf(sm.G[i] - sm.G[j]) : 0.0f);
-  });
-  gemm<RowMajor, RowMajor>(kC, w, dk, sm.Q, ldk, sm.Hs, ldh, sm.stage,
-                           [&](int i, int j, float s) { sm.O[i * ldo + j] = scale * sm.eG[i] * s; });
-  __syncthreads();
-  bf16* o = p.o + v_off(p, ch.b, ch.t0, ch.hv) + v0;
   const int64_t ldO = p.Hv * dv;
-  gemm<RowMajor, RowMajor>(kC, w, kC, sm.P, kLdH, sm.Vn, ldh, sm.stage, [&](int i, int j, float s) {
-    if (i < ch.L) o[i * ldO + j] = to_bf16(sm.O[i * ldo + j] + s);
-  });
+  for (int rr = 0; rr < p.r; ++rr) {
+    const Chunk ch = chunk_of(p, bh0 + rr, c);
+    __syncthreads();  // the previous head's P, tiles and F are free
+    load_gates(p, ch, sm.G, sm.eG, sm.dec, nullptr);
+    acc64_store(qk, sm.F, kLdF);
+    __syncthreads();
+    for (int e = tid; e < kC * kC; e += kThreads) {
+      const int i = e / kC, j = e % kC;
+      sm.P[i * kLdH + j] = to_bf16(j <= i ? scale * sm.F[i * kLdF + j] * expf(sm.G[i] - sm.G[j]) : 0.0f);
+    }
+    bf16* o = p.o + v_off(p, ch.b, ch.t0, ch.hv);
+    for (int v0 = 0; v0 < dv; v0 += kTile) {
+      const int w = dv - v0 < kTile ? dv - v0 : kTile;
+      __syncthreads();  // P written; the previous tile's Hs, Vn and F are free
+      load_rows(sm.Hs, kLdH, p.H + state_off(p, ch.bh, ch.c) + v0, dv, dk, dk, w);
+      load_rows(sm.Vn, kLdH, p.Vn + (ch.bh * p.S + ch.t0) * dv + v0, dv, ch.L, kC, w);
+      __syncthreads();
+      Acc64 acc;
+      acc64_zero(acc);
+      acc64_mma<RowMajor, RowMajor>(acc, w, dk, sm.Q, ldk, sm.Hs, kLdH);
+      acc64_store(acc, sm.F, kLdF);
+      __syncthreads();
+      for (int e = tid; e < kC * kC; e += kThreads) sm.F[(e / kC) * kLdF + e % kC] *= scale * sm.eG[e / kC];
+      __syncthreads();
+      acc64_load(acc, sm.F, kLdF);
+      acc64_mma<RowMajor, RowMajor>(acc, w, kC, sm.P, kLdH, sm.Vn, kLdH);
+      acc64_store(acc, sm.F, kLdF);  // each warp rewrites the F tiles it loaded
+      __syncthreads();
+      for (int e = tid; e < kC * w; e += kThreads) {
+        const int i = e / w, j = e % w;
+        if (i < ch.L) o[i * ldO + v0 + j] = to_bf16(sm.F[i * kLdF + j]);
+      }
+    }
+  }
 }
 
 }  // namespace
@@ -334,36 +379,40 @@ size_t carve_workspace(Params& p, void* base) {
 
 // HBM traffic of the forward's kernels, as the code reads and writes (gated_delta_rule.h). N = BH * S rows of the
 // workspace, Nk = B * S * Hk rows of q / k, states = BH * NC * dk * dv, state = BH * dk * dv; nvs = dv /
-// state_forward_tile column tiles of the state kernel, nvo = ceil(dv / 64) of the output kernel.
-// Block loads (every block's, L2 hits or not); k and q are read per value head, i.e. N rows:
+// state_forward_tile column tiles of the state kernel. Block loads (every block's, L2 hits or not):
 //   kernel   reads                                                          writes
-//   prepare  g 4N, beta 4N, k 2N dk, v 2N dv                                 Gc 4N, W 2N dk, U 2N dv
+//   prepare  g 4N, beta 4N, k 2 Nk dk (once per key head), v 2N dv           Gc 4N, W 2N dk, U 2N dv
 //   state    (W 2N dk + k 2N dk + Gc 4N) nvs, U 2N dv, h0 4 state            H 2 states, Vn 2N dv, ht 4 state
-//   output   (q 2N dk + k 2N dk + Gc 4N) nvo, H 2 states, Vn 2N dv           o 2N dv
-// Distinct bytes: the same with every tensor counted once per kernel: no nvs / nvo factors, q and k Nk rows.
+//            (k per value head: N rows)
+//   output   q, k 2 Nk dk each (once per key head), Gc 4N, H 2 states,      o 2N dv
+//            Vn 2N dv
+// Distinct bytes: the same with every tensor counted once per kernel; only the state kernel differs (no nvs factor,
+// k 2 Nk dk).
 void forward_traffic(const Params& p, bool final_state, bool output, std::vector<GdrKernelTraffic>& rows) {
   const size_t N = size_t(p.BH) * size_t(p.S), Nk = size_t(p.B) * size_t(p.S) * size_t(p.Hk);
   const size_t dk = size_t(p.dk), dv = size_t(p.dv);
   const size_t states = size_t(p.BH) * size_t(p.NC) * dk * dv, state = size_t(p.BH) * dk * dv;
-  const size_t nvs = size_t(p.dv / state_forward_tile(p.dk, p.dv)), nvo = size_t(ceil_div(p.dv, output_tile(p.dv)));
-  const size_t ht = final_state ? 4 * state : 0;
-  // prepare
-  rows.push_back({"prepare", 4 * N + 4 * N + 2 * N * dk + 2 * N * dv, 4 * N + 2 * N * dk + 2 * N * dv,
-                  4 * N + 4 * N + 2 * Nk * dk + 2 * N * dv, 4 * N + 2 * N * dk + 2 * N * dv});
-  // state forward
-  rows.push_back({"state forward", (2 * N * dk + 2 * N * dk + 4 * N) * nvs + 2 * N * dv + 4 * state,
-                  2 * states + 2 * N * dv + ht, 2 * N * dk + 2 * Nk * dk + 4 * N + 2 * N * dv + 4 * state,
-                  2 * states + 2 * N * dv + ht});
-  // output
-  if (output)
-    rows.push_back({"output", (2 * N * dk + 2 * N * dk + 4 * N) * nvo + 2 * states + 2 * N * dv, 2 * N * dv,
-                    2 * Nk * dk + 2 * Nk * dk + 4 * N + 2 * states + 2 * N * dv, 2 * N * dv});
+  const size_t nvs = size_t(p.dv / state_forward_tile(p.dk, p.dv));
+  const size_t qk = 2 * Nk * dk, ht = final_state ? 4 * state : 0;
+  {
+    const size_t r = 4 * N + 4 * N + qk + 2 * N * dv, w = 4 * N + 2 * N * dk + 2 * N * dv;
+    rows.push_back({"prepare", r, w, r, w});
+  }
+  {
+    const size_t once = 2 * N * dv + 4 * state, w = 2 * states + 2 * N * dv + ht;
+    rows.push_back(
+        {"state forward", (2 * N * dk + 2 * N * dk + 4 * N) * nvs + once, w, 2 * N * dk + qk + 4 * N + once, w});
+  }
+  if (output) {
+    const size_t r = qk + qk + 4 * N + 2 * states + 2 * N * dv, w = 2 * N * dv;
+    rows.push_back({"output", r, w, r, w});
+  }
 }
 
 void launch_prepare(const Params& p, cudaStream_t stream) {
   const size_t bytes = PrepareSmem(0, p.dk, p.dv).bytes;
   allow_smem(reinterpret_cast<const void*>(&prepare_kernel), bytes, "gated_delta_rule (prepare)");
-  prepare_kernel<<<unsigned(p.BH * p.NC), kThreads, bytes, stream>>>(p);
+  prepare_kernel<<<unsigned(p.B * p.Hk * p.NC), kThreads, bytes, stream>>>(p);
   NEXTRON_CUDA_LAUNCH_CHECK();
 }
 
@@ -423,10 +472,9 @@ void gdr::forward_aligned(bf16* o, float* final_state, const bf16* q, const bf16
   p.ht = final_state;
   gdr::launch_prepare(p, stream);
   gdr::launch_state_forward(p, stream);
-  const int bw = gdr::output_tile(p.dv);
-  const size_t bytes = gdr::OutputSmem(0, p.dk, bw).bytes;
+  const size_t bytes = gdr::OutputSmem(0, p.dk).bytes;
   gdr::allow_smem(reinterpret_cast<const void*>(&gdr::output_kernel), bytes, "gated_delta_rule (output)");
-  gdr::output_kernel<<<unsigned(p.BH * p.NC * ceil_div(p.dv, bw)), gdr::kThreads, bytes, stream>>>(p, bw);
+  gdr::output_kernel<<<unsigned(p.B * p.Hk * p.NC), gdr::kThreads, bytes, stream>>>(p);
   NEXTRON_CUDA_LAUNCH_CHECK();
 }
 
