@@ -11,13 +11,14 @@
 // buffers, two runs are bit-identical, S = 0 passes the state through, unsupported head dims throw.
 //
 // Tolerances (tensor-scale, close_to: worst |got - want| against the tensor's largest |want|). The kernels round
-// their tensor-core operands to bf16 (W, U, T, h_c, Vn, the decayed P and dP, the state gradients, dVn, dW): run on
-// a CPU emulation of the kernels, the worst errors over these cases were 0.3 - 0.8 % for o, the final state, dq, dk,
-// dv and d_initial_state (one bf16 output rounding plus operand roundings), 1.3 % for dbeta and 3.3 % for dg, and the
-// same kernels with fp32 operands agree with the reference to 1e-5. dg and dbeta are sums over dk * dv products of
-// states and state gradients that cancel (the dg of the last token with a random d_final_state, or under strong
-// decay where dg is 1000 times smaller than the other gradients), so their operand rounding shows more. The limits
-// below leave a factor of 2.5 - 3; indexing or algebra mistakes show up as errors of order 100 %.
+// their tensor-core operands to bf16 (W, U, T, h_c, Vn, the decayed P and dP, the state gradients, dVl (stored in
+// bf16), dVn, dW): run on a CPU emulation of the kernels, the worst errors over these cases were 0.3 - 0.8 % for o, the
+// final state, dq, dk, dv and d_initial_state (one bf16 output rounding plus operand roundings), 1.3 % for dbeta
+// and 3.3 % for dg, and the same kernels with fp32 operands agree with the reference to 1e-5. dg and dbeta are sums
+// over dk * dv products of states and state gradients that cancel (the dg of the last token with a random
+// d_final_state, or under strong decay where dg is 1000 times smaller than the other gradients), so their operand
+// rounding shows more. The limits below leave a factor of 2.5 - 3; indexing or algebra mistakes show up as errors of
+// order 100 %.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -360,8 +361,10 @@ TEST(GatedDeltaRuleCuda, Deterministic) {
 // (no GPU needed). History (block loads, forward / backward): 24.27 / 80.64 before the traffic work; 24.27 / 67.14
 // with dq and dk summed over the head group inside the dqk / wy kernels (no fp32 dq partials, no reduce kernel, dk
 // written once); 20.23 / 57.08 with 64-column dv tiles in the state kernels; 16.72 / 53.56 with prepare, output and
-// dvlocal run per key head (k, q read and K K^T, Q K^T formed once for the group's value heads).
-// Distinct bytes: 14.20 / 44.02 at 24.27 / 67.14, unchanged by these two steps (they remove re-reads only).
+// dvlocal run per key head (k, q read and K K^T, Q K^T formed once for the group's value heads); 16.72 / 51.56 with
+// dVl in bf16.
+// Distinct bytes: 14.20 / 44.02 at 24.27 / 67.14, unchanged by the state tiles and the per-key-head kernels (they
+// remove re-reads only); 14.20 / 42.02 with dVl in bf16.
 TEST(GatedDeltaRuleCuda, HbmTrafficAccount) {
   const cpu::GdrShape s{2, 4096, 16, 32, 128, 128};
   const double unit = 2.0 * double(s.B * s.S * s.Hv * s.dv);
@@ -391,9 +394,9 @@ TEST(GatedDeltaRuleCuda, HbmTrafficAccount) {
   EXPECT_DOUBLE_EQ(fwd, double(cuda::gated_delta_rule_forward_hbm_bytes(s)) / unit);
   EXPECT_DOUBLE_EQ(bwd, double(cuda::gated_delta_rule_backward_hbm_bytes(s)) / unit);
   EXPECT_LE(fwd, 16.72);
-  EXPECT_LE(bwd, 53.57);
+  EXPECT_LE(bwd, 51.57);
   EXPECT_LE(fwd_t.distinct, 14.21);
-  EXPECT_LE(bwd_t.distinct, 44.02);
+  EXPECT_LE(bwd_t.distinct, 42.02);
   // An independent floor: each tensor of the op's contract moved once (inputs read, outputs written, accumulated
   // gradients read and written; the account assumes every optional state is given). An account below it has
   // left a kernel's traffic out.

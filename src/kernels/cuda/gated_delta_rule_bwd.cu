@@ -13,7 +13,7 @@
 // Kernels, in order (the first two are the forward's, recomputing Gc, W, U, h_c and Vn into the workspace):
 //   prepare, state forward (as in the forward, without the final state);
 //   dvlocal     (B * Hk * NC blocks, looping over the value heads of the key head and, per head, over dv in 64-column
-//               tiles): Q K^T once, then per head P and dVl = P^T dO (fp32);
+//               tiles): Q K^T once, then per head P and dVl = P^T dO (bf16, as the other workspace operands);
 //   state back  (BH * dv / bv blocks, chunks in reverse): carries dS (fp32, dk x bv), writes dH_c = dS' (bf16) and
 //               dVn = dVl + dec .* (K dS'), then dS <- e^{G_last} dS + [Q; W]^T [scale e^G .* dO; -dVn] (one product
 //               with K = 128), finally d_initial_state += dS; prefetched like the forward state kernel;
@@ -97,7 +97,7 @@ __global__ void __launch_bounds__(kThreads) dvlocal_kernel(const Params p) {
       const int i = e / kC, j = e % kC;
       sm.P[i * kLdH + j] = to_bf16(j <= i ? scale * sm.F[i * kLdF + j] * expf(sm.G[i] - sm.G[j]) : 0.0f);
     }
-    float* dVl = p.dVl + (ch.bh * p.S + ch.t0) * dv;
+    bf16* dVl = p.dVl + (ch.bh * p.S + ch.t0) * dv;
     for (int v0 = 0; v0 < dv; v0 += kTile) {
       const int w = dv - v0 < kTile ? dv - v0 : kTile;
       __syncthreads();  // P written; the previous tile's dO and F are free
@@ -110,7 +110,7 @@ __global__ void __launch_bounds__(kThreads) dvlocal_kernel(const Params p) {
       __syncthreads();
       for (int e = tid; e < kC * w; e += kThreads) {
         const int i = e / w, j = e % w;
-        if (i < ch.L) dVl[int64_t(i) * dv + v0 + j] = sm.F[i * kLdF + j];
+        if (i < ch.L) dVl[int64_t(i) * dv + v0 + j] = to_bf16(sm.F[i * kLdF + j]);
       }
     }
   }
@@ -119,8 +119,8 @@ __global__ void __launch_bounds__(kThreads) dvlocal_kernel(const Params p) {
 // ---- state backward ----
 
 struct StateBackSmem {
-  float *dS, *dVl, *G, *eG, *dec, *stage;
-  bf16 *dSb, *QW, *Kc, *dO, *DB;
+  float *dS, *G, *eG, *dec, *stage;
+  bf16 *dSb, *QW, *Kc, *dO, *DB, *dVl;
   size_t bytes;
   __host__ __device__ StateBackSmem(uintptr_t base, int dk, int bv) {
     Carve c{base};
@@ -130,7 +130,7 @@ struct StateBackSmem {
     Kc = c.take<bf16>(size_t(kC) * (dk + kPadH));
     dO = c.take<bf16>(size_t(kC) * (bv + kPadH));
     DB = c.take<bf16>(size_t(2 * kC) * (bv + kPadH));
-    dVl = c.take<float>(size_t(kC) * (bv + kPadF));
+    dVl = c.take<bf16>(size_t(kC) * (bv + kPadH));
     G = c.take<float>(kC);
     eG = c.take<float>(kC);
     dec = c.take<float>(kC);
@@ -139,8 +139,8 @@ struct StateBackSmem {
   }
 };
 
-// The column tile of dv of one block (state_tile): 64 at dk <= 128 (156 KB of shared memory at dk = dv = 128: one
-// block per SM, hence no second block in __launch_bounds__), else 32 (dk = 256: 188 KB) or 16.
+// The column tile of dv of one block (state_tile): 64 at dk <= 128 (148 KB of shared memory at dk = dv = 128: one
+// block per SM, hence no second block in __launch_bounds__), else 32 (dk = 256: 184 KB) or 16.
 int state_backward_tile(int dk, int dv) {
   return state_tile(dv, [dk](int bv) { return StateBackSmem(0, dk, bv).bytes; });
 }
@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(kThreads, 1) state_backward_kernel(const Param
   const float scale = p.scale;
   auto fetch_first = [&](const Chunk& ch) {  // K, dVl, dO
     load_rows_async(sm.Kc, ldk, p.k + qk_off(p, ch.b, ch.t0, ch.hk), p.Hk * dk, ch.L, kC, dk);
-    load_rows_async(sm.dVl, lds, p.dVl + (bh * p.S + ch.t0) * dv + v0, dv, ch.L, kC, bv);
+    load_rows_async(sm.dVl, ldb, p.dVl + (bh * p.S + ch.t0) * dv + v0, dv, ch.L, kC, bv);
     load_rows_async(sm.dO, ldb, p.d_o + v_off(p, ch.b, ch.t0, ch.hv) + v0, p.Hv * dv, ch.L, kC, bv);
   };
   auto fetch_second = [&](const Chunk& ch) {  // Q and W, stacked
@@ -204,7 +204,7 @@ __global__ void __launch_bounds__(kThreads, 1) state_backward_kernel(const Param
     }
     bf16* dVn = p.dVn + (bh * p.S + ch.t0) * dv + v0;
     gemm<RowMajor, RowMajor>(kC, bv, dk, sm.Kc, ldk, sm.dSb, ldb, sm.stage, [&](int i, int j, float x) {
-      const float d = sm.dVl[i * lds + j] + sm.dec[i] * x;
+      const float d = to_f32(sm.dVl[i * ldb + j]) + sm.dec[i] * x;
       if (i < ch.L) dVn[int64_t(i) * dv + j] = to_bf16(d);
       sm.DB[(kC + i) * ldb + j] = to_bf16(-d);
     });
@@ -636,8 +636,8 @@ unsigned elementwise_grid(int64_t n) { return unsigned(std::min<int64_t>(ceil_di
 // states = BH * NC * dk * dv, state = BH * dk * dv; nvs = dv / state_backward_tile, NK = ceil(dk / 64). Block loads
 // (every block's, L2 hits or not):
 //   kernel      reads                                                           writes
-//   dvlocal     q, k 2 Nk dk each (once per key head), Gc 4N, dO 2N dv            dVl 4N dv
-//   state back  (k + q + W 2N dk each + Gc 4N) nvs, dVl 4N dv, dO 2N dv,        dH 2 states, dVn 2N dv,
+//   dvlocal     q, k 2 Nk dk each (once per key head), Gc 4N, dO 2N dv            dVl 2N dv
+//   state back  (k + q + W 2N dk each + Gc 4N) nvs, dVl 2N dv, dO 2N dv,        dH 2 states, dVn 2N dv,
 //               dht 4 state, d_initial_state 4 state                            d_initial_state 4 state
 //   dqk         q, k 2 Nk dk each (once per key head), (Gc 4N + dO + Vn + dVn   dKp 4N dk, dW 2N dk, dGp 4N NK,
 //               2N dv each) NK, H, dH 2 states each, dq 2 Nk dk                  dq 2 Nk dk
@@ -655,10 +655,10 @@ void backward_traffic(const Params& p, std::vector<GdrKernelTraffic>& rows) {
   const size_t nvs = size_t(p.dv / state_backward_tile(p.dk, p.dv));
   const size_t qk = 2 * Nk * dk;  // q or k, once
   // dvlocal
-  rows.push_back({"dvlocal", qk + qk + 4 * N + 2 * N * dv, 4 * N * dv, qk + qk + 4 * N + 2 * N * dv, 4 * N * dv});
+  rows.push_back({"dvlocal", qk + qk + 4 * N + 2 * N * dv, 2 * N * dv, qk + qk + 4 * N + 2 * N * dv, 2 * N * dv});
   // state backward
   {
-    const size_t once = 4 * N * dv + 2 * N * dv + 8 * state, w = 2 * states + 2 * N * dv + 4 * state;
+    const size_t once = 2 * N * dv + 2 * N * dv + 8 * state, w = 2 * states + 2 * N * dv + 4 * state;
     rows.push_back(
         {"state backward", (3 * 2 * N * dk + 4 * N) * nvs + once, w, qk + qk + 2 * N * dk + 4 * N + once, w});
   }

@@ -23,7 +23,7 @@
 //   3. output   (grid B * Hk * NC, looping over the value heads of the key head): Q K^T once, then per head
 //      P = scale (Q K^T) .* decay (causal) and, per 64-column tile of dv, O = e^G .* (scale Q h_c) + P Vn.
 // Products are 16x16x16 wmma tiles over shared-memory operands (rows padded by 16 bytes against bank conflicts).
-// Shared memory per block at dk = dv = 128: 71 - 156 KB (two blocks per SM for every kernel but the state
+// Shared memory per block at dk = dv = 128: 70 - 148 KB (two blocks per SM for every kernel but the state
 // backward's and wy's); at 256 up to 197 KB. Tiles are zero-padded past the end of a partial chunk, so all products are
 // 64 rows.
 //
@@ -38,8 +38,8 @@
 //
 // Workspace (gated_delta_rule_workspace_bytes; N = B * Hv * S rows, states = B * Hv * NC * dk * dv): forward
 // Gc 4N + W 2N dk + U 2N dv + Vn 2N dv + H 2 states bytes; the backward adds dVn 2N dv, dH 2 states, dW 2N dk,
-// dVl 4N dv, dKp 4N dk and dGp 4N ceil(dk / 64). At B = 8, S = 4096, Hv = 32, dk = dv = 128 that is
-// 1.35 GB for the forward and 3.5 GB in all (the forward's part is recomputed by the backward, so nothing has to
+// dVl 2N dv, dKp 4N dk and dGp 4N ceil(dk / 64). At B = 8, S = 4096, Hv = 32, dk = dv = 128 that is
+// 1.35 GB for the forward and 3.2 GB in all (the forward's part is recomputed by the backward, so nothing has to
 // survive from one call to the other).
 #include <algorithm>
 
@@ -75,32 +75,35 @@ struct PrepareSmem {
   }
 };
 
-// One block per (sequence b, key head hk, chunk): K and KK = K K^T (in registers) once, then for each of the
-// r = Hv / Hk value heads of the key head in turn Gc, W, U of the chunk. 108 KB of shared memory at dk = dv = 128.
+// One block per (sequence b, key head hk, chunk): K is loaded once, then for each of the r = Hv / Hk value heads of
+// the key head in turn Gc, W, U of the chunk. K K^T is formed again per head (a 64 x 64 x dk product) rather than
+// kept in registers across the head loop, where it would be spilled around the inversion. 105 KB of shared memory
+// at dk = dv = 128.
 __global__ void __launch_bounds__(kThreads) prepare_kernel(const Params p) {
   const int64_t bhk = blockIdx.x / p.NC;  // b * Hk + hk
   const int c = int(blockIdx.x % p.NC);
   const int64_t bh0 = (bhk / p.Hk) * p.Hv + (bhk % p.Hk) * p.r;  // the group's first value head
   const int dk = p.dk, dv = p.dv, ldk = dk + kPadH, ldv = dv + kPadH, tid = threadIdx.x;
   PrepareSmem sm(reinterpret_cast<uintptr_t>(dynamic_smem()), dk, dv);
-  Acc64 kk;  // K K^T
   {
     const Chunk ch = chunk_of(p, bh0, c);
     load_rows(sm.K, ldk, p.k + qk_off(p, ch.b, ch.t0, ch.hk), p.Hk * dk, ch.L, kC, dk);
-    __syncthreads();
-    acc64_zero(kk);
-    acc64_mma<RowMajor, ColMajor>(kk, kC, dk, sm.K, ldk, sm.K, ldk);
   }
   for (int rr = 0; rr < p.r; ++rr) {
     const Chunk ch = chunk_of(p, bh0 + rr, c);
-    __syncthreads();  // the previous head's V, Kb, Tb, M and gates are free
+    __syncthreads();  // K loaded; the previous head's V, Kb, Tb, M and gates are free
     float gi = 0.0f;
     if (tid < kC) {
       gi = tid < ch.L ? p.g[gb_off(p, ch.b, ch.t0 + tid, ch.hv)] : 0.0f;
       sm.bet[tid] = tid < ch.L ? p.beta[gb_off(p, ch.b, ch.t0 + tid, ch.hv)] : 0.0f;
     }
     load_rows(sm.V, ldv, p.v + v_off(p, ch.b, ch.t0, ch.hv), p.Hv * dv, ch.L, kC, dv);
-    acc64_store(kk, sm.M, kLdF);
+    {
+      Acc64 kk;  // K K^T, into M
+      acc64_zero(kk);
+      acc64_mma<RowMajor, ColMajor>(kk, kC, dk, sm.K, ldk, sm.K, ldk);
+      acc64_store(kk, sm.M, kLdF);
+    }
     // Cumulative sum by a shuffle scan (padding rows add g = 0), made non-increasing (see cumsum64_nonincreasing).
     gi = cumsum64_nonincreasing(gi, sm.X);
     if (tid < kC) {
@@ -371,7 +374,7 @@ size_t carve_workspace(Params& p, void* base) {
   p.dVn = static_cast<bf16*>(take(2 * N * dv));
   p.dH = static_cast<bf16*>(take(2 * states));
   p.dW = static_cast<bf16*>(take(2 * N * dk));
-  p.dVl = static_cast<float*>(take(4 * N * dv));
+  p.dVl = static_cast<bf16*>(take(2 * N * dv));
   p.dKp = static_cast<float*>(take(4 * N * dk));
   p.dGp = static_cast<float*>(take(4 * N * size_t(p.NK)));
   return off;

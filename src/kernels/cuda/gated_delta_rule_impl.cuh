@@ -57,7 +57,7 @@ struct Params {
   bf16* U;            // (BH, S, dv)       T diag(beta) V per chunk
   bf16* Vn;           // (BH, S, dv)       new values U - W h_c
   bf16* H;            // (BH, NC, dk, dv)  state entering each chunk
-  float* dVl;         // (BH, S, dv)       P^T dO, the intra-chunk part of dVn
+  bf16* dVl;          // (BH, S, dv)       P^T dO, the intra-chunk part of dVn
   bf16* dVn;          // (BH, S, dv)       gradient of the new values
   bf16* dH;           // (BH, NC, dk, dv)  gradient of the state leaving each chunk
   bf16* dW;           // (BH, S, dk)       gradient of W
