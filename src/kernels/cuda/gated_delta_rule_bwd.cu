@@ -19,12 +19,13 @@
 //               with K = 128), finally d_initial_state += dS; prefetched like the forward state kernel;
 //   dqk         (B * Hk * NC * ceil(dk/64) blocks, one 64-column tile of dk each, looping over the Hv / Hk value
 //               heads of the key head and, per head, over dv in 64-column tiles): dQ, dK (state and P terms), dW,
-//               the dG partial of the tile (dK and dG as fp32 per-value-head partials); its four 64 x 64 sums over
-//               dv stay in registers (wmma accumulator fragments), and so does dq, summed over the head group and
-//               added to the bf16 dq once;
+//               the dG partial of the tile (fp32, per value head); its four 64 x 64 sums over dv stay in registers
+//               (wmma accumulator fragments), and so does dq, summed over the head group and added to the bf16 dq
+//               once; dK is summed over the head group in shared memory and written once per key head (dKp, fp32);
 //   wy          (B * Hk * NC blocks, looping over the value heads of the key head): KK once, then per head T, dVb,
 //               dKb, dM (in registers), dKK; accumulates dv, dbeta, dg (the reverse cumulative sum by a shuffle
-//               scan); dk (dKp + the WY terms, summed over the head group) in registers, added to the bf16 dk once.
+//               scan); dk (the WY terms, summed over the head group) in registers, added with dKp to the bf16 dk
+//               once.
 // Changes of the traffic work (docs/cuda.md, "The delta rule's HBM traffic"): dq and dk used to be written per value
 // head as fp32 partials (dQp, and dKp read-modify-written twice by wy), then summed over the head group by a
 // separate reduce kernel; summing the group inside dqk / wy (in head order, so still deterministic) removes the dQp
@@ -233,7 +234,7 @@ __global__ void __launch_bounds__(kThreads, 1) state_backward_kernel(const Param
 
 struct DqkSmem {
   bf16 *Q, *K, *dO, *Vn, *dVn, *H, *dH;
-  float *F, *G, *eG, *dec, *r3, *dGl, *red;
+  float *F, *G, *eG, *dec, *r3, *dGl, *red, *Ks;
   size_t bytes;
   __host__ __device__ explicit DqkSmem(uintptr_t base) {
     Carve c{base};
@@ -251,15 +252,17 @@ struct DqkSmem {
     r3 = c.take<float>(kC);
     dGl = c.take<float>(kC + 1);
     red = c.take<float>(32);
+    Ks = c.take<float>(kC * kLdF);
     bytes = c.off;
   }
 };
 
 // One block per (sequence b, key head hk, chunk, column tile [k0, k0 + bk) of dk), looping over the r = Hv / Hk
 // value heads of the key head in head order: the q / k tiles are loaded once, and dq (the sum over the group of each
-// value head's dQ) is summed in registers and added to grad_q once, with no fp32 partial in the workspace. dK of
-// each value head still goes out in fp32 (dKp), for the wy kernel to add its terms to. The four 64 x 64 sums over dv
-// live in registers (Acc64); F is the fp32 staging tile for their element-wise steps.
+// value head's dQ) is summed in registers and added to grad_q once, with no fp32 partial in the workspace. dK (state
+// and P terms) is summed over the group too, in fp32 shared memory (Ks), and goes out once per key head (dKp, fp32)
+// for the wy kernel to add its terms to. The four 64 x 64 sums over dv live in registers (Acc64); F is the fp32
+// staging tile for their element-wise steps.
 __global__ void __launch_bounds__(kThreads, 2) dqk_kernel(const Params p) {
   const int kt = int(blockIdx.x % p.NK);
   const int64_t x = blockIdx.x / p.NK, bhk = x / p.NC;  // bhk = b * Hk + hk
@@ -341,7 +344,8 @@ __global__ void __launch_bounds__(kThreads, 2) dqk_kernel(const Params p) {
     acc64_load(aK, F, kLdF);
     acc64_mma<ColMajor, RowMajor>(aK, bk, kC, dP, kLdH, sm.Q, kLdH);
     __syncthreads();
-    // Outputs: dq += dQ (registers), dKp, dW = -dVn h^T, and dG_i = q_i . dQ_i - k_i . dK_i (this tile's columns)
+    // Outputs: dq += dQ (registers), Ks += dK, dW = -dVn h^T, and dG_i = q_i . dQ_i - k_i . dK_i (this tile's
+    // columns)
     acc64_add(sQ, aQ);
     acc64_store(aQ, F, kLdF);
     __syncthreads();
@@ -356,9 +360,9 @@ __global__ void __launch_bounds__(kThreads, 2) dqk_kernel(const Params p) {
       const float s = row_dot(sm.K + i * kLdH, F + i * kLdF, bk);
       if (lane == 0) sm.dGl[i] -= s;
     }
-    for (int e = tid; e < kC * bk; e += kThreads) {
+    for (int e = tid; e < kC * bk; e += kThreads) {  // Ks = the group's sum of dK, in head order
       const int i = e / bk, j = e % bk;
-      if (i < ch.L) p.dKp[(row0 + i) * dk + k0 + j] = F[i * kLdF + j];
+      sm.Ks[i * kLdF + j] = rr == 0 ? F[i * kLdF + j] : sm.Ks[i * kLdF + j] + F[i * kLdF + j];
     }
     __syncthreads();
     acc64_store(aW, F, kLdF);
@@ -375,8 +379,16 @@ __global__ void __launch_bounds__(kThreads, 2) dqk_kernel(const Params p) {
     if (tid < ch.L)
       p.dGp[(ch.bh * p.NK + kt) * p.S + ch.t0 + tid] = sm.dGl[tid] + (tid == ch.L - 1 ? sm.dGl[kC] : 0.0f);
   }
+  const Chunk ch0 = chunk_of(p, bh0, c);
+  {  // dKp of the key head (rows of the chunk; Ks was last written before the loop's final synchronisation)
+    float* dKp = p.dKp + (bhk * p.S + ch0.t0) * dk + k0;
+    for (int e = tid; e < kC * bk; e += kThreads) {
+      const int i = e / bk, j = e % bk;
+      if (i < ch0.L) dKp[int64_t(i) * dk + j] = sm.Ks[i * kLdF + j];
+    }
+  }
   if (p.grad_q) {
-    const Chunk ch = chunk_of(p, bh0, c);
+    const Chunk& ch = ch0;
     __syncthreads();
     acc64_store(sQ, F, kLdF);
     __syncthreads();
@@ -420,9 +432,10 @@ struct WySmem {
 
 // One block per (sequence b, key head hk, chunk), looping over the r = Hv / Hk value heads of the key head in head
 // order: K and KK = K K^T are the same for the whole group, so they are loaded / computed once. dk of the key head
-// (the sum over the group of each value head's dKp from the dqk kernel, beta e^G .* dKb and dKK K + dKK^T K) is
-// summed in registers, NKT = ceil(dk / 64) column tiles of Acc64, and added to grad_k once: no read-modify-write of
-// an fp32 partial in global memory and no separate reduction. Products go through register accumulators (Acc64).
+// (the sum over the group of each value head's beta e^G .* dKb and dKK K + dKK^T K) is summed in registers,
+// NKT = ceil(dk / 64) column tiles of Acc64, and added to grad_k once together with dKp (the dqk kernel's terms,
+// already summed over the group): no read-modify-write of an fp32 partial in global memory and no separate
+// reduction. Products go through register accumulators (Acc64).
 // Buffer reuse: T holds T, then the fp32 product X = T^T (column tile of dVn or dW); A1 holds that tile of dVn / dW,
 // then X in bf16; Tb holds T (bf16), then dKK. dM = -sum (dVb U^T + dKb W^T) stays in registers until the tiles are
 // done, then goes to M.
@@ -498,7 +511,7 @@ __global__ void __launch_bounds__(kThreads, 2) wy_kernel(const Params p) {
       acc64_mma<RowMajor, ColMajor>(mdM, kC, w, sm.A1, kLdH, sm.A2, kLdH);
       __syncthreads();
     }
-    // dKb = T^T dW per 64-column tile of dk: dK += dKp + beta e^G .* dKb, dbeta and dG += (beta) e^G k . dKb,
+    // dKb = T^T dW per 64-column tile of dk: dK += beta e^G .* dKb, dbeta and dG += (beta) e^G k . dKb,
     // dM -= dKb W^T
 #pragma unroll
     for (int kt = 0; kt < NKT; ++kt) {
@@ -516,12 +529,11 @@ __global__ void __launch_bounds__(kThreads, 2) wy_kernel(const Params p) {
         }
       }
       __syncthreads();  // X is rewritten below
-      const float* dKp = p.dKp + row0 * dk + k0;
       for (int e = tid; e < kC * kC; e += kThreads) {
         const int i = e / kC, j = e % kC;
         const float xv = X[i * kLdF + j];
         sm.A1[i * kLdH + j] = to_bf16(xv);
-        X[i * kLdF + j] = (i < ch.L && j < w) ? sm.bet[i] * sm.eG[i] * xv + dKp[int64_t(i) * dk + j] : 0.0f;
+        X[i * kLdF + j] = (i < ch.L && j < w) ? sm.bet[i] * sm.eG[i] * xv : 0.0f;
       }
       __syncthreads();
       {
@@ -585,6 +597,7 @@ __global__ void __launch_bounds__(kThreads, 2) wy_kernel(const Params p) {
   if (p.grad_k) {
     const Chunk ch = chunk_of(p, bh0, c);
     bf16* dk_out = p.grad_k + qk_off(p, ch.b, ch.t0, ch.hk);
+    const float* dKp = p.dKp + (bhk * p.S + ch.t0) * dk;  // the dqk kernel's terms, summed over the group
     const int64_t ldq = p.Hk * dk;
 #pragma unroll
     for (int kt = 0; kt < NKT; ++kt) {
@@ -594,7 +607,7 @@ __global__ void __launch_bounds__(kThreads, 2) wy_kernel(const Params p) {
       __syncthreads();
       for (int e = tid; e < kC * w; e += kThreads) {
         const int i = e / w, j = e % w;
-        if (i < ch.L) add_to(dk_out + i * ldq + k0 + j, X[i * kLdF + j]);
+        if (i < ch.L) add_to(dk_out + i * ldq + k0 + j, X[i * kLdF + j] + dKp[int64_t(i) * dk + k0 + j]);
       }
     }
   }
@@ -639,10 +652,10 @@ unsigned elementwise_grid(int64_t n) { return unsigned(std::min<int64_t>(ceil_di
 //   dvlocal     q, k 2 Nk dk each (once per key head), Gc 4N, dO 2N dv            dVl 2N dv
 //   state back  (k + q + W 2N dk each + Gc 4N) nvs, dVl 2N dv, dO 2N dv,        dH 2 states, dVn 2N dv,
 //               dht 4 state, d_initial_state 4 state                            d_initial_state 4 state
-//   dqk         q, k 2 Nk dk each (once per key head), (Gc 4N + dO + Vn + dVn   dKp 4N dk, dW 2N dk, dGp 4N NK,
+//   dqk         q, k 2 Nk dk each (once per key head), (Gc 4N + dO + Vn + dVn   dKp 4 Nk dk, dW 2N dk, dGp 4N NK,
 //               2N dv each) NK, H, dH 2 states each, dq 2 Nk dk                  dq 2 Nk dk
 //   wy          k 2 Nk dk (once per key head), Gc 4N, beta 4N, dVn, U, v 2N dv   dv 2N dv, dbeta 4N, dg 4N,
-//               each, dv 2N dv, dW, W 2N dk each, dKp 4N dk, dGp 4N NK,          dk 2 Nk dk
+//               each, dv 2N dv, dW, W 2N dk each, dKp 4 Nk dk, dGp 4N NK,        dk 2 Nk dk
 //               dbeta 4N, dg 4N, dk 2 Nk dk
 // Distinct bytes: the same with every tensor counted once per kernel (no nvs / NK factors, q and k Nk rows).
 // (Before the traffic work dqk and wy ran per value head, with dq and dk summed over the head group by a separate
@@ -664,12 +677,12 @@ void backward_traffic(const Params& p, std::vector<GdrKernelTraffic>& rows) {
   }
   // dqk
   {
-    const size_t once = qk + qk + 2 * 2 * states + qk, w = 4 * N * dk + 2 * N * dk + 4 * N * NK + qk;
+    const size_t once = qk + qk + 2 * 2 * states + qk, w = 4 * Nk * dk + 2 * N * dk + 4 * N * NK + qk;
     rows.push_back({"dqk", once + (4 * N + 3 * 2 * N * dv) * NK, w, once + 4 * N + 3 * 2 * N * dv, w});
   }
   // wy
   {
-    const size_t r = qk + 8 * N + 3 * 2 * N * dv + 2 * N * dv + 2 * 2 * N * dk + 4 * N * dk + 4 * N * NK + 8 * N + qk;
+    const size_t r = qk + 8 * N + 3 * 2 * N * dv + 2 * N * dv + 2 * 2 * N * dk + 4 * Nk * dk + 4 * N * NK + 8 * N + qk;
     const size_t w = 2 * N * dv + 8 * N + qk;
     rows.push_back({"wy", r, w, r, w});
   }

@@ -38,9 +38,9 @@
 //
 // Workspace (gated_delta_rule_workspace_bytes; N = B * Hv * S rows, states = B * Hv * NC * dk * dv): forward
 // Gc 4N + W 2N dk + U 2N dv + Vn 2N dv + H 2 states bytes; the backward adds dVn 2N dv, dH 2 states, dW 2N dk,
-// dVl 2N dv, dKp 4N dk and dGp 4N ceil(dk / 64). At B = 8, S = 4096, Hv = 32, dk = dv = 128 that is
-// 1.35 GB for the forward and 3.2 GB in all (the forward's part is recomputed by the backward, so nothing has to
-// survive from one call to the other).
+// dVl 2N dv, dKp 4 Nk dk (Nk = B * Hk * S key-head rows) and dGp 4N ceil(dk / 64). At B = 8, S = 4096, Hk = 16, Hv =
+// 32, dk = dv = 128 that is 1.35 GB for the forward and 3.0 GB in all (the forward's part is recomputed by the
+// backward, so nothing has to survive from one call to the other).
 #include <algorithm>
 
 #include "core/error.h"
@@ -375,7 +375,7 @@ size_t carve_workspace(Params& p, void* base) {
   p.dH = static_cast<bf16*>(take(2 * states));
   p.dW = static_cast<bf16*>(take(2 * N * dk));
   p.dVl = static_cast<bf16*>(take(2 * N * dv));
-  p.dKp = static_cast<float*>(take(4 * N * dk));
+  p.dKp = static_cast<float*>(take(4 * size_t(p.B) * size_t(p.Hk) * size_t(p.S) * dk));
   p.dGp = static_cast<float*>(take(4 * N * size_t(p.NK)));
   return off;
 }

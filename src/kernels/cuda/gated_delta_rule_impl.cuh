@@ -61,7 +61,8 @@ struct Params {
   bf16* dVn;          // (BH, S, dv)       gradient of the new values
   bf16* dH;           // (BH, NC, dk, dv)  gradient of the state leaving each chunk
   bf16* dW;           // (BH, S, dk)       gradient of W
-  float* dKp;         // (BH, S, dk)       dk of each value head from dqk (state and P terms), summed by wy
+  float* dKp;         // (B Hk, S, dk)     dk of each key head from dqk (state and P terms, summed over its value
+                      //                   heads), read by wy
   float* dGp;         // (BH, NK, S)       dG partial sums of each 64-column tile of dk
   int64_t B, S, Hk, Hv, BH;
   int dk, dv, r, NC, NK;  // r = Hv / Hk, NC = chunks per sequence, NK = 64-column tiles of dk
