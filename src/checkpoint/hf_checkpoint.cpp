@@ -113,7 +113,10 @@ void HfSliceReader::read(const ParamSpec& spec, int64_t first, int64_t count, fl
     const std::string& file = files_.at(piece.hf_name);
     auto& reader = readers_[file];
     if (!reader) reader = std::make_unique<SafetensorsReader>(file);
-    reader->read_f32_range(piece.hf_name, piece.shape, begin - piece.offset, end - begin, out + (begin - first));
+    // Each run contiguous in both orders is one read (one per row part for a regrouped DeltaNet projection).
+    for_each_hf_run(piece, begin - piece.offset, end - piece.offset, [&](int64_t ours, int64_t hf, int64_t n) {
+      reader->read_f32_range(piece.hf_name, piece.shape, hf, n, out + (piece.offset + ours - first));
+    });
   }
 }
 
@@ -187,7 +190,7 @@ std::string stream_hf_checkpoint(const std::string& dir, const ModelConfig& conf
     std::snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", i + 1, n);
     return std::string(name);
   };
-  std::vector<float> buf;
+  std::vector<float> buf, hf_order;
   for (size_t i = 0; i < n; ++i) {
     std::unique_ptr<SafetensorsStreamWriter> out;
     attempt([&] {
@@ -199,7 +202,13 @@ std::string stream_hf_checkpoint(const std::string& dir, const ModelConfig& conf
     for (const Item& it : shards[i]) {
       buf.assign(static_cast<size_t>(shape_numel(it.piece->shape)), 0.0f);
       source(*it.spec, *it.piece, buf.data());
-      attempt([&] { out->write_next(buf.data()); });
+      const float* values = buf.data();
+      if (it.piece->regroup.groups > 0) {  // nextron's row order -> HF's
+        hf_order.resize(buf.size());
+        hf_reorder(*it.piece, buf.data(), hf_order.data(), true);
+        values = hf_order.data();
+      }
+      attempt([&] { out->write_next(values); });
     }
     attempt([&] { out->finish(); });
   }

@@ -49,7 +49,8 @@ struct HfWriteOptions {
 void save_hf_checkpoint(const std::string& dir, const ModelConfig& config, const ParamTable& table, const float* params,
                         const HfWriteOptions& options = {});
 
-// One HF tensor's values: piece `piece` of parameter `spec` (of the single-device table), numel(piece.shape) floats.
+// One HF tensor's values: piece `piece` of parameter `spec` (of the single-device table), numel(piece.shape) floats,
+// in the parameter's (nextron's) element order: the writer puts regrouped rows (HfPiece::regroup) into HF's order.
 using HfPieceSource = std::function<void(const ParamSpec& spec, const HfPiece& piece, float* out)>;
 // The same checkpoint streamed piece by piece, one HF tensor in memory at a time: source() may be collective (every
 // process calls this the same way; the sources run in the same order everywhere) and only where `writer` is true are

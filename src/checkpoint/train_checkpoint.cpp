@@ -285,6 +285,10 @@ Manifest read_manifest(const fs::path& dir) {
     NEXTRON_CHECK(version >= 2, "checkpoint '", dir.string(), "' is in format ", version,
                   " (whole-model model.h5 + optimizer.h5), which this build no longer reads: export it to HF with the "
                   "nextron that wrote it (nextron-convert) and start from that with --init-from");
+    NEXTRON_CHECK(version >= 3, "checkpoint '", dir.string(), "' is in format ", version,
+                  ", whose Gated DeltaNet projections (in_proj_qkvz, in_proj_ba) keep HF's per-key-head row order; "
+                  "this build keeps them per part and does not read it: export it to HF with the nextron that wrote "
+                  "it (nextron-convert) and start from that with --init-from");
     NEXTRON_CHECK(j.at("checksum").get<std::string>() == "xxh64", "checkpoint '", dir.string(), "': ", kManifestFile,
                   " uses checksum '", j.at("checksum").get<std::string>(), "', this build knows xxh64; ", kUseOlder);
     m.step = j.at("step").get<int64_t>();

@@ -36,7 +36,9 @@
 
 namespace nextron {
 
-inline constexpr int64_t kTrainCheckpointFormatVersion = 2;
+// 3: the Gated DeltaNet input projections keep their rows per part ([q | k | v | z], [b | a]: HfRowGroups) where
+// version 2 kept HF's per-key-head groups; version 2 is refused with what to do instead (export to HF).
+inline constexpr int64_t kTrainCheckpointFormatVersion = 3;
 
 // What the trainer carries besides the weights and the optimizer.
 struct TrainState {

@@ -55,53 +55,34 @@ Tensor as_items(const Tensor& t, int64_t Bi, int64_t L) {
 GatedDeltaNet::GatedDeltaNet(const ModelConfig& config, ModuleWeights weights, Ops& ops,
                              std::shared_ptr<Scratch> scratch)
     : c_(config), wt_(std::move(weights)), ops_(ops), sc_(scratch ? std::move(scratch) : std::make_shared<Scratch>()) {
-  // in_proj_qkvz rows of key-head group i are [q (dk) | k (dk) | v (r dv) | z (r dv)], in_proj_ba rows
-  // [b (r) | a (r)] (r = Hv / Hk). The conv runs over [q of all heads | k of all heads | v of all heads].
-  const int64_t Hk = c_.linear_num_key_heads, dk = c_.linear_key_head_dim, r = c_.linear_num_value_heads / Hk,
-                rdv = r * c_.linear_value_head_dim, group = 2 * dk + 2 * rdv, KD = c_.key_dim();
-  std::vector<int32_t> mixed(c_.conv_dim()), z, b, a;
-  for (int64_t i = 0; i < Hk; ++i) {
-    for (int64_t j = 0; j < dk; ++j) {
-      mixed[i * dk + j] = static_cast<int32_t>(i * group + j);
-      mixed[KD + i * dk + j] = static_cast<int32_t>(i * group + dk + j);
-    }
-    for (int64_t j = 0; j < rdv; ++j) {
-      mixed[2 * KD + i * rdv + j] = static_cast<int32_t>(i * group + 2 * dk + j);
-      z.push_back(static_cast<int32_t>(i * group + 2 * dk + rdv + j));
-    }
-    for (int64_t j = 0; j < r; ++j) {
-      b.push_back(static_cast<int32_t>(i * 2 * r + j));
-      a.push_back(static_cast<int32_t>(i * 2 * r + r + j));
-    }
-  }
-  mixed_cols_ = ops_.index_table(mixed);
-  z_cols_ = ops_.index_table(z);
-  b_cols_ = ops_.index_table(b);
-  a_cols_ = ops_.index_table(a);
+  const int64_t KD = c_.key_dim();
   q_cols_ = ops_.index_table(iota_cols(0, KD));
   k_cols_ = ops_.index_table(iota_cols(KD, KD));
   v_cols_ = ops_.index_table(iota_cols(2 * KD, c_.value_dim()));
 }
 
+// Rows [first, first + n) of a (rows, IN) weight: its master, activation-dtype copy and gradient alike.
+ParamRef GatedDeltaNet::weight_rows(const char* name, int64_t first, int64_t n) const {
+  const ParamRef w = wt_.p(name);
+  const int64_t in = w.w.shape()[1];
+  auto rows = [&](const Tensor& t) { return Tensor::view_of(t, first * in, {n, in}); };
+  return {rows(w.w), rows(w.w_act), rows(w.g)};
+}
+
 void GatedDeltaNet::project(Saved& s, const Tensor& x, int64_t B, int64_t S) {
-  const int64_t N = B * S, Hv = c_.linear_num_value_heads, dv = c_.linear_value_head_dim, KD = c_.key_dim(),
-                VD = c_.value_dim(), CD = c_.conv_dim();
+  const int64_t N = B * S, Hv = c_.linear_num_value_heads, dv = c_.linear_value_head_dim, VD = c_.value_dim(),
+                CD = c_.conv_dim();
   s.B = B;
   s.S = S;
   s.x = x;
-  Tensor& qkvz = ops_.act(qkvz_, {N, 2 * KD + 2 * VD});
-  Tensor& ba = ops_.act(ba_, {N, 2 * Hv});
-  ops_.linear_forward(qkvz, x, wt_.p("in_proj_qkvz"), nullptr);
-  ops_.linear_forward(ba, x, wt_.p("in_proj_ba"), nullptr);
+  // The weights' rows are [q | k | v | z] and [b | a] of all heads (ParamTable, HfRowGroups): one product per part,
+  // each writing its tensor whole.
   Tensor& mixed = ops_.act(s.mixed, {B, S, CD});
-  Tensor& z = ops_.act(s.z, {N, Hv * dv});
-  Tensor& b = ops_.act(s.b, {N, Hv});
-  Tensor& a = ops_.act(s.a, {N, Hv});
   Tensor mixed_rows = mixed.reshape({N, CD});
-  ops_.gather_cols(mixed_rows, qkvz, mixed_cols_);
-  ops_.gather_cols(z, qkvz, z_cols_);
-  ops_.gather_cols(b, ba, b_cols_);
-  ops_.gather_cols(a, ba, a_cols_);
+  ops_.linear_forward(mixed_rows, x, weight_rows("in_proj_qkvz", 0, CD), nullptr);
+  ops_.linear_forward(ops_.act(s.z, {N, Hv * dv}), x, weight_rows("in_proj_qkvz", CD, VD), nullptr);
+  ops_.linear_forward(ops_.act(s.b, {N, Hv}), x, weight_rows("in_proj_ba", 0, Hv), nullptr);
+  ops_.linear_forward(ops_.act(s.a, {N, Hv}), x, weight_rows("in_proj_ba", Hv, Hv), nullptr);
 }
 
 void GatedDeltaNet::split_conv(Saved& s, const Tensor& conv, Tensor& qn, Tensor& kn) {
@@ -342,14 +323,10 @@ void GatedDeltaNet::backward(const Saved& s, const Tensor& dy, Tensor& dx) {
     ops_.conv1d_silu_backward(dmixed, wt_.p("conv1d"), dconv, s.mixed);
   }
 
-  Tensor& dqkvz = ops_.act(dqkvz_, {N, 2 * KD + 2 * VD});
-  Tensor& dba = ops_.act(dba_, {N, 2 * Hv});
-  ops_.scatter_cols(dqkvz, dmixed.reshape({N, CD}), mixed_cols_, false);
-  ops_.scatter_cols(dqkvz, dz, z_cols_, false);
-  ops_.scatter_cols(dba, db, b_cols_, false);
-  ops_.scatter_cols(dba, da, a_cols_, false);
-  ops_.linear_backward(&dx, wt_.p("in_proj_qkvz"), nullptr, dqkvz, s.x);
-  ops_.linear_backward(&dx, wt_.p("in_proj_ba"), nullptr, dba, s.x);
+  ops_.linear_backward(&dx, weight_rows("in_proj_qkvz", 0, CD), nullptr, dmixed.reshape({N, CD}), s.x);
+  ops_.linear_backward(&dx, weight_rows("in_proj_qkvz", CD, VD), nullptr, dz, s.x);
+  ops_.linear_backward(&dx, weight_rows("in_proj_ba", 0, Hv), nullptr, db, s.x);
+  ops_.linear_backward(&dx, weight_rows("in_proj_ba", Hv, Hv), nullptr, da, s.x);
 }
 
 }  // namespace nextron

@@ -36,14 +36,14 @@ class GatedDeltaNet {
   // Buffers outside the records, shared by the DeltaNet of every layer of one kind (model/decoder.h): each lives
   // within one call, or (the recomputed core) is rewritten by the backward before it reads it.
   struct Scratch {
-    Tensor qkvz, ba, conv;  // forward: the projections (B S, 2 KD + 2 VD), (B S, 2 Hv), the conv output (B, S, CD)
+    Tensor conv;  // forward: the conv output (B, S, CD)
     // Context parallelism: the extended conv output and its gradients, the items' local final states, transitions,
     // local state gradient and incoming final-state gradient, and the discarded gradients of the backward's first
     // pass; f32 staging (n) for the boundary rows in the activation dtype.
     Tensor conv_ext, dconv_ext, dmixed_ext, cp_final, cp_m, cp_din, cp_dfin;
     Tensor cp_dqn, cp_dkn, cp_dv, cp_dg, cp_dbeta, host_f32;
     Tensor rc_qn, rc_kn, rc_o;  // (B, S, Hk, dk) x 2, (B, S, Hv, dv) when the core is recomputed
-    Tensor don, d_o, dz, dqn, dkn, dq, dk, dv, dbeta, dg, db, da, dconv, dmixed, dqkvz, dba;  // backward
+    Tensor don, d_o, dz, dqn, dkn, dq, dk, dv, dbeta, dg, db, da, dconv, dmixed;  // backward
     // Generation (forward_cached): the forward's tensors, the windowed conv input (B, KC - 1 + S, CD), the new state.
     Saved cached;
     Tensor cached_ext, cached_final;
@@ -72,10 +72,10 @@ class GatedDeltaNet {
   const ModelConfig& c_;
   ModuleWeights wt_;
   Ops& ops_;
-  // Column tables (device i32) that regroup the projections: in_proj_qkvz's per-key-head groups into the conv input
-  // [q | k | v] and z, in_proj_ba's groups into b and a; and the q / k / v columns of the conv output.
-  Tensor mixed_cols_, z_cols_, b_cols_, a_cols_, q_cols_, k_cols_, v_cols_;
-  // The forward's steps shared with forward_cached: the projections regrouped into s.mixed, z, b, a; the conv
+  // Column tables (device i32): the q / k / v columns of the conv output.
+  Tensor q_cols_, k_cols_, v_cols_;
+  ParamRef weight_rows(const char* name, int64_t first, int64_t n) const;
+  // The forward's steps shared with forward_cached: the projections into s.mixed, z, b, a; the conv
   // output split into q, k, v, their L2 norms (into qn, kn) and the gates; the gated norm and out_proj.
   void project(Saved& s, const Tensor& x, int64_t B, int64_t S);
   void split_conv(Saved& s, const Tensor& conv, Tensor& qn, Tensor& kn);
@@ -84,14 +84,13 @@ class GatedDeltaNet {
   const ContextParallel* cp_ = nullptr;
   bool cp_active() const { return cp_ != nullptr && cp_->active(); }
   std::shared_ptr<Scratch> sc_;
-  Tensor &qkvz_ = sc_->qkvz, &ba_ = sc_->ba, &conv_ = sc_->conv, &conv_ext_ = sc_->conv_ext,
-         &dconv_ext_ = sc_->dconv_ext, &dmixed_ext_ = sc_->dmixed_ext, &cp_final_ = sc_->cp_final, &cp_m_ = sc_->cp_m,
-         &cp_din_ = sc_->cp_din, &cp_dfin_ = sc_->cp_dfin, &cp_dqn_ = sc_->cp_dqn, &cp_dkn_ = sc_->cp_dkn,
-         &cp_dv_ = sc_->cp_dv, &cp_dg_ = sc_->cp_dg, &cp_dbeta_ = sc_->cp_dbeta, &host_f32_ = sc_->host_f32,
-         &rc_qn_ = sc_->rc_qn, &rc_kn_ = sc_->rc_kn, &rc_o_ = sc_->rc_o, &don_ = sc_->don, &do_ = sc_->d_o,
-         &dz_ = sc_->dz, &dqn_ = sc_->dqn, &dkn_ = sc_->dkn, &dq_ = sc_->dq, &dk_ = sc_->dk, &dv_ = sc_->dv,
-         &dbeta_ = sc_->dbeta, &dg_ = sc_->dg, &db_ = sc_->db, &da_ = sc_->da, &dconv_ = sc_->dconv,
-         &dmixed_ = sc_->dmixed, &dqkvz_ = sc_->dqkvz, &dba_ = sc_->dba, &cached_ext_ = sc_->cached_ext,
+  Tensor &conv_ = sc_->conv, &conv_ext_ = sc_->conv_ext, &dconv_ext_ = sc_->dconv_ext, &dmixed_ext_ = sc_->dmixed_ext,
+         &cp_final_ = sc_->cp_final, &cp_m_ = sc_->cp_m, &cp_din_ = sc_->cp_din, &cp_dfin_ = sc_->cp_dfin,
+         &cp_dqn_ = sc_->cp_dqn, &cp_dkn_ = sc_->cp_dkn, &cp_dv_ = sc_->cp_dv, &cp_dg_ = sc_->cp_dg,
+         &cp_dbeta_ = sc_->cp_dbeta, &host_f32_ = sc_->host_f32, &rc_qn_ = sc_->rc_qn, &rc_kn_ = sc_->rc_kn,
+         &rc_o_ = sc_->rc_o, &don_ = sc_->don, &do_ = sc_->d_o, &dz_ = sc_->dz, &dqn_ = sc_->dqn, &dkn_ = sc_->dkn,
+         &dq_ = sc_->dq, &dk_ = sc_->dk, &dv_ = sc_->dv, &dbeta_ = sc_->dbeta, &dg_ = sc_->dg, &db_ = sc_->db,
+         &da_ = sc_->da, &dconv_ = sc_->dconv, &dmixed_ = sc_->dmixed, &cached_ext_ = sc_->cached_ext,
          &cached_final_ = sc_->cached_final;
   Saved& cached_ = sc_->cached;
 };

@@ -1,5 +1,6 @@
 #include "model/init.h"
 
+#include <algorithm>
 #include <cmath>
 #include <numbers>
 
@@ -71,9 +72,21 @@ void init_parameter_elements(const std::string& name, int64_t first, int64_t cou
   }
 }
 
+void init_parameter_elements(const ParamSpec& spec, int64_t first, int64_t count, float* out, uint64_t seed,
+                             double initializer_range) {
+  for (const HfPiece& piece : spec.hf) {
+    const int64_t begin = std::max(first, piece.offset),
+                  end = std::min(first + count, piece.offset + shape_numel(piece.shape));
+    for_each_hf_run(piece, begin - piece.offset, end - piece.offset, [&](int64_t ours, int64_t hf, int64_t n) {
+      init_parameter_elements(spec.name, piece.offset + hf, n, out + (piece.offset + ours - first), seed,
+                              initializer_range);
+    });
+  }
+}
+
 void init_parameters(const ParamTable& table, float* params, uint64_t seed, double initializer_range) {
   for (const ParamSpec& s : table.specs())
-    init_parameter_elements(s.name, 0, s.numel(), params + s.offset, seed, initializer_range);
+    init_parameter_elements(s, 0, s.numel(), params + s.offset, seed, initializer_range);
 }
 
 }  // namespace nextron

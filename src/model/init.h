@@ -20,6 +20,11 @@ ParamInit param_init(const std::string& name);
 // out[i] = element first + i of parameter `name` (its single-device flat order), for i < count.
 void init_parameter_elements(const std::string& name, int64_t first, int64_t count, float* out, uint64_t seed,
                              double initializer_range = 0.02);
+// The same for elements [first, first + count) of parameter `spec` in nextron's order, each drawn at its HF element's
+// counter (HfPiece::regroup), so that a seed gives the same model as HF tensors whatever row order nextron keeps
+// inside (the DeltaNet projections' per-part rows).
+void init_parameter_elements(const ParamSpec& spec, int64_t first, int64_t count, float* out, uint64_t seed,
+                             double initializer_range = 0.02);
 // Every parameter of `table` whose tensors are whole (a model or a pipeline stage of it; a TP or EP slice fills its
 // elements through TpShardMap::fill_local).
 void init_parameters(const ParamTable& table, float* params, uint64_t seed, double initializer_range = 0.02);

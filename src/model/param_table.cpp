@@ -114,6 +114,21 @@ void check_fits_in_memory(const ModelConfig& config, const MemoryNeed& need, con
   throw Error(os.str());
 }
 
+void hf_reorder(const HfPiece& piece, const float* from, float* to, bool to_hf) {
+  for_each_hf_run(piece, 0, shape_numel(piece.shape), [&](int64_t ours, int64_t hf, int64_t n) {
+    if (to_hf)
+      std::copy_n(from + ours, n, to + hf);
+    else
+      std::copy_n(from + hf, n, to + ours);
+  });
+}
+
+std::vector<float> in_hf_order(const HfPiece& piece, const float* values) {
+  std::vector<float> out(static_cast<size_t>(shape_numel(piece.shape)));
+  hf_reorder(piece, values, out.data(), true);
+  return out;
+}
+
 ParamSpec& ParamTable::add(std::string name, Shape shape, int tp_dim, ParamKind kind, bool decay,
                            std::vector<HfPiece> hf) {
   ParamSpec s;
@@ -125,7 +140,14 @@ ParamSpec& ParamTable::add(std::string name, Shape shape, int tp_dim, ParamKind 
   s.hf = std::move(hf);
   place(s);
   int64_t covered = 0;
-  for (const auto& p : s.hf) covered += shape_numel(p.shape);
+  for (const auto& p : s.hf) {
+    covered += shape_numel(p.shape);
+    if (p.regroup.groups > 0) {
+      int64_t rows = 0;
+      for (int64_t part : p.regroup.parts) rows += part;
+      NEXTRON_ASSERT(p.regroup.groups * rows * p.regroup.row == shape_numel(p.shape));
+    }
+  }
   NEXTRON_ASSERT(covered == s.numel());
   index_[s.name] = specs_.size();
   specs_.push_back(std::move(s));
@@ -165,11 +187,18 @@ ParamTable::ParamTable(const ModelConfig& c, const StageRange& stage) {
       add_simple(p + "self_attn.k_norm", hp + "self_attn.k_norm.weight", {D}, -1, false).tp_grad = TpGradSum::always;
     } else {
       const int64_t Hv = c.linear_num_value_heads, dv = c.linear_value_head_dim;
-      // in_proj_qkvz rows are grouped per key head [q | k | v | z]; in_proj_ba per key head [b | a]. Tensor
-      // parallelism splits whole groups (dim 0 in units of one group).
-      add_simple(p + "linear_attn.in_proj_qkvz", hp + "linear_attn.in_proj_qkvz.weight",
-                 {2 * c.key_dim() + 2 * c.value_dim(), H}, 0, true);
-      add_simple(p + "linear_attn.in_proj_ba", hp + "linear_attn.in_proj_ba.weight", {2 * Hv, H}, 0, true);
+      // HF groups the rows of in_proj_qkvz per key head [q | k | v | z], of in_proj_ba per key head [b | a];
+      // nextron keeps them per part, [q of all heads | k | v | z] and [b | a] (HfRowGroups), so that the
+      // projections' outputs split into contiguous row ranges. Tensor parallelism splits every part separately,
+      // which gives each rank whole key-head groups (the layout requires Hk % TP == 0).
+      const int64_t Hk = c.linear_num_key_heads, dk = c.linear_key_head_dim, r = Hv / Hk;
+      const Shape qkvz{2 * c.key_dim() + 2 * c.value_dim(), H}, ba{2 * Hv, H};
+      add(p + "linear_attn.in_proj_qkvz", qkvz, 0, ParamKind::dense, true,
+          {HfPiece{hp + "linear_attn.in_proj_qkvz.weight", 0, qkvz, {Hk, {dk, dk, r * dv, r * dv}, H}}})
+          .tp_parts = {c.key_dim(), c.key_dim(), c.value_dim(), c.value_dim()};
+      add(p + "linear_attn.in_proj_ba", ba, 0, ParamKind::dense, true,
+          {HfPiece{hp + "linear_attn.in_proj_ba.weight", 0, ba, {Hk, {r, r}, H}}})
+          .tp_parts = {Hv, Hv};
       // Conv channels are [q of all heads | k of all heads | v of all heads]: each block is split separately.
       add(p + "linear_attn.conv1d", {c.conv_dim(), c.linear_conv_kernel_dim}, 0, ParamKind::dense, true,
           {HfPiece{hp + "linear_attn.conv1d.weight", 0, {c.conv_dim(), 1, c.linear_conv_kernel_dim}}})

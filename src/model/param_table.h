@@ -3,9 +3,11 @@
 // groups, ZeRO ranges and distributed-checkpoint keys are derived.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/tensor.h"
@@ -20,13 +22,58 @@ enum class ParamKind {
   expert,  // routed-expert weights: split over the expert-parallel group, reduced over expert-data-parallel
 };
 
+// Rows that nextron keeps in another order than the HF tensor. HF packs the Gated DeltaNet input projections per
+// key-head group: in_proj_qkvz is Hk groups of [q (dk) | k (dk) | v (r dv) | z (r dv)] rows, in_proj_ba Hk groups of
+// [b (r) | a (r)]. nextron keeps each part of every group together instead ([q of all heads | k | v | z]), so that
+// q|k|v (the conv's input) and z are contiguous row ranges of the weight: each is one GEMM whose output needs no
+// column gather, and whose gradient no scatter (issue #18). HF row g * sum(parts) + sum(parts[< p]) + j is nextron
+// row groups * sum(parts[< p]) + g * parts[p] + j. groups == 0: the same order as HF.
+struct HfRowGroups {
+  int64_t groups = 0;
+  std::vector<int64_t> parts;  // rows of each part within one group
+  int64_t row = 0;             // elements per row
+};
+
 // One HF checkpoint tensor that covers a contiguous block of a parameter (a parameter may pack several HF
-// tensors, e.g. [gate_proj; up_proj] of a SwiGLU, or one tensor per expert).
+// tensors, e.g. [gate_proj; up_proj] of a SwiGLU, or one tensor per expert), in HF's element order unless
+// `regroup` says otherwise.
 struct HfPiece {
+  HfPiece() = default;
+  HfPiece(std::string name, int64_t first, Shape hf_shape, HfRowGroups rows = {})
+      : hf_name(std::move(name)), offset(first), shape(std::move(hf_shape)), regroup(std::move(rows)) {}
   std::string hf_name;
   int64_t offset = 0;  // elements from the start of the parameter
   Shape shape;         // shape of the HF tensor (its element count is contiguous in the parameter)
+  HfRowGroups regroup;
 };
+
+// The runs of the piece's elements [begin, end) (counted from the piece's start, in nextron order) that are
+// contiguous in the HF tensor too: fn(nextron offset, HF offset, count) in nextron order, both from the piece's
+// start. One run when the piece is in HF order; at most one per row part otherwise.
+template <typename Fn>
+void for_each_hf_run(const HfPiece& piece, int64_t begin, int64_t end, Fn&& fn) {
+  const HfRowGroups& r = piece.regroup;
+  if (r.groups == 0) {
+    if (end > begin) fn(begin, begin, end - begin);
+    return;
+  }
+  int64_t group_rows = 0;
+  for (int64_t part : r.parts) group_rows += part;
+  int64_t part_start = 0, before = 0;  // nextron row where part p starts; rows of parts[< p] in one group
+  for (int64_t part : r.parts) {
+    for (int64_t g = 0; g < r.groups; ++g) {
+      const int64_t lo = (part_start + g * part) * r.row, hi = lo + part * r.row;  // nextron elements of (p, g)
+      const int64_t b = std::max(begin, lo), e = std::min(end, hi);
+      if (b < e) fn(b, (g * group_rows + before) * r.row + (b - lo), e - b);
+    }
+    part_start += r.groups * part;
+    before += part;
+  }
+}
+// A whole piece from nextron's element order into HF's (`to_hf`) or back; n = the piece's element count.
+void hf_reorder(const HfPiece& piece, const float* from, float* to, bool to_hf);
+// The piece's values (nextron's order, numel(piece.shape) floats) in HF's order.
+std::vector<float> in_hf_order(const HfPiece& piece, const float* values);
 
 // How the gradient of a parameter that tensor parallelism replicates (tp_dim == -1) is completed over the TP
 // group after backward.

@@ -276,7 +276,7 @@ Trainer::Trainer(const TrainOptions& options, SampleFn source, Communicator* wor
         if (hf)
           hf->read(f, first, count, out);
         else
-          init_parameter_elements(f.name, first, count, out, opt_.init_seed, opt_.initializer_range);
+          init_parameter_elements(f, first, count, out, opt_.init_seed, opt_.initializer_range);
       });
       from_host(m.params(), 0, local.data(), static_cast<int64_t>(local.size()));
       m.params_changed();

@@ -125,7 +125,8 @@ TEST_P(CudaModelGolden, ForwardAndBackwardMatchTransformersInBf16) {
       const std::string name = "grad." + piece.hf_name;
       ASSERT_TRUE(golden.contains(name)) << "fixture lacks " << name;
       const Tensor ref = golden.read_f32(name);
-      const double e = relative_error(grads.data() + spec.offset + piece.offset, ref.f32(), ref.numel());
+      const double e =
+          relative_error(in_hf_order(piece, grads.data() + spec.offset + piece.offset).data(), ref.f32(), ref.numel());
       EXPECT_LE(e, std::max(kGradTol, kEnvelopeFactor * envelope.grad(name))) << name;
       if (e > worst) {
         worst = e;

@@ -80,7 +80,8 @@ TEST_P(Golden, ForwardAndBackwardMatchTransformers) {
       ASSERT_TRUE(golden.contains(name)) << "fixture lacks " << name;
       const Tensor ref = golden.read_f32(name);
       ASSERT_EQ(ref.numel(), shape_numel(piece.shape)) << name;
-      const Diff d = compare(model.grads().f32() + spec.offset + piece.offset, ref.f32(), ref.numel());
+      const Diff d =
+          compare(in_hf_order(piece, model.grads().f32() + spec.offset + piece.offset).data(), ref.f32(), ref.numel());
       EXPECT_LE(d.max_err, kTensorTol * d.max_ref + 1e-9) << name << " (max |ref| " << d.max_ref << ")";
       if (d.max_ref > 0 && d.max_err / d.max_ref > worst) {
         worst = d.max_err / d.max_ref;

@@ -3,6 +3,7 @@
 // checkpoint path and safetensors index entries that point outside the checkpoint are clear errors.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -60,6 +61,57 @@ TEST(HfCheckpoint, ShardedExportReadsBackBitIdentical) {
   EXPECT_EQ(a, b);
   // Writing into a non-empty directory is refused and leaves it untouched.
   expect_error([&] { save_hf_checkpoint(out.string(), config, table, a.data(), w); }, "not empty");
+  fs::remove_all(out);
+}
+
+// nextron keeps the DeltaNet input projections' rows per part ([q | k | v | z] of all heads, [b | a]) where the HF
+// tensor keeps them per key-head group: row j of part p of group g is HF row g * sum(parts) + sum(parts[< p]) + j
+// and nextron row Hk * sum(parts[< p]) + g * parts[p] + j (checked here by those loops, not through the table's
+// run iterator); slices read by HfSliceReader (what each tensor-parallel rank reads) equal the whole load's elements,
+// wherever they start and end; and the export writes HF's order back (the file's tensor, bit for bit).
+TEST(HfCheckpoint, DeltaNetProjectionsArePerPartInsideAndPerGroupInTheFile) {
+  const ModelConfig config = read_hf_config(kFixture);
+  const ParamTable table(config);
+  std::vector<float> params(table.total_numel());
+  load_hf_weights(kFixture, table, params.data());
+  const int64_t H = config.hidden_size, Hk = config.linear_num_key_heads, dk = config.linear_key_head_dim,
+                r = config.linear_num_value_heads / Hk, rdv = r * config.linear_value_head_dim;
+  int64_t layer = 0;
+  while (config.layer_types[layer] != MixerType::linear_attention) ++layer;
+  const std::string prefix = "layers." + std::to_string(layer) + ".linear_attn.";
+  const fs::path out = fresh_dir("regrouped");
+  save_hf_checkpoint(out.string(), config, table, params.data());
+  const HfSliceReader slices(kFixture, table);
+  for (const auto& [name, parts] : std::vector<std::pair<std::string, std::vector<int64_t>>>{
+           {"in_proj_qkvz", {dk, dk, rdv, rdv}}, {"in_proj_ba", {r, r}}}) {
+    const ParamSpec& spec = table.get(prefix + name);
+    const std::string hf_name = "model." + prefix + name + ".weight";
+    const Tensor file = SafetensorsReader(kFixture + "/model.safetensors").read_f32(hf_name);
+    const float* ours = params.data() + spec.offset;
+    int64_t group = 0;
+    for (int64_t p : parts) group += p;
+    int64_t mismatched = 0, before = 0;
+    for (size_t p = 0; p < parts.size(); ++p) {
+      for (int64_t g = 0; g < Hk; ++g)
+        for (int64_t j = 0; j < parts[p]; ++j)
+          for (int64_t c = 0; c < H; ++c)
+            mismatched +=
+                ours[(Hk * before + g * parts[p] + j) * H + c] != file.f32()[(g * group + before + j) * H + c];
+      before += parts[p];
+    }
+    EXPECT_EQ(mismatched, 0) << name;
+    EXPECT_EQ(file.numel(), spec.numel());
+    for (auto [first, count] : std::vector<std::pair<int64_t, int64_t>>{
+             {0, spec.numel()}, {3 * H + 5, dk * H + 7}, {spec.numel() / 2 - 1, spec.numel() / 3}, {H - 1, 2}}) {
+      count = std::min(count, spec.numel() - first);  // in_proj_ba is small
+      std::vector<float> slice(static_cast<size_t>(count));
+      slices.read(spec, first, count, slice.data());
+      EXPECT_TRUE(std::equal(slice.begin(), slice.end(), ours + first))
+          << name << " [" << first << ", +" << count << ")";
+    }
+    const Tensor written = SafetensorsReader((out / "model.safetensors").string()).read_f32(hf_name);
+    EXPECT_TRUE(std::equal(written.f32(), written.f32() + written.numel(), file.f32())) << name;
+  }
   fs::remove_all(out);
 }
 

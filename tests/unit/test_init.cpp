@@ -4,6 +4,7 @@
 // the numbers depend on the seed and on the parameter, not on the table they sit in.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -26,6 +27,28 @@ TEST(Init, AnyRunOfElementsEqualsTheWholeParameter) {
   init_parameter_elements(name, 0, 1000, reseeded.data(), 6, 0.02);
   EXPECT_NE(other, whole);
   EXPECT_NE(reseeded, whole);
+}
+
+// The DeltaNet projections keep their rows per part inside nextron (HfRowGroups) but are drawn at their HF
+// elements' counters: the whole parameter, seen in HF order, is the name-keyed draw in element order (the model a
+// seed gave before the rows were regrouped), and any slice equals the whole's elements (what a TP rank fills).
+TEST(Init, RegroupedRowsAreDrawnInHfOrder) {
+  const ModelConfig config = read_hf_config(std::string(NEXTRON_FIXTURES_DIR) + "/hybrid_moe");
+  const ParamTable table(config);
+  int64_t layer = 0;
+  while (config.layer_types[layer] != MixerType::linear_attention) ++layer;
+  for (const char* name : {"in_proj_qkvz", "in_proj_ba"}) {
+    const ParamSpec& spec = table.get("layers." + std::to_string(layer) + ".linear_attn." + name);
+    ASSERT_GT(spec.hf.at(0).regroup.groups, 0) << name;
+    const int64_t n = spec.numel();
+    std::vector<float> ours(n), hf_draw(n), slice(n / 3);
+    init_parameter_elements(spec, 0, n, ours.data(), 9, 0.02);
+    init_parameter_elements(spec.name, 0, n, hf_draw.data(), 9, 0.02);
+    EXPECT_EQ(in_hf_order(spec.hf.at(0), ours.data()), hf_draw) << name;
+    EXPECT_NE(ours, hf_draw) << name;  // the rows did move
+    init_parameter_elements(spec, n / 5, n / 3, slice.data(), 9, 0.02);
+    EXPECT_TRUE(std::equal(slice.begin(), slice.end(), ours.begin() + n / 5)) << name;
+  }
 }
 
 TEST(Init, DistributionsFollowTransformers) {

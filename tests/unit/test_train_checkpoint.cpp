@@ -504,6 +504,11 @@ TEST(TrainCheckpoint, FindLatestSkipsUnfinishedAndDamagedCheckpoints) {
   fs::remove(old_format);
   std::ofstream(old_format) << j.dump();
   expect_error([&] { load("step_00000012"); }, {"step_00000012", "format 1", "nextron-convert", "--init-from"});
+  // Format 2 kept the DeltaNet projections in HF's per-key-head row order: refused the same way, naming why.
+  j["format_version"] = 2;
+  fs::remove(old_format);
+  std::ofstream(old_format) << j.dump();
+  expect_error([&] { load("step_00000012"); }, {"step_00000012", "format 2", "in_proj_qkvz", "nextron-convert"});
   two.expect_loads_identically(good);
   fs::remove_all(root);
 }
