@@ -363,9 +363,10 @@ TEST(GatedDeltaRuleCuda, Deterministic) {
 // written once); 20.23 / 57.08 with 64-column dv tiles in the state kernels; 16.72 / 53.56 with prepare, output and
 // dvlocal run per key head (k, q read and K K^T, Q K^T formed once for the group's value heads); 16.72 / 51.56 with
 // dVl in bf16; 16.72 / 49.56 with dKp summed over the head group by dqk (one fp32 tile per key head, not per value
-// head).
+// head); 16.72 / 46.52 with dqk looping over the tiles of dk (dO, Vn, dVn read once per head, one dG partial).
 // Distinct bytes: 14.20 / 44.02 at 24.27 / 67.14, unchanged by the state tiles and the per-key-head kernels (they
-// remove re-reads only); 14.20 / 42.02 with dVl in bf16; 14.20 / 40.02 with dKp per key head.
+// remove re-reads only); 14.20 / 42.02 with dVl in bf16; 14.20 / 40.02 with dKp per key head; 14.20 / 39.98 with
+// one dG partial per head.
 TEST(GatedDeltaRuleCuda, HbmTrafficAccount) {
   const cpu::GdrShape s{2, 4096, 16, 32, 128, 128};
   const double unit = 2.0 * double(s.B * s.S * s.Hv * s.dv);
@@ -395,9 +396,9 @@ TEST(GatedDeltaRuleCuda, HbmTrafficAccount) {
   EXPECT_DOUBLE_EQ(fwd, double(cuda::gated_delta_rule_forward_hbm_bytes(s)) / unit);
   EXPECT_DOUBLE_EQ(bwd, double(cuda::gated_delta_rule_backward_hbm_bytes(s)) / unit);
   EXPECT_LE(fwd, 16.72);
-  EXPECT_LE(bwd, 49.57);
+  EXPECT_LE(bwd, 46.52);
   EXPECT_LE(fwd_t.distinct, 14.21);
-  EXPECT_LE(bwd_t.distinct, 40.02);
+  EXPECT_LE(bwd_t.distinct, 39.99);
   // An independent floor: each tensor of the op's contract moved once (inputs read, outputs written, accumulated
   // gradients read and written; the account assumes every optional state is given). An account below it has
   // left a kernel's traffic out.

@@ -17,11 +17,11 @@
 //   state back  (BH * dv / bv blocks, chunks in reverse): carries dS (fp32, dk x bv), writes dH_c = dS' (bf16) and
 //               dVn = dVl + dec .* (K dS'), then dS <- e^{G_last} dS + [Q; W]^T [scale e^G .* dO; -dVn] (one product
 //               with K = 128), finally d_initial_state += dS; prefetched like the forward state kernel;
-//   dqk         (B * Hk * NC * ceil(dk/64) blocks, one 64-column tile of dk each, looping over the Hv / Hk value
-//               heads of the key head and, per head, over dv in 64-column tiles): dQ, dK (state and P terms), dW,
-//               the dG partial of the tile (fp32, per value head); its four 64 x 64 sums over dv stay in registers
-//               (wmma accumulator fragments), and so does dq, summed over the head group and added to the bf16 dq
-//               once; dK is summed over the head group in shared memory and written once per key head (dKp, fp32);
+//   dqk         (B * Hk * NC blocks, looping over the Hv / Hk value heads of the key head and, per head, over the
+//               64-column tiles of dk with dO, Vn, dVn held at full width dv in shared memory): dP once per head,
+//               then per tile dQ, dK (state and P terms), dW; the dG partial of each head (fp32, dGp); its three
+//               sums over dv per tile stay in registers (wmma accumulator fragments), and so do dq and dK, summed
+//               over the head group: dq is added to the bf16 dq once, dK written once per key head (dKp, fp32);
 //   wy          (B * Hk * NC blocks, looping over the value heads of the key head): KK once, then per head T, dVb,
 //               dKb, dM (in registers), dKK; accumulates dv, dbeta, dg (the reverse cumulative sum by a shuffle
 //               scan); dk (the WY terms, summed over the head group) in registers, added with dKp to the bf16 dk
@@ -34,7 +34,10 @@
 // cumsum, dqk's sum of the last row's terms) became a shuffle scan and a warp sum. T is still recomputed by wy
 // rather than saved by prepare: saving it would add traffic (T in bf16 is 64 values per row, half a (B, S, Hv, dv)
 // tensor written and read again, +1 unit) to save the inversion per chunk and head; KK, the product it would also
-// save, is now formed once per key head.
+// save, is now formed once per key head. Issue #18's second round (docs/cuda.md): the state backward carries
+// 64-column tiles of dv where they fit (half the re-reads of K, Q, W), dvlocal runs per key head (Q K^T once), dVl is
+// bf16, dqk holds a head's dO, Vn, dVn for all tiles of dk (read once instead of once per tile) and sums dK over the
+// head group (dKp per key head: half the fp32 bytes written by dqk and read by wy): 67.14 -> 46.52 units.
 // No atomics: every output element is written by one thread, partial sums are combined in a fixed order, so two
 // runs give bit-identical gradients.
 #include <algorithm>
@@ -230,21 +233,22 @@ __global__ void __launch_bounds__(kThreads, 1) state_backward_kernel(const Param
       add_to(p.grad_h0 + sbase + int64_t(e / bv) * dv + e % bv, sm.dS[(e / bv) * lds + e % bv]);
 }
 
-// ---- dqk: dQ, dK (state and P terms), dW, dG partial of one 64-column tile of dk ----
+// ---- dqk: dQ, dK (state and P terms), dW, dG partial ----
 
 struct DqkSmem {
-  bf16 *Q, *K, *dO, *Vn, *dVn, *H, *dH;
-  float *F, *G, *eG, *dec, *r3, *dGl, *red, *Ks;
+  bf16 *Q, *K, *dO, *Vn, *dVn, *H, *dH, *dP;
+  float *F, *G, *eG, *dec, *r3, *dGl, *red;
   size_t bytes;
-  __host__ __device__ explicit DqkSmem(uintptr_t base) {
+  __host__ __device__ DqkSmem(uintptr_t base, int dk, int dv) {
     Carve c{base};
-    Q = c.take<bf16>(kC * kLdH);
-    K = c.take<bf16>(kC * kLdH);
-    dO = c.take<bf16>(kC * kLdH);
-    Vn = c.take<bf16>(kC * kLdH);
-    dVn = c.take<bf16>(kC * kLdH);
+    Q = c.take<bf16>(size_t(kC) * (dk + kPadH));
+    K = c.take<bf16>(size_t(kC) * (dk + kPadH));
+    dO = c.take<bf16>(size_t(kC) * (dv + kPadH));
+    Vn = c.take<bf16>(size_t(kC) * (dv + kPadH));
+    dVn = c.take<bf16>(size_t(kC) * (dv + kPadH));
     H = c.take<bf16>(kTile * kLdH);
     dH = c.take<bf16>(kTile * kLdH);
+    dP = c.take<bf16>(kC * kLdH);
     F = c.take<float>(kC * kLdF);
     G = c.take<float>(kC);
     eG = c.take<float>(kC);
@@ -252,151 +256,161 @@ struct DqkSmem {
     r3 = c.take<float>(kC);
     dGl = c.take<float>(kC + 1);
     red = c.take<float>(32);
-    Ks = c.take<float>(kC * kLdF);
     bytes = c.off;
   }
 };
 
-// One block per (sequence b, key head hk, chunk, column tile [k0, k0 + bk) of dk), looping over the r = Hv / Hk
-// value heads of the key head in head order: the q / k tiles are loaded once, and dq (the sum over the group of each
-// value head's dQ) is summed in registers and added to grad_q once, with no fp32 partial in the workspace. dK (state
-// and P terms) is summed over the group too, in fp32 shared memory (Ks), and goes out once per key head (dKp, fp32)
-// for the wy kernel to add its terms to. The four 64 x 64 sums over dv live in registers (Acc64); F is the fp32
-// staging tile for their element-wise steps.
-__global__ void __launch_bounds__(kThreads, 2) dqk_kernel(const Params p) {
-  const int kt = int(blockIdx.x % p.NK);
-  const int64_t x = blockIdx.x / p.NK, bhk = x / p.NC;  // bhk = b * Hk + hk
-  const int c = int(x % p.NC);
+// One block per (sequence b, key head hk, chunk), looping over the r = Hv / Hk value heads of the key head in head
+// order and, per head, over the NKT = ceil(dk / 64) column tiles of dk. q / k of the key head are loaded once; per
+// head, dO, Vn and dVn are loaded once at their full width dv and kept in shared memory for all tiles of dk, so each
+// is read once (the h_c / dS' tiles, one per (dk, dv) tile pair, are read once too). dP = scale decay .* (dO Vn^T)
+// is formed once per head. dq and dK (state and P terms), each summed over the group in head order, stay in
+// registers (NKT Acc64 tiles each) and go out once per key head: dq added to grad_q, dK as the fp32 dKp for the wy
+// kernel. The dG partial of a head (summed over the tiles of dk) goes to dGp. Shared memory at dk = dv = 128:
+// 131 KB (211 KB at 256), so one block per SM (__launch_bounds__ lets it use the registers of two).
+template <int NKT>
+__global__ void __launch_bounds__(kThreads, 1) dqk_kernel(const Params p) {
+  const int64_t bhk = blockIdx.x / p.NC;  // b * Hk + hk
+  const int c = int(blockIdx.x % p.NC);
   const int64_t bh0 = (bhk / p.Hk) * p.Hv + (bhk % p.Hk) * p.r;  // the group's first value head
-  const int dk = p.dk, dv = p.dv, k0 = kt * kTile, bk = dk - k0 < kTile ? dk - k0 : kTile, tid = threadIdx.x;
+  const int dk = p.dk, dv = p.dv, ldk = dk + kPadH, ldv = dv + kPadH, tid = threadIdx.x;
   const int warp = tid >> 5, lane = tid & 31;
-  DqkSmem sm(reinterpret_cast<uintptr_t>(dynamic_smem()));
+  DqkSmem sm(reinterpret_cast<uintptr_t>(dynamic_smem()), dk, dv);
   float* F = sm.F;
   const float scale = p.scale;
-  {
-    const Chunk ch = chunk_of(p, bh0, c);
-    load_rows(sm.Q, kLdH, p.q + qk_off(p, ch.b, ch.t0, ch.hk) + k0, p.Hk * dk, ch.L, kC, bk);
-    load_rows(sm.K, kLdH, p.k + qk_off(p, ch.b, ch.t0, ch.hk) + k0, p.Hk * dk, ch.L, kC, bk);
+  const Chunk ch0 = chunk_of(p, bh0, c);
+  load_rows(sm.Q, ldk, p.q + qk_off(p, ch0.b, ch0.t0, ch0.hk), p.Hk * dk, ch0.L, kC, dk);
+  load_rows(sm.K, ldk, p.k + qk_off(p, ch0.b, ch0.t0, ch0.hk), p.Hk * dk, ch0.L, kC, dk);
+  Acc64 sQ[NKT], sK[NKT];  // dq and dK: sums over the group's value heads, in head order
+#pragma unroll
+  for (int kt = 0; kt < NKT; ++kt) {
+    acc64_zero(sQ[kt]);
+    acc64_zero(sK[kt]);
   }
-  Acc64 sQ;  // dq: sum of dQ over the group's value heads, in head order
-  acc64_zero(sQ);
   for (int rr = 0; rr < p.r; ++rr) {
     const Chunk ch = chunk_of(p, bh0 + rr, c);
     const int64_t row0 = ch.bh * p.S + ch.t0;
-    __syncthreads();  // the previous head's gates, dGl and staging tiles are free
+    __syncthreads();  // the previous head's tiles, gates and dG sums are free
     load_gates(p, ch, sm.G, sm.eG, sm.dec, nullptr);
-    const bf16* Hc = p.H + state_off(p, ch.bh, ch.c) + int64_t(k0) * dv;
-    const bf16* dHc = p.dH + state_off(p, ch.bh, ch.c) + int64_t(k0) * dv;
-    // Sums over dv: aP = dO Vn^T (64 x 64), aQ = dO h^T, aK = Vn dS'^T, aW = dVn h^T (64 x bk).
-    Acc64 aP, aQ, aK, aW;
-    acc64_zero(aP);
-    acc64_zero(aQ);
-    acc64_zero(aK);
-    acc64_zero(aW);
-    float hdh = 0.0f;  // this thread's share of <h_c, dS'> over the tile's rows
-    for (int v0 = 0; v0 < dv; v0 += kTile) {
-      const int w = dv - v0 < kTile ? dv - v0 : kTile;
-      load_rows(sm.dO, kLdH, p.d_o + v_off(p, ch.b, ch.t0, ch.hv) + v0, p.Hv * dv, ch.L, kC, w);
-      load_rows(sm.Vn, kLdH, p.Vn + row0 * dv + v0, dv, ch.L, kC, w);
-      load_rows(sm.dVn, kLdH, p.dVn + row0 * dv + v0, dv, ch.L, kC, w);
-      load_rows(sm.H, kLdH, Hc + v0, dv, bk, kTile, w);
-      load_rows(sm.dH, kLdH, dHc + v0, dv, bk, kTile, w);
-      __syncthreads();
-      acc64_mma<RowMajor, ColMajor>(aP, kC, w, sm.dO, kLdH, sm.Vn, kLdH);
-      acc64_mma<RowMajor, ColMajor>(aQ, bk, w, sm.dO, kLdH, sm.H, kLdH);
-      acc64_mma<RowMajor, ColMajor>(aK, bk, w, sm.Vn, kLdH, sm.dH, kLdH);
-      acc64_mma<RowMajor, ColMajor>(aW, bk, w, sm.dVn, kLdH, sm.H, kLdH);
-      for (int e = tid; e < bk * w; e += kThreads)
-        hdh += to_f32(sm.H[(e / w) * kLdH + e % w]) * to_f32(sm.dH[(e / w) * kLdH + e % w]);
-      __syncthreads();
+    if (tid < kC) sm.r3[tid] = 0.0f;
+    if (tid <= kC) sm.dGl[tid] = 0.0f;
+    load_rows(sm.dO, ldv, p.d_o + v_off(p, ch.b, ch.t0, ch.hv), p.Hv * dv, ch.L, kC, dv);
+    load_rows(sm.Vn, ldv, p.Vn + row0 * dv, dv, ch.L, kC, dv);
+    load_rows(sm.dVn, ldv, p.dVn + row0 * dv, dv, ch.L, kC, dv);
+    __syncthreads();
+    {  // dP = scale decay .* (dO Vn^T), causal (bf16)
+      Acc64 aP;
+      acc64_zero(aP);
+      acc64_mma<RowMajor, ColMajor>(aP, kC, dv, sm.dO, ldv, sm.Vn, ldv);
+      acc64_store(aP, F, kLdF);
     }
-    hdh = block_sum(hdh, sm.red);
-    // dP = scale decay .* (dO Vn^T), causal (bf16, into the dO tile, which is free now)
-    bf16* dP = sm.dO;
-    acc64_store(aP, F, kLdF);
     __syncthreads();
     for (int e = tid; e < kC * kC; e += kThreads) {
       const int i = e / kC, j = e % kC;
-      dP[i * kLdH + j] = to_bf16(j <= i ? scale * expf(sm.G[i] - sm.G[j]) * F[i * kLdF + j] : 0.0f);
+      sm.dP[i * kLdH + j] = to_bf16(j <= i ? scale * expf(sm.G[i] - sm.G[j]) * F[i * kLdF + j] : 0.0f);
     }
-    __syncthreads();
-    // dQ = scale e^G .* (dO h^T) + dP K
-    acc64_store(aQ, F, kLdF);
-    __syncthreads();
-    for (int e = tid; e < kC * kC; e += kThreads) F[(e / kC) * kLdF + e % kC] *= scale * sm.eG[e / kC];
-    __syncthreads();
-    acc64_load(aQ, F, kLdF);
-    acc64_mma<RowMajor, RowMajor>(aQ, bk, kC, dP, kLdH, sm.K, kLdH);
-    __syncthreads();
-    // dK = dec .* (Vn dS'^T) + dP^T Q; r3_i = k_i . dK(state)_i, the dG of the state update's decay factors
-    acc64_store(aK, F, kLdF);
-    __syncthreads();
-    for (int i = warp; i < kC; i += kWarps) {
-      float s = 0.0f;
-      for (int j = lane; j < kC; j += 32) {
-        F[i * kLdF + j] *= sm.dec[i];
-        if (j < bk) s += to_f32(sm.K[i * kLdH + j]) * F[i * kLdF + j];
+    const bf16* Hc = p.H + state_off(p, ch.bh, ch.c);
+    const bf16* dHc = p.dH + state_off(p, ch.bh, ch.c);
+    float hdh = 0.0f;  // this thread's share of <h_c, dS'>
+#pragma unroll
+    for (int kt = 0; kt < NKT; ++kt) {
+      const int k0 = kt * kTile, bk = dk - k0 < kTile ? dk - k0 : kTile;
+      const bf16* Qt = sm.Q + k0;  // the tile's columns of Q and K (row stride ldk)
+      const bf16* Kt = sm.K + k0;
+      // Sums over dv: aQ = dO h^T, aK = Vn dS'^T, aW = dVn h^T (64 x bk).
+      Acc64 aQ, aK, aW;
+      acc64_zero(aQ);
+      acc64_zero(aK);
+      acc64_zero(aW);
+      for (int v0 = 0; v0 < dv; v0 += kTile) {
+        const int w = dv - v0 < kTile ? dv - v0 : kTile;
+        __syncthreads();  // dP written; the previous h / dS' tiles and F are free
+        load_rows(sm.H, kLdH, Hc + int64_t(k0) * dv + v0, dv, bk, kTile, w);
+        load_rows(sm.dH, kLdH, dHc + int64_t(k0) * dv + v0, dv, bk, kTile, w);
+        __syncthreads();
+        acc64_mma<RowMajor, ColMajor>(aQ, bk, w, sm.dO + v0, ldv, sm.H, kLdH);
+        acc64_mma<RowMajor, ColMajor>(aK, bk, w, sm.Vn + v0, ldv, sm.dH, kLdH);
+        acc64_mma<RowMajor, ColMajor>(aW, bk, w, sm.dVn + v0, ldv, sm.H, kLdH);
+        for (int e = tid; e < bk * w; e += kThreads)
+          hdh += to_f32(sm.H[(e / w) * kLdH + e % w]) * to_f32(sm.dH[(e / w) * kLdH + e % w]);
       }
-      s = warp_sum(s);
-      if (lane == 0) sm.r3[i] = s;
+      // dQ = scale e^G .* (dO h^T) + dP K
+      acc64_store(aQ, F, kLdF);
+      __syncthreads();
+      for (int e = tid; e < kC * kC; e += kThreads) F[(e / kC) * kLdF + e % kC] *= scale * sm.eG[e / kC];
+      __syncthreads();
+      acc64_load(aQ, F, kLdF);
+      acc64_mma<RowMajor, RowMajor>(aQ, bk, kC, sm.dP, kLdH, Kt, ldk);
+      __syncthreads();
+      // dK = dec .* (Vn dS'^T) + dP^T Q; r3_i += k_i . dK(state)_i, the dG of the state update's decay factors
+      acc64_store(aK, F, kLdF);
+      __syncthreads();
+      for (int i = warp; i < kC; i += kWarps) {
+        float s = 0.0f;
+        for (int j = lane; j < kC; j += 32) {
+          F[i * kLdF + j] *= sm.dec[i];
+          if (j < bk) s += to_f32(Kt[i * ldk + j]) * F[i * kLdF + j];
+        }
+        s = warp_sum(s);
+        if (lane == 0) sm.r3[i] += s;
+      }
+      __syncthreads();
+      acc64_load(aK, F, kLdF);
+      acc64_mma<ColMajor, RowMajor>(aK, bk, kC, sm.dP, kLdH, Qt, ldk);
+      __syncthreads();
+      // dq += dQ, dK sum += dK (registers), dW = -dVn h^T, and dG_i += q_i . dQ_i - k_i . dK_i over the tile
+      acc64_add(sQ[kt], aQ);
+      acc64_add(sK[kt], aK);
+      acc64_store(aQ, F, kLdF);
+      __syncthreads();
+      for (int i = warp; i < kC; i += kWarps) {
+        const float s = row_dot(Qt + i * ldk, F + i * kLdF, bk);
+        if (lane == 0) sm.dGl[i] += s;
+      }
+      __syncthreads();
+      acc64_store(aK, F, kLdF);
+      __syncthreads();
+      for (int i = warp; i < kC; i += kWarps) {
+        const float s = row_dot(Kt + i * ldk, F + i * kLdF, bk);
+        if (lane == 0) sm.dGl[i] -= s;
+      }
+      __syncthreads();
+      acc64_store(aW, F, kLdF);
+      __syncthreads();
+      for (int e = tid; e < kC * bk; e += kThreads) {
+        const int i = e / bk, j = e % bk;
+        if (i < ch.L) p.dW[(row0 + i) * dk + k0 + j] = to_bf16(-F[i * kLdF + j]);
+      }
     }
-    __syncthreads();
-    acc64_load(aK, F, kLdF);
-    acc64_mma<ColMajor, RowMajor>(aK, bk, kC, dP, kLdH, sm.Q, kLdH);
-    __syncthreads();
-    // Outputs: dq += dQ (registers), Ks += dK, dW = -dVn h^T, and dG_i = q_i . dQ_i - k_i . dK_i (this tile's
-    // columns)
-    acc64_add(sQ, aQ);
-    acc64_store(aQ, F, kLdF);
-    __syncthreads();
-    for (int i = warp; i < kC; i += kWarps) {
-      const float s = row_dot(sm.Q + i * kLdH, F + i * kLdF, bk);
-      if (lane == 0) sm.dGl[i] = s;
-    }
-    __syncthreads();
-    acc64_store(aK, F, kLdF);
-    __syncthreads();
-    for (int i = warp; i < kC; i += kWarps) {
-      const float s = row_dot(sm.K + i * kLdH, F + i * kLdF, bk);
-      if (lane == 0) sm.dGl[i] -= s;
-    }
-    for (int e = tid; e < kC * bk; e += kThreads) {  // Ks = the group's sum of dK, in head order
-      const int i = e / bk, j = e % bk;
-      sm.Ks[i * kLdF + j] = rr == 0 ? F[i * kLdF + j] : sm.Ks[i * kLdF + j] + F[i * kLdF + j];
-    }
-    __syncthreads();
-    acc64_store(aW, F, kLdF);
-    __syncthreads();
-    for (int e = tid; e < kC * bk; e += kThreads) {
-      const int i = e / bk, j = e % bk;
-      if (i < ch.L) p.dW[(row0 + i) * dk + k0 + j] = to_bf16(-F[i * kLdF + j]);
-    }
+    hdh = block_sum(hdh, sm.red);
     if (warp == 0) {  // the last row's extra terms: e^{G_last} <h, dS'> + sum_i k_i . dK(state)_i (zero past L)
       const float tail = warp_sum(sm.r3[lane] + sm.r3[lane + 32]);
       if (lane == 0) sm.dGl[kC] = sm.eG[ch.L - 1] * hdh + tail;
     }
     __syncthreads();
-    if (tid < ch.L)
-      p.dGp[(ch.bh * p.NK + kt) * p.S + ch.t0 + tid] = sm.dGl[tid] + (tid == ch.L - 1 ? sm.dGl[kC] : 0.0f);
+    if (tid < ch.L) p.dGp[row0 + tid] = sm.dGl[tid] + (tid == ch.L - 1 ? sm.dGl[kC] : 0.0f);
   }
-  const Chunk ch0 = chunk_of(p, bh0, c);
-  {  // dKp of the key head (rows of the chunk; Ks was last written before the loop's final synchronisation)
-    float* dKp = p.dKp + (bhk * p.S + ch0.t0) * dk + k0;
+  // dKp (always: wy reads it) and dq of the key head
+  float* dKp = p.dKp + (bhk * p.S + ch0.t0) * dk;
+  bf16* dq = p.grad_q ? p.grad_q + qk_off(p, ch0.b, ch0.t0, ch0.hk) : nullptr;
+  const int64_t ldq = p.Hk * dk;
+#pragma unroll
+  for (int kt = 0; kt < NKT; ++kt) {
+    const int k0 = kt * kTile, bk = dk - k0 < kTile ? dk - k0 : kTile;
+    __syncthreads();  // F is free
+    acc64_store(sK[kt], F, kLdF);
+    __syncthreads();
     for (int e = tid; e < kC * bk; e += kThreads) {
       const int i = e / bk, j = e % bk;
-      if (i < ch0.L) dKp[int64_t(i) * dk + j] = sm.Ks[i * kLdF + j];
+      if (i < ch0.L) dKp[int64_t(i) * dk + k0 + j] = F[i * kLdF + j];
     }
-  }
-  if (p.grad_q) {
-    const Chunk& ch = ch0;
+    if (!dq) continue;
     __syncthreads();
-    acc64_store(sQ, F, kLdF);
+    acc64_store(sQ[kt], F, kLdF);
     __syncthreads();
-    bf16* dq = p.grad_q + qk_off(p, ch.b, ch.t0, ch.hk) + k0;
-    const int64_t ldq = p.Hk * dk;
     for (int e = tid; e < kC * bk; e += kThreads) {
       const int i = e / bk, j = e % bk;
-      if (i < ch.L) add_to(dq + i * ldq + j, F[i * kLdF + j]);
+      if (i < ch0.L) add_to(dq + i * ldq + k0 + j, F[i * kLdF + j]);
     }
   }
 }
@@ -577,14 +591,14 @@ __global__ void __launch_bounds__(kThreads, 2) wy_kernel(const Params p) {
       acc64_mma<RowMajor, RowMajor>(dK[kt], w, kC, sm.Tb, kLdH, sm.K + k0, ldk);
       acc64_mma<ColMajor, RowMajor>(dK[kt], w, kC, sm.Tb, kLdH, sm.K + k0, ldk);
     }
-    // dG of the chunk = this kernel's share + the dqk partials (in tile order); dg = reverse cumsum within the
+    // dG of the chunk = this kernel's share + the dqk partial; dg = reverse cumsum within the
     // chunk, as a prefix sum over reversed rows: thread t < 64 holds row i = 63 - t (zero past L).
     float dGi = 0.0f;
     if (tid < kC) {
       const int i = kC - 1 - tid;
       if (i < ch.L) {
         dGi = sm.dGl[i] + sm.rowc[i] - sm.colc[i];
-        for (int kt = 0; kt < p.NK; ++kt) dGi += p.dGp[(ch.bh * p.NK + kt) * p.S + ch.t0 + i];
+        dGi += p.dGp[ch.bh * p.S + ch.t0 + i];
         if (p.grad_beta) add_to(p.grad_beta + gb_off(p, ch.b, ch.t0 + i, ch.hv), sm.dbl[i]);
       }
     }
@@ -618,25 +632,33 @@ __global__ void __launch_bounds__(kThreads) add_kernel(float* y, const float* x,
     y[i] += x[i];
 }
 
-// wy with its dk register tiles sized at compile time (NKT = ceil(dk / 64) in 1..4).
+// dqk and wy with their dk register tiles sized at compile time (NKT = ceil(dk / 64) in 1..4); one block per
+// (sequence, key head, chunk) each.
 template <int NKT>
-void launch_wy_tiles(const Params& p, cudaStream_t stream) {
+void launch_dqk_wy_tiles(const Params& p, cudaStream_t stream) {
+  const unsigned grid = unsigned(p.B * p.Hk * p.NC);
+  {
+    const size_t bytes = DqkSmem(0, p.dk, p.dv).bytes;
+    allow_smem(reinterpret_cast<const void*>(&dqk_kernel<NKT>), bytes, "gated_delta_rule_backward (dqk)");
+    dqk_kernel<NKT><<<grid, kThreads, bytes, stream>>>(p);
+    NEXTRON_CUDA_LAUNCH_CHECK();
+  }
   const size_t bytes = WySmem(0, p.dk).bytes;
   allow_smem(reinterpret_cast<const void*>(&wy_kernel<NKT>), bytes, "gated_delta_rule_backward (wy)");
-  wy_kernel<NKT><<<unsigned(p.B * p.Hk * p.NC), kThreads, bytes, stream>>>(p);
+  wy_kernel<NKT><<<grid, kThreads, bytes, stream>>>(p);
   NEXTRON_CUDA_LAUNCH_CHECK();
 }
-void launch_wy(const Params& p, cudaStream_t stream) {
-  static_assert(kMaxDim <= 4 * kTile, "wy_kernel instantiations cover dk <= 256");
+void launch_dqk_wy(const Params& p, cudaStream_t stream) {
+  static_assert(kMaxDim <= 4 * kTile, "dqk_kernel / wy_kernel instantiations cover dk <= 256");
   switch (p.NK) {
     case 1:
-      return launch_wy_tiles<1>(p, stream);
+      return launch_dqk_wy_tiles<1>(p, stream);
     case 2:
-      return launch_wy_tiles<2>(p, stream);
+      return launch_dqk_wy_tiles<2>(p, stream);
     case 3:
-      return launch_wy_tiles<3>(p, stream);
+      return launch_dqk_wy_tiles<3>(p, stream);
     default:
-      return launch_wy_tiles<4>(p, stream);
+      return launch_dqk_wy_tiles<4>(p, stream);
   }
 }
 
@@ -646,24 +668,25 @@ unsigned elementwise_grid(int64_t n) { return unsigned(std::min<int64_t>(ceil_di
 
 // HBM traffic of the backward's own kernels (after prepare and state forward, accounted in
 // gated_delta_rule_fwd.cu), as the code reads and writes (gated_delta_rule.h). N = BH * S, Nk = B * S * Hk,
-// states = BH * NC * dk * dv, state = BH * dk * dv; nvs = dv / state_backward_tile, NK = ceil(dk / 64). Block loads
-// (every block's, L2 hits or not):
+// states = BH * NC * dk * dv, state = BH * dk * dv; nvs = dv / state_backward_tile. Block loads (every block's, L2
+// hits or not):
 //   kernel      reads                                                           writes
 //   dvlocal     q, k 2 Nk dk each (once per key head), Gc 4N, dO 2N dv            dVl 2N dv
 //   state back  (k + q + W 2N dk each + Gc 4N) nvs, dVl 2N dv, dO 2N dv,        dH 2 states, dVn 2N dv,
 //               dht 4 state, d_initial_state 4 state                            d_initial_state 4 state
-//   dqk         q, k 2 Nk dk each (once per key head), (Gc 4N + dO + Vn + dVn   dKp 4 Nk dk, dW 2N dk, dGp 4N NK,
-//               2N dv each) NK, H, dH 2 states each, dq 2 Nk dk                  dq 2 Nk dk
+//   dqk         q, k 2 Nk dk each (once per key head), Gc 4N, dO, Vn, dVn       dKp 4 Nk dk, dW 2N dk, dGp 4N,
+//               2N dv each, H, dH 2 states each, dq 2 Nk dk                      dq 2 Nk dk
 //   wy          k 2 Nk dk (once per key head), Gc 4N, beta 4N, dVn, U, v 2N dv   dv 2N dv, dbeta 4N, dg 4N,
-//               each, dv 2N dv, dW, W 2N dk each, dKp 4 Nk dk, dGp 4N NK,        dk 2 Nk dk
+//               each, dv 2N dv, dW, W 2N dk each, dKp 4 Nk dk, dGp 4N,           dk 2 Nk dk
 //               dbeta 4N, dg 4N, dk 2 Nk dk
-// Distinct bytes: the same with every tensor counted once per kernel (no nvs / NK factors, q and k Nk rows).
+// Distinct bytes: the same with every tensor counted once per kernel; only the state backward differs (no nvs
+// factor, q and k Nk rows).
 // (Before the traffic work dqk and wy ran per value head, with dq and dk summed over the head group by a separate
 // reduce kernel from fp32 partials, and wy added its two dk terms to dKp by read-modify-writes: 80.64 units of the
 // (B, S, Hv, dv) bf16 tensor at the issue's shape, against 67.14 after it; docs/cuda.md.)
 void backward_traffic(const Params& p, std::vector<GdrKernelTraffic>& rows) {
   const size_t N = size_t(p.BH) * size_t(p.S), Nk = size_t(p.B) * size_t(p.S) * size_t(p.Hk);
-  const size_t dk = size_t(p.dk), dv = size_t(p.dv), NK = size_t(p.NK);
+  const size_t dk = size_t(p.dk), dv = size_t(p.dv);
   const size_t states = size_t(p.BH) * size_t(p.NC) * dk * dv, state = size_t(p.BH) * dk * dv;
   const size_t nvs = size_t(p.dv / state_backward_tile(p.dk, p.dv));
   const size_t qk = 2 * Nk * dk;  // q or k, once
@@ -677,12 +700,13 @@ void backward_traffic(const Params& p, std::vector<GdrKernelTraffic>& rows) {
   }
   // dqk
   {
-    const size_t once = qk + qk + 2 * 2 * states + qk, w = 4 * Nk * dk + 2 * N * dk + 4 * N * NK + qk;
-    rows.push_back({"dqk", once + (4 * N + 3 * 2 * N * dv) * NK, w, once + 4 * N + 3 * 2 * N * dv, w});
+    const size_t r = qk + qk + 4 * N + 3 * 2 * N * dv + 2 * 2 * states + qk;
+    const size_t w = 4 * Nk * dk + 2 * N * dk + 4 * N + qk;
+    rows.push_back({"dqk", r, w, r, w});
   }
   // wy
   {
-    const size_t r = qk + 8 * N + 3 * 2 * N * dv + 2 * N * dv + 2 * 2 * N * dk + 4 * Nk * dk + 4 * N * NK + 8 * N + qk;
+    const size_t r = qk + 8 * N + 3 * 2 * N * dv + 2 * N * dv + 2 * 2 * N * dk + 4 * Nk * dk + 4 * N + 8 * N + qk;
     const size_t w = 2 * N * dv + 8 * N + qk;
     rows.push_back({"wy", r, w, r, w});
   }
@@ -751,13 +775,7 @@ void gdr::backward_aligned(bf16* dq, bf16* dk, bf16* dv, float* dg, float* dbeta
     state_backward_kernel<<<unsigned(p.BH * (p.dv / bv)), kThreads, bytes, stream>>>(p, bv);
     NEXTRON_CUDA_LAUNCH_CHECK();
   }
-  {
-    const size_t bytes = DqkSmem(0).bytes;
-    allow_smem(reinterpret_cast<const void*>(&dqk_kernel), bytes, "gated_delta_rule_backward (dqk)");
-    dqk_kernel<<<unsigned(p.B * p.Hk * p.NC * p.NK), kThreads, bytes, stream>>>(p);
-    NEXTRON_CUDA_LAUNCH_CHECK();
-  }
-  launch_wy(p, stream);
+  launch_dqk_wy(p, stream);
 }
 
 }  // namespace nextron::cuda

@@ -24,8 +24,8 @@
 //      P = scale (Q K^T) .* decay (causal) and, per 64-column tile of dv, O = e^G .* (scale Q h_c) + P Vn.
 // Products are 16x16x16 wmma tiles over shared-memory operands (rows padded by 16 bytes against bank conflicts).
 // Shared memory per block at dk = dv = 128: 70 - 148 KB (two blocks per SM for every kernel but the state
-// backward's and wy's); at 256 up to 197 KB. Tiles are zero-padded past the end of a partial chunk, so all products are
-// 64 rows.
+// backward's, dqk's and wy's); at 256 up to 211 KB. Tiles are zero-padded past the end of a partial chunk, so all
+// products are 64 rows.
 //
 // Head dims that are not multiples of 16 are zero-padded by gated_delta_rule.cu before these kernels run.
 //
@@ -38,9 +38,9 @@
 //
 // Workspace (gated_delta_rule_workspace_bytes; N = B * Hv * S rows, states = B * Hv * NC * dk * dv): forward
 // Gc 4N + W 2N dk + U 2N dv + Vn 2N dv + H 2 states bytes; the backward adds dVn 2N dv, dH 2 states, dW 2N dk,
-// dVl 2N dv, dKp 4 Nk dk (Nk = B * Hk * S key-head rows) and dGp 4N ceil(dk / 64). At B = 8, S = 4096, Hk = 16, Hv =
-// 32, dk = dv = 128 that is 1.35 GB for the forward and 3.0 GB in all (the forward's part is recomputed by the
-// backward, so nothing has to survive from one call to the other).
+// dVl 2N dv, dKp 4 Nk dk (Nk = B * Hk * S key-head rows) and dGp 4N. At B = 8, S = 4096, Hk = 16, Hv = 32,
+// dk = dv = 128 that is 1.35 GB for the forward and 3.0 GB in all (the forward's part is recomputed by the backward,
+// so nothing has to survive from one call to the other).
 #include <algorithm>
 
 #include "core/error.h"
@@ -376,7 +376,7 @@ size_t carve_workspace(Params& p, void* base) {
   p.dW = static_cast<bf16*>(take(2 * N * dk));
   p.dVl = static_cast<bf16*>(take(2 * N * dv));
   p.dKp = static_cast<float*>(take(4 * size_t(p.B) * size_t(p.Hk) * size_t(p.S) * dk));
-  p.dGp = static_cast<float*>(take(4 * N * size_t(p.NK)));
+  p.dGp = static_cast<float*>(take(4 * N));
   return off;
 }
 

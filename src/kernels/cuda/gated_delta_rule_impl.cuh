@@ -63,7 +63,7 @@ struct Params {
   bf16* dW;           // (BH, S, dk)       gradient of W
   float* dKp;         // (B Hk, S, dk)     dk of each key head from dqk (state and P terms, summed over its value
                       //                   heads), read by wy
-  float* dGp;         // (BH, NK, S)       dG partial sums of each 64-column tile of dk
+  float* dGp;         // (BH, S)           dG partial sums of the dqk kernel
   int64_t B, S, Hk, Hv, BH;
   int dk, dv, r, NC, NK;  // r = Hv / Hk, NC = chunks per sequence, NK = 64-column tiles of dk
   float scale;
