@@ -388,24 +388,25 @@ void CountingOps::sigmoid_gate_backward(Tensor* dx, Tensor* dgate, const Tensor&
   record("sigmoid_gate_backward", c, [&] { inner_->sigmoid_gate_backward(dx, dgate, dy, x, gate, G, ld_gate); });
 }
 
-void CountingOps::conv1d_silu_forward(Tensor& y, const Tensor& x, const ParamRef& w) {
+void CountingOps::conv1d_silu_forward(Tensor& y, const Tensor& x, const ParamRef& w, ConvSplit split) {
   // Depthwise causal conv of KC taps (2 KC per element, as model/flops.h) and SiLU (4): (2 KC + 4) per element.
   // Bytes: x read, y written [B S C]; w[C KC] f32 (CudaOps reads the master).
   const double KC = static_cast<double>(w.w.dim(-1));
   Cost c;
   c.flops = (2 * KC + 4) * n_of(x);
   c.bytes = n_of(x) * (act_b(x) + act_b(y)) + n_of(w.w) * f32_b();
-  record("conv1d_silu_forward", c, [&] { inner_->conv1d_silu_forward(y, x, w); });
+  record("conv1d_silu_forward", c, [&] { inner_->conv1d_silu_forward(y, x, w, split); });
 }
 
-void CountingOps::conv1d_silu_backward(Tensor& dx, const ParamRef& w, const Tensor& dy, const Tensor& x) {
+void CountingOps::conv1d_silu_backward(Tensor& dx, const ParamRef& w, const Tensor& dy, const Tensor& x,
+                                       ConvSplit split) {
   // Recompute the pre-activation (2 KC) and SiLU' (5), dx += conv^T (2 KC), dw += (2 KC): (6 KC + 5) per
   // element. Bytes: dy, x read; dx read + written [B S C]; w read (f32) and dw read + written.
   const double KC = static_cast<double>(w.w.dim(-1));
   Cost c;
   c.flops = (6 * KC + 5) * n_of(x);
   c.bytes = n_of(x) * (act_b(dy) + act_b(x) + 2 * act_b(dx)) + n_of(w.w) * 3 * f32_b();
-  record("conv1d_silu_backward", c, [&] { inner_->conv1d_silu_backward(dx, w, dy, x); });
+  record("conv1d_silu_backward", c, [&] { inner_->conv1d_silu_backward(dx, w, dy, x, split); });
 }
 
 void CountingOps::gdn_gates_forward(Tensor& beta, Tensor& g, const Tensor& b, const Tensor& a, const ParamRef& A_log,

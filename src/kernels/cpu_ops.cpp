@@ -173,12 +173,18 @@ void CpuOps::sigmoid_gate_backward(Tensor* dx, Tensor* dgate, const Tensor& dy, 
   cpu::sigmoid_gate_backward<float>(f_or_null(dx), f_or_null(dgate), f(dy), f(x), f(gate), N, D, G, ld_gate);
 }
 
-void CpuOps::conv1d_silu_forward(Tensor& y, const Tensor& x, const ParamRef& w) {
-  cpu::conv1d_forward<float>(f(y), f(x), f(w.w), x.dim(0), x.dim(1), x.dim(2), w.w.dim(-1));
+void CpuOps::conv1d_silu_forward(Tensor& y, const Tensor& x, const ParamRef& w, ConvSplit split) {
+  const int64_t C = x.dim(2);
+  check_conv_split(split, C, y, x);
+  cpu::conv1d_forward<float>(f(y), f(x), f(w.w), x.dim(0), x.dim(1), C, w.w.dim(-1), split.active() ? split.c1 : C,
+                             split.active() ? split.c2 : C);
 }
 
-void CpuOps::conv1d_silu_backward(Tensor& dx, const ParamRef& w, const Tensor& dy, const Tensor& x) {
-  cpu::conv1d_backward<float>(f(dx), f(w.g), f(dy), f(x), f(w.w), x.dim(0), x.dim(1), x.dim(2), w.w.dim(-1));
+void CpuOps::conv1d_silu_backward(Tensor& dx, const ParamRef& w, const Tensor& dy, const Tensor& x, ConvSplit split) {
+  const int64_t C = x.dim(2);
+  check_conv_split(split, C, dy, x);
+  cpu::conv1d_backward<float>(f(dx), f(w.g), f(dy), f(x), f(w.w), x.dim(0), x.dim(1), C, w.w.dim(-1),
+                              split.active() ? split.c1 : C, split.active() ? split.c2 : C);
 }
 
 void CpuOps::gdn_gates_forward(Tensor& beta, Tensor& g, const Tensor& b, const Tensor& a, const ParamRef& A_log,

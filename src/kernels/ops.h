@@ -40,6 +40,14 @@ struct MoeExpertsState {
   virtual int64_t host_bytes() const { return 0; }
 };
 
+// Channels where a conv's output is split into row-major blocks (Ops::conv1d_silu_forward); none by default.
+struct ConvSplit {
+  int64_t c1 = -1, c2 = -1;  // 0 <= c1 <= c2 <= C, or -1: not split
+  bool active() const { return c1 >= 0; }
+};
+// Throws unless `split` is none or 0 <= c1 <= c2 <= C, and y (the output or its gradient) has x's element count.
+void check_conv_split(ConvSplit split, int64_t C, const Tensor& y, const Tensor& x);
+
 // The recurrent state at the boundaries of a sequence slice (context parallelism, kernels/cpu/delta_state_scan.h):
 // (B, Hv, dk, dv) f32 tensors, each optional. Forward: `initial` (nullptr: zero) and `final_state` (written when
 // given). Backward: `initial` as in the forward, `d_final` (nullptr: zero) and `d_initial` (accumulated when given).
@@ -140,9 +148,12 @@ class Ops {
   virtual void sigmoid_gate_backward(Tensor* dx, Tensor* dgate, const Tensor& dy, const Tensor& x, const Tensor& gate,
                                      int64_t G, int64_t ld_gate) = 0;
 
-  // --- Gated DeltaNet. x, y: (B, S, C), w: (C, KC).
-  virtual void conv1d_silu_forward(Tensor& y, const Tensor& x, const ParamRef& w) = 0;
-  virtual void conv1d_silu_backward(Tensor& dx, const ParamRef& w, const Tensor& dy, const Tensor& x) = 0;
+  // --- Gated DeltaNet. x: (B, S, C), w: (C, KC); y (and dy): B S C elements, the plain (B, S, C) or, with `split`,
+  // three row-major channel blocks one after another, (B S, c1), (B S, c2 - c1), (B S, C - c2): the DeltaNet's q, k
+  // and v, each then a contiguous tensor that needs no column gather (nor its gradient a scatter).
+  virtual void conv1d_silu_forward(Tensor& y, const Tensor& x, const ParamRef& w, ConvSplit split) = 0;
+  virtual void conv1d_silu_backward(Tensor& dx, const ParamRef& w, const Tensor& dy, const Tensor& x,
+                                    ConvSplit split) = 0;
   // b, a: (N, Hv) act; beta, g: (N, Hv) f32.
   virtual void gdn_gates_forward(Tensor& beta, Tensor& g, const Tensor& b, const Tensor& a, const ParamRef& A_log,
                                  const ParamRef& dt_bias) = 0;

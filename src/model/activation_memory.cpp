@@ -225,11 +225,13 @@ LayerScratchBytes layer_scratch(const ModelConfig& c, int64_t layer, const Activ
   } else {
     const int64_t Hv = c.linear_num_value_heads, KD = c.key_dim(), VD = c.value_dim(), CD = c.conv_dim(),
                   dk = c.linear_key_head_dim, dv = c.linear_value_head_dim;
-    own += CD * kI32;                                // the q / k / v column tables
-    bytes += N * CD * a;                             // conv_ (the projections write the record's tensors)
+    own += CD * kI32;  // the q / k / v column tables
+    // The projections and the conv write the record's tensors; only under CP does the conv run on plain rows
+    // (conv_) whose gradient (dconv_) is gathered from / scattered to the split q | k | v.
+    if (cp) bytes += 2 * N * CD * a;                 // conv_, dconv_
     if (core) bytes += 2 * N * KD * a + N * VD * a;  // rc_qn_, rc_kn_, rc_o_
-    bytes += 4 * N * VD * a + 4 * N * KD * a +
-             2 * N * CD * a                         // don_, do_, dz_, dv_; dqn_, dkn_, dq_, dk_; dconv_, dmixed_
+    bytes += 3 * N * VD * a + 2 * N * KD * a +
+             2 * N * CD * a                         // don_, do_, dz_; dqn_, dkn_; dqkv_, dmixed_
              + 2 * N * Hv * kF32 + 2 * N * Hv * a;  // dbeta_, dg_; db_, da_
     if (cp) {
       const int64_t Bi = B * G, ext = Bi * (L + c.linear_conv_kernel_dim - 1) * CD * a,

@@ -85,20 +85,31 @@ void GatedDeltaNet::project(Saved& s, const Tensor& x, int64_t B, int64_t S) {
   ops_.linear_forward(ops_.act(s.a, {N, Hv}), x, weight_rows("in_proj_ba", Hv, Hv), nullptr);
 }
 
-void GatedDeltaNet::split_conv(Saved& s, const Tensor& conv, Tensor& qn, Tensor& kn) {
+void GatedDeltaNet::conv_output(Saved& s) {
   const int64_t B = s.B, S = s.S, N = B * S, Hk = c_.linear_num_key_heads, Hv = c_.linear_num_value_heads,
-                dk = c_.linear_key_head_dim, dv = c_.linear_value_head_dim, KD = c_.key_dim(), VD = c_.value_dim(),
-                CD = c_.conv_dim();
-  Tensor conv_rows = conv.reshape({N, CD});
-  Tensor& q = ops_.act(s.q, {B, S, Hk, dk});
-  Tensor& k = ops_.act(s.k, {B, S, Hk, dk});
-  Tensor& v = ops_.act(s.v, {B, S, Hv, dv});
-  Tensor q_rows = q.reshape({N, KD}), k_rows = k.reshape({N, KD}), v_rows = v.reshape({N, VD});
+                dk = c_.linear_key_head_dim, dv = c_.linear_value_head_dim, KD = c_.key_dim();
+  // One record tensor of three row-major blocks (the conv's split output): q, k and v are views of it.
+  Tensor& qkv = ops_.act(s.qkv, {N * c_.conv_dim()});
+  s.q = Tensor::view_of(qkv, 0, {B, S, Hk, dk});
+  s.k = Tensor::view_of(qkv, N * KD, {B, S, Hk, dk});
+  s.v = Tensor::view_of(qkv, 2 * N * KD, {B, S, Hv, dv});
+}
+
+void GatedDeltaNet::split_conv(Saved& s, const Tensor& conv) {
+  const int64_t N = s.B * s.S, KD = c_.key_dim(), VD = c_.value_dim();
+  conv_output(s);
+  Tensor conv_rows = conv.reshape({N, c_.conv_dim()});
+  Tensor q_rows = s.q.reshape({N, KD}), k_rows = s.k.reshape({N, KD}), v_rows = s.v.reshape({N, VD});
   ops_.gather_cols(q_rows, conv_rows, q_cols_);
   ops_.gather_cols(k_rows, conv_rows, k_cols_);
   ops_.gather_cols(v_rows, conv_rows, v_cols_);
-  ops_.l2norm_forward(ops_.act(qn, {B, S, Hk, dk}), q, dk);
-  ops_.l2norm_forward(ops_.act(kn, {B, S, Hk, dk}), k, dk);
+}
+
+void GatedDeltaNet::norms_and_gates(Saved& s, Tensor& qn, Tensor& kn) {
+  const int64_t B = s.B, S = s.S, Hk = c_.linear_num_key_heads, Hv = c_.linear_num_value_heads,
+                dk = c_.linear_key_head_dim;
+  ops_.l2norm_forward(ops_.act(qn, {B, S, Hk, dk}), s.q, dk);
+  ops_.l2norm_forward(ops_.act(kn, {B, S, Hk, dk}), s.k, dk);
   ops_.gdn_gates_forward(ops_.f32(s.beta, {B, S, Hv}), ops_.f32(s.g, {B, S, Hv}), s.b, s.a, wt_.p("A_log"),
                          wt_.p("dt_bias"));
 }
@@ -115,7 +126,6 @@ void GatedDeltaNet::forward(Saved& s, const Tensor& x, Tensor& y, int64_t B, int
                 CD = c_.conv_dim();
   project(s, x, B, S);
   const Tensor& mixed = s.mixed;
-  Tensor& conv = ops_.act(conv_, {B, S, CD});
   if (cp_active()) {
     // Every segment's causal conv needs the previous chunk's last KC-1 pre-conv rows: it runs over them and the
     // segment (as B G items of L rows), and the first KC-1 outputs (the previous chunk's) are dropped.
@@ -135,14 +145,18 @@ void GatedDeltaNet::forward(Saved& s, const Tensor& x, Tensor& y, int64_t B, int
       put_f32(ops_, ext, it * (L + H) * CD, halo.data() + ((it % G) * B + it / G) * H * CD, H * CD, host_f32_);
       ext.copy_elements_from((it * (L + H) + H) * CD, mixed, it * L * CD, L * CD);
     }
-    ops_.conv1d_silu_forward(conv_ext, ext, wt_.p("conv1d"));
+    ops_.conv1d_silu_forward(conv_ext, ext, wt_.p("conv1d"), {});
+    Tensor& conv = ops_.act(conv_, {B, S, CD});
     for (int64_t it = 0; it < Bi; ++it) conv.copy_elements_from(it * L * CD, conv_ext, (it * (L + H) + H) * CD, L * CD);
+    split_conv(s, conv);
   } else {
-    ops_.conv1d_silu_forward(conv, mixed, wt_.p("conv1d"));
+    // The conv writes q, k and v whole (its output split at KD and 2 KD): no column gathers.
+    conv_output(s);
+    ops_.conv1d_silu_forward(s.qkv, mixed, wt_.p("conv1d"), ConvSplit{c_.key_dim(), 2 * c_.key_dim()});
   }
   Tensor& qn = recompute_core_ ? rc_qn_ : s.qn;
   Tensor& kn = recompute_core_ ? rc_kn_ : s.kn;
-  split_conv(s, conv, qn, kn);
+  norms_and_gates(s, qn, kn);
   const Tensor &v = s.v, &g = s.g, &beta = s.beta;
 
   Tensor& o = ops_.act(recompute_core_ ? rc_o_ : s.o, {B, S, Hv, dv});
@@ -191,13 +205,14 @@ void GatedDeltaNet::forward_cached(LayerCache& cache, const Tensor& x, Tensor& y
     ext.copy_elements_from(b * (W + S) * CD, cache.conv, b * W * CD, W * CD);
     ext.copy_elements_from((b * (W + S) + W) * CD, s.mixed, b * S * CD, S * CD);
   }
-  ops_.conv1d_silu_forward(conv_ext, ext, wt_.p("conv1d"));
+  ops_.conv1d_silu_forward(conv_ext, ext, wt_.p("conv1d"), {});
   Tensor& conv = ops_.act(conv_, {B, S, CD});
   for (int64_t b = 0; b < B; ++b) {
     conv.copy_elements_from(b * S * CD, conv_ext, (b * (W + S) + W) * CD, S * CD);
     cache.conv.copy_elements_from(b * W * CD, ext, (b * (W + S) + S) * CD, W * CD);
   }
-  split_conv(s, conv, s.qn, s.kn);
+  split_conv(s, conv);
+  norms_and_gates(s, s.qn, s.kn);
   Tensor& o = ops_.act(s.o, {B, S, Hv, dv});
   const double scale = 1.0 / std::sqrt(double(dk));
   if (S == 1) {
@@ -243,7 +258,10 @@ void GatedDeltaNet::backward(const Saved& s, const Tensor& dy, Tensor& dx) {
 
   Tensor& dqn = ops_.act_zeroed(dqn_, {B, S, Hk, dk});
   Tensor& dkn = ops_.act_zeroed(dkn_, {B, S, Hk, dk});
-  Tensor& dvals = ops_.act_zeroed(dv_, {B, S, Hv, dv});
+  // The gradient of the conv's split output, dq | dk | dv, zeroed once: the delta rule accumulates dv into its last
+  // block, the L2 norms' backwards dq and dk into the first two.
+  Tensor& dqkv = ops_.act_zeroed(dqkv_, {N * CD});
+  Tensor dvals = Tensor::view_of(dqkv, 2 * N * KD, {B, S, Hv, dv});
   Tensor& dbeta = ops_.f32_zeroed(dbeta_, {B, S, Hv});
   Tensor& dg = ops_.f32_zeroed(dg_, {B, S, Hv});
   const double scale = 1.0 / std::sqrt(double(dk));
@@ -286,17 +304,17 @@ void GatedDeltaNet::backward(const Saved& s, const Tensor& dy, Tensor& dx) {
   Tensor& db = ops_.act_zeroed(db_, {N, Hv});
   Tensor& da = ops_.act_zeroed(da_, {N, Hv});
   ops_.gdn_gates_backward(db, da, wt_.p("A_log"), wt_.p("dt_bias"), dbeta, dg, s.b, s.a);
-  Tensor& dq = ops_.act_zeroed(dq_, {N, KD});
-  Tensor& dkeys = ops_.act_zeroed(dk_, {N, KD});
+  Tensor dq = Tensor::view_of(dqkv, 0, {N, KD}), dkeys = Tensor::view_of(dqkv, N * KD, {N, KD});
   ops_.l2norm_backward(dq, dqn, s.q, dk);
   ops_.l2norm_backward(dkeys, dkn, s.k, dk);
-  Tensor& dconv = ops_.act(dconv_, {B, S, CD});
-  Tensor dconv_rows = dconv.reshape({N, CD});
-  ops_.scatter_cols(dconv_rows, dq, q_cols_, /*accumulate=*/false);
-  ops_.scatter_cols(dconv_rows, dkeys, k_cols_, false);
-  ops_.scatter_cols(dconv_rows, dvals.reshape({N, VD}), v_cols_, false);
   Tensor& dmixed = ops_.act_zeroed(dmixed_, {B, S, CD});
   if (cp_active()) {
+    // The extended conv ran on plain rows: the split gradient goes back to them first.
+    Tensor& dconv = ops_.act(dconv_, {B, S, CD});
+    Tensor dconv_rows = dconv.reshape({N, CD});
+    ops_.scatter_cols(dconv_rows, dq, q_cols_, /*accumulate=*/false);
+    ops_.scatter_cols(dconv_rows, dkeys, k_cols_, false);
+    ops_.scatter_cols(dconv_rows, dvals.reshape({N, VD}), v_cols_, false);
     // Every item's conv ran over [previous chunk's last KC-1 rows | segment]: the gradient of those rows goes back to
     // their owner, and the next chunk's gradient of this segment's last rows comes in.
     const int64_t H = c_.linear_conv_kernel_dim - 1, G = cp_->segments(), Bi = B * G, L = S / G;
@@ -304,7 +322,7 @@ void GatedDeltaNet::backward(const Saved& s, const Tensor& dy, Tensor& dx) {
     Tensor& dmixed_ext = ops_.act_zeroed(dmixed_ext_, {Bi, L + H, CD});
     for (int64_t it = 0; it < Bi; ++it)
       dconv_ext.copy_elements_from((it * (L + H) + H) * CD, dconv, it * L * CD, L * CD);
-    ops_.conv1d_silu_backward(dmixed_ext, wt_.p("conv1d"), dconv_ext, s.mixed_ext);
+    ops_.conv1d_silu_backward(dmixed_ext, wt_.p("conv1d"), dconv_ext, s.mixed_ext, {});
     std::vector<float> d_halo(static_cast<size_t>(G * B * H * CD)), d_last(d_halo.size());  // (G, B, H, CD)
     for (int64_t it = 0; it < Bi; ++it) {
       const std::vector<float> rows = host_f32(ops_, dmixed_ext, it * (L + H) * CD, H * CD, host_f32_);
@@ -320,7 +338,7 @@ void GatedDeltaNet::backward(const Saved& s, const Tensor& dy, Tensor& dx) {
       dmixed.copy_elements_from(it * L * CD, dmixed_ext, (it * (L + H) + H) * CD, L * CD);
     }
   } else {
-    ops_.conv1d_silu_backward(dmixed, wt_.p("conv1d"), dconv, s.mixed);
+    ops_.conv1d_silu_backward(dmixed, wt_.p("conv1d"), dqkv, s.mixed, ConvSplit{KD, 2 * KD});
   }
 
   ops_.linear_backward(&dx, weight_rows("in_proj_qkvz", 0, CD), nullptr, dmixed.reshape({N, CD}), s.x);

@@ -22,7 +22,8 @@ class GatedDeltaNet {
     Tensor x;          // (B S, H) the normalised input (a view: the caller keeps it alive until backward)
     Tensor mixed;      // (B, S, CD) the conv input [q | k | v] of all heads
     Tensor z, b, a;    // (B S, Hv dv), (B S, Hv), (B S, Hv)
-    Tensor q, k, v;    // (B, S, Hk, dk), (B, S, Hk, dk), (B, S, Hv, dv) after conv + SiLU
+    Tensor qkv;        // (B S CD) after conv + SiLU: (B S, KD), (B S, KD), (B S, VD) row-major, one after another
+    Tensor q, k, v;    // (B, S, Hk, dk), (B, S, Hk, dk), (B, S, Hv, dv): views of qkv
     Tensor qn, kn;     // (B, S, Hk, dk) L2-normalised
     Tensor beta, g;    // (B, S, Hv) fp32 gates
     Tensor o, o_rstd;  // (B, S, Hv, dv) the delta rule's output, (B S Hv) its gated-norm rstd
@@ -36,14 +37,16 @@ class GatedDeltaNet {
   // Buffers outside the records, shared by the DeltaNet of every layer of one kind (model/decoder.h): each lives
   // within one call, or (the recomputed core) is rewritten by the backward before it reads it.
   struct Scratch {
-    Tensor conv;  // forward: the conv output (B, S, CD)
+    Tensor conv;  // forward under context parallelism and in generation: the conv output's plain rows (B, S, CD)
     // Context parallelism: the extended conv output and its gradients, the items' local final states, transitions,
     // local state gradient and incoming final-state gradient, and the discarded gradients of the backward's first
     // pass; f32 staging (n) for the boundary rows in the activation dtype.
     Tensor conv_ext, dconv_ext, dmixed_ext, cp_final, cp_m, cp_din, cp_dfin;
     Tensor cp_dqn, cp_dkn, cp_dv, cp_dg, cp_dbeta, host_f32;
     Tensor rc_qn, rc_kn, rc_o;  // (B, S, Hk, dk) x 2, (B, S, Hv, dv) when the core is recomputed
-    Tensor don, d_o, dz, dqn, dkn, dq, dk, dv, dbeta, dg, db, da, dconv, dmixed;  // backward
+    // Backward; dqkv (B S CD) the gradient of the conv's split output (dq | dk | dv, laid out as Saved::qkv), dconv
+    // (B, S, CD) its plain rows under context parallelism.
+    Tensor don, d_o, dz, dqn, dkn, dqkv, dbeta, dg, db, da, dconv, dmixed;
     // Generation (forward_cached): the forward's tensors, the windowed conv input (B, KC - 1 + S, CD), the new state.
     Saved cached;
     Tensor cached_ext, cached_final;
@@ -75,10 +78,14 @@ class GatedDeltaNet {
   // Column tables (device i32): the q / k / v columns of the conv output.
   Tensor q_cols_, k_cols_, v_cols_;
   ParamRef weight_rows(const char* name, int64_t first, int64_t n) const;
-  // The forward's steps shared with forward_cached: the projections into s.mixed, z, b, a; the conv
-  // output split into q, k, v, their L2 norms (into qn, kn) and the gates; the gated norm and out_proj.
+  // The forward's steps shared with forward_cached: the projections into s.mixed, z, b, a; the record's conv output
+  // s.qkv and its q, k, v views (conv_output), filled by the conv itself or, from plain conv rows (context
+  // parallelism, generation), by split_conv's gathers; the L2 norms (into qn, kn) and the gates; the gated norm and
+  // out_proj.
   void project(Saved& s, const Tensor& x, int64_t B, int64_t S);
-  void split_conv(Saved& s, const Tensor& conv, Tensor& qn, Tensor& kn);
+  void conv_output(Saved& s);
+  void split_conv(Saved& s, const Tensor& conv);
+  void norms_and_gates(Saved& s, Tensor& qn, Tensor& kn);
   void finish(Saved& s, const Tensor& o, Tensor& y);
   bool recompute_core_ = false;
   const ContextParallel* cp_ = nullptr;
@@ -89,9 +96,8 @@ class GatedDeltaNet {
          &cp_dqn_ = sc_->cp_dqn, &cp_dkn_ = sc_->cp_dkn, &cp_dv_ = sc_->cp_dv, &cp_dg_ = sc_->cp_dg,
          &cp_dbeta_ = sc_->cp_dbeta, &host_f32_ = sc_->host_f32, &rc_qn_ = sc_->rc_qn, &rc_kn_ = sc_->rc_kn,
          &rc_o_ = sc_->rc_o, &don_ = sc_->don, &do_ = sc_->d_o, &dz_ = sc_->dz, &dqn_ = sc_->dqn, &dkn_ = sc_->dkn,
-         &dq_ = sc_->dq, &dk_ = sc_->dk, &dv_ = sc_->dv, &dbeta_ = sc_->dbeta, &dg_ = sc_->dg, &db_ = sc_->db,
-         &da_ = sc_->da, &dconv_ = sc_->dconv, &dmixed_ = sc_->dmixed, &cached_ext_ = sc_->cached_ext,
-         &cached_final_ = sc_->cached_final;
+         &dqkv_ = sc_->dqkv, &dbeta_ = sc_->dbeta, &dg_ = sc_->dg, &db_ = sc_->db, &da_ = sc_->da, &dconv_ = sc_->dconv,
+         &dmixed_ = sc_->dmixed, &cached_ext_ = sc_->cached_ext, &cached_final_ = sc_->cached_final;
   Saved& cached_ = sc_->cached;
 };
 

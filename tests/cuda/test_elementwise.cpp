@@ -126,35 +126,41 @@ TEST(RopeCuda, ForwardBackwardMatchCpu) {
 TEST(Conv1dCuda, ForwardBackwardMatchCpu) {
   NEXTRON_REQUIRE_GPU();
   struct Shape {
-    int64_t B, S, C, KC;
+    int64_t B, S, C, KC, c1 = -1, c2 = -1;  // c1, c2: the output's channel split (-1: plain rows)
   };
-  // S < KC (every output sees the zero padding), odd channel counts, long sequences, KC = 4 as the model.
-  const std::vector<Shape> shapes = {{1, 1, 48, 4},     {2, 3, 48, 4},  {1, 17, 100, 4},
-                                     {2, 1000, 128, 4}, {3, 17, 48, 2}, {1, 9, 33, 1}};
-  for (const Shape& sh : shapes) {
-    SCOPED_TRACE(::testing::Message() << "B=" << sh.B << " S=" << sh.S << " C=" << sh.C << " KC=" << sh.KC);
+  // S < KC (every output sees the zero padding), odd channel counts, long sequences, KC = 4 as the model; outputs
+  // split into three channel blocks as the DeltaNet's q | k | v (widths 32, 32, 64 and odd ones, an empty block).
+  const std::vector<Shape> shapes = {{1, 1, 48, 4},           {2, 3, 48, 4},         {1, 17, 100, 4},
+                                     {2, 1000, 128, 4},       {3, 17, 48, 2},        {1, 9, 33, 1},
+                                     {2, 70, 128, 4, 32, 64}, {1, 17, 33, 4, 5, 19}, {2, 5, 48, 3, 16, 16}};
+  for (Shape sh : shapes) {
+    if (sh.c1 < 0) sh.c1 = sh.c2 = sh.C;
+    SCOPED_TRACE(::testing::Message() << "B=" << sh.B << " S=" << sh.S << " C=" << sh.C << " KC=" << sh.KC << " split "
+                                      << sh.c1 << ", " << sh.c2);
     const int64_t n = sh.B * sh.S * sh.C;
     const auto x = random_bf16(n, 41, -2.0f, 2.0f), dy = random_bf16(n, 42), dx0 = random_bf16(n, 43);
     const auto w = random_f32(sh.C * sh.KC, 44, -0.7f, 0.7f), dw0 = random_f32(sh.C * sh.KC, 45);
     std::vector<float> y_ref(n), dx_ref = dx0, dw_ref = dw0;
-    cpu::conv1d_forward<float>(y_ref.data(), x.data(), w.data(), sh.B, sh.S, sh.C, sh.KC);
-    cpu::conv1d_backward<float>(dx_ref.data(), dw_ref.data(), dy.data(), x.data(), w.data(), sh.B, sh.S, sh.C, sh.KC);
+    cpu::conv1d_forward<float>(y_ref.data(), x.data(), w.data(), sh.B, sh.S, sh.C, sh.KC, sh.c1, sh.c2);
+    cpu::conv1d_backward<float>(dx_ref.data(), dw_ref.data(), dy.data(), x.data(), w.data(), sh.B, sh.S, sh.C, sh.KC,
+                                sh.c1, sh.c2);
 
     DeviceBf16 gx(x), gy(n), gdy(dy), gdx(dx0), gdx_only(dx0);
     DeviceArray<float> gw(w), gdw(dw0), gdw_only(dw0);
-    cuda::conv1d_silu_forward(gy.get(), gx.get(), gw.get(), sh.B, sh.S, sh.C, sh.KC, nullptr);
+    cuda::conv1d_silu_forward(gy.get(), gx.get(), gw.get(), sh.B, sh.S, sh.C, sh.KC, sh.c1, sh.c2, nullptr);
     EXPECT_TRUE(close_to(gy.download(), y_ref, kBf16Rtol));
 
-    cuda::conv1d_silu_backward(gdx.get(), gdw.get(), gdy.get(), gx.get(), gw.get(), sh.B, sh.S, sh.C, sh.KC, nullptr);
+    cuda::conv1d_silu_backward(gdx.get(), gdw.get(), gdy.get(), gx.get(), gw.get(), sh.B, sh.S, sh.C, sh.KC, sh.c1,
+                               sh.c2, nullptr);
     const auto dx = gdx.download();
     const auto dw = gdw.download();
     EXPECT_TRUE(close_to(dx, dx_ref, kBf16Rtol));
     EXPECT_TRUE(close_to(dw, dw_ref, kF32Rtol));
 
-    cuda::conv1d_silu_backward(gdx_only.get(), nullptr, gdy.get(), gx.get(), gw.get(), sh.B, sh.S, sh.C, sh.KC,
-                               nullptr);
-    cuda::conv1d_silu_backward(nullptr, gdw_only.get(), gdy.get(), gx.get(), gw.get(), sh.B, sh.S, sh.C, sh.KC,
-                               nullptr);
+    cuda::conv1d_silu_backward(gdx_only.get(), nullptr, gdy.get(), gx.get(), gw.get(), sh.B, sh.S, sh.C, sh.KC, sh.c1,
+                               sh.c2, nullptr);
+    cuda::conv1d_silu_backward(nullptr, gdw_only.get(), gdy.get(), gx.get(), gw.get(), sh.B, sh.S, sh.C, sh.KC, sh.c1,
+                               sh.c2, nullptr);
     EXPECT_EQ(gdx_only.download(), dx);
     EXPECT_EQ(gdw_only.download(), dw);
   }
@@ -657,8 +663,9 @@ TEST(ElementwiseCuda, EmptyInputsLaunchNothing) {
   EXPECT_NO_THROW(cuda::cast_bf16_to_f32(nullptr, nullptr, 0, nullptr));
   EXPECT_NO_THROW(cuda::rope_forward(nullptr, nullptr, nullptr, nullptr, 0, 5, 2, 128, 64, nullptr));
   EXPECT_NO_THROW(cuda::rope_backward(nullptr, nullptr, nullptr, nullptr, 2, 0, 2, 128, 64, nullptr));
-  EXPECT_NO_THROW(cuda::conv1d_silu_forward(nullptr, nullptr, nullptr, 0, 5, 48, 4, nullptr));
-  EXPECT_NO_THROW(cuda::conv1d_silu_backward(nullptr, nullptr, nullptr, nullptr, nullptr, 1, 0, 48, 4, nullptr));
+  EXPECT_NO_THROW(cuda::conv1d_silu_forward(nullptr, nullptr, nullptr, 0, 5, 48, 4, 48, 48, nullptr));
+  EXPECT_NO_THROW(
+      cuda::conv1d_silu_backward(nullptr, nullptr, nullptr, nullptr, nullptr, 1, 0, 48, 4, 48, 48, nullptr));
   EXPECT_NO_THROW(cuda::gdn_gates_forward(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 0, 32, nullptr));
   EXPECT_NO_THROW(cuda::gdn_gates_backward(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
                                            nullptr, nullptr, 0, 32, nullptr));

@@ -120,11 +120,13 @@ TEST_P(Equivalence, MatchesOneProcess) {
     loss_rel = std::max(loss_rel, std::fabs(got.loss[s] - want.loss[s]) / std::fabs(want.loss[s]));
     norm_rel = std::max(norm_rel, std::fabs(got.grad_norm[s] - want.grad_norm[s]) / want.grad_norm[s]);
     // After the first update the runs start from weights that differ by ~1e-7 relative, which AdamW's normalised
-    // steps amplify in the gradient norm (dominated by few large elements): 4e-4 from step 2 on. The most sensitive
-    // case, 64 experts top-8 over EP 4 (rarely routed experts' tiny gradients get full-size AdamW steps), measures
-    // 2.4e-4 at step 3 on an AVX-512 Sapphire Rapids and under 2e-4 on the machines before it: the same code, other
-    // BLAS summation orders.
-    const double tol = s == 0 ? 5e-5 : 4e-4;
+    // steps amplify in the gradient norm (dominated by few large elements). The most sensitive cases: 64 experts
+    // top-8 over EP 4 (rarely routed experts' tiny gradients get full-size AdamW steps) measures 2.4e-4 at step 3 on
+    // an AVX-512 Sapphire Rapids and under 2e-4 on the machines before it (the same code, other BLAS summation
+    // orders); since the DeltaNet projections run as one GEMM per part (other summation blocks), the pipelines under
+    // TP + SP measure 3.6e-4 (PP2 x TP2_SP) and 4.1e-4 (with ETP 1) at step 3 on the 2-core CI machine, while their
+    // gradients stay within 5e-5 of each tensor's largest element. Hence 6e-4 from step 2 on (4e-4 before).
+    const double tol = s == 0 ? 5e-5 : 6e-4;
     EXPECT_NEAR(got.loss[s], want.loss[s], 1e-5 * std::fabs(want.loss[s])) << "loss of step " << s + 1;
     EXPECT_NEAR(got.grad_norm[s], want.grad_norm[s], tol * want.grad_norm[s]) << "grad norm of step " << s + 1;
   }

@@ -28,7 +28,7 @@ TEST(Conv1d, ForwardMatchesZeroPaddedConvolutionAndGradientsMatchFiniteDifferenc
     SCOPED_TRACE("S " + std::to_string(S));
     const auto x = randn(B * S * C, 81), w = randn(C * KC, 82), r = randn(B * S * C, 83);
     std::vector<double> y(B * S * C);
-    cpu::conv1d_forward(y.data(), x.data(), w.data(), B, S, C, KC);
+    cpu::conv1d_forward(y.data(), x.data(), w.data(), B, S, C, KC, C, C);
     // As F.conv1d(x^T, w, padding=KC-1, groups=C)[..., :S]: output s sees inputs s-KC+1 .. s (zero before 0).
     for (int64_t b = 0; b < B; ++b)
       for (int64_t s = 0; s < S; ++s)
@@ -42,10 +42,10 @@ TEST(Conv1d, ForwardMatchesZeroPaddedConvolutionAndGradientsMatchFiniteDifferenc
         }
     const auto dx0 = randn(x.size(), 84), dw0 = randn(w.size(), 85);
     auto dx = dx0, dw = dw0;
-    cpu::conv1d_backward(dx.data(), dw.data(), r.data(), x.data(), w.data(), B, S, C, KC);
+    cpu::conv1d_backward(dx.data(), dw.data(), r.data(), x.data(), w.data(), B, S, C, KC, C, C);
     auto loss = [&](const std::vector<double>& xx, const std::vector<double>& ww) {
       std::vector<double> yy(B * S * C);
-      cpu::conv1d_forward(yy.data(), xx.data(), ww.data(), B, S, C, KC);
+      cpu::conv1d_forward(yy.data(), xx.data(), ww.data(), B, S, C, KC, C, C);
       return dot(yy, r);
     };
     expect_gradient([&](const std::vector<double>& v) { return loss(v, w); }, x, minus(dx, dx0), "dx");
@@ -57,15 +57,41 @@ TEST(Conv1d, ManyChannelsFloatMatchesDouble) {
   const int64_t B = 1, S = 9, C = 70, KC = 4;  // more channels than one weight-gradient chunk
   const auto x = randn(B * S * C, 86), w = randn(C * KC, 87), r = randn(B * S * C, 88);
   std::vector<double> y(x.size()), dx(x.size()), dw(w.size());
-  cpu::conv1d_forward(y.data(), x.data(), w.data(), B, S, C, KC);
-  cpu::conv1d_backward(dx.data(), dw.data(), r.data(), x.data(), w.data(), B, S, C, KC);
+  cpu::conv1d_forward(y.data(), x.data(), w.data(), B, S, C, KC, C, C);
+  cpu::conv1d_backward(dx.data(), dw.data(), r.data(), x.data(), w.data(), B, S, C, KC, C, C);
   const auto xf = to_float(x), wf = to_float(w), rf = to_float(r);
   std::vector<float> yf(x.size()), dxf(x.size()), dwf(w.size());
-  cpu::conv1d_forward(yf.data(), xf.data(), wf.data(), B, S, C, KC);
-  cpu::conv1d_backward(dxf.data(), dwf.data(), rf.data(), xf.data(), wf.data(), B, S, C, KC);
+  cpu::conv1d_forward(yf.data(), xf.data(), wf.data(), B, S, C, KC, C, C);
+  cpu::conv1d_backward(dxf.data(), dwf.data(), rf.data(), xf.data(), wf.data(), B, S, C, KC, C, C);
   for (size_t i = 0; i < y.size(); ++i) EXPECT_NEAR(yf[i], y[i], 1e-5);
   for (size_t i = 0; i < dx.size(); ++i) EXPECT_NEAR(dxf[i], dx[i], 1e-5);
   for (size_t i = 0; i < dw.size(); ++i) EXPECT_NEAR(dwf[i], dw[i], 1e-4);
+}
+
+// The output split into three row-major channel blocks (the DeltaNet's q | k | v as contiguous tensors): block p's
+// element (row r, channel j) is the plain output's (r, start_p + j), and a gradient given in that layout gives the
+// plain backward's dx and dw bit for bit (the same arithmetic, only the addresses move).
+TEST(Conv1d, SplitOutputIsThePlainOutputsChannelBlocks) {
+  const int64_t B = 2, S = 5, C = 11, KC = 4, N = B * S, c1 = 3, c2 = 6;
+  const auto x = randn(N * C, 71), w = randn(C * KC, 72), r = randn(N * C, 73);
+  std::vector<double> plain(N * C), split(N * C);
+  cpu::conv1d_forward(plain.data(), x.data(), w.data(), B, S, C, KC, C, C);
+  cpu::conv1d_forward(split.data(), x.data(), w.data(), B, S, C, KC, c1, c2);
+  // r in the split layout, built block by block.
+  std::vector<double> r_split;
+  const int64_t starts[] = {0, c1, c2}, widths[] = {c1, c2 - c1, C - c2};
+  int64_t at = 0;
+  for (int p = 0; p < 3; ++p)
+    for (int64_t row = 0; row < N; ++row)
+      for (int64_t j = 0; j < widths[p]; ++j, ++at) {
+        EXPECT_EQ(split[at], plain[row * C + starts[p] + j]) << "block " << p << " row " << row << " channel " << j;
+        r_split.push_back(r[row * C + starts[p] + j]);
+      }
+  std::vector<double> dx_plain(N * C), dw_plain(C * KC), dx_split(N * C), dw_split(C * KC);
+  cpu::conv1d_backward(dx_plain.data(), dw_plain.data(), r.data(), x.data(), w.data(), B, S, C, KC, C, C);
+  cpu::conv1d_backward(dx_split.data(), dw_split.data(), r_split.data(), x.data(), w.data(), B, S, C, KC, c1, c2);
+  EXPECT_EQ(dx_split, dx_plain);
+  EXPECT_EQ(dw_split, dw_plain);
 }
 
 TEST(GdnGates, ForwardMatchesFormulaAndGradientsMatchFiniteDifferences) {

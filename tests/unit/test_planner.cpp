@@ -59,10 +59,10 @@ Candidate layout(int world, int tp, bool sp, int pp = 1, int cp = 1, int ep = 1,
 //                             3 Nl H 4 = 49152; dh2_replicated_ 32768                                     = 294912
 //   MoE (moe.h, mlp.h):       logits_ N E 4 = 2048; dtopw_ 512; dprobs_, dlogits_ 4096; shared_gated_ 32768;
 //                             dshared_ 32768; dshared_gate_ 256; shared dh_, dgu_ 3 N 64 4 = 49152        = 121600
-//   DeltaNet (gated_deltanet.h): column tables (q, k, v of the conv output: CD) 4 = 512; conv_ 32768;
-//                             don_, do_, dz_, dv_ 65536; dqn_, dkn_, dq_, dk_ 32768; dconv_, dmixed_ 65536;
-//                             dbeta_, dg_ 1024; db_, da_ 1024 (the projections write the record's tensors
-//                             and read their gradients: no qkvz_, ba_, dqkvz_, dba_ since #18)            = 199168
+//   DeltaNet (gated_deltanet.h): column tables (q, k, v of the conv output: CD) 4 = 512; don_, do_, dz_ 49152;
+//                             dqn_, dkn_ 16384; dqkv_, dmixed_ 65536; dbeta_, dg_ 1024; db_, da_ 1024 (the
+//                             projections and the conv write the record's tensors and read their gradients:
+//                             no qkvz_, ba_, conv_, dqkvz_, dba_, dq_, dk_, dv_, dconv_ since #18)             = 133632
 //   attention (attention.h):  q_cols_, gate_cols_ 512; cos_, sin_ 2 S 8 4 = 4096; dog_, dqg_ (2), do_, dq_, dqn_,
 //                             dq_raw_ 7 N 64 4 = 114688; dk_, dv_, dkn_, dk_raw_ 4 N 32 4 = 32768             = 152064
 //   model (model.h):          dhidden_a_, dhidden_b_ 32768; embed_region_ 32768; dembed_full_ 32768; dlogits_
@@ -71,9 +71,9 @@ Candidate layout(int world, int tp, bool sp, int pp = 1, int cp = 1, int ep = 1,
 //   Layers of one kind share everything but their index and RoPE tables (DecoderLayer::Scratch): the two kinds,
 //   DeltaNet + MoE (3 layers) and attention + MoE (1), hold one copy each of the decoder's, the MoE's and their
 //   mixer's buffers; the DeltaNet column tables (512) are per layer.
-//   total = 2 (294912 + 121600) + 3 512 + (199168 - 512) + 152064 + 231680                           = 1416960
-//   (one copy per layer, before the sharing: 4 (294912 + 121600) + 3 199168 + 152064 + 231680 = 2647296)
-constexpr int64_t kTinyTp2Params = 1090384, kTinyTp2SpGradSync = 1312, kTinyTp2SpScratch = 1416960;
+//   total = 2 (294912 + 121600) + 3 512 + (133632 - 512) + 152064 + 231680                           = 1351424
+//   (one copy per layer, before the sharing: 4 (294912 + 121600) + 3 133632 + 152064 + 231680 = 2450688)
+constexpr int64_t kTinyTp2Params = 1090384, kTinyTp2SpGradSync = 1312, kTinyTp2SpScratch = 1351424;
 
 TEST(Planner, MemoryOfATp2SpDp2RankIsTheSumOfItsParts) {
   const Workload w = tiny(64, 8);

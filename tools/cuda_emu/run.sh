@@ -3,11 +3,12 @@
 #   bash tools/cuda_emu/run.sh [name ...]       (default: every emulable test; see README.md)
 #   EMU_SCHED=0|1|2  thread order in each scheduling round: forward / reverse (blocks too) / random
 #   KOPT="-O2 -mfma -ffp-contract=fast"  compile the kernels with FMA contraction, as nvcc does by default
-# Builds into build-emu/ (objects of unchanged sources are reused).
+# Builds into build-emu/, or $EMU_BUILD (two runs at once need two directories; objects of unchanged sources are
+# reused).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 E=tools/cuda_emu
-B=build-emu
+B=${EMU_BUILD:-build-emu}
 SRC=src
 OPT="-O1 -g -fsanitize=address -fno-omit-frame-pointer"
 KOPT="${KOPT:-}"

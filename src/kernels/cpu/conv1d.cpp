@@ -29,7 +29,7 @@ void preactivation(T* pre, const T* xb, const T* wt, int64_t s, int64_t C, int64
 }  // namespace
 
 template <typename T>
-void conv1d_forward(T* y, const T* x, const T* w, int64_t B, int64_t S, int64_t C, int64_t KC) {
+void conv1d_forward(T* y, const T* x, const T* w, int64_t B, int64_t S, int64_t C, int64_t KC, int64_t c1, int64_t c2) {
   const std::vector<T> wt = transpose_taps(w, C, KC);
 #pragma omp parallel
   {
@@ -38,14 +38,15 @@ void conv1d_forward(T* y, const T* x, const T* w, int64_t B, int64_t S, int64_t 
     for (int64_t b = 0; b < B; ++b)
       for (int64_t s = 0; s < S; ++s) {
         preactivation(pre.data(), x + b * S * C, wt.data(), s, C, KC);
-        T* yr = y + (b * S + s) * C;
-        for (int64_t c = 0; c < C; ++c) yr[c] = pre[c] / (T(1) + std::exp(-pre[c]));
+        const int64_t r = b * S + s;
+        for (int64_t c = 0; c < C; ++c) y[conv_out_index(r, c, B * S, C, c1, c2)] = pre[c] / (T(1) + std::exp(-pre[c]));
       }
   }
 }
 
 template <typename T>
-void conv1d_backward(T* dx, T* dw, const T* dy, const T* x, const T* w, int64_t B, int64_t S, int64_t C, int64_t KC) {
+void conv1d_backward(T* dx, T* dw, const T* dy, const T* x, const T* w, int64_t B, int64_t S, int64_t C, int64_t KC,
+                     int64_t c1, int64_t c2) {
   if (!dx && !dw) return;
   const std::vector<T> wt = transpose_taps(w, C, KC);
   // dpre (B, S, C) = dy * silu'(pre).
@@ -57,11 +58,11 @@ void conv1d_backward(T* dx, T* dw, const T* dy, const T* x, const T* w, int64_t 
     for (int64_t b = 0; b < B; ++b)
       for (int64_t s = 0; s < S; ++s) {
         preactivation(pre.data(), x + b * S * C, wt.data(), s, C, KC);
-        const T* gr = dy + (b * S + s) * C;
-        T* dr = dpre.data() + (b * S + s) * C;
+        const int64_t r = b * S + s;
+        T* dr = dpre.data() + r * C;
         for (int64_t c = 0; c < C; ++c) {
           const T sg = T(1) / (T(1) + std::exp(-pre[c]));
-          dr[c] = gr[c] * sg * (T(1) + pre[c] * (T(1) - sg));
+          dr[c] = dy[conv_out_index(r, c, B * S, C, c1, c2)] * sg * (T(1) + pre[c] * (T(1) - sg));
         }
       }
   }
@@ -105,11 +106,13 @@ void conv1d_backward(T* dx, T* dw, const T* dy, const T* x, const T* w, int64_t 
   }
 }
 
-template void conv1d_forward<float>(float*, const float*, const float*, int64_t, int64_t, int64_t, int64_t);
-template void conv1d_forward<double>(double*, const double*, const double*, int64_t, int64_t, int64_t, int64_t);
+template void conv1d_forward<float>(float*, const float*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                    int64_t);
+template void conv1d_forward<double>(double*, const double*, const double*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                     int64_t);
 template void conv1d_backward<float>(float*, float*, const float*, const float*, const float*, int64_t, int64_t,
-                                     int64_t, int64_t);
+                                     int64_t, int64_t, int64_t, int64_t);
 template void conv1d_backward<double>(double*, double*, const double*, const double*, const double*, int64_t, int64_t,
-                                      int64_t, int64_t);
+                                      int64_t, int64_t, int64_t, int64_t);
 
 }  // namespace nextron::cpu

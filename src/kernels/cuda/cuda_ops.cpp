@@ -390,12 +390,18 @@ void CudaOps::sigmoid_gate_backward(Tensor* dx, Tensor* dgate, const Tensor& dy,
   cuda::sigmoid_gate_backward(bf_or_null(dx), bf_or_null(dgate), bf(dy), bf(x), bf(gate), N, D, G, ld_gate, stream_);
 }
 
-void CudaOps::conv1d_silu_forward(Tensor& y, const Tensor& x, const ParamRef& w) {
-  cuda::conv1d_silu_forward(bf(y), bf(x), f(w.w), x.dim(0), x.dim(1), x.dim(2), w.w.dim(-1), stream_);
+void CudaOps::conv1d_silu_forward(Tensor& y, const Tensor& x, const ParamRef& w, ConvSplit split) {
+  const int64_t C = x.dim(2);
+  check_conv_split(split, C, y, x);
+  cuda::conv1d_silu_forward(bf(y), bf(x), f(w.w), x.dim(0), x.dim(1), C, w.w.dim(-1), split.active() ? split.c1 : C,
+                            split.active() ? split.c2 : C, stream_);
 }
 
-void CudaOps::conv1d_silu_backward(Tensor& dx, const ParamRef& w, const Tensor& dy, const Tensor& x) {
-  cuda::conv1d_silu_backward(bf(dx), f(w.g), bf(dy), bf(x), f(w.w), x.dim(0), x.dim(1), x.dim(2), w.w.dim(-1), stream_);
+void CudaOps::conv1d_silu_backward(Tensor& dx, const ParamRef& w, const Tensor& dy, const Tensor& x, ConvSplit split) {
+  const int64_t C = x.dim(2);
+  check_conv_split(split, C, dy, x);
+  cuda::conv1d_silu_backward(bf(dx), f(w.g), bf(dy), bf(x), f(w.w), x.dim(0), x.dim(1), C, w.w.dim(-1),
+                             split.active() ? split.c1 : C, split.active() ? split.c2 : C, stream_);
 }
 
 void CudaOps::gdn_gates_forward(Tensor& beta, Tensor& g, const Tensor& b, const Tensor& a, const ParamRef& A_log,

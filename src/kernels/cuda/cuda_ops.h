@@ -83,8 +83,8 @@ class CudaOps final : public Ops {
   void sigmoid_gate_backward(Tensor* dx, Tensor* dgate, const Tensor& dy, const Tensor& x, const Tensor& gate,
                              int64_t G, int64_t ld_gate) override;
 
-  void conv1d_silu_forward(Tensor& y, const Tensor& x, const ParamRef& w) override;
-  void conv1d_silu_backward(Tensor& dx, const ParamRef& w, const Tensor& dy, const Tensor& x) override;
+  void conv1d_silu_forward(Tensor& y, const Tensor& x, const ParamRef& w, ConvSplit split) override;
+  void conv1d_silu_backward(Tensor& dx, const ParamRef& w, const Tensor& dy, const Tensor& x, ConvSplit split) override;
   void gdn_gates_forward(Tensor& beta, Tensor& g, const Tensor& b, const Tensor& a, const ParamRef& A_log,
                          const ParamRef& dt_bias) override;
   void gdn_gates_backward(Tensor& db, Tensor& da, const ParamRef& A_log, const ParamRef& dt_bias, const Tensor& dbeta,

@@ -18,12 +18,15 @@ void rope_forward(bf16* y, const bf16* x, const float* cos, const float* sin, in
 void rope_backward(bf16* dx, const bf16* dy, const float* cos, const float* sin, int64_t B, int64_t S, int64_t NH,
                    int64_t D, int64_t rotary_dim, cudaStream_t stream);
 
-// Depthwise causal conv1d + SiLU. x, y: (B, S, C) bf16; w: (C, KC) fp32. Overwrites y.
+// Depthwise causal conv1d + SiLU. x: (B, S, C) bf16; w: (C, KC) fp32; y: B S C bf16, the plain (B, S, C) when
+// c1 = c2 = C, else split at channels c1 <= c2 into row-major blocks (B S, c1), (B S, c2 - c1), (B S, C - c2) one
+// after another (cpu::conv_out_index). Overwrites y.
 void conv1d_silu_forward(bf16* y, const bf16* x, const float* w, int64_t B, int64_t S, int64_t C, int64_t KC,
-                         cudaStream_t stream);
-// Accumulates dx (B, S, C) bf16 and dw (C, KC) fp32 (each may be nullptr); dw reduced deterministically.
+                         int64_t c1, int64_t c2, cudaStream_t stream);
+// Accumulates dx (B, S, C) bf16 and dw (C, KC) fp32 (each may be nullptr) from dy (laid out as y); dw reduced
+// deterministically.
 void conv1d_silu_backward(bf16* dx, float* dw, const bf16* dy, const bf16* x, const float* w, int64_t B, int64_t S,
-                          int64_t C, int64_t KC, cudaStream_t stream);
+                          int64_t C, int64_t KC, int64_t c1, int64_t c2, cudaStream_t stream);
 
 // DeltaNet gates: beta = sigmoid(b), g = -exp(A_log) softplus(a + dt_bias) (torch softplus, threshold 20).
 // b, a: (N, Hv) bf16; A_log, dt_bias: (Hv) fp32; beta, g: (N, Hv) fp32, overwritten.
