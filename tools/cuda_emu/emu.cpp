@@ -333,7 +333,10 @@ cudaError_t cudaGetDevice(int* d) {
 }
 cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
   if (a == cudaDevAttrMaxSharedMemoryPerBlockOptin)
-    *v = std::getenv("EMU_NOSMEMLIMIT") ? (1 << 30) : 232448;
+    // sm_90's 227 KB; EMU_SMEM_OPTIN=<bytes> imitates another GPU (an A100: 167936), EMU_NOSMEMLIMIT none.
+    *v = std::getenv("EMU_NOSMEMLIMIT") ? (1 << 30)
+         : std::getenv("EMU_SMEM_OPTIN") ? std::atoi(std::getenv("EMU_SMEM_OPTIN"))
+                                          : 232448;
   else if (a == cudaDevAttrMultiProcessorCount)
     *v = 132;
   else

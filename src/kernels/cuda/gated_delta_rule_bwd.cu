@@ -79,28 +79,14 @@ __global__ void __launch_bounds__(kThreads) dvlocal_kernel(const Params p) {
   const int64_t bhk = blockIdx.x / p.NC;  // b * Hk + hk
   const int c = int(blockIdx.x % p.NC);
   const int64_t bh0 = (bhk / p.Hk) * p.Hv + (bhk % p.Hk) * p.r;  // the group's first value head
-  const int dk = p.dk, dv = p.dv, ldk = dk + kPadH, tid = threadIdx.x;
+  const int dk = p.dk, dv = p.dv, tid = threadIdx.x;
   DvLocalSmem sm(reinterpret_cast<uintptr_t>(dynamic_smem()), dk);
   Acc64 qk;  // Q K^T
-  {
-    const Chunk ch = chunk_of(p, bh0, c);
-    load_rows(sm.Q, ldk, p.q + qk_off(p, ch.b, ch.t0, ch.hk), p.Hk * dk, ch.L, kC, dk);
-    load_rows(sm.K, ldk, p.k + qk_off(p, ch.b, ch.t0, ch.hk), p.Hk * dk, ch.L, kC, dk);
-    __syncthreads();
-    acc64_zero(qk);
-    acc64_mma<RowMajor, ColMajor>(qk, kC, dk, sm.Q, ldk, sm.K, ldk);
-  }
-  const float scale = p.scale;
+  group_qk(p, bh0, c, sm.Q, sm.K, qk);
   for (int rr = 0; rr < p.r; ++rr) {
     const Chunk ch = chunk_of(p, bh0 + rr, c);
     __syncthreads();  // the previous head's P, dO and F are free
-    load_gates(p, ch, sm.G, sm.eG, sm.dec, nullptr);
-    acc64_store(qk, sm.F, kLdF);
-    __syncthreads();
-    for (int e = tid; e < kC * kC; e += kThreads) {
-      const int i = e / kC, j = e % kC;
-      sm.P[i * kLdH + j] = to_bf16(j <= i ? scale * sm.F[i * kLdF + j] * expf(sm.G[i] - sm.G[j]) : 0.0f);
-    }
+    head_scores(p, ch, qk, sm.F, sm.P, sm.G, sm.eG, sm.dec);
     bf16* dVl = p.dVl + (ch.bh * p.S + ch.t0) * dv;
     for (int v0 = 0; v0 < dv; v0 += kTile) {
       const int w = dv - v0 < kTile ? dv - v0 : kTile;
@@ -145,8 +131,9 @@ struct StateBackSmem {
 
 // The column tile of dv of one block (state_tile): 64 at dk <= 128 (148 KB of shared memory at dk = dv = 128: one
 // block per SM, hence no second block in __launch_bounds__), else 32 (dk = 256: 184 KB) or 16.
-int state_backward_tile(int dk, int dv) {
-  return state_tile(dv, [dk](int bv) { return StateBackSmem(0, dk, bv).bytes; });
+int state_backward_tile(int dk, int dv, size_t limit = kSmemPerBlock) {
+  return state_tile(
+      dv, [dk](int bv) { return StateBackSmem(0, dk, bv).bytes; }, limit);
 }
 
 // One block per (bh, column tile [v0, v0 + bv) of dv), chunks in reverse order. Prefetch as in the forward state
@@ -769,7 +756,7 @@ void gdr::backward_aligned(bf16* dq, bf16* dk, bf16* dv, float* dg, float* dbeta
     NEXTRON_CUDA_LAUNCH_CHECK();
   }
   {
-    const int bv = state_backward_tile(p.dk, p.dv);
+    const int bv = state_backward_tile(p.dk, p.dv, device_smem_limit());
     const size_t bytes = StateBackSmem(0, p.dk, bv).bytes;
     allow_smem(reinterpret_cast<const void*>(&state_backward_kernel), bytes, "gated_delta_rule_backward (state)");
     state_backward_kernel<<<unsigned(p.BH * (p.dv / bv)), kThreads, bytes, stream>>>(p, bv);

@@ -278,26 +278,13 @@ __global__ void __launch_bounds__(kThreads) output_kernel(const Params p) {
   const int dk = p.dk, dv = p.dv, ldk = dk + kPadH, tid = threadIdx.x;
   OutputSmem sm(reinterpret_cast<uintptr_t>(dynamic_smem()), dk);
   Acc64 qk;  // Q K^T
-  {
-    const Chunk ch = chunk_of(p, bh0, c);
-    load_rows(sm.Q, ldk, p.q + qk_off(p, ch.b, ch.t0, ch.hk), p.Hk * dk, ch.L, kC, dk);
-    load_rows(sm.K, ldk, p.k + qk_off(p, ch.b, ch.t0, ch.hk), p.Hk * dk, ch.L, kC, dk);
-    __syncthreads();
-    acc64_zero(qk);
-    acc64_mma<RowMajor, ColMajor>(qk, kC, dk, sm.Q, ldk, sm.K, ldk);
-  }
+  group_qk(p, bh0, c, sm.Q, sm.K, qk);
   const float scale = p.scale;
   const int64_t ldO = p.Hv * dv;
   for (int rr = 0; rr < p.r; ++rr) {
     const Chunk ch = chunk_of(p, bh0 + rr, c);
     __syncthreads();  // the previous head's P, tiles and F are free
-    load_gates(p, ch, sm.G, sm.eG, sm.dec, nullptr);
-    acc64_store(qk, sm.F, kLdF);
-    __syncthreads();
-    for (int e = tid; e < kC * kC; e += kThreads) {
-      const int i = e / kC, j = e % kC;
-      sm.P[i * kLdH + j] = to_bf16(j <= i ? scale * sm.F[i * kLdF + j] * expf(sm.G[i] - sm.G[j]) : 0.0f);
-    }
+    head_scores(p, ch, qk, sm.F, sm.P, sm.G, sm.eG, sm.dec);
     bf16* o = p.o + v_off(p, ch.b, ch.t0, ch.hv);
     for (int v0 = 0; v0 < dv; v0 += kTile) {
       const int w = dv - v0 < kTile ? dv - v0 : kTile;
@@ -325,6 +312,13 @@ __global__ void __launch_bounds__(kThreads) output_kernel(const Params p) {
 }
 
 }  // namespace
+
+size_t device_smem_limit() {
+  int dev = 0, optin = 0;
+  NEXTRON_CUDA_CHECK(cudaGetDevice(&dev));
+  NEXTRON_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  return size_t(optin);
+}
 
 void allow_smem(const void* kernel, size_t bytes, const char* what) {
   int dev = 0, optin = 0;
@@ -419,12 +413,13 @@ void launch_prepare(const Params& p, cudaStream_t stream) {
   NEXTRON_CUDA_LAUNCH_CHECK();
 }
 
-int state_forward_tile(int dk, int dv) {
-  return state_tile(dv, [dk](int bv) { return StateSmem(0, dk, bv).bytes; });
+int state_forward_tile(int dk, int dv, size_t limit) {
+  return state_tile(
+      dv, [dk](int bv) { return StateSmem(0, dk, bv).bytes; }, limit);
 }
 
 void launch_state_forward(const Params& p, cudaStream_t stream) {
-  const int bv = state_forward_tile(p.dk, p.dv);
+  const int bv = state_forward_tile(p.dk, p.dv, device_smem_limit());
   const size_t bytes = StateSmem(0, p.dk, bv).bytes;
   allow_smem(reinterpret_cast<const void*>(&state_forward_kernel), bytes, "gated_delta_rule (state)");
   state_forward_kernel<<<unsigned(p.BH * (p.dv / bv)), kThreads, bytes, stream>>>(p, bv);

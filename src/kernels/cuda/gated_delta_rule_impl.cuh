@@ -83,14 +83,20 @@ void launch_state_forward(const Params& p, cudaStream_t stream);
 // sequential passes (B = 2, Hv = 32, dv = 128: 128 blocks on an H100's 132 SMs, one block per SM; at B = 1 only 64
 // blocks, half the SMs idle). Narrower tiles (32, else 16) where 64 does not divide dv or does not fit (dk = 256 in
 // the backward). `smem_bytes(bv)` is the kernel's shared memory at tile bv.
+// The launches ask the device (device_smem_limit: 227 KB on sm_90, 163 KB on an A100, so a GPU with less keeps
+// the narrower tile where 64 does not fit, and 16 where 32 does not either: the state backward at dk = 256 needs 184 KB
+// at 32); the host-only traffic accounts assume sm_90's limit.
 constexpr size_t kSmemPerBlock = 232448;  // sm_90's opt-in limit of dynamic shared memory per block (227 KB)
 template <typename SmemBytes>
-int state_tile(int dv, SmemBytes smem_bytes) {
-  if (dv % 64 == 0 && smem_bytes(64) <= kSmemPerBlock) return 64;
-  return dv % 32 == 0 ? 32 : 16;
+int state_tile(int dv, SmemBytes smem_bytes, size_t limit) {
+  for (int bv : {64, 32})
+    if (dv % bv == 0 && smem_bytes(bv) <= limit) return bv;
+  return 16;
 }
-// The forward state kernel's tile (also the backward's recomputation of h_c).
-int state_forward_tile(int dk, int dv);
+// The current device's opt-in limit of dynamic shared memory per block.
+size_t device_smem_limit();
+// The forward state kernel's tile (also the backward's recomputation of h_c) under a shared-memory limit.
+int state_forward_tile(int dk, int dv, size_t limit = kSmemPerBlock);
 // The kernels proper, for head dims that are multiples of 16 in [16, kMaxDim] (same contracts as the public
 // gated_delta_rule_* of gated_delta_rule.h, which pad other head dims with zeros and call these).
 size_t aligned_workspace_bytes(const GdrShape& s);
@@ -428,6 +434,31 @@ __device__ __forceinline__ void load_gates(const Params& p, const Chunk& ch, flo
   store_gates(fetch_gates(p, ch), ch, G, eG, dec);
   const int i = threadIdx.x;
   if (bet && i < kC) bet[i] = i < ch.L ? p.beta[gb_off(p, ch.b, ch.t0 + i, ch.hv)] : 0.0f;
+}
+
+// Shared by the output and dvlocal kernels, one block per (sequence, key head, chunk c); bh0 is the key head's first
+// value head. group_qk: Q K^T of the chunk (Q and K staged in shared memory), formed once for the head group.
+__device__ __forceinline__ void group_qk(const Params& p, int64_t bh0, int c, bf16* Q, bf16* K, Acc64& qk) {
+  const Chunk ch = chunk_of(p, bh0, c);
+  const int ldk = p.dk + kPadH;
+  load_rows(Q, ldk, p.q + qk_off(p, ch.b, ch.t0, ch.hk), p.Hk * p.dk, ch.L, kC, p.dk);
+  load_rows(K, ldk, p.k + qk_off(p, ch.b, ch.t0, ch.hk), p.Hk * p.dk, ch.L, kC, p.dk);
+  __syncthreads();
+  acc64_zero(qk);
+  acc64_mma<RowMajor, ColMajor>(qk, kC, p.dk, Q, ldk, K, ldk);
+}
+// One head's P = scale (Q K^T) .* decay (causal) into P (bf16, leading dimension kLdH), with that head's gates
+// loaded into G / eG / dec and Q K^T staged through F (fp32, kLdF). The caller synchronises before (the previous
+// head's buffers are free) and after (P is read).
+__device__ __forceinline__ void head_scores(const Params& p, const Chunk& ch, const Acc64& qk, float* F, bf16* P,
+                                            float* G, float* eG, float* dec) {
+  load_gates(p, ch, G, eG, dec, nullptr);
+  acc64_store(qk, F, kLdF);
+  __syncthreads();
+  for (int e = threadIdx.x; e < kC * kC; e += kThreads) {
+    const int i = e / kC, j = e % kC;
+    P[i * kLdH + j] = to_bf16(j <= i ? p.scale * F[i * kLdF + j] * expf(G[i] - G[j]) : 0.0f);
+  }
 }
 
 // Sum over the columns [0, cols) of row `row` of two shared matrices multiplied elementwise, by one warp (every lane
