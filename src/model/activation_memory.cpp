@@ -228,11 +228,10 @@ LayerScratchBytes layer_scratch(const ModelConfig& c, int64_t layer, const Activ
     own += CD * kI32;  // the q / k / v column tables
     // The projections and the conv write the record's tensors; only under CP does the conv run on plain rows
     // (conv_) whose gradient (dconv_) is gathered from / scattered to the split q | k | v.
-    if (cp) bytes += 2 * N * CD * a;                 // conv_, dconv_
-    if (core) bytes += 2 * N * KD * a + N * VD * a;  // rc_qn_, rc_kn_, rc_o_
-    bytes += 3 * N * VD * a + 2 * N * KD * a +
-             2 * N * CD * a                         // don_, do_, dz_; dqn_, dkn_; dqkv_, dmixed_
-             + 2 * N * Hv * kF32 + 2 * N * Hv * a;  // dbeta_, dg_; db_, da_
+    if (cp) bytes += 2 * N * CD * a;                           // conv_, dconv_
+    if (core) bytes += 2 * N * KD * a + N * VD * a;            // rc_qn_, rc_kn_, rc_o_
+    bytes += 3 * N * VD * a + 2 * N * KD * a + 2 * N * CD * a  // don_, do_, dz_; dqn_, dkn_; dqkv_, dmixed_
+             + 2 * N * Hv * kF32 + 2 * N * Hv * a;             // dbeta_, dg_; db_, da_
     if (cp) {
       const int64_t Bi = B * G, ext = Bi * (L + c.linear_conv_kernel_dim - 1) * CD * a,
                     state = Bi * Hv * dk * dv * kF32;

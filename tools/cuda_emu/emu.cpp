@@ -1,7 +1,6 @@
 // Block emulator runtime + CUDA runtime stubs (host memory stands in for device memory).
 #include "emu.h"
 
-
 #include <algorithm>
 #include <array>
 #include <cstring>
@@ -169,6 +168,14 @@ static void fail(const char* what) {
   std::abort();
 }
 
+// The opt-in limit of dynamic shared memory per block: sm_90's 227 KB; EMU_SMEM_OPTIN=<bytes> imitates another GPU
+// (an A100: 167936), EMU_NOSMEMLIMIT lifts it.
+static int smem_optin() {
+  if (std::getenv("EMU_NOSMEMLIMIT")) return 1 << 30;
+  if (std::getenv("EMU_SMEM_OPTIN")) return std::atoi(std::getenv("EMU_SMEM_OPTIN"));
+  return 232448;
+}
+
 static void run_block(int n) {
   ++g_block_gen;
   smem_buf = static_cast<unsigned char*>(std::aligned_alloc(128, (g_smem_bytes + 127) / 128 * 128 + 128));
@@ -192,7 +199,8 @@ static void run_block(int n) {
     f.state = kRun;
   }
   for (;;) {
-    static const int sched = std::getenv("EMU_SCHED") ? std::atoi(std::getenv("EMU_SCHED")) : 0;  // 0 fwd, 1 rev, 2 rand
+    static const int sched =
+        std::getenv("EMU_SCHED") ? std::atoi(std::getenv("EMU_SCHED")) : 0;  // 0 fwd, 1 rev, 2 rand
     static unsigned rng = 12345;
     std::vector<int> order(n);
     for (int t = 0; t < n; ++t) order[t] = sched == 1 ? n - 1 - t : t;
@@ -271,10 +279,12 @@ void run_grid(const void* fn, dim3 grid, dim3 block, size_t smem_bytes, const st
     fail("bad grid (zero-sized or too large)");
   if (fn && smem_bytes > 48 * 1024 && int(smem_bytes) > g_max_dyn_smem[fn] && !std::getenv("EMU_NOSMEMLIMIT"))
     fail("dynamic smem above the attribute set");
-  if (smem_bytes > 232448 && !std::getenv("EMU_NOSMEMLIMIT")) fail("dynamic smem above 227 KB");
+  if (smem_bytes > size_t(smem_optin())) fail("dynamic smem above the device's opt-in limit (EMU_SMEM_OPTIN)");
   const int n = int(nt);
   g_n = n;
-  if (std::getenv("EMU_TRACE")) std::fprintf(stderr, "launch grid %u,%u,%u block %u,%u,%u smem %zu\n", grid.x, grid.y, grid.z, block.x, block.y, block.z, smem_bytes);
+  if (std::getenv("EMU_TRACE"))
+    std::fprintf(stderr, "launch grid %u,%u,%u block %u,%u,%u smem %zu\n", grid.x, grid.y, grid.z, block.x, block.y,
+                 block.z, smem_bytes);
   g_blockDim = block;
   g_gridDim = grid;
   g_smem_bytes = smem_bytes;
@@ -333,10 +343,7 @@ cudaError_t cudaGetDevice(int* d) {
 }
 cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
   if (a == cudaDevAttrMaxSharedMemoryPerBlockOptin)
-    // sm_90's 227 KB; EMU_SMEM_OPTIN=<bytes> imitates another GPU (an A100: 167936), EMU_NOSMEMLIMIT none.
-    *v = std::getenv("EMU_NOSMEMLIMIT") ? (1 << 30)
-         : std::getenv("EMU_SMEM_OPTIN") ? std::atoi(std::getenv("EMU_SMEM_OPTIN"))
-                                          : 232448;
+    *v = emu::smem_optin();
   else if (a == cudaDevAttrMultiProcessorCount)
     *v = 132;
   else
