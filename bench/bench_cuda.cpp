@@ -256,11 +256,23 @@ json bench_gdr(CudaOps& ops, const Options& o) {
   ops.f32_zeroed(dg, {B, S, Hv});
   ops.f32_zeroed(dbeta, {B, S, Hv});
   const double scale = 1.0 / std::sqrt(static_cast<double>(dk));
-  auto fwd = [&] { ops.gated_delta_rule_forward(out, q, k, v, g, beta, scale, {}); };
+  // As the model trains by default: the forward keeps its intermediates for the backward (GdrStates::save / saved).
+  // fla's chunk_gated_delta_rule recomputes them in its backward instead; "fwd_bwd_recomputed" times that way here
+  // too (--recompute-modules delta_rule_states).
+  Tensor kept;
+  ops.f32(kept, {gated_delta_rule_saved_elements(Device::cuda, B, S, Hk, Hv, dk, dv)});
+  GdrStates save, saved;
+  save.save = &kept;
+  saved.saved = &kept;
+  auto fwd = [&] { ops.gated_delta_rule_forward(out, q, k, v, g, beta, scale, save); };
   const Timing tf = time_on_stream(ops.stream(), o.warmup, o.iters, fwd);
   // The backward accumulates into the gradients; values stay small over a few dozen iterations.
   const Timing tfb = time_on_stream(ops.stream(), o.warmup, o.iters, [&] {
     fwd();
+    ops.gated_delta_rule_backward(dq, dkk, dvv, dg, dbeta, d_o, q, k, v, g, beta, scale, saved);
+  });
+  const Timing tfb_recomputed = time_on_stream(ops.stream(), o.warmup, o.iters, [&] {
+    ops.gated_delta_rule_forward(out, q, k, v, g, beta, scale, {});
     ops.gated_delta_rule_backward(dq, dkk, dvv, dg, dbeta, d_o, q, k, v, g, beta, scale, {});
   });
   const double C = static_cast<double>(std::min(kGdnChunk, S));
@@ -270,6 +282,8 @@ json bench_gdr(CudaOps& ops, const Options& o) {
   return {{"shape", {{"B", B}, {"S", S}, {"Hk", Hk}, {"Hv", Hv}, {"dk", dk}, {"dv", dv}}},
           {"fwd", tf.to_json()},
           {"fwd_bwd", tfb.to_json()},
+          {"fwd_bwd_recomputed", tfb_recomputed.to_json()},
+          {"kept_bytes", 4 * kept.numel()},
           {"fwd_tflops", tflops(fwd_flops, tf.median_ms)},
           {"fwd_bwd_tflops", tflops(3 * fwd_flops, tfb.median_ms)}};
 }

@@ -101,9 +101,17 @@ double gdr_forward_flops_per_head(int64_t S, double K, double V) {
       S, [&](double L, bool) { return 6 * L * L * K + 4 * L * L * V + 6 * L * K * V + tri_solve_flops(L); });
 }
 
-double gdr_backward_flops_per_head(int64_t S, double K, double V) {
+// The bytes of the delta rule's kept intermediates on CUDA (GdrStates::save / saved) for q (B, S, Hk, dk), v (B, S,
+// Hv, dv).
+double gdr_saved_cuda_bytes(const Tensor& q, const Tensor& v) {
+  return 4.0 * static_cast<double>(gated_delta_rule_saved_elements(Device::cuda, q.dim(0), q.dim(1), q.dim(2), v.dim(2),
+                                                                   q.dim(3), v.dim(3)));
+}
+
+// saved: the forward kept the chunk states (GdrStates::saved), so there is no forward sweep.
+double gdr_backward_flops_per_head(int64_t S, double K, double V, bool saved) {
   return over_chunks(S, [&](double L, bool last) {
-    const double sweep = last ? 0.0 : 4 * L * L * K + 2 * L * L * V + 4 * L * K * V + tri_solve_flops(L);
+    const double sweep = last || saved ? 0.0 : 4 * L * L * K + 2 * L * L * V + 4 * L * K * V + tri_solve_flops(L);
     return sweep + 18 * L * L * K + 10 * L * L * V + 14 * L * K * V + tri_solve_flops(L);
   });
 }
@@ -435,14 +443,16 @@ void CountingOps::gated_delta_rule_forward(Tensor& o, const Tensor& q, const Ten
                                            const Tensor& g, const Tensor& beta, double scale, const GdrStates& states) {
   // FLOPs: gdr_forward_flops_per_head x B Hv. Bytes: q, k [B S Hk dk] and v [B S Hv dv] read once (a key head's
   // q, k serve its Hv / Hk value heads from on-chip memory), g, beta [B S Hv] f32 read, o written; the states
-  // [B Hv dk dv] f32 read / written when given. The per-chunk states a multi-kernel implementation keeps in its
-  // workspace are not counted.
+  // [B Hv dk dv] f32 read / written when given. The chunk intermediates (Gc, W, U, new values, chunk states: I =
+  // gdr_saved_cuda_bytes, CUDA's size whatever the inner backend's) cross kernels: written once and read back (by
+  // the state pass and the output kernel), 2 I, whether they go to the workspace or to the caller's `save`.
   const int64_t B = q.dim(0), S = q.dim(1), Hv = v.dim(2);
   const double K = static_cast<double>(q.dim(3)), V = static_cast<double>(v.dim(3));
   Cost c;
   c.flops = static_cast<double>(B * Hv) * gdr_forward_flops_per_head(S, K, V);
   c.bytes = n_of(q) * act_b(q) + n_of(k) * act_b(k) + n_of(v) * act_b(v) + (n_of(g) + n_of(beta)) * f32_b() +
-            n_of(o) * act_b(o) + (n_of(states.initial) + n_of(states.final_state)) * f32_b();
+            n_of(o) * act_b(o) + (n_of(states.initial) + n_of(states.final_state)) * f32_b() +
+            2 * gdr_saved_cuda_bytes(q, v);
   record("gated_delta_rule_forward", c, [&] { inner_->gated_delta_rule_forward(o, q, k, v, g, beta, scale, states); });
 }
 
@@ -450,18 +460,20 @@ void CountingOps::gated_delta_rule_backward(Tensor& dq, Tensor& dk, Tensor& dv, 
                                             const Tensor& d_o, const Tensor& q, const Tensor& k, const Tensor& v,
                                             const Tensor& g, const Tensor& beta, double scale,
                                             const GdrStates& states) {
-  // FLOPs: gdr_backward_flops_per_head x B Hv (it recomputes the forward's intermediates: no saved state). Bytes:
-  // d_o, q, k, v read, g, beta f32 read; dq, dk, dv read + written, dg, dbeta f32 read + written (all
-  // accumulated); states: initial and d_final read, d_initial read + written.
+  // FLOPs: gdr_backward_flops_per_head x B Hv (with the forward sweep that recomputes the chunk states unless the
+  // forward kept them: `saved`). Bytes: d_o, q, k, v read, g, beta f32 read; dq, dk, dv read + written, dg, dbeta
+  // f32 read + written (all accumulated); states: initial and d_final read, d_initial read + written; the chunk
+  // intermediates read (I), and first recomputed unless the forward kept them (`saved`): the forward's 2 I again.
   const int64_t B = q.dim(0), S = q.dim(1), Hv = v.dim(2);
   const double K = static_cast<double>(q.dim(3)), V = static_cast<double>(v.dim(3));
   Cost c;
-  c.flops = static_cast<double>(B * Hv) * gdr_backward_flops_per_head(S, K, V);
+  c.flops = static_cast<double>(B * Hv) * gdr_backward_flops_per_head(S, K, V, states.saved != nullptr);
   c.bytes = n_of(d_o) * act_b(d_o) + n_of(q) * act_b(q) + n_of(k) * act_b(k) + n_of(v) * act_b(v) +
             (n_of(g) + n_of(beta)) * f32_b() +
             2 * (n_of(dq) * act_b(dq) + n_of(dk) * act_b(dk) + n_of(dv) * act_b(dv)) +
             2 * (n_of(dg) + n_of(dbeta)) * f32_b() +
-            (n_of(states.initial) + n_of(states.d_final) + 2 * n_of(states.d_initial)) * f32_b();
+            (n_of(states.initial) + n_of(states.d_final) + 2 * n_of(states.d_initial)) * f32_b() +
+            (states.saved ? 1 : 3) * gdr_saved_cuda_bytes(q, v);
   record("gated_delta_rule_backward", c,
          [&] { inner_->gated_delta_rule_backward(dq, dk, dv, dg, dbeta, d_o, q, k, v, g, beta, scale, states); });
 }

@@ -203,8 +203,10 @@ void CpuOps::gdn_gates_backward(Tensor& db, Tensor& da, const ParamRef& A_log, c
 void CpuOps::gated_delta_rule_forward(Tensor& o, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
                                       const Tensor& beta, double scale, const GdrStates& states) {
   const cpu::GdrShape s{q.dim(0), q.dim(1), q.dim(2), v.dim(2), q.dim(3), v.dim(3)};
+  check_gdr_saved(states.save, Device::cpu, q, v, "gated_delta_rule_forward");
   cpu::gated_delta_rule_chunked_forward<float>(f(o), f32_or_null(states.final_state), f(q), f(k), f(v), f(g), f(beta),
-                                               f32_or_null(states.initial), s, static_cast<float>(scale));
+                                               f32_or_null(states.initial), s, static_cast<float>(scale), 64,
+                                               f32_or_null(states.save));
 }
 
 void CpuOps::gated_delta_rule_transition(Tensor& m, const Tensor& k, const Tensor& g, const Tensor& beta) {
@@ -225,9 +227,11 @@ void CpuOps::gated_delta_rule_backward(Tensor& dq, Tensor& dk, Tensor& dv, Tenso
                                        const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
                                        const Tensor& beta, double scale, const GdrStates& states) {
   const cpu::GdrShape s{q.dim(0), q.dim(1), q.dim(2), v.dim(2), q.dim(3), v.dim(3)};
+  check_gdr_saved(states.saved, Device::cpu, q, v, "gated_delta_rule_backward");
   cpu::gated_delta_rule_chunked_backward<float>(f(dq), f(dk), f(dv), f(dg), f(dbeta), f32_or_null(states.d_initial),
                                                 f(d_o), f32_or_null(states.d_final), f(q), f(k), f(v), f(g), f(beta),
-                                                f32_or_null(states.initial), s, static_cast<float>(scale));
+                                                f32_or_null(states.initial), s, static_cast<float>(scale), 64,
+                                                f32_or_null(states.saved));
 }
 
 void CpuOps::swiglu_forward(Tensor& h, const Tensor& gu) {

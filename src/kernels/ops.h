@@ -51,12 +51,27 @@ void check_conv_split(ConvSplit split, int64_t C, const Tensor& y, const Tensor&
 // The recurrent state at the boundaries of a sequence slice (context parallelism, kernels/cpu/delta_state_scan.h):
 // (B, Hv, dk, dv) f32 tensors, each optional. Forward: `initial` (nullptr: zero) and `final_state` (written when
 // given). Backward: `initial` as in the forward, `d_final` (nullptr: zero) and `d_initial` (accumulated when given).
+//
+// And the forward's intermediates, kept for the backward (a training forward's choice: memory for speed). `save`
+// (forward): receives them; `saved` (backward): what the forward of the same q, k, v, g, beta and `initial` wrote,
+// read only, so that the backward skips recomputing them (nullptr: it recomputes them, as fla does). Both are
+// (gated_delta_rule_saved_elements) f32 tensors whose layout is the backend's: on the CPU the state entering every
+// chunk, on CUDA also the chunks' W, U, new values and decays. The results are the same bits either way.
 struct GdrStates {
   const Tensor* initial = nullptr;
   Tensor* final_state = nullptr;
   const Tensor* d_final = nullptr;
   Tensor* d_initial = nullptr;
+  Tensor* save = nullptr;
+  const Tensor* saved = nullptr;
 };
+// Elements of GdrStates::save / saved on `device` for q, k (B, S, Hk, dk) and v (B, S, Hv, dv): on the CPU the
+// chunk states (B, Hv, NC, dk, dv), NC = ceil(S / 64); on CUDA the bytes of cuda::gated_delta_rule_saved_bytes / 4
+// (tests/cuda pins the two equal).
+int64_t gated_delta_rule_saved_elements(Device device, int64_t B, int64_t S, int64_t Hk, int64_t Hv, int64_t dk,
+                                        int64_t dv);
+// Throws unless `t` (a GdrStates::save / saved, if given) has that many elements.
+void check_gdr_saved(const Tensor* t, Device device, const Tensor& q, const Tensor& v, const char* what);
 // A state's f32 data, or nullptr when absent (the kernels' convention).
 inline const float* f32_or_null(const Tensor* t) { return t != nullptr ? t->f32() : nullptr; }
 inline float* f32_or_null(Tensor* t) { return t != nullptr ? t->f32() : nullptr; }

@@ -4,6 +4,7 @@
 #include <set>
 #include <utility>
 
+#include "kernels/ops.h"
 #include "model/model.h"
 
 namespace nextron {
@@ -37,6 +38,15 @@ struct LayerRecord {
   int64_t total() const { return common + mixer + mlp; }
 };
 
+// The delta rule's kept intermediates (GatedDeltaNet Saved::gdr_saved / Scratch::rc_saved): the backend's size for
+// the items it runs (under context parallelism each of a sequence's G segments on this rank is one).
+int64_t delta_rule_saved_bytes(const ModelConfig& c, const ActivationShape& shape) {
+  const int64_t G = shape.cp > 1 && shape.cp_order == CpOrder::zigzag ? 2 : 1;
+  return kF32 * gated_delta_rule_saved_elements(shape.device, shape.B * G, shape.S / G, c.linear_num_key_heads,
+                                                c.linear_num_value_heads, c.linear_key_head_dim,
+                                                c.linear_value_head_dim);
+}
+
 LayerRecord layer_record(const ModelConfig& c, int64_t layer, int64_t N, int64_t Nl, bool sp, int64_t a, Device device,
                          const RecomputeOptions& r, const ActivationShape& shape) {
   const int64_t H = c.hidden_size;
@@ -68,6 +78,7 @@ LayerRecord layer_record(const ModelConfig& c, int64_t layer, int64_t N, int64_t
              + 2 * N * KD * a                         // q, k
              + 3 * N * Hv * kF32;                     // beta, g, o_rstd
     if (!core) mixer += 2 * N * KD * a + N * VD * a;  // qn, kn, o
+    if (!core && !r.recomputes_module("delta_rule_states")) mixer += delta_rule_saved_bytes(c, shape);  // gdr_saved
     if (shape.cp > 1) {
       const int64_t dk = c.linear_key_head_dim, dv = c.linear_value_head_dim,
                     G = shape.cp_order == CpOrder::zigzag ? 2 : 1;
@@ -228,8 +239,9 @@ LayerScratchBytes layer_scratch(const ModelConfig& c, int64_t layer, const Activ
     own += CD * kI32;  // the q / k / v column tables
     // The projections and the conv write the record's tensors; only under CP does the conv run on plain rows
     // (conv_) whose gradient (dconv_) is gathered from / scattered to the split q | k | v.
-    if (cp) bytes += 2 * N * CD * a;                           // conv_, dconv_
-    if (core) bytes += 2 * N * KD * a + N * VD * a;            // rc_qn_, rc_kn_, rc_o_
+    if (cp) bytes += 2 * N * CD * a;                 // conv_, dconv_
+    if (core) bytes += 2 * N * KD * a + N * VD * a;  // rc_qn_, rc_kn_, rc_o_
+    if (core && !r.recomputes_module("delta_rule_states")) bytes += delta_rule_saved_bytes(c, shape);  // rc_saved_
     bytes += 3 * N * VD * a + 2 * N * KD * a + 2 * N * CD * a  // don_, do_, dz_; dqn_, dkn_; dqkv_, dmixed_
              + 2 * N * Hv * kF32 + 2 * N * Hv * a;             // dbeta_, dg_; db_, da_
     if (cp) {

@@ -101,7 +101,10 @@ void DecoderLayer::set_recompute(const RecomputeOptions& options) {
   recompute_norm_ = options.recomputes_module("layernorm");
   const bool core = options.recomputes_module("core_attn");
   if (attention_) attention_->set_recompute_core(core);
-  if (deltanet_) deltanet_->set_recompute_core(core);
+  if (deltanet_) {
+    deltanet_->set_recompute_core(core);
+    deltanet_->set_recompute_states(options.recomputes_module("delta_rule_states"));
+  }
   if (moe_) moe_->set_recompute(options.recomputes_module("moe_act"), options.recomputes_module("shared_experts"));
 }
 

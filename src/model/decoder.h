@@ -78,6 +78,7 @@ class DecoderLayer {
   //                   recomputes them before the branches read them
   //   core_attn       the mixer's core (attention's softmax(q k^T) v, or the delta rule with its q/k L2 norms)
   //   moe_act, shared_experts   inside the MoE block (SparseMoe::set_recompute)
+  //   delta_rule_states         the delta rule's intermediates (GatedDeltaNet::set_recompute_states)
   void set_recompute(const RecomputeOptions& options);
   // The sparse MoE block of this layer, nullptr where the MLP is dense.
   SparseMoe* moe() { return moe_.get(); }

@@ -169,8 +169,11 @@ void GatedDeltaNet::forward(Saved& s, const Tensor& x, Tensor& y, int64_t B, int
     Tensor io = as_items(o, Bi, L), iq = as_items(qn, Bi, L), ik = as_items(kn, Bi, L), iv = as_items(v, Bi, L),
            ig = as_items(g, Bi, L), ibeta = as_items(beta, Bi, L);
     Tensor& fin = ops_.f32(cp_final_, {Bi, Hv, dk, dv});
+    // The run whose output stands keeps the intermediates (the backward runs from the same incoming states).
+    Tensor* save = recompute_core_ ? nullptr : delta_rule_save(s.gdr_saved, iq, iv);
     GdrStates local;
     local.final_state = &fin;
+    if (cp_->holds_only_first_chunk()) local.save = save;
     ops_.gated_delta_rule_forward(io, iq, ik, iv, ig, ibeta, scale, local);
     Tensor& m = ops_.f32(cp_m_, {Bi, Hv, dk, dk});
     ops_.gated_delta_rule_transition(m, ik, ig, ibeta);
@@ -184,12 +187,21 @@ void GatedDeltaNet::forward(Saved& s, const Tensor& x, Tensor& y, int64_t B, int
     if (!cp_->holds_only_first_chunk()) {
       GdrStates from;
       from.initial = &state_in;
+      from.save = save;
       ops_.gated_delta_rule_forward(io, iq, ik, iv, ig, ibeta, scale, from);
     }
   } else {
-    ops_.gated_delta_rule_forward(o, qn, kn, v, g, beta, scale, {});
+    GdrStates whole;
+    whole.save = recompute_core_ ? nullptr : delta_rule_save(s.gdr_saved, qn, v);
+    ops_.gated_delta_rule_forward(o, qn, kn, v, g, beta, scale, whole);
   }
   finish(s, o, y);
+}
+
+Tensor* GatedDeltaNet::delta_rule_save(Tensor& t, const Tensor& q, const Tensor& v) const {
+  if (recompute_states_) return nullptr;
+  return &ops_.f32(
+      t, {gated_delta_rule_saved_elements(ops_.device(), q.dim(0), q.dim(1), q.dim(2), v.dim(2), q.dim(3), v.dim(3))});
 }
 
 void GatedDeltaNet::forward_cached(LayerCache& cache, const Tensor& x, Tensor& y, int64_t B, int64_t S) {
@@ -243,10 +255,13 @@ void GatedDeltaNet::backward(const Saved& s, const Tensor& dy, Tensor& dx) {
     const int64_t G = cp_active() ? cp_->segments() : 1;
     if (cp_active()) from.initial = &s.state_in;
     Tensor io = as_items(ops_.act(rc_o_, {B, S, Hv, dv}), B * G, S / G);
-    ops_.gated_delta_rule_forward(io, as_items(rc_qn_, B * G, S / G), as_items(rc_kn_, B * G, S / G),
-                                  as_items(s.v, B * G, S / G), as_items(s.g, B * G, S / G),
+    const Tensor iq = as_items(rc_qn_, B * G, S / G), iv = as_items(s.v, B * G, S / G);
+    from.save = delta_rule_save(rc_saved_, iq, iv);
+    ops_.gated_delta_rule_forward(io, iq, as_items(rc_kn_, B * G, S / G), iv, as_items(s.g, B * G, S / G),
                                   as_items(s.beta, B * G, S / G), 1.0 / std::sqrt(double(dk)), from);
   }
+  // The intermediates the delta rule's forward kept (the record's, or the rerun core's), if any.
+  const Tensor* saved = recompute_states_ ? nullptr : recompute_core_ ? &rc_saved_ : &s.gdr_saved;
   const Tensor& qn = recompute_core_ ? rc_qn_ : s.qn;
   const Tensor& kn = recompute_core_ ? rc_kn_ : s.kn;
   const Tensor& o = recompute_core_ ? rc_o_ : s.o;
@@ -280,6 +295,7 @@ void GatedDeltaNet::backward(const Saved& s, const Tensor& dy, Tensor& dx) {
     GdrStates first;
     first.initial = &s.state_in;
     first.d_initial = &din;
+    first.saved = saved;
     if (last) {
       ops_.gated_delta_rule_backward(idq, idk, idv, idg, idbeta, ido, iq, ik, iv, ig, ibeta, scale, first);
     } else {
@@ -296,9 +312,11 @@ void GatedDeltaNet::backward(const Saved& s, const Tensor& dy, Tensor& dx) {
       ops_.upload(dfin, fg.data(), fg.size() * sizeof(float));
       states.initial = &s.state_in;
       states.d_final = &dfin;
+      states.saved = saved;
       ops_.gated_delta_rule_backward(idq, idk, idv, idg, idbeta, ido, iq, ik, iv, ig, ibeta, scale, states);
     }
   } else {
+    states.saved = saved;
     ops_.gated_delta_rule_backward(dqn, dkn, dvals, dg, dbeta, d_o, qn, kn, s.v, s.g, s.beta, scale, states);
   }
   Tensor& db = ops_.act_zeroed(db_, {N, Hv});

@@ -28,6 +28,8 @@ class GatedDeltaNet {
     Tensor beta, g;    // (B, S, Hv) fp32 gates
     Tensor o, o_rstd;  // (B, S, Hv, dv) the delta rule's output, (B S Hv) its gated-norm rstd
     Tensor on;         // (B S, Hv dv) after the gated norm
+    Tensor gdr_saved;  // (gated_delta_rule_saved_elements) f32 the delta rule's intermediates for its backward
+                       // (undefined when recomputed: the core or the delta rule's states)
     // Under context parallelism (S is then this rank's Sl tokens: G segments of L = Sl / G, items b G + i):
     Tensor mixed_ext;               // (B G, L + KC - 1, CD) each segment's conv input behind the previous chunk's
                                     // last KC-1 rows
@@ -44,6 +46,7 @@ class GatedDeltaNet {
     Tensor conv_ext, dconv_ext, dmixed_ext, cp_final, cp_m, cp_din, cp_dfin;
     Tensor cp_dqn, cp_dkn, cp_dv, cp_dg, cp_dbeta, host_f32;
     Tensor rc_qn, rc_kn, rc_o;  // (B, S, Hk, dk) x 2, (B, S, Hv, dv) when the core is recomputed
+    Tensor rc_saved;            // (gated_delta_rule_saved_elements) f32: the rerun core's intermediates
     // Backward; dqkv (B S CD) the gradient of the conv's split output (dq | dk | dv, laid out as Saved::qkv), dconv
     // (B, S, CD) its plain rows under context parallelism.
     Tensor don, d_o, dz, dqn, dkn, dqkv, dbeta, dg, db, da, dconv, dmixed;
@@ -65,6 +68,11 @@ class GatedDeltaNet {
   // kernel with use_qk_l2norm_in_kernel): qn, kn and its output are not kept per record (this module's scratch
   // holds the last forward's); backward reruns them on the kept q, k, v and gates.
   void set_recompute_core(bool on) { recompute_core_ = on; }
+  // Selective recomputation of the delta rule's intermediates (its chunk states, W, U, new values: about 5 (B, S,
+  // Hv, dv) tensors on CUDA, 2 (B, S, Hv, dv) f32 tensors' worth of chunk states on the CPU at dk = 128): not kept
+  // in the record (Saved::gdr_saved), its backward recomputes them as fla's does. Off by default: the forward keeps
+  // them and the backward skips a third of its work (prepare and the sequential state pass on CUDA).
+  void set_recompute_states(bool on) { recompute_states_ = on; }
   // Context parallelism (comm/context_parallel.h; not owned, nullptr or CP 1: the whole sequence is here): x holds
   // this rank's chunks of every sequence (one, or the zigzag's two), each run as its own item; every chunk's causal
   // conv gets its left context from the previous chunk and its delta rule the incoming state from the earlier ones,
@@ -88,6 +96,10 @@ class GatedDeltaNet {
   void norms_and_gates(Saved& s, Tensor& qn, Tensor& kn);
   void finish(Saved& s, const Tensor& o, Tensor& y);
   bool recompute_core_ = false;
+  bool recompute_states_ = false;
+  // The record's (or, for the rerun core, the scratch's) tensor for the delta rule's intermediates, sized for q
+  // (B, S, Hk, dk) and v (B, S, Hv, dv); nullptr when they are recomputed.
+  Tensor* delta_rule_save(Tensor& t, const Tensor& q, const Tensor& v) const;
   const ContextParallel* cp_ = nullptr;
   bool cp_active() const { return cp_ != nullptr && cp_->active(); }
   std::shared_ptr<Scratch> sc_;
@@ -95,9 +107,10 @@ class GatedDeltaNet {
          &cp_final_ = sc_->cp_final, &cp_m_ = sc_->cp_m, &cp_din_ = sc_->cp_din, &cp_dfin_ = sc_->cp_dfin,
          &cp_dqn_ = sc_->cp_dqn, &cp_dkn_ = sc_->cp_dkn, &cp_dv_ = sc_->cp_dv, &cp_dg_ = sc_->cp_dg,
          &cp_dbeta_ = sc_->cp_dbeta, &host_f32_ = sc_->host_f32, &rc_qn_ = sc_->rc_qn, &rc_kn_ = sc_->rc_kn,
-         &rc_o_ = sc_->rc_o, &don_ = sc_->don, &do_ = sc_->d_o, &dz_ = sc_->dz, &dqn_ = sc_->dqn, &dkn_ = sc_->dkn,
-         &dqkv_ = sc_->dqkv, &dbeta_ = sc_->dbeta, &dg_ = sc_->dg, &db_ = sc_->db, &da_ = sc_->da, &dconv_ = sc_->dconv,
-         &dmixed_ = sc_->dmixed, &cached_ext_ = sc_->cached_ext, &cached_final_ = sc_->cached_final;
+         &rc_o_ = sc_->rc_o, &rc_saved_ = sc_->rc_saved, &don_ = sc_->don, &do_ = sc_->d_o, &dz_ = sc_->dz,
+         &dqn_ = sc_->dqn, &dkn_ = sc_->dkn, &dqkv_ = sc_->dqkv, &dbeta_ = sc_->dbeta, &dg_ = sc_->dg, &db_ = sc_->db,
+         &da_ = sc_->da, &dconv_ = sc_->dconv, &dmixed_ = sc_->dmixed, &cached_ext_ = sc_->cached_ext,
+         &cached_final_ = sc_->cached_final;
   Saved& cached_ = sc_->cached;
 };
 

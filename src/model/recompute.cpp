@@ -7,7 +7,8 @@
 namespace nextron {
 
 const std::vector<std::string>& recomputable_modules() {
-  static const std::vector<std::string> names = {"core_attn", "layernorm", "mlp", "moe", "moe_act", "shared_experts"};
+  static const std::vector<std::string> names = {"core_attn",      "layernorm",        "mlp", "moe", "moe_act",
+                                                 "shared_experts", "delta_rule_states"};
   return names;
 }
 

@@ -12,6 +12,10 @@
 //             moe             the whole sparse MoE block: router, experts, shared expert
 //             moe_act         the routed experts' SwiGLU output (N K, I), recomputed from the kept [gate | up]
 //             shared_experts  the shared expert (its projections, activation and output)
+//             delta_rule_states  the gated delta rule's intermediates (its chunk states, and on CUDA also the chunks'
+//                             W, U, new values: about 5 (B, S, Hv, dv) tensors per DeltaNet layer), which the forward
+//                             otherwise keeps so that the backward need not rerun prepare and the state pass (under
+//                             core_attn the rerun core keeps them in the layer's scratch instead, unless this is set)
 //
 // A rerun forward is the same computation on the same input, so the numbers equal the run without recomputation
 // (bit for bit on the CPU backend); its router statistics go to a scratch record (the load-balancing loss counts

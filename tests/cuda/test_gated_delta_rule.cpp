@@ -33,6 +33,7 @@
 #include "kernels/cpu/gated_delta_rule.h"
 #include "kernels/cuda/delta_state.h"
 #include "kernels/cuda/gated_delta_rule.h"
+#include "kernels/ops.h"
 
 namespace nextron::test {
 
@@ -118,7 +119,12 @@ Outputs run_cpu(const GdrCase& c, const Inputs& in, float scale, const Outputs& 
   return out;
 }
 
-Outputs run_gpu(const GdrCase& c, const Inputs& in, float scale, const Outputs& prefill) {
+// The forward keeps its intermediates (`save`) and the backward reads them (`saved`), as the model's training runs
+// by default. With `recomputed`, a second backward from the same prefill without them (recomputing them, as with
+// --recompute-modules delta_rule_states) is stored there: the same kernels compute the intermediates both ways, so
+// its gradients must be the same bits.
+Outputs run_gpu(const GdrCase& c, const Inputs& in, float scale, const Outputs& prefill,
+                Outputs* recomputed = nullptr) {
   const cpu::GdrShape s = shape_of(c);
   const size_t ns = size_t(c.B * c.Hv * c.dk * c.dv);
   auto init = [](const std::vector<float>& pre, size_t n) { return pre.empty() ? std::vector<float>(n, 0.0f) : pre; };
@@ -129,18 +135,36 @@ Outputs run_gpu(const GdrCase& c, const Inputs& in, float scale, const Outputs& 
   DeviceBf16 dq(init(prefill.dq, in.q.size())), dk(init(prefill.dk, in.k.size())), dv(init(prefill.dv, in.v.size()));
   DeviceArray<float> dg(init(prefill.dg, in.g.size())), dbeta(init(prefill.dbeta, in.beta.size()));
   DeviceArray<float> dh0(init(prefill.dh0, ns));
-  // The workspace starts as all-ones bytes (NaN as fp32 and bf16): a kernel that reads workspace nobody wrote
-  // poisons its results.
-  const size_t ws_bytes = cuda::gated_delta_rule_workspace_bytes(s);
-  DeviceArray<uint8_t> ws(ws_bytes);
+  // The workspace and the saved intermediates start as all-ones bytes (NaN as fp32 and bf16): a kernel that reads
+  // workspace nobody wrote poisons its results. The kept path's workspace is the smaller one
+  // (caller_keeps_intermediates); the recomputing backward gets the full size.
+  DeviceArray<uint8_t> ws(cuda::gated_delta_rule_workspace_bytes(s, /*caller_keeps_intermediates=*/true));
+  DeviceArray<uint8_t> saved(cuda::gated_delta_rule_saved_bytes(s));
   NEXTRON_CUDA_CHECK(cudaMemset(ws.get(), 0xff, ws.bytes()));
+  NEXTRON_CUDA_CHECK(cudaMemset(saved.get(), 0xff, saved.bytes()));
   const float* h0p = c.initial_state ? h0.get() : nullptr;
   cuda::gated_delta_rule_forward(o.get(), ht.get(), q.get(), k.get(), v.get(), g.get(), beta.get(), h0p, s, scale,
-                                 ws.get(), nullptr);
+                                 saved.get(), ws.get(), nullptr);
   NEXTRON_CUDA_CHECK(cudaMemset(ws.get(), 0xff, ws.bytes()));
   cuda::gated_delta_rule_backward(dq.get(), dk.get(), dv.get(), dg.get(), dbeta.get(), dh0.get(), d_o.get(),
                                   c.d_final_state ? dht.get() : nullptr, q.get(), k.get(), v.get(), g.get(), beta.get(),
-                                  h0p, s, scale, ws.get(), nullptr);
+                                  h0p, s, scale, saved.get(), ws.get(), nullptr);
+  if (recomputed) {
+    DeviceArray<uint8_t> full(cuda::gated_delta_rule_workspace_bytes(s));
+    NEXTRON_CUDA_CHECK(cudaMemset(full.get(), 0xff, full.bytes()));
+    DeviceBf16 rq(init(prefill.dq, in.q.size())), rk(init(prefill.dk, in.k.size())), rv(init(prefill.dv, in.v.size()));
+    DeviceArray<float> rg(init(prefill.dg, in.g.size())), rbeta(init(prefill.dbeta, in.beta.size())),
+        rh0(init(prefill.dh0, ns));
+    cuda::gated_delta_rule_backward(rq.get(), rk.get(), rv.get(), rg.get(), rbeta.get(), rh0.get(), d_o.get(),
+                                    c.d_final_state ? dht.get() : nullptr, q.get(), k.get(), v.get(), g.get(),
+                                    beta.get(), h0p, s, scale, nullptr, full.get(), nullptr);
+    recomputed->dq = rq.download();
+    recomputed->dk = rk.download();
+    recomputed->dv = rv.download();
+    recomputed->dg = rg.download();
+    recomputed->dbeta = rbeta.download();
+    recomputed->dh0 = rh0.download();
+  }
   Outputs out;
   out.o = o.download();
   out.ht = ht.download();
@@ -191,9 +215,17 @@ void check_case(const GdrCase& c, uint64_t seed) {
   const Inputs in = make_inputs(c, seed);
   const float scale = 1.0f / std::sqrt(float(c.dk));
   const Outputs want = run_cpu(c, in, scale, {});
-  const Outputs got = run_gpu(c, in, scale, {});
+  Outputs recomputed;
+  const Outputs got = run_gpu(c, in, scale, {}, &recomputed);
   expect_close(got, want);
   print_worst(describe(c), got, want);
+  // Kept or recomputed intermediates: the same bits.
+  EXPECT_EQ(recomputed.dq, got.dq);
+  EXPECT_EQ(recomputed.dk, got.dk);
+  EXPECT_EQ(recomputed.dv, got.dv);
+  EXPECT_EQ(recomputed.dg, got.dg);
+  EXPECT_EQ(recomputed.dbeta, got.dbeta);
+  EXPECT_EQ(recomputed.dh0, got.dh0);
 }
 
 }  // namespace
@@ -366,7 +398,8 @@ TEST(GatedDeltaRuleCuda, Deterministic) {
 // head); 16.72 / 46.52 with dqk looping over the tiles of dk (dO, Vn, dVn read once per head, one dG partial).
 // Distinct bytes: 14.20 / 44.02 at 24.27 / 67.14, unchanged by the state tiles and the per-key-head kernels (they
 // remove re-reads only); 14.20 / 42.02 with dVl in bf16; 14.20 / 40.02 with dKp per key head; 14.20 / 39.98 with
-// one dG partial per head.
+// one dG partial per head. With the forward's intermediates kept (GdrStates::saved, the model's default), the
+// backward runs no prepare and no state forward: 34.88 block loads, 30.85 distinct.
 TEST(GatedDeltaRuleCuda, HbmTrafficAccount) {
   const cpu::GdrShape s{2, 4096, 16, 32, 128, 128};
   const double unit = 2.0 * double(s.B * s.S * s.Hv * s.dv);
@@ -392,13 +425,22 @@ TEST(GatedDeltaRuleCuda, HbmTrafficAccount) {
   };
   const Totals fwd_t = print("forward", cuda::gated_delta_rule_forward_hbm_account(s));
   const Totals bwd_t = print("backward", cuda::gated_delta_rule_backward_hbm_account(s));
+  const Totals kept_t = print("backward (kept)", cuda::gated_delta_rule_backward_hbm_account(s, /*saved=*/true));
   const double fwd = fwd_t.blocks, bwd = bwd_t.blocks;
   EXPECT_DOUBLE_EQ(fwd, double(cuda::gated_delta_rule_forward_hbm_bytes(s)) / unit);
   EXPECT_DOUBLE_EQ(bwd, double(cuda::gated_delta_rule_backward_hbm_bytes(s)) / unit);
+  EXPECT_DOUBLE_EQ(kept_t.blocks, double(cuda::gated_delta_rule_backward_hbm_bytes(s, true)) / unit);
   EXPECT_LE(fwd, 16.72);
   EXPECT_LE(bwd, 46.52);
   EXPECT_LE(fwd_t.distinct, 14.21);
   EXPECT_LE(bwd_t.distinct, 39.99);
+  // The "<= 40 tensor-sizes" for the backward, in both measures, as the model runs it.
+  EXPECT_LE(kept_t.blocks, 34.89);
+  EXPECT_LE(kept_t.distinct, 30.86);
+  // Keeping them costs memory, not traffic: the forward writes them to HBM either way (for its own output kernel).
+  const double saved_units = double(cuda::gated_delta_rule_saved_bytes(s)) / unit;
+  std::printf("[gdr hbm] kept intermediates: %.3f units of memory per layer\n", saved_units);
+  EXPECT_NEAR(saved_units, 5.0, 0.02);
   // An independent floor: each tensor of the op's contract moved once (inputs read, outputs written, accumulated
   // gradients read and written; the account assumes every optional state is given). An account below it has
   // left a kernel's traffic out.
@@ -414,6 +456,21 @@ TEST(GatedDeltaRuleCuda, HbmTrafficAccount) {
   std::fflush(stdout);
 }
 
+// The model sizes the kept intermediates with kernels/ops.h's closed form (it runs without the CUDA build too, in
+// activation_memory's formula): it must be the kernels' carve, padded head dims included. Host-only.
+TEST(GatedDeltaRuleCuda, SavedBytesMatchTheOpsFormula) {
+  for (const cpu::GdrShape& s : std::vector<cpu::GdrShape>{{2, 4096, 16, 32, 128, 128},
+                                                           {1, 130, 1, 2, 8, 8},
+                                                           {3, 65, 2, 4, 24, 40},
+                                                           {1, 1, 1, 1, 256, 256},
+                                                           {2, 64, 1, 3, 100, 37}}) {
+    SCOPED_TRACE(std::to_string(s.S) + " " + std::to_string(s.dk) + " " + std::to_string(s.dv));
+    EXPECT_EQ(cuda::gated_delta_rule_saved_bytes(s),
+              4 * size_t(gated_delta_rule_saved_elements(Device::cuda, s.B, s.S, s.Hk, s.Hv, s.dk, s.dv)));
+    EXPECT_LT(cuda::gated_delta_rule_workspace_bytes(s, true), cuda::gated_delta_rule_workspace_bytes(s));
+  }
+}
+
 TEST(GatedDeltaRuleCuda, EmptySequenceAndBadShapes) {
   NEXTRON_REQUIRE_GPU();
   // S = 0: final_state = initial_state, d_initial_state += d_final_state.
@@ -423,10 +480,11 @@ TEST(GatedDeltaRuleCuda, EmptySequenceAndBadShapes) {
   DeviceArray<float> h0_d(h0), dht_d(dht), ht_d(ns), dh0_d(pre);
   DeviceArray<uint8_t> ws(cuda::gated_delta_rule_workspace_bytes(s));
   cuda::gated_delta_rule_forward(nullptr, ht_d.get(), nullptr, nullptr, nullptr, nullptr, nullptr, h0_d.get(), s, 0.25f,
-                                 ws.get(), nullptr);
+                                 nullptr, ws.get(), nullptr);
   EXPECT_EQ(ht_d.download(), h0);
   cuda::gated_delta_rule_backward(nullptr, nullptr, nullptr, nullptr, nullptr, dh0_d.get(), nullptr, dht_d.get(),
-                                  nullptr, nullptr, nullptr, nullptr, nullptr, h0_d.get(), s, 0.25f, ws.get(), nullptr);
+                                  nullptr, nullptr, nullptr, nullptr, nullptr, h0_d.get(), s, 0.25f, nullptr, ws.get(),
+                                  nullptr);
   std::vector<float> want(ns);
   for (size_t i = 0; i < ns; ++i) want[i] = pre[i] + dht[i];
   EXPECT_EQ(dh0_d.download(), want);
@@ -437,11 +495,11 @@ TEST(GatedDeltaRuleCuda, EmptySequenceAndBadShapes) {
   DeviceArray<float> h0p_d(h0p), dhtp_d(dhtp), htp_d(nsp), dh0p_d(prep);
   DeviceArray<uint8_t> wsp(cuda::gated_delta_rule_workspace_bytes(sp));
   cuda::gated_delta_rule_forward(nullptr, htp_d.get(), nullptr, nullptr, nullptr, nullptr, nullptr, h0p_d.get(), sp,
-                                 0.25f, wsp.get(), nullptr);
+                                 0.25f, nullptr, wsp.get(), nullptr);
   EXPECT_EQ(htp_d.download(), h0p);
   cuda::gated_delta_rule_backward(nullptr, nullptr, nullptr, nullptr, nullptr, dh0p_d.get(), nullptr, dhtp_d.get(),
-                                  nullptr, nullptr, nullptr, nullptr, nullptr, h0p_d.get(), sp, 0.25f, wsp.get(),
-                                  nullptr);
+                                  nullptr, nullptr, nullptr, nullptr, nullptr, h0p_d.get(), sp, 0.25f, nullptr,
+                                  wsp.get(), nullptr);
   std::vector<float> wantp(nsp);
   for (size_t i = 0; i < nsp; ++i) wantp[i] = prep[i] + dhtp[i];
   EXPECT_EQ(dh0p_d.download(), wantp);

@@ -1,9 +1,12 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <vector>
 
+#include "core/error.h"
 #include "gradcheck.h"
 #include "kernels/cpu/gated_delta_rule.h"
+#include "kernels/cpu_ops.h"
 
 namespace nextron::test {
 namespace {
@@ -246,6 +249,87 @@ TEST(GatedDeltaRule, ChunkedMatchesRecurrentFloat) {
     expect_all_close(run<float>(in, d_o, d_f, c.chunk), ref, kFloatTol, "float chunked " + what);
     expect_all_close(run<float>(in, d_o, d_f, 0), ref, kFloatTol, "float recurrent " + what);
   }
+}
+
+// The forward's chunk states (kept for the backward, the model's default) are exactly what the backward's own
+// forward sweep recomputes: the same gradients bit for bit, for full and partial chunks, with and without an initial
+// state; and the kept states are the recurrence's state before each chunk's first token.
+TEST(GatedDeltaRule, KeptChunkStatesGiveTheRecomputedBackwardsBits) {
+  struct Case {
+    int64_t S, chunk;
+    bool init;
+  };
+  for (const Case c : {Case{1, 64, true}, Case{64, 64, false}, Case{200, 64, true}, Case{13, 4, true}}) {
+    SCOPED_TRACE("S=" + std::to_string(c.S) + " chunk=" + std::to_string(c.chunk));
+    const GdrShape s{2, c.S, 2, 4, 16, 12};
+    const GdrInputs in = make_inputs(s, 4000 + c.S);
+    const auto q = cast<float>(in.q), k = cast<float>(in.k), v = cast<float>(in.v), g = cast<float>(in.g),
+               beta = cast<float>(in.beta), init = cast<float>(in.init), d_o = cast<float>(randn(in.v.size(), 5000));
+    const float* h0 = c.init ? init.data() : nullptr;
+    const float sc = static_cast<float>(scale_of(s));
+    const int64_t n = cpu::gated_delta_rule_chunk_states_elements(s, c.chunk);
+    std::vector<float> o(v.size()), states(static_cast<size_t>(n), NAN);
+    cpu::gated_delta_rule_chunked_forward<float>(o.data(), nullptr, q.data(), k.data(), v.data(), g.data(), beta.data(),
+                                                 h0, s, sc, c.chunk, states.data());
+    auto backward = [&](const float* kept) {
+      std::vector<float> dq(q.size()), dk(k.size()), dv(v.size()), dg(g.size()), dbeta(beta.size()), dinit(init.size());
+      cpu::gated_delta_rule_chunked_backward<float>(dq.data(), dk.data(), dv.data(), dg.data(), dbeta.data(),
+                                                    dinit.data(), d_o.data(), nullptr, q.data(), k.data(), v.data(),
+                                                    g.data(), beta.data(), h0, s, sc, c.chunk, kept);
+      return std::vector<std::vector<float>>{dq, dk, dv, dg, dbeta, dinit};
+    };
+    EXPECT_EQ(backward(states.data()), backward(nullptr));
+    // The state entering chunk c of (b, value head) 1 is the recurrence's final state after c * chunk tokens.
+    const int64_t C = std::min(c.chunk, c.S), chunks = (c.S + C - 1) / C, dkv = s.dk * s.dv;
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      const GdrShape prefix{s.B, ch * C, s.Hk, s.Hv, s.dk, s.dv};
+      std::vector<double> op(static_cast<size_t>(prefix.B * prefix.S * s.Hv * s.dv)), fin(in.init.size());
+      std::vector<double> qp, kp, vp, gp, bp;  // the first ch * C tokens of every sequence
+      for (int64_t b = 0; b < s.B; ++b) {
+        auto take = [&](const std::vector<double>& x, int64_t width, std::vector<double>& out) {
+          out.insert(out.end(), x.begin() + b * s.S * width, x.begin() + (b * s.S + prefix.S) * width);
+        };
+        take(in.q, s.Hk * s.dk, qp);
+        take(in.k, s.Hk * s.dk, kp);
+        take(in.v, s.Hv * s.dv, vp);
+        take(in.g, s.Hv, gp);
+        take(in.beta, s.Hv, bp);
+      }
+      cpu::gated_delta_rule_recurrent_forward<double>(op.data(), fin.data(), qp.data(), kp.data(), vp.data(), gp.data(),
+                                                      bp.data(), c.init ? in.init.data() : nullptr, prefix,
+                                                      scale_of(s));
+      for (int64_t e = 0; e < dkv; ++e)
+        ASSERT_NEAR(states[static_cast<size_t>((1 * chunks + ch) * dkv + e)], fin[static_cast<size_t>(dkv + e)], 1e-5)
+            << "chunk " << ch << " element " << e;
+    }
+  }
+}
+
+// Through Ops: the kept intermediates must have the size gated_delta_rule_saved_elements gives; another size is an
+// error that names the fix, for the forward and the backward.
+TEST(GatedDeltaRule, OpsRefuseKeptIntermediatesOfTheWrongSize) {
+  CpuOps ops;
+  const int64_t B = 1, S = 70, Hk = 1, Hv = 2, dk = 8, dv = 8;
+  Tensor q = Tensor::zeros({B, S, Hk, dk}), k = Tensor::zeros({B, S, Hk, dk}), v = Tensor::zeros({B, S, Hv, dv}),
+         g = Tensor::zeros({B, S, Hv}), beta = Tensor::zeros({B, S, Hv}), o = Tensor::zeros({B, S, Hv, dv});
+  const int64_t n = gated_delta_rule_saved_elements(Device::cpu, B, S, Hk, Hv, dk, dv);
+  EXPECT_EQ(n, B * Hv * 2 * dk * dv);  // two chunks of 64
+  Tensor right = Tensor::zeros({n}), wrong = Tensor::zeros({n - 1});
+  GdrStates save;
+  save.save = &right;
+  EXPECT_NO_THROW(ops.gated_delta_rule_forward(o, q, k, v, g, beta, 0.5, save));
+  save.save = &wrong;
+  try {
+    ops.gated_delta_rule_forward(o, q, k, v, g, beta, 0.5, save);
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("gated_delta_rule_saved_elements"), std::string::npos) << e.what();
+  }
+  GdrStates saved;
+  saved.saved = &wrong;
+  Tensor dq = Tensor::zeros(q.shape()), dk_ = Tensor::zeros(k.shape()), dv_ = Tensor::zeros(v.shape()),
+         dg = Tensor::zeros(g.shape()), db = Tensor::zeros(beta.shape());
+  EXPECT_THROW(ops.gated_delta_rule_backward(dq, dk_, dv_, dg, db, o, q, k, v, g, beta, 0.5, saved), Error);
 }
 
 // Strong decays (g down to -30, exp(G) underflowing inside a chunk) stay finite and accurate in float.

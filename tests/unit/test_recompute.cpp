@@ -72,8 +72,10 @@ TEST_P(Recompute, EveryMethodEqualsTheRunWithoutIt) {
       {"selective", "", 0, {"core_attn"}},
       {"selective", "", 0, {"moe_act"}},
       {"selective", "", 0, {"shared_experts"}},
+      {"selective", "", 0, {"delta_rule_states"}},  // the backward recomputes what the default run's forward kept
+      {"selective", "", 0, {"core_attn", "delta_rule_states"}},
       {"selective", "", 0, {"core_attn", "moe_act", "shared_experts", "layernorm"}},
-      {"selective", "", 0, {"core_attn", "layernorm", "mlp", "moe", "moe_act", "shared_experts"}}};
+      {"selective", "", 0, {"core_attn", "layernorm", "mlp", "moe", "moe_act", "shared_experts", "delta_rule_states"}}};
   for (const RecomputeOptions& o : cases) {
     std::string name = o.granularity + " " + o.method + " " + std::to_string(o.num_layers);
     for (const auto& m : o.modules) name += " " + m;

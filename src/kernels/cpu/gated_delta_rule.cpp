@@ -14,8 +14,9 @@
 // (I + M) Vn = diag(beta) V - diag(beta exp(G)) K S, i.e. Vn = U - W S; o_i and S' are the same sums with the
 // diagonal term included (the state after token i's update).
 //
-// Chunked backward. A forward sweep stores the state entering every chunk (nchunks x dk x dv per head); a reverse
-// sweep recomputes each chunk's intermediates and propagates dS (the gradient of the state leaving the chunk):
+// Chunked backward. The state entering every chunk (nchunks x dk x dv per head) comes from the forward (chunk_states)
+// or from a forward sweep; a reverse sweep recomputes each chunk's intermediates and propagates dS (the gradient of the
+// state leaving the chunk):
 //   dVn = Kd dS' + P^T dO,  dS = exp(G_L) dS' + Qe^T dO - W^T dVn   (Kd = K .* exp(G_L - G), Qe = Qs .* exp(G),
 //                                                                     P = (Qs K^T) .* Gam)
 //   dU = dVn, dW = -dVn S^T;  dVb = T^T dU, dKb = T^T dW             (Vb = diag(beta) V, Kb = diag(beta e^G) K)
@@ -518,11 +519,12 @@ void chunk_backward(ChunkWork<T>& w, T* dS, T* dq, T* dk, T* dv, T* dg, T* dbeta
 
 template <typename T>
 void gated_delta_rule_chunked_forward(T* o, T* final_state, const T* q, const T* k, const T* v, const T* g,
-                                      const T* beta, const T* initial_state, const GdrShape& s, T scale,
-                                      int64_t chunk) {
+                                      const T* beta, const T* initial_state, const GdrShape& s, T scale, int64_t chunk,
+                                      T* chunk_states) {
   check_shape(s, "gated_delta_rule_chunked_forward");
   NEXTRON_CHECK(chunk > 0, "gated_delta_rule_chunked_forward: chunk size must be positive, got ", chunk);
   const int64_t dk = s.dk, dv = s.dv, BH = s.B * s.Hv, C = std::min(chunk, std::max<int64_t>(s.S, 1));
+  const int64_t nchunks = (s.S + C - 1) / C;
 #pragma omp parallel
   {
     ChunkWork<T> w(C, dk, dv, false);
@@ -533,6 +535,7 @@ void gated_delta_rule_chunked_forward(T* o, T* final_state, const T* q, const T*
       load_state(St.data(), initial_state ? initial_state + h.state_off : nullptr, dk * dv);
       for (int64_t t0 = 0; t0 < s.S; t0 += C) {
         const int64_t L = std::min(C, s.S - t0);
+        if (chunk_states) std::copy(St.begin(), St.end(), chunk_states + (bh * nchunks + t0 / C) * dk * dv);
         chunk_prepare(w, h, t0, L);
         chunk_prepare_output(w, h, t0, L, scale);
         chunk_new_values(w, St.data(), L);
@@ -549,8 +552,8 @@ void gated_delta_rule_chunked_forward(T* o, T* final_state, const T* q, const T*
 template <typename T>
 void gated_delta_rule_chunked_backward(T* dq, T* dk, T* dv, T* dg, T* dbeta, T* d_initial_state, const T* d_o,
                                        const T* d_final_state, const T* q, const T* k, const T* v, const T* g,
-                                       const T* beta, const T* initial_state, const GdrShape& s, T scale,
-                                       int64_t chunk) {
+                                       const T* beta, const T* initial_state, const GdrShape& s, T scale, int64_t chunk,
+                                       const T* chunk_states) {
   check_shape(s, "gated_delta_rule_chunked_backward");
   NEXTRON_CHECK(chunk > 0, "gated_delta_rule_chunked_backward: chunk size must be positive, got ", chunk);
   const int64_t Dk = s.dk, Dv = s.dv, n = Dk * Dv, r = s.Hv / s.Hk, BHk = s.B * s.Hk;
@@ -558,26 +561,30 @@ void gated_delta_rule_chunked_backward(T* dq, T* dk, T* dv, T* dg, T* dbeta, T* 
 #pragma omp parallel
   {
     ChunkWork<T> w(C, Dk, Dv, true);
-    std::vector<T> states(nchunks * n), St(n), dS(n);
+    std::vector<T> states(chunk_states ? 0 : nchunks * n), St(n), dS(n);
 #pragma omp for schedule(static)
     for (int64_t bhk = 0; bhk < BHk; ++bhk) {
       const int64_t b = bhk / s.Hk, hk = bhk % s.Hk;
       for (int64_t rr = 0; rr < r; ++rr) {
-        const Head<T> h = make_head(q, k, v, g, beta, s, b, hk * r + rr);
-        // Forward sweep: the state entering every chunk.
-        load_state(St.data(), initial_state ? initial_state + h.state_off : nullptr, n);
-        for (int64_t c = 0; c < nchunks; ++c) {
-          std::copy(St.begin(), St.end(), states.begin() + c * n);
-          if (c + 1 == nchunks) break;
-          chunk_prepare(w, h, c * C, C);
-          chunk_new_values(w, St.data(), C);
-          chunk_advance_state(w, St.data(), C);
+        const int64_t hv = hk * r + rr;
+        const Head<T> h = make_head(q, k, v, g, beta, s, b, hv);
+        // The state entering every chunk: the forward's, or a forward sweep's.
+        const T* entering = chunk_states ? chunk_states + (b * s.Hv + hv) * nchunks * n : states.data();
+        if (!chunk_states) {
+          load_state(St.data(), initial_state ? initial_state + h.state_off : nullptr, n);
+          for (int64_t c = 0; c < nchunks; ++c) {
+            std::copy(St.begin(), St.end(), states.begin() + c * n);
+            if (c + 1 == nchunks) break;
+            chunk_prepare(w, h, c * C, C);
+            chunk_new_values(w, St.data(), C);
+            chunk_advance_state(w, St.data(), C);
+          }
         }
         // Reverse sweep.
         load_state(dS.data(), d_final_state ? d_final_state + h.state_off : nullptr, n);
         for (int64_t c = nchunks - 1; c >= 0; --c) {
           const int64_t t0 = c * C, L = std::min(C, s.S - t0);
-          chunk_backward(w, dS.data(), dq, dk, dv, dg, dbeta, d_o, states.data() + c * n, h, t0, L, scale);
+          chunk_backward(w, dS.data(), dq, dk, dv, dg, dbeta, d_o, entering + c * n, h, t0, L, scale);
         }
         if (d_initial_state)
           for (int64_t e = 0; e < n; ++e) d_initial_state[h.state_off + e] += dS[e];
@@ -586,16 +593,22 @@ void gated_delta_rule_chunked_backward(T* dq, T* dk, T* dv, T* dg, T* dbeta, T* 
   }
 }
 
+int64_t gated_delta_rule_chunk_states_elements(const GdrShape& s, int64_t chunk) {
+  NEXTRON_CHECK(chunk > 0, "gated_delta_rule_chunk_states_elements: chunk size must be positive, got ", chunk);
+  const int64_t C = std::min(chunk, std::max<int64_t>(s.S, 1));
+  return s.B * s.Hv * ((s.S + C - 1) / C) * s.dk * s.dv;
+}
+
 #define NEXTRON_GDR_INSTANTIATE(T)                                                                                     \
   template void gated_delta_rule_recurrent_forward<T>(T*, T*, const T*, const T*, const T*, const T*, const T*,        \
                                                       const T*, const GdrShape&, T);                                   \
   template void gated_delta_rule_recurrent_backward<T>(T*, T*, T*, T*, T*, T*, const T*, const T*, const T*, const T*, \
                                                        const T*, const T*, const T*, const T*, const GdrShape&, T);    \
   template void gated_delta_rule_chunked_forward<T>(T*, T*, const T*, const T*, const T*, const T*, const T*,          \
-                                                    const T*, const GdrShape&, T, int64_t);                            \
+                                                    const T*, const GdrShape&, T, int64_t, T*);                        \
   template void gated_delta_rule_chunked_backward<T>(T*, T*, T*, T*, T*, T*, const T*, const T*, const T*, const T*,   \
                                                      const T*, const T*, const T*, const T*, const GdrShape&, T,       \
-                                                     int64_t);
+                                                     int64_t, const T*);
 
 NEXTRON_GDR_INSTANTIATE(float)
 NEXTRON_GDR_INSTANTIATE(double)

@@ -11,8 +11,12 @@
 //
 // Forward overwrites o and final_state (final_state may be nullptr to skip it).
 // Backward accumulates (+=) into dq, dk, dv, dg, dbeta, d_initial_state (each may be nullptr to skip); d_o is
-// required, d_final_state == nullptr means a zero gradient for the final state. The backward recomputes everything
-// from the inputs (no saved activations).
+// required, d_final_state == nullptr means a zero gradient for the final state.
+//
+// chunk_states (B, Hv, NC, dk, dv), NC = ceil(S / chunk): the state entering every chunk. The chunked forward writes
+// it when given; the chunked backward reads it when given (it must come from the forward of the same inputs and
+// initial state) and otherwise recomputes it in a forward sweep. The sweep runs the forward's own chunk functions, so
+// both ways give the same bits.
 //
 // The chunked form is the production path and agrees with the recurrent one to rounding; the recurrent form is the
 // reference. Threads: the forwards run one OpenMP task per (b, value head); the backwards run one task per
@@ -41,12 +45,15 @@ void gated_delta_rule_recurrent_backward(T* dq, T* dk, T* dv, T* dg, T* dbeta, T
 template <typename T>
 void gated_delta_rule_chunked_forward(T* o, T* final_state, const T* q, const T* k, const T* v, const T* g,
                                       const T* beta, const T* initial_state, const GdrShape& s, T scale,
-                                      int64_t chunk = 64);
+                                      int64_t chunk = 64, T* chunk_states = nullptr);
 
 template <typename T>
 void gated_delta_rule_chunked_backward(T* dq, T* dk, T* dv, T* dg, T* dbeta, T* d_initial_state, const T* d_o,
                                        const T* d_final_state, const T* q, const T* k, const T* v, const T* g,
                                        const T* beta, const T* initial_state, const GdrShape& s, T scale,
-                                       int64_t chunk = 64);
+                                       int64_t chunk = 64, const T* chunk_states = nullptr);
+
+// Elements of chunk_states for a shape and chunk length.
+int64_t gated_delta_rule_chunk_states_elements(const GdrShape& s, int64_t chunk = 64);
 
 }  // namespace nextron::cpu

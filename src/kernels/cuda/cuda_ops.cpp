@@ -420,9 +420,12 @@ void CudaOps::gdn_gates_backward(Tensor& db, Tensor& da, const ParamRef& A_log, 
 void CudaOps::gated_delta_rule_forward(Tensor& o, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
                                        const Tensor& beta, double scale, const GdrStates& states) {
   const cuda::GdrShape s{q.dim(0), q.dim(1), q.dim(2), v.dim(2), q.dim(3), v.dim(3)};
-  Tensor& ws = scratch(gdr_workspace_, static_cast<int64_t>(cuda::gated_delta_rule_workspace_bytes(s)));
+  check_gdr_saved(states.save, Device::cuda, q, v, "gated_delta_rule_forward");
+  const bool keeps = states.save != nullptr;
+  Tensor& ws = scratch(gdr_workspace_, static_cast<int64_t>(cuda::gated_delta_rule_workspace_bytes(s, keeps)));
   cuda::gated_delta_rule_forward(bf(o), f32_or_null(states.final_state), bf(q), bf(k), bf(v), f(g), f(beta),
-                                 f32_or_null(states.initial), s, static_cast<float>(scale), ws.raw(), stream_);
+                                 f32_or_null(states.initial), s, static_cast<float>(scale), f32_or_null(states.save),
+                                 ws.raw(), stream_);
 }
 
 void CudaOps::gated_delta_rule_transition(Tensor& m, const Tensor& k, const Tensor& g, const Tensor& beta) {
@@ -441,10 +444,13 @@ void CudaOps::gated_delta_rule_backward(Tensor& dq, Tensor& dk, Tensor& dv, Tens
                                         const Tensor& d_o, const Tensor& q, const Tensor& k, const Tensor& v,
                                         const Tensor& g, const Tensor& beta, double scale, const GdrStates& states) {
   const cuda::GdrShape s{q.dim(0), q.dim(1), q.dim(2), v.dim(2), q.dim(3), v.dim(3)};
-  Tensor& ws = scratch(gdr_workspace_, static_cast<int64_t>(cuda::gated_delta_rule_workspace_bytes(s)));
+  check_gdr_saved(states.saved, Device::cuda, q, v, "gated_delta_rule_backward");
+  const bool keeps = states.saved != nullptr;
+  Tensor& ws = scratch(gdr_workspace_, static_cast<int64_t>(cuda::gated_delta_rule_workspace_bytes(s, keeps)));
   cuda::gated_delta_rule_backward(bf(dq), bf(dk), bf(dv), f(dg), f(dbeta), f32_or_null(states.d_initial), bf(d_o),
                                   f32_or_null(states.d_final), bf(q), bf(k), bf(v), f(g), f(beta),
-                                  f32_or_null(states.initial), s, static_cast<float>(scale), ws.raw(), stream_);
+                                  f32_or_null(states.initial), s, static_cast<float>(scale), f32_or_null(states.saved),
+                                  ws.raw(), stream_);
 }
 
 void CudaOps::swiglu_forward(Tensor& h, const Tensor& gu) {

@@ -59,7 +59,7 @@ void gated_delta_rule_transition(float* m, const bf16* k, const float* g, const 
     NEXTRON_CUDA_LAUNCH_CHECK();
   }
   const GdrShape t{s.B, s.S, s.Hk, s.Hv, s.dk, s.dk};
-  gated_delta_rule_forward(o, m, q, k, v, g, beta, identity, t, 1.0f, w + l.forward, stream);
+  gated_delta_rule_forward(o, m, q, k, v, g, beta, identity, t, 1.0f, nullptr, w + l.forward, stream);
 }
 
 }  // namespace nextron::cuda

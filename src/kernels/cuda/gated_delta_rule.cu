@@ -9,7 +9,8 @@
 // likewise: the gradients of the real columns, dg and dbeta are the unpadded ones. Gradients accumulate, so the
 // padded gradient buffers start as copies of the caller's and are copied back.
 //
-// Workspace for padded dims: the kernels' own (at the padded shape), then q, k, dq, dk (B, S, Hk, dkp) bf16,
+// Workspace for padded dims: the kernels' own (at the padded shape; the saved intermediates, when the caller keeps
+// them, are at the padded shape too), then q, k, dq, dk (B, S, Hk, dkp) bf16,
 // v, dv, o / d_o (B, S, Hv, dvp) bf16 and three states (B, Hv, dkp, dvp) fp32 (initial, final / d_final,
 // d_initial). For the 8-wide heads of the test models that is twice the unpadded kernels' workspace; Qwen3-Next's
 // 128 needs none of it.
@@ -113,7 +114,7 @@ void check_dims(const GdrShape& s, const char* what) {
 bool aligned(const GdrShape& s) { return s.dk % kAlign == 0 && s.dv % kAlign == 0; }
 
 // Lays out (base = nullptr: only sizes) the padded buffers; returns the total workspace bytes.
-size_t carve_padded(Padded& p, const GdrShape& s, void* base) {
+size_t carve_padded(Padded& p, const GdrShape& s, bool caller_keeps_intermediates, void* base) {
   p.shape = s;
   p.shape.dk = round_up(s.dk);
   p.shape.dv = round_up(s.dv);
@@ -127,7 +128,7 @@ size_t carve_padded(Padded& p, const GdrShape& s, void* base) {
     off += (bytes + 255) / 256 * 256;
     return static_cast<void*>(ptr);
   };
-  p.kernel_workspace = take(aligned_workspace_bytes(p.shape));
+  p.kernel_workspace = take(aligned_workspace_bytes(p.shape, caller_keeps_intermediates));
   const size_t nqk = size_t(p.qk_dims.n) * size_t(dkp), nv = size_t(p.v_dims.n) * size_t(dvp);
   const size_t nstate = size_t(p.state_dims.n) * size_t(dkp) * size_t(dvp);
   for (bf16** b : {&p.q, &p.k, &p.dq, &p.dk}) *b = static_cast<bf16*>(take(2 * nqk));
@@ -145,11 +146,19 @@ T* if_given(const void* caller, T* padded) {
 }  // namespace
 }  // namespace gdr
 
-size_t gated_delta_rule_workspace_bytes(const GdrShape& s) {
+size_t gated_delta_rule_workspace_bytes(const GdrShape& s, bool caller_keeps_intermediates) {
   gdr::check_dims(s, "gated_delta_rule_workspace_bytes");
-  if (gdr::aligned(s)) return gdr::aligned_workspace_bytes(s);
+  if (gdr::aligned(s)) return gdr::aligned_workspace_bytes(s, caller_keeps_intermediates);
   gdr::Padded p{};
-  return gdr::carve_padded(p, s, nullptr);
+  return gdr::carve_padded(p, s, caller_keeps_intermediates, nullptr);
+}
+
+size_t gated_delta_rule_saved_bytes(const GdrShape& s) {
+  gdr::check_dims(s, "gated_delta_rule_saved_bytes");
+  GdrShape padded = s;
+  padded.dk = gdr::round_up(s.dk);
+  padded.dv = gdr::round_up(s.dv);
+  return gdr::aligned_saved_bytes(padded);
 }
 
 namespace {
@@ -171,28 +180,29 @@ GdrShape kernel_shape(const GdrShape& s, const char* what) {
 size_t gated_delta_rule_forward_hbm_bytes(const GdrShape& s) {
   return total_bytes(gated_delta_rule_forward_hbm_account(kernel_shape(s, "gated_delta_rule_forward_hbm_bytes")));
 }
-size_t gated_delta_rule_backward_hbm_bytes(const GdrShape& s) {
-  return total_bytes(gated_delta_rule_backward_hbm_account(kernel_shape(s, "gated_delta_rule_backward_hbm_bytes")));
+size_t gated_delta_rule_backward_hbm_bytes(const GdrShape& s, bool saved) {
+  return total_bytes(
+      gated_delta_rule_backward_hbm_account(kernel_shape(s, "gated_delta_rule_backward_hbm_bytes"), saved));
 }
 
 void gated_delta_rule_forward(bf16* o, float* final_state, const bf16* q, const bf16* k, const bf16* v, const float* g,
-                              const float* beta, const float* initial_state, const GdrShape& s, float scale,
+                              const float* beta, const float* initial_state, const GdrShape& s, float scale, void* save,
                               void* workspace, cudaStream_t stream) {
   gdr::check_dims(s, "gated_delta_rule_forward");
   if (gdr::aligned(s))
-    return gdr::forward_aligned(o, final_state, q, k, v, g, beta, initial_state, s, scale, workspace, stream);
+    return gdr::forward_aligned(o, final_state, q, k, v, g, beta, initial_state, s, scale, save, workspace, stream);
   NEXTRON_CHECK(workspace != nullptr || s.B == 0,
                 "gated_delta_rule_forward: workspace is null (size it with gated_delta_rule_workspace_bytes)");
   gdr::Padded p{};
-  gdr::carve_padded(p, s, workspace);
+  gdr::carve_padded(p, s, save != nullptr, workspace);
   using gdr::if_given;
   gdr::pad(p.q, q, p.qk_dims, stream);
   gdr::pad(p.k, k, p.qk_dims, stream);
   gdr::pad(p.v, v, p.v_dims, stream);
   gdr::pad(p.h0, initial_state, p.state_dims, stream);
   gdr::forward_aligned(if_given(o, p.o), if_given(final_state, p.ht), if_given(q, p.q), if_given(k, p.k),
-                       if_given(v, p.v), g, beta, if_given(initial_state, p.h0), p.shape, scale, p.kernel_workspace,
-                       stream);
+                       if_given(v, p.v), g, beta, if_given(initial_state, p.h0), p.shape, scale, save,
+                       p.kernel_workspace, stream);
   gdr::unpad(o, p.o, p.v_dims, stream);
   gdr::unpad(final_state, p.ht, p.state_dims, stream);
 }
@@ -200,15 +210,15 @@ void gated_delta_rule_forward(bf16* o, float* final_state, const bf16* q, const 
 void gated_delta_rule_backward(bf16* dq, bf16* dk, bf16* dv, float* dg, float* dbeta, float* d_initial_state,
                                const bf16* d_o, const float* d_final_state, const bf16* q, const bf16* k, const bf16* v,
                                const float* g, const float* beta, const float* initial_state, const GdrShape& s,
-                               float scale, void* workspace, cudaStream_t stream) {
+                               float scale, const void* saved, void* workspace, cudaStream_t stream) {
   gdr::check_dims(s, "gated_delta_rule_backward");
   if (gdr::aligned(s))
     return gdr::backward_aligned(dq, dk, dv, dg, dbeta, d_initial_state, d_o, d_final_state, q, k, v, g, beta,
-                                 initial_state, s, scale, workspace, stream);
+                                 initial_state, s, scale, saved, workspace, stream);
   NEXTRON_CHECK(workspace != nullptr || s.B == 0,
                 "gated_delta_rule_backward: workspace is null (size it with gated_delta_rule_workspace_bytes)");
   gdr::Padded p{};
-  gdr::carve_padded(p, s, workspace);
+  gdr::carve_padded(p, s, saved != nullptr, workspace);
   using gdr::if_given;
   gdr::pad(p.q, q, p.qk_dims, stream);
   gdr::pad(p.k, k, p.qk_dims, stream);
@@ -224,7 +234,7 @@ void gated_delta_rule_backward(bf16* dq, bf16* dk, bf16* dv, float* dg, float* d
   gdr::backward_aligned(if_given(dq, p.dq), if_given(dk, p.dk), if_given(dv, p.dv), dg, dbeta,
                         if_given(d_initial_state, p.dh0), if_given(d_o, p.o), if_given(d_final_state, p.ht),
                         if_given(q, p.q), if_given(k, p.k), if_given(v, p.v), g, beta, if_given(initial_state, p.h0),
-                        p.shape, scale, p.kernel_workspace, stream);
+                        p.shape, scale, saved, p.kernel_workspace, stream);
   gdr::unpad(dq, p.dq, p.qk_dims, stream);
   gdr::unpad(dk, p.dk, p.qk_dims, stream);
   gdr::unpad(dv, p.dv, p.v_dims, stream);

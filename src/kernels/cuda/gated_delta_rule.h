@@ -19,20 +19,28 @@ namespace nextron::cuda {
 
 using cpu::GdrShape;
 
-// Bytes of device scratch the forward / backward need for shape s (the caller allocates it once and reuses it).
-size_t gated_delta_rule_workspace_bytes(const GdrShape& s);
+// The forward's intermediates the backward reads (per chunk and value head: the cumulative decays Gc, W, U, the new
+// values Vn and the state entering the chunk h_c: dk / dv + 2 + dk / 64 (B, S, Hv, dv) bf16 tensors, 5 at
+// dk = dv = 128): the bytes of `save` / `saved` below. A training forward may keep them for its backward, which then
+// skips its recomputation (prepare and the sequential state pass: 9 of its 46.5 tensor-sized passes).
+size_t gated_delta_rule_saved_bytes(const GdrShape& s);
+// Bytes of device scratch the forward / backward need for shape s (the caller allocates it once and reuses it);
+// less when every call passes `save` / `saved` (caller_keeps_intermediates).
+size_t gated_delta_rule_workspace_bytes(const GdrShape& s, bool caller_keeps_intermediates = false);
 
-// Overwrites o and final_state (nullptr to skip). initial_state: nullptr = zero.
+// Overwrites o and final_state (nullptr to skip). initial_state: nullptr = zero. save (nullptr to skip): receives
+// the intermediates (gated_delta_rule_saved_bytes) for the backward.
 void gated_delta_rule_forward(bf16* o, float* final_state, const bf16* q, const bf16* k, const bf16* v, const float* g,
-                              const float* beta, const float* initial_state, const GdrShape& s, float scale,
+                              const float* beta, const float* initial_state, const GdrShape& s, float scale, void* save,
                               void* workspace, cudaStream_t stream);
 // Accumulates dq, dk, dv (bf16), dg, dbeta, d_initial_state (fp32) (each may be nullptr) from d_o (required) and
-// d_final_state (nullptr = zero). Recomputes what it needs from the inputs; deterministic (no atomics whose order
-// varies between runs).
+// d_final_state (nullptr = zero). saved: what the forward of the same q, k, v, g, beta and initial state wrote to
+// its `save` (read only), or nullptr: the backward recomputes it from the inputs. Either way the same bits (the
+// same kernels compute the intermediates); deterministic (no atomics whose order varies between runs).
 void gated_delta_rule_backward(bf16* dq, bf16* dk, bf16* dv, float* dg, float* dbeta, float* d_initial_state,
                                const bf16* d_o, const float* d_final_state, const bf16* q, const bf16* k, const bf16* v,
                                const float* g, const float* beta, const float* initial_state, const GdrShape& s,
-                               float scale, void* workspace, cudaStream_t stream);
+                               float scale, const void* saved, void* workspace, cudaStream_t stream);
 
 // HBM traffic account: the global-memory bytes each kernel of the forward / backward reads and writes as the code
 // is written, with every optional pointer given (initial / final state and their gradients, all gradients), in two
@@ -50,9 +58,10 @@ struct GdrKernelTraffic {
   size_t distinct_read_bytes, distinct_write_bytes;
 };
 std::vector<GdrKernelTraffic> gated_delta_rule_forward_hbm_account(const GdrShape& s);
-std::vector<GdrKernelTraffic> gated_delta_rule_backward_hbm_account(const GdrShape& s);
-size_t gated_delta_rule_forward_hbm_bytes(const GdrShape& s);   // sum of the forward account (block loads)
-size_t gated_delta_rule_backward_hbm_bytes(const GdrShape& s);  // sum of the backward account (block loads)
+// saved: the backward given the forward's intermediates (no recomputed prepare and state pass).
+std::vector<GdrKernelTraffic> gated_delta_rule_backward_hbm_account(const GdrShape& s, bool saved = false);
+size_t gated_delta_rule_forward_hbm_bytes(const GdrShape& s);  // sum of the forward account (block loads)
+size_t gated_delta_rule_backward_hbm_bytes(const GdrShape& s, bool saved = false);  // same, backward
 
 // One decoding step (generation; kernels/cuda/gated_delta_rule_step.cu): q, k (B, Hk, dk), v, o (B, Hv, dv) bf16;
 // g, beta (B, Hv) fp32; state (B, Hv, dk, dv) fp32 is read and overwritten with the state after the token. dk <= 256.

@@ -701,12 +701,12 @@ void backward_traffic(const Params& p, std::vector<GdrKernelTraffic>& rows) {
 
 }  // namespace gdr
 
-std::vector<GdrKernelTraffic> gated_delta_rule_backward_hbm_account(const GdrShape& s) {
+std::vector<GdrKernelTraffic> gated_delta_rule_backward_hbm_account(const GdrShape& s, bool saved) {
   gdr::Params p{};
   gdr::set_shape(p, s, 1.0f, "gated_delta_rule_backward_hbm_account");
   std::vector<GdrKernelTraffic> rows;
   if (s.B == 0 || s.S == 0) return rows;
-  gdr::forward_traffic(p, false, false, rows);
+  if (!saved) gdr::forward_traffic(p, false, false, rows);  // the recomputed prepare and state pass
   gdr::backward_traffic(p, rows);
   return rows;
 }
@@ -714,7 +714,7 @@ std::vector<GdrKernelTraffic> gated_delta_rule_backward_hbm_account(const GdrSha
 void gdr::backward_aligned(bf16* dq, bf16* dk, bf16* dv, float* dg, float* dbeta, float* d_initial_state,
                            const bf16* d_o, const float* d_final_state, const bf16* q, const bf16* k, const bf16* v,
                            const float* g, const float* beta, const float* initial_state, const GdrShape& s,
-                           float scale, void* workspace, cudaStream_t stream) {
+                           float scale, const void* saved, void* workspace, cudaStream_t stream) {
   using namespace gdr;
   Params p{};
   set_shape(p, s, scale, "gated_delta_rule_backward");
@@ -731,7 +731,9 @@ void gdr::backward_aligned(bf16* dq, bf16* dk, bf16* dv, float* dg, float* dbeta
                 "gated_delta_rule_backward: workspace is null (size it with "
                 "gated_delta_rule_workspace_bytes)");
   NEXTRON_CHECK(d_o != nullptr, "gated_delta_rule_backward: d_o is required");
-  carve_workspace(p, workspace);
+  carve_workspace(p, workspace, saved == nullptr);
+  // The kernels only read the intermediates (and the caller may run this backward twice on them: context parallelism).
+  if (saved) carve_intermediates(p, const_cast<void*>(saved));
   p.q = q;
   p.k = k;
   p.v = v;
@@ -746,9 +748,11 @@ void gdr::backward_aligned(bf16* dq, bf16* dk, bf16* dv, float* dg, float* dbeta
   p.grad_g = dg;
   p.grad_beta = dbeta;
   p.grad_h0 = d_initial_state;
-  // Forward intermediates: Gc, W, U (prepare), h_c and Vn (state forward).
-  launch_prepare(p, stream);
-  launch_state_forward(p, stream);
+  // Forward intermediates: Gc, W, U (prepare), h_c and Vn (state forward), unless the forward kept them.
+  if (!saved) {
+    launch_prepare(p, stream);
+    launch_state_forward(p, stream);
+  }
   {
     const size_t bytes = DvLocalSmem(0, p.dk).bytes;
     allow_smem(reinterpret_cast<const void*>(&dvlocal_kernel), bytes, "gated_delta_rule_backward (dvlocal)");

@@ -39,8 +39,10 @@
 // Workspace (gated_delta_rule_workspace_bytes; N = B * Hv * S rows, states = B * Hv * NC * dk * dv): forward
 // Gc 4N + W 2N dk + U 2N dv + Vn 2N dv + H 2 states bytes; the backward adds dVn 2N dv, dH 2 states, dW 2N dk,
 // dVl 2N dv, dKp 4 Nk dk (Nk = B * Hk * S key-head rows) and dGp 4N. At B = 8, S = 4096, Hk = 16, Hv = 32,
-// dk = dv = 128 that is 1.35 GB for the forward and 3.0 GB in all (the forward's part is recomputed by the backward,
-// so nothing has to survive from one call to the other).
+// dk = dv = 128 that is 1.35 GB for the forward and 3.0 GB in all. The forward's part (the intermediates) is either
+// recomputed by the backward, as fla does, so that nothing survives from one call to the other, or kept by the
+// caller (gated_delta_rule_saved_bytes): the forward writes it there, the backward reads it and skips prepare and
+// the state pass, and the workspace holds only the backward's own buffers.
 #include <algorithm>
 
 #include "core/error.h"
@@ -351,27 +353,44 @@ void set_shape(Params& p, const GdrShape& s, float scale, const char* what) {
                 " chunks is too many for one launch");
 }
 
-size_t carve_workspace(Params& p, void* base) {
+namespace {
+// Hands out 256-byte-aligned pieces of base (nullptr: only counts them).
+struct Carver {
+  void* base;
   size_t off = 0;
-  auto take = [&](size_t bytes) {
-    char* ptr = base ? static_cast<char*>(base) + off : nullptr;
+  template <typename T>
+  T* take(size_t bytes) {
+    T* ptr = base ? reinterpret_cast<T*>(static_cast<char*>(base) + off) : nullptr;
     off += (bytes + 255) / 256 * 256;
-    return static_cast<void*>(ptr);
-  };
+    return ptr;
+  }
+};
+}  // namespace
+
+size_t carve_intermediates(Params& p, void* base) {
+  Carver c{base};
   const size_t N = size_t(p.BH) * size_t(p.S), dk = size_t(p.dk), dv = size_t(p.dv);
   const size_t states = size_t(p.BH) * size_t(p.NC) * dk * dv;
-  p.Gc = static_cast<float*>(take(4 * N));
-  p.W = static_cast<bf16*>(take(2 * N * dk));
-  p.U = static_cast<bf16*>(take(2 * N * dv));
-  p.Vn = static_cast<bf16*>(take(2 * N * dv));
-  p.H = static_cast<bf16*>(take(2 * states));
-  p.dVn = static_cast<bf16*>(take(2 * N * dv));
-  p.dH = static_cast<bf16*>(take(2 * states));
-  p.dW = static_cast<bf16*>(take(2 * N * dk));
-  p.dVl = static_cast<bf16*>(take(2 * N * dv));
-  p.dKp = static_cast<float*>(take(4 * size_t(p.B) * size_t(p.Hk) * size_t(p.S) * dk));
-  p.dGp = static_cast<float*>(take(4 * N));
-  return off;
+  p.Gc = c.take<float>(4 * N);
+  p.W = c.take<bf16>(2 * N * dk);
+  p.U = c.take<bf16>(2 * N * dv);
+  p.Vn = c.take<bf16>(2 * N * dv);
+  p.H = c.take<bf16>(2 * states);
+  return c.off;
+}
+
+size_t carve_workspace(Params& p, void* base, bool intermediates) {
+  Carver c{base};
+  const size_t N = size_t(p.BH) * size_t(p.S), dk = size_t(p.dk), dv = size_t(p.dv);
+  const size_t states = size_t(p.BH) * size_t(p.NC) * dk * dv;
+  p.dVn = c.take<bf16>(2 * N * dv);
+  p.dH = c.take<bf16>(2 * states);
+  p.dW = c.take<bf16>(2 * N * dk);
+  p.dVl = c.take<bf16>(2 * N * dv);
+  p.dKp = c.take<float>(4 * size_t(p.B) * size_t(p.Hk) * size_t(p.S) * dk);
+  p.dGp = c.take<float>(4 * N);
+  if (intermediates) c.off += carve_intermediates(p, c.take<char>(0));  // after the rest, 256-byte aligned
+  return c.off;
 }
 
 // HBM traffic of the forward's kernels, as the code reads and writes (gated_delta_rule.h). N = BH * S rows of the
@@ -428,10 +447,16 @@ void launch_state_forward(const Params& p, cudaStream_t stream) {
 
 }  // namespace gdr
 
-size_t gdr::aligned_workspace_bytes(const GdrShape& s) {
+size_t gdr::aligned_workspace_bytes(const GdrShape& s, bool caller_keeps_intermediates) {
   gdr::Params p{};
   gdr::set_shape(p, s, 1.0f, "gated_delta_rule_workspace_bytes");
-  return gdr::carve_workspace(p, nullptr);
+  return gdr::carve_workspace(p, nullptr, !caller_keeps_intermediates);
+}
+
+size_t gdr::aligned_saved_bytes(const GdrShape& s) {
+  gdr::Params p{};
+  gdr::set_shape(p, s, 1.0f, "gated_delta_rule_saved_bytes");
+  return gdr::carve_intermediates(p, nullptr);
 }
 
 std::vector<GdrKernelTraffic> gated_delta_rule_forward_hbm_account(const GdrShape& s) {
@@ -443,7 +468,7 @@ std::vector<GdrKernelTraffic> gated_delta_rule_forward_hbm_account(const GdrShap
 }
 
 void gdr::forward_aligned(bf16* o, float* final_state, const bf16* q, const bf16* k, const bf16* v, const float* g,
-                          const float* beta, const float* initial_state, const GdrShape& s, float scale,
+                          const float* beta, const float* initial_state, const GdrShape& s, float scale, void* save,
                           void* workspace, cudaStream_t stream) {
   gdr::Params p{};
   gdr::set_shape(p, s, scale, "gated_delta_rule_forward");
@@ -456,10 +481,12 @@ void gdr::forward_aligned(bf16* o, float* final_state, const bf16* q, const bf16
       NEXTRON_CUDA_CHECK(cudaMemsetAsync(final_state, 0, state_bytes, stream));
     return;
   }
-  NEXTRON_CHECK(workspace != nullptr,
+  NEXTRON_CHECK(workspace != nullptr || save != nullptr,
                 "gated_delta_rule_forward: workspace is null (size it with "
                 "gated_delta_rule_workspace_bytes)");
-  gdr::carve_workspace(p, workspace);
+  // The intermediates go to the caller's `save` (kept for the backward) or to the workspace.
+  gdr::carve_workspace(p, workspace, save == nullptr);
+  if (save) gdr::carve_intermediates(p, save);
   p.q = q;
   p.k = k;
   p.v = v;

@@ -69,8 +69,13 @@ struct Params {
   float scale;
 };
 
-// Sets the workspace pointers of p from base (nullptr: only sizes it) and returns the bytes used.
-size_t carve_workspace(Params& p, void* base);
+// Sets the forward intermediates' pointers of p (Gc, W, U, Vn, H: what the backward reads of the forward) from
+// base (nullptr: only sizes them) and returns their bytes: the layout of gated_delta_rule_saved_bytes.
+size_t carve_intermediates(Params& p, void* base);
+// Sets the workspace pointers of p from base (nullptr: only sizes it) and returns the bytes used: the backward's own
+// buffers, then the intermediates unless the caller keeps them (`intermediates` false: set them with
+// carve_intermediates).
+size_t carve_workspace(Params& p, void* base, bool intermediates);
 // Fills the shape fields of p (throws nextron::Error for an unsupported shape).
 void set_shape(Params& p, const GdrShape& s, float scale, const char* what);
 // The two kernels the backward shares with the forward: per-chunk W, U, Gc; and the sequential state pass that
@@ -99,14 +104,15 @@ size_t device_smem_limit();
 int state_forward_tile(int dk, int dv, size_t limit = kSmemPerBlock);
 // The kernels proper, for head dims that are multiples of 16 in [16, kMaxDim] (same contracts as the public
 // gated_delta_rule_* of gated_delta_rule.h, which pad other head dims with zeros and call these).
-size_t aligned_workspace_bytes(const GdrShape& s);
+size_t aligned_workspace_bytes(const GdrShape& s, bool caller_keeps_intermediates);
+size_t aligned_saved_bytes(const GdrShape& s);
 void forward_aligned(bf16* o, float* final_state, const bf16* q, const bf16* k, const bf16* v, const float* g,
-                     const float* beta, const float* initial_state, const GdrShape& s, float scale, void* workspace,
-                     cudaStream_t stream);
+                     const float* beta, const float* initial_state, const GdrShape& s, float scale, void* save,
+                     void* workspace, cudaStream_t stream);
 void backward_aligned(bf16* dq, bf16* dk, bf16* dv, float* dg, float* dbeta, float* d_initial_state, const bf16* d_o,
                       const float* d_final_state, const bf16* q, const bf16* k, const bf16* v, const float* g,
-                      const float* beta, const float* initial_state, const GdrShape& s, float scale, void* workspace,
-                      cudaStream_t stream);
+                      const float* beta, const float* initial_state, const GdrShape& s, float scale, const void* saved,
+                      void* workspace, cudaStream_t stream);
 // HBM traffic accounts of the kernels (gated_delta_rule.h): forward_traffic appends prepare, state forward (with
 // the final state when `final_state`) and, when `output`, the output kernel; backward_traffic the backward's own
 // kernels (after the forward's two).
